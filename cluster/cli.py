@@ -1,0 +1,98 @@
+"""The ``moetrain`` command line: ``train``, ``ckpt``, ``submit``.
+
+    moetrain train [--config FILE|tiny|small] [--set a.b=c ...] [--resume URI|latest]
+    moetrain ckpt list|verify|inspect URI
+    moetrain submit --address http://HEAD:8265 -- [train arguments]
+
+User errors (bad config, data, checkpoint, store) print one clear line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moetrain", description="Distributed MoE training on Ray.")
+    sub = p.add_subparsers(dest="command")
+    t = sub.add_parser("train", help="train a model (embedded local Ray, or RAY_ADDRESS)")
+    t.add_argument("--config", default=None, help="YAML file, or a shipped config name (tiny, small)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set cluster.num_workers=4 (repeatable)")
+    t.add_argument("--resume", default=None, help="checkpoint URI or 'latest' (sets checkpoint.resume)")
+    c = sub.add_parser("ckpt", help="list, verify or inspect checkpoints")
+    c.add_argument("action", choices=["list", "verify", "inspect"])
+    c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
+    c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    s = sub.add_parser("submit", help="submit `moetrain train ...` as a Ray job")
+    s.add_argument("--address", default=None, help="Ray dashboard address (else RAY_ADDRESS)")
+    s.add_argument("--no-wait", action="store_true", help="return after submitting")
+    s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
+    return p
+
+
+def _train(args) -> int:
+    from cluster.api import run
+    from moetrain.config import load_config
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    cfg = load_config(args.config, overrides)
+    result = run(cfg, raise_on_failure=False)
+    if result.state.value != "finished":
+        print(f"moetrain: run {cfg.cluster.run_name} failed:\n{result.error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _ckpt(args) -> int:
+    from cluster.checkpointing import ckpt_command
+
+    return ckpt_command(args.action, args.uri, s3_endpoint=args.s3_endpoint)
+
+
+def _submit(args) -> int:
+    from cluster.submit import submit
+
+    return submit(args.train_args, address=args.address, wait=not args.no_wait)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moetrain.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        args = _parser().parse_args(["train"] + list(argv or sys.argv[1:]))
+    user_errors: tuple = (ConfigError,)
+    try:
+        from moetrain.data import DataError
+
+        user_errors += (DataError,)
+    except ImportError:
+        pass
+    try:
+        from moetrain.checkpoint import CheckpointError
+
+        user_errors += (CheckpointError,)
+    except ImportError:
+        pass
+    try:
+        from placement.placement import PlacementError
+
+        user_errors += (PlacementError,)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "ckpt":
+            return _ckpt(args)
+        return _submit(args)
+    except user_errors as exc:
+        print(f"moetrain: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The run controller: an explicit state machine that drives a worker group to the end.
+
+Owns: the driver loop — start the group, step it, validate, checkpoint, re-place experts,
+and on a lost actor rebuild the group and resume from the last committed checkpoint, within the
+failure policy. States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and
+RESTARTING -> STARTING after a failure, FAILED when the policy gives up.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cluster import checkpointing, replacement
+from cluster.group import WorkerGroup, WorkerGroupError, WorkerGroupStartError
+from cluster.telemetry import Telemetry
+from moetrain.config import RunConfig
+from moetrain.train.summary import format_summary, step_line
+from moetrain.train.trainer import initial_placement
+from placement.placement import Placement
+
+log = logging.getLogger("moetrain")
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    REPLACING = "replacing"
+    CHECKPOINTING = "checkpointing"
+    RESTARTING = "restarting"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class RunFailed(RuntimeError):
+    """The run ended in FAILED; the message says why (grouped per rank)."""
+
+
+@dataclass
+class FailurePolicy:
+    max_failures: int
+    failures: int = 0
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Retry lost actors (and failed collectives caused by them) while budget remains."""
+        if isinstance(exc, WorkerGroupStartError):
+            return False
+        self.failures += 1
+        return isinstance(exc, WorkerGroupError) and self.failures <= self.max_failures
+
+
+@dataclass
+class RunResult:
+    state: State
+    summary: dict
+    history: list[dict] = field(default_factory=list)
+    replacements: list[dict] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    restarts: int = 0
+    error: str = ""
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig, *, on_step=None):
+        self.cfg = cfg
+        self.state = State.STARTING
+        self.policy = FailurePolicy(cfg.cluster.max_failures)
+        self.placement: Placement = initial_placement(cfg)
+        self.group: WorkerGroup | None = None
+        self.resume: dict | None = checkpointing.resolve_resume(cfg)
+        self.step = 0
+        self.history: list[dict] = []
+        self.replacements: list[dict] = []
+        self.checkpoints: list[str] = []
+        self.val_start: dict = {}
+        self.val_last: dict = {}
+        self.telemetry = Telemetry(cfg)
+        self.on_step = on_step
+        self._stop_requested = False
+        self._t_start = 0.0
+
+    # ---- state handlers ------------------------------------------------------------------------
+    def _set(self, state: State) -> None:
+        if state != self.state:
+            log.info("run %s: %s -> %s", self.cfg.cluster.run_name, self.state.value, state.value)
+        self.state = state
+        self.telemetry.state(state.value)
+
+    def _starting(self) -> State:
+        if self.resume:
+            self.placement = Placement.from_json(self.resume["placement_json"]) \
+                if self.resume.get("same_shape") else self.placement
+        self.group = WorkerGroup.create(self.cfg, self.placement, resume=self.resume)
+        if self.resume:
+            self.step = int(self.resume["step"])
+            log.info("resumed from %s at step %d", self.resume["uri"], self.step)
+        if not self.val_start:
+            self.val_start = self.group.call("evaluate")[0]
+        return State.RUNNING
+
+    def _running(self) -> State:
+        t = self.cfg.train
+        if self.step >= t.steps or self._stop_requested:
+            return State.FINISHED
+        m = self.group.call("train_step")[0]
+        self.step = m["step"]
+        self.history.append({k: v for k, v in m.items() if k != "load_LE"} | {"load_LE": m["load_LE"].tolist()})
+        self.telemetry.step(m, self.placement)
+        if self.on_step:
+            self.on_step(m)
+        if self.step % t.log_every == 0 or self.step == 1:
+            log.info(step_line(m))
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+            self.val_last = self.group.call("evaluate")[0]
+            self.telemetry.validation(self.step, self.val_last)
+            log.info("step %d validation %s", self.step, _fmt(self.val_last))
+        if replacement.due(self.cfg, self.step):
+            return State.REPLACING
+        if checkpointing.due(self.cfg, self.step):
+            return State.CHECKPOINTING
+        return State.RUNNING
+
+    def _replacing(self) -> State:
+        decision = replacement.replan(self.group, self.cfg, self.placement, self.step)
+        self.replacements.append(decision)
+        self.telemetry.replacement(decision)
+        if decision["migrated"]:
+            self.placement = Placement.from_json(decision["placement_json"])
+            self.group.placement = self.placement
+        return State.CHECKPOINTING if checkpointing.due(self.cfg, self.step) else State.RUNNING
+
+    def _checkpointing(self) -> State:
+        uri = checkpointing.save(self.group, self.cfg, self.step, self.placement, self.telemetry)
+        if uri:
+            self.checkpoints.append(uri)
+        return State.RUNNING
+
+    def _restarting(self, exc: BaseException) -> State:
+        log.warning("run %s lost a worker (attempt %d of %d):\n%s", self.cfg.cluster.run_name,
+                    self.policy.failures, self.policy.max_failures, exc)
+        if self.group:
+            self.group.shutdown(graceful=False)
+        self.group = None
+        self.resume = checkpointing.latest_for_restart(self.cfg)
+        if self.resume is None:
+            log.warning("no committed checkpoint yet: restarting from step 0")
+            self.step = 0
+        return State.STARTING
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self._t_start = time.perf_counter()
+        error = ""
+        restarts = 0
+        handlers = {State.STARTING: self._starting, State.RUNNING: self._running,
+                    State.REPLACING: self._replacing, State.CHECKPOINTING: self._checkpointing}
+        with _graceful_stop(self):
+            while self.state not in (State.FINISHED, State.FAILED):
+                try:
+                    self._set(handlers[self.state]())
+                except WorkerGroupError as exc:
+                    if self.policy.should_retry(exc):
+                        restarts += 1
+                        self._set(State.RESTARTING)
+                        self._set(self._restarting(exc))
+                    else:
+                        error = str(exc)
+                        self._set(State.FAILED)
+        summary = self._finish() if self.state == State.FINISHED else {}
+        if self.group:
+            self.group.shutdown()
+        self.telemetry.close(summary)
+        return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, restarts, error)
+
+    def _finish(self) -> dict:
+        self.val_last = self.group.call("evaluate")[0]
+        if self.cfg.checkpoint.uri and (not self.checkpoints or not self.checkpoints[-1].endswith(f"step-{self.step}")):
+            uri = checkpointing.save(self.group, self.cfg, self.step, self.placement, self.telemetry)
+            if uri:
+                self.checkpoints.append(uri)
+        stats = self.group.call("routing_stats")[0]
+        wall = time.perf_counter() - self._t_start
+        run_hist = self.history
+        tokens = sum(h["tokens"] for h in run_hist)
+        train_time = sum(h["step_time_s"] for h in run_hist)
+        load = np.asarray(stats["load_LE"])
+        outputs = self.telemetry.write_outputs(stats, self.placement, self.cfg)
+        summary = {
+            "run_name": self.cfg.cluster.run_name, "num_workers": self.cfg.cluster.num_workers,
+            "steps": self.step, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / max(train_time, 1e-9),
+            "first_loss": run_hist[0]["loss"] if run_hist else float("nan"),
+            "last_loss": run_hist[-1]["loss"] if run_hist else float("nan"),
+            "val_start": self.val_start, "val_loss": self.val_last, "load_LE": load.tolist(),
+            "outputs": outputs,
+        }
+        log.info(format_summary(summary))
+        return summary
+
+
+def _fmt(d: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in d.items())
+
+
+class _graceful_stop:
+    """SIGINT / SIGTERM: finish the current step, then stop (with a final checkpoint)."""
+
+    def __init__(self, controller: Controller):
+        self.c = controller
+        self.old = {}
+
+    def _handler(self, signum, frame):
+        if self.c._stop_requested:
+            raise KeyboardInterrupt
+        log.warning("signal %d: stopping after the current step (again to abort)", signum)
+        self.c._stop_requested = True
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
+        return False

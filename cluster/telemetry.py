@@ -1,0 +1,176 @@
+"""What a run shows people: Ray dashboard metrics, wandb, and files next to the run's outputs.
+
+Owns: custom metrics through ``ray.util.metrics`` (tokens/s, loss, expert-load max/mean per
+layer, off-rank sends, re-placement decisions and solve time, checkpoint MB/s and stall, run
+state), the wandb run (offline unless ``WANDB_API_KEY`` is set and ``logging.wandb=online``),
+and the run's output folder: ``summary.json``, ``routing.npz`` (the trace format the placement
+library reads), ``placement.json`` and ``expert_load.png`` (a layers x experts heatmap).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from moetrain.config import RunConfig
+from moetrain.train.stats import save_routing_npz
+from moetrain.train.summary import load_imbalance
+from placement.placement import Placement
+
+log = logging.getLogger("moetrain")
+
+STATES = ["starting", "running", "replacing", "checkpointing", "restarting", "finished", "failed"]
+
+
+class _RayMetrics:
+    def __init__(self, run: str):
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("run",)
+        self.tags = {"run": run}
+        g = lambda name, desc, keys=tags: Gauge(f"moetrain_{name}", description=desc, tag_keys=keys)  # noqa: E731
+        self.tokens_per_s = g("tokens_per_s", "training throughput (tokens/s)")
+        self.loss = g("loss", "training loss (LM + aux)")
+        self.lm_loss = g("lm_loss", "language-model loss")
+        self.load_imbalance = g("expert_load_max_over_mean", "expert load max/mean per MoE layer", ("run", "layer"))
+        self.offrank = g("offrank_sends", "token rows sent to other ranks per step")
+        self.step = g("step", "optimizer step")
+        self.state = g("state", "1 for the run's current controller state", ("run", "state"))
+        self.solve_s = g("placement_solve_s", "re-placement solve time (s)")
+        self.gain = g("placement_predicted_gain", "predicted relative cost reduction of the last re-placement")
+        self.ckpt_mbps = g("checkpoint_mb_per_s", "checkpoint upload MB/s")
+        self.ckpt_stall = g("checkpoint_stall_s", "training stall of the last checkpoint (s)")
+        self.replacements = Counter("moetrain_replacements", description="migrations performed", tag_keys=tags)
+        self.steps = Counter("moetrain_steps", description="optimizer steps", tag_keys=tags)
+
+
+class Telemetry:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.run_name = cfg.cluster.run_name
+        self.out_dir = Path(cfg.logging.out_dir).expanduser().resolve() / self.run_name
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = None
+        try:
+            import ray
+
+            if ray.is_initialized():
+                self.metrics = _RayMetrics(self.run_name)
+        except Exception as exc:  # metrics are best effort, never fatal
+            log.warning("Ray metrics unavailable: %s", exc)
+        self.wandb = self._init_wandb()
+
+    def _init_wandb(self):
+        mode = self.cfg.logging.wandb
+        if mode == "disabled":
+            return None
+        if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+            log.warning("logging.wandb=online but WANDB_API_KEY is not set: logging offline")
+            mode = "offline"
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            return wandb.init(project=self.cfg.logging.wandb_project, name=self.run_name, mode=mode,
+                              dir=str(self.out_dir), config=self.cfg.to_dict(), reinit="finish_previous")
+        except Exception as exc:
+            log.warning("wandb unavailable (%s): continuing without it", exc)
+            return None
+
+    # ---- events --------------------------------------------------------------------------------
+    def state(self, state: str) -> None:
+        if self.metrics:
+            for s in STATES:
+                self.metrics.state.set(1.0 if s == state else 0.0, {**self.metrics.tags, "state": s})
+
+    def step(self, m: dict, placement: Placement) -> None:
+        imb = load_imbalance(m["load_LE"])
+        tps = m["tokens"] / max(m["step_time_s"], 1e-9)
+        if self.metrics:
+            t = self.metrics.tags
+            self.metrics.tokens_per_s.set(tps, t)
+            self.metrics.loss.set(m["loss"], t)
+            self.metrics.lm_loss.set(m["lm_loss"], t)
+            self.metrics.offrank.set(m["offrank_sends"], t)
+            self.metrics.step.set(m["step"], t)
+            self.metrics.steps.inc(1, t)
+            for layer, v in enumerate(imb):
+                self.metrics.load_imbalance.set(float(v), {**t, "layer": str(layer)})
+        if self.wandb:
+            row = {k: m[k] for k in ("loss", "lm_loss", "lbl", "z_loss", "grad_norm", "lr", "offrank_sends")}
+            row["tokens_per_s"] = tps
+            row.update({f"expert_load_max_over_mean/layer{l}": float(v) for l, v in enumerate(imb)})
+            self.wandb.log(row, step=m["step"])
+
+    def validation(self, step: int, val: dict) -> None:
+        if self.wandb:
+            self.wandb.log({f"val_loss/{d}": v for d, v in val.items()}, step=step)
+
+    def replacement(self, d: dict) -> None:
+        if self.metrics:
+            t = self.metrics.tags
+            self.metrics.solve_s.set(d["solve_time_s"], t)
+            self.metrics.gain.set(d["predicted_gain"], t)
+            if d["migrated"]:
+                self.metrics.replacements.inc(1, t)
+        if self.wandb:
+            self.wandb.log({"placement/predicted_gain": d["predicted_gain"], "placement/solve_s": d["solve_time_s"],
+                            "placement/migrated": int(d["migrated"])}, step=d["step"])
+
+    def checkpoint(self, step: int, mb_per_s: float, stall_s: float) -> None:
+        if self.metrics:
+            self.metrics.ckpt_mbps.set(mb_per_s, self.metrics.tags)
+            self.metrics.ckpt_stall.set(stall_s, self.metrics.tags)
+        if self.wandb:
+            self.wandb.log({"checkpoint/mb_per_s": mb_per_s, "checkpoint/stall_s": stall_s}, step=step)
+
+    # ---- end of run -----------------------------------------------------------------------------
+    def write_outputs(self, stats: dict, placement: Placement, cfg: RunConfig) -> str:
+        load = np.asarray(stats["load_LE"])
+        save_routing_npz(str(self.out_dir / "routing.npz"),
+                         {k: np.asarray(stats[k]) for k in ("load_LE", "coact_LEE", "trans_LEE")},
+                         np.asarray(stats["topk_ids"]), cfg.model.moe.num_experts, cfg.model.moe.top_k)
+        (self.out_dir / "placement.json").write_text(placement.to_json())
+        png = self.out_dir / "expert_load.png"
+        save_heatmap(load, png, title=f"{self.run_name}: expert load (share of tokens)")
+        if self.wandb:
+            import wandb
+
+            self.wandb.log({"expert_load_heatmap": wandb.Image(str(png)),
+                            "placement": wandb.Table(columns=["layer", "phy2log"],
+                                                     data=[[l, json.dumps(r.tolist())] for l, r in
+                                                           enumerate(placement.phy2log_LS)])})
+        return str(self.out_dir)
+
+    def close(self, summary: dict) -> None:
+        if summary:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        if self.wandb:
+            if summary:
+                self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish()
+            self.wandb = None
+
+
+def save_heatmap(load_LE: np.ndarray, path: Path, title: str = "expert load") -> None:
+    """Layers x experts heatmap of each expert's share of its layer's tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    load = np.asarray(load_LE, dtype=np.float64)
+    share = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * share.shape[1] + 2), max(2, 0.5 * share.shape[0] + 1.2)))
+    im = ax.imshow(share, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="share of tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

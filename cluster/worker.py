@@ -1,0 +1,119 @@
+"""The worker actor: one Ray actor per rank, hosting that rank's :class:`RankTrainer`.
+
+Owns: the process-level life of a rank — its torch.distributed membership (rendezvous address
+published by rank 0 through Ray, as Ray Train does), thread settings, and thin remote methods
+that the worker group calls on every rank in lockstep. All training logic lives in ``moetrain``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import ray
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class Worker:
+    """Remote class (wrapped with ``ray.remote`` by the worker group)."""
+
+    def __init__(self, cfg_dict: dict, rank: int, world_size: int):
+        from moetrain.config import from_dict
+
+        self.cfg = from_dict(cfg_dict)
+        self.rank, self.world_size = rank, world_size
+        self.trainer = None
+        threads = self.cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // world_size)
+        import torch
+
+        torch.set_num_threads(threads)
+
+    def node_address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int, placement_json: str, resume: dict | None = None) -> dict:
+        """Join the process group, build data + model for the placement, optionally resume."""
+        from moetrain.parallel.context import init_distributed
+        from moetrain.train.trainer import RankTrainer
+        from placement.placement import Placement
+
+        t0 = time.perf_counter()
+        backend = "nccl" if self.cfg.cluster.use_gpu else "gloo"
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(0)
+        ctx = init_distributed(backend=backend, master_addr=master_addr, master_port=master_port,
+                               rank=self.rank, world_size=self.world_size)
+        self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=Placement.from_json(placement_json))
+        if resume:
+            from cluster.checkpointing import load_into_trainer
+
+            load_into_trainer(self.trainer, self.cfg, resume)
+        return {"rank": self.rank, "setup_s": time.perf_counter() - t0, **self.memory()}
+
+    # ---- lockstep calls (every rank at once) ----------------------------------------------
+    def train_step(self) -> dict:
+        return self.trainer.train_step()
+
+    def evaluate(self) -> dict:
+        return self.trainer.evaluate()
+
+    def routing_stats(self) -> dict:
+        stats = self.trainer.stats.reduced(self.trainer.ctx)
+        stats["topk_ids"] = self.trainer.stats.sample_ids()
+        return stats
+
+    def migrate(self, placement_json: str) -> dict:
+        from placement.placement import Placement
+
+        t0 = time.perf_counter()
+        moved = self.trainer.migrate(Placement.from_json(placement_json))
+        return {"bytes_received": moved, "migrate_s": time.perf_counter() - t0}
+
+    def checkpoint(self, step_uri: str) -> dict:
+        from cluster.checkpointing import start_rank_checkpoint
+
+        return start_rank_checkpoint(self, step_uri)
+
+    def checkpoint_wait(self) -> dict:
+        from cluster.checkpointing import wait_rank_checkpoint
+
+        return wait_rank_checkpoint(self)
+
+    def export_tensors(self, kind: str = "param") -> dict:
+        """Parameters or gradients keyed by name / logical expert (tests, debugging)."""
+        return self.trainer.export_tensors(kind)
+
+    def driver_state(self) -> dict:
+        """Small JSON-able state for the manifest (data cursor, step)."""
+        return {"step": self.trainer.step, "cursor": self.trainer.cursor.state_dict()}
+
+    # ---- inspection --------------------------------------------------------------------------
+    def memory(self) -> dict:
+        import resource
+
+        info = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+        if self.trainer is not None:
+            t = self.trainer
+            info["expert_param_mb"] = sum(p.numel() * p.element_size() for _, p in t.model.expert_parameters()) / 2**20
+            info["dense_param_mb"] = sum(p.numel() * p.element_size() for _, p in t.model.dense_parameters()) / 2**20
+        return info
+
+    def ping(self) -> int:
+        return self.rank
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,11 @@
+"""Expert parallelism for one rank: process-group context, all-to-all dispatcher, gradient
+reduction for data-parallel dense parameters and replicated experts, expert migration.
+
+Knows torch.distributed, not Ray: the cluster layer creates the process group and hands the
+rank a :class:`ParallelContext`.
+"""
+
+from moetrain.parallel.context import ParallelContext, init_distributed
+from moetrain.parallel.dispatcher import AllToAllDispatcher, EPDispatchMeta
+
+__all__ = ["ParallelContext", "init_distributed", "AllToAllDispatcher", "EPDispatchMeta"]

@@ -1,0 +1,103 @@
+"""Gradient reduction for hybrid data / expert parallelism, and the global gradient norm.
+
+Owns: turning each rank's local gradients into exactly the gradients of the single-process
+model on the global batch.
+
+- Every rank's loss is the mean over its own tokens, so the single-process gradient of the
+  global mean is the *average* over ranks.
+- Dense parameters: one flat all-reduce (SUM) over all ranks, divided by the world size.
+- Expert parameters: tokens from every rank reach an expert through the all-to-all, so its
+  gradient is already the SUM over ranks of their local losses' gradients: divide by the world
+  size. A replicated expert's replicas each saw part of the tokens: their gradients are summed
+  over the replicas first (one all-reduce of a [E, P] buffer per layer, only for layers that
+  have replicas).
+- The global norm counts dense parameters once and each logical expert once (primary replica).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moetrain.parallel.context import ParallelContext
+from placement.placement import Placement
+
+EXPERT_PARAM_NAMES = ("w_gate_SFD", "w_up_SFD", "w_down_SDF")
+
+
+def _grad_or_zeros(p: torch.nn.Parameter) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def expert_params(layer) -> list[torch.nn.Parameter]:
+    return [getattr(layer.experts, n) for n in EXPERT_PARAM_NAMES]
+
+
+def sync_dense_grads(params: list[torch.nn.Parameter], ctx: ParallelContext) -> None:
+    grads = [_grad_or_zeros(p) for p in params]
+    if not ctx.distributed or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    ctx.all_reduce_sum(flat).div_(ctx.world_size)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset:offset + n].view_as(g))
+        offset += n
+
+
+def _reduce_replicas(layer, layer_idx: int, placement: Placement, ctx: ParallelContext) -> None:
+    """Sum each logical expert's gradient over all its replica slots (on any rank)."""
+    local = torch.as_tensor(placement.local_experts(layer_idx, ctx.rank), dtype=torch.long)
+    for p in expert_params(layer):
+        g = _grad_or_zeros(p)  # [S_local, ...]
+        flat_SP = g.reshape(g.shape[0], math.prod(g.shape[1:]))
+        buf_EP = flat_SP.new_zeros((placement.num_experts, flat_SP.shape[1]))
+        buf_EP.index_add_(0, local.to(buf_EP.device), flat_SP)
+        ctx.all_reduce_sum(buf_EP)
+        g.copy_(buf_EP[local.to(buf_EP.device)].view_as(g))
+
+
+def sync_expert_grads(moe_layers: list, placement: Placement, ctx: ParallelContext) -> None:
+    logcnt = placement.logcnt_LE
+    for idx, layer in enumerate(moe_layers):
+        if (logcnt[idx] > 1).any():
+            _reduce_replicas(layer, idx, placement, ctx)
+        for p in expert_params(layer):
+            g = _grad_or_zeros(p)
+            if ctx.distributed:
+                g.div_(ctx.world_size)
+
+
+def primary_slot_mask(placement: Placement, layer_idx: int, rank: int) -> torch.Tensor:
+    """True for local slots holding the first replica of their expert, [S_local]."""
+    local = placement.local_experts(layer_idx, rank)
+    slots = placement.rank_slots(rank)
+    return torch.tensor([placement.log2phy(layer_idx, int(e))[0] == s for e, s in zip(local, slots)],
+                        dtype=torch.bool)
+
+
+def global_grad_norm(dense: list[torch.nn.Parameter], moe_layers: list, placement: Placement,
+                     ctx: ParallelContext) -> torch.Tensor:
+    """L2 norm of the full model's gradient (dense once, each logical expert once)."""
+    dense_sq = sum((p.grad.float().pow(2).sum() for p in dense if p.grad is not None),
+                   torch.zeros((), device=ctx.device))
+    expert_sq = torch.zeros((), device=ctx.device)
+    for idx, layer in enumerate(moe_layers):
+        mask = primary_slot_mask(placement, idx, ctx.rank).to(ctx.device)
+        for p in expert_params(layer):
+            if p.grad is not None:
+                expert_sq = expert_sq + p.grad[mask].float().pow(2).sum()
+    ctx.all_reduce_sum(expert_sq)
+    return (dense_sq + expert_sq).sqrt()
+
+
+def clip_grads_(params: list[torch.nn.Parameter], total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale all gradients by min(1, max_norm / (total_norm + 1e-6)), like clip_grad_norm_."""
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.device))

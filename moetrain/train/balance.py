@@ -1,0 +1,90 @@
+"""Load balancing across the micro-batches of one optimizer step.
+
+Owns: the scope logic of the load-balancing loss (LBL), the z-loss, and the aux-loss-free
+expert-bias update. The formulas themselves are pure functions in ``moetrain.losses``.
+
+LBL = coeff * E * sum_i f_i * p_i (Megatron / DeepSpeed top-k convention; uniform -> 1.0), with
+p_i the mean router probability over the *local* micro-batch and f_i = count_i / (T * k) from:
+- ``micro``: the local micro-batch only (the usual implementation);
+- ``global``: counts all-reduced over the data-parallel group and accumulated over the
+  micro-batches of the step so far (a running mean, as Megatron's global aux loss; "Demons in
+  the Detail", Qwen), reset at each optimizer step. f carries no gradient;
+- ``sequence``: per sequence (DeepSeek-V3 style), averaged over sequences.
+
+Because each rank's loss is averaged over ranks, the ``global`` loss of N ranks equals the loss
+one process computes on the concatenated global micro-batch.
+
+Aux-loss-free bias (``model.moe.expert_bias``): once per step, with counts all-reduced once,
+bias_i += rate * sign(mean(count) - count_i) — under-loaded experts become more attractive.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moetrain import losses
+from moetrain.config import LossConfig, MoEConfig
+from moetrain.parallel.context import ParallelContext
+
+
+class LoadBalancer:
+    def __init__(self, loss_cfg: LossConfig, moe_cfg: MoEConfig, num_moe_layers: int, ctx: ParallelContext):
+        self.cfg, self.moe, self.ctx = loss_cfg, moe_cfg, ctx
+        self.num_layers = num_moe_layers
+        self.step_counts_LE = torch.zeros(num_moe_layers, moe_cfg.num_experts, device=ctx.device)
+        self.step_tokens = 0  # global tokens routed this step (global scope) or local (else)
+        self._step_counts_are_global = False
+
+    def start_step(self) -> None:
+        self.step_counts_LE.zero_()
+        self.step_tokens = 0
+
+    def micro_losses(self, routing: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LBL, z-loss) of one micro-batch, each already multiplied by its coefficient and
+        averaged over MoE layers. Accumulates this micro-batch's counts."""
+        E, K = self.moe.num_experts, self.moe.top_k
+        counts_LE = torch.stack([losses.expert_counts(r.topk_ids_TK, E) for r in routing]).to(self.ctx.device)
+        T = routing[0].topk_ids_TK.shape[0]
+        zero = torch.zeros((), device=self.ctx.device)
+        lbl, zl = zero, zero
+        scope = self.cfg.lbl_scope
+        if scope == "global":
+            self.ctx.all_reduce_sum(counts_LE)  # one small all-reduce per micro-batch
+            self.step_counts_LE += counts_LE
+            self.step_tokens += T * self.ctx.world_size
+            self._step_counts_are_global = True
+        else:
+            self.step_counts_LE += counts_LE
+            self.step_tokens += T
+            self._step_counts_are_global = False
+        if self.cfg.lbl_coeff > 0:
+            parts = []
+            for idx, r in enumerate(routing):
+                if scope == "global":
+                    parts.append(losses.load_balancing_loss(r.scores_TE, self.step_counts_LE[idx], self.step_tokens, K))
+                elif scope == "micro":
+                    parts.append(losses.load_balancing_loss(r.scores_TE, counts_LE[idx], T, K))
+                else:
+                    S = T // batch_size
+                    parts.append(losses.sequence_load_balancing_loss(
+                        r.scores_TE.view(batch_size, S, E), r.topk_ids_TK.view(batch_size, S, K), E, K))
+            lbl = self.cfg.lbl_coeff * torch.stack(parts).mean()
+        if self.cfg.z_loss_coeff > 0:
+            zl = self.cfg.z_loss_coeff * torch.stack([losses.z_loss(r.logits_TE) for r in routing]).mean()
+        return lbl, zl
+
+    def global_step_counts(self) -> torch.Tensor:
+        """Tokens per expert per layer over the whole step and all ranks, [L, E]."""
+        if self._step_counts_are_global:
+            return self.step_counts_LE.clone()
+        return self.ctx.all_reduce_sum(self.step_counts_LE.clone())
+
+    @torch.no_grad()
+    def update_bias(self, moe_layers: list) -> None:
+        """Aux-loss-free balancing: one all-reduce (or none in global scope) per step."""
+        if not self.moe.expert_bias:
+            return
+        counts_LE = self.global_step_counts()
+        delta_LE = torch.sign(counts_LE.mean(dim=1, keepdim=True) - counts_LE) * self.moe.bias_update_rate
+        for idx, layer in enumerate(moe_layers):
+            layer.router.expert_bias_E.add_(delta_LE[idx].to(layer.router.expert_bias_E.device))

@@ -1,0 +1,107 @@
+"""What a rank saves in a checkpoint, and how a rank of any placement loads it back.
+
+Owns: the mapping between a live :class:`RankTrainer` and checkpoint objects —
+- ``dense.pt`` (written by rank 0 only; dense parameters are identical on every rank): dense
+  parameters, persistent buffers (e.g. the aux-loss-free expert bias) and their AdamW state;
+- ``experts/layer-<l>/expert-<e>.pt``: one object per logical expert per MoE layer, written by
+  the rank holding its primary replica: the three SwiGLU matrices and their AdamW state;
+- ``rng/rank-<r>.pt``: this rank's torch RNG state.
+A rank of another placement or group size reads ``dense.pt`` and exactly the experts it hosts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from moetrain.parallel.grads import EXPERT_PARAM_NAMES, expert_params, primary_slot_mask
+
+DENSE = "dense.pt"
+
+
+def expert_object_name(layer: int, expert: int) -> str:
+    return f"experts/layer-{layer}/expert-{expert}.pt"
+
+
+def _opt_state(optimizer, p) -> dict:
+    st = optimizer.state.get(p, {})
+    return {k: v for k, v in st.items()}
+
+
+def rank_objects(trainer) -> dict[str, dict]:
+    """Objects this rank writes (tensors are live: the writer snapshots them)."""
+    model, opt, ctx, placement = trainer.model, trainer.optimizer, trainer.ctx, trainer.placement
+    objects: dict[str, dict] = {}
+    if ctx.rank == 0:
+        dense = dict(model.dense_parameters())
+        objects[DENSE] = {
+            "params": {n: p.data for n, p in dense.items()},
+            "buffers": {n: b for n, b in model.named_buffers() if _persistent(model, n)},
+            "optim": {n: _opt_state(opt, p) for n, p in dense.items() if p in opt.state},
+        }
+    for idx, layer in enumerate(trainer.moe_layers):
+        primary = primary_slot_mask(placement, idx, ctx.rank)
+        local = placement.local_experts(idx, ctx.rank)
+        for slot, e in enumerate(local):
+            if not primary[slot]:
+                continue
+            obj: dict = {}
+            for name, p in zip(EXPERT_PARAM_NAMES, expert_params(layer)):
+                obj[name] = p.data[slot]
+                st = opt.state.get(p, {})
+                for k in ("exp_avg", "exp_avg_sq"):
+                    if k in st:
+                        obj[f"{k}.{name}"] = st[k][slot]
+                if "step" in st:
+                    obj["step"] = st["step"]
+            objects[expert_object_name(idx, int(e))] = obj
+    objects[f"rng/rank-{ctx.rank}.pt"] = {"torch": torch.get_rng_state()}
+    return objects
+
+
+def _persistent(model, buffer_name: str) -> bool:
+    module_name, _, short = buffer_name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return short not in getattr(module, "_non_persistent_buffers_set", set())
+
+
+def objects_to_read(trainer) -> list[str]:
+    """Names this rank needs: dense state and the experts its placement gives it."""
+    names = [DENSE]
+    for idx in range(len(trainer.moe_layers)):
+        for e in sorted(set(int(x) for x in trainer.placement.local_experts(idx, trainer.ctx.rank))):
+            names.append(expert_object_name(idx, e))
+    return names
+
+
+@torch.no_grad()
+def load_rank_objects(trainer, read: Callable[[list[str]], dict[str, dict]]) -> None:
+    """Load dense + hosted experts (weights and AdamW state) into a freshly built trainer."""
+    model, opt, placement, ctx = trainer.model, trainer.optimizer, trainer.placement, trainer.ctx
+    objs = read(objects_to_read(trainer))
+    dense_obj = objs[DENSE]
+    dense = dict(model.dense_parameters())
+    missing = sorted(set(dense) - set(dense_obj["params"]))
+    if missing:
+        raise KeyError(f"checkpoint {DENSE} lacks dense parameters {missing[:5]} (a different model config?)")
+    for n, p in dense.items():
+        p.copy_(dense_obj["params"][n])
+        if n in dense_obj["optim"]:
+            opt.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) else v)
+                            for k, v in dense_obj["optim"][n].items()}
+    buffers = dict(model.named_buffers())
+    for n, b in dense_obj["buffers"].items():
+        if n in buffers:
+            buffers[n].copy_(b)
+    for idx, layer in enumerate(trainer.moe_layers):
+        local = placement.local_experts(idx, ctx.rank)
+        for name, p in zip(EXPERT_PARAM_NAMES, expert_params(layer)):
+            rows = [objs[expert_object_name(idx, int(e))] for e in local]
+            p.copy_(torch.stack([r[name] for r in rows]))
+            if all(f"exp_avg.{name}" in r for r in rows):
+                opt.state[p] = {
+                    "step": rows[0]["step"].clone(),
+                    "exp_avg": torch.stack([r[f"exp_avg.{name}"] for r in rows]).to(p.device),
+                    "exp_avg_sq": torch.stack([r[f"exp_avg_sq.{name}"] for r in rows]).to(p.device),
+                }
