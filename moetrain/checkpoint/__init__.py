@@ -1,0 +1,62 @@
+"""Sharded checkpoints streamed to object storage (local dirs, S3, GCS via ``pyarrow.fs``).
+
+Owns checkpoint I/O for one process; knows nothing of Ray (the cluster layer calls it from
+actors and the driver). Generic over *what* is saved: each rank hands a mapping
+``{object name: state dict of tensors and small values}`` (e.g. ``dense/rank-0``,
+``experts/layer-3/expert-17``, ``rng/rank-2``), the driver a JSON-able ``meta``.
+
+Flow::
+
+    store  = open_store(cfg.checkpoint.uri, cfg.checkpoint)          # every process
+    writer = AsyncCheckpointWriter(store, run, rank=r)                # every rank
+    fut    = writer.save(step, objects)     # snapshot now, upload in the background
+    result = fut.result()                   # SaveResult(entries={name, size, sha256})
+    commit(store, run, step, [result_rank0, result_rank1, ...], meta)  # driver: manifest, latest
+    apply_retention(store, run, keep=cfg.checkpoint.keep)
+    ref    = resolve("latest", cfg.checkpoint, run=run)               # on resume
+    states = load_objects(ref, names_this_rank_hosts)                 # sha256-checked
+
+Modules: ``storage`` (Store, atomic streamed writes, retries, typed errors), ``format`` (the
+object byte format), ``layout`` (keys), ``writer`` (snapshot + async writer), ``manifest``
+(commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load),
+``cli`` (``moetrain ckpt ...``).
+"""
+
+from moetrain.checkpoint.errors import (
+    BucketNotFoundError,
+    CheckpointError,
+    CorruptObjectError,
+    InvalidNameError,
+    NotCommittedError,
+    ObjectNotFoundError,
+    SerializationError,
+    StoreAccessError,
+    StoreUnreachableError,
+)
+from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
+from moetrain.checkpoint.manifest import Manifest, commit, read_latest, read_manifest
+from moetrain.checkpoint.reader import VerifyReport, load_objects, resolve, verify
+from moetrain.checkpoint.retention import (
+    CheckpointInfo,
+    CleanReport,
+    apply_retention,
+    clean,
+    list_checkpoints,
+)
+from moetrain.checkpoint.storage import Store, open_store
+from moetrain.checkpoint.writer import (
+    AsyncCheckpointWriter,
+    CheckpointFuture,
+    SaveResult,
+    Snapshot,
+    snapshot,
+)
+
+__all__ = [
+    "AsyncCheckpointWriter", "BucketNotFoundError", "CheckpointError", "CheckpointFuture",
+    "CheckpointInfo", "CheckpointRef", "CleanReport", "CorruptObjectError", "InvalidNameError",
+    "Manifest", "NotCommittedError", "ObjectEntry", "ObjectNotFoundError", "SaveResult",
+    "SerializationError", "Snapshot", "Store", "StoreAccessError", "StoreUnreachableError",
+    "VerifyReport", "apply_retention", "clean", "commit", "list_checkpoints", "load_objects",
+    "open_store", "read_latest", "read_manifest", "resolve", "snapshot", "verify",
+]

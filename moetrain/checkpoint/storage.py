@@ -1,0 +1,396 @@
+"""Object storage for checkpoints: one ``Store`` per checkpoint root, on top of ``pyarrow.fs``.
+
+Owns: turning a root URI (local path, ``s3://bucket/prefix``, ``gs://bucket/prefix``, any other
+scheme ``pyarrow.fs.FileSystem.from_uri`` knows) into a filesystem, and the few operations the
+checkpoint code needs, each with retries and typed errors naming the URI:
+
+- ``write_atomic(key, produce)``: stream to a temporary key next to the final one with
+  ``open_output_stream`` (no local staging), hash (sha256) and count bytes while streaming, then
+  ``move`` into place. On any exception the stream is closed *before* the temporary object is
+  deleted (on S3, closing completes the multipart upload, so a stream left to the garbage
+  collector could resurrect a partial object after the delete). The final key therefore only
+  ever holds a complete object.
+- reads (whole objects, into a writable buffer), listing, deletes.
+
+Credentials never go through this module's strings: S3 keys come from the AWS SDK's usual chain
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, config files), and
+the repr of a ``Store`` and every error message carry only the (redacted) URI.
+
+Pending multipart uploads: a writer killed mid-object (SIGKILL) leaves a pending multipart upload
+on S3 under a ``*.tmp-*`` key. pyarrow does not expose ListMultipartUploads /
+AbortMultipartUpload; ``retention.abort_stale_uploads`` uses boto3 when it is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+from urllib.parse import urlsplit
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from moetrain.checkpoint.errors import (
+    BucketNotFoundError,
+    CheckpointError,
+    InvalidNameError,
+    ObjectNotFoundError,
+    StoreAccessError,
+    StoreUnreachableError,
+)
+from moetrain.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+TMP_MARK = ".tmp-"  # temporary keys are "<final key>.tmp-<12 hex>"
+CHUNK_BYTES = 8 << 20  # hashing and writing interleave in chunks of this size
+
+# Substrings of pyarrow / AWS SDK / GCS error messages, by meaning.
+_ACCESS = ("ACCESS_DENIED", "ACCESSDENIED", "INVALID_ACCESS_KEY_ID", "INVALIDACCESSKEYID",
+           "SIGNATURE_DOES_NOT_MATCH", "SIGNATUREDOESNOTMATCH", "EXPIRED_TOKEN", "FORBIDDEN",
+           "PERMISSION_DENIED", "UNAUTHENTICATED", "UNRECOGNIZED_CLIENT", "HTTP RESPONSE CODE: 403")
+_NO_BUCKET = ("NO_SUCH_BUCKET", "NOSUCHBUCKET")
+_NO_KEY = ("NO_SUCH_KEY", "NOSUCHKEY", "RESOURCE_NOT_FOUND")
+_TRANSIENT = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT",
+              "SLOW_DOWN", "SLOWDOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTL",
+              "CONNECTION RESET", "BROKEN PIPE", "UNAVAILABLE", "HTTP RESPONSE CODE: 5",
+              "REQUEST_TIMEOUT", "TEMPORARILY")
+
+
+def classify_os_error(exc: BaseException) -> tuple[type[CheckpointError], bool]:
+    """(error class, transient?) for an exception raised by a pyarrow filesystem call."""
+    if isinstance(exc, FileNotFoundError):
+        return ObjectNotFoundError, False
+    if isinstance(exc, PermissionError):
+        return StoreAccessError, False
+    text = str(exc).upper()
+    if any(s in text for s in _NO_BUCKET):
+        return BucketNotFoundError, False
+    if any(s in text for s in _ACCESS):
+        return StoreAccessError, False
+    if any(s in text for s in _NO_KEY):
+        return ObjectNotFoundError, False
+    if isinstance(exc, (ConnectionError, TimeoutError)) or any(s in text for s in _TRANSIENT):
+        return StoreUnreachableError, True
+    return CheckpointError, False
+
+
+def redact_uri(uri: str) -> str:
+    """The URI without user info or query string (where credentials could hide)."""
+    if "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}".rstrip("/")
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    key: str  # relative to the store root
+    size: int  # bytes written
+    sha256: str  # hex digest of exactly those bytes
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    key: str  # relative to the store root
+    size: int
+    mtime: float  # seconds since the epoch (0.0 where the store does not say)
+
+
+class HashingSink:
+    """A write-only file object that hashes and counts what passes through to ``out``.
+
+    Large buffers are split into ``CHUNK_BYTES`` slices so hashing one slice overlaps the
+    background upload of the previous one (pyarrow's S3 stream uploads parts on its own threads).
+    """
+
+    def __init__(self, out: pafs.NativeFile) -> None:
+        self._out = out
+        self._sha = hashlib.sha256()
+        self.size = 0
+        self.io_error: BaseException | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        for start in range(0, view.nbytes, CHUNK_BYTES):
+            piece = view[start:start + CHUNK_BYTES]
+            self._sha.update(piece)
+            try:
+                self._out.write(piece)
+            except OSError as exc:
+                self.io_error = exc
+                raise
+        self.size += view.nbytes
+        return view.nbytes
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+class _ProducerFailed(Exception):
+    """Carries an exception raised by a ``produce`` callback through the retry loop."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+@dataclass(frozen=True)
+class Store:
+    """A checkpoint root on some filesystem. Keys are '/'-separated paths below the root."""
+
+    uri: str  # redacted root URI, e.g. "s3://bucket/prefix" or "/abs/dir"
+    fs: pafs.FileSystem = field(repr=False, compare=False)
+    root: str = field(repr=False)  # the root as a path inside ``fs``
+    kind: str = "local"  # local | s3 | gcs | other
+    max_retries: int = 3
+    backoff_s: float = 0.5
+    s3_endpoint: str = field(default="", repr=False)  # "scheme://host:port" when overridden
+    s3_region: str = field(default="", repr=False)
+
+    # ---- naming ----------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def uri_of(self, key: str) -> str:
+        return f"{self.uri}/{key}" if key else self.uri
+
+    def _key_of(self, path: str) -> str:
+        return path[len(self.root):].lstrip("/")
+
+    # ---- error handling --------------------------------------------------------------
+    def _run(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """Call ``fn`` with retries on transient errors; raise a typed error naming the URI."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                return fn()
+            except OSError as exc:
+                cls, transient = classify_os_error(exc)
+                if transient and attempt < self.max_retries:
+                    delay = self.backoff_s * (2 ** attempt)
+                    log.warning("%s %s: transient error (%s); retry %d/%d in %.2fs", what,
+                                self.uri_of(key), exc, attempt + 1, self.max_retries, delay)
+                    time.sleep(delay)
+                    continue
+                tries = f" after {attempt + 1} attempts" if transient else ""
+                raise cls(f"{what} {self.uri_of(key)} failed{tries}: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _make_parent(self, path: str) -> None:
+        if self.kind == "local":
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+
+    def _delete_quietly(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except OSError as exc:  # already gone, or the store is down: clean() removes leftovers
+            log.debug("could not delete temporary object %s: %s", path, exc)
+
+    # ---- writes ----------------------------------------------------------------------
+    def write_atomic(self, key: str, produce: Callable[[HashingSink], None]) -> WriteResult:
+        """Stream ``produce(sink)`` to ``key`` atomically; returns its size and sha256.
+
+        Transient I/O errors restart the object from scratch (``produce`` must be re-callable).
+        An exception raised by ``produce`` itself is not retried: it is re-raised unchanged after
+        the temporary object is removed. Nothing is ever visible under ``key`` but a whole object.
+        """
+        def attempt() -> WriteResult:
+            tmp = self.path(f"{key}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+            self._make_parent(tmp)
+            out = self.fs.open_output_stream(tmp)
+            sink = HashingSink(out)
+            try:
+                try:
+                    produce(sink)
+                except BaseException as exc:
+                    _close_quietly(out)
+                    if exc is sink.io_error or not isinstance(exc, Exception):
+                        raise
+                    raise _ProducerFailed(exc) from exc
+                out.close()
+                self.fs.move(tmp, self.path(key))
+            except BaseException:
+                self._delete_quietly(tmp)
+                raise
+            return WriteResult(key=key, size=sink.size, sha256=sink.hexdigest())
+
+        try:
+            return self._run("writing", key, attempt)
+        except _ProducerFailed as failed:
+            raise failed.original from None
+
+    def write_bytes(self, key: str, data: bytes) -> WriteResult:
+        return self.write_atomic(key, lambda sink: sink.write(data))
+
+    # ---- reads -----------------------------------------------------------------------
+    def read_array(self, key: str) -> np.ndarray:
+        """The whole object as a writable uint8 array (one GET on S3)."""
+        def read() -> np.ndarray:
+            with self.fs.open_input_file(self.path(key)) as f:
+                size = f.size()
+                buf = np.empty(size, dtype=np.uint8)
+                got = f.readinto(buf) if size else 0
+            if got != size:
+                raise OSError(f"short read: {got} of {size} bytes (timeout)")
+            return buf
+        return self._run("reading", key, read)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.read_array(key).tobytes()
+
+    def exists(self, key: str) -> bool:
+        info = self._run("checking", key, lambda: self.fs.get_file_info(self.path(key)))
+        return info.type == pafs.FileType.File
+
+    def list_files(self, prefix: str = "") -> list[FileEntry]:
+        """Every object below ``prefix`` (recursive), sorted by key; [] when there is none."""
+        sel = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
+        infos = self._run("listing", prefix, lambda: self.fs.get_file_info(sel))
+        out = [FileEntry(self._key_of(i.path), int(i.size or 0),
+                         i.mtime.timestamp() if i.mtime is not None else 0.0)
+               for i in infos if i.type == pafs.FileType.File]
+        return sorted(out, key=lambda e: e.key)
+
+    def list_dir(self, prefix: str = "") -> list[str]:
+        """Names of the immediate children (objects and 'directories') of ``prefix``."""
+        sel = pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)
+        infos = self._run("listing", prefix, lambda: self.fs.get_file_info(sel))
+        return sorted(i.base_name for i in infos)
+
+    # ---- deletes ---------------------------------------------------------------------
+    def delete(self, key: str) -> None:
+        try:
+            self._run("deleting", key, lambda: self.fs.delete_file(self.path(key)))
+        except ObjectNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not prefix:
+            raise InvalidNameError(f"refusing to delete the whole store root {self.uri}")
+        try:
+            self._run("deleting", prefix, lambda: self.fs.delete_dir(self.path(prefix)))
+        except ObjectNotFoundError:
+            pass
+
+
+def _close_quietly(out: pafs.NativeFile) -> None:
+    try:
+        out.close()
+    except Exception as exc:  # the stream may already be broken; the temp key is deleted next
+        log.debug("closing a failed output stream: %s", exc)
+
+
+# --------------------------------------------------------------------------------------------
+# Opening
+# --------------------------------------------------------------------------------------------
+
+
+def _env(*names: str) -> str:
+    for name in names:
+        if os.environ.get(name):
+            return os.environ[name]
+    return ""
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, str]:
+    """("http", "127.0.0.1:9000") from "http://127.0.0.1:9000"; https when no scheme is given."""
+    if "://" in endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        return scheme, rest.rstrip("/")
+    return "https", endpoint.rstrip("/")
+
+
+def _open_s3(uri: str, cfg: CheckpointConfig, connect_timeout_s: float,
+             request_timeout_s: float) -> tuple[pafs.FileSystem, str, str, str]:
+    parts = urlsplit(uri)
+    if parts.query or "@" in parts.netloc:
+        raise InvalidNameError(
+            f"checkpoint URI {redact_uri(uri)!r}: put S3 options in checkpoint.s3_endpoint / "
+            "checkpoint.s3_region and credentials in AWS_* environment variables, not in the URI")
+    bucket = parts.netloc
+    if not bucket:
+        raise InvalidNameError(f"checkpoint URI {uri!r} has no bucket (expected s3://bucket/prefix)")
+    endpoint = cfg.s3_endpoint or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    region = cfg.s3_region or _env("AWS_REGION", "AWS_DEFAULT_REGION")
+    kwargs: dict = {}
+    if endpoint:
+        scheme, host = _split_endpoint(endpoint)
+        kwargs.update(endpoint_override=host, scheme=scheme)
+        # A custom endpoint is not EC2: never let the SDK probe the instance-metadata address
+        # for credentials (with no network it retries for a long time).
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+        region = region or "us-east-1"
+    elif not region:
+        try:
+            region = pafs.resolve_s3_region(bucket)
+        except OSError as exc:
+            cls, _ = classify_os_error(exc)
+            raise (cls if cls is not CheckpointError else StoreUnreachableError)(
+                f"cannot resolve the region of bucket {bucket!r} for {redact_uri(uri)} "
+                f"(set checkpoint.s3_region or AWS_REGION): {exc}") from exc
+    fs = pafs.S3FileSystem(
+        region=region, connect_timeout=connect_timeout_s, request_timeout=request_timeout_s,
+        # Our own retry loop (max_retries, exponential backoff) wraps every call.
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), **kwargs)
+    root = f"{bucket}{parts.path}".rstrip("/")
+    return fs, root, endpoint, region
+
+
+def _probe(store: Store) -> None:
+    """Fail fast (before training starts) on an unreachable store, bad credentials, no bucket."""
+    if store.kind in ("s3", "gcs"):
+        bucket = store.root.split("/", 1)[0]
+        info = store._run("opening", "", lambda: store.fs.get_file_info(bucket))
+        if info.type == pafs.FileType.NotFound:
+            raise BucketNotFoundError(f"bucket {bucket!r} of {store.uri} does not exist")
+    else:
+        info = store._run("opening", "", lambda: store.fs.get_file_info(store.root))
+        if info.type == pafs.FileType.File:
+            raise CheckpointError(f"checkpoint root {store.uri} is a file, not a directory")
+
+
+def open_store(uri: str, cfg: CheckpointConfig | None = None, *, connect_timeout_s: float = 5.0,
+               request_timeout_s: float = 60.0, backoff_s: float = 0.5,
+               probe: bool = True) -> Store:
+    """Open the checkpoint root ``uri``: a local path (relative paths are made absolute),
+    ``file://``, ``s3://bucket/prefix`` (endpoint / region from ``cfg`` or ``AWS_ENDPOINT_URL``,
+    ``AWS_REGION``; keys from the AWS SDK chain), ``gs://bucket/prefix``, or any other URI
+    pyarrow knows. ``probe`` checks reachability, credentials and the bucket now."""
+    cfg = cfg or CheckpointConfig()
+    if not uri:
+        raise InvalidNameError("checkpoint URI is empty (set checkpoint.uri)")
+    if cfg.max_retries < 0:
+        raise InvalidNameError(f"checkpoint.max_retries ({cfg.max_retries}) must be >= 0")
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    endpoint = region = ""
+    if scheme == "s3":
+        fs, root, endpoint, region = _open_s3(uri, cfg, connect_timeout_s, request_timeout_s)
+        kind = "s3"
+    elif scheme in ("gs", "gcs"):
+        parts = urlsplit(uri)
+        fs = pafs.GcsFileSystem(retry_limit_seconds=max(1.0, backoff_s * 2 ** cfg.max_retries))
+        root, kind = f"{parts.netloc}{parts.path}".rstrip("/"), "gcs"
+    else:
+        target = uri if scheme else os.path.abspath(os.path.expanduser(uri))
+        try:
+            fs, root = pafs.FileSystem.from_uri(target)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot open checkpoint store {redact_uri(uri)}: {exc}") from exc
+        kind = "local" if isinstance(fs, pafs.LocalFileSystem) else scheme or "other"
+        root = root.rstrip("/") or "/"
+        uri = root if kind == "local" else uri
+    store = Store(uri=redact_uri(uri.rstrip("/")), fs=fs, root=root, kind=kind,
+                  max_retries=cfg.max_retries, backoff_s=backoff_s, s3_endpoint=endpoint,
+                  s3_region=region)
+    if probe:
+        _probe(store)
+    return store

@@ -1,0 +1,91 @@
+"""The byte-level BPE tokenizer, trained on the corpus with HF ``tokenizers`` and cached.
+
+Owns: training (``ByteLevel`` pre-tokenizer + decoder, ``BpeTrainer`` with the 256-byte initial
+alphabet and the single special token ``<|endoftext|>``), the cache key of a trained tokenizer,
+loading it back, and encoding documents to int32 arrays.
+
+Properties: deterministic (same corpus + settings -> same vocab, across processes and thread
+counts); lossless (``decode(encode(text)) == text`` for any text: every byte is in the alphabet,
+and a literal ``"<|endoftext|>"`` inside a document is encoded as plain text, never as the
+special id, because ``encode_special_tokens`` is switched on at load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moetrain.data.cache import cached, content_key
+from moetrain.data.corpus import Corpus, cap_docs
+
+EOT = "<|endoftext|>"
+# Text used to train the BPE merges, split evenly over domains (the default corpus is ~4.5 MB,
+# which trains in ~1 s on 2 cores). Part of the cache key.
+TRAIN_BYTES_TOTAL = 8_000_000
+SETTINGS = {
+    "kind": "byte-level-bpe",
+    "format": 1,
+    "special_tokens": [EOT],
+    "add_prefix_space": False,
+    "train_bytes_total": TRAIN_BYTES_TOTAL,
+    "tokenizers_version": tokenizers.__version__,
+}
+
+
+def tokenizer_key(corpus_hash: str, vocab_size: int) -> str:
+    """Cache key of the tokenizer trained on a corpus with a vocab size and :data:`SETTINGS`."""
+    return content_key({"corpus": corpus_hash, "vocab_size": vocab_size, "settings": SETTINGS})
+
+
+def build_tokenizer(corpus: Corpus, corpus_hash: str, vocab_size: int,
+                    root: Path) -> tuple[Tokenizer, str, bool]:
+    """Train (or load from ``root``) the tokenizer. Returns (tokenizer, content sha256, cache hit).
+
+    The content sha256 is the hash of the saved JSON: downstream caches key on it.
+    """
+    path = root / f"tokenizer-{tokenizer_key(corpus_hash, vocab_size)[:24]}.json"
+
+    def build(tmp: Path) -> None:
+        train_tokenizer(corpus, vocab_size).save(str(tmp))
+
+    tok, hit = cached(path, build, load_tokenizer)
+    return tok, hashlib.sha256(path.read_bytes()).hexdigest(), hit
+
+
+def train_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
+    """A fresh byte-level BPE trained on (a per-domain even share of) the corpus."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    share = TRAIN_BYTES_TOTAL // max(1, len(corpus.domains))
+    texts = [doc for docs in corpus.docs for doc in cap_docs(iter(docs), share)]
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    return tok
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load a saved tokenizer; literal special-token text in inputs stays plain text."""
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    return tok
+
+
+def eot_id(tok: Tokenizer) -> int:
+    ident = tok.token_to_id(EOT)
+    if ident is None:
+        raise ValueError(f"tokenizer has no {EOT!r} token")
+    return ident
+
+
+def encode_docs(tok: Tokenizer, docs: tuple[str, ...] | list[str]) -> list[np.ndarray]:
+    """Token ids of each document (no special tokens added), as int32 arrays."""
+    encodings = tok.encode_batch(list(docs), add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
