@@ -34,8 +34,13 @@ def ensure_ray(cfg: RunConfig) -> None:
 
 def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunResult:
     """Run training to the end (or to FAILED). ``on_step(metrics)`` is called on the driver."""
-    ensure_ray(cfg)
+    from moetrain.data import build_dataset
+
     logging.getLogger("moetrain").setLevel(logging.INFO)
+    # Build (or load from cache) the dataset on the driver first: bad data fails fast with a clear
+    # error before any actor starts, and the workers then read the finished cache.
+    build_dataset(cfg.data)
+    ensure_ray(cfg)
     result = Controller(cfg, on_step=on_step).run()
     if result.state == State.FAILED and raise_on_failure:
         raise RunFailed(f"run {cfg.cluster.run_name} failed:\n{result.error}")

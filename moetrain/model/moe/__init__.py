@@ -1,0 +1,1 @@
+"""MoE layer parts, one role per file: router, dispatcher, experts, layer."""

@@ -1,0 +1,88 @@
+"""Routed SwiGLU experts of one MoE layer, held in local slots.
+
+Owns: the expert weights on this rank and their placement-independent initialisation. Slot j
+holds logical expert ``local_experts[j]``; two slots may hold the same expert (replicas), which
+are initialised identically. Every expert's weights come from its own generator seeded from
+(seed, layer_index, expert_id), so any rank builds bit-identical copies of the experts it holds.
+
+Shapes: S local slots, D model dim, F expert hidden dim, N token rows grouped by slot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def expert_seed(seed: int, layer_index: int, expert_id: int) -> int:
+    """A 63-bit generator seed for one logical expert, stable across processes and versions."""
+    digest = hashlib.sha256(f"moetrain-expert/{seed}/{layer_index}/{expert_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def init_expert_weights(dim: int, ffn_dim: int, *, seed: int, layer_index: int, expert_id: int,
+                        init_std: float, out_std: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(w_gate_FD, w_up_FD, w_down_DF) of one expert, from its own generator (no global RNG)."""
+    gen = torch.Generator().manual_seed(expert_seed(seed, layer_index, expert_id))
+    w_gate_FD = torch.randn(ffn_dim, dim, generator=gen).mul_(init_std)
+    w_up_FD = torch.randn(ffn_dim, dim, generator=gen).mul_(init_std)
+    w_down_DF = torch.randn(dim, ffn_dim, generator=gen).mul_(out_std)
+    return w_gate_FD, w_up_FD, w_down_DF
+
+
+def _stack(ws: list[Tensor], shape: tuple[int, int]) -> Tensor:
+    return torch.stack(ws) if ws else torch.zeros(0, *shape)
+
+
+class GroupedExperts(nn.Module):
+    """SwiGLU experts ``y = (silu(x W_gate^T) * (x W_up^T)) W_down^T`` in S local slots.
+
+    Parameters ``w_gate_SFD``, ``w_up_SFD`` [S, F, D] and ``w_down_SDF`` [S, D, F].
+    A slot that receives no tokens in a step gets a zero gradient slice (the whole parameter's
+    ``.grad`` is None only if no slot received any token).
+
+    Compute: one SwiGLU per non-empty slot on its contiguous row block (no per-token loops).
+    Measured on the 2-core CPU (S=8, D=F=128, N=4096, fwd+bwd, min of 60): this loop 11.4 ms,
+    indexing ``w[slot]`` 12.7 ms, zero-padded ``bmm`` 12.8 ms (exact, but pads to the largest
+    slot); ``torch._grouped_mm`` is exact in forward but 2.6x slower and its CPU backward fails.
+    """
+
+    def __init__(self, local_experts: Sequence[int], dim: int, ffn_dim: int, *, seed: int,
+                 layer_index: int, init_std: float, out_std: float | None = None) -> None:
+        super().__init__()
+        self.local_experts = tuple(int(e) for e in local_experts)
+        self.layer_index = layer_index
+        self.dim, self.ffn_dim = dim, ffn_dim
+        out_std = init_std if out_std is None else out_std
+        per_slot = [init_expert_weights(dim, ffn_dim, seed=seed, layer_index=layer_index, expert_id=e,
+                                        init_std=init_std, out_std=out_std) for e in self.local_experts]
+        self.w_gate_SFD = nn.Parameter(_stack([w[0] for w in per_slot], (ffn_dim, dim)))
+        self.w_up_SFD = nn.Parameter(_stack([w[1] for w in per_slot], (ffn_dim, dim)))
+        self.w_down_SDF = nn.Parameter(_stack([w[2] for w in per_slot], (dim, ffn_dim)))
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.local_experts)
+
+    def forward(self, x_ND: Tensor, tokens_per_slot: list[int]) -> Tensor:
+        """x_ND: rows grouped by slot in slot order (``tokens_per_slot[j]`` rows for slot j,
+        summing to N). Returns y_ND in the same row order."""
+        if len(tokens_per_slot) != self.num_slots:
+            raise ValueError(f"tokens_per_slot has {len(tokens_per_slot)} entries for {self.num_slots} slots")
+        if sum(tokens_per_slot) != x_ND.shape[0]:
+            raise ValueError(f"tokens_per_slot sums to {sum(tokens_per_slot)} but x_ND has {x_ND.shape[0]} rows")
+        # unbind (not w[slot]) so backward stacks the slot grads once instead of S zero-filled adds
+        w_gate_FD, w_up_FD, w_down_DF = self.w_gate_SFD.unbind(0), self.w_up_SFD.unbind(0), self.w_down_SDF.unbind(0)
+        outs: list[Tensor] = []
+        for slot, x_nD in enumerate(x_ND.split(tokens_per_slot)):
+            if x_nD.shape[0] == 0:
+                continue
+            h_nF = F.silu(F.linear(x_nD, w_gate_FD[slot])) * F.linear(x_nD, w_up_FD[slot])
+            outs.append(F.linear(h_nF, w_down_DF[slot]))
+        if not outs:  # N == 0: nothing routed here
+            return x_ND.new_zeros(0, self.dim)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)

@@ -1,0 +1,105 @@
+"""Top-k token router of one MoE layer.
+
+Owns: the linear gate, softmax scores, (optionally grouped) top-k selection, the aux-loss-free
+selection bias buffer, and the frozen :class:`RouterOutput` every later stage consumes.
+
+Shapes: T tokens, D model dim, E routed experts, K experts per token, G expert groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moetrain.config import ConfigError, MoEConfig
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """What the router decided for T tokens.
+
+    logits_TE: float32 [T, E] gate logits (input of the z-loss).
+    scores_TE: float32 [T, E] softmax(logits) (input of the load-balancing loss).
+    topk_ids_TK: int64 [T, K] chosen experts, sorted by weight descending within a token.
+    topk_weights_TK: float32 [T, K] the chosen (unbiased) scores, renormalised to sum 1 if
+        ``moe.renormalize``.
+    num_dropped: (token, expert) pairs dropped by the capacity rule; filled in by
+        :class:`~moetrain.model.moe.layer.MoELayer` after dispatch (0 from the router itself).
+    """
+
+    logits_TE: Tensor
+    scores_TE: Tensor
+    topk_ids_TK: Tensor
+    topk_weights_TK: Tensor
+    num_dropped: int = 0
+
+
+def check_moe_config(moe: MoEConfig) -> None:
+    """Raise :class:`ConfigError` naming the field if the routing settings are inconsistent."""
+    if moe.num_experts < 1:
+        raise ConfigError(f"model.moe.num_experts ({moe.num_experts}) must be >= 1")
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(f"model.moe.top_k ({moe.top_k}) must be in [1, model.moe.num_experts ({moe.num_experts})]")
+    if moe.num_groups < 1 or moe.num_experts % moe.num_groups:
+        raise ConfigError(f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
+    if moe.top_k % moe.num_groups:
+        raise ConfigError(f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
+    if moe.expert_ffn_dim < 1:
+        raise ConfigError(f"model.moe.expert_ffn_dim ({moe.expert_ffn_dim}) must be >= 1")
+    if moe.num_shared_experts < 0:
+        raise ConfigError(f"model.moe.num_shared_experts ({moe.num_shared_experts}) must be >= 0")
+    if moe.capacity_factor < 0:
+        raise ConfigError(f"model.moe.capacity_factor ({moe.capacity_factor}) must be >= 0 (0 = dropless)")
+
+
+def select_topk(select_TE: Tensor, top_k: int, num_groups: int) -> Tensor:
+    """Ids [T, K] of the top-k entries of ``select_TE``; with G groups of E/G contiguous experts,
+    the top K/G of every group (MoGE). Order within a token is unspecified."""
+    if num_groups == 1:
+        return select_TE.topk(top_k, dim=-1, sorted=False).indices
+    T, E = select_TE.shape
+    per_group = E // num_groups
+    local_TGk = select_TE.view(T, num_groups, per_group).topk(top_k // num_groups, dim=-1, sorted=False).indices
+    offset_G1 = torch.arange(num_groups, device=select_TE.device).mul_(per_group).unsqueeze(-1)
+    return (local_TGk + offset_G1).reshape(T, top_k)
+
+
+class TopKRouter(nn.Module):
+    """Linear gate (no bias) -> float32 logits -> softmax -> top-k.
+
+    ``expert_bias_E`` (a float32 buffer, zeros) is added to the scores for *selection only* when
+    ``moe.expert_bias`` is set (aux-loss-free balancing, DeepSeek-V3); the weights always come
+    from the unbiased scores. The caller owns the bias update (e.g. an optimizer pre-hook).
+    The gate weight ``gate_ED`` is a dense parameter created as zeros (uniform scores): the owning
+    model initialises it (``transformer.init_dense_``).
+    With ``top_k == 1`` and ``renormalize`` the weight is always 1, so the LM loss sends no
+    gradient to the gate (only the auxiliary losses train it).
+    """
+
+    def __init__(self, dim: int, moe_cfg: MoEConfig) -> None:
+        super().__init__()
+        check_moe_config(moe_cfg)
+        self.num_experts = moe_cfg.num_experts
+        self.top_k = moe_cfg.top_k
+        self.num_groups = moe_cfg.num_groups
+        self.renormalize = moe_cfg.renormalize
+        self.use_bias = moe_cfg.expert_bias
+        self.gate_ED = nn.Parameter(torch.zeros(moe_cfg.num_experts, dim))
+        self.register_buffer("expert_bias_E", torch.zeros(moe_cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: Tensor) -> RouterOutput:
+        logits_TE = F.linear(x_TD.float(), self.gate_ED.float())
+        scores_TE = logits_TE.softmax(dim=-1)
+        select_TE = scores_TE.detach()
+        if self.use_bias:
+            select_TE = select_TE + self.expert_bias_E
+        ids_TK = select_topk(select_TE, self.top_k, self.num_groups)
+        weights_TK = scores_TE.gather(1, ids_TK)
+        weights_TK, order_TK = weights_TK.sort(dim=-1, descending=True, stable=True)
+        ids_TK = ids_TK.gather(1, order_TK)
+        if self.renormalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)
