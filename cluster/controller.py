@@ -80,6 +80,7 @@ class Controller:
         self.val_start: dict = {}
         self.val_last: dict = {}
         self.telemetry = Telemetry(cfg)
+        self.ckpt = checkpointing.Coordinator(cfg, self.telemetry)
         self.on_step = on_step
         self._stop_requested = False
         self._t_start = 0.0
@@ -92,9 +93,11 @@ class Controller:
         self.telemetry.state(state.value)
 
     def _starting(self) -> State:
-        if self.resume:
-            self.placement = Placement.from_json(self.resume["placement_json"]) \
-                if self.resume.get("same_shape") else self.placement
+        if self.resume and self.resume["same_shape"] and self.cfg.placement.initial == "contiguous":
+            # Same group size and no placement asked for: continue on the saved placement
+            # (bit-exact continuation). Otherwise the configured placement; every rank loads
+            # exactly the experts it hosts from the per-expert objects.
+            self.placement = Placement.from_json(self.resume["placement_json"])
         self.group = WorkerGroup.create(self.cfg, self.placement, resume=self.resume)
         if self.resume:
             self.step = int(self.resume["step"])
@@ -135,9 +138,7 @@ class Controller:
         return State.CHECKPOINTING if checkpointing.due(self.cfg, self.step) else State.RUNNING
 
     def _checkpointing(self) -> State:
-        uri = checkpointing.save(self.group, self.cfg, self.step, self.placement, self.telemetry)
-        if uri:
-            self.checkpoints.append(uri)
+        self.ckpt.start(self.group, self.step, self.placement)
         return State.RUNNING
 
     def _restarting(self, exc: BaseException) -> State:
@@ -146,7 +147,8 @@ class Controller:
         if self.group:
             self.group.shutdown(graceful=False)
         self.group = None
-        self.resume = checkpointing.latest_for_restart(self.cfg)
+        self.ckpt.wait()
+        self.resume = self.ckpt.latest()
         if self.resume is None:
             log.warning("no committed checkpoint yet: restarting from step 0")
             self.step = 0
@@ -172,6 +174,8 @@ class Controller:
                         error = str(exc)
                         self._set(State.FAILED)
         summary = self._finish() if self.state == State.FINISHED else {}
+        self.ckpt.wait()
+        self.checkpoints = list(self.ckpt.committed)
         if self.group:
             self.group.shutdown()
         self.telemetry.close(summary)
@@ -179,10 +183,8 @@ class Controller:
 
     def _finish(self) -> dict:
         self.val_last = self.group.call("evaluate")[0]
-        if self.cfg.checkpoint.uri and (not self.checkpoints or not self.checkpoints[-1].endswith(f"step-{self.step}")):
-            uri = checkpointing.save(self.group, self.cfg, self.step, self.placement, self.telemetry)
-            if uri:
-                self.checkpoints.append(uri)
+        if self.cfg.checkpoint.uri:
+            self.ckpt.start(self.group, self.step, self.placement)
         stats = self.group.call("routing_stats")[0]
         wall = time.perf_counter() - self._t_start
         run_hist = self.history

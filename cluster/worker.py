@@ -115,5 +115,8 @@ class Worker:
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        writer = getattr(self, "_ckpt_writer", None)
+        if writer is not None:
+            writer.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -17,7 +17,8 @@ Flow::
     states = load_objects(ref, names_this_rank_hosts)                 # sha256-checked
 
 Modules: ``storage`` (Store, atomic streamed writes, retries, typed errors), ``format`` (the
-object byte format), ``layout`` (keys), ``writer`` (snapshot + async writer), ``manifest``
+object byte format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async
+writer), ``manifest``
 (commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load),
 ``cli`` (``moetrain ckpt ...``).
 """
@@ -32,6 +33,7 @@ from moetrain.checkpoint.errors import (
     SerializationError,
     StoreAccessError,
     StoreUnreachableError,
+    TornSnapshotError,
 )
 from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
 from moetrain.checkpoint.manifest import Manifest, commit, read_latest, read_manifest
@@ -44,19 +46,15 @@ from moetrain.checkpoint.retention import (
     list_checkpoints,
 )
 from moetrain.checkpoint.storage import Store, open_store
-from moetrain.checkpoint.writer import (
-    AsyncCheckpointWriter,
-    CheckpointFuture,
-    SaveResult,
-    Snapshot,
-    snapshot,
-)
+from moetrain.checkpoint.snapshot import Snapshot, snapshot
+from moetrain.checkpoint.writer import AsyncCheckpointWriter, CheckpointFuture, SaveResult
 
 __all__ = [
     "AsyncCheckpointWriter", "BucketNotFoundError", "CheckpointError", "CheckpointFuture",
     "CheckpointInfo", "CheckpointRef", "CleanReport", "CorruptObjectError", "InvalidNameError",
     "Manifest", "NotCommittedError", "ObjectEntry", "ObjectNotFoundError", "SaveResult",
     "SerializationError", "Snapshot", "Store", "StoreAccessError", "StoreUnreachableError",
-    "VerifyReport", "apply_retention", "clean", "commit", "list_checkpoints", "load_objects",
-    "open_store", "read_latest", "read_manifest", "resolve", "snapshot", "verify",
+    "TornSnapshotError", "VerifyReport", "apply_retention", "clean", "commit",
+    "list_checkpoints", "load_objects", "open_store", "read_latest", "read_manifest",
+    "resolve", "snapshot", "verify",
 ]

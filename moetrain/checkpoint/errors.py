@@ -44,3 +44,7 @@ class SerializationError(CheckpointError):
 
 class InvalidNameError(CheckpointError, ValueError):
     """An object name, run name or step is not usable as a storage key."""
+
+
+class TornSnapshotError(CheckpointError):
+    """A tensor changed while an overlapped snapshot was copying it (the fence was not used)."""

@@ -1,13 +1,16 @@
 """One rank's checkpoint writer: snapshot at the step boundary, stream in the background.
 
-Owns: ``snapshot(objects)`` (detached, contiguous CPU copies of every tensor, taken in the
-training thread; the only part of a checkpoint that stalls training) and
-``AsyncCheckpointWriter``, which streams a snapshot's objects to
-``<root>/<run>/step-<N>/<name>`` on a background thread while training continues, and hands
-back per-object ``{name, size, sha256}`` entries for the driver's :func:`manifest.commit`.
+Owns: ``AsyncCheckpointWriter``, which streams a snapshot (see ``snapshot.py``) of a rank's
+objects to ``<root>/<run>/step-<N>/<name>`` on a background thread while training continues,
+and hands back per-object ``{name, size, sha256}`` entries for the driver's ``commit``.
 
 Rules:
 - at most one checkpoint in flight per writer: ``save()`` first waits for the previous one;
+- ``snapshot_mode="sync"`` (default): ``save()`` copies the tensors before returning (the only
+  stall); ``"overlap"``: the copy runs on the writer thread during the next forward/backward
+  and :meth:`~AsyncCheckpointWriter.fence` (installed as an optimizer step pre-hook) holds the
+  next ``optimizer.step()`` until it is done; a tensor changed too early fails the checkpoint
+  (``TornSnapshotError``) instead of storing a torn one;
 - objects of one checkpoint upload concurrently (``max_concurrency``, for many small expert
   objects) and each object's tensors are released as soon as it is stored;
 - ``async_upload=False`` writes in the calling thread without a snapshot copy;
@@ -25,83 +28,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 
 from moetrain.checkpoint.errors import CheckpointError, SerializationError
 from moetrain.checkpoint.format import write_state
 from moetrain.checkpoint.layout import ObjectEntry, check_name, check_run, check_step, step_prefix
+from moetrain.checkpoint.snapshot import Snapshot, snapshot, state_nbytes, tensor_versions
 from moetrain.checkpoint.storage import Store, open_store
 from moetrain.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "mark")
-
-
-# --------------------------------------------------------------------------------------------
-# Snapshot
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """Host-memory copy of one rank's objects, owned by the checkpoint (training may go on)."""
-
-    objects: dict[str, Any]  # object name -> state dict (CPU tensors, contiguous)
-    nbytes: int  # bytes of tensor / array data held
-    seconds: float = 0.0  # time the copy took
-
-
-def _copy(value: Any, counter: list[int]) -> Any:
-    if isinstance(value, torch.Tensor):
-        out = value.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-        counter[0] += out.numel() * out.element_size()
-        return out
-    if isinstance(value, np.ndarray):
-        counter[0] += value.nbytes
-        return np.array(value, copy=True, order="C")
-    if isinstance(value, dict):
-        return {k: _copy(v, counter) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v, counter) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_copy(v, counter) for v in value)
-    return value  # numbers, strings, bytes: immutable; anything else fails at serialisation
-
-
-def snapshot(objects: Mapping[str, Any]) -> Snapshot:
-    """Copy ``objects`` (name -> state dict of tensors and small values) to host memory.
-
-    Call it at the step boundary (after ``optimizer.step()``); training may then mutate its
-    tensors. Object names are validated here, in the caller's thread."""
-    start = time.perf_counter()
-    for name in objects:
-        check_name(name)
-    counter = [0]
-    copied = {}
-    for name, state in objects.items():
-        try:
-            copied[name] = _copy(state, counter)
-        except Exception as exc:  # e.g. a meta tensor: there is nothing to copy
-            raise SerializationError(f"snapshot of object {name!r} failed: {type(exc).__name__}: {exc}") from exc
-    if any(t.is_cuda for t in _tensors(objects)):
-        torch.cuda.synchronize()
-    return Snapshot(objects=copied, nbytes=counter[0], seconds=time.perf_counter() - start)
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
-def _state_nbytes(value: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(value))
+SNAPSHOT_MODES = ("sync", "overlap")
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,6 +110,9 @@ class _Job:
     objects: dict[str, Any]  # popped as they are written, so memory is released early
     snapshot_bytes: int = 0
     snapshot_s: float = 0.0
+    source: Mapping[str, Any] | None = None  # overlap mode: live tensors still to be copied
+    versions: dict[int, int] | None = None  # their version counters at request time
+    copied: threading.Event = field(default_factory=threading.Event)  # the fence
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, name: str) -> Any:
@@ -183,16 +124,20 @@ class AsyncCheckpointWriter:
     """Streams one rank's checkpoint objects to ``<store>/<run>/step-<N>/`` (see module doc)."""
 
     def __init__(self, store: Store, run: str, *, rank: int = 0, async_upload: bool = True,
-                 on_error: str = "raise", max_concurrency: int = 4) -> None:
+                 on_error: str = "raise", max_concurrency: int = 4,
+                 snapshot_mode: str = "sync") -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error ({on_error!r}) must be one of {ON_ERROR}")
+        if snapshot_mode not in SNAPSHOT_MODES:
+            raise ValueError(f"snapshot_mode ({snapshot_mode!r}) must be one of {SNAPSHOT_MODES}")
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency ({max_concurrency}) must be >= 1")
         self.store, self.run, self.rank = store, check_run(run), rank
-        self.async_upload, self.on_error = async_upload, on_error
+        self.async_upload, self.on_error, self.snapshot_mode = async_upload, on_error, snapshot_mode
         self._jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"ckpt-r{rank}")
         self._uploads = cf.ThreadPoolExecutor(max_concurrency, thread_name_prefix=f"ckpt-r{rank}-obj")
         self._pending: CheckpointFuture | None = None
+        self._job: _Job | None = None
 
     @classmethod
     def from_config(cls, cfg: CheckpointConfig, run: str, *, rank: int = 0,
@@ -219,25 +164,57 @@ class AsyncCheckpointWriter:
         return self._pending is not None and not self._pending.done()
 
     def save(self, step: int, objects: Mapping[str, Any] | Snapshot) -> CheckpointFuture:
-        """Start checkpoint ``step`` of this rank; returns once the snapshot is taken.
+        """Start checkpoint ``step`` of this rank.
 
-        Waits for the previous checkpoint first (at most one in flight). ``objects`` may be a
-        ready :class:`Snapshot` (used as is: the caller must not mutate it)."""
+        Returns once the snapshot is taken (``snapshot_mode="sync"``), at once (``"overlap"``:
+        call :meth:`fence` before mutating any tensor of ``objects``), or once everything is
+        stored (``async_upload=False``). Waits for the previous checkpoint first (at most one
+        in flight). ``objects`` may be a ready :class:`Snapshot` (the caller must not mutate it)."""
         check_step(step)
         self.wait()
-        if isinstance(objects, Snapshot):
-            job = _Job(step, dict(objects.objects), objects.nbytes, objects.seconds)
-        elif self.async_upload:
-            snap = snapshot(objects)
-            job = _Job(step, dict(snap.objects), snap.nbytes, snap.seconds)
-        else:  # synchronous: nothing runs while we write, no copy needed
-            job = _Job(step, {check_name(n): s for n, s in objects.items()})
+        job = self._make_job(step, objects)
         if not self.async_upload:
             fut = CheckpointFuture(_completed(self._run_job(job)), self.on_error)
             fut.result()  # "raise" mode raises here, in the caller
             return fut
+        self._job = job
         self._pending = CheckpointFuture(self._jobs.submit(self._run_job, job), self.on_error)
         return self._pending
+
+    def _make_job(self, step: int, objects: Mapping[str, Any] | Snapshot) -> _Job:
+        if isinstance(objects, Snapshot):
+            job = _Job(step, dict(objects.objects), objects.nbytes, objects.seconds)
+        elif not self.async_upload:  # nothing runs while we write: no copy needed
+            job = _Job(step, {check_name(n): s for n, s in objects.items()})
+        elif self.snapshot_mode == "overlap":
+            for name in objects:
+                check_name(name)
+            return _Job(step, {}, source=dict(objects), versions=tensor_versions(objects))
+        else:
+            snap = snapshot(objects)
+            job = _Job(step, dict(snap.objects), snap.nbytes, snap.seconds)
+        job.copied.set()
+        return job
+
+    def fence(self, timeout: float | None = None) -> float:
+        """Block until the in-flight checkpoint no longer reads training's tensors (its
+        overlapped snapshot is copied); returns the seconds waited. A no-op in sync mode."""
+        job = self._job
+        if job is None or job.copied.is_set():
+            return 0.0
+        start = time.perf_counter()
+        if not job.copied.wait(timeout):
+            raise CheckpointError(f"checkpoint step {job.step} rank {self.rank}: snapshot copy "
+                                  f"not done after {timeout}s")
+        return time.perf_counter() - start
+
+    def install_fence(self, optimizer: torch.optim.Optimizer):
+        """Run :meth:`fence` before every ``optimizer.step()``; returns the hook handle.
+
+        Install it before any other step pre-hook that changes saved tensors."""
+        def hook(*_: Any) -> None:  # a step pre-hook must return None
+            self.fence()
+        return optimizer.register_step_pre_hook(hook)
 
     def wait(self, timeout: float | None = None) -> SaveResult | None:
         """Block until the in-flight checkpoint (if any) is stored; its result, or None.
@@ -258,6 +235,15 @@ class AsyncCheckpointWriter:
             self._uploads.shutdown(wait=True)
 
     # ---- background side -------------------------------------------------------------
+    def _copy_source(self, job: _Job) -> None:
+        """Overlap mode: take the snapshot on this thread, then release the fence."""
+        try:
+            snap = snapshot(job.source, versions=job.versions)
+            job.objects, job.snapshot_bytes, job.snapshot_s = dict(snap.objects), snap.nbytes, snap.seconds
+        finally:
+            job.source = job.versions = None
+            job.copied.set()
+
     def _write_one(self, job: _Job, name: str) -> ObjectEntry:
         state = job.take(name)
         key = f"{step_prefix(self.run, job.step)}/{name}"
@@ -272,16 +258,22 @@ class AsyncCheckpointWriter:
 
     def _run_job(self, job: _Job) -> tuple[SaveResult, CheckpointError | None]:
         start = time.perf_counter()
-        names = sorted(job.objects, key=lambda n: -_state_nbytes(job.objects[n]))
-        futures = {self._uploads.submit(self._write_one, job, n): n for n in names}
-        cf.wait(futures)
-        entries, failures = [], []
-        for fut, name in futures.items():
-            exc = fut.exception()
-            if exc is None:
-                entries.append(fut.result())
-            else:
-                failures.append((name, exc))
+        failures: list[tuple[str, BaseException]] = []
+        entries: list[ObjectEntry] = []
+        try:
+            if job.source is not None:
+                self._copy_source(job)
+        except CheckpointError as exc:
+            failures.append(("(snapshot)", exc))
+        if not failures:
+            names = sorted(job.objects, key=lambda n: -state_nbytes(job.objects[n]))
+            futures = {self._uploads.submit(self._write_one, job, n): n for n in names}
+            cf.wait(futures)
+            for fut, name in futures.items():
+                if fut.exception() is None:
+                    entries.append(fut.result())
+                else:
+                    failures.append((name, fut.exception()))
         base = dict(step=job.step, rank=self.rank, snapshot_bytes=job.snapshot_bytes,
                     snapshot_s=job.snapshot_s, upload_s=time.perf_counter() - start)
         if not failures:

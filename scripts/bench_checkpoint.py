@@ -1,0 +1,330 @@
+"""Benchmark of moetrain.checkpoint: training stall, upload throughput, restore, snapshot memory.
+
+A model of large Linear layers (or ``--transformer``: moetrain.model.Transformer with big dims)
+trains with AdamW on CPU. For a local directory and for an S3-protocol server (moto, started
+here as a subprocess on 127.0.0.1 so it does not share our GIL), it measures:
+
+- stall: time of the step that takes the snapshot minus the median normal step, as a share of
+  that step (target <= 5%); the upload then overlaps the following steps, whose slowdown is
+  reported too (2 cores are shared by training, serialisation and, for S3, the server);
+- upload MB/s of the writer (no training running, one object at a time and concurrent) vs a
+  raw pyarrow ``open_output_stream`` write of the same bytes to the same place, same run
+  (target >= 80%);
+- restore: resolve latest + read + sha256 + decode + copy into model and optimizer;
+- peak extra host memory (RSS sampled every 5 ms) vs the snapshot's bytes;
+- serialisation alone: the MTCKPT format vs ``torch.save`` into the same hashing sink.
+
+Prints a table, then one JSON line. ``--quick`` shrinks everything for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moetrain.checkpoint import (  # noqa: E402
+    AsyncCheckpointWriter, apply_retention, commit, load_objects, open_store, resolve)
+from moetrain.checkpoint.format import write_state  # noqa: E402
+from moetrain.config import CheckpointConfig  # noqa: E402
+
+MB = 1e6
+
+
+# ---- model ----------------------------------------------------------------------------------
+
+
+def build_model(args) -> tuple[nn.Module, callable]:
+    """(model, batch_fn) where batch_fn() -> loss of one forward."""
+    torch.manual_seed(0)
+    if args.transformer:
+        from moetrain.config import ModelConfig, MoEConfig
+        from moetrain.model.transformer import Transformer
+        cfg = ModelConfig(vocab_size=4096, dim=args.dim // 2, n_layers=args.layers, n_heads=8,
+                          ffn_dim=args.dim, max_seq_len=256,
+                          moe=MoEConfig(num_experts=8, top_k=2, expert_ffn_dim=args.dim // 2))
+        model = Transformer(cfg, seed=0)
+        tokens = torch.randint(0, cfg.vocab_size, (max(1, args.batch // 256), 256))
+
+        def loss_fn():
+            logits, _ = model(tokens[:, :-1])
+            return nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        return model, loss_fn
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(args.dim, args.dim), nn.GELU())
+                            for _ in range(args.layers)])
+    x = torch.randn(args.batch, args.dim)
+
+    def loss_fn():
+        return model(x).pow(2).mean()
+    return model, loss_fn
+
+
+def train_step(model, opt, loss_fn) -> float:
+    start = time.perf_counter()
+    loss = loss_fn()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def checkpoint_objects(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """One object per top-level child (weights + its AdamW state), like one expert per object."""
+    objs = {}
+    for name, child in model.named_children():
+        params = dict(child.named_parameters())
+        key = f"experts/layer-{name}/expert-0" if not isinstance(child, nn.ModuleList) else f"dense/{name}"
+        objs[key] = {"params": params,
+                     "optim": {n: dict(opt.state[p]) for n, p in params.items() if p in opt.state}}
+    objs["rng/rank-0"] = {"torch": torch.get_rng_state()}
+    return objs
+
+
+def restore_into(model: nn.Module, opt, loaded: dict) -> None:
+    with torch.no_grad():
+        for name, child in model.named_children():
+            key = f"experts/layer-{name}/expert-0" if not isinstance(child, nn.ModuleList) else f"dense/{name}"
+            for pname, p in child.named_parameters():
+                p.copy_(loaded[key]["params"][pname])
+                for k, v in loaded[key]["optim"].get(pname, {}).items():
+                    opt.state[p][k].copy_(v)
+
+
+# ---- measuring helpers ----------------------------------------------------------------------
+
+
+class RssPeak:
+    """Samples this process's resident memory every 5 ms in a thread; ``peak`` in bytes."""
+
+    def __init__(self) -> None:
+        self.peak = self.start = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __enter__(self) -> "RssPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _NullHashSink:
+    def __init__(self) -> None:
+        self.sha, self.n = hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.n += memoryview(b).nbytes
+        return memoryview(b).nbytes
+
+    def flush(self) -> None:  # torch.save needs it
+        pass
+
+
+def serialise_speeds(objs: dict) -> dict:
+    """MB/s of MTCKPT vs torch.save into a hashing sink (no I/O)."""
+    out = {}
+    for label, fn in (("mtckpt", lambda s, v: write_state(s, v)), ("torch_save", lambda s, v: torch.save(v, s))):
+        sink, start = _NullHashSink(), time.perf_counter()
+        for state in objs.values():
+            fn(sink, state)
+        out[label] = sink.n / MB / (time.perf_counter() - start)
+    return out
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for _ in range(200):
+        try:
+            client.create_bucket(Bucket="bench")
+            return proc, endpoint
+        except Exception:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("moto_server did not start")
+
+
+# ---- one backend ----------------------------------------------------------------------------
+
+
+def bench_during_training(store, model, opt, loss_fn, base_step_s: float, step0: int, mode: str) -> dict:
+    """Checkpoint at one step while training continues; stall and overlapped slowdown.
+
+    stall = (save step - median step) + time the next optimizer.step() waited at the fence
+    (overlap mode only)."""
+    probe = next(iter(model.parameters()))
+    fence_wait = [0.0]
+    with RssPeak() as rss, AsyncCheckpointWriter(store, "bench", snapshot_mode=mode) as writer:
+        hook = opt.register_step_pre_hook(lambda *_: fence_wait.__setitem__(0, fence_wait[0] + writer.fence()))
+        start = time.perf_counter()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        expected = probe.detach().clone()
+        fut = writer.save(step0, checkpoint_objects(model, opt))
+        save_step_s = time.perf_counter() - start
+        overlapped = [train_step(model, opt, loss_fn)]
+        while not fut.done():
+            overlapped.append(train_step(model, opt, loss_fn))
+        result = fut.result()
+        hook.remove()
+    commit(store, "bench", step0, [result], meta={"step": step0})
+    apply_retention(store, "bench", keep=1)
+    stall = max(0.0, save_step_s - base_step_s) + fence_wait[0]
+    return {"stall_s": stall, "stall_share": stall / base_step_s, "save_step_s": save_step_s,
+            "fence_wait_s": fence_wait[0], "snapshot_s": result.snapshot_s,
+            "snapshot_mb": result.snapshot_bytes / MB, "rss_extra_mb": (rss.peak - rss.start) / MB,
+            "async_upload_mbps": result.mb_per_s, "overlapped_steps": len(overlapped),
+            "overlapped_slowdown": statistics.mean(overlapped) / base_step_s - 1,
+            "bytes": result.bytes_written, "expected": expected}
+
+
+def bench_throughput(store, objs: dict, step: int) -> dict:
+    """Writer (no training) vs raw pyarrow writes of the same bytes, same store."""
+    out = {}
+    for conc in (1, 4):
+        with AsyncCheckpointWriter(store, "tput", async_upload=False, max_concurrency=conc) as w:
+            res = w.save(step + conc, objs).result()
+        out[f"writer_c{conc}_mbps"] = res.mb_per_s
+    blobs = []
+    for name, state in objs.items():
+        buf = io.BytesIO()
+        write_state(buf, state)
+        blobs.append((f"raw/{name}", buf.getvalue()))
+    start = time.perf_counter()
+    for key, data in blobs:
+        path = store.path(key)
+        if store.kind == "local":
+            store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with store.fs.open_output_stream(path) as f:
+            f.write(data)
+    out["raw_mbps"] = sum(len(d) for _, d in blobs) / MB / (time.perf_counter() - start)
+    store.delete_prefix("raw")
+    store.delete_prefix("tput")
+    return out
+
+
+def bench_restore(store, cfg: CheckpointConfig, model, opt, expected: torch.Tensor) -> dict:
+    start = time.perf_counter()
+    ref = resolve("latest", cfg, run="bench", store=store)
+    from moetrain.checkpoint import read_manifest
+    manifest = read_manifest(ref)
+    loaded = load_objects(ref, manifest.names, manifest=manifest)
+    read_s = time.perf_counter() - start
+    restore_into(model, opt, loaded)
+    total = time.perf_counter() - start
+    ok = torch.equal(next(iter(model.parameters())).detach(), expected)
+    return {"restore_s": total, "restore_read_mbps": manifest.total_bytes / MB / read_s, "restore_exact": ok}
+
+
+def run_backend(kind: str, uri: str, cfg: CheckpointConfig, model, opt, loss_fn, base_step_s) -> list[dict]:
+    """One row per snapshot mode; throughput and restore are shared by both rows."""
+    store = open_store(uri, cfg)
+    rows = []
+    for i, mode in enumerate(("sync", "overlap")):
+        during = bench_during_training(store, model, opt, loss_fn, base_step_s, 100 + i, mode)
+        rows.append({"backend": kind, "snapshot_mode": mode, **during})
+    tput = bench_throughput(store, checkpoint_objects(model, opt), step=200)
+    restore = bench_restore(store, cfg, model, opt, rows[-1].pop("expected"))
+    rows[0].pop("expected")
+    for row in rows:
+        row.update(tput, **restore, upload_vs_raw=tput["writer_c1_mbps"] / tput["raw_mbps"])
+    return rows
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--batch", type=int, default=1024, help="rows per step (tokens for --transformer)")
+    p.add_argument("--transformer", action="store_true", help="use moetrain.model.Transformer")
+    p.add_argument("--backends", default="local,s3")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = p.parse_args()
+    if args.quick:
+        args.dim, args.layers, args.batch = 256, 2, 64
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+
+    model, loss_fn = build_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train_step(model, opt, loss_fn)  # warm-up, creates the AdamW state
+    base = statistics.median(train_step(model, opt, loss_fn) for _ in range(3))
+    objs = checkpoint_objects(model, opt)
+    ser = serialise_speeds(objs)
+    del objs
+
+    rows, tmp, moto = [], tempfile.mkdtemp(prefix="bench-ckpt-"), None
+    try:
+        for kind in args.backends.split(","):
+            if kind == "local":
+                uri, cfg = f"{tmp}/ckpt", CheckpointConfig()
+            else:
+                moto, endpoint = start_moto()
+                uri, cfg = "s3://bench/ckpt", CheckpointConfig(s3_endpoint=endpoint, s3_region="us-east-1")
+            rows.extend(run_backend(kind, uri, cfg, model, opt, loss_fn, base))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moto is not None:
+            moto.kill()
+
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"model: {nparams / 1e6:.1f} M params, checkpoint {rows[0]['bytes'] / MB:.0f} MB "
+          f"(weights + AdamW state), median step {base * 1e3:.0f} ms, torch threads {torch.get_num_threads()}")
+    print(f"serialise only (hashing sink, no I/O): MTCKPT {ser['mtckpt']:.0f} MB/s, torch.save {ser['torch_save']:.0f} MB/s")
+    cols = [("backend", "{}"), ("snapshot_mode", "{}"), ("stall_s", "{:.3f}"), ("stall_share", "{:.1%}"), ("snapshot_s", "{:.3f}"), ("fence_wait_s", "{:.3f}"),
+            ("overlapped_slowdown", "{:+.0%}"), ("async_upload_mbps", "{:.0f}"), ("raw_mbps", "{:.0f}"),
+            ("writer_c1_mbps", "{:.0f}"), ("writer_c4_mbps", "{:.0f}"), ("upload_vs_raw", "{:.0%}"),
+            ("restore_s", "{:.2f}"), ("restore_read_mbps", "{:.0f}"), ("snapshot_mb", "{:.0f}"),
+            ("rss_extra_mb", "{:.0f}")]
+    widths = [max(len(c), 9) for c, _ in cols]
+    print("  ".join(c.ljust(w) for (c, _), w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(f.format(r[c]).ljust(w) for (c, f), w in zip(cols, widths)))
+    summary = {"params_m": nparams / 1e6, "checkpoint_mb": rows[0]["bytes"] / MB, "step_s": base,
+               "serialise_mbps": ser, "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

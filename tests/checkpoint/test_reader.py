@@ -1,0 +1,115 @@
+"""Resolving, verifying (bad objects named) and loading only what a rank hosts."""
+
+from __future__ import annotations
+
+import pytest
+
+from moetrain.checkpoint import (
+    AsyncCheckpointWriter,
+    CorruptObjectError,
+    InvalidNameError,
+    NotCommittedError,
+    ObjectNotFoundError,
+    commit,
+    load_objects,
+    read_manifest,
+    resolve,
+    verify,
+)
+from moetrain.checkpoint.cli import ckpt_clean, ckpt_inspect, ckpt_list, ckpt_verify
+from moetrain.checkpoint.layout import CheckpointRef
+from moetrain.checkpoint.reader import split_uri
+
+from .helpers import assert_same, make_objects
+
+
+def _commit(store, step, run="run", ranks=2):
+    objs, results = {}, []
+    for r in range(ranks):
+        o = make_objects(rank=r, experts=2, dim=8, seed=step)
+        objs.update(o)
+        with AsyncCheckpointWriter(store, run, rank=r) as w:
+            results.append(w.save(step, o).result())
+    commit(store, run, step, results, meta={"step": step, "losses": [3.0, 2.5], "config": {"a": 1}})
+    return objs
+
+
+def _flip_byte(store, key, at=-1):
+    data = bytearray(store.read_bytes(key))
+    data[at] ^= 0x01
+    store.write_bytes(key, bytes(data))
+
+
+def test_corrupt_and_missing_objects_are_named(store):
+    objs = _commit(store, 2)
+    ref = CheckpointRef(store, "run", 2)
+    _flip_byte(store, ref.key("experts/layer-0/expert-1"))
+    store.delete(ref.key("rng/rank-1"))
+    report = verify(ref)
+    assert not report.ok
+    assert report.corrupt == ("experts/layer-0/expert-1",) and report.missing == ("rng/rank-1",)
+    assert report.checked == len(objs) - 2
+    assert any("expert-1" in p and "sha256" in p for p in report.problems)
+    shallow = verify(ref, deep=False)  # sizes only: the flipped byte goes unnoticed
+    assert shallow.missing == ("rng/rank-1",) and shallow.corrupt == ()
+    with pytest.raises(CorruptObjectError, match="experts/layer-0/expert-1.*sha256"):
+        load_objects(ref, ["dense/rank-0", "experts/layer-0/expert-1"])
+    with pytest.raises(ObjectNotFoundError, match="rng/rank-1"):
+        load_objects(ref, ["rng/rank-1"])
+    rank0 = load_objects(ref, ["dense/rank-0", "experts/layer-0/expert-0"])  # intact ones load
+    assert_same(objs["dense/rank-0"], rank0["dense/rank-0"])
+
+
+def test_unknown_names_and_uncommitted_checkpoints(store):
+    _commit(store, 1)
+    ref = CheckpointRef(store, "run", 1)
+    with pytest.raises(ObjectNotFoundError, match="experts/layer-7/expert-0"):
+        load_objects(ref, ["dense/rank-0", "experts/layer-7/expert-0"])
+    with AsyncCheckpointWriter(store, "run") as w:
+        w.save(2, make_objects()).result()  # written, never committed
+    uncommitted = CheckpointRef(store, "run", 2)
+    with pytest.raises(NotCommittedError, match="step-2"):
+        read_manifest(uncommitted)
+    assert not verify(uncommitted).ok and "manifest" in verify(uncommitted).problems[0]
+
+
+def test_resolve_forms(store, backend):
+    _commit(store, 1)
+    _commit(store, 3)
+    run_uri = f"{backend.uri}/run"
+    assert resolve(run_uri, backend.cfg).step == 3
+    assert resolve(f"{run_uri}/latest", backend.cfg).step == 3
+    assert resolve(f"{run_uri}/step-1", backend.cfg).step == 1
+    assert resolve("latest", backend.cfg, run="run").step == 3
+    store.delete("run/latest")  # pointer lost: fall back to the newest manifest
+    assert resolve(run_uri, backend.cfg).step == 3
+    with pytest.raises(NotCommittedError, match="other"):
+        resolve(f"{backend.uri}/other", backend.cfg)
+
+
+def test_split_uri():
+    assert split_uri("s3://b/p/run/step-12") == ("s3://b/p", "run", 12)
+    assert split_uri("s3://b/run/latest") == ("s3://b", "run", None)
+    assert split_uri("/abs/ckpt/run/") == ("/abs/ckpt", "run", None)
+    with pytest.raises(InvalidNameError):
+        split_uri("s3://bucket-only")
+
+
+def test_cli_functions_return_data_and_tables(store, backend):
+    _commit(store, 1)
+    _commit(store, 2)
+    with AsyncCheckpointWriter(store, "run") as w:
+        w.save(0, make_objects()).result()  # uncommitted leftover
+    infos, table = ckpt_list(backend.uri, backend.cfg)
+    assert [(i.step, i.committed) for i in infos] == [(0, False), (1, True), (2, True)]
+    assert table.splitlines()[0].split()[:4] == ["run", "step", "committed", "size"]
+    assert ckpt_list(f"{backend.uri}/run", backend.cfg)[0] == infos
+    assert [i.step for i in ckpt_list(f"{backend.uri}/run/step-2", backend.cfg)[0]] == [2]
+    report, text = ckpt_verify(f"{backend.uri}/run", backend.cfg)
+    assert report.ok and report.step == 2 and "OK - 8 objects" in text
+    info, text = ckpt_inspect(f"{backend.uri}/run/step-1", backend.cfg)
+    assert info["groups"]["experts"]["objects"] == 4 and info["world_size"] == 2
+    assert "losses" in text and "[2 items] last=2.5" in text
+    cleaned, text = ckpt_clean(f"{backend.uri}/run", backend.cfg, keep=1)
+    assert (cleaned.kept, cleaned.deleted, cleaned.garbage) == ((2,), (1,), (0,))
+    assert [i.step for i in ckpt_list(backend.uri, backend.cfg)[0]] == [2]

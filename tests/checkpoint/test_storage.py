@@ -1,0 +1,149 @@
+"""Store: atomic streamed writes with checksums, reads, listing, typed errors (local and S3)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+
+import pytest
+
+from moetrain.checkpoint import (
+    BucketNotFoundError,
+    CheckpointError,
+    InvalidNameError,
+    ObjectNotFoundError,
+    StoreAccessError,
+    StoreUnreachableError,
+    open_store,
+)
+from moetrain.checkpoint.storage import TMP_MARK, classify_os_error, redact_uri
+from moetrain.config import CheckpointConfig
+
+
+def test_write_reports_size_and_sha256_of_what_was_stored(store):
+    data = os.urandom(3 * (1 << 20) + 17)
+    res = store.write_atomic("run/step-1/a", lambda sink: [sink.write(data[:100]), sink.write(data[100:])])
+    assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.read_bytes("run/step-1/a") == data
+    assert [(f.key, f.size) for f in store.list_files("run")] == [("run/step-1/a", len(data))]
+    assert store.exists("run/step-1/a") and not store.exists("run/step-1/b")
+
+
+def test_overwrite_replaces_the_object(store):
+    store.write_bytes("k", b"old")
+    store.write_bytes("k", b"new!")
+    assert store.read_bytes("k") == b"new!"
+
+
+def test_failing_producer_leaves_no_object_and_no_temporary(store):
+    store.write_bytes("run/step-1/x", b"previous")
+
+    def produce(sink):
+        sink.write(os.urandom(6 << 20))  # a multipart upload is under way on S3
+        raise ValueError("serialiser broke halfway")
+
+    with pytest.raises(ValueError, match="halfway"):
+        store.write_atomic("run/step-1/x", produce)
+    with pytest.raises(ValueError):
+        store.write_atomic("run/step-1/y", produce)
+    assert store.read_bytes("run/step-1/x") == b"previous"
+    keys = [f.key for f in store.list_files("run")]
+    assert keys == ["run/step-1/x"], keys
+    assert not any(TMP_MARK in k for k in keys)
+
+
+def test_missing_object_is_named(store):
+    with pytest.raises(ObjectNotFoundError, match="run/step-9/nope"):
+        store.read_bytes("run/step-9/nope")
+
+
+def test_delete_prefix_and_listing_dirs(store):
+    for key in ("r/step-1/a", "r/step-1/b/c", "r/step-2/a"):
+        store.write_bytes(key, b"1")
+    assert store.list_dir("r") == ["step-1", "step-2"]
+    store.delete_prefix("r/step-1")
+    assert [f.key for f in store.list_files("r")] == ["r/step-2/a"]
+    store.delete("r/step-2/a")
+    store.delete("r/step-2/a")  # idempotent
+    assert store.list_files("r") == []
+    with pytest.raises(InvalidNameError):
+        store.delete_prefix("")
+
+
+def test_relative_local_path_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    store = open_store("rel/ckpt")
+    assert store.uri == str(tmp_path / "rel" / "ckpt") and store.kind == "local"
+    store.write_bytes("a/b", b"x")
+    assert (tmp_path / "rel" / "ckpt" / "a" / "b").read_bytes() == b"x"
+
+
+def test_local_root_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        open_store(str(tmp_path / "f"))
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.s3
+def test_unreachable_store_fails_fast_with_typed_error(s3_server):
+    cfg = CheckpointConfig(s3_endpoint=f"http://127.0.0.1:{_closed_port()}", max_retries=2)
+    start = time.perf_counter()
+    with pytest.raises(StoreUnreachableError, match=r"s3://bkt/ckpt.*after 3 attempts"):
+        open_store("s3://bkt/ckpt", cfg, connect_timeout_s=0.5, backoff_s=0.01)
+    assert time.perf_counter() - start < 5.0
+
+
+@pytest.mark.s3
+def test_bad_credentials_give_access_error(s3_server, s3_iam_auth, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-not-a-real-secret")
+    cfg = CheckpointConfig(s3_endpoint=s3_server.endpoint, max_retries=3)
+    start = time.perf_counter()
+    with s3_iam_auth():
+        with pytest.raises(StoreAccessError, match=f"s3://{s3_server.bucket}/ckpt") as err:
+            open_store(s3_server.uri("ckpt"), cfg, backoff_s=0.01)
+    assert time.perf_counter() - start < 5.0  # not retried: credentials do not heal
+    assert "wJalrXUtnFEMI" not in str(err.value)
+
+
+@pytest.mark.s3
+def test_missing_bucket_is_named(s3_server):
+    cfg = CheckpointConfig(s3_endpoint=s3_server.endpoint)
+    with pytest.raises(BucketNotFoundError, match="'no-such-bucket'"):
+        open_store("s3://no-such-bucket/ckpt", cfg)
+    store = open_store("s3://no-such-bucket/ckpt", cfg, probe=False)
+    with pytest.raises(BucketNotFoundError, match="s3://no-such-bucket/ckpt/k"):
+        store.write_bytes("k", b"x")
+
+
+@pytest.mark.s3
+def test_store_repr_and_errors_carry_no_secrets(s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SuperSecretValue123")
+    store = open_store(s3_server.uri("p"), CheckpointConfig(s3_endpoint=s3_server.endpoint))
+    assert "SuperSecret" not in repr(store) and "testing" not in repr(store)
+    assert repr(store).startswith(f"Store(uri='s3://{s3_server.bucket}/p'")
+    with pytest.raises(InvalidNameError, match="AWS_"):
+        open_store("s3://bkt/p?secret_key=SuperSecretValue123", CheckpointConfig())
+
+
+def test_redaction_and_error_classification():
+    assert redact_uri("s3://AKIA:secret@bkt/p?secret_key=x") == "s3://bkt/p"
+    assert redact_uri("/local/path") == "/local/path"
+    cases = {
+        "AWS Error NETWORK_CONNECTION during HeadBucket: curlCode: 7": (StoreUnreachableError, True),
+        "AWS Error ACCESS_DENIED during HeadBucket operation": (StoreAccessError, False),
+        "AWS Error NO_SUCH_BUCKET during CreateMultipartUpload": (BucketNotFoundError, False),
+        "AWS Error SLOW_DOWN during PutObject": (StoreUnreachableError, True),
+        "disk quota exceeded": (CheckpointError, False),
+    }
+    for text, expected in cases.items():
+        assert classify_os_error(OSError(text)) == expected, text
+    assert classify_os_error(FileNotFoundError("x")) == (ObjectNotFoundError, False)

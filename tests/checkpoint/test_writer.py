@@ -1,0 +1,179 @@
+"""Snapshot + async writer + commit + load, end to end on a local dir and on S3."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from moetrain.checkpoint import (
+    AsyncCheckpointWriter,
+    CheckpointError,
+    InvalidNameError,
+    SerializationError,
+    Snapshot,
+    commit,
+    load_objects,
+    open_store,
+    read_latest,
+    resolve,
+    snapshot,
+    verify,
+)
+from moetrain.checkpoint.storage import TMP_MARK
+from moetrain.config import CheckpointConfig
+
+from .helpers import assert_same, make_objects
+
+
+def test_round_trip_of_two_ranks_with_checksums(store):
+    objs = [make_objects(rank=r, experts=3) for r in range(2)]
+    results = []
+    for r in range(2):
+        with AsyncCheckpointWriter(store, "run", rank=r) as w:
+            results.append(w.save(5, objs[r]).result())
+    assert all(res.ok for res in results)
+    assert {e.name for e in results[1].entries} == set(objs[1])
+    manifest = commit(store, "run", 5, results, meta={"step": 5, "losses": [2.5, 2.1]})
+    assert manifest.world_size == 2 and len(manifest.entries) == 10
+    ref = resolve("latest", store=store, run="run")
+    assert ref.step == 5 and verify(ref).ok
+    for r in range(2):  # each rank reads only what it hosts
+        loaded = load_objects(ref, sorted(objs[r]))
+        for name in objs[r]:
+            assert_same(objs[r][name], loaded[name], name)
+
+
+def test_snapshot_is_detached_from_training(store):
+    w_DD = torch.nn.Parameter(torch.ones(4, 4))
+    snap = snapshot({"dense/rank-0": {"w": w_DD}})
+    with torch.no_grad():
+        w_DD.add_(1.0)  # the next optimizer step
+    assert snap.nbytes == 64 and not snap.objects["dense/rank-0"]["w"].requires_grad
+    assert torch.equal(snap.objects["dense/rank-0"]["w"], torch.ones(4, 4))
+    with pytest.raises(InvalidNameError, match="'../escape'"):
+        snapshot({"../escape": {}})
+
+
+@pytest.mark.s3
+def test_async_save_returns_long_before_the_upload_ends(s3_server):
+    cfg = CheckpointConfig(s3_endpoint=s3_server.endpoint, s3_region=s3_server.region)
+    store = open_store(s3_server.uri("async"), cfg)
+    objs = {f"dense/rank-0/part-{i}": {"w": torch.randn(1 << 20)} for i in range(8)}  # 32 MB
+    with AsyncCheckpointWriter(store, "run") as w:
+        start = time.perf_counter()
+        fut = w.save(1, objs)
+        save_s = time.perf_counter() - start
+        ticks = 0
+        while not fut.done():  # the training thread keeps working meanwhile
+            ticks += 1
+            time.sleep(0.005)
+        total_s = time.perf_counter() - start
+        result = fut.result()
+    assert result.ok and result.bytes_written > 32e6
+    assert save_s < 0.2 * total_s, (save_s, total_s)
+    assert ticks > 10
+
+
+def test_one_checkpoint_in_flight_per_rank(store):
+    with AsyncCheckpointWriter(store, "run") as w:
+        first = w.save(1, make_objects(experts=4, dim=64))
+        assert w.in_flight or first.done()
+        second = w.save(2, make_objects(experts=4, dim=64, seed=1))
+        assert first.done()  # save() waited for the previous checkpoint
+        assert second.result().ok
+        assert w.wait().step == 2 and w.wait() is None
+
+
+def _failing_snapshot(objs):
+    """A snapshot whose last object raises while its bytes are streamed (a meta tensor has a
+    shape and dtype, so the header goes out, but no data)."""
+    objs = dict(objs)
+    objs["experts/layer-0/expert-9"] = {"w": torch.randn(1 << 20), "bad": torch.empty(64, device="meta")}
+    return Snapshot(objects=objs, nbytes=0)
+
+
+def test_failed_upload_keeps_previous_checkpoint_and_latest(store):
+    with AsyncCheckpointWriter(store, "run") as w:
+        commit(store, "run", 1, [w.save(1, make_objects()).result()])
+        fut = w.save(2, _failing_snapshot(make_objects(seed=2)))
+        with pytest.raises(SerializationError, match=r"step-2/experts/layer-0/expert-9"):
+            fut.result()
+    keys = [f.key for f in store.list_files("run/step-2")]
+    assert "run/step-2/experts/layer-0/expert-9" not in keys
+    assert not any(TMP_MARK in k for k in keys), keys
+    assert read_latest(store, "run") == 1 and verify(resolve("latest", store=store, run="run")).ok
+
+
+def test_on_error_mark_reports_without_raising(store, caplog):
+    with AsyncCheckpointWriter(store, "run", on_error="mark") as w:
+        result = w.save(3, _failing_snapshot(make_objects())).result()
+        assert not result.ok and result.error_type == "SerializationError"
+        assert "expert-9" in result.error
+        assert w.save(4, make_objects()).result().ok  # training goes on; next checkpoint works
+    assert "checkpoint failed" in caplog.text
+    with pytest.raises(CheckpointError, match="rank 0 failed"):
+        commit(store, "run", 3, [result])
+    assert read_latest(store, "run") is None
+
+
+def test_synchronous_mode_writes_in_the_caller(store):
+    objs = make_objects()
+    w = AsyncCheckpointWriter(store, "run", async_upload=False)
+    caller = threading.get_ident()
+    fut = w.save(7, objs)
+    assert fut.done() and fut.result().ok and threading.get_ident() == caller
+    assert {e.name for e in fut.result().entries} == set(objs)
+    with pytest.raises(SerializationError, match="expert-9"):
+        w.save(8, _failing_snapshot(objs))
+    w.close()
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return model, opt
+
+
+def _step(model, opt):
+    model(torch.randn(8, 512)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _objects(model, opt):
+    return {"dense/rank-0": {"model": model.state_dict(), "optim": opt.state_dict()}}
+
+
+def test_overlapped_snapshot_with_fence_stores_the_requested_step(store):
+    model, opt = _model_and_optimizer()
+    _step(model, opt)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with AsyncCheckpointWriter(store, "run", snapshot_mode="overlap") as w:
+        w.install_fence(opt)
+        fut = w.save(1, _objects(model, opt))
+        _step(model, opt)  # optimizer.step() waits for the copy, then changes the weights
+        _step(model, opt)
+        assert fut.result().ok and fut.result().snapshot_bytes > 3 * 4 * 512 * 512
+    commit(store, "run", 1, [fut.result()])
+    loaded = load_objects(resolve("latest", store=store, run="run"), ["dense/rank-0"])["dense/rank-0"]
+    assert_same(expected, loaded["model"])
+    assert not torch.equal(model.state_dict()["0.weight"], expected["0.weight"])
+
+
+def test_overlapped_snapshot_without_fence_fails_instead_of_tearing(store):
+    model, opt = _model_and_optimizer()
+    _step(model, opt)
+    big = {f"part-{i}": torch.randn(1 << 20) for i in range(16)}  # 64 MB copied first
+    objs = {"a/big": big, **_objects(model, opt)}
+    with AsyncCheckpointWriter(store, "run", snapshot_mode="overlap", on_error="mark") as w:
+        w.save(1, objs)
+        with torch.no_grad():
+            model[3].bias.add_(1.0)  # no fence: changed before the copy reaches it
+        result = w.wait()
+    assert not result.ok and result.error_type == "TornSnapshotError"
+    assert "dense/rank-0['model']['3.bias']" in result.error and "fence" in result.error
+    assert store.list_files("run/step-1") == []

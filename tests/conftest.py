@@ -1,0 +1,78 @@
+"""Fixtures shared by every test package.
+
+- ``s3_server`` (session): a real S3-protocol server (moto's ``ThreadedMotoServer``) on
+  127.0.0.1, a free port, one bucket, dummy credentials in the environment and the EC2
+  metadata probe disabled. Tests that use it are marked ``s3``.
+- ``s3_iam_auth``: a context manager that makes that server check credentials (moto accepts
+  any key otherwise), for bad-credentials tests.
+
+Keep this file to fixtures several packages need; package-specific ones go in the package's
+own ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.request
+from dataclasses import dataclass
+from typing import Iterator
+
+import pytest
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str  # "http://127.0.0.1:<port>"
+    bucket: str
+    region: str = "us-east-1"
+
+    def uri(self, prefix: str) -> str:
+        return f"s3://{self.bucket}/{prefix}"
+
+    def client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    moto_server = pytest.importorskip("moto.server")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe 169.254.169.254
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.delenv("AWS_SESSION_TOKEN", raising=False)
+        mp.delenv("AWS_PROFILE", raising=False)
+        mp.delenv("AWS_ENDPOINT_URL", raising=False)
+        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        mp.setenv("AWS_REGION", "us-east-1")
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        s3 = S3Server(endpoint=f"http://{host}:{port}", bucket="moetrain-test")
+        s3.client().create_bucket(Bucket=s3.bucket)
+        try:
+            yield s3
+        finally:
+            server.stop()
+
+
+def _reset_auth(endpoint: str, count: str) -> None:
+    req = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                                 headers={"Content-Type": "text/plain"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        json.load(resp)
+
+
+@pytest.fixture
+def s3_iam_auth(s3_server: S3Server):
+    """``with s3_iam_auth(): ...`` makes the server reject unknown credentials inside."""
+    @contextlib.contextmanager
+    def enforce() -> Iterator[None]:
+        _reset_auth(s3_server.endpoint, "0")
+        try:
+            yield
+        finally:
+            _reset_auth(s3_server.endpoint, "inf")
+    return enforce
