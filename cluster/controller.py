@@ -81,6 +81,7 @@ class Controller:
         self.val_last: dict = {}
         self.telemetry = Telemetry(cfg)
         self.ckpt = checkpointing.Coordinator(cfg, self.telemetry)
+        self.replanner = replacement.Replanner(cfg) if cfg.placement.replan_every > 0 else None
         self.on_step = on_step
         self._stop_requested = False
         self._t_start = 0.0
@@ -122,14 +123,19 @@ class Controller:
             self.val_last = self.group.call("evaluate")[0]
             self.telemetry.validation(self.step, self.val_last)
             log.info("step %d validation %s", self.step, _fmt(self.val_last))
-        if replacement.due(self.cfg, self.step):
-            return State.REPLACING
+        if self.replanner:
+            if self.replanner.ready():
+                return State.REPLACING  # a finished solve is applied at this step boundary
+            if replacement.due(self.cfg, self.step):
+                self.replanner.launch(self.group, self.placement, self.step)  # solves off the critical path
+                if self.cfg.placement.blocking and self.replanner.ready(block=True):
+                    return State.REPLACING
         if checkpointing.due(self.cfg, self.step):
             return State.CHECKPOINTING
         return State.RUNNING
 
     def _replacing(self) -> State:
-        decision = replacement.replan(self.group, self.cfg, self.placement, self.step)
+        decision = self.replanner.finish(self.group, self.placement, self.step)
         self.replacements.append(decision)
         self.telemetry.replacement(decision)
         if decision["migrated"]:
@@ -147,6 +153,8 @@ class Controller:
         if self.group:
             self.group.shutdown(graceful=False)
         self.group = None
+        if self.replanner:
+            self.replanner = replacement.Replanner(self.cfg)  # drop a solve for the lost group
         self.ckpt.wait()
         self.resume = self.ckpt.latest()
         if self.resume is None:
@@ -187,6 +195,7 @@ class Controller:
             self.ckpt.start(self.group, self.step, self.placement)
         stats = self.group.call("routing_stats")[0]
         wall = time.perf_counter() - self._t_start
+        replacement.measured_gains(self.replacements, self.history)
         run_hist = self.history
         tokens = sum(h["tokens"] for h in run_hist)
         train_time = sum(h["step_time_s"] for h in run_hist)
@@ -199,7 +208,8 @@ class Controller:
             "first_loss": run_hist[0]["loss"] if run_hist else float("nan"),
             "last_loss": run_hist[-1]["loss"] if run_hist else float("nan"),
             "val_start": self.val_start, "val_loss": self.val_last, "load_LE": load.tolist(),
-            "outputs": outputs,
+            "outputs": outputs, "replacements": [
+                {k: v for k, v in d.items() if k != "placement_json"} for d in self.replacements],
         }
         log.info(format_summary(summary))
         return summary

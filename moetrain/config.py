@@ -136,6 +136,7 @@ class PlacementConfig:
     time_limit_s: float = 10.0
     load_weight: float = 1.0  # lambda: weight of the makespan term
     migration_weight: float = 0.0  # mu: weight of the migration term
+    blocking: bool = False  # wait for each solve at its launch step (deterministic; tests/debugging)
 
 
 @dataclass(kw_only=True)
