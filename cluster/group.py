@@ -10,6 +10,7 @@ kills the whole group at once and raises.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import ray
@@ -55,6 +56,32 @@ def group_errors(errors: dict[int, BaseException]) -> str:
     return "\n".join(f"[Rank {', '.join(map(str, ranks))}]: {msg}" for msg, ranks in by_msg.items())
 
 
+def _create_named(remote_cls, options: dict, *args, wait_s: float = 30.0):
+    """Create a named actor; a just-killed actor of the same name may take a moment to release it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return remote_cls.options(**options).remote(*args)
+        except ValueError as exc:
+            if "already" not in str(exc) or time.monotonic() > deadline:
+                raise ValueError(f"actor name {options['name']!r} is taken: is another run named "
+                                 f"{options['name'].split('/')[1]!r} still alive? ({exc})") from None
+            time.sleep(0.5)
+
+
+def _check_resources(cfg: RunConfig) -> None:
+    """Fail at once, with the numbers, when the cluster can never fit the group."""
+    c = cfg.cluster
+    total = ray.cluster_resources()
+    need = {"CPU": c.num_workers * c.cpus_per_worker, "GPU": c.num_workers if c.use_gpu else 0}
+    short = [f"{need[k]:g} {k} (the Ray cluster has {total.get(k, 0):g})" for k in need
+             if need[k] > total.get(k, 0)]
+    if short:
+        raise WorkerGroupStartError(
+            f"cannot start {c.num_workers} worker(s): they need " + " and ".join(short)
+            + " — lower cluster.num_workers / cluster.cpus_per_worker or set cluster.use_gpu=false", [], False)
+
+
 @dataclasses.dataclass
 class WorkerGroup:
     actors: list
@@ -62,19 +89,19 @@ class WorkerGroup:
     placement: Placement
 
     @classmethod
-    def create(cls, cfg: RunConfig, placement: Placement, *, resume: dict | None = None,
-               start_timeout_s: float = 600.0) -> "WorkerGroup":
+    def create(cls, cfg: RunConfig, placement: Placement, *, resume: dict | None = None) -> "WorkerGroup":
         """Build every worker and join them into one process group, or build none."""
         c = cfg.cluster
+        start_timeout_s = c.start_timeout_s
+        _check_resources(cfg)
         remote_cls = ray.remote(Worker)
         cfg_dict = cfg.to_dict()
         actors = []
         try:
             for rank in range(c.num_workers):
-                actors.append(remote_cls.options(
-                    name=actor_name(c.run_name, rank), namespace=NAMESPACE, num_cpus=c.cpus_per_worker,
-                    num_gpus=1 if c.use_gpu else 0, max_restarts=0, max_concurrency=2,
-                ).remote(cfg_dict, rank, c.num_workers))
+                options = dict(name=actor_name(c.run_name, rank), namespace=NAMESPACE, num_cpus=c.cpus_per_worker,
+                               num_gpus=1 if c.use_gpu else 0, max_restarts=0, max_concurrency=2)
+                actors.append(_create_named(remote_cls, options, cfg_dict, rank, c.num_workers))
             group = cls(actors, cfg, placement)
             addr, port = group._get_one(actors[0].node_address.remote(), start_timeout_s)
             group.call("setup", addr, port, placement.to_json(), resume, timeout_s=start_timeout_s)

@@ -122,7 +122,8 @@ class ClusterConfig:
     address: str = ""  # "" = RAY_ADDRESS if set, else an embedded local Ray
     max_failures: int = 0  # group rebuilds allowed after a lost actor
     run_name: str = "default"
-    torch_threads: int = 0  # 0 = leave torch's default
+    torch_threads: int = 0  # 0 = cpu_count / num_workers per worker
+    start_timeout_s: float = 300.0  # give up building the worker group after this long
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,144 @@
+"""Submit ``moetrain train ...`` to a running Ray cluster as a Ray job (the job API).
+
+    moetrain submit --address http://HEAD:8265 -- --config tiny --set train.steps=100
+    python -m cluster.cli submit --no-wait -- --config my.yaml
+
+The equivalent raw Ray command (run from the repository root):
+
+    ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-cpus 0.5 \\
+        -- python -m cluster.cli train --config tiny --set train.steps=100
+
+The repository root is uploaded as the job's ``working_dir`` (minus virtual environments, run
+outputs, caches, ``.git``, wandb folders and egg-info); the entrypoint runs with it as the current
+directory, and the worker actors the job starts inherit the same runtime environment. The job's
+driver reaches the cluster through the ``RAY_ADDRESS`` Ray sets for it, so ``moetrain train``
+joins the cluster instead of starting a local Ray. ``python`` on the cluster's nodes must be an
+environment with moetrain's dependencies installed (the one ``ray start`` ran from).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# gitignore-style patterns, as Ray's runtime_env ``excludes`` takes them.
+EXCLUDES = [".venv", "venv", "runs", ".cache", ".git", "wandb", "*.egg-info", "__pycache__", ".pytest_cache"]
+ENTRYPOINT_NUM_CPUS = 0.5  # the driver: controller loop, dataset build; the workers reserve their own
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def entrypoint(train_args: list[str]) -> str:
+    """``python -m cluster.cli train <args>`` (a leading ``--`` is dropped), shell-quoted."""
+    args = list(train_args)
+    if args and args[0] == "--":
+        args = args[1:]
+    return shlex.join(["python", "-m", "cluster.cli", "train", *args])
+
+
+def runtime_env(working_dir: str | os.PathLike | None = None, env_vars: dict[str, str] | None = None) -> dict:
+    """The job's runtime_env: the repository as ``working_dir`` with the bulky folders excluded."""
+    env: dict = {"working_dir": str(Path(working_dir or REPO_ROOT).resolve()), "excludes": list(EXCLUDES)}
+    if env_vars:
+        env["env_vars"] = {str(k): str(v) for k, v in env_vars.items()}
+    return env
+
+
+def resolve_address(address: str | None) -> str:
+    """``address``, else ``RAY_ADDRESS`` if it is an HTTP (dashboard) address, else the local default."""
+    if address:
+        return address if "://" in address else f"http://{address}"
+    env = os.environ.get("RAY_ADDRESS", "")
+    if env.startswith(("http://", "https://")):
+        return env
+    return DEFAULT_ADDRESS
+
+
+def _err(msg: str) -> None:
+    print(f"moetrain: error: {msg}", file=sys.stderr)
+
+
+def submit(train_args: list[str], address: str | None = None, wait: bool = True, *,
+           env_vars: dict[str, str] | None = None, working_dir: str | os.PathLike | None = None,
+           entrypoint_num_cpus: float = ENTRYPOINT_NUM_CPUS, submission_id: str | None = None,
+           timeout_s: float | None = None, out: TextIO | None = None) -> int:
+    """Submit ``moetrain train <train_args>`` as a Ray job; print its submission id.
+
+    With ``wait`` the job's logs are streamed to ``out`` (stdout) until the job reaches a terminal
+    status; returns 0 if it SUCCEEDED, 1 otherwise (or when ``timeout_s`` passes first; the job
+    keeps running). Without ``wait`` returns 0 once submitted. An unreachable address or a
+    rejected submission prints one line to stderr and returns 2.
+    """
+    out = out or sys.stdout
+    url = resolve_address(address)
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as exc:  # pragma: no cover - ray is a dependency
+        _err(f"the Ray job API is unavailable ({exc}); install ray[default]")
+        return 2
+    try:
+        client = JobSubmissionClient(url)
+    except Exception as exc:  # ConnectionError, auth errors, bad scheme...
+        _err(f"cannot reach the Ray dashboard at {url}: {_first_line(exc)}")
+        return 2
+    ep = entrypoint(train_args)
+    try:
+        job_id = client.submit_job(entrypoint=ep, runtime_env=runtime_env(working_dir, env_vars),
+                                   entrypoint_num_cpus=entrypoint_num_cpus, submission_id=submission_id,
+                                   metadata={"moetrain": "train"})
+    except Exception as exc:
+        _err(f"job submission to {url} failed: {_first_line(exc)}")
+        return 2
+    print(f"moetrain: submitted job {job_id} to {url}: {ep}", file=out, flush=True)
+    if not wait:
+        print(f"moetrain: follow with `ray job logs --address {url} --follow {job_id}`; "
+              f"status with `ray job status --address {url} {job_id}`", file=out, flush=True)
+        return 0
+    try:
+        status = wait_for(client, job_id, out=out, timeout_s=timeout_s)
+    except KeyboardInterrupt:
+        print(f"\nmoetrain: stopped following; job {job_id} keeps running "
+              f"(stop it with `ray job stop --address {url} {job_id}`)", file=out, flush=True)
+        return 130
+    print(f"moetrain: job {job_id} {status}", file=out, flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def wait_for(client, job_id: str, *, out: TextIO, timeout_s: float | None = None) -> str:
+    """Stream the job's logs to ``out`` and return its final status (or the current one on timeout)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        remaining = None if deadline is None else max(deadline - time.monotonic(), 0.1)
+        asyncio.run(asyncio.wait_for(tail(), remaining))
+    except asyncio.TimeoutError:
+        pass
+    except Exception as exc:  # log streaming is best effort: fall back to polling the status
+        print(f"moetrain: log streaming stopped ({_first_line(exc)}); polling the job status", file=out, flush=True)
+    while True:
+        st = client.get_job_status(job_id)
+        status = str(getattr(st, "value", st))
+        if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            break
+        time.sleep(1.0)
+    if status == "FAILED":
+        info = client.get_job_info(job_id)
+        if info.message:
+            print(f"moetrain: {info.message.strip()}", file=out, flush=True)
+    return status
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,187 @@
+"""Baseline placements and the local-search improver, all on the one cost model (cost.py).
+
+Owns: replica counts for hot experts (:func:`replica_counts`), greedy balanced packing with
+hot-expert replication (EPLB-style, :func:`greedy_layer`), and pairwise-swap local search
+(:func:`local_search_layer`). Contiguous and round-robin are ``Placement`` constructors.
+
+Legend: T tokens, K top-k, E experts, R ranks, S slots.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from placement.cost import holders_ER, virtual_ids
+from placement.stats import RoutingStats, onehot_TE
+from placement.topology import Topology
+
+
+def replica_counts(load_E: np.ndarray, topo: Topology) -> np.ndarray:
+    """Replicas per expert [E] filling every slot: one each, then the extra slots go one at a
+    time to the expert with the highest load per replica (at most one replica per rank)."""
+    E = load_E.shape[0]
+    topo.check_experts(E)
+    cnt = np.ones(E, dtype=np.int64)
+    for _ in range(topo.num_slots - E):
+        per = np.where(cnt < topo.num_ranks, load_E / cnt, -np.inf)
+        cnt[int(np.argmax(per))] += 1
+    return cnt
+
+
+def pack_lpt(load_E: np.ndarray, cnt_E: np.ndarray, topo: Topology) -> np.ndarray:
+    """Longest-processing-time packing of replicas (weight load/cnt) onto ranks with free slots,
+    never two replicas of one expert on one rank. Returns ``phy2log_S`` [S] laid out by rank."""
+    R = topo.num_ranks
+    free = np.array(topo.slots_per_rank)
+    rank_load = np.zeros(R)
+    per = load_E / cnt_E
+    items = np.repeat(np.arange(load_E.shape[0]), cnt_E)
+    items = items[np.argsort(-per[items], kind="stable")]
+    held: list[list[int]] = [[] for _ in range(R)]
+    for e in items:
+        ok = (free > 0) & np.array([e not in h for h in held])
+        r = int(np.flatnonzero(ok)[np.argmin(rank_load[ok])])
+        held[r].append(int(e))
+        free[r] -= 1
+        rank_load[r] += per[e]
+    return np.array([e for h in held for e in h], dtype=np.int64)
+
+
+def greedy_layer(load_E: np.ndarray, topo: Topology) -> np.ndarray:
+    """EPLB-style: replicate the hottest experts into the extra slots, then LPT-pack. [S]"""
+    return pack_lpt(load_E, replica_counts(load_E, topo), topo)
+
+
+class _SwapState:
+    """Incremental cost of one layer, slots as "virtual experts" (a slot's token set is the
+    tokens its replica serves), exact or pairwise. Objective (per token) = traffic +
+    load_weight * max_load + migration_weight * migration, identical to ``cost.evaluate``;
+    ``delta_SS()`` predicts the change of exchanging the contents of every pair of slots (exact
+    without replicas; with replicas the token split is re-derived after a swap, so the caller
+    checks the real change)."""
+
+    def __init__(self, stats: RoutingStats, l: int, topo: Topology, row_S: np.ndarray,
+                 fetch_ER: np.ndarray, load_weight: float, exact: bool):
+        S, R = row_S.shape[0], topo.num_ranks
+        self.S, self.R, self.row_S = S, R, row_S
+        self.w_R = topo.send_weight_R
+        self.rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
+        self.exact, self.lw = exact, load_weight
+        cnt_E = np.bincount(row_S, minlength=stats.num_experts).astype(np.float64)
+        if exact:
+            ids = virtual_ids(stats.topk_ids_TLK[:, l], row_S)
+            self.M_TS = onehot_TE(ids, S)
+            self.load_S = self.M_TS.sum(axis=0)
+            self.T = max(self.M_TS.shape[0], 1)
+            K = ids.shape[1]
+            i, j = np.where(~np.eye(K, dtype=bool))  # ordered pairs of top-k columns
+            t_P = np.repeat(np.arange(ids.shape[0]), len(i))
+            a_P, b_P = ids[:, i].ravel(), ids[:, j].ravel()
+            ok = (a_P >= 0) & (b_P >= 0)
+            self.pair_t, self.pair_a, self.pair_ab = t_P[ok], a_P[ok], a_P[ok] * S + b_P[ok]
+            self.N_TR = self.M_TS @ (self.rank_S[:, None] == np.arange(R)).astype(np.float64)
+        else:
+            c = cnt_E[row_S]
+            self.load_S = stats.load_LE[l][row_S] / c
+            self.coact_SS = stats.coact_LEE[l][np.ix_(row_S, row_S)] / np.outer(c, c)
+            self.T = max(stats.num_tokens, 1)
+        self.fetch_S = fetch_ER[row_S, self.rank_S]
+        self.fetch_SR = fetch_ER[row_S]
+        self.load_R = np.bincount(self.rank_S, weights=self.load_S, minlength=R)
+
+    def objective(self) -> float:
+        if self.exact:
+            need_R = (self.N_TR > 0).sum(axis=0)
+        else:
+            H = (self.rank_S[:, None] == np.arange(self.R)).astype(np.float64)
+            need_R = self.load_R - 0.5 * np.einsum("sr,st,tr->r", H, self.coact_SS, H)
+        return float(self.w_R @ need_R + self.lw * self.load_R.max()) / self.T + float(self.fetch_S.sum())
+
+    def _rest_max(self) -> np.ndarray:
+        """[R, R]: the largest rank load over ranks other than i and j."""
+        order = np.argsort(-self.load_R, kind="stable")[:3]
+        rest = np.zeros((self.R, self.R))
+        for i in range(self.R):
+            for j in range(self.R):
+                rest[i, j] = next((self.load_R[r] for r in order if r != i and r != j), 0.0)
+        return rest
+
+    def delta_SS(self) -> np.ndarray:
+        """Predicted objective change of exchanging slots s and u, [S, S] (+inf: same rank)."""
+        a, w, S = self.rank_S, self.w_R, self.S
+        idx = np.arange(S)
+        if self.exact:
+            Z = (self.N_TR == 0) * w  # [T, R]
+            G = (self.N_TR == 1) * w
+            move_SR = self.M_TS.T @ Z - (self.M_TS.T @ G)[idx, a][:, None]  # s moves to rank r
+            # X[s, u] = sum over tokens served by both s and u of G[t, a(s)]
+            X = np.bincount(self.pair_ab, weights=G[self.pair_t, a[self.pair_a]],
+                            minlength=S * S).reshape(S, S)
+            d_tr = move_SR[:, a] + move_SR[:, a].T + X + X.T
+        else:
+            H = (a[:, None] == np.arange(self.R)).astype(np.float64)
+            P = self.coact_SS @ H  # [S, R] co-activation of s with the slots of r
+            l, c = self.load_S, self.coact_SS
+            Psa, Pua = P[idx, a][:, None], P[:, a].T  # P[s, a(s)], P[u, a(s)]
+            Pub, Psb = P[idx, a][None, :], P[:, a]  # P[u, a(u)], P[s, a(u)]
+            d_tr = (w[a][:, None] * (-l[:, None] + Psa + l[None, :] - Pua + c)
+                    + w[a][None, :] * (-l[None, :] + Pub + l[:, None] - Psb + c))
+        dl = self.load_S[None, :] - self.load_S[:, None]  # change on a(s): -l_s + l_u
+        new_max = np.maximum(np.maximum(self.load_R[a][:, None] + dl, self.load_R[a][None, :] - dl),
+                             self._rest_max()[a[:, None], a[None, :]])
+        d_load = new_max - self.load_R.max()
+        f = self.fetch_SR
+        d_mig = f[idx[:, None], a[None, :]] - f[idx, a][:, None] + f[idx[None, :], a[:, None]] - f[idx, a][None, :]
+        d = (d_tr + self.lw * d_load) / self.T + d_mig
+        d[a[:, None] == a[None, :]] = np.inf
+        return d
+
+
+def _bad_swaps(row_S: np.ndarray, rank_S: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:
+    """[S, S] True where exchanging slots s, u is pointless (same expert) or would put two
+    replicas of one expert on one rank."""
+    hold = holders_ER(row_S, rank_S, num_experts, num_ranks) > 0
+    e, a = row_S, rank_S
+    return (e[:, None] == e[None, :]) | hold[e[None, :], a[:, None]] | hold[e[:, None], a[None, :]]
+
+
+def local_search_layer(stats: RoutingStats, l: int, topo: Topology, start_S: np.ndarray, *,
+                       cur_S: np.ndarray | None = None, load_weight: float = 1.0,
+                       migration_weight: float = 0.0, expert_bytes: float = 1.0,
+                       exact: bool | None = None, deadline: float = float("inf"),
+                       max_iters: int = 20_000, tol: float = 1e-12) -> np.ndarray:
+    """Best-improvement exchange of slot contents between ranks, from ``start_S`` [S], until no
+    exchange improves the objective or ``deadline`` (time.monotonic) passes. With replicas a
+    predicted improvement is checked on the rebuilt state and the pair skipped if it fails."""
+    E, R = stats.num_experts, topo.num_ranks
+    exact = stats.topk_ids_TLK is not None if exact is None else exact
+    rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
+    fetch_ER = np.zeros((E, R))
+    if cur_S is not None:
+        fetch_ER = (holders_ER(cur_S, rank_S, E, R) == 0) * (expert_bytes * migration_weight)
+    replicated = topo.num_slots != E
+    row = start_S.copy()
+    st = _SwapState(stats, l, topo, row, fetch_ER, load_weight, exact)
+    obj = st.objective()
+    tabu = np.zeros((len(row), len(row)), dtype=bool)
+    for _ in range(max_iters):
+        if time.monotonic() > deadline:
+            break
+        d = st.delta_SS()
+        if replicated:
+            d[_bad_swaps(row, rank_S, E, R) | tabu] = np.inf
+        s, u = np.unravel_index(int(np.argmin(d)), d.shape)
+        if not d[s, u] < -tol:
+            break
+        cand = row.copy()
+        cand[s], cand[u] = row[u], row[s]
+        nst = _SwapState(stats, l, topo, cand, fetch_ER, load_weight, exact)
+        nobj = nst.objective()
+        if replicated and not nobj < obj - tol:
+            tabu[s, u] = tabu[u, s] = True
+            continue
+        row, st, obj = cand, nst, nobj
+        tabu[:] = False
+    return row

@@ -1,0 +1,213 @@
+"""The one cost model: what a placement costs, used by every solver, the CLI and the benchmark.
+
+Owns: :class:`CostBreakdown`, :func:`evaluate`, and the per-layer pieces the solvers reuse
+(:func:`virtual_ids`, the replica rule; :func:`rank_hits_exact`, :func:`rank_hits_pairwise`,
+:func:`holders_ER`).
+
+Legend: T tokens, L layers, K top-k, E experts, R ranks, S slots, O origin rank.
+
+What is modelled, per layer (all figures are divided by T: "per token"):
+
+- **Dispatch.** A token starts on rank o with probability ``origin_R[o]`` (independent of its
+  routing). For each chosen expert e with c replicas it is served by the ``t mod c``-th replica
+  of e in slot order (token index t): replicas split their expert's tokens evenly, as EPLB
+  assumes; no preference for a local replica is modelled (a dispatcher that prefers local
+  replicas does at least as well on traffic). A token whose experts share a destination rank is
+  sent to that rank **once** (dedup); a token needing its own origin rank costs nothing there.
+- **traffic** = expected link-weighted sends = ``sum_r send_weight[r] * need[r]`` where
+  ``need[r]`` = tokens that must reach r and ``send_weight[r] = sum_o origin[o] cost[o, r]``
+  (exact because origin is independent of routing). **sends** = the same with cost 1 for every
+  other rank (the plain count of off-rank token sends).
+- **load**: token-expert pairs computed by each rank (expected over origin); reported as the
+  busiest rank (``max_load``, per token) and ``imbalance = max / mean``.
+- **migration**: (expert, rank) copies present in the new placement but not in ``current`` (an
+  expert moved or newly replicated must be fetched), times ``expert_bytes``. Not divided by T.
+- **hops** (informational, not in the objective): fraction of a token's layer-to-layer expert
+  transitions (e in layer l -> f in layer l+1, from ``trans_LEE``) where no rank holds both e and
+  f. moetrain's combine sends every token back to its data-parallel home rank after each MoE
+  layer, so transitions cost no extra traffic there; ``hops`` measures locality that a
+  "stay-where-processed" dispatcher could exploit, and is reported only so it is not claimed.
+- **objective** = traffic + load_weight * max_load + migration_weight * migration, per layer,
+  summed over layers. Every solver minimises exactly this.
+
+Two evaluators of ``need[o, r]``:
+
+- **exact** (when ``topk_ids`` are present): the rule above applied token by token.
+- **pairwise** (aggregates only): ``need[r] ~= sum_{e on r} load[e]/c[e] - sum_{e<f on r}
+  coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is the Bonferroni bound of the union: exact when no token has
+  3+ of its experts on one rank, otherwise it underestimates traffic. The ILP uses this model
+  restricted to its top pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from placement.placement import Placement, PlacementError
+from placement.stats import RoutingStats
+from placement.topology import Topology
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """Per-layer costs (arrays [L], per token unless noted) and their sums / means."""
+
+    traffic_L: np.ndarray  # expected link-weighted sends per token
+    sends_L: np.ndarray  # expected off-rank sends per token (dedup)
+    max_load_L: np.ndarray  # token-expert pairs on the busiest rank, per token
+    imbalance_L: np.ndarray  # busiest rank load / mean rank load
+    migration_L: np.ndarray  # bytes (expert_bytes units) to fetch, not per token
+    hops_L: np.ndarray  # cross-rank layer transitions per token, [L] (last layer 0)
+    objective_L: np.ndarray
+    exact: bool  # True: from per-token ids; False: pairwise approximation
+    num_tokens: int
+
+    @property
+    def objective(self) -> float:
+        return float(self.objective_L.sum())
+
+    @property
+    def sends(self) -> float:
+        """Mean over layers of off-rank sends per token."""
+        return float(self.sends_L.mean())
+
+    @property
+    def traffic(self) -> float:
+        return float(self.traffic_L.mean())
+
+    @property
+    def imbalance(self) -> float:
+        """Mean over layers of max/mean rank load."""
+        return float(self.imbalance_L.mean())
+
+    @property
+    def migration(self) -> float:
+        return float(self.migration_L.sum())
+
+    def to_dict(self) -> dict:
+        return {"objective": self.objective, "traffic": self.traffic, "sends": self.sends,
+                "imbalance": self.imbalance, "max_imbalance": float(self.imbalance_L.max(initial=0)),
+                "migration": self.migration, "hops": float(self.hops_L.mean()), "exact": self.exact,
+                "num_tokens": self.num_tokens}
+
+
+def holders_ER(phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:
+    """0/1 matrix [E, R]: rank r holds a replica of expert e (one layer)."""
+    h = np.zeros((num_experts, num_ranks))
+    h[phy2log_S, slot_rank_S] = 1.0
+    return h
+
+
+def virtual_ids(ids_TK: np.ndarray, phy2log_S: np.ndarray) -> np.ndarray:
+    """Slot that serves each token-expert pair under cost.py's dispatch rule (token t uses the
+    ``t mod c``-th replica of e, replicas in slot order), [T, K] (-1 stays -1)."""
+    S = phy2log_S.shape[0]
+    E = int(phy2log_S.max()) + 1 if S else 0
+    order = np.argsort(phy2log_S, kind="stable")  # slots grouped by expert, ascending slot
+    cnt_E = np.bincount(phy2log_S, minlength=E)
+    first_E = np.concatenate([[0], np.cumsum(cnt_E)[:-1]])
+    safe = np.maximum(ids_TK, 0)
+    j = np.arange(ids_TK.shape[0])[:, None] % cnt_E[safe]
+    return np.where(ids_TK >= 0, order[first_E[safe] + j], -1)
+
+
+def rank_hits_exact(ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray,
+                    num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact ``need_R`` (tokens that must reach r, incl. their origin) and ``load_R``
+    (token-expert pairs computed on r) of one layer under the dispatch rule above."""
+    T = ids_TK.shape[0]
+    dest_TK = np.where(ids_TK >= 0, slot_rank_S[np.maximum(virtual_ids(ids_TK, phy2log_S), 0)], num_ranks)
+    hit_TR = np.zeros((T, num_ranks + 1), dtype=bool)
+    hit_TR[np.arange(T)[:, None], dest_TK] = True
+    need_R = hit_TR[:, :num_ranks].sum(axis=0).astype(np.float64)
+    load_R = np.bincount(dest_TK.ravel(), minlength=num_ranks + 1)[:num_ranks].astype(np.float64)
+    return need_R, load_R
+
+
+def rank_hits_pairwise(load_E: np.ndarray, coact_EE: np.ndarray, phy2log_S: np.ndarray,
+                       slot_rank_S: np.ndarray, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairwise-model ``need_R`` and ``load_R`` for one layer (see module docstring)."""
+    E = load_E.shape[0]
+    cnt_E = np.bincount(phy2log_S, minlength=E).astype(np.float64)
+    share_S = load_E[phy2log_S] / cnt_E[phy2log_S]
+    load_R = np.bincount(slot_rank_S, weights=share_S, minlength=num_ranks)
+    need_R = load_R.copy()
+    for r in range(num_ranks):
+        ex = phy2log_S[slot_rank_S == r]
+        ex = np.unique(ex)
+        sub = coact_EE[np.ix_(ex, ex)] / np.outer(cnt_E[ex], cnt_E[ex])
+        need_R[r] -= sub.sum() / 2.0
+    return need_R, load_R
+
+
+def transition_hops(trans_EE: np.ndarray, hold_a_ER: np.ndarray, hold_b_ER: np.ndarray) -> float:
+    """Transitions e -> f (counts) where no rank holds both e (layer a) and f (layer b)."""
+    together_EE = (hold_a_ER @ hold_b_ER.T) > 0
+    return float(trans_EE[~together_EE].sum())
+
+
+def migration_bytes(hold_new_ER: np.ndarray, hold_cur_ER: np.ndarray, expert_bytes: float = 1.0) -> float:
+    """Bytes to fetch: (expert, rank) copies in the new placement absent from the current one."""
+    return float(((hold_new_ER > 0) & (hold_cur_ER == 0)).sum()) * expert_bytes
+
+
+def check_compatible(stats: RoutingStats, placement: Placement, topo: Topology) -> None:
+    if placement.num_experts != stats.num_experts:
+        raise PlacementError(f"placement has {placement.num_experts} experts, statistics {stats.num_experts}")
+    if placement.num_layers != stats.num_layers:
+        raise PlacementError(f"placement has {placement.num_layers} layers, statistics {stats.num_layers}")
+    if placement.slots_per_rank != topo.slots_per_rank:
+        raise PlacementError(f"placement slots_per_rank {placement.slots_per_rank} != topology "
+                             f"slots_per_rank {topo.slots_per_rank}")
+
+
+def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topology,
+               exact: bool) -> tuple[float, float, float, float, int]:
+    """(traffic, sends, max_load, imbalance, T) of one layer, per token."""
+    R = topo.num_ranks
+    slot_rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
+    if exact:
+        need_R, load_R = rank_hits_exact(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R)
+        T = stats.topk_ids_TLK.shape[0]
+    else:
+        need_R, load_R = rank_hits_pairwise(stats.load_LE[l], stats.coact_LEE[l], phy2log_S, slot_rank_S, R)
+        T = max(stats.num_tokens, 1)
+    traffic = float(topo.send_weight_R @ need_R)
+    sends = float(topo.offrank_weight_R @ need_R)
+    T = max(T, 1)
+    mean = load_R.mean()
+    imb = float(load_R.max() / mean) if mean > 0 else 1.0
+    return traffic / T, sends / T, float(load_R.max()) / T, imb, T
+
+
+def evaluate(stats: RoutingStats, placement: Placement, topology: Topology, *,
+             current: Placement | None = None, load_weight: float = 1.0,
+             migration_weight: float = 0.0, expert_bytes: float = 1.0,
+             exact: bool | None = None) -> CostBreakdown:
+    """Cost of ``placement`` under ``stats`` (see the module docstring for the model).
+
+    ``exact=None`` uses the exact evaluator when per-token ids are present, else the pairwise one.
+    """
+    check_compatible(stats, placement, topology)
+    if current is not None:
+        check_compatible(stats, current, topology)
+    if exact is None:
+        exact = stats.topk_ids_TLK is not None
+    if exact and stats.topk_ids_TLK is None:
+        raise PlacementError("exact evaluation needs per-token topk_ids; these statistics hold aggregates only")
+    L, R, E = stats.num_layers, topology.num_ranks, stats.num_experts
+    rows = np.zeros((6, L))
+    srank = placement.slot_rank_S
+    holds = [holders_ER(placement.phy2log_LS[l], srank, E, R) for l in range(L)]
+    T = 1
+    for l in range(L):
+        traffic, sends, max_load, imb, T = layer_cost(stats, l, placement.phy2log_LS[l], topology, exact)
+        rows[:4, l] = traffic, sends, max_load, imb
+        if current is not None:
+            rows[4, l] = migration_bytes(holds[l], holders_ER(current.phy2log_LS[l], srank, E, R), expert_bytes)
+        if l + 1 < L:
+            rows[5, l] = transition_hops(stats.trans_LEE[l], holds[l], holds[l + 1]) / T
+    objective = rows[0] + load_weight * rows[2] + migration_weight * rows[4]
+    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact), num_tokens=int(T))
