@@ -191,6 +191,7 @@ class Controller:
 
     def _finish(self) -> dict:
         self.val_last = self.group.call("evaluate")[0]
+        self.telemetry.validation(self.step, self.val_last)
         if self.cfg.checkpoint.uri:
             self.ckpt.start(self.group, self.step, self.placement)
         stats = self.group.call("routing_stats")[0]

@@ -75,8 +75,13 @@ class Telemetry:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            return wandb.init(project=self.cfg.logging.wandb_project, name=self.run_name, mode=mode,
-                              dir=str(self.out_dir), config=self.cfg.to_dict(), reinit="finish_previous")
+            run = wandb.init(project=self.cfg.logging.wandb_project, name=self.run_name, mode=mode,
+                             dir=str(self.out_dir), config=self.cfg.to_dict(), reinit="finish_previous")
+            # Every row carries the optimizer step as its x-axis: validation, checkpoint and
+            # re-placement rows can share a step with the training row.
+            run.define_metric("train_step")
+            run.define_metric("*", step_metric="train_step")
+            return run
         except Exception as exc:
             log.warning("wandb unavailable (%s): continuing without it", exc)
             return None
@@ -104,11 +109,11 @@ class Telemetry:
             row = {k: m[k] for k in ("loss", "lm_loss", "lbl", "z_loss", "grad_norm", "lr", "offrank_sends")}
             row["tokens_per_s"] = tps
             row.update({f"expert_load_max_over_mean/layer{l}": float(v) for l, v in enumerate(imb)})
-            self.wandb.log(row, step=m["step"])
+            self.wandb.log({**row, "train_step": m["step"]})
 
     def validation(self, step: int, val: dict) -> None:
         if self.wandb:
-            self.wandb.log({f"val_loss/{d}": v for d, v in val.items()}, step=step)
+            self.wandb.log({**{f"val_loss/{d}": v for d, v in val.items()}, "train_step": step})
 
     def replacement(self, d: dict) -> None:
         if self.metrics:
@@ -119,14 +124,14 @@ class Telemetry:
                 self.metrics.replacements.inc(1, t)
         if self.wandb:
             self.wandb.log({"placement/predicted_gain": d["predicted_gain"], "placement/solve_s": d["solve_time_s"],
-                            "placement/migrated": int(d["migrated"])}, step=d["step"])
+                            "placement/migrated": int(d["migrated"]), "train_step": d["step"]})
 
     def checkpoint(self, step: int, mb_per_s: float, stall_s: float) -> None:
         if self.metrics:
             self.metrics.ckpt_mbps.set(mb_per_s, self.metrics.tags)
             self.metrics.ckpt_stall.set(stall_s, self.metrics.tags)
         if self.wandb:
-            self.wandb.log({"checkpoint/mb_per_s": mb_per_s, "checkpoint/stall_s": stall_s}, step=step)
+            self.wandb.log({"checkpoint/mb_per_s": mb_per_s, "checkpoint/stall_s": stall_s, "train_step": step})
 
     # ---- end of run -----------------------------------------------------------------------------
     def write_outputs(self, stats: dict, placement: Placement, cfg: RunConfig) -> str:

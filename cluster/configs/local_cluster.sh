@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# A multi-process Ray cluster on one machine: a head node plus extra worker "nodes" (each its own
+# raylet), then moetrain jobs submitted to it through the Ray job API.
+#
+#   bash cluster/configs/local_cluster.sh start           # head: GCS, dashboard, job API, /metrics
+#   bash cluster/configs/local_cluster.sh worker [CPUS]   # one more worker node (repeatable)
+#   bash cluster/configs/local_cluster.sh status
+#   bash cluster/configs/local_cluster.sh submit -- --config tiny --set cluster.num_workers=2
+#   bash cluster/configs/local_cluster.sh stop
+#
+# Run it from the repository root with the project's environment (.venv/bin is put on PATH: the
+# job's entrypoint runs `python`, which must be the interpreter moetrain is installed in).
+#
+# Caveats
+# - Token auth (Ray 2.60): once a local `ray.init()` has created ~/.ray/auth_token, a later
+#   `ray start` turns token auth on and `ray job submit` / dashboard HTTP calls then fail with an
+#   authentication error unless the clients use the same token. For a private local cluster this
+#   recipe sets RAY_AUTH_MODE=disabled for the cluster and for the clients it starts; export it
+#   in your shell too before using `ray job ...` or `moetrain submit` yourself.
+# - Everything Ray writes (sessions, logs, sockets) goes under $RAY_TMP (keep the path short: Ray's
+#   socket paths have a length limit), not the shared default /tmp/ray.
+# - `ray stop` stops EVERY Ray process of this user on the machine (it matches process names), not
+#   only this cluster. On a shared machine stop by process id instead.
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+if [[ -x .venv/bin/ray ]]; then export PATH="$PWD/.venv/bin:$PATH"; fi
+
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+RAY_TMP="${RAY_TMP:-/tmp/moetrain-ray}"
+HEAD_PORT="${HEAD_PORT:-6379}"            # GCS: workers and drivers join 127.0.0.1:$HEAD_PORT
+DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"  # dashboard + job API: http://127.0.0.1:$DASHBOARD_PORT
+METRICS_PORT="${METRICS_PORT:-8080}"      # Prometheus text: http://127.0.0.1:$METRICS_PORT/metrics
+HEAD_CPUS="${HEAD_CPUS:-2}"
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+  start)
+    mkdir -p "$RAY_TMP"
+    # RAY_metrics_report_interval_ms: how often processes push custom metrics (default 10 s).
+    RAY_metrics_report_interval_ms="${RAY_metrics_report_interval_ms:-2000}" \
+    ray start --head --port="$HEAD_PORT" \
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+      --metrics-export-port="$METRICS_PORT" \
+      --num-cpus="$HEAD_CPUS" --temp-dir="$RAY_TMP" --disable-usage-stats
+    echo "dashboard: http://127.0.0.1:$DASHBOARD_PORT   metrics: http://127.0.0.1:$METRICS_PORT/metrics"
+    echo "RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT for jobs, RAY_ADDRESS=127.0.0.1:$HEAD_PORT for drivers"
+    ;;
+  worker)
+    # Another raylet joining the head: a second "node" on this machine, with its own CPUs.
+    ray start --address="127.0.0.1:$HEAD_PORT" --num-cpus="${1:-2}" --disable-usage-stats
+    ;;
+  status)
+    ray status --address="127.0.0.1:$HEAD_PORT"
+    ;;
+  submit)
+    # Same as: ray job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir . \
+    #            -- python -m cluster.cli train <args>
+    exec python -m cluster.cli submit --address "http://127.0.0.1:$DASHBOARD_PORT" "$@"
+    ;;
+  stop)
+    ray stop   # see the caveat above: all Ray processes of this user on the machine
+    ;;
+  *)
+    echo "usage: $0 start | worker [CPUS] | status | submit -- <train args> | stop" >&2
+    exit 2
+    ;;
+esac
