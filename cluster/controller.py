@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -85,6 +86,11 @@ class Controller:
         self.on_step = on_step
         self._stop_requested = False
         self._t_start = 0.0
+        self._bar = None
+        if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=cfg.train.steps, desc=cfg.cluster.run_name, unit="step", leave=False)
 
     # ---- state handlers ------------------------------------------------------------------------
     def _set(self, state: State) -> None:
@@ -115,6 +121,9 @@ class Controller:
         self.step = m["step"]
         self.history.append({k: v for k, v in m.items() if k != "load_LE"} | {"load_LE": m["load_LE"].tolist()})
         self.telemetry.step(m, self.placement)
+        if self._bar is not None:
+            self._bar.update(self.step - self._bar.n)
+            self._bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens'] / max(m['step_time_s'], 1e-9):,.0f}")
         if self.on_step:
             self.on_step(m)
         if self.step % t.log_every == 0 or self.step == 1:
@@ -181,6 +190,8 @@ class Controller:
                     else:
                         error = str(exc)
                         self._set(State.FAILED)
+        if self._bar is not None:
+            self._bar.close()
         summary = self._finish() if self.state == State.FINISHED else {}
         self.ckpt.wait()
         self.checkpoints = list(self.ckpt.committed)

@@ -91,6 +91,10 @@ class Worker:
         """Parameters or gradients keyed by name / logical expert (tests, debugging)."""
         return self.trainer.export_tensors(kind)
 
+    def run_fn(self, fn, *args):
+        """Run ``fn(trainer, *args)`` on this rank (benchmarks, experiments, debugging)."""
+        return fn(self.trainer, *args)
+
     def driver_state(self) -> dict:
         """Small JSON-able state for the manifest (data cursor, step)."""
         return {"step": self.trainer.step, "cursor": self.trainer.cursor.state_dict()}

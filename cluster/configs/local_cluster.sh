@@ -49,6 +49,7 @@ case "$cmd" in
     ;;
   worker)
     # Another raylet joining the head: a second "node" on this machine, with its own CPUs.
+    # It uses the head's temp dir ($RAY_TMP) on its own.
     ray start --address="127.0.0.1:$HEAD_PORT" --num-cpus="${1:-2}" --disable-usage-stats
     ;;
   status)

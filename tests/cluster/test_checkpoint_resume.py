@@ -79,3 +79,16 @@ def test_checkpoint_and_bit_exact_resume_on_s3(tmp_path, s3_server, ray_local):
     assert len(base.checkpoints) == 2
     resumed = run(cfg_for(tmp_path, uri, "s3resumed", 2, resume=f"{uri}/s3base/step-4", extra=extra))
     assert np.array_equal(losses(resumed, 4), losses(base, 4))
+
+
+def test_unreachable_store_marks_checkpoints_failed_and_training_continues(tmp_path, ray_local):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run(cfg_for(tmp_path, "s3://nowhere/runs", "unreachable", 2, steps=6, every=2,
+                         extra={"checkpoint": {"s3_endpoint": f"http://127.0.0.1:{port}", "max_retries": 0}}))
+    assert result.state.value == "finished"
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.checkpoints == []  # every checkpoint failed, none committed, training went on

@@ -212,3 +212,16 @@ def test_entrypoint_and_runtime_env():
     assert env["env_vars"] == {"X": "1"}
     for pattern in (".venv", "runs", ".cache", ".git", "wandb", "*.egg-info"):
         assert pattern in env["excludes"] and pattern in EXCLUDES
+
+
+def test_submit_job_script_targets_ray_address():
+    """scripts/submit_job.sh starts nothing: with nothing at $RAY_ADDRESS it fails in one line."""
+    import subprocess
+
+    (port,) = _free_ports(1)
+    env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "submit_job.sh"), "--config", "tiny"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
