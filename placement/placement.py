@@ -142,20 +142,18 @@ class Placement:
     @classmethod
     def round_robin(cls, num_layers: int, num_experts: int, num_ranks: int,
                     slots_per_rank: int | Sequence[int] | None = None) -> "Placement":
-        """Expert e on rank e mod R (then the rank's next free slot); extra slots replicate."""
+        """Expert e on the next rank in cyclic order with a free slot (e mod R when slots are
+        even); extra slots replicate experts 0, 1, ... on ranks not yet holding them."""
         spr = cls._spr(num_experts, num_ranks, slots_per_rank)
-        order = []
-        fill = [0] * num_ranks
         total = sum(spr)
-        seq, r = 0, 0
         rows: list[list[int]] = [[] for _ in range(num_ranks)]
-        while len(order) < total:
-            if fill[r] < spr[r]:
-                rows[r].append(seq % num_experts)
-                fill[r] += 1
-                order.append(seq)
-                seq += 1
-            r = (r + 1) % num_ranks
+        r = num_ranks - 1
+        for i in range(total):
+            e = i % num_experts
+            free = [(r + j) % num_ranks for j in range(1, num_ranks + 1) if len(rows[(r + j) % num_ranks]) < spr[(r + j) % num_ranks]]
+            fresh = [q for q in free if e not in rows[q]]
+            r = (fresh or free)[0]
+            rows[r].append(e)
         row = np.array([e for rr in rows for e in rr], dtype=np.int64)
         return cls(np.tile(row, (num_layers, 1)), spr, num_experts)
 

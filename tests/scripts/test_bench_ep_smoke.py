@@ -1,0 +1,74 @@
+"""Smoke test of scripts/bench_ep.py: a tiny run (world 2, a couple of iterations) prints the table
+and one final JSON line with every section.
+
+DeepSpeed is included when its shared-memory comm op is already compiled in the extensions cache
+(the first compile takes 30 s to minutes) or when MOETRAIN_BENCH_DS=1; otherwise the run passes
+``--no-deepspeed`` and the DeepSpeed keys are not expected."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "bench_ep.py"
+
+pytestmark = pytest.mark.slow
+
+
+def _ds_cached(ext_dir: Path) -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return any(ext_dir.glob("deepspeed_shm_comm*/*.so"))
+
+
+def test_bench_ep_quick_json(tmp_path):
+    ext_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", ROOT / ".cache" / "torch_extensions"))
+    with_ds = os.environ.get("MOETRAIN_BENCH_DS") == "1" or _ds_cached(ext_dir)
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--dim", "32", "--ffn", "64", "--experts", "4",
+           "--tokens", "64", "--seq", "32", "--vocab", "128", "--layers", "1", "--heads", "2",
+           "--warmup", "1", "--iters", "2", "--model-iters", "1", "--eff-iters", "2",
+           "--mem-ffn", "64", "--mem-tokens", "64", "--mem-world-sizes", "1,2", "--world-sizes", "2"]
+    if not with_ds:
+        cmd.append("--no-deepspeed")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    assert "MoE layer alone" in proc.stdout and "no GPU/NCCL" in proc.stdout
+    out = json.loads(lines[-1])
+
+    for key in ("config", "layer", "model", "dedup", "expert_efficiency", "memory", "gpu", "cuda_available",
+                "elapsed_s"):
+        assert key in out, key
+    layer = out["layer"]["2"]
+    expected = {"mt_cap", "mt_dropless"} | ({"ds_cap", "ds_nodrop"} if with_ds else set())
+    assert expected <= set(layer)
+    for name in expected:
+        assert layer[name]["tokens_per_s"] > 0 and layer[name]["median_s"] > 0
+    assert set(out["model"]["2"]) >= {"mt_cap", "mt_dropless"} | ({"ds_cap"} if with_ds else set())
+    if with_ds:
+        assert set(layer["speedup"]) == {"mt_cap_vs_ds_cap", "mt_dropless_vs_ds_cap", "mt_dropless_vs_ds_nodrop"}
+        # same gate, same experts, DeepSpeed's noise off: dropless moetrain == DeepSpeed without dropping
+        assert layer["maxdiff_mt_dropless_vs_ds_nodrop"] < 1e-4
+        assert "mt_cap_vs_ds_cap" in out["model"]["2"]["speedup"]
+    for kind in ("random", "correlated"):
+        row = out["dedup"]["2"][kind]
+        assert row["dedup"]["units_off_rank"] <= row["nodedup"]["units_off_rank"]
+        assert row["dedup"]["bytes_step"] > 0 and row["nodedup"]["median_s"] > 0
+    # correlated pairs are co-located: dedup must save more than on random routing
+    assert out["dedup"]["2"]["correlated"]["bytes_ratio"] < out["dedup"]["2"]["random"]["bytes_ratio"]
+    eff = out["expert_efficiency"][0]
+    assert eff["rows"] > 0 and eff["efficiency_median"] > 0
+    mem = out["memory"]
+    assert mem["2"]["expert_param_bytes_per_rank"] * 2 == mem["1"]["expert_param_bytes_per_rank"]
+    assert all(x > 0 for x in mem["2"]["peak_rss_mb_per_rank"])
+    if not out["cuda_available"]:
+        assert out["gpu"] is None
