@@ -11,7 +11,8 @@ here as a subprocess on 127.0.0.1 so it does not share our GIL), it measures:
   raw pyarrow ``open_output_stream`` write of the same bytes to the same place, same run
   (target >= 80%);
 - restore: resolve latest + read + sha256 + decode + copy into model and optimizer;
-- peak extra host memory (RSS sampled every 5 ms) vs the snapshot's bytes;
+- extra host memory: the snapshot's bytes, the RSS growth across the (sync) snapshot, and the
+  peak RSS growth (sampled every 5 ms) of a writer run without snapshot (stream buffers);
 - serialisation alone: the MTCKPT format vs ``torch.save`` into the same hashing sink.
 
 Prints a table, then one JSON line. ``--quick`` shrinks everything for a smoke run.
@@ -20,6 +21,7 @@ Prints a table, then one JSON line. ``--quick`` shrinks everything for a smoke r
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import hashlib
 import io
 import json
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moetrain.checkpoint import (  # noqa: E402
     AsyncCheckpointWriter, apply_retention, commit, load_objects, open_store, resolve)
 from moetrain.checkpoint.format import write_state  # noqa: E402
+from moetrain.checkpoint.snapshot import state_nbytes  # noqa: E402
 from moetrain.config import CheckpointConfig  # noqa: E402
 
 MB = 1e6
@@ -84,12 +87,16 @@ def train_step(model, opt, loss_fn) -> float:
     return time.perf_counter() - start
 
 
+def _object_name(name: str, child: nn.Module) -> str:
+    return f"dense/{name}" if isinstance(child, nn.ModuleList) else f"experts/layer-{name}/expert-0"
+
+
 def checkpoint_objects(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     """One object per top-level child (weights + its AdamW state), like one expert per object."""
     objs = {}
     for name, child in model.named_children():
         params = dict(child.named_parameters())
-        key = f"experts/layer-{name}/expert-0" if not isinstance(child, nn.ModuleList) else f"dense/{name}"
+        key = _object_name(name, child)
         objs[key] = {"params": params,
                      "optim": {n: dict(opt.state[p]) for n, p in params.items() if p in opt.state}}
     objs["rng/rank-0"] = {"torch": torch.get_rng_state()}
@@ -99,7 +106,7 @@ def checkpoint_objects(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
 def restore_into(model: nn.Module, opt, loaded: dict) -> None:
     with torch.no_grad():
         for name, child in model.named_children():
-            key = f"experts/layer-{name}/expert-0" if not isinstance(child, nn.ModuleList) else f"dense/{name}"
+            key = _object_name(name, child)
             for pname, p in child.named_parameters():
                 p.copy_(loaded[key]["params"][pname])
                 for k, v in loaded[key]["optim"].get(pname, {}).items():
@@ -151,7 +158,8 @@ class _NullHashSink:
 def serialise_speeds(objs: dict) -> dict:
     """MB/s of MTCKPT vs torch.save into a hashing sink (no I/O)."""
     out = {}
-    for label, fn in (("mtckpt", lambda s, v: write_state(s, v)), ("torch_save", lambda s, v: torch.save(v, s))):
+    writers = (("mtckpt", lambda s, v: write_state(s, v)), ("torch_save", lambda s, v: torch.save(v, s)))
+    for label, fn in writers:
         sink, start = _NullHashSink(), time.perf_counter()
         for state in objs.values():
             fn(sink, state)
@@ -185,20 +193,27 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 def bench_during_training(store, model, opt, loss_fn, base_step_s: float, step0: int, mode: str) -> dict:
     """Checkpoint at one step while training continues; stall and overlapped slowdown.
 
-    stall = (save step - median step) + time the next optimizer.step() waited at the fence
-    (overlap mode only)."""
+    blocked = time training was held by the checkpoint: the ``save()`` call (the snapshot in
+    sync mode) + the next ``optimizer.step()``'s wait at the fence (overlap mode);
+    stall_share = blocked / median step. step_delta_share = (save step - median step + fence
+    wait) / median step: the same thing measured from step times (noisier under load)."""
     probe = next(iter(model.parameters()))
     fence_wait = [0.0]
-    with RssPeak() as rss, AsyncCheckpointWriter(store, "bench", snapshot_mode=mode) as writer:
-        hook = opt.register_step_pre_hook(lambda *_: fence_wait.__setitem__(0, fence_wait[0] + writer.fence()))
+    with AsyncCheckpointWriter(store, "bench", snapshot_mode=mode) as writer:
+        def fence(*_) -> None:
+            fence_wait[0] += writer.fence()
+        hook = opt.register_step_pre_hook(fence)
         start = time.perf_counter()
         loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         expected = probe.detach().clone()
+        rss_before, call = _rss(), time.perf_counter()
         fut = writer.save(step0, checkpoint_objects(model, opt))
         save_step_s = time.perf_counter() - start
+        save_call_s = time.perf_counter() - call
+        snapshot_rss = _rss() - rss_before  # sync mode: the copy is done here
         overlapped = [train_step(model, opt, loss_fn)]
         while not fut.done():
             overlapped.append(train_step(model, opt, loss_fn))
@@ -206,37 +221,60 @@ def bench_during_training(store, model, opt, loss_fn, base_step_s: float, step0:
         hook.remove()
     commit(store, "bench", step0, [result], meta={"step": step0})
     apply_retention(store, "bench", keep=1)
-    stall = max(0.0, save_step_s - base_step_s) + fence_wait[0]
-    return {"stall_s": stall, "stall_share": stall / base_step_s, "save_step_s": save_step_s,
+    blocked = save_call_s + fence_wait[0]
+    step_delta = max(0.0, save_step_s - base_step_s) + fence_wait[0]
+    return {"blocked_s": blocked, "stall_share": blocked / base_step_s,
+            "step_delta_share": step_delta / base_step_s, "save_step_s": save_step_s,
             "fence_wait_s": fence_wait[0], "snapshot_s": result.snapshot_s,
-            "snapshot_mb": result.snapshot_bytes / MB, "rss_extra_mb": (rss.peak - rss.start) / MB,
+            "snapshot_mb": result.snapshot_bytes / MB,
+            "snapshot_rss_mb": snapshot_rss / MB if mode == "sync" else None,
             "async_upload_mbps": result.mb_per_s, "overlapped_steps": len(overlapped),
             "overlapped_slowdown": statistics.mean(overlapped) / base_step_s - 1,
             "bytes": result.bytes_written, "expected": expected}
 
 
-def bench_throughput(store, objs: dict, step: int) -> dict:
-    """Writer (no training) vs raw pyarrow writes of the same bytes, same store."""
-    out = {}
-    for conc in (1, 4):
-        with AsyncCheckpointWriter(store, "tput", async_upload=False, max_concurrency=conc) as w:
-            res = w.save(step + conc, objs).result()
-        out[f"writer_c{conc}_mbps"] = res.mb_per_s
-    blobs = []
+def bench_throughput(store, objs: dict, step: int, cap_mb: float) -> dict:
+    """Writer (no training) vs raw pyarrow writes of the same bytes, same store.
+
+    Uses the first objects up to ``cap_mb``; raw writes go through the same filesystem object,
+    one object at a time (c1) or four at once (c4), like the writer's ``max_concurrency``."""
+    chosen, total = {}, 0
     for name, state in objs.items():
+        if total < cap_mb * MB:
+            chosen[name] = state
+            total += state_nbytes(state)
+    blobs = []
+    for name, state in chosen.items():
         buf = io.BytesIO()
         write_state(buf, state)
         blobs.append((f"raw/{name}", buf.getvalue()))
-    start = time.perf_counter()
-    for key, data in blobs:
-        path = store.path(key)
-        if store.kind == "local":
-            store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with store.fs.open_output_stream(path) as f:
-            f.write(data)
-    out["raw_mbps"] = sum(len(d) for _, d in blobs) / MB / (time.perf_counter() - start)
-    store.delete_prefix("raw")
-    store.delete_prefix("tput")
+
+    def raw(conc: int) -> float:
+        def put(item) -> None:
+            path = store.path(item[0])
+            if store.kind == "local":
+                store.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            with store.fs.open_output_stream(path) as f:
+                f.write(item[1])
+        start = time.perf_counter()
+        with cf.ThreadPoolExecutor(conc) as pool:
+            list(pool.map(put, blobs))
+        mbps = sum(len(d) for _, d in blobs) / MB / (time.perf_counter() - start)
+        store.delete_prefix("raw")
+        return mbps
+
+    def writer(conc: int, at: int) -> float:
+        with RssPeak() as rss, AsyncCheckpointWriter(store, "tput", async_upload=False,
+                                                    max_concurrency=conc) as w:
+            mbps = w.save(at, chosen).result().mb_per_s
+        store.delete_prefix("tput")
+        out[f"upload_buffers_c{conc}_mb"] = (rss.peak - rss.start) / MB  # no snapshot here
+        return mbps
+
+    out = {"tput_mb": total / MB}
+    for conc in (1, 4):  # same concurrency for both sides
+        out[f"raw_c{conc}_mbps"] = raw(conc)
+        out[f"writer_c{conc}_mbps"] = writer(conc, step + conc)
     return out
 
 
@@ -253,18 +291,20 @@ def bench_restore(store, cfg: CheckpointConfig, model, opt, expected: torch.Tens
     return {"restore_s": total, "restore_read_mbps": manifest.total_bytes / MB / read_s, "restore_exact": ok}
 
 
-def run_backend(kind: str, uri: str, cfg: CheckpointConfig, model, opt, loss_fn, base_step_s) -> list[dict]:
+def run_backend(kind: str, uri: str, cfg: CheckpointConfig, model, opt, loss_fn, base_step_s,
+                cap_mb: float) -> list[dict]:
     """One row per snapshot mode; throughput and restore are shared by both rows."""
     store = open_store(uri, cfg)
     rows = []
     for i, mode in enumerate(("sync", "overlap")):
         during = bench_during_training(store, model, opt, loss_fn, base_step_s, 100 + i, mode)
         rows.append({"backend": kind, "snapshot_mode": mode, **during})
-    tput = bench_throughput(store, checkpoint_objects(model, opt), step=200)
+    tput = bench_throughput(store, checkpoint_objects(model, opt), step=200, cap_mb=cap_mb)
     restore = bench_restore(store, cfg, model, opt, rows[-1].pop("expected"))
     rows[0].pop("expected")
     for row in rows:
-        row.update(tput, **restore, upload_vs_raw=tput["writer_c1_mbps"] / tput["raw_mbps"])
+        row.update(tput, **restore, upload_vs_raw_c1=tput["writer_c1_mbps"] / tput["raw_c1_mbps"],
+                   upload_vs_raw_c4=tput["writer_c4_mbps"] / tput["raw_c4_mbps"])
     return rows
 
 
@@ -278,6 +318,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024, help="rows per step (tokens for --transformer)")
     p.add_argument("--transformer", action="store_true", help="use moetrain.model.Transformer")
     p.add_argument("--backends", default="local,s3")
+    p.add_argument("--tput-mb", type=float, default=150.0, help="bytes for the throughput runs")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -302,27 +343,37 @@ def main() -> None:
             else:
                 moto, endpoint = start_moto()
                 uri, cfg = "s3://bench/ckpt", CheckpointConfig(s3_endpoint=endpoint, s3_region="us-east-1")
-            rows.extend(run_backend(kind, uri, cfg, model, opt, loss_fn, base))
+            rows.extend(run_backend(kind, uri, cfg, model, opt, loss_fn, base, args.tput_mb))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if moto is not None:
             moto.kill()
 
-    nparams = sum(p.numel() for p in model.parameters())
+    print_report(rows, sum(p.numel() for p in model.parameters()), base, ser)
+
+
+def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None:
     print(f"model: {nparams / 1e6:.1f} M params, checkpoint {rows[0]['bytes'] / MB:.0f} MB "
-          f"(weights + AdamW state), median step {base * 1e3:.0f} ms, torch threads {torch.get_num_threads()}")
-    print(f"serialise only (hashing sink, no I/O): MTCKPT {ser['mtckpt']:.0f} MB/s, torch.save {ser['torch_save']:.0f} MB/s")
-    cols = [("backend", "{}"), ("snapshot_mode", "{}"), ("stall_s", "{:.3f}"), ("stall_share", "{:.1%}"), ("snapshot_s", "{:.3f}"), ("fence_wait_s", "{:.3f}"),
-            ("overlapped_slowdown", "{:+.0%}"), ("async_upload_mbps", "{:.0f}"), ("raw_mbps", "{:.0f}"),
-            ("writer_c1_mbps", "{:.0f}"), ("writer_c4_mbps", "{:.0f}"), ("upload_vs_raw", "{:.0%}"),
-            ("restore_s", "{:.2f}"), ("restore_read_mbps", "{:.0f}"), ("snapshot_mb", "{:.0f}"),
-            ("rss_extra_mb", "{:.0f}")]
+          f"(weights + AdamW state), median step {base * 1e3:.0f} ms, "
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"serialise only (hashing sink, no I/O): MTCKPT {ser['mtckpt']:.0f} MB/s, "
+          f"torch.save {ser['torch_save']:.0f} MB/s")
+    cols = [("backend", "{}"), ("snapshot_mode", "{}"), ("blocked_s", "{:.3f}"),
+            ("stall_share", "{:.1%}"), ("step_delta_share", "{:.1%}"), ("fence_wait_s", "{:.3f}"),
+            ("overlapped_slowdown", "{:+.0%}"), ("async_upload_mbps", "{:.0f}"),
+            ("raw_c1_mbps", "{:.0f}"), ("writer_c1_mbps", "{:.0f}"), ("upload_vs_raw_c1", "{:.0%}"),
+            ("raw_c4_mbps", "{:.0f}"), ("writer_c4_mbps", "{:.0f}"), ("upload_vs_raw_c4", "{:.0%}"), ("restore_s", "{:.2f}"), ("restore_read_mbps", "{:.0f}"),
+            ("snapshot_mb", "{:.0f}"), ("snapshot_rss_mb", "{:.0f}"),
+            ("upload_buffers_c4_mb", "{:.0f}")]
     widths = [max(len(c), 9) for c, _ in cols]
     print("  ".join(c.ljust(w) for (c, _), w in zip(cols, widths)))
     for r in rows:
-        print("  ".join(f.format(r[c]).ljust(w) for (c, f), w in zip(cols, widths)))
+        print("  ".join(("-" if r[c] is None else f.format(r[c])).ljust(w)
+                        for (c, f), w in zip(cols, widths)))
     summary = {"params_m": nparams / 1e6, "checkpoint_mb": rows[0]["bytes"] / MB, "step_s": base,
-               "serialise_mbps": ser, "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}
+               "load_average": os.getloadavg()[0], "serialise_mbps": ser,
+               "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                        for r in rows]}
     print(json.dumps(summary))
 
 

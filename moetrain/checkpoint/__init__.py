@@ -10,6 +10,7 @@ Flow::
     store  = open_store(cfg.checkpoint.uri, cfg.checkpoint)          # every process
     writer = AsyncCheckpointWriter(store, run, rank=r)                # every rank
     fut    = writer.save(step, objects)     # snapshot now, upload in the background
+    #  (snapshot_mode="overlap" + writer.install_fence(optimizer): copy during the next step)
     result = fut.result()                   # SaveResult(entries={name, size, sha256})
     commit(store, run, step, [result_rank0, result_rank1, ...], meta)  # driver: manifest, latest
     apply_retention(store, run, keep=cfg.checkpoint.keep)
@@ -18,9 +19,8 @@ Flow::
 
 Modules: ``storage`` (Store, atomic streamed writes, retries, typed errors), ``format`` (the
 object byte format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async
-writer), ``manifest``
-(commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load),
-``cli`` (``moetrain ckpt ...``).
+writer), ``manifest`` (commit), ``retention`` (list / keep N / clean), ``reader`` (resolve /
+verify / load), ``cli`` (``moetrain ckpt ...``).
 """
 
 from moetrain.checkpoint.errors import (

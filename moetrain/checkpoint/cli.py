@@ -70,7 +70,8 @@ def ckpt_verify(uri: str, cfg: CheckpointConfig | None = None, *,
 
 def _summary(value: Any) -> str:
     if isinstance(value, dict):
-        return f"{{{len(value)} keys: {', '.join(map(str, list(value)[:6]))}{', ...' if len(value) > 6 else ''}}}"
+        keys = ", ".join(map(str, list(value)[:6])) + (", ..." if len(value) > 6 else "")
+        return f"{{{len(value)} keys: {keys}}}"
     if isinstance(value, list):
         tail = f" last={value[-1]!r}" if value and not isinstance(value[-1], (dict, list)) else ""
         return f"[{len(value)} items]{tail}"

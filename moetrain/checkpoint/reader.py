@@ -143,11 +143,11 @@ def verify(ref: CheckpointRef, *, deep: bool = True, max_concurrency: int = 4) -
         sizes = {f.key: f.size for f in ref.store.list_files(ref.prefix)}
 
         def check_size(e: ObjectEntry) -> int:
-            size = sizes.get(ref.key(e.name))
+            size, uri = sizes.get(ref.key(e.name)), ref.store.uri_of(ref.key(e.name))
             if size is None:
-                raise ObjectNotFoundError(f"{ref.store.uri_of(ref.key(e.name))} is missing")
+                raise ObjectNotFoundError(f"{uri} is missing")
             if size != e.size:
-                raise CorruptObjectError(f"{ref.store.uri_of(ref.key(e.name))}: size {size} != manifest {e.size}")
+                raise CorruptObjectError(f"{uri}: size {size} != manifest {e.size}")
             return size
         results = _map(check_size, manifest.entries, 1)
     missing = [e.name for e, _, err in results if isinstance(err, ObjectNotFoundError)]

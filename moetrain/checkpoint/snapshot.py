@@ -94,5 +94,6 @@ def snapshot(objects: Mapping[str, Any], *, versions: dict[int, int] | None = No
         except CheckpointError:
             raise
         except Exception as exc:  # e.g. a meta tensor: there is nothing to copy
-            raise SerializationError(f"snapshot of object {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise SerializationError(
+                f"snapshot of object {name!r} failed: {type(exc).__name__}: {exc}") from exc
     return Snapshot(objects=copied, nbytes=counter[0], seconds=time.perf_counter() - start)

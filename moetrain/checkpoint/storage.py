@@ -23,6 +23,7 @@ AbortMultipartUpload; ``retention.abort_stale_uploads`` uses boto3 when it is in
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import os
@@ -309,8 +310,8 @@ def _split_endpoint(endpoint: str) -> tuple[str, str]:
     return "https", endpoint.rstrip("/")
 
 
-def _open_s3(uri: str, cfg: CheckpointConfig, connect_timeout_s: float,
-             request_timeout_s: float) -> tuple[pafs.FileSystem, str, str, str]:
+def _open_s3(uri: str, cfg: CheckpointConfig, connect_timeout_s: float, request_timeout_s: float,
+             background_writes: bool) -> tuple[pafs.FileSystem, str, str, str]:
     parts = urlsplit(uri)
     if parts.query or "@" in parts.netloc:
         raise InvalidNameError(
@@ -340,7 +341,8 @@ def _open_s3(uri: str, cfg: CheckpointConfig, connect_timeout_s: float,
     fs = pafs.S3FileSystem(
         region=region, connect_timeout=connect_timeout_s, request_timeout=request_timeout_s,
         # Our own retry loop (max_retries, exponential backoff) wraps every call.
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1), **kwargs)
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+        background_writes=background_writes, **kwargs)
     root = f"{bucket}{parts.path}".rstrip("/")
     return fs, root, endpoint, region
 
@@ -359,12 +361,17 @@ def _probe(store: Store) -> None:
 
 
 def open_store(uri: str, cfg: CheckpointConfig | None = None, *, connect_timeout_s: float = 5.0,
-               request_timeout_s: float = 60.0, backoff_s: float = 0.5,
-               probe: bool = True) -> Store:
+               request_timeout_s: float = 60.0, backoff_s: float = 0.5, probe: bool = True,
+               s3_background_writes: bool = False) -> Store:
     """Open the checkpoint root ``uri``: a local path (relative paths are made absolute),
     ``file://``, ``s3://bucket/prefix`` (endpoint / region from ``cfg`` or ``AWS_ENDPOINT_URL``,
     ``AWS_REGION``; keys from the AWS SDK chain), ``gs://bucket/prefix``, or any other URI
-    pyarrow knows. ``probe`` checks reachability, credentials and the bucket now."""
+    pyarrow knows. ``probe`` checks reachability, credentials and the bucket now.
+
+    ``s3_background_writes=False`` (default) uploads each stream's parts from the writing
+    thread: memory stays bounded (one part per stream; parallelism comes from writing several
+    objects at once), whereas pyarrow's background writes buffer a whole object when the
+    network is slower than serialisation (measured: +230 MB for 6 x 48 MB objects)."""
     cfg = cfg or CheckpointConfig()
     if not uri:
         raise InvalidNameError("checkpoint URI is empty (set checkpoint.uri)")
@@ -373,11 +380,13 @@ def open_store(uri: str, cfg: CheckpointConfig | None = None, *, connect_timeout
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     endpoint = region = ""
     if scheme == "s3":
-        fs, root, endpoint, region = _open_s3(uri, cfg, connect_timeout_s, request_timeout_s)
+        fs, root, endpoint, region = _open_s3(uri, cfg, connect_timeout_s, request_timeout_s,
+                                              s3_background_writes)
         kind = "s3"
     elif scheme in ("gs", "gcs"):
         parts = urlsplit(uri)
-        fs = pafs.GcsFileSystem(retry_limit_seconds=max(1.0, backoff_s * 2 ** cfg.max_retries))
+        retry_s = max(1.0, backoff_s * 2 ** cfg.max_retries)
+        fs = pafs.GcsFileSystem(retry_time_limit=dt.timedelta(seconds=retry_s))
         root, kind = f"{parts.netloc}{parts.path}".rstrip("/"), "gcs"
     else:
         target = uri if scheme else os.path.abspath(os.path.expanduser(uri))

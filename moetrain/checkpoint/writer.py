@@ -14,6 +14,7 @@ Rules:
 - objects of one checkpoint upload concurrently (``max_concurrency``, for many small expert
   objects) and each object's tensors are released as soon as it is stored;
 - ``async_upload=False`` writes in the calling thread without a snapshot copy;
+- a step that is already committed is never overwritten (the checkpoint fails instead);
 - ``on_error="raise"``: a failure raises :class:`CheckpointError` from ``wait()`` / the future /
   the next ``save()``; ``on_error="mark"``: nothing raises, the :class:`SaveResult` carries
   ``ok=False`` and the error text ("checkpoint failed" is logged), and training goes on.
@@ -32,7 +33,14 @@ import torch
 
 from moetrain.checkpoint.errors import CheckpointError, SerializationError
 from moetrain.checkpoint.format import write_state
-from moetrain.checkpoint.layout import ObjectEntry, check_name, check_run, check_step, step_prefix
+from moetrain.checkpoint.layout import (
+    MANIFEST,
+    ObjectEntry,
+    check_name,
+    check_run,
+    check_step,
+    step_prefix,
+)
 from moetrain.checkpoint.snapshot import Snapshot, snapshot, state_nbytes, tensor_versions
 from moetrain.checkpoint.storage import Store, open_store
 from moetrain.config import CheckpointConfig
@@ -244,6 +252,14 @@ class AsyncCheckpointWriter:
             job.source = job.versions = None
             job.copied.set()
 
+    def _refuse_committed(self, step: int) -> None:
+        """Never overwrite the objects of a committed checkpoint (its manifest would lie)."""
+        manifest = f"{step_prefix(self.run, step)}/{MANIFEST}"
+        if self.store.exists(manifest):
+            raise CheckpointError(
+                f"{self.store.uri_of(step_prefix(self.run, step))} is already committed: delete it "
+                "(e.g. retention.apply_retention / `moetrain ckpt clean`) or save another step")
+
     def _write_one(self, job: _Job, name: str) -> ObjectEntry:
         state = job.take(name)
         key = f"{step_prefix(self.run, job.step)}/{name}"
@@ -257,14 +273,15 @@ class AsyncCheckpointWriter:
         return ObjectEntry(name=name, size=res.size, sha256=res.sha256)
 
     def _run_job(self, job: _Job) -> tuple[SaveResult, CheckpointError | None]:
-        start = time.perf_counter()
         failures: list[tuple[str, BaseException]] = []
         entries: list[ObjectEntry] = []
         try:
             if job.source is not None:
                 self._copy_source(job)
+            self._refuse_committed(job.step)
         except CheckpointError as exc:
-            failures.append(("(snapshot)", exc))
+            failures.append(("(before upload)", exc))
+        start = time.perf_counter()
         if not failures:
             names = sorted(job.objects, key=lambda n: -state_nbytes(job.objects[n]))
             futures = {self._uploads.submit(self._write_one, job, n): n for n in names}

@@ -14,7 +14,8 @@ def make_objects(rank: int = 0, *, experts: int = 2, dim: int = 16, seed: int = 
     objs: dict[str, Any] = {
         f"dense/rank-{rank}": {
             "model": {"w_DD": torch.randn(dim, dim, generator=g), "b_D": torch.randn(dim, generator=g)},
-            "optim": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(dim, dim, generator=g)}},
+            "optim": {"state": {0: {"step": torch.tensor(3.0),
+                                    "exp_avg": torch.randn(dim, dim, generator=g)}},
                       "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}]},
         },
         f"rng/rank-{rank}": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "seed": seed},

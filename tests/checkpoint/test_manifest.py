@@ -95,7 +95,8 @@ def test_retention_keeps_n_and_the_newest(store):
     _save(store, 9)  # uncommitted, newer: possibly in flight, kept
     report = apply_retention(store, "run", keep=2)
     assert (report.kept, report.deleted, report.garbage) == ((3, 4), (1, 2), (0,))
-    assert [(i.step, i.committed) for i in list_checkpoints(store, "run")] == [(3, True), (4, True), (9, False)]
+    listed = [(i.step, i.committed) for i in list_checkpoints(store, "run")]
+    assert listed == [(3, True), (4, True), (9, False)]
     assert resolve("latest", store=store, run="run").step == 4
     apply_retention(store, "run", keep=1)
     assert [i.step for i in list_checkpoints(store, "run") if i.committed] == [4]

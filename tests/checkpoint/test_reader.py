@@ -40,7 +40,7 @@ def _flip_byte(store, key, at=-1):
     store.write_bytes(key, bytes(data))
 
 
-def test_corrupt_and_missing_objects_are_named(store):
+def test_corrupt_and_missing_objects_are_named(store, backend):
     objs = _commit(store, 2)
     ref = CheckpointRef(store, "run", 2)
     _flip_byte(store, ref.key("experts/layer-0/expert-1"))
@@ -50,6 +50,8 @@ def test_corrupt_and_missing_objects_are_named(store):
     assert report.corrupt == ("experts/layer-0/expert-1",) and report.missing == ("rng/rank-1",)
     assert report.checked == len(objs) - 2
     assert any("expert-1" in p and "sha256" in p for p in report.problems)
+    _, text = ckpt_verify(ref.uri, backend.cfg)
+    assert "FAILED" in text and "missing: rng/rank-1" in text and "corrupt: experts/layer-0/expert-1" in text
     shallow = verify(ref, deep=False)  # sizes only: the flipped byte goes unnoticed
     assert shallow.missing == ("rng/rank-1",) and shallow.corrupt == ()
     with pytest.raises(CorruptObjectError, match="experts/layer-0/expert-1.*sha256"):

@@ -133,13 +133,13 @@ def test_synchronous_mode_writes_in_the_caller(store):
 
 def _model_and_optimizer():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(4)])
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(4)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return model, opt
 
 
 def _step(model, opt):
-    model(torch.randn(8, 512)).square().mean().backward()
+    model(torch.randn(8, 256)).square().mean().backward()
     opt.step()
     opt.zero_grad()
 
@@ -157,7 +157,7 @@ def test_overlapped_snapshot_with_fence_stores_the_requested_step(store):
         fut = w.save(1, _objects(model, opt))
         _step(model, opt)  # optimizer.step() waits for the copy, then changes the weights
         _step(model, opt)
-        assert fut.result().ok and fut.result().snapshot_bytes > 3 * 4 * 512 * 512
+        assert fut.result().ok and fut.result().snapshot_bytes > 3 * 4 * 256 * 256
     commit(store, "run", 1, [fut.result()])
     loaded = load_objects(resolve("latest", store=store, run="run"), ["dense/rank-0"])["dense/rank-0"]
     assert_same(expected, loaded["model"])
@@ -167,13 +167,41 @@ def test_overlapped_snapshot_with_fence_stores_the_requested_step(store):
 def test_overlapped_snapshot_without_fence_fails_instead_of_tearing(store):
     model, opt = _model_and_optimizer()
     _step(model, opt)
-    big = {f"part-{i}": torch.randn(1 << 20) for i in range(16)}  # 64 MB copied first
+    big = {f"part-{i}": torch.randn(1 << 20) for i in range(32)}  # 128 MB copied first
     objs = {"a/big": big, **_objects(model, opt)}
     with AsyncCheckpointWriter(store, "run", snapshot_mode="overlap", on_error="mark") as w:
-        w.save(1, objs)
-        with torch.no_grad():
-            model[3].bias.add_(1.0)  # no fence: changed before the copy reaches it
-        result = w.wait()
+        for step in range(3):  # the race is only lost if this thread sleeps through the copy
+            w.save(step, objs)
+            with torch.no_grad():
+                model[3].bias.add_(1.0)  # no fence: changed before the copy reaches it
+            result = w.wait()
+            if not result.ok:
+                break
     assert not result.ok and result.error_type == "TornSnapshotError"
     assert "dense/rank-0['model']['3.bias']" in result.error and "fence" in result.error
-    assert store.list_files("run/step-1") == []
+    assert store.list_files(f"run/step-{step}") == []
+
+
+@pytest.mark.s3
+def test_unreachable_store_mid_training_is_marked_quickly(s3_server):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave the block
+    cfg = CheckpointConfig(s3_endpoint=f"http://127.0.0.1:{port}", max_retries=2)
+    store = open_store("s3://bkt/ckpt", cfg, probe=False, connect_timeout_s=0.5, backoff_s=0.01)
+    start = time.perf_counter()
+    with AsyncCheckpointWriter(store, "run", on_error="mark") as w:
+        result = w.save(1, make_objects()).result()
+    assert time.perf_counter() - start < 10.0
+    assert not result.ok and result.error_type == "StoreUnreachableError"
+    assert "s3://bkt/ckpt/run/step-1/" in result.error and "after 3 attempts" in result.error
+
+
+def test_a_committed_step_is_never_overwritten(store):
+    with AsyncCheckpointWriter(store, "run", on_error="mark") as w:
+        first = w.save(1, make_objects()).result()
+        commit(store, "run", 1, [first])
+        again = w.save(1, make_objects(seed=9)).result()
+    assert not again.ok and "already committed" in again.error
+    assert verify(resolve("latest", store=store, run="run")).ok
