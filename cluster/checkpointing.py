@@ -36,17 +36,25 @@ def due(cfg: RunConfig, step: int) -> bool:
 
 # ---- worker side (called inside the rank's actor) ---------------------------------------------
 def start_rank_checkpoint(worker, step: int) -> dict:
-    if getattr(worker, "_ckpt_writer", None) is None:
-        worker._ckpt_writer = AsyncCheckpointWriter.from_config(
-            worker.cfg.checkpoint, worker.cfg.cluster.run_name, rank=worker.rank, on_error="mark")
+    """Snapshot this rank's objects and start streaming them. A store that cannot even be opened
+    (unreachable, bad credentials) is reported, not raised: training goes on."""
     t0 = time.perf_counter()
-    worker._ckpt_future = worker._ckpt_writer.save(step, rank_objects(worker.trainer))
-    return {"stall_s": time.perf_counter() - t0}
+    worker._ckpt_future = None
+    worker._ckpt_error = ""
+    try:
+        if getattr(worker, "_ckpt_writer", None) is None:
+            worker._ckpt_writer = AsyncCheckpointWriter.from_config(
+                worker.cfg.checkpoint, worker.cfg.cluster.run_name, rank=worker.rank, on_error="mark")
+        worker._ckpt_future = worker._ckpt_writer.save(step, rank_objects(worker.trainer))
+    except CheckpointError as exc:
+        worker._ckpt_error = f"{type(exc).__name__}: {exc}"
+    return {"stall_s": time.perf_counter() - t0, "error": worker._ckpt_error}
 
 
 def wait_rank_checkpoint(worker):
+    """This rank's SaveResult, or an error string when its checkpoint never started."""
     fut = getattr(worker, "_ckpt_future", None)
-    return None if fut is None else fut.result()
+    return fut.result() if fut is not None else (getattr(worker, "_ckpt_error", "") or "no checkpoint started")
 
 
 def load_into_trainer(trainer, cfg: RunConfig, resume: dict) -> None:
@@ -100,9 +108,10 @@ class Coordinator:
     def _commit(self, refs, step: int, meta: dict, stall: float) -> None:
         try:
             results = ray.get(refs)
-            failed = [r for r in results if r is None or not r.ok]
+            failed = [f"[Rank {i}]: {r if isinstance(r, str) else r.error}" for i, r in enumerate(results)
+                      if isinstance(r, str) or not r.ok]
             if failed:
-                raise CheckpointError("; ".join(str(getattr(r, "error", "no result")) for r in failed))
+                raise CheckpointError("; ".join(failed))
             store = open_store(self.cfg.checkpoint.uri, self.cfg.checkpoint)
             manifest = commit(store, self.cfg.cluster.run_name, step, results, meta)
             apply_retention(store, self.cfg.cluster.run_name, keep=self.cfg.checkpoint.keep)

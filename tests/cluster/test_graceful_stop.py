@@ -29,7 +29,7 @@ def test_sigterm_stops_after_the_step_with_a_final_checkpoint(tmp_path):
         if "step     3 |" in line or time.monotonic() > deadline:
             break
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=180)
+    _, rest = proc.communicate(timeout=180)
     out = "".join(lines) + rest
     assert proc.returncode == 0, out[-3000:]
     assert "stopping after the current step" in out
