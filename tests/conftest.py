@@ -5,6 +5,7 @@
   metadata probe disabled. Tests that use it are marked ``s3``.
 - ``s3_iam_auth``: a context manager that makes that server check credentials (moto accepts
   any key otherwise), for bad-credentials tests.
+- ``ray_local`` (session): a real local Ray instance for driver-side tests.
 
 Keep this file to fixtures several packages need; package-specific ones go in the package's
 own ``conftest.py``.
@@ -76,3 +77,26 @@ def s3_iam_auth(s3_server: S3Server):
         finally:
             _reset_auth(s3_server.endpoint, "inf")
     return enforce
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance shared by the in-process driver tests (cluster.api.run,
+    WorkerGroup). Workers inherit the driver's environment at ``ray.init``, so the S3 test
+    server's dummy credentials are set first and cloud metadata is never probed."""
+    import os
+    import tempfile
+
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_REGION", "us-east-1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, namespace="moetrain",
+                 _temp_dir=tempfile.mkdtemp(prefix="ray-mt-", dir="/tmp"), log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -117,14 +117,15 @@ def test_clean_aborts_pending_multipart_uploads(s3_server):
     from moetrain.config import CheckpointConfig
     store = open_store(s3_server.uri("mpu"), CheckpointConfig(s3_endpoint=s3_server.endpoint))
     client = s3_server.client()
-    # What a SIGKILLed writer leaves: an initiated multipart upload of a temporary key.
-    ours = "mpu/run/step-1/dense/rank-0.tmp-00000000aaaa"
-    other = "mpu/run/step-1/not-ours"
-    for key in (ours, other):
+    # What a SIGKILLed writer leaves: an initiated multipart upload of an object (written
+    # directly to its final key) or of a commit record's temporary key.
+    ours = ("mpu/run/step-1/dense/rank-0", "mpu/run/step-1/manifest.json.tmp-00000000aaaa")
+    others = ("mpu/run/notes/not-a-step", "mpu/run2/step-1/dense/rank-0")
+    for key in ours + others:
         up = client.create_multipart_upload(Bucket=s3_server.bucket, Key=key)
         client.upload_part(Bucket=s3_server.bucket, Key=key, UploadId=up["UploadId"],
                            PartNumber=1, Body=b"x" * 1024)
     report = clean(store, "run", uploads_older_than_s=0)
-    assert report.aborted_uploads == (ours,)
+    assert sorted(report.aborted_uploads) == sorted(ours)
     left = client.list_multipart_uploads(Bucket=s3_server.bucket, Prefix="mpu/").get("Uploads", [])
-    assert [u["Key"] for u in left] == [other]
+    assert sorted(u["Key"] for u in left) == sorted(others)

@@ -107,6 +107,42 @@ def test_failed_upload_keeps_previous_checkpoint_and_latest(store):
     assert read_latest(store, "run") == 1 and verify(resolve("latest", store=store, run="run")).ok
 
 
+def test_partial_object_left_by_a_failure_is_never_committed_or_loaded(store, monkeypatch):
+    """Direct writes: if the best-effort delete of a failed object fails too (store down), the
+    partial object stays at its final key. It is not committed, it is rejected by sha256 even
+    if someone forged a manifest for it, and retention removes it with its uncommitted step."""
+    from moetrain.checkpoint import CorruptObjectError, apply_retention, list_checkpoints
+    from moetrain.checkpoint.storage import Store
+    with AsyncCheckpointWriter(store, "run", on_error="mark") as w:
+        good = w.save(1, make_objects()).result()
+        commit(store, "run", 1, [good])
+        monkeypatch.setattr(Store, "_delete_quietly", lambda self, path: None)
+        failed = w.save(2, _failing_snapshot(make_objects(seed=2))).result()
+        monkeypatch.undo()
+        partial_key = "run/step-2/experts/layer-0/expert-9"
+        partial = {f.key: f.size for f in store.list_files("run/step-2")}
+        assert partial_key in partial and partial[partial_key] > 4 << 20  # header + 4 MB, no meta data
+        assert not failed.ok and "expert-9" in failed.error and failed.entries == ()
+        with pytest.raises(CheckpointError, match="rank 0 failed"):
+            commit(store, "run", 2, [failed])
+        assert read_latest(store, "run") == 1 and not list_checkpoints(store, "run")[1].committed
+        # A forged commit of the partial object: its size (listing) or sha256 (reader) gives it away.
+        full = w.save(3, {"experts/layer-0/expert-9": {"w": torch.randn(1 << 20)}}).result()
+        with pytest.raises(CorruptObjectError, match="size differs"):
+            commit(store, "run", 2, [[{**full.entries[0].to_dict()}]])
+        store.write_bytes(partial_key, b"x" * full.entries[0].size)  # right size, wrong bytes
+        commit(store, "run", 2, [[full.entries[0].to_dict()]])
+        ref = resolve(f"{store.uri}/run/step-2", store=store)
+        assert not verify(ref).ok and "sha256" in verify(ref).problems[0]
+        with pytest.raises(CorruptObjectError, match="sha256"):
+            load_objects(ref, ["experts/layer-0/expert-9"])
+        store.delete("run/step-2/manifest.json")  # un-forge
+        commit(store, "run", 3, [full])
+    assert read_latest(store, "run") == 3 and verify(resolve("latest", store=store, run="run")).ok
+    report = apply_retention(store, "run", keep=2)
+    assert report.garbage == (2,) and report.kept == (1, 3) and store.list_files("run/step-2") == []
+
+
 def test_on_error_mark_reports_without_raising(store, caplog):
     with AsyncCheckpointWriter(store, "run", on_error="mark") as w:
         result = w.save(3, _failing_snapshot(make_objects())).result()
