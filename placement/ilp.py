@@ -16,6 +16,8 @@ with ``q[p] = coact[e, f] / (cnt[e] cnt[f]) / T`` on the P heaviest pairs. The c
 ``min(w) * sum_e load[e] / T`` is kept out of the objective (HiGHS drops objective constants
 and then misreports the gap) and added back to ``objective`` and ``bound`` afterwards.
 Optional hard cap: ``sum_e share[e] x[e, r] <= cap`` (relative to the mean rank load).
+Star inequalities ``sum_{p containing e} y[p, r] <= (slots[r] - 1) x[e, r]`` (valid: e has at
+most slots - 1 partners on r) tighten the LP relaxation where e has more pairs than that.
 Symmetry breaking when ranks are interchangeable (equal slots and weights, no migration term,
 no replicas): the i-th heaviest expert may only use ranks 0..i.
 """
@@ -38,6 +40,9 @@ try:  # HiGHS through highspy; optional
     HAVE_HIGHS = True
 except ImportError:  # pragma: no cover - depends on the environment
     HAVE_HIGHS = False
+
+
+LP_BOUND_TIME_S = 120.0  # the LP relaxation that backs every bound is not cut by the MIP's limit
 
 
 def default_solver() -> str:
@@ -125,6 +130,16 @@ def _build(m: LayerModel, symmetry: bool):
         for r in range(R):
             prob += y[p, r] - x[int(e), r] <= 0
             prob += y[p, r] - x[int(f), r] <= 0
+    # star inequalities: e has at most slots[r] - 1 partners on r, and none unless it is there;
+    # they cut the LP point x = slots / E, y = min(x) whenever e has more pairs than that
+    inc: list[list[int]] = [[] for _ in range(E)]
+    for p, (e, f) in enumerate(m.pairs_P2):
+        inc[int(e)].append(p)
+        inc[int(f)].append(p)
+    for e in range(E):
+        for r in range(R):
+            if len(inc[e]) > m.slots_R[r] - 1:
+                prob += (pulp.lpSum(y[p, r] for p in inc[e]) - float(m.slots_R[r] - 1) * x[e, r]) <= 0
     if symmetry:
         for i, e in enumerate(np.argsort(-m.share_E, kind="stable")[:R - 1]):
             for r in range(i + 1, R):
@@ -186,8 +201,7 @@ def solve_layer_model(m: LayerModel, *, warm_ER: np.ndarray | None = None, time_
         bound = _cbc_bound(text)
     if not relax and (bound is None or not math.isfinite(bound)):
         # stopped before the root relaxation finished: the LP relaxation still gives a proven bound
-        lp = solve_layer_model(m, time_limit_s=max(float(time_limit_s) / 4, 0.5), solver=solver,
-                               symmetry=symmetry, relax=True)
+        lp = solve_layer_model(m, time_limit_s=LP_BOUND_TIME_S, solver=solver, symmetry=symmetry, relax=True)
         bound = lp.bound - float(m.w_R.min() * m.share_E @ m.cnt_E) if math.isfinite(lp.bound) else None
     elapsed = time.monotonic() - t0
     const = float(m.w_R.min() * m.share_E @ m.cnt_E)
@@ -204,9 +218,12 @@ def solve_layer_model(m: LayerModel, *, warm_ER: np.ndarray | None = None, time_
                               min(b, obj), "warm start only", solver, elapsed)
     obj = float(pulp.value(prob.objective)) + const
     if bound is None or not math.isfinite(bound):
-        bound = obj if sol == 1 and not relax else math.nan
+        bound = obj if sol == 1 else math.nan  # an optimal LP relaxation is its own bound
     else:
         bound = min(float(bound) + const, obj)  # a lower bound never exceeds the incumbent
+        if solver == "cbc" and sol == 1 and not relax:
+            # CBC logs only intermediate "best possible" figures; "optimal" means closed to mip_gap
+            bound = max(bound, obj - mip_gap * abs(obj))
     rank_sets = [[r for r in range(R) if (x[e, r].varValue or 0.0) > 0.5] for e in range(E)]
     return IlpLayerResult(rank_sets, obj, bound, status, solver, elapsed)
 

@@ -1,19 +1,36 @@
 """The single entry point: ``solve_placement(stats, topology, method=...) -> SolveResult``.
 
-Owns: running a method over every layer within one time budget, the ILP pipeline (local-search
-warm start -> ILP -> exact swap polish, flat or hierarchical nodes-then-ranks), and the result
-type. Side-effect free and picklable results, so moetrain can call it from a Ray task.
+Owns: running a method over every layer within one time budget, the ILP pipeline (convergent
+local search + greedy -> flat or hierarchical ILP -> exact swap polish -> exact two-rank MIP
+neighbourhood search (lns.py) -> bound), and the result type. Side-effect free and picklable results, so moetrain can call it from a Ray task.
 
 Legend: L layers, E experts, R ranks, N nodes, S slots.
 
-``method="ilp"`` per layer: (1) replica counts for hot experts (greedy by load per replica),
-(2) LPT packing then exact pairwise-swap local search = the warm start, (3) the ILP of ilp.py on
-the pairwise model (top ``num_pairs`` pairs), flat or hierarchical (first experts -> nodes
-with inter-node link costs, then each node's experts -> its ranks; used automatically for
-multi-node problems with E x R >= 512 and no replicas), (4) exact swap polish of the ILP answer,
-(5) the better of (2) and (4) on the exact objective. ``bound`` is the solver's proven lower
-bound on the ILP *model* objective (flat LP relaxation in hierarchical mode); it bounds the
-pairwise model, not the exact dedup cost.
+``method="ilp"`` per layer (layer l's deadline is ``start + time_limit_s * (l + 1) / L``):
+
+1. **heuristics** (not cut by the deadline; reported as ``heuristic_s``): greedy (EPLB-style),
+   and the same deterministic exact swap local search as ``method="local_search"`` from the same
+   start, run to convergence. Best-improvement descent never rises, so the best of the two is
+   <= greedy and <= local_search (whatever point its deadline stopped it at): **the ILP method
+   never returns a worse fitted objective than greedy or local_search, by construction**.
+2. **flat ILP** (ilp.py, pairwise model on the top ``num_pairs`` pairs; hierarchical
+   nodes-then-ranks for multi-node problems with E x R >= 512 and no replicas) warm-started from
+   the best heuristic answer (incl. random-restart local search on 40% of the layer's remaining
+   budget, no-replica layers only), on 30% of what is left of the layer's budget (90% when step 3 cannot
+   run), then exact swap polish of its answer.
+3. **MIP neighbourhood search** (lns.py): the exact two-rank sub-MIP over rank pairs, with the
+   rest of the budget (needs per-token ids).
+4. **bound** (reported as ``bound_s``): the larger of the flat MIP's proven dual bound and the
+   flat LP relaxation (always solved, without a time limit); in
+   hierarchical mode always the flat LP relaxation (the two-stage split proves nothing).
+   Every layer gets a finite bound unless the LP itself fails (``bound_kind`` says which).
+   It bounds the ILP's *pairwise model* (``model_objective`` = that model's value of the
+   returned placement), not the exact dedup cost.
+
+So ``time_limit_s`` bounds the MIP phases (2, 3) of all layers together; the convergent local
+search of step 1 and the LP of step 4 may run past it (each layer's figures are in
+``SolveResult.layers``: times, ``warm_objective`` (best heuristic), ``objective`` (returned),
+``mip_improvement``, ``source``).
 """
 
 from __future__ import annotations
@@ -26,7 +43,8 @@ import numpy as np
 
 from placement.baselines import greedy_layer, local_search_layer, pack_lpt, replica_counts
 from placement.cost import CostBreakdown, evaluate, holders_ER, layer_cost, migration_bytes
-from placement.ilp import LayerModel, default_solver, model_objective, solve_layer_model, top_pairs
+from placement.ilp import LP_BOUND_TIME_S, LayerModel, default_solver, model_objective, solve_layer_model, top_pairs
+from placement.lns import lns_layer
 from placement.placement import Placement, PlacementError
 from placement.stats import RoutingStats
 from placement.topology import Topology
@@ -148,22 +166,26 @@ def _ilp_hierarchical(c: _Ctx, l: int, cnt_E, warm_S, time_s):
             rank_sets[e] = [int(ranks[r]) for r in r2.rank_sets[i]]
     flat = _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), topo.send_weight_R,
                         np.array(topo.slots_per_rank), fetch_ER)
-    lp = solve_layer_model(flat, relax=True, time_limit_s=max(time_s / 4, 1.0), solver=c.solver)
     row = _rows_from_sets(rank_sets, R)
     obj = model_objective(flat, holders_ER(row, srank, E, R))
-    # stages solved to optimality do not make the split optimal for the flat model
-    return row, obj, lp.bound, "feasible"
+    # stages solved to optimality do not make the split optimal for the flat model: no bound here
+    # (the caller computes the flat LP relaxation)
+    return row, obj, math.nan, "feasible"
+
+
+def _flat_model(c: _Ctx, l: int, cnt_E: np.ndarray) -> LayerModel:
+    E, R = c.stats.num_experts, c.topo.num_ranks
+    return _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), c.topo.send_weight_R,
+                        np.array(c.topo.slots_per_rank), _fetch_ER(c, l))
 
 
 def _multistart(c: _Ctx, l: int, best_S: np.ndarray, deadline: float, kw: dict) -> np.ndarray:
-    """Local search from random permutations (seeded by layer) until ``deadline``; keep the best."""
+    """Local search from random permutations (seeded by layer) until ``deadline``; keep the best
+    (no replicas only: a random permutation may co-locate two replicas)."""
     rng = np.random.default_rng(1000 + l)
     best_obj = _layer_objective(c, l, best_S)
     while time.monotonic() < deadline:
-        start = rng.permutation(best_S)
-        if c.topo.num_slots != c.stats.num_experts:
-            break  # random slot permutations may co-locate replicas; keep the LPT start
-        row = local_search_layer(c.stats, l, c.topo, start, deadline=deadline, **kw)
+        row = local_search_layer(c.stats, l, c.topo, rng.permutation(best_S), deadline=deadline, **kw)
         obj = _layer_objective(c, l, row)
         if obj < best_obj - 1e-12:
             best_S, best_obj = row, obj
@@ -172,43 +194,95 @@ def _multistart(c: _Ctx, l: int, best_S: np.ndarray, deadline: float, kw: dict) 
 
 def _solve_layer(c: _Ctx, l: int, method: str, deadline: float) -> tuple[np.ndarray, dict]:
     s, topo = c.stats, c.topo
+    E, R = s.num_experts, topo.num_ranks
     load_E = s.load_LE[l]
     cnt_E = replica_counts(load_E, topo)
-    start = greedy_layer(load_E, topo)
+    greedy = greedy_layer(load_E, topo)
     info: dict = {"layer": l, "bound": math.nan, "model_objective": math.nan, "status": "heuristic"}
     if method == "greedy":
-        return start, info
+        return greedy, info
+    start = greedy
     if c.cur_LS is not None and _layer_objective(c, l, c.cur_LS[l]) < _layer_objective(c, l, start):
         start = c.cur_LS[l].copy()
-    budget = max(deadline - time.monotonic(), 0.0)
-    # local search usually converges well inside half the layer's budget; the ILP keeps >= 45%
-    ls_deadline = time.monotonic() + (budget if method == "local_search" else 0.55 * budget)
     kw = dict(load_weight=c.load_weight, migration_weight=c.migration_weight, expert_bytes=c.expert_bytes,
               cur_S=None if c.cur_LS is None else c.cur_LS[l])
-    # the ILP pipeline runs the same local search to convergence, so it is never worse than it
-    ls = local_search_layer(s, l, topo, start, deadline=ls_deadline if method == "local_search" else deadline, **kw)
     if method == "local_search":
-        return ls, info
-    ls = _multistart(c, l, ls, ls_deadline, kw)
-    t0 = time.monotonic()
-    if deadline - t0 < 0.25:  # the budget is spent (slow machine): keep the local-search answer
-        info.update(status="no time for ILP", source="local_search")
-        return ls, info
-    ilp_time = 0.8 * (deadline - t0)
+        return local_search_layer(s, l, topo, start, deadline=deadline, **kw), info
+    # ---- method == "ilp" -------------------------------------------------------------------
+    # phase 1, heuristics: the same deterministic local search as method="local_search", run to
+    # convergence (not cut by the deadline), plus greedy itself. Best-improvement descent never
+    # rises, so this is <= local_search (whatever its deadline cut) and <= greedy, by construction.
+    t1 = time.monotonic()
+    ls = local_search_layer(s, l, topo, start, **kw)
+    cands = {"greedy": greedy, "local_search": ls}
+    objs = {k: _layer_objective(c, l, v) for k, v in cands.items()}
+    src = min(objs, key=objs.get)
+    best, best_obj = cands[src], objs[src]
+    info.update(heuristic_s=time.monotonic() - t1)
+    # random-restart local search (seeded per layer) on 40% of what is left: more local optima
+    t_ms = time.monotonic()
+    if deadline - t_ms > 0.25 and topo.num_slots == E:
+        ms = _multistart(c, l, best, t_ms + 0.4 * (deadline - t_ms), kw)
+        o = _layer_objective(c, l, ms)
+        if o < best_obj - 1e-12:
+            best, best_obj, src = ms, o, "multistart"
+    warm_obj = best_obj
+    info.update(multistart_s=time.monotonic() - t_ms, warm_objective=warm_obj, warm_source=src)
+    # phase 2, the flat ILP (pairwise model) warm-started from the best heuristic answer, on a
+    # share of what is left of the layer's budget; then exact swap polish of its answer
+    srank = np.repeat(np.arange(R), topo.slots_per_rank)
     hier = c.hierarchical
     if hier is None:
-        hier = topo.num_nodes > 1 and (cnt_E == 1).all() and s.num_experts * topo.num_ranks >= 512
-    fn = _ilp_hierarchical if hier else _ilp_flat
-    row, obj, bound, status = fn(c, l, cnt_E, ls, ilp_time)
-    info.update(status=status, bound=bound, model_objective=obj, ilp_s=time.monotonic() - t0,
-                hierarchical=bool(hier), source="local_search")
-    if row is None:
-        return ls, info
-    polished = local_search_layer(s, l, topo, row, deadline=deadline, **kw)
-    if _layer_objective(c, l, polished) < _layer_objective(c, l, ls) - 1e-12:
-        info["source"] = "ilp" if np.array_equal(polished, row) else "ilp+polish"
-        return polished, info
-    return ls, info
+        hier = topo.num_nodes > 1 and (cnt_E == 1).all() and E * R >= 512
+    exact = s.topk_ids_TLK is not None
+    lns_ok = exact and R >= 2
+    t2 = time.monotonic()
+    left = deadline - t2
+    flat = _flat_model(c, l, cnt_E)
+    bound, status, bound_note = math.nan, "no time for MIP", ""
+    if left > 0.25:
+        fn = _ilp_hierarchical if hier else _ilp_flat
+        row, _, b, status = fn(c, l, cnt_E, best, (0.3 if lns_ok else 0.9) * left)
+        bound = b
+        if row is not None:
+            polished = local_search_layer(s, l, topo, row, deadline=deadline, **kw)
+            o = _layer_objective(c, l, polished)
+            if o < best_obj - 1e-12:
+                best, best_obj = polished, o
+                src = "ilp" if np.array_equal(polished, row) else "ilp+polish"
+    info["mip_s"] = time.monotonic() - t2
+    # phase 3, exact MIP neighbourhood search over rank pairs (lns.py) with the rest of the budget
+    t3 = time.monotonic()
+    if lns_ok and deadline - t3 > 0.1:
+        row, lns_info = lns_layer(s.topk_ids_TLK[:, l], best, srank, topo.send_weight_R, _fetch_ER(c, l),
+                                  c.load_weight, lambda r: _layer_objective(c, l, r), deadline, c.solver,
+                                  max_free=6, sub_time_s=0.5, seed=1000 + l)
+        o = _layer_objective(c, l, row)
+        if o < best_obj - 1e-12:
+            best, best_obj, src = row, o, src + "+lns"
+        info.update(lns=lns_info)
+    info["lns_s"] = time.monotonic() - t3
+    # phase 4, the bound: never silently missing. The flat LP relaxation (not time-limited) is
+    # always solved. Flat path: the larger of it and the MIP's dual bound (a MIP stopped before
+    # its root reports a trivial one); hierarchical: the two-stage split proves nothing about the
+    # flat model, so the flat LP relaxation is the bound.
+    t4 = time.monotonic()
+    lp = solve_layer_model(flat, relax=True, time_limit_s=LP_BOUND_TIME_S, solver=c.solver).bound
+    if hier:
+        bound, bound_note = lp, "flat LP relaxation (the hierarchical split proves no bound)"
+    elif not math.isfinite(bound) or (math.isfinite(lp) and lp >= bound):
+        bound, bound_note = lp, "LP relaxation" + ("" if left > 0.25 else " (no time for the MIP)")
+    else:
+        bound_note = "MIP dual bound"
+    if not math.isfinite(bound):
+        bound_note = "none: LP relaxation failed"
+    hold = holders_ER(best, srank, E, R)
+    mobj = model_objective(flat, hold)
+    info.update(status=status, bound=min(bound, mobj) if math.isfinite(bound) else bound, bound_kind=bound_note,
+                model_objective=mobj, bound_s=time.monotonic() - t4, hierarchical=bool(hier), source=src,
+                objective=best_obj, improved_by_mip=warm_obj - best_obj > 1e-12,
+                mip_improvement=warm_obj - best_obj)
+    return best, info
 
 
 def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp", *,
@@ -217,7 +291,7 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
                     num_pairs: int = 400, mip_gap: float = 1e-4, solver: str | None = None,
                     hierarchical: bool | None = None, balance_cap: float | None = None) -> SolveResult:
     """Place every layer's experts with ``method`` (one of METHODS) within ``time_limit_s`` in
-    total, minimising the cost model's objective (cost.py). ``current``: the placement in use
+    total (for "ilp", the convergent local search and the LP bound may exceed it: module docstring), minimising the cost model's objective (cost.py). ``current``: the placement in use
     (migration term, extra warm start). ``balance_cap``: optional hard cap on the ILP's busiest
     rank, as a multiple of the mean rank load. Returns a :class:`SolveResult`."""
     if method not in METHODS:
