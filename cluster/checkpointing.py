@@ -1,9 +1,10 @@
 """Checkpoint orchestration across the worker group.
 
 Owns: when to checkpoint, the two-phase protocol, and resume.
-1. At a step boundary every rank snapshots what it owns to host memory and starts streaming it
-   in a background thread (``Worker.checkpoint``); the driver records the data cursor and the
-   placement. Training continues at once.
+1. At a step boundary every rank starts copying what it owns to host memory and streaming it in
+   a background thread (``Worker.checkpoint``); the copy overlaps the next step's forward and
+   backward, and a fence makes that step's ``optimizer.step()`` (and any expert migration) wait
+   for it. The driver records the data cursor and the placement. Training continues at once.
 2. A driver thread waits for every rank's upload (``Worker.checkpoint_wait`` runs in a second
    actor thread, beside training), then commits: ``manifest.json`` written last, then ``latest``,
    then retention. A failed upload or commit marks the checkpoint failed, logs it, leaves
@@ -43,8 +44,13 @@ def start_rank_checkpoint(worker, step: int) -> dict:
     worker._ckpt_error = ""
     try:
         if getattr(worker, "_ckpt_writer", None) is None:
-            worker._ckpt_writer = AsyncCheckpointWriter.from_config(
-                worker.cfg.checkpoint, worker.cfg.cluster.run_name, rank=worker.rank, on_error="mark")
+            # Overlapped snapshot: save() returns at once and the host copy runs beside the next
+            # step's forward/backward; the fence makes the next optimizer.step() wait for it.
+            writer = AsyncCheckpointWriter.from_config(
+                worker.cfg.checkpoint, worker.cfg.cluster.run_name, rank=worker.rank, on_error="mark",
+                snapshot_mode="overlap")
+            writer.install_fence(worker.trainer.optimizer)
+            worker._ckpt_writer = writer
         worker._ckpt_future = worker._ckpt_writer.save(step, rank_objects(worker.trainer))
     except CheckpointError as exc:
         worker._ckpt_error = f"{type(exc).__name__}: {exc}"

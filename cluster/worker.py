@@ -74,6 +74,9 @@ class Worker:
         from placement.placement import Placement
 
         t0 = time.perf_counter()
+        writer = getattr(self, "_ckpt_writer", None)
+        if writer is not None:
+            writer.fence()  # an overlapped checkpoint copy must finish before experts move
         moved = self.trainer.migrate(Placement.from_json(placement_json))
         return {"bytes_received": moved, "migrate_s": time.perf_counter() - t0}
 

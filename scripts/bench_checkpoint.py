@@ -6,10 +6,18 @@ here as a subprocess on 127.0.0.1 so it does not share our GIL), it measures:
 
 - stall: time of the step that takes the snapshot minus the median normal step, as a share of
   that step (target <= 5%); the upload then overlaps the following steps, whose slowdown is
-  reported too (2 cores are shared by training, serialisation and, for S3, the server);
+  reported too (2 cores are shared by training, serialisation and, for S3, the server). Both
+  snapshot modes are measured; ``overlap`` (copy during the next forward/backward, optimizer
+  step pre-hook fence) is what the cluster uses (``cluster/checkpointing.py``) and is reported
+  as the default (``DEFAULT_MODE``); ``sync`` (copy inside ``save()``) is the library default
+  for callers that cannot install the fence;
 - upload MB/s of the writer (no training running, one object at a time and concurrent) vs a
-  raw pyarrow ``open_output_stream`` write of the same bytes to the same place, same run
-  (target >= 80%);
+  raw pyarrow ``open_output_stream`` write of the same (pre-serialised) bytes to the same place,
+  same run (target >= 80%): the writer's default direct writes (objects streamed to their final
+  keys; the manifest is the commit) and, for comparison, ``direct_writes=False`` (temporary key
+  + ``move``: an S3 server-side copy). Raw / direct / atomic passes are interleaved,
+  ``--tput-reps`` times; medians are reported. The writer also serialises and sha256-hashes
+  (the raw side does neither), which bounds it on fast local disks with 2 shared cores;
 - restore: resolve latest + read + sha256 + decode + copy into model and optimizer;
 - extra host memory: the snapshot's bytes, the RSS growth across the (sync) snapshot, and the
   peak RSS growth (sampled every 5 ms) of a writer run without snapshot (stream buffers);
@@ -48,6 +56,7 @@ from moetrain.checkpoint.snapshot import state_nbytes  # noqa: E402
 from moetrain.config import CheckpointConfig  # noqa: E402
 
 MB = 1e6
+DEFAULT_MODE = "overlap"  # the snapshot mode cluster/checkpointing.py uses (with install_fence)
 
 
 # ---- model ----------------------------------------------------------------------------------
@@ -233,11 +242,13 @@ def bench_during_training(store, model, opt, loss_fn, base_step_s: float, step0:
             "bytes": result.bytes_written, "expected": expected}
 
 
-def bench_throughput(store, objs: dict, step: int, cap_mb: float) -> dict:
+def bench_throughput(store, objs: dict, step: int, cap_mb: float, reps: int) -> dict:
     """Writer (no training) vs raw pyarrow writes of the same bytes, same store.
 
     Uses the first objects up to ``cap_mb``; raw writes go through the same filesystem object,
-    one object at a time (c1) or four at once (c4), like the writer's ``max_concurrency``."""
+    one object at a time (c1) or four at once (c4), like the writer's ``max_concurrency``.
+    Raw, direct (default) and atomic (temporary key + move) passes are interleaved ``reps``
+    times; the medians are reported."""
     chosen, total = {}, 0
     for name, state in objs.items():
         if total < cap_mb * MB:
@@ -263,18 +274,29 @@ def bench_throughput(store, objs: dict, step: int, cap_mb: float) -> dict:
         store.delete_prefix("raw")
         return mbps
 
-    def writer(conc: int, at: int) -> float:
+    at = [step]
+
+    def writer(conc: int, direct: bool) -> float:
+        at[0] += 1
         with RssPeak() as rss, AsyncCheckpointWriter(store, "tput", async_upload=False,
-                                                    max_concurrency=conc) as w:
-            mbps = w.save(at, chosen).result().mb_per_s
+                                                    max_concurrency=conc, direct_writes=direct) as w:
+            mbps = w.save(at[0], chosen).result().mb_per_s
         store.delete_prefix("tput")
-        out[f"upload_buffers_c{conc}_mb"] = (rss.peak - rss.start) / MB  # no snapshot here
+        if direct:  # no snapshot here: stream buffers only
+            key = f"upload_buffers_c{conc}_mb"
+            out[key] = max(out.get(key, 0.0), (rss.peak - rss.start) / MB)
         return mbps
 
-    out = {"tput_mb": total / MB}
+    out: dict = {"tput_mb": total / MB, "tput_reps": reps}
     for conc in (1, 4):  # same concurrency for both sides
-        out[f"raw_c{conc}_mbps"] = raw(conc)
-        out[f"writer_c{conc}_mbps"] = writer(conc, step + conc)
+        runs: dict[str, list[float]] = {"raw": [], "writer": [], "atomic": []}
+        for _ in range(reps):
+            runs["raw"].append(raw(conc))
+            runs["writer"].append(writer(conc, direct=True))
+            runs["atomic"].append(writer(conc, direct=False))
+        for label, values in runs.items():
+            out[f"{label}_c{conc}_mbps"] = statistics.median(values)
+            out[f"{label}_c{conc}_all"] = [round(v, 1) for v in values]
     return out
 
 
@@ -292,19 +314,22 @@ def bench_restore(store, cfg: CheckpointConfig, model, opt, expected: torch.Tens
 
 
 def run_backend(kind: str, uri: str, cfg: CheckpointConfig, model, opt, loss_fn, base_step_s,
-                cap_mb: float) -> list[dict]:
+                cap_mb: float, reps: int) -> list[dict]:
     """One row per snapshot mode; throughput and restore are shared by both rows."""
     store = open_store(uri, cfg)
     rows = []
     for i, mode in enumerate(("sync", "overlap")):
         during = bench_during_training(store, model, opt, loss_fn, base_step_s, 100 + i, mode)
-        rows.append({"backend": kind, "snapshot_mode": mode, **during})
-    tput = bench_throughput(store, checkpoint_objects(model, opt), step=200, cap_mb=cap_mb)
+        rows.append({"backend": kind, "snapshot_mode": mode + ("*" if mode == DEFAULT_MODE else ""),
+                     "default": mode == DEFAULT_MODE, **during})
+    tput = bench_throughput(store, checkpoint_objects(model, opt), step=200, cap_mb=cap_mb, reps=reps)
     restore = bench_restore(store, cfg, model, opt, rows[-1].pop("expected"))
     rows[0].pop("expected")
     for row in rows:
         row.update(tput, **restore, upload_vs_raw_c1=tput["writer_c1_mbps"] / tput["raw_c1_mbps"],
-                   upload_vs_raw_c4=tput["writer_c4_mbps"] / tput["raw_c4_mbps"])
+                   upload_vs_raw_c4=tput["writer_c4_mbps"] / tput["raw_c4_mbps"],
+                   atomic_vs_raw_c1=tput["atomic_c1_mbps"] / tput["raw_c1_mbps"],
+                   atomic_vs_raw_c4=tput["atomic_c4_mbps"] / tput["raw_c4_mbps"])
     return rows
 
 
@@ -318,7 +343,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024, help="rows per step (tokens for --transformer)")
     p.add_argument("--transformer", action="store_true", help="use moetrain.model.Transformer")
     p.add_argument("--backends", default="local,s3")
-    p.add_argument("--tput-mb", type=float, default=150.0, help="bytes for the throughput runs")
+    p.add_argument("--tput-mb", type=float, default=100.0, help="MB for the throughput runs")
+    p.add_argument("--tput-reps", type=int, default=3, help="interleaved repetitions (medians)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = p.parse_args()
     if args.quick:
@@ -343,7 +369,8 @@ def main() -> None:
             else:
                 moto, endpoint = start_moto()
                 uri, cfg = "s3://bench/ckpt", CheckpointConfig(s3_endpoint=endpoint, s3_region="us-east-1")
-            rows.extend(run_backend(kind, uri, cfg, model, opt, loss_fn, base, args.tput_mb))
+            rows.extend(run_backend(kind, uri, cfg, model, opt, loss_fn, base, args.tput_mb,
+                                    args.tput_reps))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if moto is not None:
@@ -362,7 +389,9 @@ def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None
             ("stall_share", "{:.1%}"), ("step_delta_share", "{:.1%}"), ("fence_wait_s", "{:.3f}"),
             ("overlapped_slowdown", "{:+.0%}"), ("async_upload_mbps", "{:.0f}"),
             ("raw_c1_mbps", "{:.0f}"), ("writer_c1_mbps", "{:.0f}"), ("upload_vs_raw_c1", "{:.0%}"),
-            ("raw_c4_mbps", "{:.0f}"), ("writer_c4_mbps", "{:.0f}"), ("upload_vs_raw_c4", "{:.0%}"), ("restore_s", "{:.2f}"), ("restore_read_mbps", "{:.0f}"),
+            ("raw_c4_mbps", "{:.0f}"), ("writer_c4_mbps", "{:.0f}"), ("upload_vs_raw_c4", "{:.0%}"),
+            ("atomic_vs_raw_c1", "{:.0%}"), ("atomic_vs_raw_c4", "{:.0%}"),
+            ("restore_s", "{:.2f}"), ("restore_read_mbps", "{:.0f}"),
             ("snapshot_mb", "{:.0f}"), ("snapshot_rss_mb", "{:.0f}"),
             ("upload_buffers_c4_mb", "{:.0f}")]
     widths = [max(len(c), 9) for c, _ in cols]
@@ -370,7 +399,12 @@ def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None
     for r in rows:
         print("  ".join(("-" if r[c] is None else f.format(r[c])).ljust(w)
                         for (c, f), w in zip(cols, widths)))
-    summary = {"params_m": nparams / 1e6, "checkpoint_mb": rows[0]["bytes"] / MB, "step_s": base,
+    print(f"* = the cluster's snapshot mode (overlap + optimizer fence); writer = direct writes "
+          f"(default), atomic = temporary key + move; throughput columns are medians of "
+          f"{rows[0]['tput_reps']} interleaved runs")
+    summary = {"default_snapshot_mode": DEFAULT_MODE,
+               "default_stall_share": {r["backend"]: r["stall_share"] for r in rows if r["default"]},
+               "params_m": nparams / 1e6, "checkpoint_mb": rows[0]["bytes"] / MB, "step_s": base,
                "load_average": os.getloadavg()[0], "serialise_mbps": ser,
                "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                         for r in rows]}

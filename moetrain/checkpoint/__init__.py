@@ -17,7 +17,7 @@ Flow::
     ref    = resolve("latest", cfg.checkpoint, run=run)               # on resume
     states = load_objects(ref, names_this_rank_hosts)                 # sha256-checked
 
-Modules: ``storage`` (Store, atomic streamed writes, retries, typed errors), ``format`` (the
+Modules: ``storage`` (Store, streamed writes: direct for objects, atomic for commit records, retries, typed errors), ``format`` (the
 object byte format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async
 writer), ``manifest`` (commit), ``retention`` (list / keep N / clean), ``reader`` (resolve /
 verify / load), ``cli`` (``moetrain ckpt ...``).

@@ -5,7 +5,8 @@ Owns the key scheme (nothing else builds keys by hand)::
     <root>/<run>/latest                      text "step-<N>\\n": the newest commit
     <root>/<run>/step-<N>/manifest.json      written last: its presence is the commit
     <root>/<run>/step-<N>/<object name>      e.g. dense/rank-0, experts/layer-3/expert-17
-    <root>/<run>/step-<N>/<name>.tmp-<hex>   an object being written (never read)
+                                             (written in place: only the manifest vouches for it)
+    <root>/<run>/step-<N>/<name>.tmp-<hex>   a commit record being written (never read)
 
 Object names are '/'-separated segments of ``[A-Za-z0-9._=-]``; ``manifest.json`` and names
 containing ``.tmp-`` are reserved.

@@ -4,10 +4,12 @@ Owns: the :class:`Manifest` (run, step, created, world size, every object's size
 driver's JSON-able ``meta``: config, placement, data cursor, losses ...), ``commit`` (driver
 side, after every rank's writer finished) and reading manifests / the ``latest`` pointer.
 
-Order is the protocol: objects (each atomic) -> ``manifest.json`` (atomic; its presence *is*
+Order is the protocol: objects (streamed straight to their keys, each rank reporting every
+object's size + sha256) -> ``manifest.json`` (atomic: temporary key + move; its presence *is*
 the commit) -> ``latest`` (atomic). A crash at any point leaves either the previous commit or
 the new one visible, never a half one. A ``step-N/`` without a manifest is uncommitted garbage
-(see ``retention``). Call ``retention.apply_retention`` after ``commit`` to keep N checkpoints.
+(see ``retention``), partial objects included; objects of a committed step are checked against
+the manifest's sha256 by every reader, and a committed step is never written again. Call ``retention.apply_retention`` after ``commit`` to keep N checkpoints.
 """
 
 from __future__ import annotations

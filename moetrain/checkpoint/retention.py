@@ -6,13 +6,19 @@ one nor the one ``latest`` names), garbage collection of uncommitted ``step-N/``
 *older* than the newest commit (newer ones may still be in flight and are left alone), stray
 ``*.tmp-*`` objects inside kept checkpoints, and aborting stale S3 multipart uploads.
 
+Objects are written straight to their final keys (``storage.write_direct``), so a failed
+checkpoint can leave a *partial* object inside its ``step-N/``. Such a step has no manifest
+(a failed rank is never committed): it is garbage like any uncommitted step, and readers would
+reject the object anyway (sha256 against the manifest).
+
 Deleting a committed checkpoint removes its ``manifest.json`` first, so a deletion cut short
 leaves an uncommitted directory (garbage for the next clean), never a committed-but-broken one.
 
 Multipart uploads: a writer killed mid-object leaves a *pending multipart upload* on S3 (not a
 visible object; billed storage until aborted). pyarrow does not expose ListMultipartUploads /
 AbortMultipartUpload, so :func:`abort_stale_uploads` uses boto3 when it is importable (it only
-touches uploads of our ``*.tmp-*`` keys under the run); without boto3 it says so. A bucket
+touches uploads of keys inside the run's ``step-N/`` directories, i.e. objects we write directly
+and our ``*.tmp-*`` keys, older than a cutoff); without boto3 it says so. A bucket
 lifecycle rule ``AbortIncompleteMultipartUpload`` (e.g. after 1 day) covers it server-side.
 """
 
@@ -121,8 +127,10 @@ def apply_retention(store: Store, run: str, keep: int | None) -> CleanReport:
 
 
 def abort_stale_uploads(store: Store, run: str, older_than_s: float = 3600.0) -> tuple[list[str], str]:
-    """Abort pending S3 multipart uploads of ``*.tmp-*`` keys under ``run`` older than
-    ``older_than_s``. Returns (aborted keys, note); the note says why nothing could be done."""
+    """Abort pending S3 multipart uploads of keys inside ``run``'s ``step-N/`` directories (what
+    our writers upload: objects direct, commit records via ``*.tmp-*``) older than
+    ``older_than_s``. Aborting never touches a completed object. Returns (aborted keys, note);
+    the note says why nothing could be done."""
     if store.kind != "s3":
         return [], ""
     try:
@@ -139,7 +147,9 @@ def abort_stale_uploads(store: Store, run: str, older_than_s: float = 3600.0) ->
                               region_name=store.s3_region or None)
         for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
             for up in page.get("Uploads", []):
-                if TMP_MARK in up["Key"] and up["Initiated"] <= cutoff:
+                rest = up["Key"][len(prefix):].split("/", 1)
+                ours = len(rest) == 2 and parse_step_dir(rest[0]) is not None
+                if ours and up["Initiated"] <= cutoff:
                     client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
                     aborted.append(up["Key"])
     except Exception as exc:  # botocore errors: report them typed, naming the store

@@ -15,6 +15,11 @@ Rules:
   objects) and each object's tensors are released as soon as it is stored;
 - ``async_upload=False`` writes in the calling thread without a snapshot copy;
 - a step that is already committed is never overwritten (the checkpoint fails instead);
+- objects are streamed straight to their final keys (``direct_writes=True``, default: no
+  temporary key + ``move``, i.e. no S3 server-side copy): the driver's ``manifest.json``, written
+  atomically after every rank reported ``{size, sha256}``, is the commit, readers check sha256,
+  and a partial object a failure may leave is never referenced (see ``storage``'s module doc,
+  "Why direct writes are safe"); ``direct_writes=False`` restores temporary key + ``move``;
 - ``on_error="raise"``: a failure raises :class:`CheckpointError` from ``wait()`` / the future /
   the next ``save()``; ``on_error="mark"``: nothing raises, the :class:`SaveResult` carries
   ``ok=False`` and the error text ("checkpoint failed" is logged), and training goes on.
@@ -133,7 +138,7 @@ class AsyncCheckpointWriter:
 
     def __init__(self, store: Store, run: str, *, rank: int = 0, async_upload: bool = True,
                  on_error: str = "raise", max_concurrency: int = 4,
-                 snapshot_mode: str = "sync") -> None:
+                 snapshot_mode: str = "sync", direct_writes: bool = True) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error ({on_error!r}) must be one of {ON_ERROR}")
         if snapshot_mode not in SNAPSHOT_MODES:
@@ -142,10 +147,12 @@ class AsyncCheckpointWriter:
             raise ValueError(f"max_concurrency ({max_concurrency}) must be >= 1")
         self.store, self.run, self.rank = store, check_run(run), rank
         self.async_upload, self.on_error, self.snapshot_mode = async_upload, on_error, snapshot_mode
+        self.direct_writes = direct_writes
         self._jobs = cf.ThreadPoolExecutor(1, thread_name_prefix=f"ckpt-r{rank}")
         self._uploads = cf.ThreadPoolExecutor(max_concurrency, thread_name_prefix=f"ckpt-r{rank}-obj")
         self._pending: CheckpointFuture | None = None
         self._job: _Job | None = None
+        self.fence_wait_s = 0.0  # total time fence() held training (overlap mode's stall)
 
     @classmethod
     def from_config(cls, cfg: CheckpointConfig, run: str, *, rank: int = 0,
@@ -211,10 +218,13 @@ class AsyncCheckpointWriter:
         if job is None or job.copied.is_set():
             return 0.0
         start = time.perf_counter()
-        if not job.copied.wait(timeout):
+        done = job.copied.wait(timeout)
+        waited = time.perf_counter() - start
+        self.fence_wait_s += waited
+        if not done:
             raise CheckpointError(f"checkpoint step {job.step} rank {self.rank}: snapshot copy "
                                   f"not done after {timeout}s")
-        return time.perf_counter() - start
+        return waited
 
     def install_fence(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`fence` before every ``optimizer.step()``; returns the hook handle.
@@ -265,7 +275,8 @@ class AsyncCheckpointWriter:
         key = f"{step_prefix(self.run, job.step)}/{name}"
         where = self.store.uri_of(key)
         try:
-            res = self.store.write_atomic(key, lambda sink: write_state(sink, state, where))
+            write = self.store.write_direct if self.direct_writes else self.store.write_atomic
+            res = write(key, lambda sink: write_state(sink, state, where))
         except CheckpointError:
             raise
         except Exception as exc:

@@ -36,7 +36,7 @@ def rank_objects(trainer) -> dict[str, dict]:
     if ctx.rank == 0:
         dense = dict(model.dense_parameters())
         objects[DENSE] = {
-            "params": {n: p.data for n, p in dense.items()},
+            "params": {n: p.detach() for n, p in dense.items()},
             "buffers": {n: b for n, b in model.named_buffers() if _persistent(model, n)},
             "optim": {n: _opt_state(opt, p) for n, p in dense.items() if p in opt.state},
         }
@@ -48,7 +48,7 @@ def rank_objects(trainer) -> dict[str, dict]:
                 continue
             obj: dict = {}
             for name, p in zip(EXPERT_PARAM_NAMES, expert_params(layer)):
-                obj[name] = p.data[slot]
+                obj[name] = p.detach()[slot]
                 st = opt.state.get(p, {})
                 for k in ("exp_avg", "exp_avg_sq"):
                     if k in st:

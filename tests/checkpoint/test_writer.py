@@ -241,3 +241,32 @@ def test_a_committed_step_is_never_overwritten(store):
         again = w.save(1, make_objects(seed=9)).result()
     assert not again.ok and "already committed" in again.error
     assert verify(resolve("latest", store=store, run="run")).ok
+
+
+def test_fence_before_a_data_write_at_the_step_boundary(store):
+    """Writes through ``.data`` (expert migration) bypass version counters: the torn-snapshot
+    check cannot see them, so such code must call ``writer.fence()`` first."""
+    model, opt = _model_and_optimizer()
+    _step(model, opt)
+    objs = {"dense/rank-0": {"w": model[0].weight.data, "b": model[0].bias.detach()}}
+    expected = model[0].weight.detach().clone()
+    with AsyncCheckpointWriter(store, "run", snapshot_mode="overlap") as w:
+        fut = w.save(1, objs)
+        waited = w.fence()  # what Worker.migrate should do before migrate_experts
+        model[0].weight.data.mul_(0.0)
+        assert fut.result().ok and w.fence_wait_s == pytest.approx(waited)
+    commit(store, "run", 1, [fut.result()])
+    loaded = load_objects(resolve("latest", store=store, run="run"), ["dense/rank-0"])["dense/rank-0"]
+    assert torch.equal(loaded["w"], expected)
+
+
+def test_atomic_object_writes_remain_available(store):
+    objs = make_objects()
+    with AsyncCheckpointWriter(store, "run", direct_writes=False) as w:
+        result = w.save(1, objs).result()
+    commit(store, "run", 1, [result])
+    ref = resolve("latest", store=store, run="run")
+    assert verify(ref).ok and not any(TMP_MARK in f.key for f in store.list_files("run"))
+    loaded = load_objects(ref, sorted(objs))
+    for name in objs:
+        assert_same(objs[name], loaded[name], name)
