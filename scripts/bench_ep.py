@@ -22,7 +22,18 @@ step (other processes may be loading the CPU), and reported as medians and ratio
 5. memory: expert parameter bytes per rank for world sizes 1, 2, 4 (a Transformer built for each
    placement) and the peak RSS of processes that train it for two steps.
 
-Prints a table, then ONE JSON line with every figure. ``--quick`` is a ~1 minute version.
+6. routing skew x capacity factor (layer and whole model): for each ``--skews`` target (0 =
+   balanced) the layer's inputs get x + c*u and gate row e gets s*z[e]*u (model: u = direction of
+   each layer's mean MoE input), s bisected until the *measured* global expert load max/mean hits
+   the target (real traces: 1.36-1.60 Qwen1.5-MoE, 5.08 OLMoE layer 0). Both systems get the same
+   inputs and gate weights, hence choose the same experts (checked: dropless == no-drop outputs).
+   Compared: moetrain dropless vs DeepSpeed ``drop_tokens=False`` (pads every expert to the
+   largest per-rank count) and moetrain vs DeepSpeed at each capacity factor (DeepSpeed computes
+   E*C rows per rank; moetrain only the kept rows; both keep min(count, C) per expert).
+   Headline: skew ``--headline-skew`` (1.5), the largest world, whole model, dropless vs no-drop.
+
+Prints a table, then ONE JSON line with every figure (``speedup_vs_deepspeed``, ``target_met``,
+``headline``, ``balanced_parity_paired``). ``--quick`` is a ~1 minute version.
 Each rank is one process with one intra-op thread (gloo, 127.0.0.1). No CUDA here: a GPU/NCCL
 column is added only when ``torch.cuda.is_available()`` and ``torch.cuda.device_count() >= W``.
 """
@@ -33,6 +44,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import os
 import resource
 import socket
@@ -146,16 +158,97 @@ def swiglu_flops(n_rows: int, D: int, Fh: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# routing skew (both systems see the same inputs and gate weights, hence the same experts)
+# ---------------------------------------------------------------------------------------------
+
+
+def _skew_label(target: float) -> str:
+    return "balanced" if target <= 0 else f"skew{target:g}"
+
+
+def _skew_vectors(D: int, E: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed unit direction u [D] (shared by all layers) and a per-layer load profile z [E]
+    (standardised Gaussian: which experts are hot is random, not tied to the placement)."""
+    u = torch.randn(D, generator=torch.Generator().manual_seed(11))
+    z = torch.randn(E, generator=torch.Generator().manual_seed(101 + layer))
+    return u / u.norm(), (z - z.mean()) / z.std()
+
+
+def _all_counts(local_E: torch.Tensor, ws: int) -> torch.Tensor:
+    """[W, E] per-rank expert counts (every rank calls this together)."""
+    parts = [torch.zeros_like(local_E) for _ in range(ws)]
+    dist.all_gather(parts, local_E.contiguous())
+    return torch.stack(parts).cpu()
+
+
+def _load_ratio(counts_RE: torch.Tensor) -> float:
+    tot = counts_RE.sum(0).double()
+    return float(tot.max() / tot.mean())
+
+
+def _calibrate(counts_of, target: float, ws: int, E: int, steps: int = 24):
+    """Scale s >= 0 whose routing (``counts_of(s)`` -> this rank's [E] counts) gives a global
+    expert load max/mean closest to ``target`` (bisection; every rank calls it together and gets
+    the same answer). target <= 0: no skew (s = 0). Returns (s, [W, E] counts at s)."""
+    if target <= 0:
+        return 0.0, _all_counts(counts_of(0.0), ws)
+    c0 = _all_counts(counts_of(0.0), ws)
+    best = (abs(_load_ratio(c0) - target), 0.0, c0)
+    if _load_ratio(c0) >= target:
+        return 0.0, c0
+    lo, hi = 0.0, 0.5
+    while True:
+        c = _all_counts(counts_of(hi), ws)
+        r = _load_ratio(c)
+        best = min(best, (abs(r - target), hi, c), key=lambda b: b[0])
+        if r >= target or hi > 1e4:
+            break
+        lo, hi = hi, hi * 2
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        c = _all_counts(counts_of(mid), ws)
+        r = _load_ratio(c)
+        best = min(best, (abs(r - target), mid, c), key=lambda b: b[0])
+        lo, hi = (mid, hi) if r < target else (lo, mid)
+    return best[1], best[2]
+
+
+def routing_stats(counts_RE, placement_local: list[list[int]], T: int, K: int, cfs) -> dict:
+    """Load figures from the per-rank counts [W, E]: global expert max/mean, the busiest rank's
+    rows / mean (moetrain dropless computes only real rows, so its slowest rank does this many),
+    DeepSpeed no-drop rows (every expert padded to the largest per-rank count, on every rank) and,
+    per capacity factor, kept rows, drop share and DeepSpeed's padded rows (E*C per rank)."""
+    c = torch.as_tensor(counts_RE, dtype=torch.float64)
+    W, E = c.shape
+    tot_E = c.sum(0)
+    mean_rank_rows = T * K  # real rows per rank on average (W*T*K over W ranks)
+    rank_rows = torch.stack([tot_E[idx].sum() for idx in placement_local])
+    out = {"expert_max_mean": float(tot_E.max() / tot_E.mean()),
+           "rank_max_mean": float(rank_rows.max() / mean_rank_rows),
+           "ds_nodrop_rows_ratio": float(E * c.max() / mean_rank_rows),  # DS rows/rank over mean real rows
+           "cf": {}}
+    for cf in cfs:
+        C = max(4, int(math.ceil(cf * T * K / E)))
+        kept_E = c.clamp(max=C).sum(0)
+        mt_rows = max(float(kept_E[idx].sum()) for idx in placement_local)
+        out["cf"][f"cf{cf:g}"] = {"capacity": C, "dropped_share": float(1 - kept_E.sum() / c.sum()),
+                                  "mt_busiest_rank_rows_ratio": mt_rows / mean_rank_rows,
+                                  "ds_rows_ratio": E * C / mean_rank_rows}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # DeepSpeed pieces
 # ---------------------------------------------------------------------------------------------
 
 
-def _ds_moe(args, ws: int, drop_tokens: bool, moe_layer):
+def _ds_moe(args, ws: int, drop_tokens: bool, moe_layer, capacity_factor: float | None = None):
     """A DeepSpeed MoE with the moetrain layer's gate and (SwiGLU) expert weights."""
     from deepspeed.moe.layer import MoE
     from moetrain.model.ffn import SwiGLU
+    cf = args.capacity_factor if capacity_factor is None else capacity_factor
     ds = MoE(args.dim, expert=SwiGLU(args.dim, args.ffn), num_experts=args.experts, ep_size=ws,
-             k=args.top_k, capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
+             k=args.top_k, capacity_factor=cf, eval_capacity_factor=cf,
              min_capacity=4, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
              top2_2nd_expert_sampling=False)
     ds.set_deepspeed_parallelism()
@@ -279,11 +372,13 @@ def _run_rank(rank: int, ws: int, args, device) -> dict:
     placement1 = Placement.contiguous(1, E, ws)
     local = placement1.local_experts(0, rank).tolist()
 
-    def moe_layer(capacity_factor, dedup=True):
+    gate0_ED = torch.randn(E, D, generator=torch.Generator().manual_seed(7)) * args.gate_std
+
+    def moe_layer(capacity_factor, dedup=True, gate_ED=None):
         layer = MoELayer(D, _moe_cfg(args, capacity_factor, dedup), layer_index=0, seed=0, local_experts=local,
                          init_std=0.02).to(device)
         with torch.no_grad():  # the gate is zeros by construction: same random gate on every rank
-            layer.router.gate_ED.copy_(torch.randn(E, D, generator=torch.Generator().manual_seed(7)) * args.gate_std)
+            layer.router.gate_ED.copy_(gate0_ED if gate_ED is None else gate_ED)
         layer.dispatcher = AllToAllDispatcher(placement1, 0, ctx, capacity_factor=capacity_factor, dedup=dedup)
         return layer
 
@@ -291,36 +386,72 @@ def _run_rank(rank: int, ws: int, args, device) -> dict:
     x_TD = torch.randn(T, D, generator=g).to(device)
     tgt_TD = torch.randn(T, D, generator=g).to(device)
 
-    # ---- 1. layer --------------------------------------------------------------------------
-    layers = {"mt_cap": moe_layer(cf), "mt_dropless": moe_layer(0.0)}
-    steps = {}
-    stats = {}
-    for name, layer in layers.items():
-        xin = x_TD.clone().requires_grad_(True)
+    # ---- 1. layer: every routing skew x (dropless | capacity factors), all variants interleaved --
+    # skew s: x = x0 + c*u (u a fixed unit vector, c = skew_c * typical |x0|), gate row e += b_e*u
+    # with b = scale * z (z a fixed random profile over experts); scale calibrated so the measured
+    # global expert load max/mean hits the target. moetrain and DeepSpeed get the same x and gate.
+    u_D, _ = _skew_vectors(D, E, 0)
+    steps, stats, layers, grid = {}, {}, {}, {}
+    for sk in args.skew_list:
+        lab = _skew_label(sk)
+        _, z_E = _skew_vectors(D, E, 0)
+        xs_TD = x_TD + (args.skew_c * float(x_TD.norm(dim=1).mean())) * u_D.to(device) if sk > 0 else x_TD
 
-        def fl(layer=layer, xin=xin, name=name):
-            y, route = layer(xin.unsqueeze(0))
-            stats[name] = route.num_dropped
-            return (y.squeeze(0) - tgt_TD).pow(2).mean()
-        steps[name] = _train_step_fn(fl, list(layer.parameters()))
-    if ds_ok:
-        for name, drop in (("ds_cap", True), ("ds_nodrop", False)):
-            ds = _ds_moe(args, ws, drop, layers["mt_cap"]).to(device)
-            xin = x_TD.clone().requires_grad_(True)
+        # the base gate's own component along u would bias the experts by itself: project it out
+        g_perp_ED = gate0_ED - torch.outer(gate0_ED @ u_D, u_D) if sk > 0 else gate0_ED
+
+        def gate_of(scale, z_E=z_E, g_perp_ED=g_perp_ED):
+            return g_perp_ED + scale * torch.outer(z_E, u_D)
+
+        def counts_of(scale, xs_TD=xs_TD, gate_of=gate_of):
+            ids = F.linear(xs_TD.float(), gate_of(scale).to(device)).topk(K, dim=-1).indices
+            return torch.bincount(ids.flatten(), minlength=E)
+        scale, counts_RE = _calibrate(counts_of, sk, ws, E)
+        gate_ED = gate_of(scale)
+        grid[lab] = {"target": sk, "scale": scale, "counts_RE": counts_RE.tolist(), "dropped": {}}
+        for cf_name, c in [("dropless", 0.0)] + [(f"cf{c:g}", c) for c in args.cf_list]:
+            layer = moe_layer(c, gate_ED=gate_ED)
+            name = f"{lab}/mt_{cf_name}"
+            layers[name] = layer
+            xin = xs_TD.clone().requires_grad_(True)
+
+            def fl(layer=layer, xin=xin, name=name, lab=lab, cf_name=cf_name):
+                y, route = layer(xin.unsqueeze(0))
+                grid[lab]["dropped"][f"mt_{cf_name}"] = route.num_dropped
+                return (y.squeeze(0) - tgt_TD).pow(2).mean()
+            steps[name] = _train_step_fn(fl, list(layer.parameters()))
+            if not ds_ok:
+                continue
+            dname = f"{lab}/ds_{'nodrop' if c == 0 else cf_name}"
+            ds = _ds_moe(args, ws, c > 0, layer, capacity_factor=c if c > 0 else 1.0).to(device)
+            layers[dname] = ds
+            xin = xs_TD.clone().requires_grad_(True)
 
             def fl(ds=ds, xin=xin):
                 y, _, _ = ds(xin.unsqueeze(0))
                 return (y.squeeze(0) - tgt_TD).pow(2).mean()
-            steps[name] = _train_step_fn(fl, list(ds.parameters()))
-            layers[name] = ds
-        # same routing, same weights: check the outputs agree (dropless vs no-drop is exact)
-        with torch.no_grad():
-            y_mt = layers["mt_dropless"](x_TD.unsqueeze(0))[0]
-            y_ds = layers["ds_nodrop"](x_TD.unsqueeze(0))[0]
-            res["layer_maxdiff_dropless_vs_ds_nodrop"] = float((y_mt - y_ds).abs().max())
+            steps[dname] = _train_step_fn(fl, list(ds.parameters()))
+        if ds_ok:  # same routing, same weights: dropless moetrain == DeepSpeed no-drop
+            with torch.no_grad():
+                y_mt = layers[f"{lab}/mt_dropless"](xs_TD.unsqueeze(0))[0]
+                y_ds = layers[f"{lab}/ds_nodrop"](xs_TD.unsqueeze(0))[0]
+                grid[lab]["maxdiff_mt_dropless_vs_ds_nodrop"] = float((y_mt - y_ds).abs().max())
+                for c in args.cf_list:  # same kept count per expert; which pairs are kept may differ
+                    y_mt = layers[f"{lab}/mt_cf{c:g}"](xs_TD.unsqueeze(0))[0]
+                    y_ds = layers[f"{lab}/ds_cf{c:g}"](xs_TD.unsqueeze(0))[0]
+                    grid[lab][f"maxdiff_cf{c:g}"] = float((y_mt - y_ds).abs().max())
     t = interleaved(steps, args.warmup, args.iters, barrier)
-    res["layer_times"] = t
-    res["layer_dropped"] = dict(stats)
+    res["layer_grid"] = {"times": t, "skews": grid}
+    # legacy section-1 view: balanced routing, --capacity-factor
+    bal, cfn = _skew_label(0.0), f"cf{cf:g}"
+    legacy = {"mt_cap": f"{bal}/mt_{cfn}", "mt_dropless": f"{bal}/mt_dropless", "ds_cap": f"{bal}/ds_{cfn}",
+              "ds_nodrop": f"{bal}/ds_nodrop"}
+    res["layer_times"] = {k: t[v] for k, v in legacy.items() if v in t}
+    res["layer_dropped"] = {k: grid[bal]["dropped"].get(v.split("/")[1]) for k, v in legacy.items()
+                            if k.startswith("mt")} if bal in grid else {}
+    if bal in grid and "maxdiff_mt_dropless_vs_ds_nodrop" in grid[bal]:
+        res["layer_maxdiff_dropless_vs_ds_nodrop"] = grid[bal]["maxdiff_mt_dropless_vs_ds_nodrop"]
+    steps = {k: steps[v] for k, v in legacy.items() if v in steps}
     if args.profile and rank == 0:
         res["profile"] = {n: _profile(steps[n]) for n in steps}
     elif args.profile:
@@ -358,66 +489,127 @@ def _run_rank(rank: int, ws: int, args, device) -> dict:
 
     # ---- 2. whole model ------------------------------------------------------------------------
     if args.model_iters > 0:
-        res["model_times"] = _model_bench(rank, ws, args, ctx, device, ds_ok, barrier)
+        mg = _model_bench(rank, ws, args, ctx, device, ds_ok, barrier)
+        res["model_grid"] = mg
+        bal, cfn = _skew_label(0.0), f"cf{args.capacity_factor:g}"
+        legacy = {"mt_cap": f"{bal}/mt_{cfn}", "mt_dropless": f"{bal}/mt_dropless", "ds_cap": f"{bal}/ds_{cfn}",
+                  "ds_nodrop": f"{bal}/ds_nodrop"}
+        res["model_times"] = {k: mg["times"][v] for k, v in legacy.items() if v in mg["times"]}
     barrier()
     return res
 
 
 def _model_bench(rank, ws, args, ctx, device, ds_ok, barrier) -> dict:
+    """Whole-model train steps for every skew in ``--model-skews`` x (dropless / DS no-drop,
+    moetrain / DS at every ``--model-cfs``), all interleaved. Skew: router row e of layer l gets
+    s_l*z_l[e]*u_l, u_l the unit direction of the mean MoE input of layer l (over all ranks'
+    tokens: the component every token shares, so this acts as a per-expert bias); s_l calibrated
+    layer by layer on the real MoE inputs so each layer's expert load max/mean hits the target
+    (a layer whose unskewed load already exceeds it keeps s_l = 0). The embeddings are untouched."""
     from moetrain import losses
     from moetrain.model import Transformer
     from moetrain.parallel import grads
     from moetrain.parallel.dispatcher import AllToAllDispatcher
     from placement.placement import Placement
 
-    cf = args.capacity_factor
-    base = _model_cfg(args, cf)
-    L = sum(1 for _ in range(base.n_layers))  # every block is MoE (every_n_layers=1)
-    placement = Placement.contiguous(L, args.experts, ws)
+    base = _model_cfg(args, 0.0)
+    L = base.n_layers  # every block is MoE (every_n_layers=1)
+    E, K, D = args.experts, args.top_k, args.dim
+    placement = Placement.contiguous(L, E, ws)
     B = max(1, args.tokens // args.seq)
     g = torch.Generator().manual_seed(3000 + rank)
     tok = torch.randint(0, args.vocab, (B, args.seq + 1), generator=g).to(device)
     x, y = tok[:, :-1], tok[:, 1:]
-
-    def build(capacity_factor):
+    def build(capacity_factor, spec=None):
         m = Transformer(_model_cfg(args, capacity_factor), seed=0, placement=placement, rank=rank).to(device)
         for i, layer in enumerate(m.moe_layers()):
             layer.dispatcher = AllToAllDispatcher(placement, i, ctx, capacity_factor=capacity_factor, dedup=True)
+        if spec is not None:
+            apply_spec(m, spec)
         return m
 
-    steps = {}
-    for name, c in (("mt_cap", cf), ("mt_dropless", 0.0)):
-        m = build(c)
-        dense = [p for _, p in m.dense_parameters()]
-        moe_layers = m.moe_layers()
+    def apply_spec(m, spec):
+        with torch.no_grad():
+            for i, layer in enumerate(m.moe_layers()):
+                if spec["scales"][i]:
+                    z_E = _skew_vectors(D, E, i)[1].to(device)
+                    u_l = torch.tensor(spec["u"][i], dtype=torch.float32, device=device)
+                    layer.router.gate_ED.add_(spec["scales"][i] * torch.outer(z_E, u_l))
 
-        def fl(m=m):
-            logits, _ = m(x)
-            return losses.lm_loss(logits, y)
+    def layer_counts(m):
+        """[L] of [W, E] routing counts of one no-grad forward."""
+        with torch.no_grad():
+            _, routes = m(x)
+        return [_all_counts(torch.bincount(r.topk_ids_TK.flatten(), minlength=E), ws) for r in routes]
 
-        def sync(dense=dense, moe_layers=moe_layers):
-            grads.sync_dense_grads(dense, ctx)
-            grads.sync_expert_grads(moe_layers, placement, ctx)
-        steps[name] = _train_step_fn(fl, list(m.parameters()), sync)
-    if ds_ok:
-        Adapter = _make_adapter_cls()
-        m = build(cf)
-        for blk in m.blocks:
-            blk.ffn = Adapter(_ds_moe(args, ws, True, blk.ffn)).to(device)
-        dense = [p for p in m.parameters() if getattr(p, "allreduce", True)]
-        expert = [p for p in m.parameters() if not getattr(p, "allreduce", True)]
+    steps, info = {}, {}
+    for sk in args.model_skew_list:
+        lab = _skew_label(sk)
+        probe = build(0.0)
+        spec = {"scales": [0.0] * L, "u": [None] * L}
+        if sk > 0:
+            for i, layer in enumerate(probe.moe_layers()):
+                captured = {}
+                h = layer.register_forward_pre_hook(lambda mod, a, captured=captured: captured.setdefault("x", a[0]))
+                with torch.no_grad():
+                    probe(x)
+                h.remove()
+                x_TD = captured["x"].reshape(-1, D).float()
+                # u_l: the direction of the mean MoE input over all ranks' tokens (the component
+                # every token shares), so a gate row along it biases that expert for all tokens
+                mean_D = x_TD.sum(0)
+                dist.all_reduce(mean_D)
+                u_l = mean_D / mean_D.norm()
+                spec["u"][i] = u_l.cpu().tolist()
+                g0_ED = layer.router.gate_ED.detach().clone()
+                z_E = _skew_vectors(D, E, i)[1].to(device)
 
-        def fl(m=m):
-            logits, _ = m(x)
-            return losses.lm_loss(logits, y)
+                def counts_of(scale, x_TD=x_TD, g0_ED=g0_ED, z_E=z_E, u_l=u_l):
+                    ids = F.linear(x_TD, g0_ED + scale * torch.outer(z_E, u_l)).topk(K, dim=-1).indices
+                    return torch.bincount(ids.flatten(), minlength=E)
+                spec["scales"][i] = _calibrate(counts_of, sk, ws, E)[0]
+                with torch.no_grad():
+                    layer.router.gate_ED.copy_(g0_ED + spec["scales"][i] * torch.outer(z_E, u_l))
+        info[lab] = {"target": sk, "spec": {"scales": spec["scales"]},
+                     "counts_LRE": [c.tolist() for c in layer_counts(probe)]}
+        del probe
+        variants = [("mt_dropless", 0.0, False)] + ([("ds_nodrop", 0.0, True)] if ds_ok else [])
+        for c in args.model_cf_list:
+            variants += [(f"mt_cf{c:g}", c, False)] + ([(f"ds_cf{c:g}", c, True)] if ds_ok else [])
+        built = {}
+        for name, c, is_ds in variants:
+            m = build(c, spec)
+            if is_ds:
+                Adapter = _make_adapter_cls()
+                for blk in m.blocks:
+                    blk.ffn = Adapter(_ds_moe(args, ws, c > 0, blk.ffn, capacity_factor=c if c > 0 else 1.0)).to(device)
+                dense = [p for p in m.parameters() if getattr(p, "allreduce", True)]
+                expert = [p for p in m.parameters() if not getattr(p, "allreduce", True)]
 
-        def sync(dense=dense, expert=expert):
-            grads.sync_dense_grads(dense, ctx)
-            for p in expert:  # same scaling as moetrain's expert grads
-                if p.grad is not None:
-                    p.grad.div_(ws)
-        steps["ds_cap"] = _train_step_fn(fl, list(m.parameters()), sync)
-    return interleaved(steps, 1, args.model_iters, barrier)
+                def sync(dense=dense, expert=expert):
+                    grads.sync_dense_grads(dense, ctx)
+                    for p in expert:  # same scaling as moetrain's expert grads
+                        if p.grad is not None:
+                            p.grad.div_(ws)
+            else:
+                dense = [p for _, p in m.dense_parameters()]
+                moe_layers = m.moe_layers()
+
+                def sync(dense=dense, moe_layers=moe_layers):
+                    grads.sync_dense_grads(dense, ctx)
+                    grads.sync_expert_grads(moe_layers, placement, ctx)
+
+            def fl(m=m):
+                logits, _ = m(x)
+                return losses.lm_loss(logits, y)
+            steps[f"{lab}/{name}"] = _train_step_fn(fl, list(m.parameters()), sync)
+            built[name] = m
+        if ds_ok:  # same routing in every layer: dropless moetrain == DeepSpeed no-drop (logits)
+            with torch.no_grad():
+                a = built["mt_dropless"](x)[0]
+                b = built["ds_nodrop"](x)[0]
+                info[lab]["maxdiff_logits_mt_dropless_vs_ds_nodrop"] = float((a - b).abs().max())
+    return {"times": interleaved(steps, 1, args.model_iters, barrier), "skews": info}
 
 
 _GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm")
@@ -585,16 +777,24 @@ def parse_args(argv=None):
     p.add_argument("--gate-std", type=float, default=0.02,
                    help="std of the random gate (x ~ N(0,1)); top-k is scale-invariant, so this sharpens the weights "
                         "but does not change which experts are chosen (loads stay mildly uneven, ~3%% dropped at cf=1)")
+    p.add_argument("--skews", default="0,1.5",
+                   help="target global expert load max/mean of the layer study (0 = balanced: no skew component)")
+    p.add_argument("--cfs", default="1.0,1.25,2.0", help="capacity factors of the layer study (with dropping)")
+    p.add_argument("--model-skews", default="0,1.5")
+    p.add_argument("--model-cfs", default="1.0,2.0", help="(1.25 too with --model-cfs 1.0,1.25,2.0: +~90 s)")
+    p.add_argument("--skew-c", type=float, default=0.25,
+                   help="layer study: size of the shared input direction u, as a fraction of the mean input-row norm")
+    p.add_argument("--headline-skew", type=float, default=1.5)
     p.add_argument("--corr", type=float, default=0.9, help="share of tokens routed to a co-located pair")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=6)
     p.add_argument("--eff-iters", type=int, default=10)
     # whole model
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--model-iters", type=int, default=4)
+    p.add_argument("--model-iters", type=int, default=3)
     # memory
     p.add_argument("--mem-ffn", type=int, default=1024)
     p.add_argument("--mem-tokens", type=int, default=512)
@@ -603,10 +803,17 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one step of each layer variant")
     p.add_argument("--threads-main", type=int, default=1)
     args = p.parse_args(argv)
-    if args.quick:
-        args.world_sizes = "2"
-        args.iters, args.warmup, args.model_iters, args.eff_iters = 5, 2, 3, 8
-        args.mem_world_sizes = "1,2"
+    if args.quick:  # smaller defaults; values given on the command line win
+        quick = dict(world_sizes="2", iters=5, warmup=2, model_iters=3, eff_iters=8, mem_world_sizes="1,2",
+                     cfs="1.0,2.0", model_cfs="1.0")
+        for k, v in quick.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    fl = lambda v: sorted({float(x) for x in v.split(",") if x})  # noqa: E731
+    args.skew_list = fl(args.skews + ",0")
+    args.cf_list = fl(args.cfs + f",{args.capacity_factor}")
+    args.model_skew_list = fl(args.model_skews + ",0")
+    args.model_cf_list = fl(args.model_cfs + f",{args.capacity_factor}")
     args.world_list = [int(w) for w in args.world_sizes.split(",") if w]
     args.mem_world_list = [int(w) for w in args.mem_world_sizes.split(",") if w]
     return args
@@ -628,7 +835,8 @@ def main(argv=None) -> dict:
         print("CUDA is not available: CPU/gloo only, no GPU/NCCL column.")
     out: dict = {"config": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
                  "cuda_available": cuda, "cpu_count": os.cpu_count(), "layer": {}, "model": {},
-                 "dedup": {}, "expert_efficiency": [], "memory": {}, "gpu": None}
+                 "dedup": {}, "expert_efficiency": [], "memory": {}, "gpu": None,
+                 "skew": {"layer": {}, "model": {}}}
     if args.deepspeed:
         import deepspeed
         out["deepspeed_version"] = deepspeed.__version__
@@ -663,7 +871,13 @@ def main(argv=None) -> dict:
             if "ds_cap" in mt:
                 mod["speedup"] = {"mt_cap_vs_ds_cap": _ratios(mt, "mt_cap", "ds_cap"),
                                   "mt_dropless_vs_ds_cap": _ratios(mt, "mt_dropless", "ds_cap")}
+                if "ds_nodrop" in mt:
+                    mod["speedup"]["mt_dropless_vs_ds_nodrop"] = _ratios(mt, "mt_dropless", "ds_nodrop")
             out["model"][str(ws)] = mod
+        out["skew"]["layer"][str(ws)] = _skew_summary(r0["layer_grid"], args, ws, ws * T, model=False)
+        if "model_grid" in r0:
+            out["skew"]["model"][str(ws)] = _skew_summary(r0["model_grid"], args, ws,
+                                                          ws * max(1, T // args.seq) * args.seq, model=True)
         dd = {}
         for kind, v in r0["dedup"].items():
             row = {"routing": kind}
@@ -712,9 +926,115 @@ def main(argv=None) -> dict:
         for ws, m in out["memory"].items():
             m["expert_bytes_ratio_vs_1"] = m["expert_param_bytes_per_rank"] / b1
     out["elapsed_s"] = time.perf_counter() - t_start
+    hl = headline(out, args)
+    out["headline"] = hl
+    out["speedup_vs_deepspeed"] = hl["speedup_vs_deepspeed"]
+    out["target_met"] = hl["target_met"]
+    bal = {}
+    for scope in ("layer", "model"):
+        for ws, byskew in out["skew"][scope].items():
+            if "balanced" in byskew:
+                bal[f"{scope}_w{ws}"] = {k: round(v["paired"], 3) for k, v in byskew["balanced"]["speedup"].items()}
+    out["balanced_parity_paired"] = bal
     print_table(out, args)
     print(json.dumps(out, default=float, separators=(",", ":")))
     return out
+
+
+def _skew_summary(grid: dict, args, ws: int, tokens: int, model: bool) -> dict:
+    """Per skew: routing figures from the measured counts, per-variant timings, and the speedups
+    of moetrain over DeepSpeed for dropless vs no-drop and for every capacity factor."""
+    from placement.placement import Placement
+    E, K = args.experts, args.top_k
+    T_rank = max(1, args.tokens // args.seq) * args.seq if model else args.tokens
+    local = [Placement.contiguous(1, E, ws).local_experts(0, r).tolist() for r in range(ws)]
+    cfs = args.model_cf_list if model else args.cf_list
+    t = grid["times"]
+    out = {}
+    for lab, info in grid["skews"].items():
+        row = {"target": info["target"]}
+        if model:
+            row["routing_per_layer"] = [routing_stats(c, local, T_rank, K, cfs) for c in info["counts_LRE"]]
+            row["scales"] = info["spec"]["scales"]
+            row["maxdiff_logits_mt_dropless_vs_ds_nodrop"] = info.get("maxdiff_logits_mt_dropless_vs_ds_nodrop")
+        else:
+            row["routing"] = routing_stats(info["counts_RE"], local, T_rank, K, cfs)
+            row["scale"] = info["scale"]
+            row["dropped_pairs_rank0"] = info["dropped"]
+            row.update({k: v for k, v in info.items() if k.startswith("maxdiff")})
+        tt = {n.split("/", 1)[1]: v for n, v in t.items() if n.startswith(lab + "/")}
+        row["times"] = {n: _summ(v, tokens) for n, v in tt.items()}
+        sp = {}
+        if "ds_nodrop" in tt:
+            sp["dropless_vs_ds_nodrop"] = _ratios(tt, "mt_dropless", "ds_nodrop")
+        for c in cfs:
+            if f"ds_cf{c:g}" in tt:
+                sp[f"cf{c:g}_vs_ds_cf{c:g}"] = _ratios(tt, f"mt_cf{c:g}", f"ds_cf{c:g}")
+                sp[f"dropless_vs_ds_cf{c:g}"] = _ratios(tt, "mt_dropless", f"ds_cf{c:g}")
+        row["speedup"] = sp
+        out[lab] = row
+    return out
+
+
+def _skew_table(out, args) -> None:
+    print("== 6. Routing skew x capacity factor: moetrain vs DeepSpeed (same inputs, gates, chosen experts) ==")
+    print("  load = measured global expert load max/mean (model: per MoE layer); rank = busiest rank's real rows /"
+          " mean; rows mt/ds = rows computed on moetrain's busiest rank / DeepSpeed's rows per rank")
+    print(f"{'scope':<6}{'world':>5} {'routing':<10} {'load':>11} {'rank':>5} {'pair (mt vs ds)':<26} {'mt ms':>7} "
+          f"{'ds ms':>7} {'x med / paired / best':>22} {'rows mt/ds':>11} {'dropped':>8}")
+    for scope in ("layer", "model"):
+        for ws, byskew in out["skew"][scope].items():
+            for lab, row in byskew.items():
+                rs = row["routing_per_layer"] if scope == "model" else [row["routing"]]
+                load = ",".join(f"{r['expert_max_mean']:.2f}" for r in rs)
+                rank = max(r["rank_max_mean"] for r in rs)
+                pairs = [("dropless", "mt_dropless", "ds_nodrop", "dropless vs no-drop")]
+                cfs = args.model_cf_list if scope == "model" else args.cf_list
+                pairs += [(f"cf{c:g}", f"mt_cf{c:g}", f"ds_cf{c:g}", f"cf {c:g} vs cf {c:g}") for c in cfs]
+                for key, a, b, title in pairs:
+                    tm = row["times"]
+                    if a not in tm or b not in tm:
+                        continue
+                    sp = row["speedup"][f"{key}_vs_{b}" if key != "dropless" else "dropless_vs_ds_nodrop"]
+                    if key == "dropless":
+                        mtr = max(r["rank_max_mean"] for r in rs)
+                        dsr = max(r["ds_nodrop_rows_ratio"] for r in rs)
+                        drop = 0.0
+                    else:
+                        mtr = max(r["cf"][key]["mt_busiest_rank_rows_ratio"] for r in rs)
+                        dsr = max(r["cf"][key]["ds_rows_ratio"] for r in rs)
+                        drop = max(r["cf"][key]["dropped_share"] for r in rs)
+                    print(f"{scope:<6}{ws:>5} {lab:<10} {load:>11} {rank:>5.2f} {title:<26} "
+                          f"{tm[a]['median_s']*1e3:>7.1f} {tm[b]['median_s']*1e3:>7.1f} "
+                          f"{sp['median']:>6.2f} / {sp['paired']:.2f} / {sp['best']:.2f} "
+                          f"{mtr:>5.2f}/{dsr:<5.2f} {drop*100:>7.1f}%")
+            for lab, row in byskew.items():
+                md = row.get("maxdiff_mt_dropless_vs_ds_nodrop", row.get("maxdiff_logits_mt_dropless_vs_ds_nodrop"))
+                if md is not None:
+                    print(f"  {scope} world {ws} {lab}: |mt_dropless - ds_nodrop| max = {md:.1e} (same routing)"
+                          + (f", skew scales {', '.join(f'{x:.3g}' for x in row['scales'])}" if scope == "model"
+                             else f", skew scale {row['scale']:.3g}"))
+
+
+def headline(out, args) -> dict:
+    """The stated realistic configuration: skew ``--headline-skew``, the largest world, moetrain
+    dropless vs DeepSpeed drop_tokens=False (identical outputs), whole model when it ran."""
+    lab = _skew_label(args.headline_skew)
+    for scope in ("model", "layer"):
+        tab = out["skew"][scope]
+        ws = max((w for w in tab if lab in tab[w] and "dropless_vs_ds_nodrop" in tab[w][lab]["speedup"]),
+                 key=int, default=None)
+        if ws is None:
+            continue
+        row = tab[ws][lab]
+        rs = row["routing_per_layer"] if scope == "model" else [row["routing"]]
+        sp = row["speedup"]["dropless_vs_ds_nodrop"]
+        loads = ", ".join(f"{r['expert_max_mean']:.2f}" for r in rs)
+        return {"config": f"{scope}, {lab} (measured expert load max/mean {loads}), world {ws}: moetrain dropless "
+                          f"vs DeepSpeed drop_tokens=False",
+                "speedup_vs_deepspeed": sp["paired"], "speedup_median": sp["median"], "speedup_best": sp["best"],
+                "target": 1.3, "target_met": sp["paired"] >= 1.3}
+    return {"config": None, "speedup_vs_deepspeed": None, "target": 1.3, "target_met": False}
 
 
 def _speed_table(title, table: dict, variants) -> None:
@@ -784,6 +1104,13 @@ def print_table(out, args) -> None:
                      ("mt_cap", "mt_dropless", "ds_cap", "ds_nodrop"))
     else:
         print("  GPU/NCCL: not run (CUDA not available here)")
+    print()
+    _skew_table(out, args)
+    hl = out["headline"]
+    if hl["config"]:
+        print(f"  HEADLINE ({hl['config']}): speedup {hl['speedup_vs_deepspeed']:.2f}x paired "
+              f"(median {hl['speedup_median']:.2f}x, best {hl['speedup_best']:.2f}x); >= 1.3x target "
+              f"{'met' if hl['target_met'] else 'NOT met'}")
     print(f"  total {out['elapsed_s']:.0f} s")
     print()
 

@@ -72,3 +72,24 @@ def test_bench_ep_quick_json(tmp_path):
     assert all(x > 0 for x in mem["2"]["peak_rss_mb_per_rank"])
     if not out["cuda_available"]:
         assert out["gpu"] is None
+    # routing skew study: balanced + skew 1.5, calibrated from the actual routing
+    assert "Routing skew" in proc.stdout
+    for scope in ("layer", "model"):
+        byskew = out["skew"][scope]["2"]
+        assert set(byskew) == {"balanced", "skew1.5"}
+        rs = byskew["skew1.5"]["routing_per_layer" if scope == "model" else "routing"]
+        for r in (rs if scope == "model" else [rs]):
+            assert abs(r["expert_max_mean"] - 1.5) < 0.15, r
+            assert r["ds_nodrop_rows_ratio"] >= r["rank_max_mean"] - 1e-9  # DS pads, moetrain does not
+        assert {"mt_dropless", "mt_cf1"} <= set(byskew["skew1.5"]["times"])
+        if with_ds:
+            assert "dropless_vs_ds_nodrop" in byskew["skew1.5"]["speedup"]
+            for lab in ("balanced", "skew1.5"):  # same experts chosen by both systems
+                md = byskew[lab].get("maxdiff_mt_dropless_vs_ds_nodrop",
+                                     byskew[lab].get("maxdiff_logits_mt_dropless_vs_ds_nodrop"))
+                assert md is not None and md < 1e-4
+    hl = out["headline"]
+    assert "target_met" in out and "balanced_parity_paired" in out
+    if with_ds:
+        assert hl["config"] and out["speedup_vs_deepspeed"] > 0
+        assert out["target_met"] == (out["speedup_vs_deepspeed"] >= 1.3)
