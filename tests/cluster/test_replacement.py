@@ -41,5 +41,7 @@ def test_live_replacement_moves_experts_without_changing_the_math(tmp_path, ray_
     b = np.array([h["loss"] for h in moving.history])
     np.testing.assert_allclose(b, a, rtol=1e-5)
     summary = json.loads((tmp_path / "moving" / "summary.json").read_text())
-    assert summary["replacements"][0]["predicted_gain"] == pytest.approx(migrations[0]["predicted_gain"]) or \
-        summary["replacements"]
+    recorded = [d for d in summary["replacements"] if d["migrated"]]
+    assert len(recorded) == len(migrations)
+    for d in recorded:  # each decision carries its predicted gain and the measured sends around it
+        assert {"predicted_gain", "solve_time_s", "bytes_moved", "measured_sends_before", "measured_sends_after"} <= set(d)
