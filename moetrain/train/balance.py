@@ -80,11 +80,10 @@ class LoadBalancer:
         return self.ctx.all_reduce_sum(self.step_counts_LE.clone())
 
     @torch.no_grad()
-    def update_bias(self, moe_layers: list) -> None:
-        """Aux-loss-free balancing: one all-reduce (or none in global scope) per step."""
+    def update_bias(self, moe_layers: list, counts_LE: torch.Tensor) -> None:
+        """Aux-loss-free balancing from the step's global counts (``global_step_counts()``)."""
         if not self.moe.expert_bias:
             return
-        counts_LE = self.global_step_counts()
         delta_LE = torch.sign(counts_LE.mean(dim=1, keepdim=True) - counts_LE) * self.moe.bias_update_rate
         for idx, layer in enumerate(moe_layers):
             layer.router.expert_bias_E.add_(delta_LE[idx].to(layer.router.expert_bias_E.device))

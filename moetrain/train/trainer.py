@@ -129,9 +129,9 @@ class RankTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.balancer.update_bias(self.moe_layers)
+        load_LE = self.balancer.global_step_counts()  # one all-reduce in micro scope, none in global
+        self.balancer.update_bias(self.moe_layers, load_LE)
         self.stats.end_step()
-        load_LE = self.balancer.global_step_counts()
         self.ctx.all_reduce_sum(sums)
         self.step += 1
         lm, lbl, zl, sends = (sums[:3] / self.ctx.world_size).tolist() + [sums[3].item()]
