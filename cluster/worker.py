@@ -113,12 +113,6 @@ class Worker:
             info["dense_param_mb"] = sum(p.numel() * p.element_size() for _, p in t.model.dense_parameters()) / 2**20
         return info
 
-    def ping(self) -> int:
-        return self.rank
-
-    def pid(self) -> int:
-        return os.getpid()
-
     def shutdown(self) -> None:
         import torch.distributed as dist
 

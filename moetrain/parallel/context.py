@@ -30,13 +30,6 @@ class ParallelContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
-    def all_gather_object(self, obj: object) -> list:
-        if not self.distributed:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moetrain.model.moe.dispatcher import capacity_keep_mask, expert_capacity
 from moetrain.parallel.context import ParallelContext
 from placement.placement import Placement
 
@@ -129,9 +130,8 @@ class AllToAllDispatcher:
         R, D = self.num_ranks, x_TD.shape[1]
         group = self.ctx.group
         keep_TK = torch.ones_like(topk_ids_TK, dtype=torch.bool)
-        if self.capacity_factor > 0:
-            from moetrain.model.moe.dispatcher import capacity_keep_mask
-            cap = int(np.ceil(self.capacity_factor * T * K / self.num_experts))
+        cap = expert_capacity(T, K, self.num_experts, self.capacity_factor)
+        if cap is not None:
             keep_TK = capacity_keep_mask(topk_ids_TK, self.num_experts, cap)
         num_dropped = int((~keep_TK).sum())
         unit_rank, unit_token, pair_unit = self._units(topk_ids_TK, keep_TK)

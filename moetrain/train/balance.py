@@ -33,7 +33,6 @@ class LoadBalancer:
         self.num_layers = num_moe_layers
         self.step_counts_LE = torch.zeros(num_moe_layers, moe_cfg.num_experts, device=ctx.device)
         self.step_tokens = 0  # global tokens routed this step (global scope) or local (else)
-        self._step_counts_are_global = False
 
     def start_step(self) -> None:
         self.step_counts_LE.zero_()
@@ -52,11 +51,9 @@ class LoadBalancer:
             self.ctx.all_reduce_sum(counts_LE)  # one small all-reduce per micro-batch
             self.step_counts_LE += counts_LE
             self.step_tokens += T * self.ctx.world_size
-            self._step_counts_are_global = True
         else:
             self.step_counts_LE += counts_LE
             self.step_tokens += T
-            self._step_counts_are_global = False
         if self.cfg.lbl_coeff > 0:
             parts = []
             for idx, r in enumerate(routing):
@@ -75,7 +72,7 @@ class LoadBalancer:
 
     def global_step_counts(self) -> torch.Tensor:
         """Tokens per expert per layer over the whole step and all ranks, [L, E]."""
-        if self._step_counts_are_global:
+        if self.cfg.lbl_scope == "global":  # already all-reduced per micro-batch
             return self.step_counts_LE.clone()
         return self.ctx.all_reduce_sum(self.step_counts_LE.clone())
 

@@ -68,10 +68,6 @@ class RoutingStatsAccumulator:
             self._steps.append(self._current)
             self._current = None
 
-    def reset(self) -> None:
-        self._steps.clear()
-        self._current = None
-
     def local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sums over the window on this rank (zeros when empty)."""
         if not self._steps:

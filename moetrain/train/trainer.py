@@ -19,7 +19,7 @@ import torch
 from moetrain import losses
 from moetrain.config import RunConfig
 from moetrain.data import BatchCursor, build_dataset, shard_global_batch, val_batches
-from moetrain.model import Transformer
+from moetrain.model import Transformer, count_moe_blocks
 from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.dispatcher import AllToAllDispatcher, count_unit_sends
@@ -29,15 +29,9 @@ from moetrain.train.stats import RoutingStatsAccumulator
 from placement.placement import Placement
 
 
-def count_moe_layers(cfg: RunConfig) -> int:
-    moe = cfg.model.moe
-    return sum(1 for i in range(cfg.model.n_layers)
-               if i >= moe.first_moe_layer and (i - moe.first_moe_layer) % moe.every_n_layers == 0)
-
-
 def initial_placement(cfg: RunConfig) -> Placement:
     """The placement a run starts from: contiguous, round-robin, or a JSON file."""
-    L, E, R = count_moe_layers(cfg), cfg.model.moe.num_experts, cfg.cluster.num_workers
+    L, E, R = count_moe_blocks(cfg.model), cfg.model.moe.num_experts, cfg.cluster.num_workers
     spr = cfg.placement.slots_per_rank or None
     kind = cfg.placement.initial
     if kind == "contiguous":
