@@ -112,6 +112,11 @@ class CheckpointConfig:
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 (credentials: AWS_* environment variables)
     s3_region: str = ""
     max_retries: int = 3
+    # Local directories: fsync every object (and its directory) before the manifest commits it,
+    # so a power loss cannot leave a committed manifest over unwritten data. No effect on
+    # S3 / GCS, where a finished upload is already durable. false = page cache only (tmpfs,
+    # scratch disks, tests).
+    fsync: bool = True
 
 
 @dataclass(kw_only=True)

@@ -6,7 +6,9 @@ side, after every rank's writer finished) and reading manifests / the ``latest``
 
 Order is the protocol: objects (streamed straight to their keys, each rank reporting every
 object's size + sha256) -> ``manifest.json`` (atomic: temporary key + move; its presence *is*
-the commit) -> ``latest`` (atomic). A crash at any point leaves either the previous commit or
+the commit) -> ``latest`` (atomic). On local directories every object is fsync-ed by its writer
+and the step's directories just before ``manifest.json`` (``Store.sync_dirs``), so the order
+also holds on disk after a power loss. A crash at any point leaves either the previous commit or
 the new one visible, never a half one. A ``step-N/`` without a manifest is uncommitted garbage
 (see ``retention``), partial objects included; objects of a committed step are checked against
 the manifest's sha256 by every reader, and a committed step is never written again. Call ``retention.apply_retention`` after ``commit`` to keep N checkpoints.
@@ -141,6 +143,7 @@ def commit(store: Store, run: str, step: int, per_rank: Sequence[SaveResult | Se
     entries = _merge(step, per_rank)
     prefix = step_prefix(run, step)
     _check_present(store, prefix, entries)
+    store.sync_dirs(prefix)  # local stores: the objects' names are on disk before the commit
     manifest = Manifest(run=run, step=step, world_size=len(per_rank), entries=entries,
                         meta=dict(meta or {}),
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -18,8 +20,11 @@ from moetrain.checkpoint import (
     read_manifest,
     resolve,
 )
+from moetrain.checkpoint import open_store
 from moetrain.checkpoint.layout import CheckpointRef
 from moetrain.checkpoint.retention import CheckpointInfo, plan_retention
+
+from moetrain.config import CheckpointConfig
 
 from .helpers import make_objects
 
@@ -129,3 +134,40 @@ def test_clean_aborts_pending_multipart_uploads(s3_server):
     assert sorted(report.aborted_uploads) == sorted(ours)
     left = client.list_multipart_uploads(Bucket=s3_server.bucket, Prefix="mpu/").get("Uploads", [])
     assert sorted(u["Key"] for u in left) == sorted(others)
+
+
+class _FsyncSpy:
+    """Records (path, manifest present?) for every real ``os.fsync`` call (it still runs)."""
+
+    def __init__(self, monkeypatch, manifest_path) -> None:
+        self.calls: list[tuple[str, bool]] = []
+        real = os.fsync
+
+        def spy(fd):
+            self.calls.append((os.readlink(f"/proc/self/fd/{fd}"), os.path.exists(manifest_path)))
+            return real(fd)
+        monkeypatch.setattr(os, "fsync", spy)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("fsync", [True, False])
+def test_local_commit_reaches_the_disk_before_the_manifest(tmp_path, monkeypatch, fsync):
+    root = tmp_path / "ckpt"
+    store = open_store(str(root), CheckpointConfig(fsync=fsync))
+    spy = _FsyncSpy(monkeypatch, root / "run" / "step-5" / "manifest.json")
+    results = _save(store, 5, ranks=2)
+    commit(store, "run", 5, results, meta={"step": 5})
+    if not fsync:
+        assert spy.calls == []
+        return
+    synced = {path for path, _ in spy.calls}
+    before_manifest = {path for path, manifest_there in spy.calls if not manifest_there}
+    step_dir = root / "run" / "step-5"
+    objects = {str(step_dir / e.name) for r in results for e in r.entries}
+    dirs = {str(p) for p in step_dir.rglob("*") if p.is_dir()} | {str(step_dir), str(root / "run")}
+    assert objects <= before_manifest, objects - before_manifest
+    assert dirs <= before_manifest, dirs - before_manifest
+    # the commit records: their temporary file, then (after the move) their directory
+    for final in (step_dir / "manifest.json", root / "run" / "latest"):
+        assert any(p.startswith(f"{final}.tmp-") for p in synced), final
+    assert (str(step_dir), True) in spy.calls and (str(root / "run"), True) in spy.calls

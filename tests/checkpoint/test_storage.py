@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -178,3 +179,19 @@ def test_redaction_and_error_classification():
     for text, expected in cases.items():
         assert classify_os_error(OSError(text)) == expected, text
     assert classify_os_error(FileNotFoundError("x")) == (ObjectNotFoundError, False)
+
+
+def test_names_with_a_compression_suffix_are_stored_verbatim(store):
+    # pyarrow's open_output_stream gzips a path ending in ".gz" unless told not to
+    data = b"not gzip at all " * 1000
+    for write in (store.write_direct, store.write_atomic):
+        res = write("run/step-1/blob.gz", lambda sink: sink.write(data))
+        assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert store.read_bytes("run/step-1/blob.gz") == data
+
+
+def test_sync_file_range_is_available_on_linux():
+    from moetrain.checkpoint import storage
+    if not sys.platform.startswith("linux"):
+        pytest.skip("sync_file_range is Linux-only (fsync alone is used elsewhere)")
+    assert storage._sync_file_range is not None
