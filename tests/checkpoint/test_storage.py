@@ -195,3 +195,18 @@ def test_sync_file_range_is_available_on_linux():
     if not sys.platform.startswith("linux"):
         pytest.skip("sync_file_range is Linux-only (fsync alone is used elsewhere)")
     assert storage._sync_file_range is not None
+
+
+def test_caller_may_reuse_its_buffer_once_write_returns(store):
+    # large slices are hashed on a helper thread beside the write: write() must not return
+    # while that thread still reads the caller's buffer
+    original = os.urandom(20 << 20)
+    buf = bytearray(original)
+
+    def produce(sink):
+        sink.write(buf)
+        buf[:] = bytes(len(buf))  # the caller reuses its buffer at once
+
+    res = store.write_direct("run/step-1/reused", produce)
+    assert res.sha256 == hashlib.sha256(original).hexdigest()
+    assert store.read_bytes("run/step-1/reused") == original
