@@ -1,0 +1,85 @@
+"""Smoke tests of the checkpoint, placement and re-placement benchmarks: a tiny run of each
+prints its table and a final JSON line whose figures are consistent with each other.
+
+They check that the scripts run and report what they claim to compare, not the targets (those
+are met or not in full runs; see the README's benchmark table)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def _run(script: str, *args: str, timeout: float = 300) -> tuple[str, dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return proc.stdout, json.loads(lines[-1])
+
+
+@pytest.mark.s3
+def test_bench_checkpoint_quick():
+    text, out = _run("bench_checkpoint.py", "--quick", "--tput-reps", "1")
+    assert "baseline = raw pyarrow write" in text
+    runs = {(r["backend"], r["snapshot_mode"].rstrip("*")): r for r in out["runs"]}
+    assert set(runs) == {(b, m) for b in ("local", "s3") for m in ("sync", "overlap")}
+    assert set(out["default_stall_share"]) == {"local", "s3"}
+    for (backend, _), r in runs.items():
+        assert r["restore_exact"] is True
+        assert r["bytes"] > 0 and r["snapshot_mb"] > 0
+        for conc in (1, 4):
+            assert r[f"writer_c{conc}_mbps"] > 0
+            # the target ratio is taken against the raw write with the writer's guarantee
+            if backend == "local":
+                durable = max(r[f"raw_fsync_c{conc}_mbps"], r[f"raw_fsync_wb_c{conc}_mbps"])
+                assert r[f"baseline_c{conc}_mbps"] == durable
+                assert r[f"nosync_vs_pagecache_c{conc}"] == pytest.approx(
+                    r[f"nosync_c{conc}_mbps"] / r[f"raw_c{conc}_mbps"], rel=1e-3)  # JSON rounds
+            else:
+                assert r[f"baseline_c{conc}_mbps"] == r[f"raw_c{conc}_mbps"]
+                assert r[f"nosync_vs_pagecache_c{conc}"] is None
+            assert r[f"upload_vs_raw_c{conc}"] == pytest.approx(
+                r[f"writer_c{conc}_mbps"] / r[f"baseline_c{conc}_mbps"], rel=1e-3)
+
+
+def test_bench_placement_small_budget():
+    text, out = _run("bench_placement.py", "--per-layer-s", "0.3", "--skip-scale")
+    assert "local_search" in text and out["scale"] is None
+    rows = {(r["case"], r["tname"], r["method"]): r for r in out["rows"]}
+    groups = {(case, tname) for case, tname, _ in rows}
+    assert {case for case, _ in groups} == {"qwen", "olmoe"}
+    for case, tname in groups:
+        get = lambda m: rows[(case, tname, m)]  # noqa: E731
+        ilp, contiguous = get("ilp"), get("contiguous")
+        # never worse than its warm starts on the fitted objective, whatever the time budget
+        assert ilp["fit_objective"] <= min(get("greedy")["fit_objective"],
+                                           get("local_search")["fit_objective"]) + 1e-6
+        assert ilp["bound"] <= ilp["model_objective"] + 1e-6  # a lower bound of its own model
+        for method in ("ilp", "local_search", "greedy"):
+            r = get(method)
+            assert r["reduction_vs_contiguous"] == pytest.approx(
+                1 - r["held_sends"] / contiguous["held_sends"], abs=1e-3)
+    assert out["targets"]["ilp_fit_objective_le_greedy_and_local_search"] is True
+    assert out["all_targets_met"] == all(out["targets"].values())
+
+
+def test_bench_replacement_two_actors():
+    text, out = _run("bench_replacement.py", "--workers", "2", "--experts", "4", "--dim", "32",
+                     "--ffn", "64", "--seq", "16", "--batch", "4", "--steps", "2", "--rounds", "1",
+                     "--time-limit", "2")
+    assert "speedup (contiguous step / re-placed step)" in text
+    assert out["speedup"] == pytest.approx(out["contiguous_step_s"] / out["ilp_step_s"], rel=1e-3)
+    # hot experts 0 and 1 sit together on rank 0 under contiguous; the ILP splits them
+    assert out["contiguous_rank_load_max_over_mean"] > out["ilp_rank_load_max_over_mean"]
+    assert out["target_met"] == (out["speedup"] >= 1.15)
