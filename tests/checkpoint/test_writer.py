@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,7 +19,9 @@ from moetrain.checkpoint import (
     InvalidNameError,
     SerializationError,
     Snapshot,
+    apply_retention,
     commit,
+    list_checkpoints,
     load_objects,
     open_store,
     read_latest,
@@ -270,3 +277,64 @@ def test_atomic_object_writes_remain_available(store):
     loaded = load_objects(ref, sorted(objs))
     for name in objs:
         assert_same(objs[name], loaded[name], name)
+
+
+_KILLED_WRITER = r"""
+import json, sys, time, torch
+from moetrain.checkpoint import AsyncCheckpointWriter, commit, open_store
+from moetrain.config import CheckpointConfig
+args = json.loads(sys.argv[1])
+store = open_store(args["uri"], CheckpointConfig(**args["cfg"]))
+g = torch.Generator().manual_seed(0)
+with AsyncCheckpointWriter(store, "run") as w:
+    commit(store, "run", 1, [w.save(1, {"dense/rank-0": {"w": torch.randn(1000, generator=g)}}).result()])
+    # step 2: 24 experts of 8 MB each, uploaded 4 at a time; never committed unless told
+    big = {f"experts/layer-0/expert-{e}": {"w": torch.randn(2 << 20, generator=g)} for e in range(24)}
+    fut = w.save(2, big)
+    print("saving 2", flush=True)
+    result = fut.result()
+    print("uploaded 2", flush=True)
+    sys.stdin.readline()
+    commit(store, "run", 2, [result])
+"""
+
+
+def test_writer_killed_midway_leaves_the_previous_checkpoint_and_latest(store, backend):
+    """SIGKILL during an upload: step 1 stays committed, `latest` names it, it loads; the
+    half-written step 2 is uncommitted garbage that retention removes after the next commit."""
+    cfg = {"s3_endpoint": backend.cfg.s3_endpoint, "s3_region": backend.cfg.s3_region}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, json.dumps({"uri": backend.uri, "cfg": cfg})],
+                            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=root))
+    try:
+        assert proc.stdout.readline().strip() == "saving 2"
+        # kill once some of step 2 is on the store (local: objects appear while they are
+        # streamed) or after a moment (S3: a multipart upload is invisible until it completes)
+        deadline = time.monotonic() + (0.3 if backend.kind == "s3" else 20)
+        while time.monotonic() < deadline and not store.list_files("run/step-2"):
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+        rest = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    midway = "uploaded 2" not in rest
+    partial = store.list_files("run/step-2")
+    total = sum(f.size for f in partial)
+    assert read_latest(store, "run") == 1
+    ref = resolve("latest", store=store, run="run")
+    assert ref.step == 1 and verify(ref).ok
+    assert load_objects(ref, ["dense/rank-0"])["dense/rank-0"]["w"].shape == (1000,)
+    infos = {i.step: i for i in list_checkpoints(store, "run")}
+    assert infos[1].committed and (2 not in infos or not infos[2].committed)
+    assert midway, "the upload finished before the kill: make step 2 bigger"
+    if backend.kind == "local":
+        assert partial and total < 24 * (8 << 20), (len(partial), total)
+    # the run goes on: the next checkpoint commits and retention drops the dead step 2
+    with AsyncCheckpointWriter(store, "run") as w:
+        commit(store, "run", 3, [w.save(3, make_objects()).result()])
+    report = apply_retention(store, "run", keep=2)
+    assert report.kept == (1, 3) and store.list_files("run/step-2") == []
+    assert read_latest(store, "run") == 3
