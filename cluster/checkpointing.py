@@ -148,11 +148,11 @@ class Coordinator:
             return None
 
 
-def ckpt_command(action: str, uri: str, s3_endpoint: str = "") -> int:
+def ckpt_command(action: str, uri: str, s3_endpoint: str = "", gcs_endpoint: str = "") -> int:
     from moetrain.checkpoint import cli
     from moetrain.config import CheckpointConfig
 
-    cfg = CheckpointConfig(uri=uri, s3_endpoint=s3_endpoint)
+    cfg = CheckpointConfig(uri=uri, s3_endpoint=s3_endpoint, gcs_endpoint=gcs_endpoint)
     if action == "list":
         _, table = cli.ckpt_list(uri, cfg)
         print(table)

@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["list", "verify", "inspect"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
     c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    c.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
     s = sub.add_parser("submit", help="submit `moetrain train ...` as a Ray job")
     s.add_argument("--address", default=None, help="Ray dashboard address (else RAY_ADDRESS)")
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
@@ -51,7 +52,8 @@ def _train(args) -> int:
 def _ckpt(args) -> int:
     from cluster.checkpointing import ckpt_command
 
-    return ckpt_command(args.action, args.uri, s3_endpoint=args.s3_endpoint)
+    return ckpt_command(args.action, args.uri, s3_endpoint=args.s3_endpoint,
+                        gcs_endpoint=args.gcs_endpoint)
 
 
 def _submit(args) -> int:

@@ -111,6 +111,7 @@ class CheckpointConfig:
     resume: str = ""  # "" | "latest" | a step-<N> URI
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 (credentials: AWS_* environment variables)
     s3_region: str = ""
+    gcs_endpoint: str = ""  # gs:// only: e.g. an emulator's http://127.0.0.1:4443 (default: Google)
     max_retries: int = 3
     # Local directories: fsync every object (and its directory) before the manifest commits it,
     # so a power loss cannot leave a committed manifest over unwritten data. No effect on

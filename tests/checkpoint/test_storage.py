@@ -210,3 +210,31 @@ def test_caller_may_reuse_its_buffer_once_write_returns(store):
     res = store.write_direct("run/step-1/reused", produce)
     assert res.sha256 == hashlib.sha256(original).hexdigest()
     assert store.read_bytes("run/step-1/reused") == original
+
+
+@pytest.mark.gcs
+def test_gcs_endpoint_from_the_emulator_variable(gcs_server, monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint)
+    store = open_store(gcs_server.uri("emu"))  # no endpoint in the config
+    store.write_bytes("k", b"through STORAGE_EMULATOR_HOST")
+    assert store.read_bytes("k") == b"through STORAGE_EMULATOR_HOST" and store.kind == "gcs"
+
+
+@pytest.mark.gcs
+def test_gcs_missing_bucket_and_bad_uris_are_named(gcs_server):
+    cfg = CheckpointConfig(gcs_endpoint=gcs_server.endpoint)
+    with pytest.raises(BucketNotFoundError, match="'no-such-bucket'"):
+        open_store("gs://no-such-bucket/ckpt", cfg)
+    with pytest.raises(InvalidNameError, match="GOOGLE_APPLICATION_CREDENTIALS"):
+        open_store(f"gs://{gcs_server.bucket}/p?access_token=secret", cfg)
+    with pytest.raises(InvalidNameError, match="no bucket"):
+        open_store("gs:///ckpt", cfg)
+
+
+@pytest.mark.gcs
+def test_gcs_unreachable_endpoint_fails_with_typed_error(gcs_server):
+    cfg = CheckpointConfig(gcs_endpoint=f"http://127.0.0.1:{_closed_port()}", max_retries=1)
+    start = time.perf_counter()
+    with pytest.raises(StoreUnreachableError, match=r"gs://bkt/ckpt.*after 2 attempts"):
+        open_store("gs://bkt/ckpt", cfg, backoff_s=0.01)
+    assert time.perf_counter() - start < 15.0

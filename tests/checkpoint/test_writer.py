@@ -302,7 +302,8 @@ with AsyncCheckpointWriter(store, "run") as w:
 def test_writer_killed_midway_leaves_the_previous_checkpoint_and_latest(store, backend):
     """SIGKILL during an upload: step 1 stays committed, `latest` names it, it loads; the
     half-written step 2 is uncommitted garbage that retention removes after the next commit."""
-    cfg = {"s3_endpoint": backend.cfg.s3_endpoint, "s3_region": backend.cfg.s3_region}
+    cfg = {"s3_endpoint": backend.cfg.s3_endpoint, "s3_region": backend.cfg.s3_region,
+           "gcs_endpoint": backend.cfg.gcs_endpoint}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, json.dumps({"uri": backend.uri, "cfg": cfg})],
                             cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

@@ -81,6 +81,16 @@ def test_checkpoint_and_bit_exact_resume_on_s3(tmp_path, s3_server, ray_local):
     assert np.array_equal(losses(resumed, 4), losses(base, 4))
 
 
+@pytest.mark.gcs
+def test_checkpoint_and_bit_exact_resume_on_gcs(tmp_path, gcs_server, ray_local):
+    uri = gcs_server.uri("runs")
+    extra = {"checkpoint": {"gcs_endpoint": gcs_server.endpoint}}
+    base = run(cfg_for(tmp_path, uri, "gcsbase", 2, extra=extra))
+    assert len(base.checkpoints) == 2
+    resumed = run(cfg_for(tmp_path, uri, "gcsresumed", 2, resume=f"{uri}/gcsbase/step-4", extra=extra))
+    assert np.array_equal(losses(resumed, 4), losses(base, 4))
+
+
 def test_unreachable_store_marks_checkpoints_failed_and_training_continues(tmp_path, ray_local):
     import socket
 
