@@ -418,7 +418,8 @@ def main() -> None:
 def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None:
     print(f"model: {nparams / 1e6:.1f} M params, checkpoint {rows[0]['bytes'] / MB:.0f} MB "
           f"(weights + AdamW state), median step {base * 1e3:.0f} ms, "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"serialise only (hashing sink, no I/O): MTCKPT {ser['mtckpt']:.0f} MB/s, "
           f"torch.save {ser['torch_save']:.0f} MB/s")
     cols = [("backend", "{}"), ("snapshot_mode", "{}"), ("blocked_s", "{:.3f}"),
@@ -446,7 +447,7 @@ def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None
     summary = {"default_snapshot_mode": DEFAULT_MODE,
                "default_stall_share": {r["backend"]: r["stall_share"] for r in rows if r["default"]},
                "params_m": nparams / 1e6, "checkpoint_mb": rows[0]["bytes"] / MB, "step_s": base,
-               "load_average": os.getloadavg()[0], "serialise_mbps": ser,
+               "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(), "serialise_mbps": ser,
                "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                         for r in rows]}
     print(json.dumps(summary))
