@@ -71,23 +71,15 @@ def test_resume_onto_another_placement(baseline, tmp_path):
     np.testing.assert_allclose(losses(moved, 4), losses(base, 4), rtol=1e-5)
 
 
-@pytest.mark.s3
-def test_checkpoint_and_bit_exact_resume_on_s3(tmp_path, s3_server, ray_local):
-    uri = s3_server.uri("runs")
-    extra = {"checkpoint": {"s3_endpoint": s3_server.endpoint}}
-    base = run(cfg_for(tmp_path, uri, "s3base", 2, extra=extra))
+@pytest.mark.parametrize("kind", [pytest.param("s3", marks=pytest.mark.s3),
+                                  pytest.param("gcs", marks=pytest.mark.gcs)])
+def test_checkpoint_and_bit_exact_resume_on_object_store(tmp_path, ray_local, request, kind):
+    server = request.getfixturevalue(f"{kind}_server")
+    uri = server.uri("runs")
+    extra = {"checkpoint": {f"{kind}_endpoint": server.endpoint}}
+    base = run(cfg_for(tmp_path, uri, f"{kind}base", 2, extra=extra))
     assert len(base.checkpoints) == 2
-    resumed = run(cfg_for(tmp_path, uri, "s3resumed", 2, resume=f"{uri}/s3base/step-4", extra=extra))
-    assert np.array_equal(losses(resumed, 4), losses(base, 4))
-
-
-@pytest.mark.gcs
-def test_checkpoint_and_bit_exact_resume_on_gcs(tmp_path, gcs_server, ray_local):
-    uri = gcs_server.uri("runs")
-    extra = {"checkpoint": {"gcs_endpoint": gcs_server.endpoint}}
-    base = run(cfg_for(tmp_path, uri, "gcsbase", 2, extra=extra))
-    assert len(base.checkpoints) == 2
-    resumed = run(cfg_for(tmp_path, uri, "gcsresumed", 2, resume=f"{uri}/gcsbase/step-4", extra=extra))
+    resumed = run(cfg_for(tmp_path, uri, f"{kind}resumed", 2, resume=f"{uri}/{kind}base/step-4", extra=extra))
     assert np.array_equal(losses(resumed, 4), losses(base, 4))
 
 
