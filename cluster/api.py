@@ -3,7 +3,7 @@
     from cluster.api import load_config, run
     cfg = load_config("tiny", ["train.steps=50", "cluster.num_workers=2"])
     result = run(cfg)                  # starts an embedded local Ray, or joins RAY_ADDRESS
-    print(result.summary["val_loss"], result.history[-1]["loss"])
+    print(result.summary["val_loss"], result.history[-1].loss)
 """
 
 from __future__ import annotations

@@ -50,10 +50,21 @@ def _train(args) -> int:
 
 
 def _ckpt(args) -> int:
-    from cluster.checkpointing import ckpt_command
+    """``moetrain ckpt list|verify|inspect URI``: exit 1 when verify finds a problem."""
+    from moetrain.checkpoint import cli
+    from moetrain.config import CheckpointConfig
 
-    return ckpt_command(args.action, args.uri, s3_endpoint=args.s3_endpoint,
-                        gcs_endpoint=args.gcs_endpoint)
+    cfg = CheckpointConfig(uri=args.uri, s3_endpoint=args.s3_endpoint, gcs_endpoint=args.gcs_endpoint)
+    if args.action == "list":
+        _, text = cli.ckpt_list(args.uri, cfg)
+    elif args.action == "verify":
+        report, text = cli.ckpt_verify(args.uri, cfg)
+        print(text)
+        return 0 if report.ok else 1
+    else:
+        _, text = cli.ckpt_inspect(args.uri, cfg)
+    print(text)
+    return 0
 
 
 def _submit(args) -> int:

@@ -15,12 +15,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from cluster import checkpointing, replacement
 from cluster.group import WorkerGroup, WorkerGroupError, WorkerGroupStartError
 from cluster.telemetry import Telemetry
 from moetrain.config import RunConfig
+from moetrain.train.checkpointer import ResumePoint
+from moetrain.train.metrics import StepMetrics
+from moetrain.train.stats import merge_rank_samples
 from moetrain.train.summary import format_summary, step_line
 from moetrain.train.trainer import initial_placement
 from placement.placement import Placement
@@ -59,8 +61,8 @@ class FailurePolicy:
 class RunResult:
     state: State
     summary: dict
-    history: list[dict] = field(default_factory=list)
-    replacements: list[dict] = field(default_factory=list)
+    history: list[StepMetrics] = field(default_factory=list)
+    replacements: list[replacement.Decision] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     restarts: int = 0
     error: str = ""
@@ -73,10 +75,10 @@ class Controller:
         self.policy = FailurePolicy(cfg.cluster.max_failures)
         self.placement: Placement = initial_placement(cfg)
         self.group: WorkerGroup | None = None
-        self.resume: dict | None = checkpointing.resolve_resume(cfg)
+        self.resume: ResumePoint | None = checkpointing.resolve_resume(cfg)
         self.step = 0
-        self.history: list[dict] = []
-        self.replacements: list[dict] = []
+        self.history: list[StepMetrics] = []
+        self.replacements: list[replacement.Decision] = []
         self.checkpoints: list[str] = []
         self.val_start: dict = {}
         self.val_last: dict = {}
@@ -92,6 +94,14 @@ class Controller:
 
             self._bar = tqdm(total=cfg.train.steps, desc=cfg.cluster.run_name, unit="step", leave=False)
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def request_stop(self) -> None:
+        """Finish the current step, then stop (with a final checkpoint when checkpoints are on)."""
+        self._stop_requested = True
+
     # ---- state handlers ------------------------------------------------------------------------
     def _set(self, state: State) -> None:
         if state != self.state:
@@ -100,15 +110,16 @@ class Controller:
         self.telemetry.state(state.value)
 
     def _starting(self) -> State:
-        if self.resume and self.resume["same_shape"] and self.cfg.placement.initial == "contiguous":
+        r = self.resume
+        if r and r.placement.num_ranks == self.cfg.cluster.num_workers and self.cfg.placement.initial == "contiguous":
             # Same group size and no placement asked for: continue on the saved placement
             # (bit-exact continuation). Otherwise the configured placement; every rank loads
             # exactly the experts it hosts from the per-expert objects.
-            self.placement = Placement.from_json(self.resume["placement_json"])
-        self.group = WorkerGroup.create(self.cfg, self.placement, resume=self.resume)
-        if self.resume:
-            self.step = int(self.resume["step"])
-            log.info("resumed from %s at step %d", self.resume["uri"], self.step)
+            self.placement = r.placement
+        self.group = WorkerGroup.create(self.cfg, self.placement, resume=r)
+        if r:
+            self.step = r.step
+            log.info("resumed from %s at step %d", r.uri, self.step)
         if not self.val_start:
             self.val_start = self.group.call("evaluate")[0]
         return State.RUNNING
@@ -117,13 +128,13 @@ class Controller:
         t = self.cfg.train
         if self.step >= t.steps or self._stop_requested:
             return State.FINISHED
-        m = self.group.call("train_step")[0]
-        self.step = m["step"]
-        self.history.append({k: v for k, v in m.items() if k != "load_LE"} | {"load_LE": m["load_LE"].tolist()})
-        self.telemetry.step(m, self.placement)
+        m: StepMetrics = self.group.call("train_step")[0]
+        self.step = m.step
+        self.history.append(m)
+        self.telemetry.step(m)
         if self._bar is not None:
             self._bar.update(self.step - self._bar.n)
-            self._bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens'] / max(m['step_time_s'], 1e-9):,.0f}")
+            self._bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:,.0f}")
         if self.on_step:
             self.on_step(m)
         if self.step % t.log_every == 0 or self.step == 1:
@@ -147,9 +158,8 @@ class Controller:
         decision = self.replanner.finish(self.group, self.placement, self.step)
         self.replacements.append(decision)
         self.telemetry.replacement(decision)
-        if decision["migrated"]:
-            self.placement = Placement.from_json(decision["placement_json"])
-            self.group.placement = self.placement
+        if decision.migrated:
+            self.placement = decision.proposal.placement
         return State.CHECKPOINTING if checkpointing.due(self.cfg, self.step) else State.RUNNING
 
     def _checkpointing(self) -> State:
@@ -205,23 +215,22 @@ class Controller:
         self.telemetry.validation(self.step, self.val_last)
         if self.cfg.checkpoint.uri:
             self.ckpt.start(self.group, self.step, self.placement)
-        stats = self.group.call("routing_stats")[0]
+        stats = merge_rank_samples(self.group.call("routing_stats"))
         wall = time.perf_counter() - self._t_start
-        replacement.measured_gains(self.replacements, self.history)
+        self.replacements = replacement.measured_gains(self.replacements, self.history)
         run_hist = self.history
-        tokens = sum(h["tokens"] for h in run_hist)
-        train_time = sum(h["step_time_s"] for h in run_hist)
-        load = np.asarray(stats["load_LE"])
+        tokens = sum(h.tokens for h in run_hist)
+        train_time = sum(h.step_time_s for h in run_hist)
+        load = stats.load_LE
         outputs = self.telemetry.write_outputs(stats, self.placement, self.cfg)
         summary = {
             "run_name": self.cfg.cluster.run_name, "num_workers": self.cfg.cluster.num_workers,
             "steps": self.step, "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / max(train_time, 1e-9),
-            "first_loss": run_hist[0]["loss"] if run_hist else float("nan"),
-            "last_loss": run_hist[-1]["loss"] if run_hist else float("nan"),
+            "first_loss": run_hist[0].loss if run_hist else float("nan"),
+            "last_loss": run_hist[-1].loss if run_hist else float("nan"),
             "val_start": self.val_start, "val_loss": self.val_last, "load_LE": load.tolist(),
-            "outputs": outputs, "replacements": [
-                {k: v for k, v in d.items() if k != "placement_json"} for d in self.replacements],
+            "outputs": outputs, "replacements": [d.to_dict() for d in self.replacements],
         }
         log.info(format_summary(summary))
         return summary
@@ -239,10 +248,10 @@ class _graceful_stop:
         self.old = {}
 
     def _handler(self, signum, frame):
-        if self.c._stop_requested:
+        if self.c.stop_requested:
             raise KeyboardInterrupt
         log.warning("signal %d: stopping after the current step (again to abort)", signum)
-        self.c._stop_requested = True
+        self.c.request_stop()
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 
 from cluster.worker import Worker
 from moetrain.config import RunConfig
+from moetrain.train.checkpointer import ResumePoint
 from placement.placement import Placement
 
 NAMESPACE = "moetrain"
@@ -86,10 +87,9 @@ def _check_resources(cfg: RunConfig) -> None:
 class WorkerGroup:
     actors: list
     cfg: RunConfig
-    placement: Placement
 
     @classmethod
-    def create(cls, cfg: RunConfig, placement: Placement, *, resume: dict | None = None) -> "WorkerGroup":
+    def create(cls, cfg: RunConfig, placement: Placement, *, resume: ResumePoint | None = None) -> "WorkerGroup":
         """Build every worker and join them into one process group, or build none."""
         c = cfg.cluster
         start_timeout_s = c.start_timeout_s
@@ -102,9 +102,9 @@ class WorkerGroup:
                 options = dict(name=actor_name(c.run_name, rank), namespace=NAMESPACE, num_cpus=c.cpus_per_worker,
                                num_gpus=1 if c.use_gpu else 0, max_restarts=0, max_concurrency=2)
                 actors.append(_create_named(remote_cls, options, cfg_dict, rank, c.num_workers))
-            group = cls(actors, cfg, placement)
+            group = cls(actors, cfg)
             addr, port = group._get_one(actors[0].node_address.remote(), start_timeout_s)
-            group.call("setup", addr, port, placement.to_json(), resume, timeout_s=start_timeout_s)
+            group.call("setup", addr, port, placement, resume, timeout_s=start_timeout_s)
             return group
         except WorkerGroupError as exc:
             cls._kill(actors)

@@ -1,25 +1,31 @@
 """Live re-placement: solve a better expert placement off the critical path and migrate to it.
 
 Owns: the driver side of re-placement. Every ``placement.replan_every`` steps the ranks' routing
-statistics (a moving window, all-reduced once) go to a Ray task that runs the placement solver
-while training continues. When the task is done, at the next step boundary, the predicted gain
-(the cost model on the same statistics: current vs proposed placement) is compared with
-``placement.min_gain``; if it is enough, every rank exchanges expert weights **and** AdamW state
-(``moetrain.parallel.migrate``) and training continues on the new placement. Each decision is
-recorded: predicted gain, solve time, bytes moved, and (at the end of the run) the measured
+statistics — the trainer's moving window of ``placement.window`` steps (counts all-reduced once)
+and up to ``placement.sample_tokens`` per-token top-k ids from that window — go to a Ray task that
+runs the placement solver while training continues. When the task is done, at the next step
+boundary, the predicted gain (the cost model on the same statistics: current vs proposed
+placement) is compared with ``placement.min_gain``; if it is enough, every rank exchanges the
+moving experts' weights **and** AdamW state point to point (``moetrain.parallel.migrate``) and
+training continues on the new placement. Each decision is a :class:`Decision`: predicted gain,
+what the solver saw, solve time, the bytes really sent, and (at the end of the run) the measured
 off-rank sends per step before and after.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import ray
 
 from moetrain.config import RunConfig
-from placement import Placement, Topology, evaluate, from_topk_ids, solve_placement
+from moetrain.train.metrics import StepMetrics
+from moetrain.train.stats import merge_rank_samples
+from placement import Placement, RoutingStats, Topology, evaluate, solve_placement
 
 log = logging.getLogger("moetrain")
 
@@ -29,19 +35,66 @@ def due(cfg: RunConfig, step: int) -> bool:
     return p.replan_every > 0 and step % p.replan_every == 0 and step < cfg.train.steps
 
 
-def _solve(stats, topology: Topology, current: Placement, method: str, time_limit_s: float,
-           load_weight: float, migration_weight: float) -> dict:
+@dataclass(frozen=True)
+class Proposal:
+    """A solve's answer and the cost model's verdict on it (current vs proposed, same stats)."""
+
+    placement: Placement
+    solver: str
+    status: str
+    bound: float | None
+    solve_time_s: float
+    cost_before: float
+    cost_after: float
+    sends_before: float  # expected off-rank sends per token, current placement
+    sends_after: float
+    imbalance_before: float  # mean over layers of rank load max/mean
+    imbalance_after: float
+    window_steps: int  # optimizer steps behind the statistics
+    sample_tokens: int  # tokens whose top-k ids the solver saw
+
+    @property
+    def predicted_gain(self) -> float:
+        return (self.cost_before - self.cost_after) / max(self.cost_before, 1e-12)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happened to one proposal at a step boundary."""
+
+    step: int  # applied (or rejected) after this step
+    launched_step: int
+    proposal: Proposal
+    migrated: bool
+    bytes_moved: int = 0  # bytes really sent between ranks (all ranks together)
+    experts_moved: int = 0
+    migrate_s: float = 0.0
+    measured_sends_before: float = math.nan  # off-rank sends per step around the migration
+    measured_sends_after: float = math.nan
+
+    @property
+    def predicted_gain(self) -> float:
+        return self.proposal.predicted_gain
+
+    def to_dict(self) -> dict:
+        """JSON-able record (for summary.json); the placement itself is left out."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "proposal"}
+        p = {f.name: getattr(self.proposal, f.name) for f in dataclasses.fields(Proposal) if f.name != "placement"}
+        return {**d, **p, "predicted_gain": self.predicted_gain}
+
+
+def _solve(stats: RoutingStats, topology: Topology, current: Placement, method: str, time_limit_s: float,
+           load_weight: float, migration_weight: float) -> Proposal:
     """Runs in a Ray task: the proposal and the cost of current vs proposed on the same stats."""
     t0 = time.perf_counter()
     result = solve_placement(stats, topology, method=method, current=current, time_limit_s=time_limit_s,
                              load_weight=load_weight, migration_weight=migration_weight)
     before = evaluate(stats, current, topology)
     after = evaluate(stats, result.placement, topology)
-    return {"placement_json": result.placement.to_json(), "solver": result.solver, "status": result.status,
-            "bound": result.bound, "solve_time_s": time.perf_counter() - t0,
-            "cost_before": before.objective, "cost_after": after.objective,
-            "sends_before": before.sends, "sends_after": after.sends,
-            "imbalance_before": float(before.imbalance_L.mean()), "imbalance_after": float(after.imbalance_L.mean())}
+    return Proposal(result.placement, result.solver, result.status, result.bound, time.perf_counter() - t0,
+                    before.objective, after.objective, before.sends, after.sends,
+                    float(before.imbalance_L.mean()), float(after.imbalance_L.mean()),
+                    int(stats.meta.get("window_steps", 0)), stats.num_tokens)
 
 
 class Replanner:
@@ -59,15 +112,14 @@ class Replanner:
     def launch(self, group, placement: Placement, step: int) -> None:
         if self._pending is not None:
             return
-        samples = group.call("routing_stats")
-        ids_TLK = np.concatenate([s["topk_ids"] for s in samples]).astype(np.int64)
-        stats = from_topk_ids(ids_TLK, self.cfg.model.moe.num_experts)
+        stats = merge_rank_samples(group.call("routing_stats"))
         topo = Topology(num_ranks=placement.num_ranks, slots_per_rank=placement.slots_per_rank)
         p = self.cfg.placement
-        method = "ilp" if p.solver == "ilp" else "greedy"
-        ref = self._remote.remote(stats, topo, placement, method, p.time_limit_s, p.load_weight, p.migration_weight)
+        ref = self._remote.remote(stats, topo, placement, p.method, p.time_limit_s, p.load_weight,
+                                  p.migration_weight)
         self._pending = (ref, step)
-        log.info("step %d: re-placement solve launched on %d sampled tokens", step, ids_TLK.shape[0])
+        log.info("step %d: re-placement solve launched (%d steps of statistics, %d sampled tokens)",
+                 step, stats.meta.get("window_steps", 0), stats.num_tokens)
 
     def ready(self, block: bool = False) -> bool:
         if self._pending is None:
@@ -75,32 +127,32 @@ class Replanner:
         done, _ = ray.wait([self._pending[0]], timeout=None if block else 0)
         return bool(done)
 
-    def finish(self, group, placement: Placement, step: int) -> dict:
+    def finish(self, group, placement: Placement, step: int) -> Decision:
         """Decide on the finished proposal and migrate if the predicted gain is enough."""
         ref, launched = self._pending
         self._pending = None
-        d = ray.get(ref)
-        gain = (d["cost_before"] - d["cost_after"]) / max(d["cost_before"], 1e-12)
-        new = Placement.from_json(d["placement_json"])
-        decision = {**d, "step": step, "launched_step": launched, "predicted_gain": gain,
-                    "migrated": False, "bytes_moved": 0, "migrate_s": 0.0}
-        if gain >= self.cfg.placement.min_gain and new != placement:
-            moved = group.call("migrate", d["placement_json"])
-            decision.update(migrated=True, bytes_moved=int(sum(m["bytes_received"] for m in moved)),
-                            migrate_s=max(m["migrate_s"] for m in moved))
+        prop: Proposal = ray.get(ref)
+        decision = Decision(step=step, launched_step=launched, proposal=prop, migrated=False)
+        if prop.predicted_gain >= self.cfg.placement.min_gain and prop.placement != placement:
+            reports = group.call("migrate", prop.placement)
+            decision = dataclasses.replace(
+                decision, migrated=True, bytes_moved=sum(r.bytes_sent for r in reports),
+                experts_moved=sum(r.experts_sent for r in reports), migrate_s=max(r.seconds for r in reports))
         log.info("step %d: re-placement %s (predicted gain %.1f%%, sends/token %.3f -> %.3f, solve %.1f s%s)",
-                 step, "MIGRATED" if decision["migrated"] else "kept current", 100 * gain, d["sends_before"],
-                 d["sends_after"], d["solve_time_s"],
-                 f", {decision['bytes_moved'] / 2**20:.1f} MB moved" if decision["migrated"] else "")
+                 step, "MIGRATED" if decision.migrated else "kept current", 100 * prop.predicted_gain,
+                 prop.sends_before, prop.sends_after, prop.solve_time_s,
+                 f", {decision.experts_moved} experts, {decision.bytes_moved / 2**20:.1f} MB sent"
+                 if decision.migrated else "")
         return decision
 
 
-def measured_gains(decisions: list[dict], history: list[dict], window: int = 10) -> None:
-    """Fill each migration's measured off-rank sends per step, ``window`` steps before/after."""
-    sends = {h["step"]: h["offrank_sends"] for h in history}
+def measured_gains(decisions: list[Decision], history: list[StepMetrics], window: int = 10) -> list[Decision]:
+    """Each decision with the measured off-rank sends per step, ``window`` steps before/after."""
+    sends = {h.step: h.offrank_sends for h in history}
+    out = []
     for d in decisions:
-        s = d["step"]
-        before = [sends[i] for i in range(s - window + 1, s + 1) if i in sends]
-        after = [sends[i] for i in range(s + 1, s + window + 1) if i in sends]
-        d["measured_sends_before"] = float(np.mean(before)) if before else float("nan")
-        d["measured_sends_after"] = float(np.mean(after)) if after else float("nan")
+        before = [sends[i] for i in range(d.step - window + 1, d.step + 1) if i in sends]
+        after = [sends[i] for i in range(d.step + 1, d.step + window + 1) if i in sends]
+        out.append(dataclasses.replace(d, measured_sends_before=sum(before) / len(before) if before else math.nan,
+                                       measured_sends_after=sum(after) / len(after) if after else math.nan))
+    return out

@@ -13,13 +13,19 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moetrain.config import RunConfig
+from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import save_routing_npz
 from moetrain.train.summary import load_imbalance
 from placement.placement import Placement
+from placement.stats import RoutingStats
+
+if TYPE_CHECKING:
+    from cluster.replacement import Decision
 
 log = logging.getLogger("moetrain")
 
@@ -92,39 +98,40 @@ class Telemetry:
             for s in STATES:
                 self.metrics.state.set(1.0 if s == state else 0.0, {**self.metrics.tags, "state": s})
 
-    def step(self, m: dict, placement: Placement) -> None:
-        imb = load_imbalance(m["load_LE"])
-        tps = m["tokens"] / max(m["step_time_s"], 1e-9)
+    def step(self, m: StepMetrics) -> None:
+        imb = load_imbalance(m.load_LE)
+        tps = m.tokens_per_s
         if self.metrics:
             t = self.metrics.tags
             self.metrics.tokens_per_s.set(tps, t)
-            self.metrics.loss.set(m["loss"], t)
-            self.metrics.lm_loss.set(m["lm_loss"], t)
-            self.metrics.offrank.set(m["offrank_sends"], t)
-            self.metrics.step.set(m["step"], t)
+            self.metrics.loss.set(m.loss, t)
+            self.metrics.lm_loss.set(m.lm_loss, t)
+            self.metrics.offrank.set(m.offrank_sends, t)
+            self.metrics.step.set(m.step, t)
             self.metrics.steps.inc(1, t)
             for layer, v in enumerate(imb):
                 self.metrics.load_imbalance.set(float(v), {**t, "layer": str(layer)})
         if self.wandb:
-            row = {k: m[k] for k in ("loss", "lm_loss", "lbl", "z_loss", "grad_norm", "lr", "offrank_sends")}
+            row = {k: getattr(m, k) for k in ("loss", "lm_loss", "lbl", "z_loss", "grad_norm", "lr", "offrank_sends")}
             row["tokens_per_s"] = tps
             row.update({f"expert_load_max_over_mean/layer{l}": float(v) for l, v in enumerate(imb)})
-            self.wandb.log({**row, "train_step": m["step"]})
+            self.wandb.log({**row, "train_step": m.step})
 
     def validation(self, step: int, val: dict) -> None:
         if self.wandb:
             self.wandb.log({**{f"val_loss/{d}": v for d, v in val.items()}, "train_step": step})
 
-    def replacement(self, d: dict) -> None:
+    def replacement(self, d: Decision) -> None:
         if self.metrics:
             t = self.metrics.tags
-            self.metrics.solve_s.set(d["solve_time_s"], t)
-            self.metrics.gain.set(d["predicted_gain"], t)
-            if d["migrated"]:
+            self.metrics.solve_s.set(d.proposal.solve_time_s, t)
+            self.metrics.gain.set(d.predicted_gain, t)
+            if d.migrated:
                 self.metrics.replacements.inc(1, t)
         if self.wandb:
-            self.wandb.log({"placement/predicted_gain": d["predicted_gain"], "placement/solve_s": d["solve_time_s"],
-                            "placement/migrated": int(d["migrated"]), "train_step": d["step"]})
+            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/solve_s": d.proposal.solve_time_s,
+                            "placement/migrated": int(d.migrated), "placement/bytes_moved": d.bytes_moved,
+                            "train_step": d.step})
 
     def checkpoint(self, step: int, mb_per_s: float, stall_s: float) -> None:
         if self.metrics:
@@ -134,11 +141,9 @@ class Telemetry:
             self.wandb.log({"checkpoint/mb_per_s": mb_per_s, "checkpoint/stall_s": stall_s, "train_step": step})
 
     # ---- end of run -----------------------------------------------------------------------------
-    def write_outputs(self, stats: dict, placement: Placement, cfg: RunConfig) -> str:
-        load = np.asarray(stats["load_LE"])
-        save_routing_npz(str(self.out_dir / "routing.npz"),
-                         {k: np.asarray(stats[k]) for k in ("load_LE", "coact_LEE", "trans_LEE")},
-                         np.asarray(stats["topk_ids"]), cfg.model.moe.num_experts, cfg.model.moe.top_k)
+    def write_outputs(self, stats: RoutingStats, placement: Placement, cfg: RunConfig) -> str:
+        load = stats.load_LE
+        save_routing_npz(str(self.out_dir / "routing.npz"), stats)
         (self.out_dir / "placement.json").write_text(placement.to_json())
         png = self.out_dir / "expert_load.png"
         save_heatmap(load, png, title=f"{self.run_name}: expert load (share of tokens)")

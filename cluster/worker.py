@@ -37,11 +37,12 @@ class Worker:
     def node_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int, placement_json: str, resume: dict | None = None) -> dict:
-        """Join the process group, build data + model for the placement, optionally resume."""
+    def setup(self, master_addr: str, master_port: int, placement, resume=None) -> dict:
+        """Join the process group, build data + model for ``placement`` (a
+        :class:`~placement.placement.Placement`), and resume from ``resume`` (a
+        :class:`~moetrain.train.checkpointer.ResumePoint`) if given."""
         from moetrain.parallel.context import init_distributed
         from moetrain.train.trainer import RankTrainer
-        from placement.placement import Placement
 
         t0 = time.perf_counter()
         backend = "nccl" if self.cfg.cluster.use_gpu else "gloo"
@@ -51,44 +52,32 @@ class Worker:
             torch.cuda.set_device(0)
         ctx = init_distributed(backend=backend, master_addr=master_addr, master_port=master_port,
                                rank=self.rank, world_size=self.world_size)
-        self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=Placement.from_json(placement_json))
-        if resume:
-            from cluster.checkpointing import load_into_trainer
-
-            load_into_trainer(self.trainer, self.cfg, resume)
+        self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement)
+        if resume is not None:
+            self.trainer.resume_from(resume)
         return {"rank": self.rank, "setup_s": time.perf_counter() - t0, **self.memory()}
 
     # ---- lockstep calls (every rank at once) ----------------------------------------------
-    def train_step(self) -> dict:
+    def train_step(self):
         return self.trainer.train_step()
 
     def evaluate(self) -> dict:
         return self.trainer.evaluate()
 
-    def routing_stats(self) -> dict:
-        stats = self.trainer.stats.reduced(self.trainer.ctx)
-        stats["topk_ids"] = self.trainer.stats.sample_ids()
-        return stats
+    def routing_stats(self):
+        return self.trainer.routing_stats()
 
-    def migrate(self, placement_json: str) -> dict:
-        from placement.placement import Placement
+    def migrate(self, placement):
+        """Move experts to ``placement`` (returns this rank's ``MigrationReport``)."""
+        return self.trainer.migrate(placement)
 
-        t0 = time.perf_counter()
-        writer = getattr(self, "_ckpt_writer", None)
-        if writer is not None:
-            writer.fence()  # an overlapped checkpoint copy must finish before experts move
-        moved = self.trainer.migrate(Placement.from_json(placement_json))
-        return {"bytes_received": moved, "migrate_s": time.perf_counter() - t0}
+    def checkpoint(self, step: int):
+        """Start checkpoint ``step`` on this rank (returns a ``SaveStarted`` at once)."""
+        return self.trainer.checkpointer.save(step)
 
-    def checkpoint(self, step_uri: str) -> dict:
-        from cluster.checkpointing import start_rank_checkpoint
-
-        return start_rank_checkpoint(self, step_uri)
-
-    def checkpoint_wait(self) -> dict:
-        from cluster.checkpointing import wait_rank_checkpoint
-
-        return wait_rank_checkpoint(self)
+    def checkpoint_wait(self):
+        """Runs in the actor's second thread, beside training: this rank's upload result."""
+        return self.trainer.checkpointer.result()
 
     def export_tensors(self, kind: str = "param") -> dict:
         """Parameters or gradients keyed by name / logical expert (tests, debugging)."""
@@ -97,10 +86,6 @@ class Worker:
     def run_fn(self, fn, *args):
         """Run ``fn(trainer, *args)`` on this rank (benchmarks, experiments, debugging)."""
         return fn(self.trainer, *args)
-
-    def driver_state(self) -> dict:
-        """Small JSON-able state for the manifest (data cursor, step)."""
-        return {"step": self.trainer.step, "cursor": self.trainer.cursor.state_dict()}
 
     # ---- inspection --------------------------------------------------------------------------
     def memory(self) -> dict:
@@ -116,8 +101,7 @@ class Worker:
     def shutdown(self) -> None:
         import torch.distributed as dist
 
-        writer = getattr(self, "_ckpt_writer", None)
-        if writer is not None:
-            writer.close()
+        if self.trainer is not None:
+            self.trainer.checkpointer.close()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -137,9 +137,10 @@ class PlacementConfig:
     initial: str = "contiguous"  # contiguous | round_robin | path to a placement JSON
     slots_per_rank: int = 0  # 0 = num_experts / num_workers (no replicas)
     replan_every: int = 0  # steps between re-placement attempts (0 = static placement)
-    window: int = 50  # steps of routing statistics used for re-placement
+    window: int = 50  # optimizer steps of routing statistics the solver sees (a moving window)
+    sample_tokens: int = 8192  # per-token top-k ids kept from the window, all ranks together
     min_gain: float = 0.05  # relative cost reduction needed to migrate
-    solver: str = "ilp"  # ilp | greedy
+    method: str = "ilp"  # ilp | local_search | greedy (placement.solve_placement's method)
     time_limit_s: float = 10.0
     load_weight: float = 1.0  # lambda: weight of the makespan term
     migration_weight: float = 0.0  # mu: weight of the migration term
@@ -183,6 +184,9 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
+RENAMED = {"placement.solver": "placement.method"}  # old key -> new key, for a clear error
+
+
 def _from_dict(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}: {data!r}")
@@ -192,6 +196,8 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in fields:
+            if where in RENAMED:
+                raise ConfigError(f"config key {where!r} was renamed {RENAMED[where]!r}")
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key {where!r} (known keys here: {known})")
         kwargs[key] = _coerce(hints[key], value, where)
@@ -307,6 +313,9 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
+PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -361,7 +370,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(c.cpus_per_worker > 0, f"cluster.cpus_per_worker ({c.cpus_per_worker}) must be > 0")
     _require(bool(c.run_name) and "/" not in c.run_name, f"cluster.run_name ({c.run_name!r}) must be non-empty without '/'")
     p = cfg.placement
-    _require(p.solver in ("ilp", "greedy"), f"placement.solver ({p.solver!r}) must be 'ilp' or 'greedy'")
+    _require(p.method in PLACEMENT_METHODS,
+             f"placement.method ({p.method!r}) must be one of {', '.join(PLACEMENT_METHODS)}")
+    _require(p.window >= 1, f"placement.window ({p.window}) must be >= 1")
+    _require(p.sample_tokens >= 0, f"placement.sample_tokens ({p.sample_tokens}) must be >= 0")
+    _require(p.time_limit_s > 0, f"placement.time_limit_s ({p.time_limit_s}) must be > 0")
     slots = p.slots_per_rank or (moe.num_experts // c.num_workers)
     if p.slots_per_rank == 0:
         _require(moe.num_experts % c.num_workers == 0,

@@ -27,7 +27,8 @@ import ray  # noqa: E402
 
 from cluster.group import WorkerGroup  # noqa: E402
 from moetrain.config import from_dict  # noqa: E402
-from placement import Placement, Topology, evaluate, from_topk_ids, solve_placement  # noqa: E402
+from moetrain.train.stats import merge_rank_samples  # noqa: E402
+from placement import Placement, Topology, evaluate, solve_placement  # noqa: E402
 
 
 def set_bias(trainer, hot: list[int], value: float) -> None:
@@ -58,7 +59,7 @@ def timed_steps(group, n: int) -> tuple[float, np.ndarray]:
         t0 = time.perf_counter()
         m = group.call("train_step")[0]
         times.append(time.perf_counter() - t0)
-        load = m["load_LE"] if load is None else load + m["load_LE"]
+        load = m.load_LE if load is None else load + m.load_LE
     return statistics.median(times), load
 
 
@@ -97,9 +98,7 @@ def main() -> int:
     try:
         group.call("run_fn", set_bias, [0, 1], args.bias)
         timed_steps(group, 3)  # warm-up
-        stats_raw = group.call("routing_stats")
-        ids = np.concatenate([s["topk_ids"] for s in stats_raw]).astype(np.int64)
-        stats = from_topk_ids(ids, args.experts)
+        stats = merge_rank_samples(group.call("routing_stats"))  # the trainers' window + id sample
         topo = Topology(num_ranks=args.workers, slots_per_rank=contiguous.slots_per_rank)
         t0 = time.perf_counter()
         solved = solve_placement(stats, topo, method="ilp", current=contiguous, time_limit_s=args.time_limit,
@@ -112,7 +111,7 @@ def main() -> int:
         for _ in range(args.rounds):
             for name, target in (("contiguous", contiguous), ("ilp", ilp)):
                 if target != current:
-                    group.call("migrate", target.to_json())
+                    group.call("migrate", target)
                     current = target
                     timed_steps(group, 1)
                 t, load = timed_steps(group, args.steps)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. Run it. on_step is called on the driver after every optimizer step.
     losses: list[float] = []
-    result = run(cfg, on_step=lambda m: losses.append(m["loss"]), raise_on_failure=False)
+    result = run(cfg, on_step=lambda m: losses.append(m.loss), raise_on_failure=False)
     if result.state.value != "finished":
         print(f"run failed ({result.state.value}):\n{result.error}", file=sys.stderr)
         return 1
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     print("=== driver example results ===")
     print(f"state            {result.state.value} ({s['steps']} steps, {s['num_workers']} workers, "
           f"{result.restarts} restarts)")
-    print(f"final loss       {result.history[-1]['loss']:.4f} (first {losses[0]:.4f})")
+    print(f"final loss       {result.history[-1].loss:.4f} (first {losses[0]:.4f})")
     for domain, v in s["val_loss"].items():
         print(f"val loss         {domain}: {s['val_start'][domain]:.4f} -> {v:.4f}")
     print(f"tokens/s         {s['tokens_per_s']:,.0f}")

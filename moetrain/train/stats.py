@@ -2,21 +2,25 @@
 
 Owns: per-step local counts — ``load_LE`` (tokens per expert per MoE layer), ``coact_LEE``
 (pairs of experts chosen by the same token in the same layer; symmetric, zero diagonal) and
-``trans_LEE`` (token chose e in MoE layer l and e' in layer l+1; [L-1, E, E]) — kept for a
-moving window of steps, plus a bounded sample of raw per-token top-k ids. All-reduce happens
-only when somebody asks (:meth:`RoutingStatsAccumulator.reduced`). The ``.npz`` it writes has the
-same keys as the routing traces in ``shared/traces`` so ``placement`` reads both the same way.
+``trans_LEE`` (token chose e in MoE layer l and e' in layer l+1; [L-1, E, E]) — and a sample of raw
+per-token top-k ids, all kept for a moving window of the last ``window`` optimizer steps. The
+sample keeps the most recent tokens of the window, at most ``sample_tokens`` per rank. All-reduce
+happens only when somebody asks (:meth:`RoutingStatsAccumulator.window_stats`), which returns the
+placement library's own :class:`~placement.stats.RoutingStats`: the solver sees exactly the window.
+The ``.npz`` written by :func:`save_routing_npz` has the keys of the traces in ``shared/traces``.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from moetrain.parallel.context import ParallelContext
+from placement.stats import RoutingStats
 
 
 def _onehot_TE(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -36,16 +40,28 @@ def step_stats(routing_ids: list[torch.Tensor], num_experts: int) -> tuple[torch
     return load, coact, trans
 
 
+@dataclass
+class _Step:
+    counts: list[torch.Tensor]  # load_LE, coact_LEE, trans_LEE summed over the step's micro-batches
+    ids: list[np.ndarray]  # int16 [T_micro, L, K] per micro-batch
+
+
 class RoutingStatsAccumulator:
+    """Moving window of routing statistics of one rank (see the module doc).
+
+    ``window``: optimizer steps kept. ``sample_tokens``: at most this many of the window's most
+    recent tokens keep their raw top-k ids on this rank (the exact cost model's input)."""
+
     def __init__(self, num_layers: int, num_experts: int, top_k: int, *, window: int = 50,
                  sample_tokens: int = 8192):
+        if window < 1:
+            raise ValueError(f"window ({window}) must be >= 1")
+        if sample_tokens < 0:
+            raise ValueError(f"sample_tokens ({sample_tokens}) must be >= 0")
         self.L, self.E, self.K = num_layers, num_experts, top_k
-        self.window = max(1, window)
-        self._steps: collections.deque = collections.deque(maxlen=self.window)
-        self._current: list[torch.Tensor] | None = None
-        self._sample: collections.deque = collections.deque()
-        self._sample_tokens = 0
-        self.sample_limit = sample_tokens
+        self.window, self.sample_tokens = window, sample_tokens
+        self._steps: collections.deque[_Step] = collections.deque(maxlen=window)
+        self._current: _Step | None = None
 
     @torch.no_grad()
     def add(self, routing: list) -> None:
@@ -53,48 +69,68 @@ class RoutingStatsAccumulator:
         ids = [r.topk_ids_TK.detach() for r in routing]
         parts = step_stats(ids, self.E)
         if self._current is None:
-            self._current = [p.clone() for p in parts]
+            self._current = _Step([p.clone() for p in parts], [])
         else:
-            for acc, p in zip(self._current, parts):
+            for acc, p in zip(self._current.counts, parts):
                 acc += p
-        ids_TLK = torch.stack(ids, dim=1).to(torch.int16).cpu().numpy()
-        self._sample.append(ids_TLK)
-        self._sample_tokens += ids_TLK.shape[0]
-        while self._sample and self._sample_tokens - self._sample[0].shape[0] >= self.sample_limit:
-            self._sample_tokens -= self._sample.popleft().shape[0]
+        if self.sample_tokens:
+            self._current.ids.append(torch.stack(ids, dim=1).to(torch.int16).cpu().numpy())
 
     def end_step(self) -> None:
+        """Close the optimizer step: it enters the window (the oldest step leaves a full one)."""
         if self._current is not None:
             self._steps.append(self._current)
             self._current = None
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Sums over the window on this rank (zeros when empty)."""
+        """(load_LE, coact_LEE, trans_LEE) summed over the window on this rank (zeros if empty)."""
         if not self._steps:
             z = torch.zeros
             return (z(self.L, self.E), z(self.L, self.E, self.E), z(max(self.L - 1, 0), self.E, self.E))
-        return tuple(torch.stack([s[i] for s in self._steps]).sum(0) for i in range(3))
+        return tuple(torch.stack([s.counts[i] for s in self._steps]).sum(0) for i in range(3))
 
-    def reduced(self, ctx: ParallelContext) -> dict[str, np.ndarray]:
-        """Window sums all-reduced over ranks (one collective): load_LE, coact_LEE, trans_LEE."""
+    def sample_ids(self) -> np.ndarray:
+        """This rank's most recent ``sample_tokens`` top-k ids within the window, int16 [T, L, K]
+        (oldest first)."""
+        parts, kept = [], 0
+        for step in reversed(self._steps):
+            for ids in reversed(step.ids):
+                if kept >= self.sample_tokens:
+                    break
+                take = min(ids.shape[0], self.sample_tokens - kept)
+                parts.append(ids[ids.shape[0] - take:])
+                kept += take
+        if not parts:
+            return np.zeros((0, self.L, self.K), dtype=np.int16)
+        return np.concatenate(parts[::-1])
+
+    def window_stats(self, ctx: ParallelContext) -> RoutingStats:
+        """The window's counts all-reduced over ranks (one collective; the same on every rank)
+        with this rank's id sample. The driver concatenates the ranks' samples."""
         load, coact, trans = self.local()
         flat = torch.cat([load.reshape(-1), coact.reshape(-1), trans.reshape(-1)]).to(ctx.device)
         ctx.all_reduce_sum(flat)
-        flat = flat.cpu().numpy()
+        flat = flat.cpu().double().numpy()
         n1, n2 = load.numel(), coact.numel()
-        return {"load_LE": flat[:n1].reshape(load.shape), "coact_LEE": flat[n1:n1 + n2].reshape(coact.shape),
-                "trans_LEE": flat[n1 + n2:].reshape(trans.shape)}
-
-    def sample_ids(self) -> np.ndarray:
-        """Recent per-token top-k ids of this rank, int16 [T, L, K]."""
-        if not self._sample:
-            return np.zeros((0, self.L, self.K), dtype=np.int16)
-        return np.concatenate(list(self._sample))
+        return RoutingStats(self.E, self.K, flat[:n1].reshape(load.shape),
+                            flat[n1:n1 + n2].reshape(coact.shape), flat[n1 + n2:].reshape(trans.shape),
+                            self.sample_ids().astype(np.int64), meta={"window_steps": len(self._steps)})
 
 
-def save_routing_npz(path: str, stats: dict[str, np.ndarray], topk_ids_TLK: np.ndarray, num_experts: int,
-                     top_k: int, extra_meta: dict | None = None) -> None:
-    """Write statistics in the trace format (``topk_ids``, ``meta``) plus the aggregates."""
-    meta = {"model": "moetrain", "num_experts": num_experts, "k": top_k, **(extra_meta or {})}
-    np.savez_compressed(path, topk_ids=topk_ids_TLK.astype(np.int16), meta=json.dumps(meta),
-                        layers_present=np.arange(topk_ids_TLK.shape[1]), **stats)
+def merge_rank_samples(per_rank: list[RoutingStats]) -> RoutingStats:
+    """One RoutingStats from every rank's :meth:`~RoutingStatsAccumulator.window_stats`: the
+    (identical) reduced counts and all ranks' id samples, rank 0's first."""
+    first = per_rank[0]
+    ids = np.concatenate([s.topk_ids_TLK for s in per_rank])
+    return RoutingStats(first.num_experts, first.k, first.load_LE.copy(), first.coact_LEE.copy(),
+                        first.trans_LEE.copy(), ids, meta=dict(first.meta))
+
+
+def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = None) -> None:
+    """Write statistics in the trace format (``topk_ids``, ``meta``, ``layers_present``) plus the
+    window's aggregates, which :func:`placement.load_routing` prefers over the id sample."""
+    ids = stats.topk_ids_TLK if stats.topk_ids_TLK is not None else np.zeros((0, stats.num_layers, stats.k))
+    meta = {"model": "moetrain", "num_experts": stats.num_experts, "k": stats.k, **stats.meta, **(extra_meta or {})}
+    np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=json.dumps(meta),
+                        layers_present=np.arange(stats.num_layers), load_LE=stats.load_LE,
+                        coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE)

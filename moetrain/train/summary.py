@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moetrain.train.metrics import StepMetrics
+
 
 def load_imbalance(load_LE: np.ndarray) -> np.ndarray:
     """max/mean tokens per expert of each layer, [L] (1.0 = perfectly balanced)."""
@@ -16,11 +18,11 @@ def load_imbalance(load_LE: np.ndarray) -> np.ndarray:
     return np.where(mean > 0, load.max(axis=1) / np.maximum(mean, 1e-12), 1.0)
 
 
-def step_line(m: dict) -> str:
-    imb = load_imbalance(m["load_LE"]) if "load_LE" in m else np.array([np.nan])
-    return (f"step {m['step']:>5} | loss {m['loss']:.4f} (lm {m['lm_loss']:.4f} lbl {m['lbl']:.4f} "
-            f"z {m['z_loss']:.5f}) | lr {m['lr']:.2e} | gnorm {m['grad_norm']:.3f} | "
-            f"load max/mean {imb.mean():.2f} | {m['tokens'] / max(m['step_time_s'], 1e-9):,.0f} tok/s")
+def step_line(m: StepMetrics) -> str:
+    imb = load_imbalance(m.load_LE)
+    return (f"step {m.step:>5} | loss {m.loss:.4f} (lm {m.lm_loss:.4f} lbl {m.lbl:.4f} "
+            f"z {m.z_loss:.5f}) | lr {m.lr:.2e} | gnorm {m.grad_norm:.3f} | "
+            f"load max/mean {imb.mean():.2f} | {m.tokens_per_s:,.0f} tok/s")
 
 
 def format_summary(summary: dict) -> str:

@@ -24,9 +24,12 @@ from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.dispatcher import AllToAllDispatcher, count_unit_sends
 from moetrain.train.balance import LoadBalancer
+from moetrain.train.checkpointer import RankCheckpointer, ResumePoint
+from moetrain.train.metrics import StepMetrics
 from moetrain.train.schedule import lr_at
 from moetrain.train.stats import RoutingStatsAccumulator
 from placement.placement import Placement
+from placement.stats import RoutingStats
 
 
 def initial_placement(cfg: RunConfig) -> Placement:
@@ -75,9 +78,18 @@ class RankTrainer:
             lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
         self.cursor = BatchCursor(len(self.data.train.tokens_NT1), t.global_batch_size, seed=cfg.data.seed)
         self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
-        self.stats = RoutingStatsAccumulator(len(self.moe_layers), cfg.model.moe.num_experts,
-                                             cfg.model.moe.top_k, window=cfg.placement.window)
+        p = cfg.placement
+        self.stats = RoutingStatsAccumulator(
+            len(self.moe_layers), cfg.model.moe.num_experts, cfg.model.moe.top_k, window=p.window,
+            sample_tokens=-(-p.sample_tokens // self.ctx.world_size))  # this rank's share
+        self.checkpointer = RankCheckpointer(self)
         self.step = 0
+
+    def resume_from(self, point: ResumePoint) -> None:
+        """Continue from a committed checkpoint: weights, AdamW state, data cursor and step."""
+        self.checkpointer.load(point)
+        self.cursor.load_state_dict(point.cursor)
+        self.step = int(point.step)
 
     # ---- expert parallelism ------------------------------------------------------------------
     def _install_dispatchers(self) -> None:
@@ -95,7 +107,7 @@ class RankTrainer:
         tokens = self.data.train.tokens_NT1[idx]
         return shard_global_batch(tokens, self.cfg.train.grad_accum_steps, self.ctx.world_size, self.ctx.rank)
 
-    def train_step(self) -> dict:
+    def train_step(self) -> StepMetrics:
         """One optimizer step. Returns metrics averaged over ranks (identical on every rank)."""
         t0 = time.perf_counter()
         t = self.cfg.train
@@ -129,10 +141,10 @@ class RankTrainer:
         self.ctx.all_reduce_sum(sums)
         self.step += 1
         lm, lbl, zl, sends = (sums[:3] / self.ctx.world_size).tolist() + [sums[3].item()]
-        return {"step": self.step, "loss": lm + lbl + zl, "lm_loss": lm, "lbl": lbl, "z_loss": zl,
-                "grad_norm": float(norm), "lr": lr, "tokens": t.global_batch_size * self.cfg.data.seq_len,
-                "offrank_sends": sends, "load_LE": load_LE.cpu().numpy(),
-                "step_time_s": time.perf_counter() - t0}
+        return StepMetrics(step=self.step, loss=lm + lbl + zl, lm_loss=lm, lbl=lbl, z_loss=zl,
+                           grad_norm=float(norm), lr=lr, tokens=t.global_batch_size * self.cfg.data.seq_len,
+                           offrank_sends=sends, load_LE=load_LE.cpu().numpy(),
+                           step_time_s=time.perf_counter() - t0)
 
     def _offrank_sends(self, routing: list) -> float:
         if not self.ctx.distributed:
@@ -168,14 +180,20 @@ class RankTrainer:
         return out
 
     # ---- re-placement --------------------------------------------------------------------------
-    def migrate(self, new_placement: Placement) -> int:
-        """Move experts (weights + AdamW state) to ``new_placement`` at this step boundary."""
+    def routing_stats(self) -> RoutingStats:
+        """The statistics window, reduced over ranks, with this rank's id sample (collective)."""
+        return self.stats.window_stats(self.ctx)
+
+    def migrate(self, new_placement: Placement):
+        """Move experts (weights + AdamW state) to ``new_placement`` at this step boundary
+        (collective). Returns this rank's :class:`~moetrain.parallel.migrate.MigrationReport`."""
         from moetrain.parallel.migrate import migrate_experts
 
-        moved = migrate_experts(self.moe_layers, self.optimizer, self.placement, new_placement, self.ctx)
+        self.checkpointer.fence()  # an overlapped checkpoint copy must finish before experts move
+        report = migrate_experts(self.moe_layers, self.optimizer, self.placement, new_placement, self.ctx)
         self.placement = new_placement
         self._install_dispatchers()
-        return moved
+        return report
 
     # ---- inspection ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -163,12 +163,12 @@ def train_arm(cfg: RunConfig, log_every: int) -> dict:
         history = []
         for _ in range(cfg.train.steps):
             m = group.call("train_step")[0]
-            imb = load_imbalance(m["load_LE"])
-            history.append({"step": m["step"], "lm_loss": m["lm_loss"], "lbl": m["lbl"],
-                            "load_imbalance": imb.tolist(), "step_time_s": m["step_time_s"]})
-            if m["step"] % log_every == 0 or m["step"] == 1:
-                print(f"[{scope:>6}] step {m['step']:>4}  lm {m['lm_loss']:.4f}  lbl {m['lbl']:.4f}  "
-                      f"train load max/mean {imb.mean():.2f}  {m['step_time_s'] * 1e3:.0f} ms", flush=True)
+            imb = load_imbalance(m.load_LE)
+            history.append({"step": m.step, "lm_loss": m.lm_loss, "lbl": m.lbl,
+                            "load_imbalance": imb.tolist(), "step_time_s": m.step_time_s})
+            if m.step % log_every == 0 or m.step == 1:
+                print(f"[{scope:>6}] step {m.step:>4}  lm {m.lm_loss:.4f}  lbl {m.lbl:.4f}  "
+                      f"train load max/mean {imb.mean():.2f}  {m.step_time_s * 1e3:.0f} ms", flush=True)
         val = group.call("evaluate")[0]
         params: dict[str, np.ndarray] = {}
         for part in group.call("export_tensors", "param"):

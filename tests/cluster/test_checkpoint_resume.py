@@ -35,7 +35,7 @@ def cfg_for(tmp_path, uri: str, name: str, workers: int, *, steps: int = 8, ever
 
 
 def losses(result, from_step: int) -> np.ndarray:
-    return np.array([h["loss"] for h in result.history if h["step"] > from_step])
+    return np.array([h.loss for h in result.history if h.step > from_step])
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def baseline(tmp_path_factory, ray_local):
 def test_resume_same_actors_is_bit_exact(baseline):
     tmp, uri, base = baseline
     resumed = run(cfg_for(tmp, uri, "same", 4, resume=f"{uri}/base/step-4"))
-    assert [h["step"] for h in resumed.history] == [5, 6, 7, 8]
+    assert [h.step for h in resumed.history] == [5, 6, 7, 8]
     assert np.array_equal(losses(resumed, 4), losses(base, 4)), (losses(resumed, 4), losses(base, 4))
 
 
@@ -92,5 +92,5 @@ def test_unreachable_store_marks_checkpoints_failed_and_training_continues(tmp_p
     result = run(cfg_for(tmp_path, "s3://nowhere/runs", "unreachable", 2, steps=6, every=2,
                          extra={"checkpoint": {"s3_endpoint": f"http://127.0.0.1:{port}", "max_retries": 0}}))
     assert result.state.value == "finished"
-    assert [h["step"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert [h.step for h in result.history] == [1, 2, 3, 4, 5, 6]
     assert result.checkpoints == []  # every checkpoint failed, none committed, training went on

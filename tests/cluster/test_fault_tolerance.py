@@ -32,7 +32,7 @@ def killer(run_name: str, at_step: int, rank: int = 1):
     state = {"killed": False}
 
     def on_step(m):
-        if m["step"] == at_step and not state["killed"]:
+        if m.step == at_step and not state["killed"]:
             state["killed"] = True
             ray.kill(ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE), no_restart=True)
     return on_step
@@ -42,11 +42,11 @@ def test_killed_actor_resumes_from_last_checkpoint(tmp_path, ray_local):
     clean = run(cfg(tmp_path, "clean", 0))
     faulty = run(cfg(tmp_path, "faulty", 1), on_step=killer("faulty", at_step=5))
     assert faulty.state == State.FINISHED and faulty.restarts == 1
-    steps = [h["step"] for h in faulty.history]
+    steps = [h.step for h in faulty.history]
     assert steps == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8, 9], steps  # resumed from the step-3 checkpoint
     # Resume is exact, so the run ends where the uninterrupted one does.
-    assert faulty.history[-1]["loss"] == pytest.approx(clean.history[-1]["loss"], rel=1e-6)
-    np.testing.assert_allclose([h["loss"] for h in faulty.history[-6:]], [h["loss"] for h in clean.history[-6:]],
+    assert faulty.history[-1].loss == pytest.approx(clean.history[-1].loss, rel=1e-6)
+    np.testing.assert_allclose([h.loss for h in faulty.history[-6:]], [h.loss for h in clean.history[-6:]],
                                rtol=1e-6)
 
 

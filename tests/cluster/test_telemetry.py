@@ -40,7 +40,7 @@ def test_wandb_offline_run_holds_metrics_and_heatmap(tmp_path, ray_local):
         time.sleep(0.5)
     for key in keys:
         assert key in blob, key
-    assert json.dumps(result.history[-1]["lm_loss"]).encode() in blob  # the logged value itself
+    assert json.dumps(result.history[-1].lm_loss).encode() in blob  # the logged value itself
     images = glob.glob(str(out / "wandb" / "offline-run-*" / "files" / "media" / "images" / "expert_load_heatmap*.png"))
     assert images and open(images[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert (out / "expert_load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

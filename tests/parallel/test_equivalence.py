@@ -48,7 +48,7 @@ def reference(cfg):
     single = from_dict({**cfg.to_dict(), "cluster": {**cfg.to_dict()["cluster"], "num_workers": 1},
                         "placement": {"slots_per_rank": 0}})
     t = RankTrainer(single)
-    losses = [t.train_step()["loss"] for _ in range(STEPS)]
+    losses = [t.train_step().loss for _ in range(STEPS)]
     return losses, t.export_tensors("grad"), t.export_tensors("param")
 
 
@@ -57,7 +57,7 @@ def reference_metrics(cfg, steps: int):
                         "placement": {"slots_per_rank": 0}})
     t = RankTrainer(single)
     metrics = [t.train_step() for _ in range(steps)]
-    return metrics, t.stats.reduced(t.ctx)
+    return metrics, t.routing_stats()
 
 
 def run_group(cfg, placement):
@@ -65,7 +65,7 @@ def run_group(cfg, placement):
 
     group = WorkerGroup.create(cfg, placement)
     try:
-        losses = [group.call("train_step")[0]["loss"] for _ in range(STEPS)]
+        losses = [group.call("train_step")[0].loss for _ in range(STEPS)]
         grads, params = {}, {}
         for g in group.call("export_tensors", "grad"):
             grads.update(g)
@@ -132,17 +132,17 @@ def test_global_lbl_equals_single_process_and_micro_does_not(ray_local, cache_di
         stats = group.call("routing_stats")[0]
     finally:
         group.shutdown()
-    lbl = np.array([r[0]["lbl"] for r in ranks])
-    ref_lbl = np.array([m["lbl"] for m in ref])
+    lbl = np.array([r[0].lbl for r in ranks])
+    ref_lbl = np.array([m.lbl for m in ref])
     if scope == "global":
         np.testing.assert_allclose(lbl, ref_lbl, rtol=1e-5)
         # Same trajectory, so the routing statistics gathered on 4 ranks equal the
         # single-process counts of the same batches.
         for key in ("load_LE", "coact_LEE", "trans_LEE"):
-            np.testing.assert_array_equal(stats[key], ref_stats[key])
+            np.testing.assert_array_equal(getattr(stats, key), getattr(ref_stats, key))
     else:
         assert np.abs(lbl - ref_lbl).max() > 1e-6, "micro-batch LBL should differ from the global-batch LBL"
-    assert stats["load_LE"].sum() == 3 * 8 * 32 * 2 * 2  # steps x seqs x tokens x top_k x layers
+    assert stats.load_LE.sum() == 3 * 8 * 32 * 2 * 2  # steps x seqs x tokens x top_k x layers
 
 
 @pytest.mark.gpu

@@ -1,0 +1,123 @@
+"""One rank's side of checkpointing: save what this rank owns, fence, and load on resume.
+
+Owns: :class:`RankCheckpointer`, held by a :class:`~moetrain.train.trainer.RankTrainer` (it reads
+the trainer's model, optimizer and placement; nobody else sets its fields), and
+:class:`ResumePoint`, the typed description of a committed checkpoint that the driver and every
+rank resume from. What goes into which object is :mod:`moetrain.train.state`; how bytes reach the
+store is :mod:`moetrain.checkpoint`. The driver-side commit lives in ``cluster.checkpointing``.
+
+Protocol of one checkpoint on a rank::
+
+    started = trainer.checkpointer.save(step)   # overlapped snapshot, streaming in the background
+    ...                                          # training continues; the next optimizer.step()
+                                                 # (and any expert migration) waits on fence()
+    result = trainer.checkpointer.result()       # SaveResult for the driver's commit
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from moetrain.checkpoint import (
+    AsyncCheckpointWriter, CheckpointError, SaveResult, load_objects, read_manifest, resolve,
+)
+from moetrain.config import CheckpointConfig
+from moetrain.train.state import load_rank_objects, rank_objects
+from placement.placement import Placement
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A committed checkpoint: where it is, the step and data cursor it ends at, the placement
+    and group size that wrote it. Read from its validated manifest."""
+
+    uri: str  # .../<run>/step-<N>
+    step: int
+    cursor: dict  # BatchCursor.state_dict() after ``step`` steps
+    placement: Placement
+    world_size: int
+
+    @classmethod
+    def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None) -> "ResumePoint":
+        """``uri_or_latest``: a ``step-<N>`` URI, a run URI, or ``latest`` (of ``run`` under
+        ``cfg.uri``). Raises :class:`CheckpointError` when nothing committed is there."""
+        ref = resolve(uri_or_latest, cfg, run=run)
+        manifest = read_manifest(ref)
+        meta = manifest.meta
+        return cls(uri=ref.uri, step=manifest.step, cursor=dict(meta["cursor"]),
+                   placement=Placement.from_json(meta["placement"]), world_size=manifest.world_size)
+
+
+@dataclass(frozen=True)
+class SaveStarted:
+    """What :meth:`RankCheckpointer.save` reports at once: the stall it cost, the position the
+    checkpoint captures (identical on every rank), and an error if it could not even start."""
+
+    step: int
+    cursor: dict
+    stall_s: float
+    error: str = ""  # "" = the upload is under way
+
+
+class RankCheckpointer:
+    """Saves and loads one rank's share of a checkpoint (see the module doc)."""
+
+    def __init__(self, trainer) -> None:
+        self._trainer = trainer
+        self._writer: AsyncCheckpointWriter | None = None
+        self._future = None  # CheckpointFuture of the checkpoint in flight
+        self._error = ""  # why the last save() did not start
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def _open_writer(self) -> AsyncCheckpointWriter:
+        if self._writer is None:
+            t = self._trainer
+            # Overlapped snapshot: save() returns at once and the host copy runs beside the next
+            # step's forward/backward; the fence makes the next optimizer.step() wait for it.
+            self._writer = AsyncCheckpointWriter.from_config(
+                t.cfg.checkpoint, t.cfg.cluster.run_name, rank=t.ctx.rank, on_error="mark",
+                snapshot_mode="overlap")
+            self._writer.install_fence(t.optimizer)
+        return self._writer
+
+    def save(self, step: int) -> SaveStarted:
+        """Snapshot this rank's objects at ``step`` (must be the trainer's current step) and start
+        streaming them. A store that cannot be opened is reported in the result, not raised."""
+        t = self._trainer
+        if step != t.step:
+            raise ValueError(f"checkpoint of step {step} asked for, but the trainer is at step {t.step}")
+        t0 = time.perf_counter()
+        self._future, self._error = None, ""
+        try:
+            self._future = self._open_writer().save(step, rank_objects(t))
+        except CheckpointError as exc:
+            self._error = f"{type(exc).__name__}: {exc}"
+        return SaveStarted(step=step, cursor=t.cursor.state_dict(), stall_s=time.perf_counter() - t0,
+                           error=self._error)
+
+    def result(self) -> SaveResult | str:
+        """Block until the upload started by :meth:`save` is done: its :class:`SaveResult`, or an
+        error string when it never started."""
+        if self._future is None:
+            return self._error or "no checkpoint started"
+        return self._future.result()
+
+    def fence(self) -> None:
+        """Wait until an overlapped snapshot no longer reads training's tensors (call before
+        changing them outside ``optimizer.step()``, e.g. before migrating experts)."""
+        if self._writer is not None:
+            self._writer.fence()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ---- loading --------------------------------------------------------------------------------
+    def load(self, point: ResumePoint) -> None:
+        """Load dense state and exactly the experts this rank's placement hosts (weights and AdamW
+        state) from ``point`` into the trainer's freshly built model and optimizer."""
+        ref = resolve(point.uri, self._trainer.cfg.checkpoint)
+        manifest = read_manifest(ref)
+        load_rank_objects(self._trainer, lambda names: load_objects(ref, names, manifest=manifest))
