@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 ADAMW_LR = 1e-4  # every variant's optimizer; the benchmark times steps, it does not train
+MIN_CAPACITY = 4  # DeepSpeed's min_capacity; routing_stats applies it to both systems' capacity
 
 
 @dataclass(frozen=True)

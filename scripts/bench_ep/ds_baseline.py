@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .skew import MIN_CAPACITY
+from .common import MIN_CAPACITY
 
 MISSING_MSG = ("bench_ep: deepspeed is not installed (the DeepSpeed baseline); "
                "pip install -e .[bench]  (or run with --no-deepspeed)")

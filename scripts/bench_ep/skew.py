@@ -11,14 +11,13 @@ import math
 import torch
 import torch.distributed as dist
 
-from .common import ratios, summ
+from .common import MIN_CAPACITY, ratios, summ
 
 SKEW_SEED_U = 11  # the fixed input direction u shared by every layer
 SKEW_SEED_Z = 101  # + layer index: that layer's expert load profile z
 CALIBRATION_STEPS = 24  # bisection steps of calibrate()
 CALIBRATION_FIRST_HI = 0.5  # first upper bracket of the skew scale (doubled until the target is passed)
 CALIBRATION_MAX_SCALE = 1e4  # stop doubling beyond this scale
-MIN_CAPACITY = 4  # DeepSpeed's min_capacity, also used by both systems' capacity in routing_stats
 
 
 def skew_label(target: float) -> str:
