@@ -1,9 +1,11 @@
-"""Smoke test of scripts/bench_ep.py: a tiny run (world 2, a couple of iterations) prints the table
-and one final JSON line with every section.
+"""Smoke tests of the scripts/bench_ep package: a tiny run (world 2, a couple of iterations)
+prints the table and one final JSON line with every section; without deepspeed installed the
+benchmark stops at once with one line naming the ``bench`` extra.
 
 DeepSpeed is included when its shared-memory comm op is already compiled in the extensions cache
 (the first compile takes 30 s to minutes) or when MOETRAIN_BENCH_DS=1; otherwise the run passes
-``--no-deepspeed`` and the DeepSpeed keys are not expected."""
+``--no-deepspeed`` with deepspeed made unimportable, so the moetrain-only path is shown not to
+need it, and the DeepSpeed keys are not expected."""
 
 from __future__ import annotations
 
@@ -16,9 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "bench_ep.py"
-
-pytestmark = pytest.mark.slow
+PACKAGE = ROOT / "scripts" / "bench_ep"
 
 
 def _ds_cached(ext_dir: Path) -> bool:
@@ -29,16 +29,37 @@ def _ds_cached(ext_dir: Path) -> bool:
     return any(ext_dir.glob("deepspeed_shm_comm*/*.so"))
 
 
+def _without_deepspeed(env: dict, tmp_path: Path) -> dict:
+    """``env`` in which ``import deepspeed`` fails as if it were not installed (in every process)."""
+    stub = tmp_path / "no_deepspeed" / "deepspeed"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'deepspeed\'", name="deepspeed")\n')
+    paths = [str(stub.parent), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(env, PYTHONPATH=os.pathsep.join(paths))
+
+
+def test_bench_ep_without_deepspeed_says_which_extra(tmp_path):
+    env = _without_deepspeed(dict(os.environ, OMP_NUM_THREADS="1"), tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench_ep", "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout == ""  # stopped before any study ran
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "deepspeed is not installed" in err[0] and "pip install -e .[bench]" in err[0], err
+
+
+@pytest.mark.slow
 def test_bench_ep_quick_json(tmp_path):
     ext_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", ROOT / ".cache" / "torch_extensions"))
     with_ds = os.environ.get("MOETRAIN_BENCH_DS") == "1" or _ds_cached(ext_dir)
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--dim", "32", "--ffn", "64", "--experts", "4",
+    cmd = [sys.executable, str(PACKAGE), "--quick", "--dim", "32", "--ffn", "64", "--experts", "4",
            "--tokens", "64", "--seq", "32", "--vocab", "128", "--layers", "1", "--heads", "2",
            "--warmup", "1", "--iters", "2", "--model-iters", "1", "--eff-iters", "2",
            "--mem-ffn", "64", "--mem-tokens", "64", "--mem-world-sizes", "1,2", "--world-sizes", "2"]
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext_dir), OMP_NUM_THREADS="1")
     if not with_ds:
         cmd.append("--no-deepspeed")
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext_dir), OMP_NUM_THREADS="1")
+        env = _without_deepspeed(env, tmp_path)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]

@@ -1,0 +1,175 @@
+"""Command line of the EP benchmark: the flags, and ``main``, which runs every study per world
+size, assembles the JSON (one line, last on stdout) and prints the tables."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import __doc__ as PACKAGE_DOC
+from .common import summ
+from .dedup import summarize_dedup
+from .experts import expert_efficiency
+from .layer import summarize_layer
+from .memory import add_ratios_vs_world_1, mem_worker, summarize_memory
+from .model import summarize_model
+from .report import balanced_parity, headline, print_table
+from .skew import skew_summary
+from .worker import run_group
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = dict(world_sizes="2", iters=5, warmup=2, model_iters=3, eff_iters=8, mem_world_sizes="1,2",
+             cfs="1.0,2.0", model_cfs="1.0")  # --quick defaults; values given on the command line win
+
+
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="~1 minute: world 2 only, fewer iterations")
+    p.add_argument("--world-sizes", default="2,4")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=512, help="expert hidden dim F")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank per step")
+    p.add_argument("--capacity-factor", type=float, default=1.0)
+    p.add_argument("--gate-std", type=float, default=0.02,
+                   help="std of the random gate (x ~ N(0,1)); top-k is scale-invariant, so this sharpens the weights "
+                        "but does not change which experts are chosen (loads stay mildly uneven, ~3%% dropped at cf=1)")
+    p.add_argument("--skews", default="0,1.5",
+                   help="target global expert load max/mean of the layer study (0 = balanced: no skew component)")
+    p.add_argument("--cfs", default="1.0,1.25,2.0", help="capacity factors of the layer study (with dropping)")
+    p.add_argument("--model-skews", default="0,1.5")
+    p.add_argument("--model-cfs", default="1.0,2.0", help="(1.25 too with --model-cfs 1.0,1.25,2.0: +~90 s)")
+    p.add_argument("--skew-c", type=float, default=0.25,
+                   help="layer study: size of the shared input direction u, as a fraction of the mean input-row norm")
+    p.add_argument("--headline-skew", type=float, default=1.5)
+    p.add_argument("--corr", type=float, default=0.9, help="share of tokens routed to a co-located pair")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--eff-iters", type=int, default=10)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    # whole model
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--model-iters", type=int, default=3)
+    # memory
+    p.add_argument("--mem-ffn", type=int, default=1024)
+    p.add_argument("--mem-tokens", type=int, default=512)
+    p.add_argument("--mem-world-sizes", default="1,2,4")
+    p.add_argument("--no-deepspeed", dest="deepspeed", action="store_false")
+    p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one step of each layer variant")
+    p.add_argument("--threads-main", type=int, default=1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench_ep", description=PACKAGE_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_study_flags(p)
+    _add_model_flags(p)
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            if getattr(args, k) == p.get_default(k):
+                setattr(args, k, v)
+    fl = lambda v: sorted({float(x) for x in v.split(",") if x})  # noqa: E731
+    args.skew_list = fl(args.skews + ",0")
+    args.cf_list = fl(args.cfs + f",{args.capacity_factor}")
+    args.model_skew_list = fl(args.model_skews + ",0")
+    args.model_cf_list = fl(args.model_cfs + f",{args.capacity_factor}")
+    args.world_list = [int(w) for w in args.world_sizes.split(",") if w]
+    args.mem_world_list = [int(w) for w in args.mem_world_sizes.split(",") if w]
+    return args
+
+
+def _new_output(args, cuda: bool) -> dict:
+    return {"config": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
+            "cuda_available": cuda, "cpu_count": os.cpu_count(), "layer": {}, "model": {},
+            "dedup": {}, "expert_efficiency": [], "memory": {}, "gpu": None,
+            "skew": {"layer": {}, "model": {}}}
+
+
+def _add_world(out: dict, res: dict, args, ws: int) -> None:
+    """Studies 1, 2, 4 and 6 of world ``ws`` from every rank's results."""
+    r0, T = res[0], args.tokens
+    out["layer"][str(ws)] = summarize_layer(r0, ws, ws * T)
+    if "model_times" in r0:
+        out["model"][str(ws)], model_skew = summarize_model(r0, args, ws)
+    out["skew"]["layer"][str(ws)] = skew_summary(r0["layer_grid"], args, ws, ws * T, model=False)
+    if "model_times" in r0:
+        out["skew"]["model"][str(ws)] = model_skew
+    out["dedup"][str(ws)] = summarize_dedup(res, ws, args.dim, args.top_k)
+    out.setdefault("rss", {})[str(ws)] = {"peak_rss_mb_per_rank": [res[r]["peak_rss_mb"] for r in range(ws)]}
+
+
+def _gpu_column(out: dict, args) -> None:
+    """The layer study again, one GPU per rank (NCCL), for every world the GPUs can hold."""
+    out["gpu"] = {}
+    for ws in args.world_list:
+        if torch.cuda.device_count() < ws or args.experts % ws:
+            continue
+        gargs = copy.copy(args)
+        gargs.model_iters, gargs.profile = 0, False
+        res = run_group(ws, gargs, device_kind="cuda")
+        out["gpu"][str(ws)] = {n: summ(v, ws * args.tokens) for n, v in res[0]["layer_times"].items()}
+
+
+def _memory(out: dict, args) -> None:
+    for ws in args.mem_world_list:
+        if args.experts % ws:
+            continue
+        out["memory"][str(ws)] = summarize_memory(run_group(ws, args, target=mem_worker), ws)
+    add_ratios_vs_world_1(out["memory"])
+
+
+def _finish(out: dict, args, t_start: float) -> None:
+    out["elapsed_s"] = time.perf_counter() - t_start
+    hl = headline(out, args)
+    out["headline"] = hl
+    out["speedup_vs_deepspeed"] = hl["speedup_vs_deepspeed"]
+    out["target_met"] = hl["target_met"]
+    out["balanced_parity_paired"] = balanced_parity(out)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ds_version = None
+    if args.deepspeed:
+        from .ds_baseline import require_deepspeed
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+        ds_version = require_deepspeed()
+    t_start = time.perf_counter()
+    torch.set_num_threads(args.threads_main)
+    cuda = torch.cuda.is_available()
+    print(f"bench_ep: D={args.dim} F={args.ffn} E={args.experts} k={args.top_k} T={args.tokens}/rank "
+          f"cf={args.capacity_factor} worlds={args.world_list} torch={torch.__version__} 1 thread/rank, gloo on 127.0.0.1")
+    if not cuda:
+        print("CUDA is not available: CPU/gloo only, no GPU/NCCL column.")
+    out = _new_output(args, cuda)
+    if ds_version is not None:
+        out["deepspeed_version"] = ds_version
+    # 3. expert compute efficiency (main process, before the groups load the CPU)
+    for ws in args.world_list:
+        out["expert_efficiency"].append(expert_efficiency(args, ws, 1))
+    for ws in args.world_list:
+        if args.experts % ws:
+            print(f"skip world {ws}: {args.experts} experts do not divide")
+            continue
+        _add_world(out, run_group(ws, args), args, ws)
+        print(f"  world {ws} done at {time.perf_counter() - t_start:.0f} s")
+    if cuda:
+        _gpu_column(out, args)
+    _memory(out, args)  # 5. memory
+    _finish(out, args, t_start)
+    print_table(out, args)
+    print(json.dumps(out, default=float, separators=(",", ":")))
+    return out
+

@@ -1,0 +1,125 @@
+"""Pieces every study of the EP benchmark shares: timing (variants interleaved round by round,
+medians, paired ratios), process figures (free port, RSS), the moetrain configs built from the
+CLI arguments, and ``RankEnv``, what one rank's studies need to know about their process."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+ADAMW_LR = 1e-4  # every variant's optimizer; the benchmark times steps, it does not train
+MIN_CAPACITY = 4  # DeepSpeed's min_capacity; routing_stats applies it to both systems' capacity
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    """One rank of a benchmark process group. ``barrier`` waits for every rank (and, on CUDA,
+    for the device); ``ds_ok``: the DeepSpeed variants run."""
+
+    rank: int
+    ws: int
+    args: object  # the argparse.Namespace of cli.parse_args
+    ctx: object  # moetrain.parallel.context.ParallelContext
+    device: torch.device
+    ds_ok: bool
+    barrier: Callable[[], None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summ(times: list[float], tokens: int) -> dict:
+    med, best = median(times), min(times)
+    return {"median_s": med, "min_s": best, "tokens_per_s": tokens / med, "tokens_per_s_best": tokens / best,
+            "times_s": [round(t, 5) for t in times]}
+
+
+def ratios(times: dict, fast: str, base: str) -> dict:
+    """Speedup of ``fast`` over ``base``: ratio of medians, of minima, and the median of the
+    per-round ratios (each round runs both back to back, so shared CPU load cancels best there)."""
+    a, b = times[fast], times[base]
+    return {"median": median(b) / median(a), "best": min(b) / min(a),
+            "paired": median([y / x for x, y in zip(a, b)])}
+
+
+def moe_cfg(args, capacity_factor: float, dedup: bool = True):
+    from moetrain.config import MoEConfig
+    return MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn,
+                     capacity_factor=capacity_factor, dedup=dedup)
+
+
+def model_cfg(args, capacity_factor: float):
+    from moetrain.config import ModelConfig
+    return ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                       ffn_dim=2 * args.dim, max_seq_len=args.seq, moe=moe_cfg(args, capacity_factor))
+
+
+def model_tokens(args, ws: int) -> int:
+    """Tokens of one whole-model step over all ranks: ``--tokens`` per rank, whole sequences."""
+    return ws * max(1, args.tokens // args.seq) * args.seq
+
+
+def interleaved(steps: dict, warmup: int, iters: int, barrier) -> dict[str, list[float]]:
+    """Run every variant's step once per round, rotating the order; returns seconds per step
+    (the slowest rank's, via barriers around each step)."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    for i in range(warmup + iters):
+        rot = names[i % len(names):] + names[:i % len(names)]
+        for n in rot:
+            barrier()
+            t0 = time.perf_counter()
+            steps[n]()
+            barrier()
+            if i >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def train_step_fn(forward_loss, params, sync=None):
+    """A closure doing one training step: zero grads, ``forward_loss()``, backward, ``sync()``
+    (gradient all-reduce, if any), AdamW step."""
+    opt = torch.optim.AdamW(params, lr=ADAMW_LR, foreach=False)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = forward_loss()
+        loss.backward()
+        if sync is not None:
+            sync()
+        opt.step()
+    return step
+
+
+def legacy_names(capacity_factor: float) -> dict[str, str]:
+    """The section-1/2 view (balanced routing, ``--capacity-factor``): legacy variant name ->
+    its name in the skew grid."""
+    from .skew import skew_label
+    bal, cfn = skew_label(0.0), f"cf{capacity_factor:g}"
+    return {"mt_cap": f"{bal}/mt_{cfn}", "mt_dropless": f"{bal}/mt_dropless", "ds_cap": f"{bal}/ds_{cfn}",
+            "ds_nodrop": f"{bal}/ds_nodrop"}

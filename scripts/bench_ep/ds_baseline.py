@@ -1,0 +1,88 @@
+"""The DeepSpeed baseline: ``deepspeed.moe.layer.MoE`` built with a moetrain layer's gate and
+SwiGLU expert weights, the adapter that puts it inside a moetrain ``Block``, and the one clear
+error when DeepSpeed is not installed (it is the ``bench`` extra, not a runtime dependency).
+The only module of the benchmark that imports deepspeed."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .common import MIN_CAPACITY
+
+MISSING_MSG = ("bench_ep: deepspeed is not installed (the DeepSpeed baseline); "
+               "pip install -e .[bench]  (or run with --no-deepspeed)")
+
+
+def require_deepspeed() -> str:
+    """The installed deepspeed version; exits with status 2 and one line naming the extra when
+    deepspeed cannot be imported."""
+    try:
+        import deepspeed
+    except ImportError:
+        print(MISSING_MSG, file=sys.stderr)
+        raise SystemExit(2) from None
+    return deepspeed.__version__
+
+
+def init_deepspeed_comm() -> float:
+    """``deepspeed.init_distributed`` on the process group already set up; returns its seconds
+    (the first call on a machine compiles a shared-memory comm op)."""
+    import deepspeed
+    import deepspeed.comm  # noqa: F401
+    t0 = time.perf_counter()
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+    return time.perf_counter() - t0
+
+
+def ds_moe(args, ws: int, drop_tokens: bool, moe_layer, capacity_factor: float | None = None):
+    """A DeepSpeed MoE with the moetrain layer's gate and (SwiGLU) expert weights. DeepSpeed's
+    noisy gate, random token selection and 2nd-expert sampling are off, so it routes as moetrain."""
+    from deepspeed.moe.layer import MoE
+    from moetrain.model.ffn import SwiGLU
+    cf = args.capacity_factor if capacity_factor is None else capacity_factor
+    ds = MoE(args.dim, expert=SwiGLU(args.dim, args.ffn), num_experts=args.experts, ep_size=ws,
+             k=args.top_k, capacity_factor=cf, eval_capacity_factor=cf,
+             min_capacity=MIN_CAPACITY, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
+             top2_2nd_expert_sampling=False)
+    ds.set_deepspeed_parallelism()
+    with torch.no_grad():
+        ds.deepspeed_moe.gate.wg.weight.copy_(moe_layer.router.gate_ED)
+        ex = moe_layer.experts
+        for j, e in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            e.w_gate_FD.copy_(ex.w_gate_SFD[j])
+            e.w_up_FD.copy_(ex.w_up_SFD[j])
+            e.w_down_DF.copy_(ex.w_down_SDF[j])
+    return ds
+
+
+def ds_variant(args, ws: int, capacity_factor: float, moe_layer, device):
+    """DeepSpeed's counterpart of a moetrain variant: capacity factor 0 (moetrain dropless) ->
+    ``drop_tokens=False`` (every expert padded to the largest count), else the same factor."""
+    c = capacity_factor
+    return ds_moe(args, ws, c > 0, moe_layer, capacity_factor=c if c > 0 else 1.0).to(device)
+
+
+def make_adapter_cls():
+    from moetrain.model.moe.layer import MoELayer
+    from moetrain.model.moe.router import RouterOutput
+
+    class DSMoEAdapter(MoELayer):
+        """Drop-in for a moetrain MoELayer inside ``Block``: DeepSpeed MoE on [B, T, D], returns
+        (y, RouterOutput) with empty routing tensors (the benchmark loss is LM only)."""
+
+        def __init__(self, ds_moe):
+            nn.Module.__init__(self)
+            self.ds = ds_moe
+            self.dispatcher = None
+
+        def forward(self, x_BTD):
+            y, _l_aux, _counts = self.ds(x_BTD)
+            empty = x_BTD.new_zeros(0)
+            return y, RouterOutput(empty, empty, empty.long(), empty)
+
+    return DSMoEAdapter

@@ -1,0 +1,187 @@
+"""The benchmark's report: the headline figure, the balanced-routing parity summary, and the
+printed tables of every section (the JSON line is printed by ``cli.main``)."""
+
+from __future__ import annotations
+
+from .common import ratios
+from .skew import skew_label
+
+HEADLINE_TARGET = 1.3  # moetrain's stated speedup target over DeepSpeed
+LAYER_VARIANTS = ("mt_cap", "mt_dropless", "ds_cap", "ds_nodrop")
+MODEL_VARIANTS = ("mt_cap", "mt_dropless", "ds_cap")
+
+
+def headline(out, args) -> dict:
+    """The stated realistic configuration: skew ``--headline-skew``, the largest world, moetrain
+    dropless vs DeepSpeed drop_tokens=False (identical outputs), whole model when it ran."""
+    lab = skew_label(args.headline_skew)
+    for scope in ("model", "layer"):
+        tab = out["skew"][scope]
+        ws = max((w for w in tab if lab in tab[w] and "dropless_vs_ds_nodrop" in tab[w][lab]["speedup"]),
+                 key=int, default=None)
+        if ws is None:
+            continue
+        row = tab[ws][lab]
+        rs = row["routing_per_layer"] if scope == "model" else [row["routing"]]
+        sp = row["speedup"]["dropless_vs_ds_nodrop"]
+        loads = ", ".join(f"{r['expert_max_mean']:.2f}" for r in rs)
+        return {"config": f"{scope}, {lab} (measured expert load max/mean {loads}), world {ws}: moetrain dropless "
+                          f"vs DeepSpeed drop_tokens=False",
+                "speedup_vs_deepspeed": sp["paired"], "speedup_median": sp["median"], "speedup_best": sp["best"],
+                "target": HEADLINE_TARGET, "target_met": sp["paired"] >= HEADLINE_TARGET}
+    return {"config": None, "speedup_vs_deepspeed": None, "target": HEADLINE_TARGET, "target_met": False}
+
+
+def balanced_parity(out) -> dict:
+    """Paired speedups over DeepSpeed with balanced routing, per scope and world."""
+    bal = {}
+    for scope in ("layer", "model"):
+        for ws, byskew in out["skew"][scope].items():
+            if "balanced" in byskew:
+                bal[f"{scope}_w{ws}"] = {k: round(v["paired"], 3) for k, v in byskew["balanced"]["speedup"].items()}
+    return bal
+
+
+def _speed_table(title, table: dict, variants) -> None:
+    print(title)
+    print(f"{'world':>5} {'variant':<12} {'med ms':>8} {'best ms':>8} {'tokens/s':>9} "
+          f"{'x ds_cap (median / paired / best)':>34}")
+    for ws, lay in table.items():
+        t = {n: lay[n]["times_s"] for n in variants if n in lay}
+        for n in variants:
+            if n not in lay:
+                continue
+            r = lay[n]
+            sp = ratios(t, n, "ds_cap") if "ds_cap" in t else None
+            sps = f"{sp['median']:.2f} / {sp['paired']:.2f} / {sp['best']:.2f}" if sp else "-"
+            print(f"{ws:>5} {n:<12} {r['median_s']*1e3:>8.1f} {r['min_s']*1e3:>8.1f} {r['tokens_per_s']:>9.0f} {sps:>34}")
+
+
+def _layer_section(out) -> None:
+    _speed_table("== 1. MoE layer alone: train step (fwd+bwd+AdamW), tokens/s over all ranks ==", out["layer"],
+                 LAYER_VARIANTS)
+    for ws, lay in out["layer"].items():
+        if "maxdiff_mt_dropless_vs_ds_nodrop" in lay:
+            print(f"  world {ws}: same routing & weights, |mt_dropless - ds_nodrop| max = "
+                  f"{lay['maxdiff_mt_dropless_vs_ds_nodrop']:.1e}; dropped pairs on rank 0: {lay['dropped_pairs_rank0']}")
+        for n, pr in lay.get("profile_rank0", {}).items():
+            print(f"  world {ws} profile {n:<12} (rank 0, ms self CPU) gemm {pr['gemm']:.0f}, comm+wait {pr['comm']:.0f}, "
+                  f"other {pr['other']:.0f}, wall {pr['wall_ms']:.0f}; top other: "
+                  + ", ".join(f"{k} {ms:.1f}" for k, ms, _ in pr["top_other"][:4]))
+
+
+def _expert_section(out) -> None:
+    print("== 3. Expert compute: GroupedExperts fwd+bwd vs one SwiGLU matmul chain of the same FLOPs (1 thread) ==")
+    for e in out["expert_efficiency"]:
+        print(f"  world {e['world']}: {e['slots']} slots, {e['rows']} rows {e['rows_per_slot']}: grouped "
+              f"{e['grouped_ms']:.1f} ms, raw {e['raw_ms']:.1f} ms (medians) -> efficiency {e['efficiency_median']*100:.0f}% "
+              f"(paired {e['efficiency_paired']*100:.0f}%, best-of {e['efficiency_best']*100:.0f}%), "
+              f"{e['grouped_gflops']:.1f} GFLOP/s")
+
+
+def _dedup_section(out, args) -> None:
+    print("== 4. All-to-all off-rank traffic per step (all ranks), dedup vs not; dropless layer step time ==")
+    print(f"{'world':>5} {'routing':<11} {'units dd':>9} {'units no':>9} {'MB/step dd':>11} {'MB/step no':>11} "
+          f"{'bytes':>6} {'ms dd':>7} {'ms no':>7} {'time med/paired':>16}")
+    for ws, dd in out["dedup"].items():
+        for kind, r in dd.items():
+            print(f"{ws:>5} {kind:<11} {r['dedup']['units_off_rank']:>9} {r['nodedup']['units_off_rank']:>9} "
+                  f"{r['dedup']['bytes_step']/1e6:>11.2f} {r['nodedup']['bytes_step']/1e6:>11.2f} "
+                  f"{r['bytes_ratio']:>6.2f} {r['dedup']['median_s']*1e3:>7.1f} {r['nodedup']['median_s']*1e3:>7.1f} "
+                  f"{r['time_ratio']:>7.2f} / {r['time_ratio_paired']:.2f}")
+    print("  bytes = dispatch payload (D+K fp32) + slot metadata (K int64) + combine (D fp32), forward and "
+          "backward, off-rank rows only; ratios are dedup / no dedup")
+    print(f"  random = top-{args.top_k} of uniform scores; correlated = {args.corr:.0%} of tokens pick an adjacent "
+          "pair (2j, 2j+1) co-located by the contiguous placement")
+
+
+def _memory_section(out, args) -> None:
+    print(f"== 5. Memory (Transformer {args.layers} MoE layers, E={args.experts}, F={args.mem_ffn}, fp32) ==")
+    for ws, m in out["memory"].items():
+        print(f"  world {ws}: expert params/rank {m['expert_param_bytes_per_rank']/1e6:.1f} MB "
+              f"(x{m.get('expert_bytes_ratio_vs_1', float('nan')):.2f} of world 1), dense {m['dense_param_bytes_per_rank']/1e6:.1f} MB, "
+              f"peak RSS/rank {', '.join(f'{x:.0f}' for x in m['peak_rss_mb_per_rank'])} MB "
+              f"(before model {m['rss_before_model_mb'][0]:.0f} MB)")
+    for ws, r in out.get("rss", {}).items():
+        print(f"  benchmark world {ws} (all variants alive): peak RSS/rank "
+              f"{', '.join(f'{x:.0f}' for x in r['peak_rss_mb_per_rank'])} MB")
+    if out["gpu"]:
+        print()
+        _speed_table("== GPU/NCCL: MoE layer alone (one GPU per rank) ==", out["gpu"], LAYER_VARIANTS)
+    else:
+        print("  GPU/NCCL: not run (CUDA not available here)")
+
+
+def _skew_pairs(scope: str, args) -> list[tuple[str, str, str, str]]:
+    """(key, moetrain variant, DeepSpeed variant, title) of every compared pair."""
+    cfs = args.model_cf_list if scope == "model" else args.cf_list
+    return [("dropless", "mt_dropless", "ds_nodrop", "dropless vs no-drop")] + \
+        [(f"cf{c:g}", f"mt_cf{c:g}", f"ds_cf{c:g}", f"cf {c:g} vs cf {c:g}") for c in cfs]
+
+
+def _skew_rows(scope: str, ws: str, lab: str, row: dict, args) -> None:
+    rs = row["routing_per_layer"] if scope == "model" else [row["routing"]]
+    load = ",".join(f"{r['expert_max_mean']:.2f}" for r in rs)
+    rank = max(r["rank_max_mean"] for r in rs)
+    tm = row["times"]
+    for key, a, b, title in _skew_pairs(scope, args):
+        if a not in tm or b not in tm:
+            continue
+        sp = row["speedup"][f"{key}_vs_{b}" if key != "dropless" else "dropless_vs_ds_nodrop"]
+        if key == "dropless":
+            mtr = max(r["rank_max_mean"] for r in rs)
+            dsr = max(r["ds_nodrop_rows_ratio"] for r in rs)
+            drop = 0.0
+        else:
+            mtr = max(r["cf"][key]["mt_busiest_rank_rows_ratio"] for r in rs)
+            dsr = max(r["cf"][key]["ds_rows_ratio"] for r in rs)
+            drop = max(r["cf"][key]["dropped_share"] for r in rs)
+        print(f"{scope:<6}{ws:>5} {lab:<10} {load:>11} {rank:>5.2f} {title:<26} "
+              f"{tm[a]['median_s']*1e3:>7.1f} {tm[b]['median_s']*1e3:>7.1f} "
+              f"{sp['median']:>6.2f} / {sp['paired']:.2f} / {sp['best']:.2f} "
+              f"{mtr:>5.2f}/{dsr:<5.2f} {drop*100:>7.1f}%")
+
+
+def _skew_checks(scope: str, ws: str, byskew: dict) -> None:
+    for lab, row in byskew.items():
+        md = row.get("maxdiff_mt_dropless_vs_ds_nodrop", row.get("maxdiff_logits_mt_dropless_vs_ds_nodrop"))
+        if md is not None:
+            print(f"  {scope} world {ws} {lab}: |mt_dropless - ds_nodrop| max = {md:.1e} (same routing)"
+                  + (f", skew scales {', '.join(f'{x:.3g}' for x in row['scales'])}" if scope == "model"
+                     else f", skew scale {row['scale']:.3g}"))
+
+
+def _skew_section(out, args) -> None:
+    print("== 6. Routing skew x capacity factor: moetrain vs DeepSpeed (same inputs, gates, chosen experts) ==")
+    print("  load = measured global expert load max/mean (model: per MoE layer); rank = busiest rank's real rows /"
+          " mean; rows mt/ds = rows computed on moetrain's busiest rank / DeepSpeed's rows per rank")
+    print(f"{'scope':<6}{'world':>5} {'routing':<10} {'load':>11} {'rank':>5} {'pair (mt vs ds)':<26} {'mt ms':>7} "
+          f"{'ds ms':>7} {'x med / paired / best':>22} {'rows mt/ds':>11} {'dropped':>8}")
+    for scope in ("layer", "model"):
+        for ws, byskew in out["skew"][scope].items():
+            for lab, row in byskew.items():
+                _skew_rows(scope, ws, lab, row, args)
+            _skew_checks(scope, ws, byskew)
+
+
+def print_table(out, args) -> None:
+    print()
+    _layer_section(out)
+    print()
+    _speed_table("== 2. Whole model (Transformer, every block MoE, LM loss, dense all-reduce, AdamW) ==", out["model"],
+                 MODEL_VARIANTS)
+    print()
+    _expert_section(out)
+    print()
+    _dedup_section(out, args)
+    print()
+    _memory_section(out, args)
+    print()
+    _skew_section(out, args)
+    hl = out["headline"]
+    if hl["config"]:
+        print(f"  HEADLINE ({hl['config']}): speedup {hl['speedup_vs_deepspeed']:.2f}x paired "
+              f"(median {hl['speedup_median']:.2f}x, best {hl['speedup_best']:.2f}x); >= 1.3x target "
+              f"{'met' if hl['target_met'] else 'NOT met'}")
+    print(f"  total {out['elapsed_s']:.0f} s")
+    print()
