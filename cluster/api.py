@@ -11,10 +11,30 @@ from __future__ import annotations
 import logging
 import os
 
+from cluster.checkpointing import check_store_writable
 from cluster.controller import Controller, RunFailed, RunResult, State
 from moetrain.config import RunConfig, load_config
 
 __all__ = ["load_config", "run", "ensure_ray", "RunResult", "RunFailed", "State"]
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Fail within ``timeout_s`` when a ``HOST:PORT`` Ray address accepts no connection (ray.init
+    itself would retry for minutes). ``ray://`` and ``auto`` addresses are left to Ray."""
+    import socket
+
+    from moetrain.config import ConfigError, _host_port
+
+    if address.startswith(("ray://", "auto")):
+        return
+    hp = _host_port(address)
+    if hp is None:
+        raise ConfigError(f"Ray address {address!r} must be HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection(hp, timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s "
+                          f"(cluster.connect_timeout_s): {exc}") from None
 
 
 def ensure_ray(cfg: RunConfig) -> None:
@@ -25,6 +45,7 @@ def ensure_ray(cfg: RunConfig) -> None:
         return
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        check_reachable(address, cfg.cluster.connect_timeout_s)
         ray.init(address=address, namespace="moetrain", log_to_driver=True)
         return
     need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
@@ -40,6 +61,7 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     # Build (or load from cache) the dataset on the driver first: bad data fails fast with a clear
     # error before any actor starts, and the workers then read the finished cache.
     build_dataset(cfg.data)
+    check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
     ensure_ray(cfg)
     result = Controller(cfg, on_step=on_step).run()
     if result.state == State.FAILED and raise_on_failure:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
 import ray
 
@@ -31,6 +32,23 @@ log = logging.getLogger("moetrain")
 def due(cfg: RunConfig, step: int) -> bool:
     c = cfg.checkpoint
     return bool(c.uri) and c.every > 0 and step % c.every == 0 and step < cfg.train.steps
+
+
+def check_store_writable(cfg: RunConfig) -> None:
+    """Fail in seconds, before any actor starts, when the checkpoint store cannot be written:
+    write and delete a small probe object under the run's prefix. Raises
+    :class:`CheckpointError` (one line naming the store) — a user error, exit status 2."""
+    if not cfg.checkpoint.uri:
+        return
+    key = f"{cfg.cluster.run_name}/.write-probe-{uuid.uuid4().hex[:12]}"
+    try:
+        store = open_store(cfg.checkpoint.uri, cfg.checkpoint)
+        store.write_bytes(key, b"moetrain write probe")
+        store.delete(key)
+    except CheckpointError as exc:
+        raise type(exc)(f"checkpoint store {cfg.checkpoint.uri} is not writable: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint store {cfg.checkpoint.uri} is not writable: {exc}") from None
 
 
 def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
@@ -47,7 +65,8 @@ class Coordinator:
         self.cfg, self.telemetry = cfg, telemetry
         self._thread: threading.Thread | None = None
         self.committed: list[str] = []
-        self.failed: list[tuple[int, str]] = []
+        self.failed: list[tuple[int, str]] = []  # (step, first line of the error)
+        self.consecutive_failures = 0  # failed checkpoints since the last committed one
 
     def start(self, group, step: int, placement) -> None:
         self.wait()  # at most one commit in flight
@@ -74,13 +93,21 @@ class Coordinator:
             secs = max(max(r.upload_s for r in results), 1e-9)
             uri = store.uri_of(f"{self.cfg.cluster.run_name}/step-{step}")
             self.committed.append(uri)
+            self.consecutive_failures = 0
             log.info("checkpoint step %d committed: %.1f MB, stall %.3f s, %s", step, mb, stall, uri)
             if self.telemetry:
                 self.telemetry.checkpoint(step, mb / secs, stall)
         except Exception as exc:  # a failed checkpoint never stops training
             msg = str(exc).splitlines()[0][:300]
             self.failed.append((step, msg))
-            log.warning("checkpoint step %d FAILED (latest unchanged, training continues): %s", step, msg)
+            self.consecutive_failures += 1
+            log.warning("checkpoint step %d FAILED (latest unchanged): %s", step, msg)
+            if self.telemetry:
+                self.telemetry.checkpoint_failed(step)
+
+    def step_failed(self, step: int) -> str:
+        """The error of checkpoint ``step`` if it failed, else ""."""
+        return next((msg for s, msg in self.failed if s == step), "")
 
     def wait(self) -> None:
         if self._thread is not None:

@@ -13,6 +13,10 @@ import argparse
 import logging
 import sys
 
+# Exit statuses of `moetrain train`: 0 finished every step; 1 failed; 2 bad input (config, data,
+# checkpoint store) refused before training; 3 stopped early on request (SIGINT/SIGTERM, ray job stop).
+EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 1, 2, 3
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moetrain", description="Distributed MoE training on Ray.")
@@ -43,9 +47,13 @@ def _train(args) -> int:
         overrides.append(f"checkpoint.resume={args.resume}")
     cfg = load_config(args.config, overrides)
     result = run(cfg, raise_on_failure=False)
+    if result.state.value == "stopped":
+        print(f"moetrain: run {cfg.cluster.run_name} STOPPED at step {result.summary.get('steps')} of "
+              f"{cfg.train.steps} (a stop was requested); resume with --resume latest", file=sys.stderr)
+        return EXIT_STOPPED
     if result.state.value != "finished":
         print(f"moetrain: run {cfg.cluster.run_name} failed:\n{result.error}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     return 0
 
 
@@ -104,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return _submit(args)
     except user_errors as exc:
         print(f"moetrain: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -37,11 +37,19 @@ class State(enum.Enum):
     CHECKPOINTING = "checkpointing"
     RESTARTING = "restarting"
     FINISHED = "finished"
+    STOPPED = "stopped"  # a stop was requested (SIGINT/SIGTERM, `ray job stop`) before the last step
     FAILED = "failed"
+
+
+TERMINAL = (State.FINISHED, State.STOPPED, State.FAILED)
 
 
 class RunFailed(RuntimeError):
     """The run ended in FAILED; the message says why (grouped per rank)."""
+
+
+class RunAborted(RuntimeError):
+    """The driver gives up on the run (non-finite steps, checkpoints failing): not retried."""
 
 
 @dataclass
@@ -87,6 +95,10 @@ class Controller:
         self.replanner = replacement.Replanner(cfg) if cfg.placement.replan_every > 0 else None
         self.on_step = on_step
         self._stop_requested = False
+        self.nonfinite_skips = 0
+        self._slowest_step_s = 0.0  # driver-side wall time of the slowest step so far
+        self.restarts = 0
+        self.error = ""
         self._t_start = 0.0
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
@@ -126,11 +138,17 @@ class Controller:
 
     def _running(self) -> State:
         t = self.cfg.train
-        if self.step >= t.steps or self._stop_requested:
+        if self.step >= t.steps:
             return State.FINISHED
-        m: StepMetrics = self.group.call("train_step")[0]
+        if self._stop_requested:
+            return State.STOPPED
+        self._check_checkpoints()
+        t0 = time.monotonic()
+        m: StepMetrics = self.group.call("train_step", stuck_after_s=self._step_deadline())[0]
+        self._slowest_step_s = max(self._slowest_step_s, time.monotonic() - t0)
         self.step = m.step
         self.history.append(m)
+        self._check_finite(m)
         self.telemetry.step(m)
         if self._bar is not None:
             self._bar.update(self.step - self._bar.n)
@@ -154,6 +172,31 @@ class Controller:
             return State.CHECKPOINTING
         return State.RUNNING
 
+    def _step_deadline(self) -> float:
+        """Watchdog bound for the next step: the slowest step seen so far plus
+        ``cluster.step_timeout_s``; before any step, the group's start budget plus that."""
+        c = self.cfg.cluster
+        return (self._slowest_step_s or c.start_timeout_s) + c.step_timeout_s
+
+    def _check_finite(self, m: StepMetrics) -> None:
+        if not m.skipped:
+            return
+        self.nonfinite_skips += 1
+        what = ", ".join(f"{q}={getattr(m, q)}" for q in m.nonfinite)
+        limit = self.cfg.train.max_nonfinite_skips
+        if self.nonfinite_skips > limit:
+            raise RunAborted(f"step {m.step}: non-finite {what}; the update was not applied and the run stops "
+                             f"(train.max_nonfinite_skips={limit}; the last committed checkpoint is intact)")
+        log.warning("step %d: non-finite %s: update skipped (%d of at most %d)", m.step, what,
+                    self.nonfinite_skips, limit)
+
+    def _check_checkpoints(self) -> None:
+        limit = self.cfg.checkpoint.max_consecutive_failures
+        if limit and self.ckpt.consecutive_failures >= limit:
+            step, msg = self.ckpt.failed[-1]
+            raise RunAborted(f"{self.ckpt.consecutive_failures} checkpoints failed in a row (last: step {step}: "
+                             f"{msg}); checkpoint.max_consecutive_failures={limit}")
+
     def _replacing(self) -> State:
         decision = self.replanner.finish(self.group, self.placement, self.step)
         self.replacements.append(decision)
@@ -163,6 +206,8 @@ class Controller:
         return State.CHECKPOINTING if checkpointing.due(self.cfg, self.step) else State.RUNNING
 
     def _checkpointing(self) -> State:
+        self.ckpt.wait()  # the previous commit is decided: the failure count is exact here
+        self._check_checkpoints()
         self.ckpt.start(self.group, self.step, self.placement)
         return State.RUNNING
 
@@ -184,55 +229,80 @@ class Controller:
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
         self._t_start = time.perf_counter()
-        error = ""
-        restarts = 0
         handlers = {State.STARTING: self._starting, State.RUNNING: self._running,
                     State.REPLACING: self._replacing, State.CHECKPOINTING: self._checkpointing}
         with _graceful_stop(self):
-            while self.state not in (State.FINISHED, State.FAILED):
+            while self.state not in TERMINAL:
                 try:
                     self._set(handlers[self.state]())
                 except WorkerGroupError as exc:
                     if self.policy.should_retry(exc):
-                        restarts += 1
+                        self.restarts += 1
                         self._set(State.RESTARTING)
                         self._set(self._restarting(exc))
                     else:
-                        error = str(exc)
-                        self._set(State.FAILED)
-        if self._bar is not None:
-            self._bar.close()
-        summary = self._finish() if self.state == State.FINISHED else {}
-        self.ckpt.wait()
+                        self._fail(str(exc))
+                except RunAborted as exc:
+                    self._fail(str(exc))
+            if self._bar is not None:
+                self._bar.close()
+            summary = {}
+            if self.state != State.FAILED:
+                try:
+                    summary = self._finish()
+                except WorkerGroupError as exc:
+                    self._fail(f"final evaluation / checkpoint: {exc}")
+            self.ckpt.wait()  # a signal here only sets the stop flag: the final commit completes
+        final_error = self.ckpt.step_failed(self.step) if self.state != State.FAILED else ""
+        if final_error:
+            self._fail(f"the final checkpoint (step {self.step}) failed: {final_error}")
+        summary = self._summary(summary)
         self.checkpoints = list(self.ckpt.committed)
         if self.group:
             self.group.shutdown()
         self.telemetry.close(summary)
-        return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, restarts, error)
+        return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, self.restarts,
+                         self.error)
+
+    def _fail(self, error: str) -> None:
+        self.error = error
+        log.error("run %s failed: %s", self.cfg.cluster.run_name, error)
+        self._set(State.FAILED)
 
     def _finish(self) -> dict:
+        """Final validation, final checkpoint, outputs (FINISHED and STOPPED runs)."""
         self.val_last = self.group.call("evaluate")[0]
         self.telemetry.validation(self.step, self.val_last)
         if self.cfg.checkpoint.uri:
             self.ckpt.start(self.group, self.step, self.placement)
         stats = merge_rank_samples(self.group.call("routing_stats"))
-        wall = time.perf_counter() - self._t_start
         self.replacements = replacement.measured_gains(self.replacements, self.history)
         run_hist = self.history
         tokens = sum(h.tokens for h in run_hist)
         train_time = sum(h.step_time_s for h in run_hist)
-        load = stats.load_LE
         outputs = self.telemetry.write_outputs(stats, self.placement, self.cfg)
-        summary = {
-            "run_name": self.cfg.cluster.run_name, "num_workers": self.cfg.cluster.num_workers,
-            "steps": self.step, "tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / max(train_time, 1e-9),
+        return {
+            "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
             "first_loss": run_hist[0].loss if run_hist else float("nan"),
             "last_loss": run_hist[-1].loss if run_hist else float("nan"),
-            "val_start": self.val_start, "val_loss": self.val_last, "load_LE": load.tolist(),
+            "val_start": self.val_start, "val_loss": self.val_last, "load_LE": stats.load_LE.tolist(),
             "outputs": outputs, "replacements": [d.to_dict() for d in self.replacements],
         }
-        log.info(format_summary(summary))
+
+    def _summary(self, results: dict) -> dict:
+        """summary.json for every terminal state: how the run ended, and its results if any."""
+        summary = {
+            "run_name": self.cfg.cluster.run_name, "state": self.state.value, "error": self.error,
+            "num_workers": self.cfg.cluster.num_workers, "steps": self.step,
+            "stopped_at_step": self.step if self.state != State.FINISHED else None,
+            "wall_s": time.perf_counter() - self._t_start, "restarts": self.restarts,
+            "skipped_steps": self.nonfinite_skips,
+            "checkpoints_committed": len(self.ckpt.committed), "checkpoints_failed": len(self.ckpt.failed),
+            "checkpoint_failures": [{"step": s, "error": m} for s, m in self.ckpt.failed],
+            **results,
+        }
+        if results:
+            log.info(format_summary(summary))
         return summary
 
 

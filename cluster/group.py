@@ -122,16 +122,28 @@ class WorkerGroup:
         except (RayTaskError, RayActorError) as exc:
             raise WorkerGroupError(group_errors({0: exc}), [0], isinstance(exc, RayActorError)) from None
 
-    def call(self, method: str, *args, timeout_s: float | None = None) -> list[Any]:
+    def call(self, method: str, *args, timeout_s: float | None = None, stuck_after_s: float | None = None) -> list[Any]:
         """Call ``method`` on every rank; results in rank order. On the first failure the whole
-        group is killed (peers would block in a collective) and a grouped error is raised."""
+        group is killed (peers would block in a collective) and a grouped error is raised.
+
+        ``timeout_s``: raise ``GetTimeoutError`` after this long. ``stuck_after_s`` (the step
+        watchdog): ranks still busy after this long are declared failed — the group is killed and
+        a :class:`WorkerGroupError` naming them goes to the failure policy like a lost actor."""
         refs = [getattr(a, method).remote(*args) for a in self.actors]
         rank_of = {ref: i for i, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
         pending = list(refs)
+        deadline = time.monotonic() + stuck_after_s if stuck_after_s is not None else None
         while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            wait_s = timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if not done and deadline is not None:
+                stuck = sorted(rank_of[r] for r in pending)
+                self.shutdown(graceful=False)
+                raise WorkerGroupError(
+                    f"{method} failed:\n[Rank {', '.join(map(str, stuck))}]: still busy after {stuck_after_s:.0f} s "
+                    "(stuck or stopped process; the step watchdog, cluster.step_timeout_s)", stuck, True)
             if not done:
                 raise GetTimeoutError(f"{method} did not finish on ranks {[rank_of[r] for r in pending]} "
                                       f"within {timeout_s} s")

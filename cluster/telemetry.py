@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moetrain")
 
-STATES = ["starting", "running", "replacing", "checkpointing", "restarting", "finished", "failed"]
+STATES = ["starting", "running", "replacing", "checkpointing", "restarting", "finished", "stopped", "failed"]
 
 
 class _RayMetrics:
@@ -50,6 +50,10 @@ class _RayMetrics:
         self.gain = g("placement_predicted_gain", "predicted relative cost reduction of the last re-placement")
         self.ckpt_mbps = g("checkpoint_mb_per_s", "checkpoint upload MB/s")
         self.ckpt_stall = g("checkpoint_stall_s", "training stall of the last checkpoint (s)")
+        self.ckpt_failures = Counter("moetrain_checkpoint_failures", description="checkpoints that failed",
+                                     tag_keys=tags)
+        self.skipped = Counter("moetrain_skipped_steps", description="steps skipped: non-finite loss or grad norm",
+                               tag_keys=tags)
         self.replacements = Counter("moetrain_replacements", description="migrations performed", tag_keys=tags)
         self.steps = Counter("moetrain_steps", description="optimizer steps", tag_keys=tags)
 
@@ -109,6 +113,8 @@ class Telemetry:
             self.metrics.offrank.set(m.offrank_sends, t)
             self.metrics.step.set(m.step, t)
             self.metrics.steps.inc(1, t)
+            if m.skipped:
+                self.metrics.skipped.inc(1, t)
             for layer, v in enumerate(imb):
                 self.metrics.load_imbalance.set(float(v), {**t, "layer": str(layer)})
         if self.wandb:
@@ -116,6 +122,12 @@ class Telemetry:
             row["tokens_per_s"] = tps
             row.update({f"expert_load_max_over_mean/layer{l}": float(v) for l, v in enumerate(imb)})
             self.wandb.log({**row, "train_step": m.step})
+
+    def checkpoint_failed(self, step: int) -> None:
+        if self.metrics:
+            self.metrics.ckpt_failures.inc(1, self.metrics.tags)
+        if self.wandb:
+            self.wandb.log({"checkpoint/failed": 1, "train_step": step})
 
     def validation(self, step: int, val: dict) -> None:
         if self.wandb:

@@ -51,7 +51,8 @@ class Worker:
 
             torch.cuda.set_device(0)
         ctx = init_distributed(backend=backend, master_addr=master_addr, master_port=master_port,
-                               rank=self.rank, world_size=self.world_size)
+                               rank=self.rank, world_size=self.world_size,
+                               timeout_s=self.cfg.cluster.collective_timeout_s)
         self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement)
         if resume is not None:
             self.trainer.resume_from(resume)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class TrainConfig:
     eval_every: int = 50  # validation every N steps (0: only at the end)
     eval_batches: int = 4  # validation batches per domain
     log_every: int = 10
+    max_nonfinite_skips: int = 0  # steps with a NaN/inf loss or grad norm skipped before the run fails
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -108,6 +110,7 @@ class CheckpointConfig:
     every: int = 0  # checkpoint every N steps (0 = only at the end, when uri is set)
     keep: int = 3  # committed checkpoints kept (the newest is never deleted)
     async_upload: bool = True  # stream in a background thread while training continues
+    max_consecutive_failures: int = 3  # the run fails after this many failed checkpoints in a row (0: never)
     resume: str = ""  # "" | "latest" | a step-<N> URI
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 (credentials: AWS_* environment variables)
     s3_region: str = ""
@@ -130,6 +133,9 @@ class ClusterConfig:
     run_name: str = "default"
     torch_threads: int = 0  # 0 = cpu_count / num_workers per worker
     start_timeout_s: float = 300.0  # give up building the worker group after this long
+    connect_timeout_s: float = 30.0  # give up reaching cluster.address / RAY_ADDRESS after this long
+    collective_timeout_s: float = 300.0  # a torch.distributed collective waiting longer fails its rank
+    step_timeout_s: float = 60.0  # watchdog: a step slower than the slowest seen + this fails its ranks
 
 
 @dataclass(kw_only=True)
@@ -316,6 +322,14 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of ``HOST:PORT``, or None when it is not of that form."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -361,12 +375,22 @@ def validate(cfg: RunConfig) -> RunConfig:
              f"train.loss.lbl_scope ({t.loss.lbl_scope!r}) must be one of micro, global, sequence")
     _require(t.loss.lbl_coeff >= 0, f"train.loss.lbl_coeff ({t.loss.lbl_coeff}) must be >= 0")
     _require(t.loss.z_loss_coeff >= 0, f"train.loss.z_loss_coeff ({t.loss.z_loss_coeff}) must be >= 0")
+    _require(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips ({t.max_nonfinite_skips}) must be >= 0")
+    _require(cfg.checkpoint.max_consecutive_failures >= 0,
+             f"checkpoint.max_consecutive_failures ({cfg.checkpoint.max_consecutive_failures}) must be >= 0")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep ({cfg.checkpoint.keep}) must be >= 1")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0")
     if cfg.checkpoint.resume:
         _require(bool(cfg.checkpoint.uri) or "://" in cfg.checkpoint.resume or cfg.checkpoint.resume != "latest",
                  "checkpoint.resume is 'latest' but checkpoint.uri is empty")
     _require(c.max_failures >= 0, f"cluster.max_failures ({c.max_failures}) must be >= 0")
+    for name, value in [("cluster.start_timeout_s", c.start_timeout_s), ("cluster.connect_timeout_s", c.connect_timeout_s),
+                        ("cluster.collective_timeout_s", c.collective_timeout_s),
+                        ("cluster.step_timeout_s", c.step_timeout_s)]:
+        _require(math.isfinite(value) and value > 0, f"{name} ({value}) must be a positive number of seconds")
+    if c.address and not c.address.startswith(("ray://", "auto")):
+        _require(_host_port(c.address) is not None,
+                 f"cluster.address ({c.address!r}) must be HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
     _require(c.cpus_per_worker > 0, f"cluster.cpus_per_worker ({c.cpus_per_worker}) must be > 0")
     _require(bool(c.run_name) and "/" not in c.run_name, f"cluster.run_name ({c.run_name!r}) must be non-empty without '/'")
     p = cfg.placement

@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from moetrain.checkpoint import (
     AsyncCheckpointWriter, CheckpointError, SaveResult, load_objects, read_manifest, resolve,
 )
@@ -60,6 +62,18 @@ class SaveStarted:
     error: str = ""  # "" = the upload is under way
 
 
+def first_nonfinite(tree, path: str = "") -> str:
+    """The path (``object/key/...``) of the first floating tensor holding NaN or inf, or ""."""
+    if torch.is_tensor(tree):
+        return path if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else ""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            found = first_nonfinite(value, f"{path}/{key}" if path else str(key))
+            if found:
+                return found
+    return ""
+
+
 class RankCheckpointer:
     """Saves and loads one rank's share of a checkpoint (see the module doc)."""
 
@@ -89,10 +103,15 @@ class RankCheckpointer:
             raise ValueError(f"checkpoint of step {step} asked for, but the trainer is at step {t.step}")
         t0 = time.perf_counter()
         self._future, self._error = None, ""
-        try:
-            self._future = self._open_writer().save(step, rank_objects(t))
-        except CheckpointError as exc:
-            self._error = f"{type(exc).__name__}: {exc}"
+        objects = rank_objects(t)
+        bad = first_nonfinite(objects)
+        if bad:  # never stream, let alone commit, a checkpoint that holds NaN or inf
+            self._error = f"NonFiniteCheckpoint: {bad} holds NaN or inf values at step {step}"
+        else:
+            try:
+                self._future = self._open_writer().save(step, objects)
+            except CheckpointError as exc:
+                self._error = f"{type(exc).__name__}: {exc}"
         return SaveStarted(step=step, cursor=t.cursor.state_dict(), stall_s=time.perf_counter() - t0,
                            error=self._error)
 

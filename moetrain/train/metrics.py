@@ -28,6 +28,12 @@ class StepMetrics:
     offrank_sends: float  # token rows sent to other ranks this step (all ranks, all MoE layers)
     load_LE: np.ndarray  # tokens routed to each expert of each MoE layer this step, [L, E]
     step_time_s: float
+    nonfinite: tuple[str, ...] = ()  # quantities that were NaN/inf: the update was skipped
+
+    @property
+    def skipped(self) -> bool:
+        """True when the step's update was not applied (a non-finite loss or gradient norm)."""
+        return bool(self.nonfinite)
 
     @property
     def tokens_per_s(self) -> float:

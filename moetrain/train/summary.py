@@ -38,6 +38,14 @@ def format_summary(summary: dict) -> str:
         share = row / max(row.sum(), 1)
         lines.append(f"expert load L{layer:<2}  max/mean {load_imbalance(load)[layer]:.2f}  "
                      + " ".join(f"{s:.2f}" for s in share))
+    if summary.get("state", "finished") != "finished":
+        lines.append(f"state          {summary['state'].upper()} at step {summary['steps']}"
+                     + (f": {summary['error']}" if summary.get("error") else ""))
+    if summary.get("checkpoints_committed") or summary.get("checkpoints_failed"):
+        lines.append(f"checkpoints    {summary['checkpoints_committed']} committed, "
+                     f"{summary['checkpoints_failed']} failed")
+    if summary.get("skipped_steps"):
+        lines.append(f"skipped steps  {summary['skipped_steps']} (non-finite loss or gradient norm)")
     if summary.get("outputs"):
         lines.append(f"outputs        {summary['outputs']}")
     return "\n".join(lines)

@@ -53,6 +53,11 @@ def initial_placement(cfg: RunConfig) -> Placement:
     return p
 
 
+def nonfinite_quantities(**values: float) -> tuple[str, ...]:
+    """Names of the values that are NaN or infinite, e.g. ``("lm_loss", "grad_norm")``."""
+    return tuple(name for name, v in values.items() if not math.isfinite(v))
+
+
 class RankTrainer:
     def __init__(self, cfg: RunConfig, *, ctx: ParallelContext | None = None,
                  placement: Placement | None = None, dataset=None):
@@ -128,23 +133,28 @@ class RankTrainer:
             sums[3] += self._offrank_sends(routing)
         grads.sync_dense_grads(self.dense_params, self.ctx)
         grads.sync_expert_grads(self.moe_layers, self.placement, self.ctx)
-        norm = grads.global_grad_norm(self.dense_params, self.moe_layers, self.placement, self.ctx)
-        if t.grad_clip > 0:
-            grads.clip_grads_(self.all_params, norm, t.grad_clip)
-        lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        load_LE = self.balancer.global_step_counts()  # one all-reduce in micro scope, none in global
-        self.balancer.update_bias(self.moe_layers, load_LE)
-        self.stats.end_step()
-        self.ctx.all_reduce_sum(sums)
-        self.step += 1
+        norm_t = grads.global_grad_norm(self.dense_params, self.moe_layers, self.placement, self.ctx)
+        norm = float(norm_t)
+        self.ctx.all_reduce_sum(sums)  # before the update: every rank decides alike on non-finite values
         lm, lbl, zl, sends = (sums[:3] / self.ctx.world_size).tolist() + [sums[3].item()]
+        bad = nonfinite_quantities(lm_loss=lm, lbl=lbl, z_loss=zl, grad_norm=norm)
+        lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
+        load_LE = self.balancer.global_step_counts()  # one all-reduce in micro scope, none in global
+        if bad:  # skip the update: nothing non-finite reaches the weights or the optimizer state
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if t.grad_clip > 0:
+                grads.clip_grads_(self.all_params, norm_t, t.grad_clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.balancer.update_bias(self.moe_layers, load_LE)
+        self.stats.end_step()
+        self.step += 1
         return StepMetrics(step=self.step, loss=lm + lbl + zl, lm_loss=lm, lbl=lbl, z_loss=zl,
-                           grad_norm=float(norm), lr=lr, tokens=t.global_batch_size * self.cfg.data.seq_len,
+                           grad_norm=norm, lr=lr, tokens=t.global_batch_size * self.cfg.data.seq_len,
                            offrank_sends=sends, load_LE=load_LE.cpu().numpy(),
-                           step_time_s=time.perf_counter() - t0)
+                           step_time_s=time.perf_counter() - t0, nonfinite=bad)
 
     def _offrank_sends(self, routing: list) -> float:
         if not self.ctx.distributed:

@@ -83,14 +83,17 @@ def test_checkpoint_and_bit_exact_resume_on_object_store(tmp_path, ray_local, re
     assert np.array_equal(losses(resumed, 4), losses(base, 4))
 
 
-def test_unreachable_store_marks_checkpoints_failed_and_training_continues(tmp_path, ray_local):
+def test_unreachable_store_is_refused_before_training(tmp_path, ray_local):
     import socket
+    import time
+
+    from moetrain.checkpoint import CheckpointError
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = run(cfg_for(tmp_path, "s3://nowhere/runs", "unreachable", 2, steps=6, every=2,
-                         extra={"checkpoint": {"s3_endpoint": f"http://127.0.0.1:{port}", "max_retries": 0}}))
-    assert result.state.value == "finished"
-    assert [h.step for h in result.history] == [1, 2, 3, 4, 5, 6]
-    assert result.checkpoints == []  # every checkpoint failed, none committed, training went on
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match="s3://nowhere/runs"):
+        run(cfg_for(tmp_path, "s3://nowhere/runs", "unreachable", 2, steps=6, every=2,
+                    extra={"checkpoint": {"s3_endpoint": f"http://127.0.0.1:{port}", "max_retries": 0}}))
+    assert time.monotonic() - t0 < 30

@@ -5,6 +5,7 @@ and continues exactly like the trainer that never stopped."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from moetrain.checkpoint import CheckpointError, commit, open_store
@@ -72,3 +73,20 @@ def test_unopenable_store_is_reported_not_raised(tmp_path):
 def test_resume_point_of_an_empty_store_is_an_error(tmp_path):
     with pytest.raises(CheckpointError):
         ResumePoint.read(_cfg(tmp_path, str(tmp_path / "empty")).checkpoint, "latest", run="rc")
+
+
+def test_a_checkpoint_holding_nan_is_never_streamed(tmp_path):
+    from moetrain.train.checkpointer import first_nonfinite
+
+    assert first_nonfinite({"a": {"b": torch.ones(2)}, "c": 3}) == ""
+    assert first_nonfinite({"a": {"b": torch.ones(2), "c": torch.tensor([1.0, float("inf")])}}) == "a/c"
+    assert first_nonfinite({"n": torch.tensor([1, 2])}) == ""  # integer tensors cannot be NaN
+    store = tmp_path / "store"
+    t = RankTrainer(_cfg(tmp_path, str(store)))
+    t.train_step()
+    with torch.no_grad():
+        t.moe_layers[0].experts.w_up_SFD[1, 0, 0] = float("nan")
+    started = t.checkpointer.save(1)
+    assert "NonFiniteCheckpoint" in started.error and "experts/layer-0/expert-1.pt/w_up_SFD" in started.error
+    assert t.checkpointer.result() == started.error
+    assert not list(store.glob("**/*.pt")), "nothing was written"
