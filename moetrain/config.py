@@ -130,6 +130,10 @@ class ClusterConfig:
     run_name: str = "default"
     torch_threads: int = 0  # 0 = cpu_count / num_workers per worker
     start_timeout_s: float = 300.0  # give up building the worker group after this long
+    # Embedded local Ray only (ignored when joining a cluster): serve the Ray dashboard on
+    # 127.0.0.1 while the run lasts, at dashboard_port (0 = 8265, or the next free port above it).
+    dashboard: bool = True
+    dashboard_port: int = 0
 
 
 @dataclass(kw_only=True)
@@ -359,6 +363,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "checkpoint.resume is 'latest' but checkpoint.uri is empty")
     _require(c.max_failures >= 0, f"cluster.max_failures ({c.max_failures}) must be >= 0")
     _require(c.cpus_per_worker > 0, f"cluster.cpus_per_worker ({c.cpus_per_worker}) must be > 0")
+    _require(0 <= c.dashboard_port <= 65535, f"cluster.dashboard_port ({c.dashboard_port}) must be in [0, 65535] (0 = 8265 or the next free port)")
     _require(bool(c.run_name) and "/" not in c.run_name, f"cluster.run_name ({c.run_name!r}) must be non-empty without '/'")
     p = cfg.placement
     _require(p.solver in ("ilp", "greedy"), f"placement.solver ({p.solver!r}) must be 'ilp' or 'greedy'")
