@@ -165,7 +165,10 @@ def _wait_for(what: str, check, deadline: float, proc: subprocess.Popen, log: Pa
 
 
 def _alive_ranks(base: str, token: str, run: str) -> set[str]:
-    rows = json.loads(_get(f"{base}/api/v0/actors?limit=1000", token))["data"]["result"]["result"]
+    try:
+        rows = json.loads(_get(f"{base}/api/v0/actors?limit=1000", token))["data"]["result"]["result"]
+    except OSError:  # the state API may answer 5xx for a moment while the cluster starts
+        return set()
     return {r["name"] for r in rows if r["name"].startswith(f"moetrain/{run}/") and r["state"] == "ALIVE"}
 
 
