@@ -4,26 +4,35 @@
     cfg = load_config("tiny", ["train.steps=50", "cluster.num_workers=2"])
     result = run(cfg)                  # starts an embedded local Ray, or joins RAY_ADDRESS
     print(result.summary["val_loss"], result.history[-1].loss)
+
+Owns: getting the driver onto Ray (an embedded local instance with its dashboard on 127.0.0.1, or
+an existing cluster), saying where the run can be watched, and running the controller.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from cluster.checkpointing import check_store_writable
 from cluster.controller import Controller, RunFailed, RunResult, State
-from moetrain.config import RunConfig, load_config
+from cluster.telemetry import RayInfo, dashboard_text
+from moetrain.config import ConfigError, RunConfig, load_config
+from moetrain.train.metrics import StepMetrics
 
-__all__ = ["load_config", "run", "ensure_ray", "RunResult", "RunFailed", "State"]
+__all__ = ["load_config", "run", "ensure_ray", "parallelism_text", "RayInfo", "RunResult", "RunFailed", "State"]
+
+log = logging.getLogger("moetrain")
+
+DASHBOARD_HOST = "127.0.0.1"  # the embedded dashboard is reachable from this machine only
+DRIVER_CPUS = 1  # logical CPUs kept for the driver when sizing an embedded local Ray
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
     """Fail within ``timeout_s`` when a ``HOST:PORT`` Ray address accepts no connection (ray.init
     itself would retry for minutes). ``ray://`` and ``auto`` addresses are left to Ray."""
-    import socket
-
-    from moetrain.config import ConfigError, _host_port
+    from moetrain.config import _host_port
 
     if address.startswith(("ray://", "auto")):
         return
@@ -37,20 +46,79 @@ def check_reachable(address: str, timeout_s: float) -> None:
                           f"(cluster.connect_timeout_s): {exc}") from None
 
 
-def ensure_ray(cfg: RunConfig) -> None:
-    """Join ``cluster.address`` / ``RAY_ADDRESS``, or start an embedded local Ray."""
+def ensure_ray(cfg: RunConfig) -> RayInfo:
+    """Join ``cluster.address`` / ``RAY_ADDRESS``, or start an embedded local Ray (with the
+    dashboard on 127.0.0.1 unless ``cluster.dashboard=false``). Returns where to watch it."""
     import ray
 
     if ray.is_initialized():
-        return
+        return _ray_info(None, embedded=False)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         check_reachable(address, cfg.cluster.connect_timeout_s)
-        ray.init(address=address, namespace="moetrain", log_to_driver=True)
-        return
-    need = cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 1
-    ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), namespace="moetrain",
-             include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ctx = ray.init(address=address, namespace="moetrain", log_to_driver=True)
+        return _ray_info(ctx, embedded=False)
+    c = cfg.cluster
+    if c.dashboard and c.dashboard_port:
+        _check_port_free(c.dashboard_port)
+    # Logical CPUs: never fewer than the group needs, so 2 workers also start on a 2-core machine.
+    need = c.num_workers * c.cpus_per_worker + DRIVER_CPUS
+    ctx = ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), namespace="moetrain",
+                   include_dashboard=c.dashboard, dashboard_host=DASHBOARD_HOST,
+                   dashboard_port=c.dashboard_port or None, log_to_driver=True, configure_logging=False)
+    return _ray_info(ctx, embedded=True)
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Ray checks it
+        try:
+            s.bind((DASHBOARD_HOST, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cluster.dashboard_port ({port}) is not free on {DASHBOARD_HOST} ({exc.strerror}): choose "
+                "another port, 0 for 8265 or the next free one, or cluster.dashboard=false") from None
+
+
+def _ray_info(ctx, *, embedded: bool) -> RayInfo:
+    """Read the dashboard and metrics addresses from ``ray.init``'s context (or, for a Ray that
+    someone else started in this process, from the connected node)."""
+    if ctx is not None:
+        url, metrics_port = ctx.dashboard_url or "", ctx.address_info.get("metrics_export_port")
+    else:
+        try:
+            from ray._private import worker as ray_worker  # no public getter once ray.init returned
+
+            url = ray_worker.get_dashboard_url() or ""
+            metrics_port = getattr(ray_worker._global_node, "metrics_export_port", None)
+        except Exception:  # best effort: only what is printed depends on it
+            url, metrics_port = "", None
+    if url and "://" not in url:
+        url = "http://" + url
+    metrics_url = f"http://{DASHBOARD_HOST}:{metrics_port}/metrics" if embedded and metrics_port else ""
+    return RayInfo(dashboard_url=url, metrics_url=metrics_url, token_auth=_token_auth(), embedded=embedded)
+
+
+def _token_auth() -> bool:
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:  # Ray sets RAY_AUTH_MODE=token in this process when it turns token auth on
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return bool(is_token_auth_enabled())
+
+
+def parallelism_text(cfg: RunConfig, history: list[StepMetrics]) -> str:
+    """One line for the end of a run: how the experts were spread over the Ray actors."""
+    c, moe = cfg.cluster, cfg.model.moe
+    if c.num_workers == 1:
+        return (f"ran on 1 Ray actor (moetrain/{c.run_name}/rank-0) holding all {moe.num_experts} experts of "
+                "each MoE layer: no expert parallelism (set cluster.num_workers >= 2)")
+    slots = cfg.placement.slots_per_rank or moe.num_experts // c.num_workers
+    sends = [h.offrank_sends for h in history]
+    traffic = f" ({sum(sends) / len(sends):,.0f} token rows between ranks per step)" if sends else ""
+    return (f"ran expert-parallel on {c.num_workers} Ray actors (moetrain/{c.run_name}/rank-0 .. "
+            f"rank-{c.num_workers - 1}): {moe.num_experts} experts per MoE layer, {slots} per rank, "
+            f"tokens exchanged by all-to-all{traffic}")
 
 
 def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunResult:
@@ -62,8 +130,10 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     # error before any actor starts, and the workers then read the finished cache.
     build_dataset(cfg.data)
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
-    ensure_ray(cfg)
+    log.info(dashboard_text(ensure_ray(cfg), cfg))
     result = Controller(cfg, on_step=on_step).run()
     if result.state == State.FAILED and raise_on_failure:
         raise RunFailed(f"run {cfg.cluster.run_name} failed:\n{result.error}")
+    if result.state in (State.FINISHED, State.STOPPED):
+        log.info(parallelism_text(cfg, result.history))
     return result

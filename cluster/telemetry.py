@@ -4,7 +4,8 @@ Owns: custom metrics through ``ray.util.metrics`` (tokens/s, loss, expert-load m
 layer, off-rank sends, re-placement decisions and solve time, checkpoint MB/s and stall, run
 state), the wandb run (offline unless ``WANDB_API_KEY`` is set and ``logging.wandb=online``),
 and the run's output folder: ``summary.json``, ``routing.npz`` (the trace format the placement
-library reads), ``placement.json`` and ``expert_load.png`` (a layers x experts heatmap).
+library reads), ``placement.json`` and ``expert_load.png`` (a layers x experts heatmap). Also
+what the driver prints about where to watch the run (:func:`dashboard_text`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +34,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("moetrain")
 
 STATES = ["starting", "running", "replacing", "checkpointing", "restarting", "finished", "stopped", "failed"]
+
+# The metrics a person watches first (Prometheus names, as Ray exports them); every one is set
+# by _RayMetrics below. The full list is in docs/operations.md.
+KEY_METRICS = ("ray_moetrain_tokens_per_s", "ray_moetrain_loss", "ray_moetrain_expert_load_max_over_mean",
+               "ray_moetrain_offrank_sends", "ray_moetrain_state")
+
+
+@dataclass(frozen=True)
+class RayInfo:
+    """Where the driver's Ray can be watched: dashboard, metrics, and whether sign-in is needed."""
+
+    dashboard_url: str  # "http://127.0.0.1:8265"; "" when this Ray runs no dashboard
+    metrics_url: str  # this node's Prometheus export ("http://127.0.0.1:PORT/metrics"); "" if unknown
+    token_auth: bool  # Ray token auth is on: the dashboard asks for the token
+    embedded: bool  # this driver started the Ray instance (it, and its dashboard, end with the run)
 
 
 class _RayMetrics:
@@ -178,8 +197,64 @@ class Telemetry:
             self.wandb = None
 
 
+# ---- what the driver prints about watching the run ---------------------------------------------
+def dashboard_text(info: RayInfo, cfg: RunConfig) -> str:
+    """Lines printed before training: the dashboard URL, how to sign in, where the actors and the
+    metrics are."""
+    c = cfg.cluster
+    last = f" .. rank-{c.num_workers - 1}" if c.num_workers > 1 else ""
+    if info.dashboard_url:
+        lines = [f"Ray dashboard: {info.dashboard_url}"
+                 + ("  (served by this run's Ray: open it while the run lasts)" if info.embedded else "")]
+        if info.token_auth:
+            lines.append(f"  sign-in token: run `{_ray_cli()} get-auth-token` on this machine and paste what it "
+                         "prints (Ray token auth is on; RAY_AUTH_MODE=disabled turns it off)")
+        else:
+            lines.append("  no sign-in token: Ray token auth is disabled (RAY_AUTH_MODE=disabled); whoever can "
+                         "reach this address can use the dashboard")
+        lines.append(f"  Actors tab: moetrain/{c.run_name}/rank-0{last} (one actor per expert-parallel rank)")
+    else:
+        why = "cluster.dashboard=false" if info.embedded and not c.dashboard else "this Ray instance runs none"
+        lines = [f"Ray dashboard: off ({why})"]
+    where = info.metrics_url or "each node's metrics export port, /metrics"
+    lines.append(f"  metrics (tag run={c.run_name}; Prometheus text at {where}; the dashboard's Metrics tab "
+                 "needs Prometheus + Grafana; full list in docs/operations.md):")
+    lines.append("    " + ", ".join(KEY_METRICS))
+    return "\n".join(lines)
+
+
+def _ray_cli() -> str:
+    """``ray``, or the full path of the ``ray`` next to this interpreter when it is not on PATH."""
+    if shutil.which("ray"):
+        return "ray"
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
+# ---- the expert-load heatmap ------------------------------------------------------------------
+MAX_TICK_LABELS = 32  # at most this many index labels per heatmap axis (every n-th beyond that)
+
+
+def _index_ticks(n: int) -> np.ndarray:
+    """Integer tick positions 0, s, 2s, ... < n with at most MAX_TICK_LABELS of them."""
+    step = -(-n // MAX_TICK_LABELS)
+    return np.arange(0, n, max(step, 1))
+
+
 def save_heatmap(load_LE: np.ndarray, path: Path, title: str = "expert load") -> None:
-    """Layers x experts heatmap of each expert's share of its layer's tokens."""
+    """Write :func:`heatmap_figure` of ``load_LE`` [L, E] to a PNG at ``path``."""
+    fig = heatmap_figure(load_LE, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def heatmap_figure(load_LE: np.ndarray, title: str = "expert load"):
+    """Layers x experts heatmap of each expert's share of its layer's tokens, [L, E] -> Figure.
+
+    Rows are labelled with the integer MoE-layer index (as in the summary's ``L0``, ``L1`` and the
+    ``layer`` metric tag), columns with the integer expert index."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,10 +264,12 @@ def save_heatmap(load_LE: np.ndarray, path: Path, title: str = "expert load") ->
     share = load / np.maximum(load.sum(axis=1, keepdims=True), 1e-12)
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * share.shape[1] + 2), max(2, 0.5 * share.shape[0] + 1.2)))
     im = ax.imshow(share, aspect="auto", cmap="viridis")
+    for axis, n in ((ax.xaxis, share.shape[1]), (ax.yaxis, share.shape[0])):
+        ticks = _index_ticks(n)
+        axis.set_ticks(ticks, labels=[str(i) for i in ticks])
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="share of tokens")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -136,6 +136,10 @@ class ClusterConfig:
     connect_timeout_s: float = 30.0  # give up reaching cluster.address / RAY_ADDRESS after this long
     collective_timeout_s: float = 300.0  # a torch.distributed collective waiting longer fails its rank
     step_timeout_s: float = 60.0  # watchdog: a step slower than the slowest seen + this fails its ranks
+    # Embedded local Ray only (ignored when joining a cluster): serve the Ray dashboard on
+    # 127.0.0.1 while the run lasts, at dashboard_port (0 = 8265, or the next free port above it).
+    dashboard: bool = True
+    dashboard_port: int = 0
 
 
 @dataclass(kw_only=True)
@@ -392,6 +396,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         _require(_host_port(c.address) is not None,
                  f"cluster.address ({c.address!r}) must be HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
     _require(c.cpus_per_worker > 0, f"cluster.cpus_per_worker ({c.cpus_per_worker}) must be > 0")
+    _require(0 <= c.dashboard_port <= 65535, f"cluster.dashboard_port ({c.dashboard_port}) must be in [0, 65535] (0 = 8265 or the next free port)")
     _require(bool(c.run_name) and "/" not in c.run_name, f"cluster.run_name ({c.run_name!r}) must be non-empty without '/'")
     p = cfg.placement
     _require(p.method in PLACEMENT_METHODS,
