@@ -46,6 +46,21 @@ def check_reachable(address: str, timeout_s: float) -> None:
                           f"(cluster.connect_timeout_s): {exc}") from None
 
 
+def check_out_dir(cfg: RunConfig) -> None:
+    """The run's output folder can be created and written (else one line naming logging.out_dir)."""
+    from pathlib import Path
+
+    out = Path(cfg.logging.out_dir).expanduser() / cfg.cluster.run_name
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"logging.out_dir ({cfg.logging.out_dir!r}) is not writable: {exc.strerror or exc} "
+                          f"({out})") from None
+
+
 def ensure_ray(cfg: RunConfig) -> RayInfo:
     """Join ``cluster.address`` / ``RAY_ADDRESS``, or start an embedded local Ray (with the
     dashboard on 127.0.0.1 unless ``cluster.dashboard=false``). Returns where to watch it."""
@@ -129,6 +144,7 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     # Build (or load from cache) the dataset on the driver first: bad data fails fast with a clear
     # error before any actor starts, and the workers then read the finished cache.
     build_dataset(cfg.data)
+    check_out_dir(cfg)
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
     log.info(dashboard_text(ensure_ray(cfg), cfg))
     result = Controller(cfg, on_step=on_step).run()

@@ -55,7 +55,9 @@ def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
     """The checkpoint ``checkpoint.resume`` names (validated manifest), or None."""
     if not cfg.checkpoint.resume:
         return None
-    return ResumePoint.read(cfg.checkpoint, cfg.checkpoint.resume, run=cfg.cluster.run_name)
+    point = ResumePoint.read(cfg.checkpoint, cfg.checkpoint.resume, run=cfg.cluster.run_name)
+    point.check_compatible(cfg)
+    return point
 
 
 class Coordinator:

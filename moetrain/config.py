@@ -13,6 +13,7 @@ import dataclasses
 import importlib.resources
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,7 +286,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {str(p)!r}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if data is None:
@@ -339,19 +342,67 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Every numeric field's valid interval ("[" / "]" closed, "(" / ")" open; floats must be finite).
+# tests/test_config.py checks that each int / float field of the tree is listed here.
+RANGES = {
+    "model.vocab_size": "[0, inf)", "model.dim": "[1, inf)", "model.n_layers": "[1, inf)",
+    "model.n_heads": "[1, inf)", "model.ffn_dim": "[1, inf)", "model.max_seq_len": "[1, inf)",
+    "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, 1)", "model.init_std": "(0, inf)",
+    "model.moe.num_experts": "[1, inf)", "model.moe.top_k": "[1, inf)", "model.moe.expert_ffn_dim": "[1, inf)",
+    "model.moe.every_n_layers": "[1, inf)", "model.moe.first_moe_layer": "[0, inf)",
+    "model.moe.num_groups": "[1, inf)", "model.moe.num_shared_experts": "[0, inf)",
+    "model.moe.capacity_factor": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
+    "data.seq_len": "[1, inf)", "data.vocab_size": "[260, inf)", "data.max_bytes_per_domain": "[1, inf)",
+    "data.val_fraction": "(0, 0.5)", "data.seed": "[0, inf)",
+    "train.steps": "[1, inf)", "train.global_batch_size": "[1, inf)", "train.grad_accum_steps": "[1, inf)",
+    "train.lr": "(0, inf)", "train.min_lr": "[0, inf)", "train.warmup_steps": "[0, inf)",
+    "train.weight_decay": "[0, inf)", "train.beta1": "[0, 1)", "train.beta2": "[0, 1)",
+    "train.grad_clip": "(-inf, inf)", "train.seed": "[0, inf)", "train.eval_every": "[0, inf)",
+    "train.eval_batches": "[1, inf)", "train.log_every": "[1, inf)", "train.max_nonfinite_skips": "[0, inf)",
+    "train.loss.lbl_coeff": "[0, inf)", "train.loss.z_loss_coeff": "[0, inf)",
+    "checkpoint.every": "[0, inf)", "checkpoint.keep": "[1, inf)", "checkpoint.max_consecutive_failures": "[0, inf)",
+    "checkpoint.max_retries": "[0, inf)",
+    "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
+    "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
+    "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)",
+    "cluster.dashboard_port": "[0, 65535]",
+    "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
+    "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
+    "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
+}
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a path segment and an actor-name part
+
+
+def field_value(cfg: RunConfig, path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_range(path: str, value: float, interval: str) -> None:
+    lo_s, hi_s = interval[1:-1].split(",")
+    lo, hi = float(lo_s), float(hi_s)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path} ({value}) must be a finite number")
+    ok_lo = value >= lo if interval[0] == "[" else value > lo
+    ok_hi = value <= hi if interval[-1] == "]" else value < hi
+    _require(ok_lo and ok_hi, f"{path} ({value}) must be in {interval}")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Check every cross-field rule once. Raises :class:`ConfigError` naming the field."""
-    m, moe, d, t, c = cfg.model, cfg.model.moe, cfg.data, cfg.train, cfg.cluster
-    for name, value in [
-        ("model.dim", m.dim), ("model.n_layers", m.n_layers), ("model.n_heads", m.n_heads),
-        ("model.ffn_dim", m.ffn_dim), ("model.max_seq_len", m.max_seq_len),
-        ("model.moe.num_experts", moe.num_experts), ("model.moe.top_k", moe.top_k),
-        ("model.moe.expert_ffn_dim", moe.expert_ffn_dim), ("model.moe.every_n_layers", moe.every_n_layers),
-        ("model.moe.num_groups", moe.num_groups), ("data.seq_len", d.seq_len),
-        ("train.steps", t.steps), ("train.global_batch_size", t.global_batch_size),
-        ("train.grad_accum_steps", t.grad_accum_steps), ("cluster.num_workers", c.num_workers),
-    ]:
-        _require(value >= 1, f"{name} ({value}) must be >= 1")
+    """Check every field's range and every cross-field rule once. Raises :class:`ConfigError`
+    naming the field and the bad value."""
+    for path, interval in RANGES.items():
+        _check_range(path, field_value(cfg, path), interval)
+    _validate_model(cfg)
+    _validate_run(cfg)
+    _validate_placement(cfg)
+    return cfg
+
+
+def _validate_model(cfg: RunConfig) -> None:
+    m, moe, d = cfg.model, cfg.model.moe, cfg.data
     _require(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
     _require((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions")
     _require(moe.top_k <= moe.num_experts, f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})")
@@ -359,51 +410,41 @@ def validate(cfg: RunConfig) -> RunConfig:
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
     _require(moe.top_k % moe.num_groups == 0,
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
-    _require(moe.first_moe_layer >= 0, f"model.moe.first_moe_layer ({moe.first_moe_layer}) must be >= 0")
-    _require(moe.num_shared_experts >= 0, f"model.moe.num_shared_experts ({moe.num_shared_experts}) must be >= 0")
-    _require(moe.capacity_factor >= 0, f"model.moe.capacity_factor ({moe.capacity_factor}) must be >= 0 (0 = dropless)")
+    _require(moe.first_moe_layer < m.n_layers,
+             f"model.moe.first_moe_layer ({moe.first_moe_layer}) must be < model.n_layers ({m.n_layers}): no MoE layer")
+    _require(m.vocab_size == 0 or m.vocab_size >= 260, f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260")
     _require(d.seq_len <= m.max_seq_len, f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
-    _require(d.vocab_size >= 260, f"data.vocab_size ({d.vocab_size}) must be >= 260 (256 bytes + specials)")
-    _require(0 < d.val_fraction < 0.5, f"data.val_fraction ({d.val_fraction}) must be in (0, 0.5)")
     _require(d.source in ("builtin", "paths"), f"data.source ({d.source!r}) must be 'builtin' or 'paths'")
     if d.source == "paths":
         _require(len(d.paths) > 0, "data.paths is empty but data.source is 'paths': give domain=path entries")
+
+
+def _validate_run(cfg: RunConfig) -> None:
+    t, c = cfg.train, cfg.cluster
     per_step = t.grad_accum_steps * c.num_workers
     _require(t.global_batch_size % per_step == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
              f"train.grad_accum_steps x cluster.num_workers ({t.grad_accum_steps} x {c.num_workers} = {per_step})")
-    _require(t.lr > 0, f"train.lr ({t.lr}) must be > 0")
-    _require(0 <= t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]")
-    _require(t.warmup_steps >= 0, f"train.warmup_steps ({t.warmup_steps}) must be >= 0")
+    _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]")
     _require(t.loss.lbl_scope in ("micro", "global", "sequence"),
              f"train.loss.lbl_scope ({t.loss.lbl_scope!r}) must be one of micro, global, sequence")
-    _require(t.loss.lbl_coeff >= 0, f"train.loss.lbl_coeff ({t.loss.lbl_coeff}) must be >= 0")
-    _require(t.loss.z_loss_coeff >= 0, f"train.loss.z_loss_coeff ({t.loss.z_loss_coeff}) must be >= 0")
-    _require(t.max_nonfinite_skips >= 0, f"train.max_nonfinite_skips ({t.max_nonfinite_skips}) must be >= 0")
-    _require(cfg.checkpoint.max_consecutive_failures >= 0,
-             f"checkpoint.max_consecutive_failures ({cfg.checkpoint.max_consecutive_failures}) must be >= 0")
-    _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep ({cfg.checkpoint.keep}) must be >= 1")
-    _require(cfg.checkpoint.every >= 0, f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0")
     if cfg.checkpoint.resume:
         _require(bool(cfg.checkpoint.uri) or "://" in cfg.checkpoint.resume or cfg.checkpoint.resume != "latest",
                  "checkpoint.resume is 'latest' but checkpoint.uri is empty")
-    _require(c.max_failures >= 0, f"cluster.max_failures ({c.max_failures}) must be >= 0")
-    for name, value in [("cluster.start_timeout_s", c.start_timeout_s), ("cluster.connect_timeout_s", c.connect_timeout_s),
-                        ("cluster.collective_timeout_s", c.collective_timeout_s),
-                        ("cluster.step_timeout_s", c.step_timeout_s)]:
-        _require(math.isfinite(value) and value > 0, f"{name} ({value}) must be a positive number of seconds")
     if c.address and not c.address.startswith(("ray://", "auto")):
         _require(_host_port(c.address) is not None,
                  f"cluster.address ({c.address!r}) must be HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
-    _require(c.cpus_per_worker > 0, f"cluster.cpus_per_worker ({c.cpus_per_worker}) must be > 0")
-    _require(0 <= c.dashboard_port <= 65535, f"cluster.dashboard_port ({c.dashboard_port}) must be in [0, 65535] (0 = 8265 or the next free port)")
-    _require(bool(c.run_name) and "/" not in c.run_name, f"cluster.run_name ({c.run_name!r}) must be non-empty without '/'")
-    p = cfg.placement
+    _require(RUN_NAME.fullmatch(c.run_name) is not None,
+             f"cluster.run_name ({c.run_name!r}) must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+             "letter or digit (it names checkpoint folders and Ray actors)")
+    _require(cfg.logging.wandb in ("offline", "online", "disabled"),
+             f"logging.wandb ({cfg.logging.wandb!r}) must be offline, online or disabled")
+
+
+def _validate_placement(cfg: RunConfig) -> None:
+    p, moe, c = cfg.placement, cfg.model.moe, cfg.cluster
     _require(p.method in PLACEMENT_METHODS,
              f"placement.method ({p.method!r}) must be one of {', '.join(PLACEMENT_METHODS)}")
-    _require(p.window >= 1, f"placement.window ({p.window}) must be >= 1")
-    _require(p.sample_tokens >= 0, f"placement.sample_tokens ({p.sample_tokens}) must be >= 0")
-    _require(p.time_limit_s > 0, f"placement.time_limit_s ({p.time_limit_s}) must be > 0")
     slots = p.slots_per_rank or (moe.num_experts // c.num_workers)
     if p.slots_per_rank == 0:
         _require(moe.num_experts % c.num_workers == 0,
@@ -412,7 +453,3 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(slots * c.num_workers >= moe.num_experts,
              f"placement.slots_per_rank ({slots}) x cluster.num_workers ({c.num_workers}) must be >= "
              f"model.moe.num_experts ({moe.num_experts})")
-    _require(p.replan_every >= 0, f"placement.replan_every ({p.replan_every}) must be >= 0")
-    _require(cfg.logging.wandb in ("offline", "online", "disabled"),
-             f"logging.wandb ({cfg.logging.wandb!r}) must be offline, online or disabled")
-    return cfg

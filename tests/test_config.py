@@ -33,6 +33,22 @@ def test_overrides_are_typed():
     (["data.source=paths"], "data.paths is empty"),
     (["logging.wandb=cloud"], "logging.wandb ('cloud') must be offline, online or disabled"),
     (["data.seq_len=512"], "data.seq_len (512) must be <= model.max_seq_len (128)"),
+    # values that used to be accepted (issue: failures must be loud)
+    (["model.norm_eps=-1e-5"], "model.norm_eps (-1e-05) must be in (0, 1)"),
+    (["model.init_std=nan"], "model.init_std (nan) must be a finite number"),
+    (["train.weight_decay=-0.1"], "train.weight_decay (-0.1) must be in [0, inf)"),
+    (["train.beta1=2"], "train.beta1 (2.0) must be in [0, 1)"),
+    (["train.eval_batches=0"], "train.eval_batches (0) must be in [1, inf)"),
+    (["train.log_every=0"], "train.log_every (0) must be in [1, inf)"),
+    (["train.lr=inf"], "train.lr (inf) must be a finite number"),
+    (["cluster.torch_threads=-1"], "cluster.torch_threads (-1) must be in [0, inf)"),
+    (["cluster.step_timeout_s=0"], "cluster.step_timeout_s (0.0) must be in (0, inf)"),
+    (["model.moe.first_moe_layer=5"], "model.moe.first_moe_layer (5) must be < model.n_layers (2)"),
+    (["cluster.address=bogus"], "cluster.address ('bogus') must be HOST:PORT"),
+    (["cluster.run_name=.."], "cluster.run_name ('..') must be 1-128 letters"),
+    (["cluster.run_name=my run"], "cluster.run_name ('my run') must be 1-128 letters"),
+    (["placement.solver=greedy"], "config key 'placement.solver' was renamed 'placement.method'"),
+    (["placement.method=annealing"], "placement.method ('annealing') must be one of ilp, local_search, greedy"),
 ])
 def test_bad_values_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as exc:
@@ -66,3 +82,31 @@ def test_micro_batch_size_and_round_trip():
     from moetrain.config import from_dict
 
     assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_non_utf8_yaml_is_one_clear_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("train: {steps: 3}  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(str(bad))
+
+
+def test_every_numeric_field_has_a_declared_range():
+    """A new int / float config field must say what values it accepts (RANGES)."""
+    import dataclasses
+    import typing
+
+    from moetrain.config import RANGES
+
+    def numeric_paths(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from numeric_paths(hint, f"{prefix}{f.name}.")
+            elif hint in (int, float):
+                yield f"{prefix}{f.name}"
+
+    missing = sorted(set(numeric_paths(RunConfig, "")) - set(RANGES))
+    assert not missing, f"numeric config fields without a range in RANGES: {missing}"
+    assert not set(RANGES) - set(numeric_paths(RunConfig, "")), "RANGES names a field that does not exist"

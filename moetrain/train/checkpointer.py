@@ -17,14 +17,14 @@ Protocol of one checkpoint on a rank::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from moetrain.checkpoint import (
     AsyncCheckpointWriter, CheckpointError, SaveResult, load_objects, read_manifest, resolve,
 )
-from moetrain.config import CheckpointConfig
+from moetrain.config import CheckpointConfig, RunConfig, field_value
 from moetrain.train.state import load_rank_objects, rank_objects
 from placement.placement import Placement
 
@@ -39,6 +39,7 @@ class ResumePoint:
     cursor: dict  # BatchCursor.state_dict() after ``step`` steps
     placement: Placement
     world_size: int
+    config: dict = field(default_factory=dict, compare=False, repr=False)  # the writer's RunConfig
 
     @classmethod
     def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None) -> "ResumePoint":
@@ -48,7 +49,39 @@ class ResumePoint:
         manifest = read_manifest(ref)
         meta = manifest.meta
         return cls(uri=ref.uri, step=manifest.step, cursor=dict(meta["cursor"]),
-                   placement=Placement.from_json(meta["placement"]), world_size=manifest.world_size)
+                   placement=Placement.from_json(meta["placement"]), world_size=manifest.world_size,
+                   config=dict(meta.get("config") or {}))
+
+    def check_compatible(self, cfg: RunConfig) -> None:
+        """Raise :class:`CheckpointError` naming every shape-defining field in which ``cfg``
+        differs from the config that wrote this checkpoint."""
+        bad = shape_mismatches(self.config, cfg)
+        if bad:
+            raise CheckpointError(f"cannot resume from {self.uri}: the model differs from the checkpoint's "
+                                  f"({'; '.join(bad)})")
+
+
+# Fields that fix the shape of a saved tensor: a checkpoint loads only into a model that agrees.
+SHAPE_FIELDS = ("model.dim", "model.n_layers", "model.n_heads", "model.ffn_dim", "model.vocab_size",
+                "model.tie_embeddings", "model.moe.num_experts", "model.moe.expert_ffn_dim",
+                "model.moe.every_n_layers", "model.moe.first_moe_layer", "model.moe.num_shared_experts",
+                "data.vocab_size")
+
+
+def shape_mismatches(saved: dict, cfg: RunConfig) -> list[str]:
+    """``field: X in the checkpoint, Y here`` for each :data:`SHAPE_FIELDS` entry that differs
+    (``saved``: the checkpoint's config as a dict)."""
+    out = []
+    for path in SHAPE_FIELDS:
+        node: object = saved
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        here = field_value(cfg, path)
+        if path == "model.vocab_size" and 0 in (node, here):
+            continue  # 0 = the tokenizer's size, which data.vocab_size fixes
+        if node is not None and node != here:
+            out.append(f"{path}: {node!r} in the checkpoint, {here!r} here")
+    return out
 
 
 @dataclass(frozen=True)

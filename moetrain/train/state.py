@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from moetrain.checkpoint import CheckpointError
 from moetrain.parallel.grads import EXPERT_PARAM_NAMES, expert_params, primary_slot_mask
 
 DENSE = "dense.pt"
@@ -75,6 +76,12 @@ def objects_to_read(trainer) -> list[str]:
     return names
 
 
+def _check_shape(obj: str, name: str, saved: torch.Tensor, live: torch.Tensor) -> None:
+    if tuple(saved.shape) != tuple(live.shape):
+        raise CheckpointError(f"{obj}: tensor {name} has shape {tuple(saved.shape)} in the checkpoint but "
+                              f"{tuple(live.shape)} in this model (a different model config?)")
+
+
 @torch.no_grad()
 def load_rank_objects(trainer, read: Callable[[list[str]], dict[str, dict]]) -> None:
     """Load dense + hosted experts (weights and AdamW state) into a freshly built trainer."""
@@ -86,6 +93,7 @@ def load_rank_objects(trainer, read: Callable[[list[str]], dict[str, dict]]) -> 
     if missing:
         raise KeyError(f"checkpoint {DENSE} lacks dense parameters {missing[:5]} (a different model config?)")
     for n, p in dense.items():
+        _check_shape(DENSE, n, dense_obj["params"][n], p)
         p.copy_(dense_obj["params"][n])
         if n in dense_obj["optim"]:
             opt.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) else v)
@@ -98,6 +106,8 @@ def load_rank_objects(trainer, read: Callable[[list[str]], dict[str, dict]]) -> 
         local = placement.local_experts(idx, ctx.rank)
         for name, p in zip(EXPERT_PARAM_NAMES, expert_params(layer)):
             rows = [objs[expert_object_name(idx, int(e))] for e in local]
+            for e, r in zip(local, rows):
+                _check_shape(expert_object_name(idx, int(e)), name, r[name], p[0])
             p.copy_(torch.stack([r[name] for r in rows]))
             if all(f"exp_avg.{name}" in r for r in rows):
                 opt.state[p] = {

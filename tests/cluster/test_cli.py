@@ -40,6 +40,10 @@ def test_train_on_local_ray_learns_and_writes_outputs(tmp_path):
     (["train", "--set", "model.moe.top_k=99"], "model.moe.top_k (99) must be <= model.moe.num_experts (8)"),
     (["train", "--config", "does-not-exist.yaml"], "config file not found"),
     (["train", "--set", "data.source=paths", "--set", "data.paths=code=/nonexistent/dir"], "/nonexistent/dir"),
+    (["train", "--set", "logging.out_dir=/dev/null/runs"], "logging.out_dir ('/dev/null/runs') is not writable"),
+    (["train", "--set", "cluster.address=127.0.0.1:1", "--set", "cluster.connect_timeout_s=5"],
+     "cannot reach the Ray cluster at 127.0.0.1:1 within 5 s"),
+    (["train", "--set", "train.beta1=2"], "train.beta1 (2.0) must be in [0, 1)"),
 ])
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, needle):
     proc = _run(args, cwd=tmp_path, timeout=120)

@@ -32,7 +32,8 @@ def _save_and_commit(t: RankTrainer, store_uri: str) -> None:
     assert started.cursor == t.cursor.state_dict()
     result = t.checkpointer.result()
     assert result.ok, result
-    meta = {"step": t.step, "cursor": started.cursor, "placement": t.placement.to_json(), "world_size": 1}
+    meta = {"step": t.step, "cursor": started.cursor, "placement": t.placement.to_json(), "world_size": 1,
+            "config": t.cfg.to_dict()}
     commit(open_store(store_uri), "rc", t.step, [result], meta)
 
 
@@ -90,3 +91,25 @@ def test_a_checkpoint_holding_nan_is_never_streamed(tmp_path):
     assert "NonFiniteCheckpoint" in started.error and "experts/layer-0/expert-1.pt/w_up_SFD" in started.error
     assert t.checkpointer.result() == started.error
     assert not list(store.glob("**/*.pt")), "nothing was written"
+
+
+def test_resume_into_another_model_names_the_field_and_the_tensor(tmp_path):
+    store = str(tmp_path / "store")
+    a = RankTrainer(_cfg(tmp_path, store))
+    a.train_step()
+    _save_and_commit(a, store)
+    a.checkpointer.close()
+    point = ResumePoint.read(_cfg(tmp_path, store).checkpoint, "latest", run="rc")
+    point.check_compatible(_cfg(tmp_path, store))  # the same model: fine
+    wider = from_dict({**_cfg(tmp_path, store).to_dict(), "model": {
+        **_cfg(tmp_path, store).to_dict()["model"], "dim": 64,
+        "moe": {**_cfg(tmp_path, store).to_dict()["model"]["moe"], "expert_ffn_dim": 8}}})
+    with pytest.raises(CheckpointError) as exc:
+        point.check_compatible(wider)
+    assert "model.dim: 32 in the checkpoint, 64 here" in str(exc.value)
+    assert "model.moe.expert_ffn_dim: 16 in the checkpoint, 8 here" in str(exc.value)
+    narrow = from_dict({**_cfg(tmp_path, store).to_dict(), "model": {
+        **_cfg(tmp_path, store).to_dict()["model"],
+        "moe": {**_cfg(tmp_path, store).to_dict()["model"]["moe"], "expert_ffn_dim": 8}}})
+    with pytest.raises(CheckpointError, match=r"expert-\d\.pt: tensor w_gate_SFD has shape \(16, 32\) in the checkpoint"):
+        RankTrainer(narrow).resume_from(point)  # the rank-side check, if the driver's was skipped
