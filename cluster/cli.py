@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit `moetrain train ...` as a Ray job")
     s.add_argument("--address", default=None, help="Ray dashboard address (else RAY_ADDRESS)")
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
+    s.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="upload a path the default rules leave out (secrets, data, checkpoints); repeatable")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
     return p
 
@@ -78,7 +80,7 @@ def _ckpt(args) -> int:
 def _submit(args) -> int:
     from cluster.submit import submit
 
-    return submit(args.train_args, address=args.address, wait=not args.no_wait)
+    return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,9 @@ The equivalent raw Ray command (run from the repository root):
     ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-cpus 0.5 \\
         -- python -m cluster.cli train --config tiny --set train.steps=100
 
-The repository root is uploaded as the job's ``working_dir`` (minus virtual environments, run
-outputs, caches, ``.git``, wandb folders and egg-info); the entrypoint runs with it as the current
+The repository root is uploaded as the job's ``working_dir`` without secrets (``.env``, cloud and
+SSH credentials, keys), data and checkpoints, virtual environments, run outputs and caches
+(:mod:`cluster.upload`; ``--include PATTERN`` re-admits a path); the entrypoint runs with it as the current
 directory, and the worker actors the job starts inherit the same runtime environment. The job's
 driver reaches the cluster through the ``RAY_ADDRESS`` Ray sets for it, so ``moetrain train``
 joins the cluster instead of starting a local Ray. ``python`` on the cluster's nodes must be an
@@ -25,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 from typing import TextIO
+
+from cluster.upload import upload_plan
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -42,9 +45,12 @@ def entrypoint(train_args: list[str]) -> str:
     return shlex.join(["python", "-m", "cluster.cli", "train", *args])
 
 
-def runtime_env(working_dir: str | os.PathLike | None = None, env_vars: dict[str, str] | None = None) -> dict:
-    """The job's runtime_env: the repository as ``working_dir`` with the bulky folders excluded."""
-    env: dict = {"working_dir": str(Path(working_dir or REPO_ROOT).resolve()), "excludes": list(EXCLUDES)}
+def runtime_env(working_dir: str | os.PathLike | None = None, env_vars: dict[str, str] | None = None,
+                include: tuple[str, ...] | list[str] = ()) -> dict:
+    """The job's runtime_env: ``working_dir`` (default: the repository) without secrets, data,
+    checkpoints and bulk (:mod:`cluster.upload`), except what ``include`` re-admits."""
+    plan = upload_plan(working_dir or REPO_ROOT, include)
+    env: dict = {"working_dir": str(plan.root), "excludes": list(EXCLUDES) + plan.ray_excludes()}
     if env_vars:
         env["env_vars"] = {str(k): str(v) for k, v in env_vars.items()}
     return env
@@ -67,7 +73,7 @@ def _err(msg: str) -> None:
 def submit(train_args: list[str], address: str | None = None, wait: bool = True, *,
            env_vars: dict[str, str] | None = None, working_dir: str | os.PathLike | None = None,
            entrypoint_num_cpus: float = ENTRYPOINT_NUM_CPUS, submission_id: str | None = None,
-           timeout_s: float | None = None, out: TextIO | None = None) -> int:
+           timeout_s: float | None = None, out: TextIO | None = None, include: tuple[str, ...] | list[str] = ()) -> int:
     """Submit ``moetrain train <train_args>`` as a Ray job; print its submission id.
 
     With ``wait`` the job's logs are streamed to ``out`` (stdout) until the job reaches a terminal
@@ -88,8 +94,9 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
         _err(f"cannot reach the Ray dashboard at {url}: {_first_line(exc)}")
         return 2
     ep = entrypoint(train_args)
+    print(f"moetrain: {upload_plan(working_dir or REPO_ROOT, include).describe()}", file=out, flush=True)
     try:
-        job_id = client.submit_job(entrypoint=ep, runtime_env=runtime_env(working_dir, env_vars),
+        job_id = client.submit_job(entrypoint=ep, runtime_env=runtime_env(working_dir, env_vars, include),
                                    entrypoint_num_cpus=entrypoint_num_cpus, submission_id=submission_id,
                                    metadata={"moetrain": "train"})
     except Exception as exc:
