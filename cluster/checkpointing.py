@@ -51,6 +51,24 @@ def check_store_writable(cfg: RunConfig) -> None:
         raise CheckpointError(f"checkpoint store {cfg.checkpoint.uri} is not writable: {exc}") from None
 
 
+def remove_uncommitted(cfg: RunConfig) -> list[int]:
+    """Delete this run's step folders that no manifest commits (partial uploads of a crashed or
+    failed run keep a disk full otherwise). Call only while no checkpoint of the run is in
+    flight: at start, and after a failure once the commit thread is done. Returns the steps."""
+    if not cfg.checkpoint.uri:
+        return []
+    from moetrain.checkpoint import list_checkpoints
+    from moetrain.checkpoint.layout import step_prefix
+
+    store = open_store(cfg.checkpoint.uri, cfg.checkpoint)
+    steps = [i.step for i in list_checkpoints(store, cfg.cluster.run_name) if not i.committed]
+    for step in steps:
+        store.delete_prefix(step_prefix(cfg.cluster.run_name, step))
+    if steps:
+        log.info("removed uncommitted checkpoint folders of run %s: steps %s", cfg.cluster.run_name, steps)
+    return steps
+
+
 def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
     """The checkpoint ``checkpoint.resume`` names (validated manifest), or None."""
     if not cfg.checkpoint.resume:

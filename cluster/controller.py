@@ -129,6 +129,9 @@ class Controller:
             # exactly the experts it hosts from the per-expert objects.
             self.placement = r.placement
         self.group = WorkerGroup.create(self.cfg, self.placement, resume=r)
+        # The run's actor names are ours now (no other live run of this name): what an earlier
+        # crash of this run left half-written can go. No checkpoint of ours is in flight here.
+        self._remove_partial_checkpoints()
         if r:
             self.step = r.step
             log.info("resumed from %s at step %d", r.uri, self.step)
@@ -256,6 +259,8 @@ class Controller:
         final_error = self.ckpt.step_failed(self.step) if self.state != State.FAILED else ""
         if final_error:
             self._fail(f"the final checkpoint (step {self.step}) failed: {final_error}")
+        if self.state == State.FAILED:
+            self._remove_partial_checkpoints()
         summary = self._summary(summary)
         self.checkpoints = list(self.ckpt.committed)
         if self.group:
@@ -263,6 +268,12 @@ class Controller:
         self.telemetry.close(summary)
         return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, self.restarts,
                          self.error)
+
+    def _remove_partial_checkpoints(self) -> None:
+        try:
+            checkpointing.remove_uncommitted(self.cfg)
+        except Exception as exc:  # the store may be what failed: report, keep the run's own error
+            log.warning("could not remove uncommitted checkpoint folders: %s", str(exc).splitlines()[0][:300])
 
     def _fail(self, error: str) -> None:
         self.error = error

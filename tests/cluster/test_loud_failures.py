@@ -43,8 +43,14 @@ def _summary(tmp_path, name: str) -> dict:
 @pytest.mark.parametrize("skips,fail_step", [(0, 2), (2, 4)])
 def test_nonfinite_step_stops_the_run_and_nothing_nonfinite_is_committed(tmp_path, ray_local, skips, fail_step):
     store = tmp_path / "store"
+    leftover = store / f"nan{skips}" / "step-99" / "dense.pt"  # a crashed earlier attempt's partial upload
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"partial")
     result = run(cfg_for(tmp_path, f"nan{skips}", uri=str(store), train={**DIVERGE, "max_nonfinite_skips": skips}),
                  raise_on_failure=False)
+    assert not leftover.parent.exists(), "uncommitted folders of the run are removed at start"
+    steps = sorted(p.name for p in (store / f"nan{skips}").glob("step-*"))
+    assert all((store / f"nan{skips}" / s / "manifest.json").exists() for s in steps), steps
     assert result.state == State.FAILED
     assert f"step {fail_step}: non-finite grad_norm=inf" in result.error
     assert [h.step for h in result.history] == list(range(1, fail_step + 1))
