@@ -16,6 +16,7 @@ import os
 import socket
 
 from cluster.checkpointing import check_store_writable
+from cluster.orphans import reap_orphans
 from cluster.controller import Controller, RunFailed, RunResult, State
 from cluster.telemetry import RayInfo, dashboard_text
 from moetrain.config import ConfigError, RunConfig, load_config
@@ -74,6 +75,10 @@ def ensure_ray(cfg: RunConfig) -> RayInfo:
         ctx = ray.init(address=address, namespace="moetrain", log_to_driver=True)
         return _ray_info(ctx, embedded=False)
     c = cfg.cluster
+    reaped = reap_orphans()  # agents a killed earlier driver left behind (they hold ports and memory)
+    if reaped:
+        log.info("ended %d Ray agent process(es) orphaned by a killed earlier run: %s", len(reaped),
+                 ", ".join(f"{o.name} (pid {o.pid})" for o in reaped))
     if c.dashboard and c.dashboard_port:
         _check_port_free(c.dashboard_port)
     # Logical CPUs: never fewer than the group needs, so 2 workers also start on a 2-core machine.
