@@ -12,11 +12,11 @@
 # job's entrypoint runs `python`, which must be the interpreter moetrain is installed in).
 #
 # Caveats
-# - Token auth (Ray 2.60): once a local `ray.init()` has created ~/.ray/auth_token, a later
-#   `ray start` turns token auth on and `ray job submit` / dashboard HTTP calls then fail with an
-#   authentication error unless the clients use the same token. For a private local cluster this
-#   recipe sets RAY_AUTH_MODE=disabled for the cluster and for the clients it starts; export it
-#   in your shell too before using `ray job ...` or `moetrain submit` yourself.
+# - Token auth (Ray 2.60) is ON: the cluster and the clients this script starts run with
+#   RAY_AUTH_MODE=token and the token in ~/.ray/auth_token (created by `start` if missing). Your own
+#   `ray job ...` / `moetrain submit` need `export RAY_AUTH_MODE=token` on this machine (the token
+#   file is read from there), or RAY_AUTH_TOKEN="$(ray get-auth-token)" elsewhere; the dashboard
+#   asks for the token once in the browser. RAY_AUTH_MODE=disabled turns it off explicitly.
 # - Everything Ray writes (sessions, logs, sockets) goes under $RAY_TMP (keep the path short: Ray's
 #   socket paths have a length limit), not the shared default /tmp/ray.
 # - `ray stop` stops EVERY Ray process of this user on the machine (it matches process names), not
@@ -26,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ -x .venv/bin/ray ]]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 
-export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 RAY_TMP="${RAY_TMP:-/tmp/moetrain-ray}"
 HEAD_PORT="${HEAD_PORT:-6379}"            # GCS: workers and drivers join 127.0.0.1:$HEAD_PORT
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"  # dashboard + job API: http://127.0.0.1:$DASHBOARD_PORT
@@ -38,6 +38,9 @@ shift || true
 case "$cmd" in
   start)
     mkdir -p "$RAY_TMP"
+    if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" ]]; then
+      ray get-auth-token --generate >/dev/null   # ~/.ray/auth_token, if there is none yet
+    fi
     # RAY_metrics_report_interval_ms: how often processes push custom metrics (default 10 s).
     RAY_metrics_report_interval_ms="${RAY_metrics_report_interval_ms:-2000}" \
     ray start --head --port="$HEAD_PORT" \
@@ -46,6 +49,7 @@ case "$cmd" in
       --num-cpus="$HEAD_CPUS" --temp-dir="$RAY_TMP" --disable-usage-stats
     echo "dashboard: http://127.0.0.1:$DASHBOARD_PORT   metrics: http://127.0.0.1:$METRICS_PORT/metrics"
     echo "RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT for jobs, RAY_ADDRESS=127.0.0.1:$HEAD_PORT for drivers"
+    echo "token auth: RAY_AUTH_MODE=$RAY_AUTH_MODE (clients: export RAY_AUTH_MODE=$RAY_AUTH_MODE; token: ray get-auth-token)"
     ;;
   worker)
     # Another raylet joining the head: a second "node" on this machine, with its own CPUs.

@@ -174,3 +174,21 @@ def test_local_cluster_recipe_is_valid_bash():
     text = script.read_text()
     for needle in ("ray start --head", "--temp-dir", "RAY_AUTH_MODE", "ray start --address", "ray stop"):
         assert needle in text, needle
+
+
+def test_recipes_turn_token_auth_on_and_never_disable_it_by_default():
+    assert "RAY_AUTH_MODE:-token" in (CONFIGS / "local_cluster.sh").read_text()
+    assert "RAY_AUTH_MODE:-disabled" not in (CONFIGS / "local_cluster.sh").read_text()
+    up = _load("ray-cluster.yaml")
+    for cmd in up["head_start_ray_commands"][1:] + up["worker_start_ray_commands"][1:]:
+        assert "export RAY_AUTH_MODE=token" in cmd and "0.0.0.0" not in cmd, cmd
+    assert up["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any(".env" in p for p in up["rsync_exclude"]) and any(".aws" in p for p in up["rsync_exclude"])
+    job = _load("rayjob.yaml")
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["spec"]["containers"]:
+            env = {e["name"]: e for e in c["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "moetrain-ray-token"

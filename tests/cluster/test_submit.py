@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -225,3 +226,40 @@ def test_submit_job_script_targets_ray_address():
     assert proc.returncode == 2
     assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_local_cluster_recipe_runs_with_token_auth(tmp_path):
+    """cluster/configs/local_cluster.sh starts a head with token auth on by default: the job API
+    refuses a client without the token and serves one that sends it."""
+    temp_dir = tempfile.mkdtemp(prefix="rtk-", dir="/tmp")
+    home = tmp_path / "home"
+    home.mkdir()
+    head, dash, metrics = _free_ports(3)
+    env = _cluster_env()
+    env.pop("RAY_AUTH_MODE")  # the recipe's own default
+    env.update({"HOME": str(home), "RAY_TMP": temp_dir, "HEAD_PORT": str(head), "DASHBOARD_PORT": str(dash),
+                "METRICS_PORT": str(metrics), "HEAD_CPUS": "1"})
+    url = f"http://127.0.0.1:{dash}"
+    client = f"from ray.job_submission import JobSubmissionClient as C; print(len(C({url!r}).list_jobs()))"
+    try:
+        proc = subprocess.run(["bash", str(REPO / "cluster" / "configs" / "local_cluster.sh"), "start"], env=env,
+                              cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "token auth: RAY_AUTH_MODE=token" in proc.stdout
+        token = (home / ".ray" / "auth_token").read_text().strip()
+        with pytest.raises(urllib.error.HTTPError) as denied:
+            urllib.request.urlopen(f"{url}/api/jobs/", timeout=10)
+        assert denied.value.code == 401
+        req = urllib.request.Request(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        assert urllib.request.urlopen(req, timeout=10).status == 200
+        base = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+        with_token = subprocess.run([sys.executable, "-c", client], env={**base, "RAY_AUTH_MODE": "token"},
+                                    capture_output=True, text=True, timeout=60)
+        assert with_token.returncode == 0 and with_token.stdout.strip() == "0", with_token.stderr[-2000:]
+        no_token = subprocess.run([sys.executable, "-c", client], env={**base, "HOME": str(tmp_path)},
+                                  capture_output=True, text=True, timeout=60)
+        assert no_token.returncode != 0
+    finally:
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
