@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 
-from cluster.checkpointing import check_store_writable
+from cluster.checkpointing import check_fresh_run, check_store_writable
 from cluster.orphans import reap_orphans
 from cluster.controller import Controller, RunFailed, RunResult, State
 from cluster.telemetry import RayInfo, dashboard_text
@@ -151,6 +151,7 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     build_dataset(cfg.data)
     check_out_dir(cfg)
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
+    check_fresh_run(cfg)  # never mix two lineages under one run name
     log.info(dashboard_text(ensure_ray(cfg), cfg))
     result = Controller(cfg, on_step=on_step).run()
     if result.state == State.FAILED and raise_on_failure:

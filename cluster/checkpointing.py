@@ -22,7 +22,11 @@ import uuid
 
 import ray
 
-from moetrain.checkpoint import CheckpointError, apply_retention, commit, open_store
+from moetrain.checkpoint import (
+    CheckpointError, CheckpointRef, commit, list_checkpoints, open_store, read_latest, read_manifest,
+)
+from moetrain.checkpoint.layout import MANIFEST, latest_key, step_prefix
+from moetrain.checkpoint.retention import plan_retention
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
 
@@ -69,6 +73,60 @@ def remove_uncommitted(cfg: RunConfig) -> list[int]:
     return steps
 
 
+def lineage_of(store, run: str, step: int) -> str:
+    """The run id recorded in a committed checkpoint's manifest ("" before run ids existed)."""
+    return str(read_manifest(CheckpointRef(store, run, step)).meta.get("run_id", ""))
+
+
+def retain_lineage(store, run: str, keep: int, run_id: str) -> list[int]:
+    """Keep the newest ``keep`` committed checkpoints of lineage ``run_id`` (and ``latest``);
+    delete its older ones and uncommitted leftovers older than the newest commit. Checkpoints of
+    other lineages under the same run name are never touched. Returns the deleted steps."""
+    infos = list_checkpoints(store, run)
+    try:
+        latest = read_latest(store, run)
+    except CheckpointError:
+        latest = None
+    own = [i for i in infos if i.committed and lineage_of(store, run, i.step) == run_id]
+    _, drop, _ = plan_retention(own, keep, latest)
+    _, _, garbage = plan_retention(infos, None, latest)
+    for step in drop:
+        store.delete(f"{step_prefix(run, step)}/{MANIFEST}")  # uncommit first
+        store.delete_prefix(step_prefix(run, step))
+    for step in garbage:
+        store.delete_prefix(step_prefix(run, step))
+    return sorted(drop + garbage)
+
+
+def check_fresh_run(cfg: RunConfig) -> None:
+    """Never mix two lineages under one run name. A run that does not resume must find no
+    committed checkpoint of its name; a resumed run none after the step it resumes from (they
+    would collide with the steps it is about to write). Otherwise refuse in one line (exit 2),
+    unless ``checkpoint.overwrite`` deletes them first."""
+    c = cfg.checkpoint
+    if not c.uri:
+        return
+    run = cfg.cluster.run_name
+    after = ResumePoint.read(c, c.resume, run=run).step if c.resume else -1
+    store = open_store(c.uri, c)
+    clash = [i.step for i in list_checkpoints(store, run) if i.committed and i.step > after]
+    if not clash:
+        return
+    if c.overwrite:
+        store.delete(latest_key(run))  # it may name a deleted step; the next commit writes it again
+        for step in clash:
+            store.delete(f"{step_prefix(run, step)}/{MANIFEST}")
+            store.delete_prefix(step_prefix(run, step))
+        log.warning("checkpoint.overwrite: deleted committed checkpoints %s of run %s under %s", clash, run, c.uri)
+        return
+    shown = ", ".join(map(str, clash[-5:]))
+    where = "" if after < 0 else f" after step {after}, the step this run resumes from"
+    raise CheckpointError(
+        f"{store.uri_of(run)} already holds committed checkpoints of run {run!r}{where} (steps ..{shown}): "
+        f"resume with --resume latest, choose another cluster.run_name, or set checkpoint.overwrite=true to "
+        f"delete them (`moetrain ckpt list {store.uri_of(run)}` shows them)")
+
+
 def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
     """The checkpoint ``checkpoint.resume`` names (validated manifest), or None."""
     if not cfg.checkpoint.resume:
@@ -81,8 +139,9 @@ def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
 class Coordinator:
     """Driver half of checkpointing: start on all ranks, commit in a background thread."""
 
-    def __init__(self, cfg: RunConfig, telemetry=None):
+    def __init__(self, cfg: RunConfig, telemetry=None, run_id: str = ""):
         self.cfg, self.telemetry = cfg, telemetry
+        self.run_id = run_id  # recorded in every manifest; retention touches only this lineage
         self._thread: threading.Thread | None = None
         self.committed: list[str] = []
         self.failed: list[tuple[int, str]] = []  # (step, first line of the error)
@@ -91,7 +150,7 @@ class Coordinator:
     def start(self, group, step: int, placement) -> None:
         self.wait()  # at most one commit in flight
         started = group.call("checkpoint", step)  # list[SaveStarted], rank order
-        meta = {"step": step, "cursor": started[0].cursor, "placement": placement.to_json(),
+        meta = {"step": step, "run_id": self.run_id, "cursor": started[0].cursor, "placement": placement.to_json(),
                 "config": self.cfg.to_dict(), "world_size": len(group.actors)}
         stall = max(s.stall_s for s in started)
         refs = [a.checkpoint_wait.remote() for a in group.actors]
@@ -108,7 +167,7 @@ class Coordinator:
                 raise CheckpointError("; ".join(failed))
             store = open_store(self.cfg.checkpoint.uri, self.cfg.checkpoint)
             manifest = commit(store, self.cfg.cluster.run_name, step, results, meta)
-            apply_retention(store, self.cfg.cluster.run_name, keep=self.cfg.checkpoint.keep)
+            retain_lineage(store, self.cfg.cluster.run_name, self.cfg.checkpoint.keep, self.run_id)
             mb = manifest.total_bytes / 2**20
             secs = max(max(r.upload_s for r in results), 1e-9)
             uri = store.uri_of(f"{self.cfg.cluster.run_name}/step-{step}")

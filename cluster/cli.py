@@ -1,7 +1,7 @@
 """The ``moetrain`` command line: ``train``, ``ckpt``, ``submit``.
 
     moetrain train [--config FILE|tiny|small] [--set a.b=c ...] [--resume URI|latest]
-    moetrain ckpt list|verify|inspect URI
+    moetrain ckpt list|verify|inspect|clean URI
     moetrain submit --address http://HEAD:8265 -- [train arguments]
 
 User errors (bad config, data, checkpoint, store) print one clear line and exit non-zero.
@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set cluster.num_workers=4 (repeatable)")
     t.add_argument("--resume", default=None, help="checkpoint URI or 'latest' (sets checkpoint.resume)")
     c = sub.add_parser("ckpt", help="list, verify or inspect checkpoints")
-    c.add_argument("action", choices=["list", "verify", "inspect"])
+    c.add_argument("action", choices=["list", "verify", "inspect", "clean"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
+    c.add_argument("--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N")
     c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     c.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
     s = sub.add_parser("submit", help="submit `moetrain train ...` as a Ray job")
@@ -71,6 +72,8 @@ def _ckpt(args) -> int:
         report, text = cli.ckpt_verify(args.uri, cfg)
         print(text)
         return 0 if report.ok else 1
+    elif args.action == "clean":
+        _, text = cli.ckpt_clean(args.uri, cfg, keep=args.keep)
     else:
         _, text = cli.ckpt_inspect(args.uri, cfg)
     print(text)

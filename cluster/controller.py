@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 
 
@@ -91,7 +92,9 @@ class Controller:
         self.val_start: dict = {}
         self.val_last: dict = {}
         self.telemetry = Telemetry(cfg)
-        self.ckpt = checkpointing.Coordinator(cfg, self.telemetry)
+        # One lineage id for the run: a resumed run continues the lineage it resumes.
+        self.run_id = (self.resume.run_id if self.resume and self.resume.run_id else uuid.uuid4().hex[:12])
+        self.ckpt = checkpointing.Coordinator(cfg, self.telemetry, run_id=self.run_id)
         self.replanner = replacement.Replanner(cfg) if cfg.placement.replan_every > 0 else None
         self.on_step = on_step
         self._stop_requested = False
@@ -303,7 +306,8 @@ class Controller:
     def _summary(self, results: dict) -> dict:
         """summary.json for every terminal state: how the run ended, and its results if any."""
         summary = {
-            "run_name": self.cfg.cluster.run_name, "state": self.state.value, "error": self.error,
+            "run_name": self.cfg.cluster.run_name, "run_id": self.run_id, "state": self.state.value,
+            "error": self.error,
             "num_workers": self.cfg.cluster.num_workers, "steps": self.step,
             "stopped_at_step": self.step if self.state != State.FINISHED else None,
             "wall_s": time.perf_counter() - self._t_start, "restarts": self.restarts,

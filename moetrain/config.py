@@ -112,6 +112,7 @@ class CheckpointConfig:
     keep: int = 3  # committed checkpoints kept (the newest is never deleted)
     async_upload: bool = True  # stream in a background thread while training continues
     max_consecutive_failures: int = 3  # the run fails after this many failed checkpoints in a row (0: never)
+    overwrite: bool = False  # a new run (no resume) may delete committed checkpoints of the same run name
     resume: str = ""  # "" | "latest" | a step-<N> URI
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 (credentials: AWS_* environment variables)
     s3_region: str = ""

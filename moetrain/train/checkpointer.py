@@ -40,6 +40,7 @@ class ResumePoint:
     placement: Placement
     world_size: int
     config: dict = field(default_factory=dict, compare=False, repr=False)  # the writer's RunConfig
+    run_id: str = ""  # the lineage that wrote it ("" for checkpoints from before run ids)
 
     @classmethod
     def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None) -> "ResumePoint":
@@ -50,7 +51,7 @@ class ResumePoint:
         meta = manifest.meta
         return cls(uri=ref.uri, step=manifest.step, cursor=dict(meta["cursor"]),
                    placement=Placement.from_json(meta["placement"]), world_size=manifest.world_size,
-                   config=dict(meta.get("config") or {}))
+                   config=dict(meta.get("config") or {}), run_id=str(meta.get("run_id", "")))
 
     def check_compatible(self, cfg: RunConfig) -> None:
         """Raise :class:`CheckpointError` naming every shape-defining field in which ``cfg``
