@@ -118,6 +118,10 @@ class CheckpointConfig:
     # S3 / GCS, where a finished upload is already durable. false = page cache only (tmpfs,
     # scratch disks, tests).
     fsync: bool = True
+    # Checksum of every object, recorded per object in the manifest and checked on every read:
+    # crc32c (hardware CRC-32C, what S3 and GCS use themselves; ~11 GB/s per core) or sha256
+    # (~1.7 GB/s per core). Checkpoints written with either are readable whatever this says.
+    checksum: str = "crc32c"
 
 
 @dataclass(kw_only=True)
@@ -354,6 +358,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(t.loss.z_loss_coeff >= 0, f"train.loss.z_loss_coeff ({t.loss.z_loss_coeff}) must be >= 0")
     _require(cfg.checkpoint.keep >= 1, f"checkpoint.keep ({cfg.checkpoint.keep}) must be >= 1")
     _require(cfg.checkpoint.every >= 0, f"checkpoint.every ({cfg.checkpoint.every}) must be >= 0")
+    _require(cfg.checkpoint.checksum in ("crc32c", "sha256"),
+             f"checkpoint.checksum ({cfg.checkpoint.checksum!r}) must be 'crc32c' or 'sha256'")
     if cfg.checkpoint.resume:
         _require(bool(cfg.checkpoint.uri) or "://" in cfg.checkpoint.resume or cfg.checkpoint.resume != "latest",
                  "checkpoint.resume is 'latest' but checkpoint.uri is empty")
