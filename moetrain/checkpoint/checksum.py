@@ -15,17 +15,22 @@ hasher per algorithm (``new_hasher``) and the one-shot ``digest``.
 Digests are lowercase hex: sha256 64 characters, crc32c 8 (the 32-bit value, big-endian, as
 GCS and S3 encode it before base64).
 
-``google_crc32c.extend`` accepts only read-only buffers (``bytes``) and releases the GIL only
-for ``bytes`` of at least 1 MiB, so tensor memory is hashed through ``COPY_BYTES`` copies:
-a bounded temporary, and the copy + CRC still run at ~11 GB/s (measured, 8 MiB slices).
+How the C library is called: ``google_crc32c.extend`` accepts only ``bytes`` (tensor memory
+would need a copy) and releases the GIL only for ``bytes`` of at least 1 MiB. So the library
+that extension wraps (``libcrc32c``, bundled in the wheel and already loaded by it) is called
+directly through ctypes: zero-copy on any buffer, GIL released (measured here: 12 GB/s vs
+11.4 GB/s with copies, one core). Where that library cannot be found (not Linux, a different
+build), the package's own API is used on ``COPY_BYTES`` copies: same values, tested equal.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 
 import google_crc32c
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,7 @@ CRC32C = "crc32c"
 SHA256 = "sha256"
 ALGORITHMS = (CRC32C, SHA256)
 DEFAULT = CRC32C
-COPY_BYTES = 4 << 20  # crc32c: hash large buffers through copies of at most this size
+COPY_BYTES = 8 << 20  # crc32c without direct libcrc32c calls: copies of at most this size
 
 if google_crc32c.implementation != "c":  # pragma: no cover - the wheels ship the C extension
     log.warning("google-crc32c has no C extension here: crc32c checksums run in pure Python "
@@ -47,21 +52,52 @@ def check_algorithm(name: str, what: str = "checkpoint.checksum") -> str:
     return name
 
 
+def _load_native_extend():
+    """``crc32c_extend(crc, data, n)`` of the libcrc32c the google-crc32c extension loaded
+    (found in /proc/self/maps), or None. ctypes releases the GIL during the call."""
+    if google_crc32c.implementation != "c":
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libcrc32c" in line}
+        for path in sorted(paths):
+            fn = ctypes.CDLL(path).crc32c_extend
+            fn.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_uint32
+            if fn(0, b"123456789", 9) == 0xE3069283:  # the published check value
+                return fn
+    except (OSError, AttributeError) as exc:
+        log.debug("libcrc32c not callable directly (%s): using google_crc32c.extend", exc)
+    return None
+
+
+_NATIVE_EXTEND = _load_native_extend()
+
+
 class Crc32c:
-    """Streaming CRC-32C with the hashlib interface (``update``, ``hexdigest``)."""
+    """Streaming CRC-32C with the hashlib interface (``update``, ``hexdigest``).
+
+    ``native=None``: call libcrc32c directly when it was found (zero-copy), else the package's
+    ``extend`` on copies; ``True`` / ``False`` force one path (tests compare them)."""
 
     name = CRC32C
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool | None = None) -> None:
+        if native and _NATIVE_EXTEND is None:
+            raise RuntimeError("libcrc32c is not callable directly here")
+        self._native = _NATIVE_EXTEND is not None if native is None else native
         self._crc = 0
 
     def update(self, data) -> None:
-        if isinstance(data, bytes):
+        if isinstance(data, bytes) and not self._native:
             self._crc = google_crc32c.extend(self._crc, data)
             return
-        view = memoryview(data).cast("B")
+        view = np.frombuffer(data, dtype=np.uint8)  # any contiguous buffer, no copy
+        if self._native:
+            self._crc = _NATIVE_EXTEND(self._crc, view.ctypes.data, view.nbytes)
+            return
         for start in range(0, view.nbytes, COPY_BYTES):
-            self._crc = google_crc32c.extend(self._crc, bytes(view[start:start + COPY_BYTES]))
+            self._crc = google_crc32c.extend(self._crc, view[start:start + COPY_BYTES].tobytes())
 
     @property
     def value(self) -> int:

@@ -222,9 +222,10 @@ class HashingSink:
 
     Large buffers are split into ``CHUNK_BYTES`` slices; each slice is hashed on a helper
     thread while it is written (slices under ``PIPELINE_BYTES`` inline). Measured on moto: 8,
-    32 or 64 MB slices upload at the same speed. ``on_written(n)`` is called after each
-    slice reached ``out`` (local stores: start its write-back to disk). ``checksum``: the
-    algorithm (``checksum.ALGORITHMS``).
+    32 or 64 MB slices upload at the same speed; locally with crc32c (0.7 ms per slice),
+    hashing beside the write was no slower than inline, under heavy CPU contention too.
+    ``on_written(n)`` is called after each slice reached ``out`` (local stores: start its
+    write-back to disk). ``checksum``: the algorithm (``checksum.ALGORITHMS``).
     """
 
     def __init__(self, out: pafs.NativeFile, on_written: Callable[[int], None] | None = None,

@@ -7,10 +7,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 
+import google_crc32c
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from moetrain.checkpoint import (
     AsyncCheckpointWriter,
@@ -24,6 +27,7 @@ from moetrain.checkpoint import (
     resolve,
     verify,
 )
+from moetrain.checkpoint import checksum
 from moetrain.checkpoint.checksum import COPY_BYTES, Crc32c, digest, new_hasher
 from moetrain.checkpoint.cli import ckpt_verify
 from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
@@ -89,6 +93,21 @@ def test_crc32c_value_matches_the_hex_digest():
     assert crc.value == 0xE3069283 and crc.hexdigest() == "e3069283"
 
 
+def test_direct_libcrc32c_calls_equal_the_package_api():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("libcrc32c is found through /proc/self/maps (Linux)")
+    assert checksum._NATIVE_EXTEND is not None  # the zero-copy path is the one used here
+    data = np.random.default_rng(1).integers(0, 256, COPY_BYTES + 777, dtype=np.uint8)
+    tensor = torch.from_numpy(data[:4096].copy()).view(torch.float32)  # a non-byte format
+    for piece in (b"", b"123456789", bytearray(b"x" * 1000), memoryview(data),
+                  memoryview(tensor.numpy())):
+        fast, package = Crc32c(native=True), Crc32c(native=False)
+        fast.update(piece)
+        package.update(piece)
+        expected = google_crc32c.value(memoryview(piece).cast("B").tobytes())
+        assert fast.value == package.value == expected
+
+
 def test_checksum_field_is_validated():
     cfg = RunConfig()
     cfg.checkpoint.checksum = "md5"
@@ -113,7 +132,6 @@ def test_checksum_field_decides_what_the_manifest_records(tmp_path, checksum):
         other = "sha256" if checksum == "crc32c" else "crc32c"
         assert other not in entry and entry["size"] == len(stored)
         if checksum == "crc32c":  # straight from the package, not through moetrain
-            import google_crc32c
             assert entry["crc32c"] == f"{google_crc32c.value(stored):08x}"
         else:
             assert entry["sha256"] == hashlib.sha256(stored).hexdigest()
