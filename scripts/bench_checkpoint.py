@@ -289,6 +289,15 @@ def _raw_put(store, item: tuple[str, bytes], mode: str) -> None:
         sync.finish()
 
 
+def _clear(store, prefix: str) -> None:
+    """Delete a pass's objects, untimed. Local: then sync, so that the journal commit of the
+    deletes (with ext4 ``-o discard``, a discard of every freed block) lands here and not in
+    the fsyncs of whichever pass runs next."""
+    store.delete_prefix(prefix)
+    if store.kind == "local":
+        os.sync()
+
+
 def _ratios(out: dict, conc: int, label: str, runs: dict, base_runs: list[float]) -> None:
     """Writer pass ``label`` vs the baseline: per-run ratios (interleaved pairs), their median
     and range, and the ratio of the medians."""
@@ -327,7 +336,7 @@ def bench_throughput(store, objs: dict, step: int, cap_mb: float, reps: int) -> 
         with cf.ThreadPoolExecutor(conc) as pool:
             list(pool.map(lambda item: _raw_put(store, item, mode), blobs))
         mbps = sum(len(d) for _, d in blobs) / MB / (time.perf_counter() - start)
-        store.delete_prefix("raw")
+        _clear(store, "raw")
         return mbps
 
     at = [step]
@@ -337,7 +346,7 @@ def bench_throughput(store, objs: dict, step: int, cap_mb: float, reps: int) -> 
         with AsyncCheckpointWriter(on, "tput", async_upload=False, max_concurrency=conc,
                                    direct_writes=direct) as w:
             mbps = w.save(at[0], chosen).result().mb_per_s
-        on.delete_prefix("tput")
+        _clear(on, "tput")
         return mbps
 
     def buffers(conc: int) -> float:
