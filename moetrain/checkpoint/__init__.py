@@ -20,10 +20,11 @@ Flow::
 Checksums: CRC32C by default (``checkpoint.checksum``; sha256 optional); each manifest entry
 names its algorithm, so checkpoints written with sha256 (all before v2 manifests) still load.
 
-Modules: ``checksum`` (crc32c / sha256), ``storage`` (Store, streamed writes: direct for objects, atomic for commit records, retries, typed errors), ``format`` (the
-object byte format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async
-writer), ``manifest`` (commit), ``retention`` (list / keep N / clean), ``reader`` (resolve /
-verify / load), ``cli`` (``moetrain ckpt ...``).
+Modules: ``checksum`` (crc32c / sha256), ``storage`` (Store, streamed writes: direct for
+objects, atomic for commit records, retries, typed errors), ``format`` (the object byte
+format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async writer), ``manifest``
+(commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load), ``cli``
+(``moetrain ckpt ...``).
 """
 
 from moetrain.checkpoint.errors import (

@@ -7,8 +7,9 @@ hasher per algorithm (``new_hasher``) and the one-shot ``digest``.
   (``x-amz-checksum-crc32c``) and GCS (``crc32c`` object metadata) use themselves, computed
   by the ``google-crc32c`` package's C extension (SSE4.2 / ARMv8 CRC instructions): ~11 GB/s
   per core here vs ~1.7 GB/s for sha256, so hashing no longer bounds a local upload. It
-  detects every 1-, 2- and 3-bit error and every burst up to 32 bits (a flipped byte
-  included): it guards against corruption, not against someone forging an object.
+  detects every error burst of up to 32 bits (any flipped byte) and misses a random
+  corruption with probability 2^-32: it guards against corruption, not against someone
+  forging an object (use sha256 for that).
 - ``sha256``: the previous default, still written when configured and always readable (a
   manifest names the algorithm of each object).
 
@@ -43,13 +44,6 @@ COPY_BYTES = 8 << 20  # crc32c without direct libcrc32c calls: copies of at most
 if google_crc32c.implementation != "c":  # pragma: no cover - the wheels ship the C extension
     log.warning("google-crc32c has no C extension here: crc32c checksums run in pure Python "
                 "(slow); set checkpoint.checksum=sha256 or install a google-crc32c wheel")
-
-
-def check_algorithm(name: str, what: str = "checkpoint.checksum") -> str:
-    """``name`` if it is a known algorithm; else ValueError naming ``what``."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"{what} ({name!r}) must be one of {ALGORITHMS}")
-    return name
 
 
 def _load_native_extend():

@@ -13,7 +13,8 @@ and the step's directories just before ``manifest.json`` (``Store.sync_dirs``), 
 also holds on disk after a power loss. A crash at any point leaves either the previous commit or
 the new one visible, never a half one. A ``step-N/`` without a manifest is uncommitted garbage
 (see ``retention``), partial objects included; objects of a committed step are checked against
-the manifest's checksums by every reader, and a committed step is never written again. Call ``retention.apply_retention`` after ``commit`` to keep N checkpoints.
+the manifest's checksums by every reader, and a committed step is never written again. Call
+``retention.apply_retention`` after ``commit`` to keep N checkpoints.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def commit(store: Store, run: str, step: int, per_rank: Sequence[SaveResult | Se
 
     ``per_rank``: one item per rank, a :class:`SaveResult` or a list of ``ObjectEntry`` /
     ``{name, size, crc32c | sha256}`` dicts (the key names the checksum algorithm). A failed
-    rank, a missing object or non-JSON ``meta`` raises :class:`CheckpointError` and nothing is committed (``latest`` is unchanged)."""
+    rank, a missing object or non-JSON ``meta`` raises :class:`CheckpointError` and nothing is
+    committed (``latest`` is unchanged)."""
     check_run(run)
     check_step(step)
     entries = _merge(step, per_rank)
