@@ -123,6 +123,10 @@ class CheckpointConfig:
     # S3 / GCS, where a finished upload is already durable. false = page cache only (tmpfs,
     # scratch disks, tests).
     fsync: bool = True
+    # Checksum of every object, recorded per object in the manifest and checked on every read:
+    # crc32c (hardware CRC-32C, what S3 and GCS use themselves; ~11 GB/s per core) or sha256
+    # (~1.7 GB/s per core). Checkpoints written with either are readable whatever this says.
+    checksum: str = "crc32c"
 
 
 @dataclass(kw_only=True)
@@ -429,6 +433,8 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]")
     _require(t.loss.lbl_scope in ("micro", "global", "sequence"),
              f"train.loss.lbl_scope ({t.loss.lbl_scope!r}) must be one of micro, global, sequence")
+    _require(cfg.checkpoint.checksum in ("crc32c", "sha256"),
+             f"checkpoint.checksum ({cfg.checkpoint.checksum!r}) must be 'crc32c' or 'sha256'")
     if cfg.checkpoint.resume:
         _require(bool(cfg.checkpoint.uri) or "://" in cfg.checkpoint.resume or cfg.checkpoint.resume != "latest",
                  "checkpoint.resume is 'latest' but checkpoint.uri is empty")

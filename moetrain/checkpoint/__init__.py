@@ -11,16 +11,20 @@ Flow::
     writer = AsyncCheckpointWriter(store, run, rank=r)                # every rank
     fut    = writer.save(step, objects)     # snapshot now, upload in the background
     #  (snapshot_mode="overlap" + writer.install_fence(optimizer): copy during the next step)
-    result = fut.result()                   # SaveResult(entries={name, size, sha256})
+    result = fut.result()                   # SaveResult(entries={name, size, crc32c digest})
     commit(store, run, step, [result_rank0, result_rank1, ...], meta)  # driver: manifest, latest
     apply_retention(store, run, keep=cfg.checkpoint.keep)
     ref    = resolve("latest", cfg.checkpoint, run=run)               # on resume
-    states = load_objects(ref, names_this_rank_hosts)                 # sha256-checked
+    states = load_objects(ref, names_this_rank_hosts)                 # checksum-checked
 
-Modules: ``storage`` (Store, streamed writes: direct for objects, atomic for commit records, retries, typed errors), ``format`` (the
-object byte format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async
-writer), ``manifest`` (commit), ``retention`` (list / keep N / clean), ``reader`` (resolve /
-verify / load), ``cli`` (``moetrain ckpt ...``).
+Checksums: CRC32C by default (``checkpoint.checksum``; sha256 optional); each manifest entry
+names its algorithm, so checkpoints written with sha256 (all before v2 manifests) still load.
+
+Modules: ``checksum`` (crc32c / sha256), ``storage`` (Store, streamed writes: direct for
+objects, atomic for commit records, retries, typed errors), ``format`` (the object byte
+format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async writer), ``manifest``
+(commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load), ``cli``
+(``moetrain ckpt ...``).
 """
 
 from moetrain.checkpoint.errors import (

@@ -59,11 +59,11 @@ def ckpt_list(uri: str, cfg: CheckpointConfig | None = None) -> tuple[list[Check
 
 def ckpt_verify(uri: str, cfg: CheckpointConfig | None = None, *,
                 deep: bool = True) -> tuple[VerifyReport, str]:
-    """Presence, size and sha256 of every object of one checkpoint."""
+    """Presence, size and checksum (crc32c / sha256, as the manifest says) of every object."""
     report = verify(resolve(uri, cfg), deep=deep)
     lines = [f"{report.uri}: {'OK' if report.ok else 'FAILED'} - {report.checked} objects, "
              f"{format_bytes(report.bytes_checked)} checked"
-             + (" (sha256)" if deep else " (sizes only)")]
+             + (f" ({', '.join(report.checksums) or 'no objects'})" if deep else " (sizes only)")]
     lines += [f"  {p}" for p in report.problems]
     return report, "\n".join(lines)
 
@@ -89,7 +89,8 @@ def inspect_manifest(ref: CheckpointRef, manifest: Manifest) -> dict[str, Any]:
     return {"uri": ref.uri, "run": manifest.run, "step": manifest.step,
             "created": manifest.created, "world_size": manifest.world_size,
             "objects": len(manifest.entries), "total_bytes": manifest.total_bytes,
-            "object_format": manifest.object_format, "groups": groups,
+            "object_format": manifest.object_format, "checksums": list(manifest.checksums),
+            "groups": groups,
             "meta": {k: _summary(v) for k, v in manifest.meta.items()}}
 
 
@@ -99,6 +100,7 @@ def ckpt_inspect(uri: str, cfg: CheckpointConfig | None = None) -> tuple[dict[st
     info = inspect_manifest(ref, read_manifest(ref))
     rows = [("checkpoint", info["uri"]), ("created", info["created"]),
             ("world size", info["world_size"]), ("format", info["object_format"]),
+            ("checksum", ", ".join(info["checksums"]) or "-"),
             ("objects", f"{info['objects']} ({format_bytes(info['total_bytes'])})")]
     rows += [(f"  {g}/", f"{v['objects']} objects, {format_bytes(v['bytes'])}")
              for g, v in sorted(info["groups"].items())]

@@ -30,7 +30,7 @@ class ObjectNotFoundError(CheckpointError):
 
 
 class CorruptObjectError(CheckpointError):
-    """An object's bytes do not match the size / sha256 recorded in the manifest."""
+    """An object's bytes do not match the size / checksum recorded in the manifest."""
 
 
 class NotCommittedError(CheckpointError):

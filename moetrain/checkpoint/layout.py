@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from moetrain.checkpoint.checksum import ALGORITHMS
 from moetrain.checkpoint.errors import CheckpointError, InvalidNameError
 from moetrain.checkpoint.storage import TMP_MARK, Store
 
@@ -90,21 +91,34 @@ class CheckpointRef:
 
 @dataclass(frozen=True)
 class ObjectEntry:
-    """One stored object of a checkpoint, as recorded in the manifest."""
+    """One stored object of a checkpoint, as recorded in the manifest.
+
+    In ``manifest.json`` the key of the digest names its algorithm:
+    ``{"name", "size", "crc32c": "<8 hex>"}`` or ``{"name", "size", "sha256": "<64 hex>"}``
+    (every manifest before the crc32c default, format v1, has ``sha256`` entries)."""
 
     name: str  # relative to the checkpoint directory, e.g. "experts/layer-3/expert-17"
     size: int  # bytes
-    sha256: str  # hex digest
+    checksum: str  # the algorithm: crc32c | sha256
+    digest: str  # hex digest of the object's bytes under ``checksum``
+
+    def __post_init__(self) -> None:
+        if self.checksum not in ALGORITHMS:
+            raise CheckpointError(f"object {self.name!r}: checksum {self.checksum!r} is not one of "
+                                  f"{ALGORITHMS}")
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "size": self.size, "sha256": self.sha256}
+        return {"name": self.name, "size": self.size, self.checksum: self.digest}
 
     @classmethod
     def from_dict(cls, data: "dict | ObjectEntry") -> "ObjectEntry":
         if isinstance(data, ObjectEntry):
             return data
         try:
+            algos = [a for a in ALGORITHMS if a in data]
+            if len(algos) != 1:
+                raise ValueError(f"needs exactly one checksum key of {ALGORITHMS}, has {algos}")
             return cls(name=check_name(str(data["name"])), size=int(data["size"]),
-                       sha256=str(data["sha256"]))
+                       checksum=algos[0], digest=str(data[algos[0]]))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"bad checkpoint entry {data!r}: {exc}") from exc

@@ -1,17 +1,20 @@
 """The commit of a checkpoint: ``manifest.json``, then the run's ``latest`` pointer.
 
-Owns: the :class:`Manifest` (run, step, created, world size, every object's size + sha256, the
+Owns: the :class:`Manifest` (run, step, created, world size, every object's size + checksum
+(its algorithm named per object: crc32c by default, sha256 when configured or in manifests
+written before crc32c became the default), the
 driver's JSON-able ``meta``: config, placement, data cursor, losses ...), ``commit`` (driver
 side, after every rank's writer finished) and reading manifests / the ``latest`` pointer.
 
 Order is the protocol: objects (streamed straight to their keys, each rank reporting every
-object's size + sha256) -> ``manifest.json`` (atomic: temporary key + move; its presence *is*
+object's size + checksum) -> ``manifest.json`` (atomic: temporary key + move; its presence *is*
 the commit) -> ``latest`` (atomic). On local directories every object is fsync-ed by its writer
 and the step's directories just before ``manifest.json`` (``Store.sync_dirs``), so the order
 also holds on disk after a power loss. A crash at any point leaves either the previous commit or
 the new one visible, never a half one. A ``step-N/`` without a manifest is uncommitted garbage
 (see ``retention``), partial objects included; objects of a committed step are checked against
-the manifest's sha256 by every reader, and a committed step is never written again. Call ``retention.apply_retention`` after ``commit`` to keep N checkpoints.
+the manifest's checksums by every reader, and a committed step is never written again. Call
+``retention.apply_retention`` after ``commit`` to keep N checkpoints.
 """
 
 from __future__ import annotations
@@ -42,7 +45,10 @@ from moetrain.checkpoint.storage import Store
 from moetrain.checkpoint.writer import SaveResult
 
 FORMAT = "moetrain-checkpoint"
-VERSION = 1
+# v2: each entry's checksum key names its algorithm ("crc32c" or "sha256"); v1: always "sha256".
+# A v2 manifest is refused by a v1 reader (which would look for "sha256" and fail on crc32c).
+VERSION = 2
+READ_VERSIONS = (1, 2)
 OBJECT_FORMAT = f"MTCKPT/{MAGIC[-1]}"
 
 
@@ -64,6 +70,11 @@ class Manifest:
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
+    @property
+    def checksums(self) -> tuple[str, ...]:
+        """The checksum algorithms of the entries (sorted, each once)."""
+        return tuple(sorted({e.checksum for e in self.entries}))
+
     def entry(self, name: str) -> ObjectEntry:
         for e in self.entries:
             if e.name == name:
@@ -82,9 +93,9 @@ class Manifest:
     def from_json(cls, text: str | bytes, where: str) -> "Manifest":
         try:
             data = json.loads(text)
-            if data.get("format") != FORMAT or data.get("version") != VERSION:
+            if data.get("format") != FORMAT or data.get("version") not in READ_VERSIONS:
                 raise ValueError(f"format {data.get('format')!r} v{data.get('version')!r} "
-                                 f"is not {FORMAT!r} v{VERSION}")
+                                 f"is not {FORMAT!r} v{'/v'.join(map(str, READ_VERSIONS))}")
             return cls(run=str(data["run"]), step=int(data["step"]),
                        world_size=int(data["world_size"]),
                        entries=tuple(ObjectEntry.from_dict(e) for e in data["entries"]),
@@ -116,7 +127,8 @@ def _merge(step: int, per_rank: Sequence[Any]) -> tuple[ObjectEntry, ...]:
             if seen != entry:
                 raise CheckpointError(
                     f"step {step}: object {entry.name!r} was written twice with different bytes "
-                    f"(sha256 {seen.sha256[:12]} vs {entry.sha256[:12]}): only one rank may own it")
+                    f"(size {seen.size} {seen.checksum} {seen.digest[:12]} vs size {entry.size} "
+                    f"{entry.checksum} {entry.digest[:12]}): only one rank may own it")
     return tuple(sorted(merged.values(), key=lambda e: e.name))
 
 
@@ -136,8 +148,9 @@ def commit(store: Store, run: str, step: int, per_rank: Sequence[SaveResult | Se
     """Commit checkpoint ``step`` of ``run``: write ``manifest.json`` then ``latest``.
 
     ``per_rank``: one item per rank, a :class:`SaveResult` or a list of ``ObjectEntry`` /
-    ``{name, size, sha256}`` dicts. A failed rank, a missing object or non-JSON ``meta``
-    raises :class:`CheckpointError` and nothing is committed (``latest`` is unchanged)."""
+    ``{name, size, crc32c | sha256}`` dicts (the key names the checksum algorithm). A failed
+    rank, a missing object or non-JSON ``meta`` raises :class:`CheckpointError` and nothing is
+    committed (``latest`` is unchanged)."""
     check_run(run)
     check_step(step)
     entries = _merge(step, per_rank)

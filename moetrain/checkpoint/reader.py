@@ -1,19 +1,21 @@
 """Finding, verifying and loading checkpoints.
 
 Owns: ``resolve`` (a URI, ``.../<run>``, ``.../<run>/latest``, ``.../<run>/step-<N>`` or the
-word ``latest`` -> a :class:`CheckpointRef`), ``verify`` (presence + size + sha256 of every
+word ``latest`` -> a :class:`CheckpointRef`), ``verify`` (presence + size + checksum of every
 object in the manifest, naming each bad one) and ``load_objects`` (each rank reads only the
-objects it hosts, checks their sha256 *before* decoding, and gets state dicts back).
+objects it hosts, checks their checksum *before* decoding, and gets state dicts back). Each
+object is checked with the algorithm its manifest entry names (crc32c, or sha256 as every
+manifest before the crc32c default has it).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
+from moetrain.checkpoint.checksum import digest as checksum_digest
 from moetrain.checkpoint.errors import (
     CheckpointError,
     CorruptObjectError,
@@ -101,8 +103,9 @@ class VerifyReport:
     checked: int = 0  # objects found and checked
     bytes_checked: int = 0
     missing: tuple[str, ...] = ()  # object names absent from the store
-    corrupt: tuple[str, ...] = ()  # object names whose size / sha256 differ
+    corrupt: tuple[str, ...] = ()  # object names whose size / checksum differ
     problems: tuple[str, ...] = ()  # one readable line per problem (manifest included)
+    checksums: tuple[str, ...] = ()  # the algorithms the manifest names (deep checks use them)
 
     @property
     def ok(self) -> bool:
@@ -120,19 +123,19 @@ def _map(fn: Callable[[ObjectEntry], T], entries: Iterable[ObjectEntry],
 
 
 def _read_checked(ref: CheckpointRef, entry: ObjectEntry):
-    """The object's bytes, after checking size and sha256 against the manifest."""
+    """The object's bytes, after checking size and checksum against the manifest."""
     uri = ref.store.uri_of(ref.key(entry.name))
     buf = ref.store.read_array(ref.key(entry.name))
     if buf.nbytes != entry.size:
         raise CorruptObjectError(f"{uri}: size {buf.nbytes} != manifest {entry.size}")
-    digest = hashlib.sha256(buf).hexdigest()
-    if digest != entry.sha256:
-        raise CorruptObjectError(f"{uri}: sha256 {digest[:16]}... != manifest {entry.sha256[:16]}...")
+    digest = checksum_digest(entry.checksum, buf)
+    if digest != entry.digest:
+        raise CorruptObjectError(f"{uri}: {entry.checksum} {digest[:16]} != manifest {entry.digest[:16]}")
     return buf
 
 
 def verify(ref: CheckpointRef, *, deep: bool = True, max_concurrency: int = 4) -> VerifyReport:
-    """Check every object of the manifest: present, right size and (``deep``) right sha256."""
+    """Check every object of the manifest: present, right size and (``deep``) right checksum."""
     try:
         manifest = read_manifest(ref)
     except (NotCommittedError, CorruptObjectError) as exc:
@@ -161,7 +164,8 @@ def verify(ref: CheckpointRef, *, deep: bool = True, max_concurrency: int = 4) -
     ok = [(e, size) for e, size, err in results if err is None]
     return VerifyReport(uri=ref.uri, step=ref.step, checked=len(ok),
                         bytes_checked=sum(s for _, s in ok), missing=tuple(missing),
-                        corrupt=tuple(corrupt), problems=tuple(problems))
+                        corrupt=tuple(corrupt), problems=tuple(problems),
+                        checksums=manifest.checksums)
 
 
 def load_objects(ref: CheckpointRef, names: Iterable[str], *, manifest: Manifest | None = None,

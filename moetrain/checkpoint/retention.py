@@ -9,7 +9,7 @@ one nor the one ``latest`` names), garbage collection of uncommitted ``step-N/``
 Objects are written straight to their final keys (``storage.write_direct``), so a failed
 checkpoint can leave a *partial* object inside its ``step-N/``. Such a step has no manifest
 (a failed rank is never committed): it is garbage like any uncommitted step, and readers would
-reject the object anyway (sha256 against the manifest).
+reject the object anyway (checksum against the manifest).
 
 Deleting a committed checkpoint removes its ``manifest.json`` first, so a deletion cut short
 leaves an uncommitted directory (garbage for the next clean), never a committed-but-broken one.

@@ -2,7 +2,8 @@
 
 Owns: ``AsyncCheckpointWriter``, which streams a snapshot (see ``snapshot.py``) of a rank's
 objects to ``<root>/<run>/step-<N>/<name>`` on a background thread while training continues,
-and hands back per-object ``{name, size, sha256}`` entries for the driver's ``commit``.
+and hands back per-object ``{name, size, checksum}`` entries for the driver's ``commit``
+(the algorithm is the store's, ``checkpoint.checksum``: crc32c by default, or sha256).
 
 Rules:
 - at most one checkpoint in flight per writer: ``save()`` first waits for the previous one;
@@ -17,7 +18,7 @@ Rules:
 - a step that is already committed is never overwritten (the checkpoint fails instead);
 - objects are streamed straight to their final keys (``direct_writes=True``, default: no
   temporary key + ``move``, i.e. no S3 server-side copy): the driver's ``manifest.json``, written
-  atomically after every rank reported ``{size, sha256}``, is the commit, readers check sha256,
+  atomically after every rank reported ``{size, checksum}``, is the commit, readers check it,
   and a partial object a failure may leave is never referenced (see ``storage``'s module doc,
   "Why direct writes are safe"); ``direct_writes=False`` restores temporary key + ``move``;
 - ``on_error="raise"``: a failure raises :class:`CheckpointError` from ``wait()`` / the future /
@@ -281,7 +282,7 @@ class AsyncCheckpointWriter:
             raise
         except Exception as exc:
             raise SerializationError(f"serialising {where} failed: {type(exc).__name__}: {exc}") from exc
-        return ObjectEntry(name=name, size=res.size, sha256=res.sha256)
+        return ObjectEntry(name=name, size=res.size, checksum=res.checksum, digest=res.digest)
 
     def _run_job(self, job: _Job) -> tuple[SaveResult, CheckpointError | None]:
         failures: list[tuple[str, BaseException]] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from moetrain.checkpoint import (
@@ -12,6 +14,7 @@ from moetrain.checkpoint import (
     ObjectNotFoundError,
     commit,
     load_objects,
+    open_store,
     read_manifest,
     resolve,
     verify,
@@ -40,21 +43,26 @@ def _flip_byte(store, key, at=-1):
     store.write_bytes(key, bytes(data))
 
 
-def test_corrupt_and_missing_objects_are_named(store, backend):
+@pytest.mark.parametrize("checksum", ["crc32c", "sha256"])
+def test_corrupt_and_missing_objects_are_named(backend, checksum):
+    cfg = dataclasses.replace(backend.cfg, checksum=checksum)
+    store = open_store(backend.uri, cfg, backoff_s=0.01)
     objs = _commit(store, 2)
     ref = CheckpointRef(store, "run", 2)
+    assert read_manifest(ref).checksums == (checksum,)
     _flip_byte(store, ref.key("experts/layer-0/expert-1"))
     store.delete(ref.key("rng/rank-1"))
     report = verify(ref)
     assert not report.ok
     assert report.corrupt == ("experts/layer-0/expert-1",) and report.missing == ("rng/rank-1",)
     assert report.checked == len(objs) - 2
-    assert any("expert-1" in p and "sha256" in p for p in report.problems)
-    _, text = ckpt_verify(ref.uri, backend.cfg)
+    assert any("expert-1" in p and checksum in p for p in report.problems)
+    _, text = ckpt_verify(ref.uri, backend.cfg)  # whatever the config says now: the manifest rules
     assert "FAILED" in text and "missing: rng/rank-1" in text and "corrupt: experts/layer-0/expert-1" in text
+    assert f"({checksum})" in text
     shallow = verify(ref, deep=False)  # sizes only: the flipped byte goes unnoticed
     assert shallow.missing == ("rng/rank-1",) and shallow.corrupt == ()
-    with pytest.raises(CorruptObjectError, match="experts/layer-0/expert-1.*sha256"):
+    with pytest.raises(CorruptObjectError, match=f"experts/layer-0/expert-1.*{checksum}"):
         load_objects(ref, ["dense/rank-0", "experts/layer-0/expert-1"])
     with pytest.raises(ObjectNotFoundError, match="rng/rank-1"):
         load_objects(ref, ["rng/rank-1"])

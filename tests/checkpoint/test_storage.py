@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import socket
@@ -23,10 +24,17 @@ from moetrain.checkpoint.storage import TMP_MARK, classify_os_error, redact_uri
 from moetrain.config import CheckpointConfig
 
 
-def test_write_reports_size_and_sha256_of_what_was_stored(store):
+def _crc32c_hex(data: bytes) -> str:
+    """CRC-32C straight from the google-crc32c package (not through moetrain's wrapper)."""
+    import google_crc32c
+    return f"{google_crc32c.value(data):08x}"
+
+
+def test_write_reports_size_and_checksum_of_what_was_stored(store):
     data = os.urandom(3 * (1 << 20) + 17)
     res = store.write_atomic("run/step-1/a", lambda sink: [sink.write(data[:100]), sink.write(data[100:])])
-    assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.checksum == "crc32c"  # the default
+    assert (res.size, res.checksum, res.digest) == (len(data), "crc32c", _crc32c_hex(data))
     assert store.read_bytes("run/step-1/a") == data
     assert [(f.key, f.size) for f in store.list_files("run")] == [("run/step-1/a", len(data))]
     assert store.exists("run/step-1/a") and not store.exists("run/step-1/b")
@@ -65,7 +73,7 @@ def test_direct_write_streams_to_the_final_key_and_hashes(store, backend):
         sink.write(data[1000:])
 
     res = store.write_direct("run/step-1/a", produce)
-    assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (res.size, res.digest) == (len(data), _crc32c_hex(data))
     assert store.read_bytes("run/step-1/a") == data
     assert [f.key for f in store.list_files("run")] == ["run/step-1/a"]  # no temporary, ever
     assert not any(TMP_MARK in f.key for f in seen_during[0])
@@ -186,7 +194,7 @@ def test_names_with_a_compression_suffix_are_stored_verbatim(store):
     data = b"not gzip at all " * 1000
     for write in (store.write_direct, store.write_atomic):
         res = write("run/step-1/blob.gz", lambda sink: sink.write(data))
-        assert (res.size, res.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert (res.size, res.digest) == (len(data), _crc32c_hex(data))
         assert store.read_bytes("run/step-1/blob.gz") == data
 
 
@@ -197,9 +205,11 @@ def test_sync_file_range_is_available_on_linux():
     assert storage._sync_file_range is not None
 
 
-def test_caller_may_reuse_its_buffer_once_write_returns(store):
+@pytest.mark.parametrize("checksum", ["crc32c", "sha256"])
+def test_caller_may_reuse_its_buffer_once_write_returns(backend, checksum):
     # large slices are hashed on a helper thread beside the write: write() must not return
     # while that thread still reads the caller's buffer
+    store = open_store(backend.uri, dataclasses.replace(backend.cfg, checksum=checksum))
     original = os.urandom(20 << 20)
     buf = bytearray(original)
 
@@ -208,7 +218,8 @@ def test_caller_may_reuse_its_buffer_once_write_returns(store):
         buf[:] = bytes(len(buf))  # the caller reuses its buffer at once
 
     res = store.write_direct("run/step-1/reused", produce)
-    assert res.sha256 == hashlib.sha256(original).hexdigest()
+    expected = _crc32c_hex(original) if checksum == "crc32c" else hashlib.sha256(original).hexdigest()
+    assert (res.checksum, res.digest) == (checksum, expected)
     assert store.read_bytes("run/step-1/reused") == original
 
 

@@ -116,7 +116,7 @@ def test_failed_upload_keeps_previous_checkpoint_and_latest(store):
 
 def test_partial_object_left_by_a_failure_is_never_committed_or_loaded(store, monkeypatch):
     """Direct writes: if the best-effort delete of a failed object fails too (store down), the
-    partial object stays at its final key. It is not committed, it is rejected by sha256 even
+    partial object stays at its final key. It is not committed, it is rejected by its checksum even
     if someone forged a manifest for it, and retention removes it with its uncommitted step."""
     from moetrain.checkpoint import CorruptObjectError, apply_retention, list_checkpoints
     from moetrain.checkpoint.storage import Store
@@ -133,15 +133,15 @@ def test_partial_object_left_by_a_failure_is_never_committed_or_loaded(store, mo
         with pytest.raises(CheckpointError, match="rank 0 failed"):
             commit(store, "run", 2, [failed])
         assert read_latest(store, "run") == 1 and not list_checkpoints(store, "run")[1].committed
-        # A forged commit of the partial object: its size (listing) or sha256 (reader) gives it away.
+        # A forged commit of the partial object: its size (listing) or crc32c (reader) gives it away.
         full = w.save(3, {"experts/layer-0/expert-9": {"w": torch.randn(1 << 20)}}).result()
         with pytest.raises(CorruptObjectError, match="size differs"):
             commit(store, "run", 2, [[{**full.entries[0].to_dict()}]])
         store.write_bytes(partial_key, b"x" * full.entries[0].size)  # right size, wrong bytes
         commit(store, "run", 2, [[full.entries[0].to_dict()]])
         ref = resolve(f"{store.uri}/run/step-2", store=store)
-        assert not verify(ref).ok and "sha256" in verify(ref).problems[0]
-        with pytest.raises(CorruptObjectError, match="sha256"):
+        assert not verify(ref).ok and "crc32c" in verify(ref).problems[0]
+        with pytest.raises(CorruptObjectError, match="crc32c"):
             load_objects(ref, ["experts/layer-0/expert-9"])
         store.delete("run/step-2/manifest.json")  # un-forge
         commit(store, "run", 3, [full])
