@@ -108,15 +108,14 @@ def test_ilp_no_worse_than_baselines_and_bound_below(qwen):
 
 
 def test_time_limit_honoured(qwen):
-    """``time_limit_s`` bounds the MIP phases of all layers together; the convergent local search
-    and the LP bound may exceed it but are reported per layer (solve.py docstring)."""
+    """``time_limit_s`` bounds every phase but the convergent local search (solve.py docstring)."""
     t0 = time.monotonic()
     res = solve_placement(qwen, Topology(4, 15), "ilp", time_limit_s=3.0)
     wall = time.monotonic() - t0
-    mip = sum(i["mip_s"] + i["lns_s"] for i in res.layers)
-    extra = sum(i["heuristic_s"] + i["bound_s"] for i in res.layers)
-    assert mip <= 3.0 + 1.0, mip  # slack: a sub-MIP's model hand-over is outside the solver's clock
-    assert wall <= max(3.0, extra) + 3.0 + 0.5, (wall, extra)
+    capped = sum(r.seconds("search") + r.seconds("mip") + r.seconds("lns") for r in res.layers)
+    extra = sum(r.seconds("heuristics") for r in res.layers)
+    assert capped <= 3.0 + 1.0, capped  # slack: model building and hand-over outside the solvers' clocks
+    assert wall <= 3.0 + extra + 1.5, (wall, extra)
     assert res.solve_time_s <= wall
 
 
