@@ -276,5 +276,7 @@ def solve_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
         bound = max(bound, dual + m.left_out_cost)
     if vals is None:
         return ExactResult(None, bound, "warm start only" if warm is not None else "no solution", nodes)
-    x = vals[:m.num_int].reshape(m.num_vertices, m.num_ranks)
-    return ExactResult(np.argmax(x, axis=1).astype(np.int64), bound, status, nodes)
+    rank_V = np.argmax(vals[:m.num_int].reshape(m.num_vertices, m.num_ranks), axis=1).astype(np.int64)
+    # a proven bound never exceeds the incumbent's value (CBC logs its bound rounded)
+    bound = min(bound, float(m.cost @ warm_values(m, hg, rank_V)) + m.left_out_cost)
+    return ExactResult(rank_V, bound, status, nodes)
