@@ -85,6 +85,21 @@ class _SwapState:
         self.fetch_SR = fetch_ER[row_S]
         self.load_R = np.bincount(self.rank_S, weights=self.load_S, minlength=R)
 
+    def swap(self, s: int, u: int) -> None:
+        """Exchange the contents of slots s and u in place (exact model, no replicas: every other
+        token keeps its slot, so only the two columns and their ranks' counts change)."""
+        assert self.exact
+        a, b = self.rank_S[s], self.rank_S[u]
+        self.row_S = self.row_S.copy()
+        for arr in (self.row_S, self.load_S, self.fetch_SR):
+            arr[[s, u]] = arr[[u, s]]
+        self.M_TS[:, [s, u]] = self.M_TS[:, [u, s]]
+        diff = self.M_TS[:, s] - self.M_TS[:, u]  # tokens now on a (from u) minus those now on b
+        self.N_TR[:, a] += diff
+        self.N_TR[:, b] -= diff
+        self.fetch_S = self.fetch_SR[np.arange(self.S), self.rank_S]
+        self.load_R = np.bincount(self.rank_S, weights=self.load_S, minlength=self.R)
+
     def objective(self) -> float:
         if self.exact:
             need_R = (self.N_TR > 0).sum(axis=0)
@@ -215,9 +230,13 @@ def tabu_search_layer(stats: RoutingStats, l: int, topo: Topology, start_S: np.n
         s, u = np.unravel_index(int(np.argmin(d)), d.shape)
         if not np.isfinite(d[s, u]):
             break
-        row = row.copy()
-        row[s], row[u] = row[u], row[s]
-        st = _SwapState(stats, l, topo, row, fetch_ER, load_weight, exact)
+        if exact and not replicated:
+            st.swap(int(s), int(u))
+            row = st.row_S
+        else:  # with replicas a swap can re-route other tokens (t mod c in slot order): rebuild
+            row = row.copy()
+            row[s], row[u] = row[u], row[s]
+            st = _SwapState(stats, l, topo, row, fetch_ER, load_weight, exact)
         cur = st.objective()
         until[s] = until[u] = it + tenure + int(rng.integers(0, 3))
         if cur < best_obj - tol:

@@ -54,16 +54,17 @@ from placement.topology import Topology
 
 METHODS = ("ilp", "greedy", "local_search", "contiguous", "round_robin")
 
-SEARCH_SHARE = 0.6  # tabu restarts: at most this share of the layer budget
+SEARCH_SHARE = 0.75  # tabu restarts: at most this share of the layer budget
 MIP_SHARE = 0.5  # the exact / pairwise MIP: this share of what is left after the search
 MIN_PHASE_S = 0.25  # a MIP phase with less time left than this is skipped
-TABU_ITERS = 250  # moves per tabu restart
-PERTURB_SWAPS = 4  # random exchanges before each restart after the first
+TABU_ITERS = 150  # moves per tabu restart
+TABU_TENURE = 10  # moves a moved slot stays locked (+0..2, seeded)
+PERTURB_SWAPS = 12  # random exchanges before each restart after the first
 MIP_MAX_NODES = 5_000  # node limit of the exact MIP (determinism; the clock is only a cap)
 LNS_SWEEPS = 2  # sweeps over all rank pairs
 LNS_MAX_FREE = 6  # experts freed per rank in a two-rank sub-MIP
 LNS_SUB_TIME_S = 0.5
-DEFAULT_RESTARTS = 4
+DEFAULT_RESTARTS = 8
 DEFAULT_MAX_HYPEREDGES = 400  # the exact ILP's root LP grows slow beyond a few hundred
 TOL = 1e-12
 
@@ -210,7 +211,7 @@ def _phase_search(c: LayerContext, l: int, best: _Best, deadline: float) -> bool
             return True
         start = best.row if i == 0 else _perturb(best.row, c.topo, rng, PERTURB_SWAPS)
         row, obj = tabu_search_layer(c.stats, l, c.topo, start, iters=TABU_ITERS, seed=int(rng.integers(2**31)),
-                                     deadline=deadline, **c.ls_kwargs(l))
+                                     tenure=TABU_TENURE, deadline=deadline, **c.ls_kwargs(l))
         best.offer(row, "tabu", layer_objective(c, l, row))
     return time.monotonic() > deadline
 

@@ -180,3 +180,21 @@ def test_local_search_swap_deltas_match_the_cost_model(qwen, exact):
         assert new - base == pytest.approx(d[s, u], abs=1e-9)
         checked += 1
     assert checked > 10
+
+
+def test_swap_state_in_place_update_equals_rebuild(qwen):
+    """The tabu search's in-place exchange keeps the state (objective, every swap delta) equal to
+    one rebuilt from the new row."""
+    from placement.baselines import _SwapState
+    topo = Topology(4, 15, ranks_per_node=2)
+    rng = np.random.default_rng(0)
+    row = Placement.random(1, 60, 4, seed=3).phy2log_LS[0].copy()
+    fetch = rng.random((60, 4)) * 0.01
+    state = _SwapState(qwen, 1, topo, row, fetch, 0.7, True)
+    for s, u in [(0, 59), (3, 20), (0, 16), (44, 2)]:
+        state.swap(s, u)
+        row[s], row[u] = row[u], row[s]
+        fresh = _SwapState(qwen, 1, topo, row, fetch, 0.7, True)
+        assert np.array_equal(state.row_S, row)
+        assert state.objective() == pytest.approx(fresh.objective(), abs=1e-12)
+        assert np.allclose(state.delta_SS(), fresh.delta_SS())
