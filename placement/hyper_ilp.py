@@ -182,7 +182,8 @@ def _solve_highs(m: ExactModel, warm: np.ndarray | None, time_limit_s: float, mi
               m.row_idx, m.row_val)
     end = time.monotonic() + float(time_limit_s)
 
-    def _stop(event) -> None:  # HiGHS checks its time limit too rarely inside root cut rounds
+    def _stop(event) -> None:  # HiGHS checks its time limit too rarely; this does not reach
+        # inside a root cut round either (OLMoE, 400 hyperedges x 4 ranks: 1.9 s asked, 5.6 s taken)
         if time.monotonic() > end:
             event.interrupt()
 
