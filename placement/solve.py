@@ -287,7 +287,8 @@ def _phase_pairwise_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> 
     flat = pairwise.flat_model(c, l, cnt_E)
     lp = solve_layer_model(flat, relax=True, time_limit_s=LP_BOUND_TIME_S, solver=c.solver).bound
     if hier:
-        bound, out.bound_kind = lp, "flat LP relaxation of the pairwise model (the hierarchical split proves no bound)"
+        bound = lp
+        out.bound_kind = "flat LP relaxation of the pairwise model (the hierarchical split proves no bound)"
     elif not math.isfinite(mip_bound) or (math.isfinite(lp) and lp >= mip_bound):
         bound, out.bound_kind = lp, "LP relaxation of the pairwise model"
     else:

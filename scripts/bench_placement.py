@@ -63,7 +63,8 @@ def topologies(num_experts: int) -> dict[str, Topology]:
     }
 
 
-def _mtk_partition(ids_TK: np.ndarray, num_experts: int, block_sizes: list[int], seed: int) -> tuple[np.ndarray, float]:
+def _mtk_partition(ids_TK: np.ndarray, num_experts: int, block_sizes: list[int],
+                   seed: int) -> tuple[np.ndarray, float]:
     """One Mt-KaHyPar km1 run: a block per expert with exactly ``block_sizes`` experts each."""
     global _MTK
     import mtkahypar
@@ -168,7 +169,8 @@ def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: 
         rows.append({"case": name, "method": method, "load_weight": lw,
                      "held_sends": h.sends, "held_imbalance": h.imbalance,
                      "held_imbalance_worst": float(h.imbalance_L.max()), "fit_objective": fit_cost.objective,
-                     "fit_sends": fit_cost.sends, "solve_s": solve_s, "solve_s_per_layer": solve_s / fit.num_layers,
+                     "fit_sends": fit_cost.sends, "solve_s": solve_s,
+                     "solve_s_per_layer": solve_s / fit.num_layers,
                      "bound": bound, "model_objective": model_obj, "gap": gap, "cpu_s": cpu, **extra})
     base = rows[0]["held_sends"]
     for r in rows:
@@ -233,13 +235,14 @@ def targets_of(rows: list[dict], scale: dict | None) -> tuple[dict, dict]:
         if r["method"] == "ilp_lw0":
             le_mtk.append(r["held_sends"] <= pick(r["case"], r["tname"], "mtkahypar")["held_sends"] + 1e-12)
     targets["ilp_fit_objective_le_greedy_and_local_search"] = bool(not_worse) and all(not_worse)
-    targets["ilp_bound_finite_every_layer"] = all(r["bounds_finite"] for r in rows if r["method"].startswith("ilp")) and (
+    ilp_rows = [r for r in rows if r["method"].startswith("ilp")]
+    targets["ilp_bound_finite_every_layer"] = all(r["bounds_finite"] for r in ilp_rows) and (
         scale is None or scale["bounds_finite"])
     targets["ilp_le_mtkahypar_all_cases"] = bool(le_mtk) and all(le_mtk)  # like for like: load weight 0
     informational = {"ilp_lw_le_mtkahypar_all_cases": bool(le_mtk_lw) and all(le_mtk_lw),
                      "ilp_le_mtkahypar_cases": f"{sum(le_mtk)}/{len(le_mtk)}",
-                     "ilp_mip_improved_layers": sum(r["mip_improved_layers"] for r in rows if r["method"].startswith("ilp")),
-                     "ilp_layers": sum(len(r["sources"]) for r in rows if r["method"].startswith("ilp"))}
+                     "ilp_mip_improved_layers": sum(r["mip_improved_layers"] for r in ilp_rows),
+                     "ilp_layers": sum(len(r["sources"]) for r in ilp_rows)}
     if scale:
         targets["scale_16x64x8_le_60s"] = scale["wall_s"] <= 60.0
     return targets, informational

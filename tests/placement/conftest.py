@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().parents[2].parent / "shared" / "traces")
+TRACES = Path(os.environ.get("MOETRAIN_TRACES")
+              or Path(__file__).resolve().parents[2].parent / "shared" / "traces")
 
 
 def _trace(name: str) -> Path:
