@@ -9,13 +9,13 @@ baselines. Pure numpy + PuLP (HiGHS through highspy when importable). No torch, 
 
 from placement.cost import CostBreakdown, evaluate
 from placement.placement import Placement, PlacementError
-from placement.solve import METHODS, SolveResult, solve_placement
+from placement.solve import METHODS, LayerReport, SolveResult, solve_placement
 from placement.stats import (RoutingStats, StatsError, from_aggregates, from_topk_ids, load_routing,
                              split_tokens)
 from placement.topology import Topology, TopologyError
 
 __all__ = [
-    "CostBreakdown", "METHODS", "Placement", "PlacementError", "RoutingStats", "SolveResult",
+    "CostBreakdown", "LayerReport", "METHODS", "Placement", "PlacementError", "RoutingStats", "SolveResult",
     "StatsError", "Topology", "TopologyError", "evaluate", "from_aggregates", "from_topk_ids",
     "load_routing", "solve_placement", "split_tokens",
 ]

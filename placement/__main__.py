@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, default="ilp")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for all layers together")
     p.add_argument("--load-weight", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="the ILP pipeline's seed (same seed, same answer)")
     p.add_argument("--inter-node-cost", type=float, default=4.0)
     p.add_argument("--out", default="", help="write the placement JSON here")
     return p
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for method in others + [args.method]:
             tl = args.time_limit if method == args.method else max(args.time_limit / 4, 0.5)
-            res = solve_placement(stats, topo, method, time_limit_s=tl, load_weight=args.load_weight)
+            res = solve_placement(stats, topo, method, time_limit_s=tl, load_weight=args.load_weight, seed=args.seed)
             rows.append(res)
     except (StatsError, TopologyError, PlacementError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -75,12 +75,6 @@ class _SwapState:
             self.M_TS = onehot_TE(ids, S)
             self.load_S = self.M_TS.sum(axis=0)
             self.T = max(self.M_TS.shape[0], 1)
-            K = ids.shape[1]
-            i, j = np.where(~np.eye(K, dtype=bool))  # ordered pairs of top-k columns
-            t_P = np.repeat(np.arange(ids.shape[0]), len(i))
-            a_P, b_P = ids[:, i].ravel(), ids[:, j].ravel()
-            ok = (a_P >= 0) & (b_P >= 0)
-            self.pair_t, self.pair_a, self.pair_ab = t_P[ok], a_P[ok], a_P[ok] * S + b_P[ok]
             self.N_TR = self.M_TS @ (self.rank_S[:, None] == np.arange(R)).astype(np.float64)
         else:
             c = cnt_E[row_S]
@@ -90,6 +84,21 @@ class _SwapState:
         self.fetch_S = fetch_ER[row_S, self.rank_S]
         self.fetch_SR = fetch_ER[row_S]
         self.load_R = np.bincount(self.rank_S, weights=self.load_S, minlength=R)
+
+    def swap(self, s: int, u: int) -> None:
+        """Exchange the contents of slots s and u in place (exact model, no replicas: every other
+        token keeps its slot, so only the two columns and their ranks' counts change)."""
+        assert self.exact
+        a, b = self.rank_S[s], self.rank_S[u]
+        self.row_S = self.row_S.copy()
+        for arr in (self.row_S, self.load_S, self.fetch_SR):
+            arr[[s, u]] = arr[[u, s]]
+        self.M_TS[:, [s, u]] = self.M_TS[:, [u, s]]
+        diff = self.M_TS[:, s] - self.M_TS[:, u]  # tokens now on a (from u) minus those now on b
+        self.N_TR[:, a] += diff
+        self.N_TR[:, b] -= diff
+        self.fetch_S = self.fetch_SR[np.arange(self.S), self.rank_S]
+        self.load_R = np.bincount(self.rank_S, weights=self.load_S, minlength=self.R)
 
     def objective(self) -> float:
         if self.exact:
@@ -116,9 +125,9 @@ class _SwapState:
             Z = (self.N_TR == 0) * w  # [T, R]
             G = (self.N_TR == 1) * w
             move_SR = self.M_TS.T @ Z - (self.M_TS.T @ G)[idx, a][:, None]  # s moves to rank r
-            # X[s, u] = sum over tokens served by both s and u of G[t, a(s)]
-            X = np.bincount(self.pair_ab, weights=G[self.pair_t, a[self.pair_a]],
-                            minlength=S * S).reshape(S, S)
+            # X[s, u] = sum over tokens served by both s and u of G[t, a(s)] (s != u)
+            X = (G[:, a] * self.M_TS).T @ self.M_TS
+            X[idx, idx] = 0.0
             d_tr = move_SR[:, a] + move_SR[:, a].T + X + X.T
         else:
             H = (a[:, None] == np.arange(self.R)).astype(np.float64)
@@ -185,3 +194,51 @@ def local_search_layer(stats: RoutingStats, l: int, topo: Topology, start_S: np.
         row, st, obj = cand, nst, nobj
         tabu[:] = False
     return row
+
+
+def tabu_search_layer(stats: RoutingStats, l: int, topo: Topology, start_S: np.ndarray, *,
+                      iters: int, seed: int, tenure: int = 8, cur_S: np.ndarray | None = None,
+                      load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
+                      deadline: float = float("inf"), tol: float = 1e-12) -> tuple[np.ndarray, float]:
+    """Tabu search over exchanges of slot contents between ranks: ``iters`` moves, each the best
+    exchange (improving or not) whose slots were not moved in the last ``tenure`` (+0..2, seeded)
+    moves, unless it beats the best seen (aspiration). Ties are broken by a seeded random
+    perturbation, so a given seed gives one answer unless ``deadline`` cuts the run.
+    Returns the best row [S] seen and its objective (the exact one of cost.py)."""
+    E, R = stats.num_experts, topo.num_ranks
+    exact = stats.topk_ids_TLK is not None
+    rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
+    fetch_ER = np.zeros((E, R))
+    if cur_S is not None:
+        fetch_ER = (holders_ER(cur_S, rank_S, E, R) == 0) * (expert_bytes * migration_weight)
+    replicated = topo.num_slots != E
+    rng = np.random.default_rng(seed)
+    row = start_S.copy()
+    st = _SwapState(stats, l, topo, row, fetch_ER, load_weight, exact)
+    cur = st.objective()
+    best, best_obj = row.copy(), cur
+    until = np.zeros(len(row), dtype=np.int64)  # slot may not move again before this move
+    for it in range(iters):
+        if time.monotonic() > deadline:
+            break
+        d = st.delta_SS()
+        if replicated:
+            d[_bad_swaps(row, rank_S, E, R)] = np.inf
+        locked = (until[:, None] > it) | (until[None, :] > it)
+        d = np.where(locked & ~(cur + d < best_obj - tol), np.inf, d)
+        d = d + rng.random(d.shape) * tol  # seeded tie-break
+        s, u = np.unravel_index(int(np.argmin(d)), d.shape)
+        if not np.isfinite(d[s, u]):
+            break
+        if exact and not replicated:
+            st.swap(int(s), int(u))
+            row = st.row_S
+        else:  # with replicas a swap can re-route other tokens (t mod c in slot order): rebuild
+            row = row.copy()
+            row[s], row[u] = row[u], row[s]
+            st = _SwapState(stats, l, topo, row, fetch_ER, load_weight, exact)
+        cur = st.objective()
+        until[s] = until[u] = it + tenure + int(rng.integers(0, 3))
+        if cur < best_obj - tol:
+            best, best_obj = row.copy(), cur
+    return best, best_obj

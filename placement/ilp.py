@@ -1,6 +1,8 @@
-"""The ILP for one layer (PuLP; HiGHS when importable, else the bundled CBC).
+"""The pairwise ILP for one layer (PuLP; HiGHS when importable, else the bundled CBC).
 
-Owns: building and solving the per-layer model, warm start, reading the solver's proven bound.
+Owns: building and solving the per-layer pairwise model, warm start, reading the solver's proven
+bound. solve.py uses it for statistics without per-token ids (aggregates only); with ids it
+uses the exact hypergraph model of hyper_ilp.py instead.
 
 Legend: E experts, R ranks (or nodes, in the first stage of the hierarchical split), P pairs.
 

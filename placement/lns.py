@@ -188,13 +188,13 @@ def apply_split(row_S: np.ndarray, pm: PairModel, x: np.ndarray) -> np.ndarray:
 
 def lns_layer(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, w_R: np.ndarray,
               fetch_ER: np.ndarray, load_weight: float, objective, deadline: float, solver: str,
-              max_free: int = 8, sub_time_s: float = 1.0, seed: int = 0,
+              max_free: int = 8, sub_time_s: float = 1.0, seed: int = 0, max_sweeps: int = 1_000_000,
               tol: float = 1e-12) -> tuple[np.ndarray, dict]:
     """Sweep over rank pairs; for each, free at most ``max_free`` single-replica experts per rank
     (a seeded random choice when a rank holds more; all of them otherwise) and re-split them
     with the exact sub-MIP (``sub_time_s`` each, warm-started from the current split). Stops at
-    ``deadline``, or after a full sweep without improvement when no neighbourhood was
-    subsampled. ``objective(row) -> float`` is the exact layer objective that accepts a move.
+    ``deadline``, after ``max_sweeps`` sweeps over all pairs, or after a full sweep without
+    improvement when no neighbourhood was subsampled. ``objective(row) -> float`` is the exact layer objective that accepts a move.
     Returns the row and counters (subproblems solved, proven optimal, improvements)."""
     R = int(rank_S.max()) + 1
     rng = np.random.default_rng(seed)
@@ -202,7 +202,7 @@ def lns_layer(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, w_R: np
     info = {"subproblems": 0, "proven": 0, "improvements": 0}
     pairs = list(itertools.combinations(range(R), 2))
     stale, complete = 0, True  # complete: no neighbourhood of this sweep was subsampled
-    while pairs:
+    for _ in range(max_sweeps if pairs else 0):
         for a, b in pairs:
             left = deadline - time.monotonic()
             if left < 0.05:

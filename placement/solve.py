@@ -1,36 +1,36 @@
 """The single entry point: ``solve_placement(stats, topology, method=...) -> SolveResult``.
 
-Owns: running a method over every layer within one time budget, the ILP pipeline (convergent
-local search + greedy -> flat or hierarchical ILP -> exact swap polish -> exact two-rank MIP
-neighbourhood search (lns.py) -> bound), and the result type. Side-effect free and picklable results, so moetrain can call it from a Ray task.
+Owns: running a method over every layer within one time budget, the ILP pipeline's phases, the
+per-layer report (:class:`LayerReport`) and the result type. Side-effect free and picklable
+results, so moetrain can call it from a Ray task.
 
-Legend: L layers, E experts, R ranks, N nodes, S slots.
+Legend: L layers, E experts, V vertices (expert replicas), R ranks, S slots.
 
-``method="ilp"`` per layer (layer l's deadline is ``start + time_limit_s * (l + 1) / L``):
+``method="ilp"`` per layer (layer l's deadline is ``start + time_limit_s * (l + 1) / L``), each
+phase a function below, every answer scored by the exact cost model before it is kept:
 
-1. **heuristics** (not cut by the deadline; reported as ``heuristic_s``): greedy (EPLB-style),
-   and the same deterministic exact swap local search as ``method="local_search"`` from the same
-   start, run to convergence. Best-improvement descent never rises, so the best of the two is
-   <= greedy and <= local_search (whatever point its deadline stopped it at): **the ILP method
-   never returns a worse fitted objective than greedy or local_search, by construction**.
-2. **flat ILP** (ilp.py, pairwise model on the top ``num_pairs`` pairs; hierarchical
-   nodes-then-ranks for multi-node problems with E x R >= 512 and no replicas) warm-started from
-   the best heuristic answer (incl. random-restart local search on 40% of the layer's remaining
-   budget, no-replica layers only), on 30% of what is left of the layer's budget (90% when step 3 cannot
-   run), then exact swap polish of its answer.
-3. **MIP neighbourhood search** (lns.py): the exact two-rank sub-MIP over rank pairs, with the
-   rest of the budget (needs per-token ids).
-4. **bound** (reported as ``bound_s``): the larger of the flat MIP's proven dual bound and the
-   flat LP relaxation (always solved, without a time limit); in
-   hierarchical mode always the flat LP relaxation (the two-stage split proves nothing).
-   Every layer gets a finite bound unless the LP itself fails (``bound_kind`` says which).
-   It bounds the ILP's *pairwise model* (``model_objective`` = that model's value of the
-   returned placement), not the exact dedup cost.
+1. **heuristics** (not cut by the deadline): greedy (EPLB-style) and the deterministic swap local
+   search of ``method="local_search"`` from the same start, run to convergence. Descent never
+   rises, so from here on the answer is <= greedy and <= local_search **by construction**.
+2. **search**: ``restarts`` tabu searches (baselines.py) of ``TABU_ITERS`` moves each, the
+   first from the best answer, the others from it perturbed by ``PERTURB_SWAPS`` random
+   exchanges (seeded by ``seed`` and the layer); capped at ``SEARCH_SHARE`` of the layer budget.
+3. **mip**: with per-token ids, the *exact* hypergraph ILP (hyper_ilp.py: connectivity of each
+   distinct top-k set, exactly ``evaluate()``'s objective, replica counts of the warm start)
+   on the ``max_hyperedges`` heaviest hyperedges, warm-started from the best answer, on
+   ``MIP_SHARE`` of what is left (all of it when step 4 cannot run), then swap polish of its
+   answer. With aggregates only, the pairwise ILP (pairwise.py, flat or hierarchical).
+4. **lns**: the exact two-rank sub-MIP over rank pairs (lns.py), ``LNS_SWEEPS`` sweeps at most,
+   with the rest of the budget (needs per-token ids).
+5. **bound**: exact path, the exact ILP's proven bound on the *true* layer objective (at least
+   the closed-form bound: every token reaches one rank, the busiest rank carries the mean load);
+   pairwise path, as before, the larger of the MIP's dual bound and the flat LP relaxation of
+   the *pairwise model* (``bound_kind`` says which).
 
-So ``time_limit_s`` bounds the MIP phases (2, 3) of all layers together; the convergent local
-search of step 1 and the LP of step 4 may run past it (each layer's figures are in
-``SolveResult.layers``: times, ``warm_objective`` (best heuristic), ``objective`` (returned),
-``mip_improvement``, ``source``).
+Determinism: phases 2 and 4 are bounded by counts (restarts x moves, sweeps) and seeded; the
+MIPs run single-threaded with a fixed random seed and a node limit. The clock only caps them, so
+two solves with the same seed return the same placement unless a phase hits its time cap
+(``LayerReport.capped`` lists the phases that did).
 """
 
 from __future__ import annotations
@@ -41,15 +41,70 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from placement.baselines import greedy_layer, local_search_layer, pack_lpt, replica_counts
+from placement import pairwise
+from placement.baselines import greedy_layer, local_search_layer, pack_lpt, tabu_search_layer
 from placement.cost import CostBreakdown, evaluate, holders_ER, layer_cost, migration_bytes
-from placement.ilp import LP_BOUND_TIME_S, LayerModel, default_solver, model_objective, solve_layer_model, top_pairs
+from placement.hyper_ilp import solve_exact, trivial_bound
+from placement.hypergraph import build_hypergraph, rank_of_vertices, row_from_ranks
+from placement.ilp import LP_BOUND_TIME_S, default_solver, model_objective, solve_layer_model
 from placement.lns import lns_layer
 from placement.placement import Placement, PlacementError
 from placement.stats import RoutingStats
 from placement.topology import Topology
 
 METHODS = ("ilp", "greedy", "local_search", "contiguous", "round_robin")
+
+SEARCH_SHARE = 0.75  # tabu restarts: at most this share of the layer budget
+MIP_SHARE = 0.5  # the exact / pairwise MIP: this share of what is left after the search
+MIN_PHASE_S = 0.25  # a MIP phase with less time left than this is skipped
+TABU_ITERS = 150  # moves per tabu restart
+TABU_TENURE = 10  # moves a moved slot stays locked (+0..2, seeded)
+PERTURB_SWAPS = 12  # random exchanges before each restart after the first
+MIP_MAX_NODES = 5_000  # node limit of the exact MIP (determinism; the clock is only a cap)
+# HiGHS can run seconds past its time limit in a root cut round (hyper_ilp.py): it gets this
+# share of the MIP phase's time, the rest absorbs the overrun (or goes to the LNS)
+MIP_SOLVER_LIMIT_FRACTION = 0.5
+LNS_SWEEPS = 2  # sweeps over all rank pairs
+LNS_MAX_FREE = 6  # experts freed per rank in a two-rank sub-MIP
+LNS_SUB_TIME_S = 0.5
+DEFAULT_RESTARTS = 8
+DEFAULT_MAX_HYPEREDGES = 200  # the exact ILP's root LP and cut rounds grow slow beyond a few hundred
+TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What happened in one layer: which stage's answer won, the fitted objective after each
+    stage, the bound and its kind, and the seconds each phase took."""
+
+    layer: int
+    method: str
+    source: str  # the stage whose answer is returned (e.g. "tabu", "exact_ilp+polish", "lns")
+    objective: float  # fitted objective of the returned row (cost.py)
+    stages: tuple[tuple[str, float], ...] = ()  # (stage, best fitted objective after it)
+    warm_objective: float = math.nan  # best answer before the MIP phases (the MIP's warm start)
+    bound: float = math.nan  # proven lower bound (nan: no ILP)
+    model_objective: float = math.nan  # the bounded model's value of the returned row
+    bound_kind: str = ""
+    model: str = "none"  # "hypergraph" (exact) | "pairwise" | "none"
+    status: str = "heuristic"  # the MIP's: "optimal" | "feasible" | "warm start only" | ...
+    times: tuple[tuple[str, float], ...] = ()  # (phase, seconds)
+    capped: tuple[str, ...] = ()  # phases stopped by the clock rather than their counts
+    hyperedges: tuple[int, int] = (0, 0)  # (kept in the exact model, distinct in the layer)
+    lns: tuple[int, int, int] = (0, 0, 0)  # (subproblems, proven optimal, improvements)
+    hierarchical: bool = False
+
+    @property
+    def mip_improvement(self) -> float:
+        """Fitted objective gained by the MIP phases over their warm start (>= 0)."""
+        return self.warm_objective - self.objective if math.isfinite(self.warm_objective) else 0.0
+
+    @property
+    def improved_by_mip(self) -> bool:
+        return self.mip_improvement > TOL
+
+    def seconds(self, phase: str) -> float:
+        return dict(self.times).get(phase, 0.0)
 
 
 @dataclass(frozen=True)
@@ -59,11 +114,11 @@ class SolveResult:
     method: str
     solver: str  # "highs" | "cbc" | "none"
     status: str  # "optimal" | "feasible" | "heuristic"
-    bound: float  # sum over layers of the ILP model's proven lower bound (nan: no ILP)
-    model_objective: float  # sum over layers of the ILP model objective of its answer (nan: no ILP)
+    bound: float  # sum over layers of the proven lower bounds (nan: no ILP)
+    model_objective: float  # sum over layers of the bounded model's value of the answer
     gap: float  # (model_objective - bound) / |model_objective| (nan: no ILP)
     solve_time_s: float
-    layers: tuple = field(default=())  # per-layer dicts: status, bound, source, times
+    layers: tuple[LayerReport, ...] = field(default=())
 
     def summary(self) -> dict:
         return {"method": self.method, "solver": self.solver, "status": self.status,
@@ -72,7 +127,7 @@ class SolveResult:
 
 
 @dataclass(frozen=True)
-class _Ctx:
+class LayerContext:
     stats: RoutingStats
     topo: Topology
     cur_LS: np.ndarray | None
@@ -84,10 +139,21 @@ class _Ctx:
     solver: str
     hierarchical: bool | None
     balance_cap: float | None
+    seed: int
+    restarts: int
+    max_hyperedges: int
+
+    @property
+    def exact(self) -> bool:
+        return self.stats.topk_ids_TLK is not None
+
+    def ls_kwargs(self, l: int) -> dict:
+        return dict(load_weight=self.load_weight, migration_weight=self.migration_weight,
+                    expert_bytes=self.expert_bytes, cur_S=None if self.cur_LS is None else self.cur_LS[l])
 
 
-def _layer_objective(c: _Ctx, l: int, row_S: np.ndarray) -> float:
-    tr, _, ml, _, _ = layer_cost(c.stats, l, row_S, c.topo, c.stats.topk_ids_TLK is not None)
+def layer_objective(c: LayerContext, l: int, row_S: np.ndarray) -> float:
+    tr, _, ml, _, _ = layer_cost(c.stats, l, row_S, c.topo, c.exact)
     mig = 0.0
     if c.cur_LS is not None:
         srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
@@ -96,243 +162,270 @@ def _layer_objective(c: _Ctx, l: int, row_S: np.ndarray) -> float:
     return tr + c.load_weight * ml + c.migration_weight * mig
 
 
-def _rows_from_sets(rank_sets: list, num_ranks: int) -> np.ndarray:
-    return np.array([e for r in range(num_ranks) for e, rs in enumerate(rank_sets) if r in rs], dtype=np.int64)
+class _Best:
+    """The best row of one layer so far, the stage that found it, and the stage history."""
+
+    def __init__(self, c: LayerContext, l: int, row: np.ndarray, source: str):
+        self.c, self.l = c, l
+        self.row, self.obj, self.source = row, layer_objective(c, l, row), source
+        self.stages: list[tuple[str, float]] = [(source, self.obj)]
+
+    def offer(self, row: np.ndarray, source: str, obj: float | None = None) -> bool:
+        obj = layer_objective(self.c, self.l, row) if obj is None else obj
+        won = obj < self.obj - TOL
+        if won:
+            self.row, self.obj, self.source = row, obj, source
+        return won
+
+    def mark(self, stage: str) -> None:
+        self.stages.append((stage, self.obj))
 
 
-def _layer_model(c: _Ctx, l: int, cnt_E: np.ndarray, experts: np.ndarray, ranks: np.ndarray,
-                 w_R: np.ndarray, slots_R: np.ndarray, fetch_ER: np.ndarray) -> LayerModel:
-    s = c.stats
-    T = max(s.num_tokens, 1)
-    load = s.load_LE[l][experts]
-    cnt = cnt_E[experts]
-    pairs, q = top_pairs(s.coact_LEE[l][np.ix_(experts, experts)], cnt, c.num_pairs)
-    share = load / cnt / T
-    cap = None
-    if c.balance_cap is not None:
-        lpt = pack_lpt(load, cnt, Topology(len(ranks), tuple(int(x) for x in slots_R)))
-        lpt_max = np.bincount(np.repeat(np.arange(len(ranks)), slots_R), weights=(load / cnt)[lpt]).max() / T
-        cap = max(c.balance_cap * float(share @ cnt) / len(ranks), float(lpt_max) * (1 + 1e-9))
-    return LayerModel(share, cnt, pairs, q / T, w_R, np.asarray(slots_R), fetch_ER[np.ix_(experts, ranks)],
-                      c.load_weight, cap)
-
-
-def _fetch_ER(c: _Ctx, l: int) -> np.ndarray:
-    E, R = c.stats.num_experts, c.topo.num_ranks
-    if c.cur_LS is None:
-        return np.zeros((E, R))
-    srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
-    return (holders_ER(c.cur_LS[l], srank, E, R) == 0) * (c.expert_bytes * c.migration_weight)
-
-
-def _ilp_flat(c: _Ctx, l: int, cnt_E, warm_S, time_s):
-    E, R = c.stats.num_experts, c.topo.num_ranks
-    m = _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), c.topo.send_weight_R,
-                     np.array(c.topo.slots_per_rank), _fetch_ER(c, l))
-    srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
-    res = solve_layer_model(m, warm_ER=holders_ER(warm_S, srank, E, R), time_limit_s=time_s,
-                            mip_gap=c.mip_gap, solver=c.solver)
-    row = _rows_from_sets(res.rank_sets, R) if res.rank_sets else None
-    return row, res.objective, res.bound, res.status
-
-
-def _ilp_hierarchical(c: _Ctx, l: int, cnt_E, warm_S, time_s):
-    """Experts -> nodes (inter-node costs only), then each node's experts -> its ranks."""
-    topo, E, R = c.topo, c.stats.num_experts, c.topo.num_ranks
-    N, node_R = topo.num_nodes, topo.node_R
-    origin_N = np.bincount(node_R, weights=np.asarray(topo.origin_R), minlength=N)
-    w_N = (1.0 - origin_N) * topo.inter_node_cost
-    slots_N = np.bincount(node_R, weights=np.array(topo.slots_per_rank), minlength=N).astype(np.int64)
-    fetch_ER = _fetch_ER(c, l)
-    fetch_EN = np.stack([fetch_ER[:, node_R == n].min(axis=1) for n in range(N)], axis=1)
-    m1 = _layer_model(c, l, cnt_E, np.arange(E), np.arange(N), w_N, slots_N, fetch_EN)
-    m1 = LayerModel(m1.share_E, m1.cnt_E, m1.pairs_P2, m1.q_P, m1.w_R, m1.slots_R, m1.fetch_ER,
-                    c.load_weight / topo.ranks_per_node, None)
-    srank = np.repeat(np.arange(R), topo.slots_per_rank)
-    warm_node = holders_ER(warm_S, node_R[srank], E, N)
-    r1 = solve_layer_model(m1, warm_ER=warm_node, time_limit_s=time_s / 2, mip_gap=c.mip_gap, solver=c.solver)
-    if not r1.rank_sets:
-        return None, math.nan, math.nan, r1.status
-    rank_sets: list[list[int]] = [[] for _ in range(E)]
-    for n in range(N):
-        experts = np.array([e for e in range(E) if n in r1.rank_sets[e]], dtype=np.int64)
-        ranks = np.flatnonzero(node_R == n)
-        m2 = _layer_model(c, l, cnt_E, experts, ranks, topo.send_weight_R[ranks],
-                          np.array(topo.slots_per_rank)[ranks], fetch_ER)
-        r2 = solve_layer_model(m2, time_limit_s=time_s / (2 * N), mip_gap=c.mip_gap, solver=c.solver)
-        if not r2.rank_sets:
-            return None, math.nan, math.nan, r2.status
-        for i, e in enumerate(experts):
-            rank_sets[e] = [int(ranks[r]) for r in r2.rank_sets[i]]
-    flat = _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), topo.send_weight_R,
-                        np.array(topo.slots_per_rank), fetch_ER)
-    row = _rows_from_sets(rank_sets, R)
-    obj = model_objective(flat, holders_ER(row, srank, E, R))
-    # stages solved to optimality do not make the split optimal for the flat model: no bound here
-    # (the caller computes the flat LP relaxation)
-    return row, obj, math.nan, "feasible"
-
-
-def _flat_model(c: _Ctx, l: int, cnt_E: np.ndarray) -> LayerModel:
-    E, R = c.stats.num_experts, c.topo.num_ranks
-    return _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), c.topo.send_weight_R,
-                        np.array(c.topo.slots_per_rank), _fetch_ER(c, l))
-
-
-def _multistart(c: _Ctx, l: int, best_S: np.ndarray, deadline: float, kw: dict) -> np.ndarray:
-    """Local search from random permutations (seeded by layer) until ``deadline``; keep the best
-    (no replicas only: a random permutation may co-locate two replicas)."""
-    rng = np.random.default_rng(1000 + l)
-    best_obj = _layer_objective(c, l, best_S)
-    while time.monotonic() < deadline:
-        row = local_search_layer(c.stats, l, c.topo, rng.permutation(best_S), deadline=deadline, **kw)
-        obj = _layer_objective(c, l, row)
-        if obj < best_obj - 1e-12:
-            best_S, best_obj = row, obj
-    return best_S
-
-
-def _solve_layer(c: _Ctx, l: int, method: str, deadline: float) -> tuple[np.ndarray, dict]:
-    s, topo = c.stats, c.topo
-    E, R = s.num_experts, topo.num_ranks
-    load_E = s.load_LE[l]
-    cnt_E = replica_counts(load_E, topo)
-    greedy = greedy_layer(load_E, topo)
-    info: dict = {"layer": l, "bound": math.nan, "model_objective": math.nan, "status": "heuristic"}
-    if method == "greedy":
-        return greedy, info
+def _phase_heuristics(c: LayerContext, l: int) -> _Best:
+    greedy = greedy_layer(c.stats.load_LE[l], c.topo)
+    best = _Best(c, l, greedy, "greedy")
     start = greedy
-    if c.cur_LS is not None and _layer_objective(c, l, c.cur_LS[l]) < _layer_objective(c, l, start):
+    if c.cur_LS is not None and layer_objective(c, l, c.cur_LS[l]) < best.obj:
         start = c.cur_LS[l].copy()
-    kw = dict(load_weight=c.load_weight, migration_weight=c.migration_weight, expert_bytes=c.expert_bytes,
-              cur_S=None if c.cur_LS is None else c.cur_LS[l])
-    if method == "local_search":
-        return local_search_layer(s, l, topo, start, deadline=deadline, **kw), info
-    # ---- method == "ilp" -------------------------------------------------------------------
-    # phase 1, heuristics: the same deterministic local search as method="local_search", run to
-    # convergence (not cut by the deadline), plus greedy itself. Best-improvement descent never
-    # rises, so this is <= local_search (whatever its deadline cut) and <= greedy, by construction.
-    t1 = time.monotonic()
-    ls = local_search_layer(s, l, topo, start, **kw)
-    cands = {"greedy": greedy, "local_search": ls}
-    objs = {k: _layer_objective(c, l, v) for k, v in cands.items()}
-    src = min(objs, key=objs.get)
-    best, best_obj = cands[src], objs[src]
-    info.update(heuristic_s=time.monotonic() - t1)
-    # random-restart local search (seeded per layer) on 40% of what is left: more local optima
-    t_ms = time.monotonic()
-    if deadline - t_ms > 0.25 and topo.num_slots == E:
-        ms = _multistart(c, l, best, t_ms + 0.4 * (deadline - t_ms), kw)
-        o = _layer_objective(c, l, ms)
-        if o < best_obj - 1e-12:
-            best, best_obj, src = ms, o, "multistart"
-    warm_obj = best_obj
-    info.update(multistart_s=time.monotonic() - t_ms, warm_objective=warm_obj, warm_source=src)
-    # phase 2, the flat ILP (pairwise model) warm-started from the best heuristic answer, on a
-    # share of what is left of the layer's budget; then exact swap polish of its answer
+    best.offer(local_search_layer(c.stats, l, c.topo, start, **c.ls_kwargs(l)), "local_search")
+    best.mark("local_search")
+    return best
+
+
+def _perturb(row: np.ndarray, topo: Topology, rng: np.random.Generator, swaps: int) -> np.ndarray:
+    """``swaps`` random exchanges of slot contents between ranks that keep replicas apart."""
+    rank_S = np.repeat(np.arange(topo.num_ranks), topo.slots_per_rank)
+    row = row.copy()
+    for _ in range(swaps):
+        for _try in range(20):
+            s, u = rng.integers(0, len(row), 2)
+            a, b = rank_S[s], rank_S[u]
+            if a != b and row[s] != row[u] and row[s] not in row[rank_S == b] and row[u] not in row[rank_S == a]:
+                row[s], row[u] = row[u], row[s]
+                break
+    return row
+
+
+def _phase_search(c: LayerContext, l: int, best: _Best, deadline: float) -> bool:
+    """Tabu restarts, count-bounded; returns True if the clock cut them."""
+    rng = np.random.default_rng([c.seed, l])
+    for i in range(c.restarts):
+        if time.monotonic() > deadline:
+            return True
+        start = best.row if i == 0 else _perturb(best.row, c.topo, rng, PERTURB_SWAPS)
+        row, obj = tabu_search_layer(c.stats, l, c.topo, start, iters=TABU_ITERS, seed=int(rng.integers(2**31)),
+                                     tenure=TABU_TENURE, deadline=deadline, **c.ls_kwargs(l))
+        best.offer(row, "tabu", layer_objective(c, l, row))
+    return time.monotonic() > deadline
+
+
+def _load_cap(c: LayerContext, l: int, cnt_E: np.ndarray) -> float | None:
+    """The balance cap per token: ``balance_cap`` x mean rank load, never below what LPT packs."""
+    if c.balance_cap is None:
+        return None
+    load, T, R = c.stats.load_LE[l], max(c.stats.num_tokens, 1), c.topo.num_ranks
+    lpt = pack_lpt(load, cnt_E, c.topo)
+    srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
+    lpt_max = np.bincount(srank, weights=(load / cnt_E)[lpt], minlength=R).max() / T
+    return max(c.balance_cap * float(load.sum()) / T / R, float(lpt_max) * (1 + 1e-9))
+
+
+@dataclass
+class _MipOutcome:
+    bound: float = math.nan
+    model_objective: float = math.nan
+    bound_kind: str = ""
+    model: str = "none"
+    status: str = "no time for MIP"
+    hyperedges: tuple[int, int] = (0, 0)
+    hierarchical: bool = False
+
+
+def _phase_exact_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> _MipOutcome:
+    """The exact hypergraph ILP from the best row (its replica counts), then swap polish."""
+    topo, R = c.topo, c.topo.num_ranks
     srank = np.repeat(np.arange(R), topo.slots_per_rank)
+    cnt_E = np.bincount(best.row, minlength=c.stats.num_experts)
+    hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], cnt_E)
+    fetch_VR = pairwise.layer_fetch_ER(c, l)[hg.expert_V]
+    slots_R = np.array(topo.slots_per_rank)
+    w_R = topo.send_weight_R
+    out = _MipOutcome(model="hypergraph", hyperedges=(min(hg.num_edges, c.max_hyperedges), hg.num_edges))
+    bound, out.bound_kind = trivial_bound(hg, w_R, c.load_weight), "closed form (no time for the MIP)"
+    if time_s > MIN_PHASE_S:
+        res = solve_exact(hg, w_R, slots_R, c.load_weight, fetch_VR, warm_V=rank_of_vertices(best.row, srank),
+                          time_limit_s=MIP_SOLVER_LIMIT_FRACTION * time_s, max_edges=c.max_hyperedges,
+                          mip_gap=c.mip_gap, solver=c.solver, seed=c.seed, max_nodes=MIP_MAX_NODES,
+                          cap=_load_cap(c, l, cnt_E))
+        bound, out.status = res.bound, res.status
+        out.bound_kind = "exact ILP bound (true objective)"
+        if res.rank_V is not None:
+            row = row_from_ranks(res.rank_V, hg.expert_V, slots_R)
+            if not best.offer(row, "exact_ilp"):
+                polished = local_search_layer(c.stats, l, topo, row, **c.ls_kwargs(l))
+                best.offer(polished, "exact_ilp+polish")
+    out.bound = bound
+    return out
+
+
+def _phase_pairwise_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> _MipOutcome:
+    """Aggregates only: the pairwise ILP (flat or hierarchical), polish, and its LP bound."""
+    E, R = c.stats.num_experts, c.topo.num_ranks
+    cnt_E = np.bincount(best.row, minlength=E)
     hier = c.hierarchical
     if hier is None:
-        hier = topo.num_nodes > 1 and (cnt_E == 1).all() and E * R >= 512
-    exact = s.topk_ids_TLK is not None
-    lns_ok = exact and R >= 2
-    t2 = time.monotonic()
-    left = deadline - t2
-    flat = _flat_model(c, l, cnt_E)
-    bound, status, bound_note = math.nan, "no time for MIP", ""
-    if left > 0.25:
-        fn = _ilp_hierarchical if hier else _ilp_flat
-        row, _, b, status = fn(c, l, cnt_E, best, (0.3 if lns_ok else 0.9) * left)
-        bound = b
+        hier = c.topo.num_nodes > 1 and (cnt_E == 1).all() and E * R >= 512
+    out = _MipOutcome(model="pairwise", hierarchical=bool(hier))
+    mip_bound = math.nan
+    if time_s > MIN_PHASE_S:
+        fn = pairwise.ilp_hierarchical if hier else pairwise.ilp_flat
+        row, _, mip_bound, out.status = fn(c, l, cnt_E, best.row, time_s)
         if row is not None:
-            polished = local_search_layer(s, l, topo, row, deadline=deadline, **kw)
-            o = _layer_objective(c, l, polished)
-            if o < best_obj - 1e-12:
-                best, best_obj = polished, o
-                src = "ilp" if np.array_equal(polished, row) else "ilp+polish"
-    info["mip_s"] = time.monotonic() - t2
-    # phase 3, exact MIP neighbourhood search over rank pairs (lns.py) with the rest of the budget
-    t3 = time.monotonic()
-    if lns_ok and deadline - t3 > 0.1:
-        row, lns_info = lns_layer(s.topk_ids_TLK[:, l], best, srank, topo.send_weight_R, _fetch_ER(c, l),
-                                  c.load_weight, lambda r: _layer_objective(c, l, r), deadline, c.solver,
-                                  max_free=6, sub_time_s=0.5, seed=1000 + l)
-        o = _layer_objective(c, l, row)
-        if o < best_obj - 1e-12:
-            best, best_obj, src = row, o, src + "+lns"
-        info.update(lns=lns_info)
-    info["lns_s"] = time.monotonic() - t3
-    # phase 4, the bound: never silently missing. The flat LP relaxation (not time-limited) is
-    # always solved. Flat path: the larger of it and the MIP's dual bound (a MIP stopped before
-    # its root reports a trivial one); hierarchical: the two-stage split proves nothing about the
-    # flat model, so the flat LP relaxation is the bound.
-    t4 = time.monotonic()
+            polished = local_search_layer(c.stats, l, c.topo, row, **c.ls_kwargs(l))
+            best.offer(polished, "pairwise_ilp" if np.array_equal(polished, row) else "pairwise_ilp+polish")
+    # the flat LP relaxation (not time-limited) backs every pairwise bound
+    flat = pairwise.flat_model(c, l, cnt_E)
     lp = solve_layer_model(flat, relax=True, time_limit_s=LP_BOUND_TIME_S, solver=c.solver).bound
     if hier:
-        bound, bound_note = lp, "flat LP relaxation (the hierarchical split proves no bound)"
-    elif not math.isfinite(bound) or (math.isfinite(lp) and lp >= bound):
-        bound, bound_note = lp, "LP relaxation" + ("" if left > 0.25 else " (no time for the MIP)")
+        bound = lp
+        out.bound_kind = "flat LP relaxation of the pairwise model (the hierarchical split proves no bound)"
+    elif not math.isfinite(mip_bound) or (math.isfinite(lp) and lp >= mip_bound):
+        bound, out.bound_kind = lp, "LP relaxation of the pairwise model"
     else:
-        bound_note = "MIP dual bound"
-    if not math.isfinite(bound):
-        bound_note = "none: LP relaxation failed"
-    hold = holders_ER(best, srank, E, R)
-    mobj = model_objective(flat, hold)
-    info.update(status=status, bound=min(bound, mobj) if math.isfinite(bound) else bound, bound_kind=bound_note,
-                model_objective=mobj, bound_s=time.monotonic() - t4, hierarchical=bool(hier), source=src,
-                objective=best_obj, improved_by_mip=warm_obj - best_obj > 1e-12,
-                mip_improvement=warm_obj - best_obj)
-    return best, info
+        bound, out.bound_kind = mip_bound, "MIP dual bound of the pairwise model"
+    srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
+    out.model_objective = model_objective(flat, holders_ER(best.row, srank, E, R))
+    out.bound = min(bound, out.model_objective) if math.isfinite(bound) else bound
+    return out
+
+
+def _phase_lns(c: LayerContext, l: int, best: _Best, deadline: float) -> tuple[int, int, int]:
+    srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
+    row, info = lns_layer(c.stats.topk_ids_TLK[:, l], best.row, srank, c.topo.send_weight_R,
+                          pairwise.layer_fetch_ER(c, l), c.load_weight, lambda r: layer_objective(c, l, r),
+                          deadline, c.solver, max_free=LNS_MAX_FREE, sub_time_s=LNS_SUB_TIME_S,
+                          seed=c.seed * 1000 + l, max_sweeps=LNS_SWEEPS)
+    best.offer(row, best.source + "+lns")
+    return info["subproblems"], info["proven"], info["improvements"]
+
+
+def _solve_ilp_layer(c: LayerContext, l: int, deadline: float) -> tuple[np.ndarray, LayerReport]:
+    times: list[tuple[str, float]] = []
+    capped: list[str] = []
+    t = time.monotonic()
+    best = _phase_heuristics(c, l)
+    times.append(("heuristics", time.monotonic() - t))
+    t = time.monotonic()
+    if _phase_search(c, l, best, t + SEARCH_SHARE * max(deadline - t, 0.0)):
+        capped.append("search")
+    best.mark("tabu")
+    times.append(("search", time.monotonic() - t))
+    warm_obj = best.obj
+    lns_ok = c.exact and c.topo.num_ranks >= 2
+    t = time.monotonic()
+    share = MIP_SHARE if lns_ok else 1.0
+    phase = _phase_exact_mip if c.exact else _phase_pairwise_mip
+    mip = phase(c, l, best, share * (deadline - t))
+    best.mark("mip")
+    times.append(("mip", time.monotonic() - t))
+    lns = (0, 0, 0)
+    t = time.monotonic()
+    if lns_ok and deadline - t > 0.1:
+        lns = _phase_lns(c, l, best, deadline)
+        best.mark("lns")
+        if time.monotonic() >= deadline - 0.05:
+            capped.append("lns")
+    times.append(("lns", time.monotonic() - t))
+    if mip.model == "hypergraph":
+        mip.model_objective = best.obj
+        mip.bound = min(mip.bound, best.obj)
+    report = LayerReport(l, "ilp", best.source, best.obj, tuple(best.stages), warm_obj, mip.bound,
+                         mip.model_objective, mip.bound_kind, mip.model, mip.status, tuple(times),
+                         tuple(capped), mip.hyperedges, lns, mip.hierarchical)
+    return best.row, report
+
+
+def _solve_layer(c: LayerContext, l: int, method: str, deadline: float) -> tuple[np.ndarray, LayerReport]:
+    if method == "ilp":
+        return _solve_ilp_layer(c, l, deadline)
+    t = time.monotonic()
+    if method == "greedy":
+        row = greedy_layer(c.stats.load_LE[l], c.topo)
+    else:  # local_search, from greedy (or the current placement when that is better)
+        start = greedy_layer(c.stats.load_LE[l], c.topo)
+        if c.cur_LS is not None and layer_objective(c, l, c.cur_LS[l]) < layer_objective(c, l, start):
+            start = c.cur_LS[l].copy()
+        row = local_search_layer(c.stats, l, c.topo, start, deadline=deadline, **c.ls_kwargs(l))
+    obj = layer_objective(c, l, row)
+    return row, LayerReport(l, method, method, obj, ((method, obj),), times=((method, time.monotonic() - t),))
+
+
+def _check_args(method: str, time_limit_s: float, load_weight: float, migration_weight: float,
+                expert_bytes: float, balance_cap: float | None, restarts: int, max_hyperedges: int) -> None:
+    if method not in METHODS:
+        raise PlacementError(f"method ({method!r}) must be one of {', '.join(METHODS)}")
+    if time_limit_s <= 0:
+        raise PlacementError(f"time_limit_s ({time_limit_s}) must be > 0")
+    for name, v in (("load_weight", load_weight), ("migration_weight", migration_weight),
+                    ("expert_bytes", expert_bytes)):
+        if v < 0:
+            raise PlacementError(f"{name} ({v}) must be >= 0")
+    if balance_cap is not None and balance_cap < 1.0:
+        raise PlacementError(f"balance_cap ({balance_cap}) must be >= 1 (a multiple of the mean load)")
+    if restarts < 0:
+        raise PlacementError(f"restarts ({restarts}) must be >= 0")
+    if max_hyperedges < 0:
+        raise PlacementError(f"max_hyperedges ({max_hyperedges}) must be >= 0")
 
 
 def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp", *,
                     current: Placement | None = None, time_limit_s: float = 10.0,
                     load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
-                    num_pairs: int = 400, mip_gap: float = 1e-4, solver: str | None = None,
-                    hierarchical: bool | None = None, balance_cap: float | None = None) -> SolveResult:
+                    seed: int = 0, restarts: int = DEFAULT_RESTARTS,
+                    max_hyperedges: int = DEFAULT_MAX_HYPEREDGES, num_pairs: int = 400,
+                    mip_gap: float = 1e-4, solver: str | None = None, hierarchical: bool | None = None,
+                    balance_cap: float | None = None) -> SolveResult:
     """Place every layer's experts with ``method`` (one of METHODS) within ``time_limit_s`` in
-    total (for "ilp", the convergent local search and the LP bound may exceed it: module docstring), minimising the cost model's objective (cost.py). ``current``: the placement in use
-    (migration term, extra warm start). ``balance_cap``: optional hard cap on the ILP's busiest
-    rank, as a multiple of the mean rank load. Returns a :class:`SolveResult`."""
-    if method not in METHODS:
-        raise PlacementError(f"method ({method!r}) must be one of {', '.join(METHODS)}")
-    if time_limit_s <= 0:
-        raise PlacementError(f"time_limit_s ({time_limit_s}) must be > 0")
-    if load_weight < 0 or migration_weight < 0 or expert_bytes < 0:
-        raise PlacementError("load_weight, migration_weight and expert_bytes must be >= 0")
-    if balance_cap is not None and balance_cap < 1.0:
-        raise PlacementError(f"balance_cap ({balance_cap}) must be >= 1 (a multiple of the mean load)")
+    total, minimising the cost model's objective (cost.py); for "ilp" the convergent local search
+    and the pairwise LP bound may run past it (module docstring). ``current``: the placement in
+    use (migration term, extra warm start). ``seed`` / ``restarts``: the ILP pipeline's random
+    choices and its number of tabu restarts (same seed, same answer: module docstring).
+    ``max_hyperedges``: hyperedges in the exact ILP (hyper_ilp.py); ``num_pairs``: pairs in the
+    pairwise ILP (aggregates-only statistics); ``balance_cap``: optional hard cap on the ILP's
+    busiest rank, as a multiple of the mean rank load. Returns a :class:`SolveResult`."""
+    _check_args(method, time_limit_s, load_weight, migration_weight, expert_bytes, balance_cap, restarts,
+                max_hyperedges)
     topology.check_experts(stats.num_experts)
     L, E, R = stats.num_layers, stats.num_experts, topology.num_ranks
+    if current is not None and (current.slots_per_rank != topology.slots_per_rank or current.num_layers != L
+                                or current.num_experts != E):
+        raise PlacementError(f"current {current!r} does not match the statistics / topology")
     t0 = time.monotonic()
+    solver_name = "none"
     if method in ("contiguous", "round_robin"):
         ctor = Placement.contiguous if method == "contiguous" else Placement.round_robin
         p = ctor(L, E, R, topology.slots_per_rank)
-        infos = [{"layer": l, "status": "heuristic"} for l in range(L)]
+        reports = [LayerReport(l, method, method, math.nan) for l in range(L)]
     else:
-        ctx = _Ctx(stats, topology, None if current is None else current.phy2log_LS, load_weight,
-                   migration_weight, expert_bytes, num_pairs, mip_gap, solver or default_solver(),
-                   hierarchical, balance_cap)
-        if current is not None and (current.slots_per_rank != topology.slots_per_rank or current.num_layers != L
-                                    or current.num_experts != E):
-            raise PlacementError(f"current {current!r} does not match the statistics / topology")
-        rows, infos = [], []
+        ctx = LayerContext(stats, topology, None if current is None else current.phy2log_LS, load_weight,
+                           migration_weight, expert_bytes, num_pairs, mip_gap, solver or default_solver(),
+                           hierarchical, balance_cap, int(seed), int(restarts), int(max_hyperedges))
+        rows, reports = [], []
         for l in range(L):
-            deadline = t0 + time_limit_s * (l + 1) / L
-            row, info = _solve_layer(ctx, l, method, deadline)
+            row, rep = _solve_layer(ctx, l, method, t0 + time_limit_s * (l + 1) / L)
             rows.append(row)
-            infos.append(info)
+            reports.append(rep)
         p = Placement(np.stack(rows), topology.slots_per_rank, E)
+        solver_name = ctx.solver if method == "ilp" else "none"
     elapsed = time.monotonic() - t0
     cost = evaluate(stats, p, topology, current=current, load_weight=load_weight,
                     migration_weight=migration_weight, expert_bytes=expert_bytes)
     if method == "ilp":
-        bound = float(sum(i["bound"] for i in infos))
-        mobj = float(sum(i["model_objective"] for i in infos))
+        bound = float(sum(r.bound for r in reports))
+        mobj = float(sum(r.model_objective for r in reports))
         gap = (mobj - bound) / abs(mobj) if mobj else 0.0
-        status = "optimal" if all(i["status"] == "optimal" for i in infos) else "feasible"
-        solver_name = ctx.solver
+        status = "optimal" if all(r.status == "optimal" for r in reports) else "feasible"
     else:
         bound = mobj = gap = math.nan
-        status, solver_name = "heuristic", "none"
-    return SolveResult(p, cost, method, solver_name, status, bound, mobj, gap, elapsed, tuple(infos))
+        status = "heuristic"
+    return SolveResult(p, cost, method, solver_name, status, bound, mobj, gap, elapsed, tuple(reports))

@@ -18,7 +18,8 @@ E logical experts per layer.
 
 File format (``.npz``, ``allow_pickle=False``): ``topk_ids`` int16 [T, L, K], ``meta`` a JSON
 string with at least ``num_experts`` and ``k``; optional ``layers_present`` (trace files: only
-those layers are kept) and optional ``load_LE`` / ``coact_LEE`` / ``trans_LEE`` (moetrain's files:
+those layers are kept; without it, and without ``layer_ids``, the layers holding at least one
+expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` / ``trans_LEE`` (moetrain's files:
 aggregates accumulated over more steps than the ``topk_ids`` sample; they win when present).
 """
 
@@ -209,6 +210,15 @@ def from_aggregates(load_LE: np.ndarray, coact_LEE: np.ndarray, k: int,
     return RoutingStats(E, int(k), load, np.asarray(coact_LEE, dtype=np.float64), trans_LEE)
 
 
+def logged_layers(ids_TLK: np.ndarray, path: Path) -> list[int]:
+    """The layers of a trace without ``layers_present``: those where some id is not -1 (a layer
+    nobody logged holds only -1 and would otherwise be scored as a free, empty layer)."""
+    present = [int(l) for l in np.flatnonzero((np.asarray(ids_TLK) >= 0).any(axis=(0, 2)))]
+    if ids_TLK.shape[0] and not present:
+        raise StatsError(f"{str(path)!r}: topk_ids holds no expert id in any layer (all -1)")
+    return present if ids_TLK.shape[0] else list(range(ids_TLK.shape[1]))
+
+
 def load_routing(path: str | Path) -> RoutingStats:
     """Read a trace file or a moetrain statistics file (format in the module docstring)."""
     p = Path(path)
@@ -237,7 +247,7 @@ def load_routing(path: str | Path) -> RoutingStats:
     elif "layer_ids" in data:
         layers = None
     else:
-        layers = list(range(ids.shape[1]))
+        layers = logged_layers(ids, p)
     if "load_LE" in data:
         ids_or_none = ids.astype(np.int64) if ids.shape[0] else None
         layer_ids = tuple(int(i) for i in data.get("layer_ids", np.arange(data["load_LE"].shape[0])))

@@ -3,35 +3,56 @@
 Cases: the Qwen1.5-MoE trace (60 experts, top-4, 5 logged layers) and the OLMoE trace (64 experts,
 top-8, layer 0) from ../shared/traces, plus ``--stats PATH`` (a moetrain statistics .npz), each on
 4 ranks, 8 ranks and 2 nodes x 4 ranks (inter-node token cost 4x intra-node). Methods:
-contiguous (the baseline of every figure), round-robin, greedy (EPLB-style), local search, ILP.
+contiguous (the baseline of every figure), round-robin, greedy (EPLB-style), local search, the ILP
+pipeline at ``--load-weight`` ("ilp"), the same pipeline minimising sends alone ("ilp_lw0",
+load weight 0), and **Mt-KaHyPar** (PyPI ``mtkahypar``, km1 objective, QUALITY preset, one
+thread): experts are vertices, each distinct top-k set is a hyperedge weighted by its tokens,
+blocks are the ranks with exactly their slot counts (fixed-size blocks; with more slots than
+experts, the extra slots get replicas of the hottest experts, EPLB-style, on ranks that lack
+them). Mt-KaHyPar runs seed after seed, keeping the best km1 on the fitted half, until it has
+used the time "ilp_lw0" took on that case (at most ``MTK_MAX_SEEDS`` seeds).
+
+Mt-KaHyPar knows only fixed-size blocks, not the load balance that "ilp" also weighs, so the
+like-for-like comparison is "ilp_lw0" (same objective: off-rank sends = (1 - 1/R) x
+(km1 + tokens) / T; same constraints) against "mtkahypar": ``ilp_le_mtkahypar_all_cases``.
+
 Columns: held-out off-rank token sends per token (dedup, mean over layers) and the reduction vs
-contiguous, held-out rank load max/mean (mean and worst layer), fitted objective, solve time,
-the ILP's proven bound and gap (on its pairwise model), and for the ILP how many layers its MIP
-phases improved on the best heuristic answer (warm start) and by how much (fitted objective).
+contiguous, held-out rank load max/mean (mean and worst layer), fitted objective, solve time
+per layer, the ILP's proven bound on the fitted objective and gap, and for the ILP how many
+layers its MIP phases (exact ILP, two-rank LNS) improved on their warm start (the tabu search's
+answer) and by how much.
 
 Scale case: 16 layers synthesised from the OLMoE layer by permuting its expert ids with a
-per-layer seed (same load skew and co-activation structure, different expert labels per layer),
-64 experts x 8 ranks, solved by the ILP pipeline within one 55 s budget.
+per-layer seed, 64 experts x 8 ranks, solved by the ILP pipeline within one 55 s budget.
 
 Prints the table, then one JSON line with the figures and whether each target is met.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # numpy's BLAS threads fight over 2 cores: 5-10x slower
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from placement import Topology, evaluate, from_topk_ids, load_routing, solve_placement, split_tokens  # noqa: E402
+from placement import (Placement, Topology, evaluate, from_topk_ids, load_routing, solve_placement,  # noqa: E402
+                       split_tokens)
+from placement.baselines import replica_counts  # noqa: E402
+from placement.hypergraph import build_hypergraph  # noqa: E402
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
-METHODS = ("contiguous", "round_robin", "greedy", "local_search", "ilp")
+TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().parents[2] / "shared" / "traces")
+SOLVED = ("greedy", "local_search", "ilp", "ilp_lw0")
+MTK_MAX_SEEDS = 64
+_MTK = None
 
 
 def topologies(num_experts: int) -> dict[str, Topology]:
@@ -42,34 +63,115 @@ def topologies(num_experts: int) -> dict[str, Topology]:
     }
 
 
+def _mtk_partition(ids_TK: np.ndarray, num_experts: int, block_sizes: list[int],
+                   seed: int) -> tuple[np.ndarray, float]:
+    """One Mt-KaHyPar km1 run: a block per expert with exactly ``block_sizes`` experts each."""
+    global _MTK
+    import mtkahypar
+    if _MTK is None:
+        _MTK = mtkahypar.initialize(1)
+    hg = build_hypergraph(ids_TK, np.ones(num_experts, dtype=np.int64))
+    edges = [hg.edge_pins[a:b].tolist() for a, b in zip(hg.edge_ptr[:-1], hg.edge_ptr[1:])]
+    mtkahypar.set_seed(int(seed))
+    ctx = _MTK.context_from_preset(mtkahypar.PresetType.QUALITY)
+    ctx.logging = False
+    ctx.set_partitioning_parameters(len(block_sizes), 0.0, mtkahypar.Objective.KM1)
+    ctx.set_individual_target_block_weights([int(b) for b in block_sizes])
+    graph = _MTK.create_hypergraph(ctx, num_experts, len(edges), edges, [1] * num_experts,
+                                   [int(w) for w in hg.weight_H])
+    part = graph.partition(ctx)
+    block = np.array([part.block_id(v) for v in range(num_experts)], dtype=np.int64)
+    got = np.bincount(block, minlength=len(block_sizes))
+    if not np.array_equal(got, block_sizes):
+        raise RuntimeError(f"Mt-KaHyPar returned blocks of {got.tolist()}, asked {list(block_sizes)}")
+    return block, float(part.km1())
+
+
+def _with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np.ndarray:
+    """The layer row: each block's experts on its rank, then the extra slots filled with replicas
+    of the hottest experts (greedy's counts) on the least-loaded rank with room that lacks them."""
+    R = topo.num_ranks
+    cnt = replica_counts(load_E, topo)
+    held = [list(np.flatnonzero(block_E == r)) for r in range(R)]
+    free = np.array(topo.slots_per_rank) - np.array([len(h) for h in held])
+    per = load_E / cnt
+    rank_load = np.array([per[h].sum() for h in held])
+    for e in np.argsort(-per, kind="stable"):
+        for _ in range(int(cnt[e]) - 1):
+            ok = np.flatnonzero((free > 0) & np.array([e not in h for h in held]))
+            r = int(ok[np.argmin(rank_load[ok])])
+            held[r].append(int(e))
+            free[r] -= 1
+            rank_load[r] += per[e]
+    return np.array([e for h in held for e in h], dtype=np.int64)
+
+
+def mtkahypar_placement(fit, topo: Topology, budget_s: float) -> tuple[Placement, float, int]:
+    """Per layer, Mt-KaHyPar seeds 0, 1, ... until ``budget_s`` / L is used (at least one run, at
+    most MTK_MAX_SEEDS); the best km1 on ``fit`` wins. Returns (placement, seconds, runs)."""
+    E, R, L = fit.num_experts, topo.num_ranks, fit.num_layers
+    extra = topo.num_slots - E
+    sizes = list(topo.slots_per_rank)
+    for i in range(extra):  # take the slots left for replicas from the last ranks first
+        sizes[R - 1 - i % R] -= 1
+    t0 = time.monotonic()
+    rows, runs = [], 0
+    for l in range(L):
+        end = t0 + budget_s * (l + 1) / L
+        best = None
+        for seed in range(MTK_MAX_SEEDS):
+            block, km1 = _mtk_partition(fit.topk_ids_TLK[:, l], E, sizes, seed)
+            runs += 1
+            if best is None or km1 < best[1]:
+                best = (block, km1)
+            if time.monotonic() >= end:
+                break
+        rows.append(_with_replicas(best[0], fit.load_LE[l], topo))
+    return Placement(np.stack(rows), topo.slots_per_rank, E), time.monotonic() - t0, runs
+
+
+def _ilp_info(res) -> dict:
+    L = res.layers
+    return {"mip_improved_layers": sum(r.improved_by_mip for r in L),
+            "mip_improvement": float(sum(r.mip_improvement for r in L)),
+            "warm_objective": float(sum(r.warm_objective for r in L)),
+            "sources": [r.source for r in L], "mip_status": [r.status for r in L],
+            "bound_kinds": sorted({r.bound_kind for r in L}),
+            "bounds_finite": all(np.isfinite(r.bound) for r in L),
+            "capped_phases": sorted({p for r in L for p in r.capped}),
+            "hyperedges": [list(r.hyperedges) for r in L],
+            **{f"{p}_s": float(sum(r.seconds(p) for r in L)) for p in ("heuristics", "search", "mip", "lns")}}
+
+
 def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: float) -> list[dict]:
     fit, held = split_tokens(stats, seed=0)
     rows = []
-    for method in METHODS:
+    ilp_lw0_s = per_layer_s * fit.num_layers
+    for method in ("contiguous", "round_robin") + SOLVED + ("mtkahypar",):
+        lw = 0.0 if method in ("ilp_lw0", "mtkahypar") else load_weight
         c0 = time.process_time()
-        res = solve_placement(fit, topo, method, time_limit_s=per_layer_s * fit.num_layers,
-                              load_weight=load_weight)
+        if method == "mtkahypar":
+            placement, solve_s, runs = mtkahypar_placement(fit, topo, ilp_lw0_s)
+            extra = {"mtk_runs": runs}
+            fit_cost = evaluate(fit, placement, topo, load_weight=0.0)
+            bound = model_obj = gap = float("nan")
+        else:
+            res = solve_placement(fit, topo, "ilp" if method == "ilp_lw0" else method,
+                                  time_limit_s=per_layer_s * fit.num_layers, load_weight=lw)
+            placement, solve_s = res.placement, res.solve_time_s
+            extra = _ilp_info(res) if method.startswith("ilp") else {}
+            if method == "ilp_lw0":
+                ilp_lw0_s = solve_s
+            fit_cost = evaluate(fit, placement, topo, load_weight=lw)
+            bound, model_obj, gap = res.bound, res.model_objective, res.gap
         cpu = time.process_time() - c0
-        h = evaluate(held, res.placement, topo, load_weight=load_weight)
-        ilp_info = {}
-        if method == "ilp":
-            L = res.layers
-            ilp_info = {"mip_improved_layers": sum(bool(i.get("improved_by_mip")) for i in L),
-                        "mip_improvement": float(sum(i.get("mip_improvement", 0.0) for i in L)),
-                        "warm_objective": float(sum(i["warm_objective"] for i in L)),
-                        "sources": [i.get("source") for i in L],
-                        "bound_kinds": sorted({i.get("bound_kind", "") for i in L}),
-                        "bounds_finite": all(np.isfinite(i["bound"]) for i in L),
-                        "heuristic_s": float(sum(i["heuristic_s"] for i in L)),
-                        "mip_s": float(sum(i["mip_s"] + i["lns_s"] for i in L)),
-                        "bound_s": float(sum(i["bound_s"] for i in L))}
-        rows.append({"case": name, "topology": repr(topo), "method": method,
+        h = evaluate(held, placement, topo, load_weight=load_weight)
+        rows.append({"case": name, "method": method, "load_weight": lw,
                      "held_sends": h.sends, "held_imbalance": h.imbalance,
-                     "held_imbalance_worst": float(h.imbalance_L.max()), "fit_objective": res.cost.objective,
-                     "fit_sends": res.cost.sends, "solve_s": res.solve_time_s,
-                     "solve_s_per_layer": res.solve_time_s / fit.num_layers, "bound": res.bound,
-                     "model_objective": res.model_objective, "gap": res.gap, "solver": res.solver,
-                     "cpu_s": cpu, **ilp_info})
+                     "held_imbalance_worst": float(h.imbalance_L.max()), "fit_objective": fit_cost.objective,
+                     "fit_sends": fit_cost.sends, "solve_s": solve_s,
+                     "solve_s_per_layer": solve_s / fit.num_layers,
+                     "bound": bound, "model_objective": model_obj, "gap": gap, "cpu_s": cpu, **extra})
     base = rows[0]["held_sends"]
     for r in rows:
         r["reduction_vs_contiguous"] = 1.0 - r["held_sends"] / base
@@ -89,17 +191,11 @@ def scale_case(olmoe_path: Path, budget_s: float, load_weight: float) -> dict:
     t0 = time.monotonic()
     res = solve_placement(fit, topo, "ilp", time_limit_s=budget_s, load_weight=load_weight)
     wall = time.monotonic() - t0
-    L = res.layers
     cont = solve_placement(fit, topo, "contiguous")
     return {"layers": 16, "experts": 64, "ranks": 8, "wall_s": wall,
             "held_sends": evaluate(held, res.placement, topo).sends,
             "held_sends_contiguous": evaluate(held, cont.placement, topo).sends,
-            "bound": res.bound, "model_objective": res.model_objective, "gap": res.gap,
-            "bounds_finite": all(np.isfinite(i["bound"]) for i in L),
-            "mip_improved_layers": sum(bool(i.get("improved_by_mip")) for i in L),
-            "mip_improvement": float(sum(i.get("mip_improvement", 0.0) for i in L)),
-            "heuristic_s": float(sum(i["heuristic_s"] for i in L)),
-            "bound_s": float(sum(i["bound_s"] for i in L))}
+            "bound": res.bound, "model_objective": res.model_objective, "gap": res.gap, **_ilp_info(res)}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -108,11 +204,48 @@ def print_table(rows: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['case']:<8}{r['tname']:<11}{r['method']:<13}{r['held_sends']:>11.3f}"
+        note = ""
+        if r["method"].startswith("ilp"):
+            note = (f"  MIP improved {r['mip_improved_layers']} layers by {r['mip_improvement']:.4f}"
+                    + (f"; capped: {','.join(r['capped_phases'])}" if r["capped_phases"] else ""))
+        elif r["method"] == "mtkahypar":
+            note = f"  {r['mtk_runs']} seeded runs"
+        print(f"{r['case']:<8}{r['tname']:<11}{r['method']:<13}{r['held_sends']:>11.4f}"
               f"{r['reduction_vs_contiguous']:>10.1%}{r['held_imbalance']:>9.3f}{r['held_imbalance_worst']:>7.3f}"
-              f"{r['fit_objective']:>9.3f}{r['solve_s_per_layer']:>8.2f}{r['cpu_s']:>7.1f}{r['bound']:>8.3f}{r['gap']:>7.3f}"
-              + (f"  MIP improved {r['mip_improved_layers']} layers by {r['mip_improvement']:.4f}"
-                 if r["method"] == "ilp" else ""))
+              f"{r['fit_objective']:>9.4f}{r['solve_s_per_layer']:>8.2f}{r['cpu_s']:>7.1f}{r['bound']:>8.3f}"
+              f"{r['gap']:>7.3f}" + note)
+
+
+def targets_of(rows: list[dict], scale: dict | None) -> tuple[dict, dict]:
+    def pick(case, tname, method):
+        return next((r for r in rows if r["case"] == case and r["tname"] == tname and r["method"] == method), None)
+
+    targets = {}
+    q_ilp = pick("qwen", "4 ranks", "ilp")
+    if q_ilp:
+        targets["qwen4_reduction_ge_25pct"] = q_ilp["reduction_vs_contiguous"] >= 0.25
+        targets["qwen4_imbalance_le_1.10"] = q_ilp["held_imbalance"] <= 1.10
+        targets["qwen4_ilp_le_10s_per_layer"] = q_ilp["solve_s_per_layer"] <= 10.0
+    not_worse, le_mtk, le_mtk_lw = [], [], []
+    for r in rows:
+        if r["method"] == "ilp":
+            others = [pick(r["case"], r["tname"], m)["fit_objective"] for m in ("greedy", "local_search")]
+            not_worse.append(r["fit_objective"] <= min(others) + 1e-9)
+            le_mtk_lw.append(r["held_sends"] <= pick(r["case"], r["tname"], "mtkahypar")["held_sends"] + 1e-12)
+        if r["method"] == "ilp_lw0":
+            le_mtk.append(r["held_sends"] <= pick(r["case"], r["tname"], "mtkahypar")["held_sends"] + 1e-12)
+    targets["ilp_fit_objective_le_greedy_and_local_search"] = bool(not_worse) and all(not_worse)
+    ilp_rows = [r for r in rows if r["method"].startswith("ilp")]
+    targets["ilp_bound_finite_every_layer"] = all(r["bounds_finite"] for r in ilp_rows) and (
+        scale is None or scale["bounds_finite"])
+    targets["ilp_le_mtkahypar_all_cases"] = bool(le_mtk) and all(le_mtk)  # like for like: load weight 0
+    informational = {"ilp_lw_le_mtkahypar_all_cases": bool(le_mtk_lw) and all(le_mtk_lw),
+                     "ilp_le_mtkahypar_cases": f"{sum(le_mtk)}/{len(le_mtk)}",
+                     "ilp_mip_improved_layers": sum(r["mip_improved_layers"] for r in ilp_rows),
+                     "ilp_layers": sum(len(r["sources"]) for r in ilp_rows)}
+    if scale:
+        targets["scale_16x64x8_le_60s"] = scale["wall_s"] <= 60.0
+    return targets, informational
 
 
 def main() -> int:
@@ -123,6 +256,7 @@ def main() -> int:
     ap.add_argument("--load-weight", type=float, default=1.0)
     ap.add_argument("--scale-budget-s", type=float, default=55.0)
     ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated cases to run (qwen, olmoe, stats)")
     args = ap.parse_args()
     traces = Path(args.traces)
     inputs = {"qwen": traces / "qwen15moe_gsm8k25_5layers.npz", "olmoe": traces / "olmoe1b7b_gsm8k25_layer0.npz"}
@@ -131,46 +265,26 @@ def main() -> int:
     t_all = time.monotonic()
     rows: list[dict] = []
     for name, path in inputs.items():
+        if args.only and name not in args.only.split(","):
+            continue
         if not path.exists():
             print(f"skipping {name}: {path} not found", file=sys.stderr)
             continue
         stats = load_routing(path)
         for tname, topo in topologies(stats.num_experts).items():
-            case_rows = run_case(name, stats, topo, args.per_layer_s, args.load_weight)
-            for r in case_rows:
-                r["tname"] = tname
-            rows += case_rows
+            for r in run_case(name, stats, topo, args.per_layer_s, args.load_weight):
+                rows.append(dict(r, tname=tname))
     print_table(rows)
     scale = None
     if not args.skip_scale and inputs["olmoe"].exists():
         scale = scale_case(inputs["olmoe"], args.scale_budget_s, args.load_weight)
         print(f"\nscale: 16 synthesised layers x 64 experts x 8 ranks: {scale['wall_s']:.1f} s wall, "
               f"held-out sends {scale['held_sends']:.3f} vs contiguous {scale['held_sends_contiguous']:.3f}, "
-              f"bound {scale['bound']:.3f} / model objective {scale['model_objective']:.3f} (gap {scale['gap']:.3f})")
-
-    def pick(case, tname, method):
-        return next((r for r in rows if r["case"] == case and r["tname"] == tname and r["method"] == method), None)
-
-    targets = {}
-    q_ilp = pick("qwen", "4 ranks", "ilp")
-    if q_ilp:
-        targets["qwen4_reduction_ge_25pct"] = q_ilp["reduction_vs_contiguous"] >= 0.25
-        targets["qwen4_imbalance_le_1.10"] = q_ilp["held_imbalance"] <= 1.10
-        targets["qwen4_ilp_le_10s_per_layer"] = q_ilp["solve_s_per_layer"] <= 10.0
-    ilp_not_worse = []
-    for r in rows:
-        if r["method"] == "ilp":
-            others = [pick(r["case"], r["tname"], m)["fit_objective"] for m in ("greedy", "local_search")]
-            ilp_not_worse.append(r["fit_objective"] <= min(others) + 1e-9)
-    targets["ilp_fit_objective_le_greedy_and_local_search"] = bool(ilp_not_worse) and all(ilp_not_worse)
-    targets["ilp_bound_finite_every_layer"] = all(r["bounds_finite"] for r in rows if r["method"] == "ilp") and (
-        scale is None or scale["bounds_finite"])
-    if scale:
-        targets["scale_16x64x8_le_60s"] = scale["wall_s"] <= 60.0
+              f"bound {scale['bound']:.3f} / objective {scale['model_objective']:.3f} (gap {scale['gap']:.3f})")
+    targets, info = targets_of(rows, scale)
     print(f"\ntotal benchmark time {time.monotonic() - t_all:.0f} s")
-    figures = {"rows": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "topology"}
-                        for r in rows], "scale": scale, "targets": targets,
-               "all_targets_met": all(targets.values())}
+    figures = {"rows": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+               "scale": scale, "targets": targets, "all_targets_met": all(targets.values()), **info}
     print(json.dumps(figures))
     return 0
 

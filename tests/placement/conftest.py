@@ -1,10 +1,13 @@
-"""Shared fixtures: the real routing traces beside the repository (../shared/traces)."""
+"""Shared fixtures: the real routing traces beside the repository (../shared/traces, or the
+folder named by ``MOETRAIN_TRACES``)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+TRACES = Path(os.environ.get("MOETRAIN_TRACES")
+              or Path(__file__).resolve().parents[2].parent / "shared" / "traces")
 
 
 def _trace(name: str) -> Path:

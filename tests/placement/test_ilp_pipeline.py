@@ -17,9 +17,9 @@ from placement.topology import Topology
 
 def _check_bounds(res):
     for info in res.layers:
-        assert math.isfinite(info["bound"]), info
-        assert info["bound"] <= info["model_objective"] + 1e-9
-        assert info["bound_kind"]
+        assert math.isfinite(info.bound), info
+        assert info.bound <= info.model_objective + 1e-9
+        assert info.bound_kind
     assert math.isfinite(res.bound) and res.bound <= res.model_objective + 1e-9
 
 
@@ -34,24 +34,29 @@ def test_ilp_never_worse_than_greedy_or_local_search(qwen, ranks, rpn, tl):
     for m in ("greedy", "local_search"):
         assert (ilp.cost.objective_L <= res[m].cost.objective_L + 1e-9).all(), m
     for info, obj in zip(ilp.layers, ilp.cost.objective_L):
-        assert info["objective"] == pytest.approx(obj, abs=1e-9)
-        assert info["objective"] <= info["warm_objective"] + 1e-12
+        assert info.objective == pytest.approx(obj, abs=1e-9)
+        assert info.objective <= info.warm_objective + 1e-12
+        # the stage history never rises, and with per-token ids the bound is on the true objective
+        objs = [o for _, o in info.stages]
+        assert all(b <= a + 1e-12 for a, b in zip(objs, objs[1:])) and objs[-1] == pytest.approx(obj)
+        assert info.model == "hypergraph" and info.model_objective == pytest.approx(obj)
     _check_bounds(ilp)  # goal 2: a bound even when the MIP got no time
 
 
 def test_bound_for_every_layer_hierarchical_and_aggregates(qwen, olmoe_path):
-    """Goal 2: the hierarchical path reports the flat LP relaxation; aggregates-only statistics
-    (no neighbourhood search) still get a bound."""
+    """Goal 2: aggregates-only statistics use the pairwise model (flat, or hierarchical reporting
+    the flat LP relaxation) and get a bound without the neighbourhood search; with per-token ids
+    the bound is the exact ILP's, on the true objective."""
     from placement.stats import load_routing
-    olmoe = load_routing(olmoe_path)
+    olmoe = with_ids_dropped(load_routing(olmoe_path))
     topo = Topology.for_experts(64, 8, ranks_per_node=4)
     res = solve_placement(olmoe, topo, "ilp", time_limit_s=2.0, hierarchical=True)
     _check_bounds(res)
-    assert res.layers[0]["hierarchical"] and "hierarchical" in res.layers[0]["bound_kind"]
+    assert res.layers[0].hierarchical and "hierarchical" in res.layers[0].bound_kind
     agg = with_ids_dropped(qwen.select_layers([1]))
     res = solve_placement(agg, Topology(4, 15), "ilp", time_limit_s=1.0)
     _check_bounds(res)
-    assert "lns" not in res.layers[0]
+    assert res.layers[0].model == "pairwise" and res.layers[0].lns == (0, 0, 0)
 
 
 @pytest.mark.parametrize("ranks,rpn", [(4, 0), (8, 4)])  # (8, 4): replicas stay fixed, 2 link costs

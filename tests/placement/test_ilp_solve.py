@@ -108,15 +108,14 @@ def test_ilp_no_worse_than_baselines_and_bound_below(qwen):
 
 
 def test_time_limit_honoured(qwen):
-    """``time_limit_s`` bounds the MIP phases of all layers together; the convergent local search
-    and the LP bound may exceed it but are reported per layer (solve.py docstring)."""
+    """``time_limit_s`` bounds every phase but the convergent local search (solve.py docstring)."""
     t0 = time.monotonic()
     res = solve_placement(qwen, Topology(4, 15), "ilp", time_limit_s=3.0)
     wall = time.monotonic() - t0
-    mip = sum(i["mip_s"] + i["lns_s"] for i in res.layers)
-    extra = sum(i["heuristic_s"] + i["bound_s"] for i in res.layers)
-    assert mip <= 3.0 + 1.0, mip  # slack: a sub-MIP's model hand-over is outside the solver's clock
-    assert wall <= max(3.0, extra) + 3.0 + 0.5, (wall, extra)
+    capped = sum(r.seconds("search") + r.seconds("mip") + r.seconds("lns") for r in res.layers)
+    extra = sum(r.seconds("heuristics") for r in res.layers)
+    assert capped <= 3.0 + 1.0, capped  # slack: model building and hand-over outside the solvers' clocks
+    assert wall <= 3.0 + extra + 1.5, (wall, extra)
     assert res.solve_time_s <= wall
 
 
@@ -181,3 +180,21 @@ def test_local_search_swap_deltas_match_the_cost_model(qwen, exact):
         assert new - base == pytest.approx(d[s, u], abs=1e-9)
         checked += 1
     assert checked > 10
+
+
+def test_swap_state_in_place_update_equals_rebuild(qwen):
+    """The tabu search's in-place exchange keeps the state (objective, every swap delta) equal to
+    one rebuilt from the new row."""
+    from placement.baselines import _SwapState
+    topo = Topology(4, 15, ranks_per_node=2)
+    rng = np.random.default_rng(0)
+    row = Placement.random(1, 60, 4, seed=3).phy2log_LS[0].copy()
+    fetch = rng.random((60, 4)) * 0.01
+    state = _SwapState(qwen, 1, topo, row, fetch, 0.7, True)
+    for s, u in [(0, 59), (3, 20), (0, 16), (44, 2)]:
+        state.swap(s, u)
+        row[s], row[u] = row[u], row[s]
+        fresh = _SwapState(qwen, 1, topo, row, fetch, 0.7, True)
+        assert np.array_equal(state.row_S, row)
+        assert state.objective() == pytest.approx(fresh.objective(), abs=1e-12)
+        assert np.allclose(state.delta_SS(), fresh.delta_SS())

@@ -70,23 +70,31 @@ def test_bench_checkpoint_quick():
 
 
 def test_bench_placement_small_budget():
+    pytest.importorskip("mtkahypar")
     text, out = _run("bench_placement.py", "--per-layer-s", "0.3", "--skip-scale")
-    assert "local_search" in text and out["scale"] is None
+    assert "local_search" in text and "mtkahypar" in text and out["scale"] is None
     rows = {(r["case"], r["tname"], r["method"]): r for r in out["rows"]}
     groups = {(case, tname) for case, tname, _ in rows}
     assert {case for case, _ in groups} == {"qwen", "olmoe"}
+    le_mtk = []
     for case, tname in groups:
         get = lambda m: rows[(case, tname, m)]  # noqa: E731
         ilp, contiguous = get("ilp"), get("contiguous")
         # never worse than its warm starts on the fitted objective, whatever the time budget
         assert ilp["fit_objective"] <= min(get("greedy")["fit_objective"],
                                            get("local_search")["fit_objective"]) + 1e-6
-        assert ilp["bound"] <= ilp["model_objective"] + 1e-6  # a lower bound of its own model
-        for method in ("ilp", "local_search", "greedy"):
+        for method in ("ilp", "ilp_lw0"):
+            assert get(method)["bound"] <= get(method)["model_objective"] + 1e-6  # a lower bound
+        assert get("ilp_lw0")["load_weight"] == 0.0 and get("mtkahypar")["mtk_runs"] >= 1
+        le_mtk.append(get("ilp_lw0")["held_sends"] <= get("mtkahypar")["held_sends"] + 1e-5)  # JSON rounds
+        for method in ("ilp", "ilp_lw0", "local_search", "greedy", "mtkahypar"):
             r = get(method)
             assert r["reduction_vs_contiguous"] == pytest.approx(
                 1 - r["held_sends"] / contiguous["held_sends"], abs=1e-3)
     assert out["targets"]["ilp_fit_objective_le_greedy_and_local_search"] is True
+    # the like-for-like target (load weight 0 on both sides) is what the JSON says it is
+    assert out["ilp_le_mtkahypar_cases"] == f"{sum(le_mtk)}/{len(le_mtk)}"
+    assert out["targets"]["ilp_le_mtkahypar_all_cases"] == all(le_mtk)
     assert out["all_targets_met"] == all(out["targets"].values())
 
 
