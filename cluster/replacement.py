@@ -84,11 +84,11 @@ class Decision:
 
 
 def _solve(stats: RoutingStats, topology: Topology, current: Placement, method: str, time_limit_s: float,
-           load_weight: float, migration_weight: float) -> Proposal:
+           load_weight: float, migration_weight: float, seed: int) -> Proposal:
     """Runs in a Ray task: the proposal and the cost of current vs proposed on the same stats."""
     t0 = time.perf_counter()
     result = solve_placement(stats, topology, method=method, current=current, time_limit_s=time_limit_s,
-                             load_weight=load_weight, migration_weight=migration_weight)
+                             load_weight=load_weight, migration_weight=migration_weight, seed=seed)
     before = evaluate(stats, current, topology)
     after = evaluate(stats, result.placement, topology)
     return Proposal(result.placement, result.solver, result.status, result.bound, time.perf_counter() - t0,
@@ -116,7 +116,7 @@ class Replanner:
         topo = Topology(num_ranks=placement.num_ranks, slots_per_rank=placement.slots_per_rank)
         p = self.cfg.placement
         ref = self._remote.remote(stats, topo, placement, p.method, p.time_limit_s, p.load_weight,
-                                  p.migration_weight)
+                                  p.migration_weight, self.cfg.train.seed)
         self._pending = (ref, step)
         log.info("step %d: re-placement solve launched (%d steps of statistics, %d sampled tokens)",
                  step, stats.meta.get("window_steps", 0), stats.num_tokens)
