@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
+import torch
+
 from moetrain.checkpoint.checksum import digest as checksum_digest
 from moetrain.checkpoint.errors import (
     CheckpointError,
@@ -134,14 +136,38 @@ def _read_checked(ref: CheckpointRef, entry: ObjectEntry):
     return buf
 
 
+class NonFiniteValues(ValueError):
+    """An object's tensors hold NaN or inf (intact bytes, unusable values)."""
+
+
+def _nonfinite_paths(node: Any, path: str = "") -> list[str]:
+    if isinstance(node, torch.Tensor):
+        return [path] if node.is_floating_point() and not bool(torch.isfinite(node).all()) else []
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _nonfinite_paths(v, f"{path}/{k}" if path else str(k))]
+    if isinstance(node, (list, tuple)):
+        return [p for i, v in enumerate(node) for p in _nonfinite_paths(v, f"{path}/{i}")]
+    return []
+
+
+def _check_finite(ref: CheckpointRef, entry: ObjectEntry) -> int:
+    """Checked bytes of one object; raises :class:`NonFiniteValues` naming NaN/inf tensors."""
+    buf = _read_checked(ref, entry)
+    bad = _nonfinite_paths(read_state(buf, ref.store.uri_of(ref.key(entry.name))))
+    if bad:
+        raise NonFiniteValues(f"NaN or inf in {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+    return buf.nbytes
+
+
 def verify(ref: CheckpointRef, *, deep: bool = True, max_concurrency: int = 4) -> VerifyReport:
-    """Check every object of the manifest: present, right size and (``deep``) right checksum."""
+    """Check every object of the manifest: present, right size and (``deep``) right checksum and
+    finite floating values."""
     try:
         manifest = read_manifest(ref)
     except (NotCommittedError, CorruptObjectError) as exc:
         return VerifyReport(uri=ref.uri, step=ref.step, problems=(str(exc),))
     if deep:
-        results = _map(lambda e: _read_checked(ref, e).nbytes, manifest.entries, max_concurrency)
+        results = _map(lambda e: _check_finite(ref, e), manifest.entries, max_concurrency)
     else:
         sizes = {f.key: f.size for f in ref.store.list_files(ref.prefix)}
 
@@ -155,12 +181,14 @@ def verify(ref: CheckpointRef, *, deep: bool = True, max_concurrency: int = 4) -
         results = _map(check_size, manifest.entries, 1)
     missing = [e.name for e, _, err in results if isinstance(err, ObjectNotFoundError)]
     corrupt = [e.name for e, _, err in results if isinstance(err, CorruptObjectError)]
+    nonfinite = [(e.name, err) for e, _, err in results if isinstance(err, NonFiniteValues)]
     others = [err for _, _, err in results if err is not None
-              and not isinstance(err, (ObjectNotFoundError, CorruptObjectError))]
+              and not isinstance(err, (ObjectNotFoundError, CorruptObjectError, NonFiniteValues))]
     if others:  # unreachable store, access denied: not a verdict on the checkpoint
         raise others[0]
     problems = [f"missing: {n}" for n in missing] + [
-        f"corrupt: {e.name}: {err}" for e, _, err in results if isinstance(err, CorruptObjectError)]
+        f"corrupt: {e.name}: {err}" for e, _, err in results if isinstance(err, CorruptObjectError)] + [
+        f"non-finite: {n}: {err}" for n, err in nonfinite]
     ok = [(e, size) for e, size, err in results if err is None]
     return VerifyReport(uri=ref.uri, step=ref.step, checked=len(ok),
                         bytes_checked=sum(s for _, s in ok), missing=tuple(missing),

@@ -123,3 +123,21 @@ def test_cli_functions_return_data_and_tables(store, backend):
     cleaned, text = ckpt_clean(f"{backend.uri}/run", backend.cfg, keep=1)
     assert (cleaned.kept, cleaned.deleted, cleaned.garbage) == ((2,), (1,), (0,))
     assert [i.step for i in ckpt_list(backend.uri, backend.cfg)[0]] == [2]
+
+
+def test_verify_reports_nonfinite_tensors(tmp_path):
+    """Intact bytes, unusable values: `ckpt verify` names the tensors holding NaN or inf."""
+    import torch
+
+    from moetrain.checkpoint import AsyncCheckpointWriter, commit, open_store, resolve, verify
+
+    store = open_store(str(tmp_path))
+    objects = {"good.pt": {"w": torch.ones(3)},
+               "bad.pt": {"m": {"exp_avg": torch.tensor([1.0, float("nan")])}, "n": torch.tensor([1, 2])}}
+    with AsyncCheckpointWriter(store, "r", async_upload=False) as w:
+        result = w.save(1, objects).result()
+    commit(store, "r", 1, [result], {"step": 1})
+    report = verify(resolve(str(tmp_path / "r" / "step-1")))
+    assert not report.ok
+    assert report.problems == ("non-finite: bad.pt: NaN or inf in m/exp_avg",)
+    assert report.checked == 1  # the finite object

@@ -150,3 +150,22 @@ def test_step_watchdog_declares_a_stopped_rank_failed_and_the_run_resumes(tmp_pa
     assert [h.step for h in result.history] == [1, 2, 3, 3, 4, 5, 6, 7, 8]  # resumed from step 2's checkpoint
     # noticed within the slowest step + 5 s; the rest is rebuilding the group and resuming
     assert seen["resumed_after_s"] < 60, seen
+
+
+@pytest.mark.parametrize("signal_at,state", [(2, State.STOPPED), (4, State.FINISHED)])
+def test_a_stop_signal_ends_stopped_or_lets_a_finished_run_finish(tmp_path, ray_local, signal_at, state):
+    """SIGTERM mid-run: state 'stopped' at that step, final checkpoint committed. SIGTERM at the last
+    step (as during the final evaluation / checkpoint): training is complete, the final commit is
+    not cut short, and the run is 'finished'."""
+    import os
+    import signal
+
+    name = f"sig{signal_at}"
+    result = run(cfg_for(tmp_path, name, uri=str(tmp_path / "store"), steps=4, every=0),
+                 on_step=lambda m: os.kill(os.getpid(), signal.SIGTERM) if m.step == signal_at else None,
+                 raise_on_failure=False)
+    assert result.state == state, result.error
+    assert [c.rsplit("/", 1)[-1] for c in result.checkpoints] == [f"step-{signal_at}"]
+    s = _summary(tmp_path, name)
+    assert s["state"] == state.value and s["steps"] == signal_at
+    assert s["stopped_at_step"] == (signal_at if state == State.STOPPED else None)
