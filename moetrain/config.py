@@ -64,7 +64,7 @@ class ModelConfig:
 class LossConfig:
     # Auxiliary losses are per MoE layer and SUMMED over MoE layers (Megatron's convention), so a
     # coefficient means the same pressure on every router whatever the depth (docs/load_balancing.md).
-    lbl_coeff: float = 1e-2  # load-balancing loss coefficient per MoE layer (0 disables)
+    lbl_coeff: float = 2e-2  # load-balancing loss coefficient per MoE layer (0 disables)
     lbl_scope: str = "global"  # micro | global | sequence
     z_loss_coeff: float = 1e-3  # router z-loss coefficient per MoE layer (0 disables)
 
