@@ -64,9 +64,11 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class LossConfig:
-    lbl_coeff: float = 1e-2  # load-balancing loss coefficient (0 disables)
+    # Auxiliary losses are per MoE layer and SUMMED over MoE layers (Megatron's convention), so a
+    # coefficient means the same pressure on every router whatever the depth (docs/load_balancing.md).
+    lbl_coeff: float = 2e-2  # load-balancing loss coefficient per MoE layer (0 disables)
     lbl_scope: str = "global"  # micro | global | sequence
-    z_loss_coeff: float = 1e-3  # router z-loss coefficient (0 disables)
+    z_loss_coeff: float = 1e-3  # router z-loss coefficient per MoE layer (0 disables)
 
 
 @dataclass(kw_only=True)

@@ -17,6 +17,14 @@ experts, forms the weighted sum per unit, and returns one row per unit.
 
 Replicas: the expert chosen by (source rank r, expert e) goes to r's own slot if r holds e, else
 to holder slot number ``r mod replicas`` — deterministic, and spreads sources over replicas.
+
+Capacity (``capacity_factor`` cf > 0) is decided **per source rank**, before anything is sent:
+this rank keeps, for every expert, the first ``ceil(cf * T * K / E)`` of its *own* (token, k)
+pairs (T = this rank's tokens in this micro-batch, token order) and drops the rest. No
+collective is needed, but an expert may receive up to R times that many rows in all, and the
+dropped tokens differ from those one process would drop on the R ranks' concatenated tokens.
+One process reproduces it exactly when each of its micro-batches holds one rank's tokens
+(tests/parallel/test_capacity.py, test_equivalence.py).
 """
 
 from __future__ import annotations

@@ -3,13 +3,18 @@
 Owns: the scope logic of the load-balancing loss (LBL), the z-loss, and the aux-loss-free
 expert-bias update. The formulas themselves are pure functions in ``moetrain.losses``.
 
-LBL = coeff * E * sum_i f_i * p_i (Megatron / DeepSpeed top-k convention; uniform -> 1.0), with
-p_i the mean router probability over the *local* micro-batch and f_i = count_i / (T * k) from:
+Per MoE layer, LBL = coeff * E * sum_i f_i * p_i (Megatron / DeepSpeed top-k convention; uniform
+-> 1.0), with p_i the mean router probability over the *local* micro-batch and
+f_i = count_i / (T * k) from:
 - ``micro``: the local micro-batch only (the usual implementation);
 - ``global``: counts all-reduced over the data-parallel group and accumulated over the
   micro-batches of the step so far (a running mean, as Megatron's global aux loss; "Demons in
   the Detail", Qwen), reset at each optimizer step. f carries no gradient;
 - ``sequence``: per sequence (DeepSeek-V3 style), averaged over sequences.
+
+Layers: the step's LBL and z-loss are **summed** over MoE layers (Megatron: every MoE layer adds
+its own ``coeff * aux_loss``), so each layer's router feels the full coefficient whatever the
+depth; a model with L MoE layers at uniform routing reports lbl = L * coeff.
 
 Because each rank's loss is averaged over ranks, the ``global`` loss of N ranks equals the loss
 one process computes on the concatenated global micro-batch.
@@ -40,7 +45,7 @@ class LoadBalancer:
 
     def micro_losses(self, routing: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(LBL, z-loss) of one micro-batch, each already multiplied by its coefficient and
-        averaged over MoE layers. Accumulates this micro-batch's counts."""
+        summed over MoE layers. Accumulates this micro-batch's counts."""
         E, K = self.moe.num_experts, self.moe.top_k
         counts_LE = torch.stack([losses.expert_counts(r.topk_ids_TK, E) for r in routing]).to(self.ctx.device)
         T = routing[0].topk_ids_TK.shape[0]
@@ -65,9 +70,9 @@ class LoadBalancer:
                     S = T // batch_size
                     parts.append(losses.sequence_load_balancing_loss(
                         r.scores_TE.view(batch_size, S, E), r.topk_ids_TK.view(batch_size, S, K), E, K))
-            lbl = self.cfg.lbl_coeff * torch.stack(parts).mean()
+            lbl = self.cfg.lbl_coeff * torch.stack(parts).sum()
         if self.cfg.z_loss_coeff > 0:
-            zl = self.cfg.z_loss_coeff * torch.stack([losses.z_loss(r.logits_TE) for r in routing]).mean()
+            zl = self.cfg.z_loss_coeff * torch.stack([losses.z_loss(r.logits_TE) for r in routing]).sum()
         return lbl, zl
 
     def global_step_counts(self) -> torch.Tensor:

@@ -52,7 +52,10 @@ class Dispatcher(Protocol):
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int | None:
-    """ceil(cf * T * K / E) (token, k) pairs per expert, or None (dropless) when cf <= 0."""
+    """ceil(cf * T * K / E) (token, k) pairs per expert, or None (dropless) when cf <= 0.
+
+    T is the tokens of one dispatch call: under expert parallelism one source rank's micro-batch,
+    so the capacity is per source rank (see ``moetrain.parallel.dispatcher``)."""
     if capacity_factor <= 0:
         return None
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
