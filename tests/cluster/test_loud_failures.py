@@ -81,13 +81,17 @@ def test_checkpoints_failing_mid_run_fail_the_run(tmp_path, ray_local, s3_server
                   checkpoint={"s3_endpoint": s3_server.endpoint, "max_retries": 0, "max_consecutive_failures": 2})
 
     def revoke_at_step_3(m):
-        if m.step == 3:  # once step 2's commit is in (it runs in the background), revoke the credentials
+        if m.step == 3:  # once step 2's commit is done (it runs in the background), revoke the credentials
             client, deadline = s3_server.client(), time.monotonic() + 120
             while time.monotonic() < deadline:
-                found = client.list_objects_v2(Bucket=s3_server.bucket, Prefix="midfail/midfail/step-2/manifest.json")
-                if found.get("KeyCount"):
+                try:
+                    latest = client.get_object(Bucket=s3_server.bucket, Key="midfail/midfail/latest")["Body"].read()
+                except client.exceptions.NoSuchKey:
+                    latest = b""
+                if latest.strip() == b"step-2":
                     break
                 time.sleep(0.2)
+            time.sleep(2.0)  # retention runs after `latest`
             _enforce_auth(s3_server.endpoint, True)
 
     try:
