@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 AGENT_NAMES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+KILL_WAIT_S = 5.0  # how long reap_orphans waits for a SIGKILLed agent to be gone
 SESSION = re.compile(r"(/[^\s]*/session_[0-9_-]+_(\d+))/")
 
 
@@ -107,4 +108,16 @@ def reap_orphans(grace_s: float = 5.0) -> list[Orphan]:
                 os.kill(o.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    deadline = time.monotonic() + KILL_WAIT_S
+    while any(_running(o.pid) for o in orphans) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return orphans
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan is a zombie until init reaps it)."""
+    stat = _read(Path("/proc") / str(pid) / "stat")
+    try:
+        return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except IndexError:
+        return False

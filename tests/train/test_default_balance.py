@@ -30,7 +30,8 @@ def one_thread():
 
 @pytest.mark.slow
 def test_default_run_has_no_dead_experts(one_thread):
-    cfg = load_config(None, ["logging.wandb=disabled"])
+    # The default runs on 2 actors; one process is the same model on the same global batches.
+    cfg = load_config(None, ["logging.wandb=disabled", "cluster.num_workers=1"])
     E = cfg.model.moe.num_experts
     trainer = RankTrainer(cfg)
     load_SLE = np.stack([trainer.train_step().load_LE for _ in range(cfg.train.steps)])
