@@ -18,6 +18,9 @@ from placement.stats import RoutingStats, onehot_TE
 from placement.topology import Topology
 
 
+PAIR_DENSITY_MAX = 0.5  # exact swap deltas use the (token, slot, slot) pair list up to this x T x S
+
+
 def replica_counts(load_E: np.ndarray, topo: Topology) -> np.ndarray:
     """Replicas per expert [E] filling every slot: one each, then the extra slots go one at a
     time to the expert with the highest load per replica (at most one replica per rank)."""
@@ -76,6 +79,9 @@ class _SwapState:
             self.load_S = self.M_TS.sum(axis=0)
             self.T = max(self.M_TS.shape[0], 1)
             self.N_TR = self.M_TS @ (self.rank_S[:, None] == np.arange(R)).astype(np.float64)
+            pairs = _slot_pairs(ids)
+            # the pair bincount beats the dense [S, T] @ [T, S] product only while pairs are few
+            self.pairs = pairs if len(pairs[0]) <= PAIR_DENSITY_MAX * self.M_TS.size else None
         else:
             c = cnt_E[row_S]
             self.load_S = stats.load_LE[l][row_S] / c
@@ -94,6 +100,10 @@ class _SwapState:
         for arr in (self.row_S, self.load_S, self.fetch_SR):
             arr[[s, u]] = arr[[u, s]]
         self.M_TS[:, [s, u]] = self.M_TS[:, [u, s]]
+        if self.pairs is not None:
+            perm = np.arange(self.S)
+            perm[s], perm[u] = u, s
+            self.pairs = (self.pairs[0], perm[self.pairs[1]], perm[self.pairs[2]])
         diff = self.M_TS[:, s] - self.M_TS[:, u]  # tokens now on a (from u) minus those now on b
         self.N_TR[:, a] += diff
         self.N_TR[:, b] -= diff
@@ -126,8 +136,12 @@ class _SwapState:
             G = (self.N_TR == 1) * w
             move_SR = self.M_TS.T @ Z - (self.M_TS.T @ G)[idx, a][:, None]  # s moves to rank r
             # X[s, u] = sum over tokens served by both s and u of G[t, a(s)] (s != u)
-            X = (G[:, a] * self.M_TS).T @ self.M_TS
-            X[idx, idx] = 0.0
+            if self.pairs is not None:  # top-4 over 60 slots: ~4x faster than the dense product
+                t_Q, s_Q, u_Q = self.pairs
+                X = np.bincount(s_Q * S + u_Q, weights=G[t_Q, a[s_Q]], minlength=S * S).reshape(S, S)
+            else:
+                X = (G[:, a] * self.M_TS).T @ self.M_TS
+                X[idx, idx] = 0.0
             d_tr = move_SR[:, a] + move_SR[:, a].T + X + X.T
         else:
             H = (a[:, None] == np.arange(self.R)).astype(np.float64)
@@ -146,6 +160,17 @@ class _SwapState:
         d = (d_tr + self.lw * d_load) / self.T + d_mig
         d[a[:, None] == a[None, :]] = np.inf
         return d
+
+
+def _slot_pairs(slot_TK: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(token, slot, other slot) of every ordered pair of distinct slots one token is sent to
+    (slot ids [T, K], -1 = none), three int64 arrays [Q]."""
+    T, K = slot_TK.shape
+    i, j = np.nonzero(~np.eye(K, dtype=bool))
+    s, u = slot_TK[:, i].ravel(), slot_TK[:, j].ravel()
+    t = np.repeat(np.arange(T), len(i))
+    ok = (s >= 0) & (u >= 0) & (s != u)
+    return t[ok], s[ok].astype(np.int64), u[ok].astype(np.int64)
 
 
 def _bad_swaps(row_S: np.ndarray, rank_S: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:

@@ -48,6 +48,7 @@ from placement import (Placement, Topology, evaluate, from_topk_ids, load_routin
                        split_tokens)
 from placement.baselines import replica_counts  # noqa: E402
 from placement.hypergraph import build_hypergraph  # noqa: E402
+from placement.solve import DEFAULT_RESTARTS  # noqa: E402
 
 TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().parents[2] / "shared" / "traces")
 SOLVED = ("greedy", "local_search", "ilp", "ilp_lw0")
@@ -143,7 +144,8 @@ def _ilp_info(res) -> dict:
             **{f"{p}_s": float(sum(r.seconds(p) for r in L)) for p in ("heuristics", "search", "mip", "lns")}}
 
 
-def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: float) -> list[dict]:
+def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: float,
+             restarts: int = DEFAULT_RESTARTS) -> list[dict]:
     fit, held = split_tokens(stats, seed=0)
     rows = []
     ilp_lw0_s = per_layer_s * fit.num_layers
@@ -157,7 +159,7 @@ def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: 
             bound = model_obj = gap = float("nan")
         else:
             res = solve_placement(fit, topo, "ilp" if method == "ilp_lw0" else method,
-                                  time_limit_s=per_layer_s * fit.num_layers, load_weight=lw)
+                                  time_limit_s=per_layer_s * fit.num_layers, load_weight=lw, restarts=restarts)
             placement, solve_s = res.placement, res.solve_time_s
             extra = _ilp_info(res) if method.startswith("ilp") else {}
             if method == "ilp_lw0":
@@ -178,7 +180,7 @@ def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: 
     return rows
 
 
-def scale_case(olmoe_path: Path, budget_s: float, load_weight: float) -> dict:
+def scale_case(olmoe_path: Path, budget_s: float, load_weight: float, restarts: int = DEFAULT_RESTARTS) -> dict:
     base = load_routing(olmoe_path)
     ids_T1K = base.topk_ids_TLK[:, :1]
     layers = []
@@ -189,7 +191,7 @@ def scale_case(olmoe_path: Path, budget_s: float, load_weight: float) -> dict:
     fit, held = split_tokens(stats, seed=0)
     topo = Topology.for_experts(64, 8)
     t0 = time.monotonic()
-    res = solve_placement(fit, topo, "ilp", time_limit_s=budget_s, load_weight=load_weight)
+    res = solve_placement(fit, topo, "ilp", time_limit_s=budget_s, load_weight=load_weight, restarts=restarts)
     wall = time.monotonic() - t0
     cont = solve_placement(fit, topo, "contiguous")
     return {"layers": 16, "experts": 64, "ranks": 8, "wall_s": wall,
@@ -255,6 +257,7 @@ def main() -> int:
     ap.add_argument("--per-layer-s", type=float, default=6.0, help="ILP time budget per layer")
     ap.add_argument("--load-weight", type=float, default=1.0)
     ap.add_argument("--scale-budget-s", type=float, default=55.0)
+    ap.add_argument("--restarts", type=int, default=DEFAULT_RESTARTS, help="the ILP pipeline's tabu restarts")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated cases to run (qwen, olmoe, stats)")
     args = ap.parse_args()
@@ -272,12 +275,12 @@ def main() -> int:
             continue
         stats = load_routing(path)
         for tname, topo in topologies(stats.num_experts).items():
-            for r in run_case(name, stats, topo, args.per_layer_s, args.load_weight):
+            for r in run_case(name, stats, topo, args.per_layer_s, args.load_weight, args.restarts):
                 rows.append(dict(r, tname=tname))
     print_table(rows)
     scale = None
     if not args.skip_scale and inputs["olmoe"].exists():
-        scale = scale_case(inputs["olmoe"], args.scale_budget_s, args.load_weight)
+        scale = scale_case(inputs["olmoe"], args.scale_budget_s, args.load_weight, args.restarts)
         print(f"\nscale: 16 synthesised layers x 64 experts x 8 ranks: {scale['wall_s']:.1f} s wall, "
               f"held-out sends {scale['held_sends']:.3f} vs contiguous {scale['held_sends_contiguous']:.3f}, "
               f"bound {scale['bound']:.3f} / objective {scale['model_objective']:.3f} (gap {scale['gap']:.3f})")

@@ -198,3 +198,21 @@ def test_swap_state_in_place_update_equals_rebuild(qwen):
         assert np.array_equal(state.row_S, row)
         assert state.objective() == pytest.approx(fresh.objective(), abs=1e-12)
         assert np.allclose(state.delta_SS(), fresh.delta_SS())
+
+
+def test_swap_deltas_pair_list_equal_dense(qwen, monkeypatch):
+    """The sparse (token, slot, slot) pair count and the dense product give the same swap deltas,
+    before and after in-place exchanges."""
+    from placement import baselines
+    topo = Topology(4, 15)
+    row = Placement.random(1, 60, 4, seed=5).phy2log_LS[0].copy()
+    fetch = np.random.default_rng(1).random((60, 4)) * 0.01
+    sparse = baselines._SwapState(qwen, 2, topo, row, fetch, 0.3, True)
+    monkeypatch.setattr(baselines, "PAIR_DENSITY_MAX", 0.0)
+    dense = baselines._SwapState(qwen, 2, topo, row, fetch, 0.3, True)
+    assert sparse.pairs is not None and dense.pairs is None
+    for s, u in [(None, None), (1, 30), (14, 59), (1, 45)]:
+        if s is not None:
+            sparse.swap(s, u)
+            dense.swap(s, u)
+        assert np.allclose(sparse.delta_SS(), dense.delta_SS(), atol=1e-12)
