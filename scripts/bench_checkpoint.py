@@ -525,9 +525,9 @@ def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None
     for r in rows:
         print("  ".join(("-" if r.get(c) is None else f.format(r[c])).ljust(w)
                         for (c, f), w in zip(cols, widths)))
-    print(f"* = the cluster's snapshot mode (overlap + optimizer fence); atomic = temporary key + "
-          f"move (crc32c); raw / nosync (local) = raw write and writer (crc32c / sha256) left in "
-          f"the page cache (not durable)")
+    print("* = the cluster's snapshot mode (overlap + optimizer fence); atomic = temporary key + "
+          "move (crc32c); raw / nosync (local) = raw write and writer (crc32c / sha256) left in "
+          "the page cache (not durable)")
     table, keys = throughput_targets(rows)
     print(f"\nupload vs baseline, medians of {rows[0]['tput_reps']} interleaved runs "
           f"(target: median ratio >= {TARGET:.0%} at concurrency {TARGET_CONCURRENCY}, "
