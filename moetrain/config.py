@@ -45,6 +45,11 @@ class MoEConfig:
     expert_bias: bool = False  # aux-loss-free balancing: bias added to scores for selection only
     bias_update_rate: float = 1e-3  # bias += rate * sign(mean_count - count_i), once per step
     dedup: bool = True  # send a token once per destination rank (expert-parallel dispatcher)
+    # softmax_topk: softmax over all E experts, then top-k (optionally renormalised: `renormalize`);
+    # topk_softmax: top-k over the logits, then softmax over the k (Mixtral).
+    router: str = "softmax_topk"
+    shared_expert_ffn_dim: int = 0  # hidden size of each shared expert (0 = expert_ffn_dim)
+    shared_expert_gate: bool = False  # scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE)
 
 
 @dataclass(kw_only=True)
@@ -53,12 +58,16 @@ class ModelConfig:
     dim: int = 128  # model width (D)
     n_layers: int = 2
     n_heads: int = 4
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
+    qk_norm: bool = False  # RMSNorm on the query and key projections (OLMoE)
+    qkv_bias: bool = False  # bias on the query/key/value projections (Qwen2)
     ffn_dim: int = 256  # hidden size of dense (non-MoE) SwiGLU FFNs
     max_seq_len: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    init_from: str = ""  # "" = random init (seeded); "hf:DIR" = weights of a Hugging Face checkpoint
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 
@@ -79,6 +88,7 @@ class DataConfig:
     source: str = "builtin"
     paths: list[str] = field(default_factory=list)
     text_field: str = "text"
+    tokenizer: str = "bpe"  # bpe = byte-level BPE trained on the corpus; hf:DIR = DIR/tokenizer.json
     seq_len: int = 128  # tokens per packed training sequence (<= model.max_seq_len)
     vocab_size: int = 2048  # byte-level BPE vocabulary size
     max_bytes_per_domain: int = 4_000_000  # cap on raw text read per domain
@@ -104,6 +114,11 @@ class TrainConfig:
     eval_batches: int = 4  # validation batches per domain
     log_every: int = 10
     max_nonfinite_skips: int = 0  # steps with a NaN/inf loss or grad norm skipped before the run fails
+    # fp32 | bf16 | auto (bf16 where bf16 matmul is native: CUDA sm80+, CPUs with AMX or
+    # AVX512-BF16). bf16 keeps fp32 master weights and optimizer state.
+    precision: str = "fp32"
+    zero_stage: int = 0  # DeepSpeed ZeRO stage for the dense parameters: 0 (off), 1 or 2
+    activation_checkpointing: str = "none"  # none | block | attention
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -334,6 +349,9 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
+PRECISIONS = ("auto", "fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "block", "attention")
+ROUTERS = ("softmax_topk", "topk_softmax")
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -353,12 +371,12 @@ def _require(cond: bool, message: str) -> None:
 # tests/test_config.py checks that each int / float field of the tree is listed here.
 RANGES = {
     "model.vocab_size": "[0, inf)", "model.dim": "[1, inf)", "model.n_layers": "[1, inf)",
-    "model.n_heads": "[1, inf)", "model.ffn_dim": "[1, inf)", "model.max_seq_len": "[1, inf)",
+    "model.n_heads": "[1, inf)", "model.n_kv_heads": "[0, inf)", "model.ffn_dim": "[1, inf)", "model.max_seq_len": "[1, inf)",
     "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, 1)", "model.init_std": "(0, inf)",
     "model.moe.num_experts": "[1, inf)", "model.moe.top_k": "[1, inf)", "model.moe.expert_ffn_dim": "[1, inf)",
     "model.moe.every_n_layers": "[1, inf)", "model.moe.first_moe_layer": "[0, inf)",
     "model.moe.num_groups": "[1, inf)", "model.moe.num_shared_experts": "[0, inf)",
-    "model.moe.capacity_factor": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
+    "model.moe.capacity_factor": "[0, inf)", "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
     "data.seq_len": "[1, inf)", "data.vocab_size": "[260, inf)", "data.max_bytes_per_domain": "[1, inf)",
     "data.val_fraction": "(0, 0.5)", "data.seed": "[0, inf)",
     "train.steps": "[1, inf)", "train.global_batch_size": "[1, inf)", "train.grad_accum_steps": "[1, inf)",
@@ -366,6 +384,7 @@ RANGES = {
     "train.weight_decay": "[0, inf)", "train.beta1": "[0, 1)", "train.beta2": "[0, 1)",
     "train.grad_clip": "(-inf, inf)", "train.seed": "[0, inf)", "train.eval_every": "[0, inf)",
     "train.eval_batches": "[1, inf)", "train.log_every": "[1, inf)", "train.max_nonfinite_skips": "[0, inf)",
+    "train.zero_stage": "[0, 2]",
     "train.loss.lbl_coeff": "[0, inf)", "train.loss.z_loss_coeff": "[0, inf)",
     "checkpoint.every": "[0, inf)", "checkpoint.keep": "[1, inf)", "checkpoint.max_consecutive_failures": "[0, inf)",
     "checkpoint.max_retries": "[0, inf)",
@@ -417,6 +436,13 @@ def _validate_model(cfg: RunConfig) -> None:
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
     _require(moe.top_k % moe.num_groups == 0,
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
+    kv = m.n_kv_heads or m.n_heads
+    _require(m.n_heads % kv == 0, f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
+    _require(moe.router in ROUTERS, f"model.moe.router ({moe.router!r}) must be one of {', '.join(ROUTERS)}")
+    _require(m.init_from == "" or (m.init_from.startswith("hf:") and len(m.init_from) > 3),
+             f"model.init_from ({m.init_from!r}) must be empty or hf:DIR")
+    _require(d.tokenizer == "bpe" or (d.tokenizer.startswith("hf:") and len(d.tokenizer) > 3),
+             f"data.tokenizer ({d.tokenizer!r}) must be 'bpe' or hf:DIR")
     _require(moe.first_moe_layer < m.n_layers,
              f"model.moe.first_moe_layer ({moe.first_moe_layer}) must be < model.n_layers ({m.n_layers}): no MoE layer")
     _require(m.vocab_size == 0 or m.vocab_size >= 260, f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260")
@@ -432,6 +458,10 @@ def _validate_run(cfg: RunConfig) -> None:
     _require(t.global_batch_size % per_step == 0,
              f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
              f"train.grad_accum_steps x cluster.num_workers ({t.grad_accum_steps} x {c.num_workers} = {per_step})")
+    _require(t.precision in PRECISIONS, f"train.precision ({t.precision!r}) must be one of {', '.join(PRECISIONS)}")
+    _require(t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+             f"train.activation_checkpointing ({t.activation_checkpointing!r}) must be one of "
+             f"{', '.join(ACTIVATION_CHECKPOINTING)}")
     _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]")
     _require(t.loss.lbl_scope in ("micro", "global", "sequence"),
              f"train.loss.lbl_scope ({t.loss.lbl_scope!r}) must be one of micro, global, sequence")
