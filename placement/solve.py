@@ -15,19 +15,22 @@ phase a function below, every answer scored by the exact cost model before it is
 2. **search**: ``restarts`` tabu searches (baselines.py) of ``TABU_ITERS`` moves each, the
    first from the best answer, the others from it perturbed by ``PERTURB_SWAPS`` random
    exchanges (seeded by ``seed`` and the layer); capped at ``SEARCH_SHARE`` of the layer budget.
-3. **mip**: with per-token ids, the *exact* hypergraph ILP (hyper_ilp.py: connectivity of each
+3. **refine** (per-token ids only): iterated FM on the exact hypergraph objective (refine.py):
+   ejection chains of single-vertex moves from the best answer, then ``REFINE_ROUNDS`` rounds of
+   ``REFINE_SWAPS`` seeded random exchanges + FM; capped at ``REFINE_SHARE`` of what is left.
+4. **mip**: with per-token ids, the *exact* hypergraph ILP (hyper_ilp.py: connectivity of each
    distinct top-k set, exactly ``evaluate()``'s objective, replica counts of the warm start)
    on the ``max_hyperedges`` heaviest hyperedges, warm-started from the best answer, on
    ``MIP_SHARE`` of what is left (all of it when step 4 cannot run), then swap polish of its
    answer. With aggregates only, the pairwise ILP (pairwise.py, flat or hierarchical).
-4. **lns**: the exact two-rank sub-MIP over rank pairs (lns.py), ``LNS_SWEEPS`` sweeps at most,
+5. **lns**: the exact two-rank sub-MIP over rank pairs (lns.py), ``LNS_SWEEPS`` sweeps at most,
    with the rest of the budget (needs per-token ids).
-5. **bound**: exact path, the exact ILP's proven bound on the *true* layer objective (at least
+6. **bound**: exact path, the exact ILP's proven bound on the *true* layer objective (at least
    the closed-form bound: every token reaches one rank, the busiest rank carries the mean load);
    pairwise path, as before, the larger of the MIP's dual bound and the flat LP relaxation of
    the *pairwise model* (``bound_kind`` says which).
 
-Determinism: phases 2 and 4 are bounded by counts (restarts x moves, sweeps) and seeded; the
+Determinism: phases 2, 3 and 5 are bounded by counts (restarts x moves, rounds, sweeps) and seeded; the
 MIPs run single-threaded with a fixed random seed and a node limit. The clock only caps them, so
 two solves with the same seed return the same placement unless a phase hits its time cap
 (``LayerReport.capped`` lists the phases that did).
@@ -48,6 +51,7 @@ from placement.hyper_ilp import solve_exact, trivial_bound
 from placement.hypergraph import build_hypergraph, rank_of_vertices, row_from_ranks
 from placement.ilp import LP_BOUND_TIME_S, default_solver, model_objective, solve_layer_model
 from placement.lns import lns_layer
+from placement.refine import iterated_fm
 from placement.placement import Placement, PlacementError
 from placement.stats import RoutingStats
 from placement.topology import Topology
@@ -55,7 +59,10 @@ from placement.topology import Topology
 METHODS = ("ilp", "greedy", "local_search", "contiguous", "round_robin")
 
 SEARCH_SHARE = 0.75  # tabu restarts: at most this share of the layer budget
-MIP_SHARE = 0.5  # the exact / pairwise MIP: this share of what is left after the search
+REFINE_SHARE = 0.5  # iterated FM: at most this share of what is left after the search
+REFINE_ROUNDS = 48  # perturbation rounds of the iterated FM
+REFINE_SWAPS = 8  # random exchanges per perturbation
+MIP_SHARE = 0.5  # the exact / pairwise MIP: this share of what is left after the refinement
 MIN_PHASE_S = 0.25  # a MIP phase with less time left than this is skipped
 TABU_ITERS = 150  # moves per tabu restart
 TABU_TENURE = 10  # moves a moved slot stays locked (+0..2, seeded)
@@ -219,6 +226,19 @@ def _phase_search(c: LayerContext, l: int, best: _Best, deadline: float) -> bool
     return time.monotonic() > deadline
 
 
+def _phase_refine(c: LayerContext, l: int, best: _Best, deadline: float) -> bool:
+    """Iterated FM from the best row on the exact hypergraph (its replica counts); returns
+    True if the clock cut its rounds."""
+    srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
+    slots_R = np.array(c.topo.slots_per_rank)
+    hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], np.bincount(best.row, minlength=c.stats.num_experts))
+    out = iterated_fm(hg, rank_of_vertices(best.row, srank), c.topo.send_weight_R, slots_R, c.load_weight,
+                      pairwise.layer_fetch_ER(c, l)[hg.expert_V], np.random.default_rng([c.seed, l, 1]),
+                      rounds=REFINE_ROUNDS, swaps=REFINE_SWAPS, deadline=deadline)
+    best.offer(row_from_ranks(out.rank_V, hg.expert_V, slots_R), "fm")
+    return out.capped
+
+
 def _load_cap(c: LayerContext, l: int, cnt_E: np.ndarray) -> float | None:
     """The balance cap per token: ``balance_cap`` x mean rank load, never below what LPT packs."""
     if c.balance_cap is None:
@@ -320,6 +340,12 @@ def _solve_ilp_layer(c: LayerContext, l: int, deadline: float) -> tuple[np.ndarr
         capped.append("search")
     best.mark("tabu")
     times.append(("search", time.monotonic() - t))
+    if c.exact:
+        t = time.monotonic()
+        if _phase_refine(c, l, best, t + REFINE_SHARE * max(deadline - t, 0.0)):
+            capped.append("refine")
+        best.mark("refine")
+        times.append(("refine", time.monotonic() - t))
     warm_obj = best.obj
     lns_ok = c.exact and c.topo.num_ranks >= 2
     t = time.monotonic()
