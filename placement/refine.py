@@ -58,9 +58,15 @@ class _Moves:
         self.single_V, self.load_V, self.weight_H = hg.single_V, hg.load_V, hg.weight_H
         self.B_VH = np.zeros((V, hg.num_edges))
         self.B_VH[hg.edge_pins, hg.edge_of_pin()] = 1.0
+        self.B_HV = np.ascontiguousarray(self.B_VH.T)
         self.edges_V = [np.flatnonzero(b) for b in self.B_VH]
         self.rank_V = np.asarray(rank_V, dtype=np.int64).copy()
         self.phi_HR = self.B_VH.T @ np.eye(R)[self.rank_V]
+        # weight of v's hyperedges that miss rank r (add_VR) / have one pin on r (one_VR):
+        # integer token counts, so the incremental updates in move() stay exact
+        wt = self.weight_H[:, None]
+        self.add_VR = self.B_VH @ (wt * (self.phi_HR == 0))
+        self.one_VR = self.B_VH @ (wt * (self.phi_HR == 1))
         self.load_R = np.bincount(self.rank_V, weights=self.load_V, minlength=R)
         self.count_R = np.bincount(self.rank_V, minlength=R)
         # replicas of one expert: the previous / next replica's vertex (-1: none)
@@ -73,11 +79,9 @@ class _Moves:
         """[n, R] objective change of moving vertex ``rows[i]`` (default: all) to rank r (+inf
         for its own rank)."""
         idx = np.arange(self.V) if rows is None else rows
-        a, R = self.rank_V[idx], self.R
-        wt = self.weight_H[:, None]
-        both = self.B_VH[idx] @ np.concatenate([wt * (self.phi_HR == 0), wt * (self.phi_HR == 1)], axis=1)
-        add = both[:, :R] * self.w_R[None, :]
-        rem = both[np.arange(len(idx)), R + a] * self.w_R[a]
+        a = self.rank_V[idx]
+        add = self.add_VR[idx] * self.w_R[None, :]
+        rem = self.one_VR[idx, a] * self.w_R[a]
         d_tr = add - rem[:, None] + self.single_V[idx, None] * (self.w_R[None, :] - self.w_R[a][:, None])
         fetch = self.fetch_VR[idx]
         d = d_tr / self.T + fetch - fetch[np.arange(len(idx)), a][:, None]
@@ -111,8 +115,17 @@ class _Moves:
     def move(self, v: int, r: int) -> None:
         a = int(self.rank_V[v])
         pins = self.edges_V[v]
-        self.phi_HR[pins, a] -= 1
-        self.phi_HR[pins, r] += 1
+        pa, pr = self.phi_HR[pins, a], self.phi_HR[pins, r]
+        self.phi_HR[pins, a] = pa - 1
+        self.phi_HR[pins, r] = pr + 1
+        wt = self.weight_H[pins]
+        change = np.stack([wt * (pa == 1), -wt * (pr == 0),  # now misses a / now reaches r
+                           wt * ((pa == 2).astype(float) - (pa == 1)), wt * ((pr == 0).astype(float) - (pr == 1))])
+        d = change @ self.B_HV[pins]  # [4, V]
+        self.add_VR[:, a] += d[0]
+        self.add_VR[:, r] += d[1]
+        self.one_VR[:, a] += d[2]
+        self.one_VR[:, r] += d[3]
         self.load_R[a] -= self.load_V[v]
         self.load_R[r] += self.load_V[v]
         self.count_R[a] -= 1
