@@ -106,3 +106,20 @@ def test_pipeline_reports_the_refine_phase():
     for rep in res.layers:
         assert "refine" in dict(rep.stages) and rep.seconds("refine") > 0
     assert evaluate(stats, res.placement, Topology(2, 2), load_weight=0.0).sends == pytest.approx(0.5 * (1 + 7) / 7)
+
+
+def test_ejection_chain_finds_a_three_cycle_no_swap_finds():
+    """Three ranks of one slot; vertex v wants rank v+1 (fetch 0), sits on v (1), and rank v+2
+    costs 3: every swap costs 1 more (0 + 3 + 1 = 4 > 3), the 3-cycle saves 3."""
+    hg = build_hypergraph(np.array([[0], [1], [2]]), np.ones(3, dtype=np.int64))  # traffic: constant
+    w = np.full(3, 2 / 3)
+    fetch = np.array([[1.0, 0.0, 3.0], [3.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
+    start = np.array([0, 1, 2])
+    base = hg.objective(start, w, 0.0, fetch)
+    for v, u in ((0, 1), (0, 2), (1, 2)):
+        swapped = start.copy()
+        swapped[[v, u]] = start[[u, v]]
+        assert hg.objective(swapped, w, 0.0, fetch) == pytest.approx(base + 1)
+    out = fm_refine(hg, start, w, np.ones(3, dtype=np.int64), 0.0, fetch)
+    assert out.tolist() == [1, 2, 0]
+    assert hg.objective(out, w, 0.0, fetch) == pytest.approx(base - 3)
