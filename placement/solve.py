@@ -18,10 +18,12 @@ phase a function below, every answer scored by the exact cost model before it is
 3. **refine** (per-token ids only): iterated FM on the exact hypergraph objective (refine.py):
    ejection chains of single-vertex moves from the best answer, then ``REFINE_ROUNDS`` rounds of
    ``REFINE_SWAPS`` seeded random exchanges + FM; capped at ``REFINE_SHARE`` of what is left.
+   It reaches joint changes the swap neighbourhood misses (Qwen, 4 ranks, layer 3: 5 experts
+   over 3 ranks, one token of km1 below the answer of the 8 tabu restarts).
 4. **mip**: with per-token ids, the *exact* hypergraph ILP (hyper_ilp.py: connectivity of each
    distinct top-k set, exactly ``evaluate()``'s objective, replica counts of the warm start)
    on the ``max_hyperedges`` heaviest hyperedges, warm-started from the best answer, on
-   ``MIP_SHARE`` of what is left (all of it when step 4 cannot run), then swap polish of its
+   ``MIP_SHARE`` of what is left (all of it when step 5 cannot run), then swap polish of its
    answer. With aggregates only, the pairwise ILP (pairwise.py, flat or hierarchical).
 5. **lns**: the exact two-rank sub-MIP over rank pairs (lns.py), ``LNS_SWEEPS`` sweeps at most,
    with the rest of the budget (needs per-token ids).
@@ -30,8 +32,8 @@ phase a function below, every answer scored by the exact cost model before it is
    pairwise path, as before, the larger of the MIP's dual bound and the flat LP relaxation of
    the *pairwise model* (``bound_kind`` says which).
 
-Determinism: phases 2, 3 and 5 are bounded by counts (restarts x moves, rounds, sweeps) and seeded; the
-MIPs run single-threaded with a fixed random seed and a node limit. The clock only caps them, so
+Determinism: phases 2, 3 and 5 are bounded by counts (restarts x moves, rounds, sweeps) and
+seeded; the MIPs run single-threaded with a fixed random seed and a node limit. The clock only caps them, so
 two solves with the same seed return the same placement unless a phase hits its time cap
 (``LayerReport.capped`` lists the phases that did).
 """
