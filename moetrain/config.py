@@ -158,6 +158,9 @@ class ClusterConfig:
     start_timeout_s: float = 300.0  # give up building the worker group after this long
     connect_timeout_s: float = 30.0  # give up reaching cluster.address / RAY_ADDRESS after this long
     collective_timeout_s: float = 300.0  # a torch.distributed collective waiting longer fails its rank
+    # Ranks per machine (0 = all on one node): the placement cost model charges a token sent to
+    # another node placement.inter_node_cost, one sent inside a node 1.
+    ranks_per_node: int = 0
     step_timeout_s: float = 60.0  # watchdog: a step slower than the slowest seen + this fails its ranks
     # Embedded local Ray only (ignored when joining a cluster): serve the Ray dashboard on
     # 127.0.0.1 while the run lasts, at dashboard_port (0 = 8265, or the next free port above it).
@@ -177,6 +180,10 @@ class PlacementConfig:
     time_limit_s: float = 10.0
     load_weight: float = 1.0  # lambda: weight of the makespan term
     migration_weight: float = 0.0  # mu: weight of the migration term
+    inter_node_cost: float = 4.0  # cost of a token row sent to another node (one inside a node costs 1)
+    # Score each sampled token's sends from its home rank (the rank that routed it): pays off
+    # with data.rank_assignment=domain. false = the domain-agnostic model (uniform origin).
+    home_ranks: bool = True
     blocking: bool = False  # wait for each solve at its launch step (deterministic; tests/debugging)
 
 
@@ -391,7 +398,8 @@ RANGES = {
     "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
     "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
     "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)",
-    "cluster.dashboard_port": "[0, 65535]",
+    "cluster.dashboard_port": "[0, 65535]", "cluster.ranks_per_node": "[0, inf)",
+    "placement.inter_node_cost": "[1, inf)",
     "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
     "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
     "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
@@ -489,6 +497,8 @@ def _validate_placement(cfg: RunConfig) -> None:
         _require(moe.num_experts % c.num_workers == 0,
                  f"model.moe.num_experts ({moe.num_experts}) must be divisible by cluster.num_workers "
                  f"({c.num_workers}), or set placement.slots_per_rank")
+    _require(c.ranks_per_node == 0 or c.num_workers % c.ranks_per_node == 0,
+             f"cluster.ranks_per_node ({c.ranks_per_node}) must divide cluster.num_workers ({c.num_workers})")
     _require(slots * c.num_workers >= moe.num_experts,
              f"placement.slots_per_rank ({slots}) x cluster.num_workers ({c.num_workers}) must be >= "
              f"model.moe.num_experts ({moe.num_experts})")
