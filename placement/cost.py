@@ -17,7 +17,8 @@ What is modelled, per layer (all figures are divided by T: "per token"):
   routing, as below. Both are "origin classes" (:func:`origin_classes`): O = R classes with
   home ranks, one class (the expectation over ``origin_R``) without.
 - **Dispatch.** A token starts on rank o with probability ``origin_R[o]`` (independent of its
-  routing) unless it has a home rank. For each chosen expert e with c replicas it is served by the ``t mod c``-th replica
+  routing) unless it has a home rank. For each chosen expert e with c replicas it is served by
+  the ``t mod c``-th replica
   of e in slot order (token index t): replicas split their expert's tokens evenly, as EPLB
   assumes; no preference for a local replica is modelled (a dispatcher that prefers local
   replicas does at least as well on traffic). A token whose experts share a destination rank is

@@ -266,7 +266,8 @@ def solve_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
                 max_edges: int, mip_gap: float = 1e-4, solver: str = "highs", seed: int = 0,
                 max_nodes: int = 10_000, cap: float | None = None) -> ExactResult:
     """Solve one layer's exact model (module docstring) from the warm start ``warm_V`` (a rank
-    per vertex); ``w_R``: [R], or [O, R] for a hypergraph with origin classes. ``bound`` is a proven lower bound of the true layer objective: the larger of
+    per vertex); ``w_R``: [R], or [O, R] for a hypergraph with origin classes. ``bound`` is a
+    proven lower bound of the true layer objective: the larger of
     the solver's dual bound (plus the left-out hyperedges' floor) and :func:`trivial_bound`."""
     if solver not in ("highs", "cbc"):
         raise ValueError(f"solver ({solver!r}) must be 'highs' or 'cbc'")

@@ -121,7 +121,8 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
     fixed_a = float(load_R[a] - load[:slots_a].sum())
     fixed_b = float(load_R[b] - load[slots_a:].sum())
     others = np.delete(load_R, [a, b])
-    symmetric = (w_OR.shape[0] == 1 and np.isclose(w_OR[0, a], w_OR[0, b]) and np.isclose(fixed_a, fixed_b) and not fa.any() and not fb.any()
+    symmetric = (w_OR.shape[0] == 1 and np.isclose(w_OR[0, a], w_OR[0, b]) and np.isclose(fixed_a, fixed_b)
+                 and not fa.any() and not fb.any()
                  and 2 * slots_a == F and not fetch_ER[:, [a, b]].any())
     return PairModel(slots, experts, slots_a, lin, sets_a, np.array(wt_a), sets_b, np.array(wt_b), load,
                      fixed_a, fixed_b, float(others.max()) if len(others) else 0.0, load_weight, symmetric)

@@ -250,8 +250,8 @@ def sends_lower_bound(stats: RoutingStats, topo: Topology, balance_cap: float, t
         lpt = pack_lpt(hg.load_V, one, topo)
         lpt_max = float(np.bincount(np.repeat(np.arange(R), topo.slots_per_rank), weights=hg.load_V[lpt]).max()) / T
         cap = max(balance_cap * mean, lpt_max * (1 + 1e-9))
-        res = solve_exact(hg, off_OR, np.array(topo.slots_per_rank), 0.0, np.zeros((E, R)), warm_V=rank_of_vertices(lpt, srank),
-                          time_limit_s=time_s, max_edges=hg.num_edges, cap=cap)
+        res = solve_exact(hg, off_OR, np.array(topo.slots_per_rank), 0.0, np.zeros((E, R)),
+                          warm_V=rank_of_vertices(lpt, srank), time_limit_s=time_s, max_edges=hg.num_edges, cap=cap)
         bounds.append(res.bound)
         found.append(hg.objective(res.rank_V, off_OR, 0.0) if res.rank_V is not None else math.nan)
         status.append(res.status)
