@@ -7,7 +7,9 @@ runs the placement solver while training continues. When the task is done, at th
 boundary, the predicted gain (the cost model on the same statistics: current vs proposed
 placement) is compared with ``placement.min_gain``; if it is enough, every rank exchanges the
 moving experts' weights **and** AdamW state point to point (``moetrain.parallel.migrate``) and
-training continues on the new placement. Each decision is a :class:`Decision`: predicted gain,
+training continues on the new placement. The solver scores sends from each sampled token's home
+rank (``placement.home_ranks``) on the cluster's topology (``cluster.ranks_per_node``,
+:func:`run_topology`). Each decision is a :class:`Decision`: predicted gain,
 what the solver saw, solve time, the bytes really sent, and (at the end of the run) the measured
 off-rank sends per step before and after.
 """
@@ -26,8 +28,16 @@ from moetrain.config import RunConfig
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import merge_rank_samples
 from placement import Placement, RoutingStats, Topology, evaluate, solve_placement
+from placement.stats import without_homes
 
 log = logging.getLogger("moetrain")
+
+
+def run_topology(cfg: RunConfig, placement: Placement) -> Topology:
+    """The cluster's topology as the solver sees it: the placement's ranks and slots, and
+    ``cluster.ranks_per_node`` / ``placement.inter_node_cost`` for the link costs."""
+    return Topology(num_ranks=placement.num_ranks, slots_per_rank=placement.slots_per_rank,
+                    ranks_per_node=cfg.cluster.ranks_per_node, inter_node_cost=cfg.placement.inter_node_cost)
 
 
 def due(cfg: RunConfig, step: int) -> bool:
@@ -112,9 +122,11 @@ class Replanner:
     def launch(self, group, placement: Placement, step: int) -> None:
         if self._pending is not None:
             return
-        stats = merge_rank_samples(group.call("routing_stats"))
-        topo = Topology(num_ranks=placement.num_ranks, slots_per_rank=placement.slots_per_rank)
+        stats = merge_rank_samples(group.call("routing_stats"))  # with each token's home rank
         p = self.cfg.placement
+        if not p.home_ranks:
+            stats = without_homes(stats)
+        topo = run_topology(self.cfg, placement)
         ref = self._remote.remote(stats, topo, placement, p.method, p.time_limit_s, p.load_weight,
                                   p.migration_weight, self.cfg.train.seed)
         self._pending = (ref, step)

@@ -95,6 +95,18 @@ class DataConfig:
     val_fraction: float = 0.05  # held-out share of packed sequences (deterministic)
     cache_dir: str = ""  # "" = ~/.cache/moetrain (tokenizer + packed data, by content hash)
     seed: int = 0
+    # source "prepared": the output of `moetrain prepare` (a local path, s3://bucket/prefix or
+    # gs://bucket/prefix), streamed shard by shard; endpoints as for checkpoints.
+    prepared_uri: str = ""
+    s3_endpoint: str = ""  # s3:// only, e.g. http://127.0.0.1:9000 (credentials: AWS_* variables)
+    s3_region: str = ""
+    gcs_endpoint: str = ""  # gs:// only, e.g. an emulator's http://127.0.0.1:4443
+    # ["domain=weight", ...]: share of each domain in every global batch (normalised; a domain
+    # left out gets weight 0). Empty = every domain in proportion to its training rows.
+    mixture: list[str] = field(default_factory=list)
+    # shuffled: ranks get random rows of the global batch; domain: the same rows per micro-batch,
+    # reordered so that each rank's slice is as domain-homogeneous as the mixture allows.
+    rank_assignment: str = "shuffled"
 
 
 @dataclass(kw_only=True)
@@ -158,6 +170,9 @@ class ClusterConfig:
     start_timeout_s: float = 300.0  # give up building the worker group after this long
     connect_timeout_s: float = 30.0  # give up reaching cluster.address / RAY_ADDRESS after this long
     collective_timeout_s: float = 300.0  # a torch.distributed collective waiting longer fails its rank
+    # Ranks per machine (0 = all on one node): the placement cost model charges a token sent to
+    # another node placement.inter_node_cost, one sent inside a node 1.
+    ranks_per_node: int = 0
     step_timeout_s: float = 60.0  # watchdog: a step slower than the slowest seen + this fails its ranks
     # Embedded local Ray only (ignored when joining a cluster): serve the Ray dashboard on
     # 127.0.0.1 while the run lasts, at dashboard_port (0 = 8265, or the next free port above it).
@@ -177,6 +192,10 @@ class PlacementConfig:
     time_limit_s: float = 10.0
     load_weight: float = 1.0  # lambda: weight of the makespan term
     migration_weight: float = 0.0  # mu: weight of the migration term
+    inter_node_cost: float = 4.0  # cost of a token row sent to another node (one inside a node costs 1)
+    # Score each sampled token's sends from its home rank (the rank that routed it): pays off
+    # with data.rank_assignment=domain. false = the domain-agnostic model (uniform origin).
+    home_ranks: bool = True
     blocking: bool = False  # wait for each solve at its launch step (deterministic; tests/debugging)
 
 
@@ -352,6 +371,27 @@ PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "block", "attention")
 ROUTERS = ("softmax_topk", "topk_softmax")
+DATA_SOURCES = ("builtin", "paths", "prepared")
+RANK_ASSIGNMENTS = ("shuffled", "domain")
+
+
+def parse_mixture(entries: list[str]) -> dict[str, float]:
+    """``["code=3", "english=1"]`` -> ``{"code": 3.0, "english": 1.0}`` (data.mixture); weights
+    finite and >= 0, not all 0, each domain once."""
+    out: dict[str, float] = {}
+    for entry in entries:
+        name, sep, raw = entry.partition("=")
+        name = name.strip()
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = math.nan
+        _require(bool(sep) and bool(name) and math.isfinite(weight) and weight >= 0,
+                 f"data.mixture entry {entry!r} must look like 'domain=WEIGHT' with a finite WEIGHT >= 0")
+        _require(name not in out, f"data.mixture names domain {name!r} more than once")
+        out[name] = weight
+    _require(not out or sum(out.values()) > 0, f"data.mixture ({','.join(entries)}) has no positive weight")
+    return out
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -391,7 +431,8 @@ RANGES = {
     "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
     "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
     "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)",
-    "cluster.dashboard_port": "[0, 65535]",
+    "cluster.dashboard_port": "[0, 65535]", "cluster.ranks_per_node": "[0, inf)",
+    "placement.inter_node_cost": "[1, inf)",
     "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
     "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
     "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
@@ -447,9 +488,14 @@ def _validate_model(cfg: RunConfig) -> None:
              f"model.moe.first_moe_layer ({moe.first_moe_layer}) must be < model.n_layers ({m.n_layers}): no MoE layer")
     _require(m.vocab_size == 0 or m.vocab_size >= 260, f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260")
     _require(d.seq_len <= m.max_seq_len, f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
-    _require(d.source in ("builtin", "paths"), f"data.source ({d.source!r}) must be 'builtin' or 'paths'")
+    _require(d.source in DATA_SOURCES, f"data.source ({d.source!r}) must be one of {', '.join(DATA_SOURCES)}")
     if d.source == "paths":
         _require(len(d.paths) > 0, "data.paths is empty but data.source is 'paths': give domain=path entries")
+    _require(d.source != "prepared" or bool(d.prepared_uri),
+             "data.prepared_uri is empty but data.source is 'prepared': give the output URI of `moetrain prepare`")
+    _require(d.rank_assignment in RANK_ASSIGNMENTS,
+             f"data.rank_assignment ({d.rank_assignment!r}) must be one of {', '.join(RANK_ASSIGNMENTS)}")
+    parse_mixture(d.mixture)
 
 
 def _validate_run(cfg: RunConfig) -> None:
@@ -489,6 +535,8 @@ def _validate_placement(cfg: RunConfig) -> None:
         _require(moe.num_experts % c.num_workers == 0,
                  f"model.moe.num_experts ({moe.num_experts}) must be divisible by cluster.num_workers "
                  f"({c.num_workers}), or set placement.slots_per_rank")
+    _require(c.ranks_per_node == 0 or c.num_workers % c.ranks_per_node == 0,
+             f"cluster.ranks_per_node ({c.ranks_per_node}) must divide cluster.num_workers ({c.num_workers})")
     _require(slots * c.num_workers >= moe.num_experts,
              f"placement.slots_per_rank ({slots}) x cluster.num_workers ({c.num_workers}) must be >= "
              f"model.moe.num_experts ({moe.num_experts})")

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from placement.cost import holders_ER, virtual_ids
+from placement.cost import holders_ER, origin_classes, virtual_ids
 from placement.stats import RoutingStats, onehot_TE
 from placement.topology import Topology
 
@@ -78,6 +78,8 @@ class _SwapState:
             self.M_TS = onehot_TE(ids, S)
             self.load_S = self.M_TS.sum(axis=0)
             self.T = max(self.M_TS.shape[0], 1)
+            origin_T, w_OR, _ = origin_classes(stats, topo)  # cost of token t reaching rank r
+            self.W_TR = w_OR[np.zeros(ids.shape[0], dtype=np.int64) if origin_T is None else origin_T]
             self.N_TR = self.M_TS @ (self.rank_S[:, None] == np.arange(R)).astype(np.float64)
             pairs = _slot_pairs(ids)
             # the pair bincount beats the dense [S, T] @ [T, S] product only while pairs are few
@@ -112,11 +114,11 @@ class _SwapState:
 
     def objective(self) -> float:
         if self.exact:
-            need_R = (self.N_TR > 0).sum(axis=0)
+            traffic = float(((self.N_TR > 0) * self.W_TR).sum())
         else:
             H = (self.rank_S[:, None] == np.arange(self.R)).astype(np.float64)
-            need_R = self.load_R - 0.5 * np.einsum("sr,st,tr->r", H, self.coact_SS, H)
-        return float(self.w_R @ need_R + self.lw * self.load_R.max()) / self.T + float(self.fetch_S.sum())
+            traffic = float(self.w_R @ (self.load_R - 0.5 * np.einsum("sr,st,tr->r", H, self.coact_SS, H)))
+        return float(traffic + self.lw * self.load_R.max()) / self.T + float(self.fetch_S.sum())
 
     def _rest_max(self) -> np.ndarray:
         """[R, R]: the largest rank load over ranks other than i and j."""
@@ -132,8 +134,8 @@ class _SwapState:
         a, w, S = self.rank_S, self.w_R, self.S
         idx = np.arange(S)
         if self.exact:
-            Z = (self.N_TR == 0) * w  # [T, R]
-            G = (self.N_TR == 1) * w
+            Z = (self.N_TR == 0) * self.W_TR  # [T, R]: t would newly need r
+            G = (self.N_TR == 1) * self.W_TR  # t needs r through one slot only
             move_SR = self.M_TS.T @ Z - (self.M_TS.T @ G)[idx, a][:, None]  # s moves to rank r
             # X[s, u] = sum over tokens served by both s and u of G[t, a(s)] (s != u)
             if self.pairs is not None:  # top-4 over 60 slots: ~4x faster than the dense product

@@ -1,15 +1,24 @@
 """The one cost model: what a placement costs, used by every solver, the CLI and the benchmark.
 
 Owns: :class:`CostBreakdown`, :func:`evaluate`, and the per-layer pieces the solvers reuse
-(:func:`virtual_ids`, the replica rule; :func:`rank_hits_exact`, :func:`rank_hits_pairwise`,
-:func:`holders_ER`).
+(:func:`virtual_ids`, the replica rule; :func:`origin_classes`, who pays what to reach a rank;
+:func:`rank_hits_exact`, :func:`need_by_origin`, :func:`rank_hits_pairwise`, :func:`holders_ER`).
 
 Legend: T tokens, L layers, K top-k, E experts, R ranks, S slots, O origin rank.
 
 What is modelled, per layer (all figures are divided by T: "per token"):
 
+- **Origin.** With home ranks in the statistics (``RoutingStats.home_T``: the rank that routed
+  each sampled token), token t starts on ``home_T[t]``: a token whose experts all live on its
+  home rank sends nothing, and one that needs ranks {r} sends ``|{r} - {home}|`` rows (dedup),
+  each costing ``link_cost[home, r]``. This is what lets a domain-aware rank assignment pay off:
+  experts that a rank's tokens prefer can be put on that rank. Without home ranks (traces,
+  aggregates) a token starts on rank o with probability ``origin_R[o]``, independent of its
+  routing, as below. Both are "origin classes" (:func:`origin_classes`): O = R classes with
+  home ranks, one class (the expectation over ``origin_R``) without.
 - **Dispatch.** A token starts on rank o with probability ``origin_R[o]`` (independent of its
-  routing). For each chosen expert e with c replicas it is served by the ``t mod c``-th replica
+  routing) unless it has a home rank. For each chosen expert e with c replicas it is served by
+  the ``t mod c``-th replica
   of e in slot order (token index t): replicas split their expert's tokens evenly, as EPLB
   assumes; no preference for a local replica is modelled (a dispatcher that prefers local
   replicas does at least as well on traffic). A token whose experts share a destination rank is
@@ -32,7 +41,9 @@ What is modelled, per layer (all figures are divided by T: "per token"):
 
 Two evaluators of ``need[o, r]``:
 
-- **exact** (when ``topk_ids`` are present): the rule above applied token by token.
+- **exact** (when ``topk_ids`` are present): the rule above applied token by token; with home
+  ranks ``traffic = sum_{o, r} need[o, r] * link_cost[o, r]`` and ``sends = sum_{o != r}
+  need[o, r]``, where ``need[o, r]`` counts the tokens of home o that must reach r.
 - **pairwise** (aggregates only): ``need[r] ~= sum_{e on r} load[e]/c[e] - sum_{e<f on r}
   coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is the Bonferroni bound of the union: exact when no token has
   3+ of its experts on one rank, otherwise it underestimates traffic. The pairwise ILP (ilp.py,
@@ -127,6 +138,36 @@ def rank_hits_exact(ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.n
     return need_R, load_R
 
 
+def origin_classes(stats: RoutingStats, topo: Topology) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Who pays what to reach a rank: ``(origin_T, w_OR, off_OR)``.
+
+    With home ranks: ``origin_T = home_T`` [T], ``w_OR = link_cost_RR`` (cost of one token of
+    home o reaching r) and ``off_OR = 1 - I`` (a send unless r is the home). Without:
+    ``origin_T = None`` (every token in class 0), ``w_OR = send_weight_R[None]`` and
+    ``off_OR = offrank_weight_R[None]`` (expectations over ``topo.origin_R``)."""
+    R = topo.num_ranks
+    if stats.home_T is None:
+        return None, topo.send_weight_R[None, :], topo.offrank_weight_R[None, :]
+    if stats.num_home_ranks > R:
+        raise PlacementError(f"statistics hold home rank {stats.num_home_ranks - 1}, the topology has {R} ranks")
+    return stats.home_T, topo.link_cost_RR, 1.0 - np.eye(R)
+
+
+def need_by_origin(ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_ranks: int,
+                   origin_T: np.ndarray | None, num_origins: int) -> tuple[np.ndarray, np.ndarray]:
+    """``need_OR[o, r]``: tokens of origin class o that must reach rank r (dedup, the home
+    included), and ``load_R``, for one layer under the dispatch rule. ``origin_T`` None: one class."""
+    T = ids_TK.shape[0]
+    dest_TK = np.where(ids_TK >= 0, slot_rank_S[np.maximum(virtual_ids(ids_TK, phy2log_S), 0)], num_ranks)
+    hit_TR = np.zeros((T, num_ranks + 1), dtype=bool)
+    hit_TR[np.arange(T)[:, None], dest_TK] = True
+    o_T = np.zeros(T, dtype=np.int64) if origin_T is None else origin_T
+    need_OR = np.zeros((num_origins, num_ranks))
+    np.add.at(need_OR, o_T, hit_TR[:, :num_ranks].astype(np.float64))
+    load_R = np.bincount(dest_TK.ravel(), minlength=num_ranks + 1)[:num_ranks].astype(np.float64)
+    return need_OR, load_R
+
+
 def rank_hits_pairwise(load_E: np.ndarray, coact_EE: np.ndarray, phy2log_S: np.ndarray,
                        slot_rank_S: np.ndarray, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairwise-model ``need_R`` and ``load_R`` for one layer (see module docstring)."""
@@ -170,13 +211,16 @@ def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topolog
     R = topo.num_ranks
     slot_rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
     if exact:
-        need_R, load_R = rank_hits_exact(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R)
+        origin_T, w_OR, off_OR = origin_classes(stats, topo)
+        need_OR, load_R = need_by_origin(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R, origin_T,
+                                         w_OR.shape[0])
         T = stats.topk_ids_TLK.shape[0]
+        traffic, sends = float((w_OR * need_OR).sum()), float((off_OR * need_OR).sum())
     else:
         need_R, load_R = rank_hits_pairwise(stats.load_LE[l], stats.coact_LEE[l], phy2log_S, slot_rank_S, R)
         T = max(stats.num_tokens, 1)
-    traffic = float(topo.send_weight_R @ need_R)
-    sends = float(topo.offrank_weight_R @ need_R)
+        traffic = float(topo.send_weight_R @ need_R)
+        sends = float(topo.offrank_weight_R @ need_R)
     T = max(T, 1)
     mean = load_R.mean()
     imb = float(load_R.max() / mean) if mean > 0 else 1.0

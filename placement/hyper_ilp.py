@@ -13,8 +13,12 @@ Model (per token; every coefficient is the one ``evaluate()`` uses, see hypergra
     m >= 0               busiest rank:  m >= sum_v load[v] x[v, r] / T   (optional cap on it)
     replicas of one expert on strictly increasing ranks:
                          sum_r r x[v_{j+1}, r] - sum_r r x[v_j, r] >= 1
-    minimise  sum_{h,r} weight[h] w[r] z[h, r] / T + sum_{v,r} (single[v] w[r] / T + fetch[v, r]) x[v, r]
+    minimise  sum_{h,r} weight[h] w[o(h), r] z[h, r] / T + sum_{v,r} (single[v, o] w[o, r] / T + fetch[v, r]) x[v, r]
               + load_weight * m
+
+``w[o, r]``: cost of a token of origin class o reaching rank r. Without home ranks there is one
+class, ``send_weight_R``; with home ranks o is the token's home and ``w = link_cost_RR``
+(hypergraph.py: a fixed home vertex per hyperedge, folded into its cost row; ``w[o, o] = 0``).
 
 z needs no integrality: with w >= 0 the optimum puts z[h, r] = max_v x[v, r]. For the
 hyperedges kept, the model's value *is* ``evaluate()``'s layer objective: traffic with dedup
@@ -29,7 +33,8 @@ lower bound of the true layer objective, while the answer is always re-scored ex
 
 Replica counts are fixed by the caller (solve.py: :func:`placement.baselines.replica_counts`),
 so with replicas the bound holds for placements with those counts. Symmetry breaking when ranks
-are interchangeable (equal w and slots, no migration term, no replicas): the i-th heaviest
+are interchangeable (one origin class, equal w and slots, no migration term, no replicas; home
+ranks pin tokens to ranks, so they are never interchangeable then): the i-th heaviest
 vertex may only use ranks 0..i; the warm start is relabelled to satisfy it.
 """
 
@@ -100,12 +105,13 @@ def _rows(parts: list) -> tuple:
 def build_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_weight: float,
                 fetch_VR: np.ndarray, max_edges: int, cap: float | None = None) -> ExactModel:
     """The model in the module docstring, on the ``max_edges`` heaviest hyperedges."""
-    V, R, T = hg.num_vertices, w_R.shape[0], max(hg.num_tokens, 1)
+    V, R, T = hg.num_vertices, np.shape(w_R)[-1], max(hg.num_tokens, 1)
     H = min(hg.num_edges, max(int(max_edges), 0))
     P = int(hg.edge_ptr[H])
     nx, nz = V * R, H * R
-    cost_x = (hg.single_V[:, None] * w_R[None, :]) / T + fetch_VR
-    cost_z = (hg.weight_H[:H, None] * w_R[None, :]) / T
+    edge_HR = hg.edge_cost_HR(w_R)
+    cost_x = hg.single_cost_VR(w_R) / T + fetch_VR
+    cost_z = edge_HR[:H] / T
     cost = np.concatenate([cost_x.ravel(), cost_z.ravel(), [float(load_weight)]])
     col_ub = np.concatenate([np.ones(nx + nz), [INF]])
     vr = np.arange(V)[:, None] * R + np.arange(R)[None, :]  # column of x[v, r]
@@ -129,13 +135,14 @@ def build_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
         vals = np.tile([1.0, -1.0], (P * R, 1))
         parts.append((cols, vals, np.zeros(P * R), np.full(P * R, INF)))
     ptr, idx, val, lo, hi = _rows(parts)
-    symmetric = (bool(np.allclose(w_R, w_R[0])) and bool((slots_R == slots_R[0]).all())
+    w_OR = np.atleast_2d(w_R)
+    symmetric = (w_OR.shape[0] == 1 and bool(np.allclose(w_OR, w_OR[0, 0])) and bool((slots_R == slots_R[0]).all())
                  and not fetch_VR.any() and not hg.replicated)
     if symmetric:
         order = np.argsort(-hg.load_V, kind="stable")
         for i, v in enumerate(order[:R - 1]):
             col_ub[vr[v, i + 1:]] = 0.0
-    left_out = float(hg.weight_H[H:].sum() * w_R.min()) / T
+    left_out = float(edge_HR[H:].min(axis=1, initial=INF).sum()) / T if H < hg.num_edges else 0.0
     return ExactModel(cost, col_ub, nx, ptr, idx, val, lo, hi, V, R, H, left_out, symmetric)
 
 
@@ -244,13 +251,14 @@ def _solve_cbc(m: ExactModel, warm: np.ndarray | None, time_limit_s: float,
 
 def trivial_bound(hg: LayerHypergraph, w_R: np.ndarray, load_weight: float) -> float:
     """A closed-form lower bound of the layer objective: every token reaches at least one rank
-    (connectivity >= 1), and the busiest rank carries at least the mean load and at least the
-    heaviest vertex."""
+    (connectivity >= 1: at least its origin's cheapest rank, 0 with home ranks), and the busiest
+    rank carries at least the mean load and at least the heaviest vertex."""
     T = max(hg.num_tokens, 1)
-    R = w_R.shape[0]
-    tokens = float(hg.weight_H.sum() + hg.single_V.sum())
+    R = np.shape(w_R)[-1]
+    tokens = float(hg.edge_cost_HR(w_R).min(axis=1, initial=INF).sum() if hg.num_edges else 0.0)
+    tokens += float(hg.single_cost_VR(w_R).min(axis=1, initial=INF).sum() if hg.num_vertices else 0.0)
     busiest = max(float(hg.load_V.sum()) / R, float(hg.load_V.max(initial=0.0)))
-    return (tokens * float(w_R.min()) + load_weight * busiest) / T
+    return (tokens + load_weight * busiest) / T
 
 
 def solve_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_weight: float,
@@ -258,13 +266,15 @@ def solve_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
                 max_edges: int, mip_gap: float = 1e-4, solver: str = "highs", seed: int = 0,
                 max_nodes: int = 10_000, cap: float | None = None) -> ExactResult:
     """Solve one layer's exact model (module docstring) from the warm start ``warm_V`` (a rank
-    per vertex). ``bound`` is a proven lower bound of the true layer objective: the larger of
+    per vertex); ``w_R``: [R], or [O, R] for a hypergraph with origin classes. ``bound`` is a
+    proven lower bound of the true layer objective: the larger of
     the solver's dual bound (plus the left-out hyperedges' floor) and :func:`trivial_bound`."""
     if solver not in ("highs", "cbc"):
         raise ValueError(f"solver ({solver!r}) must be 'highs' or 'cbc'")
     if solver == "highs" and not HAVE_HIGHS:
         raise ValueError("solver 'highs' requested but highspy is not importable")
-    m = build_exact(hg, np.asarray(w_R, dtype=float), np.asarray(slots_R), load_weight, fetch_VR, max_edges, cap)
+    w_R = np.asarray(w_R, dtype=float)
+    m = build_exact(hg, w_R, np.asarray(slots_R), load_weight, fetch_VR, max_edges, cap)
     warm = None
     if warm_V is not None:
         warm = warm_values(m, hg, canonical_ranks(m, hg.load_V, np.asarray(warm_V)))
@@ -272,7 +282,7 @@ def solve_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
         vals, dual, status, nodes = _solve_highs(m, warm, time_limit_s, mip_gap, seed, max_nodes)
     else:
         vals, dual, status, nodes = _solve_cbc(m, warm, time_limit_s, mip_gap)
-    bound = trivial_bound(hg, np.asarray(w_R, dtype=float), load_weight)
+    bound = trivial_bound(hg, w_R, load_weight)
     if math.isfinite(dual):
         bound = max(bound, dual + m.left_out_cost)
     if vals is None:

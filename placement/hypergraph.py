@@ -18,10 +18,20 @@ sit on strictly increasing ranks (the ILP states that as a linear constraint).
 how many tokens share them (``weight_H``). Sets of one vertex are kept apart (``single_V``: a
 linear cost), empty ones (a token that skipped the layer) cost nothing.
 
+**Home ranks** (origin classes, cost.py). With home ranks, token t of home o is the hyperedge
+of its pins plus a *fixed home vertex* pinned to rank o. Its cost is ``sum_{r touched}
+link_cost[o, r]``; the home vertex touches o at ``link_cost[o, o] = 0``, so it adds nothing
+but makes connectivity - 1 = the ranks other than o that t reaches = its sends (km1 with home
+vertices is the dedup send count). In the ILP the home vertex is a constant column, so the
+equivalent model keeps the pins and gives each hyperedge the cost row of its origin:
+hyperedges are distinct (pin set, origin) pairs (``origin_H``), single-pin tokens are counted
+per origin (``single_VO``) and every per-rank weight below is ``w[origin, r]`` (``w_OR``: the
+link costs with home ranks; one row, ``send_weight_R``, without).
+
 **Objective** (per token, exactly ``evaluate()``'s layer objective for the statistics the
 hypergraph was built from; tested):
 
-    sum_h weight[h] sum_{r touched by h} send_weight[r] / T         traffic (dedup)
+    sum_h weight[h] sum_{r touched by h} w[origin[h], r] / T         traffic (dedup)
     + load_weight * max_r sum_{v on r} load[v] / T                   busiest rank
     + sum_v fetch[v, rank(v)]                                        migration
 
@@ -47,8 +57,10 @@ class LayerHypergraph:
     single_V: np.ndarray  # float64 [V] tokens whose only pin is this vertex
     edge_ptr: np.ndarray  # int64 [H + 1] CSR offsets into edge_pins
     edge_pins: np.ndarray  # int64 [P] vertex ids, ascending within an edge
-    weight_H: np.ndarray  # float64 [H] tokens sharing the pin set
+    weight_H: np.ndarray  # float64 [H] tokens sharing the pin set (and origin)
     num_tokens: int
+    origin_H: np.ndarray | None = None  # int64 [H] origin class of each hyperedge (None: all 0)
+    single_VO: np.ndarray | None = None  # float64 [V, O] single_V split by origin class (None: O = 1)
 
     @property
     def num_vertices(self) -> int:
@@ -66,6 +78,29 @@ class LayerHypergraph:
         """Hyperedge of each pin, [P]."""
         return np.repeat(np.arange(self.num_edges), np.diff(self.edge_ptr))
 
+    @property
+    def num_origins(self) -> int:
+        return 1 if self.single_VO is None else int(self.single_VO.shape[1])
+
+    def _w_OR(self, w: np.ndarray) -> np.ndarray:
+        w_OR = np.atleast_2d(np.asarray(w, dtype=np.float64))
+        if w_OR.shape[0] != self.num_origins:
+            raise ValueError(f"send weights have {w_OR.shape[0]} origin rows, the hypergraph {self.num_origins}")
+        return w_OR
+
+    def edge_cost_HR(self, w: np.ndarray) -> np.ndarray:
+        """Cost of hyperedge h touching rank r, [H, R]: ``weight[h] * w[origin[h], r]``
+        (``w``: [R] or [O, R])."""
+        w_OR = self._w_OR(w)
+        o_H = np.zeros(self.num_edges, dtype=np.int64) if self.origin_H is None else self.origin_H
+        return self.weight_H[:, None] * w_OR[o_H]
+
+    def single_cost_VR(self, w: np.ndarray) -> np.ndarray:
+        """Cost of the single-pin tokens of vertex v if v sits on rank r, [V, R]."""
+        w_OR = self._w_OR(w)
+        single_VO = self.single_V[:, None] if self.single_VO is None else self.single_VO
+        return single_VO @ w_OR
+
     def touched_HR(self, rank_V: np.ndarray, num_ranks: int) -> np.ndarray:
         """0/1 [H, R]: hyperedge h has a pin on rank r."""
         out = np.zeros((self.num_edges, num_ranks))
@@ -74,10 +109,12 @@ class LayerHypergraph:
 
     def objective(self, rank_V: np.ndarray, w_R: np.ndarray, load_weight: float,
                   fetch_VR: np.ndarray | None = None) -> float:
-        """The layer objective of a rank per vertex (module docstring), per token."""
+        """The layer objective of a rank per vertex (module docstring), per token; ``w_R`` is
+        [R] or, with origin classes, [O, R]."""
         T = max(self.num_tokens, 1)
-        R = w_R.shape[0]
-        traffic = float(self.weight_H @ (self.touched_HR(rank_V, R) @ w_R)) + float(self.single_V @ w_R[rank_V])
+        R = np.shape(w_R)[-1]
+        traffic = (float((self.edge_cost_HR(w_R) * self.touched_HR(rank_V, R)).sum())
+                   + float(self.single_cost_VR(w_R)[np.arange(self.num_vertices), rank_V].sum()))
         load_R = np.bincount(rank_V, weights=self.load_V, minlength=R)
         mig = 0.0 if fetch_VR is None else float(fetch_VR[np.arange(self.num_vertices), rank_V].sum())
         return traffic / T + load_weight * float(load_R.max()) / T + mig
@@ -91,10 +128,17 @@ def first_vertex_E(cnt_E: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(cnt_E)[:-1]]).astype(np.int64)
 
 
-def build_hypergraph(ids_TK: np.ndarray, cnt_E: np.ndarray) -> LayerHypergraph:
+def build_hypergraph(ids_TK: np.ndarray, cnt_E: np.ndarray, origin_T: np.ndarray | None = None,
+                     num_origins: int = 1) -> LayerHypergraph:
     """The hypergraph of one layer's top-k ids [T, K] (-1 = missing) under replica counts
-    ``cnt_E`` (module docstring)."""
+    ``cnt_E`` (module docstring); ``origin_T`` [T]: origin class (home rank) of each token, in
+    ``[0, num_origins)`` (None: one class)."""
     ids = np.asarray(ids_TK, dtype=np.int64)
+    if origin_T is not None:
+        o_T = np.asarray(origin_T, dtype=np.int64)
+        if o_T.shape != (ids.shape[0],) or (o_T.size and not 0 <= o_T.min() <= o_T.max() < num_origins):
+            raise ValueError(f"origin_T must hold {ids.shape[0]} classes in [0, {num_origins})")
+        return _build_with_origins(ids, np.asarray(cnt_E, dtype=np.int64), o_T, int(num_origins))
     cnt = np.asarray(cnt_E, dtype=np.int64)
     T = ids.shape[0]
     first = first_vertex_E(cnt)
@@ -117,6 +161,32 @@ def build_hypergraph(ids_TK: np.ndarray, cnt_E: np.ndarray) -> LayerHypergraph:
     expert_V = np.repeat(np.arange(cnt.shape[0]), cnt)
     replica_V = np.arange(V) - first[expert_V]
     return LayerHypergraph(expert_V, replica_V, load_V, single_V, ptr, sets[valid].astype(np.int64), weight, T)
+
+
+def _build_with_origins(ids: np.ndarray, cnt: np.ndarray, o_T: np.ndarray, O: int) -> LayerHypergraph:
+    """build_hypergraph with origin classes: hyperedges are distinct (pin set, origin) pairs."""
+    base = build_hypergraph(ids, cnt)  # vertices, load and the pin rule are origin-blind
+    T, V = ids.shape[0], base.num_vertices
+    first = first_vertex_E(cnt)
+    safe = np.maximum(ids, 0)
+    v_TK = np.where(ids >= 0, first[safe] + np.arange(T)[:, None] % cnt[safe], -1)
+    size_T = (v_TK >= 0).sum(axis=1)
+    one = size_T == 1
+    single_VO = np.zeros((V, O))
+    np.add.at(single_VO, (v_TK[one].max(axis=1), o_T[one]), 1.0)
+    keep = size_T >= 2
+    multi = np.concatenate([np.sort(v_TK[keep], axis=1), o_T[keep][:, None]], axis=1)
+    if multi.shape[0]:
+        rows, weight = np.unique(multi, axis=0, return_counts=True)
+        order = np.argsort(-weight, kind="stable")
+        rows, weight = rows[order], weight[order].astype(np.float64)
+    else:
+        rows, weight = np.zeros((0, ids.shape[1] + 1), dtype=np.int64), np.zeros(0)
+    sets, origin_H = rows[:, :-1], rows[:, -1].astype(np.int64)
+    valid = sets >= 0
+    ptr = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int64)
+    return LayerHypergraph(base.expert_V, base.replica_V, base.load_V, single_VO.sum(axis=1), ptr,
+                           sets[valid].astype(np.int64), weight, T, origin_H, single_VO)
 
 
 def rank_of_vertices(row_S: np.ndarray, slot_rank_S: np.ndarray) -> np.ndarray:

@@ -21,7 +21,9 @@ Sub-model for ranks a, b (other ranks, and replicated experts' slots, stay fixed
     m >= fixed_a + sum_e load[e] x[e],  m >= fixed_b + sum_e load[e] (1 - x[e]),  m >= max other
     minimise  sum_e lin[e] x[e] + w_a sum_g cnt[g] na[g] + w_b sum_g cnt[g] nb[g] + lambda m
 
-(per token; constants dropped, so model values are compared only with each other). Every
+(per token; constants dropped, so model values are compared only with each other). With home
+ranks (origin classes, cost.py) the groups are also split by origin o and use ``w[o, a]``,
+``w[o, b]``. Every
 candidate is checked on the exact evaluator before it is accepted, so the layer objective never
 rises. Needs per-token ids; with aggregates only, ``lns_layer`` does nothing.
 """
@@ -60,11 +62,14 @@ class PairModel:
 
 def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int, b: int,
                w_R: np.ndarray, fetch_ER: np.ndarray, load_weight: float,
-               keep_S: np.ndarray | None = None) -> PairModel | None:
+               keep_S: np.ndarray | None = None, origin_T: np.ndarray | None = None) -> PairModel | None:
     """The exact sub-model of ranks a, b for the layer row ``row_S`` (None: nothing to move).
     ``keep_S`` (bool [S]): slots held fixed besides the replicated experts' (a smaller
-    neighbourhood the MIP can prove optimal)."""
+    neighbourhood the MIP can prove optimal). ``w_R``: [R], or [O, R] with ``origin_T`` [T] the
+    origin class (home rank) of each token."""
     T = max(ids_TK.shape[0], 1)
+    w_OR = np.atleast_2d(np.asarray(w_R, dtype=np.float64))
+    o_T = np.zeros(ids_TK.shape[0], dtype=np.int64) if origin_T is None else np.asarray(origin_T)
     E = int(row_S.max()) + 1
     cnt_E = np.bincount(row_S, minlength=E)
     on_ab = (rank_S == a) | (rank_S == b)
@@ -88,16 +93,16 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
     A = np.zeros((ids_TK.shape[0], F), dtype=bool)
     t_idx, k_idx = np.nonzero(loc >= 0)
     A[t_idx, loc[t_idx, k_idx]] = True
-    keys = np.concatenate([A, fa[:, None], fb[:, None]], axis=1)
+    keys = np.concatenate([A, fa[:, None], fb[:, None], o_T[:, None]], axis=1).astype(np.int64)
     keys = keys[A.any(axis=1)]
     uniq, counts = np.unique(keys, axis=0, return_counts=True)
-    wa, wb = float(w_R[a]), float(w_R[b])
     experts = row_S[slots]
     lin = (fetch_ER[experts, a] - fetch_ER[experts, b]).astype(np.float64) * 1.0
     sets_a, wt_a, sets_b, wt_b = [], [], [], []
     for key, c in zip(uniq, counts):
         g = np.flatnonzero(key[:F])
         ga, gb = bool(key[F]), bool(key[F + 1])
+        wa, wb = float(w_OR[key[F + 2], a]), float(w_OR[key[F + 2], b])
         if not ga:
             if len(g) == 1:
                 lin[g[0]] += wa * c / T
@@ -111,12 +116,13 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
                 sets_b.append(g)
                 wt_b.append(wb * c / T)
     dest = np.where(ok, rank_S[v], -1)
-    load_R = np.bincount(dest[ok], minlength=len(w_R)).astype(np.float64) / T
+    load_R = np.bincount(dest[ok], minlength=w_OR.shape[1]).astype(np.float64) / T
     load = np.bincount(loc[loc >= 0], minlength=F).astype(np.float64) / T
     fixed_a = float(load_R[a] - load[:slots_a].sum())
     fixed_b = float(load_R[b] - load[slots_a:].sum())
     others = np.delete(load_R, [a, b])
-    symmetric = (np.isclose(wa, wb) and np.isclose(fixed_a, fixed_b) and not fa.any() and not fb.any()
+    symmetric = (w_OR.shape[0] == 1 and np.isclose(w_OR[0, a], w_OR[0, b]) and np.isclose(fixed_a, fixed_b)
+                 and not fa.any() and not fb.any()
                  and 2 * slots_a == F and not fetch_ER[:, [a, b]].any())
     return PairModel(slots, experts, slots_a, lin, sets_a, np.array(wt_a), sets_b, np.array(wt_b), load,
                      fixed_a, fixed_b, float(others.max()) if len(others) else 0.0, load_weight, symmetric)
@@ -189,12 +195,13 @@ def apply_split(row_S: np.ndarray, pm: PairModel, x: np.ndarray) -> np.ndarray:
 def lns_layer(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, w_R: np.ndarray,
               fetch_ER: np.ndarray, load_weight: float, objective, deadline: float, solver: str,
               max_free: int = 8, sub_time_s: float = 1.0, seed: int = 0, max_sweeps: int = 1_000_000,
-              tol: float = 1e-12) -> tuple[np.ndarray, dict]:
+              tol: float = 1e-12, origin_T: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Sweep over rank pairs; for each, free at most ``max_free`` single-replica experts per rank
     (a seeded random choice when a rank holds more; all of them otherwise) and re-split them
     with the exact sub-MIP (``sub_time_s`` each, warm-started from the current split). Stops at
     ``deadline``, after ``max_sweeps`` sweeps over all pairs, or after a full sweep without
     improvement when no neighbourhood was subsampled. ``objective(row) -> float`` is the exact layer objective that accepts a move.
+    ``w_R`` / ``origin_T``: as in :func:`pair_model`.
     Returns the row and counters (subproblems solved, proven optimal, improvements)."""
     R = int(rank_S.max()) + 1
     rng = np.random.default_rng(seed)
@@ -214,7 +221,7 @@ def lns_layer(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, w_R: np
                     complete = False
                     on_r = rng.choice(on_r, max_free, replace=False)
                 keep[on_r] = False
-            pm = pair_model(ids_TK, best, rank_S, a, b, w_R, fetch_ER, load_weight, keep)
+            pm = pair_model(ids_TK, best, rank_S, a, b, w_R, fetch_ER, load_weight, keep, origin_T)
             stale += 1
             if pm is not None:
                 x0 = np.zeros(len(pm.slots))

@@ -15,13 +15,14 @@ phase a function below, every answer scored by the exact cost model before it is
 2. **search**: ``restarts`` tabu searches (baselines.py) of ``TABU_ITERS`` moves each, the
    first from the best answer, the others from it perturbed by ``PERTURB_SWAPS`` random
    exchanges (seeded by ``seed`` and the layer); capped at ``SEARCH_SHARE`` of the layer budget.
-3. **refine** (per-token ids only): iterated FM on the exact hypergraph objective (refine.py):
+3. **refine** (per-token ids without home ranks: refine.py's gains assume uniform origin): iterated FM on the exact hypergraph objective (refine.py):
    ejection chains of single-vertex moves from the best answer, then ``REFINE_ROUNDS`` rounds of
    ``REFINE_SWAPS`` seeded random exchanges + FM; capped at ``REFINE_SHARE`` of what is left.
    It reaches joint changes the swap neighbourhood misses (Qwen, 4 ranks, layer 3: 5 experts
    over 3 ranks, one token of km1 below the answer of the 8 tabu restarts).
 4. **mip**: with per-token ids, the *exact* hypergraph ILP (hyper_ilp.py: connectivity of each
-   distinct top-k set, exactly ``evaluate()``'s objective, replica counts of the warm start)
+   distinct top-k set, and origin when the statistics carry home ranks, exactly
+   ``evaluate()``'s objective, replica counts of the warm start)
    on the ``max_hyperedges`` heaviest hyperedges, warm-started from the best answer, on
    ``MIP_SHARE`` of what is left (all of it when step 5 cannot run), then swap polish of its
    answer. With aggregates only, the pairwise ILP (pairwise.py, flat or hierarchical).
@@ -48,7 +49,7 @@ import numpy as np
 
 from placement import pairwise
 from placement.baselines import greedy_layer, local_search_layer, pack_lpt, tabu_search_layer
-from placement.cost import CostBreakdown, evaluate, holders_ER, layer_cost, migration_bytes
+from placement.cost import CostBreakdown, evaluate, holders_ER, layer_cost, migration_bytes, origin_classes
 from placement.hyper_ilp import solve_exact, trivial_bound
 from placement.hypergraph import build_hypergraph, rank_of_vertices, row_from_ranks
 from placement.ilp import LP_BOUND_TIME_S, default_solver, model_objective, solve_layer_model
@@ -268,10 +269,10 @@ def _phase_exact_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> _Mi
     topo, R = c.topo, c.topo.num_ranks
     srank = np.repeat(np.arange(R), topo.slots_per_rank)
     cnt_E = np.bincount(best.row, minlength=c.stats.num_experts)
-    hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], cnt_E)
+    origin_T, w_R, _ = origin_classes(c.stats, topo)  # [O, R]: home ranks, or one uniform-origin row
+    hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], cnt_E, origin_T, w_R.shape[0])
     fetch_VR = pairwise.layer_fetch_ER(c, l)[hg.expert_V]
     slots_R = np.array(topo.slots_per_rank)
-    w_R = topo.send_weight_R
     out = _MipOutcome(model="hypergraph", hyperedges=(min(hg.num_edges, c.max_hyperedges), hg.num_edges))
     bound, out.bound_kind = trivial_bound(hg, w_R, c.load_weight), "closed form (no time for the MIP)"
     if time_s > MIN_PHASE_S:
@@ -323,10 +324,11 @@ def _phase_pairwise_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> 
 
 def _phase_lns(c: LayerContext, l: int, best: _Best, deadline: float) -> tuple[int, int, int]:
     srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
-    row, info = lns_layer(c.stats.topk_ids_TLK[:, l], best.row, srank, c.topo.send_weight_R,
+    origin_T, w_OR, _ = origin_classes(c.stats, c.topo)
+    row, info = lns_layer(c.stats.topk_ids_TLK[:, l], best.row, srank, w_OR,
                           pairwise.layer_fetch_ER(c, l), c.load_weight, lambda r: layer_objective(c, l, r),
                           deadline, c.solver, max_free=LNS_MAX_FREE, sub_time_s=LNS_SUB_TIME_S,
-                          seed=c.seed * 1000 + l, max_sweeps=LNS_SWEEPS)
+                          seed=c.seed * 1000 + l, max_sweeps=LNS_SWEEPS, origin_T=origin_T)
     best.offer(row, best.source + "+lns")
     return info["subproblems"], info["proven"], info["improvements"]
 
@@ -342,7 +344,7 @@ def _solve_ilp_layer(c: LayerContext, l: int, deadline: float) -> tuple[np.ndarr
         capped.append("search")
     best.mark("tabu")
     times.append(("search", time.monotonic() - t))
-    if c.exact:
+    if c.exact and c.stats.home_T is None:  # refine.py scores uniform-origin sends only
         t = time.monotonic()
         if _phase_refine(c, l, best, t + REFINE_SHARE * max(deadline - t, 0.0)):
             capped.append("refine")

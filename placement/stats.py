@@ -12,6 +12,9 @@ E logical experts per layer.
   (layer not logged, or the token skipped it).
 - ``load_LE[l, e]``: tokens that chose e in layer l.
 - ``coact_LEE[l, e, f]``: tokens that chose both e and f in layer l (symmetric, zero diagonal).
+- ``home_T[t]`` int (optional, needs ``topk_ids``): token t's home rank, the data-parallel rank
+  that routed it. With it the cost model scores sends from each token's own rank (cost.py);
+  without it (traces, older files) a token's origin is the topology's ``origin_R``, as before.
 - ``trans_LEE[l, e, f]``: tokens that chose e in layer l and f in layer l + 1, shape [L-1, E, E];
   "layer l + 1" means the next layer *present* in the statistics (for the Qwen trace that is
   0 -> 8 -> 12 -> 18 -> 23, see ``layer_ids``). Not symmetric.
@@ -20,7 +23,8 @@ File format (``.npz``, ``allow_pickle=False``): ``topk_ids`` int16 [T, L, K], ``
 string with at least ``num_experts`` and ``k``; optional ``layers_present`` (trace files: only
 those layers are kept; without it, and without ``layer_ids``, the layers holding at least one
 expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` / ``trans_LEE`` (moetrain's files:
-aggregates accumulated over more steps than the ``topk_ids`` sample; they win when present).
+aggregates accumulated over more steps than the ``topk_ids`` sample; they win when present) and
+optional ``home_rank`` int16 [T] (the home rank of each ``topk_ids`` row).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class RoutingStats:
     topk_ids_TLK: np.ndarray | None = None  # int64 [T, L, K], -1 missing
     layer_ids: tuple[int, ...] = field(default=())  # model layer index of each stats layer
     meta: dict = field(default_factory=dict)
+    home_T: np.ndarray | None = None  # int64 [T] home rank of each topk_ids row (None: unknown)
 
     def __post_init__(self) -> None:
         E, k = int(self.num_experts), int(self.k)
@@ -82,12 +87,14 @@ class RoutingStats:
             ids = _check_ids(self.topk_ids_TLK, E)
             if ids.shape[1] != L:
                 raise StatsError(f"topk_ids has {ids.shape[1]} layers but load_LE has {L}")
+        home = _check_home(self.home_T, ids)
         layer_ids = tuple(int(i) for i in self.layer_ids) or tuple(range(L))
         if len(layer_ids) != L:
             raise StatsError(f"layer_ids has {len(layer_ids)} entries for {L} layers")
         for name, val in [("num_experts", E), ("k", k), ("load_LE", _freeze(load)),
                           ("coact_LEE", _freeze(coact)), ("trans_LEE", _freeze(trans)),
-                          ("topk_ids_TLK", _freeze(ids)), ("layer_ids", layer_ids)]:
+                          ("topk_ids_TLK", _freeze(ids)), ("layer_ids", layer_ids),
+                          ("home_T", _freeze(home))]:
             object.__setattr__(self, name, val)
 
     @property
@@ -101,6 +108,11 @@ class RoutingStats:
         if self.topk_ids_TLK is not None:
             return int(self.topk_ids_TLK.shape[0])
         return int(round(float(self.load_LE.sum(axis=1).max(initial=0.0)) / self.k))
+
+    @property
+    def num_home_ranks(self) -> int:
+        """1 + the largest home rank (0 without home ranks)."""
+        return 0 if self.home_T is None or not self.home_T.size else int(self.home_T.max()) + 1
 
     def layer(self, l: int) -> "RoutingStats":
         """The statistics of layer ``l`` alone (a one-layer RoutingStats)."""
@@ -120,7 +132,7 @@ class RoutingStats:
                 trans[j] = _pair_counts(self.topk_ids_TLK[:, a], self.topk_ids_TLK[:, b], E)
         ids = None if self.topk_ids_TLK is None else self.topk_ids_TLK[:, idx]
         return RoutingStats(E, self.k, self.load_LE[idx], self.coact_LEE[idx], trans, ids,
-                            tuple(self.layer_ids[i] for i in idx), dict(self.meta))
+                            tuple(self.layer_ids[i] for i in idx), dict(self.meta), self.home_T)
 
     def save(self, path: str | Path) -> None:
         """Write the ``.npz`` format described in the module docstring (readable by
@@ -131,9 +143,10 @@ class RoutingStats:
         if ids.size and ids.max() > np.iinfo(np.int16).max:
             raise StatsError(f"expert ids up to {ids.max()} do not fit the int16 topk_ids format")
         meta = dict(self.meta, num_experts=self.num_experts, k=self.k)
+        extra = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
         np.savez(path, topk_ids=ids.astype(np.int16), meta=np.array(json.dumps(meta)),
                  load_LE=self.load_LE, coact_LEE=self.coact_LEE, trans_LEE=self.trans_LEE,
-                 layer_ids=np.asarray(self.layer_ids, dtype=np.int64))
+                 layer_ids=np.asarray(self.layer_ids, dtype=np.int64), **extra)
 
 
 def _as_counts(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
@@ -165,6 +178,22 @@ def _check_ids(topk_ids_TLK: np.ndarray, num_experts: int) -> np.ndarray:
     return ids
 
 
+def _check_home(home_T: np.ndarray | None, ids_TLK: np.ndarray | None) -> np.ndarray | None:
+    if home_T is None:
+        return None
+    home = np.array(home_T)
+    if ids_TLK is None:
+        raise StatsError("home_T needs per-token topk_ids (a home rank per topk_ids row)")
+    if home.ndim != 1 or home.shape[0] != ids_TLK.shape[0]:
+        raise StatsError(f"home_T has shape {home.shape}, expected [{ids_TLK.shape[0]}] (one per topk_ids row)")
+    if home.size and not np.issubdtype(home.dtype, np.integer):
+        raise StatsError(f"home_T must hold integer ranks, got dtype {home.dtype}")
+    home = home.astype(np.int64)
+    if home.size and home.min() < 0:
+        raise StatsError(f"home_T holds a negative rank ({home.min()})")
+    return home
+
+
 def onehot_TE(ids_TK: np.ndarray, num_experts: int) -> np.ndarray:
     """0/1 float matrix [T, E]: token t chose expert e (ids -1 ignored)."""
     T = ids_TK.shape[0]
@@ -178,8 +207,9 @@ def _pair_counts(a_TK: np.ndarray, b_TK: np.ndarray, num_experts: int) -> np.nda
 
 
 def from_topk_ids(topk_ids_TLK: np.ndarray, num_experts: int, layer_ids: Sequence[int] = (),
-                  meta: dict | None = None) -> RoutingStats:
-    """Count load, co-activation and transitions from raw top-k ids [T, L, K] (-1 = missing)."""
+                  meta: dict | None = None, home_T: np.ndarray | None = None) -> RoutingStats:
+    """Count load, co-activation and transitions from raw top-k ids [T, L, K] (-1 = missing);
+    ``home_T`` [T]: optional home rank of each token."""
     ids = _check_ids(topk_ids_TLK, int(num_experts))
     T, L, K = ids.shape
     E = int(num_experts)
@@ -195,7 +225,7 @@ def from_topk_ids(topk_ids_TLK: np.ndarray, num_experts: int, layer_ids: Sequenc
         if prev is not None:
             trans[l - 1] = prev.T @ oh
         prev = oh
-    return RoutingStats(E, K, load, coact, trans, ids, tuple(layer_ids), dict(meta or {}))
+    return RoutingStats(E, K, load, coact, trans, ids, tuple(layer_ids), dict(meta or {}), home_T)
 
 
 def from_aggregates(load_LE: np.ndarray, coact_LEE: np.ndarray, k: int,
@@ -240,6 +270,11 @@ def load_routing(path: str | Path) -> RoutingStats:
     ids = data["topk_ids"]
     if ids.ndim != 3 or ids.shape[2] != k:
         raise StatsError(f"{str(p)!r}: topk_ids has shape {ids.shape}, expected [tokens, layers, k={k}]")
+    home = data.get("home_rank")
+    if home is not None and home.shape != (ids.shape[0],):
+        raise StatsError(f"{str(p)!r}: home_rank has shape {home.shape}, expected [{ids.shape[0]}] (one per token)")
+    if home is not None and not ids.shape[0]:
+        home = None
     if "layers_present" in data:
         layers = [int(i) for i in np.asarray(data["layers_present"]).ravel()]
         if any(not 0 <= i < ids.shape[1] for i in layers):
@@ -257,11 +292,11 @@ def load_routing(path: str | Path) -> RoutingStats:
             trans = np.zeros((max(L - 1, 0), E, E))
         if "coact_LEE" not in data:
             raise StatsError(f"{str(p)!r} has load_LE but lacks coact_LEE")
-        return RoutingStats(E, k, data["load_LE"], data["coact_LEE"], trans, ids_or_none, layer_ids, meta)
+        return RoutingStats(E, k, data["load_LE"], data["coact_LEE"], trans, ids_or_none, layer_ids, meta, home)
     if layers is None:
         layers = [int(i) for i in data["layer_ids"]]
-        return from_topk_ids(ids, E, layers, meta)
-    return from_topk_ids(ids[:, layers], E, layers, meta)
+        return from_topk_ids(ids, E, layers, meta, home)
+    return from_topk_ids(ids[:, layers], E, layers, meta, home)
 
 
 def split_tokens(stats_or_ids: RoutingStats | np.ndarray, seed: int = 0, fraction: float = 0.5):
@@ -286,14 +321,20 @@ def split_tokens(stats_or_ids: RoutingStats | np.ndarray, seed: int = 0, fractio
         raise StatsError(f"cannot split {T} token(s) into two parts")
     perm = np.random.default_rng(seed).permutation(T)
     n_fit = min(max(int(round(T * fraction)), 1), T - 1)
-    fit, held = ids[np.sort(perm[:n_fit])], ids[np.sort(perm[n_fit:])]
+    a, b = np.sort(perm[:n_fit]), np.sort(perm[n_fit:])
     if isinstance(stats_or_ids, RoutingStats):
         s = stats_or_ids
-        return (from_topk_ids(fit, s.num_experts, s.layer_ids, s.meta),
-                from_topk_ids(held, s.num_experts, s.layer_ids, s.meta))
-    return fit, held
+        h = s.home_T
+        return (from_topk_ids(ids[a], s.num_experts, s.layer_ids, s.meta, None if h is None else h[a]),
+                from_topk_ids(ids[b], s.num_experts, s.layer_ids, s.meta, None if h is None else h[b]))
+    return ids[a], ids[b]
 
 
 def with_ids_dropped(stats: RoutingStats) -> RoutingStats:
     """The same statistics without per-token ids (forces the pairwise cost model)."""
-    return replace(stats, topk_ids_TLK=None)
+    return replace(stats, topk_ids_TLK=None, home_T=None)
+
+
+def without_homes(stats: RoutingStats) -> RoutingStats:
+    """The same statistics without home ranks: the domain-agnostic cost (uniform origin)."""
+    return replace(stats, home_T=None)

@@ -7,7 +7,10 @@ per-token top-k ids, all kept for a moving window of the last ``window`` optimiz
 sample keeps the most recent tokens of the window, at most ``sample_tokens`` per rank. All-reduce
 happens only when somebody asks (:meth:`RoutingStatsAccumulator.window_stats`), which returns the
 placement library's own :class:`~placement.stats.RoutingStats`: the solver sees exactly the window.
-The ``.npz`` written by :func:`save_routing_npz` has the keys of the traces in ``shared/traces``.
+Every sampled token carries its **home rank** (``home_T``: the rank that routed it, i.e. this
+rank), so the cost model scores its sends from where it really starts (placement/cost.py).
+The ``.npz`` written by :func:`save_routing_npz` has the keys of the traces in ``shared/traces``
+plus ``home_rank``.
 """
 
 from __future__ import annotations
@@ -106,24 +109,31 @@ class RoutingStatsAccumulator:
 
     def window_stats(self, ctx: ParallelContext) -> RoutingStats:
         """The window's counts all-reduced over ranks (one collective; the same on every rank)
-        with this rank's id sample. The driver concatenates the ranks' samples."""
+        with this rank's id sample, whose home rank is ``ctx.rank``. The driver concatenates the
+        ranks' samples."""
         load, coact, trans = self.local()
         flat = torch.cat([load.reshape(-1), coact.reshape(-1), trans.reshape(-1)]).to(ctx.device)
         ctx.all_reduce_sum(flat)
         flat = flat.cpu().double().numpy()
         n1, n2 = load.numel(), coact.numel()
+        ids = self.sample_ids().astype(np.int64)
         return RoutingStats(self.E, self.K, flat[:n1].reshape(load.shape),
                             flat[n1:n1 + n2].reshape(coact.shape), flat[n1 + n2:].reshape(trans.shape),
-                            self.sample_ids().astype(np.int64), meta={"window_steps": len(self._steps)})
+                            ids, meta={"window_steps": len(self._steps)},
+                            home_T=np.full(ids.shape[0], ctx.rank, dtype=np.int64))
 
 
 def merge_rank_samples(per_rank: list[RoutingStats]) -> RoutingStats:
     """One RoutingStats from every rank's :meth:`~RoutingStatsAccumulator.window_stats`: the
-    (identical) reduced counts and all ranks' id samples, rank 0's first."""
+    (identical) reduced counts and all ranks' id samples with their home ranks, rank 0's first.
+    Home ranks are kept only if every rank's sample has them."""
     first = per_rank[0]
     ids = np.concatenate([s.topk_ids_TLK for s in per_rank])
+    homes = None
+    if all(s.home_T is not None for s in per_rank):
+        homes = np.concatenate([s.home_T for s in per_rank])
     return RoutingStats(first.num_experts, first.k, first.load_LE.copy(), first.coact_LEE.copy(),
-                        first.trans_LEE.copy(), ids, meta=dict(first.meta))
+                        first.trans_LEE.copy(), ids, meta=dict(first.meta), home_T=homes)
 
 
 def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = None) -> None:
@@ -131,6 +141,7 @@ def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = N
     window's aggregates, which :func:`placement.load_routing` prefers over the id sample."""
     ids = stats.topk_ids_TLK if stats.topk_ids_TLK is not None else np.zeros((0, stats.num_layers, stats.k))
     meta = {"model": "moetrain", "num_experts": stats.num_experts, "k": stats.k, **stats.meta, **(extra_meta or {})}
+    extra = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
     np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=json.dumps(meta),
                         layers_present=np.arange(stats.num_layers), load_LE=stats.load_LE,
-                        coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE)
+                        coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE, **extra)

@@ -19,6 +19,7 @@ import torch
 from moetrain import losses
 from moetrain.config import RunConfig
 from moetrain.data import BatchCursor, build_dataset, shard_global_batch, val_batches
+from moetrain.data.assign import DomainRankMap, assign_rows, domain_rank_map
 from moetrain.model import Transformer, count_moe_blocks
 from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
@@ -82,6 +83,7 @@ class RankTrainer:
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
         self.cursor = BatchCursor(len(self.data.train.tokens_NT1), t.global_batch_size, seed=cfg.data.seed)
+        self.rank_map = self._rank_map()
         self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
         p = cfg.placement
         self.stats = RoutingStatsAccumulator(
@@ -107,8 +109,19 @@ class RankTrainer:
                                                   capacity_factor=moe.capacity_factor, dedup=moe.dedup)
 
     # ---- training ----------------------------------------------------------------------------
+    def _rank_map(self) -> DomainRankMap | None:
+        """``data.rank_assignment=domain``: the stable domain -> rank map from the training rows'
+        token shares (rows are fixed-length, so row counts are token counts)."""
+        if self.cfg.data.rank_assignment != "domain":
+            return None
+        rows_D = np.bincount(self.data.train.domain_N, minlength=len(self.data.domains))
+        return domain_rank_map(tuple(self.data.domains), rows_D, self.ctx.world_size)
+
     def _micro_batches(self) -> list[np.ndarray]:
         idx = self.cursor.next_indices()
+        if self.rank_map is not None:  # same rows per micro-batch, domain-sorted over the ranks
+            idx = idx[assign_rows(self.data.train.domain_N[idx], self.cfg.train.grad_accum_steps,
+                                  self.ctx.world_size, self.rank_map)]
         tokens = self.data.train.tokens_NT1[idx]
         return shard_global_batch(tokens, self.cfg.train.grad_accum_steps, self.ctx.world_size, self.ctx.rank)
 

@@ -98,6 +98,23 @@ def test_merge_concatenates_rank_samples_and_keeps_reduced_counts():
     np.testing.assert_array_equal(merged.load_LE, sa.load_LE)
 
 
+def test_sample_carries_home_ranks_through_merge_and_file(tmp_path):
+    from moetrain.train.stats import save_routing_npz
+    from placement import load_routing
+
+    a, b = (RoutingStatsAccumulator(2, 4, 2, window=3) for _ in range(2))
+    _feed(a, STEPS[:1])
+    _feed(b, STEPS[1:3])
+    sa, sb = a.window_stats(ParallelContext(rank=0)), b.window_stats(ParallelContext(rank=1))
+    assert sa.home_T.tolist() == [0, 0] and sb.home_T.tolist() == [1, 1, 1, 1]
+    merged = merge_rank_samples([sa, sb])
+    assert merged.home_T.tolist() == [0, 0, 1, 1, 1, 1]
+    save_routing_npz(str(tmp_path / "w.npz"), merged)
+    back = load_routing(tmp_path / "w.npz")
+    assert back.home_T.tolist() == [0, 0, 1, 1, 1, 1]
+    np.testing.assert_array_equal(back.topk_ids_TLK, merged.topk_ids_TLK)
+
+
 def test_bad_window_or_sample_size_is_refused():
     with pytest.raises(ValueError, match="window"):
         RoutingStatsAccumulator(2, 4, 2, window=0)

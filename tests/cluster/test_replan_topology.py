@@ -1,0 +1,44 @@
+"""The re-planner sees the cluster's topology (ranks per node, inter-node cost) and, by default,
+each sampled token's home rank; no Ray needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster.replacement import _solve, run_topology
+from moetrain.config import ConfigError, from_dict, validate
+from placement import Placement, from_topk_ids
+
+
+def _cfg(**cluster):
+    return validate(from_dict({"model": {"moe": {"num_experts": 4, "top_k": 2}},
+                               "cluster": {"num_workers": 4, **cluster},
+                               "placement": {"inter_node_cost": 3.0}}))
+
+
+def test_run_topology_has_the_clusters_nodes_and_costs():
+    cfg = _cfg(ranks_per_node=2)
+    topo = run_topology(cfg, Placement.contiguous(2, 4, 4))
+    assert topo.num_ranks == 4 and topo.ranks_per_node == 2 and topo.num_nodes == 2
+    assert topo.link_cost_RR[0].tolist() == [0.0, 1.0, 3.0, 3.0]
+    assert run_topology(_cfg(), Placement.contiguous(2, 4, 4)).num_nodes == 1
+
+
+def test_ranks_per_node_must_divide_the_workers():
+    with pytest.raises(ConfigError, match=r"cluster.ranks_per_node \(3\) must divide cluster.num_workers \(4\)"):
+        _cfg(ranks_per_node=3)
+
+
+def test_proposal_scores_sends_from_home_ranks_on_the_cluster_topology():
+    # 2 ranks on 2 nodes; home 0 uses experts {0, 2}, home 1 uses {1, 3}: contiguous {0,1}|{2,3}
+    # makes every token send once (cost 3 across nodes); {0,2}|{1,3} sends nothing.
+    ids = np.array([[0, 2]] * 4 + [[1, 3]] * 4)[:, None, :]
+    stats = from_topk_ids(ids, 4, home_T=np.array([0] * 4 + [1] * 4))
+    cfg = validate(from_dict({"model": {"moe": {"num_experts": 4, "top_k": 2}},
+                              "cluster": {"num_workers": 2, "ranks_per_node": 1},
+                              "placement": {"inter_node_cost": 3.0}}))
+    cur = Placement.contiguous(1, 4, 2)
+    prop = _solve(stats, run_topology(cfg, cur), cur, "ilp", 2.0, 1.0, 0.0, 0)
+    assert prop.sends_before == pytest.approx(1.0) and prop.sends_after == pytest.approx(0.0)
+    assert sorted(prop.placement.local_experts(0, 0).tolist()) == [0, 2]  # home 0's experts on rank 0
