@@ -35,7 +35,7 @@ from moetrain.config import (
 from moetrain.hf.arch import ARCHS, SUPPORTED, ArchSpec, arch_of, hf_config_from_model, model_config_from_hf
 from moetrain.hf.errors import HFError
 from moetrain.hf.safetensors_io import (
-    CONFIG, INDEX, TOKENIZER_FILES, HFDir, open_dir, shard_header, write_shard,
+    CONFIG, INDEX, TOKENIZER_FILES, HFDir, open_dir, read_json, shard_header, write_shard,
 )
 from moetrain.hf.tensors import TensorMap, tensor_plan, to_hf, to_moetrain
 from moetrain.model.transformer import count_moe_blocks
@@ -234,13 +234,24 @@ def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str) 
     return copied
 
 
+def _hf_base(manifest, cfg: CheckpointConfig) -> dict | None:
+    """The HF config.json a checkpoint descends from: imported, or its run's model.init_from."""
+    hf = (manifest.meta.get("hf") or {}).get("config")
+    if hf:
+        return hf
+    init_from = ((manifest.meta.get("config") or {}).get("model") or {}).get("init_from", "")
+    if init_from.startswith("hf:"):
+        return read_json(open_dir(init_from[3:], cfg), CONFIG)
+    return None
+
+
 def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               tokenizer_dir: str = "", cfg: CheckpointConfig | None = None) -> ConvertReport:
     """Committed checkpoint ``ckpt_uri`` (a step or run URI) -> HF directory ``out_uri``."""
     cfg = cfg or CheckpointConfig()
     ref = resolve(ckpt_uri, cfg)
     manifest = read_manifest(ref)
-    hf_base = (manifest.meta.get("hf") or {}).get("config")
+    hf_base = _hf_base(manifest, cfg)
     name = arch or (hf_base or {}).get("model_type", "")
     if not name:
         raise HFError(f"{ref.uri} was not imported from Hugging Face: pass --arch (one of {', '.join(ARCHS)})")

@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from moetrain.checkpoint import load_objects, read_manifest, resolve
-from moetrain.config import CheckpointConfig, RunConfig
+from moetrain.config import CheckpointConfig, RunConfig, validate
 from moetrain.hf.arch import arch_of, model_config_from_hf
 from moetrain.hf.errors import HFError
 from moetrain.hf.safetensors_io import CONFIG, HFDir, open_dir, read_json
@@ -37,7 +37,7 @@ def resolve_init_from(cfg: RunConfig) -> RunConfig:
         return cfg
     store = open_dir(src, cfg.checkpoint)
     model = model_config_from_hf(read_json(store, CONFIG), base=cfg.model, where=store.uri_of(CONFIG))
-    return dataclasses.replace(cfg, model=model)
+    return validate(dataclasses.replace(cfg, model=model))
 
 
 @torch.no_grad()
