@@ -1,7 +1,8 @@
 """Tiny random Hugging Face MoE models, one per supported architecture, built from config
 objects and saved with ``save_pretrained`` (nothing is downloaded), plus a small tokenizer.
 
-Every parameter is redrawn (norm weights around 1, the rest N(0, 0.1^2)) so that a misplaced
+transformers is imported inside the helpers: gloo test ranks import this module and do not
+need it. Every parameter is redrawn (norm weights around 1, the rest N(0, 0.1^2)) so that a misplaced
 norm, bias or gate changes the logits; Ernie's selection bias gets random values too."""
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
 VOCAB = 300
 ARCHS = ("mixtral", "qwen2_moe", "olmoe", "ernie4_5_moe")
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -22,6 +21,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attenti
 
 
 def hf_config(arch: str):
+    import transformers
+
     if arch == "mixtral":
         return transformers.MixtralConfig(**COMMON, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)
     if arch == "qwen2_moe":
@@ -52,6 +53,8 @@ def build_tokenizer(out: Path) -> None:
 
 
 def save_random(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+    import transformers
+
     torch.manual_seed(seed)
     cfg = hf_config(arch)
     for k, v in overrides.items():
@@ -73,6 +76,7 @@ def save_random(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("hf_models")
     return {arch: save_random(arch, root / arch, seed=i) for i, arch in enumerate(ARCHS)}
 
@@ -86,6 +90,8 @@ def imported(hf_models, tmp_path_factory) -> dict[str, str]:
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    import transformers
+
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(tokens).logits
