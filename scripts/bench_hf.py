@@ -6,7 +6,7 @@ measured in the same run.
 
 Steps: write a random model (bf16, like published OLMoE checkpoints) as HF shards straight to
 disk (never whole in memory); then ``--reps`` interleaved rounds of four measurements, each in
-a fresh Python process that reports its own peak RSS (``ru_maxrss``; mmap-ed file pages it
+a fresh Python process that reports its own peak RSS (``VmHWM``; mmap-ed file pages it
 touches count too):
   raw_read   safetensors.safe_open + get_tensor of every tensor (the package's own reader)
   import     moetrain.hf.import_hf: HF dir -> checkpoint (dense.pt + one object per expert)
@@ -70,6 +70,13 @@ def write_model(out: Path, layers: int, dim: int) -> int:
     return sum(int(torch.Size(s).numel()) for s in shapes.values())
 
 
+def param_count(hf_dir: Path) -> int:
+    from moetrain.hf.safetensors_io import HFDir
+
+    src = HFDir(str(hf_dir))
+    return sum(info.nbytes // 2 for info in src.tensors.values())  # bf16
+
+
 def child(op: str, src: str, dst: str) -> None:
     """One measurement in this (fresh) process: prints {"seconds", "bytes"}."""
     import torch  # noqa: F401  (imported before the clock, as in every op)
@@ -110,8 +117,16 @@ def child(op: str, src: str, dst: str) -> None:
         nbytes = hf.export_hf(src, dst).bytes
     elif op != "baseline":
         raise SystemExit(f"unknown op {op!r}")
-    print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": nbytes,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "bytes": nbytes, "peak_rss_mb": peak_rss_mb()}))
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (VmHWM; getrusage's ru_maxrss would carry the
+    parent's peak over the fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure(op: str, src: str, dst: str) -> dict:
@@ -132,13 +147,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--reuse", action="store_true", help="keep OUT/hf from an earlier run of the same shape")
     args = ap.parse_args()
     root = Path(args.out)
-    shutil.rmtree(root, ignore_errors=True)
     hf_dir = root / "hf"
-    hf_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    params = write_model(hf_dir, args.layers, args.dim)
+    if args.reuse and (hf_dir / "config.json").is_file() and \
+            json.loads((hf_dir / "config.json").read_text()) == olmoe_config(args.layers, args.dim):
+        params = param_count(hf_dir)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        hf_dir.mkdir(parents=True)
+        params = write_model(hf_dir, args.layers, args.dim)
     print(f"random OLMoE-shaped model: {params / 1e9:.3f} B parameters, bf16, "
           f"{sum(p.stat().st_size for p in hf_dir.glob('*.safetensors')) / 1e9:.2f} GB in "
           f"{len(list(hf_dir.glob('*.safetensors')))} shards (written in {time.perf_counter() - t0:.0f} s)")
@@ -164,8 +184,9 @@ def report(results: dict[str, list[dict]]) -> None:
         print(f"  {op:<9} {med[op]:7.2f} s ({rng[op][0]:.2f}-{rng[op][1]:.2f})  {gb / med[op]:.2f} GB/s")
     rss = {op: statistics.median(r["peak_rss_mb"] for r in rs) for op, rs in results.items() if rs}
     print("  peak RSS (median MB): " + ", ".join(f"{op} {v:.0f}" for op, v in rss.items()))
-    print(f"  import = {med['import'] / med['raw_read']:.2f} x raw read; "
-          f"export = {med['export'] / med['raw_write']:.2f} x raw write")
+    both = med["raw_read"] + med["raw_write"]
+    print(f"  import = {med['import'] / med['raw_read']:.2f} x raw read, {med['import'] / both:.2f} x raw read + write; "
+          f"export = {med['export'] / med['raw_write']:.2f} x raw write, {med['export'] / both:.2f} x raw read + write")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ expert, as training writes them, placement-independent, plus the tokenizer files
 ``config.json``) and :func:`export_hf` (a committed checkpoint -> ``config.json``, safetensors
 shards, ``model.safetensors.index.json`` and the tokenizer files).
 
-Streaming: import reads one HF tensor at a time (ranged reads) and writes each expert object
-as soon as its three matrices are read; only the dense parameters (one object) are held
-together. Export reads ``dense.pt`` once and then one expert object at a time, writing each
-shard header first from the objects' headers (no tensor data needed to plan). The model is
-never in memory twice. Both sides go through ``moetrain.checkpoint.storage``, so every path may
+Streaming: import reads one HF tensor at a time (ranged reads) and writes one MoE layer's
+expert objects at a time, concurrently; only the dense parameters (one object) or one layer's
+experts are held together. Export reads ``dense.pt`` once and then one layer's expert objects
+at a time (concurrent reads), writing each shard header first from the objects' headers (no
+tensor data needed to plan). The model is never in memory twice. Both sides go through ``moetrain.checkpoint.storage``, so every path may
 be a local directory or an ``s3://`` / ``gs://`` URI.
 """
 
@@ -45,6 +45,9 @@ from placement.placement import Placement
 log = logging.getLogger(__name__)
 DEFAULT_SHARD_BYTES = 4 << 30  # HF's usual shard size order of magnitude
 TOKENIZER_PREFIX = "tokenizer/"
+# Objects written / read at once: one MoE layer's experts are in memory together (1/L of them)
+# and stream on this many threads, so per-object latency (fsync, S3 requests) overlaps.
+WRITE_CONCURRENCY = 8
 
 
 @dataclass(frozen=True)
@@ -87,9 +90,9 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
     store = open_store(out_uri, cfg)
     entries, nbytes = [], 0
-    with AsyncCheckpointWriter(store, run, async_upload=False) as writer:
-        def save(name: str, state: Any) -> None:
-            entries.extend(writer.save(0, {name: state}).result().entries)
+    with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
+        def save(objects: dict[str, Any]) -> None:
+            entries.extend(writer.save(0, objects).result().entries)
 
         dense: dict[str, dict] = {"params": {}, "buffers": {}, "optim": {}}
         for m in plan:
@@ -97,16 +100,21 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
                 t = _read_target(src, m, spec)
                 nbytes += t.numel() * t.element_size()
                 dense["params" if m.kind_of_target == "dense" else "buffers"][m.target.split(":", 1)[1]] = t
-        save(DENSE, dense)
+        save({DENSE: dense})
         del dense
-        for (layer, e), maps in _expert_groups(plan).items():
-            obj = {m.target.rsplit(":", 1)[1]: _read_target(src, m, spec) for m in maps}
-            nbytes += sum(t.numel() * t.element_size() for t in obj.values())
-            save(expert_object_name(layer, e), obj)
+        groups = _expert_groups(plan)
+        for layer in sorted({layer for layer, _ in groups}):  # one MoE layer's experts at a time,
+            objects = {}                                      # written concurrently
+            for (l, e), maps in groups.items():
+                if l == layer:
+                    obj = {m.target.rsplit(":", 1)[1]: _read_target(src, m, spec) for m in maps}
+                    nbytes += sum(t.numel() * t.element_size() for t in obj.values())
+                    objects[expert_object_name(layer, e)] = obj
+            save(objects)
+            del objects
         tokenizer_files = [f for f in TOKENIZER_FILES if src.store.exists(f)]
-        for f in tokenizer_files:
-            data = np.frombuffer(src.store.read_bytes(f), dtype=np.uint8).copy()
-            save(TOKENIZER_PREFIX + f, {"file": f, "data": data})
+        save({TOKENIZER_PREFIX + f: {"file": f, "data": np.frombuffer(src.store.read_bytes(f), dtype=np.uint8).copy()}
+              for f in tokenizer_files})
     src.close()
     commit(store, run, 0, [entries], run_meta(model, src.config, src_uri, tokenizer_files))
     ref = CheckpointRef(store, run, 0)
@@ -149,22 +157,27 @@ def _object_tensors(ref: CheckpointRef, name: str) -> dict[str, tuple[torch.dtyp
 
 class _Source:
     """The checkpoint's tensors by HF name: dense.pt held while dense tensors are written, then
-    one expert object at a time."""
+    one MoE layer's expert objects at a time."""
 
     def __init__(self, ref: CheckpointRef, manifest, dense: dict, spec: ArchSpec, plan: list[TensorMap]) -> None:
         self.ref, self.manifest, self.dense, self.spec = ref, manifest, dense, spec
         self.by_hf = {s: m for m in plan for s in m.sources}
-        self._obj_name, self._obj, self._parts = "", None, {}
+        self.layer_experts: dict[int, list[int]] = {}
+        for layer, e in _expert_groups(plan):
+            self.layer_experts.setdefault(layer, []).append(e)
+        self._objs: dict[str, dict] = {}  # the current MoE layer's expert objects
+        self._parts: dict[str, torch.Tensor] = {}
 
     def _value(self, m: TensorMap) -> torch.Tensor:
         kind, rest = m.target.split(":", 1)
         if kind == "expert":
             layer, e, key = rest.split(":")
             name = expert_object_name(int(layer), int(e))
-            if name != self._obj_name:
+            if name not in self._objs:
                 self.dense = None  # dense tensors come first: release them
-                self._obj_name, self._obj = name, load_objects(self.ref, [name], manifest=self.manifest)[name]
-            return self._obj[key]
+                names = [expert_object_name(int(layer), x) for x in self.layer_experts[int(layer)]]
+                self._objs = load_objects(self.ref, names, manifest=self.manifest, max_concurrency=WRITE_CONCURRENCY)
+            return self._objs[name][key]
         value = self.dense["params" if kind == "dense" else "buffers"].get(rest)
         if value is None:
             raise HFError(f"{self.ref.uri}/{DENSE}: tensor {rest} is missing (a different model config?)")
