@@ -8,7 +8,8 @@ Steps: write a random model (bf16, like published OLMoE checkpoints) as HF shard
 disk (never whole in memory); then ``--reps`` interleaved rounds of four measurements, each in
 a fresh Python process that reports its own peak RSS (``VmHWM``; mmap-ed file pages it
 touches count too):
-  raw_read   safetensors.safe_open + get_tensor of every tensor (the package's own reader)
+  raw_read   safetensors.safe_open + get_tensor(...).clone() of every tensor (the package's own
+             reader; get_tensor alone is a lazy view of the mmap and reads nothing)
   import     moetrain.hf.import_hf: HF dir -> checkpoint (dense.pt + one object per expert)
   raw_write  safetensors.torch.save_file of every shard's tensors (loaded before the clock) + fsync
   export     moetrain.hf.export_hf: checkpoint -> HF shards + index + config
@@ -90,7 +91,7 @@ def child(op: str, src: str, dst: str) -> None:
         for shard in sorted(Path(src).glob("model-*.safetensors")):
             with safe_open(str(shard), "pt") as f:
                 for k in f.keys():
-                    t = f.get_tensor(k)
+                    t = f.get_tensor(k).clone()  # get_tensor is a lazy view of the mmap: copy = read
                     nbytes += t.numel() * t.element_size()
                     del t
     elif op == "raw_write":
@@ -100,7 +101,7 @@ def child(op: str, src: str, dst: str) -> None:
         os.makedirs(dst, exist_ok=True)
         for shard in sorted(Path(src).glob("model-*.safetensors")):
             with safe_open(str(shard), "pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k).clone() for k in f.keys()}
             nbytes += sum(t.numel() * t.element_size() for t in tensors.values())
             s0 = time.perf_counter()
             target = os.path.join(dst, shard.name)
