@@ -148,7 +148,11 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     logging.getLogger("moetrain").setLevel(logging.INFO)
     # Build (or load from cache) the dataset on the driver first: bad data fails fast with a clear
     # error before any actor starts, and the workers then read the finished cache.
-    build_dataset(cfg.data)
+    from moetrain.hf.load import resolve_init_from
+    from moetrain.train.trainer import check_vocab
+
+    cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR fixes the model's shape (and the placement's)
+    check_vocab(cfg, build_dataset(cfg.data).vocab_size)
     check_out_dir(cfg)
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
     check_fresh_run(cfg)  # never mix two lineages under one run name

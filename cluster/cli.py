@@ -3,6 +3,9 @@
     moetrain train [--config FILE|tiny|small] [--set a.b=c ...] [--resume URI|latest]
     moetrain ckpt list|verify|inspect|clean URI
     moetrain submit --address http://HEAD:8265 -- [train arguments]
+    moetrain hf import HF_DIR OUT [--run NAME]      (HF model dir -> OUT/NAME/step-0)
+    moetrain hf export CKPT OUT [--arch A] [--max-shard-mb N] [--tokenizer DIR]
+    moetrain generate CKPT --prompt TEXT [--max-new-tokens N] [--ids]
 
 User errors (bad config, data, checkpoint, store) print one clear line and exit non-zero.
 """
@@ -38,7 +41,59 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="upload a path the default rules leave out (secrets, data, checkpoints); repeatable")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
+    _hf_parsers(sub)
     return p
+
+
+def _hf_parsers(sub) -> None:
+    h = sub.add_parser("hf", help="import a Hugging Face model as a checkpoint, or export one")
+    h.add_argument("action", choices=["import", "export"])
+    h.add_argument("src", help="import: HF model directory or URI; export: checkpoint (step or run) URI")
+    h.add_argument("out", help="import: checkpoint root; export: output directory or URI")
+    h.add_argument("--run", default="hf", help="import: run name of the checkpoint (default hf)")
+    h.add_argument("--arch", default="", help="export: model_type (default: the one it was imported from)")
+    h.add_argument("--max-shard-mb", type=int, default=0, help="export: safetensors shard size (default 4096)")
+    h.add_argument("--tokenizer", default="", help="export: copy the tokenizer files from this HF directory")
+    h.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    h.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
+    g = sub.add_parser("generate", help="greedy generation from a checkpoint (one process)")
+    g.add_argument("ckpt", help="checkpoint (step or run) URI")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--tokenizer", default="", help="HF directory whose tokenizer.json to use")
+    g.add_argument("--ids", action="store_true", help="print the new token ids, not the text")
+    g.add_argument("--s3-endpoint", default="")
+    g.add_argument("--gcs-endpoint", default="")
+
+
+def _hf(args) -> int:
+    from moetrain.config import CheckpointConfig
+    from moetrain.hf import export_hf, import_hf
+    from moetrain.hf.convert import DEFAULT_SHARD_BYTES
+
+    cfg = CheckpointConfig(uri=args.out if args.action == "import" else args.src, s3_endpoint=args.s3_endpoint,
+                           gcs_endpoint=args.gcs_endpoint)
+    if args.action == "import":
+        report = import_hf(args.src, args.out, args.run, cfg=cfg)
+    else:
+        if args.max_shard_mb < 0:
+            from moetrain.hf import HFError
+            raise HFError(f"--max-shard-mb ({args.max_shard_mb}) must be >= 1")
+        shard = args.max_shard_mb << 20 if args.max_shard_mb else DEFAULT_SHARD_BYTES
+        report = export_hf(args.src, args.out, arch=args.arch, max_shard_bytes=shard, tokenizer_dir=args.tokenizer,
+                           cfg=cfg)
+    print(f"{report.uri}: {report.tensors} tensors, {report.bytes / 1e6:.1f} MB, {report.files} files")
+    return 0
+
+
+def _generate(args) -> int:
+    from moetrain.config import CheckpointConfig
+    from moetrain.hf.generate import generate
+
+    cfg = CheckpointConfig(uri=args.ckpt, s3_endpoint=args.s3_endpoint, gcs_endpoint=args.gcs_endpoint)
+    out = generate(args.ckpt, args.prompt, args.max_new_tokens, tokenizer_dir=args.tokenizer, cfg=cfg)
+    print(" ".join(str(i) for i in out.new_ids) if args.ids else out.text)
+    return 0
 
 
 def _train(args) -> int:
@@ -114,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "ckpt":
             return _ckpt(args)
+        if args.command == "hf":
+            return _hf(args)
+        if args.command == "generate":
+            return _generate(args)
         return _submit(args)
     except user_errors as exc:
         print(f"moetrain: error: {exc}", file=sys.stderr)

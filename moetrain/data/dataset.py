@@ -5,7 +5,8 @@ cached on disk by content hash), :class:`Split`, :class:`PackedDataset` and
 :func:`val_batches`.
 
 Shapes: ``N`` rows, ``T1`` = ``seq_len + 1`` tokens per row, ``B`` rows per batch.
-Cache entries: ``tokenizer-<key>.json`` keyed by (corpus hash, vocab size, tokenizer settings);
+Cache entries: ``tokenizer-<key>.json`` keyed by (corpus hash, vocab size, tokenizer settings)
+(none with ``data.tokenizer=hf:DIR``: DIR/tokenizer.json is used as it is);
 ``packed-<key>.parquet`` keyed by (corpus hash, seq_len, tokenizer file hash). The split is
 recomputed on load (it is cheap), so changing ``data.val_fraction`` or ``data.seed`` reuses both.
 """
@@ -24,7 +25,7 @@ from moetrain.data.cache import cache_root, cached, content_key
 from moetrain.data.corpus import load_corpus
 from moetrain.data.errors import DataError
 from moetrain.data.packing import PACK_FORMAT, PackedRows, pack_corpus, read_packed, split_rows, write_packed
-from moetrain.data.tokenizer import build_tokenizer, eot_id
+from moetrain.data.tokenizer import HF_PREFIX, build_tokenizer, eot_id, load_hf_tokenizer
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,12 @@ def build_dataset(cfg: DataConfig) -> PackedDataset:
     corpus = load_corpus(cfg)
     corpus_hash = corpus.content_hash()
     t1 = time.perf_counter()
-    tok, tok_hash, tok_hit = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)
-    eot = eot_id(tok)
+    if cfg.tokenizer.startswith(HF_PREFIX):  # the model's own tokenizer.json
+        tok, tok_hash, eot = load_hf_tokenizer(cfg.tokenizer)
+        tok_hit = True
+    else:
+        tok, tok_hash, tok_hit = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)
+        eot = eot_id(tok)
     t2 = time.perf_counter()
     packed_key = content_key({"corpus": corpus_hash, "seq_len": cfg.seq_len, "tokenizer": tok_hash,
                               "format": PACK_FORMAT})

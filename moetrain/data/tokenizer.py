@@ -78,6 +78,48 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return tok
 
 
+HF_PREFIX = "hf:"
+
+
+def _eos_text(value) -> str:
+    return str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
+
+
+def load_hf_tokenizer(spec: str) -> tuple[Tokenizer, str, int]:
+    """``data.tokenizer=hf:DIR``: (DIR/tokenizer.json loaded, its content sha256, end-of-text id).
+
+    The end-of-text token (appended to every document when packing) is ``eos_token`` of
+    DIR/tokenizer_config.json, else ``eos_token_id`` of DIR/config.json. Literal special-token
+    text inside documents stays plain text, as with the trained BPE."""
+    import json
+
+    from moetrain.data.errors import DataError
+
+    root = Path(spec[len(HF_PREFIX):]).expanduser()
+    path = root / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(f"data.tokenizer ({spec!r}): {path} not found")
+    raw = path.read_bytes()
+    try:
+        tok = Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+        raise DataError(f"data.tokenizer ({spec!r}): {path} is not a tokenizers JSON file: {exc}") from None
+    tok.encode_special_tokens = True
+    eot = None
+    for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
+        f = root / name
+        value = json.loads(f.read_text()).get(key) if f.is_file() else None
+        if value is None:
+            continue
+        eot = tok.token_to_id(_eos_text(value)) if key == "eos_token" else (value[0] if isinstance(value, list) else value)
+        if eot is not None:
+            break
+    if eot is None:
+        raise DataError(f"data.tokenizer ({spec!r}): no end-of-text token: set eos_token in "
+                        f"{root / 'tokenizer_config.json'} or eos_token_id in {root / 'config.json'}")
+    return tok, hashlib.sha256(raw).hexdigest(), int(eot)
+
+
 def eot_id(tok: Tokenizer) -> int:
     ident = tok.token_to_id(EOT)
     if ident is None:

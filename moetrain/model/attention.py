@@ -1,9 +1,13 @@
-"""Causal multi-head self-attention with rotary position embeddings (RoPE).
+"""Causal self-attention with rotary position embeddings (RoPE), optionally grouped-query.
 
-Owns: the fused QKV and output projections, the rotary tables (non-persistent buffers computed
-from ``rope_theta``) and the call to ``F.scaled_dot_product_attention(is_causal=True)``.
+Owns: the fused QKV and output projections (optional QKV bias, Qwen2), the optional q/k RMSNorm
+over the whole query / key projection before the heads are split (OLMoE's convention), the
+rotary tables (non-persistent buffers computed from ``rope_theta``; half-split pairs
+``(x[i], x[i + d/2])``, the ``rotate_half`` convention of HF Llama / Mixtral / Qwen2 / OLMoE)
+and the call to ``F.scaled_dot_product_attention(is_causal=True)`` (KV heads repeated for GQA).
 
-Shapes: B batch, T sequence, D model dim, H heads, d = D / H head dim.
+Shapes: B batch, T sequence, D model dim, H query heads, G key/value heads, d head dim (D / H),
+Q = (H + 2G) * d fused projection rows (q, then k, then v).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from moetrain.model.norm import RMSNorm
 
 
 def rotary_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -28,13 +34,20 @@ def apply_rotary(x_BHTd: Tensor, cos_Th: Tensor, sin_Th: Tensor) -> Tensor:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float) -> None:
+    def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float, *, n_kv_heads: int = 0,
+                 qk_norm: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.n_heads = n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
         self.head_dim = dim // n_heads
         self.max_seq_len = max_seq_len
-        self.wqkv_QD = nn.Parameter(torch.zeros(3 * dim, dim))  # Q = 3D: q, k, v stacked
-        self.wo_DD = nn.Parameter(torch.zeros(dim, dim))
+        q_rows, kv_rows = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split_sizes = (q_rows, kv_rows, kv_rows)
+        self.wqkv_QD = nn.Parameter(torch.zeros(q_rows + 2 * kv_rows, dim))  # q, k, v stacked
+        self.bqkv_Q = nn.Parameter(torch.zeros(q_rows + 2 * kv_rows)) if qkv_bias else None
+        self.q_norm = RMSNorm(q_rows, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(kv_rows, norm_eps) if qk_norm else None
+        self.wo_DD = nn.Parameter(torch.zeros(dim, q_rows))
         cos, sin = rotary_tables(max_seq_len, self.head_dim, rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -43,9 +56,22 @@ class CausalSelfAttention(nn.Module):
         B, T, D = x_BTD.shape
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({self.max_seq_len})")
-        qkv_BT3Hd = F.linear(x_BTD, self.wqkv_QD).view(B, T, 3, self.n_heads, self.head_dim)
-        q_BHTd, k_BHTd, v_BHTd = qkv_BT3Hd.permute(2, 0, 3, 1, 4).unbind(0)
+        H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv_BTQ = F.linear(x_BTD, self.wqkv_QD, self.bqkv_Q)
+        if G == H and self.q_norm is None:  # the original fused path (bit-identical default)
+            qkv_BT3Hd = qkv_BTQ.view(B, T, 3, H, d)
+            q_BHTd, k_BGTd, v_BGTd = qkv_BT3Hd.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q_BTX, k_BTY, v_BTY = qkv_BTQ.split(self.split_sizes, dim=-1)
+            if self.q_norm is not None:
+                q_BTX, k_BTY = self.q_norm(q_BTX), self.k_norm(k_BTY)
+            q_BHTd = q_BTX.view(B, T, H, d).transpose(1, 2)
+            k_BGTd = k_BTY.view(B, T, G, d).transpose(1, 2)
+            v_BGTd = v_BTY.view(B, T, G, d).transpose(1, 2)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        q_BHTd, k_BHTd = apply_rotary(q_BHTd, cos, sin), apply_rotary(k_BHTd, cos, sin)
-        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True)
-        return F.linear(y_BHTd.transpose(1, 2).reshape(B, T, D), self.wo_DD)
+        q_BHTd, k_BGTd = apply_rotary(q_BHTd, cos, sin), apply_rotary(k_BGTd, cos, sin)
+        if G != H:
+            k_BGTd = k_BGTd.repeat_interleave(H // G, dim=1)
+            v_BGTd = v_BGTd.repeat_interleave(H // G, dim=1)
+        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True)
+        return F.linear(y_BHTd.transpose(1, 2).reshape(B, T, H * d), self.wo_DD)

@@ -33,6 +33,7 @@ from moetrain.model.norm import RMSNorm
 from placement.placement import Placement
 
 _OUTPUT_PROJECTIONS = ("wo_DD", "w_down_DF")
+_ZERO_INIT = ("bqkv_Q",)  # biases start at zero (no draw from the generator)
 
 
 def is_moe_block(cfg: ModelConfig, block_index: int) -> bool:
@@ -60,6 +61,8 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.moe.every_n_layers ({cfg.moe.every_n_layers}) must be >= 1")
     if cfg.moe.first_moe_layer < 0:
         raise ConfigError(f"model.moe.first_moe_layer ({cfg.moe.first_moe_layer}) must be >= 0")
+    if cfg.n_kv_heads < 0 or cfg.n_heads % (cfg.n_kv_heads or cfg.n_heads):
+        raise ConfigError(f"model.n_kv_heads ({cfg.n_kv_heads}) must divide model.n_heads ({cfg.n_heads})")
     check_moe_config(cfg.moe)
 
 
@@ -77,13 +80,15 @@ def check_placement(placement: Placement, num_moe_layers: int, num_experts: int,
 def init_dense_(named_params: Iterable[tuple[str, nn.Parameter]], *, seed: int, init_std: float,
                 out_std: float) -> None:
     """Initialise dense parameters in the given order from one generator seeded with ``seed``:
-    RMSNorm weights (``weight_D``) = 1, output projections ~ N(0, out_std^2), others
+    RMSNorm weights (``weight_D``) = 1, QKV biases = 0, output projections ~ N(0, out_std^2), others
     ~ N(0, init_std^2). In place; never touches the global RNG."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in named_params:
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "weight_D":
             p.fill_(1.0)
+        elif leaf in _ZERO_INIT:
+            p.zero_()
         else:
             std = out_std if leaf in _OUTPUT_PROJECTIONS else init_std
             p.copy_(torch.randn(p.shape, generator=gen).mul_(std))
@@ -95,7 +100,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.attn = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta,
+                                        n_kv_heads=cfg.n_kv_heads, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias,
+                                        norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = ffn
 

@@ -66,7 +66,8 @@ class ResumePoint:
 SHAPE_FIELDS = ("model.dim", "model.n_layers", "model.n_heads", "model.ffn_dim", "model.vocab_size",
                 "model.tie_embeddings", "model.moe.num_experts", "model.moe.expert_ffn_dim",
                 "model.moe.every_n_layers", "model.moe.first_moe_layer", "model.moe.num_shared_experts",
-                "data.vocab_size")
+                "model.n_kv_heads", "model.qk_norm", "model.qkv_bias", "model.moe.shared_expert_ffn_dim",
+                "model.moe.shared_expert_gate", "data.vocab_size")
 
 
 def shape_mismatches(saved: dict, cfg: RunConfig) -> list[str]:

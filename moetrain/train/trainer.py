@@ -59,19 +59,34 @@ def nonfinite_quantities(**values: float) -> tuple[str, ...]:
     return tuple(name for name, v in values.items() if not math.isfinite(v))
 
 
+def check_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
+    """A tokenizer whose ids reach past the embedding cannot feed this model."""
+    if cfg.model.vocab_size and tokenizer_vocab > cfg.model.vocab_size:
+        from moetrain.config import ConfigError
+        raise ConfigError(f"tokenizer vocabulary ({tokenizer_vocab}, data.tokenizer={cfg.data.tokenizer!r}) does not "
+                          f"match the model: larger than model.vocab_size ({cfg.model.vocab_size})")
+
+
 class RankTrainer:
     def __init__(self, cfg: RunConfig, *, ctx: ParallelContext | None = None,
                  placement: Placement | None = None, dataset=None):
+        from moetrain.hf.load import hf_dir_of, load_hf_weights, resolve_init_from
+
+        cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR: the model's shape is DIR's
         self.cfg = cfg
         self.ctx = ctx or ParallelContext()
         self.data = dataset if dataset is not None else build_dataset(cfg.data)
+        check_vocab(cfg, self.data.vocab_size)
         if cfg.model.vocab_size == 0:
             self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
         self.placement = placement or initial_placement(self.cfg)
         if self.placement.num_ranks != self.ctx.world_size:
             raise ValueError(f"placement has {self.placement.num_ranks} ranks, the group has {self.ctx.world_size}")
         self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement,
-                                 rank=self.ctx.rank).to(self.ctx.device)
+                                 rank=self.ctx.rank)
+        if hf_dir_of(cfg.model.init_from):  # dense weights + only the experts this rank hosts
+            load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.checkpoint)
+        self.model = self.model.to(self.ctx.device)
         self.moe_layers = self.model.moe_layers()
         self._install_dispatchers()
         self.dense_params = [p for _, p in self.model.dense_parameters()]

@@ -1,6 +1,8 @@
 """One MoE feed-forward layer: route, dispatch, compute, combine (+ shared experts).
 
-Owns: the wiring of router, dispatcher, routed experts and optional always-on shared experts.
+Owns: the wiring of router, dispatcher, routed experts and optional always-on shared experts
+(one SwiGLU of width ``num_shared_experts * (shared_expert_ffn_dim or expert_ffn_dim)``,
+optionally scaled per token by ``sigmoid(x . shared_gate_1D)``, Qwen2-MoE's shared-expert gate).
 The dispatcher is a plain attribute (not a submodule): the trainer swaps in an expert-parallel
 one with ``layer.dispatcher = ...``. By default it is a :class:`LocalDispatcher` when this rank
 holds every expert, else None (forward then asks for a dispatcher).
@@ -13,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.config import MoEConfig
@@ -30,8 +34,11 @@ class MoELayer(nn.Module):
         self.router = TopKRouter(dim, moe_cfg)
         self.experts = GroupedExperts(local_experts, dim, moe_cfg.expert_ffn_dim, seed=seed,
                                       layer_index=layer_index, init_std=init_std, out_std=out_std)
-        shared_dim = moe_cfg.num_shared_experts * moe_cfg.expert_ffn_dim
+        shared_dim = moe_cfg.num_shared_experts * (moe_cfg.shared_expert_ffn_dim or moe_cfg.expert_ffn_dim)
         self.shared = SwiGLU(dim, shared_dim) if shared_dim > 0 else None
+        # Qwen2-MoE: shared output scaled by sigmoid(x . w), one scalar per token
+        gated = self.shared is not None and moe_cfg.shared_expert_gate
+        self.shared_gate_1D = nn.Parameter(torch.zeros(1, dim)) if gated else None
         holds_all = set(range(moe_cfg.num_experts)) <= set(self.experts.local_experts)
         self.dispatcher: Dispatcher | None = (
             LocalDispatcher(self.experts.local_experts, moe_cfg.num_experts, moe_cfg.capacity_factor)
@@ -48,5 +55,8 @@ class MoELayer(nn.Module):
         y_ND = self.experts(x_ND, meta.tokens_per_slot)
         out_TD = self.dispatcher.combine(y_ND, meta).to(x_TD.dtype)
         if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate_1D is not None:
+                shared_TD = torch.sigmoid(F.linear(x_TD, self.shared_gate_1D)) * shared_TD
+            out_TD = out_TD + shared_TD
         return out_TD.view(B, T, D), dataclasses.replace(route, num_dropped=meta.num_dropped)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.config import ConfigError, MoEConfig
+from moetrain.config import ROUTERS, ConfigError, MoEConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ def check_moe_config(moe: MoEConfig) -> None:
         raise ConfigError(f"model.moe.expert_ffn_dim ({moe.expert_ffn_dim}) must be >= 1")
     if moe.num_shared_experts < 0:
         raise ConfigError(f"model.moe.num_shared_experts ({moe.num_shared_experts}) must be >= 0")
+    if moe.router not in ROUTERS:
+        raise ConfigError(f"model.moe.router ({moe.router!r}) must be one of {', '.join(ROUTERS)}")
     if moe.capacity_factor < 0:
         raise ConfigError(f"model.moe.capacity_factor ({moe.capacity_factor}) must be >= 0 (0 = dropless)")
 
@@ -70,6 +72,11 @@ def select_topk(select_TE: Tensor, top_k: int, num_groups: int) -> Tensor:
 class TopKRouter(nn.Module):
     """Linear gate (no bias) -> float32 logits -> softmax -> top-k.
 
+    ``moe.router``: ``softmax_topk`` weights are the chosen softmax scores (renormalised to sum
+    1 when ``moe.renormalize``); ``topk_softmax`` (Mixtral) weights are the softmax over the k
+    chosen logits (always sum 1; ``renormalize`` has no effect). Both select the same experts
+    (softmax is monotonic); ``scores_TE`` is the softmax over all E in both.
+
     ``expert_bias_E`` (a float32 buffer, zeros) is added to the scores for *selection only* when
     ``moe.expert_bias`` is set (aux-loss-free balancing, DeepSeek-V3); the weights always come
     from the unbiased scores. The caller owns the bias update (e.g. an optimizer pre-hook).
@@ -86,6 +93,7 @@ class TopKRouter(nn.Module):
         self.top_k = moe_cfg.top_k
         self.num_groups = moe_cfg.num_groups
         self.renormalize = moe_cfg.renormalize
+        self.softmax_over_k = moe_cfg.router == "topk_softmax"
         self.use_bias = moe_cfg.expert_bias
         self.gate_ED = nn.Parameter(torch.zeros(moe_cfg.num_experts, dim))
         self.register_buffer("expert_bias_E", torch.zeros(moe_cfg.num_experts, dtype=torch.float32))
@@ -100,6 +108,8 @@ class TopKRouter(nn.Module):
         weights_TK = scores_TE.gather(1, ids_TK)
         weights_TK, order_TK = weights_TK.sort(dim=-1, descending=True, stable=True)
         ids_TK = ids_TK.gather(1, order_TK)
-        if self.renormalize:
+        if self.softmax_over_k:
+            weights_TK = logits_TE.gather(1, ids_TK).softmax(dim=-1)
+        elif self.renormalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return RouterOutput(logits_TE, scores_TE, ids_TK, weights_TK)

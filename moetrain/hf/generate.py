@@ -1,0 +1,97 @@
+"""Greedy generation from a moetrain checkpoint (``moetrain generate``), one process, no KV cache.
+
+Owns: finding the checkpoint's tokenizer (its ``tokenizer/`` objects from an HF import, else
+``data.tokenizer=hf:DIR``, else the run's trained BPE from the data cache), the stop tokens
+(``eos_token_id`` of the copied ``generation_config.json``, else of the HF config) and the
+greedy loop: argmax of the last position's logits, the whole sequence recomputed each token
+(the tiny models this is checked on do not need a cache; transformers' greedy ``generate``
+makes the same choices). Sequences longer than ``model.max_seq_len`` keep the last
+``max_seq_len`` tokens as context.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from moetrain.checkpoint import load_objects, read_manifest, resolve
+from moetrain.config import CheckpointConfig, RunConfig
+from moetrain.hf.convert import TOKENIZER_PREFIX
+from moetrain.hf.errors import HFError
+from moetrain.hf.load import hf_dir_of, model_from_checkpoint
+from moetrain.hf.safetensors_io import open_dir
+from moetrain.model.transformer import Transformer
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_ids: tuple[int, ...]
+    new_ids: tuple[int, ...]
+    text: str  # the decoded new tokens
+
+
+def _ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+
+
+def checkpoint_tokenizer(uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir: str = "",
+                         cfg: CheckpointConfig | None = None) -> tuple[Tokenizer, bool, tuple[int, ...]]:
+    """(tokenizer, is an HF tokenizer (adds its special tokens), stop ids)."""
+    stop = _ids((meta.get("hf") or {}).get("config", {}).get("eos_token_id"))
+    ref = resolve(uri, cfg or CheckpointConfig())
+    names = [e.name for e in read_manifest(ref).entries if e.name.startswith(TOKENIZER_PREFIX)]
+    files = {}
+    if names and not tokenizer_dir:
+        files = {o["file"]: o["data"].tobytes() for o in load_objects(ref, names).values()}
+    else:
+        src = tokenizer_dir or hf_dir_of(run_cfg.data.tokenizer)
+        if src:
+            store = open_dir(src)
+            files = {f: store.read_bytes(f) for f in ("tokenizer.json", "generation_config.json") if store.exists(f)}
+            if "tokenizer.json" not in files:
+                raise HFError(f"{store.uri_of('tokenizer.json')} not found")
+    if "generation_config.json" in files:
+        stop = _ids(json.loads(files["generation_config.json"]).get("eos_token_id")) or stop
+    if "tokenizer.json" in files:
+        return Tokenizer.from_str(files["tokenizer.json"].decode("utf-8")), True, stop
+    from moetrain.data import build_dataset
+    from moetrain.data.tokenizer import eot_id
+
+    tok = build_dataset(run_cfg.data).tokenizer
+    return tok, False, (eot_id(tok),)
+
+
+@torch.no_grad()
+def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` (stops after a stop id, which is included)."""
+    if not prompt_ids:
+        raise HFError("the prompt encodes to no tokens")
+    model.eval()
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        context = torch.tensor([ids[-model.cfg.max_seq_len:]])
+        logits_BTV, _ = model(context)
+        nxt = int(logits_BTV[0, -1].argmax())
+        ids.append(nxt)
+        if nxt in stop_ids:
+            break
+    return ids[len(prompt_ids):]
+
+
+def generate(uri: str, prompt: str, max_new_tokens: int = 32, *, tokenizer_dir: str = "",
+             cfg: CheckpointConfig | None = None) -> Generation:
+    if max_new_tokens < 0:
+        raise HFError(f"--max-new-tokens ({max_new_tokens}) must be >= 0")
+    model, run_cfg, meta = model_from_checkpoint(uri, cfg)
+    tok, is_hf, stop = checkpoint_tokenizer(uri, run_cfg, meta, tokenizer_dir, cfg)
+    if tok.get_vocab_size() > model.cfg.vocab_size:
+        raise HFError(f"tokenizer vocabulary ({tok.get_vocab_size()}) is larger than model.vocab_size "
+                      f"({model.cfg.vocab_size}): not this model's tokenizer")
+    prompt_ids = tok.encode(prompt, add_special_tokens=is_hf).ids
+    new = greedy(model, prompt_ids, max_new_tokens, stop)
+    return Generation(tuple(prompt_ids), tuple(new), tok.decode(new))
