@@ -32,6 +32,7 @@ takes this rank's slice of such a dict; so ``dense.pt`` is the same for every st
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -48,6 +49,7 @@ REDUCE_BUCKET_ELEMS = 500_000_000
 ALLGATHER_BUCKET_ELEMS = 500_000_000
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, the stage-0 optimizer's eps
 ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+DS_LOG_LEVEL = logging.WARNING  # DeepSpeed logs every bucket size and memory figure at INFO
 
 
 class _DenseShell(nn.Module):
@@ -80,6 +82,17 @@ def ds_config(stage: int, *, lr: float, beta1: float, beta2: float, grad_clip: f
     }
 
 
+def check_zero_supported(stage: int) -> None:
+    """Refuse, before any actor starts, a ``train.zero_stage`` this installation cannot give."""
+    import importlib.util
+
+    if stage in ZERO_STAGES and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"train.zero_stage ({stage}) needs DeepSpeed, which is not installed here "
+                          "(pip install deepspeed), or set train.zero_stage=0")
+    if stage not in (0, *ZERO_STAGES):
+        raise ConfigError(f"train.zero_stage ({stage}) must be 0 (off), 1 or 2")
+
+
 def _ensure_process_group(world_size: int) -> None:
     """DeepSpeed needs torch.distributed: a single process gets a one-rank gloo group."""
     if dist.is_initialized():
@@ -99,9 +112,11 @@ class DenseZero:
         _ensure_process_group(world_size)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's CPU accelerator reads it
         import deepspeed
+        from deepspeed.utils import logger as ds_logger
 
+        ds_logger.setLevel(DS_LOG_LEVEL)
         self.stage = stage
-        self.names = [n for n, _ in named_params]
+        self._names = {id(p): n for n, p in named_params}  # the Parameter objects DeepSpeed keeps
         params = [p for _, p in named_params]
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -157,11 +172,6 @@ class DenseZero:
             out.append((group, offsets, int(self.zero.partition_size[i])))
         return out
 
-    def _name_of(self) -> dict[int, str]:
-        shell = self.engine.module
-        by_id = {id(p): n for n, p in zip(self.names, shell.params)}
-        return by_id
-
     def state_bytes(self) -> int:
         """Bytes of this rank's live optimizer state (AdamW moments of its slices)."""
         total = 0
@@ -176,7 +186,7 @@ class DenseZero:
     def gather_state(self) -> dict[str, dict]:
         """The AdamW state of every dense parameter by name, stage-0 layout (collective: every
         rank must call it; every rank gets the full dict). Empty before the first step."""
-        names = self._name_of()
+        names = self._names
         out: dict[str, dict] = {}
         for i, (group, offsets, psize) in enumerate(self._layout()):
             st = self.base_optimizer.state.get(self._flat_slices(i), {})
@@ -198,7 +208,7 @@ class DenseZero:
         """Set the dense weights (``params`` by name) and, when ``optim`` has them, this rank's
         slices of the AdamW state from the stage-0 layout. The model's dense parameters are views
         of DeepSpeed's flat buffers: write them there and refresh the fp32 master slices."""
-        names = self._name_of()
+        names = self._names
         rank = dist.get_rank()
         for i, (group, offsets, psize) in enumerate(self._layout()):
             for p in group:
