@@ -27,7 +27,7 @@ def cfg(tmp_path, name: str, *, replan_every: int = 0, max_failures: int = 0):
         "checkpoint": {"uri": str(tmp_path / "ckpt"), "every": 3},
         "cluster": {"num_workers": 2, "run_name": name, "max_failures": max_failures},
         "placement": {"replan_every": replan_every, "min_gain": -1.0, "method": "ilp", "time_limit_s": 2,
-                      "window": 3, "sample_tokens": 1000},
+                      "blocking": True, "window": 3, "sample_tokens": 1000},
         "logging": {"wandb": "disabled", "out_dir": str(tmp_path / "out")},
     })
 
