@@ -81,7 +81,8 @@ class RankTrainer:
             from moetrain.train.zero import DenseZero
             self.dense_zero = DenseZero(list(self.model.dense_parameters()), stage=t.zero_stage, lr=t.lr,
                                         beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay,
-                                        grad_clip=t.grad_clip, world_size=self.ctx.world_size)
+                                        grad_clip=t.grad_clip, world_size=self.ctx.world_size,
+                                        device=self.ctx.device)
         # self.optimizer: AdamW of every parameter (stage 0) or of the expert parameters (ZeRO)
         local = self.all_params if self.dense_zero is None else [p for _, p in self.model.expert_parameters()]
         decay = [p for p in local if p.ndim >= 2]

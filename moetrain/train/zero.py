@@ -93,23 +93,26 @@ def check_zero_supported(stage: int) -> None:
         raise ConfigError(f"train.zero_stage ({stage}) must be 0 (off), 1 or 2")
 
 
-def _ensure_process_group(world_size: int) -> None:
-    """DeepSpeed needs torch.distributed: a single process gets a one-rank gloo group."""
+def _ensure_process_group(world_size: int, device: torch.device) -> None:
+    """DeepSpeed needs torch.distributed: a single process gets a one-rank group (gloo on CPU,
+    NCCL on a GPU: DeepSpeed's collectives then run on CUDA tensors)."""
     if dist.is_initialized():
         return
     if world_size != 1:
         raise RuntimeError("train.zero_stage > 0 on several ranks needs their process group first")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 class DenseZero:
     """DeepSpeed ZeRO-``stage`` optimizer of the dense parameters (see the module doc)."""
 
     def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, stage: int, lr: float, beta1: float,
-                 beta2: float, weight_decay: float, grad_clip: float, world_size: int):
+                 beta2: float, weight_decay: float, grad_clip: float, world_size: int,
+                 device: torch.device = torch.device("cpu")):
         if stage not in ZERO_STAGES:
             raise ConfigError(f"train.zero_stage ({stage}) must be 0 (off), 1 or 2 here")
-        _ensure_process_group(world_size)
+        _ensure_process_group(world_size, device)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's CPU accelerator reads it
         import deepspeed
         from deepspeed.utils import logger as ds_logger
@@ -194,11 +197,11 @@ class DenseZero:
                 continue
             world = dist.get_world_size()
             for key in ADAM_STATE_KEYS:
-                parts = [torch.empty(psize, dtype=st[key].dtype) for _ in range(world)]
+                parts = [torch.empty(psize, dtype=st[key].dtype, device=st[key].device) for _ in range(world)]
                 dist.all_gather(parts, st[key].detach().contiguous())
                 flat = torch.cat(parts)
                 for p, off in zip(group, offsets):
-                    out.setdefault(names[id(p)], {})[key] = flat[off:off + p.numel()].view_as(p).clone()
+                    out.setdefault(names[id(p)], {})[key] = flat[off:off + p.numel()].view_as(p).cpu().clone()
             for p in group:
                 out[names[id(p)]]["step"] = st["step"].clone()
         return out
@@ -220,9 +223,9 @@ class DenseZero:
             lo, hi = rank * psize, (rank + 1) * psize
             state = {"step": optim[names[id(group[0])]]["step"].clone()}
             for key in ADAM_STATE_KEYS:
-                flat = torch.zeros(psize * dist.get_world_size(), dtype=master.dtype)
+                flat = torch.zeros(psize * dist.get_world_size(), dtype=master.dtype, device=master.device)
                 for p, off in zip(group, offsets):
-                    flat[off:off + p.numel()] = optim[names[id(p)]][key].reshape(-1)
+                    flat[off:off + p.numel()] = optim[names[id(p)]][key].reshape(-1).to(master.device)
                 state[key] = flat[lo:hi].clone()
             self.base_optimizer.state[master] = state
 
