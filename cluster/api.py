@@ -20,6 +20,7 @@ from cluster.orphans import reap_orphans
 from cluster.controller import Controller, RunFailed, RunResult, State
 from cluster.telemetry import RayInfo, dashboard_text
 from moetrain.config import ConfigError, RunConfig, load_config
+from moetrain.train.zero import check_zero_supported
 from moetrain.train.metrics import StepMetrics
 
 __all__ = ["load_config", "run", "ensure_ray", "parallelism_text", "RayInfo", "RunResult", "RunFailed", "State"]
@@ -154,6 +155,7 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR fixes the model's shape (and the placement's)
     check_vocab(cfg, build_dataset(cfg.data).vocab_size)
     check_out_dir(cfg)
+    check_zero_supported(cfg.train.zero_stage)  # DeepSpeed present for ZeRO 1/2
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
     check_fresh_run(cfg)  # never mix two lineages under one run name
     log.info(dashboard_text(ensure_ray(cfg), cfg))

@@ -80,19 +80,23 @@ def primary_slot_mask(placement: Placement, layer_idx: int, rank: int) -> torch.
                         dtype=torch.bool)
 
 
-def global_grad_norm(dense: list[torch.nn.Parameter], moe_layers: list, placement: Placement,
-                     ctx: ParallelContext) -> torch.Tensor:
-    """L2 norm of the full model's gradient (dense once, each logical expert once)."""
-    dense_sq = sum((p.grad.float().pow(2).sum() for p in dense if p.grad is not None),
-                   torch.zeros((), device=ctx.device))
+def expert_grad_sq(moe_layers: list, placement: Placement, ctx: ParallelContext) -> torch.Tensor:
+    """Sum of squares of the expert gradients, each logical expert once, over all ranks (collective)."""
     expert_sq = torch.zeros((), device=ctx.device)
     for idx, layer in enumerate(moe_layers):
         mask = primary_slot_mask(placement, idx, ctx.rank).to(ctx.device)
         for p in expert_params(layer):
             if p.grad is not None:
                 expert_sq = expert_sq + p.grad[mask].float().pow(2).sum()
-    ctx.all_reduce_sum(expert_sq)
-    return (dense_sq + expert_sq).sqrt()
+    return ctx.all_reduce_sum(expert_sq)
+
+
+def global_grad_norm(dense: list[torch.nn.Parameter], moe_layers: list, placement: Placement,
+                     ctx: ParallelContext) -> torch.Tensor:
+    """L2 norm of the full model's gradient (dense once, each logical expert once)."""
+    dense_sq = sum((p.grad.float().pow(2).sum() for p in dense if p.grad is not None),
+                   torch.zeros((), device=ctx.device))
+    return (dense_sq + expert_grad_sq(moe_layers, placement, ctx)).sqrt()
 
 
 def clip_grads_(params: list[torch.nn.Parameter], total_norm: torch.Tensor, max_norm: float) -> None:

@@ -128,6 +128,8 @@ class RankCheckpointer:
                 t.cfg.checkpoint, t.cfg.cluster.run_name, rank=t.ctx.rank, on_error="mark",
                 snapshot_mode="overlap")
             self._writer.install_fence(t.optimizer)
+            if t.dense_zero is not None:  # ZeRO updates the dense weights in its own step
+                self._writer.install_fence(t.dense_zero.base_optimizer)
         return self._writer
 
     def save(self, step: int) -> SaveStarted:

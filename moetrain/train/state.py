@@ -2,7 +2,10 @@
 
 Owns: the mapping between a live :class:`RankTrainer` and checkpoint objects —
 - ``dense.pt`` (written by rank 0 only; dense parameters are identical on every rank): dense
-  parameters, persistent buffers (e.g. the aux-loss-free expert bias) and their AdamW state;
+  parameters, persistent buffers (e.g. the aux-loss-free expert bias) and their AdamW state,
+  by parameter name. Under ZeRO (``train.zero_stage`` 1/2) every rank holds a slice of that
+  state: saving all-gathers it into the same layout (a collective), loading takes this rank's
+  slice, so any stage and any world size reads any ``dense.pt``;
 - ``experts/layer-<l>/expert-<e>.pt``: one object per logical expert per MoE layer, written by
   the rank holding its primary replica: the three SwiGLU matrices and their AdamW state;
 - ``rng/rank-<r>.pt``: this rank's torch RNG state.
@@ -34,12 +37,16 @@ def rank_objects(trainer) -> dict[str, dict]:
     """Objects this rank writes (tensors are live: the writer snapshots them)."""
     model, opt, ctx, placement = trainer.model, trainer.optimizer, trainer.ctx, trainer.placement
     objects: dict[str, dict] = {}
+    zero = trainer.dense_zero
+    dense_optim = zero.gather_state() if zero is not None else None  # collective: every rank
     if ctx.rank == 0:
         dense = dict(model.dense_parameters())
+        if dense_optim is None:
+            dense_optim = {n: _opt_state(opt, p) for n, p in dense.items() if p in opt.state}
         objects[DENSE] = {
             "params": {n: p.detach() for n, p in dense.items()},
             "buffers": {n: b for n, b in model.named_buffers() if _persistent(model, n)},
-            "optim": {n: _opt_state(opt, p) for n, p in dense.items() if p in opt.state},
+            "optim": dense_optim,
         }
     for idx, layer in enumerate(trainer.moe_layers):
         primary = primary_slot_mask(placement, idx, ctx.rank)
@@ -94,10 +101,14 @@ def load_rank_objects(trainer, read: Callable[[list[str]], dict[str, dict]]) -> 
         raise KeyError(f"checkpoint {DENSE} lacks dense parameters {missing[:5]} (a different model config?)")
     for n, p in dense.items():
         _check_shape(DENSE, n, dense_obj["params"][n], p)
+        if trainer.dense_zero is not None:
+            continue  # below: DeepSpeed's flat buffers and this rank's slices of the state
         p.copy_(dense_obj["params"][n])
         if n in dense_obj["optim"]:
             opt.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) else v)
                             for k, v in dense_obj["optim"][n].items()}
+    if trainer.dense_zero is not None:
+        trainer.dense_zero.load_state(dense_obj["params"], dense_obj["optim"])
     buffers = dict(model.named_buffers())
     for n, b in dense_obj["buffers"].items():
         if n in buffers:

@@ -91,9 +91,18 @@ class RankTrainer:
         self._install_dispatchers()
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.all_params = [p for p in self.model.parameters()]
-        decay = [p for p in self.all_params if p.ndim >= 2]
-        no_decay = [p for p in self.all_params if p.ndim < 2]
         t = cfg.train
+        self.dense_zero = None  # DeepSpeed ZeRO optimizer of the dense parameters (zero_stage 1/2)
+        if t.zero_stage > 0:
+            from moetrain.train.zero import DenseZero
+            self.dense_zero = DenseZero(list(self.model.dense_parameters()), stage=t.zero_stage, lr=t.lr,
+                                        beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay,
+                                        grad_clip=t.grad_clip, world_size=self.ctx.world_size,
+                                        device=self.ctx.device)
+        # self.optimizer: AdamW of every parameter (stage 0) or of the expert parameters (ZeRO)
+        local = self.all_params if self.dense_zero is None else [p for _, p in self.model.expert_parameters()]
+        decay = [p for p in local if p.ndim >= 2]
+        no_decay = [p for p in local if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
@@ -148,6 +157,8 @@ class RankTrainer:
         A = len(micro)
         self.balancer.start_step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.dense_zero is not None:
+            self.dense_zero.zero_grad()
         sums = torch.zeros(4, device=self.ctx.device)  # lm, lbl, z, off-rank unit sends
         for mb in micro:
             x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
@@ -155,27 +166,19 @@ class RankTrainer:
             logits, routing = self.model(x)
             lm = losses.lm_loss(logits, y)
             lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0])
-            ((lm + lbl + zl) / A).backward()
+            self._backward((lm + lbl + zl) / A)
             self.stats.add(routing)
             sums[:3] += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
             sums[3] += self._offrank_sends(routing)
-        grads.sync_dense_grads(self.dense_params, self.ctx)
         grads.sync_expert_grads(self.moe_layers, self.placement, self.ctx)
-        norm_t = grads.global_grad_norm(self.dense_params, self.moe_layers, self.placement, self.ctx)
-        norm = float(norm_t)
         self.ctx.all_reduce_sum(sums)  # before the update: every rank decides alike on non-finite values
         lm, lbl, zl, sends = (sums[:3] / self.ctx.world_size).tolist() + [sums[3].item()]
-        bad = nonfinite_quantities(lm_loss=lm, lbl=lbl, z_loss=zl, grad_norm=norm)
         lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         load_LE = self.balancer.global_step_counts()  # one all-reduce in micro scope, none in global
+        norm, bad = self._update(lr, lm_loss=lm, lbl=lbl, z_loss=zl)
         if bad:  # skip the update: nothing non-finite reaches the weights or the optimizer state
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            if t.grad_clip > 0:
-                grads.clip_grads_(self.all_params, norm_t, t.grad_clip)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
             self.balancer.update_bias(self.moe_layers, load_LE)
         self.stats.end_step()
         self.step += 1
@@ -183,6 +186,42 @@ class RankTrainer:
                            grad_norm=norm, lr=lr, tokens=t.global_batch_size * self.cfg.data.seq_len,
                            offrank_sends=sends, load_LE=load_LE.cpu().numpy(),
                            step_time_s=time.perf_counter() - t0, nonfinite=bad)
+
+    def _update(self, lr: float, **losses: float) -> tuple[float, tuple[str, ...]]:
+        """Reduce the gradients, take the global norm, clip and step unless a loss or the norm is
+        non-finite. Returns the norm and the names of the non-finite quantities (identical on
+        every rank: the losses and the norm are all-reduced)."""
+        if self.dense_zero is None:
+            grads.sync_dense_grads(self.dense_params, self.ctx)
+            norm_t = grads.global_grad_norm(self.dense_params, self.moe_layers, self.placement, self.ctx)
+            bad = nonfinite_quantities(**losses, grad_norm=float(norm_t))
+            if not bad:
+                self._local_update(self.all_params, norm_t, lr)
+            return float(norm_t), bad
+        # ZeRO: DeepSpeed reduces the dense gradients, clips its slices by the global norm (dense
+        # + experts) and updates them, or skips on every rank when we ask or the norm is not finite
+        expert_sq = grads.expert_grad_sq(self.moe_layers, self.placement, self.ctx)
+        norm, applied = self.dense_zero.step(lr=lr, expert_sq=expert_sq,
+                                             skip=bool(nonfinite_quantities(**losses)))
+        bad = nonfinite_quantities(**losses, grad_norm=norm)
+        if applied:
+            norm_t = torch.tensor(norm, dtype=torch.float32, device=self.ctx.device)
+            self._local_update([p for _, p in self.model.expert_parameters()], norm_t, lr)
+        return norm, bad
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.dense_zero is None:
+            loss.backward()
+        else:  # DeepSpeed's engine runs the backward (its ZeRO-2 hooks reduce dense gradients)
+            self.dense_zero.backward(loss)
+
+    def _local_update(self, params: list, norm_t: torch.Tensor, lr: float) -> None:
+        """Clip ``params`` by the global norm and step the local AdamW."""
+        if self.cfg.train.grad_clip > 0:
+            grads.clip_grads_(params, norm_t, self.cfg.train.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
 
     def _offrank_sends(self, routing: list) -> float:
         if not self.ctx.distributed:
