@@ -131,3 +131,13 @@ def fp32_compute(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def check_run_precision(precision: str, use_gpu: bool) -> None:
+    """Driver-side check before any actor starts: ``train.precision`` must be possible on the
+    ranks' device kind as far as this machine can tell (CPU ranks: this CPU; GPU ranks: this
+    GPU if the driver has one). Every rank checks its own device again
+    (``RankTrainer``), which catches a heterogeneous cluster. Raises :class:`ConfigError`."""
+    if use_gpu and not torch.cuda.is_available():
+        return  # no GPU on the driver to look at: the ranks decide
+    resolve_precision(precision, "cuda" if use_gpu else "cpu")
