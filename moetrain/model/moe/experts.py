@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from moetrain.train.precision import compute_dtype
 
 GROUPED_MM_MIN_CAPABILITY = (9, 0)  # sm90: where torch._grouped_mm has bf16 kernels
+GROUPED_MM_ALIGN_BYTES = 16  # torch._grouped_mm: row strides must be multiples of 16 bytes
 
 
 def expert_seed(seed: int, layer_index: int, expert_id: int) -> int:
@@ -93,7 +94,7 @@ class GroupedExperts(nn.Module):
         dtype = compute_dtype(x_ND.device.type) or x_ND.dtype
         x_ND = x_ND.to(dtype)
         w_gate_SFD, w_up_SFD, w_down_SDF = (w.to(dtype) for w in (self.w_gate_SFD, self.w_up_SFD, self.w_down_SDF))
-        if self.allow_grouped_mm and use_grouped_mm(x_ND):
+        if self.allow_grouped_mm and use_grouped_mm(x_ND, self.ffn_dim):
             return grouped_swiglu(x_ND, tokens_per_slot, w_gate_SFD, w_up_SFD, w_down_SDF)
         return looped_swiglu(x_ND, tokens_per_slot, w_gate_SFD, w_up_SFD, w_down_SDF)
 
@@ -135,10 +136,19 @@ def grouped_swiglu(x_ND: Tensor, tokens_per_slot: list[int], w_gate_SFD: Tensor,
     return torch._grouped_mm(F.silu(gate_NF) * up_NF, w_down_SDF.transpose(-2, -1), offs=offs_S)
 
 
-def use_grouped_mm(x_ND: Tensor) -> bool:
+def grouped_mm_aligned(dim: int, ffn_dim: int, dtype: torch.dtype) -> bool:
+    """``torch._grouped_mm`` needs every row stride to be a multiple of 16 bytes."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return (dim * size) % GROUPED_MM_ALIGN_BYTES == 0 and (ffn_dim * size) % GROUPED_MM_ALIGN_BYTES == 0
+
+
+def use_grouped_mm(x_ND: Tensor, ffn_dim: int) -> bool:
     """Grouped GEMM for bf16 rows on a CUDA GPU of compute capability >= 9.0 (sm90, where
-    ``torch._grouped_mm`` has kernels) when this torch has it; the slot loop everywhere else
-    (CPU: its backward is unsupported there and its forward is slower than the loop)."""
+    ``torch._grouped_mm`` has kernels) when this torch has it and the widths are aligned; the
+    slot loop everywhere else (CPU: its backward is unsupported there and its forward is slower
+    than the loop)."""
     if not (x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if not grouped_mm_aligned(x_ND.shape[1], ffn_dim, x_ND.dtype):
         return False
     return torch.cuda.get_device_capability(x_ND.device) >= GROUPED_MM_MIN_CAPABILITY
