@@ -21,6 +21,7 @@ from cluster.controller import Controller, RunFailed, RunResult, State
 from cluster.telemetry import RayInfo, dashboard_text
 from moetrain.config import ConfigError, RunConfig, load_config
 from moetrain.train.zero import check_zero_supported
+from moetrain.precision import check_run_precision
 from moetrain.train.metrics import StepMetrics
 
 __all__ = ["load_config", "run", "ensure_ray", "parallelism_text", "RayInfo", "RunResult", "RunFailed", "State"]
@@ -147,6 +148,7 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     from moetrain.data import build_dataset
 
     logging.getLogger("moetrain").setLevel(logging.INFO)
+    check_run_precision(cfg.train.precision, cfg.cluster.use_gpu)  # bf16 without native bf16: exit 2
     # Build (or load from cache) the dataset on the driver first: bad data fails fast with a clear
     # error before any actor starts, and the workers then read the finished cache.
     from moetrain.hf.load import resolve_init_from

@@ -3,6 +3,8 @@
 Owns: ``snapshot(objects)``: detached, contiguous CPU copies of every tensor (numpy arrays
 too) of ``{object name: state dict}``, so training may mutate its tensors while the copy is
 uploaded. This copy is the only part of a checkpoint that has to happen at the step boundary.
+CUDA tensors are copied into pinned host buffers (asynchronous DMA, one synchronisation per
+snapshot); CPU tensors are plain copies.
 
 Overlapped snapshots (CheckFreq-style, FAST'21): the copy may instead run on a background
 thread during the next step's forward / backward, which only *read* weights and optimizer
@@ -56,9 +58,20 @@ def tensor_versions(objects: Mapping[str, Any]) -> dict[int, int]:
     return {id(t): t._version for state in objects.values() for t in iter_tensors(state)}
 
 
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of ``t``. A CUDA tensor goes into a pinned (page-locked) host buffer
+    with an asynchronous copy (DMA, no staging through pageable memory): the caller
+    synchronises once (:func:`snapshot` does) before reading it."""
+    t = t.detach()
+    if t.is_cuda:
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
 def _copy(value: Any, where: str, counter: list[int], versions: dict[int, int] | None) -> Any:
     if isinstance(value, torch.Tensor):
-        out = value.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        out = host_copy(value)
         if versions is not None and value._version != versions.get(id(value), value._version):
             raise TornSnapshotError(
                 f"{where} was modified in place while its checkpoint copy was taken: call "
@@ -96,4 +109,6 @@ def snapshot(objects: Mapping[str, Any], *, versions: dict[int, int] | None = No
         except Exception as exc:  # e.g. a meta tensor: there is nothing to copy
             raise SerializationError(
                 f"snapshot of object {name!r} failed: {type(exc).__name__}: {exc}") from exc
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the pinned-buffer copies of CUDA tensors are complete
     return Snapshot(objects=copied, nbytes=counter[0], seconds=time.perf_counter() - start)

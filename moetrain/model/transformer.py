@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from moetrain.config import ConfigError, ModelConfig
 from moetrain.model.attention import CausalSelfAttention
+from moetrain.model.checkpointing import check_mode, checkpoint_module, checkpointed
 from moetrain.model.ffn import SwiGLU
 from moetrain.model.moe.experts import GroupedExperts
 from moetrain.model.moe.layer import MoELayer
@@ -95,7 +96,10 @@ def init_dense_(named_params: Iterable[tuple[str, nn.Parameter]], *, seed: int, 
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then h + ffn(norm(h)); ffn is a dense SwiGLU or an MoE layer."""
+    """x + attn(norm(x)), then h + ffn(norm(h)); ffn is a dense SwiGLU or an MoE layer.
+
+    ``checkpoint_attention`` / ``checkpoint_dense_ffn`` make those sub-blocks recomputed regions
+    (see ``moetrain.model.checkpointing``); an MoE sub-block is never one as a whole."""
 
     def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
@@ -105,13 +109,23 @@ class Block(nn.Module):
                                         norm_eps=cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = ffn
+        self.checkpoint_attention = False
+        self.checkpoint_dense_ffn = False
+
+    def _attention(self, x_BTD: Tensor) -> Tensor:
+        return self.attn(self.attn_norm(x_BTD))
+
+    def _dense_ffn(self, h_BTD: Tensor) -> Tensor:
+        return self.ffn(self.ffn_norm(h_BTD))
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, RouterOutput | None]:
-        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+        attn = checkpointed(self._attention, x_BTD) if self.checkpoint_attention else self._attention(x_BTD)
+        h_BTD = x_BTD + attn
         if isinstance(self.ffn, MoELayer):
             y_BTD, route = self.ffn(self.ffn_norm(h_BTD))
             return h_BTD + y_BTD, route
-        return h_BTD + self.ffn(self.ffn_norm(h_BTD)), None
+        ffn = checkpointed(self._dense_ffn, h_BTD) if self.checkpoint_dense_ffn else self._dense_ffn(h_BTD)
+        return h_BTD + ffn, None
 
 
 class Transformer(nn.Module):
@@ -164,6 +178,24 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if id(p) not in expert_ids:
                 yield name, p
+
+    def apply_activation_checkpointing(self, mode: str) -> None:
+        """Mark the regions of ``train.activation_checkpointing`` (none | block | attention) as
+        recomputed in backward; never a region with a collective (``moetrain.model.checkpointing``)."""
+        check_mode(mode)
+        if mode == "none":
+            return
+        for block in self.blocks:
+            block.checkpoint_attention = True
+            if mode != "block":
+                continue
+            if not isinstance(block.ffn, MoELayer):
+                block.checkpoint_dense_ffn = True
+                continue
+            checkpoint_module(block.ffn_norm)
+            for part in (block.ffn.router, block.ffn.experts, block.ffn.shared):
+                if part is not None:
+                    checkpoint_module(part)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, tokens_BT: Tensor) -> tuple[Tensor, list[RouterOutput]]:

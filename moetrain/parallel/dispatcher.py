@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from moetrain.model.moe.dispatcher import capacity_keep_mask, expert_capacity
 from moetrain.parallel.context import ParallelContext
+from moetrain.precision import to_compute
 from placement.placement import Placement
 
 
@@ -134,6 +135,7 @@ class AllToAllDispatcher:
         return unit_rank, unit_token, pair_unit
 
     def dispatch(self, x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor):
+        x_TD = to_compute(x_TD)  # bf16 payloads (rows and weights) both ways under a bf16 autocast
         T, K = topk_ids_TK.shape
         R, D = self.num_ranks, x_TD.shape[1]
         group = self.ctx.group

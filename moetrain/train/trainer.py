@@ -27,6 +27,7 @@ from moetrain.parallel.dispatcher import AllToAllDispatcher, count_unit_sends
 from moetrain.train.balance import LoadBalancer
 from moetrain.train.checkpointer import RankCheckpointer, ResumePoint
 from moetrain.train.metrics import StepMetrics
+from moetrain.precision import autocast, resolve_precision
 from moetrain.train.schedule import lr_at
 from moetrain.train.stats import RoutingStatsAccumulator
 from placement.placement import Placement
@@ -82,11 +83,14 @@ class RankTrainer:
         self.placement = placement or initial_placement(self.cfg)
         if self.placement.num_ranks != self.ctx.world_size:
             raise ValueError(f"placement has {self.placement.num_ranks} ranks, the group has {self.ctx.world_size}")
+        # bf16 where it is not native fails here, on every rank, before any step (ConfigError).
+        self.compute_dtype = resolve_precision(cfg.train.precision, self.ctx.device)
         self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement,
                                  rank=self.ctx.rank)
         if hf_dir_of(cfg.model.init_from):  # dense weights + only the experts this rank hosts
             load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.checkpoint)
         self.model = self.model.to(self.ctx.device)
+        self.model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
         self.moe_layers = self.model.moe_layers()
         self._install_dispatchers()
         self.dense_params = [p for _, p in self.model.dense_parameters()]
@@ -163,7 +167,7 @@ class RankTrainer:
         for mb in micro:
             x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
             y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
-            logits, routing = self.model(x)
+            logits, routing = self._forward(x)
             lm = losses.lm_loss(logits, y)
             lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0])
             self._backward((lm + lbl + zl) / A)
@@ -223,6 +227,12 @@ class RankTrainer:
             group["lr"] = lr
         self.optimizer.step()
 
+    def _forward(self, x_BT: torch.Tensor):
+        """The model's forward in the run's precision: matmuls in ``compute_dtype`` (autocast),
+        router in fp32; logits come back fp32 and every loss is computed outside, in fp32."""
+        with autocast(self.compute_dtype, self.ctx.device):
+            return self.model(x_BT)
+
     def _offrank_sends(self, routing: list) -> float:
         if not self.ctx.distributed:
             return 0.0
@@ -248,7 +258,7 @@ class RankTrainer:
                 mb = shard_global_batch(batch[:rows], 1, W, self.ctx.rank)[0]
                 x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
                 y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
-                logits, _ = self.model(x)
+                logits, _ = self._forward(x)
                 acc[0] += losses.lm_loss(logits, y) * y.numel()
                 acc[1] += y.numel()
             self.ctx.all_reduce_sum(acc)

@@ -339,3 +339,20 @@ def test_writer_killed_midway_leaves_the_previous_checkpoint_and_latest(store, b
     report = apply_retention(store, "run", keep=2)
     assert report.kept == (1, 3) and store.list_files("run/step-2") == []
     assert read_latest(store, "run") == 3
+
+
+@pytest.mark.gpu
+def test_snapshot_of_cuda_tensors_uses_pinned_host_buffers():
+    import torch
+
+    from moetrain.checkpoint.snapshot import snapshot
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    w = torch.randn(1000, 64, device="cuda")
+    snap = snapshot({"model": {"w": w, "step": torch.tensor(3)}})
+    copied = snap.objects["model"]["w"]
+    assert copied.device.type == "cpu" and copied.is_pinned()
+    torch.testing.assert_close(copied, w.cpu(), rtol=0, atol=0)
+    assert not snap.objects["model"]["step"].is_pinned()  # CPU tensors: plain copies
+    assert snap.nbytes == w.numel() * 4 + 8

@@ -19,6 +19,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
+from moetrain.precision import to_compute
+
 
 @dataclass(frozen=True)
 class DispatchMeta:
@@ -101,6 +103,7 @@ class LocalDispatcher:
         self.capacity_factor = float(capacity_factor)
 
     def dispatch(self, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor) -> tuple[Tensor, LocalDispatchMeta]:
+        x_TD = to_compute(x_TD)  # rows in the compute dtype, as the expert-parallel dispatcher sends them
         T, K = topk_ids_TK.shape
         pair_P = torch.arange(T * K, device=x_TD.device)
         capacity = expert_capacity(T, K, self.num_experts, self.capacity_factor)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.config import ROUTERS, ConfigError, MoEConfig
+from moetrain.precision import fp32_compute
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class TopKRouter(nn.Module):
         self.gate_ED = nn.Parameter(torch.zeros(moe_cfg.num_experts, dim))
         self.register_buffer("expert_bias_E", torch.zeros(moe_cfg.num_experts, dtype=torch.float32))
 
+    @fp32_compute  # logits, softmax, top-k and weights in fp32 even under a bf16 autocast
     def forward(self, x_TD: Tensor) -> RouterOutput:
         logits_TE = F.linear(x_TD.float(), self.gate_ED.float())
         scores_TE = logits_TE.softmax(dim=-1)
