@@ -15,17 +15,20 @@ from moetrain.plan import GIB, MemoryPlan, local_memory_bytes, plan_memory, refu
 
 
 def ray_memory_per_rank(cfg: RunConfig) -> tuple[int | None, str]:
-    """(bytes per rank, source) from the connected Ray cluster: the alive nodes' ``memory``
-    resource summed, over ``cluster.num_workers`` actors; (None, why) when unknown."""
+    """(bytes per rank, source) from the connected Ray cluster: the alive nodes' ``memory`` and
+    ``object_store_memory`` resources summed (together: the memory each node had available when it
+    started; the object store is reserved lazily), over ``cluster.num_workers`` actors; (None, why)
+    when unknown."""
     import ray
 
     if cfg.cluster.use_gpu:
         return None, "GPU memory is not a Ray resource: pass --memory-gb to `moetrain plan`"
-    total = sum(n.get("Resources", {}).get("memory", 0.0) for n in ray.nodes() if n.get("Alive"))
+    total = sum(n.get("Resources", {}).get(key, 0.0) for n in ray.nodes() if n.get("Alive")
+                for key in ("memory", "object_store_memory"))
     if total <= 0:
         return None, "the Ray cluster reports no memory resource"
     n = cfg.cluster.num_workers
-    return int(total / n), f"Ray memory resource {total / GIB:.1f} GiB / {n} actor(s)"
+    return int(total / n), f"Ray nodes' memory {total / GIB:.1f} GiB / {n} actor(s)"
 
 
 def local_memory_per_rank(cfg: RunConfig) -> tuple[int | None, str]:

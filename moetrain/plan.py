@@ -496,6 +496,7 @@ def format_plan(plan: MemoryPlan, cfg: RunConfig) -> str:
 def refusal(plan: MemoryPlan) -> str:
     """One line for a run the planner says cannot fit: the shortfall and the first suggestion."""
     hint = plan.suggestions[0] if plan.suggestions else "no suggestion"
+    hint = hint if hint.startswith(("nothing", "no ")) else f"try {hint}"
     return (f"memory plan: a rank needs {plan.total_bytes / GIB:.2f} GiB but {plan.available_bytes / GIB:.2f} GiB "
             f"is available ({plan.available_source}), short by {plan.shortfall_bytes / GIB:.2f} GiB; "
-            f"try {hint} (see `moetrain plan`)")
+            f"{hint} (see `moetrain plan`)")

@@ -62,7 +62,7 @@ def test_run_that_cannot_fit_is_refused_before_any_actor(tmp_path):
                  "--set", f"logging.out_dir={tmp_path}", "--set", "cluster.run_name=refused"], timeout=240)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("moetrain: error:")]
-    assert len(line) == 1 and "memory plan: a rank needs" in line[0] and "short by" in line[0] and "try --set" in line[0]
+    assert len(line) == 1 and "memory plan: a rank needs" in line[0] and "short by" in line[0] and "--set" in line[0]
     assert "rank-0" not in proc.stderr and not (tmp_path / "refused" / "summary.json").exists()
 
 
