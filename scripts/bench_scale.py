@@ -93,8 +93,9 @@ def run(args) -> dict:
     if not args.quick and memory.feature_in_branch("zero_stage"):
         z = features.measure_zero(world=zero_world)
         out["zero_dense_optimizer_bytes_ratio"] = z["ratio"]
+        ratio = "not found" if z["ratio"] is None else f"{z['ratio']:.3f}"
         lines.append(f"ZeRO-1 vs 0 ({zero_world} ranks): dense optimizer state {_mib(z['stage1_bytes'])} vs "
-                     f"{_mib(z['stage0_bytes'])} MiB per rank, ratio {z['ratio']:.3f}")
+                     f"{_mib(z['stage0_bytes'])} MiB per rank, ratio {ratio}")
     if not args.quick:
         big = features.measure_largest()
         out["largest_total_params_trained"] = big["params"]

@@ -89,17 +89,32 @@ def measure_bf16(reps: int = 5, steps: int = 3, config: str = THROUGHPUT_CONFIG,
             "model_flops_per_s": flops, "bf16_gemm_flops_per_s": peak, "mfu": flops / peak}
 
 
+WALK_MODULES = ("moetrain", "deepspeed", "torch.optim")  # objects whose attributes may hold optimizers
+WALK_DEPTH = 5
+
+
+def _children(obj) -> list:
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    if isinstance(obj, dict):
+        return list(obj.values())
+    if type(obj).__module__.startswith(WALK_MODULES) and hasattr(obj, "__dict__"):
+        return list(vars(obj).values())
+    return []
+
+
 def _optimizer_state_bytes(trainer) -> tuple[int, int]:
-    """(dense, expert) bytes of every optimizer state tensor reachable from the trainer (torch
-    optimizers, also inside wrappers such as DeepSpeed's), each storage counted once."""
+    """(dense, expert) bytes of every optimizer state tensor reachable from the trainer through
+    moetrain / DeepSpeed / torch.optim objects (so DeepSpeed's wrapped optimizer too), each
+    storage counted once; state keyed by an expert parameter is expert state."""
     import torch
 
     expert_ids = {id(p) for _, p in trainer.model.expert_parameters()}
-    seen, dense, expert = set(), 0, 0
-    stack, visited = [trainer], set()
+    seen, visited, dense, expert = set(), set(), 0, 0
+    stack = [(trainer, 0)]
     while stack:
-        obj = stack.pop()
-        if id(obj) in visited:
+        obj, depth = stack.pop()
+        if id(obj) in visited or depth > WALK_DEPTH or isinstance(obj, torch.nn.Module) and obj is not trainer:
             continue
         visited.add(id(obj))
         if isinstance(obj, torch.optim.Optimizer):
@@ -111,10 +126,7 @@ def _optimizer_state_bytes(trainer) -> tuple[int, int]:
                             expert += v.untyped_storage().nbytes()
                         else:
                             dense += v.untyped_storage().nbytes()
-        for name in ("optimizer", "dense_optimizer", "expert_optimizer", "engine", "zero", "optimizers"):
-            child = getattr(obj, name, None)
-            if child is not None:
-                stack.extend(child if isinstance(child, (list, tuple)) else [child])
+        stack.extend((child, depth + 1) for child in _children(obj))
     return dense, expert
 
 
@@ -138,7 +150,9 @@ def measure_zero(config: str = THROUGHPUT_CONFIG, world: int = 4) -> dict:
         cfg = load_config(config, [f"train.zero_stage={stage}", f"cluster.num_workers={world}",
                                    f"train.global_batch_size={4 * world}", "train.steps=10"])
         got[stage] = max(d for d, _ in run_ranks(_zero_rank, world, cfg.to_dict()))
-    return {"stage0_bytes": got[0], "stage1_bytes": got[1], "ratio": got[1] / got[0], "world": world}
+    found = got[0] > 0 and got[1] > 0  # no state found = not measured, never a ratio of 0
+    return {"stage0_bytes": got[0], "stage1_bytes": got[1], "ratio": got[1] / got[0] if found else None,
+            "world": world}
 
 
 def _largest_rank(ctx, cfg_dict: dict, steps: int) -> dict:
