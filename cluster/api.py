@@ -18,6 +18,7 @@ import socket
 from cluster.checkpointing import check_fresh_run, check_store_writable
 from cluster.orphans import reap_orphans
 from cluster.controller import Controller, RunFailed, RunResult, State
+from cluster.memory import check_fits, with_vocab
 from cluster.telemetry import RayInfo, dashboard_text
 from moetrain.config import ConfigError, RunConfig, load_config
 from moetrain.train.zero import check_zero_supported
@@ -155,13 +156,16 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     from moetrain.train.trainer import check_vocab
 
     cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR fixes the model's shape (and the placement's)
-    check_vocab(cfg, build_dataset(cfg.data).vocab_size)
+    dataset = build_dataset(cfg.data)
+    check_vocab(cfg, dataset.vocab_size)
     check_out_dir(cfg)
     check_zero_supported(cfg.train.zero_stage)  # DeepSpeed present for ZeRO 1/2
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
     check_fresh_run(cfg)  # never mix two lineages under one run name
     log.info(dashboard_text(ensure_ray(cfg), cfg))
-    result = Controller(cfg, on_step=on_step).run()
+    # before any actor: a run the memory planner says cannot fit is refused (one line, exit 2)
+    plan = check_fits(with_vocab(cfg, dataset.vocab_size))
+    result = Controller(cfg, on_step=on_step, memory_plan=plan.to_dict()).run()
     if result.state == State.FAILED and raise_on_failure:
         raise RunFailed(f"run {cfg.cluster.run_name} failed:\n{result.error}")
     if result.state in (State.FINISHED, State.STOPPED):

@@ -1,6 +1,7 @@
 """The ``moetrain`` command line: ``train``, ``ckpt``, ``submit``.
 
     moetrain train [--config FILE|tiny|small] [--set a.b=c ...] [--resume URI|latest]
+    moetrain plan [--config FILE|NAME] [--set a.b=c ...] [--memory-gb G]
     moetrain ckpt list|verify|inspect|clean URI
     moetrain submit --address http://HEAD:8265 -- [train arguments]
     moetrain hf import HF_DIR OUT [--run NAME]      (HF model dir -> OUT/NAME/step-0)
@@ -29,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set cluster.num_workers=4 (repeatable)")
     t.add_argument("--resume", default=None, help="checkpoint URI or 'latest' (sets checkpoint.resume)")
+    pl = sub.add_parser("plan", help="per-rank memory of a config, whether it fits, and what would make it fit")
+    pl.add_argument("--config", default=None, help="YAML file, or a shipped config name (e.g. olmoe-1b-7b)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field (repeatable)")
+    pl.add_argument("--memory-gb", type=float, default=None, metavar="G",
+                    help="memory per rank in GiB (default: the connected Ray cluster's memory resource when "
+                         "cluster.address / RAY_ADDRESS is set, else this machine's memory, over the actors)")
     c = sub.add_parser("ckpt", help="list, verify or inspect checkpoints")
     c.add_argument("action", choices=["list", "verify", "inspect", "clean"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
@@ -115,6 +123,37 @@ def _train(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    """``moetrain plan``: print the memory plan; exit 0 when it fits (or memory is unknown), 1 when not."""
+    import os
+
+    from moetrain.config import ConfigError, load_config
+    from moetrain.plan import GIB, format_plan, plan_memory
+
+    cfg = load_config(args.config, list(args.overrides))
+    if args.memory_gb is not None:
+        if not args.memory_gb > 0:
+            raise ConfigError(f"--memory-gb ({args.memory_gb}) must be > 0")
+        available, source = int(args.memory_gb * GIB), "--memory-gb"
+    elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        from cluster.api import ensure_ray
+        from cluster.memory import ray_memory_per_rank
+
+        ensure_ray(cfg)
+        available, source = ray_memory_per_rank(cfg)
+        ray.shutdown()
+    else:
+        from cluster.memory import local_memory_per_rank
+
+        available, source = local_memory_per_rank(cfg)
+    plan = plan_memory(cfg, available_bytes=available, source=source)
+    print(f"moetrain plan: {args.config or 'tiny'}")
+    print(format_plan(plan, cfg))
+    return 1 if plan.fits is False else 0
+
+
 def _ckpt(args) -> int:
     """``moetrain ckpt list|verify|inspect URI``: exit 1 when verify finds a problem."""
     from moetrain.checkpoint import cli
@@ -173,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             return _hf(args)
         if args.command == "generate":
             return _generate(args)
+        if args.command == "plan":
+            return _plan(args)
         return _submit(args)
     except user_errors as exc:
         print(f"moetrain: error: {exc}", file=sys.stderr)

@@ -78,8 +78,9 @@ class RunResult:
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, *, on_step=None):
+    def __init__(self, cfg: RunConfig, *, on_step=None, memory_plan: dict | None = None):
         self.cfg = cfg
+        self.memory_plan = memory_plan  # moetrain.plan's per-rank figures, kept in summary.json
         self.state = State.STARTING
         self.policy = FailurePolicy(cfg.cluster.max_failures)
         self.placement: Placement = initial_placement(cfg)
@@ -314,6 +315,7 @@ class Controller:
             "skipped_steps": self.nonfinite_skips,
             "checkpoints_committed": len(self.ckpt.committed), "checkpoints_failed": len(self.ckpt.failed),
             "checkpoint_failures": [{"step": s, "error": m} for s, m in self.ckpt.failed],
+            "memory_plan": self.memory_plan,
             **results,
         }
         if results:

@@ -44,6 +44,10 @@ def format_summary(summary: dict) -> str:
     if summary.get("checkpoints_committed") or summary.get("checkpoints_failed"):
         lines.append(f"checkpoints    {summary['checkpoints_committed']} committed, "
                      f"{summary['checkpoints_failed']} failed")
+    plan = summary.get("memory_plan")
+    if plan:
+        lines.append(f"memory plan    {plan['total_bytes'] / 2**30:.2f} GiB per rank predicted (peak in "
+                     f"{plan['peak_phase']}; {plan['params_total'] / 1e9:.3f}e9 parameters)")
     if summary.get("skipped_steps"):
         lines.append(f"skipped steps  {summary['skipped_steps']} (non-finite loss or gradient norm)")
     if summary.get("outputs"):
