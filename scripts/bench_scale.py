@@ -6,8 +6,7 @@ planner, the ~1B sibling): prints a table, then one JSON line with
     targets, all_targets_met
 
 Everything is measured in this run (baselines included; ratios from interleaved repetitions in the
-same processes). A feature this checkout does not implement yet is not measured: its key is null
-and its target unmet. Studies live in ``scripts/scale/`` (memory: planner validation; features:
+same processes). A key whose measurement did not come back (or --quick) is null and its target unmet. Studies live in ``scripts/scale/`` (memory: planner validation; features:
 bf16, ZeRO, largest sibling; procs: the spawned gloo ranks and the peak-RSS measurement).
 
     python scripts/bench_scale.py            # everything (tens of minutes on 2 cores)
@@ -72,25 +71,22 @@ def _ckpt_ratio(rows) -> float | None:
 
 def run(args) -> dict:
     lines: list[str] = []
-    cases = list(QUICK_CASES) if args.quick else memory.available_cases()
-    skipped = [label for label, _ in memory.CASES if label not in {c[0] for c in cases}]
+    cases = list(QUICK_CASES) if args.quick else list(memory.CASES)
     rows = memory.validate_planner(cases, common=QUICK_COMMON if args.quick else memory.COMMON,
                                    glibc_default=not args.quick)
     lines += _planner_table(rows)
-    if skipped:
-        lines.append(f"  skipped (feature not in this checkout): {', '.join(skipped)}")
     out = {key: None for key in TARGETS}
     out["planner_max_rel_error"] = max(r.rel_error for r in rows)
     out["activation_checkpointing_memory_ratio"] = _ckpt_ratio(rows)
     zero_world = 4
-    if not args.quick and memory.feature_in_branch("precision"):
+    if not args.quick:
         bf = features.measure_bf16(reps=args.reps)
         out["bf16_vs_fp32_tokens_per_s"], out["model_flops_share_of_bf16_peak"] = bf["ratio"], bf["mfu"]
         lines.append(f"bf16 vs fp32 (2 ranks, {features.THROUGHPUT_CONFIG}): {bf['bf16_tokens_per_s']:,.0f} vs "
                      f"{bf['fp32_tokens_per_s']:,.0f} tokens/s, ratio {bf['ratio']:.2f} (range "
                      f"{bf['ratio_range'][0]:.2f}-{bf['ratio_range'][1]:.2f}); model FLOP/s "
                      f"{bf['model_flops_per_s'] / 1e9:,.1f} G of bf16 GEMM {bf['bf16_gemm_flops_per_s'] / 1e9:,.1f} G")
-    if not args.quick and memory.feature_in_branch("zero_stage"):
+    if not args.quick:
         z = features.measure_zero(world=zero_world)
         out["zero_dense_optimizer_bytes_ratio"] = z["ratio"]
         ratio = "not found" if z["ratio"] is None else f"{z['ratio']:.3f}"
@@ -104,7 +100,7 @@ def run(args) -> dict:
     for key in ("bf16_vs_fp32_tokens_per_s", "model_flops_share_of_bf16_peak", "zero_dense_optimizer_bytes_ratio",
                 "activation_checkpointing_memory_ratio"):
         if out[key] is None:
-            lines.append(f"{key}: not measured (its feature is not in this checkout{' or --quick' if args.quick else ''})")
+            lines.append(f"{key}: not measured ({'--quick' if args.quick else 'no measurement came back'})")
     met = {key: _met(key, out[key], zero_world) for key in TARGETS}
     out["targets"] = {key: {"target": TARGETS[key], "met": met[key]} for key in TARGETS}
     out["all_targets_met"] = all(met.values())

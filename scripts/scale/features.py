@@ -1,8 +1,7 @@
 """Measurements of the #12 features, each on spawned gloo ranks running the real ``RankTrainer``:
 bf16 vs fp32 tokens/s (interleaved in the same processes), the bf16 step's model-FLOPs share of the
 measured bf16 GEMM rate, dense optimizer-state bytes with ZeRO-1 vs stage 0, and the largest preset
-sibling that trains 3 steps on 4 ranks within 20 GB. A feature this checkout lacks is not measured
-(``memory.feature_in_branch``): its key is None.
+sibling that trains 3 steps on 4 ranks within 20 GB.
 """
 
 from __future__ import annotations
@@ -170,23 +169,17 @@ def measure_largest(siblings=SIBLINGS, *, steps: int = LARGEST_STEPS, world: int
                     limit: float = LARGEST_LIMIT_BYTES) -> dict:
     """The preset sibling with the most parameters whose ``steps`` optimizer steps run on
     ``world`` ranks with their peak resident sets summing to at most ``limit`` bytes. Siblings
-    needing a feature this checkout lacks, or that the planner says exceed the limit, are skipped."""
+    the planner says exceed the limit are skipped."""
     from moetrain.config import load_config
     from moetrain.plan import count_params, plan_memory
-
-    from .memory import feature_in_branch
 
     tried = []
     cands = sorted(((count_params(load_config(s)).total, s) for s in siblings), reverse=True)
     for total, name in cands:
         cfg = load_config(name, [f"cluster.num_workers={world}", f"train.steps={steps}"])
-        t = cfg.train
-        missing = [f for f, on in (("precision", t.precision != "fp32"), ("zero_stage", t.zero_stage > 0),
-                                   ("activation_checkpointing", t.activation_checkpointing != "none"))
-                   if on and not feature_in_branch(f)]
         planned = plan_memory(cfg, suggest=False).total_bytes * world
-        if missing or planned > limit:
-            tried.append({"config": name, "params": total, "skipped": missing or f"planned {planned / 1e9:.1f} GB"})
+        if planned > limit:
+            tried.append({"config": name, "params": total, "skipped": f"planned {planned / 1e9:.1f} GB"})
             continue
         out = run_ranks(_largest_rank, world, cfg.to_dict(), steps)
         used = sum(o["peak_rss"] for o in out)

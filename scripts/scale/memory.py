@@ -24,8 +24,7 @@ from .procs import peak_rss, reset_peak_rss, run_ranks
 
 STEPS = 2  # AdamW allocates its moments in step 1; step 2 runs forward / backward with them live
 BASE_CONFIG = "olmoe-1b-7b-mini"
-# (label, --set overrides): precision x ZeRO x checkpointing x actors x micro-batch. Entries whose
-# feature is not in this branch are skipped by ``available_cases``.
+# (label, --set overrides): precision x ZeRO x checkpointing x actors x micro-batch.
 CASES = (
     ("fp32 z0 none R1 mb8", ["cluster.num_workers=1", "train.global_batch_size=8"]),
     ("fp32 z0 none R2 mb8", ["cluster.num_workers=2", "train.global_batch_size=16"]),
@@ -85,29 +84,6 @@ def _rank_peak(ctx, cfg_dict: dict, steps: int) -> int:
     return peak_rss() - base
 
 
-def feature_in_branch(name: str) -> bool:
-    """Whether train.<name> has behaviour in this checkout: some module of ``moetrain`` other than
-    the config tree and the planner reads ``name`` (before the features merge, none does)."""
-    from pathlib import Path
-
-    import moetrain
-
-    root = Path(moetrain.__file__).parent
-    skip = {root / "config.py", root / "plan.py"}
-    return any(name in p.read_text(encoding="utf-8") for p in root.rglob("*.py") if p not in skip)
-
-
-def available_cases(cases=CASES) -> list[tuple[str, list[str]]]:
-    """Cases whose non-default features this branch implements (the rest are reported as skipped)."""
-    needs = {"train.precision=bf16": "precision", "train.zero_stage": "zero_stage",
-             "train.activation_checkpointing": "activation_checkpointing"}
-    out = []
-    for label, sets in cases:
-        if all(feature_in_branch(f) for key, f in needs.items() for s in sets if s.startswith(key)):
-            out.append((label, sets))
-    return out
-
-
 MMAP_THRESHOLD = "65536"
 
 
@@ -137,7 +113,7 @@ def validate_planner(cases=None, *, steps: int = STEPS, common=COMMON, base: str
     from moetrain.plan import plan_memory
 
     rows = []
-    for label, sets in (available_cases() if cases is None else cases):
+    for label, sets in (CASES if cases is None else cases):
         cfg = load_config(base, list(common) + list(sets))
         vocab = build_dataset(cfg.data).vocab_size  # the trained tokenizer's size (built once, cached)
         cfg = load_config(base, list(common) + list(sets) + [f"model.vocab_size={vocab}"])
