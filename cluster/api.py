@@ -143,12 +143,12 @@ def parallelism_text(cfg: RunConfig, history: list[StepMetrics]) -> str:
 
 def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunResult:
     """Run training to the end (or to FAILED). ``on_step(metrics)`` is called on the driver."""
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
 
     logging.getLogger("moetrain").setLevel(logging.INFO)
-    # Build (or load from cache) the dataset on the driver first: bad data fails fast with a clear
-    # error before any actor starts, and the workers then read the finished cache.
-    build_dataset(cfg.data)
+    # Prepare (or find in the cache) the data and read its manifest on the driver first: bad data
+    # fails fast with a clear error before any actor starts, and the workers then stream it.
+    open_training_data(cfg.data, cfg.train.global_batch_size)
     check_out_dir(cfg)
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
     check_fresh_run(cfg)  # never mix two lineages under one run name
