@@ -59,7 +59,7 @@ class PreparedManifest:
     vocab_size: int
     eot_id: int
     domains: tuple[str, ...]
-    shards: tuple[ShardInfo, ...]  # grouped by domain, in ``domains`` order, then by key
+    shards: tuple[ShardInfo, ...]  # grouped by domain, in ``domains`` order, then in input order
 
     def domain_totals(self, field: str) -> dict[str, int]:
         """Per domain sum of a ShardInfo field (``rows``, ``tokens`` or ``docs``)."""
@@ -80,9 +80,11 @@ class PreparedManifest:
 
 def make_manifest(shards: list[ShardInfo], *, seq_len: int, tokenizer_sha256: str, vocab_size: int,
                   eot_id: int) -> PreparedManifest:
-    """Order the shards (domain name, then key) and refuse a domain that packed no row."""
+    """Group the shards by domain (sorted names), keeping their order within a domain (the input
+    order: a training stream is then the same wherever the same inputs were prepared), and refuse
+    a domain that packed no row."""
     domains = tuple(sorted({s.domain for s in shards}))
-    ordered = tuple(sorted(shards, key=lambda s: (s.domain, s.key)))
+    ordered = tuple(sorted(shards, key=lambda s: s.domain))  # stable
     m = PreparedManifest(seq_len=seq_len, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size,
                          eot_id=eot_id, domains=domains, shards=ordered)
     for d, rows in m.domain_totals("rows").items():
