@@ -50,15 +50,19 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output URI: local path, s3://bucket/prefix or gs://bucket/prefix")
     p.add_argument("--text-column", default="text", help="Parquet column / JSONL field holding the text")
     p.add_argument("--domain-column", default="", help="Parquet column / JSONL field holding each row's domain")
-    p.add_argument("--domain-pattern", default="", help="regex whose first group, found in a file's path, is its domain")
-    p.add_argument("--tokenizer", default="bpe", help="bpe (byte-level BPE trained on a sample) or hf:DIR (DIR/tokenizer.json)")
+    p.add_argument("--domain-pattern", default="",
+                   help="regex whose first group, found in a file's path, is its domain")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (byte-level BPE trained on a sample) or hf:DIR (DIR/tokenizer.json)")
     p.add_argument("--vocab-size", type=int, default=2048, help="bpe vocabulary size")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training row (rows hold seq_len + 1)")
-    p.add_argument("--batch-docs", type=int, default=None, help="Parquet rows per batch (one shard per batch and domain)")
+    p.add_argument("--batch-docs", type=int, default=None,
+                   help="Parquet rows per batch (one shard per batch and domain)")
     p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     p.add_argument("--s3-region", default="", help="S3 region (else AWS_REGION)")
     p.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
-    p.add_argument("--num-cpus", type=int, default=0, help="CPUs of the embedded local Ray (0 = all; ignored with RAY_ADDRESS)")
+    p.add_argument("--num-cpus", type=int, default=0,
+                   help="CPUs of the embedded local Ray (0 = all; ignored with RAY_ADDRESS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print only the summary as one JSON line")
 

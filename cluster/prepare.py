@@ -119,7 +119,9 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
             parts.append(ds.map_batches(_process, batch_size=opts.batch_docs, batch_format="pyarrow",
                                         fn_kwargs={**common, "by_path": by_path}))
         if other:
-            ds = ray.data.read_binary_files(other, filesystem=store.fs, include_paths=True)
+            # blocks of <= FILES_PER_BATCH files: a worker's memory does not grow with the file count
+            ds = ray.data.read_binary_files(other, filesystem=store.fs, include_paths=True,
+                                            override_num_blocks=-(-len(other) // FILES_PER_BATCH))
             parts.append(ds.map_batches(_process, batch_size=FILES_PER_BATCH, batch_format="pyarrow",
                                         fn_kwargs={**common, "by_path": by_path}))
     stats = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -262,7 +264,8 @@ def _process(batch: pa.Table, *, by_path, text_column, domain_column, tok_json, 
         try:
             texts = batch.column(text_column).to_pylist()
         except UnicodeDecodeError as exc:
-            raise DataError(f"{by_path[paths[0]][0]}: column {text_column!r} holds non-UTF-8 text ({exc.reason})") from None
+            where = by_path[paths[0]][0]
+            raise DataError(f"{where}: column {text_column!r} holds non-UTF-8 text ({exc.reason})") from None
         doms = batch.column(domain_column).to_pylist() if domain_column else [None] * len(texts)
         for text, path, dom in zip(texts, paths, doms):
             uri, domain = by_path[path]

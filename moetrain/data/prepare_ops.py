@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from moetrain.data.errors import DataError
-from moetrain.data.shards import ShardInfo, open_data_store, pack_texts, shard_bytes, shard_id, shard_info_from_footer, shard_key
+from moetrain.data.shards import (ShardInfo, open_data_store, pack_texts, shard_bytes, shard_id,
+                                  shard_info_from_footer, shard_key)
 
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _GLOB_CHARS = set("*?[")

@@ -22,9 +22,9 @@ import pytest
 from cluster.prepare import PrepareOptions, prepare
 from moetrain.config import DataConfig
 from moetrain.data import DataError
-from moetrain.data.shards import MANIFEST, TOKENIZER, open_data_store, read_manifest
+from moetrain.data.shards import MANIFEST, TOKENIZER
 from moetrain.data.tokenizer import load_tokenizer
-from moetrain.data.training import StreamingData
+from moetrain.data.training import open_training_data
 
 SEQ = 32
 CODE_FILES = ("decoder.py", "encoder.py", "scanner.py", "tool.py")
@@ -129,11 +129,8 @@ def test_prepare_from_and_to_s3_then_stream(prepared, inputs, s3_server):
     assert remote.manifest.tokenizer_sha256 == local.manifest.tokenizer_sha256
     for field in ("rows", "tokens", "docs"):
         assert remote.manifest.domain_totals(field) == local.manifest.domain_totals(field)
-    cfg = DataConfig(source="prepared", seq_len=SEQ, s3_endpoint=s3_server.endpoint)
-    views = []
-    for uri, endpoint in ((s3_server.uri("prepared"), s3_server.endpoint), (opts.out, "")):
-        store = open_data_store(uri, s3_endpoint=endpoint)
-        views.append(StreamingData(store, read_manifest(store), cfg, 8))
+    views = [open_training_data(DataConfig(source="prepared", prepared_uri=uri, seq_len=SEQ, s3_endpoint=endpoint), 8)
+             for uri, endpoint in ((s3_server.uri("prepared"), s3_server.endpoint), (opts.out, ""))]
     for _ in range(3):
         a, b = (v.next_micro_batches(2, 2, 1) for v in views)
         assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -7,6 +7,8 @@ and epoch boundaries.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,30 @@ def test_resume_is_bit_exact_across_shards_and_epochs(tmp_path):
     other = open_data(uri, mixture=["a=1", "b=1"])
     with pytest.raises(DataError, match="mixture or batch size changed"):
         other.cursor.load_state_dict(state)
+
+
+def test_source_prepared_opens_the_uri(tmp_path):
+    from moetrain.data.training import open_training_data
+
+    uri = write_synthetic(tmp_path)
+    data = open_training_data(DataConfig(source="prepared", prepared_uri=uri, seq_len=SEQ, val_fraction=0.25), 8)
+    assert data.domains == ["a", "b"] and data.vocab_size == 300
+    assert set(data.next_micro_batches(1, 1, 0)[0][:, 0].tolist()) == {0, 1}
+    with pytest.raises(DataError, match="does not exist: run `moetrain prepare`"):
+        open_training_data(DataConfig(source="prepared", prepared_uri=str(tmp_path / "none"), seq_len=SEQ), 8)
+    with pytest.raises(DataError, match=r"data.seq_len \(4\) differs from the prepared data's seq_len \(3\)"):
+        open_training_data(DataConfig(source="prepared", prepared_uri=uri, seq_len=4), 8)
+
+
+def test_builtin_is_prepared_into_the_cache_once_then_streamed(tmp_path):
+    from moetrain.data.training import open_training_data
+
+    cfg = DataConfig(max_bytes_per_domain=200_000, vocab_size=300, seq_len=32, cache_dir=str(tmp_path))
+    data = open_training_data(cfg, 8)
+    root = Path(data.reader.store.uri)
+    assert root.parent == tmp_path / "data" and root.name.startswith("prepared-")
+    assert data.domains == ["code", "english"] and len(data.manifest.shards) == 2  # one shard per domain
+    mtime = (root / MANIFEST).stat().st_mtime_ns
+    again = open_training_data(cfg, 8)
+    assert (root / MANIFEST).stat().st_mtime_ns == mtime
+    assert all(np.array_equal(x, y) for x, y in zip(data.next_micro_batches(2, 2, 0), again.next_micro_batches(2, 2, 0)))
