@@ -146,17 +146,17 @@ def parallelism_text(cfg: RunConfig, history: list[StepMetrics]) -> str:
 
 def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunResult:
     """Run training to the end (or to FAILED). ``on_step(metrics)`` is called on the driver."""
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
 
     logging.getLogger("moetrain").setLevel(logging.INFO)
     check_run_precision(cfg.train.precision, cfg.cluster.use_gpu)  # bf16 without native bf16: exit 2
-    # Build (or load from cache) the dataset on the driver first: bad data fails fast with a clear
-    # error before any actor starts, and the workers then read the finished cache.
     from moetrain.hf.load import resolve_init_from
     from moetrain.train.trainer import check_vocab
 
     cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR fixes the model's shape (and the placement's)
-    dataset = build_dataset(cfg.data)
+    # Prepare (or find in the cache) the data and read its manifest on the driver first: bad data
+    # fails fast with a clear error before any actor starts, and the workers then stream it.
+    dataset = open_training_data(cfg.data, cfg.train.global_batch_size)
     check_vocab(cfg, dataset.vocab_size)
     check_out_dir(cfg)
     check_zero_supported(cfg.train.zero_stage)  # DeepSpeed present for ZeRO 1/2

@@ -2,6 +2,7 @@
 
     moetrain train [--config FILE|tiny|small] [--set a.b=c ...] [--resume URI|latest]
     moetrain plan [--config FILE|NAME] [--set a.b=c ...] [--memory-gb G]
+    moetrain prepare [DOMAIN=]PATH|URI|GLOB ... --out URI [--tokenizer bpe|hf:DIR] [--seq-len N]
     moetrain ckpt list|verify|inspect|clean URI
     moetrain submit --address http://HEAD:8265 -- [train arguments]
     moetrain hf import HF_DIR OUT [--run NAME]      (HF model dir -> OUT/NAME/step-0)
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N")
     c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     c.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
+    _prepare_parser(sub)
     s = sub.add_parser("submit", help="submit `moetrain train ...` as a Ray job")
     s.add_argument("--address", default=None, help="Ray dashboard address (else RAY_ADDRESS)")
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
@@ -101,6 +103,56 @@ def _generate(args) -> int:
     cfg = CheckpointConfig(uri=args.ckpt, s3_endpoint=args.s3_endpoint, gcs_endpoint=args.gcs_endpoint)
     out = generate(args.ckpt, args.prompt, args.max_new_tokens, tokenizer_dir=args.tokenizer, cfg=cfg)
     print(" ".join(str(i) for i in out.new_ids) if args.ids else out.text)
+def _prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize and pack a corpus into token shards (Ray Data)")
+    p.add_argument("inputs", nargs="+", metavar="[DOMAIN=]INPUT",
+                   help="a file, directory or glob; local, s3:// or gs:// (.parquet, .jsonl, else plain text)")
+    p.add_argument("--out", required=True, help="output URI: local path, s3://bucket/prefix or gs://bucket/prefix")
+    p.add_argument("--text-column", default="text", help="Parquet column / JSONL field holding the text")
+    p.add_argument("--domain-column", default="", help="Parquet column / JSONL field holding each row's domain")
+    p.add_argument("--domain-pattern", default="",
+                   help="regex whose first group, found in a file's path, is its domain")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (byte-level BPE trained on a sample) or hf:DIR (DIR/tokenizer.json)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="bpe vocabulary size")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training row (rows hold seq_len + 1)")
+    p.add_argument("--batch-docs", type=int, default=None,
+                   help="Parquet rows per batch (one shard per batch and domain)")
+    p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    p.add_argument("--s3-region", default="", help="S3 region (else AWS_REGION)")
+    p.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
+    p.add_argument("--num-cpus", type=int, default=0,
+                   help="CPUs of the embedded local Ray (0 = all; ignored with RAY_ADDRESS)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print only the summary as one JSON line")
+
+
+def _prepare(args) -> int:
+    import json
+    import os
+
+    import ray
+
+    from cluster.prepare import BATCH_DOCS, PrepareOptions, prepare
+
+    opts = PrepareOptions(
+        inputs=tuple(args.inputs), out=args.out, text_column=args.text_column, domain_column=args.domain_column,
+        domain_pattern=args.domain_pattern, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+        seq_len=args.seq_len, batch_docs=args.batch_docs or BATCH_DOCS, progress=not args.no_progress,
+        store_opts={"s3_endpoint": args.s3_endpoint, "s3_region": args.s3_region, "gcs_endpoint": args.gcs_endpoint})
+
+    def connect() -> None:  # after the inputs are checked: bad input fails in seconds
+        if not ray.is_initialized():
+            address = os.environ.get("RAY_ADDRESS") or None
+            ray.init(address=address, num_cpus=None if address else (args.num_cpus or os.cpu_count()),
+                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+    summary = prepare(opts, connect).summary()
+    if not args.json:
+        print(f"prepared {summary['rows']:,} rows in {summary['shards']} shards ({summary['written']} written, "
+              f"{summary['skipped']} already there) at {summary['uri']} in {summary['seconds']:.1f} s "
+              f"({summary['rows_per_s']:,.0f} rows/s); tokens per domain: {summary['tokens_per_domain']}")
+    print(json.dumps(summary))
     return 0
 
 
@@ -214,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "plan":
             return _plan(args)
+        if args.command == "prepare":
+            return _prepare(args)
         return _submit(args)
     except user_errors as exc:
         print(f"moetrain: error: {exc}", file=sys.stderr)

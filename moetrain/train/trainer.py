@@ -18,8 +18,8 @@ import torch
 
 from moetrain import losses
 from moetrain.config import RunConfig
-from moetrain.data import BatchCursor, build_dataset, shard_global_batch, val_batches
 from moetrain.data.assign import DomainRankMap, assign_rows, domain_rank_map
+from moetrain.data.training import StreamingData, open_training_data
 from moetrain.model import Transformer, count_moe_blocks
 from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
@@ -76,7 +76,8 @@ class RankTrainer:
         cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR: the model's shape is DIR's
         self.cfg = cfg
         self.ctx = ctx or ParallelContext()
-        self.data = dataset if dataset is not None else build_dataset(cfg.data)
+        self.data: StreamingData = (dataset if dataset is not None
+                                    else open_training_data(cfg.data, cfg.train.global_batch_size))
         check_vocab(cfg, self.data.vocab_size)
         if cfg.model.vocab_size == 0:
             self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
@@ -110,7 +111,7 @@ class RankTrainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
-        self.cursor = BatchCursor(len(self.data.train.tokens_NT1), t.global_batch_size, seed=cfg.data.seed)
+        self.cursor = self.data.cursor  # exact save / restore of the data position (checkpoints)
         self.rank_map = self._rank_map()
         self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
         p = cfg.placement
@@ -138,20 +139,18 @@ class RankTrainer:
 
     # ---- training ----------------------------------------------------------------------------
     def _rank_map(self) -> DomainRankMap | None:
-        """``data.rank_assignment=domain``: the stable domain -> rank map from the training rows'
-        token shares (rows are fixed-length, so row counts are token counts)."""
+        """``data.rank_assignment=domain``: the stable domain -> rank map from the domains' token
+        shares in a global batch (the mixture; rows are fixed-length, so rows count tokens)."""
         if self.cfg.data.rank_assignment != "domain":
             return None
-        rows_D = np.bincount(self.data.train.domain_N, minlength=len(self.data.domains))
-        return domain_rank_map(tuple(self.data.domains), rows_D, self.ctx.world_size)
+        return domain_rank_map(tuple(self.data.domains), self.data.shares_D, self.ctx.world_size)
 
     def _micro_batches(self) -> list[np.ndarray]:
-        idx = self.cursor.next_indices()
+        M, W = self.cfg.train.grad_accum_steps, self.ctx.world_size
+        reorder = None
         if self.rank_map is not None:  # same rows per micro-batch, domain-sorted over the ranks
-            idx = idx[assign_rows(self.data.train.domain_N[idx], self.cfg.train.grad_accum_steps,
-                                  self.ctx.world_size, self.rank_map)]
-        tokens = self.data.train.tokens_NT1[idx]
-        return shard_global_batch(tokens, self.cfg.train.grad_accum_steps, self.ctx.world_size, self.ctx.rank)
+            reorder = lambda dom_B: assign_rows(dom_B, M, W, self.rank_map)  # noqa: E731
+        return self.data.next_micro_batches(M, W, self.ctx.rank, reorder)
 
     def train_step(self) -> StepMetrics:
         """One optimizer step. Returns metrics averaged over ranks (identical on every rank)."""
@@ -251,11 +250,7 @@ class RankTrainer:
         W = self.ctx.world_size
         for d, name in enumerate(self.data.domains):
             acc = torch.zeros(2, device=self.ctx.device)
-            for batch in val_batches(self.data.val, name, bs, self.cfg.train.eval_batches):
-                rows = (batch.shape[0] // W) * W
-                if rows == 0:
-                    continue
-                mb = shard_global_batch(batch[:rows], 1, W, self.ctx.rank)[0]
+            for mb in self.data.val_batches(name, bs, self.cfg.train.eval_batches, W, self.ctx.rank):
                 x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
                 y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
                 logits, _ = self._forward(x)

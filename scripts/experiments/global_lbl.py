@@ -110,13 +110,14 @@ def describe_batches(cfg: RunConfig, domain_N: np.ndarray, num_domains: int) -> 
     Returns the share of micro-batches whose rows are all one domain, and the mean / min / max
     share of each domain in a global batch.
     """
-    from moetrain.data import BatchCursor, shard_global_batch
+    from moetrain.data import shard_global_batch
+    from moetrain.data.training import open_training_data
 
     t, W = cfg.train, cfg.cluster.num_workers
-    cursor = BatchCursor(len(domain_N), t.global_batch_size, seed=cfg.data.seed)
+    cursor = open_training_data(cfg.data, t.global_batch_size).cursor  # the trainer's stream
     homogeneous, micro, shares = 0, 0, []
     for _ in range(t.steps):
-        dom_B = domain_N[cursor.next_indices()]
+        dom_B = cursor.next_batch()[0]
         for r in range(W):
             for mb in shard_global_batch(dom_B, t.grad_accum_steps, W, r):
                 homogeneous += int((mb == mb[0]).all())
@@ -214,21 +215,23 @@ def build_reference_model(cfg: RunConfig, vocab_size: int, params: dict[str, np.
 def evaluate_reference(cfg: RunConfig, model, ds, chunk_rows: int = 32) -> dict:
     """Per domain, on the rows the group's ``evaluate`` used: LM loss and per-layer routing.
 
-    Same rows as ``RankTrainer.evaluate``: ``val_batches(val, domain, B / accum, eval_batches)``,
+    Same rows as ``RankTrainer.evaluate``: ``StreamingData.val_batches(domain, B / accum, eval_batches)``,
     each cut to a multiple of the world size (run here in chunks of ``chunk_rows``: the loss is a
     token mean and routing is per token, so the chunking changes neither). Returns val_loss per
     domain, per-layer topk ids [T, K] of all those tokens, and their domain labels [T].
     """
     import torch
 
-    from moetrain.data import val_batches
+    from moetrain.data.training import open_training_data
 
     bs = cfg.train.global_batch_size // cfg.train.grad_accum_steps
     W = cfg.cluster.num_workers
+    stream = open_training_data(cfg.data, cfg.train.global_batch_size)
     val_loss, ids_LT, labels = {}, [[] for _ in model.moe_layers()], []
     with torch.no_grad():
         for d, name in enumerate(ds.domains):
-            rows = [b[:(b.shape[0] // W) * W] for b in val_batches(ds.val, name, bs, cfg.train.eval_batches)]
+            batches = stream.val_batches(name, bs, cfg.train.eval_batches, 1, 0)
+            rows = [b[:(b.shape[0] // W) * W] for b in batches]
             rows_NT1 = np.concatenate(rows)
             nll, n = 0.0, 0
             for i in range(0, len(rows_NT1), chunk_rows):

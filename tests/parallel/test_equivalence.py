@@ -67,7 +67,7 @@ def reference(cfg, grad_accum_steps: int | None = None):
     t = RankTrainer(single)
     losses = [t.train_step().loss for _ in range(STEPS)]
     if single.model.moe.capacity_factor > 0:  # the capacity must bind, or the test shows nothing
-        x = torch.tensor(t.data.train.tokens_NT1[:single.micro_batch_size, :-1], dtype=torch.long)
+        x = torch.tensor(t.data.first_train_rows(single.micro_batch_size)[:, :-1], dtype=torch.long)
         assert sum(r.num_dropped for r in t.model(x)[1]) > 0, "no (token, expert) pair was dropped"
     return losses, t.export_tensors("grad"), t.export_tensors("param")
 
