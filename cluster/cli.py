@@ -103,6 +103,9 @@ def _generate(args) -> int:
     cfg = CheckpointConfig(uri=args.ckpt, s3_endpoint=args.s3_endpoint, gcs_endpoint=args.gcs_endpoint)
     out = generate(args.ckpt, args.prompt, args.max_new_tokens, tokenizer_dir=args.tokenizer, cfg=cfg)
     print(" ".join(str(i) for i in out.new_ids) if args.ids else out.text)
+    return 0
+
+
 def _prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize and pack a corpus into token shards (Ray Data)")
     p.add_argument("inputs", nargs="+", metavar="[DOMAIN=]INPUT",

@@ -148,6 +148,9 @@ def block_activations(cfg: RunConfig, moe_block: bool) -> BlockActivations:
     # x_norm (the QKV input), qkv (kept whole by the v view), rotated q and k, SDPA output, the
     # reshaped output (wo's input); logsumexp per head in fp32.
     attention = t * (a * (D + (D + 2 * kvd) + D + kvd + D + D) + FP32_BYTES * m.n_heads)
+    # q/k norm (OLMoE): its input is a view of qkv (counted above); it adds the fp32 normalised
+    # q and k and one rstd each
+    attention += t * FP32_BYTES * (D + kvd + 2) * m.qk_norm
     # each RMSNorm keeps its fp32 input, rstd and normalised input (the weight's gradient needs it)
     norms = t * 2 * (2 * D + 1) * FP32_BYTES
     if not moe_block:
