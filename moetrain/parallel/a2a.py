@@ -72,11 +72,11 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 
 
 def all_to_all_ints(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
-                    async_op: bool = False):
-    """Non-differentiable all-to-all (metadata); returns ``out`` or ``(out, work)`` if async."""
+                    clock: CommClock | None = None) -> torch.Tensor:
+    """Blocking, non-differentiable all-to-all (metadata)."""
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=async_op)
-    return (out, work) if async_op else out
+    _timed_a2a(out, x.contiguous(), out_splits, in_splits, group, clock)
+    return out
 
 
 class Pending:

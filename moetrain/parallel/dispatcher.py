@@ -228,7 +228,7 @@ class AllToAllDispatcher:
         plan = self._plan(x_TD, topk_ids_TK, topk_weights_TK, 1)
         send, recv = plan.send_CR[0], plan.recv_CR[0]
         recv_VX = all_to_all(plan.payload_UX, recv, send, group, self.clock)
-        slot_VK = all_to_all_ints(plan.slot_UK, recv, send, group)
+        slot_VK = all_to_all_ints(plan.slot_UK, recv, send, group, self.clock)
         x_ND, pair_unit_N, weight_N = self._fan_out(recv_VX, slot_VK, sum(plan.rows_CS[0]), D)
         meta = EPDispatchMeta(tokens_per_slot=plan.rows_CS[0], num_dropped=plan.num_dropped,
                               send_splits=send, recv_splits=recv, unit_token_U=plan.unit_token_U,

@@ -80,7 +80,7 @@ class RankTrainer:
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
         self.cursor = BatchCursor(len(self.data.train.tokens_NT1), t.global_batch_size, seed=cfg.data.seed)
         self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
         p = cfg.placement
