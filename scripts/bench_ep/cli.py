@@ -99,7 +99,7 @@ def _new_output(args, cuda: bool) -> dict:
     return {"config": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
             "cuda_available": cuda, "cpu_count": os.cpu_count(), "layer": {}, "model": {},
             "dedup": {}, "expert_efficiency": [], "memory": {}, "gpu": None,
-            "skew": {"layer": {}, "model": {}}, "overlap": {}, "gemm_gflops_per_rank": {}}
+            "skew": {"layer": {}, "model": {}}, "overlap": {}}
 
 
 def _add_world(out: dict, res: dict, args, ws: int) -> None:
@@ -109,7 +109,6 @@ def _add_world(out: dict, res: dict, args, ws: int) -> None:
     overlap = summarize_overlap(res, ws)
     if overlap is not None:
         out["overlap"][str(ws)] = overlap
-    out["gemm_gflops_per_rank"][str(ws)] = [res[r]["gemm_gflops"] for r in range(ws)]
     if "model_times" in r0:
         out["model"][str(ws)], model_skew = summarize_model(r0, args, ws)
     out["skew"]["layer"][str(ws)] = skew_summary(r0["layer_grid"], args, ws, ws * T, model=False)

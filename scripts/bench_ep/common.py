@@ -103,6 +103,24 @@ def interleaved(steps: dict, warmup: int, iters: int, barrier) -> dict[str, list
     return times
 
 
+GEMM_REF_MATMULS = 16  # matmuls per round of the GEMM reference (~1/4 of a default model step's FLOPs)
+GEMM_REF_SEED = 4000  # + rank
+
+
+def gemm_ref_step(env: RankEnv):
+    """(step, FLOPs): ``GEMM_REF_MATMULS`` [tokens, D] x [D, F] fp32 matmuls, the matrix units'
+    rate on this rank's threads. Timed inside the model rounds, so it sees the same CPU load."""
+    a = env.args
+    g = torch.Generator().manual_seed(GEMM_REF_SEED + env.rank)
+    x = torch.randn(a.tokens, a.dim, generator=g).to(env.device)
+    w = torch.randn(a.dim, a.ffn, generator=g).to(env.device)
+
+    def step():
+        for _ in range(GEMM_REF_MATMULS):
+            torch.mm(x, w)
+    return step, 2.0 * a.tokens * a.dim * a.ffn * GEMM_REF_MATMULS
+
+
 def train_step_fn(forward_loss, params, sync=None, adamw: str = "fused"):
     """A closure doing one training step: zero grads, ``forward_loss()``, backward, ``sync()``
     (gradient all-reduce, if any), AdamW step (``adamw``: a key of ``ADAMW_KINDS``)."""

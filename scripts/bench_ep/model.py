@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .adapter import attach_dispatchers, dense_and_scaled_grad_sync, moetrain_grad_sync
-from .common import RankEnv, interleaved, legacy_names, model_cfg, model_tokens, ratios, summ, train_step_fn
+from .common import (RankEnv, gemm_ref_step, interleaved, legacy_names, median, model_cfg, model_tokens, ratios, summ,
+                     train_step_fn)
 from .profiling import profile_step
 from .skew import all_counts, calibrate, skew_label, skew_summary, skew_vectors
 
@@ -155,7 +156,8 @@ def model_study(env: RankEnv) -> dict:
             with torch.no_grad():
                 diff = built["mt_dropless"](s.x)[0] - built["ds_nodrop"](s.x)[0]
                 info[lab]["maxdiff_logits_mt_dropless_vs_ds_nodrop"] = float(diff.abs().max())
-    grid = {"times": interleaved(steps, 1, a.model_iters, env.barrier), "skews": info}
+    steps["gemm_ref"], gemm_flops = gemm_ref_step(env)
+    grid = {"times": interleaved(steps, 1, a.model_iters, env.barrier), "skews": info, "gemm_ref_flops": gemm_flops}
     legacy = legacy_names(a.capacity_factor)
     out = {"model_grid": grid, "model_times": {k: grid["times"][v] for k, v in legacy.items() if v in grid["times"]}}
     if a.profile:  # every rank runs the profiled steps; rank 0 reports
@@ -178,8 +180,20 @@ def summarize_model(r0: dict, args, ws: int) -> tuple[dict, dict]:
             mod["speedup"]["mt_dropless_vs_ds_nodrop"] = ratios(mt, "mt_dropless", "ds_nodrop")
     if "model_profile" in r0:
         mod["profile_rank0"] = r0["model_profile"]
-    mod["train_flops_per_step_rank"] = model_train_flops(args)
+    mod["flops_share_of_gemm"] = flops_share(r0["model_grid"], args)
     return mod, skew_summary(r0["model_grid"], args, ws, tokens, model=True)
+
+
+def flops_share(grid: dict, args) -> dict:
+    """Useful FLOP rate of the balanced dropless whole-model step over the GEMM reference's rate,
+    per round (both timed in the same round, the slowest rank's time each), median over rounds."""
+    t_model = grid["times"][legacy_names(args.capacity_factor)["mt_dropless"]]
+    t_gemm = grid["times"]["gemm_ref"]
+    flops, gflops = model_train_flops(args), grid["gemm_ref_flops"]
+    shares = [(flops / tm) / (gflops / tg) for tm, tg in zip(t_model, t_gemm)]
+    return {"share_paired": median(shares), "shares": shares, "rounds": len(shares),
+            "model_gflops_per_rank": flops / median(t_model) / 1e9, "gemm_gflops_per_rank": gflops / median(t_gemm) / 1e9,
+            "train_flops_per_step_rank": flops}
 
 
 def model_train_flops(args) -> float:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import statistics
-import time
 import traceback
 
 import torch
@@ -17,8 +15,6 @@ import torch.multiprocessing as mp
 
 from .common import RankEnv, free_port, peak_rss_mb, rss_mb
 
-GEMM_REPS = 30  # timed matmuls of gemm_rate
-GEMM_SEED = 4000  # + rank
 PG_TIMEOUT_S = 300  # process-group init and collectives
 GROUP_TIMEOUT_S = 900  # wait for each rank's result
 JOIN_TIMEOUT_S = 30
@@ -52,29 +48,8 @@ def run_rank(rank: int, ws: int, args, device) -> dict:
     res["dedup"] = dedup_study(setup)
     if args.model_iters > 0:
         res.update(model_study(env))
-    res["gemm_gflops"] = gemm_rate(env)
     env.barrier()
     return res
-
-
-def gemm_rate(env, reps: int = GEMM_REPS) -> float:
-    """GFLOP/s of one [tokens, D] x [D, F] matmul on this rank's threads while every rank runs
-    the same at once (barrier-started), i.e. the matrix units' rate as the studies see it;
-    median over ``reps`` timed matmuls, in the dtype of the studies (fp32)."""
-    a = env.args
-    g = torch.Generator().manual_seed(GEMM_SEED + env.rank)
-    x = torch.randn(a.tokens, a.dim, generator=g).to(env.device)
-    w = torch.randn(a.dim, a.ffn, generator=g).to(env.device)
-    times = []
-    env.barrier()
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(x, w)
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    env.barrier()
-    return 2.0 * a.tokens * a.dim * a.ffn / statistics.median(times) / 1e9
 
 
 def rank_main(rank: int, ws: int, port: int, args, queue, device_kind: str) -> None:
