@@ -110,7 +110,7 @@ class RankTrainer:
         no_decay = [p for p in local if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), foreach=False)
+            lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
         self.cursor = self.data.cursor  # exact save / restore of the data position (checkpoints)
         self.rank_map = self._rank_map()
         self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)

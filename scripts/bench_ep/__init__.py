@@ -38,8 +38,16 @@ step (other processes may be loading the CPU), and reported as medians and ratio
    E*C rows per rank; moetrain only the kept rows; both keep min(count, C) per expert).
    Headline: skew ``--headline-skew`` (1.5), the largest world, whole model, dropless vs no-drop.
 
+7. issue 14: a torch.profiler top-ops table of one step of every layer and model variant
+   (``--no-profile`` skips it); ``mt_chunked``, the dropless layer with its all-to-all pipelined
+   over ``--chunks`` token blocks, and ``overlap_hidden_comm_share`` (how much of the unchunked
+   layer's all-to-all wait the pipeline removes, ``layer.summarize_overlap``); the whole model's
+   useful FLOP rate over a matmul rate timed in the same rounds; the keys of issue 14's target
+   table at the top level of the JSON and, with target / met / rounds, under ``issue14``
+   (docs/ep_performance.md). Every variant uses the same AdamW (``--adamw``, default fused).
+
 Prints a table, then ONE JSON line with every figure (``speedup_vs_deepspeed``, ``target_met``,
-``headline``, ``balanced_parity_paired``). ``--quick`` is a ~1 minute version.
+``headline``, ``balanced_parity_paired``, ``issue14`` and its keys). ``--quick`` is a ~1 minute version.
 Each rank is one process with one intra-op thread (gloo, 127.0.0.1). No CUDA here: a GPU/NCCL
 column is added only when ``torch.cuda.is_available()`` and ``torch.cuda.device_count() >= W``.
 

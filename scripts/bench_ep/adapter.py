@@ -8,12 +8,15 @@ from __future__ import annotations
 import torch
 
 
-def attach_dispatchers(moe_layers, placement, ctx, capacity_factor: float = 0.0, dedup: bool = True) -> None:
+def attach_dispatchers(moe_layers, placement, ctx, capacity_factor: float = 0.0, dedup: bool = True,
+                       chunks: int = 1, clock=None) -> None:
     """Give MoE layer i (of ``moe_layers``, in placement layer order) an all-to-all dispatcher for
-    ``placement`` layer i, as the trainer does when it runs on more than one rank."""
+    ``placement`` layer i, as the trainer does when it runs on more than one rank; ``chunks`` > 1
+    pipelines the all-to-all with the expert compute, ``clock`` (a ``CommClock``) times it."""
     from moetrain.parallel.dispatcher import AllToAllDispatcher
     for idx, layer in enumerate(moe_layers):
-        layer.dispatcher = AllToAllDispatcher(placement, idx, ctx, capacity_factor=capacity_factor, dedup=dedup)
+        layer.dispatcher = AllToAllDispatcher(placement, idx, ctx, capacity_factor=capacity_factor, dedup=dedup,
+                                              chunks=chunks, clock=clock)
 
 
 def moetrain_grad_sync(model, placement, ctx):

@@ -16,10 +16,10 @@ from . import __doc__ as PACKAGE_DOC
 from .common import summ
 from .dedup import summarize_dedup
 from .experts import expert_efficiency
-from .layer import summarize_layer
+from .layer import summarize_layer, summarize_overlap
 from .memory import add_ratios_vs_world_1, mem_worker, summarize_memory
 from .model import summarize_model
-from .report import balanced_parity, headline, print_table
+from .report import balanced_parity, headline, issue14_figures, print_table
 from .skew import skew_summary
 from .worker import run_group
 
@@ -66,7 +66,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem-tokens", type=int, default=512)
     p.add_argument("--mem-world-sizes", default="1,2,4")
     p.add_argument("--no-deepspeed", dest="deepspeed", action="store_false")
-    p.add_argument("--profile", action="store_true", help="torch.profiler top ops of one step of each layer variant")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the torch.profiler top-ops table of one step of each layer and model variant")
+    p.add_argument("--chunks", type=int, default=2,
+                   help="pipelined chunks of the overlapped moetrain variant (balanced, dropless; 1 = no such variant)")
+    p.add_argument("--adamw", choices=("loop", "foreach", "fused"), default="fused",
+                   help="torch.optim.AdamW implementation of every variant (moetrain's trainer uses fused)")
     p.add_argument("--threads-main", type=int, default=1)
 
 
@@ -94,13 +99,16 @@ def _new_output(args, cuda: bool) -> dict:
     return {"config": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
             "cuda_available": cuda, "cpu_count": os.cpu_count(), "layer": {}, "model": {},
             "dedup": {}, "expert_efficiency": [], "memory": {}, "gpu": None,
-            "skew": {"layer": {}, "model": {}}}
+            "skew": {"layer": {}, "model": {}}, "overlap": {}}
 
 
 def _add_world(out: dict, res: dict, args, ws: int) -> None:
     """Studies 1, 2, 4 and 6 of world ``ws`` from every rank's results."""
     r0, T = res[0], args.tokens
     out["layer"][str(ws)] = summarize_layer(r0, ws, ws * T)
+    overlap = summarize_overlap(res, ws)
+    if overlap is not None:
+        out["overlap"][str(ws)] = overlap
     if "model_times" in r0:
         out["model"][str(ws)], model_skew = summarize_model(r0, args, ws)
     out["skew"]["layer"][str(ws)] = skew_summary(r0["layer_grid"], args, ws, ws * T, model=False)
@@ -137,6 +145,8 @@ def _finish(out: dict, args, t_start: float) -> None:
     out["speedup_vs_deepspeed"] = hl["speedup_vs_deepspeed"]
     out["target_met"] = hl["target_met"]
     out["balanced_parity_paired"] = balanced_parity(out)
+    out["issue14"] = issue14_figures(out, args)
+    out.update({k: v["value"] for k, v in out["issue14"].items()})
 
 
 def main(argv=None) -> dict:

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 
 ADAMW_LR = 1e-4  # every variant's optimizer; the benchmark times steps, it does not train
+# torch.optim.AdamW implementations (--adamw); every variant, moetrain and DeepSpeed, uses the same
+ADAMW_KINDS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 MIN_CAPACITY = 4  # DeepSpeed's min_capacity; routing_stats applies it to both systems' capacity
 
 
@@ -101,10 +103,28 @@ def interleaved(steps: dict, warmup: int, iters: int, barrier) -> dict[str, list
     return times
 
 
-def train_step_fn(forward_loss, params, sync=None):
+GEMM_REF_MATMULS = 16  # matmuls per round of the GEMM reference (~1/4 of a default model step's FLOPs)
+GEMM_REF_SEED = 4000  # + rank
+
+
+def gemm_ref_step(env: RankEnv):
+    """(step, FLOPs): ``GEMM_REF_MATMULS`` [tokens, D] x [D, F] fp32 matmuls, the matrix units'
+    rate on this rank's threads. Timed inside the model rounds, so it sees the same CPU load."""
+    a = env.args
+    g = torch.Generator().manual_seed(GEMM_REF_SEED + env.rank)
+    x = torch.randn(a.tokens, a.dim, generator=g).to(env.device)
+    w = torch.randn(a.dim, a.ffn, generator=g).to(env.device)
+
+    def step():
+        for _ in range(GEMM_REF_MATMULS):
+            torch.mm(x, w)
+    return step, 2.0 * a.tokens * a.dim * a.ffn * GEMM_REF_MATMULS
+
+
+def train_step_fn(forward_loss, params, sync=None, adamw: str = "fused"):
     """A closure doing one training step: zero grads, ``forward_loss()``, backward, ``sync()``
-    (gradient all-reduce, if any), AdamW step."""
-    opt = torch.optim.AdamW(params, lr=ADAMW_LR, foreach=False)
+    (gradient all-reduce, if any), AdamW step (``adamw``: a key of ``ADAMW_KINDS``)."""
+    opt = torch.optim.AdamW(params, lr=ADAMW_LR, **ADAMW_KINDS[adamw])
 
     def step():
         opt.zero_grad(set_to_none=True)

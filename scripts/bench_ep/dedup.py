@@ -81,7 +81,7 @@ def dedup_study(s) -> dict:
             def fl(layer=layer, xin=xin):
                 y, _ = layer(xin.unsqueeze(0))
                 return (y.squeeze(0) - s.tgt_TD).pow(2).mean()
-            dsteps[name] = train_step_fn(fl, list(layer.parameters()))
+            dsteps[name] = train_step_fn(fl, list(layer.parameters()), adamw=s.env.args.adamw)
         out[kind] = {"sent": sent, "times": interleaved(dsteps, 1, max(3, a.iters // 2), env.barrier)}
     return out
 

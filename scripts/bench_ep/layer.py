@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import attach_dispatchers
-from .common import RankEnv, interleaved, legacy_names, moe_cfg, ratios, summ, train_step_fn
+from .common import RankEnv, interleaved, legacy_names, median, moe_cfg, ratios, summ, train_step_fn
 from .profiling import profile_step
 from .skew import calibrate, skew_label, skew_vectors
 
@@ -37,16 +37,16 @@ class LayerSetup:
     x_TD: torch.Tensor
     tgt_TD: torch.Tensor
 
-    def build_layer(self, capacity_factor: float, dedup: bool = True, gate_ED=None):
+    def build_layer(self, capacity_factor: float, dedup: bool = True, gate_ED=None, chunks: int = 1, clock=None):
         """A moetrain MoE layer with this rank's experts, the given gate (default: the base
-        gate) and an all-to-all dispatcher."""
+        gate) and an all-to-all dispatcher (``chunks``, ``clock``: see ``attach_dispatchers``)."""
         from moetrain.model.moe.layer import MoELayer
         env, D = self.env, self.env.args.dim
         layer = MoELayer(D, moe_cfg(env.args, capacity_factor, dedup), layer_index=0, seed=0,
                          local_experts=self.local, init_std=INIT_STD).to(env.device)
         with torch.no_grad():  # the gate is zeros by construction: same random gate on every rank
             layer.router.gate_ED.copy_(self.gate0_ED if gate_ED is None else gate_ED)
-        attach_dispatchers([layer], self.placement, env.ctx, capacity_factor, dedup)
+        attach_dispatchers([layer], self.placement, env.ctx, capacity_factor, dedup, chunks, clock)
         return layer
 
 
@@ -77,7 +77,7 @@ def _skewed(s: LayerSetup, target: float):
     return xs_TD, gate_of
 
 
-def _mse_step(module, xs_TD, tgt_TD, on_route=None):
+def _mse_step(module, xs_TD, tgt_TD, adamw: str, on_route=None):
     """Train step of ``module`` on a regression to ``tgt_TD``; ``on_route(route)`` sees the
     second output (moetrain's RouterOutput)."""
     xin = xs_TD.clone().requires_grad_(True)
@@ -87,7 +87,7 @@ def _mse_step(module, xs_TD, tgt_TD, on_route=None):
         if on_route is not None:
             on_route(route)
         return (y.squeeze(0) - tgt_TD).pow(2).mean()
-    return train_step_fn(fl, list(module.parameters()))
+    return train_step_fn(fl, list(module.parameters()), adamw=adamw)
 
 
 def _add_variants(s: LayerSetup, lab: str, xs_TD, gate_ED, grid: dict, steps: dict, layers: dict) -> None:
@@ -101,12 +101,43 @@ def _add_variants(s: LayerSetup, lab: str, xs_TD, gate_ED, grid: dict, steps: di
 
         def on_route(route, lab=lab, cf_name=cf_name):
             grid[lab]["dropped"][f"mt_{cf_name}"] = route.num_dropped
-        steps[name] = _mse_step(layer, xs_TD, s.tgt_TD, on_route)
+        steps[name] = _mse_step(layer, xs_TD, s.tgt_TD, env.args.adamw, on_route)
         if not env.ds_ok:
             continue
         dname = f"{lab}/ds_{'nodrop' if c == 0 else cf_name}"
         layers[dname] = ds_variant(env.args, env.ws, c, layer, env.device)
-        steps[dname] = _mse_step(layers[dname], xs_TD, s.tgt_TD)
+        steps[dname] = _mse_step(layers[dname], xs_TD, s.tgt_TD, env.args.adamw)
+
+
+def _clocked(step, clock, seconds: list):
+    """``step`` that appends the seconds ``clock`` counted during it to ``seconds``."""
+    def run():
+        clock.reset()
+        step()
+        seconds.append(clock.blocked_s)
+    return run
+
+
+def _add_overlap_variants(s: LayerSetup, lab: str, xs_TD, gate_ED, grid: dict, steps: dict, layers: dict) -> dict:
+    """Balanced routing, dropless: the unchunked layer and the ``--chunks`` pipelined one, each
+    with a ``CommClock``; replaces the plain dropless step by its clocked twin (same layer)."""
+    from moetrain.parallel.a2a import CommClock
+    a = s.env.args
+    blocked = {"unchunked": [], "chunked": []}
+    for kind, chunks in (("unchunked", 1), ("chunked", a.chunks)):
+        clock = CommClock()
+        name = f"{lab}/mt_dropless" if chunks == 1 else f"{lab}/mt_dropless_c{chunks}"
+        layers[name] = s.build_layer(0.0, gate_ED=gate_ED, chunks=chunks, clock=clock)
+        def on_route(route, key=name.split("/", 1)[1]):
+            grid[lab]["dropped"][key] = route.num_dropped
+        steps[name] = _clocked(_mse_step(layers[name], xs_TD, s.tgt_TD, a.adamw, on_route), clock, blocked[kind])
+    return blocked
+
+
+def _overlap_result(blocked: dict, warmup: int, chunks: int) -> dict:
+    """Per-step seconds blocked in token all-to-alls (after warm-up) of both variants."""
+    return {"chunks": chunks, "blocked_s_unchunked": blocked["unchunked"][warmup:],
+            "exposed_s_chunked": blocked["chunked"][warmup:]}
 
 
 def _check_same_outputs(s: LayerSetup, lab: str, xs_TD, grid: dict, layers: dict) -> None:
@@ -150,12 +181,18 @@ def layer_study(s: LayerSetup) -> dict:
         scale, counts_RE = calibrate(counts_of, sk, env.ws, E)
         grid[lab] = {"target": sk, "scale": scale, "counts_RE": counts_RE.tolist(), "dropped": {}}
         _add_variants(s, lab, xs_TD, gate_of(scale), grid, steps, layers)
+        if sk == 0 and a.chunks > 1 and env.ws > 1:
+            blocked = _add_overlap_variants(s, lab, xs_TD, gate_of(scale), grid, steps, layers)
         if env.ds_ok:
             _check_same_outputs(s, lab, xs_TD, grid, layers)
     t = interleaved(steps, a.warmup, a.iters, env.barrier)
     res = {"layer_grid": {"times": t, "skews": grid}}
     _legacy_view(res, t, grid, a.capacity_factor)
-    legacy_steps = {k: steps[v] for k, v in legacy_names(a.capacity_factor).items() if v in steps}
+    legacy = {**legacy_names(a.capacity_factor), "mt_chunked": f"{skew_label(0.0)}/mt_dropless_c{a.chunks}"}
+    legacy_steps = {k: steps[v] for k, v in legacy.items() if v in steps}
+    if legacy["mt_chunked"] in t:
+        res["layer_times"]["mt_chunked"] = t[legacy["mt_chunked"]]
+        res["overlap"] = _overlap_result(blocked, a.warmup, a.chunks)
     if a.profile:
         prof = {n: profile_step(step) for n, step in legacy_steps.items()}
         if env.rank == 0:
@@ -172,10 +209,36 @@ def summarize_layer(r0: dict, ws: int, tokens: int) -> dict:
     if "layer_maxdiff_dropless_vs_ds_nodrop" in r0:
         lay["maxdiff_mt_dropless_vs_ds_nodrop"] = r0["layer_maxdiff_dropless_vs_ds_nodrop"]
         lay["ds_init_s"] = r0.get("ds_init_s")
+    lay["speedup"] = {}
     if "ds_cap" in lt:
         lay["speedup"] = {"mt_cap_vs_ds_cap": ratios(lt, "mt_cap", "ds_cap"),
                           "mt_dropless_vs_ds_cap": ratios(lt, "mt_dropless", "ds_cap"),
                           "mt_dropless_vs_ds_nodrop": ratios(lt, "mt_dropless", "ds_nodrop")}
+        if "mt_chunked" in lt:
+            lay["speedup"]["mt_chunked_vs_ds_nodrop"] = ratios(lt, "mt_chunked", "ds_nodrop")
+    if "mt_chunked" in lt:
+        lay["speedup"]["mt_chunked_vs_mt_dropless"] = ratios(lt, "mt_chunked", "mt_dropless")
     if "profile" in r0:
         lay["profile_rank0"] = r0["profile"]
     return lay
+
+
+def summarize_overlap(res: dict, ws: int) -> dict | None:
+    """How much of the token all-to-all time the chunked pipeline hides, from every rank.
+
+    ``hidden_share`` = 1 - E / B, where B = sum over ranks of the median (over timed rounds) of
+    the seconds per training step the rank spends inside the blocking token all-to-alls of the
+    unchunked dropless layer (payload + slot metadata + combine, forward and backward; the
+    count exchange excluded), and E = the same sum for the chunked layer of the seconds spent
+    issuing and waiting for its asynchronous all-to-alls (``CommClock``). Both layers run
+    interleaved in the same rounds on the same inputs. Time blocked includes waiting for a
+    slower rank, in both. 0 = nothing hidden, 1 = the transfers never made the rank wait."""
+    per_rank = [res[r]["overlap"] for r in range(ws) if "overlap" in res[r]]
+    if not per_rank:
+        return None
+    blocked = [median(o["blocked_s_unchunked"]) for o in per_rank]
+    exposed = [median(o["exposed_s_chunked"]) for o in per_rank]
+    return {"chunks": per_rank[0]["chunks"], "rounds": len(per_rank[0]["blocked_s_unchunked"]),
+            "blocked_ms_unchunked_per_rank": [round(b * 1e3, 2) for b in blocked],
+            "exposed_ms_chunked_per_rank": [round(e * 1e3, 2) for e in exposed],
+            "hidden_share": 1.0 - sum(exposed) / sum(blocked) if sum(blocked) > 0 else float("nan")}

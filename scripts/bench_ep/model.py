@@ -18,7 +18,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .adapter import attach_dispatchers, dense_and_scaled_grad_sync, moetrain_grad_sync
-from .common import RankEnv, interleaved, legacy_names, model_cfg, model_tokens, ratios, summ, train_step_fn
+from .common import (RankEnv, gemm_ref_step, interleaved, legacy_names, median, model_cfg, model_tokens, ratios, summ,
+                     train_step_fn)
+from .profiling import profile_step
 from .skew import all_counts, calibrate, skew_label, skew_summary, skew_vectors
 
 TOKEN_SEED = 3000  # + rank: this rank's token batch
@@ -129,7 +131,7 @@ def _variant(s: ModelSetup, capacity_factor: float, is_ds: bool, spec: dict):
     def fl(m=m):
         logits, _ = m(s.x)
         return losses.lm_loss(logits, s.y)
-    return m, train_step_fn(fl, list(m.parameters()), sync)
+    return m, train_step_fn(fl, list(m.parameters()), sync, env.args.adamw)
 
 
 def model_study(env: RankEnv) -> dict:
@@ -154,9 +156,15 @@ def model_study(env: RankEnv) -> dict:
             with torch.no_grad():
                 diff = built["mt_dropless"](s.x)[0] - built["ds_nodrop"](s.x)[0]
                 info[lab]["maxdiff_logits_mt_dropless_vs_ds_nodrop"] = float(diff.abs().max())
-    grid = {"times": interleaved(steps, 1, a.model_iters, env.barrier), "skews": info}
+    steps["gemm_ref"], gemm_flops = gemm_ref_step(env)
+    grid = {"times": interleaved(steps, 1, a.model_iters, env.barrier), "skews": info, "gemm_ref_flops": gemm_flops}
     legacy = legacy_names(a.capacity_factor)
-    return {"model_grid": grid, "model_times": {k: grid["times"][v] for k, v in legacy.items() if v in grid["times"]}}
+    out = {"model_grid": grid, "model_times": {k: grid["times"][v] for k, v in legacy.items() if v in grid["times"]}}
+    if a.profile:  # every rank runs the profiled steps; rank 0 reports
+        prof = {k: profile_step(steps[v]) for k, v in legacy.items() if v in steps}
+        if env.rank == 0:
+            out["model_profile"] = prof
+    return out
 
 
 def summarize_model(r0: dict, args, ws: int) -> tuple[dict, dict]:
@@ -170,4 +178,31 @@ def summarize_model(r0: dict, args, ws: int) -> tuple[dict, dict]:
                           "mt_dropless_vs_ds_cap": ratios(mt, "mt_dropless", "ds_cap")}
         if "ds_nodrop" in mt:
             mod["speedup"]["mt_dropless_vs_ds_nodrop"] = ratios(mt, "mt_dropless", "ds_nodrop")
+    if "model_profile" in r0:
+        mod["profile_rank0"] = r0["model_profile"]
+    mod["flops_share_of_gemm"] = flops_share(r0["model_grid"], args)
     return mod, skew_summary(r0["model_grid"], args, ws, tokens, model=True)
+
+
+def flops_share(grid: dict, args) -> dict:
+    """Useful FLOP rate of the balanced dropless whole-model step over the GEMM reference's rate,
+    per round (both timed in the same round, the slowest rank's time each), median over rounds."""
+    t_model = grid["times"][legacy_names(args.capacity_factor)["mt_dropless"]]
+    t_gemm = grid["times"]["gemm_ref"]
+    flops, gflops = model_train_flops(args), grid["gemm_ref_flops"]
+    shares = [(flops / tm) / (gflops / tg) for tm, tg in zip(t_model, t_gemm)]
+    return {"share_paired": median(shares), "shares": shares, "rounds": len(shares),
+            "model_gflops_per_rank": flops / median(t_model) / 1e9, "gemm_gflops_per_rank": gflops / median(t_gemm) / 1e9,
+            "train_flops_per_step_rank": flops}
+
+
+def model_train_flops(args) -> float:
+    """Useful FLOPs of one rank's training step (forward + backward = 3x forward, 2 FLOPs per
+    multiply-add) of the benchmark Transformer: per token and layer, the QKV and output
+    projections (4 D^2), causal attention scores and values (2 * D * (seq + 1) / 2), the router
+    (D E) and K SwiGLU experts (3 D F each); plus the LM head (D V). Norms, softmax, rotary and
+    elementwise ops are not counted; dropped or padded rows are not useful."""
+    D, S = args.dim, args.seq
+    tokens = max(1, args.tokens // S) * S
+    per_layer = 4 * D * D + D * (S + 1) + D * args.experts + args.top_k * 3 * D * args.ffn
+    return 3 * 2 * tokens * (args.layers * per_layer + D * args.vocab)

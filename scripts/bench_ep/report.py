@@ -7,8 +7,84 @@ from .common import ratios
 from .skew import skew_label
 
 HEADLINE_TARGET = 1.3  # moetrain's stated speedup target over DeepSpeed
-LAYER_VARIANTS = ("mt_cap", "mt_dropless", "ds_cap", "ds_nodrop")
+LAYER_VARIANTS = ("mt_cap", "mt_dropless", "mt_chunked", "ds_cap", "ds_nodrop")
 MODEL_VARIANTS = ("mt_cap", "mt_dropless", "ds_cap")
+# issue 14's targets: key -> minimum (speedups are paired ratios moetrain over DeepSpeed)
+ISSUE14_TARGETS = {"balanced_layer_speedup_vs_ds_cap": 1.2, "balanced_layer_dropless_vs_ds_nodrop": 1.2,
+                   "balanced_model_speedup_vs_ds": 1.2, "skewed_layer_speedup_vs_ds": 1.5,
+                   "skewed_model_speedup_vs_ds": 1.5, "model_flops_share_of_gemm_peak": 0.6,
+                   "overlap_hidden_comm_share": 0.5}
+OVERLAP_WORLD = 4  # the world the overlap figure is stated for (the largest run if 4 did not)
+
+
+def _largest(table: dict, ok=lambda row: True) -> str | None:
+    return max((w for w, row in table.items() if ok(row)), key=int, default=None)
+
+
+def _speedup_fig(sp: dict | None, rounds: int, ws, pair: str) -> dict:
+    if sp is None:
+        return {"value": None, "world": ws, "pair": pair}
+    return {"value": sp["paired"], "median": sp["median"], "best": sp["best"], "rounds": rounds, "world": ws,
+            "pair": pair}
+
+
+def _balanced_figs(out) -> dict:
+    figs = {}
+    ws = _largest(out["layer"], lambda r: "mt_cap_vs_ds_cap" in r.get("speedup", {}))
+    lay = out["layer"].get(ws, {})
+    n = len(lay.get("mt_cap", {}).get("times_s", []))
+    figs["balanced_layer_speedup_vs_ds_cap"] = _speedup_fig(lay.get("speedup", {}).get("mt_cap_vs_ds_cap"), n, ws,
+                                                            "layer, balanced, mt cf vs ds cf")
+    figs["balanced_layer_dropless_vs_ds_nodrop"] = _speedup_fig(
+        lay.get("speedup", {}).get("mt_dropless_vs_ds_nodrop"), n, ws, "layer, balanced, mt dropless vs ds no-drop")
+    ws = _largest(out["model"], lambda r: "speedup" in r)
+    mod = out["model"].get(ws, {})
+    figs["balanced_model_speedup_vs_ds"] = _speedup_fig(
+        mod.get("speedup", {}).get("mt_cap_vs_ds_cap"), len(mod.get("mt_cap", {}).get("times_s", [])), ws,
+        "model, balanced, mt cf vs ds cf")
+    return figs
+
+
+def _skewed_figs(out, args) -> dict:
+    lab, figs = skew_label(args.headline_skew), {}
+    for scope in ("layer", "model"):
+        tab = out["skew"][scope]
+        ws = _largest(tab, lambda r: lab in r and "dropless_vs_ds_nodrop" in r[lab]["speedup"])
+        row = tab[ws][lab] if ws else {}
+        n = len(row.get("times", {}).get("mt_dropless", {}).get("times_s", []))
+        figs[f"skewed_{scope}_speedup_vs_ds"] = _speedup_fig(row.get("speedup", {}).get("dropless_vs_ds_nodrop"), n,
+                                                             ws, f"{scope}, {lab}, mt dropless vs ds no-drop")
+    return figs
+
+
+def _flops_fig(out) -> dict:
+    ws = _largest(out["model"], lambda r: "flops_share_of_gemm" in r)
+    if ws is None:
+        return {"value": None}
+    fs = out["model"][ws]["flops_share_of_gemm"]
+    return {"value": fs["share_paired"], "world": ws, "rounds": fs["rounds"],
+            "model_gflops_per_rank": fs["model_gflops_per_rank"], "gemm_gflops_per_rank": fs["gemm_gflops_per_rank"],
+            "note": "balanced whole-model mt_dropless step: useful FLOPs (model.model_train_flops) per second per rank "
+                    "over the rate of [tokens, D] x [D, F] fp32 matmuls timed in the same rounds"}
+
+
+def _overlap_fig(out) -> dict:
+    ov = out["overlap"]
+    ws = str(OVERLAP_WORLD) if str(OVERLAP_WORLD) in ov else _largest(ov)
+    if ws is None:
+        return {"value": None}
+    return {"value": ov[ws]["hidden_share"], "world": ws, **{k: v for k, v in ov[ws].items() if k != "hidden_share"}}
+
+
+def issue14_figures(out, args) -> dict:
+    """Issue 14's figures, each ``{"value", "target", "met", "world", "rounds", ...}``; speedups
+    are the median of per-round paired ratios (``rounds`` interleaved rounds)."""
+    figs = {**_balanced_figs(out), **_skewed_figs(out, args), "model_flops_share_of_gemm_peak": _flops_fig(out),
+            "overlap_hidden_comm_share": _overlap_fig(out)}
+    for k, f in figs.items():
+        f["target"] = ISSUE14_TARGETS[k]
+        f["met"] = f["value"] is not None and f["value"] >= f["target"]
+    return figs
 
 
 def headline(out, args) -> dict:
@@ -64,10 +140,16 @@ def _layer_section(out) -> None:
         if "maxdiff_mt_dropless_vs_ds_nodrop" in lay:
             print(f"  world {ws}: same routing & weights, |mt_dropless - ds_nodrop| max = "
                   f"{lay['maxdiff_mt_dropless_vs_ds_nodrop']:.1e}; dropped pairs on rank 0: {lay['dropped_pairs_rank0']}")
-        for n, pr in lay.get("profile_rank0", {}).items():
-            print(f"  world {ws} profile {n:<12} (rank 0, ms self CPU) gemm {pr['gemm']:.0f}, comm+wait {pr['comm']:.0f}, "
-                  f"other {pr['other']:.0f}, wall {pr['wall_ms']:.0f}; top other: "
-                  + ", ".join(f"{k} {ms:.1f}" for k, ms, _ in pr["top_other"][:4]))
+        _profile_tables(f"layer world {ws}", lay.get("profile_rank0", {}))
+
+
+def _profile_tables(title: str, profiles: dict) -> None:
+    """The torch.profiler top-ops table of one step of each variant (rank 0, self CPU ms)."""
+    for n, pr in profiles.items():
+        print(f"  -- profile {title} {n}: gemm {pr['gemm']:.0f} ms, comm+wait {pr['comm']:.0f}, other {pr['other']:.0f}, "
+              f"wall {pr['wall_ms']:.0f} (rank 0, one step, self CPU)")
+        for k, ms, cnt, cat in pr.get("top_ops", []):
+            print(f"       {ms:>8.1f} ms {cnt:>6}x  {cat:<5} {k[:70]}")
 
 
 def _expert_section(out) -> None:
@@ -170,6 +252,10 @@ def print_table(out, args) -> None:
     print()
     _speed_table("== 2. Whole model (Transformer, every block MoE, LM loss, dense all-reduce, AdamW) ==", out["model"],
                  MODEL_VARIANTS)
+    for ws, mod in out["model"].items():
+        _profile_tables(f"model world {ws}", mod.get("profile_rank0", {}))
+    print()
+    _overlap_section(out)
     print()
     _expert_section(out)
     print()
@@ -178,6 +264,7 @@ def print_table(out, args) -> None:
     _memory_section(out, args)
     print()
     _skew_section(out, args)
+    _issue14_section(out)
     hl = out["headline"]
     if hl["config"]:
         print(f"  HEADLINE ({hl['config']}): speedup {hl['speedup_vs_deepspeed']:.2f}x paired "
@@ -185,3 +272,23 @@ def print_table(out, args) -> None:
               f"{'met' if hl['target_met'] else 'NOT met'}")
     print(f"  total {out['elapsed_s']:.0f} s")
     print()
+
+
+def _overlap_section(out) -> None:
+    print("== Overlap: token all-to-all time hidden by the chunked pipeline (layer, balanced, dropless) ==")
+    for ws, ov in out["overlap"].items():
+        sp = out["layer"].get(ws, {}).get("speedup", {}).get("mt_chunked_vs_mt_dropless")
+        print(f"  world {ws}, {ov['chunks']} chunks, {ov['rounds']} rounds: blocked per step unchunked "
+              f"{ov['blocked_ms_unchunked_per_rank']} ms, chunked {ov['exposed_ms_chunked_per_rank']} ms per rank -> "
+              f"hidden {ov['hidden_share'] * 100:.0f}%"
+              + (f"; step time chunked vs unchunked x{sp['median']:.2f} median / {sp['paired']:.2f} paired" if sp else ""))
+
+
+def _issue14_section(out) -> None:
+    print("== Issue 14 figures (paired = median of per-round ratios) ==")
+    for k, f in out["issue14"].items():
+        v = f["value"]
+        vs = "n/a" if v is None else f"{v:.3f}"
+        extra = f" (median {f['median']:.2f}, best {f['best']:.2f})" if "median" in f else ""
+        print(f"  {k:<40} {vs:>7}{extra}  target >= {f['target']}  {'met' if f['met'] else 'NOT met'}"
+              f"  world {f.get('world')}, {f.get('rounds', '-')} rounds")

@@ -76,7 +76,8 @@ def test_bench_ep_quick_json(tmp_path):
         assert layer[name]["tokens_per_s"] > 0 and layer[name]["median_s"] > 0
     assert set(out["model"]["2"]) >= {"mt_cap", "mt_dropless"} | ({"ds_cap"} if with_ds else set())
     if with_ds:
-        assert set(layer["speedup"]) == {"mt_cap_vs_ds_cap", "mt_dropless_vs_ds_cap", "mt_dropless_vs_ds_nodrop"}
+        assert set(layer["speedup"]) == {"mt_cap_vs_ds_cap", "mt_dropless_vs_ds_cap", "mt_dropless_vs_ds_nodrop",
+                                         "mt_chunked_vs_ds_nodrop", "mt_chunked_vs_mt_dropless"}
         # same gate, same experts, DeepSpeed's noise off: dropless moetrain == DeepSpeed without dropping
         assert layer["maxdiff_mt_dropless_vs_ds_nodrop"] < 1e-4
         assert "mt_cap_vs_ds_cap" in out["model"]["2"]["speedup"]
@@ -114,3 +115,25 @@ def test_bench_ep_quick_json(tmp_path):
     if with_ds:
         assert hl["config"] and out["speedup_vs_deepspeed"] > 0
         assert out["target_met"] == (out["speedup_vs_deepspeed"] >= 1.3)
+    _check_issue14(out, proc.stdout, with_ds)
+
+
+def _check_issue14(out: dict, stdout: str, with_ds: bool) -> None:
+    """Profile tables, the chunked overlap variant, the FLOPs share and issue 14's keys."""
+    assert "-- profile layer world 2 mt_chunked" in stdout and "-- profile model world 2 mt_dropless" in stdout
+    top = out["layer"]["2"]["profile_rank0"]["mt_dropless"]["top_ops"]
+    assert top and any(cat == "gemm" for _, _, _, cat in top)
+    assert out["layer"]["2"]["mt_chunked"]["median_s"] > 0
+    ov = out["overlap"]["2"]
+    assert ov["chunks"] == 2 and ov["hidden_share"] <= 1 and min(ov["blocked_ms_unchunked_per_rank"]) > 0
+    fs = out["model"]["2"]["flops_share_of_gemm"]
+    assert 0 < fs["share_paired"] == out["model_flops_share_of_gemm_peak"]
+    keys = ("balanced_layer_speedup_vs_ds_cap", "balanced_layer_dropless_vs_ds_nodrop", "balanced_model_speedup_vs_ds",
+            "skewed_layer_speedup_vs_ds", "skewed_model_speedup_vs_ds", "model_flops_share_of_gemm_peak",
+            "overlap_hidden_comm_share")
+    for k in keys:
+        fig = out["issue14"][k]
+        assert k in out and fig["target"] > 0 and fig["met"] == (fig["value"] is not None and fig["value"] >= fig["target"])
+        if with_ds or not k.endswith(("_ds", "_ds_cap", "_ds_nodrop")):
+            assert out[k] == fig["value"] is not None, (k, fig)
+            assert k == "overlap_hidden_comm_share" or fig["value"] > 0, (k, fig)  # overlap may be < 0 under load

@@ -53,6 +53,18 @@ class Dispatcher(Protocol):
         ...
 
 
+def dispatch_compute_combine(dispatcher: Dispatcher, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
+                             experts) -> tuple[Tensor, DispatchMeta]:
+    """out_TD = combine(experts(dispatch(x_TD))) with ``experts(x_ND, tokens_per_slot)``. A
+    dispatcher with a ``run`` method (the expert-parallel one, which can pipeline chunks of
+    tokens so transfers overlap expert compute) does the three phases itself."""
+    run = getattr(dispatcher, "run", None)
+    if run is not None:
+        return run(x_TD, topk_ids_TK, topk_weights_TK, experts)
+    x_ND, meta = dispatcher.dispatch(x_TD, topk_ids_TK, topk_weights_TK)
+    return dispatcher.combine(experts(x_ND, meta.tokens_per_slot), meta), meta
+
+
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int | None:
     """ceil(cf * T * K / E) (token, k) pairs per expert, or None (dropless) when cf <= 0.
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from moetrain.config import MoEConfig
 from moetrain.model.ffn import SwiGLU
-from moetrain.model.moe.dispatcher import Dispatcher, LocalDispatcher
+from moetrain.model.moe.dispatcher import Dispatcher, LocalDispatcher, dispatch_compute_combine
 from moetrain.model.moe.experts import GroupedExperts
 from moetrain.model.moe.router import RouterOutput, TopKRouter
 
@@ -51,9 +51,9 @@ class MoELayer(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         route = self.router(x_TD)
-        x_ND, meta = self.dispatcher.dispatch(x_TD, route.topk_ids_TK, route.topk_weights_TK)
-        y_ND = self.experts(x_ND, meta.tokens_per_slot)
-        out_TD = self.dispatcher.combine(y_ND, meta).to(x_TD.dtype)
+        out_TD, meta = dispatch_compute_combine(self.dispatcher, x_TD, route.topk_ids_TK, route.topk_weights_TK,
+                                                self.experts)
+        out_TD = out_TD.to(x_TD.dtype)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate_1D is not None:
