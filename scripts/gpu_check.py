@@ -1,7 +1,7 @@
 """One-GPU check of the CUDA path (issue #12 item 6); prints one JSON line.
 
-1. ``train``: single-rank bf16 training of a ~1B-total-parameter preset sibling (the shipped
-   ``olmoe-1b-7b-mini`` config when present, else the same kind of shape from ``FALLBACK_1B``):
+1. ``train``: single-rank bf16 training of the shipped ~1B-total-parameter preset sibling
+   ``olmoe-1b-7b-1b``:
    tokens/s and MFU (useful FLOPs/s, ``scripts.bench_precision.train_flops_per_token``, over
    the GPU's measured bf16 GEMM rate and over its nominal dense bf16 peak when known).
 2. ``grouped_gemm``: the routed experts' fwd+bwd as grouped GEMMs (``torch._grouped_mm``) vs
@@ -22,13 +22,10 @@ import time
 import numpy as np
 import torch
 
-PRESET_1B = "olmoe-1b-7b-mini"
-# ~1.07B total parameters (OLMoE-like: 64 experts, top-8), if the preset is not shipped.
-FALLBACK_1B = ["model.dim=1024", "model.n_layers=16", "model.n_heads=16", "model.ffn_dim=2048",
-               "model.max_seq_len=1024", "model.moe.num_experts=64", "model.moe.top_k=8",
-               "model.moe.expert_ffn_dim=320", "model.moe.every_n_layers=1"]
+PRESET_1B = "olmoe-1b-7b-1b"  # 1.016e9 parameters, OLMoE layout (moetrain/configs/)
 COMMON = ["cluster.num_workers=1", "logging.wandb=disabled", "data.seq_len=1024", "data.vocab_size=2048",
-          "data.max_bytes_per_domain=2000000", "train.global_batch_size=16", "train.eval_every=0"]
+          "data.max_bytes_per_domain=2000000", "train.global_batch_size=16", "train.eval_every=0",
+          "train.zero_stage=0"]  # one GPU: no ZeRO
 NOMINAL_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
 TRAIN_WARMUP, TRAIN_STEPS = 2, 8
 TINY_STEPS = 5
@@ -59,13 +56,11 @@ def _trainer(path: str | None, overrides: list[str], device: str):
 
 
 def one_billion_config(extra: list[str]):
-    """(name, config path or None, overrides) of the ~1B sibling: the shipped preset when it
-    exists (its sequence length capped at the model's), else the tiny base + ``FALLBACK_1B``."""
+    """(name, config path, overrides) of the shipped ~1B sibling on one rank, its sequence length
+    capped at the model's."""
     from moetrain.config import builtin_config_path, load_config
 
     path = builtin_config_path(PRESET_1B)
-    if not path.is_file():
-        return "fallback", None, COMMON + FALLBACK_1B + extra
     seq = min(1024, load_config(str(path), []).model.max_seq_len)
     return PRESET_1B, str(path), COMMON + [f"data.seq_len={seq}"] + extra
 
