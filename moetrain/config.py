@@ -45,6 +45,7 @@ class MoEConfig:
     expert_bias: bool = False  # aux-loss-free balancing: bias added to scores for selection only
     bias_update_rate: float = 1e-3  # bias += rate * sign(mean_count - count_i), once per step
     dedup: bool = True  # send a token once per destination rank (expert-parallel dispatcher)
+    a2a_chunks: int = 1  # pipeline each layer's all-to-all in this many token chunks (overlap with experts)
     # softmax_topk: softmax over all E experts, then top-k (optionally renormalised: `renormalize`);
     # topk_softmax: top-k over the logits, then softmax over the k (Mixtral).
     router: str = "softmax_topk"
@@ -416,7 +417,7 @@ RANGES = {
     "model.moe.num_experts": "[1, inf)", "model.moe.top_k": "[1, inf)", "model.moe.expert_ffn_dim": "[1, inf)",
     "model.moe.every_n_layers": "[1, inf)", "model.moe.first_moe_layer": "[0, inf)",
     "model.moe.num_groups": "[1, inf)", "model.moe.num_shared_experts": "[0, inf)",
-    "model.moe.capacity_factor": "[0, inf)", "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
+    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)", "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
     "data.seq_len": "[1, inf)", "data.vocab_size": "[260, inf)", "data.max_bytes_per_domain": "[1, inf)",
     "data.val_fraction": "(0, 0.5)", "data.seed": "[0, inf)",
     "train.steps": "[1, inf)", "train.global_batch_size": "[1, inf)", "train.grad_accum_steps": "[1, inf)",

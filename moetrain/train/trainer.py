@@ -135,7 +135,8 @@ class RankTrainer:
         moe = self.cfg.model.moe
         for idx, layer in enumerate(self.moe_layers):
             layer.dispatcher = AllToAllDispatcher(self.placement, idx, self.ctx,
-                                                  capacity_factor=moe.capacity_factor, dedup=moe.dedup)
+                                                  capacity_factor=moe.capacity_factor, dedup=moe.dedup,
+                                                  chunks=moe.a2a_chunks)
 
     # ---- training ----------------------------------------------------------------------------
     def _rank_map(self) -> DomainRankMap | None:
