@@ -89,9 +89,9 @@ def main() -> int:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cfg = build_cfg(args)
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
 
-    build_dataset(cfg.data)
+    open_training_data(cfg.data, cfg.train.global_batch_size)
     ray.init(num_cpus=args.workers + 1, include_dashboard=False, log_to_driver=False, configure_logging=False)
     contiguous = Placement.contiguous(2, args.experts, args.workers)
     group = WorkerGroup.create(cfg, contiguous)

@@ -52,13 +52,13 @@ def _throughput_rank(ctx, cfg_dicts: dict, reps: int, steps: int) -> dict:
     """Per precision, tokens/s of ``steps`` steps, ``reps`` interleaved repetitions; then the bf16
     GEMM rate of this rank while its peer does the same."""
     from moetrain.config import from_dict
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
     from moetrain.train.trainer import RankTrainer
 
     trainers = {}
     for name, d in cfg_dicts.items():
         cfg = from_dict(d)
-        trainers[name] = RankTrainer(cfg, ctx=ctx, dataset=build_dataset(cfg.data))
+        trainers[name] = RankTrainer(cfg, ctx=ctx, dataset=open_training_data(cfg.data, cfg.train.global_batch_size))
         trainers[name].train_step()  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in trainers}
     for _ in range(reps):
@@ -131,11 +131,11 @@ def _optimizer_state_bytes(trainer) -> tuple[int, int]:
 
 def _zero_rank(ctx, cfg_dict: dict) -> tuple[int, int]:
     from moetrain.config import from_dict
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
     from moetrain.train.trainer import RankTrainer
 
     cfg = from_dict(cfg_dict)
-    tr = RankTrainer(cfg, ctx=ctx, dataset=build_dataset(cfg.data))
+    tr = RankTrainer(cfg, ctx=ctx, dataset=open_training_data(cfg.data, cfg.train.global_batch_size))
     tr.train_step()
     return _optimizer_state_bytes(tr)
 
@@ -156,11 +156,11 @@ def measure_zero(config: str = THROUGHPUT_CONFIG, world: int = 4) -> dict:
 
 def _largest_rank(ctx, cfg_dict: dict, steps: int) -> dict:
     from moetrain.config import from_dict
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
     from moetrain.train.trainer import RankTrainer
 
     cfg = from_dict(cfg_dict)
-    tr = RankTrainer(cfg, ctx=ctx, dataset=build_dataset(cfg.data))
+    tr = RankTrainer(cfg, ctx=ctx, dataset=open_training_data(cfg.data, cfg.train.global_batch_size))
     done = sum(not tr.train_step().nonfinite for _ in range(steps))
     return {"steps": done, "peak_rss": peak_rss()}
 

@@ -66,13 +66,13 @@ class MemoryRow:
 
 def _rank_peak(ctx, cfg_dict: dict, steps: int) -> int:
     from moetrain.config import from_dict
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
     from moetrain.train.trainer import RankTrainer
 
     import torch
 
     cfg = from_dict(cfg_dict)
-    data = build_dataset(cfg.data)
+    data = open_training_data(cfg.data, cfg.train.global_batch_size)
     warm = torch.nn.Parameter(torch.zeros(4))  # the first AdamW step imports ~70 MB of modules
     warm.grad = torch.ones(4)
     torch.optim.AdamW([warm], foreach=False).step()
@@ -109,13 +109,13 @@ def validate_planner(cases=None, *, steps: int = STEPS, common=COMMON, base: str
     """Predicted vs measured peak bytes per rank for each case (the most loaded rank counts), with
     a fixed 64 KiB mmap threshold and, if ``glibc_default``, with glibc's defaults too."""
     from moetrain.config import load_config
-    from moetrain.data import build_dataset
+    from moetrain.data.training import open_training_data
     from moetrain.plan import plan_memory
 
     rows = []
     for label, sets in (CASES if cases is None else cases):
         cfg = load_config(base, list(common) + list(sets))
-        vocab = build_dataset(cfg.data).vocab_size  # the trained tokenizer's size (built once, cached)
+        vocab = open_training_data(cfg.data, cfg.train.global_batch_size).vocab_size  # the trained tokenizer's size (built once, cached)
         cfg = load_config(base, list(common) + list(sets) + [f"model.vocab_size={vocab}"])
         predicted = plan_memory(cfg, suggest=False).model_bytes
         with _env("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD):
