@@ -265,17 +265,16 @@ def sends_lower_bound(stats: RoutingStats, topo: Topology, balance_cap: float, t
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_metrics() -> dict:
-    """``prepare_*`` keys from the data pipeline's own measuring function when it exists
-    (``moetrain.data.prepare.measure_prepare``: rows/s, peak RSS at 1x and 10x the corpus);
-    null otherwise."""
+def prepare_metrics(quick: bool) -> dict:
+    """``prepare_*`` keys: ``moetrain prepare`` at 1x and 10x the corpus (scripts/bench_prepare.py,
+    rows/s and the process tree's peak RSS); null under --quick (the smoke test skips it)."""
     keys = ("prepare_rows_per_s", "prepare_peak_rss_mb_1x", "prepare_peak_rss_mb_10x")
-    try:
-        from moetrain.data.prepare import measure_prepare  # type: ignore[attr-defined]
-    except ImportError:
+    if quick:
         return {k: None for k in keys}
-    got = measure_prepare()
-    return {k: got.get(k) for k in keys}
+    from scripts.bench_prepare import measure
+
+    got = measure(copies=10)
+    return {k: got[k] for k in keys}
 
 
 def reduction(after: float, before: float) -> float:
@@ -323,7 +322,7 @@ def summarise(shuf: dict, dom: dict, bound: dict, args: argparse.Namespace) -> d
         "bound_balance_cap": args.balance_cap,
         "sends_reduction_upper_bound_vs_shuffled_ilp": reduction(bound["bound"], agn_model),
         "sends_reduction_upper_bound_vs_contiguous": reduction(bound["bound"], shuf["model_sends"]["contiguous"]),
-        **prepare_metrics(),
+        **prepare_metrics(args.quick),
     }
     line["targets"] = check_targets(line)
     line["all_targets_met"] = all(t["met"] is True for t in line["targets"].values())

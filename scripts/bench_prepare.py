@@ -57,6 +57,26 @@ def run(copies: int, num_cpus: int, bytes_per_domain: int, workdir: Path, batch_
     return measure_prepare(argv)
 
 
+def measure(copies: int = 10, num_cpus: int = 2, bytes_per_domain: int = 1_000_000, batch_docs: int = 0,
+            workdir: str = "") -> dict:
+    """``moetrain prepare`` on the corpus at 1x and ``copies`` x: rows/s and the process tree's
+    peak RSS of each (the keys of scripts/bench_domain.py's JSON line, plus details)."""
+    work = Path(workdir or tempfile.mkdtemp(prefix="bench-prepare-"))
+    try:
+        one = run(1, num_cpus, bytes_per_domain, work, batch_docs)
+        many = run(copies, num_cpus, bytes_per_domain, work, batch_docs)
+    finally:
+        if not workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return {"prepare_rows_per_s": many["rows_per_s"], "prepare_rows_per_s_1x": one["rows_per_s"],
+            "prepare_peak_rss_mb_1x": one["peak_rss_mb"], f"prepare_peak_rss_mb_{copies}x": many["peak_rss_mb"],
+            "peak_rss_ratio": round(many["peak_rss_mb"] / one["peak_rss_mb"], 3),
+            "worker_peak_rss_mb_1x": one["worker_peak_rss_mb"],
+            f"worker_peak_rss_mb_{copies}x": many["worker_peak_rss_mb"],
+            "rows_1x": one["rows"], f"rows_{copies}x": many["rows"],
+            "seconds_1x": one["seconds"], f"seconds_{copies}x": many["seconds"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--copies", type=int, default=10)
@@ -65,20 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", default="")
     p.add_argument("--batch-docs", type=int, default=0, help="Parquet rows per batch (0: prepare's default)")
     args = p.parse_args(argv)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-prepare-"))
-    try:
-        one = run(1, args.num_cpus, args.bytes_per_domain, work, args.batch_docs)
-        many = run(args.copies, args.num_cpus, args.bytes_per_domain, work, args.batch_docs)
-    finally:
-        if not args.workdir:
-            shutil.rmtree(work, ignore_errors=True)
-    line = {"prepare_rows_per_s": many["rows_per_s"], "prepare_rows_per_s_1x": one["rows_per_s"],
-            "prepare_peak_rss_mb_1x": one["peak_rss_mb"], f"prepare_peak_rss_mb_{args.copies}x": many["peak_rss_mb"],
-            "peak_rss_ratio": round(many["peak_rss_mb"] / one["peak_rss_mb"], 3),
-            "worker_peak_rss_mb_1x": one["worker_peak_rss_mb"],
-            f"worker_peak_rss_mb_{args.copies}x": many["worker_peak_rss_mb"],
-            "rows_1x": one["rows"], f"rows_{args.copies}x": many["rows"],
-            "seconds_1x": one["seconds"], f"seconds_{args.copies}x": many["seconds"]}
+    line = measure(args.copies, args.num_cpus, args.bytes_per_domain, args.batch_docs, args.workdir)
     print(json.dumps(line))
     return line
 
