@@ -92,7 +92,7 @@ def run(args) -> dict:
         ratio = "not found" if z["ratio"] is None else f"{z['ratio']:.3f}"
         lines.append(f"ZeRO-1 vs 0 ({zero_world} ranks): dense optimizer state {_mib(z['stage1_bytes'])} vs "
                      f"{_mib(z['stage0_bytes'])} MiB per rank, ratio {ratio}")
-    if not args.quick:
+    if not args.quick and not args.skip_largest:
         big = features.measure_largest()
         out["largest_total_params_trained"] = big["params"]
         for t in big["tried"]:
@@ -111,6 +111,8 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: one small planner case, no feature runs")
+    p.add_argument("--skip-largest", action="store_true",
+                   help="do not train the ~1B sibling (largest_total_params_trained stays null)")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of the bf16 / fp32 timing")
     args = p.parse_args(argv)
     if args.reps < 1:
