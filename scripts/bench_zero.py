@@ -19,65 +19,19 @@ figures).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import socket
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from scripts.scale.procs import run_ranks  # noqa: E402
+
 STAGES = (0, 1, 2)
-TIMEOUT_S = 900
 BYTES_TARGET_SLACK = 0.05  # the issue's target: ratio <= 1/N + 5%
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, fn, args: tuple, queue) -> None:
-    import torch
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
-    try:
-        from moetrain.parallel.context import ParallelContext
-
-        queue.put((rank, fn(ParallelContext(rank=rank, world_size=world), *args), None))
-    except Exception:
-        queue.put((rank, None, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, world: int, *args) -> list:
-    """``fn(ctx, *args)`` on ``world`` gloo processes; results in rank order."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted((queue.get(timeout=TIMEOUT_S) for _ in range(world)), key=lambda g: g[0])
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-    errors = [f"rank {r}: {e}" for r, _, e in got if e]
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [res for _, res, _ in got]
 
 
 def _cfg(config: str, overrides: list[str], world: int, stage: int):
@@ -111,7 +65,7 @@ def _bytes_job(ctx, config: str, overrides: list[str]) -> dict:
 
 def measure_bytes(config: str = "tiny", overrides: list[str] | None = None, world: int = 4) -> dict:
     """Per-rank dense optimizer bytes per stage on ``world`` gloo ranks, and the ratios."""
-    ranks = _spawn(_bytes_job, world, config, list(overrides or []))
+    ranks = run_ranks(_bytes_job, world, config, list(overrides or []))
     ratio = {s: max(r[s] / r[0] for r in ranks) for s in STAGES}
     return {"world": world, "bytes_per_rank": {s: [r[s] for r in ranks] for s in STAGES},
             "ratio_vs_stage0": ratio, "target": 1 / world + BYTES_TARGET_SLACK}
@@ -141,7 +95,7 @@ def _time_job(ctx, config: str, overrides: list[str], steps: int, reps: int) -> 
 
 def measure_step_time(config: str = "tiny", overrides: list[str] | None = None, world: int = 2,
                       steps: int = 6, reps: int = 3) -> dict:
-    ranks = _spawn(_time_job, world, config, list(overrides or []), steps, reps)
+    ranks = run_ranks(_time_job, world, config, list(overrides or []), steps, reps)
     per_step = {s: [max(r[s][i] for r in ranks) for i in range(len(ranks[0][s]))] for s in STAGES}
     return {s: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)}
             for s, v in per_step.items()}

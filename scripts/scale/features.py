@@ -88,70 +88,15 @@ def measure_bf16(reps: int = 5, steps: int = 3, config: str = THROUGHPUT_CONFIG,
             "model_flops_per_s": flops, "bf16_gemm_flops_per_s": peak, "mfu": flops / peak}
 
 
-WALK_MODULES = ("moetrain", "deepspeed", "torch.optim")  # objects whose attributes may hold optimizers
-WALK_DEPTH = 5
-
-
-def _children(obj) -> list:
-    if isinstance(obj, (list, tuple)):
-        return list(obj)
-    if isinstance(obj, dict):
-        return list(obj.values())
-    if type(obj).__module__.startswith(WALK_MODULES) and hasattr(obj, "__dict__"):
-        return list(vars(obj).values())
-    return []
-
-
-def _optimizer_state_bytes(trainer) -> tuple[int, int]:
-    """(dense, expert) bytes of every optimizer state tensor reachable from the trainer through
-    moetrain / DeepSpeed / torch.optim objects (so DeepSpeed's wrapped optimizer too), each
-    storage counted once; state keyed by an expert parameter is expert state."""
-    import torch
-
-    expert_ids = {id(p) for _, p in trainer.model.expert_parameters()}
-    seen, visited, dense, expert = set(), set(), 0, 0
-    stack = [(trainer, 0)]
-    while stack:
-        obj, depth = stack.pop()
-        if id(obj) in visited or depth > WALK_DEPTH or isinstance(obj, torch.nn.Module) and obj is not trainer:
-            continue
-        visited.add(id(obj))
-        if isinstance(obj, torch.optim.Optimizer):
-            for p, state in obj.state.items():
-                for v in state.values():
-                    if torch.is_tensor(v) and v.numel() > 1 and v.untyped_storage().data_ptr() not in seen:
-                        seen.add(v.untyped_storage().data_ptr())
-                        if id(p) in expert_ids:
-                            expert += v.untyped_storage().nbytes()
-                        else:
-                            dense += v.untyped_storage().nbytes()
-        stack.extend((child, depth + 1) for child in _children(obj))
-    return dense, expert
-
-
-def _zero_rank(ctx, cfg_dict: dict) -> tuple[int, int]:
-    from moetrain.config import from_dict
-    from moetrain.data.training import open_training_data
-    from moetrain.train.trainer import RankTrainer
-
-    cfg = from_dict(cfg_dict)
-    tr = RankTrainer(cfg, ctx=ctx, dataset=open_training_data(cfg.data, cfg.train.global_batch_size))
-    tr.train_step()
-    return _optimizer_state_bytes(tr)
-
-
 def measure_zero(config: str = THROUGHPUT_CONFIG, world: int = 4) -> dict:
-    """Dense optimizer-state bytes per rank (the largest rank), ZeRO-1 over stage 0, ``world`` ranks."""
-    from moetrain.config import load_config
+    """Dense optimizer-state bytes per rank (the largest rank), ZeRO-1 over stage 0, ``world``
+    ranks (``scripts/bench_zero.measure_bytes``, read from the live optimizers)."""
+    from scripts.bench_zero import measure_bytes
 
-    got = {}
-    for stage in (0, 1):
-        cfg = load_config(config, [f"train.zero_stage={stage}", f"cluster.num_workers={world}",
-                                   f"train.global_batch_size={4 * world}", "train.steps=10"])
-        got[stage] = max(d for d, _ in run_ranks(_zero_rank, world, cfg.to_dict()))
-    found = got[0] > 0 and got[1] > 0  # no state found = not measured, never a ratio of 0
-    return {"stage0_bytes": got[0], "stage1_bytes": got[1], "ratio": got[1] / got[0] if found else None,
-            "world": world}
+    got = measure_bytes(config, [f"train.global_batch_size={4 * world}", "train.steps=10"], world)
+    per_rank = got["bytes_per_rank"]
+    return {"stage0_bytes": max(per_rank[0]), "stage1_bytes": max(per_rank[1]),
+            "ratio": got["ratio_vs_stage0"][1], "world": world}
 
 
 def _largest_rank(ctx, cfg_dict: dict, steps: int) -> dict:
