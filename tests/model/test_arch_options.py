@@ -143,3 +143,18 @@ def test_shared_expert_gate_scales_the_shared_output_by_sigmoid_of_x_dot_w():
     layer.shared = None  # routed part alone
     routed, _ = layer(x)
     assert torch.allclose(half[0], routed[0] + 0.5 * shared, atol=1e-6)
+
+
+def test_rmsnorm_normalises_a_bf16_input_in_fp32_and_returns_bf16():
+    """A bf16 input (q/k norm under autocast) is normalised in fp32 then cast back: equal to the
+    fp32 computation rounded once to bf16 (a bf16-internal reduction would differ)."""
+    from moetrain.model.norm import RMSNorm
+
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        norm.weight_D.copy_(torch.linspace(0.5, 1.5, 64))
+    x = (torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3).to(torch.bfloat16)
+    out = norm(x)
+    want = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight_D).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
