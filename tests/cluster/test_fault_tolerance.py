@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 
 from cluster.api import RunFailed, run
 from cluster.controller import State
-from cluster.group import NAMESPACE, actor_name
 from moetrain.config import from_dict
+from tests.cluster.faults import killer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -26,16 +25,6 @@ def cfg(tmp_path, name: str, max_failures: int, **cluster):
         "cluster": {"num_workers": 2, "run_name": name, "max_failures": max_failures, **cluster},
         "logging": {"wandb": "disabled", "out_dir": str(tmp_path / "out")},
     })
-
-
-def killer(run_name: str, at_step: int, rank: int = 1):
-    state = {"killed": False}
-
-    def on_step(m):
-        if m.step == at_step and not state["killed"]:
-            state["killed"] = True
-            ray.kill(ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE), no_restart=True)
-    return on_step
 
 
 def test_killed_actor_resumes_from_last_checkpoint(tmp_path, ray_local):

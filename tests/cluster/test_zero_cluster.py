@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import ray
 
 from cluster.api import run
 from cluster.controller import State
-from cluster.group import NAMESPACE, actor_name
 from moetrain.config import from_dict
+from tests.cluster.faults import killer
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -30,16 +29,6 @@ def cfg(tmp_path, name: str, *, replan_every: int = 0, max_failures: int = 0):
                       "blocking": True, "window": 3, "sample_tokens": 1000},
         "logging": {"wandb": "disabled", "out_dir": str(tmp_path / "out")},
     })
-
-
-def killer(run_name: str, at_step: int, rank: int = 1):
-    state = {"killed": False}
-
-    def on_step(m):
-        if m.step == at_step and not state["killed"]:
-            state["killed"] = True
-            ray.kill(ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE), no_restart=True)
-    return on_step
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,19 @@
+"""Fault injection shared by the cluster tests: an ``on_step`` callback that kills one named worker
+actor (no restart) the first time the driver sees a given step, as a lost node would."""
+
+from __future__ import annotations
+
+import ray
+
+from cluster.group import NAMESPACE, actor_name
+
+
+def killer(run_name: str, at_step: int, rank: int = 1):
+    """``on_step`` for ``cluster.api.run``: kill rank ``rank`` of run ``run_name`` once, at ``at_step``."""
+    state = {"killed": False}
+
+    def on_step(m):
+        if m.step == at_step and not state["killed"]:
+            state["killed"] = True
+            ray.kill(ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE), no_restart=True)
+    return on_step
