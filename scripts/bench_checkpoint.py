@@ -64,7 +64,7 @@ from moetrain.checkpoint import (  # noqa: E402
 from moetrain.checkpoint.checksum import new_hasher  # noqa: E402
 from moetrain.checkpoint.format import write_state  # noqa: E402
 from moetrain.checkpoint.snapshot import state_nbytes  # noqa: E402
-from moetrain.checkpoint.storage import CHUNK_BYTES, LocalFileSync  # noqa: E402
+from moetrain.checkpoint.sink import CHUNK_BYTES, LocalFileSync  # noqa: E402
 from moetrain.config import CheckpointConfig  # noqa: E402
 
 MB = 1e6

@@ -31,7 +31,7 @@ from moetrain.checkpoint import checksum
 from moetrain.checkpoint.checksum import COPY_BYTES, Crc32c, digest, new_hasher
 from moetrain.checkpoint.cli import ckpt_verify
 from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
-from moetrain.checkpoint.storage import CHUNK_BYTES, HashingSink
+from moetrain.checkpoint.sink import CHUNK_BYTES, HashingSink
 from moetrain.config import CheckpointConfig, ConfigError, RunConfig, validate
 
 from .helpers import assert_same, make_objects

@@ -199,10 +199,10 @@ def test_names_with_a_compression_suffix_are_stored_verbatim(store):
 
 
 def test_sync_file_range_is_available_on_linux():
-    from moetrain.checkpoint import storage
+    from moetrain.checkpoint import sink
     if not sys.platform.startswith("linux"):
         pytest.skip("sync_file_range is Linux-only (fsync alone is used elsewhere)")
-    assert storage._sync_file_range is not None
+    assert sink._sync_file_range is not None
 
 
 @pytest.mark.parametrize("checksum", ["crc32c", "sha256"])
