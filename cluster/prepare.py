@@ -161,7 +161,7 @@ def _tokenizer(opts: PrepareOptions, groups) -> tuple[object, str, str, int]:
     if opts.tokenizer != "bpe":
         from moetrain.data.training import resolve_tokenizer
 
-        tok, _, eot = resolve_tokenizer(DataConfig(tokenizer=opts.tokenizer))
+        tok, _, eot = resolve_tokenizer(DataConfig(tokenizer=opts.tokenizer, **opts.store_opts))
     else:
         tok = train_tokenizer(_sample_corpus(opts, groups), opts.vocab_size)
         eot = eot_id(tok)

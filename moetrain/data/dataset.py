@@ -84,7 +84,8 @@ def build_dataset(cfg: DataConfig) -> PackedDataset:
     corpus_hash = corpus.content_hash()
     t1 = time.perf_counter()
     if cfg.tokenizer.startswith(HF_PREFIX):  # the model's own tokenizer.json
-        tok, tok_hash, eot = load_hf_tokenizer(cfg.tokenizer)
+        tok, tok_hash, eot = load_hf_tokenizer(cfg.tokenizer, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region,
+                                               gcs_endpoint=cfg.gcs_endpoint)
         tok_hit = True
     else:
         tok, tok_hash, tok_hit = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)

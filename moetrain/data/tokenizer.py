@@ -85,8 +85,23 @@ def _eos_text(value) -> str:
     return str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
 
 
-def load_hf_tokenizer(spec: str) -> tuple[Tokenizer, str, int]:
+def _hf_file_reader(spec: str, s3_endpoint: str, s3_region: str, gcs_endpoint: str):
+    """(where, read(name) -> bytes | None) for the directory an ``hf:`` spec names: a local path,
+    or an ``s3://`` / ``gs://`` prefix read through the data store (same endpoints as the data)."""
+    loc = spec[len(HF_PREFIX):]
+    if "://" not in loc:
+        root = Path(loc).expanduser()
+        return str(root), lambda name: (root / name).read_bytes() if (root / name).is_file() else None
+    from moetrain.data.shards import open_data_store
+    store = open_data_store(loc, s3_endpoint=s3_endpoint, s3_region=s3_region, gcs_endpoint=gcs_endpoint,
+                            probe=False)
+    return loc.rstrip("/"), lambda name: store.read_bytes(name) if store.exists(name) else None
+
+
+def load_hf_tokenizer(spec: str, *, s3_endpoint: str = "", s3_region: str = "",
+                      gcs_endpoint: str = "") -> tuple[Tokenizer, str, int]:
     """``data.tokenizer=hf:DIR``: (DIR/tokenizer.json loaded, its content sha256, end-of-text id).
+    DIR is a local path or an ``s3://`` / ``gs://`` prefix (endpoints as for ``data``).
 
     The end-of-text token (appended to every document when packing) is ``eos_token`` of
     DIR/tokenizer_config.json, else ``eos_token_id`` of DIR/config.json. Literal special-token
@@ -95,20 +110,20 @@ def load_hf_tokenizer(spec: str) -> tuple[Tokenizer, str, int]:
 
     from moetrain.data.errors import DataError
 
-    root = Path(spec[len(HF_PREFIX):]).expanduser()
-    path = root / "tokenizer.json"
-    if not path.is_file():
-        raise DataError(f"data.tokenizer ({spec!r}): {path} not found")
-    raw = path.read_bytes()
+    where, read = _hf_file_reader(spec, s3_endpoint, s3_region, gcs_endpoint)
+    raw = read("tokenizer.json")
+    if raw is None:
+        raise DataError(f"data.tokenizer ({spec!r}): {where}/tokenizer.json not found")
     try:
         tok = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise DataError(f"data.tokenizer ({spec!r}): {path} is not a tokenizers JSON file: {exc}") from None
+        raise DataError(f"data.tokenizer ({spec!r}): {where}/tokenizer.json is not a tokenizers JSON file: "
+                        f"{exc}") from None
     tok.encode_special_tokens = True
     eot = None
     for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
-        f = root / name
-        value = json.loads(f.read_text()).get(key) if f.is_file() else None
+        text = read(name)
+        value = json.loads(text).get(key) if text is not None else None
         if value is None:
             continue
         eot = tok.token_to_id(_eos_text(value)) if key == "eos_token" else (value[0] if isinstance(value, list) else value)
@@ -116,7 +131,7 @@ def load_hf_tokenizer(spec: str) -> tuple[Tokenizer, str, int]:
             break
     if eot is None:
         raise DataError(f"data.tokenizer ({spec!r}): no end-of-text token: set eos_token in "
-                        f"{root / 'tokenizer_config.json'} or eos_token_id in {root / 'config.json'}")
+                        f"{where}/tokenizer_config.json or eos_token_id in {where}/config.json")
     return tok, hashlib.sha256(raw).hexdigest(), int(eot)
 
 

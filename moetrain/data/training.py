@@ -113,7 +113,8 @@ def resolve_tokenizer(cfg: DataConfig, corpus=None, corpus_hash: str = "", root:
     if cfg.tokenizer == "bpe":
         tok, sha, _ = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)
         return tok, sha, eot_id(tok)
-    return load_hf_tokenizer(cfg.tokenizer)  # eos from tokenizer_config.json / config.json
+    return load_hf_tokenizer(cfg.tokenizer, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region,
+                             gcs_endpoint=cfg.gcs_endpoint)  # eos from tokenizer_config.json / config.json
 
 
 def prepare_local(cfg: DataConfig) -> Path:

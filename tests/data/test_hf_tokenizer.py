@@ -53,3 +53,21 @@ def test_missing_tokenizer_json_and_missing_eos_are_named(tmp_path):
     cfg = DataConfig(tokenizer=f"hf:{tok_dir}", cache_dir=str(tmp_path / "cache"), max_bytes_per_domain=10_000)
     with pytest.raises(DataError, match="no end-of-text token"):
         build_dataset(cfg)
+
+
+def test_hf_tokenizer_from_object_storage(tmp_path, s3_server):
+    # the same word-level tokenizer, uploaded to the S3 server: same ids, same hash as the local copy
+    from moetrain.data.training import resolve_tokenizer
+
+    tok_dir = word_tokenizer(tmp_path / "tok", eos="c")
+    client = s3_server.client()
+    for f in tok_dir.iterdir():
+        client.put_object(Bucket=s3_server.bucket, Key=f"tok/{f.name}", Body=f.read_bytes())
+    remote = DataConfig(tokenizer=f"hf:{s3_server.uri('tok')}", s3_endpoint=s3_server.endpoint)
+    tok, sha, eot = resolve_tokenizer(remote)
+    _, local_sha, _ = resolve_tokenizer(DataConfig(tokenizer=f"hf:{tok_dir}"))
+    assert eot == 4 and sha == local_sha  # eos "c" -> id 4, read from the remote tokenizer_config.json
+    assert tok.encode("b a").ids == [3, 2]
+    missing = DataConfig(tokenizer=f"hf:{s3_server.uri('nothing')}", s3_endpoint=s3_server.endpoint)
+    with pytest.raises(DataError, match="nothing/tokenizer.json not found"):
+        resolve_tokenizer(missing)
