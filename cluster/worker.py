@@ -53,7 +53,7 @@ class Worker:
         ctx = init_distributed(backend=backend, master_addr=master_addr, master_port=master_port,
                                rank=self.rank, world_size=self.world_size,
                                timeout_s=self.cfg.cluster.collective_timeout_s)
-        self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement)
+        self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement, load_init_weights=resume is None)
         if resume is not None:
             self.trainer.resume_from(resume)
         return {"rank": self.rank, "setup_s": time.perf_counter() - t0, **self.memory()}

@@ -70,7 +70,9 @@ def check_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
 
 class RankTrainer:
     def __init__(self, cfg: RunConfig, *, ctx: ParallelContext | None = None,
-                 placement: Placement | None = None, dataset=None):
+                 placement: Placement | None = None, dataset=None, load_init_weights: bool = True):
+        """``load_init_weights=False`` skips reading ``model.init_from``'s weights (its shape still
+        applies): a resumed rank overwrites every weight from its checkpoint anyway."""
         from moetrain.hf.load import hf_dir_of, load_hf_weights, resolve_init_from
 
         cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR: the model's shape is DIR's
@@ -88,7 +90,7 @@ class RankTrainer:
         self.compute_dtype = resolve_precision(cfg.train.precision, self.ctx.device)
         self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement,
                                  rank=self.ctx.rank)
-        if hf_dir_of(cfg.model.init_from):  # dense weights + only the experts this rank hosts
+        if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
             load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.checkpoint)
         self.model = self.model.to(self.ctx.device)
         self.model.apply_activation_checkpointing(cfg.train.activation_checkpointing)

@@ -116,3 +116,21 @@ def test_train_5_ep_steps_from_hf_then_export_loads_in_transformers(hf_models, t
         assert not torch.equal(ours, hf_logits(hf_models[arch], TOKENS))  # training moved the weights
         assert rel_err(hf_logits(out, TOKENS), ours) < 1e-5, arch
         assert (out / "tokenizer.json").is_file()
+
+
+def test_a_resumed_rank_does_not_read_the_init_from_weights(hf_models, tmp_path):
+    # init_from's shape always applies; its weights only when the rank starts fresh (a resumed rank
+    # overwrites them from the checkpoint, so reading them first would be wasted I/O)
+    from moetrain.config import from_dict
+    from moetrain.train.trainer import RankTrainer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"def g{i}(y): return y * {i}" for i in range(200)))
+    run = _run_cfg("olmoe", hf_models["olmoe"], corpus, tmp_path / "cache")
+    cfg = from_dict({**run, "cluster": {"num_workers": 1}})
+    fresh = RankTrainer(cfg)
+    resumed = RankTrainer(cfg, load_init_weights=False)
+    assert fresh.cfg.model == resumed.cfg.model  # the same HF shape
+    with torch.no_grad():
+        assert rel_err(fresh.model(TOKENS)[0], hf_logits(hf_models["olmoe"], TOKENS)) < 1e-5
+        assert not torch.equal(fresh.model.tok_embed_VD, resumed.model.tok_embed_VD)
