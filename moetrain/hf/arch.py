@@ -31,7 +31,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from moetrain.config import ModelConfig, MoEConfig
+from moetrain.config import ModelConfig
 from moetrain.hf.errors import HFError
 
 # Imported models keep at most this many rotary positions (HF configs say up to 131072; the

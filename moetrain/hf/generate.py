@@ -1,12 +1,13 @@
-"""Greedy generation from a moetrain checkpoint (``moetrain generate``), one process, no KV cache.
+"""Greedy generation from a moetrain checkpoint (``moetrain generate``), one process, KV-cached.
 
 Owns: finding the checkpoint's tokenizer (its ``tokenizer/`` objects from an HF import, else
 ``data.tokenizer=hf:DIR``, else the run's trained BPE from the data cache), the stop tokens
 (``eos_token_id`` of the copied ``generation_config.json``, else of the HF config) and the
-greedy loop: argmax of the last position's logits, the whole sequence recomputed each token
-(the tiny models this is checked on do not need a cache; transformers' greedy ``generate``
-makes the same choices). Sequences longer than ``model.max_seq_len`` keep the last
-``max_seq_len`` tokens as context.
+greedy loop: argmax of the last position's logits; the prompt runs once and each new token is
+one position, attending over cached keys and values (``model.attention.KVCache``);
+transformers' greedy ``generate`` makes the same choices. Sequences longer than
+``model.max_seq_len`` keep the last ``max_seq_len`` tokens as context (recomputed per token
+from there on, as the positions shift).
 """
 
 from __future__ import annotations
@@ -67,19 +68,31 @@ def checkpoint_tokenizer(uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir
 
 
 @torch.no_grad()
-def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """Greedy continuation of ``prompt_ids`` (stops after a stop id, which is included)."""
+def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = (),
+           *, kv_cache: bool = True) -> list[int]:
+    """Greedy continuation of ``prompt_ids`` (stops after a stop id, which is included).
+
+    With ``kv_cache`` the prompt is run once and each new token costs one position (keys and
+    values of the earlier ones are kept); once the sequence reaches ``model.max_seq_len`` every
+    further token re-runs the last ``max_seq_len`` tokens, as without the cache."""
     if not prompt_ids:
         raise HFError("the prompt encodes to no tokens")
     model.eval()
-    ids = list(prompt_ids)
+    ids, limit = list(prompt_ids), model.cfg.max_seq_len
+    caches = model.new_kv_caches() if kv_cache and len(ids) < limit else None
+    feed = ids
     for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-model.cfg.max_seq_len:]])
-        logits_BTV, _ = model(context)
+        if caches is not None:
+            logits_BTV, _ = model(torch.tensor([feed]), caches)
+        else:
+            logits_BTV, _ = model(torch.tensor([ids[-limit:]]))
         nxt = int(logits_BTV[0, -1].argmax())
         ids.append(nxt)
         if nxt in stop_ids:
             break
+        feed = [nxt]
+        if caches is not None and caches[0].length >= limit:
+            caches = None  # the window slides from here: positions shift, recompute
     return ids[len(prompt_ids):]
 
 

@@ -4,13 +4,17 @@ Owns: the fused QKV and output projections (optional QKV bias, Qwen2), the optio
 over the whole query / key projection before the heads are split (OLMoE's convention), the
 rotary tables (non-persistent buffers computed from ``rope_theta``; half-split pairs
 ``(x[i], x[i + d/2])``, the ``rotate_half`` convention of HF Llama / Mixtral / Qwen2 / OLMoE)
-and the call to ``F.scaled_dot_product_attention(is_causal=True)`` (KV heads repeated for GQA).
+and the call to ``F.scaled_dot_product_attention(is_causal=True)`` (KV heads repeated for GQA);
+for inference, an optional :class:`KVCache` that keeps the rotated keys and the values of the
+positions already seen, so that a decoding step computes only its new positions.
 
 Shapes: B batch, T sequence, D model dim, H query heads, G key/value heads, d head dim (D / H),
-Q = (H + 2G) * d fused projection rows (q, then k, then v).
+Q = (H + 2G) * d fused projection rows (q, then k, then v), P positions already in a cache.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,33 @@ def apply_rotary(x_BHTd: Tensor, cos_Th: Tensor, sin_Th: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+@dataclass
+class KVCache:
+    """One attention layer's keys (rotated) and values of the positions seen so far: inference
+    only (no autograd), batch and position order as fed. Grows by concatenation."""
+    k_BGPd: Tensor | None = None
+    v_BGPd: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k_BGPd is None else self.k_BGPd.shape[2]
+
+    def extend(self, k_BGTd: Tensor, v_BGTd: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this call's keys / values; returns every position's (cached + new)."""
+        if self.k_BGPd is not None:
+            k_BGTd, v_BGTd = torch.cat([self.k_BGPd, k_BGTd], dim=2), torch.cat([self.v_BGPd, v_BGTd], dim=2)
+        self.k_BGPd, self.v_BGPd = k_BGTd, v_BGTd
+        return k_BGTd, v_BGTd
+
+
+def cached_causal_mask(T: int, P: int, device) -> Tensor | None:
+    """Boolean [T, P + T] mask: new position i (absolute P + i) sees keys 0..P + i. None when no
+    mask is needed (P == 0 uses ``is_causal``; a single new position sees every key)."""
+    if P == 0 or T == 1:
+        return None
+    return torch.arange(P + T, device=device).unsqueeze(0) <= (torch.arange(T, device=device) + P).unsqueeze(1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float, *, n_kv_heads: int = 0,
                  qk_norm: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
@@ -52,10 +83,13 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x_BTD: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, cache: KVCache | None = None) -> Tensor:
+        """``cache``: the positions already seen (their keys and values are reused, this call's are
+        appended); x_BTD then holds only the new positions, P.. P + T - 1."""
         B, T, D = x_BTD.shape
-        if T > self.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({self.max_seq_len})")
+        P = cache.length if cache is not None else 0
+        if P + T > self.max_seq_len:
+            raise ValueError(f"sequence length {P + T} exceeds model.max_seq_len ({self.max_seq_len})")
         H, G, d = self.n_heads, self.n_kv_heads, self.head_dim
         qkv_BTQ = F.linear(x_BTD, self.wqkv_QD, self.bqkv_Q)
         if G == H and self.q_norm is None:  # the original fused path (bit-identical default)
@@ -68,10 +102,14 @@ class CausalSelfAttention(nn.Module):
             q_BHTd = q_BTX.view(B, T, H, d).transpose(1, 2)
             k_BGTd = k_BTY.view(B, T, G, d).transpose(1, 2)
             v_BGTd = v_BTY.view(B, T, G, d).transpose(1, 2)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = self.rope_cos[P:P + T], self.rope_sin[P:P + T]
         q_BHTd, k_BGTd = apply_rotary(q_BHTd, cos, sin), apply_rotary(k_BGTd, cos, sin)
+        if cache is not None:
+            k_BGTd, v_BGTd = cache.extend(k_BGTd, v_BGTd)  # now every position: P + T keys
         if G != H:
             k_BGTd = k_BGTd.repeat_interleave(H // G, dim=1)
             v_BGTd = v_BGTd.repeat_interleave(H // G, dim=1)
-        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, is_causal=True)
+        mask = cached_causal_mask(T, P, x_BTD.device)
+        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask,
+                                                is_causal=P == 0 and T > 1)
         return F.linear(y_BHTd.transpose(1, 2).reshape(B, T, H * d), self.wo_DD)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.config import ConfigError, ModelConfig
-from moetrain.model.attention import CausalSelfAttention
+from moetrain.model.attention import CausalSelfAttention, KVCache
 from moetrain.model.checkpointing import check_mode, checkpoint_module, checkpointed
 from moetrain.model.ffn import SwiGLU
 from moetrain.model.moe.experts import GroupedExperts
@@ -112,14 +112,17 @@ class Block(nn.Module):
         self.checkpoint_attention = False
         self.checkpoint_dense_ffn = False
 
-    def _attention(self, x_BTD: Tensor) -> Tensor:
-        return self.attn(self.attn_norm(x_BTD))
+    def _attention(self, x_BTD: Tensor, cache: KVCache | None = None) -> Tensor:
+        return self.attn(self.attn_norm(x_BTD), cache)
 
     def _dense_ffn(self, h_BTD: Tensor) -> Tensor:
         return self.ffn(self.ffn_norm(h_BTD))
 
-    def forward(self, x_BTD: Tensor) -> tuple[Tensor, RouterOutput | None]:
-        attn = checkpointed(self._attention, x_BTD) if self.checkpoint_attention else self._attention(x_BTD)
+    def forward(self, x_BTD: Tensor, cache: KVCache | None = None) -> tuple[Tensor, RouterOutput | None]:
+        if cache is not None:  # inference: nothing is recomputed
+            attn = self._attention(x_BTD, cache)
+        else:
+            attn = checkpointed(self._attention, x_BTD) if self.checkpoint_attention else self._attention(x_BTD)
         h_BTD = x_BTD + attn
         if isinstance(self.ffn, MoELayer):
             y_BTD, route = self.ffn(self.ffn_norm(h_BTD))
@@ -198,12 +201,17 @@ class Transformer(nn.Module):
                     checkpoint_module(part)
 
     # ---- forward -------------------------------------------------------------------------
-    def forward(self, tokens_BT: Tensor) -> tuple[Tensor, list[RouterOutput]]:
-        """tokens_BT int64 -> (logits_BTV float32, one RouterOutput per MoE layer in order)."""
+    def new_kv_caches(self) -> list[KVCache]:
+        """Empty key/value caches, one per block, for incremental decoding (``forward(caches=)``)."""
+        return [KVCache() for _ in self.blocks]
+
+    def forward(self, tokens_BT: Tensor, caches: list[KVCache] | None = None) -> tuple[Tensor, list[RouterOutput]]:
+        """tokens_BT int64 -> (logits_BTV float32, one RouterOutput per MoE layer in order).
+        ``caches`` (from :meth:`new_kv_caches`): tokens_BT continues the positions they hold."""
         x_BTD = F.embedding(tokens_BT, self.tok_embed_VD)
         routing: list[RouterOutput] = []
-        for block in self.blocks:
-            x_BTD, route = block(x_BTD)
+        for i, block in enumerate(self.blocks):
+            x_BTD, route = block(x_BTD, caches[i] if caches is not None else None)
             if route is not None:
                 routing.append(route)
         h_BTD = self.final_norm(x_BTD)
