@@ -30,11 +30,17 @@ GRAD_BYTES = 4  # fp32 gradients (autograd accumulates into the fp32 leaves)
 ADAM_BYTES = 8  # AdamW exp_avg + exp_avg_sq, fp32
 ZERO_COPY_BYTES = 4  # DeepSpeed ZeRO-1/2 keeps an fp32 copy of its 1/N partition of the dense parameters
 # Bytes a rank process holds before its model exists, measured on the 2-core CPU machines (torch
-# 2.13): resident set after importing torch, moetrain and ray, loading the data and one AdamW step
-# (which imports ~70 MB more) = a base plus a share of the text the data may read (its cap per
-# domain x domains): 461 MiB at 0.3 MB per domain, 541 MiB at 2 MB (2 builtin domains), + ray 31 MiB.
-RUNTIME_BASE_BYTES = 475 * 1024 ** 2
-RUNTIME_BYTES_PER_TEXT_BYTE = 25
+# 2.13, streamed data): resident set after importing torch, moetrain and ray (288 MiB + ray's
+# worker 31 MiB), opening the prepared data (7-9 MiB), reading its first row groups (55-65 MiB:
+# pyarrow's Parquet / zstd code and memory pool, first use) and one AdamW step (which imports
+# ~72 MB more): 435-439 MiB without the Ray worker, for any corpus size.
+RUNTIME_BASE_BYTES = 470 * 1024 ** 2
+# The streamed data keeps decoded row groups in an LRU cache (moetrain.data.stream.CACHE_BYTES):
+# at most that, and at most the corpus itself as int32 tokens. For builtin / paths sources the
+# corpus is bounded by its text cap (a token is at least one byte of text); a prepared corpus
+# can be any size, so it counts the whole cache.
+DATA_CACHE_BYTES = 256 << 20  # = moetrain.data.stream.CACHE_BYTES (plan.py imports no torch)
+TOKEN_BYTES = 4  # int32 token ids
 MAX_SUGGESTED_WORKERS = 1024  # the largest actor count a suggestion may propose
 
 
@@ -324,8 +330,15 @@ def _workspace(cfg: RunConfig, pc: ParamCounts, st: _State) -> tuple[int, int]:
 
 def runtime_bytes(cfg: RunConfig) -> int:
     """A rank process's resident bytes before its model exists (see RUNTIME_BASE_BYTES)."""
+    return RUNTIME_BASE_BYTES + data_cache_bytes(cfg)
+
+
+def data_cache_bytes(cfg: RunConfig) -> int:
+    """The most decoded token rows a rank's streamed data may cache (see DATA_CACHE_BYTES)."""
+    if cfg.data.source == "prepared":
+        return DATA_CACHE_BYTES
     domains = 2 if cfg.data.source == "builtin" else max(1, len(cfg.data.paths))
-    return RUNTIME_BASE_BYTES + RUNTIME_BYTES_PER_TEXT_BYTE * domains * cfg.data.max_bytes_per_domain
+    return min(DATA_CACHE_BYTES, TOKEN_BYTES * domains * cfg.data.max_bytes_per_domain)
 
 
 def plan_memory(cfg: RunConfig, *, available_bytes: int | None = None, source: str = "unknown",

@@ -129,6 +129,21 @@ def test_state_terms_by_hand():
     assert p2.grad_bytes == 4 * (pc.dense // 4 + local)
 
 
+def test_runtime_counts_the_streamed_data_cache_by_hand():
+    """Runtime = the measured base + the data cache: 4 B per token, a token >= 1 byte of text, at
+    most the reader's LRU cap; a prepared corpus (any size) counts the whole cap."""
+    from moetrain.data.stream import CACHE_BYTES
+    from moetrain.plan import DATA_CACHE_BYTES, RUNTIME_BASE_BYTES
+
+    assert DATA_CACHE_BYTES == CACHE_BYTES
+    small = load_config("tiny", ["data.max_bytes_per_domain=1000000"])  # builtin: 2 domains
+    assert plan_memory(small).runtime_bytes == RUNTIME_BASE_BYTES + 4 * 2 * 1_000_000
+    big = load_config("tiny", ["data.max_bytes_per_domain=100000000"])
+    assert plan_memory(big).runtime_bytes == RUNTIME_BASE_BYTES + CACHE_BYTES
+    prepared = load_config("tiny", ["data.source=prepared", "data.prepared_uri=/nowhere", "data.max_bytes_per_domain=1000"])
+    assert plan_memory(prepared).runtime_bytes == RUNTIME_BASE_BYTES + CACHE_BYTES
+
+
 def test_checkpointing_and_bf16_shrink_activations():
     cfg = load_config("olmoe-1b-7b-mini")
     none, block, attn = (activation_bytes(cfg, m) for m in ("none", "block", "attention"))

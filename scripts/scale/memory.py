@@ -2,8 +2,8 @@
 
 Each configuration trains ``STEPS`` optimizer steps on spawned gloo ranks (the real
 ``RankTrainer``: model, all-to-all dispatch, gradient sync, AdamW); a rank's measured figure is its
-peak resident set above its resident set once imports, data and torch's lazily imported optimizer
-machinery are loaded (``procs``), i.e. the planner's ``model_bytes`` (everything but the runtime
+peak resident set above its resident set once imports, data (opened and first read) and torch's
+lazily imported optimizer machinery are loaded (``procs``), i.e. the planner's ``model_bytes`` (everything but the runtime
 baseline). The most loaded rank counts.
 
 Two allocator settings: ``MALLOC_MMAP_THRESHOLD_=65536`` (every tensor over 64 KiB gets its own
@@ -73,6 +73,7 @@ def _rank_peak(ctx, cfg_dict: dict, steps: int) -> int:
 
     cfg = from_dict(cfg_dict)
     data = open_training_data(cfg.data, cfg.train.global_batch_size)
+    data.next_micro_batches(1, ctx.world_size, ctx.rank)  # the reader's first use: part of the runtime term
     warm = torch.nn.Parameter(torch.zeros(4))  # the first AdamW step imports ~70 MB of modules
     warm.grad = torch.ones(4)
     torch.optim.AdamW([warm], foreach=False).step()
