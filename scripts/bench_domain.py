@@ -20,9 +20,12 @@ bound on the home-aware sends of *any* placement whose rank load stays within ``
 of the mean (the exact hypergraph ILP's proven bound on the domain arm's statistics), against the
 agnostic ILP's modelled sends on the shuffled arm's statistics.
 
-Corpus (no downloads): ``code`` (stdlib ``*.py``), ``english`` (pydoc topics) and ``build`` (the
-text files of CPython's ``config-*`` directory: Makefile, Setup*, makesetup, install-sh, ...),
-or ``--domain NAME=PATH`` (repeatable, >= 3 for the issue's setting).
+Corpus (no downloads), four domains from files every CPython install has: ``code`` (stdlib
+``*.py``), ``english`` (pydoc topics), ``build`` (the text files of CPython's ``config-*``
+directory: Makefile, Setup*, makesetup, install-sh, ...) and ``capi`` (the C API headers,
+``include/python3.X/**/*.h``); or ``--domain NAME=PATH`` (repeatable, >= 3 for the issue's
+setting). ``--mixture`` (default: equal weights) sets ``data.mixture``: with four domains of equal
+share on four ranks, the domain map gives each rank exactly one domain.
 
 Prints a table and one JSON line (last line); writes ``results.json`` and ``bench_domain.png``
 under ``--out``.
@@ -59,11 +62,13 @@ TARGETS = {  # the issue's targets
     "prepare_peak_rss_ratio_10x_over_1x": ("<=", 1.2),
 }
 DEFAULT = {"steps": 240, "measure_steps": 20, "workers": 4, "accum": 1, "global_batch": 32,
-           "experts": 16, "expert_ffn": 64, "max_bytes": 600_000, "solve_time": 8.0, "set": []}
+           "experts": 16, "expert_ffn": 64, "max_bytes": 600_000, "solve_time": 8.0, "precision": "bf16",
+           "set": []}
 QUICK = {"steps": 12, "measure_steps": 3, "workers": 2, "accum": 1, "global_batch": 8,
-         "experts": 4, "expert_ffn": 32, "max_bytes": 40_000, "solve_time": 1.0,
+         "experts": 4, "expert_ffn": 32, "max_bytes": 40_000, "solve_time": 1.0, "precision": "fp32",
          "set": ["model.dim=64", "model.ffn_dim=128", "model.max_seq_len=64", "data.seq_len=64",
                  "data.vocab_size=512"]}
+EVEN_MIXTURE = "even"  # --mixture default: every domain the same share of each global batch
 BUILD_FILES = ("Makefile", "Setup", "Setup.bootstrap", "Setup.local", "Setup.stdlib", "makesetup",
                "install-sh", "config.c", "config.c.in", "python-config.py")
 
@@ -84,8 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="placement.load_weight of both ILPs (default 2: 1.0 left rank load at 1.13 x mean)")
     p.add_argument("--balance-cap", type=float, default=1.10, help="rank load cap of the bound (x mean)")
     p.add_argument("--solve-time", type=float, help="seconds per placement solve (default 8)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+                   help="train.precision (default bf16; --quick: fp32)")
+    p.add_argument("--mixture", default=EVEN_MIXTURE,
+                   help="data.mixture as 'a=1,b=2'; 'even' (default): equal weights; '' : rows per domain")
+    p.add_argument("--solve-balance-cap", type=float, default=None,
+                   help="hard cap on the ILPs' busiest rank (x mean load on the statistics window; default none)")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
-                   help="labelled text (file, directory, .jsonl, .parquet); default: code, english, build")
+                   help="labelled text (file, directory, .jsonl, .parquet); default: code, english, build, capi")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--quick", action="store_true", help="CI smoke size (2 workers, a few steps)")
     p.add_argument("--out", default="runs/bench_domain")
@@ -120,20 +131,41 @@ def build_domain_docs() -> list[str]:
     return docs
 
 
+def capi_domain_docs() -> list[str]:
+    """CPython's C API headers (``sysconfig``'s ``include`` path, ``**/*.h`` in sorted order)."""
+    inc = Path(sysconfig.get_paths().get("include") or "")
+    docs = []
+    for f in sorted(inc.rglob("*.h")) if inc.is_dir() else []:
+        try:
+            docs.append(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    if not docs:
+        raise SystemExit(f"bench_domain: no C headers in {str(inc)!r}; give --domain NAME=PATH for each domain")
+    return docs
+
+
 def write_bundled_corpus(out: Path) -> list[str]:
-    """The three default domains as JSONL files under ``out`` (one document per line)."""
+    """The four default domains as JSONL files under ``out`` (one document per line)."""
     from moetrain.data.corpus import pydoc_topic_docs, stdlib_code_docs
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, docs in (("code", stdlib_code_docs()), ("english", pydoc_topic_docs()),
-                       ("build", build_domain_docs())):
+                       ("build", build_domain_docs()), ("capi", capi_domain_docs())):
         path = out / f"{name}.jsonl"
         with path.open("w", encoding="utf-8") as f:
             for d in docs:
                 f.write(json.dumps({"text": d}) + "\n")
         entries.append(f"{name}={path}")
     return entries
+
+
+def mixture_entries(mixture: str, domains: list[str]) -> list[str]:
+    """``--mixture`` as ``data.mixture`` entries: 'even' -> every domain weight 1; '' -> []."""
+    if mixture == EVEN_MIXTURE:
+        return [f"{d.partition('=')[0]}=1" for d in domains]
+    return [m for m in mixture.split(",") if m]
 
 
 def build_config(args: argparse.Namespace, assignment: str, domains: list[str]) -> RunConfig:
@@ -148,10 +180,12 @@ def build_config(args: argparse.Namespace, assignment: str, domains: list[str]) 
         f"cluster.run_name=bench-domain-{assignment}", "logging.wandb=disabled", "logging.progress=false",
         "checkpoint.uri=", "placement.replan_every=0", f"placement.window={max(1, args.measure_steps)}",
         "placement.sample_tokens=16384", f"data.rank_assignment={assignment}",
-        f"data.max_bytes_per_domain={args.max_bytes}", *args.set,
+        f"data.max_bytes_per_domain={args.max_bytes}", f"train.precision={args.precision}", *args.set,
     ]
     cfg = load_config(args.config, overrides)
-    return validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="paths", paths=list(domains))))
+    data = dataclasses.replace(cfg.data, source="paths", paths=list(domains),
+                               mixture=mixture_entries(args.mixture, domains))
+    return validate(dataclasses.replace(cfg, data=data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +241,8 @@ def train_arm(cfg: RunConfig, args: argparse.Namespace, home_aware: bool, log) -
         topo = Topology(num_ranks=start.num_ranks, slots_per_rank=start.slots_per_rank)
         solve_stats = stats if home_aware else without_homes(stats)
         res = solve_placement(solve_stats, topo, "ilp", current=start, time_limit_s=args.solve_time,
-                              load_weight=args.load_weight, seed=cfg.train.seed)
+                              load_weight=args.load_weight, seed=cfg.train.seed,
+                              balance_cap=args.solve_balance_cap)
         group.call("migrate", res.placement)
         solved = _measure(group, args.measure_steps, res.placement, tokens_layers)
         val = group.call("evaluate")[0]
