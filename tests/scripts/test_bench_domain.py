@@ -42,7 +42,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
     line = json.loads(proc.stdout.strip().splitlines()[-1])
 
     assert all(k in line for k in KEYS)
-    assert set(line["val_loss_delta_per_domain"]) == {"code", "english", "build"}
+    assert set(line["val_loss_delta_per_domain"]) == {"code", "english", "build", "capi"}
     # the same rows per micro-batch: the two assignments train the same model (float order aside)
     assert all(abs(d) < 1e-3 for d in line["val_loss_delta_per_domain"].values())
     # the id sample covers every measured contiguous step (3 steps x 8 rows x 64 tokens < the
