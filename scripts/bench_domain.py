@@ -30,7 +30,7 @@ share on four ranks, the domain map gives each rank exactly one domain.
 Prints a table and one JSON line (last line); writes ``results.json`` and ``bench_domain.png``
 under ``--out``.
 
-    .venv/bin/python scripts/bench_domain.py                 # the documented run (~10 min, 2 cores)
+    .venv/bin/python scripts/bench_domain.py                 # the documented run (~8 min on 2 quiet cores)
     .venv/bin/python scripts/bench_domain.py --quick --out /tmp/bd   # CI smoke, ~1-2 min
 """
 
@@ -94,8 +94,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train.precision (default bf16; --quick: fp32)")
     p.add_argument("--mixture", default=EVEN_MIXTURE,
                    help="data.mixture as 'a=1,b=2'; 'even' (default): equal weights; '' : rows per domain")
-    p.add_argument("--solve-balance-cap", type=float, default=None,
-                   help="hard cap on the ILPs' busiest rank (x mean load on the statistics window; default none)")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
                    help="labelled text (file, directory, .jsonl, .parquet); default: code, english, build, capi")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
@@ -261,8 +259,7 @@ def train_arm(cfg: RunConfig, args: argparse.Namespace, home_aware: bool, log) -
         topo = Topology(num_ranks=start.num_ranks, slots_per_rank=start.slots_per_rank)
         solve_stats = stats if home_aware else without_homes(stats)
         res = solve_placement(solve_stats, topo, "ilp", current=start, time_limit_s=args.solve_time,
-                              load_weight=args.load_weight, seed=cfg.train.seed,
-                              balance_cap=args.solve_balance_cap)
+                              load_weight=args.load_weight, seed=cfg.train.seed)
         group.call("migrate", res.placement)
         solved = _measure(group, args.measure_steps, res.placement, tokens_layers)
         val = group.call("evaluate")[0]
