@@ -24,8 +24,10 @@ What is modelled, per layer (all figures are divided by T: "per token"):
   traffic). With home ranks the rule is the dispatcher's own (``route_table``): the home's
   replica if it holds one, else the ``home mod c``-th replica (:func:`home_dispatch_slots`), so
   a replica on a token's home rank costs it nothing. The solvers' internal move scores (swap
-  deltas, hypergraph, LNS) keep the ``t mod c`` split; every answer they return is scored here. A token whose experts share a destination rank is
-  sent to that rank **once** (dedup); a token needing its own origin rank costs nothing there.
+  deltas, hypergraph, LNS) keep the ``t mod c`` split; every answer they return is scored here
+  (with replicas and home ranks the exact ILP's bound is a bound for the ``t mod c`` rule only).
+  A token whose experts share a destination rank is sent to that rank **once** (dedup); a token
+  needing its own origin rank costs nothing there.
 - **traffic** = expected link-weighted sends = ``sum_r send_weight[r] * need[r]`` where
   ``need[r]`` = tokens that must reach r and ``send_weight[r] = sum_o origin[o] cost[o, r]``
   (exact because origin is independent of routing). **sends** = the same with cost 1 for every

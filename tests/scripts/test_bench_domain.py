@@ -70,7 +70,8 @@ def test_mixture_entries_and_specialisation_hand_computed():
 
     domains = ["code=/x/code.jsonl", "english=/x/en.jsonl"]
     assert mixture_entries("even", domains) == ["code=1", "english=1"]
-    assert mixture_entries("", domains) == [] and mixture_entries("code=3,english=1", domains) == ["code=3", "english=1"]
+    assert mixture_entries("", domains) == []
+    assert mixture_entries("code=3,english=1", domains) == ["code=3", "english=1"]
     # home 0 picks {0,1},{0,2}: favourite 2 of 4 experts get 3 + 1 of 4 selections (ties: any);
     # home 1 picks {2,3},{2,3}: 4 of 4
     ids = np.array([[0, 1], [0, 2], [2, 3], [2, 3]])[:, None, :]
