@@ -17,12 +17,17 @@ What is modelled, per layer (all figures are divided by T: "per token"):
   routing, as below. Both are "origin classes" (:func:`origin_classes`): O = R classes with
   home ranks, one class (the expectation over ``origin_R``) without.
 - **Dispatch.** A token starts on rank o with probability ``origin_R[o]`` (independent of its
-  routing) unless it has a home rank. For each chosen expert e with c replicas it is served by
-  the ``t mod c``-th replica
-  of e in slot order (token index t): replicas split their expert's tokens evenly, as EPLB
-  assumes; no preference for a local replica is modelled (a dispatcher that prefers local
-  replicas does at least as well on traffic). A token whose experts share a destination rank is
-  sent to that rank **once** (dedup); a token needing its own origin rank costs nothing there.
+  routing) unless it has a home rank. Without home ranks, for each chosen expert e with c
+  replicas it is served by the ``t mod c``-th replica of e in slot order (token index t):
+  replicas split their expert's tokens evenly, as EPLB assumes; no preference for a local
+  replica is modelled (a dispatcher that prefers local replicas does at least as well on
+  traffic). With home ranks the rule is the dispatcher's own (``route_table``): the home's
+  replica if it holds one, else the ``home mod c``-th replica (:func:`home_dispatch_slots`), so
+  a replica on a token's home rank costs it nothing. The solvers' internal move scores (swap
+  deltas, hypergraph, LNS) keep the ``t mod c`` split; every answer they return is scored here
+  (with replicas and home ranks the exact ILP's bound is a bound for the ``t mod c`` rule only).
+  A token whose experts share a destination rank is sent to that rank **once** (dedup); a token
+  needing its own origin rank costs nothing there.
 - **traffic** = expected link-weighted sends = ``sum_r send_weight[r] * need[r]`` where
   ``need[r]`` = tokens that must reach r and ``send_weight[r] = sum_o origin[o] cost[o, r]``
   (exact because origin is independent of routing). **sends** = the same with cost 1 for every
@@ -153,12 +158,32 @@ def origin_classes(stats: RoutingStats, topo: Topology) -> tuple[np.ndarray | No
     return stats.home_T, topo.link_cost_RR, 1.0 - np.eye(R)
 
 
+def home_dispatch_slots(ids_TK: np.ndarray, home_T: np.ndarray, phy2log_S: np.ndarray,
+                        slot_rank_S: np.ndarray, num_ranks: int) -> np.ndarray:
+    """Slot that serves each token-expert pair of a token routed on rank ``home_T[t]``, by the
+    dispatcher's rule (moetrain/parallel/dispatcher.py ``route_table``): the home's own replica
+    if it holds one, else the ``home mod c``-th replica in slot order, [T, K] (-1 stays -1)."""
+    S = phy2log_S.shape[0]
+    E = int(phy2log_S.max()) + 1 if S else 0
+    slot_RE = np.empty((num_ranks, E), dtype=np.int64)
+    for e in range(E):
+        slots = np.flatnonzero(phy2log_S == e)
+        own_RS = slot_rank_S[slots][None, :] == np.arange(num_ranks)[:, None]
+        slot_RE[:, e] = np.where(own_RS.any(1), slots[own_RS.argmax(1)], slots[np.arange(num_ranks) % slots.size])
+    return np.where(ids_TK >= 0, slot_RE[home_T[:, None], np.maximum(ids_TK, 0)], -1)
+
+
 def need_by_origin(ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_ranks: int,
                    origin_T: np.ndarray | None, num_origins: int) -> tuple[np.ndarray, np.ndarray]:
     """``need_OR[o, r]``: tokens of origin class o that must reach rank r (dedup, the home
-    included), and ``load_R``, for one layer under the dispatch rule. ``origin_T`` None: one class."""
+    included), and ``load_R``, for one layer under the dispatch rule. ``origin_T`` None: one class
+    (replica ``t mod c``); with home ranks, the dispatcher's rule (:func:`home_dispatch_slots`)."""
     T = ids_TK.shape[0]
-    dest_TK = np.where(ids_TK >= 0, slot_rank_S[np.maximum(virtual_ids(ids_TK, phy2log_S), 0)], num_ranks)
+    if origin_T is None:
+        slot_TK = virtual_ids(ids_TK, phy2log_S)
+    else:
+        slot_TK = home_dispatch_slots(ids_TK, origin_T, phy2log_S, slot_rank_S, num_ranks)
+    dest_TK = np.where(ids_TK >= 0, slot_rank_S[np.maximum(slot_TK, 0)], num_ranks)
     hit_TR = np.zeros((T, num_ranks + 1), dtype=bool)
     hit_TR[np.arange(T)[:, None], dest_TK] = True
     o_T = np.zeros(T, dtype=np.int64) if origin_T is None else origin_T

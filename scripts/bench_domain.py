@@ -20,14 +20,17 @@ bound on the home-aware sends of *any* placement whose rank load stays within ``
 of the mean (the exact hypergraph ILP's proven bound on the domain arm's statistics), against the
 agnostic ILP's modelled sends on the shuffled arm's statistics.
 
-Corpus (no downloads): ``code`` (stdlib ``*.py``), ``english`` (pydoc topics) and ``build`` (the
-text files of CPython's ``config-*`` directory: Makefile, Setup*, makesetup, install-sh, ...),
-or ``--domain NAME=PATH`` (repeatable, >= 3 for the issue's setting).
+Corpus (no downloads), four domains from files every CPython install has: ``code`` (stdlib
+``*.py``), ``english`` (pydoc topics), ``build`` (the text files of CPython's ``config-*``
+directory: Makefile, Setup*, makesetup, install-sh, ...) and ``capi`` (the C API headers,
+``include/python3.X/**/*.h``); or ``--domain NAME=PATH`` (repeatable, >= 3 for the issue's
+setting). ``--mixture`` (default: equal weights) sets ``data.mixture``: with four domains of equal
+share on four ranks, the domain map gives each rank exactly one domain.
 
 Prints a table and one JSON line (last line); writes ``results.json`` and ``bench_domain.png``
 under ``--out``.
 
-    .venv/bin/python scripts/bench_domain.py                 # the documented run (~10 min, 2 cores)
+    .venv/bin/python scripts/bench_domain.py                 # the documented run (~8 min on 2 quiet cores)
     .venv/bin/python scripts/bench_domain.py --quick --out /tmp/bd   # CI smoke, ~1-2 min
 """
 
@@ -58,12 +61,14 @@ TARGETS = {  # the issue's targets
     "val_loss_delta_per_domain": ("<=", 0.02),  # max over domains of (domain - shuffled)
     "prepare_peak_rss_ratio_10x_over_1x": ("<=", 1.2),
 }
-DEFAULT = {"steps": 240, "measure_steps": 20, "workers": 4, "accum": 1, "global_batch": 32,
-           "experts": 16, "expert_ffn": 64, "max_bytes": 600_000, "solve_time": 8.0, "set": []}
+DEFAULT = {"steps": 240, "measure_steps": 20, "workers": 4, "accum": 1, "global_batch": 64,
+           "experts": 16, "expert_ffn": 64, "max_bytes": 600_000, "solve_time": 8.0, "precision": "bf16",
+           "set": []}
 QUICK = {"steps": 12, "measure_steps": 3, "workers": 2, "accum": 1, "global_batch": 8,
-         "experts": 4, "expert_ffn": 32, "max_bytes": 40_000, "solve_time": 1.0,
+         "experts": 4, "expert_ffn": 32, "max_bytes": 40_000, "solve_time": 1.0, "precision": "fp32",
          "set": ["model.dim=64", "model.ffn_dim=128", "model.max_seq_len=64", "data.seq_len=64",
                  "data.vocab_size=512"]}
+EVEN_MIXTURE = "even"  # --mixture default: every domain the same share of each global batch
 BUILD_FILES = ("Makefile", "Setup", "Setup.bootstrap", "Setup.local", "Setup.stdlib", "makesetup",
                "install-sh", "config.c", "config.c.in", "python-config.py")
 
@@ -75,17 +80,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-steps", type=int, help="steps measured per placement (default 20)")
     p.add_argument("--workers", type=int, help="Ray actors (default 4)")
     p.add_argument("--accum", type=int, help="micro-batches per step (default 1)")
-    p.add_argument("--global-batch", type=int, help="sequences per step (default 32)")
+    p.add_argument("--global-batch", type=int, help="sequences per step (default 64)")
     p.add_argument("--experts", type=int, help="routed experts per MoE layer (default 16, top-2)")
     p.add_argument("--expert-ffn", type=int, help="expert FFN width (default 64)")
     p.add_argument("--max-bytes", type=int, help="raw text per domain (default 600000)")
-    p.add_argument("--lbl-coeff", type=float, default=0.02, help="global LBL coefficient per MoE layer")
-    p.add_argument("--load-weight", type=float, default=2.0,
-                   help="placement.load_weight of both ILPs (default 2: 1.0 left rank load at 1.13 x mean)")
+    p.add_argument("--lbl-coeff", type=float, default=0.01,
+                   help="global LBL coefficient per MoE layer (default 0.01: 0.02 specialised less)")
+    p.add_argument("--load-weight", type=float, default=4.0,
+                   help="placement.load_weight of both ILPs (default 4: 2 left rank load at 1.14 x mean per step)")
     p.add_argument("--balance-cap", type=float, default=1.10, help="rank load cap of the bound (x mean)")
     p.add_argument("--solve-time", type=float, help="seconds per placement solve (default 8)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+                   help="train.precision (default bf16; --quick: fp32)")
+    p.add_argument("--mixture", default=EVEN_MIXTURE,
+                   help="data.mixture as 'a=1,b=2'; 'even' (default): equal weights; '' : rows per domain")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
-                   help="labelled text (file, directory, .jsonl, .parquet); default: code, english, build")
+                   help="labelled text (file, directory, .jsonl, .parquet); default: code, english, build, capi")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--quick", action="store_true", help="CI smoke size (2 workers, a few steps)")
     p.add_argument("--out", default="runs/bench_domain")
@@ -120,20 +130,41 @@ def build_domain_docs() -> list[str]:
     return docs
 
 
+def capi_domain_docs() -> list[str]:
+    """CPython's C API headers (``sysconfig``'s ``include`` path, ``**/*.h`` in sorted order)."""
+    inc = Path(sysconfig.get_paths().get("include") or "")
+    docs = []
+    for f in sorted(inc.rglob("*.h")) if inc.is_dir() else []:
+        try:
+            docs.append(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    if not docs:
+        raise SystemExit(f"bench_domain: no C headers in {str(inc)!r}; give --domain NAME=PATH for each domain")
+    return docs
+
+
 def write_bundled_corpus(out: Path) -> list[str]:
-    """The three default domains as JSONL files under ``out`` (one document per line)."""
+    """The four default domains as JSONL files under ``out`` (one document per line)."""
     from moetrain.data.corpus import pydoc_topic_docs, stdlib_code_docs
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for name, docs in (("code", stdlib_code_docs()), ("english", pydoc_topic_docs()),
-                       ("build", build_domain_docs())):
+                       ("build", build_domain_docs()), ("capi", capi_domain_docs())):
         path = out / f"{name}.jsonl"
         with path.open("w", encoding="utf-8") as f:
             for d in docs:
                 f.write(json.dumps({"text": d}) + "\n")
         entries.append(f"{name}={path}")
     return entries
+
+
+def mixture_entries(mixture: str, domains: list[str]) -> list[str]:
+    """``--mixture`` as ``data.mixture`` entries: 'even' -> every domain weight 1; '' -> []."""
+    if mixture == EVEN_MIXTURE:
+        return [f"{d.partition('=')[0]}=1" for d in domains]
+    return [m for m in mixture.split(",") if m]
 
 
 def build_config(args: argparse.Namespace, assignment: str, domains: list[str]) -> RunConfig:
@@ -148,10 +179,12 @@ def build_config(args: argparse.Namespace, assignment: str, domains: list[str]) 
         f"cluster.run_name=bench-domain-{assignment}", "logging.wandb=disabled", "logging.progress=false",
         "checkpoint.uri=", "placement.replan_every=0", f"placement.window={max(1, args.measure_steps)}",
         "placement.sample_tokens=16384", f"data.rank_assignment={assignment}",
-        f"data.max_bytes_per_domain={args.max_bytes}", *args.set,
+        f"data.max_bytes_per_domain={args.max_bytes}", f"train.precision={args.precision}", *args.set,
     ]
     cfg = load_config(args.config, overrides)
-    return validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="paths", paths=list(domains))))
+    data = dataclasses.replace(cfg.data, source="paths", paths=list(domains),
+                               mixture=mixture_entries(args.mixture, domains))
+    return validate(dataclasses.replace(cfg, data=data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,15 +204,34 @@ def rank_load_ratio(load_LE: np.ndarray, placement: Placement) -> np.ndarray:
 
 
 def _measure(group, steps: int, placement: Placement, tokens_layers: int) -> dict:
-    sends, ratio, hist = [], [], []
+    """Sends per token-layer and rank load max/mean per step (mean over steps and layers; and over
+    the ``steps`` steps' summed loads, ``_window``: the placement's balance without per-step noise)."""
+    sends, ratio, hist, load_sum = [], [], [], 0.0
     for _ in range(steps):
         m = group.call("train_step")[0]
         sends.append(m.offrank_sends / tokens_layers)
         ratio.append(rank_load_ratio(m.load_LE, placement))
+        load_sum = load_sum + np.asarray(m.load_LE, dtype=np.float64)
         hist.append(m.lm_loss)
     return {"sends_per_token": float(np.mean(sends)), "sends_per_token_steps": sends,
             "rank_load_max_over_mean": float(np.mean(ratio)), "rank_load_max_over_mean_worst": float(np.max(ratio)),
+            "rank_load_max_over_mean_window": float(np.mean(rank_load_ratio(load_sum, placement))),
             "lm_loss": hist}
+
+
+def specialisation(stats: RoutingStats, slots_per_rank: int) -> dict:
+    """How strongly each home rank's tokens prefer few experts: the share of its expert selections
+    that go to its ``slots_per_rank`` favourite experts (mean over layers), against
+    ``slots_per_rank / E`` for uniform routing. Holding its favourites, a rank keeps this share of
+    its selections local (if no other rank wants the same experts)."""
+    E, R = stats.num_experts, stats.num_home_ranks
+    top = np.zeros(R)
+    for l in range(stats.num_layers):
+        for r in range(R):
+            ids = stats.topk_ids_TLK[stats.home_T == r, l]
+            cnt = np.sort(np.bincount(ids[ids >= 0], minlength=E))[::-1]
+            top[r] += cnt[:slots_per_rank].sum() / max(cnt.sum(), 1) / stats.num_layers
+    return {"top_slots_share_per_home_rank": top.round(4).tolist(), "uniform": slots_per_rank / E}
 
 
 def train_arm(cfg: RunConfig, args: argparse.Namespace, home_aware: bool, log) -> dict:
@@ -311,9 +363,11 @@ def summarise(shuf: dict, dom: dict, bound: dict, args: argparse.Namespace) -> d
         "sends_reduction_domain_vs_shuffled_ilp": reduction(d_ilp, s_ilp),
         "sends_reduction_domain_vs_contiguous": reduction(d_ilp, s_contig),
         "rank_load_max_over_mean": dom["solved"]["rank_load_max_over_mean"],
+        "rank_load_max_over_mean_window": dom["solved"]["rank_load_max_over_mean_window"],
         "rank_load_max_over_mean_shuffled_ilp": shuf["solved"]["rank_load_max_over_mean"],
         "rank_load_max_over_mean_contiguous": {"shuffled": shuf["contiguous"]["rank_load_max_over_mean"],
                                                "domain": dom["contiguous"]["rank_load_max_over_mean"]},
+        "specialisation_domain_arm": specialisation(dom["stats"], dom["topology"].slots_per_rank[0]),
         "val_loss_delta_per_domain": {d: dom["val_loss"][d] - shuf["val_loss"][d] for d in dom["val_loss"]},
         "val_loss": {"shuffled": shuf["val_loss"], "domain": dom["val_loss"]},
         "bound_home_sends_per_token_layer": bound["bound"], "bound_status": bound["status"],

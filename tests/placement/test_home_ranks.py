@@ -41,6 +41,25 @@ def test_sends_from_home_rank_hand_computed():
     assert evaluate(s, p2, topo).sends == pytest.approx(4 / 5)
 
 
+def test_replica_on_the_home_rank_is_used_as_the_dispatcher_does():
+    # 3 ranks x 2 slots: [0, 1 | 2, 0 | 3, 1]; expert 0 on ranks 0 and 1, expert 1 on 0 and 2
+    p = Placement(np.array([[0, 1, 2, 0, 3, 1]]), (2, 2, 2), 4)
+    ids = np.array([[0, 2], [0, 3], [0, 1], [0, 1]])[:, None, :]
+    home = np.array([1, 1, 2, 2])
+    # t0 {0,2} home 1: rank 1 holds both -> 0 sends (t mod c would send it to rank 0 for expert 0)
+    # t1 {0,3} home 1: expert 0 local, 3 on rank 2 -> 1; t2 {0,1} home 2: 1 local, 0 via replica
+    # 2 mod 2 = 0 (slot 0, rank 0) -> 1; t3 the same -> 1: 3 sends / 4 tokens
+    cost = evaluate(from_topk_ids(ids, 4, home_T=home), p, Topology(3, 2))
+    assert cost.sends == pytest.approx(3 / 4)
+    # load: rank 0 computes t2's and t3's expert 0 (2), rank 1 t0's 0 and 2, t1's 0 (3), rank 2 3
+    assert cost.max_load_L[0] == pytest.approx(3 / 4)
+    from moetrain.parallel.dispatcher import route_table  # the dispatcher's own rule agrees
+
+    dest_RE, _ = route_table(p, 0)
+    sends = sum(len({int(dest_RE[o, e]) for e in ids[t, 0]} - {int(o)}) for t, o in enumerate(home))
+    assert sends == 3
+
+
 def test_home_rank_outside_topology_is_an_error():
     with pytest.raises(Exception, match="home rank 2"):
         evaluate(_stats(home=np.array([0, 0, 2, 0, 1])), Placement.contiguous(1, 4, 2), Topology(2, 2))

@@ -42,7 +42,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
     line = json.loads(proc.stdout.strip().splitlines()[-1])
 
     assert all(k in line for k in KEYS)
-    assert set(line["val_loss_delta_per_domain"]) == {"code", "english", "build"}
+    assert set(line["val_loss_delta_per_domain"]) == {"code", "english", "build", "capi"}
     # the same rows per micro-batch: the two assignments train the same model (float order aside)
     assert all(abs(d) < 1e-3 for d in line["val_loss_delta_per_domain"].values())
     # the id sample covers every measured contiguous step (3 steps x 8 rows x 64 tokens < the
@@ -59,3 +59,21 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     assert set(results["arms"]) == {"shuffled", "domain"}
+
+
+def test_mixture_entries_and_specialisation_hand_computed():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import numpy as np
+    from bench_domain import mixture_entries, specialisation
+
+    from placement import from_topk_ids
+
+    domains = ["code=/x/code.jsonl", "english=/x/en.jsonl"]
+    assert mixture_entries("even", domains) == ["code=1", "english=1"]
+    assert mixture_entries("", domains) == []
+    assert mixture_entries("code=3,english=1", domains) == ["code=3", "english=1"]
+    # home 0 picks {0,1},{0,2}: favourite 2 of 4 experts get 3 + 1 of 4 selections (ties: any);
+    # home 1 picks {2,3},{2,3}: 4 of 4
+    ids = np.array([[0, 1], [0, 2], [2, 3], [2, 3]])[:, None, :]
+    spec = specialisation(from_topk_ids(ids, 4, home_T=np.array([0, 0, 1, 1])), 2)
+    assert spec == {"top_slots_share_per_home_rank": [0.75, 1.0], "uniform": 0.5}
