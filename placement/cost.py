@@ -2,7 +2,8 @@
 
 Owns: :class:`CostBreakdown`, :func:`evaluate`, and the per-layer pieces the solvers reuse
 (:func:`virtual_ids`, the replica rule; :func:`origin_classes`, who pays what to reach a rank;
-:func:`rank_hits_exact`, :func:`need_by_origin`, :func:`rank_hits_pairwise`, :func:`holders_ER`).
+:func:`rank_hits_exact`, :func:`need_by_origin`, :func:`rank_hits_pairwise`, :func:`holders_ER`;
+:func:`token_sends_T`, each token's sends, for paired comparisons).
 
 Legend: T tokens, L layers, K top-k, E experts, R ranks, S slots, O origin rank.
 
@@ -207,6 +208,28 @@ def rank_hits_pairwise(load_E: np.ndarray, coact_EE: np.ndarray, phy2log_S: np.n
         sub = coact_EE[np.ix_(ex, ex)] / np.outer(cnt_E[ex], cnt_E[ex])
         need_R[r] -= sub.sum() / 2.0
     return need_R, load_R
+
+
+def token_sends_T(stats: RoutingStats, placement: Placement, topology: Topology) -> np.ndarray:
+    """[T] each token's off-rank sends (dedup, the exact evaluator's rule), mean over layers:
+    its mean is ``evaluate(...).sends``. For paired comparisons of two placements on the same
+    tokens (scripts/bench_placement.py's bootstrap interval). Needs per-token ids."""
+    if stats.topk_ids_TLK is None:
+        raise PlacementError("token_sends_T needs per-token topk_ids; these statistics hold aggregates only")
+    check_compatible(stats, placement, topology)
+    R, L = topology.num_ranks, stats.num_layers
+    T = stats.topk_ids_TLK.shape[0]
+    origin_T, _, off_OR = origin_classes(stats, topology)
+    off_TR = off_OR[np.zeros(T, dtype=np.int64) if origin_T is None else origin_T]
+    out_T = np.zeros(T)
+    for l in range(L):
+        ids_TK = stats.topk_ids_TLK[:, l]
+        slot_TK = np.maximum(virtual_ids(ids_TK, placement.phy2log_LS[l]), 0)
+        dest_TK = np.where(ids_TK >= 0, placement.slot_rank_S[slot_TK], R)
+        hit_TR = np.zeros((T, R + 1), dtype=bool)
+        hit_TR[np.arange(T)[:, None], dest_TK] = True
+        out_T += (hit_TR[:, :R] * off_TR).sum(axis=1)
+    return out_T / max(L, 1)
 
 
 def transition_hops(trans_EE: np.ndarray, hold_a_ER: np.ndarray, hold_b_ER: np.ndarray) -> float:

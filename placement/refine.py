@@ -47,33 +47,47 @@ FM_MAX_PASSES = 20  # passes per refinement (each one must improve to continue)
 TOL = 1e-12
 
 
-class _Moves:
-    """Pin counts and loads of one assignment; the delta of every move; applying moves."""
+class _Incidence:
+    """The static part of one hypergraph that FM reads on every move: built once per
+    refinement (iterated FM shares it across its rounds)."""
 
-    def __init__(self, hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, load_weight: float,
-                 fetch_VR: np.ndarray):
-        V, R = hg.num_vertices, w_R.shape[0]
-        self.V, self.R, self.T = V, R, float(max(hg.num_tokens, 1))
-        self.w_R, self.lw, self.fetch_VR = w_R, float(load_weight), fetch_VR
-        self.single_V, self.load_V, self.weight_H = hg.single_V, hg.load_V, hg.weight_H
+    def __init__(self, hg: LayerHypergraph):
+        V = hg.num_vertices
         self.B_VH = np.zeros((V, hg.num_edges))
         self.B_VH[hg.edge_pins, hg.edge_of_pin()] = 1.0
-        self.B_HV = np.ascontiguousarray(self.B_VH.T)
         self.edges_V = [np.flatnonzero(b) for b in self.B_VH]
-        self.rank_V = np.asarray(rank_V, dtype=np.int64).copy()
-        self.phi_HR = self.B_VH.T @ np.eye(R)[self.rank_V]
-        # weight of v's hyperedges that miss rank r (add_VR) / have one pin on r (one_VR):
-        # integer token counts, so the incremental updates in move() stay exact
-        wt = self.weight_H[:, None]
-        self.add_VR = self.B_VH @ (wt * (self.phi_HR == 0))
-        self.one_VR = self.B_VH @ (wt * (self.phi_HR == 1))
-        self.load_R = np.bincount(self.rank_V, weights=self.load_V, minlength=R)
-        self.count_R = np.bincount(self.rank_V, minlength=R)
+        # per vertex: its hyperedges' weights and their incidence rows [deg, V] (move())
+        self.wt_V = [hg.weight_H[e] for e in self.edges_V]
+        self.sub_V = [np.ascontiguousarray(self.B_VH[:, e].T) for e in self.edges_V]
         # replicas of one expert: the previous / next replica's vertex (-1: none)
         rep = hg.replica_V
         self.prev_V = np.where(rep > 0, np.arange(V) - 1, -1)
         nxt = np.append(rep[1:] > 0, False)
         self.next_V = np.where(nxt, np.arange(V) + 1, -1)
+
+
+class _Moves:
+    """Pin counts and loads of one assignment; the delta of every move; applying moves."""
+
+    def __init__(self, hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, load_weight: float,
+                 fetch_VR: np.ndarray, inc: _Incidence | None = None):
+        V, R = hg.num_vertices, w_R.shape[0]
+        self.V, self.R, self.T = V, R, float(max(hg.num_tokens, 1))
+        self.w_R, self.lw, self.fetch_VR = w_R, float(load_weight), fetch_VR
+        self.single_V, self.load_V, self.weight_H = hg.single_V, hg.load_V, hg.weight_H
+        inc = _Incidence(hg) if inc is None else inc
+        self.edges_V, self.wt_V, self.sub_V = inc.edges_V, inc.wt_V, inc.sub_V
+        self.prev_V, self.next_V = inc.prev_V, inc.next_V
+        self.rank_V = np.asarray(rank_V, dtype=np.int64).copy()
+        # pin counts, rank-major so that move() updates two contiguous rows
+        self.phi_RH = np.ascontiguousarray((inc.B_VH.T @ np.eye(R)[self.rank_V]).T)
+        # weight of v's hyperedges that miss rank r (add_VR) / have one pin on r (one_VR):
+        # integer token counts, so the incremental updates in move() stay exact
+        wt = self.weight_H[:, None]
+        self.add_VR = inc.B_VH @ (wt * (self.phi_RH.T == 0))
+        self.one_VR = inc.B_VH @ (wt * (self.phi_RH.T == 1))
+        self.load_R = np.bincount(self.rank_V, weights=self.load_V, minlength=R)
+        self.count_R = np.bincount(self.rank_V, minlength=R)
 
     def delta_VR(self, rows: np.ndarray | None = None) -> np.ndarray:
         """[n, R] objective change of moving vertex ``rows[i]`` (default: all) to rank r (+inf
@@ -115,13 +129,18 @@ class _Moves:
     def move(self, v: int, r: int) -> None:
         a = int(self.rank_V[v])
         pins = self.edges_V[v]
-        pa, pr = self.phi_HR[pins, a], self.phi_HR[pins, r]
-        self.phi_HR[pins, a] = pa - 1
-        self.phi_HR[pins, r] = pr + 1
-        wt = self.weight_H[pins]
-        change = np.stack([wt * (pa == 1), -wt * (pr == 0),  # now misses a / now reaches r
-                           wt * ((pa == 2).astype(float) - (pa == 1)), wt * ((pr == 0).astype(float) - (pr == 1))])
-        d = change @ self.B_HV[pins]  # [4, V]
+        row_a, row_r = self.phi_RH[a], self.phi_RH[r]
+        pa, pr = row_a[pins], row_r[pins]
+        row_a[pins] = pa - 1
+        row_r[pins] = pr + 1
+        wt = self.wt_V[v]
+        a1, r0 = pa == 1, pr == 0
+        change = np.empty((4, len(pins)))
+        change[0] = wt * a1  # hyperedges that now miss a
+        change[1] = -wt * r0  # ... that now reach r
+        change[2] = wt * ((pa == 2).astype(float) - a1)  # ... that keep one pin on a / had one on r
+        change[3] = wt * (r0.astype(float) - (pr == 1))
+        d = change @ self.sub_V[v]  # [4, V]
         self.add_VR[:, a] += d[0]
         self.add_VR[:, r] += d[1]
         self.one_VR[:, a] += d[2]
@@ -163,7 +182,8 @@ def _fm_pass(st: _Moves, slots_R: np.ndarray, patience: int) -> float:
 
 def fm_refine(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_R: np.ndarray,
               load_weight: float, fetch_VR: np.ndarray | None = None, *, patience: int = FM_PATIENCE,
-              max_passes: int = FM_MAX_PASSES, deadline: float = float("inf")) -> np.ndarray:
+              max_passes: int = FM_MAX_PASSES, deadline: float = float("inf"),
+              _inc: _Incidence | None = None) -> np.ndarray:
     """FM passes from the balanced assignment ``rank_V`` [V] (vertex counts per rank equal
     ``slots_R``; replicas of each expert on increasing ranks) until a pass finds nothing,
     ``max_passes`` or ``deadline``. Returns a balanced assignment whose objective
@@ -174,7 +194,7 @@ def fm_refine(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_R:
         raise ValueError(f"rank_V holds {np.bincount(rank_V, minlength=len(slots_R)).tolist()} vertices "
                          f"per rank, slots_R {slots_R.tolist()}")
     fetch = np.zeros((hg.num_vertices, len(w_R))) if fetch_VR is None else np.asarray(fetch_VR, dtype=np.float64)
-    st = _Moves(hg, rank_V, w_R, load_weight, fetch)
+    st = _Moves(hg, rank_V, w_R, load_weight, fetch, _inc)
     for _ in range(max_passes):
         if time.monotonic() > deadline or not _fm_pass(st, slots_R, patience) < -TOL:
             break
@@ -211,7 +231,8 @@ def iterated_fm(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_
     def obj(r: np.ndarray) -> float:
         return hg.objective(r, w_R, load_weight, fetch_VR)
 
-    best = fm_refine(hg, rank_V, w_R, slots_R, load_weight, fetch_VR, deadline=deadline)
+    inc = _Incidence(hg)
+    best = fm_refine(hg, rank_V, w_R, slots_R, load_weight, fetch_VR, deadline=deadline, _inc=inc)
     best_obj = min(obj(best), obj(rank_V))
     if obj(rank_V) <= obj(best):
         best = np.asarray(rank_V).copy()
@@ -220,7 +241,7 @@ def iterated_fm(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_
         if time.monotonic() > deadline:
             break
         cand = fm_refine(hg, perturb_ranks(best, hg.replica_V, rng, swaps), w_R, slots_R, load_weight, fetch_VR,
-                         deadline=deadline)
+                         deadline=deadline, _inc=inc)
         done += 1
         c = obj(cand)
         if c < best_obj - TOL:

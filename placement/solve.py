@@ -6,7 +6,9 @@ results, so moetrain can call it from a Ray task.
 
 Legend: L layers, E experts, V vertices (expert replicas), R ranks, S slots.
 
-``method="ilp"`` per layer (layer l's deadline is ``start + time_limit_s * (l + 1) / L``), each
+``method="ilp"`` per layer (layer l gets an equal share of the time left: its deadline is
+``now + (start + time_limit_s - now) / (L - l)``, so a layer whose MIP overran its limit, which
+HiGHS can do by seconds, does not starve the next layer's search), each
 phase a function below, every answer scored by the exact cost model before it is kept:
 
 1. **heuristics** (not cut by the deadline): greedy (EPLB-style) and the deterministic swap local
@@ -408,6 +410,12 @@ def _check_args(method: str, time_limit_s: float, load_weight: float, migration_
         raise PlacementError(f"max_hyperedges ({max_hyperedges}) must be >= 0")
 
 
+def _layer_deadline(end: float, l: int, num_layers: int) -> float:
+    """Layer l's deadline: an equal share of the time left before ``end`` (none when past it)."""
+    now = time.monotonic()
+    return now + max(end - now, 0.0) / (num_layers - l)
+
+
 def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp", *,
                     current: Placement | None = None, time_limit_s: float = 10.0,
                     load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
@@ -442,7 +450,7 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
                            hierarchical, balance_cap, int(seed), int(restarts), int(max_hyperedges))
         rows, reports = [], []
         for l in range(L):
-            row, rep = _solve_layer(ctx, l, method, t0 + time_limit_s * (l + 1) / L)
+            row, rep = _solve_layer(ctx, l, method, _layer_deadline(t0 + time_limit_s, l, L))
             rows.append(row)
             reports.append(rep)
         p = Placement(np.stack(rows), topology.slots_per_rank, E)

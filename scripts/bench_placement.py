@@ -20,7 +20,10 @@ Columns: held-out off-rank token sends per token (dedup, mean over layers) and t
 contiguous, held-out rank load max/mean (mean and worst layer), fitted objective, solve time
 per layer, the ILP's proven bound on the fitted objective and gap, and for the ILP how many
 layers the FM refinement improved on the tabu search's answer, and how many its MIP phases (exact
-ILP, two-rank LNS) improved on their warm start (the refined answer), and by how much.
+ILP, two-rank LNS) improved on their warm start (the refined answer), and by how much. For
+"ilp_lw0", the held-out sends minus Mt-KaHyPar's with a 95% paired-bootstrap interval (the
+held-out tokens resampled, both placements scored on each resample): how far a case's gap is
+from the sampling noise of the held-out half.
 
 Scale case: 16 layers synthesised from the OLMoE layer by permuting its expert ids with a
 per-layer seed, 64 experts x 8 ranks, solved by the ILP pipeline within one 55 s budget.
@@ -47,12 +50,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from placement import (Placement, Topology, evaluate, from_topk_ids, load_routing, solve_placement,  # noqa: E402
                        split_tokens)
 from placement.baselines import replica_counts  # noqa: E402
+from placement.cost import token_sends_T  # noqa: E402
 from placement.hypergraph import build_hypergraph  # noqa: E402
 from placement.solve import DEFAULT_RESTARTS  # noqa: E402
 
 TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().parents[2] / "shared" / "traces")
 SOLVED = ("greedy", "local_search", "ilp", "ilp_lw0")
 MTK_MAX_SEEDS = 64
+BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap of the held-out sends difference, ilp_lw0 - mtkahypar
 _MTK = None
 
 
@@ -131,6 +136,18 @@ def mtkahypar_placement(fit, topo: Topology, budget_s: float) -> tuple[Placement
     return Placement(np.stack(rows), topo.slots_per_rank, E), time.monotonic() - t0, runs
 
 
+def paired_interval(a_T: np.ndarray, b_T: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``a_T - b_T`` (per-token figures of two placements on the same tokens) and its
+    95% paired-bootstrap percentile interval (tokens resampled with replacement, seeded)."""
+    if np.ndim(a_T) != 1 or np.shape(a_T) != np.shape(b_T) or not np.size(a_T):
+        raise ValueError(f"paired_interval needs two equal non-empty [T] arrays, got {np.shape(a_T)}, {np.shape(b_T)}")
+    d_T = np.asarray(a_T, dtype=np.float64) - np.asarray(b_T, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, d_T.size, (resamples, d_T.size))
+    means = d_T[idx].mean(axis=1)
+    return float(d_T.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def _fm_gain(r) -> float:
     """Fitted objective the FM refinement gained over the tabu search in one layer."""
     st = dict(r.stages)
@@ -155,7 +172,7 @@ def _ilp_info(res) -> dict:
 def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: float,
              restarts: int = DEFAULT_RESTARTS) -> list[dict]:
     fit, held = split_tokens(stats, seed=0)
-    rows = []
+    rows, placements = [], {}
     ilp_lw0_s = per_layer_s * fit.num_layers
     for method in ("contiguous", "round_robin") + SOLVED + ("mtkahypar",):
         lw = 0.0 if method in ("ilp_lw0", "mtkahypar") else load_weight
@@ -175,6 +192,7 @@ def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: 
             fit_cost = evaluate(fit, placement, topo, load_weight=lw)
             bound, model_obj, gap = res.bound, res.model_objective, res.gap
         cpu = time.process_time() - c0
+        placements[method] = placement
         h = evaluate(held, placement, topo, load_weight=load_weight)
         rows.append({"case": name, "method": method, "load_weight": lw,
                      "held_sends": h.sends, "held_imbalance": h.imbalance,
@@ -182,6 +200,10 @@ def run_case(name: str, stats, topo: Topology, per_layer_s: float, load_weight: 
                      "fit_sends": fit_cost.sends, "solve_s": solve_s,
                      "solve_s_per_layer": solve_s / fit.num_layers,
                      "bound": bound, "model_objective": model_obj, "gap": gap, "cpu_s": cpu, **extra})
+    lw0, mtk = (next(r for r in rows if r["method"] == m) for m in ("ilp_lw0", "mtkahypar"))
+    diff, lo, hi = paired_interval(token_sends_T(held, placements["ilp_lw0"], topo),
+                                   token_sends_T(held, placements["mtkahypar"], topo))
+    lw0.update(vs_mtk_diff=diff, vs_mtk_ci95=[lo, hi], vs_mtk_diff_tokens=diff * held.num_tokens)
     base = rows[0]["held_sends"]
     for r in rows:
         r["reduction_vs_contiguous"] = 1.0 - r["held_sends"] / base
@@ -219,6 +241,9 @@ def print_table(rows: list[dict]) -> None:
             note = (f"  FM improved {r['fm_improved_layers']} layers by {r['fm_improvement']:.4f}, "
                     f"MIP {r['mip_improved_layers']} by {r['mip_improvement']:.4f}"
                     + (f"; capped: {','.join(r['capped_phases'])}" if r["capped_phases"] else ""))
+            if "vs_mtk_ci95" in r:
+                lo, hi = r["vs_mtk_ci95"]
+                note += f"; vs mtkahypar {r['vs_mtk_diff']:+.5f} [{lo:+.5f}, {hi:+.5f}]"
         elif r["method"] == "mtkahypar":
             note = f"  {r['mtk_runs']} seeded runs"
         print(f"{r['case']:<8}{r['tname']:<11}{r['method']:<13}{r['held_sends']:>11.4f}"
@@ -252,6 +277,13 @@ def targets_of(rows: list[dict], scale: dict | None) -> tuple[dict, dict]:
     targets["ilp_le_mtkahypar_all_cases"] = bool(le_mtk) and all(le_mtk)  # like for like: load weight 0
     informational = {"ilp_lw_le_mtkahypar_all_cases": bool(le_mtk_lw) and all(le_mtk_lw),
                      "ilp_le_mtkahypar_cases": f"{sum(le_mtk)}/{len(le_mtk)}",
+                     # paired bootstrap (95%) of the held-out sends, ilp_lw0 - mtkahypar, per case
+                     "ilp_vs_mtkahypar_ci95": {f"{r['case']} {r['tname']}": [round(x, 5) for x in r["vs_mtk_ci95"]]
+                                               for r in rows if "vs_mtk_ci95" in r},
+                     "ilp_significantly_worse_than_mtkahypar_cases": sum(
+                         r["vs_mtk_ci95"][0] > 0 for r in rows if "vs_mtk_ci95" in r),
+                     "ilp_significantly_better_than_mtkahypar_cases": sum(
+                         r["vs_mtk_ci95"][1] < 0 for r in rows if "vs_mtk_ci95" in r),
                      "ilp_fm_improved_layers": sum(r["fm_improved_layers"] for r in ilp_rows),
                      "ilp_mip_improved_layers": sum(r["mip_improved_layers"] for r in ilp_rows),
                      "ilp_layers": sum(len(r["sources"]) for r in ilp_rows)}

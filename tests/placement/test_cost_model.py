@@ -99,3 +99,25 @@ def test_mismatch_errors():
         Topology(2, 1, origin_R=(0.9, 0.9))
     with pytest.raises(TopologyError, match="cannot hold"):
         Topology(2, 1).check_experts(4)
+
+
+def test_token_sends_by_hand_and_their_mean_is_evaluate():
+    from placement.cost import token_sends_T
+    # 2 ranks x 2 slots, experts {0, 1} on rank 0, {2, 3} on rank 1; one layer, top-2
+    ids = np.array([[0, 1], [0, 2], [2, 3], [1, -1]])[:, None, :]
+    stats = from_topk_ids(ids, 4)
+    topo = Topology(2, 2)
+    p = Placement(np.array([[0, 1, 2, 3]]), topo.slots_per_rank, 4)
+    # uniform origin: a token reaching ranks {r} sends sum_r (1 - 1/2); {0, 2} reaches both
+    assert token_sends_T(stats, p, topo).tolist() == [0.5, 1.0, 0.5, 0.5]
+    # home ranks 0, 1, 1, 0: a token sends once per rank other than its home that it needs
+    homed = from_topk_ids(ids, 4, home_T=np.array([0, 1, 1, 0]))
+    assert token_sends_T(homed, p, topo).tolist() == [0.0, 1.0, 0.0, 0.0]
+    # replicas, two layers, two link costs, skewed origin: the mean is evaluate()'s sends
+    rng = np.random.default_rng(7)
+    ids2 = np.stack([rng.permutation(6)[:3] for _ in range(50 * 2)]).reshape(50, 2, 3)
+    stats2 = from_topk_ids(ids2, 6)
+    topo2 = Topology(4, 2, ranks_per_node=2, inter_node_cost=3.0, origin_R=(0.4, 0.3, 0.2, 0.1))
+    p2 = Placement(np.array([[0, 2, 1, 3, 0, 4, 1, 5], [5, 4, 3, 2, 1, 0, 0, 1]]), topo2.slots_per_rank, 6)
+    got = token_sends_T(stats2, p2, topo2)
+    assert got.shape == (50,) and got.mean() == pytest.approx(evaluate(stats2, p2, topo2).sends, abs=1e-12)

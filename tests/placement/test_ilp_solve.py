@@ -216,3 +216,15 @@ def test_swap_deltas_pair_list_equal_dense(qwen, monkeypatch):
             sparse.swap(s, u)
             dense.swap(s, u)
         assert np.allclose(sparse.delta_SS(), dense.delta_SS(), atol=1e-12)
+
+
+def test_layer_deadline_shares_the_time_left_equally():
+    from placement.solve import _layer_deadline
+    now = time.monotonic()
+    # 10 s left, 5 layers to go: 2 s each; the last layer gets all that is left
+    assert _layer_deadline(now + 10.0, 0, 5) - now == pytest.approx(2.0, abs=0.05)
+    assert _layer_deadline(now + 10.0, 4, 5) - now == pytest.approx(10.0, abs=0.05)
+    # layer 3 of 5 after an earlier layer overran: it still gets half of what is left, not 0
+    assert _layer_deadline(now + 3.0, 3, 5) - now == pytest.approx(1.5, abs=0.05)
+    # past the end: no time (the deadline is now)
+    assert _layer_deadline(now - 1.0, 2, 5) <= time.monotonic()

@@ -87,6 +87,12 @@ def test_bench_placement_small_budget():
             assert get(method)["bound"] <= get(method)["model_objective"] + 1e-6  # a lower bound
         assert get("ilp_lw0")["load_weight"] == 0.0 and get("mtkahypar")["mtk_runs"] >= 1
         le_mtk.append(get("ilp_lw0")["held_sends"] <= get("mtkahypar")["held_sends"] + 1e-5)  # JSON rounds
+        # the paired interval is of the held-out sends difference the rows report
+        lw0 = get("ilp_lw0")
+        assert lw0["vs_mtk_diff"] == pytest.approx(lw0["held_sends"] - get("mtkahypar")["held_sends"], abs=2e-5)
+        lo, hi = lw0["vs_mtk_ci95"]
+        assert lo - 1e-5 <= lw0["vs_mtk_diff"] <= hi + 1e-5
+        assert out["ilp_vs_mtkahypar_ci95"][f"{case} {tname}"] == [round(lo, 5), round(hi, 5)]
         for method in ("ilp", "ilp_lw0", "local_search", "greedy", "mtkahypar"):
             r = get(method)
             assert r["reduction_vs_contiguous"] == pytest.approx(
@@ -95,6 +101,8 @@ def test_bench_placement_small_budget():
     # the like-for-like target (load weight 0 on both sides) is what the JSON says it is
     assert out["ilp_le_mtkahypar_cases"] == f"{sum(le_mtk)}/{len(le_mtk)}"
     assert out["targets"]["ilp_le_mtkahypar_all_cases"] == all(le_mtk)
+    cis = [rows[(case, tname, "ilp_lw0")]["vs_mtk_ci95"] for case, tname in groups]
+    assert out["ilp_significantly_worse_than_mtkahypar_cases"] == sum(lo > 0 for lo, _ in cis)
     assert out["all_targets_met"] == all(out["targets"].values())
 
 
