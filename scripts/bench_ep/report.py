@@ -65,7 +65,7 @@ def _flops_fig(out) -> dict:
     return {"value": fs["share_paired"], "world": ws, "rounds": fs["rounds"],
             "model_gflops_per_rank": fs["model_gflops_per_rank"], "gemm_gflops_per_rank": fs["gemm_gflops_per_rank"],
             "note": "balanced whole-model mt_dropless step: useful FLOPs (model.model_train_flops) per second per rank "
-                    "over the rate of [tokens, D] x [D, F] fp32 matmuls timed in the same rounds"}
+                    "over the rate of [tokens, D] x [D, F] matmuls in the same precision timed in the same rounds"}
 
 
 def _overlap_fig(out) -> dict:
@@ -85,6 +85,23 @@ def issue14_figures(out, args) -> dict:
         f["target"] = ISSUE14_TARGETS[k]
         f["met"] = f["value"] is not None and f["value"] >= f["target"]
     return figs
+
+
+def precision_key(key: str, precision: str) -> str:
+    """The top-level JSON name of an issue-14 key in a precision: fp32 unsuffixed, else
+    ``<key>_<precision>`` (``balanced_layer_speedup_vs_ds_cap_bf16``)."""
+    return key if precision == "fp32" else f"{key}_{precision}"
+
+
+def print_precision_pass(sec: dict, precision: str) -> None:
+    """The layer and model tables, profiles, overlap and issue-14 figures of a later pass."""
+    print(f"======== precision {precision} (every variant; see docs/ep_performance.md) ========")
+    _layer_section(sec)
+    _speed_table(f"== 2. Whole model ({precision}) ==", sec["model"], MODEL_VARIANTS)
+    for ws, mod in sec["model"].items():
+        _profile_tables(f"model world {ws}", mod.get("profile_rank0", {}))
+    _overlap_section(sec)
+    _issue14_section(sec, precision)
 
 
 def headline(out, args) -> dict:
@@ -264,7 +281,7 @@ def print_table(out, args) -> None:
     _memory_section(out, args)
     print()
     _skew_section(out, args)
-    _issue14_section(out)
+    _issue14_section(out, args.precision_list[0])
     hl = out["headline"]
     if hl["config"]:
         print(f"  HEADLINE ({hl['config']}): speedup {hl['speedup_vs_deepspeed']:.2f}x paired "
@@ -284,8 +301,8 @@ def _overlap_section(out) -> None:
               + (f"; step time chunked vs unchunked x{sp['median']:.2f} median / {sp['paired']:.2f} paired" if sp else ""))
 
 
-def _issue14_section(out) -> None:
-    print("== Issue 14 figures (paired = median of per-round ratios) ==")
+def _issue14_section(out, precision: str = "fp32") -> None:
+    print(f"== Issue 14 figures, {precision} (paired = median of per-round ratios) ==")
     for k, f in out["issue14"].items():
         v = f["value"]
         vs = "n/a" if v is None else f"{v:.3f}"
