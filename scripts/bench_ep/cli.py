@@ -19,6 +19,7 @@ from .experts import expert_efficiency
 from .layer import summarize_layer, summarize_overlap
 from .memory import add_ratios_vs_world_1, mem_worker, summarize_memory
 from .model import summarize_model
+from .overlap_micro import overlap_worker, summarize_overlap_micro
 from .report import balanced_parity, headline, issue14_figures, precision_key, print_precision_pass, print_table
 from .skew import skew_summary
 from .worker import run_group
@@ -73,6 +74,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adamw", choices=("loop", "foreach", "fused"), default="fused",
                    help="torch.optim.AdamW implementation of every variant (moetrain's trainer uses fused)")
     p.add_argument("--threads-main", type=int, default=1)
+    p.add_argument("--overlap-worlds", default="2,4",
+                   help="worlds of the overlap microbenchmark (all-to-all alone, GEMM alone, both at once; '' skips)")
+    p.add_argument("--overlap-iters", type=int, default=10)
     p.add_argument("--precision", default="fp32",
                    help="training precision of every variant: fp32, bf16 (moetrain's mixed precision: autocast, fp32 "
                         "master weights; DeepSpeed under the same autocast, see ds_baseline.DSMixedPrecision) or "
@@ -96,6 +100,7 @@ def parse_args(argv=None):
     args.model_cf_list = fl(args.model_cfs + f",{args.capacity_factor}")
     args.world_list = [int(w) for w in args.world_sizes.split(",") if w]
     args.precision_list = _precisions(p, args.precision)
+    args.overlap_world_list = [int(w) for w in args.overlap_worlds.split(",") if w]
     args.mem_world_list = [int(w) for w in args.mem_world_sizes.split(",") if w]
     return args
 
@@ -168,6 +173,8 @@ def _run_pass(out: dict, args, precision: str, first: bool, t_start: float) -> N
             continue
         _add_world(out, run_group(ws, pargs), pargs, ws)
         print(f"  world {ws} ({precision}) done at {time.perf_counter() - t_start:.0f} s")
+    out["overlap_micro"] = {str(ws): summarize_overlap_micro(run_group(ws, pargs, target=overlap_worker), ws)
+                            for ws in args.overlap_world_list}
 
 
 def _finish(out: dict, args, t_start: float, passes: dict) -> None:
@@ -211,7 +218,7 @@ def main(argv=None) -> dict:
     passes = {}
     for i, prec in enumerate(args.precision_list):
         passes[prec] = out if i == 0 else {"layer": {}, "model": {}, "skew": {"layer": {}, "model": {}},
-                                           "overlap": {}}
+                                           "overlap": {}, "overlap_micro": {}}
         _run_pass(passes[prec], args, prec, i == 0, t_start)
     if cuda:
         _gpu_column(out, args)

@@ -68,7 +68,7 @@ def test_bench_ep_quick_json(tmp_path):
     cmd = [sys.executable, str(PACKAGE), "--quick", "--dim", "32", "--ffn", "64", "--experts", "4",
            "--tokens", "64", "--seq", "32", "--vocab", "128", "--layers", "1", "--heads", "2",
            "--warmup", "1", "--iters", "2", "--model-iters", "1", "--eff-iters", "2",
-           "--mem-ffn", "64", "--mem-tokens", "64", "--mem-world-sizes", "1,2", "--world-sizes", "2"]
+           "--mem-ffn", "64", "--mem-tokens", "64", "--mem-world-sizes", "1,2", "--world-sizes", "2", "--overlap-worlds", "2", "--overlap-iters", "2"]
     from moetrain.precision import bf16_native
     bf16 = bf16_native("cpu")[0]
     if bf16:
@@ -164,6 +164,14 @@ def _check_issue14(out: dict, stdout: str, with_ds: bool) -> None:
     keys = ("balanced_layer_speedup_vs_ds_cap", "balanced_layer_dropless_vs_ds_nodrop", "balanced_model_speedup_vs_ds",
             "skewed_layer_speedup_vs_ds", "skewed_model_speedup_vs_ds", "model_flops_share_of_gemm_peak",
             "overlap_hidden_comm_share")
+    micro = out["overlap_micro"]["2"]
+    assert micro["a2a_ms"] > 0 and micro["gemm_ms"] > 0 and micro["both_ms"] > 0 and micro["rounds"] == 2
+    assert out["issue14"]["overlap_hidden_comm_share"]["micro"]["2"] == micro
+    assert "world 2: all-to-all alone" in out["issue14"]["overlap_hidden_comm_share"]["why"]
+    if with_ds:  # the Amdahl ceiling of every balanced speedup, from the same run's profiles
+        for k in keys[:3]:
+            b = out["issue14"][k]["bound"]
+            assert b["bound_gemm_only"] >= b["bound"] > 0 and "ceiling" in out["issue14"][k]["why"]
     for k in keys:
         fig = out["issue14"][k]
         assert k in out and fig["target"] > 0 and fig["met"] == (fig["value"] is not None and fig["value"] >= fig["target"])
