@@ -148,7 +148,7 @@ def _check_bf16(out: dict, stdout: str, with_ds: bool) -> None:
     fs = sec["model"]["2"]["flops_share_of_gemm"]
     assert fs["share_paired"] == out["model_flops_share_of_gemm_peak_bf16"] > 0
     if with_ds:  # same routing; bf16 rounding apart (the fp32 pass is exact to 1e-4)
-        assert sec["layer"]["2"]["maxdiff_mt_dropless_vs_ds_nodrop"] < 0.05
+        assert sec["layer"]["2"]["maxdiff_mt_dropless_vs_ds_nodrop"] < 0.1
 
 
 def _check_issue14(out: dict, stdout: str, with_ds: bool) -> None:
