@@ -51,8 +51,8 @@ def _balanced_figs(out) -> dict:
     lay = out["layer"].get(ws, {})
     n = len(lay.get("mt_cap", {}).get("times_s", []))
     figs["balanced_layer_speedup_vs_ds_cap"] = _with_bound(_speedup_fig(
-        lay.get("speedup", {}).get("mt_cap_vs_ds_cap"), n, ws, "layer, balanced, mt cf vs ds cf"), lay, "mt_cap", "ds_cap",
-        ISSUE14_TARGETS["balanced_layer_speedup_vs_ds_cap"])
+        lay.get("speedup", {}).get("mt_cap_vs_ds_cap"), n, ws, "layer, balanced, mt cf vs ds cf"),
+        lay, "mt_cap", "ds_cap", ISSUE14_TARGETS["balanced_layer_speedup_vs_ds_cap"])
     figs["balanced_layer_dropless_vs_ds_nodrop"] = _with_bound(_speedup_fig(
         lay.get("speedup", {}).get("mt_dropless_vs_ds_nodrop"), n, ws, "layer, balanced, mt dropless vs ds no-drop"),
         lay, "mt_dropless", "ds_nodrop", ISSUE14_TARGETS["balanced_layer_dropless_vs_ds_nodrop"])
