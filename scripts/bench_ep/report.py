@@ -40,7 +40,7 @@ def _with_bound(fig: dict, table: dict, mt: str, ds: str, target: float) -> dict
     if b["bound"] is not None:
         fig["why"] = (f"ceiling {b['bound']:.2f}x (gemm-only {b['bound_gemm_only']:.2f}x): DeepSpeed's step "
                       f"{b['ds_step_ms']:.0f} ms over moetrain's GEMMs {b['mt_gemm_ms']:.0f} ms + ops both run "
-                      f"{b['shared_ms']:.0f} ms" + (" - below the target: blocked by GEMM time here"
+                      f"{b['shared_ms']:.0f} ms" + (" - below the target: blocked here by GEMMs + shared ops"
                                                     if b["bound"] < target else ""))
     return fig
 
