@@ -55,6 +55,7 @@ from moetrain.model.moe.dispatcher import DispatchMeta, capacity_keep_mask, expe
 from moetrain.parallel.a2a import (CommClock, Pending, all_to_all, all_to_all_ints, start_all_to_all,
                                    wait_all_to_all)
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.fanout import fan_out_rows, weighted_unit_sums
 from moetrain.precision import to_compute
 from placement.placement import Placement
 
@@ -140,6 +141,7 @@ class AllToAllDispatcher:
         self.dedup = dedup
         self.chunks = chunks
         self.clock = clock
+        self.lean_backward = True  # moetrain.parallel.fanout; False: plain indexing (reference, A/B)
         dest_rank, dest_slot = route_table(placement, layer)
         self._dest_rank_E = torch.from_numpy(dest_rank[ctx.rank].copy()).to(ctx.device)
         self._dest_slot_E = torch.from_numpy(dest_slot[ctx.rank].copy()).to(ctx.device)
@@ -214,13 +216,15 @@ class AllToAllDispatcher:
         key = torch.where(slot_VK >= 0, slot_VK, self.num_local_slots).view(-1)
         order_N = torch.argsort(key, stable=True)[:num_rows]
         pair_unit_N, k_N = order_N // K, order_N % K
-        x_ND = recv_VX[:, :D].index_select(0, pair_unit_N)
-        weight_N = recv_VX[pair_unit_N, D + k_N]
+        if not self.lean_backward:
+            return recv_VX[:, :D].index_select(0, pair_unit_N), pair_unit_N, recv_VX[pair_unit_N, D + k_N]
+        x_ND, weight_N = fan_out_rows(recv_VX, pair_unit_N, k_N, D)
         return x_ND, pair_unit_N, weight_N
 
-    @staticmethod
-    def _unit_sums(y_ND: Tensor, pair_unit_N: Tensor, weight_N: Tensor, num_units: int) -> Tensor:
+    def _unit_sums(self, y_ND: Tensor, pair_unit_N: Tensor, weight_N: Tensor, num_units: int) -> Tensor:
         """y_VD[v] = sum of weight * expert row over the rows of received unit v."""
+        if self.lean_backward:
+            return weighted_unit_sums(y_ND, weight_N, pair_unit_N, num_units)
         weighted = y_ND * weight_N.unsqueeze(1).to(y_ND.dtype)
         return y_ND.new_zeros((num_units, y_ND.shape[1])).index_add(0, pair_unit_N, weighted)
 

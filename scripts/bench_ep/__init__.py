@@ -46,6 +46,12 @@ step (other processes may be loading the CPU), and reported as medians and ratio
    table at the top level of the JSON and, with target / met / rounds, under ``issue14``
    (docs/ep_performance.md). Every variant uses the same AdamW (``--adamw``, default fused).
 
+8. precision (``--precision fp32|bf16|fp32,bf16``): every layer and model variant trains in that
+   precision; bf16 = moetrain's mixed precision (autocast around the forward, fp32 master
+   weights, router and losses in fp32) for both systems (``ds_baseline.DSMixedPrecision``).
+   A second pass (bf16 after fp32) puts its sections under ``precision.bf16`` and its issue-14
+   values at the top level as ``<key>_bf16``; the dedup study runs in the first pass only.
+
 Prints a table, then ONE JSON line with every figure (``speedup_vs_deepspeed``, ``target_met``,
 ``headline``, ``balanced_parity_paired``, ``issue14`` and its keys). ``--quick`` is a ~1 minute version.
 Each rank is one process with one intra-op thread (gloo, 127.0.0.1). No CUDA here: a GPU/NCCL

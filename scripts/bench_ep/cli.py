@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 
 from . import __doc__ as PACKAGE_DOC
-from .common import summ
+from .common import PRECISIONS, summ
 from .dedup import summarize_dedup
 from .experts import expert_efficiency
 from .layer import summarize_layer, summarize_overlap
 from .memory import add_ratios_vs_world_1, mem_worker, summarize_memory
 from .model import summarize_model
-from .report import balanced_parity, headline, issue14_figures, print_table
+from .overlap_micro import overlap_worker, summarize_overlap_micro
+from .report import balanced_parity, headline, issue14_figures, precision_key, print_precision_pass, print_table
 from .skew import skew_summary
 from .worker import run_group
 
@@ -73,6 +74,13 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adamw", choices=("loop", "foreach", "fused"), default="fused",
                    help="torch.optim.AdamW implementation of every variant (moetrain's trainer uses fused)")
     p.add_argument("--threads-main", type=int, default=1)
+    p.add_argument("--overlap-worlds", default="2,4",
+                   help="worlds of the overlap microbenchmark (all-to-all alone, GEMM alone, both at once; '' skips)")
+    p.add_argument("--overlap-iters", type=int, default=10)
+    p.add_argument("--precision", default="fp32",
+                   help="training precision of every variant: fp32, bf16 (moetrain's mixed precision: autocast, fp32 "
+                        "master weights; DeepSpeed under the same autocast, see ds_baseline.DSMixedPrecision) or "
+                        "fp32,bf16 (both, one pass each; bf16 issue-14 keys get the suffix _bf16)")
 
 
 def parse_args(argv=None):
@@ -91,8 +99,23 @@ def parse_args(argv=None):
     args.model_skew_list = fl(args.model_skews + ",0")
     args.model_cf_list = fl(args.model_cfs + f",{args.capacity_factor}")
     args.world_list = [int(w) for w in args.world_sizes.split(",") if w]
+    args.precision_list = _precisions(p, args.precision)
+    args.overlap_world_list = [int(w) for w in args.overlap_worlds.split(",") if w]
     args.mem_world_list = [int(w) for w in args.mem_world_sizes.split(",") if w]
     return args
+
+
+def _precisions(p: argparse.ArgumentParser, value: str) -> list[str]:
+    """The passes of ``--precision`` (a comma list of fp32 / bf16); a one-line error otherwise, or
+    when bf16 is asked for where this CPU has no native bf16 matmul."""
+    from moetrain.precision import bf16_native
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    if not names or len(set(names)) != len(names) or any(n not in PRECISIONS for n in names):
+        p.error(f"--precision ({value!r}) must be fp32, bf16 or fp32,bf16")
+    native, why = bf16_native("cpu")
+    if "bf16" in names and not native:
+        p.error(f"--precision bf16 needs native bf16 matmul on this CPU: {why}")
+    return names
 
 
 def _new_output(args, cuda: bool) -> dict:
@@ -114,7 +137,8 @@ def _add_world(out: dict, res: dict, args, ws: int) -> None:
     out["skew"]["layer"][str(ws)] = skew_summary(r0["layer_grid"], args, ws, ws * T, model=False)
     if "model_times" in r0:
         out["skew"]["model"][str(ws)] = model_skew
-    out["dedup"][str(ws)] = summarize_dedup(res, ws, args.dim, args.top_k)
+    if "dedup" in r0:
+        out["dedup"][str(ws)] = summarize_dedup(res, ws, args.dim, args.top_k)
     out.setdefault("rss", {})[str(ws)] = {"peak_rss_mb_per_rank": [res[r]["peak_rss_mb"] for r in range(ws)]}
 
 
@@ -126,6 +150,7 @@ def _gpu_column(out: dict, args) -> None:
             continue
         gargs = copy.copy(args)
         gargs.model_iters, gargs.profile = 0, False
+        gargs.precision, gargs.dedup_study = args.precision_list[0], False
         res = run_group(ws, gargs, device_kind="cuda")
         out["gpu"][str(ws)] = {n: summ(v, ws * args.tokens) for n, v in res[0]["layer_times"].items()}
 
@@ -138,15 +163,36 @@ def _memory(out: dict, args) -> None:
     add_ratios_vs_world_1(out["memory"])
 
 
-def _finish(out: dict, args, t_start: float) -> None:
+def _run_pass(out: dict, args, precision: str, first: bool, t_start: float) -> None:
+    """Studies 1, 2, 4 (first pass only) and 6 of every world in one precision, into ``out``."""
+    pargs = copy.copy(args)
+    pargs.precision, pargs.dedup_study = precision, first
+    for ws in args.world_list:
+        if args.experts % ws:
+            print(f"skip world {ws}: {args.experts} experts do not divide")
+            continue
+        _add_world(out, run_group(ws, pargs), pargs, ws)
+        print(f"  world {ws} ({precision}) done at {time.perf_counter() - t_start:.0f} s")
+    out["overlap_micro"] = {str(ws): summarize_overlap_micro(run_group(ws, pargs, target=overlap_worker), ws)
+                            for ws in args.overlap_world_list}
+
+
+def _finish(out: dict, args, t_start: float, passes: dict) -> None:
+    """Headline and issue-14 figures. The top-level sections and the unsuffixed keys are the
+    first pass's; ``precision[p]["issue14"]`` holds every pass's figures, a later pass's sections
+    sit in ``precision[p]``, and its issue-14 values also at the top level as ``<key>_<p>``
+    (fp32 unsuffixed: ``precision_key``)."""
     out["elapsed_s"] = time.perf_counter() - t_start
     hl = headline(out, args)
     out["headline"] = hl
     out["speedup_vs_deepspeed"] = hl["speedup_vs_deepspeed"]
     out["target_met"] = hl["target_met"]
     out["balanced_parity_paired"] = balanced_parity(out)
-    out["issue14"] = issue14_figures(out, args)
-    out.update({k: v["value"] for k, v in out["issue14"].items()})
+    out["precision"] = {}
+    for prec, sec in passes.items():
+        sec["issue14"] = issue14_figures(sec, args)
+        out["precision"][prec] = sec if sec is not out else {"issue14": out["issue14"]}
+        out.update({precision_key(k, prec): v["value"] for k, v in sec["issue14"].items()})
 
 
 def main(argv=None) -> dict:
@@ -169,17 +215,18 @@ def main(argv=None) -> dict:
     # 3. expert compute efficiency (main process, before the groups load the CPU)
     for ws in args.world_list:
         out["expert_efficiency"].append(expert_efficiency(args, ws, 1))
-    for ws in args.world_list:
-        if args.experts % ws:
-            print(f"skip world {ws}: {args.experts} experts do not divide")
-            continue
-        _add_world(out, run_group(ws, args), args, ws)
-        print(f"  world {ws} done at {time.perf_counter() - t_start:.0f} s")
+    passes = {}
+    for i, prec in enumerate(args.precision_list):
+        passes[prec] = out if i == 0 else {"layer": {}, "model": {}, "skew": {"layer": {}, "model": {}},
+                                           "overlap": {}, "overlap_micro": {}}
+        _run_pass(passes[prec], args, prec, i == 0, t_start)
     if cuda:
         _gpu_column(out, args)
     _memory(out, args)  # 5. memory
-    _finish(out, args, t_start)
+    _finish(out, args, t_start, passes)
     print_table(out, args)
+    for prec in args.precision_list[1:]:
+        print_precision_pass(passes[prec], prec)
     print(json.dumps(out, default=float, separators=(",", ":")))
     return out
 

@@ -17,6 +17,7 @@ ADAMW_LR = 1e-4  # every variant's optimizer; the benchmark times steps, it does
 # torch.optim.AdamW implementations (--adamw); every variant, moetrain and DeepSpeed, uses the same
 ADAMW_KINDS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 MIN_CAPACITY = 4  # DeepSpeed's min_capacity; routing_stats applies it to both systems' capacity
+PRECISIONS = ("fp32", "bf16")  # --precision: the training precision of every variant of one pass
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,20 @@ class RankEnv:
     device: torch.device
     ds_ok: bool
     barrier: Callable[[], None]
+
+
+def compute_dtype(args) -> torch.dtype:
+    """The compute dtype of this pass (``args.precision``: fp32, or bf16 = moetrain's mixed
+    precision: autocast around the forward, fp32 master weights, router and losses in fp32)."""
+    from moetrain.precision import PRECISION_DTYPES
+    return PRECISION_DTYPES[args.precision]
+
+
+def forward_region(args, device):
+    """The autocast region every variant's forward runs in (nothing for fp32): the trainer's
+    ``RankTrainer._forward`` (``moetrain.precision.autocast``); losses are computed outside it."""
+    from moetrain.precision import autocast
+    return autocast(compute_dtype(args), device)
 
 
 def free_port() -> int:
@@ -108,12 +123,13 @@ GEMM_REF_SEED = 4000  # + rank
 
 
 def gemm_ref_step(env: RankEnv):
-    """(step, FLOPs): ``GEMM_REF_MATMULS`` [tokens, D] x [D, F] fp32 matmuls, the matrix units'
-    rate on this rank's threads. Timed inside the model rounds, so it sees the same CPU load."""
+    """(step, FLOPs): ``GEMM_REF_MATMULS`` [tokens, D] x [D, F] matmuls in the pass's compute
+    dtype (fp32 or bf16), the matrix units' rate on this rank's threads. Timed inside the model
+    rounds, so it sees the same CPU load."""
     a = env.args
     g = torch.Generator().manual_seed(GEMM_REF_SEED + env.rank)
-    x = torch.randn(a.tokens, a.dim, generator=g).to(env.device)
-    w = torch.randn(a.dim, a.ffn, generator=g).to(env.device)
+    x = torch.randn(a.tokens, a.dim, generator=g).to(env.device, compute_dtype(a))
+    w = torch.randn(a.dim, a.ffn, generator=g).to(env.device, compute_dtype(a))
 
     def step():
         for _ in range(GEMM_REF_MATMULS):

@@ -60,11 +60,36 @@ def ds_moe(args, ws: int, drop_tokens: bool, moe_layer, capacity_factor: float |
     return ds
 
 
+class DSMixedPrecision(nn.Module):
+    """DeepSpeed's MoE under moetrain's precision policy, so a bf16 comparison is like for like.
+
+    In the autocast region the benchmark puts around every forward (moetrain's and DeepSpeed's
+    alike): the MoE input is cast to the compute dtype (``moetrain.precision.to_compute``, what
+    moetrain's dispatcher does at entry, so both systems' all-to-all payloads travel in bf16),
+    the gate runs with autocast disabled (DeepSpeed calls ``input.float()`` and an fp32 linear;
+    without this, autocast would run that linear in bf16, while moetrain's router is fp32), the
+    expert linears run in bf16 under the autocast, and the output is cast back to the input's
+    dtype (as ``MoELayer`` does). Outside autocast (fp32) it changes nothing."""
+
+    def __init__(self, ds_moe):
+        super().__init__()
+        from moetrain.precision import fp32_compute
+        self.ds = ds_moe
+        gate = ds_moe.deepspeed_moe.gate
+        gate.forward = fp32_compute(gate.forward)
+
+    def forward(self, x, *rest):
+        from moetrain.precision import to_compute
+        y, *aux = self.ds(to_compute(x), *rest)
+        return (y.to(x.dtype), *aux)
+
+
 def ds_variant(args, ws: int, capacity_factor: float, moe_layer, device):
     """DeepSpeed's counterpart of a moetrain variant: capacity factor 0 (moetrain dropless) ->
-    ``drop_tokens=False`` (every expert padded to the largest count), else the same factor."""
+    ``drop_tokens=False`` (every expert padded to the largest count), else the same factor;
+    wrapped in :class:`DSMixedPrecision`."""
     c = capacity_factor
-    return ds_moe(args, ws, c > 0, moe_layer, capacity_factor=c if c > 0 else 1.0).to(device)
+    return DSMixedPrecision(ds_moe(args, ws, c > 0, moe_layer, capacity_factor=c if c > 0 else 1.0)).to(device)
 
 
 def make_adapter_cls():

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import attach_dispatchers
-from .common import RankEnv, interleaved, legacy_names, median, moe_cfg, ratios, summ, train_step_fn
+from .common import (RankEnv, forward_region, interleaved, legacy_names, median, moe_cfg, ratios, summ,
+                     train_step_fn)
 from .profiling import profile_step
 from .skew import calibrate, skew_label, skew_vectors
 
@@ -77,17 +78,18 @@ def _skewed(s: LayerSetup, target: float):
     return xs_TD, gate_of
 
 
-def _mse_step(module, xs_TD, tgt_TD, adamw: str, on_route=None):
-    """Train step of ``module`` on a regression to ``tgt_TD``; ``on_route(route)`` sees the
-    second output (moetrain's RouterOutput)."""
+def _mse_step(module, xs_TD, tgt_TD, args, on_route=None):
+    """Train step of ``module`` on a regression to ``tgt_TD`` (forward in the pass's precision,
+    loss in fp32); ``on_route(route)`` sees the second output (moetrain's RouterOutput)."""
     xin = xs_TD.clone().requires_grad_(True)
 
     def fl():
-        y, route, *_ = module(xin.unsqueeze(0))
+        with forward_region(args, xin.device):
+            y, route, *_ = module(xin.unsqueeze(0))
         if on_route is not None:
             on_route(route)
-        return (y.squeeze(0) - tgt_TD).pow(2).mean()
-    return train_step_fn(fl, list(module.parameters()), adamw=adamw)
+        return (y.squeeze(0).float() - tgt_TD).pow(2).mean()
+    return train_step_fn(fl, list(module.parameters()), adamw=args.adamw)
 
 
 def _add_variants(s: LayerSetup, lab: str, xs_TD, gate_ED, grid: dict, steps: dict, layers: dict) -> None:
@@ -101,12 +103,12 @@ def _add_variants(s: LayerSetup, lab: str, xs_TD, gate_ED, grid: dict, steps: di
 
         def on_route(route, lab=lab, cf_name=cf_name):
             grid[lab]["dropped"][f"mt_{cf_name}"] = route.num_dropped
-        steps[name] = _mse_step(layer, xs_TD, s.tgt_TD, env.args.adamw, on_route)
+        steps[name] = _mse_step(layer, xs_TD, s.tgt_TD, env.args, on_route)
         if not env.ds_ok:
             continue
         dname = f"{lab}/ds_{'nodrop' if c == 0 else cf_name}"
         layers[dname] = ds_variant(env.args, env.ws, c, layer, env.device)
-        steps[dname] = _mse_step(layers[dname], xs_TD, s.tgt_TD, env.args.adamw)
+        steps[dname] = _mse_step(layers[dname], xs_TD, s.tgt_TD, env.args)
 
 
 def _clocked(step, clock, seconds: list):
@@ -130,7 +132,7 @@ def _add_overlap_variants(s: LayerSetup, lab: str, xs_TD, gate_ED, grid: dict, s
         layers[name] = s.build_layer(0.0, gate_ED=gate_ED, chunks=chunks, clock=clock)
         def on_route(route, key=name.split("/", 1)[1]):
             grid[lab]["dropped"][key] = route.num_dropped
-        steps[name] = _clocked(_mse_step(layers[name], xs_TD, s.tgt_TD, a.adamw, on_route), clock, blocked[kind])
+        steps[name] = _clocked(_mse_step(layers[name], xs_TD, s.tgt_TD, a, on_route), clock, blocked[kind])
     return blocked
 
 
@@ -142,15 +144,16 @@ def _overlap_result(blocked: dict, warmup: int, chunks: int) -> dict:
 
 def _check_same_outputs(s: LayerSetup, lab: str, xs_TD, grid: dict, layers: dict) -> None:
     """Same routing, same weights: dropless moetrain == DeepSpeed no-drop; at a capacity factor
-    both keep the same count per expert (which pairs are kept may differ)."""
-    with torch.no_grad():
+    both keep the same count per expert (which pairs are kept may differ). In the pass's
+    precision (under bf16 the two differ by bf16 rounding, and near-ties may route apart)."""
+    with torch.no_grad(), forward_region(s.env.args, xs_TD.device):
         y_mt = layers[f"{lab}/mt_dropless"](xs_TD.unsqueeze(0))[0]
         y_ds = layers[f"{lab}/ds_nodrop"](xs_TD.unsqueeze(0))[0]
-        grid[lab]["maxdiff_mt_dropless_vs_ds_nodrop"] = float((y_mt - y_ds).abs().max())
+        grid[lab]["maxdiff_mt_dropless_vs_ds_nodrop"] = float((y_mt.float() - y_ds.float()).abs().max())
         for c in s.env.args.cf_list:
             y_mt = layers[f"{lab}/mt_cf{c:g}"](xs_TD.unsqueeze(0))[0]
             y_ds = layers[f"{lab}/ds_cf{c:g}"](xs_TD.unsqueeze(0))[0]
-            grid[lab][f"maxdiff_cf{c:g}"] = float((y_mt - y_ds).abs().max())
+            grid[lab][f"maxdiff_cf{c:g}"] = float((y_mt.float() - y_ds.float()).abs().max())
 
 
 def _legacy_view(res: dict, t: dict, grid: dict, cf: float) -> None:

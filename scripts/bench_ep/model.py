@@ -18,8 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .adapter import attach_dispatchers, dense_and_scaled_grad_sync, moetrain_grad_sync
-from .common import (RankEnv, gemm_ref_step, interleaved, legacy_names, median, model_cfg, model_tokens, ratios, summ,
-                     train_step_fn)
+from .common import (RankEnv, forward_region, gemm_ref_step, interleaved, legacy_names, median, model_cfg, model_tokens,
+                     ratios, summ, train_step_fn)
 from .profiling import profile_step
 from .skew import all_counts, calibrate, skew_label, skew_summary, skew_vectors
 
@@ -129,7 +129,8 @@ def _variant(s: ModelSetup, capacity_factor: float, is_ds: bool, spec: dict):
         sync = moetrain_grad_sync(m, s.placement, env.ctx)
 
     def fl(m=m):
-        logits, _ = m(s.x)
+        with forward_region(env.args, env.device):  # the trainer's forward: autocast in bf16, then fp32 loss
+            logits, _ = m(s.x)
         return losses.lm_loss(logits, s.y)
     return m, train_step_fn(fl, list(m.parameters()), sync, env.args.adamw)
 
@@ -153,8 +154,8 @@ def model_study(env: RankEnv) -> dict:
         for name, c, is_ds in variants:
             built[name], steps[f"{lab}/{name}"] = _variant(s, c, is_ds, spec)
         if env.ds_ok:  # same routing in every layer: dropless moetrain == DeepSpeed no-drop (logits)
-            with torch.no_grad():
-                diff = built["mt_dropless"](s.x)[0] - built["ds_nodrop"](s.x)[0]
+            with torch.no_grad(), forward_region(a, env.device):
+                diff = built["mt_dropless"](s.x)[0].float() - built["ds_nodrop"](s.x)[0].float()
                 info[lab]["maxdiff_logits_mt_dropless_vs_ds_nodrop"] = float(diff.abs().max())
     steps["gemm_ref"], gemm_flops = gemm_ref_step(env)
     grid = {"times": interleaved(steps, 1, a.model_iters, env.barrier), "skews": info, "gemm_ref_flops": gemm_flops}
@@ -185,8 +186,9 @@ def summarize_model(r0: dict, args, ws: int) -> tuple[dict, dict]:
 
 
 def flops_share(grid: dict, args) -> dict:
-    """Useful FLOP rate of the balanced dropless whole-model step over the GEMM reference's rate,
-    per round (both timed in the same round, the slowest rank's time each), median over rounds."""
+    """Useful FLOP rate of the balanced dropless whole-model step over the GEMM reference's rate
+    (in the pass's precision: bf16 model steps against bf16 matmuls), per round (both timed in
+    the same round, the slowest rank's time each), median over rounds."""
     t_model = grid["times"][legacy_names(args.capacity_factor)["mt_dropless"]]
     t_gemm = grid["times"]["gemm_ref"]
     flops, gflops = model_train_flops(args), grid["gemm_ref_flops"]

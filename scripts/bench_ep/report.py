@@ -4,6 +4,7 @@ printed tables of every section (the JSON line is printed by ``cli.main``)."""
 from __future__ import annotations
 
 from .common import ratios
+from .profiling import amdahl_bound
 from .skew import skew_label
 
 HEADLINE_TARGET = 1.3  # moetrain's stated speedup target over DeepSpeed
@@ -28,20 +29,39 @@ def _speedup_fig(sp: dict | None, rounds: int, ws, pair: str) -> dict:
             "pair": pair}
 
 
+def _with_bound(fig: dict, table: dict, mt: str, ds: str, target: float) -> dict:
+    """``fig`` plus ``bound`` (profiling.amdahl_bound of variant ``mt`` against ``ds``, from the
+    profiles of the same run) and ``why``, when both were profiled."""
+    prof = table.get("profile_rank0", {})
+    if mt not in prof or ds not in prof or ds not in table:
+        return fig
+    b = amdahl_bound(prof[mt], prof[ds], table[ds]["median_s"] * 1e3)
+    fig["bound"] = b
+    if b["bound"] is not None:
+        fig["why"] = (f"ceiling {b['bound']:.2f}x (gemm-only {b['bound_gemm_only']:.2f}x): DeepSpeed's step "
+                      f"{b['ds_step_ms']:.0f} ms over moetrain's GEMMs {b['mt_gemm_ms']:.0f} ms + ops both run "
+                      f"{b['shared_ms']:.0f} ms" + (" - below the target: blocked here by GEMMs + shared ops"
+                                                    if b["bound"] < target else ""))
+    return fig
+
+
 def _balanced_figs(out) -> dict:
     figs = {}
     ws = _largest(out["layer"], lambda r: "mt_cap_vs_ds_cap" in r.get("speedup", {}))
     lay = out["layer"].get(ws, {})
     n = len(lay.get("mt_cap", {}).get("times_s", []))
-    figs["balanced_layer_speedup_vs_ds_cap"] = _speedup_fig(lay.get("speedup", {}).get("mt_cap_vs_ds_cap"), n, ws,
-                                                            "layer, balanced, mt cf vs ds cf")
-    figs["balanced_layer_dropless_vs_ds_nodrop"] = _speedup_fig(
-        lay.get("speedup", {}).get("mt_dropless_vs_ds_nodrop"), n, ws, "layer, balanced, mt dropless vs ds no-drop")
+    figs["balanced_layer_speedup_vs_ds_cap"] = _with_bound(_speedup_fig(
+        lay.get("speedup", {}).get("mt_cap_vs_ds_cap"), n, ws, "layer, balanced, mt cf vs ds cf"),
+        lay, "mt_cap", "ds_cap", ISSUE14_TARGETS["balanced_layer_speedup_vs_ds_cap"])
+    figs["balanced_layer_dropless_vs_ds_nodrop"] = _with_bound(_speedup_fig(
+        lay.get("speedup", {}).get("mt_dropless_vs_ds_nodrop"), n, ws, "layer, balanced, mt dropless vs ds no-drop"),
+        lay, "mt_dropless", "ds_nodrop", ISSUE14_TARGETS["balanced_layer_dropless_vs_ds_nodrop"])
     ws = _largest(out["model"], lambda r: "speedup" in r)
     mod = out["model"].get(ws, {})
-    figs["balanced_model_speedup_vs_ds"] = _speedup_fig(
+    figs["balanced_model_speedup_vs_ds"] = _with_bound(_speedup_fig(
         mod.get("speedup", {}).get("mt_cap_vs_ds_cap"), len(mod.get("mt_cap", {}).get("times_s", [])), ws,
-        "model, balanced, mt cf vs ds cf")
+        "model, balanced, mt cf vs ds cf"), mod, "mt_cap", "ds_cap",
+        ISSUE14_TARGETS["balanced_model_speedup_vs_ds"])
     return figs
 
 
@@ -65,26 +85,53 @@ def _flops_fig(out) -> dict:
     return {"value": fs["share_paired"], "world": ws, "rounds": fs["rounds"],
             "model_gflops_per_rank": fs["model_gflops_per_rank"], "gemm_gflops_per_rank": fs["gemm_gflops_per_rank"],
             "note": "balanced whole-model mt_dropless step: useful FLOPs (model.model_train_flops) per second per rank "
-                    "over the rate of [tokens, D] x [D, F] fp32 matmuls timed in the same rounds"}
+                    "over the rate of [tokens, D] x [D, F] matmuls in the same precision timed in the same rounds"}
 
 
 def _overlap_fig(out) -> dict:
-    ov = out["overlap"]
+    ov, micro = out["overlap"], out.get("overlap_micro", {})
     ws = str(OVERLAP_WORLD) if str(OVERLAP_WORLD) in ov else _largest(ov)
     if ws is None:
-        return {"value": None}
-    return {"value": ov[ws]["hidden_share"], "world": ws, **{k: v for k, v in ov[ws].items() if k != "hidden_share"}}
+        return {"value": None, "micro": micro}
+    fig = {"value": ov[ws]["hidden_share"], "world": ws, **{k: v for k, v in ov[ws].items() if k != "hidden_share"},
+           "micro": micro}
+    if micro:
+        fig["why"] = "; ".join(
+            f"world {w}: all-to-all alone {m['a2a_ms']:.1f} ms, GEMM alone {m['gemm_ms']:.1f} ms, both at once "
+            f"{m['both_ms']:.1f} ms = {m['concurrent_over_sum']:.2f} of the sum, {m['hidden_share']:.0%} of the "
+            "transfer hidden" for w, m in micro.items())
+    return fig
 
 
 def issue14_figures(out, args) -> dict:
     """Issue 14's figures, each ``{"value", "target", "met", "world", "rounds", ...}``; speedups
-    are the median of per-round paired ratios (``rounds`` interleaved rounds)."""
-    figs = {**_balanced_figs(out), **_skewed_figs(out, args), "model_flops_share_of_gemm_peak": _flops_fig(out),
-            "overlap_hidden_comm_share": _overlap_fig(out)}
+    are the median of per-round paired ratios (``rounds`` interleaved rounds). Balanced speedups
+    carry ``bound`` / ``why`` (their Amdahl ceiling from the same run's profiles), the overlap
+    figure ``micro`` / ``why`` (the all-to-all + GEMM microbenchmark, ``overlap_micro``)."""
+    targets = ISSUE14_TARGETS
+    figs = {**_balanced_figs(out), **_skewed_figs(out, args),
+            "model_flops_share_of_gemm_peak": _flops_fig(out), "overlap_hidden_comm_share": _overlap_fig(out)}
     for k, f in figs.items():
-        f["target"] = ISSUE14_TARGETS[k]
+        f["target"] = targets[k]
         f["met"] = f["value"] is not None and f["value"] >= f["target"]
     return figs
+
+
+def precision_key(key: str, precision: str) -> str:
+    """The top-level JSON name of an issue-14 key in a precision: fp32 unsuffixed, else
+    ``<key>_<precision>`` (``balanced_layer_speedup_vs_ds_cap_bf16``)."""
+    return key if precision == "fp32" else f"{key}_{precision}"
+
+
+def print_precision_pass(sec: dict, precision: str) -> None:
+    """The layer and model tables, profiles, overlap and issue-14 figures of a later pass."""
+    print(f"======== precision {precision} (every variant; see docs/ep_performance.md) ========")
+    _layer_section(sec)
+    _speed_table(f"== 2. Whole model ({precision}) ==", sec["model"], MODEL_VARIANTS)
+    for ws, mod in sec["model"].items():
+        _profile_tables(f"model world {ws}", mod.get("profile_rank0", {}))
+    _overlap_section(sec)
+    _issue14_section(sec, precision)
 
 
 def headline(out, args) -> dict:
@@ -264,7 +311,7 @@ def print_table(out, args) -> None:
     _memory_section(out, args)
     print()
     _skew_section(out, args)
-    _issue14_section(out)
+    _issue14_section(out, args.precision_list[0])
     hl = out["headline"]
     if hl["config"]:
         print(f"  HEADLINE ({hl['config']}): speedup {hl['speedup_vs_deepspeed']:.2f}x paired "
@@ -284,11 +331,13 @@ def _overlap_section(out) -> None:
               + (f"; step time chunked vs unchunked x{sp['median']:.2f} median / {sp['paired']:.2f} paired" if sp else ""))
 
 
-def _issue14_section(out) -> None:
-    print("== Issue 14 figures (paired = median of per-round ratios) ==")
+def _issue14_section(out, precision: str = "fp32") -> None:
+    print(f"== Issue 14 figures, {precision} (paired = median of per-round ratios) ==")
     for k, f in out["issue14"].items():
         v = f["value"]
         vs = "n/a" if v is None else f"{v:.3f}"
         extra = f" (median {f['median']:.2f}, best {f['best']:.2f})" if "median" in f else ""
         print(f"  {k:<40} {vs:>7}{extra}  target >= {f['target']}  {'met' if f['met'] else 'NOT met'}"
               f"  world {f.get('world')}, {f.get('rounds', '-')} rounds")
+        if "why" in f:
+            print(f"      why: {f['why']}")

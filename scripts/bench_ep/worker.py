@@ -45,7 +45,8 @@ def run_rank(rank: int, ws: int, args, device) -> dict:
     env = RankEnv(rank, ws, args, ctx, device, args.deepspeed, _barrier_of(ctx, device))
     setup = layer_setup(env)
     res.update(layer_study(setup))
-    res["dedup"] = dedup_study(setup)
+    if args.dedup_study:  # fp32 traffic counts: once, in the first precision pass
+        res["dedup"] = dedup_study(setup)
     if args.model_iters > 0:
         res.update(model_study(env))
     env.barrier()

@@ -48,6 +48,19 @@ def test_bench_ep_without_deepspeed_says_which_extra(tmp_path):
     assert len(err) == 1 and "deepspeed is not installed" in err[0] and "pip install -e .[bench]" in err[0], err
 
 
+def test_bench_ep_precision_flag(capsys):
+    from moetrain.precision import bf16_native
+    from scripts.bench_ep.cli import parse_args
+    assert parse_args([]).precision_list == ["fp32"]
+    for bad in ("fp16", "fp32,fp32", ""):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--precision", bad])
+        assert exc.value.code == 2
+        assert "--precision" in capsys.readouterr().err.strip().splitlines()[-1]
+    if bf16_native("cpu")[0]:
+        assert parse_args(["--precision", "fp32,bf16"]).precision_list == ["fp32", "bf16"]
+
+
 @pytest.mark.slow
 def test_bench_ep_quick_json(tmp_path):
     ext_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR", ROOT / ".cache" / "torch_extensions"))
@@ -55,7 +68,12 @@ def test_bench_ep_quick_json(tmp_path):
     cmd = [sys.executable, str(PACKAGE), "--quick", "--dim", "32", "--ffn", "64", "--experts", "4",
            "--tokens", "64", "--seq", "32", "--vocab", "128", "--layers", "1", "--heads", "2",
            "--warmup", "1", "--iters", "2", "--model-iters", "1", "--eff-iters", "2",
-           "--mem-ffn", "64", "--mem-tokens", "64", "--mem-world-sizes", "1,2", "--world-sizes", "2"]
+           "--mem-ffn", "64", "--mem-tokens", "64", "--mem-world-sizes", "1,2", "--world-sizes", "2",
+           "--overlap-worlds", "2", "--overlap-iters", "2"]
+    from moetrain.precision import bf16_native
+    bf16 = bf16_native("cpu")[0]
+    if bf16:
+        cmd += ["--precision", "fp32,bf16"]
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext_dir), OMP_NUM_THREADS="1")
     if not with_ds:
         cmd.append("--no-deepspeed")
@@ -116,6 +134,22 @@ def test_bench_ep_quick_json(tmp_path):
         assert hl["config"] and out["speedup_vs_deepspeed"] > 0
         assert out["target_met"] == (out["speedup_vs_deepspeed"] >= 1.3)
     _check_issue14(out, proc.stdout, with_ds)
+    if bf16:
+        _check_bf16(out, proc.stdout, with_ds)
+
+
+def _check_bf16(out: dict, stdout: str, with_ds: bool) -> None:
+    """The bf16 pass: its own sections and issue-14 figures, its keys suffixed ``_bf16``."""
+    assert "======== precision bf16" in stdout and "Issue 14 figures, bf16" in stdout
+    sec = out["precision"]["bf16"]
+    assert sec["layer"]["2"]["mt_dropless"]["median_s"] > 0 and "dedup" not in sec
+    assert out["precision"]["fp32"]["issue14"] == out["issue14"]
+    for k, fig in sec["issue14"].items():
+        assert out[f"{k}_bf16"] == fig["value"]
+    fs = sec["model"]["2"]["flops_share_of_gemm"]
+    assert fs["share_paired"] == out["model_flops_share_of_gemm_peak_bf16"] > 0
+    if with_ds:  # same routing; bf16 rounding apart (the fp32 pass is exact to 1e-4)
+        assert sec["layer"]["2"]["maxdiff_mt_dropless_vs_ds_nodrop"] < 0.1
 
 
 def _check_issue14(out: dict, stdout: str, with_ds: bool) -> None:
@@ -131,6 +165,14 @@ def _check_issue14(out: dict, stdout: str, with_ds: bool) -> None:
     keys = ("balanced_layer_speedup_vs_ds_cap", "balanced_layer_dropless_vs_ds_nodrop", "balanced_model_speedup_vs_ds",
             "skewed_layer_speedup_vs_ds", "skewed_model_speedup_vs_ds", "model_flops_share_of_gemm_peak",
             "overlap_hidden_comm_share")
+    micro = out["overlap_micro"]["2"]
+    assert micro["a2a_ms"] > 0 and micro["gemm_ms"] > 0 and micro["both_ms"] > 0 and micro["rounds"] == 2
+    assert out["issue14"]["overlap_hidden_comm_share"]["micro"]["2"] == micro
+    assert "world 2: all-to-all alone" in out["issue14"]["overlap_hidden_comm_share"]["why"]
+    if with_ds:  # the Amdahl ceiling of every balanced speedup, from the same run's profiles
+        for k in keys[:3]:
+            b = out["issue14"][k]["bound"]
+            assert b["bound_gemm_only"] >= b["bound"] > 0 and "ceiling" in out["issue14"][k]["why"]
     for k in keys:
         fig = out["issue14"][k]
         assert k in out and fig["target"] > 0 and fig["met"] == (fig["value"] is not None and fig["value"] >= fig["target"])
