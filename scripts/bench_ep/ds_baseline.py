@@ -5,6 +5,7 @@ The only module of the benchmark that imports deepspeed."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -27,6 +28,26 @@ def require_deepspeed() -> str:
         print(MISSING_MSG, file=sys.stderr)
         raise SystemExit(2) from None
     return deepspeed.__version__
+
+
+SHM_DIR = "/dev/shm"
+SHM_PREFIX = "deepspeed_allreduce_buffer_"  # + "<rank>_<MASTER_ADDR>_<MASTER_PORT>_<i>"
+
+
+def release_deepspeed_shm(port: int) -> list[str]:
+    """Unlink the shared-memory buffers DeepSpeed's CPU comm backend made for the group on
+    ``port``. ``deepspeed.init_distributed`` creates two 64 MiB ``/dev/shm`` buffers for the group
+    and never unlinks them, so without this every benchmark run leaks 128 MiB of RAM per world size
+    until reboot (4.4 GB had piled up here after a day of runs). Call once the ranks have exited. Returns the names removed."""
+    if not os.path.isdir(SHM_DIR):
+        return []
+    gone = [n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX) and f"_{port}_" in n[len(SHM_PREFIX):]]
+    for name in gone:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except FileNotFoundError:
+            pass
+    return gone
 
 
 def init_deepspeed_comm() -> float:

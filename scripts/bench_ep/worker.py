@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .common import RankEnv, free_port, peak_rss_mb, rss_mb
+from .ds_baseline import release_deepspeed_shm
 
 PG_TIMEOUT_S = 300  # process-group init and collectives
 GROUP_TIMEOUT_S = 900  # wait for each rank's result
@@ -98,6 +99,7 @@ def run_group(ws: int, args, target=rank_main, extra=(), device_kind="cpu",
             p.join(timeout=JOIN_TIMEOUT_S)
             if p.is_alive():
                 p.kill()
+        release_deepspeed_shm(port)
     errors = [o["error"] for o in results.values() if "error" in o]
     if errors:
         raise RuntimeError(f"world {ws} failed:\n{errors[0]}")

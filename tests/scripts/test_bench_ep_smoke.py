@@ -78,8 +78,12 @@ def test_bench_ep_quick_json(tmp_path):
     if not with_ds:
         cmd.append("--no-deepspeed")
         env = _without_deepspeed(env, tmp_path)
+    shm = Path("/dev/shm")
+    shm_before = set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if shm.is_dir():  # DeepSpeed's CPU comm buffers of the run are released, not leaked
+        assert set(shm.glob("deepspeed_*")) <= shm_before
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
     assert "MoE layer alone" in proc.stdout and "no GPU/NCCL" in proc.stdout
     out = json.loads(lines[-1])
