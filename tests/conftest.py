@@ -144,7 +144,6 @@ def ray_local():
     """A real local Ray instance shared by the in-process driver tests (cluster.api.run,
     WorkerGroup). Workers inherit the driver's environment at ``ray.init``, so the S3 test
     server's dummy credentials are set first and cloud metadata is never probed."""
-    import os
     import tempfile
 
     import ray

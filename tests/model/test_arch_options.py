@@ -4,7 +4,6 @@ router variants, shared-expert width and sigmoid gate. Each against a hand-compu
 import math
 
 import torch
-import torch.nn.functional as F
 
 from moetrain.config import MoEConfig
 from moetrain.model.attention import CausalSelfAttention, apply_rotary
