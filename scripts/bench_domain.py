@@ -114,17 +114,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 
 
+def read_texts(paths) -> list[str]:
+    """The UTF-8 text of each path, in order; unreadable or non-UTF-8 files are skipped."""
+    docs = []
+    for f in paths:
+        try:
+            docs.append(f.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    return docs
+
+
 def build_domain_docs() -> list[str]:
     """The text files of CPython's build configuration directory (``LIBPL``: Makefile, Setup, ...)."""
     libpl = Path(sysconfig.get_config_var("LIBPL") or "")
-    docs = []
-    for name in BUILD_FILES:
-        f = libpl / name
-        if f.is_file():
-            try:
-                docs.append(f.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, OSError):
-                continue
+    docs = read_texts(libpl / name for name in BUILD_FILES if (libpl / name).is_file())
     if not docs:
         raise SystemExit(f"bench_domain: no build files in {str(libpl)!r}; give three --domain NAME=PATH")
     return docs
@@ -133,12 +137,7 @@ def build_domain_docs() -> list[str]:
 def capi_domain_docs() -> list[str]:
     """CPython's C API headers (``sysconfig``'s ``include`` path, ``**/*.h`` in sorted order)."""
     inc = Path(sysconfig.get_paths().get("include") or "")
-    docs = []
-    for f in sorted(inc.rglob("*.h")) if inc.is_dir() else []:
-        try:
-            docs.append(f.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue
+    docs = read_texts(sorted(inc.rglob("*.h")) if inc.is_dir() else [])
     if not docs:
         raise SystemExit(f"bench_domain: no C headers in {str(inc)!r}; give --domain NAME=PATH for each domain")
     return docs

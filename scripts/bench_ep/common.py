@@ -159,3 +159,31 @@ def legacy_names(capacity_factor: float) -> dict[str, str]:
     bal, cfn = skew_label(0.0), f"cf{capacity_factor:g}"
     return {"mt_cap": f"{bal}/mt_{cfn}", "mt_dropless": f"{bal}/mt_dropless", "ds_cap": f"{bal}/ds_{cfn}",
             "ds_nodrop": f"{bal}/ds_nodrop"}
+
+
+GLOO_PG_TIMEOUT_S = 300  # process-group init and collectives of the side studies' groups
+
+
+def gloo_rank_entry(rank: int, ws: int, port: int, queue, measure: Callable, *margs,
+                    always_group: bool = False) -> None:
+    """Body of a side study's process entry (memory, overlap): one thread, a gloo group when
+    ``ws`` > 1 (or ``always_group``), then ``(rank, measure(rank, ws, *margs))`` or ``(rank, {"error": traceback})`` on
+    ``queue``; the group is destroyed either way."""
+    import datetime
+    import os
+    import traceback
+
+    import torch.distributed as dist
+    try:
+        torch.set_num_threads(1)
+        if ws > 1 or always_group:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            dist.init_process_group("gloo", rank=rank, world_size=ws,
+                                    timeout=datetime.timedelta(seconds=GLOO_PG_TIMEOUT_S))
+        queue.put((rank, measure(rank, ws, *margs)))
+    except Exception:
+        queue.put((rank, {"error": traceback.format_exc()}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+

@@ -4,18 +4,13 @@ that train it for two steps."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 
 import torch
-import torch.distributed as dist
 
 from .adapter import attach_dispatchers
-from .common import ADAMW_LR, model_cfg, peak_rss_mb, rss_mb
+from .common import ADAMW_LR, gloo_rank_entry, model_cfg, peak_rss_mb, rss_mb
 
 MEM_STEPS = 2
-PG_TIMEOUT_S = 300
 
 
 def _param_bytes(named_params) -> int:
@@ -52,18 +47,7 @@ def _measure(rank: int, ws: int, args) -> dict:
 def mem_worker(rank: int, ws: int, port: int, args, queue, device_kind: str) -> None:
     """Process entry of one memory-study rank (CPU, gloo); puts ``(rank, figures)`` or
     ``(rank, {"error": traceback})`` on ``queue``."""
-    try:
-        torch.set_num_threads(1)
-        if ws > 1:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-            dist.init_process_group("gloo", rank=rank, world_size=ws,
-                                    timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        queue.put((rank, _measure(rank, ws, args)))
-    except Exception:
-        queue.put((rank, {"error": traceback.format_exc()}))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank_entry(rank, ws, port, queue, _measure, args)
 
 
 def summarize_memory(res: dict, ws: int) -> dict:

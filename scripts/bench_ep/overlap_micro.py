@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .common import compute_dtype, median
+from .common import compute_dtype, gloo_rank_entry, median
 
 OVERLAP_SEED = 6000  # + rank
 OVERLAP_WARMUP = 2
@@ -72,19 +72,7 @@ def overlap_rank(args, ws: int) -> dict:
 
 def overlap_worker(rank: int, ws: int, port: int, args, queue, device_kind: str) -> None:
     """``run_group`` target: a process group of its own, the three steps, results on ``queue``."""
-    import datetime
-    import os
-    import traceback
-    try:
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=ws, timeout=datetime.timedelta(seconds=300))
-        queue.put((rank, overlap_rank(args, ws)))
-    except Exception:
-        queue.put((rank, {"error": traceback.format_exc()}))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    gloo_rank_entry(rank, ws, port, queue, lambda _r, w, a: overlap_rank(a, w), args, always_group=True)
 
 
 def summarize_overlap_micro(res: dict, ws: int) -> dict:
