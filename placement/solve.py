@@ -20,8 +20,7 @@ phase a function below, every answer scored by the exact cost model before it is
    optimum of the whole objective (0.3-0.6 s per layer at 16 experts). When the walk finishes
    the layer is done: the answer is proven optimal (``model`` "set_partition", bound = answer)
    and the phases below are skipped; when the clock cuts it, its best answer is offered and the
-   phases below run. With ``balance_cap`` its answer is the one returned even where an
-   uncapped heuristic row scores lower.
+   phases below run.
 2. **search**: ``restarts`` tabu searches (baselines.py) of ``TABU_ITERS`` moves each, the
    first from the best answer, the others from it perturbed by ``PERTURB_SWAPS`` random
    exchanges (seeded by ``seed`` and the layer); capped at ``SEARCH_SHARE`` of the layer budget.
@@ -184,18 +183,28 @@ def layer_objective(c: LayerContext, l: int, row_S: np.ndarray) -> float:
 
 
 class _Best:
-    """The best row of one layer so far, the stage that found it, and the stage history."""
+    """The best row of one layer so far, the stage that found it, and the stage history. With
+    ``balance_cap`` a row over the cap (imbalance above it) never replaces one within it: rows
+    are ranked by how far over the cap they are, then by objective."""
 
     def __init__(self, c: LayerContext, l: int, row: np.ndarray, source: str):
         self.c, self.l = c, l
         self.row, self.obj, self.source = row, layer_objective(c, l, row), source
+        self.over = self._over(row)
         self.stages: list[tuple[str, float]] = [(source, self.obj)]
+
+    def _over(self, row: np.ndarray) -> float:
+        if self.c.balance_cap is None:
+            return 0.0
+        imb = layer_cost(self.c.stats, self.l, row, self.c.topo, self.c.exact)[3]
+        return max(0.0, imb - self.c.balance_cap)
 
     def offer(self, row: np.ndarray, source: str, obj: float | None = None) -> bool:
         obj = layer_objective(self.c, self.l, row) if obj is None else obj
-        won = obj < self.obj - TOL
+        over = self._over(row)
+        won = over < self.over - TOL or (over <= self.over + TOL and obj < self.obj - TOL)
         if won:
-            self.row, self.obj, self.source = row, obj, source
+            self.row, self.obj, self.source, self.over = row, obj, source, over
         return won
 
     def mark(self, stage: str) -> None:
@@ -300,12 +309,7 @@ def _phase_exact_dp(c: LayerContext, l: int, best: _Best, deadline: float) -> bo
         res = exact_layer_with_load(tables, c.load_weight, _load_cap(c, l, np.ones(E, dtype=np.int64)), deadline)
     if res is None:
         return False
-    row = row_from_ranks(res.rank_E, np.arange(E), np.array(c.topo.slots_per_rank))
-    if res.complete and c.balance_cap is not None:
-        # the optimum under the cap; the heuristics' rows ignore the cap, so they may score lower
-        best.row, best.obj, best.source = row, layer_objective(c, l, row), "exact_dp"
-    else:
-        best.offer(row, "exact_dp")
+    best.offer(row_from_ranks(res.rank_E, np.arange(E), np.array(c.topo.slots_per_rank)), "exact_dp")
     return res.complete
 
 
@@ -482,8 +486,10 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
     use (migration term, extra warm start). ``seed`` / ``restarts``: the ILP pipeline's random
     choices and its number of tabu restarts (same seed, same answer: module docstring).
     ``max_hyperedges``: hyperedges in the exact ILP (hyper_ilp.py); ``num_pairs``: pairs in the
-    pairwise ILP (aggregates-only statistics); ``balance_cap``: optional hard cap on the ILP's
-    busiest rank, as a multiple of the mean rank load. Returns a :class:`SolveResult`."""
+    pairwise ILP (aggregates-only statistics); ``balance_cap``: optional hard cap on the busiest
+    rank, as a multiple of the mean rank load: the MIPs and the exact phase are constrained by it,
+    and no row over it replaces one within it (if no phase finds one within it, the least
+    imbalanced row wins). Returns a :class:`SolveResult`."""
     _check_args(method, time_limit_s, load_weight, migration_weight, expert_bytes, balance_cap, restarts,
                 max_hyperedges)
     topology.check_experts(stats.num_experts)

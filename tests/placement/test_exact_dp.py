@@ -206,3 +206,22 @@ def test_pareto_walk_stops_at_the_deadline():
     cut = exact_layer_with_load(tables, 10.0, deadline=0.0)  # past: one solve, then stop
     assert not cut.complete and cut.solves == 1 and cut.objective >= full.objective
     assert full.objective == pytest.approx(full_objective_brute_force(st, topo, 10.0), abs=1e-12)
+
+
+def test_search_path_honours_the_balance_cap(monkeypatch):
+    """Without the exact phase the heuristics' rows ignore the cap; the MIP's row within it must
+    still win over a lower-objective row above it."""
+    from placement import solve
+
+    monkeypatch.setattr(solve, "MAX_WORK", 0)
+    st = random_stats(6, 3, 300, seed=5, homes=True)
+    topo = Topology.uniform(3, 2)
+    imb = [evaluate(st, Placement.from_expert_rank(np.array(p)[None], 3), topo).imbalance_L[0]
+           for p in set(itertools.permutations([0, 0, 1, 1, 2, 2]))]
+    cap = min(imb) + 0.02
+    free = solve.solve_placement(st, topo, "ilp", time_limit_s=4, load_weight=0.0)
+    assert free.cost.imbalance_L[0] > cap
+    res = solve.solve_placement(st, topo, "ilp", time_limit_s=4, load_weight=0.0, balance_cap=cap)
+    assert res.layers[0].model == "hypergraph"
+    assert res.cost.imbalance_L[0] <= cap + 1e-9
+    assert res.cost.objective == pytest.approx(full_objective_brute_force(st, topo, 0.0, cap=cap), abs=1e-12)

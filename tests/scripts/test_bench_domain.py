@@ -53,6 +53,16 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert 1.0 <= line["rank_load_max_over_mean"] <= 2.0
     assert 0.0 <= line["bound_home_sends_per_token_layer"] <= 1.0
     assert math.isfinite(line["sends_reduction_upper_bound_vs_shuffled_ilp"])
+    # 4 experts on 2 ranks: the bound is the exact optimum; with no load cap no placement beats it,
+    # neither the contiguous one nor the home-aware ILP's (both modelled on the same window)
+    assert line["bound_kind"] == "exact" and line["bound_status"] == ["optimal"] * 2
+    unc = line["bound_uncapped_home_sends_per_token_layer"]
+    assert unc <= line["bound_home_sends_per_token_layer"] + 1e-12
+    assert unc <= line["model_sends_per_token_layer"]["domain"]["solved"] + 1e-12
+    assert unc <= line["model_sends_per_token_layer"]["domain"]["contiguous"] + 1e-12
+    for key in ("sends_reduction_domain_vs_shuffled_ilp", "sends_reduction_domain_vs_contiguous"):
+        t = line["targets"][key]
+        assert t["within_bound"] == (t["upper_bound"] >= float(t["target"].split()[1]))
     assert set(line["targets"]) >= {"sends_reduction_domain_vs_shuffled_ilp", "rank_load_max_over_mean"}
     assert isinstance(line["all_targets_met"], bool)
     png = Path(line["figure"])
@@ -77,3 +87,27 @@ def test_mixture_entries_and_specialisation_hand_computed():
     ids = np.array([[0, 1], [0, 2], [2, 3], [2, 3]])[:, None, :]
     spec = specialisation(from_topk_ids(ids, 4, home_T=np.array([0, 0, 1, 1])), 2)
     assert spec == {"top_slots_share_per_home_rank": [0.75, 1.0], "uniform": 0.5}
+
+
+def test_sends_bound_hand_computed():
+    """The bound of the 4-expert case of tests/placement/test_exact_dp.py: 1/6 sends with no cap
+    ({0,1} | {2,3}), 1 with the ranks' loads within 1.1 x mean ({0,2} | {1,3})."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import numpy as np
+    from bench_domain import sends_lower_bound
+
+    from placement import Topology, from_topk_ids
+
+    ids = np.array([[0, 1]] * 3 + [[2, 3]] * 2 + [[0, 2]])[:, None, :]
+    st = from_topk_ids(ids, 4, home_T=np.array([0, 0, 0, 1, 1, 1]))
+    b = sends_lower_bound(st, Topology.uniform(2, 2), 1.10, 2.0)
+    assert b["kind"] == "exact" and b["status"] == ["optimal"]
+    assert b["bound"] == pytest.approx(1.0) and b["best_found"] == pytest.approx(1.0)
+    assert b["uncapped"] == pytest.approx(1 / 6) and b["cap_L"] == [pytest.approx(1.10)]
+    # 24 experts on 4 ranks is past the exact programme's limit: the ILP's dual bound stands in
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.choice(24, 2, replace=False) for _ in range(120)])[:, None, :]
+    big = from_topk_ids(ids, 24, home_T=rng.integers(0, 4, 120))
+    d = sends_lower_bound(big, Topology.uniform(4, 6), 1.5, 1.0)
+    assert d["kind"] == "ilp_dual" and math.isnan(d["uncapped"])
+    assert d["bound"] <= d["best_found"] + 1e-9
