@@ -169,11 +169,6 @@ def mixture_entries(mixture: str, domains: list[str]) -> list[str]:
     return [m for m in mixture.split(",") if m]
 
 
-def cfg_seq_len(args: argparse.Namespace) -> int:
-    """The row length the arms train on (the base config's, after ``--set``)."""
-    return load_config(args.config, list(args.set)).data.seq_len
-
-
 def build_config(args: argparse.Namespace, assignment: str, domains: list[str]) -> RunConfig:
     """One arm's config: only ``data.rank_assignment`` and the run name differ between arms."""
     steps = args.steps + args.measure_steps
@@ -185,11 +180,7 @@ def build_config(args: argparse.Namespace, assignment: str, domains: list[str]) 
         f"model.moe.expert_ffn_dim={args.expert_ffn}", f"cluster.num_workers={args.workers}",
         f"cluster.run_name=bench-domain-{assignment}", "logging.wandb=disabled", "logging.progress=false",
         "checkpoint.uri=", "placement.replan_every=0", f"placement.window={max(1, args.measure_steps)}",
-        # the solver sees every token of the statistics window (the trainer keeps the most
-        # recent ones: 16,384 was the last 2 of 20 steps; placements fitted to it lost 0.02 sends
-        # on the next steps)
-        f"placement.sample_tokens={args.global_batch * cfg_seq_len(args) * max(1, args.measure_steps)}",
-        f"data.rank_assignment={assignment}",
+        "placement.sample_tokens=16384", f"data.rank_assignment={assignment}",
         f"data.max_bytes_per_domain={args.max_bytes}", f"train.precision={args.precision}", *args.set,
     ]
     cfg = load_config(args.config, overrides)
