@@ -20,6 +20,7 @@ shards already written and only reads their footers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,9 +46,29 @@ log = logging.getLogger("moetrain")
 BATCH_DOCS = 2048  # Parquet rows per map_batches call (one shard per domain per call)
 FILES_PER_BATCH = 64  # whole JSONL / text files per map_batches call
 RSS_SAMPLE_S = 0.05  # measure_prepare: how often the process tree's memory is sampled
+# Ray Data (2.60) reads every Parquet footer on a pool of FooterReader actors, 32 by default: each
+# is a worker process of ~190 MB, so listing the files cost up to 6 GB for a moment, and how many
+# had started when the peak was sampled made prepare's peak memory jump by hundreds of MB from run
+# to run (10x corpus: 2,514-3,219 MB). Footer reads are I/O with 128 threads per actor: two do.
+FOOTER_READERS = 2
+FOOTER_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
 _STATS_SCHEMA = pa.schema([("key", pa.string()), ("domain", pa.string()), ("rows", pa.int64()),
                            ("tokens", pa.int64()), ("docs", pa.int64()), ("skipped", pa.bool_()),
                            ("rss_mb", pa.float64())])
+
+
+@contextlib.contextmanager
+def footer_readers_env():
+    """``FOOTER_ENV`` at ``FOOTER_READERS`` in this process (unless the user set it) while a
+    Parquet read is built: the pool's size is read from the environment there, then travels with
+    the read to the task that lists the files. Restored after."""
+    old = os.environ.get(FOOTER_ENV)
+    os.environ[FOOTER_ENV] = old or str(FOOTER_READERS)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(FOOTER_ENV, None)
 
 
 @dataclass(frozen=True)
@@ -115,7 +136,8 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
         other = [f.path for f in files if f.kind != "parquet"]
         cols = [opts.text_column] + ([opts.domain_column] if opts.domain_column else [])
         if pq_files:
-            ds = ray.data.read_parquet(pq_files, filesystem=store.fs, columns=cols, include_paths=True)
+            with footer_readers_env():  # Ray Data sizes the pool when it builds the read: here
+                ds = ray.data.read_parquet(pq_files, filesystem=store.fs, columns=cols, include_paths=True)
             parts.append(ds.map_batches(_process, batch_size=opts.batch_docs, batch_format="pyarrow",
                                         fn_kwargs={**common, "by_path": by_path}))
         if other:

@@ -173,3 +173,28 @@ def test_cli_exits_2_with_one_line(inputs, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"moetrain: error: {inputs}/mixed.parquet: no text column (--text-column) 'body'; columns: ['text', 'source']"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_bounds_ray_datas_footer_reader_pool(ray_local, inputs, tmp_path):
+    """Ray Data reads Parquet footers on a pool of FooterReader actors (32 processes of ~190 MB by
+    default): ``moetrain prepare`` gives its job ``FOOTER_READERS``. Run the CLI as a job on this
+    test's Ray, then count the FooterReader actors that job created."""
+    from ray._private import state  # the GCS actor table (the state API needs the dashboard)
+
+    from cluster.prepare import FOOTER_ENV, FOOTER_READERS
+
+    def footer_actors() -> set[str]:
+        return {k for k, a in state.actors().items() if a.get("ActorClassName", "").endswith("FooterReader")}
+
+    before = footer_actors()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "RAY_AUTH_MODE": "disabled",
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    env.pop(FOOTER_ENV, None)
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "prepare", *entries(inputs), "--domain-column",
+                           "source", "--vocab-size", "300", "--seq-len", str(SEQ), "--out", str(tmp_path / "o"),
+                           "--json", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    new = footer_actors() - before
+    assert 1 <= len(new) <= FOOTER_READERS
