@@ -33,7 +33,7 @@ share on four ranks, the domain map gives each rank exactly one domain.
 Prints a table and one JSON line (last line); writes ``results.json`` and ``bench_domain.png``
 under ``--out``.
 
-    .venv/bin/python scripts/bench_domain.py                 # the documented run (~8 min on 2 quiet cores)
+    .venv/bin/python scripts/bench_domain.py                 # the documented run (~7 min on 2 quiet cores)
     .venv/bin/python scripts/bench_domain.py --quick --out /tmp/bd   # CI smoke, ~1-2 min
 """
 
@@ -66,7 +66,8 @@ TARGETS = {  # the issue's targets
 }
 DEFAULT = {"steps": 240, "measure_steps": 20, "workers": 4, "accum": 1, "global_batch": 64,
            "experts": 16, "expert_ffn": 64, "max_bytes": 600_000, "solve_time": 8.0, "precision": "bf16",
-           "set": []}
+           # 4 MoE blocks (tiny has 2): the last block specialises most by domain (docs/domain_placement.md)
+           "set": ["model.n_layers=4"]}
 QUICK = {"steps": 12, "measure_steps": 3, "workers": 2, "accum": 1, "global_batch": 8,
          "experts": 4, "expert_ffn": 32, "max_bytes": 40_000, "solve_time": 1.0, "precision": "fp32",
          "set": ["model.dim=64", "model.ffn_dim=128", "model.max_seq_len=64", "data.seq_len=64",
