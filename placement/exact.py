@@ -17,7 +17,7 @@ and the rank load is ``sum_{e in S_r} load[e]``. The best partition of the exper
 (a bitmask): after ranks 0..j-1 the state is the set they hold, the step to rank j picks an
 ``s_j``-subset of the rest. Per layer the work is ``sum_j C(E, P_j) * C(E - P_j, s_j)`` set
 scores (P_j slots of the first j ranks): 16 experts on 4 ranks is 1.8 M, 20 on 4 is 47 M,
-24 on 4 is 2.5 G (refused by ``max_work``).
+24 on 4 would be 2.5 G (refused: ``MAX_WORK``, ``MAX_EXPERTS``).
 
 Tokens are grouped by (expert set, origin class) once, so the cost of a set is one matrix
 product over the distinct groups, independent of the token count.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,8 +227,6 @@ def exact_layer_with_load(tables: LayerTables, load_weight: float, cap: float | 
     stops when the cost alone, plus ``load_weight`` x the smallest possible max load, cannot beat
     the best so far (then the best is optimal), or at ``deadline`` (time.monotonic; then it is the
     best of the front points visited). None when no placement meets ``cap``."""
-    import time
-
     floor = tables.mean  # no placement loads its busiest rank below the mean
     best: ParetoResult | None = None
     limit, solves = cap, 0
