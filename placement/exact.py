@@ -197,11 +197,8 @@ def exact_placement(stats: RoutingStats, topo: Topology, *, objective: str = "se
     weights = off_OR if objective == "sends" else w_OR
     layers = []
     for l in range(stats.num_layers):
-        ids = stats.topk_ids_TLK[:, l]
-        T = max(ids.shape[0], 1)
-        mean = float((ids >= 0).sum()) / T / topo.num_ranks
-        cap = None if balance_cap is None else balance_cap * mean
-        layers.append(exact_layer(ids, E, topo, weights, origin_T, cap=cap, max_work=max_work))
+        tables = LayerTables(stats.topk_ids_TLK[:, l], E, topo, weights, origin_T)
+        layers.append(tables.solve(None if balance_cap is None else balance_cap * tables.mean))
     if any(x.rank_E is None for x in layers):
         return None, layers
     return Placement.from_expert_rank(np.stack([x.rank_E for x in layers]), topo.num_ranks), layers
