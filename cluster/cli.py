@@ -183,9 +183,8 @@ def _plan(args) -> int:
     import os
 
     from moetrain.config import ConfigError, load_config
-    from moetrain.plan import GIB, format_plan, plan_memory
-
     from moetrain.hf.load import context_of_run, resolve_init_from
+    from moetrain.plan import GIB, format_plan, plan_memory
 
     cfg = resolve_init_from(load_config(args.config, list(args.overrides)))  # an HF model's shape and context
     if args.memory_gb is not None:
