@@ -2,7 +2,9 @@
 
 Owns: :data:`ARCHS` (one :class:`ArchSpec` per supported ``model_type``: where its tensors live
 and how its MoE routes), :func:`model_config_from_hf` (an HF ``config.json`` dict -> moetrain
-:class:`ModelConfig`, refusing every field value moetrain cannot express, naming it) and
+:class:`ModelConfig`, refusing every field value moetrain cannot express, naming it; the
+context: ``max_position_embeddings`` for an import, the run's ``max_seq_len`` up to it for a
+fine-tune, see :func:`context_of`; bos / eos / pad ids inside the vocabulary) and
 :func:`hf_config_from_model` (the reverse, on top of the imported ``config.json`` when known).
 
 Supported (transformers 5.24 classes; all use SwiGLU experts, RMSNorm, RoPE, causal attention):

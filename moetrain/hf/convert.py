@@ -3,8 +3,10 @@
 Owns: :func:`import_hf` (HF dir -> ``<out>/<run>/step-0``: ``dense.pt`` and one object per
 expert, as training writes them, placement-independent, plus the tokenizer files as
 ``tokenizer/<file>`` objects; the manifest's meta carries the moetrain config and the original
-``config.json``) and :func:`export_hf` (a committed checkpoint -> ``config.json``, safetensors
-shards, ``model.safetensors.index.json`` and the tokenizer files).
+``config.json`` and the :class:`SourceLayout`: the source's dtype per tensor and its shard sizes)
+and :func:`export_hf` (a committed checkpoint -> ``config.json``, safetensors weights in the
+source's dtype (or ``--dtype``) and shards sized like the source's (or ``--max-shard-size``),
+``model.safetensors.index.json`` when sharded, and the tokenizer files).
 
 Streaming: import reads one HF tensor at a time (ranged reads) and writes one MoE layer's
 expert objects at a time, concurrently; only the dense parameters (one object) or one layer's
@@ -412,7 +414,8 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto
                                           indent=2).encode())
     out.write_bytes(CONFIG, json.dumps(hf_config, indent=2).encode())
     copied = _copy_tokenizer(ref, manifest, out, run_cfg, tokenizer_dir)
-    note = f"dtype {main_dtype}, {len(shards)} shard(s) of at most {max(shard_header(s)[1] for s in shards) / 1e6:.1f} MB"
+    largest = max(shard_header(s)[1] for s in shards)
+    note = f"dtype {main_dtype}, {len(shards)} shard(s) of at most {largest / 1e6:.1f} MB"
     log.info("exported %s -> %s (%s): %s, %d tensors, tokenizer files %s", ref.uri, out.uri, name, note,
              len(entries), copied)
     return ConvertReport(uri=out.uri, tensors=len(entries), bytes=total, files=len(shards), note=note)

@@ -186,8 +186,8 @@ def plan_states_context(tmp: Path) -> tuple[bool, str]:
 def generate_past_context(tmp: Path) -> tuple[bool, str]:
     d = model(tmp)
     cli("hf", "import", str(d), str(tmp / "ck"))  # the tiny model's context: 64 positions
-    return refused(cli("generate", str(tmp / "ck" / "hf"), "--prompt", "the quick brown fox", "--max-new-tokens", "100"),
-                   "exceeds the model's context", "64")
+    proc = cli("generate", str(tmp / "ck" / "hf"), "--prompt", "the quick brown fox", "--max-new-tokens", "100")
+    return refused(proc, "exceeds the model's context", "64")
 
 
 def sliding_window_shorter(tmp: Path) -> tuple[bool, str]:
