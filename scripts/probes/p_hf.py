@@ -1,4 +1,4 @@
-"""Outside probes of the Hugging Face bridge (issue #23 item 6, and the HF "Partial" points).
+"""Outside probes of the Hugging Face bridge (issue #23 "What to build" item 6: Bad 6 and 7 and the HF "Partial" points).
 
 Each probe builds a tiny random model with transformers (no download; ``tests/hf/conftest.py``'s
 ``save_random``) and runs the real CLI (``python -m cluster.cli``) in a subprocess, as a user
@@ -100,7 +100,7 @@ def same_tokenizer_other_eos(tmp: Path) -> tuple[bool, str]:
     return ok, f"{len(manifests)} prepared datasets, end-of-text ids {seen} (want {sorted([299, tilde])})"
 
 
-# ---- 23.6 / 23.7: malformed safetensors headers -----------------------------------------------------
+# ---- 23.6 (Bad 7): malformed safetensors headers -----------------------------------------------------------
 
 
 def _header_probe(header: bytes, *needles: str):
@@ -200,10 +200,10 @@ PROBES = [
     Probe("fine-tune from an HF model whose eos_token_id is outside the vocabulary", "23.6", fine_tune_eos_outside_vocab),
     Probe("hf import of a config with pad_token_id -1", "23.6", import_pad_outside_vocab),
     Probe("two models, one tokenizer.json, other eos ids, one data cache", "23.6", same_tokenizer_other_eos),
-    Probe("safetensors header not UTF-8", "23.7", _header_probe(b'{"a": "\xff\xfe"}', "not valid UTF-8")),
-    Probe("safetensors header not JSON", "23.7", _header_probe(b'{"model.norm.weight": {', "not valid JSON")),
-    Probe("safetensors header lies about a length", "23.7", header_lies_about_a_length),
-    Probe("safetensors header points past the file", "23.7", _header_probe(_PAST, "past the end of the file")),
+    Probe("safetensors header not UTF-8", "23.6", _header_probe(b'{"a": "\xff\xfe"}', "not valid UTF-8")),
+    Probe("safetensors header not JSON", "23.6", _header_probe(b'{"model.norm.weight": {', "not valid JSON")),
+    Probe("safetensors header lies about a length", "23.6", header_lies_about_a_length),
+    Probe("safetensors header points past the file", "23.6", _header_probe(_PAST, "past the end of the file")),
     Probe("fine-tuned bf16 model exported (dtype, shards)", "23.6", fine_tuned_bf16_exports_bf16),
     Probe("hf export --dtype fp32 --max-shard-size 50KB", "23.6", export_dtype_fp32),
     Probe("import Mixtral's 32768-token context and window", "23.6", mixtral_context),
