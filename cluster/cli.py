@@ -6,7 +6,7 @@
     moetrain ckpt list|verify|inspect|clean URI
     moetrain submit --address http://HEAD:8265 -- [train arguments]
     moetrain hf import HF_DIR OUT [--run NAME]      (HF model dir -> OUT/NAME/step-0)
-    moetrain hf export CKPT OUT [--arch A] [--max-shard-mb N] [--tokenizer DIR]
+    moetrain hf export CKPT OUT [--arch A] [--dtype auto|fp32|bf16] [--max-shard-size 5GB] [--tokenizer DIR]
     moetrain generate CKPT --prompt TEXT [--max-new-tokens N] [--ids]
 
 User errors (bad config, data, checkpoint, store) print one clear line and exit non-zero.
@@ -62,7 +62,10 @@ def _hf_parsers(sub) -> None:
     h.add_argument("out", help="import: checkpoint root; export: output directory or URI")
     h.add_argument("--run", default="hf", help="import: run name of the checkpoint (default hf)")
     h.add_argument("--arch", default="", help="export: model_type (default: the one it was imported from)")
-    h.add_argument("--max-shard-mb", type=int, default=0, help="export: safetensors shard size (default 4096)")
+    h.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="export: tensor dtype (auto = the source model's, as recorded at import)")
+    h.add_argument("--max-shard-size", default="",
+                   help="export: largest shard, e.g. 5GB or 500MB (default: as many shards as the source)")
     h.add_argument("--tokenizer", default="", help="export: copy the tokenizer files from this HF directory")
     h.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     h.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
@@ -79,20 +82,17 @@ def _hf_parsers(sub) -> None:
 def _hf(args) -> int:
     from moetrain.config import CheckpointConfig
     from moetrain.hf import export_hf, import_hf
-    from moetrain.hf.convert import DEFAULT_SHARD_BYTES
+    from moetrain.hf.convert import parse_size
 
     cfg = CheckpointConfig(uri=args.out if args.action == "import" else args.src, s3_endpoint=args.s3_endpoint,
                            gcs_endpoint=args.gcs_endpoint)
     if args.action == "import":
         report = import_hf(args.src, args.out, args.run, cfg=cfg)
     else:
-        if args.max_shard_mb < 0:
-            from moetrain.hf import HFError
-            raise HFError(f"--max-shard-mb ({args.max_shard_mb}) must be >= 1")
-        shard = args.max_shard_mb << 20 if args.max_shard_mb else DEFAULT_SHARD_BYTES
-        report = export_hf(args.src, args.out, arch=args.arch, max_shard_bytes=shard, tokenizer_dir=args.tokenizer,
-                           cfg=cfg)
-    print(f"{report.uri}: {report.tensors} tensors, {report.bytes / 1e6:.1f} MB, {report.files} files")
+        shard = parse_size(args.max_shard_size) if args.max_shard_size else 0
+        report = export_hf(args.src, args.out, arch=args.arch, dtype=args.dtype, max_shard_bytes=shard,
+                           tokenizer_dir=args.tokenizer, cfg=cfg)
+    print(f"{report.uri}: {report.tensors} tensors, {report.bytes / 1e6:.1f} MB, {report.files} files; {report.note}")
     return 0
 
 
@@ -183,9 +183,10 @@ def _plan(args) -> int:
     import os
 
     from moetrain.config import ConfigError, load_config
+    from moetrain.hf.load import context_of_run, resolve_init_from
     from moetrain.plan import GIB, format_plan, plan_memory
 
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = resolve_init_from(load_config(args.config, list(args.overrides)))  # an HF model's shape and context
     if args.memory_gb is not None:
         if not args.memory_gb > 0:
             raise ConfigError(f"--memory-gb ({args.memory_gb}) must be > 0")
@@ -206,6 +207,7 @@ def _plan(args) -> int:
     plan = plan_memory(cfg, available_bytes=available, source=source)
     print(f"moetrain plan: {args.config or 'tiny'}")
     print(format_plan(plan, cfg))
+    print(context_of_run(cfg))
     return 1 if plan.fits is False else 0
 
 

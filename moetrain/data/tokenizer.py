@@ -132,6 +132,9 @@ def load_hf_tokenizer(spec: str, *, s3_endpoint: str = "", s3_region: str = "",
     if eot is None:
         raise DataError(f"data.tokenizer ({spec!r}): no end-of-text token: set eos_token in "
                         f"{where}/tokenizer_config.json or eos_token_id in {where}/config.json")
+    if isinstance(eot, bool) or not isinstance(eot, int) or not 0 <= eot < tok.get_vocab_size():
+        raise DataError(f"data.tokenizer ({spec!r}): end-of-text id {eot!r} is outside the vocabulary of "
+                        f"{where}/tokenizer.json (vocab size {tok.get_vocab_size()})")
     return tok, hashlib.sha256(raw).hexdigest(), int(eot)
 
 
