@@ -69,6 +69,14 @@ def gateway_table(nodes: list[list[int]]) -> np.ndarray:
     return np.array([[n[local[s] % len(n)] for n in nodes] for s in range(R)], dtype=np.int64)
 
 
+def expert_nodes(placement: Placement, layer: int, node_R: tuple[int, ...]) -> np.ndarray:
+    """Node of every logical expert of ``layer``, [E]: the node of its primary (first) replica —
+    the map node-limited routing uses (``TopKRouter.set_expert_nodes``)."""
+    node_R = tuple(node_R) or (0,) * placement.num_ranks
+    primary_E = [int(placement.log2phy(layer, e)[0]) for e in range(placement.num_experts)]
+    return np.array([node_R[int(placement.slot_rank_S[s])] for s in primary_E], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class HierDispatchMeta(DispatchMeta):
     send1: list[int]  # stage-1 units to each rank (non-zero only at this rank's gateways)
