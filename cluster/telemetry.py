@@ -189,12 +189,20 @@ class Telemetry:
 
     def close(self, summary: dict) -> None:
         if summary:
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            write_summary(self.out_dir, summary)
         if self.wandb:
             if summary:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb.finish()
             self.wandb = None
+
+
+def write_summary(out_dir: Path, summary: dict) -> Path:
+    """``<out_dir>/summary.json``: how the run ended (every terminal state) and its results if any."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=float))
+    return path
 
 
 # ---- what the driver prints about watching the run ---------------------------------------------
