@@ -108,8 +108,11 @@ def ensure_ray(cfg: RunConfig) -> RayInfo:
         return _ray_info(None, embedded=False)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        log.info("connecting to the Ray cluster at %s (within cluster.connect_timeout_s=%g s)", address,
+                 cfg.cluster.connect_timeout_s)
         check_reachable(address, cfg.cluster.connect_timeout_s)
-        ctx = ray.init(address=address, namespace="moetrain", log_to_driver=True)
+        with StopGuard.keep():  # ray.init sets its own SIGTERM handler
+            ctx = ray.init(address=address, namespace="moetrain", log_to_driver=True)
         return _ray_info(ctx, embedded=False)
     c = cfg.cluster
     reaped = reap_orphans()  # agents a killed earlier driver left behind (they hold ports and memory)
@@ -121,7 +124,7 @@ def ensure_ray(cfg: RunConfig) -> RayInfo:
     # Logical CPUs: never fewer than the group needs, so 2 workers also start on a 2-core machine.
     need = c.num_workers * c.cpus_per_worker + DRIVER_CPUS
     # address="local": a new instance of our own, never a `ray start` cluster found on this machine.
-    with _loopback_node():
+    with _loopback_node(), StopGuard.keep():
         ctx = ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), namespace="moetrain",
                        include_dashboard=c.dashboard, dashboard_host=DASHBOARD_HOST,
                        dashboard_port=c.dashboard_port or None, log_to_driver=True, configure_logging=False)
@@ -231,6 +234,8 @@ def _run(cfg: RunConfig, on_step, raise_on_failure: bool, phase: _Phase) -> RunR
     # Prepare (or find in the cache) the data and read its manifest on the driver first: bad data
     # fails fast with a clear error before any actor starts, and the workers then stream it.
     phase("preparing the data")
+    log.info("run %s: preparing the data (data.source=%s; cached after the first run)", cfg.cluster.run_name,
+             cfg.data.source)
     dataset = open_training_data(cfg.data, cfg.train.global_batch_size)
     phase("checking the run")
     check_vocab(cfg, dataset.vocab_size)

@@ -163,7 +163,7 @@ def _prepare(args) -> int:
 def _train(args) -> int:
     from cluster.stop import StopGuard, StopRequested  # before the heavy imports: a stop is never exit 143
 
-    with StopGuard.install():
+    with StopGuard.install(until_exit=True):
         try:
             return _train_run(args)
         except StopRequested as exc:  # before the run began (importing, reading the config): no summary yet
