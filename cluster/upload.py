@@ -148,7 +148,8 @@ def upload_plan(root: str | os.PathLike, include: tuple[str, ...] | list[str] = 
         candidates = git
         if include:  # the allow-list also reaches what git ignores
             known = set(git)
-            candidates = sorted(known | {r for r in _walk(root, include, None) if r not in known and _allowed(r, include)})
+            extra = {r for r in _walk(root, include, None) if r not in known and _allowed(r, include)}
+            candidates = sorted(known | extra)
     checkpoint_dirs: dict[str, bool] = {}
     files: dict[str, Path] = {}
     links: list[str] = []

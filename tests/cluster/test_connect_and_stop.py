@@ -106,8 +106,8 @@ def test_an_address_that_is_not_ray_fails_in_one_line_within_the_timeout(tmp_pat
 
 @pytest.mark.ray
 def test_sigterm_while_connecting_stops_with_a_summary(tmp_path, silent_port):
-    proc = _train(tmp_path, "--set", f"cluster.address=127.0.0.1:{silent_port}", "--set", "cluster.connect_timeout_s=300",
-                  "--set", "cluster.run_name=conn")
+    proc = _train(tmp_path, "--set", f"cluster.address=127.0.0.1:{silent_port}",
+                  "--set", "cluster.connect_timeout_s=300", "--set", "cluster.run_name=conn")
     head = _wait_for(proc, "connecting to the Ray cluster")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -139,8 +139,9 @@ def test_sigterm_while_preparing_the_data_stops_with_a_summary(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_second_sigint_during_the_stop_stops_at_once_with_a_summary(tmp_path):
-    proc = _train(tmp_path, "--set", "cluster.run_name=twice", "--set", "train.steps=100000", "--set", "train.log_every=1",
-                  "--set", f"checkpoint.uri={tmp_path / 'ckpt'}", "--set", "checkpoint.every=0")
+    proc = _train(tmp_path, "--set", "cluster.run_name=twice", "--set", "train.steps=100000",
+                  "--set", "train.log_every=1", "--set", f"checkpoint.uri={tmp_path / 'ckpt'}",
+                  "--set", "checkpoint.every=0")
     head = _wait_for(proc, "step     3 |")
     proc.send_signal(signal.SIGINT)
     head += _wait_for(proc, "stopping after the current step")
@@ -170,7 +171,8 @@ ctx = ray.get_runtime_context()
 session = ray._private.worker._global_node.get_session_dir_path()
 pids = {p.pid for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])}
 pids |= {psutil.Process().pid} | {c.pid for c in psutil.Process().children(recursive=True)}
-ips = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in pids})
+ips = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+              if c.status == "LISTEN" and c.pid in pids})
 print(json.dumps({"gcs": ctx.gcs_address, "metrics": info.metrics_url, "listen": ips}))
 """
 

@@ -93,8 +93,8 @@ def test_an_explicit_allow_list_re_admits_paths(tmp_path):
     assert sorted(_sent(tmp_path, plan)) == _printed(plan)
 
 
-@pytest.mark.parametrize("name", ["id_dsa", "id_dsa.pub", "KEY.PEM", "Server.Key", ".ENV", "prod.ENV", ".s3cfg", ".boto",
-                                  ".pgpass", ".vault-token", "terraform.tfstate", "terraform.tfstate.backup",
+@pytest.mark.parametrize("name", ["id_dsa", "id_dsa.pub", "KEY.PEM", "Server.Key", ".ENV", "prod.ENV", ".s3cfg",
+                                  ".boto", ".pgpass", ".vault-token", "terraform.tfstate", "terraform.tfstate.backup",
                                   "kubeconfig", "KUBECONFIG", ".bash_history", ".zsh_history", "token.json",
                                   "secret.yaml", "Secrets.yml", "credentials.json", "Credentials"])
 def test_secret_names_are_matched_whatever_their_case(tmp_path, name):
