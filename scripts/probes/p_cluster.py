@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SMALL = ["--set", "data.max_bytes_per_domain=150000", "--set", "data.vocab_size=300", "--set", "model.dim=32",
          "--set", "model.n_heads=2", "--set", "data.seq_len=32", "--set", "model.max_seq_len=32",
          "--set", "train.eval_batches=1", "--set", "cluster.num_workers=1", "--set", "logging.wandb=disabled"]
-SECRETS = {"raycfg": "RAY-AUTH-TOKEN-123", "stuff": "-----BEGIN OPENSSH PRIVATE KEY-----"}
+# Written at run time (this file is uploaded too): a leak is a hit on these exact strings.
+SECRETS = {"raycfg": f"ray-token-{uuid.uuid4().hex}", "stuff": f"ssh-key-{uuid.uuid4().hex}"}
 SECRET_FILES = ["deploy/id_dsa", "deploy/KEY.PEM", "deploy/.ENV", ".s3cfg", ".boto", ".pgpass", ".vault-token",
                 "infra/terraform.tfstate", "kubeconfig", ".bash_history", "token.json", "k8s/secret.yaml"]
 
@@ -85,8 +87,11 @@ def _end_processes_naming(text: str) -> None:
 def _ray_head(env: dict, dashboard: bool = False):
     """A real ``ray start --head`` (1 CPU) in a short temp folder; yields (temp, gcs port, dashboard port)."""
     tmp = tempfile.mkdtemp(prefix="pr-", dir="/tmp")
-    gcs, dash = _free_ports(2)
-    args = [RAY, "start", "--head", f"--port={gcs}", f"--temp-dir={tmp}/ray", "--num-cpus=1", "--disable-usage-stats"]
+    gcs, dash, metrics, client, agent_http, agent_grpc, nm, om, renv = _free_ports(9)  # other Rays may hold defaults
+    args = [RAY, "start", "--head", f"--port={gcs}", f"--temp-dir={tmp}/ray", "--num-cpus=1", "--disable-usage-stats",
+            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={nm}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--object-manager-port={om}", f"--runtime-env-agent-port={renv}"]
     args += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"] if dashboard else ["--include-dashboard=false"]
     try:
         proc = subprocess.run(args, env={**env, "TMPDIR": tmp}, capture_output=True, text=True, timeout=120)
