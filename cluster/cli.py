@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="upload a path the default rules leave out (secrets, data, checkpoints); repeatable")
     s.add_argument("--dry-run", action="store_true", help="print the files the job would upload; submit nothing")
+    s.add_argument("--connect-timeout-s", type=float, default=30.0, metavar="S",
+                   help="give up reaching the dashboard address after S seconds (default 30)")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
     _hf_parsers(sub)
     return p
@@ -245,8 +247,12 @@ def _ckpt(args) -> int:
 def _submit(args) -> int:
     from cluster.submit import submit
 
+    from moetrain.config import ConfigError
+
+    if not args.connect_timeout_s > 0:
+        raise ConfigError(f"--connect-timeout-s ({args.connect_timeout_s}) must be > 0")
     return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include,
-                  dry_run=args.dry_run)
+                  dry_run=args.dry_run, connect_timeout_s=args.connect_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

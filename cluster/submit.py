@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 ENTRYPOINT_NUM_CPUS = 0.5  # the driver: controller loop, dataset build; the workers reserve their own
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+CONNECT_TIMEOUT_S = 30.0  # default bound on reaching the dashboard (the job client itself waits for minutes)
 
 
 def entrypoint(train_args: list[str]) -> str:
@@ -72,6 +73,21 @@ def resolve_address(address: str | None) -> str:
     return DEFAULT_ADDRESS
 
 
+def check_dashboard(url: str, timeout_s: float) -> None:
+    """Raise ConnectionError unless an HTTP server answers at ``url`` within ``timeout_s`` (any
+    status counts: a 401 is a dashboard asking for Ray's token)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/api/version", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:  # URLError, a timeout, a malformed URL
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"no answer within {timeout_s:g} s ({reason})") from None
+
+
 def _err(msg: str) -> None:
     print(f"moetrain: error: {msg}", file=sys.stderr)
 
@@ -80,7 +96,7 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
            env_vars: dict[str, str] | None = None, working_dir: str | os.PathLike | None = None,
            entrypoint_num_cpus: float = ENTRYPOINT_NUM_CPUS, submission_id: str | None = None,
            timeout_s: float | None = None, out: TextIO | None = None, include: tuple[str, ...] | list[str] = (),
-           dry_run: bool = False) -> int:
+           dry_run: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> int:
     """Submit ``moetrain train <train_args>`` as a Ray job; print its submission id.
 
     ``dry_run`` prints the files the job would upload (:func:`print_plan`) and returns 0 without
@@ -88,8 +104,8 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
 
     With ``wait`` the job's logs are streamed to ``out`` (stdout) until the job reaches a terminal
     status; returns 0 if it SUCCEEDED, 1 otherwise (or when ``timeout_s`` passes first; the job
-    keeps running). Without ``wait`` returns 0 once submitted. An unreachable address or a
-    rejected submission prints one line to stderr and returns 2.
+    keeps running). Without ``wait`` returns 0 once submitted. An address that does not answer
+    within ``connect_timeout_s``, or a rejected submission, prints one line to stderr and returns 2.
     """
     out = out or sys.stdout
     if dry_run:
@@ -102,6 +118,7 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
         _err(f"the Ray job API is unavailable ({exc}); install ray[default]")
         return 2
     try:
+        check_dashboard(url, connect_timeout_s)
         client = JobSubmissionClient(url)
     except Exception as exc:  # ConnectionError, auth errors, bad scheme...
         _err(f"cannot reach the Ray dashboard at {url}: {_first_line(exc)}")

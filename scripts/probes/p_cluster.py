@@ -248,6 +248,20 @@ def probe_submit_dry_run(tmp: Path) -> tuple[bool, str]:
                 f"exit {proc.returncode}: {_last_line(proc.stderr)}")
 
 
+def probe_submit_silent_dashboard(tmp: Path) -> tuple[bool, str]:
+    with _silent_server() as (port, _):
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "submit", "--address", f"http://127.0.0.1:{port}",
+                                 "--", "--config", "tiny"], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        rc, err = _finish(proc, 90)
+        took = time.monotonic() - t0
+    errors = [ln for ln in err.splitlines() if ln.startswith("moetrain: error:")]
+    ok = rc == 2 and len(errors) == 1 and "Traceback" not in err
+    return ok, (f"exit {rc} after {took:.0f} s: {errors[0][:110] if errors else _last_line(err)}" if rc is not None
+                else f"still waiting after {took:.0f} s, killed")
+
+
 # ---- 23.2: a `ray start` cluster on the machine --------------------------------------------------
 def probe_train_beside_ray_start(tmp: Path) -> tuple[bool, str]:
     env = _env()
@@ -335,6 +349,7 @@ PROBES = [
     Probe("submit from a checkout with links to ~/.ray and a key folder, and KEY.PEM/.ENV/... files", "23.1",
           probe_submit_links_and_count),
     Probe("submit --dry-run prints what would be sent", "23.1", probe_submit_dry_run),
+    Probe("submit to a dashboard port that accepts and says nothing", "23.3", probe_submit_silent_dashboard),
     Probe("train with a `ray start` cluster on the machine", "23.2", probe_train_beside_ray_start),
     Probe("cluster.address at a port that accepts and says nothing", "23.3", probe_silent_address),
     Probe("SIGTERM while connecting to that port", "23.3", probe_sigterm_while_connecting),

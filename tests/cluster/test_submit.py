@@ -240,6 +240,25 @@ def test_entrypoint_and_runtime_env(tmp_path):
     assert env == {"working_dir": str(tmp_path / "p.zip"), "env_vars": {"X": "1"}}  # no excludes: our zip is the list
 
 
+def test_a_dashboard_address_that_says_nothing_fails_within_the_timeout(capsys):
+    """A port that accepts and never answers: one line, exit 2, within --connect-timeout-s (the
+    job client alone waited for minutes)."""
+    from cluster.submit import submit
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    try:
+        t0 = time.monotonic()
+        rc = submit(["--config", "tiny"], address=f"http://127.0.0.1:{srv.getsockname()[1]}", connect_timeout_s=2)
+        took = time.monotonic() - t0
+    finally:
+        srv.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and took < 10, (rc, took)
+    assert err.count("\n") == 1 and "no answer within 2 s" in err, err
+
+
 def test_submit_job_script_targets_ray_address():
     """scripts/submit_job.sh starts nothing: with nothing at $RAY_ADDRESS it fails in one line."""
     import subprocess
