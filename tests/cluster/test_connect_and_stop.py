@@ -6,13 +6,15 @@
 - a second SIGINT during the stop: stopped at once, summary.json written, no traceback;
 - the embedded Ray starts an instance of its own, bound to 127.0.0.1, even with a ``ray start``
   cluster on the machine (it joined that one and died with a ValueError).
-Real processes throughout: the CLI in a subprocess, a real ``ray start`` head, a real socket server.
+Real processes throughout: the CLI (or a driver script) in a subprocess, a real ``ray start`` head,
+a real socket server.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -158,22 +160,25 @@ def test_a_second_sigint_during_the_stop_stops_at_once_with_a_summary(tmp_path):
 
 LISTENERS = """
 import json, sys, psutil, ray
-from cluster.api import ensure_ray
+from cluster.api import run
 from moetrain.config import load_config
-info = ensure_ray(load_config("tiny", ["cluster.num_workers=1"]))
-@ray.remote
-class A:
-    def ping(self):
-        return 1
-a = A.remote()
-ray.get(a.ping.remote())
-ctx = ray.get_runtime_context()
-session = ray._private.worker._global_node.get_session_dir_path()
-pids = {p.pid for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])}
-pids |= {psutil.Process().pid} | {c.pid for c in psutil.Process().children(recursive=True)}
-ips = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
-              if c.status == "LISTEN" and c.pid in pids})
-print(json.dumps({"gcs": ctx.gcs_address, "metrics": info.metrics_url, "listen": ips}))
+cfg = load_config("tiny", sys.argv[1:])
+seen = {}
+
+def snapshot(m):  # while the run trains: every listening socket of this run's Ray processes
+    if seen:
+        return
+    node = ray._private.worker._global_node
+    session = node.get_session_dir_path()
+    pids = {p.pid for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])}
+    pids |= {psutil.Process().pid} | {c.pid for c in psutil.Process().children(recursive=True)}
+    seen["listen"] = sorted({(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("tcp")
+                             if c.status == "LISTEN" and c.pid in pids})
+    seen["gcs"], seen["metrics_port"] = node.gcs_address, node.metrics_export_port
+
+result = run(cfg, on_step=snapshot, raise_on_failure=False)
+print(json.dumps({**seen, "state": result.state.value}))
+sys.exit(0 if result.state.value == "finished" else 1)
 """
 
 
@@ -193,22 +198,18 @@ def test_embedded_ray_never_joins_a_ray_start_cluster_and_binds_loopback(tmp_pat
                                  text=True, timeout=120)
         assert started.returncode == 0, started.stderr[-2000:]
         assert (Path(tmp) / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{gcs}")
-        proc = _train(tmp_path, "--set", "train.steps=2", "--set", "cluster.run_name=beside", env=env)
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-3000:]
-        assert "Connecting to existing Ray cluster" not in err and "Traceback" not in err
+        args = [a for a in SMALL if a != "--set"] + ["train.steps=2", "cluster.run_name=beside",
+                                                      f"logging.out_dir={tmp_path / 'out'}"]
+        proc = subprocess.run([sys.executable, "-c", LISTENERS, *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]  # it trained to the end
+        assert "Connecting to existing Ray cluster" not in proc.stderr and "Traceback" not in proc.stderr
         assert _summary(tmp_path, "beside")["state"] == "finished"
-        probe = subprocess.run([sys.executable, "-c", LISTENERS], cwd=REPO, env=env, capture_output=True, text=True,
-                               timeout=180)
-        assert probe.returncode == 0, probe.stderr[-3000:]
-        seen = json.loads(probe.stdout.strip().splitlines()[-1])
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
         assert not seen["gcs"].endswith(f":{gcs}")  # an instance of its own
-        assert seen["gcs"].startswith("127.0.0.1:") and seen["metrics"].startswith("http://127.0.0.1:")
-        metrics_port = int(seen["metrics"].rsplit(":", 1)[1].split("/")[0])
-        assert metrics_port in {port for _, port in seen["listen"]}
+        assert seen["gcs"].startswith("127.0.0.1:")
+        assert seen["metrics_port"] in {port for _, port in seen["listen"]}
         assert {ip for ip, _ in seen["listen"]} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, seen["listen"]
     finally:
         stop_cluster(tmp)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
