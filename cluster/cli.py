@@ -4,7 +4,7 @@
     moetrain plan [--config FILE|NAME] [--set a.b=c ...] [--memory-gb G]
     moetrain prepare [DOMAIN=]PATH|URI|GLOB ... --out URI [--tokenizer bpe|hf:DIR] [--seq-len N]
     moetrain ckpt list|verify|inspect|clean URI
-    moetrain submit --address http://HEAD:8265 -- [train arguments]
+    moetrain submit --address http://HEAD:8265 [--dry-run] [--include PATTERN] -- [train arguments]
     moetrain hf import HF_DIR OUT [--run NAME]      (HF model dir -> OUT/NAME/step-0)
     moetrain hf export CKPT OUT [--arch A] [--dtype auto|fp32|bf16] [--max-shard-size 5GB] [--tokenizer DIR]
     moetrain generate CKPT --prompt TEXT [--max-new-tokens N] [--ids]
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
     s.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="upload a path the default rules leave out (secrets, data, checkpoints); repeatable")
+    s.add_argument("--dry-run", action="store_true", help="print the files the job would upload; submit nothing")
+    s.add_argument("--connect-timeout-s", type=float, default=30.0, metavar="S",
+                   help="give up reaching the dashboard address after S seconds (default 30)")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
     _hf_parsers(sub)
     return p
@@ -146,8 +149,8 @@ def _prepare(args) -> int:
 
     def connect() -> None:  # after the inputs are checked: bad input fails in seconds
         if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS") or None
-            ray.init(address=address, num_cpus=None if address else (args.num_cpus or os.cpu_count()),
+            address = os.environ.get("RAY_ADDRESS") or None  # else a new local Ray, never one found here
+            ray.init(address=address or "local", num_cpus=None if address else (args.num_cpus or os.cpu_count()),
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
 
     summary = prepare(opts, connect).summary()
@@ -160,6 +163,17 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
+    from cluster.stop import StopGuard, StopRequested  # before the heavy imports: a stop is never exit 143
+
+    with StopGuard.install(until_exit=True):
+        try:
+            return _train_run(args)
+        except StopRequested as exc:  # before the run began (importing, reading the config): no summary yet
+            print(f"moetrain: {exc} before the run started", file=sys.stderr)
+            return EXIT_STOPPED
+
+
+def _train_run(args) -> int:
     from cluster.api import run
     from moetrain.config import load_config
 
@@ -169,8 +183,9 @@ def _train(args) -> int:
     cfg = load_config(args.config, overrides)
     result = run(cfg, raise_on_failure=False)
     if result.state.value == "stopped":
+        resume = "; resume with --resume latest" if result.summary.get("checkpoints_committed") else ""
         print(f"moetrain: run {cfg.cluster.run_name} STOPPED at step {result.summary.get('steps')} of "
-              f"{cfg.train.steps} (a stop was requested); resume with --resume latest", file=sys.stderr)
+              f"{cfg.train.steps} ({result.error or 'a stop was requested'}){resume}", file=sys.stderr)
         return EXIT_STOPPED
     if result.state.value != "finished":
         print(f"moetrain: run {cfg.cluster.run_name} failed:\n{result.error}", file=sys.stderr)
@@ -234,7 +249,12 @@ def _ckpt(args) -> int:
 def _submit(args) -> int:
     from cluster.submit import submit
 
-    return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include)
+    from moetrain.config import ConfigError
+
+    if not args.connect_timeout_s > 0:
+        raise ConfigError(f"--connect-timeout-s ({args.connect_timeout_s}) must be > 0")
+    return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include,
+                  dry_run=args.dry_run, connect_timeout_s=args.connect_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:

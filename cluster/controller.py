@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import signal
 import sys
 import time
 import uuid
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 
 from cluster import checkpointing, replacement
 from cluster.group import WorkerGroup, WorkerGroupError, WorkerGroupStartError
+from cluster.stop import StopGuard, StopRequested
 from cluster.telemetry import Telemetry
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
@@ -236,31 +236,18 @@ class Controller:
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
         self._t_start = time.perf_counter()
-        handlers = {State.STARTING: self._starting, State.RUNNING: self._running,
-                    State.REPLACING: self._replacing, State.CHECKPOINTING: self._checkpointing}
-        with _graceful_stop(self):
-            while self.state not in TERMINAL:
-                try:
-                    self._set(handlers[self.state]())
-                except WorkerGroupError as exc:
-                    if self.policy.should_retry(exc):
-                        self.restarts += 1
-                        self._set(State.RESTARTING)
-                        self._set(self._restarting(exc))
-                    else:
-                        self._fail(str(exc))
-                except RunAborted as exc:
-                    self._fail(str(exc))
-            if self._bar is not None:
-                self._bar.close()
-            summary = {}
-            if self.state != State.FAILED:
-                try:
-                    summary = self._finish()
-                except WorkerGroupError as exc:
-                    self._fail(f"final evaluation / checkpoint: {exc}")
-            self.ckpt.wait()  # a signal here only sets the stop flag: the final commit completes
-        final_error = self.ckpt.step_failed(self.step) if self.state != State.FAILED else ""
+        aborted = False
+        with StopGuard.install() as guard, guard.attach(self):
+            try:
+                summary = self._loop()
+            except StopRequested as exc:  # a second signal: stop now, no final evaluation or checkpoint
+                guard.caught()
+                aborted, summary = True, {}
+                self.error = f"{exc} during the stop: stopped at once, without a final evaluation or checkpoint"
+                log.warning("run %s: %s", self.cfg.cluster.run_name, self.error)
+                if self.state != State.FAILED:
+                    self._set(State.STOPPED)
+        final_error = self.ckpt.step_failed(self.step) if self.state != State.FAILED and not aborted else ""
         if final_error:
             self._fail(f"the final checkpoint (step {self.step}) failed: {final_error}")
         if self.state == State.FAILED:
@@ -268,10 +255,37 @@ class Controller:
         summary = self._summary(summary)
         self.checkpoints = list(self.ckpt.committed)
         if self.group:
-            self.group.shutdown()
+            self.group.shutdown(graceful=not aborted)
         self.telemetry.close(summary)
         return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, self.restarts,
                          self.error)
+
+    def _loop(self) -> dict:
+        """The state machine to a terminal state, then the final evaluation and checkpoint."""
+        handlers = {State.STARTING: self._starting, State.RUNNING: self._running,
+                    State.REPLACING: self._replacing, State.CHECKPOINTING: self._checkpointing}
+        while self.state not in TERMINAL:
+            try:
+                self._set(handlers[self.state]())
+            except WorkerGroupError as exc:
+                if self.policy.should_retry(exc):
+                    self.restarts += 1
+                    self._set(State.RESTARTING)
+                    self._set(self._restarting(exc))
+                else:
+                    self._fail(str(exc))
+            except RunAborted as exc:
+                self._fail(str(exc))
+        if self._bar is not None:
+            self._bar.close()
+        summary = {}
+        if self.state != State.FAILED:
+            try:
+                summary = self._finish()
+            except WorkerGroupError as exc:
+                self._fail(f"final evaluation / checkpoint: {exc}")
+        self.ckpt.wait()  # a first signal here only sets the stop flag: the final commit completes
+        return summary
 
     def _remove_partial_checkpoints(self) -> None:
         try:
@@ -325,30 +339,3 @@ class Controller:
 
 def _fmt(d: dict) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in d.items())
-
-
-class _graceful_stop:
-    """SIGINT / SIGTERM: finish the current step, then stop (with a final checkpoint)."""
-
-    def __init__(self, controller: Controller):
-        self.c = controller
-        self.old = {}
-
-    def _handler(self, signum, frame):
-        if self.c.stop_requested:
-            raise KeyboardInterrupt
-        log.warning("signal %d: stopping after the current step (again to abort)", signum)
-        self.c.request_stop()
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-        return False
