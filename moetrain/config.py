@@ -157,6 +157,10 @@ class CheckpointConfig:
     # crc32c (hardware CRC-32C, what S3 and GCS use themselves; ~11 GB/s per core) or sha256
     # (~1.7 GB/s per core). Checkpoints written with either are readable whatever this says.
     checksum: str = "crc32c"
+    # A run holds a lease on its name in the store (<uri>/<run>/lease.json), renewed every
+    # lease_ttl_s / 4: a second run of the same name is refused while it is live. A run killed
+    # without releasing it (SIGKILL) blocks its name for up to this long (or `moetrain ckpt unlock`).
+    lease_ttl_s: float = 60.0
 
 
 @dataclass(kw_only=True)
@@ -428,7 +432,7 @@ RANGES = {
     "train.zero_stage": "[0, 2]",
     "train.loss.lbl_coeff": "[0, inf)", "train.loss.z_loss_coeff": "[0, inf)",
     "checkpoint.every": "[0, inf)", "checkpoint.keep": "[1, inf)", "checkpoint.max_consecutive_failures": "[0, inf)",
-    "checkpoint.max_retries": "[0, inf)",
+    "checkpoint.max_retries": "[0, inf)", "checkpoint.lease_ttl_s": "[1, 86400]",
     "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
     "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
     "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)",

@@ -159,15 +159,16 @@ def _check_finite(ref: CheckpointRef, entry: ObjectEntry) -> int:
     return buf.nbytes
 
 
-def verify(ref: CheckpointRef, *, deep: bool = True, max_concurrency: int = 4) -> VerifyReport:
+def verify(ref: CheckpointRef, *, deep: bool = True, values: bool = True, max_concurrency: int = 4) -> VerifyReport:
     """Check every object of the manifest: present, right size and (``deep``) right checksum and
-    finite floating values."""
+    (``values``) finite floating values."""
     try:
         manifest = read_manifest(ref)
     except (NotCommittedError, CorruptObjectError) as exc:
         return VerifyReport(uri=ref.uri, step=ref.step, problems=(str(exc),))
     if deep:
-        results = _map(lambda e: _check_finite(ref, e), manifest.entries, max_concurrency)
+        check = _check_finite if values else (lambda r, e: _read_checked(r, e).nbytes)
+        results = _map(lambda e: check(ref, e), manifest.entries, max_concurrency)
     else:
         sizes = {f.key: f.size for f in ref.store.list_files(ref.prefix)}
 
