@@ -7,10 +7,13 @@ back (:meth:`Lease.release`).
 
 How it is taken:
 
-- local directories: exclusive create (``O_CREAT | O_EXCL``): of two writers exactly one
-  creates the file. A lease whose heartbeat is older than its ``ttl_s`` (its holder died
-  without releasing it: SIGKILL, power loss) is taken over by renaming it aside (one renamer
-  wins; a loser that renamed a fresh lease puts it back) and creating a new one;
+- local directories: exclusive create (the lease is written to a private file, then
+  hard-linked to ``lease.json``, which fails when the name exists): of two writers starting
+  together exactly one creates it, and nobody reads a half-written lease. A lease whose
+  heartbeat is older than its ``ttl_s`` (its holder died without releasing it: SIGKILL, power
+  loss) is taken over by renaming it aside and creating a new one; a writer that finds it moved
+  a fresh lease puts it back and is refused. (Should three writers interleave exactly there, the
+  check before every commit still lets only the one whose lease is in place commit.)
 - S3 / GCS: a conditional write (``If-None-Match: *``) would make it exclusive there too, and
   the S3 server of the tests (moto 5.2) honours it, but ``pyarrow.fs`` cannot send it (extra
   headers passed as metadata are dropped; measured: the object is overwritten). So the lease is
@@ -167,18 +170,23 @@ class Lease:
                 if moved != stale:  # we moved a fresh lease someone just created: put it back
                     try:
                         os.link(aside, path)
+                    except FileExistsError:  # a third writer took the name meanwhile: its lease stands
+                        pass
                     finally:
                         os.unlink(aside)
                     raise self._refusal(moved)
                 os.unlink(aside)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            raise self._refusal(self.read() or self._record()) from None
-        with os.fdopen(fd, "wb") as f:
+        tmp = f"{path}.new-{self.holder[:12]}"
+        with open(tmp, "wb") as f:  # whole before it appears: readers never see a partial lease
             f.write(self._record().to_bytes())
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # exclusive: fails when the name exists
+        except FileExistsError:
+            raise self._refusal(self.read() or self._record()) from None
+        finally:
+            os.unlink(tmp)
 
     def _acquire_remote(self) -> None:
         self.store.write_bytes(self.key, self._record().to_bytes())
