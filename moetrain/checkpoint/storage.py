@@ -369,7 +369,13 @@ def _env(*names: str) -> str:
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, str]:
-    """("http", "127.0.0.1:9000") from "http://127.0.0.1:9000"; https when no scheme is given."""
+    """("http", "127.0.0.1:9000") from "http://127.0.0.1:9000"; https when no scheme is given.
+    An endpoint with credentials in it (``http://KEY:SECRET@host``, e.g. from AWS_ENDPOINT_URL)
+    is refused without contacting it and without repeating it."""
+    if "@" in endpoint:
+        raise InvalidNameError(f"the store endpoint {endpoint.partition('://')[0] or 'https'}://***@"
+                               f"{endpoint.rpartition('@')[2]} holds credentials: give only scheme://host:port, "
+                               "and the keys in AWS_* / GOOGLE_APPLICATION_CREDENTIALS")
     if "://" in endpoint:
         scheme, _, rest = endpoint.partition("://")
         return scheme, rest.rstrip("/")
