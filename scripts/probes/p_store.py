@@ -103,10 +103,59 @@ def credentials_in_endpoint(tmp: Path) -> tuple[bool, str]:
     return ok, f"exit {proc.returncode} in {time.perf_counter() - t0:.1f} s, secret echoed: {leaked}: {line[:120]}"
 
 
+def _small_run(tmp: Path, *extra: str) -> list[str]:
+    return ["train", "--set", f"checkpoint.uri={tmp / 'store'}", "--set", "cluster.run_name=small",
+            "--set", "data.max_bytes_per_domain=150000", "--set", "data.vocab_size=300",
+            "--set", f"data.cache_dir={tmp / 'cache'}", "--set", f"logging.out_dir={tmp / 'out'}",
+            "--set", "train.eval_every=0", "--set", "train.eval_batches=1", *extra]
+
+
+def corrupt_resume(tmp: Path) -> tuple[bool, str]:
+    first = _cli(tmp, *_small_run(tmp, "--set", "train.steps=4", "--set", "checkpoint.every=2"), timeout=600)
+    if first.returncode != 0:
+        return False, f"the first run failed (exit {first.returncode}): {first.stderr[-200:]}"
+    obj = next(p for p in sorted((tmp / "store" / "small" / "step-4").rglob("*"))
+               if p.is_file() and p.name != "manifest.json")
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    t0 = time.perf_counter()
+    proc = _cli(tmp, *_small_run(tmp, "--set", "train.steps=6", "--resume", "latest"), timeout=600)
+    seconds, line = time.perf_counter() - t0, _one_line_error(proc)
+    before_ray = "Started a local Ray instance" not in proc.stderr
+    ok = proc.returncode == 2 and "step-4: corrupt" in line and "newest intact committed step is" in line \
+        and line.rstrip().endswith("small/step-2") and before_ray
+    return ok, f"exit {proc.returncode} in {seconds:.0f} s, before Ray: {before_ray}: {line[:60]}..{line[-60:]}"
+
+
+def stopped_run_releases_name(tmp: Path) -> tuple[bool, str]:
+    import signal
+
+    env = dict(os.environ, RAY_ADDRESS="", RAY_AUTH_MODE="disabled", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *_small_run(tmp, "--set", "train.steps=100000",
+                                                                               "--set", "checkpoint.every=5")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lease, latest = tmp / "store" / "small" / "lease.json", tmp / "store" / "small" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # until training runs (a first checkpoint committed)
+    held = lease.exists()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return False, "still running 300 s after SIGTERM"
+    ok = held and proc.returncode == 3 and not lease.exists()
+    return ok, f"lease seen while running: {held}; SIGTERM -> exit {proc.returncode}, lease left: {lease.exists()}"
+
+
 PROBES = [
     Probe("3 MB line without whitespace, tokenizer + packing", "23.4", long_line_tokenizer),
     Probe("1 GB text file under the default data cap", "23.4", huge_file_capped),
     Probe("moetrain train with a run name another run holds", "23.5", second_writer_refused),
+    Probe("a run stopped by SIGTERM gives its name back", "23.5", stopped_run_releases_name),
+    Probe("resume onto a corrupted object of the latest step", "23.7", corrupt_resume),
     Probe("a key given twice in the YAML config", "23.7", duplicate_yaml_key),
     Probe("credentials inside checkpoint.s3_endpoint", "23.7", credentials_in_endpoint),
 ]
