@@ -106,9 +106,9 @@ def test_a_writer_whose_lease_was_taken_cannot_commit(store):
 
 
 def test_heartbeat_keeps_a_short_lease_alive(store):
-    a = _lease(store, ttl_s=0.8).acquire()
+    a = _lease(store, ttl_s=0.6).acquire()
     try:
-        time.sleep(1.8)  # > 2 ttl: alive only through the heartbeat
+        time.sleep(1.4)  # > 2 ttl: alive only through the heartbeat
         with pytest.raises(LeaseHeldError):
             _lease(store).acquire()
         a.verify()
@@ -141,6 +141,9 @@ time.sleep(600)
 @pytest.mark.slow
 def test_the_lease_of_a_killed_run_is_taken_over_once_expired(backend):
     from moetrain.checkpoint import open_store
+
+    if backend.kind == "gcs":
+        pytest.skip("the object-store path is the same as S3's (tested there)")
 
     ttl = 2.0
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), backend.uri, backend.cfg.s3_endpoint,

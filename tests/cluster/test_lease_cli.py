@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from moetrain.checkpoint import Lease, open_store
+from cluster.checkpointing import acquire_lease
+from moetrain.checkpoint import Lease, LeaseHeldError, open_store
+from moetrain.config import from_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,3 +41,15 @@ def test_moetrain_train_is_refused_while_another_run_holds_the_name(tmp_path):
         assert sorted(p.name for p in (tmp_path / "store" / "twin").iterdir()) == ["lease.json"]
     finally:
         holder.release()
+
+
+def test_the_lease_ttl_comes_from_the_config(tmp_path):
+    cfg = from_dict({"checkpoint": {"uri": str(tmp_path), "lease_ttl_s": 7}, "cluster": {"run_name": "ttl"}})
+    lease = acquire_lease(cfg)
+    try:
+        assert lease.read().ttl_s == 7.0 and lease.ttl_s == 7.0
+        with pytest.raises(LeaseHeldError, match=r"\(7 s after its last heartbeat\)"):
+            acquire_lease(cfg)
+    finally:
+        lease.release()
+    assert acquire_lease(from_dict({"cluster": {"run_name": "ttl"}})) is None  # no checkpoints: no lease
