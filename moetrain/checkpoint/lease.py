@@ -83,7 +83,8 @@ class LeaseRecord:
             return cls(holder=str(d["holder"]), host=str(d["host"]), pid=int(d["pid"]),
                        acquired=float(d["acquired"]), heartbeat=float(d["heartbeat"]), ttl_s=float(d["ttl_s"]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptObjectError(f"lease {where} is unreadable ({exc}): remove it with `moetrain ckpt unlock`") from None
+            raise CorruptObjectError(f"lease {where} is unreadable ({exc}): remove it with "
+                                     "`moetrain ckpt unlock`") from None
 
     def expires_in(self, now: float) -> float:
         """Seconds until it expires (<= 0: expired)."""
