@@ -72,7 +72,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow.fs as pafs
 
-from moetrain.checkpoint.checksum import ALGORITHMS, DEFAULT
+from moetrain.checkpoint.checksum import ALGORITHMS, DEFAULT, new_hasher
 from moetrain.checkpoint.errors import (
     BucketNotFoundError,
     CheckpointError,
@@ -306,6 +306,18 @@ class Store:
 
     def read_bytes(self, key: str) -> bytes:
         return self.read_array(key).tobytes()
+
+    def digest(self, key: str, algorithm: str, chunk: int = 8 << 20) -> tuple[int, str]:
+        """(size, hex checksum under ``algorithm``) of the object, streamed in ``chunk``-byte
+        pieces: memory stays bounded whatever the object's size."""
+        def read() -> tuple[int, str]:
+            hasher, size = new_hasher(algorithm), 0
+            with self.fs.open_input_stream(self.path(key)) as f:
+                while piece := f.read(chunk):
+                    hasher.update(piece)
+                    size += len(piece)
+            return size, hasher.hexdigest()
+        return self._run("reading", key, read)
 
     def exists(self, key: str) -> bool:
         info = self._run("checking", key, lambda: self.fs.get_file_info(self.path(key)))
