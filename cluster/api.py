@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.checkpointing import check_fresh_run, check_store_writable
+from cluster.checkpointing import acquire_lease, check_fresh_run, check_resume, check_store_writable
 from cluster.orphans import reap_orphans
 from cluster.controller import Controller, RunFailed, RunResult, State
 from cluster.memory import check_fits, with_vocab
@@ -242,13 +242,19 @@ def _run(cfg: RunConfig, on_step, raise_on_failure: bool, phase: _Phase) -> RunR
     check_out_dir(cfg)
     check_zero_supported(cfg.train.zero_stage)  # DeepSpeed present for ZeRO 1/2
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
-    check_fresh_run(cfg)  # never mix two lineages under one run name
-    phase("connecting to Ray")
-    log.info(dashboard_text(ensure_ray(cfg), cfg))
-    phase("starting the run")
-    # before any actor: a run the memory planner says cannot fit is refused (one line, exit 2)
-    plan = check_fits(with_vocab(cfg, dataset.vocab_size))
-    result = Controller(cfg, on_step=on_step, memory_plan=plan.to_dict()).run()
+    lease = acquire_lease(cfg)  # one writer per run name in the store (a live one elsewhere: exit 2)
+    try:
+        check_fresh_run(cfg)  # never mix two lineages under one run name
+        check_resume(cfg)  # the step to resume is intact, else exit 2 naming the newest intact one
+        phase("connecting to Ray")
+        log.info(dashboard_text(ensure_ray(cfg), cfg))
+        phase("starting the run")
+        # before any actor: a run the memory planner says cannot fit is refused (one line, exit 2)
+        plan = check_fits(with_vocab(cfg, dataset.vocab_size))
+        result = Controller(cfg, on_step=on_step, memory_plan=plan.to_dict(), lease=lease).run()
+    finally:
+        if lease is not None:
+            lease.release()  # finished, failed or stopped
     if result.state == State.FAILED and raise_on_failure:
         raise RunFailed(f"run {cfg.cluster.run_name} failed:\n{result.error}")
     if result.state in (State.FINISHED, State.STOPPED):

@@ -3,7 +3,7 @@
     moetrain train [--config FILE|tiny|small] [--set a.b=c ...] [--resume URI|latest]
     moetrain plan [--config FILE|NAME] [--set a.b=c ...] [--memory-gb G]
     moetrain prepare [DOMAIN=]PATH|URI|GLOB ... --out URI [--tokenizer bpe|hf:DIR] [--seq-len N]
-    moetrain ckpt list|verify|inspect|clean URI
+    moetrain ckpt list|verify|inspect|clean|unlock URI
     moetrain submit --address http://HEAD:8265 [--dry-run] [--include PATTERN] -- [train arguments]
     moetrain hf import HF_DIR OUT [--run NAME]      (HF model dir -> OUT/NAME/step-0)
     moetrain hf export CKPT OUT [--arch A] [--dtype auto|fp32|bf16] [--max-shard-size 5GB] [--tokenizer DIR]
@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--memory-gb", type=float, default=None, metavar="G",
                     help="memory per rank in GiB (default: the connected Ray cluster's memory resource when "
                          "cluster.address / RAY_ADDRESS is set, else this machine's memory, over the actors)")
-    c = sub.add_parser("ckpt", help="list, verify or inspect checkpoints")
-    c.add_argument("action", choices=["list", "verify", "inspect", "clean"])
+    c = sub.add_parser("ckpt", help="list, verify, inspect or clean checkpoints; unlock a dead run's name")
+    c.add_argument("action", choices=["list", "verify", "inspect", "clean", "unlock"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
     c.add_argument("--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N")
     c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
@@ -240,6 +240,8 @@ def _ckpt(args) -> int:
         return 0 if report.ok else 1
     elif args.action == "clean":
         _, text = cli.ckpt_clean(args.uri, cfg, keep=args.keep)
+    elif args.action == "unlock":  # the run holding the name is known dead: free it now
+        _, text = cli.ckpt_unlock(args.uri, cfg)
     else:
         _, text = cli.ckpt_inspect(args.uri, cfg)
     print(text)

@@ -78,7 +78,7 @@ class RunResult:
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, *, on_step=None, memory_plan: dict | None = None):
+    def __init__(self, cfg: RunConfig, *, on_step=None, memory_plan: dict | None = None, lease=None):
         self.cfg = cfg
         self.memory_plan = memory_plan  # moetrain.plan's per-rank figures, kept in summary.json
         self.state = State.STARTING
@@ -95,7 +95,7 @@ class Controller:
         self.telemetry = Telemetry(cfg)
         # One lineage id for the run: a resumed run continues the lineage it resumes.
         self.run_id = (self.resume.run_id if self.resume and self.resume.run_id else uuid.uuid4().hex[:12])
-        self.ckpt = checkpointing.Coordinator(cfg, self.telemetry, run_id=self.run_id)
+        self.ckpt = checkpointing.Coordinator(cfg, self.telemetry, run_id=self.run_id, lease=lease)
         self.replanner = replacement.Replanner(cfg) if cfg.placement.replan_every > 0 else None
         self.on_step = on_step
         self._stop_requested = False
