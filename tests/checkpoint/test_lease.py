@@ -142,9 +142,6 @@ time.sleep(600)
 def test_the_lease_of_a_killed_run_is_taken_over_once_expired(backend):
     from moetrain.checkpoint import open_store
 
-    if backend.kind == "gcs":
-        pytest.skip("the object-store path is the same as S3's (tested there)")
-
     ttl = 2.0
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), backend.uri, backend.cfg.s3_endpoint,
                              backend.cfg.gcs_endpoint, str(ttl)], stdout=subprocess.PIPE, text=True)
