@@ -82,7 +82,7 @@ class RunResult:
 
 # Placing a group that fits takes well under a second: a rebuild after a node loss waits at least
 # this long for its placement group even with cluster.node_wait_s=0.
-MIN_REPLACE_WAIT_S = 10.0
+MIN_REPLACE_WAIT_S = 5.0
 
 
 class Controller:

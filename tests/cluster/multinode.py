@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 
 import ray
@@ -40,17 +41,15 @@ class MultiNode:
         self.cluster.wait_for_nodes()
         return node
 
-    def node_of_actor(self, run_name: str, rank: int):
-        """The cluster node (``ray._private.node.Node``) running rank ``rank`` of ``run_name``."""
-        actor = ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE)
-        node_id = ray.get(actor.run_fn.remote(_node_id), timeout=60)
-        return next(n for n in self.cluster.worker_nodes if n.node_id == node_id)
-
     def kill_node_of(self, run_name: str, rank: int) -> str:
-        """Remove (kill every process of) the node running ``rank``; returns its node id."""
-        node = self.node_of_actor(run_name, rank)
+        """Kill every process of the node running ``rank`` at once (the rank's actor first: a
+        worker process outlives its raylet by a moment); returns the node id."""
+        actor = ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE)
+        node_id, pid = ray.get(actor.run_fn.remote(_node_and_pid), timeout=60)
+        node = next(n for n in self.cluster.worker_nodes if n.node_id == node_id)
+        os.kill(pid, signal.SIGKILL)
         self.cluster.remove_node(node, allow_graceful=False)
-        return node.node_id
+        return node_id
 
     def close(self) -> None:
         ray.shutdown()
@@ -66,8 +65,8 @@ class MultiNode:
                      configure_logging=False)
 
 
-def _node_id(_trainer) -> str:
-    return ray.get_runtime_context().get_node_id()
+def _node_and_pid(_trainer) -> tuple[str, int]:
+    return ray.get_runtime_context().get_node_id(), os.getpid()
 
 
 def num_threads(_trainer) -> int:
