@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
     s.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="upload a path the default rules leave out (secrets, data, checkpoints); repeatable")
+    s.add_argument("--token-file", default=None, metavar="FILE",
+                   help="Ray auth token of a cluster with token auth (else RAY_AUTH_TOKEN)")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
     _hf_parsers(sub)
     return p
@@ -235,7 +237,8 @@ def _ckpt(args) -> int:
 def _submit(args) -> int:
     from cluster.submit import submit
 
-    return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include)
+    return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include,
+                  token_file=args.token_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ nodes run last."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -151,13 +152,18 @@ def test_node_lost_mid_run_recovers_on_the_nodes_left(mn, tmp_path):
 
 
 @pytest.mark.slow
-def test_node_lost_and_the_rest_cannot_hold_the_group_fails_loudly(mn, tmp_path):
+def test_node_lost_while_starting_is_retried_then_fails_loudly_when_the_rest_cannot_hold_it(mn, tmp_path):
     mn.add(1)  # left after the test above: A (2 CPUs); now C (1): the group spreads over A and C
-    c = cfg(tmp_path, "nofit-after-loss", train__steps=6, cluster__num_workers=2, cluster__placement_strategy="SPREAD",
+    c = cfg(tmp_path, "lost-at-start", train__steps=4, cluster__num_workers=2, cluster__placement_strategy="SPREAD",
             cluster__max_failures=1, cluster__step_timeout_s=20, cluster__node_wait_s=1)
     killed: list = []
-    result = run(c, on_step=killer(mn, "nofit-after-loss", at_step=2, rank=0, killed=killed), raise_on_failure=False)
-    assert killed and result.state == State.FAILED and not result.user_error  # exit 1, not 2
+    thread = threading.Thread(target=lambda: killed.append(mn.kill_node_of_when_up("lost-at-start", 0, 120)))
+    thread.start()
+    result = run(c, raise_on_failure=False)
+    thread.join()
+    assert killed[0] and result.history == []  # A went away while the group was starting
+    assert result.restarts == 1  # ... which was retried (max_failures=1), not an immediate failure
+    assert result.state == State.FAILED and not result.user_error  # exit 1, not 2: the loss came first
     assert result.error.startswith("cannot place the worker group within 5 s (cluster.node_wait_s): bundle(s) 1 of 2 "
                                    "({CPU: 1} each, SPREAD) do not fit; the Ray cluster has 2 node(s): "), result.error
-    assert "\n" not in result.error
+    assert "\n" not in result.error and "1/1 CPU" in result.error
