@@ -34,6 +34,8 @@ HEAD_PORT="${HEAD_PORT:-6379}"            # GCS: workers and drivers join 127.0.
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"  # dashboard + job API: http://127.0.0.1:$DASHBOARD_PORT
 METRICS_PORT="${METRICS_PORT:-8080}"      # Prometheus text: http://127.0.0.1:$METRICS_PORT/metrics
 HEAD_CPUS="${HEAD_CPUS:-2}"
+# AGENT_PORT: the head's dashboard agent (runs the jobs); default 0 = a free port (Ray's fixed
+# default, 52365, is often taken by another Ray on the same machine, and jobs then find no agent)
 
 cmd="${1:-}"
 shift || true
@@ -47,7 +49,7 @@ case "$cmd" in
     RAY_metrics_report_interval_ms="${RAY_metrics_report_interval_ms:-2000}" \
     ray start --head --port="$HEAD_PORT" \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
-      --metrics-export-port="$METRICS_PORT" \
+      --metrics-export-port="$METRICS_PORT" --dashboard-agent-listen-port="${AGENT_PORT:-0}" \
       --num-cpus="$HEAD_CPUS" --temp-dir="$RAY_TMP" --disable-usage-stats
     echo "dashboard: http://127.0.0.1:$DASHBOARD_PORT   metrics: http://127.0.0.1:$METRICS_PORT/metrics"
     echo "RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT for jobs, RAY_ADDRESS=127.0.0.1:$HEAD_PORT for drivers"

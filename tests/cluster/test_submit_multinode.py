@@ -6,6 +6,7 @@ and the job's ranks placed on the worker nodes, one each."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -28,11 +29,11 @@ def test_submit_with_token_to_recipe_multinode_cluster(tmp_path, capsys):
     env = _cluster_env()
     env.pop("RAY_AUTH_MODE")  # the recipe's default: token auth on
     env.update({"HOME": str(home), "RAY_TMP": temp_dir, "HEAD_PORT": str(head), "DASHBOARD_PORT": str(dash),
-                "METRICS_PORT": str(metrics), "HEAD_CPUS": "0"})
+                "METRICS_PORT": str(metrics), "HEAD_CPUS": "1"})
     url = f"http://127.0.0.1:{dash}"
     old_mode = os.environ.pop("RAY_AUTH_MODE", None)  # the client: no auth mode of its own
     try:
-        proc = subprocess.run(["bash", str(REPO / "cluster" / "configs" / "local_cluster.sh"), "multinode", "2", "2"],
+        proc = subprocess.run(["bash", str(REPO / "cluster" / "configs" / "local_cluster.sh"), "multinode", "2", "1"],
                               env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert sorted(os.listdir(temp_dir)).count("w1") == 1 and "w2" in os.listdir(temp_dir)  # own temp dirs
@@ -53,8 +54,12 @@ def test_submit_with_token_to_recipe_multinode_cluster(tmp_path, capsys):
                               "RAY_AUTH_MODE": "token"})
         logs = out.getvalue()
         assert rc == 0, logs[-3000:]
-        # the ranks ran on the two worker nodes, one each (the head has no CPUs)
+        # the ranks ran on the two worker nodes, one each: the job's driver holds 0.5 of the head's
+        # single CPU (it runs there, so the head's agent can stream its log), no rank fits beside it
         assert "2 rank(s) on 2 node(s)" in logs, logs[-3000:]
+        summary = json.loads((tmp_path / "runs" / "submit-mn" / "summary.json").read_text())
+        assert summary["state"] == "finished" and summary["node_of_rank"] == [0, 1]
+        assert len({r["node_id"] for r in summary["ranks"]}) == 2
     finally:
         if old_mode is not None:
             os.environ["RAY_AUTH_MODE"] = old_mode
