@@ -16,7 +16,7 @@ import ray
 from cluster.api import run
 from cluster.cli import main as cli_main
 from cluster.controller import State
-from cluster.gang import Gang, GangUnplaceable, order_ranks
+from cluster.gang import Gang
 from cluster.worker import Worker, interface_for_ip
 from moetrain.config import from_dict, validate
 from tests.cluster.multinode import MultiNode, killer, num_threads
@@ -46,14 +46,6 @@ def cfg(tmp_path, name: str, **over):
         sect, field = key.split("__")
         d.setdefault(sect, {})[field] = value
     return validate(from_dict(d))
-
-
-def test_order_ranks_groups_nodes_driver_first():
-    # bundles 0..4 on nodes b, a, b, c, a; the driver runs on c
-    lay = order_ranks(["b", "a", "b", "c", "a"], first_node="c")
-    assert lay.node_ids == ("c", "b", "a")
-    assert lay.bundle_of_rank == (3, 0, 2, 1, 4) and lay.node_of_rank == (0, 1, 1, 2, 2)
-    assert order_ranks(["b", "a", "b"]).node_of_rank == (0, 0, 1)
 
 
 @ray.remote(num_cpus=0)
