@@ -3,8 +3,9 @@
 Owns: the driver loop — start the group, step it, validate, checkpoint, re-place experts,
 and on a lost actor (or a lost node) rebuild the group on the nodes there are and resume from the
 last committed checkpoint, within the failure policy; the run's topology (the rank -> node map
-the group found) and re-solving the placement when a rebuilt group lands on another layout. States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and
-RESTARTING -> STARTING after a failure, FAILED when the policy gives up.
+the group found) and re-solving the placement when a rebuilt group lands on another layout.
+States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and RESTARTING ->
+STARTING after a failure, FAILED when the policy gives up.
 """
 
 from __future__ import annotations
