@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the files the job would upload; submit nothing")
     s.add_argument("--connect-timeout-s", type=float, default=30.0, metavar="S",
                    help="give up reaching the dashboard address after S seconds (default 30)")
+    s.add_argument("--token-file", default=None, metavar="FILE",
+                   help="Ray auth token of a cluster with token auth (else RAY_AUTH_TOKEN)")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
     _hf_parsers(sub)
     return p
@@ -187,6 +189,9 @@ def _train_run(args) -> int:
         print(f"moetrain: run {cfg.cluster.run_name} STOPPED at step {result.summary.get('steps')} of "
               f"{cfg.train.steps} ({result.error or 'a stop was requested'}){resume}", file=sys.stderr)
         return EXIT_STOPPED
+    if result.user_error:  # the cluster cannot hold the group: refused before training
+        print(f"moetrain: error: {result.error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if result.state.value != "finished":
         print(f"moetrain: run {cfg.cluster.run_name} failed:\n{result.error}", file=sys.stderr)
         return EXIT_FAILED
@@ -256,7 +261,7 @@ def _submit(args) -> int:
     if not args.connect_timeout_s > 0:
         raise ConfigError(f"--connect-timeout-s ({args.connect_timeout_s}) must be > 0")
     return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include,
-                  dry_run=args.dry_run, connect_timeout_s=args.connect_timeout_s)
+                  dry_run=args.dry_run, connect_timeout_s=args.connect_timeout_s, token_file=args.token_file)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,8 @@ def test_overrides_are_typed():
     (["train.lr=inf"], "train.lr (inf) must be a finite number"),
     (["cluster.torch_threads=-1"], "cluster.torch_threads (-1) must be in [0, inf)"),
     (["cluster.step_timeout_s=0"], "cluster.step_timeout_s (0.0) must be in (0, inf)"),
+    (["cluster.node_wait_s=-1"], "cluster.node_wait_s (-1.0) must be in [0, inf)"),
+    (["cluster.placement_strategy=pack"], "cluster.placement_strategy ('pack') must be one of PACK, SPREAD, STRICT_PACK"),
     (["model.moe.first_moe_layer=5"], "model.moe.first_moe_layer (5) must be < model.n_layers (2)"),
     (["cluster.address=bogus"], "cluster.address ('bogus') must be HOST:PORT"),
     (["cluster.run_name=.."], "cluster.run_name ('..') must be 1-128 letters"),

@@ -48,5 +48,4 @@ def init_distributed(*, backend: str, master_addr: str, master_port: int, rank: 
             backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    return ParallelContext(rank=rank, world_size=world_size, group=None, device=device,
-                           node_R=tuple(node_R))
+    return ParallelContext(rank=rank, world_size=world_size, group=None, device=device, node_R=tuple(node_R))
