@@ -27,8 +27,8 @@ loses on the next ones (issue 26). So:
    whole window; otherwise the validated answer itself is returned. ``LayerReport.refit`` says which.
 
 Every answer is scored by cost.py's :func:`evaluate`. Time: ``CANDIDATE_SHARE`` of the budget
-for the candidates (all folds), ``REFIT_CHECK_SHARE`` for the lagged fits, the rest for the
-refits. Deterministic for a seed unless a pipeline phase hits its time cap (solve.py).
+for the candidates (all folds; a recipe that would not fit in what is left is skipped, the first
+always runs), ``REFIT_CHECK_SHARE`` for the lagged fits, the rest for the refits. Deterministic for a seed unless a pipeline phase hits its time cap (solve.py).
 """
 
 from __future__ import annotations
@@ -201,23 +201,32 @@ class _Scored:
 
 def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx,
                 end: float) -> list[_Scored]:
-    total_w = sum(r.weight for r in recipes) or 1.0
+    """Each recipe on every fold's fit part, scored on the fit part and the validation block. A
+    recipe gets its weight's share of the time left; one that would not fit (the last pipeline
+    recipe took longer than what is left: its convergent heuristics are not cut by the clock) is
+    skipped, except the first, which always runs."""
+    parts = [(stats.take_rows(f.fit_rows), stats.take_rows(f.val_rows)) for f in folds]
     out: list[_Scored] = []
-    for j, f in enumerate(folds):
-        fit, val = stats.take_rows(f.fit_rows), stats.take_rows(f.val_rows)
-        for i, r in enumerate(recipes):
-            left = max(end - time.monotonic(), 0.0)
-            rest = sum(q.weight for q in recipes[i:]) + total_w * (len(folds) - j - 1)
-            budget = left * r.weight / max(rest, TOL) if r.weight else MIN_SOLVE_S
-            p, reps = run_recipe(r, fit, c, budget, tag=j)
+    last_cost = 0.0
+    for i, r in enumerate(recipes):
+        left = end - time.monotonic()
+        if i and r.weight and left < last_cost:
+            continue
+        budget = max(left, 0.0) * r.weight / max(sum(q.weight for q in recipes[i:]), TOL) if r.weight else 0.0
+        t = time.monotonic()
+        s = None
+        for j, (fit, val) in enumerate(parts):
+            p, reps = run_recipe(r, fit, c, budget / len(parts), tag=j)
             if p is None:
-                continue
-            if j == 0:
-                out.append(_Scored(r, [], [], p, reps))
-            s = next(s for s in out if s.recipe is r)
+                break
+            s = s or _Scored(r, [], [], p, reps)
             s.fit_FL.append(c.score_L(fit, p))
             s.val_FL.append(c.score_L(val, p))
             s.last, s.reports = p, reps
+        if s is not None:
+            out.append(s)
+        if r.weight:
+            last_cost = (time.monotonic() - t) * min(r.weight, 1.0) / r.weight
     return out
 
 
