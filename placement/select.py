@@ -20,11 +20,15 @@ loses on the next ones (issue 26). So:
    ``BAG_RESAMPLES`` bootstrap resamples of the fit tokens; per layer, the resample answer best on
    average over all resamples), greedy, and **Mt-KaHyPar** when ``mtkahypar`` imports (mtk.py).
 3. **Choose per layer** the candidate with the lowest validation objective (the cost model's
-   objective at the asked load weight, mean over folds; ties go to the earlier recipe).
-4. **Refit only where validation says it helps**: the chosen recipe is run again on the last
-   fold's fit part less its newest block ("lagged"); if the full fit part scores better on the
-   validation block than the lagged one (fresher tokens helped), the recipe is refitted on the
-   whole window; otherwise the validated answer itself is returned. ``LayerReport.refit`` says which.
+   objective at the asked load weight, mean over folds). It replaces the first recipe (the asked
+   method) only when it wins by more than ``SELECT_Z`` standard errors of the paired per-token
+   sends difference on the last validation block: with a dozen candidates and a few hundred
+   validation tokens, the best-looking one is partly luck (winner's curse).
+4. **Refit by evidence**: the chosen recipe is run again on the last fold's fit part less its
+   newest block ("lagged"). The recipe is refitted on the whole window (whose newest tokens are the
+   freshest of all: under drift they help) unless the lagged fit scores better on the validation
+   block than the full fit part by more than ``SELECT_Z`` standard errors (fresher tokens hurt);
+   then the validated answer itself is returned. ``LayerReport.refit`` says which.
 
 Every answer is scored by cost.py's :func:`evaluate`. Time: ``CANDIDATE_SHARE`` of the budget
 for the candidates (all folds; a recipe that would not fit in what is left is skipped, the first
@@ -40,7 +44,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from placement import mtk
-from placement.cost import evaluate
+from placement.cost import evaluate, token_sends_T
 from placement.ilp import default_solver
 from placement.placement import Placement, PlacementError
 from placement.solve import DEFAULT_RESTARTS, METHODS, LayerReport, SolveResult, solve_placement
@@ -51,8 +55,9 @@ VAL_FRACTION = 0.25  # share of the window (its newest tokens) that validates
 MAX_FOLDS = 2  # validation blocks (rolling origin) where the window allows
 MIN_VAL_TOKENS = 64  # a validation block holds at least this many tokens
 MIN_FIT_TOKENS = 64  # a fit part holds at least this many tokens
-CANDIDATE_SHARE = 0.6  # of the time budget: all candidates on all folds
-REFIT_CHECK_SHARE = 0.15  # of the time budget: the lagged fits of the chosen recipes
+CANDIDATE_SHARE = 0.4  # of the time budget: all candidates on all folds
+REFIT_CHECK_SHARE = 0.1  # of the time budget: the lagged fits of the chosen recipes (the rest: refits)
+SELECT_Z = 2.0  # a candidate beats the asked method by more than this many standard errors
 MIN_SOLVE_S = 0.05  # no candidate runs with less
 BAG_RESAMPLES = 4  # bootstrap resamples of the fit tokens (bagging)
 RECENT_FRACTION = 0.5  # ilp_recent fits on this newest share of the fit part
@@ -232,7 +237,7 @@ def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, .
 
 def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_end: float,
            end: float) -> dict[int, np.ndarray]:
-    """Rows refitted on the whole window for the layers where fresher tokens helped (4.)."""
+    """Rows refitted on the whole window for the layers where fresher tokens did not hurt (4.)."""
     last = folds[-1]
     n_block = len(last.val_rows)
     lag_rows = last.fit_rows[: len(last.fit_rows) - n_block]
@@ -248,8 +253,8 @@ def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_
         sub = c.for_layers(layers)
         p, _ = run_recipe(s.recipe, lagged.select_layers(layers), sub, budget, tag=99)
         lag_val = sub.score_L(val.select_layers(layers), p)
-        full_val = np.array([s.val_FL[-1][l] for l in layers])
-        better = [l for l, a, b in zip(layers, full_val, lag_val) if a < b - TOL]
+        better = [l for i, l in enumerate(layers)
+                  if not _significantly_lower(lag_val[i], s.val_FL[-1][l], val, p, i, s.last, l, c)]
         if better:
             helped.append((s, better))
     out: dict[int, np.ndarray] = {}
@@ -258,6 +263,28 @@ def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_
         p, _ = run_recipe(s.recipe, stats.select_layers(layers), c.for_layers(layers), budget, tag=100)
         out.update({l: p.phy2log_LS[i] for i, l in enumerate(layers)})
     return out
+
+
+def _significantly_lower(obj_a: float, obj_b: float, val: RoutingStats, a: Placement, la: int,
+                         b: Placement, lb: int, c: _Ctx) -> bool:
+    """Objective ``obj_a`` of row ``a[la]`` below ``obj_b`` of ``b[lb]`` by more than ``SELECT_Z``
+    standard errors of their paired per-token sends difference on ``val``'s layer ``lb``."""
+    if obj_b - obj_a <= TOL:
+        return False
+    vs = val.select_layers([lb])
+    d_T = (token_sends_T(vs, Placement(b.phy2log_LS[[lb]], b.slots_per_rank, b.num_experts), c.topo)
+           - token_sends_T(vs, Placement(a.phy2log_LS[[la]], a.slots_per_rank, a.num_experts), c.topo))
+    se = float(d_T.std(ddof=1) / math.sqrt(d_T.size)) if d_T.size > 1 else math.inf
+    return obj_b - obj_a > SELECT_Z * se
+
+
+def _choose(l: int, scored: list[_Scored], last_val: RoutingStats, c: _Ctx) -> _Scored:
+    """Layer l's candidate (module docstring, 3.)."""
+    val_C = np.array([np.mean([v[l] for v in s.val_FL]) for s in scored])
+    b = int(np.argmin(val_C))
+    if b and _significantly_lower(val_C[b], val_C[0], last_val, scored[b].last, l, scored[0].last, l, c):
+        return scored[b]
+    return scored[0]
 
 
 def _report(l: int, s: _Scored, scored: list[_Scored], refit: bool, val_tokens: int,
@@ -290,8 +317,8 @@ def select_placement(stats: RoutingStats, topology: Topology, *, recipes: tuple[
                                 method="validated", fit_score=float(obj_L[l])) for l in range(stats.num_layers))
         return _result(stats, p, c, reports, "in-sample (window too small to validate)", time.monotonic() - t0)
     scored = _candidates(stats, split, recipes, c, t0 + CANDIDATE_SHARE * time_limit_s)
-    val_CL = np.array([np.mean(s.val_FL, axis=0) for s in scored])
-    chosen = {l: scored[int(np.argmin(val_CL[:, l]))] for l in range(stats.num_layers)}
+    last_val = stats.take_rows(split[-1].val_rows)
+    chosen = {l: _choose(l, scored, last_val, c) for l in range(stats.num_layers)}
     refits = _refit(stats, split, chosen, c, t0 + (CANDIDATE_SHARE + REFIT_CHECK_SHARE) * time_limit_s,
                     t0 + time_limit_s)
     rows = np.stack([refits.get(l, chosen[l].last.phy2log_LS[l]) for l in range(stats.num_layers)])
