@@ -28,7 +28,8 @@ loses on the next ones (issue 26). So:
    newest block ("lagged"). The recipe is refitted on the whole window (whose newest tokens are the
    freshest of all: under drift they help) unless the lagged fit scores better on the validation
    block than the full fit part by more than ``SELECT_Z`` standard errors (fresher tokens hurt);
-   then the validated answer itself is returned. ``LayerReport.refit`` says which.
+   then the validated answer itself is returned (also when the time left cannot pay for the
+   lagged fit and the refit). ``LayerReport.refit`` says which.
 
 Every answer is scored by cost.py's :func:`evaluate`. Time: ``CANDIDATE_SHARE`` of the budget
 for the candidates (all folds; a recipe that would not fit in what is left is skipped, the first
@@ -202,6 +203,7 @@ class _Scored:
     val_FL: list  # per fold: validation objective [L]
     last: Placement  # the answer on the last fold's fit part
     reports: tuple[LayerReport, ...] | None
+    seconds: float = 0.0  # what one fold's run took (the refit's time estimate)
 
 
 def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx,
@@ -229,6 +231,7 @@ def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, .
             s.val_FL.append(c.score_L(val, p))
             s.last, s.reports = p, reps
         if s is not None:
+            s.seconds = (time.monotonic() - t) / len(parts)
             out.append(s)
         if r.weight:
             last_cost = (time.monotonic() - t) * min(r.weight, 1.0) / r.weight
@@ -249,6 +252,8 @@ def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_
         groups.setdefault(s.recipe.name, (s, []))[1].append(l)
     helped: list[tuple[_Scored, list[int]]] = []
     for n, (s, layers) in enumerate(groups.values()):
+        if end - time.monotonic() < 2 * s.seconds * len(layers) / stats.num_layers:
+            continue  # no time to check and refit: the validated answer stands
         budget = max(check_end - time.monotonic(), 0.0) / (len(groups) - n)
         sub = c.for_layers(layers)
         p, _ = run_recipe(s.recipe, lagged.select_layers(layers), sub, budget, tag=99)
