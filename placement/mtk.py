@@ -97,7 +97,18 @@ def with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np
     for e in np.argsort(-per, kind="stable"):
         for _ in range(int(cnt[e]) - 1):
             ok = np.flatnonzero((free > 0) & np.array([e not in h for h in held]))
-            r = int(ok[np.argmin(rank_load[ok])])
+            if ok.size:
+                r = int(ok[np.argmin(rank_load[ok])])
+            else:  # every free slot is on a rank holding e: move an expert f from a rank q
+                r = int(np.flatnonzero(free > 0)[0])  # lacking e into it; e's replica takes f's slot
+                q, f = next((q, f) for q in range(R) if e not in held[q] for f in held[q] if f not in held[r])
+                held[q].remove(f)
+                held[r].append(f)
+                free[r] -= 1
+                free[q] += 1
+                rank_load[r] += per[f]
+                rank_load[q] -= per[f]
+                r = q
             held[r].append(int(e))
             free[r] -= 1
             rank_load[r] += per[e]
