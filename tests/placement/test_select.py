@@ -82,7 +82,7 @@ def test_selection_is_deterministic_for_a_seed_and_reports_every_candidate():
     b = select_placement(stats, topo, time_limit_s=30, seed=3)
     assert a.placement == b.placement
     names = [n for n, _, _ in a.layers[0].selection]
-    assert names[0] == "ilp" and {"ilp_lw0", "ilp_recent", "bagged", "greedy"} <= set(names)
+    assert names[0] == "ilp" and {"ilp_lw0", "ilp_lw_half", "ilp_lw_x2", "ilp_seed1", "bagged", "greedy"} <= set(names)
     for r in a.layers:
         assert np.isfinite(r.fit_score) and np.isfinite(r.val_score) and r.val_tokens > 0
         assert r.method == "validated"
@@ -149,3 +149,18 @@ def test_replicas_only_where_they_win_on_validation():
     # the chosen result is on the chosen topology and scored on it
     assert heavy.result.placement.slots_per_rank == (2, 2, 2, 2)
     assert evaluate(stats, heavy.result.placement, heavy.topology, load_weight=4.0).objective > 0
+
+
+def test_mtk_replicas_fill_the_extra_slots_even_when_free_slots_sit_on_the_hot_rank():
+    """60 experts on 8 ranks x 8 slots: the 4 extra slots are taken from ranks 4-7; the hot
+    experts all sit on rank 4, so a replica of one of them must not land there: an expert moves."""
+    block = np.repeat(np.arange(8), [8, 8, 8, 8, 7, 7, 7, 7])
+    load = np.ones(60)
+    load[block == 4] = 100.0
+    load[np.flatnonzero(block == 4)[0]] = 1000.0
+    topo = Topology(8, 8)
+    row = mtk.with_replicas(block, load, topo)
+    srank = np.repeat(np.arange(8), 8)
+    assert len(row) == 64 and sorted(set(row.tolist())) == list(range(60))
+    assert all(len(set(srank[row == e])) == (row == e).sum() for e in range(60))  # replicas apart
+    assert (row == np.flatnonzero(block == 4)[0]).sum() >= 2  # the hottest expert is replicated
