@@ -387,7 +387,9 @@ def select_slots(stats: RoutingStats, num_ranks: int, *, ranks_per_node: int = 0
                  seed: int = 0, **kwargs) -> SlotChoice:
     """When the experts do not divide over the ranks, the placement on uneven slots (no replicas)
     and on ``ceil(E / R)`` slots (replicas of hot experts in the extra slots), each chosen by
-    validation on half the budget; replicas only when their validation objective is lower."""
+    validation on half the budget; replicas only when their validation objective (summed over
+    layers) is lower by more than ``SELECT_Z`` standard errors of the per-token sends difference
+    (x layers) on the newest block: replicas cost memory and gradient reductions, so they must win."""
     E = stats.num_experts
 
     def topo(spr) -> Topology:
@@ -401,5 +403,13 @@ def select_slots(stats: RoutingStats, num_ranks: int, *, ranks_per_node: int = 0
     opts = {"uneven": topo(uneven_slots(E, num_ranks, ranks_per_node)), "replicas": topo(-(-E // num_ranks))}
     res = {name: select_placement(stats, t, time_limit_s=time_limit_s / 2, **kw) for name, t in opts.items()}
     rep, une = res["replicas"].val_score, res["uneven"].val_score
-    pick = "replicas" if math.isfinite(rep) and math.isfinite(une) and rep < une - TOL else "uneven"
+    pick = "uneven"
+    split = time_folds(stats, kwargs.get("val_fraction", VAL_FRACTION), 1)
+    if split and math.isfinite(rep) and math.isfinite(une) and une - rep > TOL:
+        # noise scale: the per-token sends difference of the two answers on the newest block
+        val = stats.take_rows(split[-1].val_rows)
+        d_T = (token_sends_T(val, res["uneven"].placement, opts["uneven"])
+               - token_sends_T(val, res["replicas"].placement, opts["replicas"]))
+        se = float(d_T.std(ddof=1) / math.sqrt(d_T.size)) if d_T.size > 1 else math.inf
+        pick = "replicas" if une - rep > SELECT_Z * se * stats.num_layers else "uneven"
     return SlotChoice(opts[pick], res[pick], pick, tuple((n, r.val_score) for n, r in res.items()))
