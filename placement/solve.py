@@ -42,6 +42,10 @@ phase a function below, every answer scored by the exact cost model before it is
    pairwise path, as before, the larger of the MIP's dual bound and the flat LP relaxation of
    the *pairwise model* (``bound_kind`` says which).
 
+``method="validated"`` is placement/select.py's selection: these methods are its candidates, fitted
+on the older part of the window and chosen per layer on its newest tokens (fit and validation
+scores in ``LayerReport.fit_score`` / ``val_score`` / ``selection``).
+
 Determinism: phases 2, 3 and 5 are bounded by counts (restarts x moves, rounds, sweeps) and
 seeded; the MIPs run single-threaded with a fixed random seed and a node limit. The clock only caps them, so
 two solves with the same seed return the same placement unless a phase hits its time cap

@@ -190,6 +190,23 @@ def summarise(rows: list[dict], missing: list[dict], per_layer_s: float, lw_defa
     }
 
 
+def render_markdown(out: dict) -> str:
+    """The learning-curve table of a run's JSON line, as markdown (docs/placement.md)."""
+    def ci(v):
+        return f"{v[0]:+.4f} [{v[1]:+.4f}, {v[2]:+.4f}]"
+    lines = ["| trace | ranks | window | lw | contiguous | pipeline | validated | Mt-KaHyPar | max/mean v / m "
+             "| validated - Mt-KaHyPar [95%] | validated - pipeline [95%] | s/layer | slots |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['trace']} | {r['topology'].replace(' ranks', '')} | {r['window']} ({r['fit_tokens']}) "
+                     f"| {r['load_weight']:g} | {r['contiguous']['sends']:.4f} | {r['pipeline']['sends']:.4f} "
+                     f"| {r['validated']['sends']:.4f} | {r['mtkahypar']['sends']:.4f} "
+                     f"| {r['validated']['imbalance']:.3f} / {r['mtkahypar']['imbalance']:.3f} "
+                     f"| {ci(r['validated-mtkahypar'])} | {ci(r['validated-pipeline'])} "
+                     f"| {r['validated']['s_per_layer']:.2f} | {r['slots']} |")
+    return "\n".join(lines)
+
+
 def cpu_info() -> dict:
     flags = ""
     try:
@@ -208,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-layer-s", type=float, default=2.0, help="time budget per layer of pipeline and selection")
     ap.add_argument("--load-weight", type=float, default=1.0, help="the default load weight (also run: 0)")
     ap.add_argument("--quick", action="store_true", help="Qwen, 2 layers, 4 and 8 ranks, windows 500 and all")
+    ap.add_argument("--render", default="", help="print the markdown table of a saved JSON line and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render_markdown(json.loads(Path(args.render).read_text().strip().splitlines()[-1])))
+        return 0
     if not mtk.available():
         print("error: this benchmark compares with Mt-KaHyPar: pip install mtkahypar (the bench extra)",
               file=sys.stderr)
