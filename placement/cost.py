@@ -259,9 +259,7 @@ def layer_tokens(stats: RoutingStats, l: int) -> int:
     """Tokens behind layer l: the ``topk_ids`` rows holding an id in that layer (a trace whose
     rows each log one layer has fewer than T per layer), or ``load.sum() / k`` from aggregates.
     Every per-token figure of layer l is divided by this."""
-    if stats.topk_ids_TLK is not None:
-        return int((stats.topk_ids_TLK[:, l] >= 0).any(axis=1).sum())
-    return int(round(float(stats.load_LE[l].sum()) / stats.k))
+    return int(stats.tokens_L[l])
 
 
 def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topology,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Sequence
 
@@ -114,6 +115,14 @@ class RoutingStats:
         if self.topk_ids_TLK is not None:
             return int(self.topk_ids_TLK.shape[0])
         return int(round(float(self.load_LE.sum(axis=1).max(initial=0.0)) / self.k))
+
+    @cached_property
+    def tokens_L(self) -> np.ndarray:
+        """Tokens behind each layer, int [L]: the ``topk_ids`` rows holding an id in it (a trace
+        whose rows each log one layer has fewer than T), or ``load.sum() / k`` from aggregates."""
+        if self.topk_ids_TLK is not None:
+            return (self.topk_ids_TLK >= 0).any(axis=2).sum(axis=0).astype(np.int64)
+        return np.round(self.load_LE.sum(axis=1) / self.k).astype(np.int64)
 
     @property
     def num_home_ranks(self) -> int:
