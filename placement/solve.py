@@ -289,7 +289,7 @@ def _load_cap(c: LayerContext, l: int, cnt_E: np.ndarray) -> float | None:
     """The balance cap per token: ``balance_cap`` x mean rank load, never below what LPT packs."""
     if c.balance_cap is None:
         return None
-    load, T, R = c.stats.load_LE[l], max(c.stats.num_tokens, 1), c.topo.num_ranks
+    load, T, R = c.stats.load_LE[l], max(int(c.stats.tokens_L[l]), 1), c.topo.num_ranks
     lpt = pack_lpt(load, cnt_E, c.topo)
     srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
     lpt_max = np.bincount(srank, weights=(load / cnt_E)[lpt], minlength=R).max() / T
