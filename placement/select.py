@@ -34,8 +34,10 @@ loses on the next ones (issue 26). So:
    lagged fit and the refit). ``LayerReport.refit`` says which.
 
 Every answer is scored by cost.py's :func:`evaluate`. Time: ``CANDIDATE_SHARE`` of the budget
-for the candidates (all folds; a recipe that would not fit in what is left is skipped, the first
-always runs), ``REFIT_CHECK_SHARE`` for the lagged fits, the rest for the refits. Deterministic for a seed unless a pipeline phase hits its time cap (solve.py).
+for the candidates (all folds; the first gets ``FIRST_SHARE`` of it; a recipe whose least cost,
+the pipeline's convergent heuristics as last measured, exceeds what is left is skipped),
+``REFIT_CHECK_SHARE`` for the lagged fits, the rest for the refits. Deterministic for a seed
+unless a pipeline phase hits its time cap (solve.py) or a recipe is skipped for time.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ MIN_FIT_TOKENS = 64  # a fit part holds at least this many tokens
 CANDIDATE_SHARE = 0.5  # of the time budget: all candidates on all folds
 REFIT_CHECK_SHARE = 0.1  # of the time budget: the lagged fits of the chosen recipes (the rest: refits)
 SELECT_Z = 2.0  # a candidate beats the asked method by more than this many standard errors
+FIRST_SHARE = 0.6  # of the candidate time: the first recipe (the asked method), the rest by weight
+SLOTS_SHARE = 0.3  # of the time budget: select_slots' comparison of the two slot layouts
 MIN_SOLVE_S = 0.05  # no candidate runs with less
 BAG_RESAMPLES = 4  # bootstrap resamples of the fit tokens (bagging)
 TOL = 1e-12
@@ -205,13 +209,14 @@ class _Scored:
     val_FL: list  # per fold: validation objective [L]
     last: Placement  # the answer on the last fold's fit part
     reports: tuple[LayerReport, ...] | None
-    seconds: float = 0.0  # what one fold's run took (the refit's time estimate)
+    seconds: float = 0.0  # the least one fold's run costs: the pipeline's uncut heuristics, else its wall time
 
 
 def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx,
                 end: float) -> list[_Scored]:
-    """Each recipe on every fold's fit part, scored on the fit part and the validation block. A
-    recipe gets its weight's share of the time left; one that would not fit (the last pipeline
+    """Each recipe on every fold's fit part, scored on the fit part and the validation block. The
+    first (the asked method) gets ``FIRST_SHARE`` of the time, each other its weight's share of
+    the time left; one that would not fit (the last pipeline
     recipe took longer than what is left: its convergent heuristics are not cut by the clock) is
     skipped, except the first, which always runs."""
     parts = [(stats.take_rows(f.fit_rows), stats.take_rows(f.val_rows)) for f in folds]
@@ -219,9 +224,13 @@ def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, .
     last_cost = 0.0
     for i, r in enumerate(recipes):
         left = end - time.monotonic()
-        if i and r.weight and left < last_cost:
+        least = {"bagged": BAG_RESAMPLES * last_cost, "mtkahypar": 0.0}.get(r.method, last_cost if r.weight else 0.0)
+        if i and (left < least or left <= 0):
             continue
-        budget = max(left, 0.0) * r.weight / max(sum(q.weight for q in recipes[i:]), TOL) if r.weight else 0.0
+        if i == 0:
+            budget = max(left, 0.0) * (FIRST_SHARE if len(recipes) > 1 else 1.0)
+        else:
+            budget = max(left, 0.0) * r.weight / max(sum(q.weight for q in recipes[i:]), TOL) if r.weight else 0.0
         t = time.monotonic()
         s = None
         for j, (fit, val) in enumerate(parts):
@@ -233,10 +242,12 @@ def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, .
             s.val_FL.append(c.score_L(val, p))
             s.last, s.reports = p, reps
         if s is not None:
-            s.seconds = (time.monotonic() - t) / len(parts)
+            wall = (time.monotonic() - t) / len(parts)
+            s.seconds = sum(rep.seconds("heuristics") for rep in s.reports) if s.reports else wall
             out.append(s)
         if r.weight:
-            last_cost = (time.monotonic() - t) * min(r.weight, 1.0) / r.weight
+            if r.method in METHODS and s is not None:
+                last_cost = s.seconds * len(parts)
     return out
 
 
@@ -385,11 +396,12 @@ class SlotChoice:
 def select_slots(stats: RoutingStats, num_ranks: int, *, ranks_per_node: int = 0, inter_node_cost: float = 4.0,
                  method: str = "validated", time_limit_s: float = 10.0, load_weight: float = 1.0,
                  seed: int = 0, **kwargs) -> SlotChoice:
-    """When the experts do not divide over the ranks, the placement on uneven slots (no replicas)
-    and on ``ceil(E / R)`` slots (replicas of hot experts in the extra slots), each chosen by
-    validation on half the budget; replicas only when their validation objective (summed over
-    layers) is lower by more than ``SELECT_Z`` standard errors of the per-token sends difference
-    (x layers) on the newest block: replicas cost memory and gradient reductions, so they must win."""
+    """When the experts do not divide over the ranks: uneven slots (no replicas) or ``ceil(E / R)``
+    slots (replicas of hot experts in the extra slots). The asked method's first recipe is fitted
+    on the fit part on each layout (``SLOTS_SHARE`` of the budget in all) and scored on the newest
+    block; replicas only when their validation objective is lower (a window too small to validate
+    keeps uneven slots). The selection then runs on the chosen layout with the rest of the budget."""
+    t0 = time.monotonic()
     E = stats.num_experts
 
     def topo(spr) -> Topology:
@@ -401,15 +413,17 @@ def select_slots(stats: RoutingStats, num_ranks: int, *, ranks_per_node: int = 0
         res = select_placement(stats, t, time_limit_s=time_limit_s, **kw)
         return SlotChoice(t, res, "even", (("even", res.val_score),))
     opts = {"uneven": topo(uneven_slots(E, num_ranks, ranks_per_node)), "replicas": topo(-(-E // num_ranks))}
-    res = {name: select_placement(stats, t, time_limit_s=time_limit_s / 2, **kw) for name, t in opts.items()}
-    rep, une = res["replicas"].val_score, res["uneven"].val_score
-    pick = "uneven"
     split = time_folds(stats, kwargs.get("val_fraction", VAL_FRACTION), 1)
-    if split and math.isfinite(rep) and math.isfinite(une) and une - rep > TOL:
-        # noise scale: the per-token sends difference of the two answers on the newest block
-        val = stats.take_rows(split[-1].val_rows)
-        d_T = (token_sends_T(val, res["uneven"].placement, opts["uneven"])
-               - token_sends_T(val, res["replicas"].placement, opts["replicas"]))
-        se = float(d_T.std(ddof=1) / math.sqrt(d_T.size)) if d_T.size > 1 else math.inf
-        pick = "replicas" if une - rep > SELECT_Z * se * stats.num_layers else "uneven"
-    return SlotChoice(opts[pick], res[pick], pick, tuple((n, r.val_score) for n, r in res.items()))
+    scores = {name: math.nan for name in opts}
+    if split:
+        fit, val = stats.take_rows(split[0].fit_rows), stats.take_rows(split[0].val_rows)
+        first = (kwargs.get("recipes") or default_recipes(method, load_weight))[0]
+        for name, t in opts.items():
+            c = _Ctx(t, None, load_weight, kwargs.get("migration_weight", 0.0), kwargs.get("expert_bytes", 1.0),
+                     int(seed), DEFAULT_RESTARTS, kwargs.get("balance_cap"))
+            p, _ = run_recipe(first, fit, c, SLOTS_SHARE * time_limit_s / len(opts))
+            scores[name] = float(c.score_L(val, p).sum())
+    pick = "replicas" if scores["replicas"] < scores["uneven"] - TOL else "uneven"  # nan compares False
+    left = max(time_limit_s - (time.monotonic() - t0), MIN_SOLVE_S)
+    res = select_placement(stats, opts[pick], time_limit_s=left, **kw)
+    return SlotChoice(opts[pick], res, pick, tuple(scores.items()))
