@@ -215,10 +215,10 @@ class _Scored:
 def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx,
                 end: float) -> list[_Scored]:
     """Each recipe on every fold's fit part, scored on the fit part and the validation block. The
-    first (the asked method) gets ``FIRST_SHARE`` of the time, each other its weight's share of
-    the time left; one that would not fit (the last pipeline
-    recipe took longer than what is left: its convergent heuristics are not cut by the clock) is
-    skipped, except the first, which always runs."""
+    first (the asked method) always runs, on ``FIRST_SHARE`` of the time; each other gets its
+    weight's share of the time left, and is skipped when its least cost (the last pipeline
+    recipe's convergent heuristics, which the clock does not cut; x resamples for bagging)
+    exceeds what is left."""
     parts = [(stats.take_rows(f.fit_rows), stats.take_rows(f.val_rows)) for f in folds]
     out: list[_Scored] = []
     last_cost = 0.0
@@ -245,9 +245,8 @@ def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, .
             wall = (time.monotonic() - t) / len(parts)
             s.seconds = sum(rep.seconds("heuristics") for rep in s.reports) if s.reports else wall
             out.append(s)
-        if r.weight:
-            if r.method in METHODS and s is not None:
-                last_cost = s.seconds * len(parts)
+        if r.weight and r.method in METHODS and s is not None:
+            last_cost = s.seconds * len(parts)
     return out
 
 
