@@ -30,8 +30,9 @@ loses on the next ones (issue 26). So:
    newest block ("lagged"). The recipe is refitted on the whole window (whose newest tokens are the
    freshest of all: under drift they help) unless the lagged fit scores better on the validation
    block than the full fit part by more than ``SELECT_Z`` standard errors (fresher tokens hurt);
-   then the validated answer itself is returned (also when the time left cannot pay for the
-   lagged fit and the refit). ``LayerReport.refit`` says which.
+   then the validated answer itself is returned. When the time left pays for one run only, the
+   refit runs without the check; when not even that, the validated answer stands.
+   ``LayerReport.refit`` says which.
 
 Every answer is scored by cost.py's :func:`evaluate`. Time: ``CANDIDATE_SHARE`` of the budget
 for the candidates (all folds; the first gets ``FIRST_SHARE`` of it; a recipe whose least cost,
@@ -264,8 +265,12 @@ def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_
         groups.setdefault(s.recipe.name, (s, []))[1].append(l)
     helped: list[tuple[_Scored, list[int]]] = []
     for n, (s, layers) in enumerate(groups.values()):
-        if end - time.monotonic() < 2 * s.seconds * len(layers) / stats.num_layers:
-            continue  # no time to check and refit: the validated answer stands
+        cost = s.seconds * len(layers) / stats.num_layers
+        if end - time.monotonic() < cost:
+            continue  # no time to refit: the validated answer stands
+        if end - time.monotonic() < 2 * cost:
+            helped.append((s, layers))  # time for the refit only: refit (no evidence that it hurts)
+            continue
         budget = max(check_end - time.monotonic(), 0.0) / (len(groups) - n)
         sub = c.for_layers(layers)
         p, _ = run_recipe(s.recipe, lagged.select_layers(layers), sub, budget, tag=99)
