@@ -206,6 +206,18 @@ def render_markdown(out: dict) -> str:
                      f"| {r['validated']['imbalance']:.3f} / {r['mtkahypar']['imbalance']:.3f} "
                      f"| {ci(r['validated-mtkahypar'])} | {ci(r['validated-pipeline'])} "
                      f"| {r['validated']['s_per_layer']:.2f} | {r['slots']} |")
+    lines += ["", "Learning curve: reduction of sends vs contiguous on the slice, mean over the three topologies "
+              "(pipeline / validated / Mt-KaHyPar):", "",
+              "| trace | lw | " + " | ".join(w for w in [str(x) for x in WINDOWS] + ["all"]) + " |",
+              "|---|---|" + "---|" * (len(WINDOWS) + 1)]
+    for trace in sorted({r["trace"] for r in out["rows"]}, reverse=True):
+        for lw in sorted({r["load_weight"] for r in out["rows"]}):
+            cells = []
+            for w in [str(x) for x in WINDOWS] + ["all"]:
+                rs = [r for r in out["rows"] if r["trace"] == trace and r["load_weight"] == lw and r["window"] == w]
+                cells.append(" / ".join(f"{np.mean([r[m]['reduction_vs_contiguous'] for r in rs]):.1%}"
+                                        for m in ("pipeline", "validated", "mtkahypar")) if rs else "n/a")
+            lines.append(f"| {trace} | {lw:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
