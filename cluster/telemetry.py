@@ -182,7 +182,11 @@ class Telemetry:
             if d.migrated:
                 self.metrics.replacements.inc(1, t)
         if self.wandb:
-            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/solve_s": d.proposal.solve_time_s,
+            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/fit_gain": d.proposal.fit_gain,
+                            "placement/val_score": d.proposal.val_after, "placement/val_score_current": d.proposal.val_before,
+                            **{f"placement/layer{l}/val_score": v for l, v in enumerate(d.proposal.val_after_L)},
+                            **{f"placement/layer{l}/fit_score": v for l, v in enumerate(d.proposal.fit_after_L)},
+                            "placement/solve_s": d.proposal.solve_time_s,
                             "placement/migrated": int(d.migrated), "placement/bytes_moved": d.bytes_moved,
                             "train_step": d.step})
 

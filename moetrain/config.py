@@ -205,7 +205,10 @@ class PlacementConfig:
     window: int = 50  # optimizer steps of routing statistics the solver sees (a moving window)
     sample_tokens: int = 8192  # per-token top-k ids kept from the window, all ranks together
     min_gain: float = 0.05  # relative cost reduction needed to migrate
-    method: str = "ilp"  # ilp | local_search | greedy (placement.solve_placement's method)
+    method: str = "ilp"  # ilp | local_search | greedy | validated (placement.solve_placement's method)
+    # newest share of the window's sampled steps that validates (placement/select.py): the
+    # proposal is fitted on the older steps and min_gain is judged on these; 0 = judge on the fit
+    val_fraction: float = 0.25
     time_limit_s: float = 10.0
     load_weight: float = 1.0  # lambda: weight of the makespan term
     migration_weight: float = 0.0  # mu: weight of the migration term
@@ -406,7 +409,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
-PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
+PLACEMENT_METHODS = ("ilp", "local_search", "greedy", "validated")
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "block", "attention")
 ROUTERS = ("softmax_topk", "topk_softmax")
@@ -476,6 +479,7 @@ RANGES = {
     "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
     "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
     "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
+    "placement.val_fraction": "[0, 1)",
 }
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a path segment and an actor-name part

@@ -50,7 +50,9 @@ def test_overrides_are_typed():
     (["cluster.run_name=.."], "cluster.run_name ('..') must be 1-128 letters"),
     (["cluster.run_name=my run"], "cluster.run_name ('my run') must be 1-128 letters"),
     (["placement.solver=greedy"], "config key 'placement.solver' was renamed 'placement.method'"),
-    (["placement.method=annealing"], "placement.method ('annealing') must be one of ilp, local_search, greedy"),
+    (["placement.method=annealing"], "placement.method ('annealing') must be one of ilp, local_search, greedy, validated"),
+    (["placement.val_fraction=1"], "placement.val_fraction (1.0) must be in [0, 1)"),
+    (["placement.val_fraction=-0.1"], "placement.val_fraction (-0.1) must be in [0, 1)"),
 ])
 def test_bad_values_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as exc:
