@@ -27,6 +27,8 @@ Kinds and how each is counted:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +92,7 @@ class LayerTally:
 
     def sent(self, inp: torch.Tensor, in_splits: list[int], *, backward: bool = False) -> None:
         """``in_splits[r]`` rows of ``inp`` go to rank r."""
-        row_bytes = inp.element_size() * (inp[0].numel() if inp.dim() > 1 else 1)
+        row_bytes = inp.element_size() * math.prod(inp.shape[1:])  # also when this rank sends no row
         self.counter.add_rows(self.counter.a2a_LPC[self.layer, int(backward)], in_splits, row_bytes)
 
 
