@@ -52,6 +52,9 @@ RAY_PORT, DASHBOARD_PORT = 6379, 8265
 OBJECT_STORE_BYTES = 100_000_000
 CLIENT_HOST_BASE = 101
 TBF_LATENCY = "50ms"
+# Dummy credentials of the in-cluster S3 server (moto accepts any); never real ones.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 class NetClusterError(RuntimeError):
@@ -93,7 +96,7 @@ class ClusterInfo:
     bridge_netns: str
     bridge_ifname: str
     nodes: tuple[Node, ...]
-    cpus_per_node: float
+    cpus_per_node: int
     rate_mbit: float  # 0 = unlimited
     auth: str  # "disabled" | "token"
     token_path: str  # "" unless auth == "token"
@@ -179,9 +182,11 @@ def _burst_bytes(rate_mbit: float) -> int:
 class NetCluster:
     """``up()`` builds the cluster (or use it as a context manager), ``down()`` removes it."""
 
-    def __init__(self, nodes: int = 2, cpus_per_node: float = 1.0, rate_mbit: float = 0.0, clients: int = 0,
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, rate_mbit: float = 0.0, clients: int = 0,
                  auth: str = "disabled", dashboard: bool = False, gloo_ifname: bool = True,
                  env: dict[str, str] | None = None):
+        if cpus_per_node < 1:
+            raise NetClusterError(f"cpus_per_node ({cpus_per_node}) must be an integer >= 1 (ray start --num-cpus)")
         if nodes < 1 or clients < 0 or nodes + clients > 99:
             raise NetClusterError(f"nodes ({nodes}) must be >= 1 and nodes + clients ({nodes + clients}) <= 99")
         if auth not in ("disabled", "token"):
@@ -330,7 +335,7 @@ class NetCluster:
     def _ray_start_argv(self, n: Node) -> list[str]:
         info = self.info
         argv = [str(VENV_BIN / "ray"), "start", "--node-ip-address", n.address, "--temp-dir", n.temp_dir,
-                "--object-store-memory", str(OBJECT_STORE_BYTES), "--num-cpus", f"{info.cpus_per_node:g}",
+                "--object-store-memory", str(OBJECT_STORE_BYTES), "--num-cpus", str(info.cpus_per_node),
                 "--disable-usage-stats"]
         if n is info.head:
             argv += ["--head", "--port", str(RAY_PORT), "--include-dashboard", str(info.dashboard).lower()]
@@ -368,6 +373,26 @@ class NetCluster:
         if alive != str(count):
             raise NetClusterError(f"cluster {self.info.id}: {alive} Ray node(s) alive after {timeout_s:g} s, "
                                   f"expected {count}")
+
+    def start_s3(self, node: str, bucket: str, port: int = 9000, timeout_s: float = 30.0) -> str:
+        """Start an S3-protocol server (moto, objects in RAM) in ``node``'s namespace on its
+        address, create ``bucket``; returns the endpoint URL. Credentials are the dummy
+        ``testing`` keys: pass them to the cluster with ``env=S3_ENV``."""
+        n = self.info.node(node)
+        log = Path(n.temp_dir) / "moto.log"
+        self.spawn(node, [str(VENV_BIN / "moto_server"), "-H", n.address, "-p", str(port)], log, env=S3_ENV)
+        endpoint = f"http://{n.address}:{port}"
+        code = ("import time, boto3\n"
+                f"c = boto3.client('s3', endpoint_url={endpoint!r}, region_name='us-east-1')\n"
+                f"end = time.time() + {timeout_s}\n"
+                "while True:\n"
+                "    try:\n"
+                f"        c.create_bucket(Bucket={bucket!r}); break\n"
+                "    except Exception:\n"
+                "        if time.time() > end: raise\n"
+                "        time.sleep(0.2)\n")
+        self.run(node, [str(VENV_BIN / "python"), "-c", code], env=S3_ENV, timeout=timeout_s + 30, check=True)
+        return endpoint
 
     def kill_node(self, node: str) -> int:
         """Kill every process in ``node``'s namespace at once (SIGKILL): the node is lost, its
@@ -453,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     u = sub.add_parser("up", help="build a cluster, print its JSON description")
     u.add_argument("--nodes", type=int, default=2)
-    u.add_argument("--cpus", type=float, default=1.0, help="--num-cpus of each Ray node")
+    u.add_argument("--cpus", type=int, default=1, help="--num-cpus of each Ray node")
     u.add_argument("--rate-mbit", type=float, default=0.0, help="tbf limit per link and direction (0 = none)")
     u.add_argument("--clients", type=int, default=0, help="namespaces on the bridge without Ray")
     u.add_argument("--auth", choices=("disabled", "token"), default="disabled")
