@@ -399,6 +399,14 @@ class NetCluster:
         network stays. Returns how many processes were killed."""
         return _kill_netns(self.info.node(node).netns)
 
+    def restart_node(self, node: str, timeout_s: float = 120.0) -> None:
+        """Start a worker node's Ray again (after :meth:`kill_node`): a new raylet on the same
+        address joins the head."""
+        n = self.info.node(node)
+        if not n.ray or n is self.info.head:
+            raise NetClusterError(f"only a worker node can be restarted, not {node!r}")
+        self.run(node, self._ray_start_argv(n), timeout=timeout_s, check=True)
+
     # ---- counters -----------------------------------------------------------------------
     def bytes(self) -> dict[str, dict[str, int]]:
         """Per node link: {"sent": bytes the node sent onto its link, "received": bytes it got},
