@@ -44,7 +44,7 @@ PY = str(netcluster.VENV_BIN / "python")
 BUCKET = "bench"
 MODEL = ["model.moe.num_experts=64", "model.moe.top_k=8", "model.dim=128", "model.n_layers=2", "model.n_heads=4",
          "model.ffn_dim=256", "model.moe.expert_ffn_dim=64", "train.global_batch_size=32", "train.eval_every=0",
-         "train.log_every=1", "logging.wandb=disabled", "logging.progress=false", "train.warmup_steps=5"]
+         "train.log_every=1", "data.vocab_size=1024", "logging.wandb=disabled", "logging.progress=false", "train.warmup_steps=5"]
 LAYOUTS = {"2x2": (2, 2), "4x1": (4, 1)}  # nodes x ranks per node
 TARGETS = {"internode_bytes_hier_vs_flat": ("<=", 0.6), "internode_bytes_topo_vs_contiguous": ("<=", 0.8),
            "step_speedup_best_vs_flat_contiguous_100mbit": (">=", 1.5), "counted_vs_interface_bytes": ("in", (0.9, 1.1)),
@@ -135,6 +135,43 @@ class Bench:
         self.say(report.row_text(row))
         return row
 
+    def deepspeed_peer(self, layout: str, rate: float) -> dict:
+        """DeepSpeed-MoE (flat all-to-all) on the same nodes and links: one process per rank,
+        spawned in its node's namespace, gloo over the nodes' addresses."""
+        a = self.args
+        nodes, rpn = LAYOUTS[layout]
+        info = self.nc.info
+        out = self.work / f"ds-{layout}-{rate:g}.out.json"
+        out.unlink(missing_ok=True)
+        spec = {"experts": 64, "top_k": 8, "dim": 128, "expert_ffn": 64, "layers": 2, "heads": 4, "vocab": 1024,
+                "seq": 128, "tokens_per_rank": 32 * 128 // (nodes * rpn), "capacity_factor": a.ds_capacity_factor,
+                "warmup": a.skip_steps + 1, "steps": a.timed_steps, "bridge_netns": info.bridge_netns,
+                "links": {n.name: n.peer_ifname for n in info.ray_nodes()}, "out": str(out)}
+        path = self.work / f"ds-{layout}-{rate:g}.spec.json"
+        path.write_text(json.dumps(spec))
+        self.nc.set_rate(rate)
+        procs = []
+        for r in range(nodes * rpn):
+            node = info.ray_nodes()[r // rpn]
+            env = {"RANK": str(r), "WORLD_SIZE": str(nodes * rpn), "LOCAL_RANK": str(r % rpn), "LOCAL_SIZE": str(rpn),
+                   "MASTER_ADDR": info.head.address, "MASTER_PORT": "29511", "OMP_NUM_THREADS": "1"}
+            procs.append(self.nc.spawn(node.name, [PY, "-m", "scripts.netbench.ds_peer", str(path)],
+                                       self.work / f"ds-{layout}-{rate:g}-rank{r}.log", env=env))
+        rcs = [p.wait(timeout=1800) for p in procs]
+        if any(rcs) or not out.exists():
+            tail = (self.work / f"ds-{layout}-{rate:g}-rank0.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"DeepSpeed peer {layout} at {rate:g} Mbit/s: exit codes {rcs}: {tail}")
+        res = json.loads(out.read_text())
+        n = res["steps"]
+        row = {"layout": layout, "rate_mbit": rate, "dispatch": "deepspeed", "placement": "contiguous",
+               "step_s": res["seconds"] / n, "step_s_median": sorted(res["step_times"])[n // 2],
+               "internode_bytes_per_step": sum(v["sent"] for v in res["links"].values()) / n,
+               "sent_per_node": {k: v["sent"] / n for k, v in res["links"].items()},
+               "rank_nodes": [f"n{r // rpn}" for r in range(nodes * rpn)], "ranks_node_contiguous": True,
+               "offrank_rows_per_step": None, "counted": {}, "loss_last": None}
+        self.say(report.row_text(row))
+        return row
+
     def node_loss(self) -> dict:
         """Kill n1 mid-run, bring its Ray back, and check the run finishes from S3 checkpoints."""
         a = self.args
@@ -191,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ilp-time-s", type=float, default=20.0)
     ap.add_argument("--loss-steps", type=int, default=0, help="node-loss run length after the warm steps (0: 16)")
     ap.add_argument("--no-node-loss", action="store_true")
+    ap.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE peer")
+    ap.add_argument("--ds-capacity-factor", type=float, default=1.0, help="DeepSpeed MoE capacity factor (its default)")
     ap.add_argument("--work-dir", default="")
     args = ap.parse_args(argv)
     if args.quick:
@@ -229,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 for dispatch in dispatches:
                     for placement in ("contiguous", "ilp"):
                         rows.append(b.arm(layout, rate, dispatch, placement, paths))
+                if not args.no_deepspeed:
+                    rows.append(b.deepspeed_peer(layout, rate))
             if i == 0 and not args.no_node_loss:
                 extra.update(b.node_loss())
     finally:

@@ -185,3 +185,47 @@ def test_job_from_client_with_token_trains_on_both_nodes_with_s3_checkpoints(nc,
     ls = nc.run("c0", ["moetrain", "ckpt", "verify", "s3://ckpt/runs/nc", "--s3-endpoint", s3], timeout=120)
     assert ls.returncode == 0 and "OK" in ls.stdout, ls.stdout + ls.stderr
     assert after["c0"]["received"] - before["c0"]["received"] > 1_000_000  # checkpoint bytes reached c0
+
+
+def test_node_killed_mid_run_recovers_from_s3_checkpoints(nc, s3):
+    """Node n1 loses every process at once (SIGKILL of its namespace) after the first committed
+    checkpoint; its Ray comes back; the run (max_failures=1) rebuilds the group, resumes from the
+    last checkpoint committed to the S3 server on c0 and finishes with exit 0; every committed
+    checkpoint verifies."""
+    out_dir = Path(nc.info.state_dir) / "runs"
+    log = Path(nc.info.state_dir) / "loss.log"
+    steps, kill_after = 10, 4
+    argv = ["moetrain", "train", "--config", "tiny", "--set", f"cluster.address={nc.info.ray_address}",
+            "--set", "cluster.num_workers=2", "--set", "cluster.cpus_per_worker=1.5", "--set", "cluster.run_name=loss",
+            "--set", "cluster.max_failures=1", "--set", f"train.steps={steps}", "--set", "train.eval_every=0",
+            "--set", "train.log_every=1", "--set", f"logging.out_dir={out_dir}", "--set", "logging.wandb=disabled",
+            "--set", "logging.progress=false", "--set", "checkpoint.uri=s3://ckpt/loss",
+            "--set", f"checkpoint.s3_endpoint={s3}", "--set", "checkpoint.every=3"]
+    proc = nc.spawn("n0", argv, log)
+    killed_at = None
+    try:
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = [int(s) for s in re.findall(r"step\s+(\d+) \|", log.read_text(errors="replace"))]
+            if killed_at is None and done and max(done) >= kill_after:
+                killed_at = max(done)
+                assert nc.kill_node("n1") > 0
+                nc.restart_node("n1")
+            time.sleep(0.2)
+        rc = proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert killed_at is not None and rc == 0, text[-3000:]
+    summary = json.loads((out_dir / "loss" / "summary.json").read_text())
+    assert summary["state"] == "finished" and summary["restarts"] == 1
+    resumed = re.findall(r"resumed from s3://ckpt/loss/loss/step-(\d+)", text)
+    assert resumed and 3 <= int(resumed[-1]) <= killed_at, text[-3000:]  # a checkpoint from before the loss
+    listing = nc.run("c0", ["moetrain", "ckpt", "list", "s3://ckpt/loss/loss", "--s3-endpoint", s3], timeout=120)
+    committed = re.findall(r"^\S+\s+(\d+)\s+yes\s", listing.stdout, flags=re.M)
+    assert str(steps) in committed, listing.stdout
+    for step in committed:
+        v = nc.run("c0", ["moetrain", "ckpt", "verify", f"s3://ckpt/loss/loss/step-{step}", "--s3-endpoint", s3],
+                   timeout=120)
+        assert v.returncode == 0, v.stdout + v.stderr
