@@ -172,6 +172,9 @@ def _train(args) -> int:
         print(f"moetrain: run {cfg.cluster.run_name} STOPPED at step {result.summary.get('steps')} of "
               f"{cfg.train.steps} (a stop was requested); resume with --resume latest", file=sys.stderr)
         return EXIT_STOPPED
+    if result.user_error:  # the cluster cannot hold the group: refused before training
+        print(f"moetrain: error: {result.error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if result.state.value != "finished":
         print(f"moetrain: run {cfg.cluster.run_name} failed:\n{result.error}", file=sys.stderr)
         return EXIT_FAILED

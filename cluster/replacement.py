@@ -8,8 +8,9 @@ boundary, the predicted gain (the cost model on the same statistics: current vs 
 placement) is compared with ``placement.min_gain``; if it is enough, every rank exchanges the
 moving experts' weights **and** AdamW state point to point (``moetrain.parallel.migrate``) and
 training continues on the new placement. The solver scores sends from each sampled token's home
-rank (``placement.home_ranks``) on the cluster's topology (``cluster.ranks_per_node``,
-:func:`run_topology`). Each decision is a :class:`Decision`: predicted gain,
+rank (``placement.home_ranks``) on the cluster's topology (:func:`run_topology`: the rank -> node
+map the worker group found, ``placement.inter_node_cost``); a group rebuilt on another layout
+after a node loss gets its placement re-solved at once from the last statistics (:func:`solve_now`). Each decision is a :class:`Decision`: predicted gain,
 what the solver saw, solve time, the bytes really sent, and (at the end of the run) the measured
 off-rank sends per step before and after.
 """
@@ -33,9 +34,13 @@ from placement.stats import without_homes
 log = logging.getLogger("moetrain")
 
 
-def run_topology(cfg: RunConfig, placement: Placement) -> Topology:
-    """The cluster's topology as the solver sees it: the placement's ranks and slots, and
-    ``cluster.ranks_per_node`` / ``placement.inter_node_cost`` for the link costs."""
+def run_topology(cfg: RunConfig, placement: Placement, node_of_rank: tuple[int, ...] = ()) -> Topology:
+    """The cluster's topology as the solver sees it: the placement's ranks and slots, the node of
+    each rank (where the group's ranks landed; () = ``cluster.ranks_per_node``, 0 = one node) and
+    ``placement.inter_node_cost`` for the link costs."""
+    if node_of_rank:
+        return Topology.from_nodes(node_of_rank, placement.slots_per_rank,
+                                   inter_node_cost=cfg.placement.inter_node_cost)
     return Topology(num_ranks=placement.num_ranks, slots_per_rank=placement.slots_per_rank,
                     ranks_per_node=cfg.cluster.ranks_per_node, inter_node_cost=cfg.placement.inter_node_cost)
 
@@ -62,6 +67,7 @@ class Proposal:
     imbalance_after: float
     window_steps: int  # optimizer steps behind the statistics
     sample_tokens: int  # tokens whose top-k ids the solver saw
+    node_of_rank: tuple[int, ...] = ()  # the topology's rank -> node map the solver saw
 
     @property
     def predicted_gain(self) -> float:
@@ -104,15 +110,23 @@ def _solve(stats: RoutingStats, topology: Topology, current: Placement, method: 
     return Proposal(result.placement, result.solver, result.status, result.bound, time.perf_counter() - t0,
                     before.objective, after.objective, before.sends, after.sends,
                     float(before.imbalance_L.mean()), float(after.imbalance_L.mean()),
-                    int(stats.meta.get("window_steps", 0)), stats.num_tokens)
+                    int(stats.meta.get("window_steps", 0)), stats.num_tokens, topology.node_of_rank)
+
+
+def solve_now(stats: RoutingStats, topology: Topology, current: Placement, cfg: RunConfig) -> Proposal:
+    """A solve on the driver, waited for (a group about to start on a new topology)."""
+    p = cfg.placement
+    return _solve(stats, topology, current, p.method, p.time_limit_s, p.load_weight, p.migration_weight,
+                  cfg.train.seed)
 
 
 class Replanner:
     """Holds at most one solve in flight."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, last_stats: RoutingStats | None = None):
         self.cfg = cfg
         self._pending = None  # (ObjectRef, launch step)
+        self.last_stats = last_stats  # what the last solve saw (kept across a group rebuild)
         self._remote = ray.remote(num_cpus=0)(_solve)  # tiny CPU share: never blocks the actors
 
     @property
@@ -126,7 +140,8 @@ class Replanner:
         p = self.cfg.placement
         if not p.home_ranks:
             stats = without_homes(stats)
-        topo = run_topology(self.cfg, placement)
+        self.last_stats = stats
+        topo = run_topology(self.cfg, placement, group.node_of_rank)
         ref = self._remote.remote(stats, topo, placement, p.method, p.time_limit_s, p.load_weight,
                                   p.migration_weight, self.cfg.train.seed)
         self._pending = (ref, step)

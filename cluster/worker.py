@@ -1,8 +1,10 @@
 """The worker actor: one Ray actor per rank, hosting that rank's :class:`RankTrainer`.
 
 Owns: the process-level life of a rank — its torch.distributed membership (rendezvous address
-published by rank 0 through Ray, as Ray Train does), thread settings, and thin remote methods
-that the worker group calls on every rank in lockstep. All training logic lives in ``moetrain``.
+published by rank 0 through Ray, as Ray Train does; collectives bound to the network interface
+that carries the rank's Ray node address, so no host-name lookup picks a loopback address),
+thread settings (the rank's own CPU bundle), and thin remote methods that the worker group calls
+on every rank in lockstep. All training logic lives in ``moetrain``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,33 @@ import socket
 import time
 
 import ray
+
+
+def interface_for_ip(ip: str) -> str | None:
+    """Name of the network interface that holds address ``ip`` (e.g. ``127.0.0.1`` -> ``lo``), or None."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == ip for a in addrs):
+            return name
+    return None
+
+
+def bind_collectives(node_ip: str, gpu: bool, env=os.environ) -> str:
+    """Point gloo (and NCCL on GPU) at the interface carrying ``node_ip`` unless the user set
+    ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``; returns the interface gloo will use ("" = its
+    own choice: the address is on no interface here)."""
+    ifname = interface_for_ip(node_ip) or ""
+    if ifname:
+        env.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        if gpu:
+            env.setdefault("NCCL_SOCKET_IFNAME", ifname)
+    return env.get("GLOO_SOCKET_IFNAME", "")
+
+
+def threads_for(cpus_per_worker: float, torch_threads: int = 0) -> int:
+    """Threads of one rank: ``cluster.torch_threads`` if set, else its CPU bundle (at least 1)."""
+    return torch_threads or max(1, int(cpus_per_worker))
 
 
 def _free_port() -> int:
@@ -29,7 +58,7 @@ class Worker:
         self.cfg = from_dict(cfg_dict)
         self.rank, self.world_size = rank, world_size
         self.trainer = None
-        threads = self.cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // world_size)
+        threads = threads_for(self.cfg.cluster.cpus_per_worker, self.cfg.cluster.torch_threads)
         import torch
 
         torch.set_num_threads(threads)
@@ -37,26 +66,31 @@ class Worker:
     def node_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int, placement, resume=None) -> dict:
+    def setup(self, master_addr: str, master_port: int, placement, resume=None, node_R: tuple[int, ...] = ()) -> dict:
         """Join the process group, build data + model for ``placement`` (a
         :class:`~placement.placement.Placement`), and resume from ``resume`` (a
-        :class:`~moetrain.train.checkpointer.ResumePoint`) if given."""
+        :class:`~moetrain.train.checkpointer.ResumePoint`) if given. ``node_R``: the node of
+        each rank (the worker group's layout)."""
+        import torch
+
         from moetrain.parallel.context import init_distributed
         from moetrain.train.trainer import RankTrainer
 
         t0 = time.perf_counter()
+        node_ip = ray.util.get_node_ip_address()
+        ifname = bind_collectives(node_ip, self.cfg.cluster.use_gpu)
         backend = "nccl" if self.cfg.cluster.use_gpu else "gloo"
         if backend == "nccl":
-            import torch
-
             torch.cuda.set_device(0)
         ctx = init_distributed(backend=backend, master_addr=master_addr, master_port=master_port,
                                rank=self.rank, world_size=self.world_size,
-                               timeout_s=self.cfg.cluster.collective_timeout_s)
+                               timeout_s=self.cfg.cluster.collective_timeout_s, node_R=tuple(node_R))
         self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement, load_init_weights=resume is None)
         if resume is not None:
             self.trainer.resume_from(resume)
-        return {"rank": self.rank, "setup_s": time.perf_counter() - t0, **self.memory()}
+        return {"rank": self.rank, "setup_s": time.perf_counter() - t0, "node_ip": node_ip,
+                "node_id": ray.get_runtime_context().get_node_id(), "ifname": ifname,
+                "threads": torch.get_num_threads(), **self.memory()}
 
     # ---- lockstep calls (every rank at once) ----------------------------------------------
     def train_step(self):

@@ -167,12 +167,18 @@ class ClusterConfig:
     address: str = ""  # "" = RAY_ADDRESS if set, else an embedded local Ray
     max_failures: int = 0  # group rebuilds allowed after a lost actor
     run_name: str = "default"
-    torch_threads: int = 0  # 0 = cpu_count / num_workers per worker
+    torch_threads: int = 0  # 0 = the rank's own CPU bundle: cpus_per_worker (at least 1)
     start_timeout_s: float = 300.0  # give up building the worker group after this long
     connect_timeout_s: float = 30.0  # give up reaching cluster.address / RAY_ADDRESS after this long
     collective_timeout_s: float = 300.0  # a torch.distributed collective waiting longer fails its rank
-    # Ranks per machine (0 = all on one node): the placement cost model charges a token sent to
-    # another node placement.inter_node_cost, one sent inside a node 1.
+    # The group is one Ray placement group (a bundle per rank) placed with this strategy:
+    # PACK (fill nodes), SPREAD, STRICT_PACK (one node), STRICT_SPREAD (one rank per node).
+    placement_strategy: str = "PACK"
+    # After a node is lost, wait up to this long for the nodes left (or new ones) to fit the group.
+    node_wait_s: float = 60.0
+    # The rank -> node map is read from where the ranks landed (nodes may hold different numbers);
+    # the cost model charges a token sent to another node placement.inter_node_cost, one inside 1.
+    # Set > 0 only as a check: a run whose nodes do not each hold this many ranks fails.
     ranks_per_node: int = 0
     step_timeout_s: float = 60.0  # watchdog: a step slower than the slowest seen + this fails its ranks
     # Embedded local Ray only (ignored when joining a cluster): serve the Ray dashboard on
@@ -431,13 +437,14 @@ RANGES = {
     "checkpoint.max_retries": "[0, inf)",
     "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
     "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
-    "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)",
+    "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)", "cluster.node_wait_s": "[0, inf)",
     "cluster.dashboard_port": "[0, 65535]", "cluster.ranks_per_node": "[0, inf)",
     "placement.inter_node_cost": "[1, inf)",
     "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
     "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
     "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
 }
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a path segment and an actor-name part
 
 
@@ -520,6 +527,8 @@ def _validate_run(cfg: RunConfig) -> None:
     if c.address and not c.address.startswith(("ray://", "auto")):
         _require(_host_port(c.address) is not None,
                  f"cluster.address ({c.address!r}) must be HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
+    _require(c.placement_strategy in PLACEMENT_STRATEGIES,
+             f"cluster.placement_strategy ({c.placement_strategy!r}) must be one of {', '.join(PLACEMENT_STRATEGIES)}")
     _require(RUN_NAME.fullmatch(c.run_name) is not None,
              f"cluster.run_name ({c.run_name!r}) must be 1-128 letters, digits, '.', '_' or '-', starting with a "
              "letter or digit (it names checkpoint folders and Ray actors)")

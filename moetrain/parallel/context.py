@@ -19,6 +19,7 @@ class ParallelContext:
     world_size: int = 1
     group: object = None  # torch.distributed ProcessGroup, None = default group
     device: torch.device = torch.device("cpu")
+    node_R: tuple[int, ...] = ()  # node index of each rank (contiguous per node); () = one node
 
     @property
     def distributed(self) -> bool:
@@ -36,7 +37,8 @@ class ParallelContext:
 
 
 def init_distributed(*, backend: str, master_addr: str, master_port: int, rank: int,
-                     world_size: int, timeout_s: float = 300.0) -> ParallelContext:
+                     world_size: int, timeout_s: float = 300.0,
+                     node_R: tuple[int, ...] = ()) -> ParallelContext:
     """Join the default process group (TCP rendezvous at ``master_addr:master_port``).
 
     ``backend`` is ``gloo`` (CPU) or ``nccl`` (one GPU per rank).
@@ -46,4 +48,4 @@ def init_distributed(*, backend: str, master_addr: str, master_port: int, rank: 
             backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    return ParallelContext(rank=rank, world_size=world_size, group=None, device=device)
+    return ParallelContext(rank=rank, world_size=world_size, group=None, device=device, node_R=tuple(node_R))
