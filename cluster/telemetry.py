@@ -1,8 +1,9 @@
 """What a run shows people: Ray dashboard metrics, wandb, and files next to the run's outputs.
 
 Owns: custom metrics through ``ray.util.metrics`` (tokens/s, loss, expert-load max/mean per
-layer, off-rank sends, re-placement decisions and solve time, checkpoint MB/s and stall, run
-state), the wandb run (offline unless ``WANDB_API_KEY`` is set and ``logging.wandb=online``),
+layer, off-rank sends, bytes sent per step by kind and link class (inside a node / between
+nodes; per MoE layer for the expert all-to-all), re-placement decisions and solve time,
+checkpoint MB/s and stall, run state), the run's traffic totals in ``summary.json``, the wandb run (offline unless ``WANDB_API_KEY`` is set and ``logging.wandb=online``),
 and the run's output folder: ``summary.json``, ``routing.npz`` (the trace format the placement
 library reads), ``placement.json`` and ``expert_load.png`` (a layers x experts heatmap). Also
 what the driver prints about where to watch the run (:func:`dashboard_text`).
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moetrain.config import RunConfig
+from moetrain.parallel.traffic import LINKS, StepTraffic
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import save_routing_npz
 from moetrain.train.summary import load_imbalance
@@ -38,7 +40,7 @@ STATES = ["starting", "running", "replacing", "checkpointing", "restarting", "fi
 # The metrics a person watches first (Prometheus names, as Ray exports them); every one is set
 # by _RayMetrics below. The full list is in docs/operations.md.
 KEY_METRICS = ("ray_moetrain_tokens_per_s", "ray_moetrain_loss", "ray_moetrain_expert_load_max_over_mean",
-               "ray_moetrain_offrank_sends", "ray_moetrain_state")
+               "ray_moetrain_offrank_sends", "ray_moetrain_bytes_per_step", "ray_moetrain_state")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,12 @@ class _RayMetrics:
                                tag_keys=tags)
         self.replacements = Counter("moetrain_replacements", description="migrations performed", tag_keys=tags)
         self.steps = Counter("moetrain_steps", description="optimizer steps", tag_keys=tags)
+        self.step_bytes = g("bytes_per_step", "bytes sent in the last step (all ranks) by kind and link "
+                            "(intra / inter node; checkpoint: store)", ("run", "kind", "link"))
+        self.a2a_layer_bytes = g("a2a_bytes_per_step", "expert all-to-all bytes of the last step (all ranks, forward "
+                                 "+ backward) per MoE layer and link", ("run", "layer", "link"))
+        self.bytes_sent = Counter("moetrain_bytes_sent", description="bytes sent since the run started, by kind and link",
+                                  tag_keys=("run", "kind", "link"))
 
 
 class Telemetry:
@@ -92,6 +100,7 @@ class Telemetry:
         except Exception as exc:  # metrics are best effort, never fatal
             log.warning("Ray metrics unavailable: %s", exc)
         self.wandb = self._init_wandb()
+        self.traffic = TrafficTotals()
 
     def _init_wandb(self):
         mode = self.cfg.logging.wandb
@@ -136,11 +145,24 @@ class Telemetry:
                 self.metrics.skipped.inc(1, t)
             for layer, v in enumerate(imb):
                 self.metrics.load_imbalance.set(float(v), {**t, "layer": str(layer)})
+            self._traffic_metrics(m)
+        self.traffic.add(m.traffic)
         if self.wandb:
             row = {k: getattr(m, k) for k in ("loss", "lm_loss", "lbl", "z_loss", "grad_norm", "lr", "offrank_sends")}
             row["tokens_per_s"] = tps
+            row.update({f"traffic/{kind}/{link}": v for kind, link, v in traffic_rows(m.traffic)})
             row.update({f"expert_load_max_over_mean/layer{l}": float(v) for l, v in enumerate(imb)})
             self.wandb.log({**row, "train_step": m.step})
+
+    def _traffic_metrics(self, m: StepMetrics) -> None:
+        t = self.metrics.tags
+        for kind, link, v in traffic_rows(m.traffic):
+            self.metrics.step_bytes.set(v, {**t, "kind": kind, "link": link})
+            if v:
+                self.metrics.bytes_sent.inc(v, {**t, "kind": kind, "link": link})
+        for layer, row in enumerate(m.traffic.a2a_LPC.sum(axis=1)):
+            for link, v in zip(LINKS, row):
+                self.metrics.a2a_layer_bytes.set(float(v), {**t, "layer": str(layer), "link": link})
 
     def checkpoint_failed(self, step: int) -> None:
         if self.metrics:
@@ -189,12 +211,50 @@ class Telemetry:
 
     def close(self, summary: dict) -> None:
         if summary:
+            summary.setdefault("traffic", self.traffic.to_dict())
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         if self.wandb:
             if summary:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb.finish()
             self.wandb = None
+
+
+# ---- traffic ----------------------------------------------------------------------------------
+def traffic_rows(t: StepTraffic) -> list[tuple[str, str, float]]:
+    """``(kind, link, bytes)`` of one step: every kind x (intra, inter), and checkpoint / store."""
+    rows = [(kind, link, v) for kind, pair in t.by_kind().items() for link, v in zip(LINKS, pair)]
+    return rows + [("checkpoint", "store", float(t.checkpoint_bytes))]
+
+
+class TrafficTotals:
+    """The run's bytes sent, summed over the steps the driver saw (restarted steps count again:
+    they were sent again)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.kinds: dict[str, np.ndarray] = {}
+        self.a2a_LC: np.ndarray | None = None
+        self.checkpoint_bytes = 0.0
+
+    def add(self, t: StepTraffic) -> None:
+        self.steps += 1
+        for kind, pair in t.by_kind().items():
+            self.kinds[kind] = self.kinds.get(kind, np.zeros(2)) + np.asarray(pair)
+        a2a = t.a2a_LPC.sum(axis=1)
+        self.a2a_LC = a2a if self.a2a_LC is None or self.a2a_LC.shape != a2a.shape else self.a2a_LC + a2a
+        self.checkpoint_bytes += float(t.checkpoint_bytes)
+
+    def to_dict(self) -> dict:
+        """``summary.json``'s ``traffic``: totals by kind and link, per step, per MoE layer."""
+        kinds = {k: dict(zip(LINKS, map(float, v))) for k, v in self.kinds.items()}
+        inter = sum(v["inter"] for v in kinds.values())
+        intra = sum(v["intra"] for v in kinds.values())
+        n = max(self.steps, 1)
+        return {"steps": self.steps, "bytes_by_kind": kinds, "intra_node_bytes": intra, "inter_node_bytes": inter,
+                "inter_node_bytes_per_step": inter / n, "intra_node_bytes_per_step": intra / n,
+                "a2a_bytes_by_layer": [] if self.a2a_LC is None else self.a2a_LC.tolist(),
+                "checkpoint_upload_bytes": self.checkpoint_bytes}
 
 
 # ---- what the driver prints about watching the run ---------------------------------------------

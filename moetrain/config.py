@@ -46,6 +46,12 @@ class MoEConfig:
     bias_update_rate: float = 1e-3  # bias += rate * sign(mean_count - count_i), once per step
     dedup: bool = True  # send a token once per destination rank (expert-parallel dispatcher)
     a2a_chunks: int = 1  # pipeline each layer's all-to-all in this many token chunks (overlap with experts)
+    # flat: one all-to-all over all ranks; hierarchical: a token crosses to a remote node once, is
+    # forwarded inside it, and its weighted partial sum comes back once (docs/multinode.md)
+    dispatch: str = "flat"
+    # node-limited routing (DeepSeek-V3): each token's experts on at most this many nodes, chosen
+    # by the sum of their best ceil(top_k / M) scores; an expert's node is its primary replica's; 0 = off
+    max_nodes_per_token: int = 0
     # softmax_topk: softmax over all E experts, then top-k (optionally renormalised: `renormalize`);
     # topk_softmax: top-k over the logits, then softmax over the k (Mixtral).
     router: str = "softmax_topk"
@@ -378,6 +384,7 @@ PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "block", "attention")
 ROUTERS = ("softmax_topk", "topk_softmax")
+DISPATCH_MODES = ("flat", "hierarchical")
 DATA_SOURCES = ("builtin", "paths", "prepared")
 RANK_ASSIGNMENTS = ("shuffled", "domain")
 
@@ -423,7 +430,7 @@ RANGES = {
     "model.moe.num_experts": "[1, inf)", "model.moe.top_k": "[1, inf)", "model.moe.expert_ffn_dim": "[1, inf)",
     "model.moe.every_n_layers": "[1, inf)", "model.moe.first_moe_layer": "[0, inf)",
     "model.moe.num_groups": "[1, inf)", "model.moe.num_shared_experts": "[0, inf)",
-    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)", "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
+    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)", "model.moe.max_nodes_per_token": "[0, inf)", "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
     "data.seq_len": "[1, inf)", "data.vocab_size": "[260, inf)", "data.max_bytes_per_domain": "[1, inf)",
     "data.val_fraction": "(0, 0.5)", "data.seed": "[0, inf)",
     "train.steps": "[1, inf)", "train.global_batch_size": "[1, inf)", "train.grad_accum_steps": "[1, inf)",
@@ -488,6 +495,14 @@ def _validate_model(cfg: RunConfig) -> None:
     kv = m.n_kv_heads or m.n_heads
     _require(m.n_heads % kv == 0, f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
     _require(moe.router in ROUTERS, f"model.moe.router ({moe.router!r}) must be one of {', '.join(ROUTERS)}")
+    _require(moe.dispatch in DISPATCH_MODES,
+             f"model.moe.dispatch ({moe.dispatch!r}) must be one of {', '.join(DISPATCH_MODES)}")
+    if moe.dispatch == "hierarchical":
+        _require(moe.dedup, "model.moe.dispatch=hierarchical sends once per node and per rank: it needs model.moe.dedup=true")
+        _require(moe.a2a_chunks == 1, f"model.moe.a2a_chunks ({moe.a2a_chunks}) must be 1 with model.moe.dispatch=hierarchical")
+    _require(moe.max_nodes_per_token == 0 or moe.num_groups == 1,
+             f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) and model.moe.num_groups ({moe.num_groups}) "
+             "cannot both limit the routing: set one of them")
     _require(m.init_from == "" or (m.init_from.startswith("hf:") and len(m.init_from) > 3),
              f"model.init_from ({m.init_from!r}) must be empty or hf:DIR")
     _require(d.tokenizer == "bpe" or (d.tokenizer.startswith("hf:") and len(d.tokenizer) > 3),

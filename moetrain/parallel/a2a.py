@@ -39,7 +39,9 @@ class CommClock:
         self.blocked_s, self.calls = 0.0, 0
 
 
-def _timed_a2a(out, inp, out_splits, in_splits, group, clock, async_op=False):
+def _timed_a2a(out, inp, out_splits, in_splits, group, clock, async_op=False, tally=None, backward=False):
+    if tally is not None:  # bytes this rank sends, counted where they are sent
+        tally.sent(inp, in_splits, backward=backward)
     t0 = time.perf_counter()
     work = dist.all_to_all_single(out, inp, out_splits, in_splits, group=group, async_op=async_op)
     if clock is not None:
@@ -51,31 +53,34 @@ class _AllToAll(torch.autograd.Function):
     """``all_to_all_single`` with uneven splits whose backward is the reverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, clock):
-        ctx.splits, ctx.group, ctx.clock = (out_splits, in_splits), group, clock
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group, clock, tally):
+        ctx.splits, ctx.group, ctx.clock, ctx.tally = (out_splits, in_splits), group, clock, tally
         out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        _timed_a2a(out, x.contiguous(), out_splits, in_splits, group, clock)
+        _timed_a2a(out, x.contiguous(), out_splits, in_splits, group, clock, tally=tally)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits),) + tuple(grad_out.shape[1:]))
-        _timed_a2a(grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group, ctx.clock)
-        return grad_in, None, None, None, None
+        _timed_a2a(grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group, ctx.clock,
+                   tally=ctx.tally, backward=True)
+        return grad_in, None, None, None, None, None
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
-               clock: CommClock | None = None) -> torch.Tensor:
-    """Rows of ``x`` (``in_splits[r]`` to rank r) exchanged; returns ``sum(out_splits)`` rows."""
-    return _AllToAll.apply(x, out_splits, in_splits, group, clock)
+               clock: CommClock | None = None, tally=None) -> torch.Tensor:
+    """Rows of ``x`` (``in_splits[r]`` to rank r) exchanged; returns ``sum(out_splits)`` rows.
+    ``tally`` (a :class:`moetrain.parallel.traffic.LayerTally`) counts the bytes sent, forward
+    and backward."""
+    return _AllToAll.apply(x, out_splits, in_splits, group, clock, tally)
 
 
 def all_to_all_ints(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
-                    clock: CommClock | None = None) -> torch.Tensor:
+                    clock: CommClock | None = None, tally=None) -> torch.Tensor:
     """Blocking, non-differentiable all-to-all (metadata)."""
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    _timed_a2a(out, x.contiguous(), out_splits, in_splits, group, clock)
+    _timed_a2a(out, x.contiguous(), out_splits, in_splits, group, clock, tally=tally)
     return out
 
 
@@ -83,14 +88,15 @@ class Pending:
     """The in-flight collective of one start / wait pair: the forward's, then (set by the wait's
     backward) the reverse one. Keeps the send buffer alive until the transfer completes."""
 
-    __slots__ = ("work", "send", "clock", "grad_in")
+    __slots__ = ("work", "send", "clock", "grad_in", "tally")
 
-    def __init__(self, clock: CommClock | None) -> None:
-        self.work, self.send, self.clock, self.grad_in = None, None, clock, None
+    def __init__(self, clock: CommClock | None, tally=None) -> None:
+        self.work, self.send, self.clock, self.grad_in, self.tally = None, None, clock, None, tally
 
-    def launch(self, out, inp, out_splits, in_splits, group) -> None:
+    def launch(self, out, inp, out_splits, in_splits, group, backward: bool = False) -> None:
         self.send = inp
-        self.work = _timed_a2a(out, inp, out_splits, in_splits, group, self.clock, async_op=True)
+        self.work = _timed_a2a(out, inp, out_splits, in_splits, group, self.clock, async_op=True,
+                               tally=self.tally, backward=backward)
 
     def wait(self) -> None:
         t0 = time.perf_counter()
@@ -126,15 +132,15 @@ class _WaitAllToAll(torch.autograd.Function):
     def backward(ctx, grad_out):
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits),) + tuple(grad_out.shape[1:]))
-        ctx.pending.launch(grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group)
+        ctx.pending.launch(grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group, backward=True)
         ctx.pending.grad_in = grad_in  # filled in the background; the start's backward returns it
         return grad_out, None, None, None, None
 
 
 def start_all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
-                     clock: CommClock | None = None) -> tuple[torch.Tensor, Pending]:
+                     clock: CommClock | None = None, tally=None) -> tuple[torch.Tensor, Pending]:
     """Start the exchange of ``x``; the returned buffer is valid only after ``wait_all_to_all``."""
-    pending = Pending(clock)
+    pending = Pending(clock, tally)
     return _StartAllToAll.apply(x, out_splits, in_splits, group, pending), pending
 
 

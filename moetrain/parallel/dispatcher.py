@@ -56,6 +56,7 @@ from moetrain.parallel.a2a import (CommClock, Pending, all_to_all, all_to_all_in
                                    wait_all_to_all)
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.fanout import fan_out_rows, weighted_unit_sums
+from moetrain.parallel.traffic import LayerTally
 from moetrain.precision import to_compute
 from placement.placement import Placement
 
@@ -129,7 +130,7 @@ class AllToAllDispatcher:
 
     def __init__(self, placement: Placement, layer: int, ctx: ParallelContext, *,
                  capacity_factor: float = 0.0, dedup: bool = True, chunks: int = DEFAULT_CHUNKS,
-                 clock: CommClock | None = None):
+                 clock: CommClock | None = None, tally: LayerTally | None = None):
         if chunks < 1:
             raise ValueError(f"chunks ({chunks}) must be >= 1")
         self.ctx = ctx
@@ -141,6 +142,7 @@ class AllToAllDispatcher:
         self.dedup = dedup
         self.chunks = chunks
         self.clock = clock
+        self.tally = tally  # counts the bytes this layer's all-to-alls send (moetrain.parallel.traffic)
         self.lean_backward = True  # moetrain.parallel.fanout; False: plain indexing (reference, A/B)
         dest_rank, dest_slot = route_table(placement, layer)
         self._dest_rank_E = torch.from_numpy(dest_rank[ctx.rank].copy()).to(ctx.device)
@@ -168,7 +170,7 @@ class AllToAllDispatcher:
         units_CR1 = hit_P.view(C, R, M).sum(2, dtype=torch.int64).unsqueeze(-1)
         rows_CRS = torch.bincount(slot_key_TK.reshape(-1), minlength=C * R * S + 1)[:C * R * S].view(C, R, S)
         send_RCX = torch.cat([units_CR1, rows_CRS], dim=2).transpose(0, 1).contiguous()
-        recv_RCX = all_to_all_ints(send_RCX, [1] * R, [1] * R, self.ctx.group) if self.ctx.distributed \
+        recv_RCX = all_to_all_ints(send_RCX, [1] * R, [1] * R, self.ctx.group, tally=self.tally) if self.ctx.distributed \
             else send_RCX
         vals = torch.cat([send_RCX.view(-1), recv_RCX.view(-1), kept.view(1)]).tolist()  # the host sync
         n = R * C * (1 + S)
@@ -233,8 +235,8 @@ class AllToAllDispatcher:
         D, group = x_TD.shape[1], self.ctx.group
         plan = self._plan(x_TD, topk_ids_TK, topk_weights_TK, 1)
         send, recv = plan.send_CR[0], plan.recv_CR[0]
-        recv_VX = all_to_all(plan.payload_UX, recv, send, group, self.clock)
-        slot_VK = all_to_all_ints(plan.slot_UK, recv, send, group, self.clock)
+        recv_VX = all_to_all(plan.payload_UX, recv, send, group, self.clock, self.tally)
+        slot_VK = all_to_all_ints(plan.slot_UK, recv, send, group, self.clock, self.tally)
         x_ND, pair_unit_N, weight_N = self._fan_out(recv_VX, slot_VK, sum(plan.rows_CS[0]), D)
         meta = EPDispatchMeta(tokens_per_slot=plan.rows_CS[0], num_dropped=plan.num_dropped,
                               send_splits=send, recv_splits=recv, unit_token_U=plan.unit_token_U,
@@ -244,7 +246,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_ND: Tensor, meta: EPDispatchMeta) -> Tensor:
         y_VD = self._unit_sums(y_ND, meta.pair_unit_N, meta.weight_N, meta.num_recv_units)
-        y_UD = all_to_all(y_VD, meta.send_splits, meta.recv_splits, self.ctx.group, self.clock)
+        y_UD = all_to_all(y_VD, meta.send_splits, meta.recv_splits, self.ctx.group, self.clock, self.tally)
         return y_UD.new_zeros((meta.num_tokens, y_UD.shape[1])).index_add(0, meta.unit_token_U, y_UD)
 
     # ---- dispatch, experts, combine, pipelined over chunks ------------------------------------
@@ -261,8 +263,8 @@ class AllToAllDispatcher:
         def start(c: int):
             a, b = plan.unit_range(c)
             send, recv = plan.send_CR[c], plan.recv_CR[c]
-            buf, pend = start_all_to_all(plan.payload_UX[a:b], recv, send, group, self.clock)
-            slot_pend = Pending(self.clock)
+            buf, pend = start_all_to_all(plan.payload_UX[a:b], recv, send, group, self.clock, self.tally)
+            slot_pend = Pending(self.clock, self.tally)
             slot_VK = plan.slot_UK.new_empty((sum(recv), plan.slot_UK.shape[1]))
             slot_pend.launch(slot_VK, plan.slot_UK[a:b].contiguous(), recv, send, group)
             return buf, pend, slot_VK, slot_pend
@@ -278,7 +280,7 @@ class AllToAllDispatcher:
             slot_pend.wait()
             x_ND, pair_unit_N, weight_N = self._fan_out(recv_VX, slot_VK, sum(plan.rows_CS[c]), D)
             y_VD = self._unit_sums(experts(x_ND, plan.rows_CS[c]), pair_unit_N, weight_N, sum(recv))
-            back.append((*start_all_to_all(y_VD, send, recv, group, self.clock), send, recv))
+            back.append((*start_all_to_all(y_VD, send, recv, group, self.clock, self.tally), send, recv))
         y_UD = torch.cat([wait_all_to_all(buf, pend, send, recv, group) for buf, pend, send, recv in back])
         out_TD = y_UD.new_zeros((x_TD.shape[0], D)).index_add(0, plan.unit_token_U, y_UD)
         meta = EPRunMeta(tokens_per_slot=np.sum(plan.rows_CS, axis=0).tolist(), num_dropped=plan.num_dropped,

@@ -57,6 +57,7 @@ class MigrationReport:
     experts_sent: int
     experts_received: int
     seconds: float = 0.0
+    bytes_sent_R: tuple[int, ...] = ()  # bytes sent to each rank (traffic by link class)
 
 
 def _check(old: Placement, new: Placement) -> None:
@@ -124,7 +125,8 @@ def _exchange(plan: list[Move], tensors_L, rank: int, world: int, ctx: ParallelC
             reqs.append(dist.isend(sends[peer], dst=peer, group=ctx.group))
     for req in reqs:
         req.wait()
-    return {"recvs": recvs, "sent": sum(b.numel() * b.element_size() for b in sends.values())}
+    sent_R = [sends[p].numel() * sends[p].element_size() if p in sends else 0 for p in range(world)]
+    return {"recvs": recvs, "sent": sum(sent_R), "sent_R": sent_R}
 
 
 def _apply(plan: list[Move], tensors_L, recvs: dict[int, torch.Tensor], rank: int) -> None:
@@ -155,10 +157,10 @@ def migrate_experts(moe_layers: list, optimizer: torch.optim.Optimizer, old: Pla
     t0 = time.perf_counter()
     plan = plan_migration(old, new)
     tensors_L = [_layer_tensors(layer, optimizer) for layer in moe_layers]
-    recvs, sent = {}, 0
+    recvs, sent, sent_R = {}, 0, [0] * ctx.world_size
     if ctx.distributed:
         out = _exchange(plan, tensors_L, ctx.rank, ctx.world_size, ctx)
-        recvs, sent = out["recvs"], out["sent"]
+        recvs, sent, sent_R = out["recvs"], out["sent"], out["sent_R"]
     _apply(plan, tensors_L, recvs, ctx.rank)
     for idx, layer in enumerate(moe_layers):
         layer.experts.local_experts = tuple(int(e) for e in new.local_experts(idx, ctx.rank))
@@ -166,4 +168,4 @@ def migrate_experts(moe_layers: list, optimizer: torch.optim.Optimizer, old: Pla
         bytes_sent=sent, bytes_received=sum(b.numel() * b.element_size() for b in recvs.values()),
         experts_sent=sum(1 for m in plan if m.remote and m.src_rank == ctx.rank),
         experts_received=sum(1 for m in plan if m.remote and m.dst_rank == ctx.rank),
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, bytes_sent_R=tuple(sent_R))

@@ -117,6 +117,7 @@ class RankCheckpointer:
         self._writer: AsyncCheckpointWriter | None = None
         self._future = None  # CheckpointFuture of the checkpoint in flight
         self._error = ""  # why the last save() did not start
+        self._counted = None  # the future whose uploaded bytes went into the trainer's traffic
 
     # ---- saving ---------------------------------------------------------------------------------
     def _open_writer(self) -> AsyncCheckpointWriter:
@@ -157,7 +158,11 @@ class RankCheckpointer:
         error string when it never started."""
         if self._future is None:
             return self._error or "no checkpoint started"
-        return self._future.result()
+        res = self._future.result()
+        if self._counted is not self._future and isinstance(res, SaveResult):
+            self._counted = self._future
+            self._trainer.traffic.add_checkpoint(res.bytes_written)  # in the next step's metrics
+        return res
 
     def fence(self) -> None:
         """Wait until an overlapped snapshot no longer reads training's tensors (call before

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moetrain.parallel.traffic import StepTraffic
+
 
 @dataclass(frozen=True)
 class StepMetrics:
@@ -29,6 +31,8 @@ class StepMetrics:
     load_LE: np.ndarray  # tokens routed to each expert of each MoE layer this step, [L, E]
     step_time_s: float
     nonfinite: tuple[str, ...] = ()  # quantities that were NaN/inf: the update was skipped
+    # bytes sent this step (all ranks), by kind and link class (moetrain.parallel.traffic)
+    traffic: StepTraffic = dataclasses.field(default_factory=StepTraffic.empty)
 
     @property
     def skipped(self) -> bool:
@@ -41,6 +45,7 @@ class StepMetrics:
 
     def to_dict(self) -> dict:
         """JSON-able copy (``load_LE`` as nested lists)."""
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["load_LE"] = np.asarray(self.load_LE).tolist()
+        d["traffic"] = self.traffic.to_dict()
         return d

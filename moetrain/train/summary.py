@@ -48,6 +48,12 @@ def format_summary(summary: dict) -> str:
     if plan:
         lines.append(f"memory plan    {plan['total_bytes'] / 2**30:.2f} GiB per rank predicted (peak in "
                      f"{plan['peak_phase']}; {plan['params_total'] / 1e9:.3f}e9 parameters)")
+    traffic = summary.get("traffic")
+    if traffic and traffic.get("steps"):
+        kinds = "  ".join(f"{k} {v['intra'] / 1e6:.2f}/{v['inter'] / 1e6:.2f}" for k, v in traffic["bytes_by_kind"].items()
+                          if v["intra"] or v["inter"])
+        lines.append(f"bytes sent     {traffic['inter_node_bytes_per_step'] / 1e6:.2f} MB/step between nodes, "
+                     f"{traffic['intra_node_bytes_per_step'] / 1e6:.2f} MB/step inside nodes (MB intra/inter: {kinds})")
     if summary.get("skipped_steps"):
         lines.append(f"skipped steps  {summary['skipped_steps']} (non-finite loss or gradient norm)")
     if summary.get("outputs"):

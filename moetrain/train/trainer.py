@@ -24,6 +24,8 @@ from moetrain.model import Transformer, count_moe_blocks
 from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.dispatcher import AllToAllDispatcher, count_unit_sends
+from moetrain.parallel.hierarchical import HierarchicalDispatcher, expert_nodes, node_ranks
+from moetrain.parallel.traffic import TrafficCounter
 from moetrain.train.balance import LoadBalancer
 from moetrain.train.checkpointer import RankCheckpointer, ResumePoint
 from moetrain.train.metrics import StepMetrics
@@ -95,6 +97,8 @@ class RankTrainer:
         self.model = self.model.to(self.ctx.device)
         self.model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
         self.moe_layers = self.model.moe_layers()
+        # bytes this rank sends, by kind and link (moetrain.parallel.traffic); drained every step
+        self.traffic = TrafficCounter(self.ctx.rank, self.ctx.world_size, self.ctx.node_R, len(self.moe_layers))
         self._install_dispatchers()
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.all_params = [p for p in self.model.parameters()]
@@ -131,14 +135,24 @@ class RankTrainer:
 
     # ---- expert parallelism ------------------------------------------------------------------
     def _install_dispatchers(self) -> None:
-        """Multi-rank: every MoE layer gets an all-to-all dispatcher for the current placement."""
-        if not self.ctx.distributed:
-            return
+        """Every MoE router learns its experts' nodes (node-limited routing); multi-rank: every MoE
+        layer gets an all-to-all dispatcher for the current placement — hierarchical (node, then
+        rank) when ``model.moe.dispatch`` asks for it and the group spans several nodes."""
         moe = self.cfg.model.moe
         for idx, layer in enumerate(self.moe_layers):
-            layer.dispatcher = AllToAllDispatcher(self.placement, idx, self.ctx,
-                                                  capacity_factor=moe.capacity_factor, dedup=moe.dedup,
-                                                  chunks=moe.a2a_chunks)
+            layer.router.set_expert_nodes(expert_nodes(self.placement, idx, self.ctx.node_R))
+        if not self.ctx.distributed:
+            return
+        nodes = node_ranks(self.ctx.node_R, self.ctx.world_size)
+        for idx, layer in enumerate(self.moe_layers):
+            tally = self.traffic.layer(idx)
+            if moe.dispatch == "hierarchical" and len(nodes) > 1:
+                layer.dispatcher = HierarchicalDispatcher(self.placement, idx, self.ctx,
+                                                          capacity_factor=moe.capacity_factor, tally=tally)
+            else:  # flat, or hierarchical on one node (the same sends)
+                layer.dispatcher = AllToAllDispatcher(self.placement, idx, self.ctx,
+                                                      capacity_factor=moe.capacity_factor, dedup=moe.dedup,
+                                                      chunks=moe.a2a_chunks, tally=tally)
 
     # ---- training ----------------------------------------------------------------------------
     def _rank_map(self) -> DomainRankMap | None:
@@ -165,7 +179,8 @@ class RankTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.dense_zero is not None:
             self.dense_zero.zero_grad()
-        sums = torch.zeros(4, device=self.ctx.device)  # lm, lbl, z, off-rank unit sends
+        # lm, lbl, z, off-rank unit sends, then the traffic counts (float64: bytes stay exact)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)
         for mb in micro:
             x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
             y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
@@ -176,9 +191,13 @@ class RankTrainer:
             self.stats.add(routing)
             sums[:3] += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
             sums[3] += self._offrank_sends(routing)
+        self._count_grad_traffic()
         grads.sync_expert_grads(self.moe_layers, self.placement, self.ctx)
+        sums = torch.cat([sums, self.traffic.drain().to(self.ctx.device)])
         self.ctx.all_reduce_sum(sums)  # before the update: every rank decides alike on non-finite values
-        lm, lbl, zl, sends = (sums[:3] / self.ctx.world_size).tolist() + [sums[3].item()]
+        vals = sums.tolist()
+        lm, lbl, zl, sends = [v / self.ctx.world_size for v in vals[:3]] + [vals[3]]
+        traffic = self.traffic.decode(vals[4:])
         lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         load_LE = self.balancer.global_step_counts()  # one all-reduce in micro scope, none in global
         norm, bad = self._update(lr, lm_loss=lm, lbl=lbl, z_loss=zl)
@@ -190,7 +209,7 @@ class RankTrainer:
         self.step += 1
         return StepMetrics(step=self.step, loss=lm + lbl + zl, lm_loss=lm, lbl=lbl, z_loss=zl,
                            grad_norm=norm, lr=lr, tokens=t.global_batch_size * self.cfg.data.seq_len,
-                           offrank_sends=sends, load_LE=load_LE.cpu().numpy(),
+                           offrank_sends=sends, load_LE=load_LE.cpu().numpy(), traffic=traffic,
                            step_time_s=time.perf_counter() - t0, nonfinite=bad)
 
     def _update(self, lr: float, **losses: float) -> tuple[float, tuple[str, ...]]:
@@ -235,6 +254,20 @@ class RankTrainer:
         with autocast(self.compute_dtype, self.ctx.device):
             return self.model(x_BT)
 
+    def _count_grad_traffic(self) -> None:
+        """Ring all-reduce estimates (moetrain.parallel.traffic) of this step's gradient
+        collectives: the dense gradients (or ZeRO's reduce-scatter + all-gather, the same bytes in
+        a ring) and the replica reduction of every layer with a replicated expert."""
+        if not self.ctx.distributed:
+            return
+        self.traffic.add_ring_allreduce("dense_grads", sum(p.numel() * p.element_size() for p in self.dense_params))
+        logcnt = self.placement.logcnt_LE
+        for idx, layer in enumerate(self.moe_layers):
+            if (logcnt[idx] > 1).any():
+                nbytes = sum(self.placement.num_experts * p[0].numel() * p.element_size()
+                             for p in grads.expert_params(layer))
+                self.traffic.add_ring_allreduce("expert_grads", nbytes)
+
     def _offrank_sends(self, routing: list) -> float:
         if not self.ctx.distributed:
             return 0.0
@@ -276,6 +309,7 @@ class RankTrainer:
 
         self.checkpointer.fence()  # an overlapped checkpoint copy must finish before experts move
         report = migrate_experts(self.moe_layers, self.optimizer, self.placement, new_placement, self.ctx)
+        self.traffic.add_peer("migration", list(report.bytes_sent_R))  # in the next step's metrics
         self.placement = new_placement
         self._install_dispatchers()
         return report

@@ -50,3 +50,35 @@ def test_wandb_offline_run_holds_metrics_and_heatmap(tmp_path, ray_local):
     np.testing.assert_array_equal(np.asarray(stats.load_LE), np.asarray(result.summary["load_LE"]))
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["val_loss"]) == {"code", "english"} and summary["steps"] == 4
+    # traffic: 2 ranks on one node send everything inside it; the expert all-to-all of both MoE
+    # layers and the dense all-reduce are counted, and the summary is the sum of the steps
+    traffic = summary["traffic"]
+    assert traffic["steps"] == 4 and traffic["inter_node_bytes"] == 0
+    assert traffic["bytes_by_kind"]["a2a"]["intra"] == sum(h.traffic.by_kind()["a2a"][0] for h in result.history) > 0
+    assert traffic["bytes_by_kind"]["dense_grads"]["intra"] > 0
+    assert len(traffic["a2a_bytes_by_layer"]) == 2 and all(row[0] > 0 for row in traffic["a2a_bytes_by_layer"])
+    assert b"traffic/a2a/intra" in blob
+
+
+def test_traffic_totals_and_the_summary_line():
+    """Two steps of hand-made traffic: totals by kind, per step and per layer; the printed line."""
+    from cluster.telemetry import TrafficTotals, traffic_rows
+    from moetrain.parallel.traffic import StepTraffic
+    from moetrain.train.summary import format_summary
+
+    a2a = np.zeros((2, 2, 2))
+    a2a[0, 0] = [100, 1_000_000]  # layer 0 forward: intra, inter
+    a2a[1, 1] = [50, 500_000]  # layer 1 backward
+    step = StepTraffic(a2a, np.array([2e6, 1e6]), np.zeros(2), np.array([0, 300.0]), checkpoint_bytes=7e6)
+    assert ("a2a", "inter", 1_500_000) in traffic_rows(step) and ("checkpoint", "store", 7e6) in traffic_rows(step)
+    totals = TrafficTotals()
+    totals.add(step)
+    totals.add(step)
+    d = totals.to_dict()
+    assert d["bytes_by_kind"]["a2a"] == {"intra": 300, "inter": 3_000_000}
+    assert d["bytes_by_kind"]["dense_grads"] == {"intra": 4e6, "inter": 2e6}
+    assert d["inter_node_bytes"] == 3_000_000 + 2e6 + 600 and d["inter_node_bytes_per_step"] == d["inter_node_bytes"] / 2
+    assert d["a2a_bytes_by_layer"] == [[200, 2_000_000], [100, 1_000_000]] and d["checkpoint_upload_bytes"] == 14e6
+    summary = {"run_name": "r", "num_workers": 4, "steps": 2, "tokens": 10, "tokens_per_s": 1.0, "wall_s": 1.0,
+               "first_loss": 1.0, "last_loss": 1.0, "val_start": {}, "val_loss": {}, "load_LE": [[1, 1]], "traffic": d}
+    assert "bytes sent     2.50 MB/step between nodes, 2.00 MB/step inside nodes" in format_summary(summary)

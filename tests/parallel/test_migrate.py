@@ -156,6 +156,8 @@ def test_migration_moves_weights_and_adam_state_exactly_and_counts_real_bytes():
         r = reports[rank]
         assert (r.experts_received, r.experts_sent) == (1, 1), (rank, r)
         assert r.bytes_received == r.bytes_sent == EXPERT_BYTES, (rank, r)
+        # by destination (the traffic counters' link classes): rank r sends to rank r + 1
+        assert r.bytes_sent_R == tuple(EXPERT_BYTES if p == (rank + 1) % 3 else 0 for p in range(3)), (rank, r)
 
 
 def test_migration_with_replicas_and_uneven_slots():

@@ -35,6 +35,7 @@ def _save_and_commit(t: RankTrainer, store_uri: str) -> None:
     meta = {"step": t.step, "cursor": started.cursor, "placement": t.placement.to_json(), "world_size": 1,
             "config": t.cfg.to_dict()}
     commit(open_store(store_uri), "rc", t.step, [result], meta)
+    return result
 
 
 def test_save_then_resume_continues_exactly(tmp_path):
@@ -42,8 +43,11 @@ def test_save_then_resume_continues_exactly(tmp_path):
     a = RankTrainer(_cfg(tmp_path, store))
     for _ in range(3):
         a.train_step()
-    _save_and_commit(a, store)
-    rest_a = [a.train_step().loss for _ in range(3)]
+    saved = _save_and_commit(a, store)
+    steps_a = [a.train_step() for _ in range(3)]
+    rest_a = [m.loss for m in steps_a]
+    # the uploaded bytes are reported once, in the step after the upload completed
+    assert [m.traffic.checkpoint_bytes for m in steps_a] == [saved.bytes_written, 0, 0] and saved.bytes_written > 0
     a.checkpointer.close()
 
     point = ResumePoint.read(_cfg(tmp_path, store).checkpoint, "latest", run="rc")

@@ -56,6 +56,8 @@ def check_moe_config(moe: MoEConfig) -> None:
         raise ConfigError(f"model.moe.router ({moe.router!r}) must be one of {', '.join(ROUTERS)}")
     if moe.capacity_factor < 0:
         raise ConfigError(f"model.moe.capacity_factor ({moe.capacity_factor}) must be >= 0 (0 = dropless)")
+    if moe.max_nodes_per_token < 0:
+        raise ConfigError(f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) must be >= 0 (0 = off)")
 
 
 def select_topk(select_TE: Tensor, top_k: int, num_groups: int) -> Tensor:
@@ -68,6 +70,26 @@ def select_topk(select_TE: Tensor, top_k: int, num_groups: int) -> Tensor:
     local_TGk = select_TE.view(T, num_groups, per_group).topk(top_k // num_groups, dim=-1, sorted=False).indices
     offset_G1 = torch.arange(num_groups, device=select_TE.device).mul_(per_group).unsqueeze(-1)
     return (local_TGk + offset_G1).reshape(T, top_k)
+
+
+def node_limited(select_TE: Tensor, node_E: Tensor, num_nodes: int, max_nodes: int, top_k: int) -> Tensor:
+    """DeepSeek-V3's node-limited routing: ``select_TE`` with -inf outside each token's chosen nodes.
+
+    A node's score for a token is the sum of its ``ceil(top_k / max_nodes)`` highest selection
+    scores (fewer if it has fewer experts; a node with no expert is never chosen); the
+    ``max_nodes`` best nodes are kept, so the top-k that follows picks experts on them only.
+    ``node_E``: int64 [E] node of each expert. No-op when ``max_nodes >= num_nodes``."""
+    if max_nodes >= num_nodes:
+        return select_TE
+    per = min(-(-top_k // max_nodes), select_TE.shape[1])
+    member_GE = node_E.unsqueeze(0) == torch.arange(num_nodes, device=node_E.device).unsqueeze(1)
+    masked_TGE = select_TE.unsqueeze(1).masked_fill(~member_GE, float("-inf"))
+    best_TGj = masked_TGE.topk(per, dim=-1).values
+    score_TG = torch.where(torch.isinf(best_TGj), 0.0, best_TGj).sum(-1)
+    score_TG = score_TG.masked_fill(~member_GE.any(1), float("-inf"))
+    chosen_TG = torch.zeros_like(score_TG, dtype=torch.bool).scatter_(1, score_TG.topk(max_nodes, dim=-1).indices, True)
+    allowed_TE = chosen_TG.gather(1, node_E.unsqueeze(0).expand(select_TE.shape[0], -1))
+    return select_TE.masked_fill(~allowed_TE, float("-inf"))
 
 
 class TopKRouter(nn.Module):
@@ -85,6 +107,11 @@ class TopKRouter(nn.Module):
     model initialises it (``transformer.init_dense_``).
     With ``top_k == 1`` and ``renormalize`` the weight is always 1, so the LM loss sends no
     gradient to the gate (only the auxiliary losses train it).
+
+    ``moe.max_nodes_per_token`` M > 0: the node-limited rule (:func:`node_limited`) on the node of
+    each expert, ``expert_node_E`` (a non-persistent int64 buffer, all 0 = one node: no limit),
+    set from the run's placement and rank -> node map with :meth:`set_expert_nodes` by whoever
+    knows them (the trainer; a one-process reference sets the multi-node run's map itself).
     """
 
     def __init__(self, dim: int, moe_cfg: MoEConfig) -> None:
@@ -98,6 +125,21 @@ class TopKRouter(nn.Module):
         self.use_bias = moe_cfg.expert_bias
         self.gate_ED = nn.Parameter(torch.zeros(moe_cfg.num_experts, dim))
         self.register_buffer("expert_bias_E", torch.zeros(moe_cfg.num_experts, dtype=torch.float32))
+        self.max_nodes = moe_cfg.max_nodes_per_token
+        self.num_nodes = 1
+        self.register_buffer("expert_node_E", torch.zeros(moe_cfg.num_experts, dtype=torch.int64), persistent=False)
+
+    def set_expert_nodes(self, node_E) -> None:
+        """The node of each expert, [E] (nodes numbered 0..G-1), for node-limited routing."""
+        node_E = torch.as_tensor(node_E, dtype=torch.int64)
+        if node_E.shape != self.expert_node_E.shape or int(node_E.min()) < 0:
+            raise ValueError(f"expert nodes must be {self.num_experts} node indices >= 0, got {node_E.tolist()}")
+        counts = sorted(c for c in torch.bincount(node_E).tolist() if c > 0)
+        if self.max_nodes and len(counts) > self.max_nodes and sum(counts[:self.max_nodes]) < self.top_k:
+            raise ValueError(f"model.moe.max_nodes_per_token ({self.max_nodes}): the {self.max_nodes} node(s) with "
+                             f"fewest experts hold {sum(counts[:self.max_nodes])} < top_k ({self.top_k}) experts")
+        self.expert_node_E.copy_(node_E.to(self.expert_node_E.device))
+        self.num_nodes = int(node_E.max()) + 1
 
     @fp32_compute  # logits, softmax, top-k and weights in fp32 even under a bf16 autocast
     def forward(self, x_TD: Tensor) -> RouterOutput:
@@ -106,6 +148,8 @@ class TopKRouter(nn.Module):
         select_TE = scores_TE.detach()
         if self.use_bias:
             select_TE = select_TE + self.expert_bias_E
+        if self.max_nodes:
+            select_TE = node_limited(select_TE, self.expert_node_E, self.num_nodes, self.max_nodes, self.top_k)
         ids_TK = select_topk(select_TE, self.top_k, self.num_groups)
         weights_TK = scores_TE.gather(1, ids_TK)
         weights_TK, order_TK = weights_TK.sort(dim=-1, descending=True, stable=True)
