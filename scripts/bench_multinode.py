@@ -42,6 +42,7 @@ from scripts.netcluster import S3_ENV, NetCluster  # noqa: E402
 
 PY = str(netcluster.VENV_BIN / "python")
 BUCKET = "bench"
+S3_PORT = 9100
 MODEL = ["model.moe.num_experts=64", "model.moe.top_k=8", "model.dim=128", "model.n_layers=2", "model.n_heads=4",
          "model.ffn_dim=256", "model.moe.expert_ffn_dim=64", "train.global_batch_size=32", "train.eval_every=0",
          "train.log_every=1", "data.vocab_size=1024", "logging.wandb=disabled", "logging.progress=false", "train.warmup_steps=5"]
@@ -74,11 +75,17 @@ class Bench:
 
     # ---- cluster ---------------------------------------------------------------------------
     def cluster(self, nodes: int, cpus: int) -> NetCluster:
-        if self.nc is not None:
-            self.nc.down()
-        self.nc = NetCluster(nodes=nodes, cpus_per_node=cpus, clients=1, env=S3_ENV)
-        info = self.nc.up()
-        self.s3 = self.nc.start_s3("c0", BUCKET)
+        if self.args.attach:  # a cluster someone else owns (the smoke test's): used, never taken down
+            self.nc = netcluster.attach(self.args.attach)
+            info = self.nc.info
+            if len(info.ray_nodes()) != nodes or info.cpus_per_node != cpus or not [n for n in info.nodes if not n.ray]:
+                raise SystemExit(f"bench_multinode: cluster {info.id} is not {nodes} nodes x {cpus} CPUs + a client")
+        else:
+            if self.nc is not None:
+                self.nc.down()
+            self.nc = NetCluster(nodes=nodes, cpus_per_node=cpus, clients=1, env=S3_ENV)
+            info = self.nc.up()
+        self.s3 = self.nc.start_s3("c0", BUCKET, port=S3_PORT)
         self.say(f"cluster {info.id}: {nodes} node(s) x {cpus} CPU, head {info.ray_address}, S3 {self.s3}")
         return self.nc
 
@@ -220,25 +227,34 @@ class Bench:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 x 2 at 100 Mbit/s, few steps")
-    ap.add_argument("--warm-steps", type=int, default=60)
-    ap.add_argument("--skip-steps", type=int, default=2, help="steps after the resume before the timed window")
-    ap.add_argument("--timed-steps", type=int, default=6)
-    ap.add_argument("--rates", default="100,1000", help="link rates in Mbit/s")
-    ap.add_argument("--layouts", default="2x2,4x1")
-    ap.add_argument("--ilp-time-s", type=float, default=20.0)
+    ap.add_argument("--warm-steps", type=int, default=None, help="default 60 (quick: 6)")
+    ap.add_argument("--skip-steps", type=int, default=None,
+                    help="steps after the resume before the timed window (default 2, quick: 1)")
+    ap.add_argument("--timed-steps", type=int, default=None, help="default 6 (quick: 2)")
+    ap.add_argument("--rates", default=None, help="link rates in Mbit/s (default 100,1000; quick: 100)")
+    ap.add_argument("--layouts", default=None, help="default 2x2,4x1 (quick: 2x2)")
+    ap.add_argument("--ilp-time-s", type=float, default=None, help="default 20 (quick: 5)")
     ap.add_argument("--loss-steps", type=int, default=0, help="node-loss run length after the warm steps (0: 16)")
     ap.add_argument("--no-node-loss", action="store_true")
     ap.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE peer")
     ap.add_argument("--ds-capacity-factor", type=float, default=1.0, help="DeepSpeed MoE capacity factor (its default)")
     ap.add_argument("--work-dir", default="")
+    ap.add_argument("--arms", default="flat:contiguous,flat:ilp,hierarchical:contiguous,hierarchical:ilp",
+                    help="DISPATCH:PLACEMENT list")
+    ap.add_argument("--attach", default="", help="run on this existing netcluster (2x2 + a client) instead of building")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.warm_steps, args.skip_steps, args.timed_steps = 6, 1, 2
-        args.rates, args.layouts, args.ilp_time_s = "100", "2x2", 5.0
+    defaults = dict(warm_steps=(60, 6), skip_steps=(2, 1), timed_steps=(6, 2), rates=("100,1000", "100"),
+                    layouts=("2x2,4x1", "2x2"), ilp_time_s=(20.0, 5.0))
+    for k, (full, quick) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick if args.quick else full)
     loss_steps = args.loss_steps or (8 if args.quick else 16)
     args.loss_every, args.loss_kill_step = 2 if args.quick else 4, 3 if args.quick else 6
     args.loss_steps = args.warm_steps + loss_steps
     args.work_dir = args.work_dir or f"/tmp/bench_multinode_{os.getpid()}"
+    args.arm_list = [tuple(a.split(":")) for a in args.arms.split(",")]
+    if args.attach and args.layouts != "2x2":
+        ap.error("--attach runs one layout: add --layouts 2x2")
     return args
 
 
@@ -265,15 +281,16 @@ def main(argv: list[str] | None = None) -> int:
             b.say(f"plan {layout}: {json.dumps(plan.summary())}")
             paths = plan.write(b.work / "placements")
             for rate in [float(r) for r in args.rates.split(",")]:
-                for dispatch in dispatches:
-                    for placement in ("contiguous", "ilp"):
-                        rows.append(b.arm(layout, rate, dispatch, placement, paths))
+                for dispatch, placement in args.arm_list:
+                    if dispatch not in dispatches or (dispatch == "hierarchical" and rpn == 1):
+                        continue  # one rank per node: hierarchical sends exactly what flat sends
+                    rows.append(b.arm(layout, rate, dispatch, placement, paths))
                 if not args.no_deepspeed:
                     rows.append(b.deepspeed_peer(layout, rate))
             if i == 0 and not args.no_node_loss:
                 extra.update(b.node_loss())
     finally:
-        if b.nc is not None:
+        if b.nc is not None and not args.attach:
             b.nc.down()
     result = report.summarize(rows, plans, extra, args, has_dispatch_modes(), TARGETS)
     print(report.table(rows, plans, result))

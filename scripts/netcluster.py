@@ -101,7 +101,7 @@ class ClusterInfo:
     auth: str  # "disabled" | "token"
     token_path: str  # "" unless auth == "token"
     dashboard: bool
-    gloo_ifname: bool  # GLOO_SOCKET_IFNAME set on each Ray node to its own interface
+    gloo_ifname: bool  # GLOO_SOCKET_IFNAME set by hand on each Ray node to its own interface
     state_dir: str
 
     @property
@@ -183,7 +183,7 @@ class NetCluster:
     """``up()`` builds the cluster (or use it as a context manager), ``down()`` removes it."""
 
     def __init__(self, nodes: int = 2, cpus_per_node: int = 1, rate_mbit: float = 0.0, clients: int = 0,
-                 auth: str = "disabled", dashboard: bool = False, gloo_ifname: bool = True,
+                 auth: str = "disabled", dashboard: bool = False, gloo_ifname: bool = False,
                  env: dict[str, str] | None = None):
         if cpus_per_node < 1:
             raise NetClusterError(f"cpus_per_node ({cpus_per_node}) must be an integer >= 1 (ray start --num-cpus)")
@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--clients", type=int, default=0, help="namespaces on the bridge without Ray")
     u.add_argument("--auth", choices=("disabled", "token"), default="disabled")
     u.add_argument("--dashboard", action="store_true", help="dashboard + job API on the head's address")
-    u.add_argument("--no-gloo-ifname", action="store_true", help="do not set GLOO_SOCKET_IFNAME on the nodes")
+    u.add_argument("--gloo-ifname", action="store_true",
+                   help="set GLOO_SOCKET_IFNAME on each node to its interface (for checkouts that do not bind gloo themselves)")
     d = sub.add_parser("down", help="remove a cluster (also after a crash)")
     d.add_argument("id", nargs="?")
     d.add_argument("--all", action="store_true")
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         if args.cmd == "up":
             nc = NetCluster(nodes=args.nodes, cpus_per_node=args.cpus, rate_mbit=args.rate_mbit, clients=args.clients,
-                            auth=args.auth, dashboard=args.dashboard, gloo_ifname=not args.no_gloo_ifname)
+                            auth=args.auth, dashboard=args.dashboard, gloo_ifname=args.gloo_ifname)
             print(json.dumps(nc.up().to_json()))
         elif args.cmd == "down":
             if not args.id and not args.all:

@@ -41,9 +41,16 @@ def _rank_addresses(cfg) -> list[str]:
 
 
 def _metrics_row(m) -> dict:
-    d = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name != "load_LE"}
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
-            if isinstance(v, (int, float, str, bool, tuple, list, dict)) or v is None}
+    """The step's scalar metrics, and its counted traffic as ``{kind: [intra, inter]}`` bytes
+    (plus ``checkpoint``) when the checkout counts it (``StepMetrics.traffic``)."""
+    d = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("load_LE", "traffic")}
+    row = {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()
+           if isinstance(v, (int, float, str, bool, tuple, list, dict)) or v is None}
+    traffic = getattr(m, "traffic", None)
+    if traffic is not None:
+        row["traffic"] = {k: list(v) for k, v in traffic.by_kind().items()}
+        row["traffic"]["checkpoint"] = [0.0, float(traffic.checkpoint_bytes)]
+    return row
 
 
 def run_arm(spec: dict) -> dict:

@@ -3,8 +3,8 @@ issue asks for, targets met or not (and which keys are missing, with why), the t
 
 Bytes are per optimizer step, over the timed window only. ``internode`` = bytes the Ray nodes sent
 onto their links (every byte on a link goes to another node: the bridge namespace holds no
-process). Counted bytes (the dispatcher's own tally, by kind) are read from the step metrics when
-the checkout has them: any numeric metrics field whose name ends in ``_bytes``.
+process). Counted bytes (by kind: expert all-to-all, dense gradient all-reduce, ...; intra / inter
+node) are the step metrics' ``traffic``, summed over ranks, when the checkout counts them.
 """
 
 from __future__ import annotations
@@ -27,18 +27,14 @@ def _node_of(address: str, info) -> str:
     return next((n.name for n in info.nodes if n.address == address), address)
 
 
-def counted_bytes(steps: list[dict]) -> dict[str, float]:
-    """Mean per step of every ``*_bytes`` metric (dicts of kinds are flattened ``name.kind``)."""
-    sums: dict[str, list[float]] = {}
-    for s in steps:
-        for k, v in s.items():
-            if isinstance(v, dict) and k.endswith("bytes"):
-                for kind, x in v.items():
-                    if isinstance(x, (int, float)):
-                        sums.setdefault(f"{k}.{kind}", []).append(float(x))
-            elif k.endswith("_bytes") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                sums.setdefault(k, []).append(float(v))
-    return {k: statistics.fmean(v) for k, v in sums.items()}
+def counted_bytes(steps: list[dict]) -> dict[str, dict[str, float]]:
+    """The dispatcher's and trainer's own byte counts (``StepMetrics.traffic``), mean per step:
+    ``{kind: {"intra": B, "inter": B}}``; {} when the checkout does not count."""
+    rows = [s["traffic"] for s in steps if "traffic" in s]
+    if not rows:
+        return {}
+    return {k: {"intra": statistics.fmean(r[k][0] for r in rows), "inter": statistics.fmean(r[k][1] for r in rows)}
+            for k in rows[0]}
 
 
 def arm_row(layout: str, rate: float, dispatch: str, placement: str, res: dict, info) -> dict:
@@ -53,14 +49,52 @@ def arm_row(layout: str, rate: float, dispatch: str, placement: str, res: dict, 
             "internode_bytes_per_step": sum(sent.values()), "sent_per_node": sent,
             "rank_nodes": rank_nodes, "ranks_node_contiguous": rank_nodes == sorted(rank_nodes),
             "offrank_rows_per_step": statistics.fmean(s["offrank_sends"] for s in steps),
+            "placement_group_nodes": sorted(set(rank_nodes)),
             "counted": counted_bytes(steps), "loss_last": steps[-1]["loss"] if steps else None}
 
 
+def _mb(r: dict, kind: str) -> str:
+    v = r["counted"].get(kind, {}).get("inter") if r["counted"] else None
+    return "-" if v is None else f"{v / 1e6:.2f}"
+
+
 def row_text(r: dict) -> str:
+    counted = _inter(r) / 1e6 if r["counted"] else None
     return (f"{r['layout']:>4} {r['rate_mbit']:>6g} {r['dispatch']:>12} {r['placement']:>10} "
             f"{r['step_s']:>7.2f} {r['internode_bytes_per_step'] / 1e6:>9.2f} "
+            f"{'-' if counted is None else format(counted, '.2f'):>8} {_mb(r, 'a2a'):>7} {_mb(r, 'dense_grads'):>7} "
             f"{'-' if r['offrank_rows_per_step'] is None else format(r['offrank_rows_per_step'], '.0f'):>9}  "
             f"{'-'.join(r['rank_nodes'])}")
+
+
+HEADER = (f"{'lay':>4} {'Mbit/s':>6} {'dispatch':>12} {'placement':>10} {'step s':>7} {'iface MB':>9} "
+          f"{'count MB':>8} {'a2a MB':>7} {'dense MB':>7} {'off-rank':>9}  rank -> node")
+
+
+def _inter(r: dict) -> float:
+    return sum(v["inter"] for v in r["counted"].values())
+
+
+def _name(r: dict) -> str:
+    return f"{r['layout']}/{r['rate_mbit']:g}/{r['dispatch']}+{r['placement']}"
+
+
+def dense_bound(fc: dict, best: dict | None, rate_mbit: float) -> dict:
+    """How far removing expert all-to-all bytes alone could speed up flat+contiguous at this rate:
+    each node's link carries its share of the inter-node bytes at ``rate_mbit``; if every
+    all-to-all byte vanished, the step would shrink by at most the link time of those bytes."""
+    nodes = max(len(fc["sent_per_node"]), 1)
+    link_Bps = rate_mbit * 1e6 / 8
+    a2a = fc["counted"].get("a2a", {}).get("inter", 0.0)
+    dense = fc["counted"].get("dense_grads", {}).get("inter", 0.0)
+    a2a_link_s = a2a / nodes / link_Bps
+    floor_s = max(fc["step_s"] - a2a_link_s, 1e-9)
+    out = {"step_s_flat_contiguous": fc["step_s"], "a2a_inter_bytes": a2a, "dense_inter_bytes": dense,
+           "a2a_link_s": a2a_link_s, "dense_link_s": dense / nodes / link_Bps,
+           "speedup_bound_if_no_a2a_bytes": fc["step_s"] / floor_s}
+    if best is not None:
+        out["best_arm_a2a_inter_bytes"] = best["counted"].get("a2a", {}).get("inter", 0.0) if best["counted"] else None
+    return out
 
 
 def _find(rows, layout, rate, dispatch, placement):
@@ -97,13 +131,17 @@ def summarize(rows: list[dict], plans: dict, extra: dict, args, has_dispatch: bo
         out["missing"]["step_speedup_best_vs_deepspeed_100mbit"] = "the DeepSpeed-MoE peer did not run (--no-deepspeed)"
     if not has_dispatch:
         out["missing"]["internode_bytes_hier_vs_flat"] = "model.moe.dispatch is not in this checkout (hierarchical dispatch)"
-    counted = fc["counted"] if fc else {}
-    inter = {k: v for k, v in counted.items() if "inter" in k}
-    if fc and inter:
-        out["counted_vs_interface_bytes"] = sum(inter.values()) / fc["internode_bytes_per_step"]
+    counted_arms = [r for r in rows if r["counted"]]
+    if counted_arms:  # over every moetrain arm: counted inter-node bytes / what the interfaces carried
+        out["counted_vs_interface_bytes"] = (sum(_inter(r) for r in counted_arms)
+                                             / sum(r["internode_bytes_per_step"] for r in counted_arms))
+        out["counted_vs_interface_bytes_per_arm"] = {_name(r): _inter(r) / r["internode_bytes_per_step"]
+                                                     for r in counted_arms}
     else:
         out["counted_vs_interface_bytes"] = None
         out["missing"]["counted_vs_interface_bytes"] = "the step metrics carry no inter-node byte counters in this checkout"
+    if fc and fc["counted"]:
+        out["dense_bound_100mbit"] = dense_bound(fc, best, rate)
     out.update(extra)
     out["placements"] = {k: p.summary() for k, p in plans.items()}
     out["arms"] = rows
@@ -113,8 +151,9 @@ def summarize(rows: list[dict], plans: dict, extra: dict, args, has_dispatch: bo
 
 
 def table(rows: list[dict], plans: dict, result: dict) -> str:
-    lines = [f"{'lay':>4} {'Mbit/s':>6} {'dispatch':>12} {'placement':>10} {'step s':>7} {'inter MB':>9} "
-             f"{'off-rank':>9}  rank -> node", "-" * 86]
+    lines = [HEADER, "-" * len(HEADER),
+             "(per step: iface = inter-node bytes the links carried; count / a2a / dense = the run's own inter-node "
+             "counts: all kinds / expert all-to-all / dense gradient all-reduce)"]
     lines += [row_text(r) for r in rows]
     lines.append("")
     for k, p in plans.items():
@@ -128,6 +167,12 @@ def table(rows: list[dict], plans: dict, result: dict) -> str:
         val = result.get(k)
         lines.append(f"{k:<48} {val if not isinstance(val, float) else round(val, 3)!s:>10}  {v['rule']:<14} "
                      f"{'met' if v['met'] else ('MISSING' if v['met'] is None else 'not met')}")
+    if "dense_bound_100mbit" in result:
+        d = result["dense_bound_100mbit"]
+        lines.append(f"dense bound at 100 Mbit/s: flat+contiguous step {d['step_s_flat_contiguous']:.2f} s; its a2a "
+                     f"inter-node bytes need {d['a2a_link_s']:.2f} s of link time, the dense all-reduce "
+                     f"{d['dense_link_s']:.2f} s: even with no a2a bytes at all the step speedup is <= "
+                     f"{d['speedup_bound_if_no_a2a_bytes']:.2f}x")
     for k, why in result["missing"].items():
         lines.append(f"missing {k}: {why}")
     return "\n".join(lines)
