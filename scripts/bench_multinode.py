@@ -144,7 +144,8 @@ class Bench:
 
     def deepspeed_peer(self, layout: str, rate: float) -> dict:
         """DeepSpeed-MoE (flat all-to-all) on the same nodes and links: one process per rank,
-        spawned in its node's namespace, gloo over the nodes' addresses."""
+        spawned in its node's namespace, gloo over the nodes' addresses. A rank that fails makes
+        the others fail at their next collective (gloo timeout), so all are waited for."""
         a = self.args
         nodes, rpn = LAYOUTS[layout]
         info = self.nc.info
@@ -161,7 +162,9 @@ class Bench:
         for r in range(nodes * rpn):
             node = info.ray_nodes()[r // rpn]
             env = {"RANK": str(r), "WORLD_SIZE": str(nodes * rpn), "LOCAL_RANK": str(r % rpn), "LOCAL_SIZE": str(rpn),
-                   "MASTER_ADDR": info.head.address, "MASTER_PORT": "29511", "OMP_NUM_THREADS": "1"}
+                   "MASTER_ADDR": info.head.address, "MASTER_PORT": "29511", "OMP_NUM_THREADS": "1",
+                   # what a DeepSpeed user sets on each host (moetrain binds gloo itself)
+                   "GLOO_SOCKET_IFNAME": node.ifname}
             procs.append(self.nc.spawn(node.name, [PY, "-m", "scripts.netbench.ds_peer", str(path)],
                                        self.work / f"ds-{layout}-{rate:g}-rank{r}.log", env=env))
         rcs = [p.wait(timeout=1800) for p in procs]
@@ -239,7 +242,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE peer")
     ap.add_argument("--ds-capacity-factor", type=float, default=1.0, help="DeepSpeed MoE capacity factor (its default)")
     ap.add_argument("--work-dir", default="")
-    ap.add_argument("--arms", default="flat:contiguous,flat:ilp,hierarchical:contiguous,hierarchical:ilp",
+    ap.add_argument("--arms", default="flat:contiguous,flat:ilp,hierarchical:contiguous,hierarchical:ilp_node",
                     help="DISPATCH:PLACEMENT list")
     ap.add_argument("--attach", default="", help="run on this existing netcluster (2x2 + a client) instead of building")
     args = ap.parse_args(argv)
