@@ -43,6 +43,7 @@ from scripts.netcluster import S3_ENV, NetCluster  # noqa: E402
 PY = str(netcluster.VENV_BIN / "python")
 BUCKET = "bench"
 S3_PORT = 9100
+DS_PORT = 29511
 MODEL = ["model.moe.num_experts=64", "model.moe.top_k=8", "model.dim=128", "model.n_layers=2", "model.n_heads=4",
          "model.ffn_dim=256", "model.moe.expert_ffn_dim=64", "train.global_batch_size=32", "train.eval_every=0",
          "train.log_every=1", "data.vocab_size=1024", "logging.wandb=disabled", "logging.progress=false", "train.warmup_steps=5"]
@@ -128,10 +129,10 @@ class Bench:
                  f"{res['steps'][0]['loss']:.3f} -> {res['steps'][-1]['loss']:.3f}")
         return self.work / "runs" / "warm" / "routing.npz"
 
-    def arm(self, layout: str, rate: float, dispatch: str, placement: str, paths: dict) -> dict:
+    def arm(self, layout: str, rate: float, dispatch: str, placement: str, paths: dict, k: int = 0) -> dict:
         a = self.args
         nodes, rpn = LAYOUTS[layout]
-        run = f"{layout}-{rate:g}-{dispatch}-{placement}"
+        run = f"{layout}-{rate:g}-{dispatch}-{placement}-r{k}"
         ov = self.base(run.replace(".", "_"), nodes * rpn, a.warm_steps + a.skip_steps + a.timed_steps)
         ov += [f"checkpoint.resume={self.warm_uri}", f"placement.initial={paths[placement]}"]
         if dispatch != "flat" or has_dispatch_modes():
@@ -142,34 +143,56 @@ class Bench:
         self.say(report.row_text(row))
         return row
 
-    def deepspeed_peer(self, layout: str, rate: float) -> dict:
+    def rounds(self, layout: str, rate: float, jobs: list[tuple[str, str]], paths: dict) -> list[dict]:
+        """Every arm ``--rounds`` times, the order reversed each round (the machine's load drifts:
+        each arm sees early and late slots); an arm's step time is its fastest round's."""
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for k in range(self.args.rounds):
+            for dispatch, placement in (jobs if k % 2 == 0 else jobs[::-1]):
+                row = (self.deepspeed_peer(layout, rate, k) if dispatch == "deepspeed"
+                       else self.arm(layout, rate, dispatch, placement, paths, k))
+                runs.setdefault((dispatch, placement), []).append(row)
+        out = []
+        for job in jobs:
+            best = dict(min(runs[job], key=lambda r: r["step_s"]))
+            best["step_s_rounds"] = [r["step_s"] for r in runs[job]]
+            out.append(best)
+        return out
+
+    def deepspeed_peer(self, layout: str, rate: float, k: int = 0) -> dict:
         """DeepSpeed-MoE (flat all-to-all) on the same nodes and links: one process per rank,
         spawned in its node's namespace, gloo over the nodes' addresses. A rank that fails makes
         the others fail at their next collective (gloo timeout), so all are waited for."""
         a = self.args
         nodes, rpn = LAYOUTS[layout]
         info = self.nc.info
-        out = self.work / f"ds-{layout}-{rate:g}.out.json"
+        tag = f"ds-{layout}-{rate:g}-r{k}"
+        port = DS_PORT + k + (10 if rate >= 1000 else 0)
+        out = self.work / f"{tag}.out.json"
         out.unlink(missing_ok=True)
         spec = {"experts": 64, "top_k": 8, "dim": 128, "expert_ffn": 64, "layers": 2, "heads": 4, "vocab": 1024,
                 "seq": 128, "tokens_per_rank": 32 * 128 // (nodes * rpn), "capacity_factor": a.ds_capacity_factor,
                 "warmup": a.skip_steps + 1, "steps": a.timed_steps, "bridge_netns": info.bridge_netns,
                 "links": {n.name: n.peer_ifname for n in info.ray_nodes()}, "out": str(out)}
-        path = self.work / f"ds-{layout}-{rate:g}.spec.json"
+        path = self.work / f"{tag}.spec.json"
         path.write_text(json.dumps(spec))
         self.nc.set_rate(rate)
         procs = []
         for r in range(nodes * rpn):
             node = info.ray_nodes()[r // rpn]
             env = {"RANK": str(r), "WORLD_SIZE": str(nodes * rpn), "LOCAL_RANK": str(r % rpn), "LOCAL_SIZE": str(rpn),
-                   "MASTER_ADDR": info.head.address, "MASTER_PORT": "29511", "OMP_NUM_THREADS": "1",
+                   "MASTER_ADDR": info.head.address, "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
                    # what a DeepSpeed user sets on each host (moetrain binds gloo itself)
                    "GLOO_SOCKET_IFNAME": node.ifname}
             procs.append(self.nc.spawn(node.name, [PY, "-m", "scripts.netbench.ds_peer", str(path)],
-                                       self.work / f"ds-{layout}-{rate:g}-rank{r}.log", env=env))
-        rcs = [p.wait(timeout=1800) for p in procs]
+                                       self.work / f"{tag}-rank{r}.log", env=env))
+        try:
+            rcs = [p.wait(timeout=1800) for p in procs]
+        finally:
+            from scripts.bench_ep.ds_baseline import release_deepspeed_shm
+            release_deepspeed_shm(port)  # DeepSpeed never unlinks its /dev/shm buffers
         if any(rcs) or not out.exists():
-            tail = (self.work / f"ds-{layout}-{rate:g}-rank0.log").read_text(errors="replace")[-1500:]
+            tail = (self.work / f"{tag}-rank0.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"DeepSpeed peer {layout} at {rate:g} Mbit/s: exit codes {rcs}: {tail}")
         res = json.loads(out.read_text())
         n = res["steps"]
@@ -238,6 +261,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layouts", default=None, help="default 2x2,4x1 (quick: 2x2)")
     ap.add_argument("--ilp-time-s", type=float, default=None, help="default 20 (quick: 5)")
     ap.add_argument("--loss-steps", type=int, default=0, help="node-loss run length after the warm steps (0: 16)")
+    ap.add_argument("--rounds", type=int, default=None, help="runs of every arm, order reversed each round "
+                    "(default 2, quick: 1); an arm's step time is its fastest round's")
     ap.add_argument("--no-node-loss", action="store_true")
     ap.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed-MoE peer")
     ap.add_argument("--ds-capacity-factor", type=float, default=1.0, help="DeepSpeed MoE capacity factor (its default)")
@@ -247,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attach", default="", help="run on this existing netcluster (2x2 + a client) instead of building")
     args = ap.parse_args(argv)
     defaults = dict(warm_steps=(60, 6), skip_steps=(2, 1), timed_steps=(6, 2), rates=("100,1000", "100"),
-                    layouts=("2x2,4x1", "2x2"), ilp_time_s=(20.0, 5.0))
+                    layouts=("2x2,4x1", "2x2"), ilp_time_s=(20.0, 5.0), rounds=(2, 1))
     for k, (full, quick) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, quick if args.quick else full)
@@ -284,12 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             b.say(f"plan {layout}: {json.dumps(plan.summary())}")
             paths = plan.write(b.work / "placements")
             for rate in [float(r) for r in args.rates.split(",")]:
-                for dispatch, placement in args.arm_list:
-                    if dispatch not in dispatches or (dispatch == "hierarchical" and rpn == 1):
-                        continue  # one rank per node: hierarchical sends exactly what flat sends
-                    rows.append(b.arm(layout, rate, dispatch, placement, paths))
-                if not args.no_deepspeed:
-                    rows.append(b.deepspeed_peer(layout, rate))
+                jobs = [(d, p) for d, p in args.arm_list
+                        # one rank per node: hierarchical sends exactly what flat sends
+                        if d in dispatches and not (d == "hierarchical" and rpn == 1)]
+                jobs += [] if args.no_deepspeed else [("deepspeed", "contiguous")]
+                rows += b.rounds(layout, rate, jobs, paths)
             if i == 0 and not args.no_node_loss:
                 extra.update(b.node_loss())
     finally:
