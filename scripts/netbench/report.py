@@ -176,3 +176,34 @@ def table(rows: list[dict], plans: dict, result: dict) -> str:
     for k, why in result["missing"].items():
         lines.append(f"missing {k}: {why}")
     return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    """docs/multinode.md's benchmark table, from the JSON line (``python -m scripts.netbench.report FILE``)."""
+    mb = lambda x: "-" if x is None else f"{x / 1e6:.2f}"  # noqa: E731
+    lines = ["| layout | link | dispatch + placement | step s (rounds) | inter-node MB/step (interfaces) | "
+             "counted: a2a / dense / all | rank -> node |", "|---|---|---|---|---|---|---|"]
+    for r in result["arms"]:
+        c = r["counted"] or {}
+        counted = (f"{mb(c.get('a2a', {}).get('inter'))} / {mb(c.get('dense_grads', {}).get('inter'))} / "
+                   f"{mb(_inter(r))}") if c else "-"
+        rounds = ", ".join(f"{x:.2f}" for x in r.get("step_s_rounds", [r["step_s"]]))
+        lines.append(f"| {r['layout']} | {r['rate_mbit']:g} Mbit/s | {r['dispatch']} + {r['placement']} | "
+                     f"{r['step_s']:.2f} ({rounds}) | {mb(r['internode_bytes_per_step'])} | {counted} | "
+                     f"{'-'.join(r['rank_nodes'])} |")
+    lines += ["", "| key | value | target | met |", "|---|---|---|---|"]
+    for k, v in result["targets"].items():
+        val = result.get(k)
+        val = f"{val:.3f}" if isinstance(val, float) else str(val)
+        lines.append(f"| `{k}` | {val} | {v['rule']} | {'yes' if v['met'] else ('missing' if v['met'] is None else 'no')} |")
+    ds = result.get("step_speedup_best_vs_deepspeed_100mbit")
+    lines.append(f"| `step_speedup_best_vs_deepspeed_100mbit` | {'-' if ds is None else format(ds, '.3f')} | "
+                 "(goal >= 1.5) | reported |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text().strip().splitlines()[-1])))
