@@ -451,16 +451,23 @@ def _kill_netns(ns: str, timeout_s: float = 20.0) -> int:
 def down(cluster_id: str) -> list[str]:
     """Remove cluster ``cluster_id``: end the processes in its namespaces, delete the namespaces
     (their veths and bridge go with them) and its state folder. Works from the namespace names
-    alone, so a crashed ``up`` or a lost state file is cleaned too. Returns the namespaces removed."""
+    alone, so a crashed ``up`` or a lost state file is cleaned too; goes on past a namespace it
+    cannot clean and raises at the end naming it. Returns the namespaces removed."""
     ours = [ns for ns in _netns_list() if ns.startswith(f"{PREFIX}{cluster_id}-")]
     # Node namespaces first (they hold the processes), the bridge last.
     ours.sort(key=lambda ns: ns.endswith("-br"))
+    removed, errors = [], []
     for ns in ours:
-        _kill_netns(ns)
-    for ns in ours:
-        _sh(["ip", "netns", "del", ns])
+        try:
+            _kill_netns(ns)
+            _sh(["ip", "netns", "del", ns])
+            removed.append(ns)
+        except NetClusterError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise NetClusterError(f"cluster {cluster_id} not fully removed: {'; '.join(errors)}")
     shutil.rmtree(STATE_ROOT / cluster_id, ignore_errors=True)
-    return ours
+    return removed
 
 
 def cluster_ids() -> list[str]:

@@ -14,6 +14,7 @@ Tokens are random ids (the peer's routing is its own random-init routing, not th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                            master_port=int(os.environ["MASTER_PORT"]), rank=rank, world_size=ws, timeout_s=600)
     init_deepspeed_comm()
     a = _args(spec)
-    cfg = model_cfg(a, 0.0)
+    # the moetrain arms' shape: olmoe-1b-7b-mini's untied embeddings and q/k norm
+    cfg = dataclasses.replace(model_cfg(a, 0.0), tie_embeddings=False, qk_norm=True)
     placement = Placement.contiguous(cfg.n_layers, a.experts, ws)
     m = Transformer(cfg, seed=0, placement=placement, rank=rank)
     adapter = make_adapter_cls()

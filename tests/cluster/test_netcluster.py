@@ -229,7 +229,7 @@ def test_bench_multinode_quick_on_this_cluster(nc, tmp_path):
     script = netcluster.REPO / "scripts" / "bench_multinode.py"
     p = subprocess.run([sys.executable, str(script), "--quick", "--attach", nc.info.id, "--layouts", "2x2",
                         "--arms", "flat:contiguous,hierarchical:contiguous", "--no-deepspeed", "--no-node-loss",
-                        "--warm-steps", "3", "--work-dir", str(tmp_path)],
+                        "--warm-steps", "3", "--ilp-time-s", "2", "--work-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(netcluster.REPO)})
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
