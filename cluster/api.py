@@ -5,8 +5,10 @@
     result = run(cfg)                  # starts an embedded local Ray, or joins RAY_ADDRESS
     print(result.summary["val_loss"], result.history[-1].loss)
 
-Owns: getting the driver onto Ray (an embedded local instance with its dashboard on 127.0.0.1, or
-an existing cluster), saying where the run can be watched, and running the controller.
+Owns: getting the driver onto Ray (an embedded local instance of its own, bound to 127.0.0.1, or
+the cluster that ``cluster.address`` / ``RAY_ADDRESS`` names, reached within
+``cluster.connect_timeout_s``), saying where the run can be watched, and running the controller.
+SIGINT / SIGTERM end a run STOPPED with a summary at any point (:mod:`cluster.stop`).
 """
 
 from __future__ import annotations
@@ -14,12 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
-from cluster.checkpointing import check_fresh_run, check_store_writable
+from cluster.checkpointing import acquire_lease, check_fresh_run, check_resume, check_store_writable
 from cluster.orphans import reap_orphans
 from cluster.controller import Controller, RunFailed, RunResult, State
 from cluster.memory import check_fits, with_vocab
-from cluster.telemetry import RayInfo, dashboard_text
+from cluster.stop import StopGuard, StopRequested
+from cluster.telemetry import RayInfo, dashboard_text, write_summary
 from moetrain.config import ConfigError, RunConfig, load_config
 from moetrain.train.zero import check_zero_supported
 from moetrain.precision import check_run_precision
@@ -34,8 +40,10 @@ DRIVER_CPUS = 1  # logical CPUs kept for the driver when sizing an embedded loca
 
 
 def check_reachable(address: str, timeout_s: float) -> None:
-    """Fail within ``timeout_s`` when a ``HOST:PORT`` Ray address accepts no connection (ray.init
-    itself would retry for minutes). ``ray://`` and ``auto`` addresses are left to Ray."""
+    """Fail within ``timeout_s`` unless a Ray cluster answers at the ``HOST:PORT`` address: a TCP
+    connection, then gRPC's health check, which Ray's GCS serves (``ray.init`` itself retries for
+    minutes against a port that accepts and says nothing, deaf to signals while it does).
+    ``ray://`` and ``auto`` addresses are left to Ray."""
     from moetrain.config import _host_port
 
     if address.startswith(("ray://", "auto")):
@@ -43,11 +51,37 @@ def check_reachable(address: str, timeout_s: float) -> None:
     hp = _host_port(address)
     if hp is None:
         raise ConfigError(f"Ray address {address!r} must be HOST:PORT, ray://HOST:PORT or auto")
+    deadline = time.monotonic() + timeout_s
     try:
         socket.create_connection(hp, timeout=timeout_s).close()
     except OSError as exc:
         raise ConfigError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s "
                           f"(cluster.connect_timeout_s): {exc}") from None
+    _check_gcs_answers(address, deadline, timeout_s)
+
+
+GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"  # request b"" (all services); Ray's GCS answers SERVING
+
+
+def _check_gcs_answers(address: str, deadline: float, timeout_s: float) -> None:
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=max(deadline - time.monotonic(), 0.01))
+        channel.unary_unary(GRPC_HEALTH_CHECK)(b"", timeout=max(deadline - time.monotonic(), 0.01))
+    except grpc.FutureTimeoutError:
+        raise ConfigError(f"{address} accepts connections but does not answer as a Ray cluster within "
+                          f"{timeout_s:g} s (cluster.connect_timeout_s): is it the head's GCS port "
+                          "(ray start --port, default 6379)?") from None
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+            raise ConfigError(f"{address} does not answer as a Ray cluster within {timeout_s:g} s "
+                              f"(cluster.connect_timeout_s): gRPC {code.name}") from None
+        # anything else (e.g. UNAUTHENTICATED under token auth) is a Ray GCS speaking: Ray says the rest
+    finally:
+        channel.close()
 
 
 def check_out_dir(cfg: RunConfig) -> None:
@@ -74,8 +108,11 @@ def ensure_ray(cfg: RunConfig) -> RayInfo:
         return _ray_info(None, embedded=False)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        log.info("connecting to the Ray cluster at %s (within cluster.connect_timeout_s=%g s)", address,
+                 cfg.cluster.connect_timeout_s)
         check_reachable(address, cfg.cluster.connect_timeout_s)
-        ctx = ray.init(address=address, namespace="moetrain", log_to_driver=True)
+        with StopGuard.keep():  # ray.init sets its own SIGTERM handler
+            ctx = ray.init(address=address, namespace="moetrain", log_to_driver=True)
         return _ray_info(ctx, embedded=False)
     c = cfg.cluster
     reaped = reap_orphans()  # agents a killed earlier driver left behind (they hold ports and memory)
@@ -86,10 +123,29 @@ def ensure_ray(cfg: RunConfig) -> RayInfo:
         _check_port_free(c.dashboard_port)
     # Logical CPUs: never fewer than the group needs, so 2 workers also start on a 2-core machine.
     need = c.num_workers * c.cpus_per_worker + DRIVER_CPUS
-    ctx = ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), namespace="moetrain",
-                   include_dashboard=c.dashboard, dashboard_host=DASHBOARD_HOST,
-                   dashboard_port=c.dashboard_port or None, log_to_driver=True, configure_logging=False)
+    # address="local": a new instance of our own, never a `ray start` cluster found on this machine.
+    with _loopback_node(), StopGuard.keep():
+        ctx = ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), namespace="moetrain",
+                       include_dashboard=c.dashboard, dashboard_host=DASHBOARD_HOST,
+                       dashboard_port=c.dashboard_port or None, log_to_driver=True, configure_logging=False)
     return _ray_info(ctx, embedded=True)
+
+
+@contextmanager
+def _loopback_node():
+    """Start the embedded Ray's node on 127.0.0.1: Ray then binds every port it opens (GCS, raylet,
+    workers, and the metrics endpoint, which answers without Ray's token) to loopback instead of all
+    interfaces. Ray does so when its multi-machine mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``,
+    read once at import, hence the module constant); it is read only when a node's address is
+    chosen."""
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
 
 
 def _check_port_free(port: int) -> None:
@@ -145,10 +201,31 @@ def parallelism_text(cfg: RunConfig, history: list[StepMetrics]) -> str:
 
 
 def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunResult:
-    """Run training to the end (or to FAILED). ``on_step(metrics)`` is called on the driver."""
+    """Run training to the end (or to FAILED). ``on_step(metrics)`` is called on the driver. A
+    SIGINT / SIGTERM ends it STOPPED, with a summary.json, whatever it is doing (:mod:`cluster.stop`)."""
+    logging.getLogger("moetrain").setLevel(logging.INFO)
+    phase = _Phase()
+    with StopGuard.install() as guard:
+        try:
+            return _run(cfg, on_step, raise_on_failure, phase)
+        except StopRequested as exc:
+            guard.caught()
+            return _stopped_before_training(cfg, exc, phase)
+
+
+class _Phase:
+    """What the driver is doing before the controller runs (named in a stop's summary)."""
+
+    def __init__(self) -> None:
+        self.t0, self.name = time.perf_counter(), "checking the config"
+
+    def __call__(self, name: str) -> None:
+        self.name = name
+
+
+def _run(cfg: RunConfig, on_step, raise_on_failure: bool, phase: _Phase) -> RunResult:
     from moetrain.data.training import open_training_data
 
-    logging.getLogger("moetrain").setLevel(logging.INFO)
     check_run_precision(cfg.train.precision, cfg.cluster.use_gpu)  # bf16 without native bf16: exit 2
     from moetrain.hf.load import resolve_init_from
     from moetrain.train.trainer import check_vocab
@@ -156,18 +233,46 @@ def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunRe
     cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR fixes the model's shape (and the placement's)
     # Prepare (or find in the cache) the data and read its manifest on the driver first: bad data
     # fails fast with a clear error before any actor starts, and the workers then stream it.
+    phase("preparing the data")
+    log.info("run %s: preparing the data (data.source=%s; cached after the first run)", cfg.cluster.run_name,
+             cfg.data.source)
     dataset = open_training_data(cfg.data, cfg.train.global_batch_size)
+    phase("checking the run")
     check_vocab(cfg, dataset.vocab_size)
     check_out_dir(cfg)
     check_zero_supported(cfg.train.zero_stage)  # DeepSpeed present for ZeRO 1/2
     check_store_writable(cfg)  # seconds, before any actor: a read-only store is a user error
-    check_fresh_run(cfg)  # never mix two lineages under one run name
-    log.info(dashboard_text(ensure_ray(cfg), cfg))
-    # before any actor: a run the memory planner says cannot fit is refused (one line, exit 2)
-    plan = check_fits(with_vocab(cfg, dataset.vocab_size))
-    result = Controller(cfg, on_step=on_step, memory_plan=plan.to_dict()).run()
+    lease = acquire_lease(cfg)  # one writer per run name in the store (a live one elsewhere: exit 2)
+    try:
+        check_fresh_run(cfg)  # never mix two lineages under one run name
+        check_resume(cfg)  # the step to resume is intact, else exit 2 naming the newest intact one
+        phase("connecting to Ray")
+        log.info(dashboard_text(ensure_ray(cfg), cfg))
+        phase("starting the run")
+        # before any actor: a run the memory planner says cannot fit is refused (one line, exit 2)
+        plan = check_fits(with_vocab(cfg, dataset.vocab_size))
+        result = Controller(cfg, on_step=on_step, memory_plan=plan.to_dict(), lease=lease).run()
+    finally:
+        if lease is not None:
+            lease.release()  # finished, failed or stopped
     if result.state == State.FAILED and raise_on_failure:
         raise RunFailed(f"run {cfg.cluster.run_name} failed:\n{result.error}")
     if result.state in (State.FINISHED, State.STOPPED):
         log.info(parallelism_text(cfg, result.history))
     return result
+
+
+def _stopped_before_training(cfg: RunConfig, exc: StopRequested, phase: _Phase) -> RunResult:
+    """A stop before the controller loop: summary.json says so (state stopped, no step trained)."""
+    error = f"{exc} while {phase.name}, before training started"
+    log.warning("run %s: %s", cfg.cluster.run_name, error)
+    summary = {"run_name": cfg.cluster.run_name, "run_id": None, "state": State.STOPPED.value, "error": error,
+               "stopped_during": phase.name, "num_workers": cfg.cluster.num_workers, "steps": 0,
+               "stopped_at_step": 0, "wall_s": time.perf_counter() - phase.t0, "restarts": 0,
+               "skipped_steps": 0, "checkpoints_committed": 0, "checkpoints_failed": 0, "checkpoint_failures": [],
+               "memory_plan": None}
+    try:
+        write_summary(Path(cfg.logging.out_dir).expanduser().resolve() / cfg.cluster.run_name, summary)
+    except OSError as err:
+        log.warning("could not write summary.json to logging.out_dir: %s", err)
+    return RunResult(State.STOPPED, summary, error=error)

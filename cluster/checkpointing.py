@@ -22,7 +22,8 @@ import uuid
 import ray
 
 from moetrain.checkpoint import (
-    CheckpointError, CheckpointRef, commit, list_checkpoints, open_store, read_latest, read_manifest,
+    CheckpointError, CheckpointRef, CorruptObjectError, Lease, commit, list_checkpoints, open_store, read_latest,
+    read_manifest, resolve, verify,
 )
 from moetrain.checkpoint.layout import MANIFEST, latest_key, step_prefix
 from moetrain.checkpoint.retention import plan_retention
@@ -52,6 +53,16 @@ def check_store_writable(cfg: RunConfig) -> None:
         raise type(exc)(f"checkpoint store {cfg.checkpoint.uri} is not writable: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise CheckpointError(f"checkpoint store {cfg.checkpoint.uri} is not writable: {exc}") from None
+
+
+def acquire_lease(cfg: RunConfig) -> Lease | None:
+    """Take this run's lease on its name in the checkpoint store (None without checkpoints).
+    A live lease of another run raises :class:`~moetrain.checkpoint.LeaseHeldError` (one line,
+    exit 2) before any actor starts. The caller releases it when the run ends, however it ends."""
+    if not cfg.checkpoint.uri:
+        return None
+    store = open_store(cfg.checkpoint.uri, cfg.checkpoint)
+    return Lease(store, cfg.cluster.run_name, ttl_s=cfg.checkpoint.lease_ttl_s).acquire()
 
 
 def remove_uncommitted(cfg: RunConfig) -> list[int]:
@@ -126,6 +137,30 @@ def check_fresh_run(cfg: RunConfig) -> None:
         f"delete them (`moetrain ckpt list {store.uri_of(run)}` shows them)")
 
 
+def check_resume(cfg: RunConfig) -> None:
+    """Before any actor: the checkpoint ``checkpoint.resume`` names is committed and every object
+    of it has its manifest's size and checksum (one read of the checkpoint on the driver). Else
+    :class:`CheckpointError` (exit 2) naming the first problem and the newest older committed
+    step that is intact, to resume from instead."""
+    c = cfg.checkpoint
+    if not c.resume:
+        return
+    ref = resolve(c.resume, c, run=cfg.cluster.run_name)
+    report = verify(ref, values=False)
+    if report.ok:
+        return
+    more = f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+    older = sorted((i.step for i in list_checkpoints(ref.store, ref.run) if i.committed and i.step < ref.step),
+                   reverse=True)
+    intact = next((s for s in older if verify(CheckpointRef(ref.store, ref.run, s), values=False).ok), None)
+    if intact is None:
+        hint = f"no older committed step of run {ref.run!r} is intact"
+    else:
+        uri = ref.store.uri_of(step_prefix(ref.run, intact))
+        hint = f"the newest intact committed step is {uri}: resume from it with --resume {uri}"
+    raise CorruptObjectError(f"cannot resume from {ref.uri}: {report.problems[0]}{more}; {hint}")
+
+
 def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
     """The checkpoint ``checkpoint.resume`` names (validated manifest), or None."""
     if not cfg.checkpoint.resume:
@@ -138,9 +173,10 @@ def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
 class Coordinator:
     """Driver half of checkpointing: start on all ranks, commit in a background thread."""
 
-    def __init__(self, cfg: RunConfig, telemetry=None, run_id: str = ""):
+    def __init__(self, cfg: RunConfig, telemetry=None, run_id: str = "", lease: Lease | None = None):
         self.cfg, self.telemetry = cfg, telemetry
         self.run_id = run_id  # recorded in every manifest; retention touches only this lineage
+        self.lease = lease  # checked by every commit: a writer that lost its run name's lease commits nothing
         self._thread: threading.Thread | None = None
         self.committed: list[str] = []
         self.failed: list[tuple[int, str]] = []  # (step, first line of the error)
@@ -165,7 +201,7 @@ class Coordinator:
             if failed:
                 raise CheckpointError("; ".join(failed))
             store = open_store(self.cfg.checkpoint.uri, self.cfg.checkpoint)
-            manifest = commit(store, self.cfg.cluster.run_name, step, results, meta)
+            manifest = commit(store, self.cfg.cluster.run_name, step, results, meta, lease=self.lease)
             retain_lineage(store, self.cfg.cluster.run_name, self.cfg.checkpoint.keep, self.run_id)
             mb = manifest.total_bytes / 2**20
             secs = max(max(r.upload_s for r in results), 1e-9)

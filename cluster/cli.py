@@ -3,10 +3,10 @@
     moetrain train [--config FILE|tiny|small] [--set a.b=c ...] [--resume URI|latest]
     moetrain plan [--config FILE|NAME] [--set a.b=c ...] [--memory-gb G]
     moetrain prepare [DOMAIN=]PATH|URI|GLOB ... --out URI [--tokenizer bpe|hf:DIR] [--seq-len N]
-    moetrain ckpt list|verify|inspect|clean URI
-    moetrain submit --address http://HEAD:8265 -- [train arguments]
+    moetrain ckpt list|verify|inspect|clean|unlock URI
+    moetrain submit --address http://HEAD:8265 [--dry-run] [--include PATTERN] -- [train arguments]
     moetrain hf import HF_DIR OUT [--run NAME]      (HF model dir -> OUT/NAME/step-0)
-    moetrain hf export CKPT OUT [--arch A] [--max-shard-mb N] [--tokenizer DIR]
+    moetrain hf export CKPT OUT [--arch A] [--dtype auto|fp32|bf16] [--max-shard-size 5GB] [--tokenizer DIR]
     moetrain generate CKPT --prompt TEXT [--max-new-tokens N] [--ids]
 
 User errors (bad config, data, checkpoint, store) print one clear line and exit non-zero.
@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--memory-gb", type=float, default=None, metavar="G",
                     help="memory per rank in GiB (default: the connected Ray cluster's memory resource when "
                          "cluster.address / RAY_ADDRESS is set, else this machine's memory, over the actors)")
-    c = sub.add_parser("ckpt", help="list, verify or inspect checkpoints")
-    c.add_argument("action", choices=["list", "verify", "inspect", "clean"])
+    c = sub.add_parser("ckpt", help="list, verify, inspect or clean checkpoints; unlock a dead run's name")
+    c.add_argument("action", choices=["list", "verify", "inspect", "clean", "unlock"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
     c.add_argument("--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N")
     c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
     s.add_argument("--include", action="append", default=[], metavar="PATTERN",
                    help="upload a path the default rules leave out (secrets, data, checkpoints); repeatable")
+    s.add_argument("--dry-run", action="store_true", help="print the files the job would upload; submit nothing")
+    s.add_argument("--connect-timeout-s", type=float, default=30.0, metavar="S",
+                   help="give up reaching the dashboard address after S seconds (default 30)")
+    s.add_argument("--token-file", default=None, metavar="FILE",
+                   help="Ray auth token of a cluster with token auth (else RAY_AUTH_TOKEN)")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
     _hf_parsers(sub)
     return p
@@ -62,7 +67,10 @@ def _hf_parsers(sub) -> None:
     h.add_argument("out", help="import: checkpoint root; export: output directory or URI")
     h.add_argument("--run", default="hf", help="import: run name of the checkpoint (default hf)")
     h.add_argument("--arch", default="", help="export: model_type (default: the one it was imported from)")
-    h.add_argument("--max-shard-mb", type=int, default=0, help="export: safetensors shard size (default 4096)")
+    h.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="export: tensor dtype (auto = the source model's, as recorded at import)")
+    h.add_argument("--max-shard-size", default="",
+                   help="export: largest shard, e.g. 5GB or 500MB (default: as many shards as the source)")
     h.add_argument("--tokenizer", default="", help="export: copy the tokenizer files from this HF directory")
     h.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     h.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
@@ -79,20 +87,17 @@ def _hf_parsers(sub) -> None:
 def _hf(args) -> int:
     from moetrain.config import CheckpointConfig
     from moetrain.hf import export_hf, import_hf
-    from moetrain.hf.convert import DEFAULT_SHARD_BYTES
+    from moetrain.hf.convert import parse_size
 
     cfg = CheckpointConfig(uri=args.out if args.action == "import" else args.src, s3_endpoint=args.s3_endpoint,
                            gcs_endpoint=args.gcs_endpoint)
     if args.action == "import":
         report = import_hf(args.src, args.out, args.run, cfg=cfg)
     else:
-        if args.max_shard_mb < 0:
-            from moetrain.hf import HFError
-            raise HFError(f"--max-shard-mb ({args.max_shard_mb}) must be >= 1")
-        shard = args.max_shard_mb << 20 if args.max_shard_mb else DEFAULT_SHARD_BYTES
-        report = export_hf(args.src, args.out, arch=args.arch, max_shard_bytes=shard, tokenizer_dir=args.tokenizer,
-                           cfg=cfg)
-    print(f"{report.uri}: {report.tensors} tensors, {report.bytes / 1e6:.1f} MB, {report.files} files")
+        shard = parse_size(args.max_shard_size) if args.max_shard_size else 0
+        report = export_hf(args.src, args.out, arch=args.arch, dtype=args.dtype, max_shard_bytes=shard,
+                           tokenizer_dir=args.tokenizer, cfg=cfg)
+    print(f"{report.uri}: {report.tensors} tensors, {report.bytes / 1e6:.1f} MB, {report.files} files; {report.note}")
     return 0
 
 
@@ -146,8 +151,8 @@ def _prepare(args) -> int:
 
     def connect() -> None:  # after the inputs are checked: bad input fails in seconds
         if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS") or None
-            ray.init(address=address, num_cpus=None if address else (args.num_cpus or os.cpu_count()),
+            address = os.environ.get("RAY_ADDRESS") or None  # else a new local Ray, never one found here
+            ray.init(address=address or "local", num_cpus=None if address else (args.num_cpus or os.cpu_count()),
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
 
     summary = prepare(opts, connect).summary()
@@ -160,6 +165,17 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
+    from cluster.stop import StopGuard, StopRequested  # before the heavy imports: a stop is never exit 143
+
+    with StopGuard.install(until_exit=True):
+        try:
+            return _train_run(args)
+        except StopRequested as exc:  # before the run began (importing, reading the config): no summary yet
+            print(f"moetrain: {exc} before the run started", file=sys.stderr)
+            return EXIT_STOPPED
+
+
+def _train_run(args) -> int:
     from cluster.api import run
     from moetrain.config import load_config
 
@@ -169,8 +185,9 @@ def _train(args) -> int:
     cfg = load_config(args.config, overrides)
     result = run(cfg, raise_on_failure=False)
     if result.state.value == "stopped":
+        resume = "; resume with --resume latest" if result.summary.get("checkpoints_committed") else ""
         print(f"moetrain: run {cfg.cluster.run_name} STOPPED at step {result.summary.get('steps')} of "
-              f"{cfg.train.steps} (a stop was requested); resume with --resume latest", file=sys.stderr)
+              f"{cfg.train.steps} ({result.error or 'a stop was requested'}){resume}", file=sys.stderr)
         return EXIT_STOPPED
     if result.user_error:  # the cluster cannot hold the group: refused before training
         print(f"moetrain: error: {result.error}", file=sys.stderr)
@@ -186,9 +203,10 @@ def _plan(args) -> int:
     import os
 
     from moetrain.config import ConfigError, load_config
+    from moetrain.hf.load import context_of_run, resolve_init_from
     from moetrain.plan import GIB, format_plan, plan_memory
 
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = resolve_init_from(load_config(args.config, list(args.overrides)))  # an HF model's shape and context
     if args.memory_gb is not None:
         if not args.memory_gb > 0:
             raise ConfigError(f"--memory-gb ({args.memory_gb}) must be > 0")
@@ -209,6 +227,7 @@ def _plan(args) -> int:
     plan = plan_memory(cfg, available_bytes=available, source=source)
     print(f"moetrain plan: {args.config or 'tiny'}")
     print(format_plan(plan, cfg))
+    print(context_of_run(cfg))
     return 1 if plan.fits is False else 0
 
 
@@ -226,6 +245,8 @@ def _ckpt(args) -> int:
         return 0 if report.ok else 1
     elif args.action == "clean":
         _, text = cli.ckpt_clean(args.uri, cfg, keep=args.keep)
+    elif args.action == "unlock":  # the run holding the name is known dead: free it now
+        _, text = cli.ckpt_unlock(args.uri, cfg)
     else:
         _, text = cli.ckpt_inspect(args.uri, cfg)
     print(text)
@@ -235,7 +256,12 @@ def _ckpt(args) -> int:
 def _submit(args) -> int:
     from cluster.submit import submit
 
-    return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include)
+    from moetrain.config import ConfigError
+
+    if not args.connect_timeout_s > 0:
+        raise ConfigError(f"--connect-timeout-s ({args.connect_timeout_s}) must be > 0")
+    return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include,
+                  dry_run=args.dry_run, connect_timeout_s=args.connect_timeout_s, token_file=args.token_file)
 
 
 def main(argv: list[str] | None = None) -> int:

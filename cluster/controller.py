@@ -3,15 +3,15 @@
 Owns: the driver loop — start the group, step it, validate, checkpoint, re-place experts,
 and on a lost actor (or a lost node) rebuild the group on the nodes there are and resume from the
 last committed checkpoint, within the failure policy; the run's topology (the rank -> node map
-the group found) and re-solving the placement when a rebuilt group lands on another layout. States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and
-RESTARTING -> STARTING after a failure, FAILED when the policy gives up.
+the group found) and re-solving the placement when a rebuilt group lands on another layout.
+States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and RESTARTING ->
+STARTING after a failure, FAILED when the policy gives up.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import signal
 import sys
 import time
 import uuid
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from cluster import checkpointing, replacement
 from cluster.group import WorkerGroup, WorkerGroupError, WorkerGroupStartError
+from cluster.stop import StopGuard, StopRequested
 from cluster.telemetry import Telemetry
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
@@ -86,7 +87,7 @@ MIN_REPLACE_WAIT_S = 5.0
 
 
 class Controller:
-    def __init__(self, cfg: RunConfig, *, on_step=None, memory_plan: dict | None = None):
+    def __init__(self, cfg: RunConfig, *, on_step=None, memory_plan: dict | None = None, lease=None):
         self.cfg = cfg
         self.memory_plan = memory_plan  # moetrain.plan's per-rank figures, kept in summary.json
         self.state = State.STARTING
@@ -103,7 +104,7 @@ class Controller:
         self.telemetry = Telemetry(cfg)
         # One lineage id for the run: a resumed run continues the lineage it resumes.
         self.run_id = (self.resume.run_id if self.resume and self.resume.run_id else uuid.uuid4().hex[:12])
-        self.ckpt = checkpointing.Coordinator(cfg, self.telemetry, run_id=self.run_id)
+        self.ckpt = checkpointing.Coordinator(cfg, self.telemetry, run_id=self.run_id, lease=lease)
         self.replanner = replacement.Replanner(cfg) if cfg.placement.replan_every > 0 else None
         self.on_step = on_step
         self._stop_requested = False
@@ -282,33 +283,18 @@ class Controller:
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
         self._t_start = time.perf_counter()
-        handlers = {State.STARTING: self._starting, State.RUNNING: self._running,
-                    State.REPLACING: self._replacing, State.CHECKPOINTING: self._checkpointing}
-        with _graceful_stop(self):
-            while self.state not in TERMINAL:
-                try:
-                    self._set(handlers[self.state]())
-                except WorkerGroupError as exc:
-                    if self.policy.should_retry(exc):
-                        self.restarts += 1
-                        self._set(State.RESTARTING)
-                        self._set(self._restarting(exc))
-                    else:
-                        # a group the cluster cannot hold, before any training: bad input (exit 2)
-                        refused = getattr(exc, "unplaceable", False) and self.restarts == 0
-                        self._fail(str(exc), user_error=refused)
-                except RunAborted as exc:
-                    self._fail(str(exc))
-            if self._bar is not None:
-                self._bar.close()
-            summary = {}
-            if self.state != State.FAILED:
-                try:
-                    summary = self._finish()
-                except WorkerGroupError as exc:
-                    self._fail(f"final evaluation / checkpoint: {exc}")
-            self.ckpt.wait()  # a signal here only sets the stop flag: the final commit completes
-        final_error = self.ckpt.step_failed(self.step) if self.state != State.FAILED else ""
+        aborted = False
+        with StopGuard.install() as guard, guard.attach(self):
+            try:
+                summary = self._loop()
+            except StopRequested as exc:  # a second signal: stop now, no final evaluation or checkpoint
+                guard.caught()
+                aborted, summary = True, {}
+                self.error = f"{exc} during the stop: stopped at once, without a final evaluation or checkpoint"
+                log.warning("run %s: %s", self.cfg.cluster.run_name, self.error)
+                if self.state != State.FAILED:
+                    self._set(State.STOPPED)
+        final_error = self.ckpt.step_failed(self.step) if self.state != State.FAILED and not aborted else ""
         if final_error:
             self._fail(f"the final checkpoint (step {self.step}) failed: {final_error}")
         if self.state == State.FAILED:
@@ -316,10 +302,39 @@ class Controller:
         summary = self._summary(summary)
         self.checkpoints = list(self.ckpt.committed)
         if self.group:
-            self.group.shutdown()
+            self.group.shutdown(graceful=not aborted)
         self.telemetry.close(summary)
         return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, self.restarts,
                          self.error, self.user_error)
+
+    def _loop(self) -> dict:
+        """The state machine to a terminal state, then the final evaluation and checkpoint."""
+        handlers = {State.STARTING: self._starting, State.RUNNING: self._running,
+                    State.REPLACING: self._replacing, State.CHECKPOINTING: self._checkpointing}
+        while self.state not in TERMINAL:
+            try:
+                self._set(handlers[self.state]())
+            except WorkerGroupError as exc:
+                if self.policy.should_retry(exc):
+                    self.restarts += 1
+                    self._set(State.RESTARTING)
+                    self._set(self._restarting(exc))
+                else:
+                    # a group the cluster cannot hold, before any training: bad input (exit 2)
+                    refused = getattr(exc, "unplaceable", False) and self.restarts == 0
+                    self._fail(str(exc), user_error=refused)
+            except RunAborted as exc:
+                self._fail(str(exc))
+        if self._bar is not None:
+            self._bar.close()
+        summary = {}
+        if self.state != State.FAILED:
+            try:
+                summary = self._finish()
+            except WorkerGroupError as exc:
+                self._fail(f"final evaluation / checkpoint: {exc}")
+        self.ckpt.wait()  # a first signal here only sets the stop flag: the final commit completes
+        return summary
 
     def _remove_partial_checkpoints(self) -> None:
         try:
@@ -381,30 +396,3 @@ def _per_node(node_of_rank: tuple[int, ...]) -> str:
 
 def _fmt(d: dict) -> str:
     return " ".join(f"{k}={v:.4f}" for k, v in d.items())
-
-
-class _graceful_stop:
-    """SIGINT / SIGTERM: finish the current step, then stop (with a final checkpoint)."""
-
-    def __init__(self, controller: Controller):
-        self.c = controller
-        self.old = {}
-
-    def _handler(self, signum, frame):
-        if self.c.stop_requested:
-            raise KeyboardInterrupt
-        log.warning("signal %d: stopping after the current step (again to abort)", signum)
-        self.c.request_stop()
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self.old[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for sig, h in self.old.items():
-            signal.signal(sig, h)
-        return False

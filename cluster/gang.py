@@ -127,13 +127,12 @@ def unfit_bundles(bundles: list[dict[str, float]], free_by_node: list[dict[str, 
     free = [dict(f) for f in free_by_node]
     if strategy == "STRICT_PACK":
         best: list[int] = []
-        for f in free:
-            f, took = dict(f), []
+        for node_free in free:
+            took = []
             for b, need in enumerate(bundles):
-                if _fits(need, f):
+                if _fits(need, node_free):
                     took.append(b)
-                    for k, v in need.items():
-                        f[k] = f.get(k, 0.0) - v
+                    _take(need, node_free)
             best = took if len(took) > len(best) else best
         return [b for b in range(len(bundles)) if b not in best]
     out, used = [], set()
@@ -144,9 +143,13 @@ def unfit_bundles(bundles: list[dict[str, float]], free_by_node: list[dict[str, 
             out.append(b)
             continue
         used.add(node)
-        for k, v in need.items():
-            free[node][k] = free[node].get(k, 0.0) - v
+        _take(need, free[node])
     return out
+
+
+def _take(need: dict[str, float], free: dict[str, float]) -> None:
+    for k, v in need.items():
+        free[k] = free.get(k, 0.0) - v
 
 
 def diagnose(bundles: list[dict[str, float]], strategy: str) -> str:

@@ -8,13 +8,20 @@ The equivalent raw Ray command (run from the repository root):
     ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-cpus 0.5 \\
         -- python -m cluster.cli train --config tiny --set train.steps=100
 
-The repository root is uploaded as the job's ``working_dir`` without secrets (``.env``, cloud and
-SSH credentials, keys), data and checkpoints, virtual environments, run outputs and caches
-(:mod:`cluster.upload`; ``--include PATTERN`` re-admits a path); the entrypoint runs with it as the current
-directory, and the worker actors the job starts inherit the same runtime environment. The job's
-driver reaches the cluster through the ``RAY_ADDRESS`` Ray sets for it, so ``moetrain train``
+The repository root is uploaded as the job's ``working_dir`` by allow-list (:mod:`cluster.upload`):
+in a git checkout the files git considers, never secrets (``.env``, cloud and SSH credentials,
+keys, tokens), data and checkpoints, virtual environments, run outputs or caches, never a link out
+of the folder; ``--include PATTERN`` re-admits a path. We pack the zip ourselves and Ray uploads it
+as it is, so the list ``--dry-run`` prints is what is sent. The entrypoint runs with it as the
+current directory, and the worker actors the job starts inherit the same runtime environment. The
+job's driver reaches the cluster through the ``RAY_ADDRESS`` Ray sets for it, so ``moetrain train``
 joins the cluster instead of starting a local Ray. ``python`` on the cluster's nodes must be an
 environment with moetrain's dependencies installed (the one ``ray start`` ran from).
+
+A cluster with token auth (Ray 2.60 ``RAY_AUTH_MODE=token``) is reached from any host with the
+token sent as ``Authorization: Bearer``: ``--token-file FILE`` (e.g. a copy of the head's
+``~/.ray/auth_token``, or ``ray get-auth-token`` output), else ``RAY_AUTH_TOKEN``; without either,
+Ray's own lookup applies (``RAY_AUTH_MODE=token`` and ``~/.ray/auth_token`` on this host).
 """
 
 from __future__ import annotations
@@ -23,18 +30,18 @@ import asyncio
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TextIO
 
-from cluster.upload import upload_plan
+from cluster.upload import UploadPlan, upload_plan, write_package
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# gitignore-style patterns, as Ray's runtime_env ``excludes`` takes them.
-EXCLUDES = [".venv", "venv", "runs", ".cache", ".git", "wandb", "*.egg-info", "__pycache__", ".pytest_cache"]
 ENTRYPOINT_NUM_CPUS = 0.5  # the driver: controller loop, dataset build; the workers reserve their own
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+CONNECT_TIMEOUT_S = 30.0  # default bound on reaching the dashboard (the job client itself waits for minutes)
 
 
 def entrypoint(train_args: list[str]) -> str:
@@ -45,15 +52,20 @@ def entrypoint(train_args: list[str]) -> str:
     return shlex.join(["python", "-m", "cluster.cli", "train", *args])
 
 
-def runtime_env(working_dir: str | os.PathLike | None = None, env_vars: dict[str, str] | None = None,
-                include: tuple[str, ...] | list[str] = ()) -> dict:
-    """The job's runtime_env: ``working_dir`` (default: the repository) without secrets, data,
-    checkpoints and bulk (:mod:`cluster.upload`), except what ``include`` re-admits."""
-    plan = upload_plan(working_dir or REPO_ROOT, include)
-    env: dict = {"working_dir": str(plan.root), "excludes": list(EXCLUDES) + plan.ray_excludes()}
+def runtime_env(package: str | os.PathLike, env_vars: dict[str, str] | None = None) -> dict:
+    """The job's runtime_env: ``working_dir`` is the zip :func:`cluster.upload.write_package` built
+    (Ray uploads a local zip as it is, without its own file selection)."""
+    env: dict = {"working_dir": str(package)}
     if env_vars:
         env["env_vars"] = {str(k): str(v) for k, v in env_vars.items()}
     return env
+
+
+def print_plan(plan: UploadPlan, out: TextIO) -> None:
+    """What ``--dry-run`` prints: every file that goes, then the one-line count."""
+    for rel in plan.uploaded:
+        print(f"  {rel}", file=out)
+    print(f"moetrain: {plan.describe()}", file=out, flush=True)
 
 
 def resolve_address(address: str | None) -> str:
@@ -66,6 +78,30 @@ def resolve_address(address: str | None) -> str:
     return DEFAULT_ADDRESS
 
 
+def check_dashboard(url: str, timeout_s: float) -> None:
+    """Raise ConnectionError unless an HTTP server answers at ``url`` within ``timeout_s`` (any
+    status counts: a 401 is a dashboard asking for Ray's token)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/api/version", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:  # URLError, a timeout, a malformed URL
+        reason = getattr(exc, "reason", exc)
+        raise ConnectionError(f"no answer within {timeout_s:g} s ({reason})") from None
+
+
+def auth_headers(token_file: str | None = None) -> dict[str, str]:
+    """The job API's auth header: the token in ``token_file``, else ``RAY_AUTH_TOKEN``; {} = none.
+    Raises ``OSError`` when ``token_file`` cannot be read, ``ValueError`` when it is empty."""
+    token = Path(token_file).expanduser().read_text().strip() if token_file else os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token_file and not token:
+        raise ValueError(f"token file {token_file} is empty")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _err(msg: str) -> None:
     print(f"moetrain: error: {msg}", file=sys.stderr)
 
@@ -73,15 +109,24 @@ def _err(msg: str) -> None:
 def submit(train_args: list[str], address: str | None = None, wait: bool = True, *,
            env_vars: dict[str, str] | None = None, working_dir: str | os.PathLike | None = None,
            entrypoint_num_cpus: float = ENTRYPOINT_NUM_CPUS, submission_id: str | None = None,
-           timeout_s: float | None = None, out: TextIO | None = None, include: tuple[str, ...] | list[str] = ()) -> int:
+           timeout_s: float | None = None, out: TextIO | None = None, include: tuple[str, ...] | list[str] = (),
+           dry_run: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+           token_file: str | None = None) -> int:
     """Submit ``moetrain train <train_args>`` as a Ray job; print its submission id.
+
+    ``dry_run`` prints the files the job would upload (:func:`print_plan`) and returns 0 without
+    contacting the cluster.
 
     With ``wait`` the job's logs are streamed to ``out`` (stdout) until the job reaches a terminal
     status; returns 0 if it SUCCEEDED, 1 otherwise (or when ``timeout_s`` passes first; the job
-    keeps running). Without ``wait`` returns 0 once submitted. An unreachable address or a
-    rejected submission prints one line to stderr and returns 2.
+    keeps running). Without ``wait`` returns 0 once submitted. An address that does not answer
+    within ``connect_timeout_s``, a missing or refused token (``token_file``, else
+    ``RAY_AUTH_TOKEN``) or a rejected submission prints one line to stderr and returns 2.
     """
     out = out or sys.stdout
+    if dry_run:
+        print_plan(upload_plan(working_dir or REPO_ROOT, include), out)
+        return 0
     url = resolve_address(address)
     try:
         from ray.job_submission import JobSubmissionClient
@@ -89,19 +134,28 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
         _err(f"the Ray job API is unavailable ({exc}); install ray[default]")
         return 2
     try:
-        client = JobSubmissionClient(url)
+        headers = auth_headers(token_file)
+    except (OSError, ValueError) as exc:
+        _err(f"cannot read the auth token: {exc}")
+        return 2
+    try:
+        check_dashboard(url, connect_timeout_s)
+        client = JobSubmissionClient(url, headers=headers or None)
     except Exception as exc:  # ConnectionError, auth errors, bad scheme...
         _err(f"cannot reach the Ray dashboard at {url}: {_first_line(exc)}")
         return 2
     ep = entrypoint(train_args)
-    print(f"moetrain: {upload_plan(working_dir or REPO_ROOT, include).describe()}", file=out, flush=True)
-    try:
-        job_id = client.submit_job(entrypoint=ep, runtime_env=runtime_env(working_dir, env_vars, include),
-                                   entrypoint_num_cpus=entrypoint_num_cpus, submission_id=submission_id,
-                                   metadata={"moetrain": "train"})
-    except Exception as exc:
-        _err(f"job submission to {url} failed: {_first_line(exc)}")
-        return 2
+    plan = upload_plan(working_dir or REPO_ROOT, include)
+    print(f"moetrain: {plan.describe()}", file=out, flush=True)
+    with tempfile.TemporaryDirectory(prefix="moetrain-job-") as tmp:
+        try:
+            package = write_package(plan, Path(tmp) / "working_dir.zip")
+            job_id = client.submit_job(entrypoint=ep, runtime_env=runtime_env(package, env_vars),
+                                       entrypoint_num_cpus=entrypoint_num_cpus, submission_id=submission_id,
+                                       metadata={"moetrain": "train"})
+        except Exception as exc:
+            _err(f"job submission to {url} failed: {_first_line(exc)}")
+            return 2
     print(f"moetrain: submitted job {job_id} to {url}: {ep}", file=out, flush=True)
     if not wait:
         print(f"moetrain: follow with `ray job logs --address {url} --follow {job_id}`; "

@@ -182,7 +182,11 @@ class Telemetry:
             if d.migrated:
                 self.metrics.replacements.inc(1, t)
         if self.wandb:
-            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/solve_s": d.proposal.solve_time_s,
+            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/fit_gain": d.proposal.fit_gain,
+                            "placement/val_score": d.proposal.val_after, "placement/val_score_current": d.proposal.val_before,
+                            **{f"placement/layer{l}/val_score": v for l, v in enumerate(d.proposal.val_after_L)},
+                            **{f"placement/layer{l}/fit_score": v for l, v in enumerate(d.proposal.fit_after_L)},
+                            "placement/solve_s": d.proposal.solve_time_s,
                             "placement/migrated": int(d.migrated), "placement/bytes_moved": d.bytes_moved,
                             "train_step": d.step})
 
@@ -212,7 +216,7 @@ class Telemetry:
     def close(self, summary: dict) -> None:
         if summary:
             summary.setdefault("traffic", self.traffic.to_dict())
-            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            write_summary(self.out_dir, summary)
         if self.wandb:
             if summary:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
@@ -255,6 +259,14 @@ class TrafficTotals:
                 "inter_node_bytes_per_step": inter / n, "intra_node_bytes_per_step": intra / n,
                 "a2a_bytes_by_layer": [] if self.a2a_LC is None else self.a2a_LC.tolist(),
                 "checkpoint_upload_bytes": self.checkpoint_bytes}
+
+
+def write_summary(out_dir: Path, summary: dict) -> Path:
+    """``<out_dir>/summary.json``: how the run ended (every terminal state) and its results if any."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=float))
+    return path
 
 
 # ---- what the driver prints about watching the run ---------------------------------------------

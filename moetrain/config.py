@@ -163,6 +163,10 @@ class CheckpointConfig:
     # crc32c (hardware CRC-32C, what S3 and GCS use themselves; ~11 GB/s per core) or sha256
     # (~1.7 GB/s per core). Checkpoints written with either are readable whatever this says.
     checksum: str = "crc32c"
+    # A run holds a lease on its name in the store (<uri>/<run>/lease.json), renewed every
+    # lease_ttl_s / 4: a second run of the same name is refused while it is live. A run killed
+    # without releasing it (SIGKILL) blocks its name for up to this long (or `moetrain ckpt unlock`).
+    lease_ttl_s: float = 60.0
 
 
 @dataclass(kw_only=True)
@@ -201,7 +205,10 @@ class PlacementConfig:
     window: int = 50  # optimizer steps of routing statistics the solver sees (a moving window)
     sample_tokens: int = 8192  # per-token top-k ids kept from the window, all ranks together
     min_gain: float = 0.05  # relative cost reduction needed to migrate
-    method: str = "ilp"  # ilp | local_search | greedy (placement.solve_placement's method)
+    method: str = "ilp"  # ilp | local_search | greedy | validated (placement.solve_placement's method)
+    # newest share of the window's sampled steps that validates (placement/select.py): the
+    # proposal is fitted on the older steps and min_gain is judged on these; 0 = judge on the fit
+    val_fraction: float = 0.25
     time_limit_s: float = 10.0
     load_weight: float = 1.0  # lambda: weight of the makespan term
     migration_weight: float = 0.0  # mu: weight of the migration term
@@ -335,16 +342,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _check_unique_keys(node: Any, path: str = "") -> None:
+    """Refuse a key given twice in one YAML mapping (PyYAML would keep the last silently),
+    naming its dotted path and both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            where = f"{path}.{key}" if path else key
+            if key in seen:
+                raise ConfigError(f"key {where!r} is given twice (lines {seen[key]} and "
+                                  f"{key_node.start_mark.line + 1}): remove one")
+            seen[key] = key_node.start_mark.line + 1
+            _check_unique_keys(value_node, where)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]")
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {str(p)!r}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+        _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        data = yaml.safe_load(text)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(p)!r}: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -380,7 +409,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
-PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
+PLACEMENT_METHODS = ("ilp", "local_search", "greedy", "validated")
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "block", "attention")
 ROUTERS = ("softmax_topk", "topk_softmax")
@@ -441,7 +470,7 @@ RANGES = {
     "train.zero_stage": "[0, 2]",
     "train.loss.lbl_coeff": "[0, inf)", "train.loss.z_loss_coeff": "[0, inf)",
     "checkpoint.every": "[0, inf)", "checkpoint.keep": "[1, inf)", "checkpoint.max_consecutive_failures": "[0, inf)",
-    "checkpoint.max_retries": "[0, inf)",
+    "checkpoint.max_retries": "[0, inf)", "checkpoint.lease_ttl_s": "[1, 86400]",
     "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
     "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
     "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)", "cluster.node_wait_s": "[0, inf)",
@@ -450,6 +479,7 @@ RANGES = {
     "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
     "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
     "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
+    "placement.val_fraction": "[0, 1)",
 }
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a path segment and an actor-name part
@@ -480,7 +510,55 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_model(cfg)
     _validate_run(cfg)
     _validate_placement(cfg)
+    _validate_no_credentials(cfg)
     return cfg
+
+
+def redacted_url(value: str) -> str:
+    """``scheme://***@host[:port]/path`` for a URL with user info: nothing before the last '@'
+    of the URL's authority is kept (the query string is dropped too)."""
+    if "://" not in value:  # an endpoint given without a scheme
+        return f"***@{value.rpartition('@')[2]}"
+    i = value.index("://")
+    j = i
+    while j > 0 and (value[j - 1].isalnum() or value[j - 1] in "+.-"):
+        j -= 1
+    rest = value[i + 3:]
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        host_path = authority.rpartition("@")[2] + slash + path
+    else:  # the secret held a '/': keep only what follows the last '@'
+        host_path = rest.rpartition("@")[2]
+    return f"{value[j:i]}://***@{host_path.split('?', 1)[0]}"
+
+
+def _url_has_credentials(value: str, endpoint: bool) -> bool:
+    """A ``scheme://user[:secret]@host`` URL (also behind a prefix such as ``hf:`` or ``name=``).
+    In an endpoint (no path of its own) any '@' counts, wherever a '/' in the secret put it."""
+    if endpoint:
+        return "@" in value
+    if "://" not in value:
+        return False
+    rest = value.partition("://")[2]
+    return "@" in (rest if endpoint else rest.split("/", 1)[0])
+
+
+def _validate_no_credentials(cfg: RunConfig) -> None:
+    """No endpoint or URI field carries credentials (``http://KEY:SECRET@host``): they would reach
+    logs, manifests and DNS. Refused naming the field; the message never repeats the secret."""
+    def walk(node: Any, path: str) -> None:
+        for f in dataclasses.fields(node):
+            value, where = getattr(node, f.name), f"{path}.{f.name}" if path else f.name
+            if dataclasses.is_dataclass(value):
+                walk(value, where)
+                continue
+            for item in (value if isinstance(value, list) else [value]):
+                if isinstance(item, str) and _url_has_credentials(item, f.name.endswith("endpoint")):
+                    raise ConfigError(
+                        f"{where} holds credentials in its URL ({redacted_url(item)}): give only scheme://host:port "
+                        "there, and the keys in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or "
+                        "GOOGLE_APPLICATION_CREDENTIALS)")
+    walk(cfg, "")
 
 
 def _validate_model(cfg: RunConfig) -> None:

@@ -110,7 +110,7 @@ class LayerTables:
     def __init__(self, ids_TK: np.ndarray, num_experts: int, topo: Topology, w_OR: np.ndarray,
                  origin_T: np.ndarray | None = None, unary_ER: np.ndarray | None = None, chunk: int = 4096):
         E, R = num_experts, topo.num_ranks
-        T = max(ids_TK.shape[0], 1)
+        T = max(int((ids_TK >= 0).any(axis=1).sum()), 1)  # the layer's tokens (cost.layer_tokens)
         w_OR = np.asarray(w_OR, dtype=np.float64)
         masks, cnt_MO = _token_groups(ids_TK, origin_T, w_OR.shape[0])
         wsum_MR = cnt_MO @ w_OR / T  # what reaching r costs, per expert set

@@ -67,7 +67,7 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
     ``keep_S`` (bool [S]): slots held fixed besides the replicated experts' (a smaller
     neighbourhood the MIP can prove optimal). ``w_R``: [R], or [O, R] with ``origin_T`` [T] the
     origin class (home rank) of each token."""
-    T = max(ids_TK.shape[0], 1)
+    T = max(int((ids_TK >= 0).any(axis=1).sum()), 1)  # the layer's tokens (cost.layer_tokens)
     w_OR = np.atleast_2d(np.asarray(w_R, dtype=np.float64))
     o_T = np.zeros(ids_TK.shape[0], dtype=np.int64) if origin_T is None else np.asarray(origin_T)
     E = int(row_S.max()) + 1

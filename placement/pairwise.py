@@ -30,7 +30,7 @@ def rows_from_sets(rank_sets: list, num_ranks: int) -> np.ndarray:
 def _layer_model(c: "LayerContext", l: int, cnt_E: np.ndarray, experts: np.ndarray, ranks: np.ndarray,
                  w_R: np.ndarray, slots_R: np.ndarray, fetch_ER: np.ndarray) -> LayerModel:
     s = c.stats
-    T = max(s.num_tokens, 1)
+    T = max(int(s.tokens_L[l]), 1)  # the layer's tokens (cost.layer_tokens)
     load = s.load_LE[l][experts]
     cnt = cnt_E[experts]
     pairs, q = top_pairs(s.coact_LEE[l][np.ix_(experts, experts)], cnt, c.num_pairs)

@@ -42,6 +42,10 @@ phase a function below, every answer scored by the exact cost model before it is
    pairwise path, as before, the larger of the MIP's dual bound and the flat LP relaxation of
    the *pairwise model* (``bound_kind`` says which).
 
+``method="validated"`` is placement/select.py's selection: these methods are its candidates, fitted
+on the older part of the window and chosen per layer on its newest tokens (fit and validation
+scores in ``LayerReport.fit_score`` / ``val_score`` / ``selection``).
+
 Determinism: phases 2, 3 and 5 are bounded by counts (restarts x moves, rounds, sweeps) and
 seeded; the MIPs run single-threaded with a fixed random seed and a node limit. The clock only caps them, so
 two solves with the same seed return the same placement unless a phase hits its time cap
@@ -69,7 +73,7 @@ from placement.placement import Placement, PlacementError
 from placement.stats import RoutingStats
 from placement.topology import Topology
 
-METHODS = ("ilp", "greedy", "local_search", "contiguous", "round_robin")
+METHODS = ("ilp", "greedy", "local_search", "contiguous", "round_robin", "validated")
 
 SEARCH_SHARE = 0.75  # tabu restarts: at most this share of the layer budget
 REFINE_SHARE = 0.5  # iterated FM: at most this share of what is left after the search
@@ -113,6 +117,14 @@ class LayerReport:
     hyperedges: tuple[int, int] = (0, 0)  # (kept in the exact model, distinct in the layer)
     lns: tuple[int, int, int] = (0, 0, 0)  # (subproblems, proven optimal, improvements)
     hierarchical: bool = False
+    # validated selection (select.py): the chosen candidate's objective on the fit part(s) and on
+    # the newest tokens it did not see (mean over folds; nan: not validated), those tokens, every
+    # candidate's (name, fit, validation) scores, and whether the answer was refitted on the window
+    fit_score: float = math.nan
+    val_score: float = math.nan
+    val_tokens: int = 0
+    selection: tuple[tuple[str, float, float], ...] = ()
+    refit: bool = False
 
     @property
     def mip_improvement(self) -> float:
@@ -140,10 +152,21 @@ class SolveResult:
     solve_time_s: float
     layers: tuple[LayerReport, ...] = field(default=())
 
+    @property
+    def fit_score(self) -> float:
+        """Sum over layers of the fit-part objective (nan unless validated, select.py)."""
+        return float(sum(r.fit_score for r in self.layers)) if self.layers else math.nan
+
+    @property
+    def val_score(self) -> float:
+        """Sum over layers of the validation objective (nan unless validated, select.py)."""
+        return float(sum(r.val_score for r in self.layers)) if self.layers else math.nan
+
     def summary(self) -> dict:
         return {"method": self.method, "solver": self.solver, "status": self.status,
                 "bound": self.bound, "model_objective": self.model_objective, "gap": self.gap,
-                "solve_time_s": self.solve_time_s, **self.cost.to_dict()}
+                "solve_time_s": self.solve_time_s, "fit_score": self.fit_score, "val_score": self.val_score,
+                **self.cost.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -266,7 +289,7 @@ def _load_cap(c: LayerContext, l: int, cnt_E: np.ndarray) -> float | None:
     """The balance cap per token: ``balance_cap`` x mean rank load, never below what LPT packs."""
     if c.balance_cap is None:
         return None
-    load, T, R = c.stats.load_LE[l], max(c.stats.num_tokens, 1), c.topo.num_ranks
+    load, T, R = c.stats.load_LE[l], max(int(c.stats.tokens_L[l]), 1), c.topo.num_ranks
     lpt = pack_lpt(load, cnt_E, c.topo)
     srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
     lpt_max = np.bincount(srank, weights=(load / cnt_E)[lpt], minlength=R).max() / T
@@ -492,6 +515,11 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
     imbalanced row wins). Returns a :class:`SolveResult`."""
     _check_args(method, time_limit_s, load_weight, migration_weight, expert_bytes, balance_cap, restarts,
                 max_hyperedges)
+    if method == "validated":  # select.py runs this module's methods as its candidates
+        from placement.select import select_placement
+        return select_placement(stats, topology, current=current, time_limit_s=time_limit_s,
+                                load_weight=load_weight, migration_weight=migration_weight,
+                                expert_bytes=expert_bytes, seed=seed, restarts=restarts, balance_cap=balance_cap)
     topology.check_experts(stats.num_experts)
     L, E, R = stats.num_layers, stats.num_experts, topology.num_ranks
     if current is not None and (current.slots_per_rank != topology.slots_per_rank or current.num_layers != L

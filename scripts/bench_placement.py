@@ -29,6 +29,10 @@ Scale case: 16 layers synthesised from the OLMoE layer by permuting its expert i
 per-layer seed, 64 experts x 8 ranks, solved by the ILP pipeline within one 55 s budget.
 
 Prints the table, then one JSON line with the figures and whether each target is met.
+
+``--study curves`` runs the generalisation study instead (scripts/bench_placement_curves.py:
+learning curves of contiguous, the pipeline, the validated selection and Mt-KaHyPar on fit windows
+of 500 tokens to all available, scored on a fixed later slice; its own options follow).
 """
 
 from __future__ import annotations
@@ -293,6 +297,16 @@ def targets_of(rows: list[dict], scale: dict | None) -> tuple[dict, dict]:
 
 
 def main() -> int:
+    if "--study" in sys.argv:
+        i = sys.argv.index("--study")
+        study, rest = sys.argv[i + 1:i + 2], sys.argv[1:i] + sys.argv[i + 2:]
+        if study == ["curves"]:
+            import bench_placement_curves
+            return bench_placement_curves.main(rest)
+        if study != ["cases"]:
+            print(f"error: --study must be cases or curves, got {' '.join(study) or 'nothing'}", file=sys.stderr)
+            return 2
+        sys.argv = [sys.argv[0]] + rest
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stats", default="", help="also benchmark a moetrain statistics .npz")
     ap.add_argument("--traces", default=str(TRACES))

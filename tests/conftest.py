@@ -154,7 +154,7 @@ def ray_local():
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_REGION", "us-east-1")
     if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, namespace="moetrain",
+        ray.init(address="local", num_cpus=6, include_dashboard=False, namespace="moetrain",  # never a `ray start` one
                  _temp_dir=tempfile.mkdtemp(prefix="ray-mt-", dir="/tmp"), log_to_driver=False,
                  configure_logging=False)
     yield ray

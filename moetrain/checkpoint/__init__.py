@@ -22,7 +22,7 @@ names its algorithm, so checkpoints written with sha256 (all before v2 manifests
 
 Modules: ``checksum`` (crc32c / sha256), ``storage`` (Store, streamed writes: direct for
 objects, atomic for commit records, retries, typed errors), ``format`` (the object byte
-format), ``layout`` (keys), ``snapshot`` (host copies), ``writer`` (async writer), ``manifest``
+format), ``layout`` (keys), ``lease`` (one writer per run name), ``snapshot`` (host copies), ``writer`` (async writer), ``manifest``
 (commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load), ``cli``
 (``moetrain ckpt ...``).
 """
@@ -40,6 +40,7 @@ from moetrain.checkpoint.errors import (
     TornSnapshotError,
 )
 from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
+from moetrain.checkpoint.lease import Lease, LeaseHeldError, LeaseLostError
 from moetrain.checkpoint.manifest import Manifest, commit, read_latest, read_manifest
 from moetrain.checkpoint.reader import VerifyReport, load_objects, resolve, verify
 from moetrain.checkpoint.retention import (
@@ -56,6 +57,7 @@ from moetrain.checkpoint.writer import AsyncCheckpointWriter, CheckpointFuture, 
 __all__ = [
     "AsyncCheckpointWriter", "BucketNotFoundError", "CheckpointError", "CheckpointFuture",
     "CheckpointInfo", "CheckpointRef", "CleanReport", "CorruptObjectError", "InvalidNameError",
+    "Lease", "LeaseHeldError", "LeaseLostError",
     "Manifest", "NotCommittedError", "ObjectEntry", "ObjectNotFoundError", "SaveResult",
     "SerializationError", "Snapshot", "Store", "StoreAccessError", "StoreUnreachableError",
     "TornSnapshotError", "VerifyReport", "apply_retention", "clean", "commit",

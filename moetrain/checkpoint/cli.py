@@ -1,4 +1,4 @@
-"""``moetrain ckpt list|verify|inspect|clean URI``: plain functions returning (data, text).
+"""``moetrain ckpt list|verify|inspect|clean|unlock URI``: plain functions returning (data, text).
 
 Each command returns its data (for scripts and tests) and a printable table (for people); the
 argument parsing lives in the project CLI. ``URI`` may be a checkpoint root (every run), a run
@@ -9,10 +9,12 @@ directory (``<root>/<run>``) or one checkpoint (``<root>/<run>/step-<N>``; ``ver
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Sequence
 
 from moetrain.checkpoint.errors import InvalidNameError
 from moetrain.checkpoint.layout import CheckpointRef, parse_step_dir
+from moetrain.checkpoint.lease import LeaseRecord, unlock
 from moetrain.checkpoint.manifest import Manifest, read_manifest
 from moetrain.checkpoint.reader import VerifyReport, resolve, split_uri, verify
 from moetrain.checkpoint.retention import CheckpointInfo, CleanReport, clean, list_checkpoints
@@ -122,4 +124,18 @@ def ckpt_clean(uri: str, cfg: CheckpointConfig | None = None, *,
     return report, format_table(rows, ("clean", run))
 
 
-COMMANDS = {"list": ckpt_list, "verify": ckpt_verify, "inspect": ckpt_inspect, "clean": ckpt_clean}
+def ckpt_unlock(uri: str, cfg: CheckpointConfig | None = None) -> tuple[LeaseRecord | None, str]:
+    """Remove the lease of a run directory (its writer is known to be dead: SIGKILL, lost node)."""
+    root, run, step = split_uri(_absolute(uri))
+    if step is not None:
+        raise InvalidNameError(f"unlock takes a run directory, not one checkpoint: {uri}")
+    store = open_store(root, cfg)
+    rec = unlock(store, run)
+    if rec is None:
+        return None, f"{store.uri_of(run)}: no lease (nothing to unlock)"
+    return rec, (f"{store.uri_of(run)}: removed the lease of host {rec.host} pid {rec.pid} "
+                 f"(last heartbeat {time.time() - rec.heartbeat:.0f} s ago)")
+
+
+COMMANDS = {"list": ckpt_list, "verify": ckpt_verify, "inspect": ckpt_inspect, "clean": ckpt_clean,
+            "unlock": ckpt_unlock}

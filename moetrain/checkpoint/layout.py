@@ -3,6 +3,7 @@
 Owns the key scheme (nothing else builds keys by hand)::
 
     <root>/<run>/latest                      text "step-<N>\\n": the newest commit
+    <root>/<run>/lease.json                  the writer holding the run name (see ``lease``)
     <root>/<run>/step-<N>/manifest.json      written last: its presence is the commit
     <root>/<run>/step-<N>/<object name>      e.g. dense/rank-0, experts/layer-3/expert-17
                                              (written in place: only the manifest vouches for it)

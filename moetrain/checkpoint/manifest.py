@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from moetrain.checkpoint.errors import (
     CheckpointError,
@@ -43,6 +43,9 @@ from moetrain.checkpoint.layout import (
 )
 from moetrain.checkpoint.storage import Store
 from moetrain.checkpoint.writer import SaveResult
+
+if TYPE_CHECKING:
+    from moetrain.checkpoint.lease import Lease
 
 FORMAT = "moetrain-checkpoint"
 # v2: each entry's checksum key names its algorithm ("crc32c" or "sha256"); v1: always "sha256".
@@ -144,18 +147,23 @@ def _check_present(store: Store, prefix: str, entries: Sequence[ObjectEntry]) ->
 
 
 def commit(store: Store, run: str, step: int, per_rank: Sequence[SaveResult | Sequence[Any]],
-           meta: dict[str, Any] | None = None) -> Manifest:
+           meta: dict[str, Any] | None = None, *, lease: "Lease | None" = None) -> Manifest:
     """Commit checkpoint ``step`` of ``run``: write ``manifest.json`` then ``latest``.
 
     ``per_rank``: one item per rank, a :class:`SaveResult` or a list of ``ObjectEntry`` /
     ``{name, size, crc32c | sha256}`` dicts (the key names the checksum algorithm). A failed
-    rank, a missing object or non-JSON ``meta`` raises :class:`CheckpointError` and nothing is
-    committed (``latest`` is unchanged)."""
+    rank, a missing object, non-JSON ``meta``, a ``lease`` this writer no longer holds
+    (:class:`~moetrain.checkpoint.lease.LeaseLostError`) or a ``latest`` pointer already at a
+    higher committed step (``latest`` never moves backwards) raises :class:`CheckpointError` and
+    nothing is committed (``latest`` is unchanged)."""
     check_run(run)
     check_step(step)
     entries = _merge(step, per_rank)
     prefix = step_prefix(run, step)
     _check_present(store, prefix, entries)
+    _check_not_backwards(store, run, step)
+    if lease is not None:
+        lease.verify()
     store.sync_dirs(prefix)  # local stores: the objects' names are on disk before the commit
     manifest = Manifest(run=run, step=step, world_size=len(per_rank), entries=entries,
                         meta=dict(meta or {}),
@@ -167,6 +175,18 @@ def commit(store: Store, run: str, step: int, per_rank: Sequence[SaveResult | Se
     store.write_bytes(f"{prefix}/{MANIFEST}", text.encode("utf-8"))
     store.write_bytes(latest_key(run), f"step-{step}\n".encode("ascii"))
     return manifest
+
+
+def _check_not_backwards(store: Store, run: str, step: int) -> None:
+    """Refuse a commit below the step ``latest`` names while that step is committed."""
+    try:
+        current = read_latest(store, run)
+    except CorruptObjectError:
+        return  # an unreadable pointer is overwritten by this commit
+    if current is not None and current > step and store.exists(f"{step_prefix(run, current)}/{MANIFEST}"):
+        raise CheckpointError(
+            f"cannot commit {store.uri_of(step_prefix(run, step))}: {store.uri_of(latest_key(run))} already names "
+            f"the committed step {current} (latest never moves backwards; is another run writing {run!r}?)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow.fs as pafs
 
-from moetrain.checkpoint.checksum import ALGORITHMS, DEFAULT
+from moetrain.checkpoint.checksum import ALGORITHMS, DEFAULT, new_hasher
 from moetrain.checkpoint.errors import (
     BucketNotFoundError,
     CheckpointError,
@@ -307,6 +307,18 @@ class Store:
     def read_bytes(self, key: str) -> bytes:
         return self.read_array(key).tobytes()
 
+    def digest(self, key: str, algorithm: str, chunk: int = 8 << 20) -> tuple[int, str]:
+        """(size, hex checksum under ``algorithm``) of the object, streamed in ``chunk``-byte
+        pieces: memory stays bounded whatever the object's size."""
+        def read() -> tuple[int, str]:
+            hasher, size = new_hasher(algorithm), 0
+            with self.fs.open_input_stream(self.path(key)) as f:
+                while piece := f.read(chunk):
+                    hasher.update(piece)
+                    size += len(piece)
+            return size, hasher.hexdigest()
+        return self._run("reading", key, read)
+
     def exists(self, key: str) -> bool:
         info = self._run("checking", key, lambda: self.fs.get_file_info(self.path(key)))
         return info.type == pafs.FileType.File
@@ -369,7 +381,13 @@ def _env(*names: str) -> str:
 
 
 def _split_endpoint(endpoint: str) -> tuple[str, str]:
-    """("http", "127.0.0.1:9000") from "http://127.0.0.1:9000"; https when no scheme is given."""
+    """("http", "127.0.0.1:9000") from "http://127.0.0.1:9000"; https when no scheme is given.
+    An endpoint with credentials in it (``http://KEY:SECRET@host``, e.g. from AWS_ENDPOINT_URL)
+    is refused without contacting it and without repeating it."""
+    if "@" in endpoint:
+        raise InvalidNameError(f"the store endpoint {endpoint.partition('://')[0] or 'https'}://***@"
+                               f"{endpoint.rpartition('@')[2]} holds credentials: give only scheme://host:port, "
+                               "and the keys in AWS_* / GOOGLE_APPLICATION_CREDENTIALS")
     if "://" in endpoint:
         scheme, _, rest = endpoint.partition("://")
         return scheme, rest.rstrip("/")

@@ -14,22 +14,31 @@ Sources:
   ``data.text_field`` per line) or a ``.parquet`` file (string column ``data.text_field``).
 
 The cap is exact: whole documents are taken in order and the last one is cut (at a UTF-8
-character boundary) so the domain holds at most ``max_bytes_per_domain`` bytes.
+character boundary) so the domain holds at most ``max_bytes_per_domain`` bytes. It also bounds
+what is *read*: a text file (alone or in a directory) is read only up to the bytes the domain
+still has room for (plus at most 3 to finish a UTF-8 character), so a 1 GB file under a 4 MB cap
+costs 4 MB of reading and memory. JSONL records and Parquet batches are read whole, one at a
+time, until the cap is reached. Domains that take more than :data:`PROGRESS_AFTER_S` to read
+are logged (bytes and seconds).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sysconfig
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from moetrain.config import DataConfig
 from moetrain.data.errors import DataError
+
+log = logging.getLogger("moetrain")
 
 BUILTIN_DOMAINS = ("code", "english")
 # Stdlib directories left out of the `code` domain: tests (some deliberately malformed),
@@ -39,6 +48,8 @@ _STDLIB_SKIP_DIRS = frozenset({
     "pydoc_data",
 })
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+PROGRESS_AFTER_S = 2.0  # a domain slower than this to read is reported in the log
+_UTF8_TAIL = 3  # bytes beyond a cut that may finish the UTF-8 character it splits
 
 
 @dataclass(frozen=True)
@@ -75,14 +86,20 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         sources = {"code": stdlib_code_docs(), "english": pydoc_topic_docs()}
     elif cfg.source == "paths":
         entries = parse_path_entries(cfg.paths)
-        sources = {name: read_path_docs(path, cfg.text_field) for name, path in entries}
+        sources = {name: read_path_docs(path, cfg.text_field, cfg.max_bytes_per_domain)
+                   for name, path in entries}
     else:
         raise DataError(f"data.source ({cfg.source!r}) must be 'builtin' or 'paths'")
     domains, docs = [], []
     for name, stream in sources.items():
+        t0 = time.perf_counter()
         capped = cap_docs(stream, cfg.max_bytes_per_domain)
         if not capped:
             raise DataError(f"domain {name!r} has no text (every document is empty)")
+        seconds = time.perf_counter() - t0
+        if seconds > PROGRESS_AFTER_S:
+            log.info("data: read domain %r: %.1f MB (cap %.1f MB) in %.1f s", name,
+                     sum(len(d.encode("utf-8")) for d in capped) / 1e6, cfg.max_bytes_per_domain / 1e6, seconds)
         domains.append(name)
         docs.append(tuple(capped))
     return Corpus(domains=tuple(domains), docs=tuple(docs))
@@ -161,8 +178,11 @@ def parse_path_entries(entries: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def read_path_docs(path: Path, text_field: str) -> Iterator[str]:
-    """Documents of one user path. Checks existence and emptiness eagerly (before iteration)."""
+def read_path_docs(path: Path, text_field: str, max_bytes: int | None = None) -> Iterator[str]:
+    """Documents of one user path. Checks existence and emptiness eagerly (before iteration).
+
+    ``max_bytes``: the consumer's cap (:func:`cap_docs`); text files are then read only up to
+    the room left under it (see the module doc), instead of whole."""
     if not path.exists():
         raise DataError(f"data path {str(path)!r} does not exist")
     if path.is_dir():
@@ -170,24 +190,44 @@ def read_path_docs(path: Path, text_field: str) -> Iterator[str]:
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"data path {str(path)!r} is an empty directory")
-        return (_read_text_file(p) for p in files)
+        return _text_files_docs(files, max_bytes)
     if path.stat().st_size == 0:
         raise DataError(f"data path {str(path)!r} is an empty file")
     if path.suffix == ".jsonl":
         return _jsonl_docs(path, text_field)
     if path.suffix == ".parquet":
         return _parquet_docs(path, text_field)
-    return iter([_read_text_file(path)])
+    return _text_files_docs([path], max_bytes)
 
 
-def _read_text_file(path: Path) -> str:
+def _text_files_docs(files: list[Path], max_bytes: int | None) -> Iterator[str]:
+    """Each file's text, read up to the room ``max_bytes`` leaves after the texts before it."""
+    left = max_bytes
+    for path in files:
+        text = _read_text_file(path, None if left is None else left + _UTF8_TAIL)
+        yield text
+        if left is not None and text:
+            left -= len(text.encode("utf-8"))
+            if left <= 0:
+                return
+
+
+def _read_text_file(path: Path, limit: int | None = None) -> str:
+    """The file's text; with ``limit``, only its first ``limit`` bytes (a UTF-8 character cut
+    at the end is dropped)."""
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start})") from None
+        with open(path, "rb") as f:
+            raw = f.read() if limit is None else f.read(limit)
+            cut = limit is not None and len(raw) == limit and f.read(1) != b""
     except OSError as exc:
         raise DataError(f"data file {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if cut and exc.start >= len(raw) - _UTF8_TAIL and exc.reason == "unexpected end of data":
+            return raw[:exc.start].decode("utf-8")
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start})") from None
 
 
 def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:

@@ -91,7 +91,7 @@ def build_dataset(cfg: DataConfig) -> PackedDataset:
         tok, tok_hash, tok_hit = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)
         eot = eot_id(tok)
     t2 = time.perf_counter()
-    packed_key = content_key({"corpus": corpus_hash, "seq_len": cfg.seq_len, "tokenizer": tok_hash,
+    packed_key = content_key({"corpus": corpus_hash, "seq_len": cfg.seq_len, "tokenizer": tok_hash, "eot": eot,
                               "format": PACK_FORMAT})
 
     def build(tmp: Path) -> None:

@@ -167,7 +167,7 @@ def write_batch_shards(pairs: list[tuple[str, str, str]], tok, tok_sha: str, eot
     out = []
     for domain, items in sorted(by_domain.items()):
         texts = [t for _, t in items]
-        ident = shard_id([f"{s}\0{t}" for s, t in items], domain, tok_sha, seq_len)
+        ident = shard_id([f"{s}\0{t}" for s, t in items], domain, tok_sha, eot, seq_len)
         key = shard_key(domain, ident)
         if store.exists(key):
             with store.fs.open_input_file(store.path(key)) as fh:

@@ -110,9 +110,10 @@ def parse_manifest(text: str, where: str) -> PreparedManifest:
     return m
 
 
-def shard_id(texts: list[str], domain: str, tokenizer_sha256: str, seq_len: int) -> str:
-    """Content id of the shard made from ``texts``: equal inputs give the same key on a re-run."""
-    h = hashlib.sha256(f"moetrain-shard-v{FORMAT}|{domain}|{tokenizer_sha256}|{seq_len}".encode())
+def shard_id(texts: list[str], domain: str, tokenizer_sha256: str, eot: int, seq_len: int) -> str:
+    """Content id of the shard made from ``texts``: equal inputs (the end-of-text id that separates
+    the documents included) give the same key on a re-run."""
+    h = hashlib.sha256(f"moetrain-shard-v{FORMAT}|{domain}|{tokenizer_sha256}|{eot}|{seq_len}".encode())
     for t in texts:
         raw = t.encode("utf-8", errors="surrogatepass")
         h.update(len(raw).to_bytes(8, "little"))

@@ -13,7 +13,11 @@ special id, because ``encode_special_tokens`` is switched on at load).
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import tokenizers
@@ -22,16 +26,29 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moetrain.data.cache import cached, content_key
 from moetrain.data.corpus import Corpus, cap_docs
 
+log = logging.getLogger("moetrain")
+
 EOT = "<|endoftext|>"
 # Text used to train the BPE merges, split evenly over domains (the default corpus is ~4.5 MB,
 # which trains in ~1 s on 2 cores). Part of the cache key.
 TRAIN_BYTES_TOTAL = 8_000_000
+# Runs of non-whitespace longer than this many characters are cut into pieces of this length
+# before BPE training. The byte-level pre-tokenizer keeps a run of letters (or of digits, or of
+# punctuation) as one word, and HF's BPE trainer is superlinear in a word's length: a 100 kB
+# word took 2 s, a 3 MB line of letters minutes. Words this long are never worth a merge of
+# their own; encoding is unaffected (it sees whole documents, and is fast on long words).
+MAX_TRAIN_WORD_CHARS = 256
+ENCODE_PIECE_CHARS = 1 << 16  # encoding: documents cut into pieces of about this many characters
+ENCODE_BATCH_CHARS = 1 << 20  # encoding: characters handed to HF at a time
+_LINE_START = re.compile(r"(?<=\n)\S")
+_LONG_RUN = re.compile(r"\S{%d,}" % (MAX_TRAIN_WORD_CHARS + 1))
 SETTINGS = {
     "kind": "byte-level-bpe",
     "format": 1,
     "special_tokens": [EOT],
     "add_prefix_space": False,
     "train_bytes_total": TRAIN_BYTES_TOTAL,
+    "max_train_word_chars": MAX_TRAIN_WORD_CHARS,
     "tokenizers_version": tokenizers.__version__,
 }
 
@@ -66,9 +83,32 @@ def train_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     share = TRAIN_BYTES_TOTAL // max(1, len(corpus.domains))
-    texts = [doc for docs in corpus.docs for doc in cap_docs(iter(docs), share)]
+    texts = [piece for docs in corpus.docs for doc in cap_docs(iter(docs), share)
+             for piece in training_pieces(doc)]
+    nbytes = sum(len(t) for t in texts)
+    t0 = time.perf_counter()
+    log.info("training the byte-level BPE tokenizer (vocab %d) on %.1f MB of text", vocab_size, nbytes / 1e6)
     tok.train_from_iterator(texts, trainer, length=len(texts))
+    log.info("tokenizer trained in %.1f s", time.perf_counter() - t0)
     return tok
+
+
+def training_pieces(doc: str, max_word: int = MAX_TRAIN_WORD_CHARS) -> Iterator[str]:
+    """``doc`` as BPE training text: itself when it has no run of more than ``max_word``
+    non-whitespace characters, else the text between such runs and each run cut into pieces of
+    ``max_word`` characters (each its own training text, so no pre-token is longer)."""
+    pattern = _LONG_RUN if max_word == MAX_TRAIN_WORD_CHARS else re.compile(r"\S{%d,}" % (max_word + 1))
+    pos = 0
+    for m in pattern.finditer(doc):
+        if m.start() > pos:
+            yield doc[pos:m.start()]
+        for i in range(m.start(), m.end(), max_word):
+            yield doc[i:min(i + max_word, m.end())]
+        pos = m.end()
+    if pos == 0:
+        yield doc
+    elif pos < len(doc):
+        yield doc[pos:]
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -132,6 +172,9 @@ def load_hf_tokenizer(spec: str, *, s3_endpoint: str = "", s3_region: str = "",
     if eot is None:
         raise DataError(f"data.tokenizer ({spec!r}): no end-of-text token: set eos_token in "
                         f"{where}/tokenizer_config.json or eos_token_id in {where}/config.json")
+    if isinstance(eot, bool) or not isinstance(eot, int) or not 0 <= eot < tok.get_vocab_size():
+        raise DataError(f"data.tokenizer ({spec!r}): end-of-text id {eot!r} is outside the vocabulary of "
+                        f"{where}/tokenizer.json (vocab size {tok.get_vocab_size()})")
     return tok, hashlib.sha256(raw).hexdigest(), int(eot)
 
 
@@ -142,7 +185,52 @@ def eot_id(tok: Tokenizer) -> int:
     return ident
 
 
+def splits_long_runs(tok: Tokenizer) -> bool:
+    """Whether :func:`encode_docs` cuts documents for ``tok``: a plain byte-level pre-tokenizer
+    (GPT-2's regex, no prefix space: the trained BPE), where pieces encoded one by one give ids
+    that decode to the same bytes."""
+    pre = tok.pre_tokenizer
+    return isinstance(pre, pre_tokenizers.ByteLevel) and not pre.add_prefix_space and pre.use_regex
+
+
 def encode_docs(tok: Tokenizer, docs: tuple[str, ...] | list[str]) -> list[np.ndarray]:
-    """Token ids of each document (no special tokens added), as int32 arrays."""
-    encodings = tok.encode_batch(list(docs), add_special_tokens=False)
-    return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+    """Token ids of each document (no special tokens added), as int32 arrays.
+
+    With a byte-level tokenizer (:func:`splits_long_runs`) a document is encoded in pieces of at
+    most :data:`ENCODE_PIECE_CHARS`, :data:`ENCODE_BATCH_CHARS` at a time, ids joined: HF keeps
+    ~200 bytes per token of an encoding and ~250 bytes per character of one pre-token word (a
+    4 MB document: ~1 GB). Pieces end at a newline followed by a non-space character (a
+    pre-token boundary: the ids are the same as the whole document's), and a run of more than
+    :data:`MAX_TRAIN_WORD_CHARS` non-whitespace characters is cut as in training (lossless, but
+    other ids than one huge word would get). Other tokenizers encode documents whole."""
+    docs = list(docs)
+    if not splits_long_runs(tok) or all(len(d) <= ENCODE_PIECE_CHARS and not _LONG_RUN.search(d) for d in docs):
+        encodings = tok.encode_batch(docs, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+    out = []
+    for doc in docs:
+        ids: list[np.ndarray] = []
+        batch: list[str] = []
+        for piece in _encode_pieces(doc):
+            batch.append(piece)
+            if sum(map(len, batch)) >= ENCODE_BATCH_CHARS:
+                ids += [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(batch, add_special_tokens=False)]
+                batch = []
+        if batch:
+            ids += [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(batch, add_special_tokens=False)]
+        out.append(np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32))
+    return out
+
+
+def _encode_pieces(doc: str) -> Iterator[str]:
+    """``doc`` cut into :func:`training_pieces`, each longer one cut further after a newline
+    that a non-space character follows, near every :data:`ENCODE_PIECE_CHARS` characters."""
+    for piece in training_pieces(doc):
+        start = 0
+        while len(piece) - start > ENCODE_PIECE_CHARS:
+            m = _LINE_START.search(piece, start + ENCODE_PIECE_CHARS)
+            if m is None:
+                break
+            yield piece[start:m.start()]
+            start = m.start()
+        yield piece[start:] if start else piece

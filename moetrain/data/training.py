@@ -124,7 +124,8 @@ def prepare_local(cfg: DataConfig) -> Path:
     corpus = load_corpus(cfg)
     corpus_hash = corpus.content_hash()
     tok, tok_sha, eot = resolve_tokenizer(cfg, corpus, corpus_hash, root)
-    key = content_key({"corpus": corpus_hash, "tokenizer": tok_sha, "seq_len": cfg.seq_len, "format": FORMAT})
+    key = content_key({"corpus": corpus_hash, "tokenizer": tok_sha, "eot": eot, "seq_len": cfg.seq_len,
+                       "format": FORMAT})
     final = root / f"prepared-{key[:24]}"
     if (final / MANIFEST).is_file():
         return final
@@ -148,7 +149,7 @@ def _write_local(out: Path, corpus, tok, tok_sha: str, eot: int, seq_len: int) -
     for name, docs in zip(corpus.domains, corpus.docs):
         for chunk in _chunks(list(docs), SHARD_TEXT_BYTES):
             rows_NT1, tokens = pack_texts(tok, chunk, eot, seq_len)
-            info = ShardInfo(key=shard_key(name, shard_id(chunk, name, tok_sha, seq_len)), domain=name,
+            info = ShardInfo(key=shard_key(name, shard_id(chunk, name, tok_sha, eot, seq_len)), domain=name,
                              rows=len(rows_NT1), tokens=tokens, docs=len(chunk))
             path = out / info.key
             path.parent.mkdir(parents=True, exist_ok=True)

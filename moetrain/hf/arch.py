@@ -2,7 +2,9 @@
 
 Owns: :data:`ARCHS` (one :class:`ArchSpec` per supported ``model_type``: where its tensors live
 and how its MoE routes), :func:`model_config_from_hf` (an HF ``config.json`` dict -> moetrain
-:class:`ModelConfig`, refusing every field value moetrain cannot express, naming it) and
+:class:`ModelConfig`, refusing every field value moetrain cannot express, naming it; the
+context: ``max_position_embeddings`` for an import, the run's ``max_seq_len`` up to it for a
+fine-tune, see :func:`context_of`; bos / eos / pad ids inside the vocabulary) and
 :func:`hf_config_from_model` (the reverse, on top of the imported ``config.json`` when known).
 
 Supported (transformers 5.24 classes; all use SwiGLU experts, RMSNorm, RoPE, causal attention):
@@ -34,9 +36,11 @@ from typing import Any
 from moetrain.config import ModelConfig
 from moetrain.hf.errors import HFError
 
-# Imported models keep at most this many rotary positions (HF configs say up to 131072; the
-# rotary tables are per layer). Training sets model.max_seq_len itself.
-IMPORT_MAX_SEQ_LEN = 4096
+# The context of a config.json without max_position_embeddings (an import's model.max_seq_len;
+# the import says so). With the field, an import's context is max_position_embeddings and a
+# fine-tune's model.max_seq_len may not exceed it.
+DEFAULT_CONTEXT = 4096
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # checked against vocab_size
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,9 @@ def arch_of(hf: dict[str, Any], where: str = "config.json") -> ArchSpec:
 class _Reader:
     """Reads fields of one HF config dict; ``refuse`` names a field moetrain cannot express."""
 
-    def __init__(self, hf: dict[str, Any], where: str) -> None:
+    def __init__(self, hf: dict[str, Any], where: str, context: int) -> None:
         self.hf, self.where = hf, where
+        self.context = context  # the model.max_seq_len the config is read for
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.hf.get(key, default)
@@ -114,12 +119,18 @@ def _common(r: _Reader) -> dict[str, Any]:
     return dict(vocab_size=int(r.need("vocab_size")), dim=dim, n_layers=int(r.need("num_hidden_layers")),
                 n_heads=heads, n_kv_heads=0 if kv == heads else kv, rope_theta=_rope_theta(r),
                 norm_eps=float(r.get("rms_norm_eps", 1e-6)),
-                tie_embeddings=bool(r.get("tie_word_embeddings", False)),
-                max_seq_len=min(int(r.get("max_position_embeddings", IMPORT_MAX_SEQ_LEN)), IMPORT_MAX_SEQ_LEN))
+                tie_embeddings=bool(r.get("tie_word_embeddings", False)), max_seq_len=r.context)
+
+
+def _sliding_window(r: _Reader) -> None:
+    """A window not shorter than the context never hides a key: accepted; a shorter one is not."""
+    window = r.get("sliding_window")
+    r.expect("sliding_window", window is None or int(window) >= r.context,
+             f"sliding-window attention is not implemented; a window >= the context ({r.context}) is accepted")
 
 
 def _mixtral(r: _Reader) -> tuple[dict, dict]:
-    r.expect("sliding_window", r.get("sliding_window") is None, "no sliding-window attention")
+    _sliding_window(r)
     r.expect("router_jitter_noise", not r.get("router_jitter_noise", 0.0), "no router jitter")
     ffn = int(r.need("intermediate_size"))
     return (dict(ffn_dim=ffn),
@@ -128,7 +139,8 @@ def _mixtral(r: _Reader) -> tuple[dict, dict]:
 
 
 def _qwen2_moe(r: _Reader) -> tuple[dict, dict]:
-    r.expect("use_sliding_window", not r.get("use_sliding_window", False), "no sliding-window attention")
+    if r.get("use_sliding_window", False):
+        _sliding_window(r)
     r.expect("decoder_sparse_step", int(r.get("decoder_sparse_step", 1)) == 1,
              "MoE every layer after the dense first ones")
     dense = sorted(int(i) for i in r.get("mlp_only_layers", []) or [])
@@ -169,16 +181,49 @@ def _ernie(r: _Reader) -> tuple[dict, dict]:
 _TO_MODEL = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "ernie4_5_moe": _ernie}
 
 
+def check_special_ids(ids: dict[str, Any], vocab_size: int, where: str) -> None:
+    """Every bos / eos / pad id (an int or a list of ints) in ``ids`` is in [0, vocab_size)."""
+    for key in SPECIAL_IDS:
+        value = ids.get(key)
+        for ident in (value if isinstance(value, list) else [value]):
+            if ident is None:
+                continue
+            if isinstance(ident, bool) or not isinstance(ident, int) or not 0 <= ident < vocab_size:
+                raise HFError(f"{where}: {key} {ident!r} is outside the vocabulary (vocab_size {vocab_size})")
+
+
+def context_of(hf: dict[str, Any], base: ModelConfig | None, where: str = "config.json") -> tuple[int, str]:
+    """(model.max_seq_len, where its cap comes from): an import takes max_position_embeddings
+    (else :data:`DEFAULT_CONTEXT`); a fine-tune keeps ``base.max_seq_len``, refused above it."""
+    limit = hf.get("max_position_embeddings")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise HFError(f"{where}: max_position_embeddings {limit!r} must be a positive integer")
+    cap = (f"{where} max_position_embeddings {limit}" if limit is not None
+           else f"{where} has no max_position_embeddings: {DEFAULT_CONTEXT} assumed")
+    if base is None:
+        return limit or DEFAULT_CONTEXT, cap
+    if limit is not None and base.max_seq_len > limit:
+        raise HFError(f"model.max_seq_len ({base.max_seq_len}) exceeds max_position_embeddings ({limit}) of "
+                      f"{where}: the model has no positions past {limit}")
+    return base.max_seq_len, cap
+
+
+def context_text(max_seq_len: int, cap: str) -> str:
+    """One line stating a model's context and the cap that applies to it (plan, logs, import)."""
+    return f"context: model.max_seq_len {max_seq_len} tokens (cap: {cap})"
+
+
 def model_config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None, *,
                          where: str = "config.json") -> ModelConfig:
     """The moetrain model of an HF config. Fields HF does not fix (init_std, max_seq_len when
     ``base`` is given, capacity, balancing) come from ``base`` (default: ModelConfig())."""
+    if not isinstance(hf, dict):
+        raise HFError(f"{where}: not a JSON object")
     spec = arch_of(hf, where)
-    r = _Reader(hf, where)
+    r = _Reader(hf, where, context_of(hf, base, where)[0])
     model_kw, moe_kw = _TO_MODEL[spec.model_type](r)
     model_kw = {**_common(r), **model_kw}
-    if base is not None:
-        model_kw["max_seq_len"] = base.max_seq_len
+    check_special_ids(hf, model_kw["vocab_size"], where)
     base = base or ModelConfig()
     first = moe_kw.get("first_moe_layer", 0)
     if first >= model_kw["n_layers"]:

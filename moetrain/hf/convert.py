@@ -3,8 +3,10 @@
 Owns: :func:`import_hf` (HF dir -> ``<out>/<run>/step-0``: ``dense.pt`` and one object per
 expert, as training writes them, placement-independent, plus the tokenizer files as
 ``tokenizer/<file>`` objects; the manifest's meta carries the moetrain config and the original
-``config.json``) and :func:`export_hf` (a committed checkpoint -> ``config.json``, safetensors
-shards, ``model.safetensors.index.json`` and the tokenizer files).
+``config.json`` and the :class:`SourceLayout`: the source's dtype per tensor and its shard sizes)
+and :func:`export_hf` (a committed checkpoint -> ``config.json``, safetensors weights in the
+source's dtype (or ``--dtype``) and shards sized like the source's (or ``--max-shard-size``),
+``model.safetensors.index.json`` when sharded, and the tokenizer files).
 
 Streaming: import reads one HF tensor at a time (ranged reads) and writes one MoE layer's
 expert objects at a time, concurrently; only the dense parameters (one object) or one layer's
@@ -32,10 +34,13 @@ from moetrain.checkpoint.storage import open_store
 from moetrain.config import (
     CheckpointConfig, ClusterConfig, DataConfig, ModelConfig, RunConfig, _from_dict,
 )
-from moetrain.hf.arch import ARCHS, SUPPORTED, ArchSpec, arch_of, hf_config_from_model, model_config_from_hf
+from moetrain.hf.arch import (
+    ARCHS, SUPPORTED, ArchSpec, arch_of, check_special_ids, context_of, context_text, hf_config_from_model,
+    model_config_from_hf,
+)
 from moetrain.hf.errors import HFError
 from moetrain.hf.safetensors_io import (
-    CONFIG, INDEX, TOKENIZER_FILES, HFDir, open_dir, read_json, shard_header, write_shard,
+    CONFIG, GENERATION_CONFIG, INDEX, SINGLE, TOKENIZER_FILES, HFDir, open_dir, read_json, shard_header, write_shard,
 )
 from moetrain.hf.tensors import TensorMap, tensor_plan, to_hf, to_moetrain
 from moetrain.model.transformer import count_moe_blocks
@@ -43,7 +48,8 @@ from moetrain.train.state import DENSE, expert_object_name
 from placement.placement import Placement
 
 log = logging.getLogger(__name__)
-DEFAULT_SHARD_BYTES = 4 << 30  # HF's usual shard size order of magnitude
+DEFAULT_SHARD_BYTES = 4 << 30  # shard size when the source's is unknown (HF's usual order of magnitude)
+EXPORT_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_PREFIX = "tokenizer/"
 # Objects written / read at once: one MoE layer's experts are in memory together (1/L of them)
 # and stream on this many threads, so per-object latency (fsync, S3 requests) overlaps.
@@ -56,6 +62,39 @@ class ConvertReport:
     tensors: int
     bytes: int  # tensor bytes moved
     files: int  # objects / shards written
+    note: str = ""  # import: the context and its cap; export: dtype and shards
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """How the HF model a checkpoint came from was stored, recorded at import (manifest meta
+    ``hf.layout``) so that an export can store it the same way."""
+    dtype: str  # the dtype of most tensor bytes, e.g. "bfloat16"
+    dtypes: dict[str, str]  # tensors stored in another dtype (e.g. an fp32 router bias), by HF name
+    shard_bytes: int  # tensor bytes of the largest shard
+    shards: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "dtypes": dict(self.dtypes), "shard_bytes": self.shard_bytes,
+                "shards": self.shards}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "SourceLayout":
+        return SourceLayout(str(d["dtype"]), {str(k): str(v) for k, v in (d.get("dtypes") or {}).items()},
+                            int(d["shard_bytes"]), int(d["shards"]))
+
+
+def source_layout(src: HFDir) -> SourceLayout:
+    """The dtype (of most bytes) and the shard sizes of an HF directory, from its headers."""
+    by_dtype: dict[torch.dtype, int] = {}
+    by_shard: dict[str, int] = {}
+    for info in src.tensors.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+        by_shard[info.shard] = by_shard.get(info.shard, 0) + info.nbytes
+    main = max(by_dtype, key=lambda d: (by_dtype[d], str(d))) if by_dtype else torch.float32
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    return SourceLayout(name(main), {n: name(i.dtype) for n, i in src.tensors.items() if i.dtype != main},
+                        max(by_shard.values(), default=0), max(1, len(by_shard)))
 
 
 def _expert_groups(plan: list[TensorMap]) -> dict[tuple[int, int], list[TensorMap]]:
@@ -71,13 +110,15 @@ def _read_target(src: HFDir, m: TensorMap, spec: ArchSpec) -> torch.Tensor:
     return to_moetrain(m, [src.read(s) for s in m.sources], interleaved_rope=spec.interleaved_rope)
 
 
-def run_meta(model: ModelConfig, hf_config: dict, source: str, tokenizer_files: list[str]) -> dict[str, Any]:
+def run_meta(model: ModelConfig, hf_config: dict, source: str, tokenizer_files: list[str],
+             layout: SourceLayout | None = None) -> dict[str, Any]:
     """Manifest meta of an imported checkpoint: resumable fields plus the HF config."""
     run_cfg = RunConfig(model=model, cluster=ClusterConfig(num_workers=1),
                         data=DataConfig(tokenizer=f"hf:{source}" if "tokenizer.json" in tokenizer_files else "bpe"))
     placement = Placement.contiguous(count_moe_blocks(model), model.moe.num_experts, 1)
     return {"step": 0, "run_id": "", "cursor": {}, "placement": placement.to_json(), "config": run_cfg.to_dict(),
-            "hf": {"config": hf_config, "source": source, "tokenizer_files": tokenizer_files}}
+            "hf": {"config": hf_config, "source": source, "tokenizer_files": tokenizer_files,
+                   **({"layout": layout.to_dict()} if layout else {})}}
 
 
 def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointConfig | None = None) -> ConvertReport:
@@ -86,8 +127,12 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
     src = HFDir(src_uri, cfg)
     spec = arch_of(src.config, src.store.uri_of(CONFIG))
     model = model_config_from_hf(src.config, where=src.store.uri_of(CONFIG))
+    if src.store.exists(GENERATION_CONFIG):
+        check_special_ids(read_json(src.store, GENERATION_CONFIG), model.vocab_size,
+                          src.store.uri_of(GENERATION_CONFIG))
     plan = tensor_plan(spec, model)
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
+    layout = source_layout(src)
     store = open_store(out_uri, cfg)
     entries, nbytes = [], 0
     with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
@@ -116,10 +161,12 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
         save({TOKENIZER_PREFIX + f: {"file": f, "data": np.frombuffer(src.store.read_bytes(f), dtype=np.uint8).copy()}
               for f in tokenizer_files})
     src.close()
-    commit(store, run, 0, [entries], run_meta(model, src.config, src_uri, tokenizer_files))
+    commit(store, run, 0, [entries], run_meta(model, src.config, src_uri, tokenizer_files, layout))
     ref = CheckpointRef(store, run, 0)
-    log.info("imported %s (%s) -> %s: %d objects", src_uri, spec.model_type, ref.uri, len(entries))
-    return ConvertReport(uri=ref.uri, tensors=sum(len(m.sources) for m in plan), bytes=nbytes, files=len(entries))
+    note = context_text(model.max_seq_len, context_of(src.config, None, src.store.uri_of(CONFIG))[1])
+    log.info("imported %s (%s) -> %s: %d objects; %s", src_uri, spec.model_type, ref.uri, len(entries), note)
+    return ConvertReport(uri=ref.uri, tensors=sum(len(m.sources) for m in plan), bytes=nbytes, files=len(entries),
+                         note=note)
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -216,17 +263,71 @@ def _plan_entries(ref: CheckpointRef, dense: dict, plan: list[TensorMap], spec: 
     return out
 
 
+def _nbytes(entry: tuple) -> int:
+    return int(np.prod(entry[2])) * torch.empty((), dtype=entry[1]).element_size()
+
+
 def _shards(entries: list[tuple], max_bytes: int) -> list[list[tuple]]:
+    """Greedy: a new shard when the next tensor would pass ``max_bytes`` (HF's rule)."""
     shards: list[list[tuple]] = [[]]
     size = 0
     for entry in entries:
-        nbytes = int(np.prod(entry[2])) * torch.empty((), dtype=entry[1]).element_size()
+        nbytes = _nbytes(entry)
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(entry)
         size += nbytes
     return shards
+
+
+def _shards_like(entries: list[tuple], layout: SourceLayout) -> list[list[tuple]]:
+    """Sized like the source: as many shards as it had (more if the dtype grew, so that none is
+    larger than its largest), cut where the running byte count crosses equal shares."""
+    total = sum(_nbytes(e) for e in entries)
+    k = max(layout.shards, -(-total // max(1, layout.shard_bytes)))
+    shards: list[list[tuple]] = [[] for _ in range(k)]
+    done = 0
+    for entry in entries:
+        nbytes = _nbytes(entry)
+        shards[min(k - 1, int((done + nbytes / 2) * k // max(1, total)))].append(entry)
+        done += nbytes
+    return [s for s in shards if s]
+
+
+def parse_size(text: str) -> int:
+    """``--max-shard-size``: bytes from ``5GB``, ``500MB``, ``2GiB``, ``40KB`` or a plain integer."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
+             "GIB": 1 << 30, "TIB": 1 << 40}
+    t = text.strip().upper()
+    digits = t.rstrip("KMGTIB")
+    try:
+        value = float(digits) * units[t[len(digits):]]
+    except (ValueError, KeyError):
+        raise HFError(f"--max-shard-size ({text!r}) must be a size such as 5GB, 500MB or 2GiB") from None
+    if not value >= 1:
+        raise HFError(f"--max-shard-size ({text!r}) must be at least 1 byte")
+    return int(value)
+
+
+def _dtype_plan(entries: list[tuple], dtype: str, layout: SourceLayout | None) -> list[tuple]:
+    """``entries`` with the dtype each tensor is exported in: ``fp32`` / ``bf16`` for every
+    floating tensor; ``auto`` the source's dtype per tensor as recorded at import (the
+    checkpoint's own dtype when the checkpoint has no HF source)."""
+    if dtype not in EXPORT_DTYPES:
+        raise HFError(f"--dtype ({dtype!r}) must be one of {', '.join(EXPORT_DTYPES)}")
+    out = []
+    for name, have, shape in entries:
+        if not have.is_floating_point:
+            want = have
+        elif dtype != "auto":
+            want = EXPORT_DTYPES[dtype]
+        elif layout is not None:
+            want = getattr(torch, layout.dtypes.get(name, layout.dtype))
+        else:
+            want = have
+        out.append((name, want, shape))
+    return out
 
 
 def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str) -> list[str]:
@@ -247,24 +348,35 @@ def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str) 
     return copied
 
 
-def _hf_base(manifest, cfg: CheckpointConfig) -> dict | None:
-    """The HF config.json a checkpoint descends from: imported, or its run's model.init_from."""
-    hf = (manifest.meta.get("hf") or {}).get("config")
-    if hf:
-        return hf
+def _hf_base(manifest, cfg: CheckpointConfig) -> tuple[dict | None, SourceLayout | None]:
+    """(the HF config.json a checkpoint descends from, how that model was stored): recorded at
+    import, or read from its run's model.init_from directory (headers only)."""
+    hf = manifest.meta.get("hf") or {}
+    if hf.get("config"):
+        layout = hf.get("layout")
+        return hf["config"], SourceLayout.from_dict(layout) if layout else None
     init_from = ((manifest.meta.get("config") or {}).get("model") or {}).get("init_from", "")
     if init_from.startswith("hf:"):
-        return read_json(open_dir(init_from[3:], cfg), CONFIG)
-    return None
+        src = HFDir(init_from[3:], cfg)
+        src.close()
+        return src.config, source_layout(src)
+    return None, None
 
 
-def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto", max_shard_bytes: int = 0,
               tokenizer_dir: str = "", cfg: CheckpointConfig | None = None) -> ConvertReport:
-    """Committed checkpoint ``ckpt_uri`` (a step or run URI) -> HF directory ``out_uri``."""
+    """Committed checkpoint ``ckpt_uri`` (a step or run URI) -> HF directory ``out_uri``.
+
+    ``dtype``: ``auto`` (the source model's, as recorded at import), ``fp32`` or ``bf16``.
+    ``max_shard_bytes``: 0 = shards like the source's (count and size), else HF's greedy rule.
+    One shard is ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``."""
     cfg = cfg or CheckpointConfig()
+    if max_shard_bytes < 0:
+        raise HFError(f"--max-shard-size ({max_shard_bytes}) must be > 0")
     ref = resolve(ckpt_uri, cfg)
     manifest = read_manifest(ref)
-    hf_base = _hf_base(manifest, cfg)
+    hf_base, layout = _hf_base(manifest, cfg)
     name = arch or (hf_base or {}).get("model_type", "")
     if not name:
         raise HFError(f"{ref.uri} was not imported from Hugging Face: pass --arch (one of {', '.join(ARCHS)})")
@@ -274,24 +386,36 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", max_shard_bytes: i
     dense = load_objects(ref, [DENSE], manifest=manifest)[DENSE]
     model, run_cfg = checkpoint_model(manifest, dense)
     plan = tensor_plan(spec, model)
-    entries = _plan_entries(ref, dense, plan, spec)
-    dtype = str(dense["params"]["tok_embed_VD"].dtype).removeprefix("torch.")
+    entries = _dtype_plan(_plan_entries(ref, dense, plan, spec), dtype, layout)
+    by_dtype: dict[torch.dtype, int] = {}
+    for e in entries:
+        by_dtype[e[1]] = by_dtype.get(e[1], 0) + _nbytes(e)
+    main_dtype = str(max(by_dtype, key=lambda d: (by_dtype[d], str(d)))).removeprefix("torch.")  # config.json's
     hf_config = hf_config_from_model(spec, model, hf_base if hf_base and hf_base.get("model_type") == name else None,
-                                     dtype=dtype)
+                                     dtype=main_dtype)
+    if "torch_dtype" in hf_config:
+        hf_config["torch_dtype"] = main_dtype
     out = open_store(out_uri, CheckpointConfig(uri=out_uri, s3_endpoint=cfg.s3_endpoint, gcs_endpoint=cfg.gcs_endpoint))
     source = _Source(ref, manifest, dense, spec, plan)
     del dense
-    shards = _shards(entries, max_shard_bytes)
+    if max_shard_bytes:
+        shards = _shards(entries, max_shard_bytes)
+    else:
+        shards = _shards_like(entries, layout) if layout else _shards(entries, DEFAULT_SHARD_BYTES)
+    want = {n: d for n, d, _ in entries}
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
-        key = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_shard(out, key, shard, source.tensor)
+        key = SINGLE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_shard(out, key, shard, lambda n: source.tensor(n).to(want[n]))
         total += shard_header(shard)[1]
         weight_map.update({n: key for n, _, _ in shard})
-    out.write_bytes(INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                      indent=2).encode())
+    if len(shards) > 1:
+        out.write_bytes(INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                          indent=2).encode())
     out.write_bytes(CONFIG, json.dumps(hf_config, indent=2).encode())
     copied = _copy_tokenizer(ref, manifest, out, run_cfg, tokenizer_dir)
-    log.info("exported %s -> %s (%s): %d shards, %d tensors, tokenizer files %s", ref.uri, out.uri, name,
-             len(shards), len(entries), copied)
-    return ConvertReport(uri=out.uri, tensors=len(entries), bytes=total, files=len(shards))
+    largest = max(shard_header(s)[1] for s in shards)
+    note = f"dtype {main_dtype}, {len(shards)} shard(s) of at most {largest / 1e6:.1f} MB"
+    log.info("exported %s -> %s (%s): %s, %d tensors, tokenizer files %s", ref.uri, out.uri, name, note,
+             len(entries), copied)
+    return ConvertReport(uri=out.uri, tensors=len(entries), bytes=total, files=len(shards), note=note)

@@ -5,9 +5,8 @@ Owns: finding the checkpoint's tokenizer (its ``tokenizer/`` objects from an HF 
 (``eos_token_id`` of the copied ``generation_config.json``, else of the HF config) and the
 greedy loop: argmax of the last position's logits; the prompt runs once and each new token is
 one position, attending over cached keys and values (``model.attention.KVCache``);
-transformers' greedy ``generate`` makes the same choices. Sequences longer than
-``model.max_seq_len`` keep the last ``max_seq_len`` tokens as context (recomputed per token
-from there on, as the positions shift).
+transformers' greedy ``generate`` makes the same choices. A prompt plus new tokens longer than
+``model.max_seq_len`` (the context) is refused before anything runs, never cut silently.
 """
 
 from __future__ import annotations
@@ -73,26 +72,25 @@ def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_
     """Greedy continuation of ``prompt_ids`` (stops after a stop id, which is included).
 
     With ``kv_cache`` the prompt is run once and each new token costs one position (keys and
-    values of the earlier ones are kept); once the sequence reaches ``model.max_seq_len`` every
-    further token re-runs the last ``max_seq_len`` tokens, as without the cache."""
+    values of the earlier ones are kept). ``len(prompt_ids) + max_new_tokens`` must fit in
+    ``model.max_seq_len`` (an :class:`HFError` otherwise)."""
     if not prompt_ids:
         raise HFError("the prompt encodes to no tokens")
+    limit = model.cfg.max_seq_len
+    if len(prompt_ids) + max_new_tokens > limit:
+        raise HFError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds "
+                      f"the model's context (model.max_seq_len {limit}): shorten the prompt or ask for fewer tokens")
     model.eval()
-    ids, limit = list(prompt_ids), model.cfg.max_seq_len
-    caches = model.new_kv_caches() if kv_cache and len(ids) < limit else None
+    ids = list(prompt_ids)
+    caches = model.new_kv_caches() if kv_cache else None
     feed = ids
     for _ in range(max_new_tokens):
-        if caches is not None:
-            logits_BTV, _ = model(torch.tensor([feed]), caches)
-        else:
-            logits_BTV, _ = model(torch.tensor([ids[-limit:]]))
+        logits_BTV, _ = model(torch.tensor([feed]), caches) if caches is not None else model(torch.tensor([ids]))
         nxt = int(logits_BTV[0, -1].argmax())
         ids.append(nxt)
         if nxt in stop_ids:
             break
         feed = [nxt]
-        if caches is not None and caches[0].length >= limit:
-            caches = None  # the window slides from here: positions shift, recompute
     return ids[len(prompt_ids):]
 
 

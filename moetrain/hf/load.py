@@ -10,12 +10,13 @@ rank's placement gives it, each read with its own ranged read) and :func:`model_
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from moetrain.checkpoint import load_objects, read_manifest, resolve
 from moetrain.config import CheckpointConfig, RunConfig, validate
-from moetrain.hf.arch import arch_of, model_config_from_hf
+from moetrain.hf.arch import arch_of, context_of, context_text, model_config_from_hf
 from moetrain.hf.errors import HFError
 from moetrain.hf.safetensors_io import CONFIG, HFDir, open_dir, read_json
 from moetrain.hf.tensors import tensor_plan, to_moetrain
@@ -23,6 +24,7 @@ from moetrain.model.transformer import Transformer
 from moetrain.train.state import DENSE, expert_object_name
 
 HF_PREFIX = "hf:"
+log = logging.getLogger(__name__)
 
 
 def hf_dir_of(spec: str) -> str:
@@ -31,13 +33,26 @@ def hf_dir_of(spec: str) -> str:
 
 def resolve_init_from(cfg: RunConfig) -> RunConfig:
     """``cfg`` with the model shape from ``model.init_from``'s config.json (identity when empty).
-    Run-side fields (max_seq_len, init_std, capacity, balancing) keep the run's values."""
+    Run-side fields (max_seq_len, init_std, capacity, balancing) keep the run's values;
+    model.max_seq_len may not exceed the config's max_position_embeddings (logged: the cap)."""
     src = hf_dir_of(cfg.model.init_from)
     if not src:
         return cfg
     store = open_dir(src, cfg.checkpoint)
-    model = model_config_from_hf(read_json(store, CONFIG), base=cfg.model, where=store.uri_of(CONFIG))
+    hf, where = read_json(store, CONFIG), store.uri_of(CONFIG)
+    model = model_config_from_hf(hf, base=cfg.model, where=where)
+    log.info(context_text(model.max_seq_len, context_of(hf, cfg.model, where)[1]))
     return validate(dataclasses.replace(cfg, model=model))
+
+
+def context_of_run(cfg: RunConfig) -> str:
+    """The context line of a run config (``moetrain plan``): with ``model.init_from=hf:DIR`` the
+    cap is DIR's max_position_embeddings, else the run's own model.max_seq_len."""
+    src = hf_dir_of(cfg.model.init_from)
+    if not src:
+        return context_text(cfg.model.max_seq_len, "model.max_seq_len of the run config")
+    store = open_dir(src, cfg.checkpoint)
+    return context_text(cfg.model.max_seq_len, context_of(read_json(store, CONFIG), cfg.model, store.uri_of(CONFIG))[1])
 
 
 @torch.no_grad()

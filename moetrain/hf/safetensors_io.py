@@ -29,7 +29,8 @@ from moetrain.hf.errors import HFError
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 CONFIG = "config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", GENERATION_CONFIG)
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 ALIGN = 8  # data offsets are padded so every tensor starts 8-byte aligned
 _SHARD = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
@@ -57,12 +58,17 @@ def read_json(store: Store, key: str) -> dict:
     if not store.exists(key):
         raise HFError(f"{store.uri_of(key)} not found")
     try:
-        return json.loads(store.read_bytes(key))
-    except ValueError as exc:
+        value = json.loads(store.read_bytes(key))
+    except ValueError as exc:  # UnicodeDecodeError included
         raise HFError(f"{store.uri_of(key)} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise HFError(f"{store.uri_of(key)} is a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def _read_header(store: Store, shard: str) -> dict[str, TensorInfo]:
+    """The tensors of one shard, from its header, every claim checked against the file: valid
+    UTF-8 JSON object, known dtypes, shapes and offsets that agree, no overlap, inside the file."""
     where = store.uri_of(shard)
     with store.fs.open_input_file(store.path(shard)) as f:
         size = f.size()
@@ -72,18 +78,45 @@ def _read_header(store: Store, shard: str) -> dict[str, TensorInfo]:
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise HFError(f"{where}: not a safetensors file (header length {n}, file size {size})")
-        header = json.loads(f.read(n))
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if meta["dtype"] not in DTYPES:
-            raise HFError(f"{where}: tensor {name} has dtype {meta['dtype']}, which moetrain does not read")
-        lo, hi = meta["data_offsets"]
-        if 8 + n + hi > size:
-            raise HFError(f"{where}: tensor {name} ends past the end of the file (truncated shard?)")
-        out[name] = TensorInfo(shard, DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + lo, hi - lo)
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise HFError(f"{where}: safetensors header is not valid UTF-8 (byte {exc.start})") from None
+    except ValueError as exc:
+        raise HFError(f"{where}: safetensors header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise HFError(f"{where}: safetensors header is a JSON {type(header).__name__}, not an object")
+    out = {name: _tensor_info(where, shard, name, meta, 8 + n) for name, meta in header.items()
+           if name != "__metadata__"}
+    spans = sorted((i.offset, i.offset + i.nbytes, name) for name, i in out.items() if i.nbytes)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise HFError(f"{where}: safetensors header is inconsistent: tensors {a} and {b} overlap")
+    if spans and spans[-1][1] > size:
+        raise HFError(f"{where}: tensor {spans[-1][2]} ends past the end of the file (truncated shard?)")
     return out
+
+
+def _tensor_info(where: str, shard: str, name: str, meta, data_start: int) -> TensorInfo:
+    """One header entry, checked: dtype known, shape of non-negative ints, offsets [lo, hi] with
+    hi - lo = the bytes the dtype and shape need."""
+    bad = f"{where}: safetensors header is inconsistent: tensor {name}"
+    if not isinstance(meta, dict):
+        raise HFError(f"{bad} is described by {meta!r}, not an object")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in DTYPES:
+        raise HFError(f"{where}: tensor {name} has dtype {dtype}, which moetrain does not read")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise HFError(f"{bad} has shape {shape!r} (not a list of non-negative integers)")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise HFError(f"{bad} has data_offsets {offsets!r} (not [begin, end] with 0 <= begin <= end)")
+    need = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=DTYPES[dtype]).element_size()
+    if offsets[1] - offsets[0] != need:
+        raise HFError(f"{bad} has data_offsets {offsets} ({offsets[1] - offsets[0]} bytes) but {dtype} "
+                      f"{shape} needs {need} bytes")
+    return TensorInfo(shard, DTYPES[dtype], tuple(shape), data_start + offsets[0], need)
 
 
 class HFDir:
@@ -100,6 +133,8 @@ class HFDir:
         present = {n for n in self.store.list_dir("") if _SHARD.match(n)}
         if self.store.exists(INDEX):
             weight_map = read_json(self.store, INDEX).get("weight_map") or {}
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise HFError(f"{self.store.uri_of(INDEX)}: weight_map is not an object of tensor name -> shard file")
             shards = sorted(set(weight_map.values()))
         elif SINGLE in present:
             weight_map, shards = None, [SINGLE]

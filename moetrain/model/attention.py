@@ -14,6 +14,7 @@ Q = (H + 2G) * d fused projection rows (q, then k, then v), P positions already 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +24,12 @@ from torch import Tensor, nn
 from moetrain.model.norm import RMSNorm
 
 
+@functools.lru_cache(maxsize=8)
 def rotary_tables(max_seq_len: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos_TH2, sin_TH2: [max_seq_len, d / 2] float32, angle t * theta^(-2i / head_dim)."""
+    """cos_TH2, sin_TH2: [max_seq_len, d / 2] float32, angle t * theta^(-2i / head_dim).
+
+    Cached: every layer of a model shares one pair (never written in place), so a long context
+    (Mixtral's 32768 positions: 16 MB per pair at head dim 128) is held once, not per layer."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.arange(max_seq_len, dtype=torch.float64).unsqueeze(1) * inv_freq.unsqueeze(0)
     return angles.cos().float(), angles.sin().float()

@@ -8,6 +8,9 @@ an output buffer that is filled in the background and a :class:`Pending` that
 *starts* the reverse all-to-all and the start's backward *waits* for it, so in backward too
 the transfer of one chunk runs while autograd computes the others.
 
+An optional ``tally`` (:class:`moetrain.parallel.traffic.LayerTally`) counts the bytes this rank
+sends in every call, forward and backward, from the splits (no device work).
+
 Every rank must issue the collectives in the same order. The forward does (same code, same
 number of chunks on every rank); in backward, autograd runs ready nodes by creation order, and
 every rank builds the same collective nodes in the same order, so the reverse collectives are

@@ -27,7 +27,9 @@ class StepMetrics:
     grad_norm: float  # global norm before clipping
     lr: float
     tokens: int  # tokens in the global batch
-    offrank_sends: float  # token rows sent to other ranks this step (all ranks, all MoE layers)
+    # token rows sent to other ranks this step (all ranks, all MoE layers), as flat dedup dispatch
+    # sends them (also under hierarchical dispatch: a routing statistic; bytes are in ``traffic``)
+    offrank_sends: float
     load_LE: np.ndarray  # tokens routed to each expert of each MoE layer this step, [L, E]
     step_time_s: float
     nonfinite: tuple[str, ...] = ()  # quantities that were NaN/inf: the update was skipped

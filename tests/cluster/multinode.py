@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 
 import ray
 
@@ -50,6 +51,16 @@ class MultiNode:
         os.kill(pid, signal.SIGKILL)
         self.cluster.remove_node(node, allow_graceful=False)
         return node_id
+
+    def kill_node_of_when_up(self, run_name: str, rank: int, wait_s: float) -> str:
+        """Kill the node of ``rank`` as soon as its actor exists (while the group is starting)."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                return self.kill_node_of(run_name, rank)
+            except ValueError:  # no such actor yet
+                time.sleep(0.05)
+        return ""
 
     def close(self) -> None:
         ray.shutdown()

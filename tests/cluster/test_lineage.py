@@ -49,8 +49,16 @@ def test_a_second_run_of_a_name_is_refused_unless_it_overwrites(tmp_path, ray_lo
     first = run(cfg())
     store = open_store(str(tmp_path / "store"))
     assert {lineage_of(store, "lin", s) for s in (2, 4)} == {first.summary["run_id"]}
+    assert not store.exists("lin/lease.json")  # released when the run finished
     with pytest.raises(CheckpointError, match=r"already holds committed checkpoints of run 'lin' \(steps \.\.2, 4\)"):
         run(cfg())
+    assert not store.exists("lin/lease.json")  # and when it was refused after taking the lease
+    # a corrupted object of the step to resume: refused on the driver, naming the intact step 2
+    obj = next(p for p in (tmp_path / "store" / "lin" / "step-4").rglob("*") if p.is_file() and p.name != "manifest.json")
+    obj.write_bytes(b"x" + obj.read_bytes()[1:])
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step-4: corrupt: .* the newest intact committed "
+                                              r"step is .*/lin/step-2: resume from it with --resume"):
+        run(cfg(resume="latest"))
     with pytest.raises(CheckpointError, match="after step 2, the step this run resumes from"):
         run(cfg(resume=str(tmp_path / "store" / "lin" / "step-2")))
     second = run(cfg(overwrite=True))

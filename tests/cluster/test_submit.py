@@ -98,7 +98,7 @@ def stop_cluster(temp_dir: str, timeout_s: float = 3.0) -> None:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A real head node (4 CPUs) on free ports; yields (dashboard_url, metrics_url, temp_dir)."""
+    """A real head node (4 CPUs) on free ports; yields (dashboard_url, metrics_url, temp_dir, gcs_address)."""
     temp_dir = tempfile.mkdtemp(prefix="rmt-", dir="/tmp")  # short: Ray's socket paths have a length limit
     gcs, dash, metrics, client, agent_http, agent_grpc, nm, om, renv = _free_ports(9)
     cmd = [RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -109,7 +109,7 @@ def ray_head():
     try:
         proc = subprocess.run(cmd, env=_cluster_env(), capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"ray start failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        yield f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", temp_dir
+        yield f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{metrics}/metrics", temp_dir, f"127.0.0.1:{gcs}"
     finally:
         stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -128,7 +128,7 @@ def submitted_job(ray_head, tmp_path_factory):
     """Run one tiny training job through `cluster.submit.submit`, scraping /metrics meanwhile."""
     from cluster.submit import submit
 
-    dashboard, metrics_url, _ = ray_head
+    dashboard, metrics_url = ray_head[:2]
     work = tmp_path_factory.mktemp("submit")
     train_args = ["--", "--config", "tiny", "--set", "train.steps=40", "--set", "train.log_every=10",
                   "--set", "train.eval_every=0", "--set", "train.warmup_steps=2",
@@ -170,7 +170,22 @@ def submitted_job(ray_head, tmp_path_factory):
         else:
             os.environ["RAY_AUTH_MODE"] = old
     return {"rc": result.get("rc"), "logs": out.getvalue(), "metrics": seen, "out_dir": work / "runs" / "submit-test",
-            "wall_s": result.get("wall_s")}
+            "wall_s": result.get("wall_s"), "package": _package_sent(ray_head, dashboard, out.getvalue())}
+
+
+def _package_sent(ray_head, dashboard: str, logs: str) -> list[str] | None:
+    """The member names of the working_dir package the cluster holds for the submitted job."""
+    import zipfile
+
+    from ray._raylet import GcsClient
+    from ray.job_submission import JobSubmissionClient
+
+    match = re.search(r"submitted job (raysubmit_\w+)", logs)
+    if not match:
+        return None
+    uri = JobSubmissionClient(dashboard).get_job_info(match.group(1)).runtime_env["working_dir"]
+    data = GcsClient(address=ray_head[3]).internal_kv_get(uri.encode(), None)
+    return None if data is None else sorted(zipfile.ZipFile(io.BytesIO(data)).namelist())
 
 
 def test_job_submitted_through_job_api_succeeds_and_logs_training(submitted_job):
@@ -184,6 +199,19 @@ def test_job_submitted_through_job_api_succeeds_and_logs_training(submitted_job)
     assert "SUCCEEDED" in logs.splitlines()[-1]
     # The job ran in the uploaded working_dir, but the outputs went where the config said.
     assert (submitted_job["out_dir"] / "summary.json").exists()
+
+
+def test_printed_count_is_what_the_cluster_received(submitted_job):
+    """The count `moetrain submit` prints is the package the cluster holds, file for file."""
+    from cluster.submit import REPO_ROOT
+    from cluster.upload import upload_plan
+
+    package = submitted_job["package"]
+    assert package, submitted_job["logs"][-2000:]
+    printed = int(re.search(r"uploading (\d+) file\(s\)", submitted_job["logs"]).group(1))
+    assert printed == len(package)
+    assert package == list(upload_plan(REPO_ROOT).uploaded)
+    assert "cluster/cli.py" in package and not any(n.startswith((".git/", ".venv")) for n in package)
 
 
 def test_metrics_endpoint_exports_moetrain_metrics(submitted_job):
@@ -203,16 +231,32 @@ def test_unreachable_address_is_one_clear_line(capsys):
     assert "Traceback" not in err
 
 
-def test_entrypoint_and_runtime_env():
-    from cluster.submit import EXCLUDES, entrypoint, runtime_env
+def test_entrypoint_and_runtime_env(tmp_path):
+    from cluster.submit import entrypoint, runtime_env
 
     assert entrypoint(["--", "--config", "my cfg.yaml", "--set", "a.b=1"]) == \
         "python -m cluster.cli train --config 'my cfg.yaml' --set a.b=1"
-    env = runtime_env(env_vars={"X": 1})
-    assert Path(env["working_dir"]) == REPO
-    assert env["env_vars"] == {"X": "1"}
-    for pattern in (".venv", "runs", ".cache", ".git", "wandb", "*.egg-info"):
-        assert pattern in env["excludes"] and pattern in EXCLUDES
+    env = runtime_env(tmp_path / "p.zip", env_vars={"X": 1})
+    assert env == {"working_dir": str(tmp_path / "p.zip"), "env_vars": {"X": "1"}}  # no excludes: our zip is the list
+
+
+def test_a_dashboard_address_that_says_nothing_fails_within_the_timeout(capsys):
+    """A port that accepts and never answers: one line, exit 2, within --connect-timeout-s (the
+    job client alone waited for minutes)."""
+    from cluster.submit import submit
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    try:
+        t0 = time.monotonic()
+        rc = submit(["--config", "tiny"], address=f"http://127.0.0.1:{srv.getsockname()[1]}", connect_timeout_s=2)
+        took = time.monotonic() - t0
+    finally:
+        srv.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and took < 10, (rc, took)
+    assert err.count("\n") == 1 and "no answer within 2 s" in err, err
 
 
 def test_submit_job_script_targets_ray_address():

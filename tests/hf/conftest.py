@@ -52,7 +52,9 @@ def build_tokenizer(out: Path) -> None:
                                                            "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-def save_random(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
+def save_random(arch: str, out: Path, seed: int = 0, *, dtype: torch.dtype = torch.float32,
+                max_shard_size: str = "", **overrides) -> Path:
+    """A random model of ``arch`` saved in ``dtype`` (one file, or shards of ``max_shard_size``)."""
     import transformers
 
     torch.manual_seed(seed)
@@ -69,7 +71,7 @@ def save_random(arch: str, out: Path, seed: int = 0, **overrides) -> Path:
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand(b.shape, generator=gen) * 0.05)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.to(dtype).save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     build_tokenizer(out)
     return out
 

@@ -55,15 +55,15 @@ def test_import_then_export_is_bit_exact_and_loads_in_transformers(arch, hf_mode
     from cluster.cli import main
 
     out = tmp_path / "out"
-    assert main(["hf", "export", imported[arch], str(out), "--max-shard-mb", "0"]) == 0
+    assert main(["hf", "export", imported[arch], str(out)]) == 0
     original = load_file(str(hf_models[arch] / "model.safetensors"))
     exported = {}
-    for shard in sorted(out.glob("model-*.safetensors")):
-        exported.update(load_file(str(shard)))
+    assert sorted(p.name for p in out.glob("model*.safetensors")) == ["model.safetensors"]  # one, as the source
+    exported.update(load_file(str(out / "model.safetensors")))
     assert sorted(exported) == sorted(original)
     for name, t in original.items():
         assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), name
-    assert (out / "model.safetensors.index.json").is_file()
+    assert not (out / "model.safetensors.index.json").exists()
     assert (out / "tokenizer.json").read_bytes() == (hf_models[arch] / "tokenizer.json").read_bytes()
     assert rel_err(hf_logits(out, TOKENS), reference_logits[arch]) == 0.0
 

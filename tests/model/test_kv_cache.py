@@ -1,7 +1,7 @@
 """The inference key/value cache: incremental decoding gives the logits of the full forward at
 every position (plain and grouped-query attention with q/k norm, MoE blocks), the cached causal
 mask is the hand-computed one, greedy decoding with the cache picks the same tokens as without
-it (also past max_seq_len, where the window slides), and overflowing the cache is refused."""
+it, and overflowing the cache (or the context, in greedy) is refused."""
 
 from __future__ import annotations
 
@@ -50,11 +50,18 @@ def test_incremental_logits_equal_the_full_forward(arch):
 
 def test_greedy_with_the_cache_picks_the_tokens_of_the_full_recompute():
     m = model(n_kv_heads=2, qk_norm=True)
-    prompt = [3, 14, 15, 9, 2]
-    cached = greedy(m, prompt, 15)  # 5 + 15 > MAX_SEQ: the window slides after 7 new tokens
-    plain = greedy(m, prompt, 15, kv_cache=False)
-    assert cached == plain and len(cached) == 15
+    prompt = [40, 41, 42, 43]
+    cached = greedy(m, prompt, 8)  # 4 + 8 = MAX_SEQ: the whole context
+    plain = greedy(m, prompt, 8, kv_cache=False)
+    assert cached == plain and len(cached) == 8
     assert len(set(cached)) > 1
+
+
+def test_greedy_past_the_context_is_refused_not_cut():
+    from moetrain.hf import HFError
+
+    with pytest.raises(HFError, match=r"prompt \(5 tokens\) plus --max-new-tokens \(8\) exceeds .*max_seq_len 12"):
+        greedy(model(), [3, 14, 15, 9, 2], 8)
 
 
 def test_overflowing_the_cache_is_refused():

@@ -70,6 +70,10 @@ def _ep_runs(ctx, cache_dir: str):
         t = RankTrainer(cfg, ctx=dataclasses.replace(ctx, node_R=node_R), placement=placement)
         losses, g, p, metrics = _train(t)
         out[name] = (losses, g, p, [m.traffic for m in metrics], type(t.moe_layers[0].dispatcher).__name__)
+        if name == "shared-hier":  # a re-placement: its bytes are in the next step's traffic
+            report = t.migrate(_placement("contiguous"))
+            out["migration"] = (report.bytes_sent_R, t.train_step().traffic.migration_C.tolist(),
+                                t.train_step().traffic.migration_C.tolist())
     return out
 
 
@@ -136,3 +140,17 @@ def test_step_traffic_is_the_same_on_every_rank_and_hierarchical_crosses_less(ru
     for t in hier:  # 2 MoE layers, forward and backward both counted; dense all-reduce crosses nodes
         assert (t.a2a_LPC > 0).all() and t.dense_grads_C[1] > 0 and t.expert_grads_C.sum() == 0
     assert all(t.expert_grads_C[1] > 0 for t in ranks[0]["replicated-1+3"][3]), "replicas reduce over nodes"
+
+
+@pytest.mark.slow
+def test_migration_bytes_appear_once_split_by_node(runs):
+    """Random -> contiguous placement on 2 x 2: what each rank sent, by destination, summed by
+    link class, is the next step's ``migration_C`` (and the step after reports none)."""
+    _, ranks = runs
+    node_R = (0, 0, 1, 1)
+    want = [0, 0]
+    for rank, r in enumerate(ranks):
+        for dst, n in enumerate(r["migration"][0]):
+            if dst != rank:
+                want[int(node_R[dst] != node_R[rank])] += n
+    assert want[1] > 0 and ranks[0]["migration"][1] == want and ranks[0]["migration"][2] == [0, 0]
