@@ -44,6 +44,7 @@ PY = str(netcluster.VENV_BIN / "python")
 BUCKET = "bench"
 S3_PORT = 9100
 DS_PORT = 29511
+DS_TIMEOUT_S = 900  # one DeepSpeed peer run, setup included
 MODEL = ["model.moe.num_experts=64", "model.moe.top_k=8", "model.dim=128", "model.n_layers=2", "model.n_heads=4",
          "model.ffn_dim=256", "model.moe.expert_ffn_dim=64", "train.global_batch_size=32", "train.eval_every=0",
          "train.log_every=1", "data.vocab_size=1024", "logging.wandb=disabled", "logging.progress=false", "train.warmup_steps=5"]
@@ -68,6 +69,7 @@ class Bench:
         self.s3 = ""
         self.warm_uri = ""
         self.log = open(self.work / "bench.log", "a")
+        self.errors: dict[str, str] = {}  # arm -> why it produced no result
 
     def say(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -149,11 +151,16 @@ class Bench:
         runs: dict[tuple[str, str], list[dict]] = {}
         for k in range(self.args.rounds):
             for dispatch, placement in (jobs if k % 2 == 0 else jobs[::-1]):
-                row = (self.deepspeed_peer(layout, rate, k) if dispatch == "deepspeed"
-                       else self.arm(layout, rate, dispatch, placement, paths, k))
+                try:
+                    row = (self.deepspeed_peer(layout, rate, k) if dispatch == "deepspeed"
+                           else self.arm(layout, rate, dispatch, placement, paths, k))
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:  # one arm's failure loses no other
+                    self.errors[f"{layout}/{rate:g}/{dispatch}+{placement}/r{k}"] = str(exc)[:400]
+                    self.say(f"arm failed: {str(exc)[:400]}")
+                    continue
                 runs.setdefault((dispatch, placement), []).append(row)
         out = []
-        for job in jobs:
+        for job in [j for j in jobs if j in runs]:
             best = dict(min(runs[job], key=lambda r: r["step_s"]))
             best["step_s_rounds"] = [r["step_s"] for r in runs[job]]
             out.append(best)
@@ -187,8 +194,12 @@ class Bench:
             procs.append(self.nc.spawn(node.name, [PY, "-m", "scripts.netbench.ds_peer", str(path)],
                                        self.work / f"{tag}-rank{r}.log", env=env))
         try:
-            rcs = [p.wait(timeout=1800) for p in procs]
+            deadline = time.monotonic() + DS_TIMEOUT_S
+            rcs = [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
         finally:
+            for p in procs:  # a hung peer (seen once: 4 x 1 ranks idle in setup) is ended
+                if p.poll() is None:
+                    p.kill()
             from scripts.bench_ep.ds_baseline import release_deepspeed_shm
             release_deepspeed_shm(port)  # DeepSpeed never unlinks its /dev/shm buffers
         if any(rcs) or not out.exists():
@@ -320,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         if b.nc is not None and not args.attach:
             b.nc.down()
     result = report.summarize(rows, plans, extra, args, has_dispatch_modes(), TARGETS)
+    if b.errors:
+        result["arm_errors"] = b.errors
     print(report.table(rows, plans, result))
     print(json.dumps(result))
     return 0
