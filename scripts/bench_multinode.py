@@ -1,8 +1,8 @@
 """Benchmark: moetrain across Ray nodes with their own addresses and rate-limited links
 (scripts/netcluster.py network namespaces on this machine).
 
-    sudo .venv/bin/python scripts/bench_multinode.py            # full: ~20-30 min on 2 cores
-    sudo .venv/bin/python scripts/bench_multinode.py --quick    # smoke: a few steps, 2 x 2 at 100 Mbit/s
+    sudo .venv/bin/python scripts/bench_multinode.py            # full: ~35 min on 2 shared cores
+    sudo .venv/bin/python scripts/bench_multinode.py --quick    # 2 x 2 at 100 Mbit/s, few steps: ~10-17 min
 
 Model: the olmoe-1b-7b-mini layout with fine-grained routing restored to OLMoE's 64 experts,
 top-8, shrunk to fit 2 cores (width 128, 2 MoE layers). Steps:
@@ -13,8 +13,11 @@ top-8, shrunk to fit 2 cores (width 128, 2 MoE layers). Steps:
    per layout, with the ILP's proven bound and the exact optimum where placement/exact.py applies.
 3. arms, each resumed from the warm checkpoint and timed over ``--timed-steps`` steps, for every
    layout (2 nodes x 2 ranks, 4 x 1) and link rate (100 Mbit/s, 1 Gbit/s, tbf both directions):
-   flat+contiguous, flat+ILP, hierarchical+contiguous, hierarchical+ILP (when the checkout has
-   ``model.moe.dispatch``). Bytes are the interfaces' counters over exactly the timed steps.
+   flat+contiguous, flat+ILP, hierarchical+contiguous, hierarchical+node-level ILP (when the
+   checkout has ``model.moe.dispatch``; not on 4 x 1, where it sends what flat sends), and the
+   DeepSpeed-MoE peer (scripts/netbench/ds_peer.py); ``--rounds`` times in reversed order, an
+   arm's step time its fastest round's. Bytes are the interfaces' counters over exactly the timed
+   steps, beside the run's own counts by kind. An arm that fails is listed in ``arm_errors``.
 4. node loss: a run checkpointing to S3 every few steps loses node n1 (all its processes
    SIGKILLed); its Ray comes back; the run must finish from the last committed checkpoint, and
    every committed checkpoint must verify.
@@ -264,10 +267,10 @@ class Bench:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 x 2 at 100 Mbit/s, few steps")
-    ap.add_argument("--warm-steps", type=int, default=None, help="default 60 (quick: 6)")
+    ap.add_argument("--warm-steps", type=int, default=None, help="default 40 (quick: 6)")
     ap.add_argument("--skip-steps", type=int, default=None,
                     help="steps after the resume before the timed window (default 2, quick: 1)")
-    ap.add_argument("--timed-steps", type=int, default=None, help="default 6 (quick: 2)")
+    ap.add_argument("--timed-steps", type=int, default=None, help="default 5 (quick: 2)")
     ap.add_argument("--rates", default=None, help="link rates in Mbit/s (default 100,1000; quick: 100)")
     ap.add_argument("--layouts", default=None, help="default 2x2,4x1 (quick: 2x2)")
     ap.add_argument("--ilp-time-s", type=float, default=None, help="default 20 (quick: 5)")
@@ -282,7 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="DISPATCH:PLACEMENT list")
     ap.add_argument("--attach", default="", help="run on this existing netcluster (2x2 + a client) instead of building")
     args = ap.parse_args(argv)
-    defaults = dict(warm_steps=(60, 6), skip_steps=(2, 1), timed_steps=(6, 2), rates=("100,1000", "100"),
+    defaults = dict(warm_steps=(40, 6), skip_steps=(2, 1), timed_steps=(5, 2), rates=("100,1000", "100"),
                     layouts=("2x2,4x1", "2x2"), ilp_time_s=(20.0, 5.0), rounds=(2, 1))
     for k, (full, quick) in defaults.items():
         if getattr(args, k) is None:
