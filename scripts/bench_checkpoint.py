@@ -266,15 +266,15 @@ SCHEMA = results.Schema(
     "checkpoint", "streamed checkpoints: training stall per checkpoint, upload vs raw pyarrow write",
     targets=(
         results.Target("default_stall_share.local", "<=", STALL_TARGET, "%",
-                       "training stall per checkpoint, share of a step (overlapped snapshot), local"),
+                       "training stall per checkpoint, share of a step (overlapped snapshot), local", optional=True),
         results.Target("default_stall_share.s3", "<=", STALL_TARGET, "%",
-                       "training stall per checkpoint, share of a step (overlapped snapshot), S3 (moto)"),
+                       "training stall per checkpoint, share of a step (overlapped snapshot), S3 (moto)", optional=True),
         results.Target("local_upload_vs_durable_raw_median", ">=", TARGET, "%",
                        f"upload / raw write + fsync, local, CRC32C, {TARGET_CONCURRENCY} at once, median of >= "
-                       f"{MIN_TARGET_RUNS} runs", met_key="local_target_met"),
+                       f"{MIN_TARGET_RUNS} runs", met_key="local_target_met", optional=True),
         results.Target("s3_upload_vs_raw_median", ">=", TARGET, "%",
                        f"upload / raw pyarrow upload, S3 (moto), CRC32C, {TARGET_CONCURRENCY} at once, median of >= "
-                       f"{MIN_TARGET_RUNS} runs", met_key="s3_target_met")),
+                       f"{MIN_TARGET_RUNS} runs", met_key="s3_target_met", optional=True)),  # --backends may leave one out
     keys=("default_snapshot_mode", "target_concurrency", "params_m", "checkpoint_mb", "step_s", "runs"))
 
 

@@ -2,7 +2,7 @@
 prints its table and a final JSON line whose figures are consistent with each other.
 
 They check that the scripts run and report what they claim to compare, not the targets (those
-are met or not in full runs; see the README's benchmark table)."""
+are met or not in full runs, recorded in results/ and rendered in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
