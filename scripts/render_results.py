@@ -97,6 +97,8 @@ def _cell(text: str) -> str:
 
 
 def _met(row: dict) -> str:
+    if row["measured"] is None and not row["met"]:
+        return "no (not measured)"
     return "yes" if row["met"] else "**no**"
 
 
@@ -157,7 +159,7 @@ def render_headline(res: dict[str, list[dict]]) -> str:
                                for _, r in found)
             met = "; ".join(_met(row) for _, row in found)
             last = found[0][0]
-            on = f"{commit_text(last['commit'])}, {date_text(last)}"
+            on = f"{last['machine'].get('cpu') or 'machine not recorded'}, {commit_text(last['commit'])}, {date_text(last)}"
             lines.append(f"| {_cell(h.what)} | {_cell(measured)} | {_cell(target)} | {met} | {on} | {page} |")
         else:
             lines.append(f"| {_cell(h.what)} | {_cell(h.earlier)} | — | — | earlier run (typed; not regenerated) "

@@ -6,6 +6,7 @@ quick runs, with --no-record and in the test suite; the slowest-tests block come
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,7 @@ def test_record_appends_a_line_with_commit_and_machine(tmp_path, monkeypatch):
 def test_quick_no_record_and_the_test_suite_record_nothing(tmp_path, monkeypatch, capsys):
     quick = type("Args", (), {"quick": True})()
     opted_out = type("Args", (), {"quick": False, "no_record": True})()
+    assert os.environ.get(results.NO_RECORD_ENV) == "1"  # tests/conftest.py: the suite never records
     monkeypatch.delenv(results.NO_RECORD_ENV, raising=False)
     assert results.record(SCHEMA, PAYLOAD, quick, results_dir=tmp_path) is None
     assert results.record(SCHEMA, PAYLOAD, opted_out, results_dir=tmp_path) is None
@@ -122,7 +124,7 @@ def test_rendered_section_and_headline(tmp_path):
     text = render_results.render_benchmarks(render_results.load(res_dir))
     assert "| step time ratio | >= 1.15x | 1.2x | yes |" in text
     assert "| share judged by the benchmark | >= 50.0% | 70.0% | **no** |" in text
-    assert "| only with --scale | <= 60 s | not measured | **no** |" in text
+    assert "| only with --scale | <= 60 s | not measured | no (not measured) |" in text
     assert ("Measured on Test CPU, 2 cores (AVX512-BF16 yes, AMX-BF16 no; no GPU), `0123456789` + uncommitted "
             "changes, 2026-01-02; arguments: `--steps 3`. Runs recorded: 1") in text
     headline = render_results.render_headline({})
