@@ -190,9 +190,9 @@ def render_durations(results_dir: Path) -> str:
         return ("No durations recorded yet: `bash scripts/test.sh --junitxml=/tmp/junit.xml`, then "
                 "`python scripts/render_results.py --pytest-junit /tmp/junit.xml`.\n")
     d = json.loads(path.read_text())
-    lines = [f"The {len(d['slowest'])} slowest of {d['tests']} tests ({d['total_s']:.0f} s of test time in all), "
-             f"{machine_text(d['machine'])}, {commit_text(d['commit'])}, {d['date'][:10]}:", "",
-             "| seconds | test |", "|---:|---|"]
+    title = (f"The {len(d['slowest'])} slowest of {d['tests']} tests ({d['total_s']:.0f} s of test time in all), "
+             f"{machine_text(d['machine'])}, {commit_text(d['commit'])}, {d['date'][:10]}:")
+    lines = [title, "", "| seconds | test |", "|---:|---|"]
     lines += [f"| {c['seconds']:.1f} | `{_cell(c['test'])}` |" for c in d["slowest"]]
     return "\n".join(lines) + "\n"
 
@@ -200,7 +200,7 @@ def render_durations(results_dir: Path) -> str:
 def replace_block(text: str, name: str, body: str) -> str:
     """``text`` with the block between ``<!-- results:NAME -->`` and the next ``<!-- /results -->``
     replaced by ``body``; a page without the markers is an error (the block has no place)."""
-    pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(<!-- /results -->)", re.S)
+    pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
     if not pattern.search(text):
         raise ValueError(f"no <!-- results:{name} --> ... <!-- /results --> block")
     return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)

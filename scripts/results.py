@@ -26,7 +26,7 @@ import platform
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,6 @@ class Schema:
     description: str
     targets: tuple[Target, ...] = ()
     keys: tuple[str, ...] = ()
-    optional: frozenset[str] = field(default_factory=frozenset)  # target keys that may be null
 
     def problems(self, payload: dict) -> list[str]:
         """Every way ``payload`` departs from the schema (empty: it conforms)."""
@@ -142,10 +141,8 @@ def lookup(payload: dict, key: str, default: Any = _MISSING) -> Any:
 
 
 def has(payload: dict, key: str) -> bool:
-    return lookup(payload, key, _MISSING_SENTINEL) is not _MISSING_SENTINEL
-
-
-_MISSING_SENTINEL = object()
+    absent = object()
+    return lookup(payload, key, absent) is not absent
 
 
 def format_value(v: Any, unit: str = "") -> str:
@@ -169,7 +166,7 @@ def now() -> str:
 def commit() -> dict:
     """HEAD of the repository and whether the working tree differs from it."""
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False).stdout.strip()
     try:
         sha = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
