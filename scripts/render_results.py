@@ -77,7 +77,8 @@ def machine_text(m: dict) -> str:
     gpu = m.get("gpu")
     gpu_text = f"GPU {gpu['name']} x{gpu['count']}" if gpu else "no GPU"
     cores = f", {m['cores']} cores" if m.get("cores") else ""
-    return f"{m['cpu']}{cores} ({isa}{'; ' if isa else ''}{gpu_text})"
+    load = f"; load average {m['load_average_1m']:.1f} at the end" if m.get("load_average_1m") is not None else ""
+    return f"{m['cpu']}{cores} ({isa}{'; ' if isa else ''}{gpu_text}{load})"
 
 
 def commit_text(c: dict) -> str:
@@ -118,9 +119,9 @@ def bench_section(bench: str, runs: list[dict]) -> list[str]:
         scalars = {k: v for k, v in last["result"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         out.append("No declared targets; figures: " + ", ".join(
             f"`{k}` {results.format_value(v)}" for k, v in scalars.items()) + ".")
-    argv = "not recorded" if last.get("argv") is None else " ".join(last["argv"]) or "(defaults)"
+    argv = "not recorded" if last.get("argv") is None else f"`{' '.join(last['argv'])}`" if last["argv"] else "defaults"
     out += ["", f"Measured on {machine_text(last['machine'])}, {commit_text(last['commit'])}, "
-                f"{date_text(last)}; arguments: {argv if argv == 'not recorded' else f'`{argv}`'}"
+                f"{date_text(last)}; arguments: {argv}"
                 + (f"; adopted from `{last['source']}`" if last.get("source") else "")
                 + f". Runs recorded: {len(runs)} (`results/{bench}.jsonl`)."]
     if len(runs) > 1:

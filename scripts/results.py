@@ -176,7 +176,8 @@ def commit() -> dict:
 
 
 def machine() -> dict:
-    """CPU model, cores, bf16 instruction sets and the GPU (if torch sees one)."""
+    """CPU model, cores, bf16 instruction sets, the GPU (if torch sees one) and the load average
+    (other jobs on the same cores make timings noisy)."""
     info = Path("/proc/cpuinfo")
     text = info.read_text() if info.is_file() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
@@ -188,7 +189,7 @@ def machine() -> dict:
         if torch.cuda.is_available():
             gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
     return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "gpu": gpu}
+            "amx_bf16": "amx_bf16" in flags, "gpu": gpu, "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def _torch_importable() -> bool:

@@ -92,7 +92,7 @@ def test_record_appends_a_line_with_commit_and_machine(tmp_path, monkeypatch):
     cpuinfo = Path("/proc/cpuinfo").read_text()
     assert first["machine"]["cpu"] in cpuinfo and first["machine"]["cores"] >= 1
     assert first["machine"]["avx512_bf16"] == (" avx512_bf16" in cpuinfo)
-    assert first["machine"]["amx_bf16"] == (" amx_bf16" in cpuinfo)
+    assert first["machine"]["amx_bf16"] == (" amx_bf16" in cpuinfo) and first["machine"]["load_average_1m"] >= 0
     assert first["argv"] == ["--x", "1"] and first["result"] == PAYLOAD and first["date"][:2] == "20"
     assert first["targets"][0]["met"] is True and second["targets"][0]["met"] is False
 
@@ -119,13 +119,14 @@ def test_rendered_section_and_headline(tmp_path):
     line = results.make_line(SCHEMA, PAYLOAD, argv=["--steps", "3"], date="2026-01-02T03:04:05+00:00",
                              commit_={"sha": "0123456789abcdef", "dirty": True},
                              machine_={"cpu": "Test CPU", "cores": 2, "avx512_bf16": True, "amx_bf16": False,
-                                       "gpu": None})
+                                       "gpu": None, "load_average_1m": 3.25})
     (res_dir / "demo.jsonl").write_text(json.dumps(line) + "\n")
     text = render_results.render_benchmarks(render_results.load(res_dir))
     assert "| step time ratio | >= 1.15x | 1.2x | yes |" in text
     assert "| share judged by the benchmark | >= 50.0% | 70.0% | **no** |" in text
     assert "| only with --scale | <= 60 s | not measured | no (not measured) |" in text
-    assert ("Measured on Test CPU, 2 cores (AVX512-BF16 yes, AMX-BF16 no; no GPU), `0123456789` + uncommitted "
+    assert ("Measured on Test CPU, 2 cores (AVX512-BF16 yes, AMX-BF16 no; no GPU; load average 3.2 at the end), "
+            "`0123456789` + uncommitted "
             "changes, 2026-01-02; arguments: `--steps 3`. Runs recorded: 1") in text
     headline = render_results.render_headline({})
     assert headline.count("earlier run (typed; not regenerated)") == len(render_results.HEADLINES)
