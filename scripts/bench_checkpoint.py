@@ -66,6 +66,7 @@ from moetrain.checkpoint.format import write_state  # noqa: E402
 from moetrain.checkpoint.snapshot import state_nbytes  # noqa: E402
 from moetrain.checkpoint.sink import CHUNK_BYTES, LocalFileSync  # noqa: E402
 from moetrain.config import CheckpointConfig  # noqa: E402
+from scripts import results  # noqa: E402
 
 MB = 1e6
 DEFAULT_MODE = "overlap"  # the snapshot mode cluster/checkpointing.py uses (with install_fence)
@@ -260,6 +261,21 @@ CHECKSUMS = ("crc32c", "sha256")  # the default first, then the slower option be
 TARGET = 0.80  # upload >= 80% of the raw write with the same guarantee, same concurrency
 TARGET_CONCURRENCY = 4  # the writer's default max_concurrency
 MIN_TARGET_RUNS = 5  # the target is judged on the median of at least this many runs
+STALL_TARGET = 0.05  # training stall per checkpoint, share of a step (the cluster's snapshot mode)
+SCHEMA = results.Schema(
+    "checkpoint", "streamed checkpoints: training stall per checkpoint, upload vs raw pyarrow write",
+    targets=(
+        results.Target("default_stall_share.local", "<=", STALL_TARGET, "%",
+                       "training stall per checkpoint, share of a step (overlapped snapshot), local", optional=True),
+        results.Target("default_stall_share.s3", "<=", STALL_TARGET, "%",
+                       "training stall per checkpoint, share of a step (overlapped snapshot), S3 (moto)", optional=True),
+        results.Target("local_upload_vs_durable_raw_median", ">=", TARGET, "%",
+                       f"upload / raw write + fsync, local, CRC32C, {TARGET_CONCURRENCY} at once, median of >= "
+                       f"{MIN_TARGET_RUNS} runs", met_key="local_target_met", optional=True),
+        results.Target("s3_upload_vs_raw_median", ">=", TARGET, "%",
+                       f"upload / raw pyarrow upload, S3 (moto), CRC32C, {TARGET_CONCURRENCY} at once, median of >= "
+                       f"{MIN_TARGET_RUNS} runs", met_key="s3_target_met", optional=True)),  # --backends may leave one out
+    keys=("default_snapshot_mode", "target_concurrency", "params_m", "checkpoint_mb", "step_s", "runs"))
 
 
 def _select(objs: dict, cap_mb: float) -> tuple[dict, int]:
@@ -444,6 +460,7 @@ def main() -> None:
     p.add_argument("--tput-reps", type=int, default=MIN_TARGET_RUNS,
                    help="interleaved repetitions (medians; the target needs >= 5)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    results.add_flag(p)
     args = p.parse_args()
     if args.quick:
         args.dim, args.layers, args.batch = 256, 2, 64
@@ -474,7 +491,8 @@ def main() -> None:
         if moto is not None:
             moto.kill()
 
-    print_report(rows, sum(p.numel() for p in model.parameters()), base, ser)
+    summary = print_report(rows, sum(p.numel() for p in model.parameters()), base, ser)
+    results.record(SCHEMA, summary, args)
 
 
 def throughput_targets(rows: list[dict]) -> tuple[list[tuple], dict]:
@@ -504,7 +522,7 @@ def throughput_targets(rows: list[dict]) -> tuple[list[tuple], dict]:
     return table, keys
 
 
-def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None:
+def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> dict:
     print(f"model: {nparams / 1e6:.1f} M params, checkpoint {rows[0]['bytes'] / MB:.0f} MB "
           f"(weights + AdamW state), median step {base * 1e3:.0f} ms, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
@@ -552,6 +570,7 @@ def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None
                "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                         for r in rows]}
     print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 prints its table and a final JSON line whose figures are consistent with each other.
 
 They check that the scripts run and report what they claim to compare, not the targets (those
-are met or not in full runs; see the README's benchmark table)."""
+are met or not in full runs, recorded in results/ and rendered in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,8 @@ def _run(script: str, *args: str, timeout: float = 300) -> tuple[str, dict]:
 @pytest.mark.s3
 def test_bench_checkpoint_quick():
     text, out = _run("bench_checkpoint.py", "--quick", "--tput-reps", "2")
+    from scripts.bench_checkpoint import SCHEMA
+    assert SCHEMA.problems(out) == []
     assert "baseline = raw pyarrow write" in text and "upload vs baseline" in text
     runs = {(r["backend"], r["snapshot_mode"].rstrip("*")): r for r in out["runs"]}
     assert set(runs) == {(b, m) for b in ("local", "s3") for m in ("sync", "overlap")}
@@ -72,6 +75,8 @@ def test_bench_checkpoint_quick():
 def test_bench_placement_small_budget():
     pytest.importorskip("mtkahypar")
     text, out = _run("bench_placement.py", "--per-layer-s", "0.3", "--skip-scale")
+    from scripts.bench_placement import SCHEMA
+    assert SCHEMA.problems(out) == []
     assert "local_search" in text and "mtkahypar" in text and out["scale"] is None
     rows = {(r["case"], r["tname"], r["method"]): r for r in out["rows"]}
     groups = {(case, tname) for case, tname, _ in rows}
@@ -110,6 +115,8 @@ def test_bench_replacement_two_actors():
     text, out = _run("bench_replacement.py", "--workers", "2", "--experts", "4", "--dim", "32",
                      "--ffn", "64", "--seq", "16", "--batch", "4", "--steps", "2", "--rounds", "1",
                      "--time-limit", "2")
+    from scripts.bench_replacement import SCHEMA
+    assert SCHEMA.problems(out) == []
     assert "speedup (contiguous step / re-placed step)" in text
     assert out["speedup"] == pytest.approx(out["contiguous_step_s"] / out["ilp_step_s"], rel=1e-3)
     # hot experts 0 and 1 sit together on rank 0 under contiguous; the ILP splits them
