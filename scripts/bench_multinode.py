@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts import netcluster  # noqa: E402
+from scripts import netcluster, results  # noqa: E402
 from scripts.netbench import report  # noqa: E402
 from scripts.netcluster import S3_ENV, NetCluster  # noqa: E402
 
@@ -56,6 +56,17 @@ TARGETS = {"internode_bytes_hier_vs_flat": ("<=", 0.6), "internode_bytes_topo_vs
            "step_speedup_best_vs_flat_contiguous_100mbit": (">=", 1.5), "counted_vs_interface_bytes": ("in", (0.9, 1.1)),
            "node_loss_recovered": ("==", True), "node_loss_recovery_s": ("<=", 60.0),
            "committed_checkpoints_corrupted": ("==", 0)}
+
+
+SCHEMA = results.Schema(
+    "multinode", "2 nodes x 2 ranks (and 4 x 1) in network namespaces, rate-limited links: dispatch x placement arms "
+    "and DeepSpeed-MoE's flat all-to-all",
+    keys=("cpu_model", "arms", "placements"),
+    # the benchmark judges its own targets (report.summarize: "in" ranges, booleans): met_key
+    targets=tuple(results.Target(k, "==", f"{op} {value}", "", k.replace("_", " "), met_key=f"targets.{k}.met")
+                  for k, (op, value) in TARGETS.items()) + (
+        results.Target("step_speedup_best_vs_deepspeed_100mbit", ">=", 1.5, "x", "best arm vs DeepSpeed-MoE, 100 Mbit/s "
+                       "(a goal, reported)", optional=True),))
 
 
 def has_dispatch_modes() -> bool:
@@ -284,6 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--arms", default="flat:contiguous,flat:ilp,hierarchical:contiguous,hierarchical:ilp_node",
                     help="DISPATCH:PLACEMENT list")
     ap.add_argument("--attach", default="", help="run on this existing netcluster (2x2 + a client) instead of building")
+    results.add_flag(ap)
     args = ap.parse_args(argv)
     defaults = dict(warm_steps=(40, 6), skip_steps=(2, 1), timed_steps=(5, 2), rates=("100,1000", "100"),
                     layouts=("2x2,4x1", "2x2"), ilp_time_s=(20.0, 5.0), rounds=(2, 1))
@@ -338,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         result["arm_errors"] = b.errors
     print(report.table(rows, plans, result))
     print(json.dumps(result))
+    results.record(SCHEMA, result, args)
     return 0
 
 
