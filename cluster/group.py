@@ -16,7 +16,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.worker import Worker
+from cluster.worker import MoERank
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
 from placement.placement import Placement
@@ -94,7 +94,7 @@ class WorkerGroup:
         c = cfg.cluster
         start_timeout_s = c.start_timeout_s
         _check_resources(cfg)
-        remote_cls = ray.remote(Worker)
+        remote_cls = ray.remote(MoERank)
         cfg_dict = cfg.to_dict()
         actors = []
         try:
