@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("ckpt", help="list, verify, inspect or clean checkpoints; unlock a dead run's name")
     c.add_argument("action", choices=["list", "verify", "inspect", "clean", "unlock"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
-    c.add_argument("--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N")
+    c.add_argument(
+        "--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N"
+    )
     c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     c.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
     _prepare_parser(sub)

@@ -108,7 +108,9 @@ class WorkerGroup:
             return group
         except WorkerGroupError as exc:
             cls._kill(actors)
-            raise WorkerGroupStartError(f"could not start {c.num_workers} worker(s):\n{exc}", exc.ranks, exc.lost) from None
+            raise WorkerGroupStartError(
+                f"could not start {c.num_workers} worker(s):\n{exc}", exc.ranks, exc.lost
+            ) from None
         except (GetTimeoutError, ValueError) as exc:
             cls._kill(actors)
             raise WorkerGroupStartError(

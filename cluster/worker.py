@@ -53,7 +53,9 @@ class MoERank:
         t = self.trainer
         if t is None:
             return f"MoERank({who}, {self._state})"
-        held = ",".join(str(len(t.placement.local_experts(layer, self.rank))) for layer in range(t.placement.num_layers))
+        held = ",".join(
+            str(len(t.placement.local_experts(layer, self.rank))) for layer in range(t.placement.num_layers)
+        )
         return f"MoERank({who}, experts per layer {held}, step {t.step}, {self._state})"
 
     @property

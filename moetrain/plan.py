@@ -320,7 +320,11 @@ def _workspace(cfg: RunConfig, pc: ParamCounts, st: _State) -> tuple[int, int]:
     AdamW temporary the size of the largest local tensor."""
     fwd = 0
     if cfg.train.precision == "bf16":
-        experts = st.experts_local if cfg.train.activation_checkpointing != "block" else st.experts_local // max(pc.moe_layers, 1)
+        experts = (
+            st.experts_local
+            if cfg.train.activation_checkpointing != "block"
+            else st.experts_local // max(pc.moe_layers, 1)
+        )
         fwd = BF16_BYTES * (st.dense + experts)
     flat = GRAD_BYTES * st.dense if cfg.cluster.num_workers > 1 else 0
     largest = max(vocab_size(cfg) * cfg.model.dim, slots_per_rank(cfg) * pc.expert_each // 3,
@@ -403,7 +407,8 @@ def _knobs(cfg: RunConfig) -> list[list[dict[str, object]]]:
         if fits_accum and fits_accum[0] != t.grad_accum_steps:
             change["train.grad_accum_steps"] = fits_accum[0]  # same global batch, fewer micro-batches
         elif not fits_accum:
-            change["train.global_batch_size"] = t.grad_accum_steps * r * -(-t.global_batch_size // (t.grad_accum_steps * r))
+            per = t.grad_accum_steps * r
+            change["train.global_batch_size"] = per * -(-t.global_batch_size // per)
         actors.append(change)
     return [zero, ckpt, micro, actors]
 
@@ -504,7 +509,9 @@ def format_plan(plan: MemoryPlan, cfg: RunConfig) -> str:
         lines.append("available       unknown (pass --memory-gb)")
     else:
         verdict = "fits" if plan.fits else f"does NOT fit: short by {plan.shortfall_bytes / GIB:.2f} GiB"
-        lines.append(f"available       {plan.available_bytes / GIB:.2f} GiB per rank ({plan.available_source}): {verdict}")
+        lines.append(
+            f"available       {plan.available_bytes / GIB:.2f} GiB per rank ({plan.available_source}): {verdict}"
+        )
     lines += [f"would fit with  {s}" for s in plan.suggestions]
     return "\n".join(lines)
 

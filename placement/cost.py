@@ -51,7 +51,8 @@ Two evaluators of ``need[o, r]``:
   ranks ``traffic = sum_{o, r} need[o, r] * link_cost[o, r]`` and ``sends = sum_{o != r}
   need[o, r]``, where ``need[o, r]`` counts the tokens of home o that must reach r.
 - **pairwise** (aggregates only): ``need[r] ~= sum_{e on r} load[e]/c[e] - sum_{e<f on r}
-  coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is the Bonferroni bound of the union: exact when no token has
+  coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is
+  the Bonferroni bound of the union: exact when no token has
   3+ of its experts on one rank, otherwise it underestimates traffic. The pairwise ILP (ilp.py,
   aggregates only) uses this model restricted to its top pairs; with per-token ids the exact
   hypergraph ILP (hyper_ilp.py) has the exact evaluator's objective.

@@ -24,7 +24,8 @@ phase a function below, every answer scored by the exact cost model before it is
 2. **search**: ``restarts`` tabu searches (baselines.py) of ``TABU_ITERS`` moves each, the
    first from the best answer, the others from it perturbed by ``PERTURB_SWAPS`` random
    exchanges (seeded by ``seed`` and the layer); capped at ``SEARCH_SHARE`` of the layer budget.
-3. **refine** (per-token ids without home ranks: refine.py's gains assume uniform origin): iterated FM on the exact hypergraph objective (refine.py):
+3. **refine** (per-token ids without home ranks: refine.py's gains assume uniform origin): iterated FM on the
+exact hypergraph objective (refine.py):
    ejection chains of single-vertex moves from the best answer, then ``REFINE_ROUNDS`` rounds of
    ``REFINE_SWAPS`` seeded random exchanges + FM; capped at ``REFINE_SHARE`` of what is left.
    It reaches joint changes the swap neighbourhood misses (Qwen, 4 ranks, layer 3: 5 experts

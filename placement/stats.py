@@ -22,7 +22,8 @@ E logical experts per layer.
 File format (``.npz``, ``allow_pickle=False``): ``topk_ids`` int16 [T, L, K], ``meta`` a JSON
 string with at least ``num_experts`` and ``k``; optional ``layers_present`` (trace files: only
 those layers are kept; without it, and without ``layer_ids``, the layers holding at least one
-expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` / ``trans_LEE`` (moetrain's files:
+expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` /
+``trans_LEE`` (moetrain's files:
 aggregates accumulated over more steps than the ``topk_ids`` sample; they win when present) and
 optional ``home_rank`` int16 [T] (the home rank of each ``topk_ids`` row).
 """

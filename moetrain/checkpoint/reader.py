@@ -167,7 +167,9 @@ def _check_finite(ref: CheckpointRef, entry: ObjectEntry) -> int:
     buf = _read_checked(ref, entry)
     bad = _nonfinite_paths(read_state(buf, ref.store.uri_of(ref.key(entry.name))))
     if bad:
-        raise NonFiniteValues(f"NaN or inf in {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+        raise NonFiniteValues(
+            f"NaN or inf in {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        )
     return buf.nbytes
 
 

@@ -176,6 +176,6 @@ def write_batch_shards(pairs: list[tuple[str, str, str]], tok, tok_sha: str, eot
             continue
         rows_NT1, tokens = pack_texts(tok, texts, eot, seq_len)
         blob = shard_bytes(rows_NT1, domain, tokens, len(texts))
-        store.write_atomic(key, lambda sink: sink.write(blob))
+        store.write_atomic(key, lambda sink, blob=blob: sink.write(blob))
         out.append((ShardInfo(key=key, domain=domain, rows=len(rows_NT1), tokens=tokens, docs=len(texts)), False))
     return out

@@ -12,7 +12,8 @@ Streaming: import reads one HF tensor at a time (ranged reads) and writes one Mo
 expert objects at a time, concurrently; only the dense parameters (one object) or one layer's
 experts are held together. Export reads ``dense.pt`` once and then one layer's expert objects
 at a time (concurrent reads), writing each shard header first from the objects' headers (no
-tensor data needed to plan). The model is never in memory twice. Both sides go through ``moetrain.checkpoint.storage``, so every path may
+tensor data needed to plan). The model is never in memory twice. Both sides go through
+``moetrain.checkpoint.storage``, so every path may
 be a local directory or an ``s3://`` / ``gs://`` URI.
 """
 
@@ -150,8 +151,8 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
         groups = _expert_groups(plan)
         for layer in sorted({layer for layer, _ in groups}):  # one MoE layer's experts at a time,
             objects = {}                                      # written concurrently
-            for (l, e), maps in groups.items():
-                if l == layer:
+            for (g_layer, e), maps in groups.items():
+                if g_layer == layer:
                     obj = {m.target.rsplit(":", 1)[1]: _read_target(src, m, spec) for m in maps}
                     nbytes += sum(t.numel() * t.element_size() for t in obj.values())
                     objects[expert_object_name(layer, e)] = obj

@@ -186,7 +186,9 @@ class HFDir:
         f.seek(info.offset)
         got = f.readinto(buf) if info.nbytes else 0
         if got != info.nbytes:
-            raise HFError(f"{self.store.uri_of(info.shard)}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
+            raise HFError(
+                f"{self.store.uri_of(info.shard)}: short read of tensor {name} ({got} of {info.nbytes} bytes)"
+            )
         return torch.from_numpy(buf).view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:

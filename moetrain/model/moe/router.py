@@ -45,7 +45,9 @@ def check_moe_config(moe: MoEConfig) -> None:
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(f"model.moe.top_k ({moe.top_k}) must be in [1, model.moe.num_experts ({moe.num_experts})]")
     if moe.num_groups < 1 or moe.num_experts % moe.num_groups:
-        raise ConfigError(f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
+        raise ConfigError(
+            f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})"
+        )
     if moe.top_k % moe.num_groups:
         raise ConfigError(f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
     if moe.expert_ffn_dim < 1:
