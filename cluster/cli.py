@@ -207,7 +207,8 @@ def _plan(args) -> int:
     if args.memory_gb is not None:
         if not args.memory_gb > 0:
             raise ConfigError(f"--memory-gb ({args.memory_gb}) must be > 0")
-        available, source = int(args.memory_gb * GIB), "--memory-gb"
+        available: int | None = int(args.memory_gb * GIB)
+        source = "--memory-gb"
     elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         import ray
 

@@ -95,7 +95,7 @@ class Telemetry:
         self.run_name = cfg.cluster.run_name
         self.out_dir = Path(cfg.logging.out_dir).expanduser().resolve() / self.run_name
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = None
+        self.metrics: _RayMetrics | None = None
         try:
             import ray
 
@@ -159,6 +159,7 @@ class Telemetry:
             self.wandb.log({**row, "train_step": m.step})
 
     def _traffic_metrics(self, m: StepMetrics) -> None:
+        assert self.metrics is not None  # called only with Ray metrics on
         t = self.metrics.tags
         for kind, link, v in traffic_rows(m.traffic):
             self.metrics.step_bytes.set(v, {**t, "kind": kind, "link": link})

@@ -304,4 +304,5 @@ def evaluate(stats: RoutingStats, placement: Placement, topology: Topology, *,
         if l + 1 < L:
             rows[5, l] = transition_hops(stats.trans_LEE[l], holds[l], holds[l + 1]) / T
     objective = rows[0] + load_weight * rows[2] + migration_weight * rows[4]
-    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact), num_tokens=int(T))
+    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact),  # type: ignore[misc]  # rows: 6 fields
+                         num_tokens=int(T))

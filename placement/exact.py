@@ -207,7 +207,8 @@ def exact_placement(
         layers.append(tables.solve(None if balance_cap is None else balance_cap * tables.mean))
     if any(x.rank_E is None for x in layers):
         return None, layers
-    return Placement.from_expert_rank(np.stack([x.rank_E for x in layers]), topo.num_ranks), layers
+    rank_LE = np.stack([x.rank_E for x in layers if x.rank_E is not None])
+    return Placement.from_expert_rank(rank_LE, topo.num_ranks), layers
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
                  and not fa.any() and not fb.any()
                  and 2 * slots_a == F and not fetch_ER[:, [a, b]].any())
     return PairModel(slots, experts, slots_a, lin, sets_a, np.array(wt_a), sets_b, np.array(wt_b), load,
-                     fixed_a, fixed_b, float(others.max()) if len(others) else 0.0, load_weight, symmetric)
+                     fixed_a, fixed_b, float(others.max()) if len(others) else 0.0, load_weight, bool(symmetric))
 
 
 def pair_objective(pm: PairModel, x: np.ndarray) -> float:

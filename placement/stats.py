@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -144,7 +144,7 @@ class RoutingStats:
         if ids.size and ids.max() > np.iinfo(np.int16).max:
             raise StatsError(f"expert ids up to {ids.max()} do not fit the int16 topk_ids format")
         meta = dict(self.meta, num_experts=self.num_experts, k=self.k)
-        extra = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
+        extra: dict[str, Any] = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
         np.savez(path, topk_ids=ids.astype(np.int16), meta=np.array(json.dumps(meta)),
                  load_LE=self.load_LE, coact_LEE=self.coact_LEE, trans_LEE=self.trans_LEE,
                  layer_ids=np.asarray(self.layer_ids, dtype=np.int64), **extra)

@@ -205,7 +205,7 @@ def verify(ref: CheckpointRef, *, deep: bool = True, values: bool = True, max_co
     problems = [f"missing: {n}" for n in missing] + [
         f"corrupt: {e.name}: {err}" for e, _, err in results if isinstance(err, CorruptObjectError)] + [
         f"non-finite: {n}: {err}" for n, err in nonfinite]
-    ok = [(e, size) for e, size, err in results if err is None]
+    ok = [(e, size or 0) for e, size, err in results if err is None]
     return VerifyReport(uri=ref.uri, step=ref.step, checked=len(ok),
                         bytes_checked=sum(s for _, s in ok), missing=tuple(missing),
                         corrupt=tuple(corrupt), problems=tuple(problems),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from moetrain.checkpoint.storage import Store
 from moetrain.data.errors import DataError
 from moetrain.data.shards import (ShardInfo, open_data_store, pack_texts, shard_bytes, shard_id,
                                   shard_info_from_footer, shard_key)
@@ -54,7 +55,7 @@ def split_domain(entry: str) -> tuple[str, str]:
     return "", entry
 
 
-def expand_input(entry: str, *, domain_pattern: str = "", **store_opts) -> tuple[object, list[InputFile]]:
+def expand_input(entry: str, *, domain_pattern: str = "", **store_opts) -> tuple[Store, list[InputFile]]:
     """(store, files) of one input: a file, a directory (recursive; hidden entries skipped) or a
     glob (``*``, ``?``, ``[...]`` in any path segment). The domain comes from the ``name=`` prefix,
     else ``domain_pattern`` (a regex whose first group, searched in the path, is the domain),

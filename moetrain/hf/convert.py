@@ -135,7 +135,8 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
     layout = source_layout(src)
     store = open_store(out_uri, cfg)
-    entries, nbytes = [], 0
+    entries: list[tuple] = []
+    nbytes = 0
     with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
         def save(objects: dict[str, Any]) -> None:
             entries.extend(writer.save(0, objects).result().entries)
@@ -208,7 +209,8 @@ class _Source:
     one MoE layer's expert objects at a time."""
 
     def __init__(self, ref: CheckpointRef, manifest, dense: dict, spec: ArchSpec, plan: list[TensorMap]) -> None:
-        self.ref, self.manifest, self.dense, self.spec = ref, manifest, dense, spec
+        self.ref, self.manifest, self.spec = ref, manifest, spec
+        self.dense: dict | None = dense
         self.by_hf = {s: m for m in plan for s in m.sources}
         self.layer_experts: dict[int, list[int]] = {}
         for layer, e in _expert_groups(plan):
@@ -226,6 +228,7 @@ class _Source:
                 names = [expert_object_name(int(layer), x) for x in self.layer_experts[int(layer)]]
                 self._objs = load_objects(self.ref, names, manifest=self.manifest, max_concurrency=WRITE_CONCURRENCY)
             return self._objs[name][key]
+        assert self.dense is not None, "a dense tensor asked for after the expert tensors"
         value = self.dense["params" if kind == "dense" else "buffers"].get(rest)
         if value is None:
             raise HFError(f"{self.ref.uri}/{DENSE}: tensor {rest} is missing (a different model config?)")

@@ -17,7 +17,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -179,7 +179,7 @@ class HFDir:
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype (one ranged read)."""
         info = self.tensors[name]
-        f = self._files.get(info.shard)
+        f: Any = self._files.get(info.shard)
         if f is None:
             f = self._files[info.shard] = self.store.fs.open_input_file(self.store.path(info.shard))
         buf = np.empty(info.nbytes, dtype=np.uint8)

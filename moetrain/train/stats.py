@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,8 @@ class RoutingStatsAccumulator:
         if not self._steps:
             z = torch.zeros
             return (z(self.L, self.E), z(self.L, self.E, self.E), z(max(self.L - 1, 0), self.E, self.E))
-        return tuple(torch.stack([s.counts[i] for s in self._steps]).sum(0) for i in range(3))
+        load, coact, trans = (torch.stack([s.counts[i] for s in self._steps]).sum(0) for i in range(3))
+        return load, coact, trans
 
     def sample_ids(self) -> np.ndarray:
         """This rank's most recent ``sample_tokens`` top-k ids within the window, int16 [T, L, K]
@@ -114,11 +116,11 @@ class RoutingStatsAccumulator:
         load, coact, trans = self.local()
         flat = torch.cat([load.reshape(-1), coact.reshape(-1), trans.reshape(-1)]).to(ctx.device)
         ctx.all_reduce_sum(flat)
-        flat = flat.cpu().double().numpy()
+        flat_np = flat.cpu().double().numpy()
         n1, n2 = load.numel(), coact.numel()
         ids = self.sample_ids().astype(np.int64)
-        return RoutingStats(self.E, self.K, flat[:n1].reshape(load.shape),
-                            flat[n1:n1 + n2].reshape(coact.shape), flat[n1 + n2:].reshape(trans.shape),
+        return RoutingStats(self.E, self.K, flat_np[:n1].reshape(load.shape),
+                            flat_np[n1:n1 + n2].reshape(coact.shape), flat_np[n1 + n2:].reshape(trans.shape),
                             ids, meta={"window_steps": len(self._steps)},
                             home_T=np.full(ids.shape[0], ctx.rank, dtype=np.int64))
 
@@ -141,7 +143,7 @@ def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = N
     window's aggregates, which :func:`placement.load_routing` prefers over the id sample."""
     ids = stats.topk_ids_TLK if stats.topk_ids_TLK is not None else np.zeros((0, stats.num_layers, stats.k))
     meta = {"model": "moetrain", "num_experts": stats.num_experts, "k": stats.k, **stats.meta, **(extra_meta or {})}
-    extra = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
+    extra: dict[str, Any] = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
     np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=json.dumps(meta),
                         layers_present=np.arange(stats.num_layers), load_LE=stats.load_LE,
                         coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE, **extra)

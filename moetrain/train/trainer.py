@@ -147,12 +147,12 @@ class RankTrainer:
         for idx, layer in enumerate(self.moe_layers):
             tally = self.traffic.layer(idx)
             if moe.dispatch == "hierarchical" and len(nodes) > 1:
-                layer.dispatcher = HierarchicalDispatcher(self.placement, idx, self.ctx,
-                                                          capacity_factor=moe.capacity_factor, tally=tally)
+                layer.dispatcher = HierarchicalDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+                    self.placement, idx, self.ctx, capacity_factor=moe.capacity_factor, tally=tally)
             else:  # flat, or hierarchical on one node (the same sends)
-                layer.dispatcher = AllToAllDispatcher(self.placement, idx, self.ctx,
-                                                      capacity_factor=moe.capacity_factor, dedup=moe.dedup,
-                                                      chunks=moe.a2a_chunks, tally=tally)
+                layer.dispatcher = AllToAllDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+                    self.placement, idx, self.ctx, capacity_factor=moe.capacity_factor, dedup=moe.dedup,
+                    chunks=moe.a2a_chunks, tally=tally)
 
     # ---- training ----------------------------------------------------------------------------
     def _rank_map(self) -> DomainRankMap | None:
@@ -273,7 +273,7 @@ class RankTrainer:
             return 0.0
         total = 0
         for layer, r in zip(self.moe_layers, routing):
-            total += count_unit_sends(r.topk_ids_TK, layer.dispatcher)
+            total += count_unit_sends(r.topk_ids_TK, layer.dispatcher)  # type: ignore[arg-type]  # an EP dispatcher
         return float(total)
 
     # ---- validation --------------------------------------------------------------------------
