@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from moetrain.checkpoint.storage import Store
 from moetrain.config import DataConfig
 from moetrain.data.corpus import Corpus
 from moetrain.data.errors import DataError
@@ -163,7 +164,7 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
                          seconds=time.perf_counter() - t0, worker_peak_rss_mb=rss)
 
 
-def _list_inputs(opts: PrepareOptions) -> list[tuple[object, list[InputFile]]]:
+def _list_inputs(opts: PrepareOptions) -> list[tuple[Store, list[InputFile]]]:
     if not opts.inputs:
         raise DataError("moetrain prepare needs at least one input ([domain=]PATH, URI or glob)")
     groups = []

@@ -260,6 +260,7 @@ def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topolog
     R = topo.num_ranks
     slot_rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
     if exact:
+        assert stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
         origin_T, w_OR, off_OR = origin_classes(stats, topo)
         need_OR, load_R = need_by_origin(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R, origin_T,
                                          w_OR.shape[0])

@@ -300,11 +300,11 @@ class AsyncCheckpointWriter:
             futures = {self._uploads.submit(self._write_one, job, n): n for n in names}
             cf.wait(futures)
             for fut, name in futures.items():
-                exc = fut.exception()
-                if exc is None:
+                error = fut.exception()
+                if error is None:
                     entries.append(fut.result())
                 else:
-                    failures.append((name, exc))
+                    failures.append((name, error))
         base: dict[str, Any] = dict(step=job.step, rank=self.rank, snapshot_bytes=job.snapshot_bytes,
                     snapshot_s=job.snapshot_s, upload_s=time.perf_counter() - start)
         if not failures:

@@ -30,7 +30,7 @@ import torch
 
 from moetrain.checkpoint import AsyncCheckpointWriter, commit, load_objects, read_manifest, resolve
 from moetrain.checkpoint.format import MAGIC, _PREFIX
-from moetrain.checkpoint.layout import CheckpointRef
+from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
 from moetrain.checkpoint.storage import open_store
 from moetrain.config import (
     CheckpointConfig, ClusterConfig, DataConfig, ModelConfig, RunConfig, _from_dict,
@@ -135,7 +135,7 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
     layout = source_layout(src)
     store = open_store(out_uri, cfg)
-    entries: list[tuple] = []
+    entries: list[ObjectEntry] = []
     nbytes = 0
     with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
         def save(objects: dict[str, Any]) -> None:

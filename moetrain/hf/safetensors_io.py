@@ -127,7 +127,7 @@ class HFDir:
         self.store = open_dir(uri, cfg)
         self.config = read_json(self.store, CONFIG)
         self.tensors = self._index()
-        self._files: dict[str, object] = {}
+        self._files: dict[str, Any] = {}  # shard -> open pyarrow input file
 
     def _index(self) -> dict[str, TensorInfo]:
         present = {n for n in self.store.list_dir("") if _SHARD.match(n)}
@@ -179,7 +179,7 @@ class HFDir:
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype (one ranged read)."""
         info = self.tensors[name]
-        f: Any = self._files.get(info.shard)
+        f = self._files.get(info.shard)
         if f is None:
             f = self._files[info.shard] = self.store.fs.open_input_file(self.store.path(info.shard))
         buf = np.empty(info.nbytes, dtype=np.uint8)

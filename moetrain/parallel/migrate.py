@@ -124,6 +124,7 @@ def _exchange(plan: list[Move], tensors_L, rank: int, world: int, ctx: ParallelC
             sends[peer] = _pack(outgoing, tensors_L).to(ctx.device)
             reqs.append(dist.isend(sends[peer], dst=peer, group=ctx.group))
     for req in reqs:
+        assert req is not None  # every rank here is in ctx.group
         req.wait()
     sent_R = [sends[p].numel() * sends[p].element_size() if p in sends else 0 for p in range(world)]
     return {"recvs": recvs, "sent": sum(sent_R), "sent_R": sent_R}

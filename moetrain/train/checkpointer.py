@@ -117,7 +117,7 @@ class RankCheckpointer:
         self._writer: AsyncCheckpointWriter | None = None
         self._future: CheckpointFuture | None = None  # the checkpoint in flight
         self._error = ""  # why the last save() did not start
-        self._counted = None  # the future whose uploaded bytes went into the trainer's traffic
+        self._counted: CheckpointFuture | None = None  # the future whose uploaded bytes went into the trainer's traffic
 
     # ---- saving ---------------------------------------------------------------------------------
     def _open_writer(self) -> AsyncCheckpointWriter:
