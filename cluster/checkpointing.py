@@ -6,7 +6,7 @@ half (what it saves, the fence, loading) is ``moetrain.train.checkpointer.RankCh
    a background thread (``RankCheckpointer.save``); the copy overlaps the next step's forward and
    backward, and a fence makes that step's ``optimizer.step()`` (and any expert migration) wait
    for it. The driver records the data cursor and the placement. Training continues at once.
-2. A driver thread waits for every rank's upload (``Worker.checkpoint_wait`` runs in a second
+2. A driver thread waits for every rank's upload (``MoERank.checkpoint_wait`` runs in a second
    actor thread, beside training), then commits: ``manifest.json`` written last, then ``latest``,
    then retention. A failed upload or commit marks the checkpoint failed, logs it, leaves
    ``latest`` alone, and training goes on; the next checkpoint is tried as usual.

@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("ckpt", help="list, verify, inspect or clean checkpoints; unlock a dead run's name")
     c.add_argument("action", choices=["list", "verify", "inspect", "clean", "unlock"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
-    c.add_argument("--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N")
+    c.add_argument(
+        "--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N"
+    )
     c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
     c.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
     _prepare_parser(sub)
@@ -210,7 +212,8 @@ def _plan(args) -> int:
     if args.memory_gb is not None:
         if not args.memory_gb > 0:
             raise ConfigError(f"--memory-gb ({args.memory_gb}) must be > 0")
-        available, source = int(args.memory_gb * GIB), "--memory-gb"
+        available: int | None = int(args.memory_gb * GIB)
+        source = "--memory-gb"
     elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         import ray
 

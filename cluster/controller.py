@@ -170,7 +170,7 @@ class Controller:
             return State.STOPPED
         self._check_checkpoints()
         t0 = time.monotonic()
-        m: StepMetrics = self.group.call("train_step", stuck_after_s=self._step_deadline())[0]
+        m: StepMetrics = self._live_group().call("train_step", stuck_after_s=self._step_deadline())[0]
         self._slowest_step_s = max(self._slowest_step_s, time.monotonic() - t0)
         self.step = m.step
         self.history.append(m)
@@ -184,7 +184,7 @@ class Controller:
         if self.step % t.log_every == 0 or self.step == 1:
             log.info(step_line(m))
         if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-            self.val_last = self.group.call("evaluate")[0]
+            self.val_last = self._live_group().call("evaluate")[0]
             self.telemetry.validation(self.step, self.val_last)
             log.info("step %d validation %s", self.step, _fmt(self.val_last))
         if self.replanner:
@@ -226,6 +226,12 @@ class Controller:
                            for n, ip, nid in nodes),
                  sorted({i["threads"] for i in info}), sorted({i["ifname"] or "gloo's choice" for i in info}))
 
+    def _live_group(self) -> WorkerGroup:
+        """The group, in the states that have one (running, checkpointing, re-placing, finishing)."""
+        if self.group is None:
+            raise RuntimeError(f"run {self.cfg.cluster.run_name}: no worker group in this state")
+        return self.group
+
     def _step_deadline(self) -> float:
         """Watchdog bound for the next step: the slowest step seen so far plus
         ``cluster.step_timeout_s``; before any step, the group's start budget plus that."""
@@ -252,6 +258,7 @@ class Controller:
                              f"{msg}); checkpoint.max_consecutive_failures={limit}")
 
     def _replacing(self) -> State:
+        assert self.replanner is not None  # REPLACING follows a launch, which needs a replanner
         decision = self.replanner.finish(self.group, self.placement, self.step)
         self.replacements.append(decision)
         self.telemetry.replacement(decision)
@@ -349,11 +356,11 @@ class Controller:
 
     def _finish(self) -> dict:
         """Final validation, final checkpoint, outputs (FINISHED and STOPPED runs)."""
-        self.val_last = self.group.call("evaluate")[0]
+        self.val_last = self._live_group().call("evaluate")[0]
         self.telemetry.validation(self.step, self.val_last)
         if self.cfg.checkpoint.uri:
             self.ckpt.start(self.group, self.step, self.placement)
-        stats = merge_rank_samples(self.group.call("routing_stats"))
+        stats = merge_rank_samples(self._live_group().call("routing_stats"))
         self.replacements = replacement.measured_gains(self.replacements, self.history)
         run_hist = self.history
         tokens = sum(h.tokens for h in run_hist)

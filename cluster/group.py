@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from cluster.gang import Gang, GangUnplaceable
-from cluster.worker import Worker
+from cluster.worker import MoERank
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
 from placement.placement import Placement
@@ -149,7 +149,7 @@ class WorkerGroup:
     def _start_actors(cls, cfg: RunConfig, gang: Gang, placement: Placement, resume: ResumePoint | None) -> "WorkerGroup":
         c = cfg.cluster
         start_timeout_s = c.start_timeout_s
-        remote_cls = ray.remote(Worker)
+        remote_cls = ray.remote(MoERank)
         cfg_dict = cfg.to_dict()
         actors = []
         try:

@@ -32,7 +32,9 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+from tokenizers import Tokenizer
 
+from moetrain.checkpoint.storage import Store
 from moetrain.config import DataConfig
 from moetrain.data.corpus import Corpus
 from moetrain.data.errors import DataError
@@ -138,13 +140,15 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
         if pq_files:
             with footer_readers_env():  # Ray Data sizes the pool when it builds the read: here
                 ds = ray.data.read_parquet(pq_files, filesystem=store.fs, columns=cols, include_paths=True)
-            parts.append(ds.map_batches(_process, batch_size=opts.batch_docs, batch_format="pyarrow",
+            parts.append(ds.map_batches(_process, batch_size=opts.batch_docs,  # type: ignore[arg-type]  # fn_kwargs
+                                        batch_format="pyarrow",
                                         fn_kwargs={**common, "by_path": by_path}))
         if other:
             # blocks of <= FILES_PER_BATCH files: a worker's memory does not grow with the file count
             ds = ray.data.read_binary_files(other, filesystem=store.fs, include_paths=True,
                                             override_num_blocks=-(-len(other) // FILES_PER_BATCH))
-            parts.append(ds.map_batches(_process, batch_size=FILES_PER_BATCH, batch_format="pyarrow",
+            parts.append(ds.map_batches(_process, batch_size=FILES_PER_BATCH,  # type: ignore[arg-type]  # fn_kwargs
+                                        batch_format="pyarrow",
                                         fn_kwargs={**common, "by_path": by_path}))
     stats = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     infos, written, skipped, rss = _collect(stats, opts.progress)
@@ -160,7 +164,7 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
                          seconds=time.perf_counter() - t0, worker_peak_rss_mb=rss)
 
 
-def _list_inputs(opts: PrepareOptions) -> list[tuple[object, list[InputFile]]]:
+def _list_inputs(opts: PrepareOptions) -> list[tuple[Store, list[InputFile]]]:
     if not opts.inputs:
         raise DataError("moetrain prepare needs at least one input ([domain=]PATH, URI or glob)")
     groups = []
@@ -176,7 +180,7 @@ def _list_inputs(opts: PrepareOptions) -> list[tuple[object, list[InputFile]]]:
     return groups
 
 
-def _tokenizer(opts: PrepareOptions, groups) -> tuple[object, str, str, int]:
+def _tokenizer(opts: PrepareOptions, groups) -> tuple[Tokenizer, str, str, int]:
     """(tokenizer, its JSON, sha256 of the JSON, eot id)."""
     import hashlib
 
@@ -245,7 +249,8 @@ def _collect(stats, progress: bool):
 
 def _worker_error(exc: BaseException) -> str:
     """The one-line message of the DataError a worker raised (else the root error's last line)."""
-    seen, cur = set(), exc
+    seen: set[int] = set()
+    cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, DataError):

@@ -169,7 +169,7 @@ class Replanner:
 
     def __init__(self, cfg: RunConfig, last_stats: RoutingStats | None = None):
         self.cfg = cfg
-        self._pending = None  # (ObjectRef, launch step)
+        self._pending: tuple[ray.ObjectRef, int] | None = None  # (ObjectRef of the Proposal, launch step)
         self.last_stats = last_stats  # what the last solve saw (kept across a group rebuild)
         self._remote = ray.remote(num_cpus=0)(_solve)  # tiny CPU share: never blocks the actors
 
@@ -200,6 +200,7 @@ class Replanner:
 
     def finish(self, group, placement: Placement, step: int) -> Decision:
         """Decide on the finished proposal and migrate if the predicted gain is enough."""
+        assert self._pending is not None, "finish() without a launched solve"
         ref, launched = self._pending
         self._pending = None
         prop: Proposal = ray.get(ref)

@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import ray
+
+if TYPE_CHECKING:
+    from moetrain.train.trainer import RankTrainer
 
 
 def interface_for_ip(ip: str) -> str | None:
@@ -49,8 +53,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Worker:
-    """Remote class (wrapped with ``ray.remote`` by the worker group)."""
+class MoERank:
+    """One rank of a moetrain run (wrapped with ``ray.remote`` by the worker group).
+
+    The class name and :meth:`__repr__` are what the Ray dashboard's Actors tab shows (Class and
+    Repr columns; ``repr_name`` in the state API): Ray takes the repr once, right after
+    ``__init__``, so it names the run and the rank; the live fields (experts held, step, state) are
+    for logs, debuggers and ``run_fn`` callers that print the actor."""
+
+    trainer: RankTrainer | None
+    _state = "created"  # created -> idle <-> training / evaluating / migrating / checkpointing -> shut down
 
     def __init__(self, cfg_dict: dict, rank: int, world_size: int):
         from moetrain.config import from_dict
@@ -62,6 +74,33 @@ class Worker:
         import torch
 
         torch.set_num_threads(threads)
+
+    def __repr__(self) -> str:
+        """``MoERank(run=demo, rank 0 of 2, experts per layer 4,4, step 12, training)``; before
+        :meth:`setup` only run, rank and ``created`` are known."""
+        who = f"run={self.cfg.cluster.run_name}, rank {self.rank} of {self.world_size}"
+        t = self.trainer
+        if t is None:
+            return f"MoERank({who}, {self._state})"
+        held = ",".join(
+            str(len(t.placement.local_experts(layer, self.rank))) for layer in range(t.placement.num_layers)
+        )
+        return f"MoERank({who}, experts per layer {held}, step {t.step}, {self._state})"
+
+    @property
+    def _trainer(self) -> RankTrainer:
+        if self.trainer is None:
+            raise RuntimeError(f"{self!r}: setup() has not run")
+        return self.trainer
+
+    def _doing(self, state: str, call):
+        """``call(trainer)`` with ``state`` shown by :meth:`__repr__` while it runs."""
+        trainer = self._trainer
+        self._state = state
+        try:
+            return call(trainer)
+        finally:
+            self._state = "idle"
 
     def node_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
@@ -88,35 +127,36 @@ class Worker:
         self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement, load_init_weights=resume is None)
         if resume is not None:
             self.trainer.resume_from(resume)
+        self._state = "idle"
         return {"rank": self.rank, "setup_s": time.perf_counter() - t0, "node_ip": node_ip,
                 "node_id": ray.get_runtime_context().get_node_id(), "ifname": ifname,
                 "threads": torch.get_num_threads(), **self.memory()}
 
     # ---- lockstep calls (every rank at once) ----------------------------------------------
     def train_step(self):
-        return self.trainer.train_step()
+        return self._doing("training", lambda t: t.train_step())
 
     def evaluate(self) -> dict:
-        return self.trainer.evaluate()
+        return self._doing("evaluating", lambda t: t.evaluate())
 
     def routing_stats(self):
-        return self.trainer.routing_stats()
+        return self._trainer.routing_stats()
 
     def migrate(self, placement):
         """Move experts to ``placement`` (returns this rank's ``MigrationReport``)."""
-        return self.trainer.migrate(placement)
+        return self._doing("migrating", lambda t: t.migrate(placement))
 
     def checkpoint(self, step: int):
         """Start checkpoint ``step`` on this rank (returns a ``SaveStarted`` at once)."""
-        return self.trainer.checkpointer.save(step)
+        return self._doing("checkpointing", lambda t: t.checkpointer.save(step))
 
     def checkpoint_wait(self):
         """Runs in the actor's second thread, beside training: this rank's upload result."""
-        return self.trainer.checkpointer.result()
+        return self._trainer.checkpointer.result()
 
     def export_tensors(self, kind: str = "param") -> dict:
         """Parameters or gradients keyed by name / logical expert (tests, debugging)."""
-        return self.trainer.export_tensors(kind)
+        return self._trainer.export_tensors(kind)
 
     def run_fn(self, fn, *args):
         """Run ``fn(trainer, *args)`` on this rank (benchmarks, experiments, debugging)."""
@@ -138,5 +178,6 @@ class Worker:
 
         if self.trainer is not None:
             self.trainer.checkpointer.close()
+        self._state = "shut down"
         if dist.is_initialized():
             dist.destroy_process_group()

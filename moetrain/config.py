@@ -277,7 +277,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, where)
     origin = typing.get_origin(hint)
     if origin is list:
@@ -454,12 +454,15 @@ def _require(cond: bool, message: str) -> None:
 # tests/test_config.py checks that each int / float field of the tree is listed here.
 RANGES = {
     "model.vocab_size": "[0, inf)", "model.dim": "[1, inf)", "model.n_layers": "[1, inf)",
-    "model.n_heads": "[1, inf)", "model.n_kv_heads": "[0, inf)", "model.ffn_dim": "[1, inf)", "model.max_seq_len": "[1, inf)",
+    "model.n_heads": "[1, inf)", "model.n_kv_heads": "[0, inf)", "model.ffn_dim": "[1, inf)",
+    "model.max_seq_len": "[1, inf)",
     "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, 1)", "model.init_std": "(0, inf)",
     "model.moe.num_experts": "[1, inf)", "model.moe.top_k": "[1, inf)", "model.moe.expert_ffn_dim": "[1, inf)",
     "model.moe.every_n_layers": "[1, inf)", "model.moe.first_moe_layer": "[0, inf)",
     "model.moe.num_groups": "[1, inf)", "model.moe.num_shared_experts": "[0, inf)",
-    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)", "model.moe.max_nodes_per_token": "[0, inf)", "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
+    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)",
+    "model.moe.max_nodes_per_token": "[0, inf)",
+    "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
     "data.seq_len": "[1, inf)", "data.vocab_size": "[260, inf)", "data.max_bytes_per_domain": "[1, inf)",
     "data.val_fraction": "(0, 0.5)", "data.seed": "[0, inf)",
     "train.steps": "[1, inf)", "train.global_batch_size": "[1, inf)", "train.grad_accum_steps": "[1, inf)",
@@ -564,8 +567,10 @@ def _validate_no_credentials(cfg: RunConfig) -> None:
 def _validate_model(cfg: RunConfig) -> None:
     m, moe, d = cfg.model, cfg.model.moe, cfg.data
     _require(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
-    _require((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions")
-    _require(moe.top_k <= moe.num_experts, f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})")
+    _require((m.dim // m.n_heads) % 2 == 0,
+             f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions")
+    _require(moe.top_k <= moe.num_experts,
+             f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})")
     _require(moe.num_experts % moe.num_groups == 0,
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
     _require(moe.top_k % moe.num_groups == 0,
@@ -576,8 +581,10 @@ def _validate_model(cfg: RunConfig) -> None:
     _require(moe.dispatch in DISPATCH_MODES,
              f"model.moe.dispatch ({moe.dispatch!r}) must be one of {', '.join(DISPATCH_MODES)}")
     if moe.dispatch == "hierarchical":
-        _require(moe.dedup, "model.moe.dispatch=hierarchical sends once per node and per rank: it needs model.moe.dedup=true")
-        _require(moe.a2a_chunks == 1, f"model.moe.a2a_chunks ({moe.a2a_chunks}) must be 1 with model.moe.dispatch=hierarchical")
+        _require(moe.dedup,
+                 "model.moe.dispatch=hierarchical sends once per node and per rank: it needs model.moe.dedup=true")
+        _require(moe.a2a_chunks == 1,
+                 f"model.moe.a2a_chunks ({moe.a2a_chunks}) must be 1 with model.moe.dispatch=hierarchical")
     _require(moe.max_nodes_per_token == 0 or moe.num_groups == 1,
              f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) and model.moe.num_groups ({moe.num_groups}) "
              "cannot both limit the routing: set one of them")
@@ -587,7 +594,8 @@ def _validate_model(cfg: RunConfig) -> None:
              f"data.tokenizer ({d.tokenizer!r}) must be 'bpe' or hf:DIR")
     _require(moe.first_moe_layer < m.n_layers,
              f"model.moe.first_moe_layer ({moe.first_moe_layer}) must be < model.n_layers ({m.n_layers}): no MoE layer")
-    _require(m.vocab_size == 0 or m.vocab_size >= 260, f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260")
+    _require(m.vocab_size == 0 or m.vocab_size >= 260,
+             f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260")
     _require(d.seq_len <= m.max_seq_len, f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
     _require(d.source in DATA_SOURCES, f"data.source ({d.source!r}) must be one of {', '.join(DATA_SOURCES)}")
     if d.source == "paths":

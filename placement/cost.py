@@ -52,7 +52,8 @@ Two evaluators of ``need[o, r]``:
   ranks ``traffic = sum_{o, r} need[o, r] * link_cost[o, r]`` and ``sends = sum_{o != r}
   need[o, r]``, where ``need[o, r]`` counts the tokens of home o that must reach r.
 - **pairwise** (aggregates only): ``need[r] ~= sum_{e on r} load[e]/c[e] - sum_{e<f on r}
-  coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is the Bonferroni bound of the union: exact when no token has
+  coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is
+  the Bonferroni bound of the union: exact when no token has
   3+ of its experts on one rank, otherwise it underestimates traffic. The pairwise ILP (ilp.py,
   aggregates only) uses this model restricted to its top pairs; with per-token ids the exact
   hypergraph ILP (hyper_ilp.py) has the exact evaluator's objective.
@@ -268,6 +269,7 @@ def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topolog
     R = topo.num_ranks
     slot_rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
     if exact:
+        assert stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
         origin_T, w_OR, off_OR = origin_classes(stats, topo)
         need_OR, load_R = need_by_origin(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R, origin_T,
                                          w_OR.shape[0])
@@ -312,4 +314,5 @@ def evaluate(stats: RoutingStats, placement: Placement, topology: Topology, *,
         if l + 1 < L:
             rows[5, l] = transition_hops(stats.trans_LEE[l], holds[l], holds[l + 1]) / T
     objective = rows[0] + load_weight * rows[2] + migration_weight * rows[4]
-    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact), num_tokens=stats.num_tokens)
+    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact),  # type: ignore[misc]  # rows: 6 fields
+                         num_tokens=stats.num_tokens)

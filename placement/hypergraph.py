@@ -151,9 +151,9 @@ def build_hypergraph(ids_TK: np.ndarray, cnt_E: np.ndarray, origin_T: np.ndarray
     single_V = np.bincount(v_TK[one].max(axis=1), minlength=V).astype(np.float64)
     multi = np.sort(v_TK[size_T >= 2], axis=1)  # -1 pads first
     if multi.shape[0]:
-        sets, weight = np.unique(multi, axis=0, return_counts=True)
-        order = np.argsort(-weight, kind="stable")
-        sets, weight = sets[order], weight[order].astype(np.float64)
+        sets, count = np.unique(multi, axis=0, return_counts=True)
+        order = np.argsort(-count, kind="stable")
+        sets, weight = sets[order], count[order].astype(np.float64)
     else:
         sets, weight = np.zeros((0, ids.shape[1]), dtype=np.int64), np.zeros(0)
     valid = sets >= 0
@@ -179,9 +179,9 @@ def _build_with_origins(ids: np.ndarray, cnt: np.ndarray, o_T: np.ndarray, O: in
     keep = size_T >= 2
     multi = np.concatenate([np.sort(v_TK[keep], axis=1), o_T[keep][:, None]], axis=1)
     if multi.shape[0]:
-        rows, weight = np.unique(multi, axis=0, return_counts=True)
-        order = np.argsort(-weight, kind="stable")
-        rows, weight = rows[order], weight[order].astype(np.float64)
+        rows, count = np.unique(multi, axis=0, return_counts=True)
+        order = np.argsort(-count, kind="stable")
+        rows, weight = rows[order], count[order].astype(np.float64)
     else:
         rows, weight = np.zeros((0, ids.shape[1] + 1), dtype=np.int64), np.zeros(0)
     sets, origin_H = rows[:, :-1], rows[:, -1].astype(np.int64)

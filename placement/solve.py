@@ -24,7 +24,8 @@ phase a function below, every answer scored by the exact cost model before it is
 2. **search**: ``restarts`` tabu searches (baselines.py) of ``TABU_ITERS`` moves each, the
    first from the best answer, the others from it perturbed by ``PERTURB_SWAPS`` random
    exchanges (seeded by ``seed`` and the layer); capped at ``SEARCH_SHARE`` of the layer budget.
-3. **refine** (per-token ids without home ranks: refine.py's gains assume uniform origin): iterated FM on the exact hypergraph objective (refine.py):
+3. **refine** (per-token ids without home ranks: refine.py's gains assume uniform origin): iterated FM on the
+exact hypergraph objective (refine.py):
    ejection chains of single-vertex moves from the best answer, then ``REFINE_ROUNDS`` rounds of
    ``REFINE_SWAPS`` seeded random exchanges + FM; capped at ``REFINE_SHARE`` of what is left.
    It reaches joint changes the swap neighbourhood misses (Qwen, 4 ranks, layer 3: 5 experts
@@ -277,6 +278,7 @@ def _phase_refine(c: LayerContext, l: int, best: _Best, deadline: float) -> bool
     True if the clock cut its rounds."""
     srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
     slots_R = np.array(c.topo.slots_per_rank)
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], np.bincount(best.row, minlength=c.stats.num_experts))
     out = iterated_fm(hg, rank_of_vertices(best.row, srank), c.topo.send_weight_R, slots_R, c.load_weight,
                       pairwise.layer_fetch_ER(c, l)[hg.expert_V], np.random.default_rng([c.seed, l, 1]),
@@ -325,6 +327,7 @@ def _phase_exact_dp(c: LayerContext, l: int, best: _Best, deadline: float) -> bo
     if c.cur_LS is not None and c.migration_weight > 0:
         srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
         unary = c.migration_weight * c.expert_bytes * (1.0 - holders_ER(c.cur_LS[l], srank, E, R))
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     tables = LayerTables(c.stats.topk_ids_TLK[:, l], E, c.topo, w_OR, origin_T, unary)
     cap = None if c.balance_cap is None else c.balance_cap * tables.mean
     res = exact_layer_with_load(tables, c.load_weight, cap, deadline)
@@ -342,6 +345,7 @@ def _phase_exact_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> _Mi
     srank = np.repeat(np.arange(R), topo.slots_per_rank)
     cnt_E = np.bincount(best.row, minlength=c.stats.num_experts)
     origin_T, w_R, _ = origin_classes(c.stats, topo)  # [O, R]: home ranks, or one uniform-origin row
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], cnt_E, origin_T, w_R.shape[0])
     fetch_VR = pairwise.layer_fetch_ER(c, l)[hg.expert_V]
     slots_R = np.array(topo.slots_per_rank)
@@ -397,6 +401,7 @@ def _phase_pairwise_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> 
 def _phase_lns(c: LayerContext, l: int, best: _Best, deadline: float) -> tuple[int, int, int]:
     srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
     origin_T, w_OR, _ = origin_classes(c.stats, c.topo)
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     row, info = lns_layer(c.stats.topk_ids_TLK[:, l], best.row, srank, w_OR,
                           pairwise.layer_fetch_ER(c, l), c.load_weight, lambda r: layer_objective(c, l, r),
                           deadline, c.solver, max_free=LNS_MAX_FREE, sub_time_s=LNS_SUB_TIME_S,

@@ -25,7 +25,8 @@ E logical experts per layer.
 File format (``.npz``, ``allow_pickle=False``): ``topk_ids`` int16 [T, L, K], ``meta`` a JSON
 string with at least ``num_experts`` and ``k``; optional ``layers_present`` (trace files: only
 those layers are kept; without it, and without ``layer_ids``, the layers holding at least one
-expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` / ``trans_LEE`` (moetrain's files:
+expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` /
+``trans_LEE`` (moetrain's files:
 aggregates accumulated over more steps than the ``topk_ids`` sample; they win when present) and
 optional ``home_rank`` int16 [T] (the home rank of each ``topk_ids`` row) and ``step`` int64 [T]
 (``step_T``; a trace's ``forward_idx`` is read as it).
@@ -37,7 +38,7 @@ import json
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -168,7 +169,7 @@ class RoutingStats:
         if ids.size and ids.max() > np.iinfo(np.int16).max:
             raise StatsError(f"expert ids up to {ids.max()} do not fit the int16 topk_ids format")
         meta = dict(self.meta, num_experts=self.num_experts, k=self.k)
-        extra = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
+        extra: dict[str, Any] = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
         if self.step_T is not None:
             extra["step"] = self.step_T
         np.savez(path, topk_ids=ids.astype(np.int16), meta=np.array(json.dumps(meta)),

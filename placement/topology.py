@@ -65,7 +65,8 @@ class Topology:
     @classmethod
     def uniform(cls, num_ranks: int, slots_per_rank: int | Sequence[int], ranks_per_node: int = 0,
                 intra_node_cost: float = 1.0, inter_node_cost: float = 4.0) -> "Topology":
-        return cls(num_ranks, slots_per_rank, ranks_per_node, intra_node_cost, inter_node_cost)
+        return cls(num_ranks, slots_per_rank, ranks_per_node,  # type: ignore[arg-type]  # an int is broadcast
+                   intra_node_cost, inter_node_cost)
 
     @classmethod
     def from_nodes(cls, node_of_rank: Sequence[int], slots_per_rank: int | Sequence[int],
@@ -82,7 +83,7 @@ class Topology:
         if num_ranks < 1:
             raise TopologyError(f"num_ranks ({num_ranks}) must be >= 1")
         spr = slots_per_rank if slots_per_rank else -(-num_experts // num_ranks)
-        return cls(num_ranks, spr, **kwargs)
+        return cls(num_ranks, spr, **kwargs)  # type: ignore[arg-type]  # an int is broadcast (__post_init__)
 
     @property
     def num_nodes(self) -> int:

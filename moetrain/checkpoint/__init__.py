@@ -22,7 +22,8 @@ names its algorithm, so checkpoints written with sha256 (all before v2 manifests
 
 Modules: ``checksum`` (crc32c / sha256), ``storage`` (Store, streamed writes: direct for
 objects, atomic for commit records, retries, typed errors), ``format`` (the object byte
-format), ``layout`` (keys), ``lease`` (one writer per run name), ``snapshot`` (host copies), ``writer`` (async writer), ``manifest``
+format), ``layout`` (keys), ``lease`` (one writer per run name), ``snapshot`` (host copies), ``writer``
+(async writer), ``manifest``
 (commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load), ``cli``
 (``moetrain ckpt ...``).
 """

@@ -167,7 +167,9 @@ def _check_finite(ref: CheckpointRef, entry: ObjectEntry) -> int:
     buf = _read_checked(ref, entry)
     bad = _nonfinite_paths(read_state(buf, ref.store.uri_of(ref.key(entry.name))))
     if bad:
-        raise NonFiniteValues(f"NaN or inf in {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+        raise NonFiniteValues(
+            f"NaN or inf in {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        )
     return buf.nbytes
 
 
@@ -203,7 +205,7 @@ def verify(ref: CheckpointRef, *, deep: bool = True, values: bool = True, max_co
     problems = [f"missing: {n}" for n in missing] + [
         f"corrupt: {e.name}: {err}" for e, _, err in results if isinstance(err, CorruptObjectError)] + [
         f"non-finite: {n}: {err}" for n, err in nonfinite]
-    ok = [(e, size) for e, size, err in results if err is None]
+    ok = [(e, size or 0) for e, size, err in results if err is None]
     return VerifyReport(uri=ref.uri, step=ref.step, checked=len(ok),
                         bytes_checked=sum(s for _, s in ok), missing=tuple(missing),
                         corrupt=tuple(corrupt), problems=tuple(problems),

@@ -212,7 +212,7 @@ class Store:
             log.debug("could not delete the unfinished object %s: %s", path, exc)
 
     # ---- writes ----------------------------------------------------------------------
-    def _stream(self, key: str, produce: Callable[[HashingSink], None], *, atomic: bool) -> WriteResult:
+    def _stream(self, key: str, produce: Callable[[HashingSink], object], *, atomic: bool) -> WriteResult:
         """Stream ``produce(sink)`` to ``key`` (via a temporary key and ``move`` when ``atomic``),
         with retries; see :meth:`write_atomic` and :meth:`write_direct`."""
         def attempt() -> WriteResult:
@@ -252,7 +252,7 @@ class Store:
         except _ProducerFailed as failed:
             raise failed.original from None
 
-    def write_atomic(self, key: str, produce: Callable[[HashingSink], None]) -> WriteResult:
+    def write_atomic(self, key: str, produce: Callable[[HashingSink], object]) -> WriteResult:
         """Stream ``produce(sink)`` to ``key`` atomically; returns its size and checksum.
 
         Transient I/O errors restart the object from scratch (``produce`` must be re-callable).
@@ -261,7 +261,7 @@ class Store:
         """
         return self._stream(key, produce, atomic=True)
 
-    def write_direct(self, key: str, produce: Callable[[HashingSink], None]) -> WriteResult:
+    def write_direct(self, key: str, produce: Callable[[HashingSink], object]) -> WriteResult:
         """Stream ``produce(sink)`` straight to ``key``; returns its size and checksum.
 
         Same retries and error handling as :meth:`write_atomic`, minus the temporary key and the

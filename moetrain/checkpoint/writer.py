@@ -257,6 +257,7 @@ class AsyncCheckpointWriter:
     def _copy_source(self, job: _Job) -> None:
         """Overlap mode: take the snapshot on this thread, then release the fence."""
         try:
+            assert job.source is not None  # overlap mode always has a source
             snap = snapshot(job.source, versions=job.versions)
             job.objects, job.snapshot_bytes, job.snapshot_s = dict(snap.objects), snap.nbytes, snap.seconds
         finally:
@@ -299,11 +300,12 @@ class AsyncCheckpointWriter:
             futures = {self._uploads.submit(self._write_one, job, n): n for n in names}
             cf.wait(futures)
             for fut, name in futures.items():
-                if fut.exception() is None:
+                error = fut.exception()
+                if error is None:
                     entries.append(fut.result())
                 else:
-                    failures.append((name, fut.exception()))
-        base = dict(step=job.step, rank=self.rank, snapshot_bytes=job.snapshot_bytes,
+                    failures.append((name, error))
+        base: dict[str, Any] = dict(step=job.step, rank=self.rank, snapshot_bytes=job.snapshot_bytes,
                     snapshot_s=job.snapshot_s, upload_s=time.perf_counter() - start)
         if not failures:
             entries.sort(key=lambda e: e.name)

@@ -166,7 +166,11 @@ def load_hf_tokenizer(spec: str, *, s3_endpoint: str = "", s3_region: str = "",
         value = json.loads(text).get(key) if text is not None else None
         if value is None:
             continue
-        eot = tok.token_to_id(_eos_text(value)) if key == "eos_token" else (value[0] if isinstance(value, list) else value)
+        eot = (
+            tok.token_to_id(_eos_text(value))
+            if key == "eos_token"
+            else (value[0] if isinstance(value, list) else value)
+        )
         if eot is not None:
             break
     if eot is None:

@@ -111,6 +111,8 @@ def resolve_tokenizer(cfg: DataConfig, corpus=None, corpus_hash: str = "", root:
     """(tokenizer, sha256 of its JSON, eot id) for ``data.tokenizer``: ``bpe`` trains (or loads the
     cached) byte-level BPE on ``corpus``; ``hf:DIR`` loads ``DIR/tokenizer.json``."""
     if cfg.tokenizer == "bpe":
+        if root is None:
+            raise ValueError("data.tokenizer=bpe needs the folder of its cached tokenizer (root)")
         tok, sha, _ = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)
         return tok, sha, eot_id(tok)
     return load_hf_tokenizer(cfg.tokenizer, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region,
@@ -162,7 +164,9 @@ def _write_local(out: Path, corpus, tok, tok_sha: str, eot: int, seq_len: int) -
 
 
 def _chunks(docs: list[str], max_bytes: int) -> list[list[str]]:
-    out, cur, size = [], [], 0
+    out: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
     for doc in docs:
         n = len(doc.encode("utf-8"))
         if cur and size + n > max_bytes:

@@ -12,7 +12,8 @@ Streaming: import reads one HF tensor at a time (ranged reads) and writes one Mo
 expert objects at a time, concurrently; only the dense parameters (one object) or one layer's
 experts are held together. Export reads ``dense.pt`` once and then one layer's expert objects
 at a time (concurrent reads), writing each shard header first from the objects' headers (no
-tensor data needed to plan). The model is never in memory twice. Both sides go through ``moetrain.checkpoint.storage``, so every path may
+tensor data needed to plan). The model is never in memory twice. Both sides go through
+``moetrain.checkpoint.storage``, so every path may
 be a local directory or an ``s3://`` / ``gs://`` URI.
 """
 
@@ -29,7 +30,7 @@ import torch
 
 from moetrain.checkpoint import AsyncCheckpointWriter, commit, load_objects, read_manifest, resolve
 from moetrain.checkpoint.format import MAGIC, _PREFIX
-from moetrain.checkpoint.layout import CheckpointRef
+from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
 from moetrain.checkpoint.storage import open_store
 from moetrain.config import (
     CheckpointConfig, ClusterConfig, DataConfig, ModelConfig, RunConfig, _from_dict,
@@ -134,7 +135,8 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
     layout = source_layout(src)
     store = open_store(out_uri, cfg)
-    entries, nbytes = [], 0
+    entries: list[ObjectEntry] = []
+    nbytes = 0
     with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
         def save(objects: dict[str, Any]) -> None:
             entries.extend(writer.save(0, objects).result().entries)
@@ -150,8 +152,8 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
         groups = _expert_groups(plan)
         for layer in sorted({layer for layer, _ in groups}):  # one MoE layer's experts at a time,
             objects = {}                                      # written concurrently
-            for (l, e), maps in groups.items():
-                if l == layer:
+            for (g_layer, e), maps in groups.items():
+                if g_layer == layer:
                     obj = {m.target.rsplit(":", 1)[1]: _read_target(src, m, spec) for m in maps}
                     nbytes += sum(t.numel() * t.element_size() for t in obj.values())
                     objects[expert_object_name(layer, e)] = obj
@@ -207,7 +209,8 @@ class _Source:
     one MoE layer's expert objects at a time."""
 
     def __init__(self, ref: CheckpointRef, manifest, dense: dict, spec: ArchSpec, plan: list[TensorMap]) -> None:
-        self.ref, self.manifest, self.dense, self.spec = ref, manifest, dense, spec
+        self.ref, self.manifest, self.spec = ref, manifest, spec
+        self.dense: dict | None = dense
         self.by_hf = {s: m for m in plan for s in m.sources}
         self.layer_experts: dict[int, list[int]] = {}
         for layer, e in _expert_groups(plan):
@@ -225,6 +228,7 @@ class _Source:
                 names = [expert_object_name(int(layer), x) for x in self.layer_experts[int(layer)]]
                 self._objs = load_objects(self.ref, names, manifest=self.manifest, max_concurrency=WRITE_CONCURRENCY)
             return self._objs[name][key]
+        assert self.dense is not None, "a dense tensor asked for after the expert tensors"
         value = self.dense["params" if kind == "dense" else "buffers"].get(rest)
         if value is None:
             raise HFError(f"{self.ref.uri}/{DENSE}: tensor {rest} is missing (a different model config?)")

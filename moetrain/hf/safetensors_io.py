@@ -17,7 +17,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class HFDir:
         self.store = open_dir(uri, cfg)
         self.config = read_json(self.store, CONFIG)
         self.tensors = self._index()
-        self._files: dict[str, object] = {}
+        self._files: dict[str, Any] = {}  # shard -> open pyarrow input file
 
     def _index(self) -> dict[str, TensorInfo]:
         present = {n for n in self.store.list_dir("") if _SHARD.match(n)}
@@ -186,7 +186,9 @@ class HFDir:
         f.seek(info.offset)
         got = f.readinto(buf) if info.nbytes else 0
         if got != info.nbytes:
-            raise HFError(f"{self.store.uri_of(info.shard)}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
+            raise HFError(
+                f"{self.store.uri_of(info.shard)}: short read of tensor {name} ({got} of {info.nbytes} bytes)"
+            )
         return torch.from_numpy(buf).view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ import torch.distributed as dist
 class ParallelContext:
     rank: int = 0
     world_size: int = 1
-    group: object = None  # torch.distributed ProcessGroup, None = default group
+    group: Any = None  # torch.distributed ProcessGroup, None = default group
     device: torch.device = torch.device("cpu")
     node_R: tuple[int, ...] = ()  # node index of each rank (contiguous per node); () = one node
 

@@ -144,10 +144,10 @@ class TrafficCounter:
         self._reset()
         return v
 
-    def decode(self, v: torch.Tensor | np.ndarray) -> StepTraffic:
+    def decode(self, v: torch.Tensor | np.ndarray | list[float]) -> StepTraffic:
         """A (summed) :meth:`vector` as a :class:`StepTraffic`."""
         v = np.asarray(v, dtype=np.float64)
         n = self.num_layers * 4
         peers = v[n:n + 2 * len(PEER_KINDS)].reshape(len(PEER_KINDS), 2)
         return StepTraffic(v[:n].reshape(self.num_layers, 2, 2), *[peers[i].copy() for i in range(len(PEER_KINDS))],
-                           checkpoint_bytes=float(v[-1]))
+                           checkpoint_bytes=float(v[-1]))  # type: ignore[misc]  # one positional per peer kind

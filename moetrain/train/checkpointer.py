@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moetrain.checkpoint import (
-    AsyncCheckpointWriter, CheckpointError, SaveResult, load_objects, read_manifest, resolve,
+    AsyncCheckpointWriter, CheckpointError, CheckpointFuture, SaveResult, load_objects, read_manifest, resolve,
 )
 from moetrain.config import CheckpointConfig, RunConfig, field_value
 from moetrain.train.state import load_rank_objects, rank_objects
@@ -115,9 +115,9 @@ class RankCheckpointer:
     def __init__(self, trainer) -> None:
         self._trainer = trainer
         self._writer: AsyncCheckpointWriter | None = None
-        self._future = None  # CheckpointFuture of the checkpoint in flight
+        self._future: CheckpointFuture | None = None  # the checkpoint in flight
         self._error = ""  # why the last save() did not start
-        self._counted = None  # the future whose uploaded bytes went into the trainer's traffic
+        self._counted: CheckpointFuture | None = None  # the future whose uploaded bytes went into the trainer's traffic
 
     # ---- saving ---------------------------------------------------------------------------------
     def _open_writer(self) -> AsyncCheckpointWriter:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,7 +96,8 @@ class RoutingStatsAccumulator:
         if not self._steps:
             z = torch.zeros
             return (z(self.L, self.E), z(self.L, self.E, self.E), z(max(self.L - 1, 0), self.E, self.E))
-        return tuple(torch.stack([s.counts[i] for s in self._steps]).sum(0) for i in range(3))
+        load, coact, trans = (torch.stack([s.counts[i] for s in self._steps]).sum(0) for i in range(3))
+        return load, coact, trans
 
     def sample_ids(self) -> np.ndarray:
         """This rank's most recent ``sample_tokens`` top-k ids within the window, int16 [T, L, K]
@@ -124,11 +126,11 @@ class RoutingStatsAccumulator:
         load, coact, trans = self.local()
         flat = torch.cat([load.reshape(-1), coact.reshape(-1), trans.reshape(-1)]).to(ctx.device)
         ctx.all_reduce_sum(flat)
-        flat = flat.cpu().double().numpy()
+        flat_np = flat.cpu().double().numpy()
         n1, n2 = load.numel(), coact.numel()
         ids, steps = self.sample()
-        return RoutingStats(self.E, self.K, flat[:n1].reshape(load.shape),
-                            flat[n1:n1 + n2].reshape(coact.shape), flat[n1 + n2:].reshape(trans.shape),
+        return RoutingStats(self.E, self.K, flat_np[:n1].reshape(load.shape),
+                            flat_np[n1:n1 + n2].reshape(coact.shape), flat_np[n1 + n2:].reshape(trans.shape),
                             ids.astype(np.int64), meta={"window_steps": len(self._steps)},
                             home_T=np.full(ids.shape[0], ctx.rank, dtype=np.int64), step_T=steps)
 
@@ -154,7 +156,7 @@ def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = N
     window's aggregates, which :func:`placement.load_routing` prefers over the id sample."""
     ids = stats.topk_ids_TLK if stats.topk_ids_TLK is not None else np.zeros((0, stats.num_layers, stats.k))
     meta = {"model": "moetrain", "num_experts": stats.num_experts, "k": stats.k, **stats.meta, **(extra_meta or {})}
-    extra = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
+    extra: dict[str, Any] = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
     if stats.step_T is not None:
         extra["step"] = stats.step_T
     np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=json.dumps(meta),

@@ -147,12 +147,12 @@ class RankTrainer:
         for idx, layer in enumerate(self.moe_layers):
             tally = self.traffic.layer(idx)
             if moe.dispatch == "hierarchical" and len(nodes) > 1:
-                layer.dispatcher = HierarchicalDispatcher(self.placement, idx, self.ctx,
-                                                          capacity_factor=moe.capacity_factor, tally=tally)
+                layer.dispatcher = HierarchicalDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+                    self.placement, idx, self.ctx, capacity_factor=moe.capacity_factor, tally=tally)
             else:  # flat, or hierarchical on one node (the same sends)
-                layer.dispatcher = AllToAllDispatcher(self.placement, idx, self.ctx,
-                                                      capacity_factor=moe.capacity_factor, dedup=moe.dedup,
-                                                      chunks=moe.a2a_chunks, tally=tally)
+                layer.dispatcher = AllToAllDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+                    self.placement, idx, self.ctx, capacity_factor=moe.capacity_factor, dedup=moe.dedup,
+                    chunks=moe.a2a_chunks, tally=tally)
 
     # ---- training ----------------------------------------------------------------------------
     def _rank_map(self) -> DomainRankMap | None:
@@ -273,7 +273,7 @@ class RankTrainer:
             return 0.0
         total = 0
         for layer, r in zip(self.moe_layers, routing):
-            total += count_unit_sends(r.topk_ids_TK, layer.dispatcher)
+            total += count_unit_sends(r.topk_ids_TK, layer.dispatcher)  # type: ignore[arg-type]  # an EP dispatcher
         return float(total)
 
     # ---- validation --------------------------------------------------------------------------
@@ -284,7 +284,7 @@ class RankTrainer:
         bs = self.cfg.train.global_batch_size // self.cfg.train.grad_accum_steps
         out = {}
         W = self.ctx.world_size
-        for d, name in enumerate(self.data.domains):
+        for name in self.data.domains:
             acc = torch.zeros(2, device=self.ctx.device)
             for mb in self.data.val_batches(name, bs, self.cfg.train.eval_batches, W, self.ctx.rank):
                 x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
@@ -319,7 +319,9 @@ class RankTrainer:
     def export_tensors(self, kind: str = "param") -> dict[str, np.ndarray]:
         """Parameters (or gradients) keyed placement-independently: dense by name, experts as
         ``experts/<layer>/<expert>/<w>`` from their primary replica. For tests and debugging."""
-        get = (lambda p: p.data) if kind == "param" else (lambda p: p.grad if p.grad is not None else torch.zeros_like(p))
+        get = (
+            (lambda p: p.data) if kind == "param" else (lambda p: p.grad if p.grad is not None else torch.zeros_like(p))
+        )
         out = {f"dense/{n}": get(p).cpu().numpy().copy() for n, p in self.model.dense_parameters()}
         for idx, layer in enumerate(self.moe_layers):
             primary = grads.primary_slot_mask(self.placement, idx, self.ctx.rank)

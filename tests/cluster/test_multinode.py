@@ -17,7 +17,7 @@ from cluster.api import run
 from cluster.cli import main as cli_main
 from cluster.controller import State
 from cluster.gang import Gang
-from cluster.worker import Worker, interface_for_ip
+from cluster.worker import MoERank, interface_for_ip
 from moetrain.config import from_dict, validate
 from tests.cluster.multinode import MultiNode, killer, num_threads
 
@@ -76,7 +76,7 @@ def test_threads_follow_the_rank_bundle(mn, tmp_path):
     c = cfg(tmp_path, "threads", cluster__num_workers=2, cluster__cpus_per_worker=2)
     gang = Gang.reserve(c, 30, "test")
     try:
-        actors = [ray.remote(Worker).options(num_cpus=2, **gang.actor_options(r)).remote(c.to_dict(), r, 2)
+        actors = [ray.remote(MoERank).options(num_cpus=2, **gang.actor_options(r)).remote(c.to_dict(), r, 2)
                   for r in range(2)]
         assert ray.get([a.run_fn.remote(num_threads) for a in actors], timeout=120) == [2, 2]
         assert gang.layout.node_of_rank == (0, 1)

@@ -45,7 +45,9 @@ def check_moe_config(moe: MoEConfig) -> None:
     if not 1 <= moe.top_k <= moe.num_experts:
         raise ConfigError(f"model.moe.top_k ({moe.top_k}) must be in [1, model.moe.num_experts ({moe.num_experts})]")
     if moe.num_groups < 1 or moe.num_experts % moe.num_groups:
-        raise ConfigError(f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
+        raise ConfigError(
+            f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})"
+        )
     if moe.top_k % moe.num_groups:
         raise ConfigError(f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
     if moe.expert_ffn_dim < 1:
@@ -124,6 +126,8 @@ class TopKRouter(nn.Module):
         self.softmax_over_k = moe_cfg.router == "topk_softmax"
         self.use_bias = moe_cfg.expert_bias
         self.gate_ED = nn.Parameter(torch.zeros(moe_cfg.num_experts, dim))
+        self.expert_bias_E: torch.Tensor
+        self.expert_node_E: torch.Tensor
         self.register_buffer("expert_bias_E", torch.zeros(moe_cfg.num_experts, dtype=torch.float32))
         self.max_nodes = moe_cfg.max_nodes_per_token
         self.num_nodes = 1
