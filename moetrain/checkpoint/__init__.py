@@ -15,16 +15,16 @@ Flow::
     commit(store, run, step, [result_rank0, result_rank1, ...], meta)  # driver: manifest, latest
     apply_retention(store, run, keep=cfg.checkpoint.keep)
     ref    = resolve("latest", cfg.checkpoint, run=run, store_cfg=cfg.storage)  # on resume
-    states = load_objects(ref, names_this_rank_hosts)                 # checksum-checked
+    states = load_objects(ref, names_this_rank_hosts)   # checksum-checked
 
 Checksums: CRC32C by default (``checkpoint.checksum``; sha256 optional); each manifest entry
 names its algorithm, so checkpoints written with sha256 (all before v2 manifests) still load.
 
 Stores (``Store``, ``open_store``, checksums, typed store errors) are :mod:`moetrain.storage`;
-``root`` opens a checkpoint root with the checkpoint options. Modules: ``format`` (the object byte
-format), ``layout`` (keys), ``lease`` (one writer per run name), ``snapshot`` (host copies), ``writer`` (async writer), ``manifest``
-(commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load), ``cli``
-(``moetrain ckpt ...``).
+``root`` opens a checkpoint root with the checkpoint options. Modules: ``format`` (the object
+byte format), ``layout`` (keys), ``lease`` (one writer per run name), ``snapshot`` (host
+copies), ``writer`` (async writer), ``manifest`` (commit), ``retention`` (list / keep N /
+clean), ``reader`` (resolve / verify / load), ``cli`` (``moetrain ckpt ...``).
 """
 
 from moetrain.checkpoint.errors import (

@@ -21,7 +21,6 @@ from moetrain.storage.errors import BucketNotFoundError, InvalidNameError, Store
 from moetrain.storage.store import Store, classify_os_error, redact_uri
 
 
-
 def _env(*names: str) -> str:
     for name in names:
         if os.environ.get(name):

@@ -1,10 +1,8 @@
-"""Object storage: one ``Store`` per root URI, on top of ``pyarrow.fs``; the only module that opens
-a store, for checkpoints, prepared data, tokenizers and Hugging Face import / export alike.
+"""Object storage: one ``Store`` per root URI, on top of ``pyarrow.fs``, for checkpoints, prepared
+data, tokenizers and Hugging Face import / export alike (opened by :mod:`moetrain.storage.open`
+from a root URI and a :class:`~moetrain.config.StoreConfig`).
 
-Owns: turning a root URI (local path, ``s3://bucket/prefix``, ``gs://bucket/prefix``, any other
-scheme ``pyarrow.fs.FileSystem.from_uri`` knows) and a :class:`~moetrain.config.StoreConfig`
-(endpoints, region) into a filesystem, and the few operations its users need, each with retries
-and typed errors naming the URI:
+Owns: the few operations its users need, each with retries and typed errors naming the URI:
 
 - ``write_atomic(key, produce)``: stream to a temporary key next to the final one with
   ``open_output_stream`` (no local staging), checksum (``Store.checksum``: crc32c by default,
