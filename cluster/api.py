@@ -236,7 +236,7 @@ def _run(cfg: RunConfig, on_step, raise_on_failure: bool, phase: _Phase) -> RunR
     phase("preparing the data")
     log.info("run %s: preparing the data (data.source=%s; cached after the first run)", cfg.cluster.run_name,
              cfg.data.source)
-    dataset = open_training_data(cfg.data, cfg.train.global_batch_size)
+    dataset = open_training_data(cfg.data, cfg.train.global_batch_size, cfg.storage)
     phase("checking the run")
     check_vocab(cfg, dataset.vocab_size)
     check_out_dir(cfg)

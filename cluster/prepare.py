@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from moetrain.checkpoint.storage import Store
-from moetrain.config import DataConfig
+from moetrain.config import DataConfig, StoreConfig
 from moetrain.data.corpus import Corpus
 from moetrain.data.errors import DataError
 from moetrain.data.prepare_ops import (InputFile, check_parquet, docs_from_bytes, expand_input, need_domain,
                                        write_batch_shards)
-from moetrain.data.shards import MANIFEST, TOKENIZER, PreparedManifest, make_manifest, open_data_store
+from moetrain.data.shards import MANIFEST, TOKENIZER, PreparedManifest, make_manifest
+from moetrain.data.store import open_data_store
+from moetrain.storage import Store
 from moetrain.data.tokenizer import TRAIN_BYTES_TOTAL, eot_id, train_tokenizer
 
 log = logging.getLogger("moetrain")
@@ -84,7 +85,7 @@ class PrepareOptions:
     vocab_size: int = 2048
     seq_len: int = 128
     batch_docs: int = BATCH_DOCS
-    store_opts: dict = field(default_factory=dict)  # s3_endpoint, s3_region, gcs_endpoint
+    store: StoreConfig = field(default_factory=StoreConfig)  # endpoints of the input and output stores
     progress: bool = True
 
 
@@ -118,7 +119,7 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
     if opts.seq_len < 1 or opts.vocab_size < 260 or opts.batch_docs < 1:
         raise DataError(f"--seq-len ({opts.seq_len}) must be >= 1, --vocab-size ({opts.vocab_size}) >= 260, "
                         f"--batch-docs ({opts.batch_docs}) >= 1")
-    out = open_data_store(opts.out, **opts.store_opts)
+    out = open_data_store(opts.out, opts.store)
     groups = _list_inputs(opts)
     tok, tok_json, tok_sha, eot = _tokenizer(opts, groups)
     out.write_bytes(TOKENIZER, tok_json.encode("utf-8"))
@@ -130,7 +131,7 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
     ctx.log_internal_stack_trace = False
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a failure is reported as one line below
     common = dict(text_column=opts.text_column, domain_column=opts.domain_column, tok_json=tok_json,
-                  tok_sha=tok_sha, eot=eot, seq_len=opts.seq_len, out_uri=opts.out, store_opts=opts.store_opts)
+                  tok_sha=tok_sha, eot=eot, seq_len=opts.seq_len, out_uri=opts.out, store=opts.store)
     parts = []
     for store, files in groups:
         by_path = {f.path: (f.uri, f.domain) for f in files}
@@ -169,7 +170,7 @@ def _list_inputs(opts: PrepareOptions) -> list[tuple[Store, list[InputFile]]]:
         raise DataError("moetrain prepare needs at least one input ([domain=]PATH, URI or glob)")
     groups = []
     for entry in opts.inputs:
-        store, files = expand_input(entry, domain_pattern=opts.domain_pattern, **opts.store_opts)
+        store, files = expand_input(entry, domain_pattern=opts.domain_pattern, store_cfg=opts.store)
         for f in files:
             if not f.domain and (not opts.domain_column or f.kind == "text"):
                 raise DataError(f"{f.uri}: no domain (give domain=PATH, --domain-pattern, or --domain-column "
@@ -187,7 +188,7 @@ def _tokenizer(opts: PrepareOptions, groups) -> tuple[Tokenizer, str, str, int]:
     if opts.tokenizer != "bpe":
         from moetrain.data.training import resolve_tokenizer
 
-        tok, _, eot = resolve_tokenizer(DataConfig(tokenizer=opts.tokenizer, **opts.store_opts))
+        tok, _, eot = resolve_tokenizer(DataConfig(tokenizer=opts.tokenizer), store_cfg=opts.store)
     else:
         tok = train_tokenizer(_sample_corpus(opts, groups), opts.vocab_size)
         eot = eot_id(tok)
@@ -269,7 +270,7 @@ _CACHE: dict = {}
 
 
 def _process(batch: pa.Table, *, by_path, text_column, domain_column, tok_json, tok_sha, eot, seq_len,
-             out_uri, store_opts) -> pa.Table:
+             out_uri, store) -> pa.Table:
     """One batch -> shards in the store; returns one record per shard (see _STATS_SCHEMA)."""
     from tokenizers import Tokenizer
 
@@ -278,7 +279,7 @@ def _process(batch: pa.Table, *, by_path, text_column, domain_column, tok_json, 
         tok.encode_special_tokens = True
         _CACHE[("tok", tok_sha)] = tok
     if ("store", out_uri) not in _CACHE:
-        _CACHE[("store", out_uri)] = open_data_store(out_uri, probe=False, **store_opts)
+        _CACHE[("store", out_uri)] = open_data_store(out_uri, store, probe=False)
     tok, store = _CACHE[("tok", tok_sha)], _CACHE[("store", out_uri)]
     pairs = []
     paths = batch.column("path").to_pylist()

@@ -1,7 +1,7 @@
 """The configuration tree of a moetrain run.
 
 Owns: the nested, keyword-only dataclasses that describe a run (model, moe, data, train,
-checkpoint, cluster, placement, logging), loading them from YAML plus ``--set a.b=c`` overrides,
+checkpoint, storage, cluster, placement, logging), loading them from YAML plus ``--set a.b=c`` overrides,
 and validating them once, at the edge, with errors that name the field and the bad value.
 
 Everything downstream takes an already-validated :class:`RunConfig`; nothing else parses YAML.
@@ -103,11 +103,8 @@ class DataConfig:
     cache_dir: str = ""  # "" = ~/.cache/moetrain (tokenizer + packed data, by content hash)
     seed: int = 0
     # source "prepared": the output of `moetrain prepare` (a local path, s3://bucket/prefix or
-    # gs://bucket/prefix), streamed shard by shard; endpoints as for checkpoints.
+    # gs://bucket/prefix), streamed shard by shard; endpoints in the `storage` section.
     prepared_uri: str = ""
-    s3_endpoint: str = ""  # s3:// only, e.g. http://127.0.0.1:9000 (credentials: AWS_* variables)
-    s3_region: str = ""
-    gcs_endpoint: str = ""  # gs:// only, e.g. an emulator's http://127.0.0.1:4443
     # ["domain=weight", ...]: share of each domain in every global batch (normalised; a domain
     # left out gets weight 0). Empty = every domain in proportion to its training rows.
     mixture: list[str] = field(default_factory=list)
@@ -149,10 +146,7 @@ class CheckpointConfig:
     async_upload: bool = True  # stream in a background thread while training continues
     max_consecutive_failures: int = 3  # the run fails after this many failed checkpoints in a row (0: never)
     overwrite: bool = False  # a new run (no resume) may delete committed checkpoints of the same run name
-    resume: str = ""  # "" | "latest" | a step-<N> URI
-    s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 (credentials: AWS_* environment variables)
-    s3_region: str = ""
-    gcs_endpoint: str = ""  # gs:// only: e.g. an emulator's http://127.0.0.1:4443 (default: Google)
+    resume: str = ""  # "" | "latest" | a step-<N> URI (endpoints in the `storage` section)
     max_retries: int = 3
     # Local directories: fsync every object (and its directory) before the manifest commits it,
     # so a power loss cannot leave a committed manifest over unwritten data. No effect on
@@ -167,6 +161,18 @@ class CheckpointConfig:
     # lease_ttl_s / 4: a second run of the same name is refused while it is live. A run killed
     # without releasing it (SIGKILL) blocks its name for up to this long (or `moetrain ckpt unlock`).
     lease_ttl_s: float = 60.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """Where the object stores are: one set of endpoints for every s3:// and gs:// URI of a run
+    (checkpoints, prepared data, tokenizers, Hugging Face import / export); opened by
+    :mod:`moetrain.storage`. Credentials never go here: AWS_* variables, or Application Default
+    Credentials (GOOGLE_APPLICATION_CREDENTIALS)."""
+
+    s3_endpoint: str = ""  # s3:// only, e.g. http://127.0.0.1:9000 ("" = AWS_ENDPOINT_URL(_S3) or AWS)
+    s3_region: str = ""  # s3:// only ("" = AWS_REGION, else asked of the bucket; us-east-1 with an endpoint)
+    gcs_endpoint: str = ""  # gs:// only, e.g. an emulator's http://127.0.0.1:4443 ("" = STORAGE_EMULATOR_HOST or Google)
 
 
 @dataclass(kw_only=True)
@@ -233,6 +239,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage: StoreConfig = field(default_factory=StoreConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -256,7 +263,10 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
-RENAMED = {"placement.solver": "placement.method"}  # old key -> new key, for a clear error
+# old key -> new key, for a clear error
+RENAMED = {"placement.solver": "placement.method",
+           **{f"{section}.{key}": f"storage.{key}" for section in ("data", "checkpoint")
+              for key in ("s3_endpoint", "s3_region", "gcs_endpoint")}}
 
 
 def _from_dict(cls: type, data: Any, path: str) -> Any:

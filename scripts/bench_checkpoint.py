@@ -61,11 +61,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moetrain.checkpoint import (  # noqa: E402
     AsyncCheckpointWriter, apply_retention, commit, load_objects, open_store, resolve)
-from moetrain.checkpoint.checksum import new_hasher  # noqa: E402
+from moetrain.storage.checksum import new_hasher  # noqa: E402
 from moetrain.checkpoint.format import write_state  # noqa: E402
 from moetrain.checkpoint.snapshot import state_nbytes  # noqa: E402
-from moetrain.checkpoint.sink import CHUNK_BYTES, LocalFileSync  # noqa: E402
-from moetrain.config import CheckpointConfig  # noqa: E402
+from moetrain.storage.sink import CHUNK_BYTES, LocalFileSync  # noqa: E402
+from moetrain.config import StoreConfig  # noqa: E402
 from scripts import results  # noqa: E402
 
 MB = 1e6
@@ -415,9 +415,9 @@ def bench_throughput(store, objs: dict, step: int, cap_mb: float, reps: int) -> 
     return out
 
 
-def bench_restore(store, cfg: CheckpointConfig, model, opt, expected: torch.Tensor) -> dict:
+def bench_restore(store, model, opt, expected: torch.Tensor) -> dict:
     start = time.perf_counter()
-    ref = resolve("latest", cfg, run="bench", store=store)
+    ref = resolve("latest", run="bench", store=store)
     from moetrain.checkpoint import read_manifest
     manifest = read_manifest(ref)
     loaded = load_objects(ref, manifest.names, manifest=manifest)
@@ -428,17 +428,17 @@ def bench_restore(store, cfg: CheckpointConfig, model, opt, expected: torch.Tens
     return {"restore_s": total, "restore_read_mbps": manifest.total_bytes / MB / read_s, "restore_exact": ok}
 
 
-def run_backend(kind: str, uri: str, cfg: CheckpointConfig, model, opt, loss_fn, base_step_s,
+def run_backend(kind: str, uri: str, store_cfg: StoreConfig, model, opt, loss_fn, base_step_s,
                 cap_mb: float, reps: int) -> list[dict]:
     """One row per snapshot mode; throughput and restore are shared by both rows."""
-    store = open_store(uri, cfg)
+    store = open_store(uri, store_cfg)
     rows = []
     for i, mode in enumerate(("sync", "overlap")):
         during = bench_during_training(store, model, opt, loss_fn, base_step_s, 100 + i, mode)
         rows.append({"backend": kind, "snapshot_mode": mode + ("*" if mode == DEFAULT_MODE else ""),
                      "default": mode == DEFAULT_MODE, **during})
     tput = bench_throughput(store, checkpoint_objects(model, opt), step=200, cap_mb=cap_mb, reps=reps)
-    restore = bench_restore(store, cfg, model, opt, rows[-1].pop("expected"))
+    restore = bench_restore(store, model, opt, rows[-1].pop("expected"))
     rows[0].pop("expected")
     for row in rows:
         row.update(tput, **restore)
@@ -480,11 +480,11 @@ def main() -> None:
     try:
         for kind in args.backends.split(","):
             if kind == "local":
-                uri, cfg = f"{tmp}/ckpt", CheckpointConfig()
+                uri, store_cfg = f"{tmp}/ckpt", StoreConfig()
             else:
                 moto, endpoint = start_moto()
-                uri, cfg = "s3://bench/ckpt", CheckpointConfig(s3_endpoint=endpoint, s3_region="us-east-1")
-            rows.extend(run_backend(kind, uri, cfg, model, opt, loss_fn, base, args.tput_mb,
+                uri, store_cfg = "s3://bench/ckpt", StoreConfig(s3_endpoint=endpoint, s3_region="us-east-1")
+            rows.extend(run_backend(kind, uri, store_cfg, model, opt, loss_fn, base, args.tput_mb,
                                     args.tput_reps))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -110,7 +110,7 @@ class Bench:
         info = self.nc.info
         return MODEL + [f"cluster.address={info.ray_address}", f"cluster.num_workers={workers}",
                         f"cluster.run_name={run}", f"train.steps={steps}", f"logging.out_dir={self.work / 'runs'}",
-                        f"checkpoint.s3_endpoint={self.s3}"]
+                        f"storage.s3_endpoint={self.s3}"]
 
     def spec(self, run: str, overrides: list[str], timed_from: int) -> Path:
         info = self.nc.info

@@ -48,8 +48,9 @@ from moetrain.checkpoint.layout import (
     step_prefix,
 )
 from moetrain.checkpoint.snapshot import Snapshot, snapshot, state_nbytes, tensor_versions
-from moetrain.checkpoint.storage import Store, open_store
-from moetrain.config import CheckpointConfig
+from moetrain.checkpoint.root import open_root
+from moetrain.config import CheckpointConfig, StoreConfig
+from moetrain.storage.store import Store
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "mark")
@@ -156,9 +157,9 @@ class AsyncCheckpointWriter:
         self.fence_wait_s = 0.0  # total time fence() held training (overlap mode's stall)
 
     @classmethod
-    def from_config(cls, cfg: CheckpointConfig, run: str, *, rank: int = 0,
-                    on_error: str = "raise", **kwargs: Any) -> "AsyncCheckpointWriter":
-        return cls(open_store(cfg.uri, cfg), run, rank=rank, async_upload=cfg.async_upload,
+    def from_config(cls, cfg: CheckpointConfig, run: str, *, rank: int = 0, on_error: str = "raise",
+                    store_cfg: StoreConfig | None = None, **kwargs: Any) -> "AsyncCheckpointWriter":
+        return cls(open_root(cfg.uri, cfg, store_cfg), run, rank=rank, async_upload=cfg.async_upload,
                    on_error=on_error, **kwargs)
 
     def __repr__(self) -> str:

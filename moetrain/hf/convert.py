@@ -13,7 +13,7 @@ expert objects at a time, concurrently; only the dense parameters (one object) o
 experts are held together. Export reads ``dense.pt`` once and then one layer's expert objects
 at a time (concurrent reads), writing each shard header first from the objects' headers (no
 tensor data needed to plan). The model is never in memory twice. Both sides go through
-``moetrain.checkpoint.storage``, so every path may
+``moetrain.storage``, so every path may
 be a local directory or an ``s3://`` / ``gs://`` URI.
 """
 
@@ -31,9 +31,10 @@ import torch
 from moetrain.checkpoint import AsyncCheckpointWriter, commit, load_objects, read_manifest, resolve
 from moetrain.checkpoint.format import MAGIC, _PREFIX
 from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
-from moetrain.checkpoint.storage import open_store
+from moetrain.checkpoint.root import open_root
+from moetrain.storage import open_store
 from moetrain.config import (
-    CheckpointConfig, ClusterConfig, DataConfig, ModelConfig, RunConfig, _from_dict,
+    ClusterConfig, DataConfig, ModelConfig, RunConfig, StoreConfig, _from_dict,
 )
 from moetrain.hf.arch import (
     ARCHS, SUPPORTED, ArchSpec, arch_of, check_special_ids, context_of, context_text, hf_config_from_model,
@@ -122,10 +123,11 @@ def run_meta(model: ModelConfig, hf_config: dict, source: str, tokenizer_files: 
                    **({"layout": layout.to_dict()} if layout else {})}}
 
 
-def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointConfig | None = None) -> ConvertReport:
-    """HF directory ``src_uri`` -> committed checkpoint ``<out_uri>/<run>/step-0``."""
-    cfg = cfg or CheckpointConfig(uri=out_uri)
-    src = HFDir(src_uri, cfg)
+def import_hf(src_uri: str, out_uri: str, run: str = "hf", *,
+              store_cfg: StoreConfig | None = None) -> ConvertReport:
+    """HF directory ``src_uri`` -> committed checkpoint ``<out_uri>/<run>/step-0`` (both stores
+    opened with ``store_cfg``'s endpoints)."""
+    src = HFDir(src_uri, store_cfg)
     spec = arch_of(src.config, src.store.uri_of(CONFIG))
     model = model_config_from_hf(src.config, where=src.store.uri_of(CONFIG))
     if src.store.exists(GENERATION_CONFIG):
@@ -134,7 +136,7 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
     plan = tensor_plan(spec, model)
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
     layout = source_layout(src)
-    store = open_store(out_uri, cfg)
+    store = open_root(out_uri, None, store_cfg)
     entries: list[ObjectEntry] = []
     nbytes = 0
     with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
@@ -334,7 +336,8 @@ def _dtype_plan(entries: list[tuple], dtype: str, layout: SourceLayout | None) -
     return out
 
 
-def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str) -> list[str]:
+def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str,
+                    store_cfg: StoreConfig | None) -> list[str]:
     names = [e.name for e in manifest.entries if e.name.startswith(TOKENIZER_PREFIX)]
     if names and not tokenizer_dir:
         objs = load_objects(ref, names, manifest=manifest)
@@ -345,14 +348,14 @@ def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str) 
     if not src:
         log.warning("no tokenizer files to copy (the checkpoint used the trained BPE): pass --tokenizer DIR")
         return []
-    store = open_dir(src)
+    store = open_dir(src, store_cfg)
     copied = [f for f in TOKENIZER_FILES if store.exists(f)]
     for f in copied:
         out.write_bytes(f, store.read_bytes(f))
     return copied
 
 
-def _hf_base(manifest, cfg: CheckpointConfig) -> tuple[dict | None, SourceLayout | None]:
+def _hf_base(manifest, store_cfg: StoreConfig | None) -> tuple[dict | None, SourceLayout | None]:
     """(the HF config.json a checkpoint descends from, how that model was stored): recorded at
     import, or read from its run's model.init_from directory (headers only)."""
     hf = manifest.meta.get("hf") or {}
@@ -361,26 +364,25 @@ def _hf_base(manifest, cfg: CheckpointConfig) -> tuple[dict | None, SourceLayout
         return hf["config"], SourceLayout.from_dict(layout) if layout else None
     init_from = ((manifest.meta.get("config") or {}).get("model") or {}).get("init_from", "")
     if init_from.startswith("hf:"):
-        src = HFDir(init_from[3:], cfg)
+        src = HFDir(init_from[3:], store_cfg)
         src.close()
         return src.config, source_layout(src)
     return None, None
 
 
 def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto", max_shard_bytes: int = 0,
-              tokenizer_dir: str = "", cfg: CheckpointConfig | None = None) -> ConvertReport:
+              tokenizer_dir: str = "", store_cfg: StoreConfig | None = None) -> ConvertReport:
     """Committed checkpoint ``ckpt_uri`` (a step or run URI) -> HF directory ``out_uri``.
 
     ``dtype``: ``auto`` (the source model's, as recorded at import), ``fp32`` or ``bf16``.
     ``max_shard_bytes``: 0 = shards like the source's (count and size), else HF's greedy rule.
     One shard is ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``."""
-    cfg = cfg or CheckpointConfig()
     if max_shard_bytes < 0:
         raise HFError(f"--max-shard-size ({max_shard_bytes}) must be > 0")
-    ref = resolve(ckpt_uri, cfg)
+    ref = resolve(ckpt_uri, store_cfg=store_cfg)
     manifest = read_manifest(ref)
-    hf_base, layout = _hf_base(manifest, cfg)
+    hf_base, layout = _hf_base(manifest, store_cfg)
     name = arch or (hf_base or {}).get("model_type", "")
     if not name:
         raise HFError(f"{ref.uri} was not imported from Hugging Face: pass --arch (one of {', '.join(ARCHS)})")
@@ -399,7 +401,7 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto
                                      dtype=main_dtype)
     if "torch_dtype" in hf_config:
         hf_config["torch_dtype"] = main_dtype
-    out = open_store(out_uri, CheckpointConfig(uri=out_uri, s3_endpoint=cfg.s3_endpoint, gcs_endpoint=cfg.gcs_endpoint))
+    out = open_store(out_uri, store_cfg)
     source = _Source(ref, manifest, dense, spec, plan)
     del dense
     if max_shard_bytes:
@@ -417,7 +419,7 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto
         out.write_bytes(INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                           indent=2).encode())
     out.write_bytes(CONFIG, json.dumps(hf_config, indent=2).encode())
-    copied = _copy_tokenizer(ref, manifest, out, run_cfg, tokenizer_dir)
+    copied = _copy_tokenizer(ref, manifest, out, run_cfg, tokenizer_dir, store_cfg)
     largest = max(shard_header(s)[1] for s in shards)
     note = f"dtype {main_dtype}, {len(shards)} shard(s) of at most {largest / 1e6:.1f} MB"
     log.info("exported %s -> %s (%s): %s, %d tensors, tokenizer files %s", ref.uri, out.uri, name, note,

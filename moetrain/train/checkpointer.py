@@ -24,7 +24,7 @@ import torch
 from moetrain.checkpoint import (
     AsyncCheckpointWriter, CheckpointError, CheckpointFuture, SaveResult, load_objects, read_manifest, resolve,
 )
-from moetrain.config import CheckpointConfig, RunConfig, field_value
+from moetrain.config import CheckpointConfig, RunConfig, StoreConfig, field_value
 from moetrain.train.state import load_rank_objects, rank_objects
 from placement.placement import Placement
 
@@ -43,10 +43,11 @@ class ResumePoint:
     run_id: str = ""  # the lineage that wrote it ("" for checkpoints from before run ids)
 
     @classmethod
-    def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None) -> "ResumePoint":
+    def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None,
+             store_cfg: StoreConfig | None = None) -> "ResumePoint":
         """``uri_or_latest``: a ``step-<N>`` URI, a run URI, or ``latest`` (of ``run`` under
         ``cfg.uri``). Raises :class:`CheckpointError` when nothing committed is there."""
-        ref = resolve(uri_or_latest, cfg, run=run)
+        ref = resolve(uri_or_latest, cfg, run=run, store_cfg=store_cfg)
         manifest = read_manifest(ref)
         meta = manifest.meta
         return cls(uri=ref.uri, step=manifest.step, cursor=dict(meta["cursor"]),
@@ -127,7 +128,7 @@ class RankCheckpointer:
             # step's forward/backward; the fence makes the next optimizer.step() wait for it.
             self._writer = AsyncCheckpointWriter.from_config(
                 t.cfg.checkpoint, t.cfg.cluster.run_name, rank=t.ctx.rank, on_error="mark",
-                snapshot_mode="overlap")
+                snapshot_mode="overlap", store_cfg=t.cfg.storage)
             self._writer.install_fence(t.optimizer)
             if t.dense_zero is not None:  # ZeRO updates the dense weights in its own step
                 self._writer.install_fence(t.dense_zero.base_optimizer)
@@ -179,6 +180,6 @@ class RankCheckpointer:
     def load(self, point: ResumePoint) -> None:
         """Load dense state and exactly the experts this rank's placement hosts (weights and AdamW
         state) from ``point`` into the trainer's freshly built model and optimizer."""
-        ref = resolve(point.uri, self._trainer.cfg.checkpoint)
+        ref = resolve(point.uri, self._trainer.cfg.checkpoint, store_cfg=self._trainer.cfg.storage)
         manifest = read_manifest(ref)
         load_rank_objects(self._trainer, lambda names: load_objects(ref, names, manifest=manifest))

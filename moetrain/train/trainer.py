@@ -81,7 +81,7 @@ class RankTrainer:
         self.cfg = cfg
         self.ctx = ctx or ParallelContext()
         self.data: StreamingData = (dataset if dataset is not None
-                                    else open_training_data(cfg.data, cfg.train.global_batch_size))
+                                    else open_training_data(cfg.data, cfg.train.global_batch_size, cfg.storage))
         check_vocab(cfg, self.data.vocab_size)
         if cfg.model.vocab_size == 0:
             self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
@@ -93,7 +93,7 @@ class RankTrainer:
         self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement,
                                  rank=self.ctx.rank)
         if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
-            load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.checkpoint)
+            load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.storage)
         self.model = self.model.to(self.ctx.device)
         self.model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
         self.moe_layers = self.model.moe_layers()

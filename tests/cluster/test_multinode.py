@@ -124,7 +124,7 @@ def test_node_lost_mid_run_recovers_on_the_nodes_left(mn, tmp_path, s3_server):
     # layout, and the run resumes from step 4.
     uri = s3_server.uri("multinode")
     c = cfg(tmp_path, "nodeloss", train__steps=7, cluster__num_workers=2, cluster__placement_strategy="SPREAD",
-            checkpoint__uri=uri, checkpoint__s3_endpoint=s3_server.endpoint, checkpoint__every=2, checkpoint__keep=10,
+            checkpoint__uri=uri, storage__s3_endpoint=s3_server.endpoint, checkpoint__every=2, checkpoint__keep=10,
             cluster__max_failures=2, cluster__step_timeout_s=20, cluster__node_wait_s=20,
             placement__replan_every=2, placement__blocking=True, placement__min_gain=1.0, placement__time_limit_s=1.0)
     killed: list = []

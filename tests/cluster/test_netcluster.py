@@ -174,7 +174,7 @@ def test_job_from_client_with_token_survives_a_node_loss(nc, s3):
              "--set", "train.log_every=1", "--set", "cluster.run_name=nc", "--set", "cluster.cpus_per_worker=1.5",
              "--set", "cluster.max_failures=1", "--set", f"logging.out_dir={out_dir}",
              "--set", "logging.wandb=disabled", "--set", "logging.progress=false",
-             "--set", "checkpoint.uri=s3://ckpt/runs", "--set", f"checkpoint.s3_endpoint={s3}",
+             "--set", "checkpoint.uri=s3://ckpt/runs", "--set", f"storage.s3_endpoint={s3}",
              "--set", "checkpoint.every=3"]
     bad = Path(nc.info.state_dir) / "wrong_token"
     bad.write_text("0" * 64)
