@@ -128,21 +128,8 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
         print_plan(upload_plan(working_dir or REPO_ROOT, include), out)
         return 0
     url = resolve_address(address)
-    try:
-        from ray.job_submission import JobSubmissionClient
-    except ImportError as exc:  # pragma: no cover - ray is a dependency
-        _err(f"the Ray job API is unavailable ({exc}); install ray[default]")
-        return 2
-    try:
-        headers = auth_headers(token_file)
-    except (OSError, ValueError) as exc:
-        _err(f"cannot read the auth token: {exc}")
-        return 2
-    try:
-        check_dashboard(url, connect_timeout_s)
-        client = JobSubmissionClient(url, headers=headers or None)
-    except Exception as exc:  # ConnectionError, auth errors, bad scheme...
-        _err(f"cannot reach the Ray dashboard at {url}: {_first_line(exc)}")
+    client = _connect(url, token_file, connect_timeout_s)
+    if client is None:
         return 2
     ep = entrypoint(train_args)
     plan = upload_plan(working_dir or REPO_ROOT, include)
@@ -169,6 +156,27 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
         return 130
     print(f"moetrain: job {job_id} {status}", file=out, flush=True)
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _connect(url: str, token_file: str | None, connect_timeout_s: float):
+    """A ``JobSubmissionClient`` for ``url`` (with the auth token, if any), or None after one line
+    on stderr: the job API missing, an unreadable token, or no dashboard answering in time."""
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as exc:  # pragma: no cover - ray is a dependency
+        _err(f"the Ray job API is unavailable ({exc}); install ray[default]")
+        return None
+    try:
+        headers = auth_headers(token_file)
+    except (OSError, ValueError) as exc:
+        _err(f"cannot read the auth token: {exc}")
+        return None
+    try:
+        check_dashboard(url, connect_timeout_s)
+        return JobSubmissionClient(url, headers=headers or None)
+    except Exception as exc:  # ConnectionError, auth errors, bad scheme...
+        _err(f"cannot reach the Ray dashboard at {url}: {_first_line(exc)}")
+        return None
 
 
 def wait_for(client, job_id: str, *, out: TextIO, timeout_s: float | None = None) -> str:

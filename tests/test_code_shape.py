@@ -16,7 +16,6 @@ REASON = "Size:"
 # each gets a reason or is split, and its entry goes (the second test fails on a stale entry).
 PENDING = {
     "moetrain/config.py",
-    "moetrain/checkpoint/storage.py",
     "placement/solve.py",
     "placement/ilp.py:solve_layer_model",
     "placement/lns.py:pair_model",
