@@ -31,6 +31,7 @@ from moetrain.train.checkpointer import RankCheckpointer, ResumePoint
 from moetrain.train.metrics import StepMetrics
 from moetrain.precision import autocast, resolve_precision
 from moetrain.train.schedule import lr_at
+from moetrain.train.state import RankParts
 from moetrain.train.stats import RoutingStatsAccumulator
 from placement.placement import Placement
 from placement.stats import RoutingStats
@@ -124,8 +125,11 @@ class RankTrainer:
         self.stats = RoutingStatsAccumulator(
             len(self.moe_layers), cfg.model.moe.num_experts, cfg.model.moe.top_k, window=p.window,
             sample_tokens=-(-p.sample_tokens // self.ctx.world_size))  # this rank's share
-        self.checkpointer = RankCheckpointer(self)
         self.step = 0
+        parts = RankParts(model=self.model, optimizer=self.optimizer, dense_zero=self.dense_zero,
+                          cursor=self.cursor, rank=self.ctx.rank)
+        self.checkpointer = RankCheckpointer(parts, step=lambda: self.step, placement=lambda: self.placement,
+                                             traffic=self.traffic, cfg=cfg.checkpoint, run_name=cfg.cluster.run_name)
 
     def resume_from(self, point: ResumePoint) -> None:
         """Continue from a committed checkpoint: weights, AdamW state, data cursor and step."""
