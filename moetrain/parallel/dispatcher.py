@@ -288,11 +288,6 @@ class AllToAllDispatcher:
                          recv_splits=np.sum(plan.recv_CR, axis=0).tolist(), num_chunks=C)
         return out_TD, meta
 
-    def sent_rows(self, meta: EPDispatchMeta | EPRunMeta) -> dict[str, int]:
-        """Rows this rank sent to other ranks / kept local in the last dispatch (for metrics)."""
-        local = meta.send_splits[self.ctx.rank]
-        return {"sent_remote": sum(meta.send_splits) - local, "sent_local": local}
-
 
 @torch.no_grad()
 def count_unit_sends(topk_ids_TK: torch.Tensor, dispatcher: AllToAllDispatcher) -> int:
