@@ -236,7 +236,7 @@ def _run(cfg: RunConfig, on_step, raise_on_failure: bool, phase: _Phase) -> RunR
     phase("preparing the data")
     log.info("run %s: preparing the data (data.source=%s; cached after the first run)", cfg.cluster.run_name,
              cfg.data.source)
-    dataset = open_training_data(cfg.data, cfg.train.global_batch_size)
+    dataset = open_training_data(cfg.data, cfg.train.global_batch_size, cfg.storage)
     phase("checking the run")
     check_vocab(cfg, dataset.vocab_size)
     check_out_dir(cfg)
@@ -266,7 +266,8 @@ def _stopped_before_training(cfg: RunConfig, exc: StopRequested, phase: _Phase) 
     """A stop before the controller loop: summary.json says so (state stopped, no step trained)."""
     error = f"{exc} while {phase.name}, before training started"
     log.warning("run %s: %s", cfg.cluster.run_name, error)
-    summary = {"run_name": cfg.cluster.run_name, "run_id": None, "state": State.STOPPED.value, "error": error,
+    summary: dict[str, object] = {"run_name": cfg.cluster.run_name, "run_id": None, "state": State.STOPPED.value,
+               "error": error,
                "stopped_during": phase.name, "num_workers": cfg.cluster.num_workers, "steps": 0,
                "stopped_at_step": 0, "wall_s": time.perf_counter() - phase.t0, "restarts": 0,
                "skipped_steps": 0, "checkpoints_committed": 0, "checkpoints_failed": 0, "checkpoint_failures": [],

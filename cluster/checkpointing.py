@@ -6,7 +6,7 @@ half (what it saves, the fence, loading) is ``moetrain.train.checkpointer.RankCh
    a background thread (``RankCheckpointer.save``); the copy overlaps the next step's forward and
    backward, and a fence makes that step's ``optimizer.step()`` (and any expert migration) wait
    for it. The driver records the data cursor and the placement. Training continues at once.
-2. A driver thread waits for every rank's upload (``Worker.checkpoint_wait`` runs in a second
+2. A driver thread waits for every rank's upload (``MoERank.checkpoint_wait`` runs in a second
    actor thread, beside training), then commits: ``manifest.json`` written last, then ``latest``,
    then retention. A failed upload or commit marks the checkpoint failed, logs it, leaves
    ``latest`` alone, and training goes on; the next checkpoint is tried as usual.
@@ -22,7 +22,7 @@ import uuid
 import ray
 
 from moetrain.checkpoint import (
-    CheckpointError, CheckpointRef, CorruptObjectError, Lease, commit, list_checkpoints, open_store, read_latest,
+    CheckpointError, CheckpointRef, CorruptObjectError, Lease, commit, list_checkpoints, open_root, read_latest,
     read_manifest, resolve, verify,
 )
 from moetrain.checkpoint.layout import MANIFEST, latest_key, step_prefix
@@ -46,7 +46,7 @@ def check_store_writable(cfg: RunConfig) -> None:
         return
     key = f"{cfg.cluster.run_name}/.write-probe-{uuid.uuid4().hex[:12]}"
     try:
-        store = open_store(cfg.checkpoint.uri, cfg.checkpoint)
+        store = open_root(cfg.checkpoint.uri, cfg.checkpoint, cfg.storage)
         store.write_bytes(key, b"moetrain write probe")
         store.delete(key)
     except CheckpointError as exc:
@@ -61,7 +61,7 @@ def acquire_lease(cfg: RunConfig) -> Lease | None:
     exit 2) before any actor starts. The caller releases it when the run ends, however it ends."""
     if not cfg.checkpoint.uri:
         return None
-    store = open_store(cfg.checkpoint.uri, cfg.checkpoint)
+    store = open_root(cfg.checkpoint.uri, cfg.checkpoint, cfg.storage)
     return Lease(store, cfg.cluster.run_name, ttl_s=cfg.checkpoint.lease_ttl_s).acquire()
 
 
@@ -74,7 +74,7 @@ def remove_uncommitted(cfg: RunConfig) -> list[int]:
     from moetrain.checkpoint import list_checkpoints
     from moetrain.checkpoint.layout import step_prefix
 
-    store = open_store(cfg.checkpoint.uri, cfg.checkpoint)
+    store = open_root(cfg.checkpoint.uri, cfg.checkpoint, cfg.storage)
     steps = [i.step for i in list_checkpoints(store, cfg.cluster.run_name) if not i.committed]
     for step in steps:
         store.delete_prefix(step_prefix(cfg.cluster.run_name, step))
@@ -117,8 +117,8 @@ def check_fresh_run(cfg: RunConfig) -> None:
     if not c.uri:
         return
     run = cfg.cluster.run_name
-    after = ResumePoint.read(c, c.resume, run=run).step if c.resume else -1
-    store = open_store(c.uri, c)
+    after = ResumePoint.read(c, c.resume, run=run, store_cfg=cfg.storage).step if c.resume else -1
+    store = open_root(c.uri, c, cfg.storage)
     clash = [i.step for i in list_checkpoints(store, run) if i.committed and i.step > after]
     if not clash:
         return
@@ -145,7 +145,7 @@ def check_resume(cfg: RunConfig) -> None:
     c = cfg.checkpoint
     if not c.resume:
         return
-    ref = resolve(c.resume, c, run=cfg.cluster.run_name)
+    ref = resolve(c.resume, c, run=cfg.cluster.run_name, store_cfg=cfg.storage)
     report = verify(ref, values=False)
     if report.ok:
         return
@@ -165,7 +165,8 @@ def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
     """The checkpoint ``checkpoint.resume`` names (validated manifest), or None."""
     if not cfg.checkpoint.resume:
         return None
-    point = ResumePoint.read(cfg.checkpoint, cfg.checkpoint.resume, run=cfg.cluster.run_name)
+    point = ResumePoint.read(cfg.checkpoint, cfg.checkpoint.resume, run=cfg.cluster.run_name,
+                             store_cfg=cfg.storage)
     point.check_compatible(cfg)
     return point
 
@@ -200,7 +201,7 @@ class Coordinator:
                       if isinstance(r, str) or not r.ok]
             if failed:
                 raise CheckpointError("; ".join(failed))
-            store = open_store(self.cfg.checkpoint.uri, self.cfg.checkpoint)
+            store = open_root(self.cfg.checkpoint.uri, self.cfg.checkpoint, self.cfg.storage)
             manifest = commit(store, self.cfg.cluster.run_name, step, results, meta, lease=self.lease)
             retain_lineage(store, self.cfg.cluster.run_name, self.cfg.checkpoint.keep, self.run_id)
             mb = manifest.total_bytes / 2**20
@@ -233,6 +234,7 @@ class Coordinator:
         if not self.cfg.checkpoint.uri:
             return None
         try:
-            return ResumePoint.read(self.cfg.checkpoint, "latest", run=self.cfg.cluster.run_name)
+            return ResumePoint.read(self.cfg.checkpoint, "latest", run=self.cfg.cluster.run_name,
+                                    store_cfg=self.cfg.storage)
         except CheckpointError:
             return None

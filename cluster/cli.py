@@ -42,8 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("action", choices=["list", "verify", "inspect", "clean", "unlock"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
     c.add_argument("--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N")
-    c.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    c.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
+    _store_flags(c)
     _prepare_parser(sub)
     s = sub.add_parser("submit", help="submit `moetrain train ...` as a Ray job")
     s.add_argument("--address", default=None, help="Ray dashboard address (else RAY_ADDRESS)")
@@ -53,9 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the files the job would upload; submit nothing")
     s.add_argument("--connect-timeout-s", type=float, default=30.0, metavar="S",
                    help="give up reaching the dashboard address after S seconds (default 30)")
+    s.add_argument("--token-file", default=None, metavar="FILE",
+                   help="Ray auth token of a cluster with token auth (else RAY_AUTH_TOKEN)")
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
     _hf_parsers(sub)
     return p
+
+
+def _store_flags(parser) -> None:
+    """The object-store flags of every command that opens a store (ckpt, hf, generate, prepare):
+    the same fields as the run config's ``storage`` section (see :func:`_store_cfg`)."""
+    parser.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (storage.s3_endpoint; else AWS_ENDPOINT_URL)")
+    parser.add_argument("--s3-region", default="", help="S3 region (storage.s3_region; else AWS_REGION)")
+    parser.add_argument("--gcs-endpoint", default="",
+                        help="GCS endpoint URL (storage.gcs_endpoint; else STORAGE_EMULATOR_HOST)")
+
+
+def _store_cfg(args):
+    """The :class:`~moetrain.config.StoreConfig` of the ``--s3-endpoint`` / ``--s3-region`` /
+    ``--gcs-endpoint`` flags (an endpoint holding credentials is refused when the store opens)."""
+    from moetrain.config import StoreConfig
+
+    return StoreConfig(s3_endpoint=args.s3_endpoint, s3_region=args.s3_region, gcs_endpoint=args.gcs_endpoint)
 
 
 def _hf_parsers(sub) -> None:
@@ -70,41 +88,36 @@ def _hf_parsers(sub) -> None:
     h.add_argument("--max-shard-size", default="",
                    help="export: largest shard, e.g. 5GB or 500MB (default: as many shards as the source)")
     h.add_argument("--tokenizer", default="", help="export: copy the tokenizer files from this HF directory")
-    h.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    h.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
+    _store_flags(h)
     g = sub.add_parser("generate", help="greedy generation from a checkpoint (one process)")
     g.add_argument("ckpt", help="checkpoint (step or run) URI")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--tokenizer", default="", help="HF directory whose tokenizer.json to use")
     g.add_argument("--ids", action="store_true", help="print the new token ids, not the text")
-    g.add_argument("--s3-endpoint", default="")
-    g.add_argument("--gcs-endpoint", default="")
+    _store_flags(g)
 
 
 def _hf(args) -> int:
-    from moetrain.config import CheckpointConfig
     from moetrain.hf import export_hf, import_hf
     from moetrain.hf.convert import parse_size
 
-    cfg = CheckpointConfig(uri=args.out if args.action == "import" else args.src, s3_endpoint=args.s3_endpoint,
-                           gcs_endpoint=args.gcs_endpoint)
+    store = _store_cfg(args)
     if args.action == "import":
-        report = import_hf(args.src, args.out, args.run, cfg=cfg)
+        report = import_hf(args.src, args.out, args.run, store_cfg=store)
     else:
         shard = parse_size(args.max_shard_size) if args.max_shard_size else 0
         report = export_hf(args.src, args.out, arch=args.arch, dtype=args.dtype, max_shard_bytes=shard,
-                           tokenizer_dir=args.tokenizer, cfg=cfg)
+                           tokenizer_dir=args.tokenizer, store_cfg=store)
     print(f"{report.uri}: {report.tensors} tensors, {report.bytes / 1e6:.1f} MB, {report.files} files; {report.note}")
     return 0
 
 
 def _generate(args) -> int:
-    from moetrain.config import CheckpointConfig
     from moetrain.hf.generate import generate
 
-    cfg = CheckpointConfig(uri=args.ckpt, s3_endpoint=args.s3_endpoint, gcs_endpoint=args.gcs_endpoint)
-    out = generate(args.ckpt, args.prompt, args.max_new_tokens, tokenizer_dir=args.tokenizer, cfg=cfg)
+    out = generate(args.ckpt, args.prompt, args.max_new_tokens, tokenizer_dir=args.tokenizer,
+                   store_cfg=_store_cfg(args))
     print(" ".join(str(i) for i in out.new_ids) if args.ids else out.text)
     return 0
 
@@ -124,9 +137,7 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per training row (rows hold seq_len + 1)")
     p.add_argument("--batch-docs", type=int, default=None,
                    help="Parquet rows per batch (one shard per batch and domain)")
-    p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
-    p.add_argument("--s3-region", default="", help="S3 region (else AWS_REGION)")
-    p.add_argument("--gcs-endpoint", default="", help="GCS endpoint URL (else STORAGE_EMULATOR_HOST)")
+    _store_flags(p)
     p.add_argument("--num-cpus", type=int, default=0,
                    help="CPUs of the embedded local Ray (0 = all; ignored with RAY_ADDRESS)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -145,7 +156,7 @@ def _prepare(args) -> int:
         inputs=tuple(args.inputs), out=args.out, text_column=args.text_column, domain_column=args.domain_column,
         domain_pattern=args.domain_pattern, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         seq_len=args.seq_len, batch_docs=args.batch_docs or BATCH_DOCS, progress=not args.no_progress,
-        store_opts={"s3_endpoint": args.s3_endpoint, "s3_region": args.s3_region, "gcs_endpoint": args.gcs_endpoint})
+        store=_store_cfg(args))
 
     def connect() -> None:  # after the inputs are checked: bad input fails in seconds
         if not ray.is_initialized():
@@ -187,6 +198,9 @@ def _train_run(args) -> int:
         print(f"moetrain: run {cfg.cluster.run_name} STOPPED at step {result.summary.get('steps')} of "
               f"{cfg.train.steps} ({result.error or 'a stop was requested'}){resume}", file=sys.stderr)
         return EXIT_STOPPED
+    if result.user_error:  # the cluster cannot hold the group: refused before training
+        print(f"moetrain: error: {result.error}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if result.state.value != "finished":
         print(f"moetrain: run {cfg.cluster.run_name} failed:\n{result.error}", file=sys.stderr)
         return EXIT_FAILED
@@ -205,7 +219,8 @@ def _plan(args) -> int:
     if args.memory_gb is not None:
         if not args.memory_gb > 0:
             raise ConfigError(f"--memory-gb ({args.memory_gb}) must be > 0")
-        available, source = int(args.memory_gb * GIB), "--memory-gb"
+        available: int | None = int(args.memory_gb * GIB)
+        source = "--memory-gb"
     elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
         import ray
 
@@ -229,9 +244,8 @@ def _plan(args) -> int:
 def _ckpt(args) -> int:
     """``moetrain ckpt list|verify|inspect URI``: exit 1 when verify finds a problem."""
     from moetrain.checkpoint import cli
-    from moetrain.config import CheckpointConfig
 
-    cfg = CheckpointConfig(uri=args.uri, s3_endpoint=args.s3_endpoint, gcs_endpoint=args.gcs_endpoint)
+    cfg = _store_cfg(args)
     if args.action == "list":
         _, text = cli.ckpt_list(args.uri, cfg)
     elif args.action == "verify":
@@ -256,7 +270,7 @@ def _submit(args) -> int:
     if not args.connect_timeout_s > 0:
         raise ConfigError(f"--connect-timeout-s ({args.connect_timeout_s}) must be > 0")
     return submit(args.train_args, address=args.address, wait=not args.no_wait, include=args.include,
-                  dry_run=args.dry_run, connect_timeout_s=args.connect_timeout_s)
+                  dry_run=args.dry_run, connect_timeout_s=args.connect_timeout_s, token_file=args.token_file)
 
 
 def main(argv: list[str] | None = None) -> int:

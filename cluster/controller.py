@@ -1,9 +1,11 @@
 """The run controller: an explicit state machine that drives a worker group to the end.
 
 Owns: the driver loop — start the group, step it, validate, checkpoint, re-place experts,
-and on a lost actor rebuild the group and resume from the last committed checkpoint, within the
-failure policy. States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and
-RESTARTING -> STARTING after a failure, FAILED when the policy gives up.
+and on a lost actor (or a lost node) rebuild the group on the nodes there are and resume from the
+last committed checkpoint, within the failure policy; the run's topology (the rank -> node map
+the group found) and re-solving the placement when a rebuilt group lands on another layout.
+States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and RESTARTING ->
+STARTING after a failure, FAILED when the policy gives up.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ class FailurePolicy:
     failures: int = 0
 
     def should_retry(self, exc: BaseException) -> bool:
-        """Retry lost actors (and failed collectives caused by them) while budget remains."""
-        if isinstance(exc, WorkerGroupStartError):
+        """Retry lost actors (and failed collectives caused by them) while budget remains, also
+        an actor lost while the group starts (its node went away); not a group that cannot start."""
+        if isinstance(exc, WorkerGroupStartError) and not exc.lost:
             return False
         self.failures += 1
         return isinstance(exc, WorkerGroupError) and self.failures <= self.max_failures
@@ -75,6 +78,12 @@ class RunResult:
     checkpoints: list[str] = field(default_factory=list)
     restarts: int = 0
     error: str = ""
+    user_error: bool = False  # refused before training (the cluster cannot hold the group): exit 2
+
+
+# Placing a group that fits takes well under a second: a rebuild after a node loss waits at least
+# this long for its placement group even with cluster.node_wait_s=0.
+MIN_REPLACE_WAIT_S = 5.0
 
 
 class Controller:
@@ -103,6 +112,10 @@ class Controller:
         self._slowest_step_s = 0.0  # driver-side wall time of the slowest step so far
         self.restarts = 0
         self.error = ""
+        self.user_error = False
+        self.node_of_rank: tuple[int, ...] = ()  # the current group's layout (its topology)
+        self.layouts: list[tuple[int, ...]] = []  # every group's layout, in order
+        self.resolved_for_topology = 0  # placements re-solved because a rebuilt group landed elsewhere
         self._t_start = 0.0
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
@@ -132,7 +145,13 @@ class Controller:
             # (bit-exact continuation). Otherwise the configured placement; every rank loads
             # exactly the experts it hosts from the per-expert objects.
             self.placement = r.placement
-        self.group = WorkerGroup.create(self.cfg, self.placement, resume=r)
+        c = self.cfg.cluster
+        rebuild = self.restarts > 0  # after a loss: wait for capacity (nodes may be coming back)
+        self.group = WorkerGroup.create(
+            self.cfg, self._placement_for, resume=r,
+            place_wait_s=max(c.node_wait_s, MIN_REPLACE_WAIT_S) if rebuild else None,
+            place_what="cluster.node_wait_s" if rebuild else "cluster.start_timeout_s")
+        self._log_layout()
         # The run's actor names are ours now (no other live run of this name): what an earlier
         # crash of this run left half-written can go. No checkpoint of ours is in flight here.
         self._remove_partial_checkpoints()
@@ -151,7 +170,7 @@ class Controller:
             return State.STOPPED
         self._check_checkpoints()
         t0 = time.monotonic()
-        m: StepMetrics = self.group.call("train_step", stuck_after_s=self._step_deadline())[0]
+        m: StepMetrics = self._live_group().call("train_step", stuck_after_s=self._step_deadline())[0]
         self._slowest_step_s = max(self._slowest_step_s, time.monotonic() - t0)
         self.step = m.step
         self.history.append(m)
@@ -165,7 +184,7 @@ class Controller:
         if self.step % t.log_every == 0 or self.step == 1:
             log.info(step_line(m))
         if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-            self.val_last = self.group.call("evaluate")[0]
+            self.val_last = self._live_group().call("evaluate")[0]
             self.telemetry.validation(self.step, self.val_last)
             log.info("step %d validation %s", self.step, _fmt(self.val_last))
         if self.replanner:
@@ -178,6 +197,40 @@ class Controller:
         if checkpointing.due(self.cfg, self.step):
             return State.CHECKPOINTING
         return State.RUNNING
+
+    def _placement_for(self, node_of_rank: tuple[int, ...]) -> Placement:
+        """The placement to start on, once the group is placed on ``node_of_rank`` (before any
+        actor starts). A rebuilt group on another layout than the last one gets its placement
+        re-solved for the new topology from the routing statistics of the last re-plan (the
+        current one when there are none: every placement trains the same model)."""
+        previous, self.node_of_rank = self.node_of_rank, tuple(node_of_rank)
+        self.layouts.append(self.node_of_rank)
+        stats = self.replanner.last_stats if self.replanner else None
+        if previous and previous != self.node_of_rank and stats is not None:
+            p = self.cfg.placement
+            topo = replacement.run_topology(self.cfg, self.placement, self.node_of_rank)
+            prop = replacement.solve_now(stats, topo, self.placement, self.cfg)
+            log.info("the group landed on a new layout (ranks per node %s -> %s): placement re-solved for it "
+                     "(predicted cost %.3f -> %.3f, %s, %.1f s)", _per_node(previous), _per_node(self.node_of_rank),
+                     prop.cost_before, prop.cost_after, p.method, prop.solve_time_s)
+            self.placement = prop.placement
+            self.resolved_for_topology += 1
+        return self.placement
+
+    def _log_layout(self) -> None:
+        info = self.group.rank_info
+        nodes = sorted({(self.node_of_rank[i["rank"]], i["node_ip"], i["node_id"][:8]) for i in info})
+        log.info("run %s: %d rank(s) on %d node(s): %s; threads per rank %s; collectives on %s",
+                 self.cfg.cluster.run_name, len(info), len(nodes),
+                 ", ".join(f"node {n} ({ip}, {nid}): ranks {[r for r, m in enumerate(self.node_of_rank) if m == n]}"
+                           for n, ip, nid in nodes),
+                 sorted({i["threads"] for i in info}), sorted({i["ifname"] or "gloo's choice" for i in info}))
+
+    def _live_group(self) -> WorkerGroup:
+        """The group, in the states that have one (running, checkpointing, re-placing, finishing)."""
+        if self.group is None:
+            raise RuntimeError(f"run {self.cfg.cluster.run_name}: no worker group in this state")
+        return self.group
 
     def _step_deadline(self) -> float:
         """Watchdog bound for the next step: the slowest step seen so far plus
@@ -205,6 +258,7 @@ class Controller:
                              f"{msg}); checkpoint.max_consecutive_failures={limit}")
 
     def _replacing(self) -> State:
+        assert self.replanner is not None  # REPLACING follows a launch, which needs a replanner
         decision = self.replanner.finish(self.group, self.placement, self.step)
         self.replacements.append(decision)
         self.telemetry.replacement(decision)
@@ -224,8 +278,8 @@ class Controller:
         if self.group:
             self.group.shutdown(graceful=False)
         self.group = None
-        if self.replanner:
-            self.replanner = replacement.Replanner(self.cfg)  # drop a solve for the lost group
+        if self.replanner:  # drop a solve for the lost group; keep the statistics it saw
+            self.replanner = replacement.Replanner(self.cfg, last_stats=self.replanner.last_stats)
         self.ckpt.wait()
         self.resume = self.ckpt.latest()
         if self.resume is None:
@@ -258,7 +312,7 @@ class Controller:
             self.group.shutdown(graceful=not aborted)
         self.telemetry.close(summary)
         return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, self.restarts,
-                         self.error)
+                         self.error, self.user_error)
 
     def _loop(self) -> dict:
         """The state machine to a terminal state, then the final evaluation and checkpoint."""
@@ -273,7 +327,9 @@ class Controller:
                     self._set(State.RESTARTING)
                     self._set(self._restarting(exc))
                 else:
-                    self._fail(str(exc))
+                    # a group the cluster cannot hold, before any training: bad input (exit 2)
+                    refused = getattr(exc, "unplaceable", False) and self.restarts == 0
+                    self._fail(str(exc), user_error=refused)
             except RunAborted as exc:
                 self._fail(str(exc))
         if self._bar is not None:
@@ -293,18 +349,18 @@ class Controller:
         except Exception as exc:  # the store may be what failed: report, keep the run's own error
             log.warning("could not remove uncommitted checkpoint folders: %s", str(exc).splitlines()[0][:300])
 
-    def _fail(self, error: str) -> None:
-        self.error = error
+    def _fail(self, error: str, user_error: bool = False) -> None:
+        self.error, self.user_error = error, user_error
         log.error("run %s failed: %s", self.cfg.cluster.run_name, error)
         self._set(State.FAILED)
 
     def _finish(self) -> dict:
         """Final validation, final checkpoint, outputs (FINISHED and STOPPED runs)."""
-        self.val_last = self.group.call("evaluate")[0]
+        self.val_last = self._live_group().call("evaluate")[0]
         self.telemetry.validation(self.step, self.val_last)
         if self.cfg.checkpoint.uri:
             self.ckpt.start(self.group, self.step, self.placement)
-        stats = merge_rank_samples(self.group.call("routing_stats"))
+        stats = merge_rank_samples(self._live_group().call("routing_stats"))
         self.replacements = replacement.measured_gains(self.replacements, self.history)
         run_hist = self.history
         tokens = sum(h.tokens for h in run_hist)
@@ -330,11 +386,19 @@ class Controller:
             "checkpoints_committed": len(self.ckpt.committed), "checkpoints_failed": len(self.ckpt.failed),
             "checkpoint_failures": [{"step": s, "error": m} for s, m in self.ckpt.failed],
             "memory_plan": self.memory_plan,
+            "node_of_rank": list(self.node_of_rank), "layouts": [list(x) for x in self.layouts],
+            "placements_resolved_for_topology": self.resolved_for_topology,
+            "ranks": [{k: i[k] for k in ("rank", "node_ip", "node_id", "ifname", "threads")}
+                      for i in (self.group.rank_info if self.group else [])],
             **results,
         }
         if results:
             log.info(format_summary(summary))
         return summary
+
+
+def _per_node(node_of_rank: tuple[int, ...]) -> str:
+    return "+".join(str(node_of_rank.count(n)) for n in range(max(node_of_rank) + 1))
 
 
 def _fmt(d: dict) -> str:

@@ -1,7 +1,10 @@
 """The worker group: N named Ray actors, built all or none, called in lockstep.
 
 Owns: actor creation (named ``moetrain/<run>/rank-<i>`` so they show up by name in the Ray
-dashboard; resources from the config), the torch.distributed rendezvous between them, lockstep
+dashboard), each in its bundle of the run's placement group (:mod:`cluster.gang`: placed first,
+ranks contiguous per node; the rank -> node map it yields is the run's topology and each rank is
+told it), the check of ``cluster.ranks_per_node`` against that map, the torch.distributed
+rendezvous between the actors, lockstep
 calls with errors from many ranks grouped into one message, and tear-down. A rank that dies in
 the middle of a collective would leave the others blocked inside gloo, so the first failure
 kills the whole group at once and raises.
@@ -11,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.worker import Worker
+from cluster.gang import Gang, GangUnplaceable
+from cluster.worker import MoERank
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
 from placement.placement import Placement
@@ -33,7 +37,12 @@ class WorkerGroupError(RuntimeError):
 
 
 class WorkerGroupStartError(WorkerGroupError):
-    """The group could not be built (no resources, setup error on a rank, bad resume)."""
+    """The group could not be built (no resources, setup error on a rank, bad resume).
+    ``unplaceable``: the cluster has no room for it (or its layout contradicts the config)."""
+
+    def __init__(self, message: str, ranks: list[int], lost: bool, unplaceable: bool = False):
+        super().__init__(message, ranks, lost)
+        self.unplaceable = unplaceable
 
 
 def actor_name(run_name: str, rank: int) -> str:
@@ -80,40 +89,98 @@ def _check_resources(cfg: RunConfig) -> None:
     if short:
         raise WorkerGroupStartError(
             f"cannot start {c.num_workers} worker(s): they need " + " and ".join(short)
-            + " — lower cluster.num_workers / cluster.cpus_per_worker or set cluster.use_gpu=false", [], False)
+            + " — lower cluster.num_workers / cluster.cpus_per_worker or set cluster.use_gpu=false", [], False,
+            unplaceable=True)
+
+
+def check_ranks_per_node(cfg: RunConfig, node_of_rank: tuple[int, ...]) -> None:
+    """An explicit ``cluster.ranks_per_node`` must match where the ranks landed (one line if not)."""
+    want = cfg.cluster.ranks_per_node
+    counts = [node_of_rank.count(n) for n in range(max(node_of_rank) + 1)]
+    if want and any(k != want for k in counts):
+        raise WorkerGroupStartError(
+            f"cluster.ranks_per_node ({want}) does not match the cluster: the {len(node_of_rank)} ranks landed "
+            f"{'+'.join(map(str, counts))} on {len(counts)} node(s) (cluster.placement_strategy="
+            f"{cfg.cluster.placement_strategy}); set cluster.ranks_per_node=0 to use the real layout", [], False,
+            unplaceable=True)
+
+
+PlacementFor = Callable[[tuple[int, ...]], Placement]  # the rank -> node map -> the placement to start on
 
 
 @dataclasses.dataclass
 class WorkerGroup:
     actors: list
     cfg: RunConfig
+    gang: Gang | None = None
+    rank_info: list[dict] = dataclasses.field(default_factory=list)  # what each rank's setup reported
+
+    @property
+    def node_of_rank(self) -> tuple[int, ...]:
+        """Node of each rank (0..N-1, contiguous), as the ranks landed."""
+        return self.gang.layout.node_of_rank if self.gang else (0,) * len(self.actors)
 
     @classmethod
-    def create(cls, cfg: RunConfig, placement: Placement, *, resume: ResumePoint | None = None) -> "WorkerGroup":
-        """Build every worker and join them into one process group, or build none."""
+    def create(cls, cfg: RunConfig, placement: Placement | PlacementFor, *, resume: ResumePoint | None = None,
+               place_wait_s: float | None = None, place_what: str = "cluster.start_timeout_s") -> "WorkerGroup":
+        """Place the run's gang, then build every worker in its bundle and join them into one
+        process group, or build none (the gang is removed again). ``placement`` is a Placement or
+        a function of the rank -> node map that returns one (called once the gang is placed).
+        ``place_wait_s`` (default ``cluster.start_timeout_s``) bounds the wait for the gang;
+        ``place_what`` names that bound in the error. The check of the cluster's totals is skipped
+        when ``place_wait_s`` is given (capacity may be on its way, e.g. after a node loss)."""
         c = cfg.cluster
         start_timeout_s = c.start_timeout_s
-        _check_resources(cfg)
-        remote_cls = ray.remote(Worker)
+        if place_wait_s is None:
+            _check_resources(cfg)
+        try:
+            gang = Gang.reserve(cfg, start_timeout_s if place_wait_s is None else place_wait_s, place_what)
+        except GangUnplaceable as exc:
+            raise WorkerGroupStartError(str(exc), [], False, unplaceable=True) from None
+        try:
+            check_ranks_per_node(cfg, gang.layout.node_of_rank)
+            chosen = placement(gang.layout.node_of_rank) if callable(placement) else placement
+        except BaseException:
+            gang.remove()
+            raise
+        return cls._start_actors(cfg, gang, chosen, resume)
+
+    @classmethod
+    def _start_actors(cls, cfg: RunConfig, gang: Gang, placement: Placement, resume: ResumePoint | None) -> "WorkerGroup":
+        c = cfg.cluster
+        start_timeout_s = c.start_timeout_s
+        remote_cls = ray.remote(MoERank)
         cfg_dict = cfg.to_dict()
         actors = []
         try:
             for rank in range(c.num_workers):
                 options = dict(name=actor_name(c.run_name, rank), namespace=NAMESPACE, num_cpus=c.cpus_per_worker,
-                               num_gpus=1 if c.use_gpu else 0, max_restarts=0, max_concurrency=2)
+                               num_gpus=1 if c.use_gpu else 0, max_restarts=0, max_concurrency=2,
+                               **gang.actor_options(rank))
                 actors.append(_create_named(remote_cls, options, cfg_dict, rank, c.num_workers))
-            group = cls(actors, cfg)
+            group = cls(actors, cfg, gang)
             addr, port = group._get_one(actors[0].node_address.remote(), start_timeout_s)
-            group.call("setup", addr, port, placement, resume, timeout_s=start_timeout_s)
+            group.rank_info = group.call("setup", addr, port, placement, resume, gang.layout.node_of_rank,
+                                         timeout_s=start_timeout_s)
+            group._check_landed()
             return group
         except WorkerGroupError as exc:
             cls._kill(actors)
+            gang.remove()
             raise WorkerGroupStartError(f"could not start {c.num_workers} worker(s):\n{exc}", exc.ranks, exc.lost) from None
         except (GetTimeoutError, ValueError) as exc:
             cls._kill(actors)
+            gang.remove()
             raise WorkerGroupStartError(
                 f"could not start {c.num_workers} worker(s) with {c.cpus_per_worker} CPU"
                 f"{' + 1 GPU' if c.use_gpu else ''} each within {start_timeout_s:.0f} s: {exc}", [], False) from None
+
+    def _check_landed(self) -> None:
+        """Each actor runs on the node its bundle was placed on (what the topology says)."""
+        ids = self.gang.layout.node_ids
+        wrong = [i["rank"] for i in self.rank_info if i["node_id"] != ids[self.node_of_rank[i["rank"]]]]
+        if wrong:
+            raise ValueError(f"ranks {wrong} run on another node than their placement group bundle")
 
     @staticmethod
     def _get_one(ref, timeout_s: float):
@@ -181,3 +248,5 @@ class WorkerGroup:
                 pass
         self._kill(self.actors)
         self.actors = []
+        if self.gang is not None:
+            self.gang.remove()

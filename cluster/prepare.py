@@ -32,13 +32,16 @@ import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+from tokenizers import Tokenizer
 
-from moetrain.config import DataConfig
+from moetrain.config import DataConfig, StoreConfig
 from moetrain.data.corpus import Corpus
 from moetrain.data.errors import DataError
 from moetrain.data.prepare_ops import (InputFile, check_parquet, docs_from_bytes, expand_input, need_domain,
                                        write_batch_shards)
-from moetrain.data.shards import MANIFEST, TOKENIZER, PreparedManifest, make_manifest, open_data_store
+from moetrain.data.shards import MANIFEST, TOKENIZER, PreparedManifest, make_manifest
+from moetrain.data.store import open_data_store
+from moetrain.storage import Store
 from moetrain.data.tokenizer import TRAIN_BYTES_TOTAL, eot_id, train_tokenizer
 
 log = logging.getLogger("moetrain")
@@ -82,7 +85,7 @@ class PrepareOptions:
     vocab_size: int = 2048
     seq_len: int = 128
     batch_docs: int = BATCH_DOCS
-    store_opts: dict = field(default_factory=dict)  # s3_endpoint, s3_region, gcs_endpoint
+    store: StoreConfig = field(default_factory=StoreConfig)  # endpoints of the input and output stores
     progress: bool = True
 
 
@@ -116,7 +119,7 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
     if opts.seq_len < 1 or opts.vocab_size < 260 or opts.batch_docs < 1:
         raise DataError(f"--seq-len ({opts.seq_len}) must be >= 1, --vocab-size ({opts.vocab_size}) >= 260, "
                         f"--batch-docs ({opts.batch_docs}) >= 1")
-    out = open_data_store(opts.out, **opts.store_opts)
+    out = open_data_store(opts.out, opts.store)
     groups = _list_inputs(opts)
     tok, tok_json, tok_sha, eot = _tokenizer(opts, groups)
     out.write_bytes(TOKENIZER, tok_json.encode("utf-8"))
@@ -128,7 +131,7 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
     ctx.log_internal_stack_trace = False
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a failure is reported as one line below
     common = dict(text_column=opts.text_column, domain_column=opts.domain_column, tok_json=tok_json,
-                  tok_sha=tok_sha, eot=eot, seq_len=opts.seq_len, out_uri=opts.out, store_opts=opts.store_opts)
+                  tok_sha=tok_sha, eot=eot, seq_len=opts.seq_len, out_uri=opts.out, store=opts.store)
     parts = []
     for store, files in groups:
         by_path = {f.path: (f.uri, f.domain) for f in files}
@@ -138,13 +141,15 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
         if pq_files:
             with footer_readers_env():  # Ray Data sizes the pool when it builds the read: here
                 ds = ray.data.read_parquet(pq_files, filesystem=store.fs, columns=cols, include_paths=True)
-            parts.append(ds.map_batches(_process, batch_size=opts.batch_docs, batch_format="pyarrow",
+            parts.append(ds.map_batches(_process, batch_size=opts.batch_docs,  # type: ignore[arg-type]  # fn_kwargs
+                                        batch_format="pyarrow",
                                         fn_kwargs={**common, "by_path": by_path}))
         if other:
             # blocks of <= FILES_PER_BATCH files: a worker's memory does not grow with the file count
             ds = ray.data.read_binary_files(other, filesystem=store.fs, include_paths=True,
                                             override_num_blocks=-(-len(other) // FILES_PER_BATCH))
-            parts.append(ds.map_batches(_process, batch_size=FILES_PER_BATCH, batch_format="pyarrow",
+            parts.append(ds.map_batches(_process, batch_size=FILES_PER_BATCH,  # type: ignore[arg-type]  # fn_kwargs
+                                        batch_format="pyarrow",
                                         fn_kwargs={**common, "by_path": by_path}))
     stats = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     infos, written, skipped, rss = _collect(stats, opts.progress)
@@ -160,12 +165,12 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
                          seconds=time.perf_counter() - t0, worker_peak_rss_mb=rss)
 
 
-def _list_inputs(opts: PrepareOptions) -> list[tuple[object, list[InputFile]]]:
+def _list_inputs(opts: PrepareOptions) -> list[tuple[Store, list[InputFile]]]:
     if not opts.inputs:
         raise DataError("moetrain prepare needs at least one input ([domain=]PATH, URI or glob)")
     groups = []
     for entry in opts.inputs:
-        store, files = expand_input(entry, domain_pattern=opts.domain_pattern, **opts.store_opts)
+        store, files = expand_input(entry, domain_pattern=opts.domain_pattern, store_cfg=opts.store)
         for f in files:
             if not f.domain and (not opts.domain_column or f.kind == "text"):
                 raise DataError(f"{f.uri}: no domain (give domain=PATH, --domain-pattern, or --domain-column "
@@ -176,14 +181,14 @@ def _list_inputs(opts: PrepareOptions) -> list[tuple[object, list[InputFile]]]:
     return groups
 
 
-def _tokenizer(opts: PrepareOptions, groups) -> tuple[object, str, str, int]:
+def _tokenizer(opts: PrepareOptions, groups) -> tuple[Tokenizer, str, str, int]:
     """(tokenizer, its JSON, sha256 of the JSON, eot id)."""
     import hashlib
 
     if opts.tokenizer != "bpe":
         from moetrain.data.training import resolve_tokenizer
 
-        tok, _, eot = resolve_tokenizer(DataConfig(tokenizer=opts.tokenizer, **opts.store_opts))
+        tok, _, eot = resolve_tokenizer(DataConfig(tokenizer=opts.tokenizer), store_cfg=opts.store)
     else:
         tok = train_tokenizer(_sample_corpus(opts, groups), opts.vocab_size)
         eot = eot_id(tok)
@@ -245,7 +250,8 @@ def _collect(stats, progress: bool):
 
 def _worker_error(exc: BaseException) -> str:
     """The one-line message of the DataError a worker raised (else the root error's last line)."""
-    seen, cur = set(), exc
+    seen: set[int] = set()
+    cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, DataError):
@@ -264,7 +270,7 @@ _CACHE: dict = {}
 
 
 def _process(batch: pa.Table, *, by_path, text_column, domain_column, tok_json, tok_sha, eot, seq_len,
-             out_uri, store_opts) -> pa.Table:
+             out_uri, store) -> pa.Table:
     """One batch -> shards in the store; returns one record per shard (see _STATS_SCHEMA)."""
     from tokenizers import Tokenizer
 
@@ -273,7 +279,7 @@ def _process(batch: pa.Table, *, by_path, text_column, domain_column, tok_json, 
         tok.encode_special_tokens = True
         _CACHE[("tok", tok_sha)] = tok
     if ("store", out_uri) not in _CACHE:
-        _CACHE[("store", out_uri)] = open_data_store(out_uri, probe=False, **store_opts)
+        _CACHE[("store", out_uri)] = open_data_store(out_uri, store, probe=False)
     tok, store = _CACHE[("tok", tok_sha)], _CACHE[("store", out_uri)]
     pairs = []
     paths = batch.column("path").to_pylist()

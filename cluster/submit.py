@@ -17,6 +17,11 @@ current directory, and the worker actors the job starts inherit the same runtime
 job's driver reaches the cluster through the ``RAY_ADDRESS`` Ray sets for it, so ``moetrain train``
 joins the cluster instead of starting a local Ray. ``python`` on the cluster's nodes must be an
 environment with moetrain's dependencies installed (the one ``ray start`` ran from).
+
+A cluster with token auth (Ray 2.60 ``RAY_AUTH_MODE=token``) is reached from any host with the
+token sent as ``Authorization: Bearer``: ``--token-file FILE`` (e.g. a copy of the head's
+``~/.ray/auth_token``, or ``ray get-auth-token`` output), else ``RAY_AUTH_TOKEN``; without either,
+Ray's own lookup applies (``RAY_AUTH_MODE=token`` and ``~/.ray/auth_token`` on this host).
 """
 
 from __future__ import annotations
@@ -88,6 +93,15 @@ def check_dashboard(url: str, timeout_s: float) -> None:
         raise ConnectionError(f"no answer within {timeout_s:g} s ({reason})") from None
 
 
+def auth_headers(token_file: str | None = None) -> dict[str, str]:
+    """The job API's auth header: the token in ``token_file``, else ``RAY_AUTH_TOKEN``; {} = none.
+    Raises ``OSError`` when ``token_file`` cannot be read, ``ValueError`` when it is empty."""
+    token = Path(token_file).expanduser().read_text().strip() if token_file else os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token_file and not token:
+        raise ValueError(f"token file {token_file} is empty")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _err(msg: str) -> None:
     print(f"moetrain: error: {msg}", file=sys.stderr)
 
@@ -96,7 +110,8 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
            env_vars: dict[str, str] | None = None, working_dir: str | os.PathLike | None = None,
            entrypoint_num_cpus: float = ENTRYPOINT_NUM_CPUS, submission_id: str | None = None,
            timeout_s: float | None = None, out: TextIO | None = None, include: tuple[str, ...] | list[str] = (),
-           dry_run: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> int:
+           dry_run: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+           token_file: str | None = None) -> int:
     """Submit ``moetrain train <train_args>`` as a Ray job; print its submission id.
 
     ``dry_run`` prints the files the job would upload (:func:`print_plan`) and returns 0 without
@@ -105,7 +120,8 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
     With ``wait`` the job's logs are streamed to ``out`` (stdout) until the job reaches a terminal
     status; returns 0 if it SUCCEEDED, 1 otherwise (or when ``timeout_s`` passes first; the job
     keeps running). Without ``wait`` returns 0 once submitted. An address that does not answer
-    within ``connect_timeout_s``, or a rejected submission, prints one line to stderr and returns 2.
+    within ``connect_timeout_s``, a missing or refused token (``token_file``, else
+    ``RAY_AUTH_TOKEN``) or a rejected submission prints one line to stderr and returns 2.
     """
     out = out or sys.stdout
     if dry_run:
@@ -118,8 +134,13 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
         _err(f"the Ray job API is unavailable ({exc}); install ray[default]")
         return 2
     try:
+        headers = auth_headers(token_file)
+    except (OSError, ValueError) as exc:
+        _err(f"cannot read the auth token: {exc}")
+        return 2
+    try:
         check_dashboard(url, connect_timeout_s)
-        client = JobSubmissionClient(url)
+        client = JobSubmissionClient(url, headers=headers or None)
     except Exception as exc:  # ConnectionError, auth errors, bad scheme...
         _err(f"cannot reach the Ray dashboard at {url}: {_first_line(exc)}")
         return 2

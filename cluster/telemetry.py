@@ -3,7 +3,8 @@
 Owns: custom metrics through ``ray.util.metrics`` (tokens/s, loss, expert-load max/mean per
 layer, off-rank sends, bytes sent per step by kind and link class (inside a node / between
 nodes; per MoE layer for the expert all-to-all), re-placement decisions and solve time,
-checkpoint MB/s and stall, run state), the run's traffic totals in ``summary.json``, the wandb run (offline unless ``WANDB_API_KEY`` is set and ``logging.wandb=online``),
+checkpoint MB/s and stall, run state), the run's traffic totals in ``summary.json``, the wandb run (offline
+unless ``WANDB_API_KEY`` is set and ``logging.wandb=online``),
 and the run's output folder: ``summary.json``, ``routing.npz`` (the trace format the placement
 library reads), ``placement.json`` and ``expert_load.png`` (a layers x experts heatmap). Also
 what the driver prints about where to watch the run (:func:`dashboard_text`).
@@ -81,8 +82,11 @@ class _RayMetrics:
                             "(intra / inter node; checkpoint: store)", ("run", "kind", "link"))
         self.a2a_layer_bytes = g("a2a_bytes_per_step", "expert all-to-all bytes of the last step (all ranks, forward "
                                  "+ backward) per MoE layer and link", ("run", "layer", "link"))
-        self.bytes_sent = Counter("moetrain_bytes_sent", description="bytes sent since the run started, by kind and link",
-                                  tag_keys=("run", "kind", "link"))
+        self.bytes_sent = Counter(
+            "moetrain_bytes_sent",
+            description="bytes sent since the run started, by kind and link",
+            tag_keys=("run", "kind", "link"),
+        )
 
 
 class Telemetry:
@@ -91,7 +95,7 @@ class Telemetry:
         self.run_name = cfg.cluster.run_name
         self.out_dir = Path(cfg.logging.out_dir).expanduser().resolve() / self.run_name
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = None
+        self.metrics: _RayMetrics | None = None
         try:
             import ray
 
@@ -151,10 +155,11 @@ class Telemetry:
             row = {k: getattr(m, k) for k in ("loss", "lm_loss", "lbl", "z_loss", "grad_norm", "lr", "offrank_sends")}
             row["tokens_per_s"] = tps
             row.update({f"traffic/{kind}/{link}": v for kind, link, v in traffic_rows(m.traffic)})
-            row.update({f"expert_load_max_over_mean/layer{l}": float(v) for l, v in enumerate(imb)})
+            row.update({f"expert_load_max_over_mean/layer{i}": float(v) for i, v in enumerate(imb)})
             self.wandb.log({**row, "train_step": m.step})
 
     def _traffic_metrics(self, m: StepMetrics) -> None:
+        assert self.metrics is not None  # called only with Ray metrics on
         t = self.metrics.tags
         for kind, link, v in traffic_rows(m.traffic):
             self.metrics.step_bytes.set(v, {**t, "kind": kind, "link": link})
@@ -182,7 +187,11 @@ class Telemetry:
             if d.migrated:
                 self.metrics.replacements.inc(1, t)
         if self.wandb:
-            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/solve_s": d.proposal.solve_time_s,
+            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/fit_gain": d.proposal.fit_gain,
+                            "placement/val_score": d.proposal.val_after, "placement/val_score_current": d.proposal.val_before,
+                            **{f"placement/layer{l}/val_score": v for l, v in enumerate(d.proposal.val_after_L)},
+                            **{f"placement/layer{l}/fit_score": v for l, v in enumerate(d.proposal.fit_after_L)},
+                            "placement/solve_s": d.proposal.solve_time_s,
                             "placement/migrated": int(d.migrated), "placement/bytes_moved": d.bytes_moved,
                             "train_step": d.step})
 
@@ -205,7 +214,7 @@ class Telemetry:
 
             self.wandb.log({"expert_load_heatmap": wandb.Image(str(png)),
                             "placement": wandb.Table(columns=["layer", "phy2log"],
-                                                     data=[[l, json.dumps(r.tolist())] for l, r in
+                                                     data=[[i, json.dumps(r.tolist())] for i, r in
                                                            enumerate(placement.phy2log_LS)])})
         return str(self.out_dir)
 

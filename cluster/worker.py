@@ -1,8 +1,10 @@
 """The worker actor: one Ray actor per rank, hosting that rank's :class:`RankTrainer`.
 
 Owns: the process-level life of a rank — its torch.distributed membership (rendezvous address
-published by rank 0 through Ray, as Ray Train does), thread settings, and thin remote methods
-that the worker group calls on every rank in lockstep. All training logic lives in ``moetrain``.
+published by rank 0 through Ray, as Ray Train does; collectives bound to the network interface
+that carries the rank's Ray node address, so no host-name lookup picks a loopback address),
+thread settings (the rank's own CPU bundle), and thin remote methods that the worker group calls
+on every rank in lockstep. All training logic lives in ``moetrain``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,39 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import ray
+
+if TYPE_CHECKING:
+    from moetrain.train.trainer import RankTrainer
+
+
+def interface_for_ip(ip: str) -> str | None:
+    """Name of the network interface that holds address ``ip`` (e.g. ``127.0.0.1`` -> ``lo``), or None."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == ip for a in addrs):
+            return name
+    return None
+
+
+def bind_collectives(node_ip: str, gpu: bool, env=os.environ) -> str:
+    """Point gloo (and NCCL on GPU) at the interface carrying ``node_ip`` unless the user set
+    ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``; returns the interface gloo will use ("" = its
+    own choice: the address is on no interface here)."""
+    ifname = interface_for_ip(node_ip) or ""
+    if ifname:
+        env.setdefault("GLOO_SOCKET_IFNAME", ifname)
+        if gpu:
+            env.setdefault("NCCL_SOCKET_IFNAME", ifname)
+    return env.get("GLOO_SOCKET_IFNAME", "")
+
+
+def threads_for(cpus_per_worker: float, torch_threads: int = 0) -> int:
+    """Threads of one rank: ``cluster.torch_threads`` if set, else its CPU bundle (at least 1)."""
+    return torch_threads or max(1, int(cpus_per_worker))
 
 
 def _free_port() -> int:
@@ -20,8 +53,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Worker:
-    """Remote class (wrapped with ``ray.remote`` by the worker group)."""
+class MoERank:
+    """One rank of a moetrain run (wrapped with ``ray.remote`` by the worker group).
+
+    The class name and :meth:`__repr__` are what the Ray dashboard's Actors tab shows (Class and
+    Repr columns; ``repr_name`` in the state API): Ray takes the repr once, right after
+    ``__init__``, so it names the run and the rank; the live fields (experts held, step, state) are
+    for logs, debuggers and ``run_fn`` callers that print the actor."""
+
+    trainer: RankTrainer | None
+    _state = "created"  # created -> idle <-> training / evaluating / migrating / checkpointing -> shut down
 
     def __init__(self, cfg_dict: dict, rank: int, world_size: int):
         from moetrain.config import from_dict
@@ -29,60 +70,93 @@ class Worker:
         self.cfg = from_dict(cfg_dict)
         self.rank, self.world_size = rank, world_size
         self.trainer = None
-        threads = self.cfg.cluster.torch_threads or max(1, (os.cpu_count() or 1) // world_size)
+        threads = threads_for(self.cfg.cluster.cpus_per_worker, self.cfg.cluster.torch_threads)
         import torch
 
         torch.set_num_threads(threads)
 
+    def __repr__(self) -> str:
+        """``MoERank(run=demo, rank 0 of 2, experts per layer 4,4, step 12, training)``; before
+        :meth:`setup` only run, rank and ``created`` are known."""
+        who = f"run={self.cfg.cluster.run_name}, rank {self.rank} of {self.world_size}"
+        t = self.trainer
+        if t is None:
+            return f"MoERank({who}, {self._state})"
+        held = ",".join(
+            str(len(t.placement.local_experts(layer, self.rank))) for layer in range(t.placement.num_layers)
+        )
+        return f"MoERank({who}, experts per layer {held}, step {t.step}, {self._state})"
+
+    @property
+    def _trainer(self) -> RankTrainer:
+        if self.trainer is None:
+            raise RuntimeError(f"{self!r}: setup() has not run")
+        return self.trainer
+
+    def _doing(self, state: str, call):
+        """``call(trainer)`` with ``state`` shown by :meth:`__repr__` while it runs."""
+        trainer = self._trainer
+        self._state = state
+        try:
+            return call(trainer)
+        finally:
+            self._state = "idle"
+
     def node_address(self) -> tuple[str, int]:
         return ray.util.get_node_ip_address(), _free_port()
 
-    def setup(self, master_addr: str, master_port: int, placement, resume=None) -> dict:
+    def setup(self, master_addr: str, master_port: int, placement, resume=None, node_R: tuple[int, ...] = ()) -> dict:
         """Join the process group, build data + model for ``placement`` (a
         :class:`~placement.placement.Placement`), and resume from ``resume`` (a
-        :class:`~moetrain.train.checkpointer.ResumePoint`) if given."""
+        :class:`~moetrain.train.checkpointer.ResumePoint`) if given. ``node_R``: the node of
+        each rank (the worker group's layout)."""
+        import torch
+
         from moetrain.parallel.context import init_distributed
         from moetrain.train.trainer import RankTrainer
 
         t0 = time.perf_counter()
+        node_ip = ray.util.get_node_ip_address()
+        ifname = bind_collectives(node_ip, self.cfg.cluster.use_gpu)
         backend = "nccl" if self.cfg.cluster.use_gpu else "gloo"
         if backend == "nccl":
-            import torch
-
             torch.cuda.set_device(0)
         ctx = init_distributed(backend=backend, master_addr=master_addr, master_port=master_port,
                                rank=self.rank, world_size=self.world_size,
-                               timeout_s=self.cfg.cluster.collective_timeout_s)
+                               timeout_s=self.cfg.cluster.collective_timeout_s, node_R=tuple(node_R))
         self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement, load_init_weights=resume is None)
         if resume is not None:
             self.trainer.resume_from(resume)
-        return {"rank": self.rank, "setup_s": time.perf_counter() - t0, **self.memory()}
+        self._state = "idle"
+        return {"rank": self.rank, "setup_s": time.perf_counter() - t0, "node_ip": node_ip,
+                "node_id": ray.get_runtime_context().get_node_id(), "ifname": ifname,
+                "threads": torch.get_num_threads(), **self.memory()}
 
     # ---- lockstep calls (every rank at once) ----------------------------------------------
     def train_step(self):
-        return self.trainer.train_step()
+        return self._doing("training", lambda t: t.train_step())
 
     def evaluate(self) -> dict:
-        return self.trainer.evaluate()
+        return self._doing("evaluating", lambda t: t.evaluate())
 
     def routing_stats(self):
-        return self.trainer.routing_stats()
+        return self._trainer.routing_stats()
 
     def migrate(self, placement):
         """Move experts to ``placement`` (returns this rank's ``MigrationReport``)."""
-        return self.trainer.migrate(placement)
+        return self._doing("migrating", lambda t: t.migrate(placement))
 
     def checkpoint(self, step: int):
         """Start checkpoint ``step`` on this rank (returns a ``SaveStarted`` at once)."""
-        return self.trainer.checkpointer.save(step)
+        return self._doing("checkpointing", lambda t: t.checkpointer.save(step))
 
     def checkpoint_wait(self):
         """Runs in the actor's second thread, beside training: this rank's upload result."""
-        return self.trainer.checkpointer.result()
+        return self._trainer.checkpointer.result()
 
     def export_tensors(self, kind: str = "param") -> dict:
         """Parameters or gradients keyed by name / logical expert (tests, debugging)."""
-        return self.trainer.export_tensors(kind)
+        return self._trainer.export_tensors(kind)
 
     def run_fn(self, fn, *args):
         """Run ``fn(trainer, *args)`` on this rank (benchmarks, experiments, debugging)."""
@@ -104,5 +178,6 @@ class Worker:
 
         if self.trainer is not None:
             self.trainer.checkpointer.close()
+        self._state = "shut down"
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,7 +1,7 @@
 """The configuration tree of a moetrain run.
 
 Owns: the nested, keyword-only dataclasses that describe a run (model, moe, data, train,
-checkpoint, cluster, placement, logging), loading them from YAML plus ``--set a.b=c`` overrides,
+checkpoint, storage, cluster, placement, logging), loading them from YAML plus ``--set a.b=c`` overrides,
 and validating them once, at the edge, with errors that name the field and the bad value.
 
 Everything downstream takes an already-validated :class:`RunConfig`; nothing else parses YAML.
@@ -103,11 +103,8 @@ class DataConfig:
     cache_dir: str = ""  # "" = ~/.cache/moetrain (tokenizer + packed data, by content hash)
     seed: int = 0
     # source "prepared": the output of `moetrain prepare` (a local path, s3://bucket/prefix or
-    # gs://bucket/prefix), streamed shard by shard; endpoints as for checkpoints.
+    # gs://bucket/prefix), streamed shard by shard; endpoints in the `storage` section.
     prepared_uri: str = ""
-    s3_endpoint: str = ""  # s3:// only, e.g. http://127.0.0.1:9000 (credentials: AWS_* variables)
-    s3_region: str = ""
-    gcs_endpoint: str = ""  # gs:// only, e.g. an emulator's http://127.0.0.1:4443
     # ["domain=weight", ...]: share of each domain in every global batch (normalised; a domain
     # left out gets weight 0). Empty = every domain in proportion to its training rows.
     mixture: list[str] = field(default_factory=list)
@@ -149,10 +146,7 @@ class CheckpointConfig:
     async_upload: bool = True  # stream in a background thread while training continues
     max_consecutive_failures: int = 3  # the run fails after this many failed checkpoints in a row (0: never)
     overwrite: bool = False  # a new run (no resume) may delete committed checkpoints of the same run name
-    resume: str = ""  # "" | "latest" | a step-<N> URI
-    s3_endpoint: str = ""  # e.g. http://127.0.0.1:9000 (credentials: AWS_* environment variables)
-    s3_region: str = ""
-    gcs_endpoint: str = ""  # gs:// only: e.g. an emulator's http://127.0.0.1:4443 (default: Google)
+    resume: str = ""  # "" | "latest" | a step-<N> URI (endpoints in the `storage` section)
     max_retries: int = 3
     # Local directories: fsync every object (and its directory) before the manifest commits it,
     # so a power loss cannot leave a committed manifest over unwritten data. No effect on
@@ -169,6 +163,18 @@ class CheckpointConfig:
     lease_ttl_s: float = 60.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """Where the object stores are: one set of endpoints for every s3:// and gs:// URI of a run
+    (checkpoints, prepared data, tokenizers, Hugging Face import / export); opened by
+    :mod:`moetrain.storage`. Credentials never go here: AWS_* variables, or Application Default
+    Credentials (GOOGLE_APPLICATION_CREDENTIALS)."""
+
+    s3_endpoint: str = ""  # s3:// only, e.g. http://127.0.0.1:9000 ("" = AWS_ENDPOINT_URL(_S3) or AWS)
+    s3_region: str = ""  # s3:// only ("" = AWS_REGION, else asked of the bucket; us-east-1 with an endpoint)
+    gcs_endpoint: str = ""  # gs:// only, e.g. an emulator's http://127.0.0.1:4443 ("" = STORAGE_EMULATOR_HOST or Google)
+
+
 @dataclass(kw_only=True)
 class ClusterConfig:
     num_workers: int = 1  # Ray actors, one per rank
@@ -177,12 +183,18 @@ class ClusterConfig:
     address: str = ""  # "" = RAY_ADDRESS if set, else an embedded local Ray
     max_failures: int = 0  # group rebuilds allowed after a lost actor
     run_name: str = "default"
-    torch_threads: int = 0  # 0 = cpu_count / num_workers per worker
+    torch_threads: int = 0  # 0 = the rank's own CPU bundle: cpus_per_worker (at least 1)
     start_timeout_s: float = 300.0  # give up building the worker group after this long
     connect_timeout_s: float = 30.0  # give up reaching cluster.address / RAY_ADDRESS after this long
     collective_timeout_s: float = 300.0  # a torch.distributed collective waiting longer fails its rank
-    # Ranks per machine (0 = all on one node): the placement cost model charges a token sent to
-    # another node placement.inter_node_cost, one sent inside a node 1.
+    # The group is one Ray placement group (a bundle per rank) placed with this strategy:
+    # PACK (fill nodes), SPREAD, STRICT_PACK (one node), STRICT_SPREAD (one rank per node).
+    placement_strategy: str = "PACK"
+    # After a node is lost, wait up to this long for the nodes left (or new ones) to fit the group.
+    node_wait_s: float = 60.0
+    # The rank -> node map is read from where the ranks landed (nodes may hold different numbers);
+    # the cost model charges a token sent to another node placement.inter_node_cost, one inside 1.
+    # Set > 0 only as a check: a run whose nodes do not each hold this many ranks fails.
     ranks_per_node: int = 0
     step_timeout_s: float = 60.0  # watchdog: a step slower than the slowest seen + this fails its ranks
     # Embedded local Ray only (ignored when joining a cluster): serve the Ray dashboard on
@@ -199,7 +211,10 @@ class PlacementConfig:
     window: int = 50  # optimizer steps of routing statistics the solver sees (a moving window)
     sample_tokens: int = 8192  # per-token top-k ids kept from the window, all ranks together
     min_gain: float = 0.05  # relative cost reduction needed to migrate
-    method: str = "ilp"  # ilp | local_search | greedy (placement.solve_placement's method)
+    method: str = "ilp"  # ilp | local_search | greedy | validated (placement.solve_placement's method)
+    # newest share of the window's sampled steps that validates (placement/select.py): the
+    # proposal is fitted on the older steps and min_gain is judged on these; 0 = judge on the fit
+    val_fraction: float = 0.25
     time_limit_s: float = 10.0
     load_weight: float = 1.0  # lambda: weight of the makespan term
     migration_weight: float = 0.0  # mu: weight of the migration term
@@ -224,6 +239,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage: StoreConfig = field(default_factory=StoreConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -247,7 +263,10 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
-RENAMED = {"placement.solver": "placement.method"}  # old key -> new key, for a clear error
+# old key -> new key, for a clear error
+RENAMED = {"placement.solver": "placement.method",
+           **{f"{section}.{key}": f"storage.{key}" for section in ("data", "checkpoint")
+              for key in ("s3_endpoint", "s3_region", "gcs_endpoint")}}
 
 
 def _from_dict(cls: type, data: Any, path: str) -> Any:
@@ -268,7 +287,7 @@ def _from_dict(cls: type, data: Any, path: str) -> Any:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, where)
     origin = typing.get_origin(hint)
     if origin is list:
@@ -400,7 +419,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 # --------------------------------------------------------------------------------------------
 
 
-PLACEMENT_METHODS = ("ilp", "local_search", "greedy")
+PLACEMENT_METHODS = ("ilp", "local_search", "greedy", "validated")
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "block", "attention")
 ROUTERS = ("softmax_topk", "topk_softmax")
@@ -445,12 +464,15 @@ def _require(cond: bool, message: str) -> None:
 # tests/test_config.py checks that each int / float field of the tree is listed here.
 RANGES = {
     "model.vocab_size": "[0, inf)", "model.dim": "[1, inf)", "model.n_layers": "[1, inf)",
-    "model.n_heads": "[1, inf)", "model.n_kv_heads": "[0, inf)", "model.ffn_dim": "[1, inf)", "model.max_seq_len": "[1, inf)",
+    "model.n_heads": "[1, inf)", "model.n_kv_heads": "[0, inf)", "model.ffn_dim": "[1, inf)",
+    "model.max_seq_len": "[1, inf)",
     "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, 1)", "model.init_std": "(0, inf)",
     "model.moe.num_experts": "[1, inf)", "model.moe.top_k": "[1, inf)", "model.moe.expert_ffn_dim": "[1, inf)",
     "model.moe.every_n_layers": "[1, inf)", "model.moe.first_moe_layer": "[0, inf)",
     "model.moe.num_groups": "[1, inf)", "model.moe.num_shared_experts": "[0, inf)",
-    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)", "model.moe.max_nodes_per_token": "[0, inf)", "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
+    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)",
+    "model.moe.max_nodes_per_token": "[0, inf)",
+    "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
     "data.seq_len": "[1, inf)", "data.vocab_size": "[260, inf)", "data.max_bytes_per_domain": "[1, inf)",
     "data.val_fraction": "(0, 0.5)", "data.seed": "[0, inf)",
     "train.steps": "[1, inf)", "train.global_batch_size": "[1, inf)", "train.grad_accum_steps": "[1, inf)",
@@ -464,13 +486,15 @@ RANGES = {
     "checkpoint.max_retries": "[0, inf)", "checkpoint.lease_ttl_s": "[1, 86400]",
     "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
     "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
-    "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)",
+    "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)", "cluster.node_wait_s": "[0, inf)",
     "cluster.dashboard_port": "[0, 65535]", "cluster.ranks_per_node": "[0, inf)",
     "placement.inter_node_cost": "[1, inf)",
     "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
     "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
     "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
+    "placement.val_fraction": "[0, 1)",
 }
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a path segment and an actor-name part
 
 
@@ -570,21 +594,23 @@ def validate_model(m: ModelConfig, *, building: bool = False) -> None:
                                    "tokenizer before building the model")
     _check_ranges(m, "model.", skip="model.moe.")
     _require(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
-    _require((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions")
+    _require((m.dim // m.n_heads) % 2 == 0,
+             f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions")
     kv = m.n_kv_heads or m.n_heads
     _require(m.n_heads % kv == 0, f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
     _require(m.init_from == "" or (m.init_from.startswith("hf:") and len(m.init_from) > 3),
              f"model.init_from ({m.init_from!r}) must be empty or hf:DIR")
     validate_moe(m.moe)
-    _require(m.moe.first_moe_layer < m.n_layers,
-             f"model.moe.first_moe_layer ({m.moe.first_moe_layer}) must be < model.n_layers ({m.n_layers}): no MoE layer")
+    first = m.moe.first_moe_layer
+    _require(first < m.n_layers, f"model.moe.first_moe_layer ({first}) must be < model.n_layers ({m.n_layers}): no MoE layer")
 
 
 def validate_moe(moe: MoEConfig) -> None:
     """The ``model.moe`` part of :func:`validate_model`: every ``model.moe.*`` range and every
     rule between the routing fields."""
     _check_ranges(moe, "model.moe.")
-    _require(moe.top_k <= moe.num_experts, f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})")
+    _require(moe.top_k <= moe.num_experts,
+             f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})")
     _require(moe.num_experts % moe.num_groups == 0,
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
     _require(moe.top_k % moe.num_groups == 0,
@@ -593,8 +619,10 @@ def validate_moe(moe: MoEConfig) -> None:
     _require(moe.dispatch in DISPATCH_MODES,
              f"model.moe.dispatch ({moe.dispatch!r}) must be one of {', '.join(DISPATCH_MODES)}")
     if moe.dispatch == "hierarchical":
-        _require(moe.dedup, "model.moe.dispatch=hierarchical sends once per node and per rank: it needs model.moe.dedup=true")
-        _require(moe.a2a_chunks == 1, f"model.moe.a2a_chunks ({moe.a2a_chunks}) must be 1 with model.moe.dispatch=hierarchical")
+        _require(moe.dedup,
+                 "model.moe.dispatch=hierarchical sends once per node and per rank: it needs model.moe.dedup=true")
+        _require(moe.a2a_chunks == 1,
+                 f"model.moe.a2a_chunks ({moe.a2a_chunks}) must be 1 with model.moe.dispatch=hierarchical")
     _require(moe.max_nodes_per_token == 0 or moe.num_groups == 1,
              f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) and model.moe.num_groups ({moe.num_groups}) "
              "cannot both limit the routing: set one of them")
@@ -643,6 +671,8 @@ def _validate_run(cfg: RunConfig) -> None:
     if c.address and not c.address.startswith(("ray://", "auto")):
         _require(_host_port(c.address) is not None,
                  f"cluster.address ({c.address!r}) must be HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
+    _require(c.placement_strategy in PLACEMENT_STRATEGIES,
+             f"cluster.placement_strategy ({c.placement_strategy!r}) must be one of {', '.join(PLACEMENT_STRATEGIES)}")
     _require(RUN_NAME.fullmatch(c.run_name) is not None,
              f"cluster.run_name ({c.run_name!r}) must be 1-128 letters, digits, '.', '_' or '-', starting with a "
              "letter or digit (it names checkpoint folders and Ray actors)")

@@ -5,6 +5,8 @@ bytes one rank needs — parameters, gradients, optimizer state, saved activatio
 micro-batch (with and without activation checkpointing), all-to-all buffers — against the memory
 available, and which single settings (or combination) would make a run fit. Pure arithmetic: no
 torch, no Ray; ``docs/memory_planner.md`` derives every term and holds the validation table.
+Size: over 500 lines because each term of that derivation stays next to the others it is summed
+with, and the suggestion search at the end re-runs the same arithmetic.
 
 Conventions (Hugging Face's modules, which the shipped shapes follow): q/k RMSNorm as in OLMoE
 (q over D, k over the key/value width), qkv bias on q, k and v, one shared-expert block of width
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from moetrain.config import RunConfig
 
@@ -320,7 +323,11 @@ def _workspace(cfg: RunConfig, pc: ParamCounts, st: _State) -> tuple[int, int]:
     AdamW temporary the size of the largest local tensor."""
     fwd = 0
     if cfg.train.precision == "bf16":
-        experts = st.experts_local if cfg.train.activation_checkpointing != "block" else st.experts_local // max(pc.moe_layers, 1)
+        experts = (
+            st.experts_local
+            if cfg.train.activation_checkpointing != "block"
+            else st.experts_local // max(pc.moe_layers, 1)
+        )
         fwd = BF16_BYTES * (st.dense + experts)
     flat = GRAD_BYTES * st.dense if cfg.cluster.num_workers > 1 else 0
     largest = max(vocab_size(cfg) * cfg.model.dim, slots_per_rank(cfg) * pc.expert_each // 3,
@@ -385,10 +392,11 @@ def _variant(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig | None:
 def _knobs(cfg: RunConfig) -> list[list[dict[str, object]]]:
     """Per setting, the candidate changes from the mildest to the strongest."""
     t, c, E = cfg.train, cfg.cluster, cfg.model.moe.num_experts
-    zero = [{"train.zero_stage": s} for s in (1, 2) if s > t.zero_stage]
-    ckpt = [{"train.activation_checkpointing": m} for m in ("attention", "block")
+    zero: list[dict[str, object]] = [{"train.zero_stage": s} for s in (1, 2) if s > t.zero_stage]
+    ckpt: list[dict[str, object]] = [{"train.activation_checkpointing": m} for m in ("attention", "block")
             if t.activation_checkpointing == "none" or (m == "block" and t.activation_checkpointing == "attention")]
-    micro, accum = [], t.grad_accum_steps
+    micro: list[dict[str, object]] = []
+    accum = t.grad_accum_steps
     while cfg.micro_batch_size > 1 and accum < t.global_batch_size:
         accum += 1
         if t.global_batch_size % (accum * c.num_workers) == 0:
@@ -403,7 +411,8 @@ def _knobs(cfg: RunConfig) -> list[list[dict[str, object]]]:
         if fits_accum and fits_accum[0] != t.grad_accum_steps:
             change["train.grad_accum_steps"] = fits_accum[0]  # same global batch, fewer micro-batches
         elif not fits_accum:
-            change["train.global_batch_size"] = t.grad_accum_steps * r * -(-t.global_batch_size // (t.grad_accum_steps * r))
+            per = t.grad_accum_steps * r
+            change["train.global_batch_size"] = per * -(-t.global_batch_size // per)
         actors.append(change)
     return [zero, ckpt, micro, actors]
 
@@ -437,7 +446,7 @@ def suggestions(cfg: RunConfig, available_bytes: int | None) -> tuple[str, ...]:
         return tuple(out)
     best: tuple[int, dict] | None = None
     for change in [{}] + _knobs(cfg)[3]:
-        combo = {**strongest, **change}
+        combo: dict[str, Any] = {**strongest, **change}
         r = int(combo.get("cluster.num_workers", cfg.cluster.num_workers))
         gb = int(combo.get("train.global_batch_size", cfg.train.global_batch_size))
         if "train.grad_accum_steps" in strongest and gb % r == 0:
@@ -504,13 +513,16 @@ def format_plan(plan: MemoryPlan, cfg: RunConfig) -> str:
         lines.append("available       unknown (pass --memory-gb)")
     else:
         verdict = "fits" if plan.fits else f"does NOT fit: short by {plan.shortfall_bytes / GIB:.2f} GiB"
-        lines.append(f"available       {plan.available_bytes / GIB:.2f} GiB per rank ({plan.available_source}): {verdict}")
+        lines.append(
+            f"available       {plan.available_bytes / GIB:.2f} GiB per rank ({plan.available_source}): {verdict}"
+        )
     lines += [f"would fit with  {s}" for s in plan.suggestions]
     return "\n".join(lines)
 
 
 def refusal(plan: MemoryPlan) -> str:
     """One line for a run the planner says cannot fit: the shortfall and the first suggestion."""
+    assert plan.available_bytes is not None  # a refusal needs a known budget
     hint = plan.suggestions[0] if plan.suggestions else "no suggestion"
     hint = hint if hint.startswith(("nothing", "no ")) else f"try {hint}"
     return (f"memory plan: a rank needs {plan.total_bytes / GIB:.2f} GiB but {plan.available_bytes / GIB:.2f} GiB "

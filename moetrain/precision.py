@@ -76,8 +76,8 @@ def bf16_native(device: torch.device | str) -> tuple[bool, str]:
     if not _cpu_has_bf16_instructions():
         return False, "this CPU has neither AMX-BF16 nor AVX512-BF16"
     if not _onednn_allows_bf16():
-        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-        return False, f"oneDNN is capped below bf16 instructions (ONEDNN_MAX_CPU_ISA={cap})"
+        isa = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+        return False, f"oneDNN is capped below bf16 instructions (ONEDNN_MAX_CPU_ISA={isa})"
     return True, "CPU with AMX-BF16 or AVX512-BF16"
 
 

@@ -74,6 +74,7 @@ class _SwapState:
         self.exact, self.lw = exact, load_weight
         cnt_E = np.bincount(row_S, minlength=stats.num_experts).astype(np.float64)
         if exact:
+            assert stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
             ids = virtual_ids(stats.topk_ids_TLK[:, l], row_S)
             self.M_TS = onehot_TE(ids, S)
             self.load_S = self.M_TS.sum(axis=0)

@@ -7,7 +7,8 @@ Owns: :class:`CostBreakdown`, :func:`evaluate`, and the per-layer pieces the sol
 
 Legend: T tokens, L layers, K top-k, E experts, R ranks, S slots, O origin rank.
 
-What is modelled, per layer (all figures are divided by T: "per token"):
+What is modelled, per layer (all figures are divided by the layer's tokens T, :func:`layer_tokens`:
+the rows that hold the layer, so a trace logging one layer per row is not diluted; "per token"):
 
 - **Origin.** With home ranks in the statistics (``RoutingStats.home_T``: the rank that routed
   each sampled token), token t starts on ``home_T[t]``: a token whose experts all live on its
@@ -51,7 +52,8 @@ Two evaluators of ``need[o, r]``:
   ranks ``traffic = sum_{o, r} need[o, r] * link_cost[o, r]`` and ``sends = sum_{o != r}
   need[o, r]``, where ``need[o, r]`` counts the tokens of home o that must reach r.
 - **pairwise** (aggregates only): ``need[r] ~= sum_{e on r} load[e]/c[e] - sum_{e<f on r}
-  coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is the Bonferroni bound of the union: exact when no token has
+  coact[e, f] / (c[e] c[f])`` (c = replica count; the even split in expectation). Without replicas this is
+  the Bonferroni bound of the union: exact when no token has
   3+ of its experts on one rank, otherwise it underestimates traffic. The pairwise ILP (ilp.py,
   aggregates only) uses this model restricted to its top pairs; with per-token ids the exact
   hypergraph ILP (hyper_ilp.py) has the exact evaluator's objective.
@@ -211,8 +213,8 @@ def rank_hits_pairwise(load_E: np.ndarray, coact_EE: np.ndarray, phy2log_S: np.n
 
 
 def token_sends_T(stats: RoutingStats, placement: Placement, topology: Topology) -> np.ndarray:
-    """[T] each token's off-rank sends (dedup, the exact evaluator's rule), mean over layers:
-    its mean is ``evaluate(...).sends``. For paired comparisons of two placements on the same
+    """[T] each token's off-rank sends (dedup, the exact evaluator's rule), mean over layers,
+    each layer scaled by T / (that layer's tokens): its mean is ``evaluate(...).sends``. For paired comparisons of two placements on the same
     tokens (scripts/bench_placement.py's bootstrap interval). Needs per-token ids."""
     if stats.topk_ids_TLK is None:
         raise PlacementError("token_sends_T needs per-token topk_ids; these statistics hold aggregates only")
@@ -228,7 +230,8 @@ def token_sends_T(stats: RoutingStats, placement: Placement, topology: Topology)
         dest_TK = np.where(ids_TK >= 0, placement.slot_rank_S[slot_TK], R)
         hit_TR = np.zeros((T, R + 1), dtype=bool)
         hit_TR[np.arange(T)[:, None], dest_TK] = True
-        out_T += (hit_TR[:, :R] * off_TR).sum(axis=1)
+        # per layer divided by that layer's tokens (layer_tokens), as evaluate() does
+        out_T += (hit_TR[:, :R] * off_TR).sum(axis=1) * T / max(layer_tokens(stats, l), 1)
     return out_T / max(L, 1)
 
 
@@ -253,20 +256,28 @@ def check_compatible(stats: RoutingStats, placement: Placement, topo: Topology) 
                              f"slots_per_rank {topo.slots_per_rank}")
 
 
+def layer_tokens(stats: RoutingStats, l: int) -> int:
+    """Tokens behind layer l: the ``topk_ids`` rows holding an id in that layer (a trace whose
+    rows each log one layer has fewer than T per layer), or ``load.sum() / k`` from aggregates.
+    Every per-token figure of layer l is divided by this."""
+    return int(stats.tokens_L[l])
+
+
 def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topology,
                exact: bool) -> tuple[float, float, float, float, int]:
     """(traffic, sends, max_load, imbalance, T) of one layer, per token."""
     R = topo.num_ranks
     slot_rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
     if exact:
+        assert stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
         origin_T, w_OR, off_OR = origin_classes(stats, topo)
         need_OR, load_R = need_by_origin(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R, origin_T,
                                          w_OR.shape[0])
-        T = stats.topk_ids_TLK.shape[0]
+        T = layer_tokens(stats, l)
         traffic, sends = float((w_OR * need_OR).sum()), float((off_OR * need_OR).sum())
     else:
         need_R, load_R = rank_hits_pairwise(stats.load_LE[l], stats.coact_LEE[l], phy2log_S, slot_rank_S, R)
-        T = max(stats.num_tokens, 1)
+        T = layer_tokens(stats, l)
         traffic = float(topo.send_weight_R @ need_R)
         sends = float(topo.offrank_weight_R @ need_R)
     T = max(T, 1)
@@ -303,4 +314,5 @@ def evaluate(stats: RoutingStats, placement: Placement, topology: Topology, *,
         if l + 1 < L:
             rows[5, l] = transition_hops(stats.trans_LEE[l], holds[l], holds[l + 1]) / T
     objective = rows[0] + load_weight * rows[2] + migration_weight * rows[4]
-    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact), num_tokens=int(T))
+    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact),  # type: ignore[misc]  # rows: 6 fields
+                         num_tokens=stats.num_tokens)

@@ -110,7 +110,7 @@ class LayerTables:
     def __init__(self, ids_TK: np.ndarray, num_experts: int, topo: Topology, w_OR: np.ndarray,
                  origin_T: np.ndarray | None = None, unary_ER: np.ndarray | None = None, chunk: int = 4096):
         E, R = num_experts, topo.num_ranks
-        T = max(ids_TK.shape[0], 1)
+        T = max(int((ids_TK >= 0).any(axis=1).sum()), 1)  # the layer's tokens (cost.layer_tokens)
         w_OR = np.asarray(w_OR, dtype=np.float64)
         masks, cnt_MO = _token_groups(ids_TK, origin_T, w_OR.shape[0])
         wsum_MR = cnt_MO @ w_OR / T  # what reaching r costs, per expert set
@@ -179,8 +179,14 @@ def exact_layer(ids_TK: np.ndarray, num_experts: int, topo: Topology, w_OR: np.n
     return LayerTables(ids_TK, num_experts, topo, w_OR, origin_T, unary_ER).solve(cap)
 
 
-def exact_placement(stats: RoutingStats, topo: Topology, *, objective: str = "sends",
-                    balance_cap: float | None = None, max_work: int = MAX_WORK) -> tuple[Placement | None, list[ExactLayer]]:
+def exact_placement(
+    stats: RoutingStats,
+    topo: Topology,
+    *,
+    objective: str = "sends",
+    balance_cap: float | None = None,
+    max_work: int = MAX_WORK,
+) -> tuple[Placement | None, list[ExactLayer]]:
     """Every layer's optimum (see :func:`exact_layer`); ``objective`` "sends" (off-rank sends,
     dedup) or "traffic" (link-weighted); ``balance_cap`` caps each rank's load at that multiple of
     the mean. Home ranks in ``stats`` are used (cost.py's origin classes). Needs per-token ids.
@@ -201,7 +207,8 @@ def exact_placement(stats: RoutingStats, topo: Topology, *, objective: str = "se
         layers.append(tables.solve(None if balance_cap is None else balance_cap * tables.mean))
     if any(x.rank_E is None for x in layers):
         return None, layers
-    return Placement.from_expert_rank(np.stack([x.rank_E for x in layers]), topo.num_ranks), layers
+    rank_LE = np.stack([x.rank_E for x in layers if x.rank_E is not None])
+    return Placement.from_expert_rank(rank_LE, topo.num_ranks), layers
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class LayerHypergraph:
     edge_ptr: np.ndarray  # int64 [H + 1] CSR offsets into edge_pins
     edge_pins: np.ndarray  # int64 [P] vertex ids, ascending within an edge
     weight_H: np.ndarray  # float64 [H] tokens sharing the pin set (and origin)
-    num_tokens: int
+    num_tokens: int  # rows holding an id in the layer: the per-token divisor (cost.layer_tokens)
     origin_H: np.ndarray | None = None  # int64 [H] origin class of each hyperedge (None: all 0)
     single_VO: np.ndarray | None = None  # float64 [V, O] single_V split by origin class (None: O = 1)
 
@@ -151,16 +151,18 @@ def build_hypergraph(ids_TK: np.ndarray, cnt_E: np.ndarray, origin_T: np.ndarray
     single_V = np.bincount(v_TK[one].max(axis=1), minlength=V).astype(np.float64)
     multi = np.sort(v_TK[size_T >= 2], axis=1)  # -1 pads first
     if multi.shape[0]:
-        sets, weight = np.unique(multi, axis=0, return_counts=True)
-        order = np.argsort(-weight, kind="stable")
-        sets, weight = sets[order], weight[order].astype(np.float64)
+        sets, count = np.unique(multi, axis=0, return_counts=True)
+        order = np.argsort(-count, kind="stable")
+        sets, weight = sets[order], count[order].astype(np.float64)
     else:
         sets, weight = np.zeros((0, ids.shape[1]), dtype=np.int64), np.zeros(0)
     valid = sets >= 0
     ptr = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int64)
     expert_V = np.repeat(np.arange(cnt.shape[0]), cnt)
     replica_V = np.arange(V) - first[expert_V]
-    return LayerHypergraph(expert_V, replica_V, load_V, single_V, ptr, sets[valid].astype(np.int64), weight, T)
+    # per-token figures are divided by the rows holding an id (cost.layer_tokens), as evaluate() does
+    T_ids = int((ids >= 0).any(axis=1).sum())
+    return LayerHypergraph(expert_V, replica_V, load_V, single_V, ptr, sets[valid].astype(np.int64), weight, T_ids)
 
 
 def _build_with_origins(ids: np.ndarray, cnt: np.ndarray, o_T: np.ndarray, O: int) -> LayerHypergraph:
@@ -177,16 +179,16 @@ def _build_with_origins(ids: np.ndarray, cnt: np.ndarray, o_T: np.ndarray, O: in
     keep = size_T >= 2
     multi = np.concatenate([np.sort(v_TK[keep], axis=1), o_T[keep][:, None]], axis=1)
     if multi.shape[0]:
-        rows, weight = np.unique(multi, axis=0, return_counts=True)
-        order = np.argsort(-weight, kind="stable")
-        rows, weight = rows[order], weight[order].astype(np.float64)
+        rows, count = np.unique(multi, axis=0, return_counts=True)
+        order = np.argsort(-count, kind="stable")
+        rows, weight = rows[order], count[order].astype(np.float64)
     else:
         rows, weight = np.zeros((0, ids.shape[1] + 1), dtype=np.int64), np.zeros(0)
     sets, origin_H = rows[:, :-1], rows[:, -1].astype(np.int64)
     valid = sets >= 0
     ptr = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int64)
     return LayerHypergraph(base.expert_V, base.replica_V, base.load_V, single_VO.sum(axis=1), ptr,
-                           sets[valid].astype(np.int64), weight, T, origin_H, single_VO)
+                           sets[valid].astype(np.int64), weight, base.num_tokens, origin_H, single_VO)
 
 
 def rank_of_vertices(row_S: np.ndarray, slot_rank_S: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
     ``keep_S`` (bool [S]): slots held fixed besides the replicated experts' (a smaller
     neighbourhood the MIP can prove optimal). ``w_R``: [R], or [O, R] with ``origin_T`` [T] the
     origin class (home rank) of each token."""
-    T = max(ids_TK.shape[0], 1)
+    T = max(int((ids_TK >= 0).any(axis=1).sum()), 1)  # the layer's tokens (cost.layer_tokens)
     w_OR = np.atleast_2d(np.asarray(w_R, dtype=np.float64))
     o_T = np.zeros(ids_TK.shape[0], dtype=np.int64) if origin_T is None else np.asarray(origin_T)
     E = int(row_S.max()) + 1
@@ -125,7 +125,7 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
                  and not fa.any() and not fb.any()
                  and 2 * slots_a == F and not fetch_ER[:, [a, b]].any())
     return PairModel(slots, experts, slots_a, lin, sets_a, np.array(wt_a), sets_b, np.array(wt_b), load,
-                     fixed_a, fixed_b, float(others.max()) if len(others) else 0.0, load_weight, symmetric)
+                     fixed_a, fixed_b, float(others.max()) if len(others) else 0.0, load_weight, bool(symmetric))
 
 
 def pair_objective(pm: PairModel, x: np.ndarray) -> float:
@@ -200,7 +200,8 @@ def lns_layer(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, w_R: np
     (a seeded random choice when a rank holds more; all of them otherwise) and re-split them
     with the exact sub-MIP (``sub_time_s`` each, warm-started from the current split). Stops at
     ``deadline``, after ``max_sweeps`` sweeps over all pairs, or after a full sweep without
-    improvement when no neighbourhood was subsampled. ``objective(row) -> float`` is the exact layer objective that accepts a move.
+    improvement when no neighbourhood was subsampled. ``objective(row) -> float`` is the exact layer
+    objective that accepts a move.
     ``w_R`` / ``origin_T``: as in :func:`pair_model`.
     Returns the row and counters (subproblems solved, proven optimal, improvements)."""
     R = int(rank_S.max()) + 1

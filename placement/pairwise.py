@@ -30,7 +30,7 @@ def rows_from_sets(rank_sets: list, num_ranks: int) -> np.ndarray:
 def _layer_model(c: "LayerContext", l: int, cnt_E: np.ndarray, experts: np.ndarray, ranks: np.ndarray,
                  w_R: np.ndarray, slots_R: np.ndarray, fetch_ER: np.ndarray) -> LayerModel:
     s = c.stats
-    T = max(s.num_tokens, 1)
+    T = max(int(s.tokens_L[l]), 1)  # the layer's tokens (cost.layer_tokens)
     load = s.load_LE[l][experts]
     cnt = cnt_E[experts]
     pairs, q = top_pairs(s.coact_LEE[l][np.ix_(experts, experts)], cnt, c.num_pairs)
@@ -74,7 +74,7 @@ def ilp_hierarchical(c: "LayerContext", l: int, cnt_E, warm_S, time_s):
     fetch_EN = np.stack([fetch_ER[:, node_R == n].min(axis=1) for n in range(N)], axis=1)
     m1 = _layer_model(c, l, cnt_E, np.arange(E), np.arange(N), w_N, slots_N, fetch_EN)
     m1 = LayerModel(m1.share_E, m1.cnt_E, m1.pairs_P2, m1.q_P, m1.w_R, m1.slots_R, m1.fetch_ER,
-                    c.load_weight / topo.ranks_per_node, None)
+                    c.load_weight * N / R, None)  # a node holds R / N ranks on average
     srank = np.repeat(np.arange(R), topo.slots_per_rank)
     warm_node = holders_ER(warm_S, node_R[srank], E, N)
     r1 = solve_layer_model(m1, warm_ER=warm_node, time_limit_s=time_s / 2, mip_gap=c.mip_gap, solver=c.solver)

@@ -150,7 +150,11 @@ class Placement:
         r = num_ranks - 1
         for i in range(total):
             e = i % num_experts
-            free = [(r + j) % num_ranks for j in range(1, num_ranks + 1) if len(rows[(r + j) % num_ranks]) < spr[(r + j) % num_ranks]]
+            free = [
+                (r + j) % num_ranks
+                for j in range(1, num_ranks + 1)
+                if len(rows[(r + j) % num_ranks]) < spr[(r + j) % num_ranks]
+            ]
             fresh = [q for q in free if e not in rows[q]]
             r = (fresh or free)[0]
             rows[r].append(e)

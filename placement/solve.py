@@ -24,7 +24,8 @@ phase a function below, every answer scored by the exact cost model before it is
 2. **search**: ``restarts`` tabu searches (baselines.py) of ``TABU_ITERS`` moves each, the
    first from the best answer, the others from it perturbed by ``PERTURB_SWAPS`` random
    exchanges (seeded by ``seed`` and the layer); capped at ``SEARCH_SHARE`` of the layer budget.
-3. **refine** (per-token ids without home ranks: refine.py's gains assume uniform origin): iterated FM on the exact hypergraph objective (refine.py):
+3. **refine** (per-token ids without home ranks: refine.py's gains assume uniform origin): iterated FM on the
+exact hypergraph objective (refine.py):
    ejection chains of single-vertex moves from the best answer, then ``REFINE_ROUNDS`` rounds of
    ``REFINE_SWAPS`` seeded random exchanges + FM; capped at ``REFINE_SHARE`` of what is left.
    It reaches joint changes the swap neighbourhood misses (Qwen, 4 ranks, layer 3: 5 experts
@@ -41,6 +42,10 @@ phase a function below, every answer scored by the exact cost model before it is
    the closed-form bound: every token reaches one rank, the busiest rank carries the mean load);
    pairwise path, as before, the larger of the MIP's dual bound and the flat LP relaxation of
    the *pairwise model* (``bound_kind`` says which).
+
+``method="validated"`` is placement/select.py's selection: these methods are its candidates, fitted
+on the older part of the window and chosen per layer on its newest tokens (fit and validation
+scores in ``LayerReport.fit_score`` / ``val_score`` / ``selection``).
 
 Determinism: phases 2, 3 and 5 are bounded by counts (restarts x moves, rounds, sweeps) and
 seeded; the MIPs run single-threaded with a fixed random seed and a node limit. The clock only caps them, so
@@ -69,7 +74,7 @@ from placement.placement import Placement, PlacementError
 from placement.stats import RoutingStats
 from placement.topology import Topology
 
-METHODS = ("ilp", "greedy", "local_search", "contiguous", "round_robin")
+METHODS = ("ilp", "greedy", "local_search", "contiguous", "round_robin", "validated")
 
 SEARCH_SHARE = 0.75  # tabu restarts: at most this share of the layer budget
 REFINE_SHARE = 0.5  # iterated FM: at most this share of what is left after the search
@@ -113,6 +118,14 @@ class LayerReport:
     hyperedges: tuple[int, int] = (0, 0)  # (kept in the exact model, distinct in the layer)
     lns: tuple[int, int, int] = (0, 0, 0)  # (subproblems, proven optimal, improvements)
     hierarchical: bool = False
+    # validated selection (select.py): the chosen candidate's objective on the fit part(s) and on
+    # the newest tokens it did not see (mean over folds; nan: not validated), those tokens, every
+    # candidate's (name, fit, validation) scores, and whether the answer was refitted on the window
+    fit_score: float = math.nan
+    val_score: float = math.nan
+    val_tokens: int = 0
+    selection: tuple[tuple[str, float, float], ...] = ()
+    refit: bool = False
 
     @property
     def mip_improvement(self) -> float:
@@ -140,10 +153,21 @@ class SolveResult:
     solve_time_s: float
     layers: tuple[LayerReport, ...] = field(default=())
 
+    @property
+    def fit_score(self) -> float:
+        """Sum over layers of the fit-part objective (nan unless validated, select.py)."""
+        return float(sum(r.fit_score for r in self.layers)) if self.layers else math.nan
+
+    @property
+    def val_score(self) -> float:
+        """Sum over layers of the validation objective (nan unless validated, select.py)."""
+        return float(sum(r.val_score for r in self.layers)) if self.layers else math.nan
+
     def summary(self) -> dict:
         return {"method": self.method, "solver": self.solver, "status": self.status,
                 "bound": self.bound, "model_objective": self.model_objective, "gap": self.gap,
-                "solve_time_s": self.solve_time_s, **self.cost.to_dict()}
+                "solve_time_s": self.solve_time_s, "fit_score": self.fit_score, "val_score": self.val_score,
+                **self.cost.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -254,6 +278,7 @@ def _phase_refine(c: LayerContext, l: int, best: _Best, deadline: float) -> bool
     True if the clock cut its rounds."""
     srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
     slots_R = np.array(c.topo.slots_per_rank)
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], np.bincount(best.row, minlength=c.stats.num_experts))
     out = iterated_fm(hg, rank_of_vertices(best.row, srank), c.topo.send_weight_R, slots_R, c.load_weight,
                       pairwise.layer_fetch_ER(c, l)[hg.expert_V], np.random.default_rng([c.seed, l, 1]),
@@ -266,7 +291,7 @@ def _load_cap(c: LayerContext, l: int, cnt_E: np.ndarray) -> float | None:
     """The balance cap per token: ``balance_cap`` x mean rank load, never below what LPT packs."""
     if c.balance_cap is None:
         return None
-    load, T, R = c.stats.load_LE[l], max(c.stats.num_tokens, 1), c.topo.num_ranks
+    load, T, R = c.stats.load_LE[l], max(int(c.stats.tokens_L[l]), 1), c.topo.num_ranks
     lpt = pack_lpt(load, cnt_E, c.topo)
     srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
     lpt_max = np.bincount(srank, weights=(load / cnt_E)[lpt], minlength=R).max() / T
@@ -302,6 +327,7 @@ def _phase_exact_dp(c: LayerContext, l: int, best: _Best, deadline: float) -> bo
     if c.cur_LS is not None and c.migration_weight > 0:
         srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
         unary = c.migration_weight * c.expert_bytes * (1.0 - holders_ER(c.cur_LS[l], srank, E, R))
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     tables = LayerTables(c.stats.topk_ids_TLK[:, l], E, c.topo, w_OR, origin_T, unary)
     cap = None if c.balance_cap is None else c.balance_cap * tables.mean
     res = exact_layer_with_load(tables, c.load_weight, cap, deadline)
@@ -319,6 +345,7 @@ def _phase_exact_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> _Mi
     srank = np.repeat(np.arange(R), topo.slots_per_rank)
     cnt_E = np.bincount(best.row, minlength=c.stats.num_experts)
     origin_T, w_R, _ = origin_classes(c.stats, topo)  # [O, R]: home ranks, or one uniform-origin row
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], cnt_E, origin_T, w_R.shape[0])
     fetch_VR = pairwise.layer_fetch_ER(c, l)[hg.expert_V]
     slots_R = np.array(topo.slots_per_rank)
@@ -374,6 +401,7 @@ def _phase_pairwise_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> 
 def _phase_lns(c: LayerContext, l: int, best: _Best, deadline: float) -> tuple[int, int, int]:
     srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
     origin_T, w_OR, _ = origin_classes(c.stats, c.topo)
+    assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     row, info = lns_layer(c.stats.topk_ids_TLK[:, l], best.row, srank, w_OR,
                           pairwise.layer_fetch_ER(c, l), c.load_weight, lambda r: layer_objective(c, l, r),
                           deadline, c.solver, max_free=LNS_MAX_FREE, sub_time_s=LNS_SUB_TIME_S,
@@ -492,6 +520,11 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
     imbalanced row wins). Returns a :class:`SolveResult`."""
     _check_args(method, time_limit_s, load_weight, migration_weight, expert_bytes, balance_cap, restarts,
                 max_hyperedges)
+    if method == "validated":  # select.py runs this module's methods as its candidates
+        from placement.select import select_placement
+        return select_placement(stats, topology, current=current, time_limit_s=time_limit_s,
+                                load_weight=load_weight, migration_weight=migration_weight,
+                                expert_bytes=expert_bytes, seed=seed, restarts=restarts, balance_cap=balance_cap)
     topology.check_experts(stats.num_experts)
     L, E, R = stats.num_layers, stats.num_experts, topology.num_ranks
     if current is not None and (current.slots_per_rank != topology.slots_per_rank or current.num_layers != L

@@ -15,6 +15,9 @@ E logical experts per layer.
 - ``home_T[t]`` int (optional, needs ``topk_ids``): token t's home rank, the data-parallel rank
   that routed it. With it the cost model scores sends from each token's own rank (cost.py);
   without it (traces, older files) a token's origin is the topology's ``origin_R``, as before.
+- ``step_T[t]`` int (optional, needs ``topk_ids``): when token t was routed (the optimizer step in
+  training, the forward pass in a trace), non-decreasing in time. The time split of the validated
+  selection (select.py) cuts at step boundaries with it; without it, row order is time order.
 - ``trans_LEE[l, e, f]``: tokens that chose e in layer l and f in layer l + 1, shape [L-1, E, E];
   "layer l + 1" means the next layer *present* in the statistics (for the Qwen trace that is
   0 -> 8 -> 12 -> 18 -> 23, see ``layer_ids``). Not symmetric.
@@ -22,17 +25,20 @@ E logical experts per layer.
 File format (``.npz``, ``allow_pickle=False``): ``topk_ids`` int16 [T, L, K], ``meta`` a JSON
 string with at least ``num_experts`` and ``k``; optional ``layers_present`` (trace files: only
 those layers are kept; without it, and without ``layer_ids``, the layers holding at least one
-expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` / ``trans_LEE`` (moetrain's files:
+expert id are kept: a layer of only -1 was not logged) and optional ``load_LE`` / ``coact_LEE`` /
+``trans_LEE`` (moetrain's files:
 aggregates accumulated over more steps than the ``topk_ids`` sample; they win when present) and
-optional ``home_rank`` int16 [T] (the home rank of each ``topk_ids`` row).
+optional ``home_rank`` int16 [T] (the home rank of each ``topk_ids`` row) and ``step`` int64 [T]
+(``step_T``; a trace's ``forward_idx`` is read as it).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -61,6 +67,7 @@ class RoutingStats:
     layer_ids: tuple[int, ...] = field(default=())  # model layer index of each stats layer
     meta: dict = field(default_factory=dict)
     home_T: np.ndarray | None = None  # int64 [T] home rank of each topk_ids row (None: unknown)
+    step_T: np.ndarray | None = None  # int64 [T] step (time) of each topk_ids row (None: row order)
 
     def __post_init__(self) -> None:
         E, k = int(self.num_experts), int(self.k)
@@ -88,13 +95,14 @@ class RoutingStats:
             if ids.shape[1] != L:
                 raise StatsError(f"topk_ids has {ids.shape[1]} layers but load_LE has {L}")
         home = _check_home(self.home_T, ids)
+        step = _check_step(self.step_T, ids)
         layer_ids = tuple(int(i) for i in self.layer_ids) or tuple(range(L))
         if len(layer_ids) != L:
             raise StatsError(f"layer_ids has {len(layer_ids)} entries for {L} layers")
         for name, val in [("num_experts", E), ("k", k), ("load_LE", _freeze(load)),
                           ("coact_LEE", _freeze(coact)), ("trans_LEE", _freeze(trans)),
                           ("topk_ids_TLK", _freeze(ids)), ("layer_ids", layer_ids),
-                          ("home_T", _freeze(home))]:
+                          ("home_T", _freeze(home)), ("step_T", _freeze(step))]:
             object.__setattr__(self, name, val)
 
     @property
@@ -108,6 +116,14 @@ class RoutingStats:
         if self.topk_ids_TLK is not None:
             return int(self.topk_ids_TLK.shape[0])
         return int(round(float(self.load_LE.sum(axis=1).max(initial=0.0)) / self.k))
+
+    @cached_property
+    def tokens_L(self) -> np.ndarray:
+        """Tokens behind each layer, int [L]: the ``topk_ids`` rows holding an id in it (a trace
+        whose rows each log one layer has fewer than T), or ``load.sum() / k`` from aggregates."""
+        if self.topk_ids_TLK is not None:
+            return (self.topk_ids_TLK >= 0).any(axis=2).sum(axis=0).astype(np.int64)
+        return np.round(self.load_LE.sum(axis=1) / self.k).astype(np.int64)
 
     @property
     def num_home_ranks(self) -> int:
@@ -132,7 +148,17 @@ class RoutingStats:
                 trans[j] = _pair_counts(self.topk_ids_TLK[:, a], self.topk_ids_TLK[:, b], E)
         ids = None if self.topk_ids_TLK is None else self.topk_ids_TLK[:, idx]
         return RoutingStats(E, self.k, self.load_LE[idx], self.coact_LEE[idx], trans, ids,
-                            tuple(self.layer_ids[i] for i in idx), dict(self.meta), self.home_T)
+                            tuple(self.layer_ids[i] for i in idx), dict(self.meta), self.home_T, self.step_T)
+
+    def take_rows(self, rows: Sequence[int] | np.ndarray) -> "RoutingStats":
+        """The statistics of the ``topk_ids`` rows ``rows`` alone (recounted from their ids, home
+        ranks and steps kept; a row may repeat: bootstrap resamples)."""
+        if self.topk_ids_TLK is None:
+            raise StatsError("take_rows needs per-token topk_ids; these statistics hold aggregates only")
+        idx = np.asarray(rows, dtype=np.int64)
+        pick = (lambda a: None if a is None else a[idx])  # noqa: E731
+        return from_topk_ids(self.topk_ids_TLK[idx], self.num_experts, self.layer_ids, self.meta,
+                             pick(self.home_T), pick(self.step_T))
 
     def save(self, path: str | Path) -> None:
         """Write the ``.npz`` format described in the module docstring (readable by
@@ -143,7 +169,9 @@ class RoutingStats:
         if ids.size and ids.max() > np.iinfo(np.int16).max:
             raise StatsError(f"expert ids up to {ids.max()} do not fit the int16 topk_ids format")
         meta = dict(self.meta, num_experts=self.num_experts, k=self.k)
-        extra = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
+        extra: dict[str, Any] = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
+        if self.step_T is not None:
+            extra["step"] = self.step_T
         np.savez(path, topk_ids=ids.astype(np.int16), meta=np.array(json.dumps(meta)),
                  load_LE=self.load_LE, coact_LEE=self.coact_LEE, trans_LEE=self.trans_LEE,
                  layer_ids=np.asarray(self.layer_ids, dtype=np.int64), **extra)
@@ -194,6 +222,19 @@ def _check_home(home_T: np.ndarray | None, ids_TLK: np.ndarray | None) -> np.nda
     return home
 
 
+def _check_step(step_T: np.ndarray | None, ids_TLK: np.ndarray | None) -> np.ndarray | None:
+    if step_T is None:
+        return None
+    step = np.array(step_T)
+    if ids_TLK is None:
+        raise StatsError("step_T needs per-token topk_ids (a step per topk_ids row)")
+    if step.ndim != 1 or step.shape[0] != ids_TLK.shape[0]:
+        raise StatsError(f"step_T has shape {step.shape}, expected [{ids_TLK.shape[0]}] (one per topk_ids row)")
+    if step.size and not np.issubdtype(step.dtype, np.integer):
+        raise StatsError(f"step_T must hold integer steps, got dtype {step.dtype}")
+    return step.astype(np.int64)
+
+
 def onehot_TE(ids_TK: np.ndarray, num_experts: int) -> np.ndarray:
     """0/1 float matrix [T, E]: token t chose expert e (ids -1 ignored)."""
     T = ids_TK.shape[0]
@@ -207,9 +248,10 @@ def _pair_counts(a_TK: np.ndarray, b_TK: np.ndarray, num_experts: int) -> np.nda
 
 
 def from_topk_ids(topk_ids_TLK: np.ndarray, num_experts: int, layer_ids: Sequence[int] = (),
-                  meta: dict | None = None, home_T: np.ndarray | None = None) -> RoutingStats:
+                  meta: dict | None = None, home_T: np.ndarray | None = None,
+                  step_T: np.ndarray | None = None) -> RoutingStats:
     """Count load, co-activation and transitions from raw top-k ids [T, L, K] (-1 = missing);
-    ``home_T`` [T]: optional home rank of each token."""
+    ``home_T`` / ``step_T`` [T]: optional home rank and step of each token."""
     ids = _check_ids(topk_ids_TLK, int(num_experts))
     T, L, K = ids.shape
     E = int(num_experts)
@@ -225,7 +267,7 @@ def from_topk_ids(topk_ids_TLK: np.ndarray, num_experts: int, layer_ids: Sequenc
         if prev is not None:
             trans[l - 1] = prev.T @ oh
         prev = oh
-    return RoutingStats(E, K, load, coact, trans, ids, tuple(layer_ids), dict(meta or {}), home_T)
+    return RoutingStats(E, K, load, coact, trans, ids, tuple(layer_ids), dict(meta or {}), home_T, step_T)
 
 
 def from_aggregates(load_LE: np.ndarray, coact_LEE: np.ndarray, k: int,
@@ -275,6 +317,9 @@ def load_routing(path: str | Path) -> RoutingStats:
         raise StatsError(f"{str(p)!r}: home_rank has shape {home.shape}, expected [{ids.shape[0]}] (one per token)")
     if home is not None and not ids.shape[0]:
         home = None
+    step = data.get("step", data.get("forward_idx"))
+    if step is not None and (step.shape != (ids.shape[0],) or not ids.shape[0]):
+        step = None
     if "layers_present" in data:
         layers = [int(i) for i in np.asarray(data["layers_present"]).ravel()]
         if any(not 0 <= i < ids.shape[1] for i in layers):
@@ -292,11 +337,12 @@ def load_routing(path: str | Path) -> RoutingStats:
             trans = np.zeros((max(L - 1, 0), E, E))
         if "coact_LEE" not in data:
             raise StatsError(f"{str(p)!r} has load_LE but lacks coact_LEE")
-        return RoutingStats(E, k, data["load_LE"], data["coact_LEE"], trans, ids_or_none, layer_ids, meta, home)
+        return RoutingStats(E, k, data["load_LE"], data["coact_LEE"], trans, ids_or_none, layer_ids, meta, home,
+                            step if ids_or_none is not None else None)
     if layers is None:
         layers = [int(i) for i in data["layer_ids"]]
-        return from_topk_ids(ids, E, layers, meta, home)
-    return from_topk_ids(ids[:, layers], E, layers, meta, home)
+        return from_topk_ids(ids, E, layers, meta, home, step)
+    return from_topk_ids(ids[:, layers], E, layers, meta, home, step)
 
 
 def split_tokens(stats_or_ids: RoutingStats | np.ndarray, seed: int = 0, fraction: float = 0.5):
@@ -323,16 +369,13 @@ def split_tokens(stats_or_ids: RoutingStats | np.ndarray, seed: int = 0, fractio
     n_fit = min(max(int(round(T * fraction)), 1), T - 1)
     a, b = np.sort(perm[:n_fit]), np.sort(perm[n_fit:])
     if isinstance(stats_or_ids, RoutingStats):
-        s = stats_or_ids
-        h = s.home_T
-        return (from_topk_ids(ids[a], s.num_experts, s.layer_ids, s.meta, None if h is None else h[a]),
-                from_topk_ids(ids[b], s.num_experts, s.layer_ids, s.meta, None if h is None else h[b]))
+        return stats_or_ids.take_rows(a), stats_or_ids.take_rows(b)
     return ids[a], ids[b]
 
 
 def with_ids_dropped(stats: RoutingStats) -> RoutingStats:
     """The same statistics without per-token ids (forces the pairwise cost model)."""
-    return replace(stats, topk_ids_TLK=None, home_T=None)
+    return replace(stats, topk_ids_TLK=None, home_T=None, step_T=None)
 
 
 def without_homes(stats: RoutingStats) -> RoutingStats:

@@ -2,7 +2,11 @@
 
 Owns: :class:`Topology` and its validation. Pure numpy.
 
-Legend: R ranks, N nodes. Ranks ``[n * ranks_per_node, (n + 1) * ranks_per_node)`` form node n.
+Legend: R ranks, N nodes. ``node_of_rank[r]`` is the node of rank r (nodes numbered 0..N-1; on a
+cluster the worker group reads it from where its ranks landed, each node's ranks contiguous). Nodes
+may hold different numbers of ranks. ``ranks_per_node`` is the uniform shorthand: without a map,
+ranks ``[n * ranks_per_node, (n + 1) * ranks_per_node)`` form node n; with a map it is the ranks
+of every node when they are all equal, else 0.
 
 - ``link_cost_RR[o, r]``: cost of sending one token from rank o to rank r: 0 on the diagonal,
   ``intra_node_cost`` inside a node, ``inter_node_cost`` across nodes.
@@ -33,6 +37,7 @@ class Topology:
     intra_node_cost: float = 1.0  # cost of one token sent to another rank of the same node
     inter_node_cost: float = 4.0  # cost of one token sent to a rank of another node
     origin_R: tuple[float, ...] = ()  # fraction of tokens starting on each rank; () = uniform
+    node_of_rank: tuple[int, ...] = ()  # node of each rank, nodes 0..N-1; () = from ranks_per_node
 
     def __post_init__(self) -> None:
         R = int(self.num_ranks)
@@ -44,9 +49,7 @@ class Topology:
             raise TopologyError(f"slots_per_rank has {len(spr)} entries for num_ranks={R}")
         if any(s < 1 for s in spr):
             raise TopologyError(f"slots_per_rank {spr} must all be >= 1")
-        rpn = int(self.ranks_per_node) or R
-        if rpn < 1 or R % rpn:
-            raise TopologyError(f"ranks_per_node ({rpn}) must divide num_ranks ({R})")
+        nodes, rpn = _node_map(R, int(self.ranks_per_node), self.node_of_rank)
         if not 0 <= self.intra_node_cost <= self.inter_node_cost:
             raise TopologyError(f"need 0 <= intra_node_cost ({self.intra_node_cost}) <= "
                                 f"inter_node_cost ({self.inter_node_cost})")
@@ -57,11 +60,21 @@ class Topology:
         object.__setattr__(self, "slots_per_rank", spr)
         object.__setattr__(self, "ranks_per_node", rpn)
         object.__setattr__(self, "origin_R", origin)
+        object.__setattr__(self, "node_of_rank", nodes)
 
     @classmethod
     def uniform(cls, num_ranks: int, slots_per_rank: int | Sequence[int], ranks_per_node: int = 0,
                 intra_node_cost: float = 1.0, inter_node_cost: float = 4.0) -> "Topology":
-        return cls(num_ranks, slots_per_rank, ranks_per_node, intra_node_cost, inter_node_cost)
+        return cls(num_ranks, slots_per_rank, ranks_per_node,  # type: ignore[arg-type]  # an int is broadcast
+                   intra_node_cost, inter_node_cost)
+
+    @classmethod
+    def from_nodes(cls, node_of_rank: Sequence[int], slots_per_rank: int | Sequence[int],
+                   intra_node_cost: float = 1.0, inter_node_cost: float = 4.0) -> "Topology":
+        """The topology of ranks that landed on ``node_of_rank`` (e.g. ``(0, 0, 1)``: two ranks on
+        node 0, one on node 1)."""
+        return cls(len(node_of_rank), slots_per_rank, 0, intra_node_cost, inter_node_cost,
+                   node_of_rank=tuple(node_of_rank))
 
     @classmethod
     def for_experts(cls, num_experts: int, num_ranks: int, slots_per_rank: int | None = None,
@@ -70,11 +83,16 @@ class Topology:
         if num_ranks < 1:
             raise TopologyError(f"num_ranks ({num_ranks}) must be >= 1")
         spr = slots_per_rank if slots_per_rank else -(-num_experts // num_ranks)
-        return cls(num_ranks, spr, **kwargs)
+        return cls(num_ranks, spr, **kwargs)  # type: ignore[arg-type]  # an int is broadcast (__post_init__)
 
     @property
     def num_nodes(self) -> int:
-        return self.num_ranks // self.ranks_per_node
+        return max(self.node_of_rank) + 1
+
+    @property
+    def ranks_N(self) -> np.ndarray:
+        """Number of ranks on each node, [N]."""
+        return np.bincount(self.node_R, minlength=self.num_nodes)
 
     @property
     def num_slots(self) -> int:
@@ -83,7 +101,7 @@ class Topology:
     @property
     def node_R(self) -> np.ndarray:
         """Node of each rank, [R]."""
-        return np.arange(self.num_ranks) // self.ranks_per_node
+        return np.asarray(self.node_of_rank, dtype=np.int64)
 
     @property
     def link_cost_RR(self) -> np.ndarray:
@@ -114,12 +132,32 @@ class Topology:
         idx = [int(r) for r in ranks]
         origin = np.asarray(self.origin_R)[idx]
         origin = origin / origin.sum() if origin.sum() > 0 else np.full(len(idx), 1.0 / len(idx))
-        nodes = self.node_R[idx]
-        rpn = len(idx) if (nodes == nodes[0]).all() else self.ranks_per_node
-        return Topology(len(idx), tuple(self.slots_per_rank[r] for r in idx), rpn,
-                        self.intra_node_cost, self.inter_node_cost, tuple(origin))
+        _, renumbered = np.unique(self.node_R[idx], return_inverse=True)  # nodes kept, in node order
+        return Topology(len(idx), tuple(self.slots_per_rank[r] for r in idx), 0, self.intra_node_cost,
+                        self.inter_node_cost, tuple(origin), node_of_rank=tuple(int(n) for n in renumbered))
 
     def __repr__(self) -> str:
-        return (f"Topology(ranks={self.num_ranks}, ranks_per_node={self.ranks_per_node}, "
-                f"slots_per_rank={self.slots_per_rank}, cost intra/inter={self.intra_node_cost}/"
-                f"{self.inter_node_cost})")
+        nodes = (f"ranks_per_node={self.ranks_per_node}" if self.ranks_per_node
+                 else f"ranks per node={self.ranks_N.tolist()}")
+        return (f"Topology(ranks={self.num_ranks}, {nodes}, slots_per_rank={self.slots_per_rank}, "
+                f"cost intra/inter={self.intra_node_cost}/{self.inter_node_cost})")
+
+
+def _node_map(R: int, ranks_per_node: int, node_of_rank: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    """``(node_of_rank, ranks_per_node)`` normalised: the map from the uniform shorthand when no map
+    is given; ranks_per_node the ranks of every node when all nodes hold as many, else 0."""
+    if not node_of_rank:
+        rpn = ranks_per_node or R
+        if rpn < 1 or R % rpn:
+            raise TopologyError(f"ranks_per_node ({rpn}) must divide num_ranks ({R})")
+        return tuple(r // rpn for r in range(R)), rpn
+    nodes = tuple(int(n) for n in node_of_rank)
+    if len(nodes) != R:
+        raise TopologyError(f"node_of_rank has {len(nodes)} entries for num_ranks={R}")
+    if min(nodes) < 0 or set(nodes) != set(range(max(nodes) + 1)):
+        raise TopologyError(f"node_of_rank {nodes} must number its nodes 0..N-1 with none left out")
+    counts = set(np.bincount(nodes).tolist())
+    rpn = counts.pop() if len(counts) == 1 else 0
+    if ranks_per_node and ranks_per_node != rpn:
+        raise TopologyError(f"ranks_per_node ({ranks_per_node}) does not match node_of_rank {nodes}")
+    return nodes, rpn

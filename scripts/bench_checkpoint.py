@@ -61,11 +61,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moetrain.checkpoint import (  # noqa: E402
     AsyncCheckpointWriter, apply_retention, commit, load_objects, open_store, resolve)
-from moetrain.checkpoint.checksum import new_hasher  # noqa: E402
+from moetrain.storage.checksum import new_hasher  # noqa: E402
 from moetrain.checkpoint.format import write_state  # noqa: E402
 from moetrain.checkpoint.snapshot import state_nbytes  # noqa: E402
-from moetrain.checkpoint.sink import CHUNK_BYTES, LocalFileSync  # noqa: E402
-from moetrain.config import CheckpointConfig  # noqa: E402
+from moetrain.storage.sink import CHUNK_BYTES, LocalFileSync  # noqa: E402
+from moetrain.config import StoreConfig  # noqa: E402
+from scripts import results  # noqa: E402
 
 MB = 1e6
 DEFAULT_MODE = "overlap"  # the snapshot mode cluster/checkpointing.py uses (with install_fence)
@@ -260,6 +261,21 @@ CHECKSUMS = ("crc32c", "sha256")  # the default first, then the slower option be
 TARGET = 0.80  # upload >= 80% of the raw write with the same guarantee, same concurrency
 TARGET_CONCURRENCY = 4  # the writer's default max_concurrency
 MIN_TARGET_RUNS = 5  # the target is judged on the median of at least this many runs
+STALL_TARGET = 0.05  # training stall per checkpoint, share of a step (the cluster's snapshot mode)
+SCHEMA = results.Schema(
+    "checkpoint", "streamed checkpoints: training stall per checkpoint, upload vs raw pyarrow write",
+    targets=(
+        results.Target("default_stall_share.local", "<=", STALL_TARGET, "%",
+                       "training stall per checkpoint, share of a step (overlapped snapshot), local", optional=True),
+        results.Target("default_stall_share.s3", "<=", STALL_TARGET, "%",
+                       "training stall per checkpoint, share of a step (overlapped snapshot), S3 (moto)", optional=True),
+        results.Target("local_upload_vs_durable_raw_median", ">=", TARGET, "%",
+                       f"upload / raw write + fsync, local, CRC32C, {TARGET_CONCURRENCY} at once, median of >= "
+                       f"{MIN_TARGET_RUNS} runs", met_key="local_target_met", optional=True),
+        results.Target("s3_upload_vs_raw_median", ">=", TARGET, "%",
+                       f"upload / raw pyarrow upload, S3 (moto), CRC32C, {TARGET_CONCURRENCY} at once, median of >= "
+                       f"{MIN_TARGET_RUNS} runs", met_key="s3_target_met", optional=True)),  # --backends may leave one out
+    keys=("default_snapshot_mode", "target_concurrency", "params_m", "checkpoint_mb", "step_s", "runs"))
 
 
 def _select(objs: dict, cap_mb: float) -> tuple[dict, int]:
@@ -399,9 +415,9 @@ def bench_throughput(store, objs: dict, step: int, cap_mb: float, reps: int) -> 
     return out
 
 
-def bench_restore(store, cfg: CheckpointConfig, model, opt, expected: torch.Tensor) -> dict:
+def bench_restore(store, model, opt, expected: torch.Tensor) -> dict:
     start = time.perf_counter()
-    ref = resolve("latest", cfg, run="bench", store=store)
+    ref = resolve("latest", run="bench", store=store)
     from moetrain.checkpoint import read_manifest
     manifest = read_manifest(ref)
     loaded = load_objects(ref, manifest.names, manifest=manifest)
@@ -412,17 +428,17 @@ def bench_restore(store, cfg: CheckpointConfig, model, opt, expected: torch.Tens
     return {"restore_s": total, "restore_read_mbps": manifest.total_bytes / MB / read_s, "restore_exact": ok}
 
 
-def run_backend(kind: str, uri: str, cfg: CheckpointConfig, model, opt, loss_fn, base_step_s,
+def run_backend(kind: str, uri: str, store_cfg: StoreConfig, model, opt, loss_fn, base_step_s,
                 cap_mb: float, reps: int) -> list[dict]:
     """One row per snapshot mode; throughput and restore are shared by both rows."""
-    store = open_store(uri, cfg)
+    store = open_store(uri, store_cfg)
     rows = []
     for i, mode in enumerate(("sync", "overlap")):
         during = bench_during_training(store, model, opt, loss_fn, base_step_s, 100 + i, mode)
         rows.append({"backend": kind, "snapshot_mode": mode + ("*" if mode == DEFAULT_MODE else ""),
                      "default": mode == DEFAULT_MODE, **during})
     tput = bench_throughput(store, checkpoint_objects(model, opt), step=200, cap_mb=cap_mb, reps=reps)
-    restore = bench_restore(store, cfg, model, opt, rows[-1].pop("expected"))
+    restore = bench_restore(store, model, opt, rows[-1].pop("expected"))
     rows[0].pop("expected")
     for row in rows:
         row.update(tput, **restore)
@@ -444,6 +460,7 @@ def main() -> None:
     p.add_argument("--tput-reps", type=int, default=MIN_TARGET_RUNS,
                    help="interleaved repetitions (medians; the target needs >= 5)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    results.add_flag(p)
     args = p.parse_args()
     if args.quick:
         args.dim, args.layers, args.batch = 256, 2, 64
@@ -463,18 +480,19 @@ def main() -> None:
     try:
         for kind in args.backends.split(","):
             if kind == "local":
-                uri, cfg = f"{tmp}/ckpt", CheckpointConfig()
+                uri, store_cfg = f"{tmp}/ckpt", StoreConfig()
             else:
                 moto, endpoint = start_moto()
-                uri, cfg = "s3://bench/ckpt", CheckpointConfig(s3_endpoint=endpoint, s3_region="us-east-1")
-            rows.extend(run_backend(kind, uri, cfg, model, opt, loss_fn, base, args.tput_mb,
+                uri, store_cfg = "s3://bench/ckpt", StoreConfig(s3_endpoint=endpoint, s3_region="us-east-1")
+            rows.extend(run_backend(kind, uri, store_cfg, model, opt, loss_fn, base, args.tput_mb,
                                     args.tput_reps))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if moto is not None:
             moto.kill()
 
-    print_report(rows, sum(p.numel() for p in model.parameters()), base, ser)
+    summary = print_report(rows, sum(p.numel() for p in model.parameters()), base, ser)
+    results.record(SCHEMA, summary, args)
 
 
 def throughput_targets(rows: list[dict]) -> tuple[list[tuple], dict]:
@@ -504,7 +522,7 @@ def throughput_targets(rows: list[dict]) -> tuple[list[tuple], dict]:
     return table, keys
 
 
-def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None:
+def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> dict:
     print(f"model: {nparams / 1e6:.1f} M params, checkpoint {rows[0]['bytes'] / MB:.0f} MB "
           f"(weights + AdamW state), median step {base * 1e3:.0f} ms, "
           f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
@@ -552,6 +570,7 @@ def print_report(rows: list[dict], nparams: int, base: float, ser: dict) -> None
                "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                         for r in rows]}
     print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 RSS_TARGET_MB = 600.0  # peak RSS of the moetrain path, whatever the file size
 SECONDS_TARGET = 120.0  # wall time of the moetrain path (cap read + tokenizer + packing)
 CHUNK = 1 << 20
+sys.path.insert(0, str(REPO))
+from scripts import results  # noqa: E402
+
+SCHEMA = results.Schema(
+    "corpus_read", "a corpus larger than memory: moetrain's capped read vs reading the whole file",
+    targets=tuple(results.Target(f"rows[case={case}].{key}", "<", thr, unit, f"{what}, {case} file",
+                                 met_key="target_met")
+                  for case in ("ordinary", "one-line")
+                  for key, thr, unit, what in (("moetrain_peak_rss_mb", RSS_TARGET_MB, "MB", "moetrain peak RSS"),
+                                               ("moetrain_s", SECONDS_TARGET, "s", "moetrain wall time"))),
+    keys=("rows", "quick"))
 
 _CHILD = r"""
 import json, resource, sys, time
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap-bytes", type=int, default=0,
                     help="data.max_bytes_per_domain (default: the config's default)")
     ap.add_argument("--timeout", type=float, default=900.0, help="per measurement (seconds)")
+    results.add_flag(ap)
     args = ap.parse_args(argv)
     size = (64 if args.quick and args.size_mb == 1024 else args.size_mb) << 20
     rows = []
@@ -135,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     print("baseline = read the whole file as text; moetrain = prepare_local (cap read + BPE + packing), "
           "default data.max_bytes_per_domain")
     met = all(r["moetrain_peak_rss_mb"] < RSS_TARGET_MB and r["moetrain_s"] < SECONDS_TARGET for r in rows)
-    print(json.dumps({"bench": "corpus_read", **cpu_info(), "quick": args.quick, "rows": rows,
-                      "targets": {"peak_rss_mb_below": RSS_TARGET_MB, "seconds_below": SECONDS_TARGET},
-                      "target_met": met}))
+    line = {"bench": "corpus_read", **cpu_info(), "quick": args.quick, "rows": rows,
+            "targets": {"peak_rss_mb_below": RSS_TARGET_MB, "seconds_below": SECONDS_TARGET}, "target_met": met}
+    print(json.dumps(line))
+    results.record(SCHEMA, line, args)
     return 0
 
 

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from moetrain.config import RunConfig, load_config, validate  # noqa: E402
 from placement import Placement, Topology, evaluate, solve_placement  # noqa: E402
 from placement.stats import RoutingStats, without_homes  # noqa: E402
+from scripts import results  # noqa: E402
 
 TARGETS = {  # the issue's targets
     "sends_reduction_domain_vs_shuffled_ilp": (">=", 0.15),
@@ -64,6 +65,20 @@ TARGETS = {  # the issue's targets
     "val_loss_delta_per_domain": ("<=", 0.02),  # max over domains of (domain - shuffled)
     "prepare_peak_rss_ratio_10x_over_1x": ("<=", 1.2),
 }
+_DESCRIPTIONS = {
+    "sends_reduction_domain_vs_shuffled_ilp": "off-rank sends, domain assignment + home-aware ILP vs shuffled + ILP",
+    "sends_reduction_domain_vs_contiguous": "off-rank sends, domain assignment + home-aware ILP vs contiguous",
+    "rank_load_max_over_mean": "rank load max/mean per step",
+    "val_loss_delta_per_domain": "validation loss, worst domain vs shuffled (nats)",
+    "prepare_peak_rss_ratio_10x_over_1x": "prepare peak RSS, 10x corpus / 1x",
+}
+SCHEMA = results.Schema(
+    "domain", "domain-aware ranks: home-aware placement vs shuffled data and contiguous placement (issue 16)",
+    targets=tuple(results.Target(f"targets.{k}.value", op, thr, "%" if k.startswith("sends") else "",
+                                 _DESCRIPTIONS[k], met_key=f"targets.{k}.met") for k, (op, thr) in TARGETS.items()),
+    keys=("sends_reduction_domain_vs_shuffled_ilp", "sends_reduction_domain_vs_contiguous", "rank_load_max_over_mean",
+          "val_loss_delta_per_domain", "prepare_rows_per_s", "prepare_peak_rss_mb_1x", "prepare_peak_rss_mb_10x",
+          "sends_per_token_layer", "bound_home_sends_per_token_layer", "targets", "all_targets_met"))
 DEFAULT = {"steps": 240, "measure_steps": 20, "workers": 4, "accum": 1, "global_batch": 64,
            "experts": 16, "expert_ffn": 64, "max_bytes": 600_000, "solve_time": 8.0, "precision": "bf16",
            # 4 MoE blocks (tiny has 2): the last block specialises most by domain (docs/domain_placement.md)
@@ -104,6 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CI smoke size (2 workers, a few steps)")
     p.add_argument("--out", default="runs/bench_domain")
     p.add_argument("--ray-temp-dir", default="")
+    results.add_flag(p)
     args = p.parse_args(argv)
     base = QUICK if args.quick else DEFAULT
     for key, value in base.items():
@@ -522,6 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(line))
     line["figure"] = str(out / "bench_domain.png")
     print(json.dumps(line), flush=True)
+    results.record(SCHEMA, line, args)
     return line
 
 

@@ -31,6 +31,13 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts import results  # noqa: E402
+
+SCHEMA = results.Schema(
+    "hf", "moetrain hf import / export of a ~1B-parameter OLMoE-shaped model vs raw safetensors read / write",
+    keys=("gb", "median_s", "range_s", "peak_rss_mb_median", "import_vs_raw_read", "export_vs_raw_write", "reps"))
+
 SHARD_BYTES = 1 << 30
 VOCAB = 50304  # OLMoE's vocabulary
 CHILD = "--child"
@@ -149,6 +156,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--reuse", action="store_true", help="keep OUT/hf from an earlier run of the same shape")
+    results.add_flag(ap)
     args = ap.parse_args()
     root = Path(args.out)
     hf_dir = root / "hf"
@@ -163,31 +171,36 @@ def main() -> None:
     print(f"random OLMoE-shaped model: {params / 1e9:.3f} B parameters, bf16, "
           f"{sum(p.stat().st_size for p in hf_dir.glob('*.safetensors')) / 1e9:.2f} GB in "
           f"{len(list(hf_dir.glob('*.safetensors')))} shards (written in {time.perf_counter() - t0:.0f} s)")
-    results: dict[str, list[dict]] = {k: [] for k in ("baseline", "raw_read", "import", "raw_write", "export")}
+    runs: dict[str, list[dict]] = {k: [] for k in ("baseline", "raw_read", "import", "raw_write", "export")}
     ckpt = str(root / "ckpt")
     for rep in range(args.reps):
         for op, src, dst in (("baseline", "", ""), ("raw_read", str(hf_dir), ""), ("import", str(hf_dir), ckpt),
                              ("export", f"{ckpt}/bench", str(root / "out")),
                              ("raw_write", str(hf_dir), str(root / "raw"))):
             r = measure(op, src, dst)
-            results[op].append(r)
+            runs[op].append(r)
             print(f"rep {rep} {op:<9} {r['seconds']:7.2f} s  {r['bytes'] / 1e9:.2f} GB  peak RSS "
                   f"{r['peak_rss_mb']:.0f} MB", flush=True)
-    report(results)
+    line = report(runs)
+    print(json.dumps(line))
+    results.record(SCHEMA, line, args)
 
 
-def report(results: dict[str, list[dict]]) -> None:
-    med = {op: statistics.median(r["seconds"] for r in rs) for op, rs in results.items() if rs}
-    rng = {op: (min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)) for op, rs in results.items() if rs}
-    gb = results["import"][0]["bytes"] / 1e9
-    print(f"\n{gb:.2f} GB of tensors; medians over {len(results['import'])} interleaved reps (range)")
+def report(runs: dict[str, list[dict]]) -> dict:
+    med = {op: statistics.median(r["seconds"] for r in rs) for op, rs in runs.items() if rs}
+    rng = {op: (min(r["seconds"] for r in rs), max(r["seconds"] for r in rs)) for op, rs in runs.items() if rs}
+    gb = runs["import"][0]["bytes"] / 1e9
+    print(f"\n{gb:.2f} GB of tensors; medians over {len(runs['import'])} interleaved reps (range)")
     for op in ("raw_read", "import", "raw_write", "export"):
         print(f"  {op:<9} {med[op]:7.2f} s ({rng[op][0]:.2f}-{rng[op][1]:.2f})  {gb / med[op]:.2f} GB/s")
-    rss = {op: statistics.median(r["peak_rss_mb"] for r in rs) for op, rs in results.items() if rs}
+    rss = {op: statistics.median(r["peak_rss_mb"] for r in rs) for op, rs in runs.items() if rs}
     print("  peak RSS (median MB): " + ", ".join(f"{op} {v:.0f}" for op, v in rss.items()))
     both = med["raw_read"] + med["raw_write"]
     print(f"  import = {med['import'] / med['raw_read']:.2f} x raw read, {med['import'] / both:.2f} x raw read + write; "
           f"export = {med['export'] / med['raw_write']:.2f} x raw write, {med['export'] / both:.2f} x raw read + write")
+    return {"gb": gb, "median_s": med, "range_s": rng, "peak_rss_mb_median": rss,
+            "import_vs_raw_read": med["import"] / med["raw_read"], "export_vs_raw_write": med["export"] / med["raw_write"],
+            "reps": len(runs["import"])}
 
 
 if __name__ == "__main__":

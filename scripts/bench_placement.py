@@ -29,6 +29,10 @@ Scale case: 16 layers synthesised from the OLMoE layer by permuting its expert i
 per-layer seed, 64 experts x 8 ranks, solved by the ILP pipeline within one 55 s budget.
 
 Prints the table, then one JSON line with the figures and whether each target is met.
+
+``--study curves`` runs the generalisation study instead (scripts/bench_placement_curves.py:
+learning curves of contiguous, the pipeline, the validated selection and Mt-KaHyPar on fit windows
+of 500 tokens to all available, scored on a fixed later slice; its own options follow).
 """
 
 from __future__ import annotations
@@ -53,6 +57,27 @@ from placement.baselines import replica_counts  # noqa: E402
 from placement.cost import token_sends_T  # noqa: E402
 from placement.hypergraph import build_hypergraph  # noqa: E402
 from placement.solve import DEFAULT_RESTARTS  # noqa: E402
+from scripts import results  # noqa: E402
+
+_QWEN4_ILP = "rows[case=qwen,tname=4 ranks,method=ilp]"
+SCHEMA = results.Schema(
+    "placement", "expert placement on real routing traces: ILP pipeline vs contiguous, greedy, local search, "
+    "Mt-KaHyPar (held-out half)",
+    targets=(
+        results.Target(f"{_QWEN4_ILP}.reduction_vs_contiguous", ">=", 0.25, "%",
+                       "Qwen1.5-MoE trace, 4 ranks: fewer held-out off-rank sends than contiguous",
+                       met_key="targets.qwen4_reduction_ge_25pct", optional=True),
+        results.Target(f"{_QWEN4_ILP}.held_imbalance", "<=", 1.10, "", "same: held-out rank load max/mean",
+                       met_key="targets.qwen4_imbalance_le_1.10", optional=True),
+        results.Target(f"{_QWEN4_ILP}.solve_s_per_layer", "<=", 10.0, "s", "same: ILP solve time per layer",
+                       met_key="targets.qwen4_ilp_le_10s_per_layer", optional=True),
+        results.Target("scale.wall_s", "<=", 60.0, "s", "64 experts x 8 ranks x 16 layers, whole pipeline",
+                       optional=True),
+        results.Target("ilp_le_mtkahypar_cases", "==", "all cases", "",
+                       "held-out sends, ILP pipeline at load weight 0 <= Mt-KaHyPar (km1), every case",
+                       met_key="targets.ilp_le_mtkahypar_all_cases", optional=True),
+    ),
+    keys=("rows", "scale", "targets", "all_targets_met"))
 
 TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().parents[2] / "shared" / "traces")
 SOLVED = ("greedy", "local_search", "ilp", "ilp_lw0")
@@ -293,6 +318,16 @@ def targets_of(rows: list[dict], scale: dict | None) -> tuple[dict, dict]:
 
 
 def main() -> int:
+    if "--study" in sys.argv:
+        i = sys.argv.index("--study")
+        study, rest = sys.argv[i + 1:i + 2], sys.argv[1:i] + sys.argv[i + 2:]
+        if study == ["curves"]:
+            import bench_placement_curves
+            return bench_placement_curves.main(rest)
+        if study != ["cases"]:
+            print(f"error: --study must be cases or curves, got {' '.join(study) or 'nothing'}", file=sys.stderr)
+            return 2
+        sys.argv = [sys.argv[0]] + rest
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stats", default="", help="also benchmark a moetrain statistics .npz")
     ap.add_argument("--traces", default=str(TRACES))
@@ -302,6 +337,7 @@ def main() -> int:
     ap.add_argument("--restarts", type=int, default=DEFAULT_RESTARTS, help="the ILP pipeline's tabu restarts")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated cases to run (qwen, olmoe, stats)")
+    results.add_flag(ap)
     args = ap.parse_args()
     traces = Path(args.traces)
     inputs = {"qwen": traces / "qwen15moe_gsm8k25_5layers.npz", "olmoe": traces / "olmoe1b7b_gsm8k25_layer0.npz"}
@@ -331,6 +367,7 @@ def main() -> int:
     figures = {"rows": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
                "scale": scale, "targets": targets, "all_targets_met": all(targets.values()), **info}
     print(json.dumps(figures))
+    results.record(SCHEMA, figures, args)
     return 0
 
 

@@ -33,14 +33,25 @@ import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts import results  # noqa: E402
 
 # The "tiny-ish" model of the measurements: the shipped tiny layout at width 256.
 DEFAULT_OVERRIDES = ["model.dim=256", "model.n_heads=4", "model.ffn_dim=512", "model.moe.expert_ffn_dim=256"]
 GEMM_SIZE = 1024
 GEMM_REPS = 8
 PG_TIMEOUT_S = 600
+SCHEMA = results.Schema(
+    "precision", "bf16 vs fp32 training throughput and the bf16 step's share of the bf16 GEMM rate (2 gloo ranks)",
+    targets=(results.Target("bf16_vs_fp32_tokens_per_s", ">=", 2.5, "x", "bf16 / fp32 tokens/s (wall), same run"),
+             results.Target("model_flops_share_of_bf16_peak", ">=", 0.35, "%",
+                            "useful FLOP/s of the bf16 step / bf16 GEMM rate of the same threads")),
+    keys=("fp32_step_s", "bf16_step_s", "bf16_vs_fp32_tokens_per_s_cpu", "bf16_gemm_gflops_1thread",
+          "fp32_gemm_gflops_1thread", "load_average"))
 
 
 @dataclass(frozen=True)
@@ -193,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--set", dest="overrides", action="append", default=None, metavar="KEY=VALUE",
                     help=f"config overrides (default: {' '.join(DEFAULT_OVERRIDES)})")
+    results.add_flag(ap)
     args = ap.parse_args(argv)
     r = measure_precision(args.overrides, num_ranks=args.ranks, steps=args.steps, reps=args.reps)
     for k, v in asdict(r).items():
         print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
     print(json.dumps(asdict(r)))
+    results.record(SCHEMA, asdict(r), args)
     return 0
 
 

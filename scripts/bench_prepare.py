@@ -24,6 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cluster.prepare import measure_prepare  # noqa: E402
+from scripts import results  # noqa: E402
+
+SCHEMA = results.Schema(
+    "prepare", "moetrain prepare on Ray Data: peak RSS of the process tree, 10x the corpus vs 1x",
+    targets=(results.Target("peak_rss_ratio", "<=", 1.2, "x", "peak RSS of the process tree, 10x corpus / 1x"),),
+    keys=("prepare_rows_per_s", "prepare_rows_per_s_1x", "prepare_peak_rss_mb_1x", "worker_peak_rss_mb_1x",
+          "rows_1x", "seconds_1x"))
 
 
 def build_corpus(root: Path, copies: int = 1, bytes_per_domain: int = 1_000_000) -> list[str]:
@@ -84,9 +91,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--bytes-per-domain", type=int, default=1_000_000)
     p.add_argument("--workdir", default="")
     p.add_argument("--batch-docs", type=int, default=0, help="Parquet rows per batch (0: prepare's default)")
+    results.add_flag(p)
     args = p.parse_args(argv)
     line = measure(args.copies, args.num_cpus, args.bytes_per_domain, args.batch_docs, args.workdir)
     print(json.dumps(line))
+    results.record(SCHEMA, line, args)
     return line
 
 

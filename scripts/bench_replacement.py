@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from cluster.group import WorkerGroup  # noqa: E402
+from scripts import results  # noqa: E402
 from moetrain.config import from_dict  # noqa: E402
 from moetrain.train.stats import merge_rank_samples  # noqa: E402
 from placement import Placement, Topology, evaluate, solve_placement  # noqa: E402
@@ -72,6 +73,13 @@ def rank_imbalance(load_LE: np.ndarray, placement: Placement) -> float:
         vals.append(per_rank.max() / per_rank.mean())
     return float(np.mean(vals))
 
+SCHEMA = results.Schema(
+    "replacement", "live re-placement: step time on a skewed workload, ILP re-placed vs static contiguous",
+    targets=(results.Target("speedup", ">=", 1.15, "x", "step time, contiguous / re-placed by the ILP",
+                            met_key="target_met"),),
+    keys=("solve_s", "contiguous_step_s", "ilp_step_s", "contiguous_rank_load_max_over_mean",
+          "ilp_rank_load_max_over_mean", "contiguous_offrank_sends_per_token", "ilp_offrank_sends_per_token"))
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -85,6 +93,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per phase")
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds")
     ap.add_argument("--time-limit", type=float, default=10.0)
+    results.add_flag(ap)
     args = ap.parse_args()
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -139,8 +148,10 @@ def main() -> int:
           f"({solved.solver}, {solved.status})")
     print(f"note: {os.cpu_count()} CPU core(s) shared by {args.workers} single-threaded actors: the busiest rank "
           "bounds the step only when its share of the work exceeds cores/actors of the total.")
-    print(json.dumps({"bench": "replacement", "speedup": speedup, "target_met": speedup >= 1.15,
-                      "solve_s": solve_s, **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}}))
+    line = {"bench": "replacement", "speedup": speedup, "target_met": speedup >= 1.15,
+            "solve_s": solve_s, **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}}
+    print(json.dumps(line))
+    results.record(SCHEMA, line, args)
     return 0
 
 

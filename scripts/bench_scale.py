@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts import results  # noqa: E402
 from scripts.scale import features, memory  # noqa: E402
 
 TARGETS = {
@@ -39,6 +40,18 @@ QUICK_COMMON = ["model.dim=128", "model.n_layers=2", "model.n_heads=4", "model.m
                 "train.eval_every=0"]
 QUICK_CASES = (("fp32 z0 none R2 mb8", ["cluster.num_workers=2", "train.global_batch_size=16"]),)
 CKPT_PAIR = ("fp32 z0 none R2 mb16", "fp32 z0 block R2 mb16")
+_TARGET_ROWS = (  # key, comparison, threshold (ZeRO: 1/N + 0.05 at N = 4), unit, description
+    ("bf16_vs_fp32_tokens_per_s", ">=", 2.5, "x", "bf16 vs fp32 tokens/s, olmoe-1b-7b-mini, 2 actors"),
+    ("model_flops_share_of_bf16_peak", ">=", 0.35, "%", "useful FLOP/s of the bf16 step / bf16 GEMM rate"),
+    ("zero_dense_optimizer_bytes_ratio", "<=", 0.30, "", "dense optimizer bytes per rank, ZeRO-1 / 0, 4 actors"),
+    ("planner_max_rel_error", "<=", 0.15, "%", "memory planner: worst predicted vs measured peak per rank"),
+    ("largest_total_params_trained", ">=", 1e9, "", "largest preset sibling trained 3 steps on 4 actors"),
+)
+SCHEMA = results.Schema(
+    "scale", "bf16, ZeRO, activation checkpointing, the memory planner, the ~1B sibling (issue 12)",
+    targets=tuple(results.Target(k, op, thr, unit, what, met_key=f"targets.{k}.met")
+                  for k, op, thr, unit, what in _TARGET_ROWS),
+    keys=("activation_checkpointing_memory_ratio", "targets", "all_targets_met"))
 
 
 def _met(key: str, value, world: int) -> bool:
@@ -114,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-largest", action="store_true",
                    help="do not train the ~1B sibling (largest_total_params_trained stays null)")
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of the bf16 / fp32 timing")
+    results.add_flag(p)
     args = p.parse_args(argv)
     if args.reps < 1:
         print(f"bench_scale: --reps ({args.reps}) must be >= 1", file=sys.stderr)
         return 2
-    print(json.dumps(run(args)))
+    line = run(args)
+    print(json.dumps(line))
+    results.record(SCHEMA, line, args)
     return 0
 
 

@@ -28,10 +28,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from scripts import results  # noqa: E402
 from scripts.scale.procs import run_ranks  # noqa: E402
 
 STAGES = (0, 1, 2)
 BYTES_TARGET_SLACK = 0.05  # the target: ratio <= 1/N + 5%
+SCHEMA = results.Schema(
+    "zero", "train.zero_stage: dense AdamW bytes per rank (ZeRO-1 vs 0) and step time per stage",
+    targets=(results.Target("zero_dense_optimizer_bytes_ratio", "<=", 0.30, "",
+                            "dense optimizer bytes per rank, ZeRO-1 / ZeRO-0 (threshold 1/N + 0.05, N = bytes_ranks; "
+                            "shown for N = 4)", met_key="bytes_target_met"),),
+    keys=("bytes_target", "bytes_ranks", "step_time_median_s", "step_time_range_s", "time_ranks"))
 
 
 def _cfg(config: str, overrides: list[str], world: int, stage: int):
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-ranks", type=int, default=2)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--reps", type=int, default=3)
+    results.add_flag(ap)
     args = ap.parse_args(argv)
     b = measure_bytes(args.config, args.overrides, args.bytes_ranks)
     t = measure_step_time(args.config, args.overrides, args.time_ranks, args.steps, args.reps)
@@ -119,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     for s in STAGES:
         print(f"  stage {s}: {t[s]['median_s']:.4f} [{t[s]['min_s']:.4f}, {t[s]['max_s']:.4f}]")
     ratio = b["ratio_vs_stage0"][1]
-    print(json.dumps({"zero_dense_optimizer_bytes_ratio": ratio, "bytes_target": b["target"],
-                      "bytes_target_met": ratio <= b["target"], "bytes_ranks": b["world"],
-                      "step_time_median_s": {f"stage{s}": t[s]["median_s"] for s in STAGES},
-                      "step_time_range_s": {f"stage{s}": [t[s]["min_s"], t[s]["max_s"]] for s in STAGES},
-                      "time_ranks": args.time_ranks}))
+    line = {"zero_dense_optimizer_bytes_ratio": ratio, "bytes_target": b["target"],
+            "bytes_target_met": ratio <= b["target"], "bytes_ranks": b["world"],
+            "step_time_median_s": {f"stage{s}": t[s]["median_s"] for s in STAGES},
+            "step_time_range_s": {f"stage{s}": [t[s]["min_s"], t[s]["max_s"]] for s in STAGES},
+            "time_ranks": args.time_ranks}
+    print(json.dumps(line))
+    results.record(SCHEMA, line, args)
     return 0
 
 

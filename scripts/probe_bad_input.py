@@ -73,7 +73,7 @@ def _probes(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("missing data path", s("data.source=paths", "data.paths=code=/nonexistent/dir"), "/nonexistent/dir"),
         ("paths without entries", s("data.source=paths"), "data.paths is empty"),
         ("out_dir under a file", s(f"logging.out_dir={afile}/runs"), "logging.out_dir"),
-        ("unwritable checkpoint store", s("checkpoint.uri=s3://nowhere/x", "checkpoint.s3_endpoint=http://127.0.0.1:1",
+        ("unwritable checkpoint store", s("checkpoint.uri=s3://nowhere/x", "storage.s3_endpoint=http://127.0.0.1:1",
                                           "checkpoint.max_retries=0"), "s3://nowhere/x"),
         ("wandb mode typo", s("logging.wandb=cloud"), "logging.wandb ('cloud')"),
     ]

@@ -29,6 +29,10 @@ from typing import Iterator
 
 import pytest
 
+# Benchmarks run by the tests never append to results/ (scripts/results.py): their figures are
+# smoke-sized, and the rendered docs must not change when the suite runs.
+os.environ["MOETRAIN_NO_RECORD"] = "1"
+
 
 @dataclass(frozen=True)
 class S3Server:

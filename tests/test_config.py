@@ -43,12 +43,16 @@ def test_overrides_are_typed():
     (["train.lr=inf"], "train.lr (inf) must be a finite number"),
     (["cluster.torch_threads=-1"], "cluster.torch_threads (-1) must be in [0, inf)"),
     (["cluster.step_timeout_s=0"], "cluster.step_timeout_s (0.0) must be in (0, inf)"),
+    (["cluster.node_wait_s=-1"], "cluster.node_wait_s (-1.0) must be in [0, inf)"),
+    (["cluster.placement_strategy=pack"], "cluster.placement_strategy ('pack') must be one of PACK, SPREAD, STRICT_PACK"),
     (["model.moe.first_moe_layer=5"], "model.moe.first_moe_layer (5) must be < model.n_layers (2)"),
     (["cluster.address=bogus"], "cluster.address ('bogus') must be HOST:PORT"),
     (["cluster.run_name=.."], "cluster.run_name ('..') must be 1-128 letters"),
     (["cluster.run_name=my run"], "cluster.run_name ('my run') must be 1-128 letters"),
     (["placement.solver=greedy"], "config key 'placement.solver' was renamed 'placement.method'"),
-    (["placement.method=annealing"], "placement.method ('annealing') must be one of ilp, local_search, greedy"),
+    (["placement.method=annealing"], "placement.method ('annealing') must be one of ilp, local_search, greedy, validated"),
+    (["placement.val_fraction=1"], "placement.val_fraction (1.0) must be in [0, 1)"),
+    (["placement.val_fraction=-0.1"], "placement.val_fraction (-0.1) must be in [0, 1)"),
 ])
 def test_bad_values_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as exc:

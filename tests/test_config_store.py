@@ -27,10 +27,10 @@ def test_duplicate_yaml_keys_are_named_with_their_lines(tmp_path):
 
 
 @pytest.mark.parametrize("override", [
-    "checkpoint.s3_endpoint=http://AKIAKEYID:TOPSECRET@10.255.255.1:9000",
-    "checkpoint.gcs_endpoint=https://AKIAKEYID:TOP/SECRET@10.255.255.1",
-    "data.s3_endpoint=AKIAKEYID:TOPSECRET@10.255.255.1",  # no scheme: pyarrow would take it as https
-    "data.gcs_endpoint=http://AKIAKEYID@10.255.255.1:4443",
+    "storage.s3_endpoint=http://AKIAKEYID:TOPSECRET@10.255.255.1:9000",
+    "storage.gcs_endpoint=https://AKIAKEYID:TOP/SECRET@10.255.255.1",
+    "storage.s3_endpoint=AKIAKEYID:TOPSECRET@10.255.255.1",  # no scheme: pyarrow would take it as https
+    "storage.gcs_endpoint=http://AKIAKEYID@10.255.255.1:4443",
     "checkpoint.uri=s3://AKIAKEYID:TOPSECRET@bucket/ckpt",
     "data.tokenizer=hf:s3://AKIAKEYID:TOPSECRET@bucket/tok",
 ])
@@ -46,9 +46,24 @@ def test_credentials_in_an_endpoint_are_refused_without_echo(override):
 
 
 def test_endpoints_and_uris_without_credentials_pass():
-    cfg = load_config(None, ["checkpoint.s3_endpoint=http://127.0.0.1:9000", "checkpoint.uri=s3://b/p@v1",
-                             "data.gcs_endpoint=http://127.0.0.1:4443"])
+    cfg = load_config(None, ["storage.s3_endpoint=http://127.0.0.1:9000", "checkpoint.uri=s3://b/p@v1",
+                             "storage.gcs_endpoint=http://127.0.0.1:4443"])
     assert cfg.checkpoint.uri == "s3://b/p@v1"  # an '@' in a key path is not user info
+    assert (cfg.storage.s3_endpoint, cfg.storage.gcs_endpoint) == ("http://127.0.0.1:9000", "http://127.0.0.1:4443")
+
+
+@pytest.mark.parametrize("section", ["data", "checkpoint"])
+@pytest.mark.parametrize("key", ["s3_endpoint", "s3_region", "gcs_endpoint"])
+def test_the_old_endpoint_keys_name_their_new_place(tmp_path, section, key):
+    """data.* and checkpoint.* endpoints moved to the one `storage` section: the old key, from
+    --set or from a YAML file, is refused in one line naming the new key."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{section}.{key}=http://127.0.0.1:9000"])
+    assert str(err.value) == f"config key '{section}.{key}' was renamed 'storage.{key}'"
+    old = tmp_path / "old.yaml"
+    old.write_text(f"{section}:\n  {key}: us-east-1\n")
+    with pytest.raises(ConfigError, match=rf"^config key '{section}\.{key}' was renamed 'storage\.{key}'$"):
+        load_config(str(old))
 
 
 def test_a_credential_endpoint_from_the_environment_is_refused(monkeypatch):

@@ -34,9 +34,13 @@ def domain_counts(topk_ids_TK: np.ndarray, domain_T: np.ndarray, num_domains: in
     if dom_T.shape != (ids_TK.shape[0],):
         raise ValueError(f"domain_T must have shape ({ids_TK.shape[0]},) to match topk_ids_TK, got {dom_T.shape}")
     if ids_TK.size and (ids_TK.min() < 0 or ids_TK.max() >= num_experts):
-        raise ValueError(f"topk_ids_TK has ids in [{ids_TK.min()}, {ids_TK.max()}], outside [0, num_experts={num_experts})")
+        raise ValueError(
+            f"topk_ids_TK has ids in [{ids_TK.min()}, {ids_TK.max()}], outside [0, num_experts={num_experts})"
+        )
     if dom_T.size and (dom_T.min() < 0 or dom_T.max() >= num_domains):
-        raise ValueError(f"domain_T has labels in [{dom_T.min()}, {dom_T.max()}], outside [0, num_domains={num_domains})")
+        raise ValueError(
+            f"domain_T has labels in [{dom_T.min()}, {dom_T.max()}], outside [0, num_domains={num_domains})"
+        )
     K = ids_TK.shape[1]
     flat = np.repeat(dom_T.astype(np.int64), K) * num_experts + ids_TK.astype(np.int64).reshape(-1)
     return np.bincount(flat, minlength=num_domains * num_experts).reshape(num_domains, num_experts)

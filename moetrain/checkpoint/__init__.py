@@ -7,24 +7,24 @@ actors and the driver). Generic over *what* is saved: each rank hands a mapping
 
 Flow::
 
-    store  = open_store(cfg.checkpoint.uri, cfg.checkpoint)          # every process
+    store  = open_root(cfg.checkpoint.uri, cfg.checkpoint, cfg.storage)  # every process
     writer = AsyncCheckpointWriter(store, run, rank=r)                # every rank
     fut    = writer.save(step, objects)     # snapshot now, upload in the background
     #  (snapshot_mode="overlap" + writer.install_fence(optimizer): copy during the next step)
     result = fut.result()                   # SaveResult(entries={name, size, crc32c digest})
     commit(store, run, step, [result_rank0, result_rank1, ...], meta)  # driver: manifest, latest
     apply_retention(store, run, keep=cfg.checkpoint.keep)
-    ref    = resolve("latest", cfg.checkpoint, run=run)               # on resume
-    states = load_objects(ref, names_this_rank_hosts)                 # checksum-checked
+    ref    = resolve("latest", cfg.checkpoint, run=run, store_cfg=cfg.storage)  # on resume
+    states = load_objects(ref, names_this_rank_hosts)   # checksum-checked
 
 Checksums: CRC32C by default (``checkpoint.checksum``; sha256 optional); each manifest entry
 names its algorithm, so checkpoints written with sha256 (all before v2 manifests) still load.
 
-Modules: ``checksum`` (crc32c / sha256), ``storage`` (Store, streamed writes: direct for
-objects, atomic for commit records, retries, typed errors), ``format`` (the object byte
-format), ``layout`` (keys), ``lease`` (one writer per run name), ``snapshot`` (host copies), ``writer`` (async writer), ``manifest``
-(commit), ``retention`` (list / keep N / clean), ``reader`` (resolve / verify / load), ``cli``
-(``moetrain ckpt ...``).
+Stores (``Store``, ``open_store``, checksums, typed store errors) are :mod:`moetrain.storage`;
+``root`` opens a checkpoint root with the checkpoint options. Modules: ``format`` (the object
+byte format), ``layout`` (keys), ``lease`` (one writer per run name), ``snapshot`` (host
+copies), ``writer`` (async writer), ``manifest`` (commit), ``retention`` (list / keep N /
+clean), ``reader`` (resolve / verify / load), ``cli`` (``moetrain ckpt ...``).
 """
 
 from moetrain.checkpoint.errors import (
@@ -50,9 +50,10 @@ from moetrain.checkpoint.retention import (
     clean,
     list_checkpoints,
 )
-from moetrain.checkpoint.storage import Store, open_store
+from moetrain.checkpoint.root import open_root
 from moetrain.checkpoint.snapshot import Snapshot, snapshot
 from moetrain.checkpoint.writer import AsyncCheckpointWriter, CheckpointFuture, SaveResult
+from moetrain.storage import Store, open_store
 
 __all__ = [
     "AsyncCheckpointWriter", "BucketNotFoundError", "CheckpointError", "CheckpointFuture",
@@ -61,6 +62,6 @@ __all__ = [
     "Manifest", "NotCommittedError", "ObjectEntry", "ObjectNotFoundError", "SaveResult",
     "SerializationError", "Snapshot", "Store", "StoreAccessError", "StoreUnreachableError",
     "TornSnapshotError", "VerifyReport", "apply_retention", "clean", "commit",
-    "list_checkpoints", "load_objects", "open_store", "read_latest", "read_manifest",
+    "list_checkpoints", "load_objects", "open_root", "open_store", "read_latest", "read_manifest",
     "resolve", "snapshot", "verify",
 ]

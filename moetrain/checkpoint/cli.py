@@ -3,7 +3,9 @@
 Each command returns its data (for scripts and tests) and a printable table (for people); the
 argument parsing lives in the project CLI. ``URI`` may be a checkpoint root (every run), a run
 directory (``<root>/<run>``) or one checkpoint (``<root>/<run>/step-<N>``; ``verify`` and
-``inspect`` take a run directory to mean its newest commit).
+``inspect`` take a run directory to mean its newest commit). Stores are opened with the given
+:class:`~moetrain.config.StoreConfig` (the CLI's ``--s3-endpoint`` / ``--s3-region`` /
+``--gcs-endpoint``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from moetrain.checkpoint.lease import LeaseRecord, unlock
 from moetrain.checkpoint.manifest import Manifest, read_manifest
 from moetrain.checkpoint.reader import VerifyReport, resolve, split_uri, verify
 from moetrain.checkpoint.retention import CheckpointInfo, CleanReport, clean, list_checkpoints
-from moetrain.checkpoint.storage import open_store
-from moetrain.config import CheckpointConfig
+from moetrain.checkpoint.root import open_root
+from moetrain.config import StoreConfig
 
 
 def format_bytes(n: float) -> str:
@@ -41,16 +43,16 @@ def _absolute(uri: str) -> str:
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
-def ckpt_list(uri: str, cfg: CheckpointConfig | None = None) -> tuple[list[CheckpointInfo], str]:
+def ckpt_list(uri: str, store_cfg: StoreConfig | None = None) -> tuple[list[CheckpointInfo], str]:
     """Checkpoints under a root, a run directory or one checkpoint URI."""
     uri = _absolute(uri)
-    store = open_store(uri, cfg)
+    store = open_root(uri, None, store_cfg)
     if any(parse_step_dir(name) is not None for name in store.list_dir("")):  # a run directory
         root, run, _ = split_uri(uri)
-        infos = list_checkpoints(open_store(root, cfg), run)
+        infos = list_checkpoints(open_root(root, None, store_cfg), run)
     elif parse_step_dir(uri.rstrip("/").rsplit("/", 1)[-1]) is not None:  # one checkpoint
         root, run, step = split_uri(uri)
-        infos = [i for i in list_checkpoints(open_store(root, cfg), run) if i.step == step]
+        infos = [i for i in list_checkpoints(open_root(root, None, store_cfg), run) if i.step == step]
     else:  # a root holding runs
         infos = list_checkpoints(store)
     rows = [(i.run, i.step, "yes" if i.committed else "NO", format_bytes(i.size), i.objects,
@@ -59,10 +61,10 @@ def ckpt_list(uri: str, cfg: CheckpointConfig | None = None) -> tuple[list[Check
     return infos, table if infos else f"no checkpoints under {store.uri}"
 
 
-def ckpt_verify(uri: str, cfg: CheckpointConfig | None = None, *,
+def ckpt_verify(uri: str, store_cfg: StoreConfig | None = None, *,
                 deep: bool = True) -> tuple[VerifyReport, str]:
     """Presence, size and checksum (crc32c / sha256, as the manifest says) of every object."""
-    report = verify(resolve(uri, cfg), deep=deep)
+    report = verify(resolve(uri, store_cfg=store_cfg), deep=deep)
     lines = [f"{report.uri}: {'OK' if report.ok else 'FAILED'} - {report.checked} objects, "
              f"{format_bytes(report.bytes_checked)} checked"
              + (f" ({', '.join(report.checksums) or 'no objects'})" if deep else " (sizes only)")]
@@ -96,9 +98,9 @@ def inspect_manifest(ref: CheckpointRef, manifest: Manifest) -> dict[str, Any]:
             "meta": {k: _summary(v) for k, v in manifest.meta.items()}}
 
 
-def ckpt_inspect(uri: str, cfg: CheckpointConfig | None = None) -> tuple[dict[str, Any], str]:
+def ckpt_inspect(uri: str, store_cfg: StoreConfig | None = None) -> tuple[dict[str, Any], str]:
     """The manifest of one checkpoint, summarised."""
-    ref = resolve(uri, cfg)
+    ref = resolve(uri, store_cfg=store_cfg)
     info = inspect_manifest(ref, read_manifest(ref))
     rows = [("checkpoint", info["uri"]), ("created", info["created"]),
             ("world size", info["world_size"]), ("format", info["object_format"]),
@@ -110,13 +112,13 @@ def ckpt_inspect(uri: str, cfg: CheckpointConfig | None = None) -> tuple[dict[st
     return info, format_table(rows, ("field", "value"))
 
 
-def ckpt_clean(uri: str, cfg: CheckpointConfig | None = None, *,
+def ckpt_clean(uri: str, store_cfg: StoreConfig | None = None, *,
                keep: int | None = None) -> tuple[CleanReport, str]:
     """Remove uncommitted leftovers (and, with ``keep``, old commits) of a run directory."""
     root, run, step = split_uri(_absolute(uri))
     if step is not None:
         raise InvalidNameError(f"clean takes a run directory, not one checkpoint: {uri}")
-    report = clean(open_store(root, cfg), run, keep)
+    report = clean(open_root(root, None, store_cfg), run, keep)
     rows = [("kept", list(report.kept)), ("deleted", list(report.deleted)),
             ("uncommitted removed", list(report.garbage)), ("temporary objects removed",
             len(report.tmp_deleted)), ("multipart uploads aborted", len(report.aborted_uploads))]
@@ -124,12 +126,12 @@ def ckpt_clean(uri: str, cfg: CheckpointConfig | None = None, *,
     return report, format_table(rows, ("clean", run))
 
 
-def ckpt_unlock(uri: str, cfg: CheckpointConfig | None = None) -> tuple[LeaseRecord | None, str]:
+def ckpt_unlock(uri: str, store_cfg: StoreConfig | None = None) -> tuple[LeaseRecord | None, str]:
     """Remove the lease of a run directory (its writer is known to be dead: SIGKILL, lost node)."""
     root, run, step = split_uri(_absolute(uri))
     if step is not None:
         raise InvalidNameError(f"unlock takes a run directory, not one checkpoint: {uri}")
-    store = open_store(root, cfg)
+    store = open_root(root, None, store_cfg)
     rec = unlock(store, run)
     if rec is None:
         return None, f"{store.uri_of(run)}: no lease (nothing to unlock)"

@@ -1,6 +1,8 @@
 """Typed checkpoint errors. Every message names the URI, key or object it is about.
 
-``CheckpointError`` is the base class: a caller that wants "checkpoint failed, keep training"
+The store errors (unreachable, access, bucket, object, name) live in
+:mod:`moetrain.storage.errors` and are re-exported here. ``CheckpointError`` is the base class
+(the same class as ``StoreError``): a caller that wants "checkpoint failed, keep training"
 catches only it. Subclasses say *what* went wrong so callers (and tests) can tell apart a store
 that cannot be reached, a credentials problem, a missing bucket, a missing or corrupt object,
 a checkpoint that was never committed, and user input that cannot be serialised.
@@ -8,25 +10,16 @@ a checkpoint that was never committed, and user input that cannot be serialised.
 
 from __future__ import annotations
 
+from moetrain.storage.errors import (  # noqa: F401  (re-exported: the checkpoint package's errors)
+    BucketNotFoundError,
+    InvalidNameError,
+    ObjectNotFoundError,
+    StoreAccessError,
+    StoreError,
+    StoreUnreachableError,
+)
 
-class CheckpointError(Exception):
-    """Base class of every checkpoint failure."""
-
-
-class StoreUnreachableError(CheckpointError):
-    """The object store did not answer (connection refused, timeouts) after all retries."""
-
-
-class StoreAccessError(CheckpointError):
-    """Bad or missing credentials, or no permission on the bucket / directory."""
-
-
-class BucketNotFoundError(CheckpointError):
-    """The bucket (or container) named by the URI does not exist."""
-
-
-class ObjectNotFoundError(CheckpointError):
-    """An object named by a manifest, a pointer or a caller is absent from the store."""
+CheckpointError = StoreError  # one hierarchy: a store failure is a checkpoint failure
 
 
 class CorruptObjectError(CheckpointError):
@@ -40,10 +33,6 @@ class NotCommittedError(CheckpointError):
 class SerializationError(CheckpointError):
     """An object could not be serialised (an unsupported value, or its data raised while being
     written); the message names the object and, where known, the path inside its state dict."""
-
-
-class InvalidNameError(CheckpointError, ValueError):
-    """An object name, run name or step is not usable as a storage key."""
 
 
 class TornSnapshotError(CheckpointError):

@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from moetrain.checkpoint.checksum import ALGORITHMS
+from moetrain.storage.checksum import ALGORITHMS
 from moetrain.checkpoint.errors import CheckpointError, InvalidNameError
-from moetrain.checkpoint.storage import TMP_MARK, Store
+from moetrain.storage.store import TMP_MARK, Store
 
 MANIFEST = "manifest.json"
 LATEST = "latest"

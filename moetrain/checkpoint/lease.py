@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 
 from moetrain.checkpoint.errors import CheckpointError, CorruptObjectError, ObjectNotFoundError
 from moetrain.checkpoint.layout import check_run
-from moetrain.checkpoint.storage import Store
+from moetrain.storage.store import Store
 
 log = logging.getLogger(__name__)
 

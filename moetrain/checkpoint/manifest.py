@@ -41,7 +41,7 @@ from moetrain.checkpoint.layout import (
     parse_step_dir,
     step_prefix,
 )
-from moetrain.checkpoint.storage import Store
+from moetrain.storage.store import Store
 from moetrain.checkpoint.writer import SaveResult
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 
-from moetrain.checkpoint.checksum import digest as checksum_digest
+from moetrain.storage.checksum import digest as checksum_digest
 from moetrain.checkpoint.errors import (
     CheckpointError,
     CorruptObjectError,
@@ -29,8 +29,9 @@ from moetrain.checkpoint.format import read_state
 from moetrain.checkpoint.layout import LATEST, CheckpointRef, ObjectEntry, check_run, parse_step_dir
 from moetrain.checkpoint.manifest import Manifest, read_latest, read_manifest
 from moetrain.checkpoint.retention import list_checkpoints
-from moetrain.checkpoint.storage import Store, open_store
-from moetrain.config import CheckpointConfig
+from moetrain.checkpoint.root import open_root
+from moetrain.config import CheckpointConfig, StoreConfig
+from moetrain.storage.store import Store
 
 T = TypeVar("T")
 
@@ -69,13 +70,14 @@ def _newest(store: Store, run: str) -> int:
 
 
 def resolve(uri_or_latest: str, cfg: CheckpointConfig | None = None, *, run: str | None = None,
-            store: Store | None = None) -> CheckpointRef:
+            store: Store | None = None, store_cfg: StoreConfig | None = None) -> CheckpointRef:
     """A :class:`CheckpointRef` for ``uri_or_latest``.
 
     ``"latest"``: the newest commit of ``run`` under ``cfg.uri`` (or ``store``). A run URI or
     ``.../latest``: its newest commit (the ``latest`` pointer; the highest committed step if the
     pointer is missing). ``.../step-<N>``: that checkpoint (committed or not: see
-    :func:`read_manifest`). Relative local paths are made absolute."""
+    :func:`read_manifest`). Relative local paths are made absolute. A store is opened (unless
+    ``store`` is given) with ``cfg``'s options and ``store_cfg``'s endpoints."""
     cfg = cfg or CheckpointConfig()
     if uri_or_latest == LATEST:
         if run is None:
@@ -83,13 +85,13 @@ def resolve(uri_or_latest: str, cfg: CheckpointConfig | None = None, *, run: str
         if store is None:
             if not cfg.uri:
                 raise InvalidNameError("checkpoint.resume is 'latest' but checkpoint.uri is empty")
-            store = open_store(cfg.uri, cfg)
+            store = open_root(cfg.uri, cfg, store_cfg)
         return CheckpointRef(store, check_run(run), _newest(store, run))
     uri = uri_or_latest
     if "://" not in uri:
         uri = os.path.abspath(os.path.expanduser(uri))
     root, run_name, step = split_uri(uri)
-    store = store or open_store(root, cfg)
+    store = store or open_root(root, cfg, store_cfg)
     return CheckpointRef(store, run_name, step if step is not None else _newest(store, run_name))
 
 
@@ -167,7 +169,9 @@ def _check_finite(ref: CheckpointRef, entry: ObjectEntry) -> int:
     buf = _read_checked(ref, entry)
     bad = _nonfinite_paths(read_state(buf, ref.store.uri_of(ref.key(entry.name))))
     if bad:
-        raise NonFiniteValues(f"NaN or inf in {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+        raise NonFiniteValues(
+            f"NaN or inf in {', '.join(bad[:5])}" + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        )
     return buf.nbytes
 
 
@@ -203,7 +207,7 @@ def verify(ref: CheckpointRef, *, deep: bool = True, values: bool = True, max_co
     problems = [f"missing: {n}" for n in missing] + [
         f"corrupt: {e.name}: {err}" for e, _, err in results if isinstance(err, CorruptObjectError)] + [
         f"non-finite: {n}: {err}" for n, err in nonfinite]
-    ok = [(e, size) for e, size, err in results if err is None]
+    ok = [(e, size or 0) for e, size, err in results if err is None]
     return VerifyReport(uri=ref.uri, step=ref.step, checked=len(ok),
                         bytes_checked=sum(s for _, s in ok), missing=tuple(missing),
                         corrupt=tuple(corrupt), problems=tuple(problems),

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from moetrain.checkpoint.errors import CheckpointError
 from moetrain.checkpoint.layout import MANIFEST, check_run, parse_step_dir, step_prefix
 from moetrain.checkpoint.manifest import read_latest
-from moetrain.checkpoint.storage import TMP_MARK, Store
+from moetrain.storage.store import TMP_MARK, Store
 
 log = logging.getLogger(__name__)
 

@@ -48,8 +48,9 @@ from moetrain.checkpoint.layout import (
     step_prefix,
 )
 from moetrain.checkpoint.snapshot import Snapshot, snapshot, state_nbytes, tensor_versions
-from moetrain.checkpoint.storage import Store, open_store
-from moetrain.config import CheckpointConfig
+from moetrain.checkpoint.root import open_root
+from moetrain.config import CheckpointConfig, StoreConfig
+from moetrain.storage.store import Store
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "mark")
@@ -156,9 +157,9 @@ class AsyncCheckpointWriter:
         self.fence_wait_s = 0.0  # total time fence() held training (overlap mode's stall)
 
     @classmethod
-    def from_config(cls, cfg: CheckpointConfig, run: str, *, rank: int = 0,
-                    on_error: str = "raise", **kwargs: Any) -> "AsyncCheckpointWriter":
-        return cls(open_store(cfg.uri, cfg), run, rank=rank, async_upload=cfg.async_upload,
+    def from_config(cls, cfg: CheckpointConfig, run: str, *, rank: int = 0, on_error: str = "raise",
+                    store_cfg: StoreConfig | None = None, **kwargs: Any) -> "AsyncCheckpointWriter":
+        return cls(open_root(cfg.uri, cfg, store_cfg), run, rank=rank, async_upload=cfg.async_upload,
                    on_error=on_error, **kwargs)
 
     def __repr__(self) -> str:
@@ -257,6 +258,7 @@ class AsyncCheckpointWriter:
     def _copy_source(self, job: _Job) -> None:
         """Overlap mode: take the snapshot on this thread, then release the fence."""
         try:
+            assert job.source is not None  # overlap mode always has a source
             snap = snapshot(job.source, versions=job.versions)
             job.objects, job.snapshot_bytes, job.snapshot_s = dict(snap.objects), snap.nbytes, snap.seconds
         finally:
@@ -299,11 +301,12 @@ class AsyncCheckpointWriter:
             futures = {self._uploads.submit(self._write_one, job, n): n for n in names}
             cf.wait(futures)
             for fut, name in futures.items():
-                if fut.exception() is None:
+                error = fut.exception()
+                if error is None:
                     entries.append(fut.result())
                 else:
-                    failures.append((name, fut.exception()))
-        base = dict(step=job.step, rank=self.rank, snapshot_bytes=job.snapshot_bytes,
+                    failures.append((name, error))
+        base: dict[str, Any] = dict(step=job.step, rank=self.rank, snapshot_bytes=job.snapshot_bytes,
                     snapshot_s=job.snapshot_s, upload_s=time.perf_counter() - start)
         if not failures:
             entries.sort(key=lambda e: e.name)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from moetrain.config import DataConfig
+from moetrain.config import DataConfig, StoreConfig
 from moetrain.data.cache import cache_root, cached, content_key
 from moetrain.data.corpus import load_corpus
 from moetrain.data.errors import DataError
@@ -72,8 +72,9 @@ class PackedDataset:
         return "\n".join(lines)
 
 
-def build_dataset(cfg: DataConfig) -> PackedDataset:
-    """Build the dataset a config names, or load it from the cache (see module docstring).
+def build_dataset(cfg: DataConfig, store: StoreConfig | None = None) -> PackedDataset:
+    """Build the dataset a config names, or load it from the cache (see module docstring);
+    ``store`` (the ``storage`` section) opens an ``hf:`` tokenizer on S3 / GCS.
 
     Safe to call from several processes at once on the same cache directory.
     """
@@ -84,8 +85,7 @@ def build_dataset(cfg: DataConfig) -> PackedDataset:
     corpus_hash = corpus.content_hash()
     t1 = time.perf_counter()
     if cfg.tokenizer.startswith(HF_PREFIX):  # the model's own tokenizer.json
-        tok, tok_hash, eot = load_hf_tokenizer(cfg.tokenizer, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region,
-                                               gcs_endpoint=cfg.gcs_endpoint)
+        tok, tok_hash, eot = load_hf_tokenizer(cfg.tokenizer, store)
         tok_hit = True
     else:
         tok, tok_hash, tok_hit = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from moetrain.config import StoreConfig
 from moetrain.data.errors import DataError
-from moetrain.data.shards import (ShardInfo, open_data_store, pack_texts, shard_bytes, shard_id,
-                                  shard_info_from_footer, shard_key)
+from moetrain.data.shards import ShardInfo, pack_texts, shard_bytes, shard_id, shard_info_from_footer, shard_key
+from moetrain.data.store import open_data_store
 
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _GLOB_CHARS = set("*?[")
@@ -54,7 +55,8 @@ def split_domain(entry: str) -> tuple[str, str]:
     return "", entry
 
 
-def expand_input(entry: str, *, domain_pattern: str = "", **store_opts) -> tuple[object, list[InputFile]]:
+def expand_input(entry: str, *, domain_pattern: str = "",
+                 store_cfg: StoreConfig | None = None) -> tuple[object, list[InputFile]]:
     """(store, files) of one input: a file, a directory (recursive; hidden entries skipped) or a
     glob (``*``, ``?``, ``[...]`` in any path segment). The domain comes from the ``name=`` prefix,
     else ``domain_pattern`` (a regex whose first group, searched in the path, is the domain),
@@ -65,7 +67,7 @@ def expand_input(entry: str, *, domain_pattern: str = "", **store_opts) -> tuple
     base = "/".join(parts[:first_glob]) if first_glob is not None else target
     if "://" in target and base.endswith(":/"):
         base += "/"
-    store = open_data_store(base or ".", probe=False, **store_opts)
+    store = open_data_store(base or ".", store_cfg, probe=False)
     info = store.fs.get_file_info(store.root)
     if info.type == pafs.FileType.File:
         infos = [info]
@@ -176,6 +178,6 @@ def write_batch_shards(pairs: list[tuple[str, str, str]], tok, tok_sha: str, eot
             continue
         rows_NT1, tokens = pack_texts(tok, texts, eot, seq_len)
         blob = shard_bytes(rows_NT1, domain, tokens, len(texts))
-        store.write_atomic(key, lambda sink: sink.write(blob))
+        store.write_atomic(key, lambda sink, blob=blob: sink.write(blob))
         out.append((ShardInfo(key=key, domain=domain, rows=len(rows_NT1), tokens=tokens, docs=len(texts)), False))
     return out

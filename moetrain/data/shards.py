@@ -2,7 +2,8 @@
 
 Owns: the layout written by ``moetrain prepare`` (and by the in-process preparation of the
 ``builtin`` / ``paths`` sources), the pure per-batch step (documents -> packed rows -> one shard),
-the manifest (its fields, writing it last, reading and checking it) and opening a data store.
+the manifest (its fields, writing it last, reading and checking it). Stores are opened by
+:mod:`moetrain.data.store`.
 
 Layout under the output URI (a local path, ``s3://bucket/prefix`` or ``gs://bucket/prefix``)::
 
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 from moetrain.data.errors import DataError
 from moetrain.data.packing import pack_stream
 from moetrain.data.tokenizer import encode_docs
+from moetrain.storage import StoreError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -159,31 +161,13 @@ def shard_info_from_footer(key: str, metadata: dict[bytes, bytes] | None, where:
         raise DataError(f"shard {where} has no moetrain metadata: not written by moetrain prepare") from None
 
 
-def open_data_store(uri: str, *, s3_endpoint: str = "", s3_region: str = "", gcs_endpoint: str = "",
-                    probe: bool = True):
-    """The store at ``uri`` (a :class:`~moetrain.checkpoint.storage.Store`: local path, s3://,
-    gs://), with the same endpoint options and credential rules as checkpoints."""
-    from moetrain.checkpoint.errors import CheckpointError
-    from moetrain.checkpoint.storage import open_store
-    from moetrain.config import CheckpointConfig
-
-    cfg = CheckpointConfig(uri=uri, s3_endpoint=s3_endpoint, s3_region=s3_region, gcs_endpoint=gcs_endpoint,
-                           fsync=False)
-    try:
-        return open_store(uri, cfg, probe=probe)
-    except CheckpointError as exc:
-        raise DataError(f"data store {uri}: {exc}") from None
-
-
 def read_manifest(store) -> PreparedManifest:
     """The committed manifest of a prepared root (DataError naming the URI when absent)."""
-    from moetrain.checkpoint.errors import CheckpointError
-
     where = store.uri_of(MANIFEST)
     try:
         if not store.exists(MANIFEST):
             raise DataError(f"{where} does not exist: run `moetrain prepare` to this URI first "
                             "(or it did not finish)")
         return parse_manifest(store.read_bytes(MANIFEST).decode("utf-8"), where)
-    except CheckpointError as exc:
+    except StoreError as exc:
         raise DataError(f"cannot read {where}: {exc}") from None

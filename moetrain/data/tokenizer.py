@@ -23,8 +23,10 @@ import numpy as np
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from moetrain.config import StoreConfig
 from moetrain.data.cache import cached, content_key
 from moetrain.data.corpus import Corpus, cap_docs
+from moetrain.data.store import open_data_store
 
 log = logging.getLogger("moetrain")
 
@@ -125,23 +127,20 @@ def _eos_text(value) -> str:
     return str(value.get("content", "")) if isinstance(value, dict) else str(value or "")
 
 
-def _hf_file_reader(spec: str, s3_endpoint: str, s3_region: str, gcs_endpoint: str):
+def _hf_file_reader(spec: str, store_cfg: StoreConfig | None):
     """(where, read(name) -> bytes | None) for the directory an ``hf:`` spec names: a local path,
     or an ``s3://`` / ``gs://`` prefix read through the data store (same endpoints as the data)."""
     loc = spec[len(HF_PREFIX):]
     if "://" not in loc:
         root = Path(loc).expanduser()
         return str(root), lambda name: (root / name).read_bytes() if (root / name).is_file() else None
-    from moetrain.data.shards import open_data_store
-    store = open_data_store(loc, s3_endpoint=s3_endpoint, s3_region=s3_region, gcs_endpoint=gcs_endpoint,
-                            probe=False)
+    store = open_data_store(loc, store_cfg, probe=False)
     return loc.rstrip("/"), lambda name: store.read_bytes(name) if store.exists(name) else None
 
 
-def load_hf_tokenizer(spec: str, *, s3_endpoint: str = "", s3_region: str = "",
-                      gcs_endpoint: str = "") -> tuple[Tokenizer, str, int]:
+def load_hf_tokenizer(spec: str, store: StoreConfig | None = None) -> tuple[Tokenizer, str, int]:
     """``data.tokenizer=hf:DIR``: (DIR/tokenizer.json loaded, its content sha256, end-of-text id).
-    DIR is a local path or an ``s3://`` / ``gs://`` prefix (endpoints as for ``data``).
+    DIR is a local path or an ``s3://`` / ``gs://`` prefix (endpoints from ``store``).
 
     The end-of-text token (appended to every document when packing) is ``eos_token`` of
     DIR/tokenizer_config.json, else ``eos_token_id`` of DIR/config.json. Literal special-token
@@ -150,7 +149,7 @@ def load_hf_tokenizer(spec: str, *, s3_endpoint: str = "", s3_region: str = "",
 
     from moetrain.data.errors import DataError
 
-    where, read = _hf_file_reader(spec, s3_endpoint, s3_region, gcs_endpoint)
+    where, read = _hf_file_reader(spec, store)
     raw = read("tokenizer.json")
     if raw is None:
         raise DataError(f"data.tokenizer ({spec!r}): {where}/tokenizer.json not found")
@@ -166,7 +165,11 @@ def load_hf_tokenizer(spec: str, *, s3_endpoint: str = "", s3_region: str = "",
         value = json.loads(text).get(key) if text is not None else None
         if value is None:
             continue
-        eot = tok.token_to_id(_eos_text(value)) if key == "eos_token" else (value[0] if isinstance(value, list) else value)
+        eot = (
+            tok.token_to_id(_eos_text(value))
+            if key == "eos_token"
+            else (value[0] if isinstance(value, list) else value)
+        )
         if eot is not None:
             break
     if eot is None:

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from moetrain.config import DataConfig
+from moetrain.config import DataConfig, StoreConfig
 from moetrain.data.cache import build_lock, cache_root, content_key
 from moetrain.data.corpus import load_corpus
 from moetrain.data.cursor import shard_global_batch
 from moetrain.data.errors import DataError
 from moetrain.data.shards import (FORMAT, MANIFEST, TOKENIZER, PreparedManifest, ShardInfo, make_manifest,
-                                  open_data_store, pack_texts, read_manifest, shard_bytes, shard_id, shard_key)
+                                  pack_texts, read_manifest, shard_bytes, shard_id, shard_key)
+from moetrain.data.store import open_data_store
 from moetrain.data.stream import (DomainOrder, RowReader, StreamCursor, mixture_weights, num_val, train_to_global,
                                   val_stride)
 from moetrain.data.tokenizer import build_tokenizer, eot_id, load_hf_tokenizer
@@ -97,33 +98,35 @@ class StreamingData:
         return self.reader.read(np.zeros(n, dtype=np.int64), train_to_global(np.arange(n), self.k))
 
 
-def open_training_data(cfg: DataConfig, global_batch_size: int) -> StreamingData:
-    """The streaming data a config names, preparing builtin / paths sources into the cache first."""
+def open_training_data(cfg: DataConfig, global_batch_size: int, store_cfg: StoreConfig | None = None) -> StreamingData:
+    """The streaming data a config names, preparing builtin / paths sources into the cache first;
+    ``store_cfg`` (the ``storage`` section) opens ``data.prepared_uri`` and ``hf:`` tokenizers."""
     if cfg.source == "prepared":
-        store = open_data_store(cfg.prepared_uri, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region,
-                                gcs_endpoint=cfg.gcs_endpoint)
+        store = open_data_store(cfg.prepared_uri, store_cfg)
     else:
-        store = open_data_store(str(prepare_local(cfg)), probe=False)
+        store = open_data_store(str(prepare_local(cfg, store_cfg)), probe=False)
     return StreamingData(store, read_manifest(store), cfg, global_batch_size)
 
 
-def resolve_tokenizer(cfg: DataConfig, corpus=None, corpus_hash: str = "", root: Path | None = None):
+def resolve_tokenizer(cfg: DataConfig, corpus=None, corpus_hash: str = "", root: Path | None = None,
+                      store_cfg: StoreConfig | None = None):
     """(tokenizer, sha256 of its JSON, eot id) for ``data.tokenizer``: ``bpe`` trains (or loads the
     cached) byte-level BPE on ``corpus``; ``hf:DIR`` loads ``DIR/tokenizer.json``."""
     if cfg.tokenizer == "bpe":
+        if root is None:
+            raise ValueError("data.tokenizer=bpe needs the folder of its cached tokenizer (root)")
         tok, sha, _ = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)
         return tok, sha, eot_id(tok)
-    return load_hf_tokenizer(cfg.tokenizer, s3_endpoint=cfg.s3_endpoint, s3_region=cfg.s3_region,
-                             gcs_endpoint=cfg.gcs_endpoint)  # eos from tokenizer_config.json / config.json
+    return load_hf_tokenizer(cfg.tokenizer, store_cfg)  # eos from tokenizer_config.json / config.json
 
 
-def prepare_local(cfg: DataConfig) -> Path:
+def prepare_local(cfg: DataConfig, store_cfg: StoreConfig | None = None) -> Path:
     """Prepare the builtin / paths corpus into ``<cache>/data/prepared-<key>/`` once (a
     directory renamed into place when complete; concurrent callers wait on a lock)."""
     root = cache_root(cfg)
     corpus = load_corpus(cfg)
     corpus_hash = corpus.content_hash()
-    tok, tok_sha, eot = resolve_tokenizer(cfg, corpus, corpus_hash, root)
+    tok, tok_sha, eot = resolve_tokenizer(cfg, corpus, corpus_hash, root, store_cfg)
     key = content_key({"corpus": corpus_hash, "tokenizer": tok_sha, "eot": eot, "seq_len": cfg.seq_len,
                        "format": FORMAT})
     final = root / f"prepared-{key[:24]}"
@@ -162,7 +165,9 @@ def _write_local(out: Path, corpus, tok, tok_sha: str, eot: int, seq_len: int) -
 
 
 def _chunks(docs: list[str], max_bytes: int) -> list[list[str]]:
-    out, cur, size = [], [], 0
+    out: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
     for doc in docs:
         n = len(doc.encode("utf-8"))
         if cur and size + n > max_bytes:

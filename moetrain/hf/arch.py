@@ -114,7 +114,11 @@ def _common(r: _Reader) -> dict[str, Any]:
     dim, heads = int(r.need("hidden_size")), int(r.need("num_attention_heads"))
     r.expect("hidden_act", r.get("hidden_act", "silu") == "silu", "experts and FFNs are SwiGLU (silu)")
     head_dim = r.get("head_dim")
-    r.expect("head_dim", head_dim in (None, dim // heads), f"head dim must be hidden_size / num_attention_heads = {dim // heads}")
+    r.expect(
+        "head_dim",
+        head_dim in (None, dim // heads),
+        f"head dim must be hidden_size / num_attention_heads = {dim // heads}",
+    )
     kv = int(r.get("num_key_value_heads", heads))
     return dict(vocab_size=int(r.need("vocab_size")), dim=dim, n_layers=int(r.need("num_hidden_layers")),
                 n_heads=heads, n_kv_heads=0 if kv == heads else kv, rope_theta=_rope_theta(r),
@@ -165,13 +169,16 @@ def _olmoe(r: _Reader) -> tuple[dict, dict]:
 def _ernie(r: _Reader) -> tuple[dict, dict]:
     n_layers = int(r.need("num_hidden_layers"))
     r.expect("use_bias", not r.get("use_bias", False), "no bias on attention / FFN projections")
-    r.expect("moe_layer_interval", int(r.get("moe_layer_interval", 1)) == 1, "MoE every layer after the dense first ones")
-    r.expect("moe_layer_end_index", int(r.get("moe_layer_end_index", -1)) in (-1, n_layers - 1),
-             "MoE up to the last layer")
+    r.expect("moe_layer_interval", int(r.get("moe_layer_interval", 1)) == 1,
+             "MoE every layer after the dense first ones")
+    r.expect(
+        "moe_layer_end_index", int(r.get("moe_layer_end_index", -1)) in (-1, n_layers - 1), "MoE up to the last layer"
+    )
     E, K = int(r.need("moe_num_experts")), int(r.need("moe_k"))
     # weights / clamp(sum, norm_min): the top-k softmax scores sum to >= K / E, so a smaller
     # norm_min never clamps and plain renormalisation is exact
-    r.expect("moe_norm_min", float(r.get("moe_norm_min", 1e-12)) < K / E, f"must be < moe_k / moe_num_experts = {K / E}")
+    r.expect("moe_norm_min", float(r.get("moe_norm_min", 1e-12)) < K / E,
+             f"must be < moe_k / moe_num_experts = {K / E}")
     return (dict(ffn_dim=int(r.need("intermediate_size"))),
             dict(num_experts=E, top_k=K, expert_ffn_dim=int(r.need("moe_intermediate_size")), renormalize=True,
                  first_moe_layer=int(r.get("moe_layer_start_index", 1)),
@@ -265,7 +272,8 @@ def _check_exportable(spec: ArchSpec, cfg: ModelConfig) -> None:
     elif moe.router == "topk_softmax" and not moe.renormalize:
         raise _cannot(a, "moe.router", moe.router, "set model.moe.renormalize=true (the same weights)")
     if a == "olmoe" and (moe.num_shared_experts or moe.first_moe_layer):
-        raise _cannot(a, "moe.num_shared_experts", moe.num_shared_experts, "OLMoE has no shared experts or dense layers")
+        raise _cannot(a, "moe.num_shared_experts", moe.num_shared_experts,
+                      "OLMoE has no shared experts or dense layers")
     if a == "qwen2_moe" and moe.num_shared_experts not in (0, 1):
         raise _cannot(a, "moe.num_shared_experts", moe.num_shared_experts, "Qwen2-MoE has one shared expert")
     if a == "qwen2_moe" and moe.num_shared_experts and not moe.shared_expert_gate:

@@ -12,7 +12,8 @@ Streaming: import reads one HF tensor at a time (ranged reads) and writes one Mo
 expert objects at a time, concurrently; only the dense parameters (one object) or one layer's
 experts are held together. Export reads ``dense.pt`` once and then one layer's expert objects
 at a time (concurrent reads), writing each shard header first from the objects' headers (no
-tensor data needed to plan). The model is never in memory twice. Both sides go through ``moetrain.checkpoint.storage``, so every path may
+tensor data needed to plan). The model is never in memory twice. Both sides go through
+``moetrain.storage``, so every path may
 be a local directory or an ``s3://`` / ``gs://`` URI.
 """
 
@@ -29,10 +30,11 @@ import torch
 
 from moetrain.checkpoint import AsyncCheckpointWriter, commit, load_objects, read_manifest, resolve
 from moetrain.checkpoint.format import MAGIC, _PREFIX
-from moetrain.checkpoint.layout import CheckpointRef
-from moetrain.checkpoint.storage import open_store
+from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
+from moetrain.checkpoint.root import open_root
+from moetrain.storage import open_store
 from moetrain.config import (
-    CheckpointConfig, ClusterConfig, DataConfig, ModelConfig, RunConfig, _from_dict,
+    ClusterConfig, DataConfig, ModelConfig, RunConfig, StoreConfig, _from_dict,
 )
 from moetrain.hf.arch import (
     ARCHS, SUPPORTED, ArchSpec, arch_of, check_special_ids, context_of, context_text, hf_config_from_model,
@@ -121,10 +123,11 @@ def run_meta(model: ModelConfig, hf_config: dict, source: str, tokenizer_files: 
                    **({"layout": layout.to_dict()} if layout else {})}}
 
 
-def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointConfig | None = None) -> ConvertReport:
-    """HF directory ``src_uri`` -> committed checkpoint ``<out_uri>/<run>/step-0``."""
-    cfg = cfg or CheckpointConfig(uri=out_uri)
-    src = HFDir(src_uri, cfg)
+def import_hf(src_uri: str, out_uri: str, run: str = "hf", *,
+              store_cfg: StoreConfig | None = None) -> ConvertReport:
+    """HF directory ``src_uri`` -> committed checkpoint ``<out_uri>/<run>/step-0`` (both stores
+    opened with ``store_cfg``'s endpoints)."""
+    src = HFDir(src_uri, store_cfg)
     spec = arch_of(src.config, src.store.uri_of(CONFIG))
     model = model_config_from_hf(src.config, where=src.store.uri_of(CONFIG))
     if src.store.exists(GENERATION_CONFIG):
@@ -133,8 +136,9 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
     plan = tensor_plan(spec, model)
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
     layout = source_layout(src)
-    store = open_store(out_uri, cfg)
-    entries, nbytes = [], 0
+    store = open_root(out_uri, None, store_cfg)
+    entries: list[ObjectEntry] = []
+    nbytes = 0
     with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
         def save(objects: dict[str, Any]) -> None:
             entries.extend(writer.save(0, objects).result().entries)
@@ -150,8 +154,8 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, cfg: CheckpointCon
         groups = _expert_groups(plan)
         for layer in sorted({layer for layer, _ in groups}):  # one MoE layer's experts at a time,
             objects = {}                                      # written concurrently
-            for (l, e), maps in groups.items():
-                if l == layer:
+            for (g_layer, e), maps in groups.items():
+                if g_layer == layer:
                     obj = {m.target.rsplit(":", 1)[1]: _read_target(src, m, spec) for m in maps}
                     nbytes += sum(t.numel() * t.element_size() for t in obj.values())
                     objects[expert_object_name(layer, e)] = obj
@@ -207,7 +211,8 @@ class _Source:
     one MoE layer's expert objects at a time."""
 
     def __init__(self, ref: CheckpointRef, manifest, dense: dict, spec: ArchSpec, plan: list[TensorMap]) -> None:
-        self.ref, self.manifest, self.dense, self.spec = ref, manifest, dense, spec
+        self.ref, self.manifest, self.spec = ref, manifest, spec
+        self.dense: dict | None = dense
         self.by_hf = {s: m for m in plan for s in m.sources}
         self.layer_experts: dict[int, list[int]] = {}
         for layer, e in _expert_groups(plan):
@@ -225,6 +230,7 @@ class _Source:
                 names = [expert_object_name(int(layer), x) for x in self.layer_experts[int(layer)]]
                 self._objs = load_objects(self.ref, names, manifest=self.manifest, max_concurrency=WRITE_CONCURRENCY)
             return self._objs[name][key]
+        assert self.dense is not None, "a dense tensor asked for after the expert tensors"
         value = self.dense["params" if kind == "dense" else "buffers"].get(rest)
         if value is None:
             raise HFError(f"{self.ref.uri}/{DENSE}: tensor {rest} is missing (a different model config?)")
@@ -330,7 +336,8 @@ def _dtype_plan(entries: list[tuple], dtype: str, layout: SourceLayout | None) -
     return out
 
 
-def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str) -> list[str]:
+def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str,
+                    store_cfg: StoreConfig | None) -> list[str]:
     names = [e.name for e in manifest.entries if e.name.startswith(TOKENIZER_PREFIX)]
     if names and not tokenizer_dir:
         objs = load_objects(ref, names, manifest=manifest)
@@ -341,14 +348,14 @@ def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str) 
     if not src:
         log.warning("no tokenizer files to copy (the checkpoint used the trained BPE): pass --tokenizer DIR")
         return []
-    store = open_dir(src)
+    store = open_dir(src, store_cfg)
     copied = [f for f in TOKENIZER_FILES if store.exists(f)]
     for f in copied:
         out.write_bytes(f, store.read_bytes(f))
     return copied
 
 
-def _hf_base(manifest, cfg: CheckpointConfig) -> tuple[dict | None, SourceLayout | None]:
+def _hf_base(manifest, store_cfg: StoreConfig | None) -> tuple[dict | None, SourceLayout | None]:
     """(the HF config.json a checkpoint descends from, how that model was stored): recorded at
     import, or read from its run's model.init_from directory (headers only)."""
     hf = manifest.meta.get("hf") or {}
@@ -357,26 +364,25 @@ def _hf_base(manifest, cfg: CheckpointConfig) -> tuple[dict | None, SourceLayout
         return hf["config"], SourceLayout.from_dict(layout) if layout else None
     init_from = ((manifest.meta.get("config") or {}).get("model") or {}).get("init_from", "")
     if init_from.startswith("hf:"):
-        src = HFDir(init_from[3:], cfg)
+        src = HFDir(init_from[3:], store_cfg)
         src.close()
         return src.config, source_layout(src)
     return None, None
 
 
 def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto", max_shard_bytes: int = 0,
-              tokenizer_dir: str = "", cfg: CheckpointConfig | None = None) -> ConvertReport:
+              tokenizer_dir: str = "", store_cfg: StoreConfig | None = None) -> ConvertReport:
     """Committed checkpoint ``ckpt_uri`` (a step or run URI) -> HF directory ``out_uri``.
 
     ``dtype``: ``auto`` (the source model's, as recorded at import), ``fp32`` or ``bf16``.
     ``max_shard_bytes``: 0 = shards like the source's (count and size), else HF's greedy rule.
     One shard is ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``."""
-    cfg = cfg or CheckpointConfig()
     if max_shard_bytes < 0:
         raise HFError(f"--max-shard-size ({max_shard_bytes}) must be > 0")
-    ref = resolve(ckpt_uri, cfg)
+    ref = resolve(ckpt_uri, store_cfg=store_cfg)
     manifest = read_manifest(ref)
-    hf_base, layout = _hf_base(manifest, cfg)
+    hf_base, layout = _hf_base(manifest, store_cfg)
     name = arch or (hf_base or {}).get("model_type", "")
     if not name:
         raise HFError(f"{ref.uri} was not imported from Hugging Face: pass --arch (one of {', '.join(ARCHS)})")
@@ -395,7 +401,7 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto
                                      dtype=main_dtype)
     if "torch_dtype" in hf_config:
         hf_config["torch_dtype"] = main_dtype
-    out = open_store(out_uri, CheckpointConfig(uri=out_uri, s3_endpoint=cfg.s3_endpoint, gcs_endpoint=cfg.gcs_endpoint))
+    out = open_store(out_uri, store_cfg)
     source = _Source(ref, manifest, dense, spec, plan)
     del dense
     if max_shard_bytes:
@@ -413,7 +419,7 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto
         out.write_bytes(INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                           indent=2).encode())
     out.write_bytes(CONFIG, json.dumps(hf_config, indent=2).encode())
-    copied = _copy_tokenizer(ref, manifest, out, run_cfg, tokenizer_dir)
+    copied = _copy_tokenizer(ref, manifest, out, run_cfg, tokenizer_dir, store_cfg)
     largest = max(shard_header(s)[1] for s in shards)
     note = f"dtype {main_dtype}, {len(shards)} shard(s) of at most {largest / 1e6:.1f} MB"
     log.info("exported %s -> %s (%s): %s, %d tensors, tokenizer files %s", ref.uri, out.uri, name, note,

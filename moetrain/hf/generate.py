@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer
 
 from moetrain.checkpoint import load_objects, read_manifest, resolve
-from moetrain.config import CheckpointConfig, RunConfig
+from moetrain.config import RunConfig, StoreConfig
 from moetrain.hf.convert import TOKENIZER_PREFIX
 from moetrain.hf.errors import HFError
 from moetrain.hf.load import hf_dir_of, model_from_checkpoint
@@ -40,10 +40,10 @@ def _ids(value) -> tuple[int, ...]:
 
 
 def checkpoint_tokenizer(uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir: str = "",
-                         cfg: CheckpointConfig | None = None) -> tuple[Tokenizer, bool, tuple[int, ...]]:
+                         store_cfg: StoreConfig | None = None) -> tuple[Tokenizer, bool, tuple[int, ...]]:
     """(tokenizer, is an HF tokenizer (adds its special tokens), stop ids)."""
     stop = _ids((meta.get("hf") or {}).get("config", {}).get("eos_token_id"))
-    ref = resolve(uri, cfg or CheckpointConfig())
+    ref = resolve(uri, store_cfg=store_cfg)
     names = [e.name for e in read_manifest(ref).entries if e.name.startswith(TOKENIZER_PREFIX)]
     files = {}
     if names and not tokenizer_dir:
@@ -51,7 +51,7 @@ def checkpoint_tokenizer(uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir
     else:
         src = tokenizer_dir or hf_dir_of(run_cfg.data.tokenizer)
         if src:
-            store = open_dir(src)
+            store = open_dir(src, store_cfg)
             files = {f: store.read_bytes(f) for f in ("tokenizer.json", "generation_config.json") if store.exists(f)}
             if "tokenizer.json" not in files:
                 raise HFError(f"{store.uri_of('tokenizer.json')} not found")
@@ -62,7 +62,7 @@ def checkpoint_tokenizer(uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir
     from moetrain.data import build_dataset
     from moetrain.data.tokenizer import eot_id
 
-    tok = build_dataset(run_cfg.data).tokenizer
+    tok = build_dataset(run_cfg.data, store_cfg).tokenizer
     return tok, False, (eot_id(tok),)
 
 
@@ -95,11 +95,11 @@ def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_
 
 
 def generate(uri: str, prompt: str, max_new_tokens: int = 32, *, tokenizer_dir: str = "",
-             cfg: CheckpointConfig | None = None) -> Generation:
+             store_cfg: StoreConfig | None = None) -> Generation:
     if max_new_tokens < 0:
         raise HFError(f"--max-new-tokens ({max_new_tokens}) must be >= 0")
-    model, run_cfg, meta = model_from_checkpoint(uri, cfg)
-    tok, is_hf, stop = checkpoint_tokenizer(uri, run_cfg, meta, tokenizer_dir, cfg)
+    model, run_cfg, meta = model_from_checkpoint(uri, store_cfg)
+    tok, is_hf, stop = checkpoint_tokenizer(uri, run_cfg, meta, tokenizer_dir, store_cfg)
     if tok.get_vocab_size() > model.cfg.vocab_size:
         raise HFError(f"tokenizer vocabulary ({tok.get_vocab_size()}) is larger than model.vocab_size "
                       f"({model.cfg.vocab_size}): not this model's tokenizer")

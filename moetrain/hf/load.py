@@ -15,7 +15,7 @@ import logging
 import torch
 
 from moetrain.checkpoint import load_objects, read_manifest, resolve
-from moetrain.config import CheckpointConfig, RunConfig, validate
+from moetrain.config import RunConfig, StoreConfig, validate
 from moetrain.hf.arch import arch_of, context_of, context_text, model_config_from_hf
 from moetrain.hf.errors import HFError
 from moetrain.hf.safetensors_io import CONFIG, HFDir, open_dir, read_json
@@ -38,7 +38,7 @@ def resolve_init_from(cfg: RunConfig) -> RunConfig:
     src = hf_dir_of(cfg.model.init_from)
     if not src:
         return cfg
-    store = open_dir(src, cfg.checkpoint)
+    store = open_dir(src, cfg.storage)
     hf, where = read_json(store, CONFIG), store.uri_of(CONFIG)
     model = model_config_from_hf(hf, base=cfg.model, where=where)
     log.info(context_text(model.max_seq_len, context_of(hf, cfg.model, where)[1]))
@@ -51,15 +51,15 @@ def context_of_run(cfg: RunConfig) -> str:
     src = hf_dir_of(cfg.model.init_from)
     if not src:
         return context_text(cfg.model.max_seq_len, "model.max_seq_len of the run config")
-    store = open_dir(src, cfg.checkpoint)
+    store = open_dir(src, cfg.storage)
     return context_text(cfg.model.max_seq_len, context_of(read_json(store, CONFIG), cfg.model, store.uri_of(CONFIG))[1])
 
 
 @torch.no_grad()
-def load_hf_weights(model: Transformer, src_uri: str, cfg: CheckpointConfig | None = None) -> int:
+def load_hf_weights(model: Transformer, src_uri: str, store_cfg: StoreConfig | None = None) -> int:
     """Copy ``src_uri``'s weights into ``model`` (built for some placement and rank): dense
     tensors and the experts this rank hosts. Returns the tensors read."""
-    src = HFDir(src_uri, cfg)
+    src = HFDir(src_uri, store_cfg)
     try:
         spec = arch_of(src.config, src.store.uri_of(CONFIG))
         plan = tensor_plan(spec, model.cfg)
@@ -96,12 +96,12 @@ def _fill_experts(model: Transformer, get) -> None:
 
 
 @torch.no_grad()
-def model_from_checkpoint(uri: str, cfg: CheckpointConfig | None = None) -> tuple[Transformer, RunConfig, dict]:
+def model_from_checkpoint(uri: str, store_cfg: StoreConfig | None = None) -> tuple[Transformer, RunConfig, dict]:
     """(one-process model with every expert, the run config, the manifest meta) of a committed
     checkpoint (step or run URI)."""
     from moetrain.hf.convert import checkpoint_model
 
-    ref = resolve(uri, cfg or CheckpointConfig())
+    ref = resolve(uri, store_cfg=store_cfg)
     manifest = read_manifest(ref)
     dense = load_objects(ref, [DENSE], manifest=manifest)[DENSE]
     model_cfg, run_cfg = checkpoint_model(manifest, dense)

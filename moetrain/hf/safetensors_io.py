@@ -17,13 +17,13 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
-from moetrain.checkpoint.storage import Store, open_store
-from moetrain.config import CheckpointConfig
+from moetrain.config import StoreConfig
+from moetrain.storage import Store, open_store
 from moetrain.hf.errors import HFError
 
 INDEX = "model.safetensors.index.json"
@@ -50,8 +50,9 @@ class TensorInfo:
     nbytes: int
 
 
-def open_dir(uri: str, cfg: CheckpointConfig | None = None) -> Store:
-    return open_store(uri, cfg or CheckpointConfig(), probe=False)
+def open_dir(uri: str, store_cfg: StoreConfig | None = None) -> Store:
+    """An HF model directory (local path, ``s3://``, ``gs://``) with the run's endpoints."""
+    return open_store(uri, store_cfg, probe=False)
 
 
 def read_json(store: Store, key: str) -> dict:
@@ -122,12 +123,12 @@ def _tensor_info(where: str, shard: str, name: str, meta, data_start: int) -> Te
 class HFDir:
     """An HF model directory (local path or URI), read tensor by tensor."""
 
-    def __init__(self, uri: str, cfg: CheckpointConfig | None = None) -> None:
+    def __init__(self, uri: str, store_cfg: StoreConfig | None = None) -> None:
         self.uri = uri
-        self.store = open_dir(uri, cfg)
+        self.store = open_dir(uri, store_cfg)
         self.config = read_json(self.store, CONFIG)
         self.tensors = self._index()
-        self._files: dict[str, object] = {}
+        self._files: dict[str, Any] = {}  # shard -> open pyarrow input file
 
     def _index(self) -> dict[str, TensorInfo]:
         present = {n for n in self.store.list_dir("") if _SHARD.match(n)}
@@ -186,7 +187,9 @@ class HFDir:
         f.seek(info.offset)
         got = f.readinto(buf) if info.nbytes else 0
         if got != info.nbytes:
-            raise HFError(f"{self.store.uri_of(info.shard)}: short read of tensor {name} ({got} of {info.nbytes} bytes)")
+            raise HFError(
+                f"{self.store.uri_of(info.shard)}: short read of tensor {name} ({got} of {info.nbytes} bytes)"
+            )
         return torch.from_numpy(buf).view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:

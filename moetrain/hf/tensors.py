@@ -89,7 +89,9 @@ def tensor_plan(spec: ArchSpec, cfg: ModelConfig) -> list[TensorMap]:
     experts: list[TensorMap] = []
     layer = 0
     for i in range(cfg.n_layers):
-        dense.append(TensorMap(f"dense:blocks.{i}.attn_norm.weight_D", (f"model.layers.{i}.input_layernorm.weight",), ((D,),)))
+        dense.append(
+            TensorMap(f"dense:blocks.{i}.attn_norm.weight_D", (f"model.layers.{i}.input_layernorm.weight",), ((D,),))
+        )
         dense += _attention(spec, cfg, i)
         dense.append(TensorMap(f"dense:blocks.{i}.ffn_norm.weight_D",
                                (f"model.layers.{i}.post_attention_layernorm.weight",), ((D,),)))

@@ -55,7 +55,7 @@ class KVCache:
 
     def extend(self, k_BGTd: Tensor, v_BGTd: Tensor) -> tuple[Tensor, Tensor]:
         """Append this call's keys / values; returns every position's (cached + new)."""
-        if self.k_BGPd is not None:
+        if self.k_BGPd is not None and self.v_BGPd is not None:
             k_BGTd, v_BGTd = torch.cat([self.k_BGPd, k_BGTd], dim=2), torch.cat([self.v_BGPd, v_BGTd], dim=2)
         self.k_BGPd, self.v_BGPd = k_BGTd, v_BGTd
         return k_BGTd, v_BGTd
@@ -70,6 +70,9 @@ def cached_causal_mask(T: int, P: int, device) -> Tensor | None:
 
 
 class CausalSelfAttention(nn.Module):
+    rope_cos: Tensor  # buffers, registered in __init__
+    rope_sin: Tensor
+
     def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float, *, n_kv_heads: int = 0,
                  qk_norm: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
         super().__init__()
@@ -102,7 +105,7 @@ class CausalSelfAttention(nn.Module):
             q_BHTd, k_BGTd, v_BGTd = qkv_BT3Hd.permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q_BTX, k_BTY, v_BTY = qkv_BTQ.split(self.split_sizes, dim=-1)
-            if self.q_norm is not None:
+            if self.q_norm is not None and self.k_norm is not None:
                 q_BTX, k_BTY = self.q_norm(q_BTX), self.k_norm(k_BTY)
             q_BHTd = q_BTX.view(B, T, H, d).transpose(1, 2)
             k_BGTd = k_BTY.view(B, T, G, d).transpose(1, 2)

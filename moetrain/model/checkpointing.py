@@ -59,7 +59,7 @@ def checkpoint_module(mod: nn.Module) -> None:
         return checkpointed(inner, *args, **kwargs)
 
     mod.forward = forward
-    mod._moetrain_checkpointed = True
+    mod._moetrain_checkpointed = True  # type: ignore[assignment]  # a plain flag, not a parameter or buffer
 
 
 def check_mode(mode: str) -> None:

@@ -17,7 +17,7 @@ Shapes: B batch, T sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, cast
 
 import torch
 import torch.nn.functional as F
@@ -168,7 +168,7 @@ class Transformer(nn.Module):
         check_mode(mode)
         if mode == "none":
             return
-        for block in self.blocks:
+        for block in cast("list[Block]", self.blocks):
             block.checkpoint_attention = True
             if mode != "block":
                 continue

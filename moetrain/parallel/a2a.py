@@ -103,6 +103,7 @@ class Pending:
 
     def wait(self) -> None:
         t0 = time.perf_counter()
+        assert self.work is not None, "wait() without a started all-to-all"
         self.work.wait()
         if self.clock is not None:
             self.clock.add(time.perf_counter() - t0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ import torch.distributed as dist
 class ParallelContext:
     rank: int = 0
     world_size: int = 1
-    group: object = None  # torch.distributed ProcessGroup, None = default group
+    group: Any = None  # torch.distributed ProcessGroup, None = default group
     device: torch.device = torch.device("cpu")
     node_R: tuple[int, ...] = ()  # node index of each rank (contiguous per node); () = one node
 
@@ -48,5 +49,4 @@ def init_distributed(*, backend: str, master_addr: str, master_port: int, rank: 
             backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
             world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    return ParallelContext(rank=rank, world_size=world_size, group=None, device=device,
-                           node_R=tuple(node_R))
+    return ParallelContext(rank=rank, world_size=world_size, group=None, device=device, node_R=tuple(node_R))

@@ -170,8 +170,11 @@ class AllToAllDispatcher:
         units_CR1 = hit_P.view(C, R, M).sum(2, dtype=torch.int64).unsqueeze(-1)
         rows_CRS = torch.bincount(slot_key_TK.reshape(-1), minlength=C * R * S + 1)[:C * R * S].view(C, R, S)
         send_RCX = torch.cat([units_CR1, rows_CRS], dim=2).transpose(0, 1).contiguous()
-        recv_RCX = all_to_all_ints(send_RCX, [1] * R, [1] * R, self.ctx.group, tally=self.tally) if self.ctx.distributed \
+        recv_RCX = (
+            all_to_all_ints(send_RCX, [1] * R, [1] * R, self.ctx.group, tally=self.tally)
+            if self.ctx.distributed
             else send_RCX
+        )
         vals = torch.cat([send_RCX.view(-1), recv_RCX.view(-1), kept.view(1)]).tolist()  # the host sync
         n = R * C * (1 + S)
         send = np.asarray(vals[:n]).reshape(R, C, 1 + S)
@@ -193,7 +196,8 @@ class AllToAllDispatcher:
             keep_TK = capacity_keep_mask(topk_ids_TK, self.num_experts, cap)
             kept = keep_TK.sum()
             keep_key_TK = torch.where(keep_TK, key_TK, space)  # dropped pairs -> sentinel position
-        hit_P = torch.zeros(space + 1, dtype=torch.bool, device=dev).index_fill_(0, keep_key_TK.reshape(-1), True)[:space]
+        hit_P = torch.zeros(space + 1, dtype=torch.bool, device=dev)
+        hit_P = hit_P.index_fill_(0, keep_key_TK.reshape(-1), True)[:space]
         # rows per (chunk, destination rank, destination slot); dropped pairs -> sentinel bin C*R*S
         cr_TK = keep_key_TK // M
         slot_key_TK = torch.where(keep_key_TK < space, cr_TK * S + dest_slot_TK, C * R * S)

@@ -72,20 +72,20 @@ def plan_migration(old: Placement, new: Placement) -> list[Move]:
     _check(old, new)
     moves: list[Move] = []
     offsets = old.slot_offset_R
-    for l in range(new.num_layers):
-        if (old.phy2log_LS[l] == new.phy2log_LS[l]).all():
+    for layer in range(new.num_layers):
+        if (old.phy2log_LS[layer] == new.phy2log_LS[layer]).all():
             continue
         for r in range(new.num_ranks):
-            old_local = [int(e) for e in old.local_experts(l, r)]
-            for j, e in enumerate(int(x) for x in new.local_experts(l, r)):
+            old_local = [int(e) for e in old.local_experts(layer, r)]
+            for j, e in enumerate(int(x) for x in new.local_experts(layer, r)):
                 if j < len(old_local) and old_local[j] == e:
                     continue
                 if e in old_local:
-                    moves.append(Move(l, e, r, old_local.index(e), r, j))
+                    moves.append(Move(layer, e, r, old_local.index(e), r, j))
                     continue
-                src = int(old.log2phy(l, e)[0])
+                src = int(old.log2phy(layer, e)[0])
                 src_rank = int(old.slot_rank_S[src])
-                moves.append(Move(l, e, src_rank, src - int(offsets[src_rank]), r, j))
+                moves.append(Move(layer, e, src_rank, src - int(offsets[src_rank]), r, j))
     return moves
 
 
@@ -124,6 +124,7 @@ def _exchange(plan: list[Move], tensors_L, rank: int, world: int, ctx: ParallelC
             sends[peer] = _pack(outgoing, tensors_L).to(ctx.device)
             reqs.append(dist.isend(sends[peer], dst=peer, group=ctx.group))
     for req in reqs:
+        assert req is not None  # every rank here is in ctx.group
         req.wait()
     sent_R = [sends[p].numel() * sends[p].element_size() if p in sends else 0 for p in range(world)]
     return {"recvs": recvs, "sent": sum(sent_R), "sent_R": sent_R}

@@ -27,6 +27,8 @@ Kinds and how each is counted:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +92,7 @@ class LayerTally:
 
     def sent(self, inp: torch.Tensor, in_splits: list[int], *, backward: bool = False) -> None:
         """``in_splits[r]`` rows of ``inp`` go to rank r."""
-        row_bytes = inp.element_size() * (inp[0].numel() if inp.dim() > 1 else 1)
+        row_bytes = inp.element_size() * math.prod(inp.shape[1:])  # also when this rank sends no row
         self.counter.add_rows(self.counter.a2a_LPC[self.layer, int(backward)], in_splits, row_bytes)
 
 
@@ -142,10 +144,10 @@ class TrafficCounter:
         self._reset()
         return v
 
-    def decode(self, v: torch.Tensor | np.ndarray) -> StepTraffic:
+    def decode(self, v: torch.Tensor | np.ndarray | list[float]) -> StepTraffic:
         """A (summed) :meth:`vector` as a :class:`StepTraffic`."""
         v = np.asarray(v, dtype=np.float64)
         n = self.num_layers * 4
         peers = v[n:n + 2 * len(PEER_KINDS)].reshape(len(PEER_KINDS), 2)
         return StepTraffic(v[:n].reshape(self.num_layers, 2, 2), *[peers[i].copy() for i in range(len(PEER_KINDS))],
-                           checkpoint_bytes=float(v[-1]))
+                           checkpoint_bytes=float(v[-1]))  # type: ignore[misc]  # one positional per peer kind

@@ -15,13 +15,16 @@ needs, transient peaks inside one op, and a recomputed region's internals during
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 import torch
 from torch import nn
 
 
-def saved_activation_bytes(fn: Callable[[], object], params: Iterable[torch.Tensor] = ()) -> tuple[int, object]:
+R = TypeVar("R")
+
+
+def saved_activation_bytes(fn: Callable[[], R], params: Iterable[torch.Tensor] = ()) -> tuple[int, R]:
     """(bytes saved for backward while ``fn()`` runs, ``fn()``'s result). Storages of
     ``params`` are excluded; their bf16 casts count (they are held like activations)."""
     param_ptrs = {p.untyped_storage().data_ptr() for p in params}

@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 
 from moetrain.checkpoint import (
-    AsyncCheckpointWriter, CheckpointError, SaveResult, load_objects, read_manifest, resolve,
+    AsyncCheckpointWriter, CheckpointError, CheckpointFuture, SaveResult, load_objects, read_manifest, resolve,
 )
-from moetrain.config import CheckpointConfig, RunConfig, field_value
+from moetrain.config import CheckpointConfig, RunConfig, StoreConfig, field_value
 from moetrain.parallel.traffic import TrafficCounter
 from moetrain.train.state import RankParts, load_rank_objects, rank_objects
 from placement.placement import Placement
@@ -47,10 +47,11 @@ class ResumePoint:
     run_id: str = ""  # the lineage that wrote it ("" for checkpoints from before run ids)
 
     @classmethod
-    def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None) -> "ResumePoint":
+    def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None,
+             store_cfg: StoreConfig | None = None) -> "ResumePoint":
         """``uri_or_latest``: a ``step-<N>`` URI, a run URI, or ``latest`` (of ``run`` under
         ``cfg.uri``). Raises :class:`CheckpointError` when nothing committed is there."""
-        ref = resolve(uri_or_latest, cfg, run=run)
+        ref = resolve(uri_or_latest, cfg, run=run, store_cfg=store_cfg)
         manifest = read_manifest(ref)
         meta = manifest.meta
         return cls(uri=ref.uri, step=manifest.step, cursor=dict(meta["cursor"]),
@@ -118,18 +119,19 @@ class RankCheckpointer:
 
     parts: what the checkpoint holds. step, placement: the trainer's current step and placement
     (both change as the run goes on). traffic: where the bytes of finished uploads are counted.
-    cfg, run_name: the store and the run folder checkpoints go to."""
+    cfg, storage, run_name: the checkpoint settings, the object store and the run folder
+    checkpoints go to."""
 
     def __init__(self, parts: RankParts, *, step: Callable[[], int], placement: Callable[[], Placement],
-                 traffic: TrafficCounter, cfg: CheckpointConfig, run_name: str) -> None:
+                 traffic: TrafficCounter, cfg: CheckpointConfig, storage: StoreConfig, run_name: str) -> None:
         self._parts = parts
         self._step, self._placement = step, placement
         self._traffic = traffic
-        self._cfg, self._run_name = cfg, run_name
+        self._cfg, self._storage, self._run_name = cfg, storage, run_name
         self._writer: AsyncCheckpointWriter | None = None
-        self._future = None  # CheckpointFuture of the checkpoint in flight
+        self._future: CheckpointFuture | None = None  # the checkpoint in flight
         self._error = ""  # why the last save() did not start
-        self._counted = None  # the future whose uploaded bytes went into the trainer's traffic
+        self._counted: CheckpointFuture | None = None  # the future whose uploaded bytes went into the trainer's traffic
 
     # ---- saving ---------------------------------------------------------------------------------
     def _open_writer(self) -> AsyncCheckpointWriter:
@@ -138,7 +140,8 @@ class RankCheckpointer:
             # Overlapped snapshot: save() returns at once and the host copy runs beside the next
             # step's forward/backward; the fence makes the next optimizer.step() wait for it.
             self._writer = AsyncCheckpointWriter.from_config(
-                self._cfg, self._run_name, rank=parts.rank, on_error="mark", snapshot_mode="overlap")
+                self._cfg, self._run_name, rank=parts.rank, on_error="mark", snapshot_mode="overlap",
+                store_cfg=self._storage)
             self._writer.install_fence(parts.optimizer)
             if parts.dense_zero is not None:  # ZeRO updates the dense weights in its own step
                 self._writer.install_fence(parts.dense_zero.base_optimizer)
@@ -194,6 +197,6 @@ class RankCheckpointer:
     def load(self, point: ResumePoint) -> None:
         """Load dense state and exactly the experts this rank's placement hosts (weights and AdamW
         state) from ``point`` into the freshly built model and optimizers of its parts."""
-        ref = resolve(point.uri, self._cfg)
+        ref = resolve(point.uri, self._cfg, store_cfg=self._storage)
         manifest = read_manifest(ref)
         load_rank_objects(self._parts, self._placement(), lambda names: load_objects(ref, names, manifest=manifest))

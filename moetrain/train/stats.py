@@ -8,7 +8,9 @@ sample keeps the most recent tokens of the window, at most ``sample_tokens`` per
 happens only when somebody asks (:meth:`RoutingStatsAccumulator.window_stats`), which returns the
 placement library's own :class:`~placement.stats.RoutingStats`: the solver sees exactly the window.
 Every sampled token carries its **home rank** (``home_T``: the rank that routed it, i.e. this
-rank), so the cost model scores its sends from where it really starts (placement/cost.py).
+rank), so the cost model scores its sends from where it really starts (placement/cost.py), and
+its **step** (``step_T``: optimizer steps closed on this accumulator before it; the same on every
+rank), so the validated selection splits the window by steps (placement/select.py).
 The ``.npz`` written by :func:`save_routing_npz` has the keys of the traces in ``shared/traces``
 plus ``home_rank``.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,6 +50,7 @@ def step_stats(routing_ids: list[torch.Tensor], num_experts: int) -> tuple[torch
 class _Step:
     counts: list[torch.Tensor]  # load_LE, coact_LEE, trans_LEE summed over the step's micro-batches
     ids: list[np.ndarray]  # int16 [T_micro, L, K] per micro-batch
+    index: int = 0  # optimizer steps closed on the accumulator before this one
 
 
 class RoutingStatsAccumulator:
@@ -65,6 +69,7 @@ class RoutingStatsAccumulator:
         self.window, self.sample_tokens = window, sample_tokens
         self._steps: collections.deque[_Step] = collections.deque(maxlen=window)
         self._current: _Step | None = None
+        self._closed = 0  # optimizer steps closed so far (the index of the next one)
 
     @torch.no_grad()
     def add(self, routing: list) -> None:
@@ -72,7 +77,7 @@ class RoutingStatsAccumulator:
         ids = [r.topk_ids_TK.detach() for r in routing]
         parts = step_stats(ids, self.E)
         if self._current is None:
-            self._current = _Step([p.clone() for p in parts], [])
+            self._current = _Step([p.clone() for p in parts], [], self._closed)
         else:
             for acc, p in zip(self._current.counts, parts):
                 acc += p
@@ -84,28 +89,35 @@ class RoutingStatsAccumulator:
         if self._current is not None:
             self._steps.append(self._current)
             self._current = None
+            self._closed += 1
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(load_LE, coact_LEE, trans_LEE) summed over the window on this rank (zeros if empty)."""
         if not self._steps:
             z = torch.zeros
             return (z(self.L, self.E), z(self.L, self.E, self.E), z(max(self.L - 1, 0), self.E, self.E))
-        return tuple(torch.stack([s.counts[i] for s in self._steps]).sum(0) for i in range(3))
+        load, coact, trans = (torch.stack([s.counts[i] for s in self._steps]).sum(0) for i in range(3))
+        return load, coact, trans
 
     def sample_ids(self) -> np.ndarray:
         """This rank's most recent ``sample_tokens`` top-k ids within the window, int16 [T, L, K]
         (oldest first)."""
-        parts, kept = [], 0
+        return self.sample()[0]
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`sample_ids` and the step index of each row, int64 [T] (non-decreasing)."""
+        parts, steps, kept = [], [], 0
         for step in reversed(self._steps):
             for ids in reversed(step.ids):
                 if kept >= self.sample_tokens:
                     break
                 take = min(ids.shape[0], self.sample_tokens - kept)
                 parts.append(ids[ids.shape[0] - take:])
+                steps.append(np.full(take, step.index, dtype=np.int64))
                 kept += take
         if not parts:
-            return np.zeros((0, self.L, self.K), dtype=np.int16)
-        return np.concatenate(parts[::-1])
+            return np.zeros((0, self.L, self.K), dtype=np.int16), np.zeros(0, dtype=np.int64)
+        return np.concatenate(parts[::-1]), np.concatenate(steps[::-1])
 
     def window_stats(self, ctx: ParallelContext) -> RoutingStats:
         """The window's counts all-reduced over ranks (one collective; the same on every rank)
@@ -114,26 +126,29 @@ class RoutingStatsAccumulator:
         load, coact, trans = self.local()
         flat = torch.cat([load.reshape(-1), coact.reshape(-1), trans.reshape(-1)]).to(ctx.device)
         ctx.all_reduce_sum(flat)
-        flat = flat.cpu().double().numpy()
+        flat_np = flat.cpu().double().numpy()
         n1, n2 = load.numel(), coact.numel()
-        ids = self.sample_ids().astype(np.int64)
-        return RoutingStats(self.E, self.K, flat[:n1].reshape(load.shape),
-                            flat[n1:n1 + n2].reshape(coact.shape), flat[n1 + n2:].reshape(trans.shape),
-                            ids, meta={"window_steps": len(self._steps)},
-                            home_T=np.full(ids.shape[0], ctx.rank, dtype=np.int64))
+        ids, steps = self.sample()
+        return RoutingStats(self.E, self.K, flat_np[:n1].reshape(load.shape),
+                            flat_np[n1:n1 + n2].reshape(coact.shape), flat_np[n1 + n2:].reshape(trans.shape),
+                            ids.astype(np.int64), meta={"window_steps": len(self._steps)},
+                            home_T=np.full(ids.shape[0], ctx.rank, dtype=np.int64), step_T=steps)
 
 
 def merge_rank_samples(per_rank: list[RoutingStats]) -> RoutingStats:
     """One RoutingStats from every rank's :meth:`~RoutingStatsAccumulator.window_stats`: the
     (identical) reduced counts and all ranks' id samples with their home ranks, rank 0's first.
-    Home ranks are kept only if every rank's sample has them."""
+    Home ranks (steps) are kept only if every rank's sample has them."""
     first = per_rank[0]
     ids = np.concatenate([s.topk_ids_TLK for s in per_rank])
     homes = None
     if all(s.home_T is not None for s in per_rank):
         homes = np.concatenate([s.home_T for s in per_rank])
+    steps = None
+    if all(s.step_T is not None for s in per_rank):
+        steps = np.concatenate([s.step_T for s in per_rank])
     return RoutingStats(first.num_experts, first.k, first.load_LE.copy(), first.coact_LEE.copy(),
-                        first.trans_LEE.copy(), ids, meta=dict(first.meta), home_T=homes)
+                        first.trans_LEE.copy(), ids, meta=dict(first.meta), home_T=homes, step_T=steps)
 
 
 def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = None) -> None:
@@ -141,7 +156,9 @@ def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = N
     window's aggregates, which :func:`placement.load_routing` prefers over the id sample."""
     ids = stats.topk_ids_TLK if stats.topk_ids_TLK is not None else np.zeros((0, stats.num_layers, stats.k))
     meta = {"model": "moetrain", "num_experts": stats.num_experts, "k": stats.k, **stats.meta, **(extra_meta or {})}
-    extra = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
+    extra: dict[str, Any] = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
+    if stats.step_T is not None:
+        extra["step"] = stats.step_T
     np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=json.dumps(meta),
                         layers_present=np.arange(stats.num_layers), load_LE=stats.load_LE,
                         coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE, **extra)

@@ -50,8 +50,11 @@ def format_summary(summary: dict) -> str:
                      f"{plan['peak_phase']}; {plan['params_total'] / 1e9:.3f}e9 parameters)")
     traffic = summary.get("traffic")
     if traffic and traffic.get("steps"):
-        kinds = "  ".join(f"{k} {v['intra'] / 1e6:.2f}/{v['inter'] / 1e6:.2f}" for k, v in traffic["bytes_by_kind"].items()
-                          if v["intra"] or v["inter"])
+        kinds = "  ".join(
+            f"{k} {v['intra'] / 1e6:.2f}/{v['inter'] / 1e6:.2f}"
+            for k, v in traffic["bytes_by_kind"].items()
+            if v["intra"] or v["inter"]
+        )
         lines.append(f"bytes sent     {traffic['inter_node_bytes_per_step'] / 1e6:.2f} MB/step between nodes, "
                      f"{traffic['intra_node_bytes_per_step'] / 1e6:.2f} MB/step inside nodes (MB intra/inter: {kinds})")
     if summary.get("skipped_steps"):

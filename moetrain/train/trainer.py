@@ -74,11 +74,12 @@ def install_dispatchers(moe_layers: list, placement: Placement, ctx: ParallelCon
     for idx, layer in enumerate(moe_layers):
         tally = traffic.layer(idx) if traffic is not None else None
         if moe.dispatch == "hierarchical" and len(nodes) > 1:
-            layer.dispatcher = HierarchicalDispatcher(placement, idx, ctx, capacity_factor=moe.capacity_factor,
-                                                      clock=clock, tally=tally)
+            layer.dispatcher = HierarchicalDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+                placement, idx, ctx, capacity_factor=moe.capacity_factor, clock=clock, tally=tally)
         else:  # flat, or hierarchical on one node (the same sends)
-            layer.dispatcher = AllToAllDispatcher(placement, idx, ctx, capacity_factor=moe.capacity_factor,
-                                                  dedup=moe.dedup, chunks=moe.a2a_chunks, clock=clock, tally=tally)
+            layer.dispatcher = AllToAllDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+                placement, idx, ctx, capacity_factor=moe.capacity_factor, dedup=moe.dedup, chunks=moe.a2a_chunks,
+                clock=clock, tally=tally)
 
 
 def nonfinite_quantities(**values: float) -> tuple[str, ...]:
@@ -105,7 +106,7 @@ class RankTrainer:
         self.cfg = cfg
         self.ctx = ctx or ParallelContext()
         self.data: StreamingData = (dataset if dataset is not None
-                                    else open_training_data(cfg.data, cfg.train.global_batch_size))
+                                    else open_training_data(cfg.data, cfg.train.global_batch_size, cfg.storage))
         check_vocab(cfg, self.data.vocab_size)
         if cfg.model.vocab_size == 0:
             self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
@@ -117,7 +118,7 @@ class RankTrainer:
         self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement,
                                  rank=self.ctx.rank)
         if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
-            load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.checkpoint)
+            load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.storage)
         self.model = self.model.to(self.ctx.device)
         self.model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
         self.moe_layers = self.model.moe_layers()
@@ -152,7 +153,8 @@ class RankTrainer:
         parts = RankParts(model=self.model, optimizer=self.optimizer, dense_zero=self.dense_zero,
                           cursor=self.cursor, rank=self.ctx.rank)
         self.checkpointer = RankCheckpointer(parts, step=lambda: self.step, placement=lambda: self.placement,
-                                             traffic=self.traffic, cfg=cfg.checkpoint, run_name=cfg.cluster.run_name)
+                                             traffic=self.traffic, cfg=cfg.checkpoint, storage=cfg.storage,
+                                             run_name=cfg.cluster.run_name)
 
     def resume_from(self, point: ResumePoint) -> None:
         """Continue from a committed checkpoint: weights, AdamW state, data cursor and step."""
@@ -283,7 +285,7 @@ class RankTrainer:
             return 0.0
         total = 0
         for layer, r in zip(self.moe_layers, routing):
-            total += count_unit_sends(r.topk_ids_TK, layer.dispatcher)
+            total += count_unit_sends(r.topk_ids_TK, layer.dispatcher)  # type: ignore[arg-type]  # an EP dispatcher
         return float(total)
 
     # ---- validation --------------------------------------------------------------------------
@@ -294,7 +296,7 @@ class RankTrainer:
         bs = self.cfg.train.global_batch_size // self.cfg.train.grad_accum_steps
         out = {}
         W = self.ctx.world_size
-        for d, name in enumerate(self.data.domains):
+        for name in self.data.domains:
             acc = torch.zeros(2, device=self.ctx.device)
             for mb in self.data.val_batches(name, bs, self.cfg.train.eval_batches, W, self.ctx.rank):
                 x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
@@ -329,7 +331,9 @@ class RankTrainer:
     def export_tensors(self, kind: str = "param") -> dict[str, np.ndarray]:
         """Parameters (or gradients) keyed placement-independently: dense by name, experts as
         ``experts/<layer>/<expert>/<w>`` from their primary replica. For tests and debugging."""
-        get = (lambda p: p.data) if kind == "param" else (lambda p: p.grad if p.grad is not None else torch.zeros_like(p))
+        get = (
+            (lambda p: p.data) if kind == "param" else (lambda p: p.grad if p.grad is not None else torch.zeros_like(p))
+        )
         out = {f"dense/{n}": get(p).cpu().numpy().copy() for n, p in self.model.dense_parameters()}
         for idx, layer in enumerate(self.moe_layers):
             primary = grads.primary_slot_mask(self.placement, idx, self.ctx.rank)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from scripts import results
+
 from . import __doc__ as PACKAGE_DOC
 from .common import PRECISIONS, summ
 from .dedup import summarize_dedup
@@ -20,17 +22,38 @@ from .layer import summarize_layer, summarize_overlap
 from .memory import add_ratios_vs_world_1, mem_worker, summarize_memory
 from .model import summarize_model
 from .overlap_micro import overlap_worker, summarize_overlap_micro
-from .report import balanced_parity, headline, issue14_figures, precision_key, print_precision_pass, print_table
+from .report import (ISSUE14_TARGETS, balanced_parity, headline, issue14_figures, precision_key, print_precision_pass,
+                     print_table)
 from .skew import skew_summary
 from .worker import run_group
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = dict(world_sizes="2", iters=5, warmup=2, model_iters=3, eff_iters=8, mem_world_sizes="1,2",
              cfs="1.0,2.0", model_cfs="1.0")  # --quick defaults; values given on the command line win
+_ISSUE14_WHAT = {
+    "balanced_layer_speedup_vs_ds_cap": "MoE layer, balanced routing, capacity factor 1 both sides, vs DeepSpeed",
+    "balanced_layer_dropless_vs_ds_nodrop": "MoE layer, balanced, dropless vs DeepSpeed without dropping",
+    "balanced_model_speedup_vs_ds": "whole model, balanced routing, vs DeepSpeed",
+    "skewed_layer_speedup_vs_ds": "MoE layer, routing skew 1.5, vs DeepSpeed",
+    "skewed_model_speedup_vs_ds": "whole model, routing skew 1.5, vs DeepSpeed",
+    "model_flops_share_of_gemm_peak": "whole-model useful FLOP rate / matmul rate, same threads",
+    "overlap_hidden_comm_share": "all-to-all time hidden by the 2-chunk pipeline",
+}
+SCHEMA = results.Schema(
+    "ep", "expert parallelism vs deepspeed.moe: MoE layer, whole model, dedup, expert efficiency, memory, overlap",
+    targets=(results.Target("speedup_vs_deepspeed", ">=", 1.3, "x",
+                            "whole model, realistic skew, moetrain dropless vs DeepSpeed without dropping",
+                            met_key="target_met"),)
+    + tuple(results.Target(f"{sec}issue14.{k}.value", ">=", thr, "%" if "share" in k else "x",
+                           f"{_ISSUE14_WHAT[k]}{what}", met_key=f"{sec}issue14.{k}.met", optional=bool(sec))
+            for sec, what in (("", ""), ("precision.bf16.", " (bf16)")) for k, thr in ISSUE14_TARGETS.items()),
+    keys=("config", "layer", "model", "dedup", "expert_efficiency", "memory", "gpu", "cuda_available", "elapsed_s",
+          "headline", "balanced_parity_paired", "skew", "overlap", "issue14"))
 
 
 def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="~1 minute: world 2 only, fewer iterations")
+    results.add_flag(p)
     p.add_argument("--world-sizes", default="2,4")
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--ffn", type=int, default=512, help="expert hidden dim F")
@@ -228,5 +251,6 @@ def main(argv=None) -> dict:
     for prec in args.precision_list[1:]:
         print_precision_pass(passes[prec], prec)
     print(json.dumps(out, default=float, separators=(",", ":")))
+    results.record(SCHEMA, out, args)
     return out
 

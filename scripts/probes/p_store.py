@@ -96,7 +96,7 @@ def duplicate_yaml_key(tmp: Path) -> tuple[bool, str]:
 def credentials_in_endpoint(tmp: Path) -> tuple[bool, str]:
     t0 = time.perf_counter()
     proc = _cli(tmp, "train", "--set", "checkpoint.uri=s3://bucket/ckpt",
-                "--set", "checkpoint.s3_endpoint=http://AKIAPROBEKEY:PROBESECRET@10.255.255.1:9000", timeout=120)
+                "--set", "storage.s3_endpoint=http://AKIAPROBEKEY:PROBESECRET@10.255.255.1:9000", timeout=120)
     line = _one_line_error(proc)
     leaked = "AKIAPROBEKEY" in proc.stderr + proc.stdout or "PROBESECRET" in proc.stderr + proc.stdout
     ok = proc.returncode == 2 and "holds credentials" in line and not leaked
@@ -157,5 +157,5 @@ PROBES = [
     Probe("a run stopped by SIGTERM gives its name back", "23.5", stopped_run_releases_name),
     Probe("resume onto a corrupted object of the latest step", "23.7", corrupt_resume),
     Probe("a key given twice in the YAML config", "23.7", duplicate_yaml_key),
-    Probe("credentials inside checkpoint.s3_endpoint", "23.7", credentials_in_endpoint),
+    Probe("credentials inside storage.s3_endpoint", "23.7", credentials_in_endpoint),
 ]

@@ -22,16 +22,17 @@ from moetrain.checkpoint import (
     InvalidNameError,
     commit,
     load_objects,
+    open_root,
     open_store,
     read_manifest,
     resolve,
     verify,
 )
-from moetrain.checkpoint.checksum import COPY_BYTES, Crc32c, digest, new_hasher
 from moetrain.checkpoint.cli import ckpt_verify
 from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
-from moetrain.checkpoint.sink import CHUNK_BYTES, HashingSink
 from moetrain.config import CheckpointConfig, ConfigError, RunConfig, validate
+from moetrain.storage.checksum import COPY_BYTES, Crc32c, digest, new_hasher
+from moetrain.storage.sink import CHUNK_BYTES, HashingSink
 
 from .helpers import assert_same, make_objects
 
@@ -112,7 +113,7 @@ def test_checksum_field_is_validated():
     with pytest.raises(ConfigError, match=r"checkpoint\.checksum \('md5'\)"):
         validate(cfg)
     with pytest.raises(InvalidNameError, match=r"checkpoint\.checksum \('md5'\)"):
-        open_store("/tmp", CheckpointConfig(checksum="md5"))
+        open_root("/tmp", CheckpointConfig(checksum="md5"))
     assert CheckpointConfig().checksum == "crc32c"
 
 
@@ -122,7 +123,7 @@ def test_checksum_field_decides_what_the_manifest_records(tmp_path, checksum):
     objs = make_objects(experts=1, dim=4)
     with AsyncCheckpointWriter.from_config(cfg, "run") as w:  # the cluster's way in
         result = w.save(1, objs).result()
-    commit(open_store(cfg.uri, cfg), "run", 1, [result])
+    commit(open_root(cfg.uri, cfg), "run", 1, [result])
     on_disk = json.loads((tmp_path / "ckpt/run/step-1/manifest.json").read_text())
     assert on_disk["version"] == 2
     for entry in on_disk["entries"]:
@@ -151,7 +152,7 @@ def _v1_manifest(ref: CheckpointRef, entries: list[dict]) -> str:
 
 def test_v1_sha256_manifest_still_verifies_and_loads(store, backend):
     objs = make_objects(experts=2, dim=8)
-    old = open_store(backend.uri, dataclasses.replace(backend.cfg, checksum="sha256"))
+    old = open_root(backend.uri, dataclasses.replace(backend.cfg, checksum="sha256"), backend.store_cfg)
     with AsyncCheckpointWriter(old, "run") as w:
         w.save(4, objs).result()
     ref = CheckpointRef(store, "run", 4)
@@ -163,13 +164,13 @@ def test_v1_sha256_manifest_still_verifies_and_loads(store, backend):
     store.write_bytes("run/latest", b"step-4\n")
     manifest = read_manifest(ref)
     assert manifest.checksums == ("sha256",) and manifest.entries[0].digest == entries[0]["sha256"]
-    ref = resolve("latest", backend.cfg, run="run")  # the store's default is crc32c
+    ref = resolve("latest", backend.cfg, run="run", store_cfg=backend.store_cfg)  # the store's default is crc32c
     assert verify(ref).ok and verify(ref).checked == len(objs)
     assert_same(objs, load_objects(ref, list(objs)))
     data = bytearray(store.read_bytes(ref.key("experts/layer-0/expert-0")))
     data[100] ^= 0x40
     store.write_bytes(ref.key("experts/layer-0/expert-0"), bytes(data))
-    report, text = ckpt_verify(ref.uri, backend.cfg)
+    report, text = ckpt_verify(ref.uri, backend.store_cfg)
     assert report.corrupt == ("experts/layer-0/expert-0",) and "(sha256)" in text
     with pytest.raises(CorruptObjectError, match="expert-0.*sha256"):
         load_objects(ref, ["experts/layer-0/expert-0"])

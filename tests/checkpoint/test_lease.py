@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from moetrain.checkpoint import (
-    AsyncCheckpointWriter, CheckpointError, Lease, LeaseHeldError, LeaseLostError, commit, read_latest,
+    AsyncCheckpointWriter, CheckpointError, Lease, LeaseHeldError, LeaseLostError, commit, open_root, read_latest,
 )
 from moetrain.checkpoint.lease import lease_key, unlock
 from moetrain.checkpoint.layout import MANIFEST, step_prefix
@@ -130,8 +130,8 @@ _HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from moetrain.checkpoint import Lease, open_store
-from moetrain.config import CheckpointConfig
-cfg = CheckpointConfig(uri=sys.argv[2], s3_endpoint=sys.argv[3], gcs_endpoint=sys.argv[4])
+from moetrain.config import StoreConfig
+cfg = StoreConfig(s3_endpoint=sys.argv[3], gcs_endpoint=sys.argv[4])
 Lease(open_store(sys.argv[2], cfg), "r", ttl_s=float(sys.argv[5])).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -140,17 +140,15 @@ time.sleep(600)
 
 @pytest.mark.slow
 def test_the_lease_of_a_killed_run_is_taken_over_once_expired(backend):
-    from moetrain.checkpoint import open_store
-
     ttl = 2.0
-    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), backend.uri, backend.cfg.s3_endpoint,
-                             backend.cfg.gcs_endpoint, str(ttl)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), backend.uri, backend.store_cfg.s3_endpoint,
+                             backend.store_cfg.gcs_endpoint, str(ttl)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # no release: the lease stays behind
         proc.wait()
-    store = open_store(backend.uri, backend.cfg)
+    store = open_root(backend.uri, backend.cfg, backend.store_cfg)
     with pytest.raises(LeaseHeldError, match=r"expires \d+ s from now \(2 s after its last heartbeat\)"):
         _lease(store).acquire()
     deadline = time.monotonic() + 3 * ttl

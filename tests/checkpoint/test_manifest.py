@@ -24,7 +24,7 @@ from moetrain.checkpoint import open_store
 from moetrain.checkpoint.layout import CheckpointRef
 from moetrain.checkpoint.retention import CheckpointInfo, plan_retention
 
-from moetrain.config import CheckpointConfig
+from moetrain.config import StoreConfig
 
 from .helpers import make_objects
 
@@ -119,8 +119,7 @@ def test_clean_removes_stray_temporaries(store):
 @pytest.mark.s3
 def test_clean_aborts_pending_multipart_uploads(s3_server):
     from moetrain.checkpoint import open_store
-    from moetrain.config import CheckpointConfig
-    store = open_store(s3_server.uri("mpu"), CheckpointConfig(s3_endpoint=s3_server.endpoint))
+    store = open_store(s3_server.uri("mpu"), StoreConfig(s3_endpoint=s3_server.endpoint))
     client = s3_server.client()
     # What a SIGKILLed writer leaves: an initiated multipart upload of an object (written
     # directly to its final key) or of a commit record's temporary key.
@@ -153,7 +152,7 @@ class _FsyncSpy:
 @pytest.mark.parametrize("fsync", [True, False])
 def test_local_commit_reaches_the_disk_before_the_manifest(tmp_path, monkeypatch, fsync):
     root = tmp_path / "ckpt"
-    store = open_store(str(root), CheckpointConfig(fsync=fsync))
+    store = open_store(str(root), fsync=fsync)
     spy = _FsyncSpy(monkeypatch, root / "run" / "step-5" / "manifest.json")
     results = _save(store, 5, ranks=2)
     commit(store, "run", 5, results, meta={"step": 5})

@@ -14,6 +14,7 @@ from moetrain.checkpoint import (
     ObjectNotFoundError,
     commit,
     load_objects,
+    open_root,
     open_store,
     read_manifest,
     resolve,
@@ -46,7 +47,7 @@ def _flip_byte(store, key, at=-1):
 @pytest.mark.parametrize("checksum", ["crc32c", "sha256"])
 def test_corrupt_and_missing_objects_are_named(backend, checksum):
     cfg = dataclasses.replace(backend.cfg, checksum=checksum)
-    store = open_store(backend.uri, cfg, backoff_s=0.01)
+    store = open_root(backend.uri, cfg, backend.store_cfg, backoff_s=0.01)
     objs = _commit(store, 2)
     ref = CheckpointRef(store, "run", 2)
     assert read_manifest(ref).checksums == (checksum,)
@@ -57,7 +58,7 @@ def test_corrupt_and_missing_objects_are_named(backend, checksum):
     assert report.corrupt == ("experts/layer-0/expert-1",) and report.missing == ("rng/rank-1",)
     assert report.checked == len(objs) - 2
     assert any("expert-1" in p and checksum in p for p in report.problems)
-    _, text = ckpt_verify(ref.uri, backend.cfg)  # whatever the config says now: the manifest rules
+    _, text = ckpt_verify(ref.uri, backend.store_cfg)  # whatever the config says now: the manifest rules
     assert "FAILED" in text and "missing: rng/rank-1" in text and "corrupt: experts/layer-0/expert-1" in text
     assert f"({checksum})" in text
     shallow = verify(ref, deep=False)  # sizes only: the flipped byte goes unnoticed
@@ -87,14 +88,14 @@ def test_resolve_forms(store, backend):
     _commit(store, 1)
     _commit(store, 3)
     run_uri = f"{backend.uri}/run"
-    assert resolve(run_uri, backend.cfg).step == 3
-    assert resolve(f"{run_uri}/latest", backend.cfg).step == 3
-    assert resolve(f"{run_uri}/step-1", backend.cfg).step == 1
-    assert resolve("latest", backend.cfg, run="run").step == 3
+    assert resolve(run_uri, backend.cfg, store_cfg=backend.store_cfg).step == 3
+    assert resolve(f"{run_uri}/latest", backend.cfg, store_cfg=backend.store_cfg).step == 3
+    assert resolve(f"{run_uri}/step-1", backend.cfg, store_cfg=backend.store_cfg).step == 1
+    assert resolve("latest", backend.cfg, run="run", store_cfg=backend.store_cfg).step == 3
     store.delete("run/latest")  # pointer lost: fall back to the newest manifest
-    assert resolve(run_uri, backend.cfg).step == 3
+    assert resolve(run_uri, backend.cfg, store_cfg=backend.store_cfg).step == 3
     with pytest.raises(NotCommittedError, match="other"):
-        resolve(f"{backend.uri}/other", backend.cfg)
+        resolve(f"{backend.uri}/other", backend.cfg, store_cfg=backend.store_cfg)
 
 
 def test_split_uri():
@@ -110,26 +111,26 @@ def test_cli_functions_return_data_and_tables(store, backend):
     _commit(store, 2)
     with AsyncCheckpointWriter(store, "run") as w:
         w.save(0, make_objects()).result()  # uncommitted leftover
-    infos, table = ckpt_list(backend.uri, backend.cfg)
+    infos, table = ckpt_list(backend.uri, backend.store_cfg)
     assert [(i.step, i.committed) for i in infos] == [(0, False), (1, True), (2, True)]
     assert table.splitlines()[0].split()[:4] == ["run", "step", "committed", "size"]
-    assert ckpt_list(f"{backend.uri}/run", backend.cfg)[0] == infos
-    assert [i.step for i in ckpt_list(f"{backend.uri}/run/step-2", backend.cfg)[0]] == [2]
-    report, text = ckpt_verify(f"{backend.uri}/run", backend.cfg)
+    assert ckpt_list(f"{backend.uri}/run", backend.store_cfg)[0] == infos
+    assert [i.step for i in ckpt_list(f"{backend.uri}/run/step-2", backend.store_cfg)[0]] == [2]
+    report, text = ckpt_verify(f"{backend.uri}/run", backend.store_cfg)
     assert report.ok and report.step == 2 and "OK - 8 objects" in text
-    info, text = ckpt_inspect(f"{backend.uri}/run/step-1", backend.cfg)
+    info, text = ckpt_inspect(f"{backend.uri}/run/step-1", backend.store_cfg)
     assert info["groups"]["experts"]["objects"] == 4 and info["world_size"] == 2
     assert "losses" in text and "[2 items] last=2.5" in text
-    cleaned, text = ckpt_clean(f"{backend.uri}/run", backend.cfg, keep=1)
+    cleaned, text = ckpt_clean(f"{backend.uri}/run", backend.store_cfg, keep=1)
     assert (cleaned.kept, cleaned.deleted, cleaned.garbage) == ((2,), (1,), (0,))
-    assert [i.step for i in ckpt_list(backend.uri, backend.cfg)[0]] == [2]
+    assert [i.step for i in ckpt_list(backend.uri, backend.store_cfg)[0]] == [2]
 
 
 def test_verify_reports_nonfinite_tensors(tmp_path):
     """Intact bytes, unusable values: `ckpt verify` names the tensors holding NaN or inf."""
     import torch
 
-    from moetrain.checkpoint import AsyncCheckpointWriter, commit, open_store, resolve, verify
+    from moetrain.checkpoint import AsyncCheckpointWriter, commit, resolve, verify
 
     store = open_store(str(tmp_path))
     objects = {"good.pt": {"w": torch.ones(3)},

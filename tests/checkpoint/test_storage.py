@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import socket
@@ -20,8 +19,8 @@ from moetrain.checkpoint import (
     StoreUnreachableError,
     open_store,
 )
-from moetrain.checkpoint.storage import TMP_MARK, classify_os_error, redact_uri
-from moetrain.config import CheckpointConfig
+from moetrain.config import StoreConfig
+from moetrain.storage.store import TMP_MARK, classify_os_error, redact_uri
 
 
 def _crc32c_hex(data: bytes) -> str:
@@ -134,10 +133,10 @@ def _closed_port() -> int:
 
 @pytest.mark.s3
 def test_unreachable_store_fails_fast_with_typed_error(s3_server):
-    cfg = CheckpointConfig(s3_endpoint=f"http://127.0.0.1:{_closed_port()}", max_retries=2)
+    cfg = StoreConfig(s3_endpoint=f"http://127.0.0.1:{_closed_port()}")
     start = time.perf_counter()
     with pytest.raises(StoreUnreachableError, match=r"s3://bkt/ckpt.*after 3 attempts"):
-        open_store("s3://bkt/ckpt", cfg, connect_timeout_s=0.5, backoff_s=0.01)
+        open_store("s3://bkt/ckpt", cfg, max_retries=2, connect_timeout_s=0.5, backoff_s=0.01)
     assert time.perf_counter() - start < 5.0
 
 
@@ -145,18 +144,18 @@ def test_unreachable_store_fails_fast_with_typed_error(s3_server):
 def test_bad_credentials_give_access_error(s3_server, s3_iam_auth, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-not-a-real-secret")
-    cfg = CheckpointConfig(s3_endpoint=s3_server.endpoint, max_retries=3)
+    cfg = StoreConfig(s3_endpoint=s3_server.endpoint)
     start = time.perf_counter()
     with s3_iam_auth():
         with pytest.raises(StoreAccessError, match=f"s3://{s3_server.bucket}/ckpt") as err:
-            open_store(s3_server.uri("ckpt"), cfg, backoff_s=0.01)
+            open_store(s3_server.uri("ckpt"), cfg, max_retries=3, backoff_s=0.01)
     assert time.perf_counter() - start < 5.0  # not retried: credentials do not heal
     assert "wJalrXUtnFEMI" not in str(err.value)
 
 
 @pytest.mark.s3
 def test_missing_bucket_is_named(s3_server):
-    cfg = CheckpointConfig(s3_endpoint=s3_server.endpoint)
+    cfg = StoreConfig(s3_endpoint=s3_server.endpoint)
     with pytest.raises(BucketNotFoundError, match="'no-such-bucket'"):
         open_store("s3://no-such-bucket/ckpt", cfg)
     store = open_store("s3://no-such-bucket/ckpt", cfg, probe=False)
@@ -167,11 +166,11 @@ def test_missing_bucket_is_named(s3_server):
 @pytest.mark.s3
 def test_store_repr_and_errors_carry_no_secrets(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SuperSecretValue123")
-    store = open_store(s3_server.uri("p"), CheckpointConfig(s3_endpoint=s3_server.endpoint))
+    store = open_store(s3_server.uri("p"), StoreConfig(s3_endpoint=s3_server.endpoint))
     assert "SuperSecret" not in repr(store) and "testing" not in repr(store)
     assert repr(store).startswith(f"Store(uri='s3://{s3_server.bucket}/p'")
     with pytest.raises(InvalidNameError, match="AWS_"):
-        open_store("s3://bkt/p?secret_key=SuperSecretValue123", CheckpointConfig())
+        open_store("s3://bkt/p?secret_key=SuperSecretValue123", StoreConfig())
 
 
 def test_redaction_and_error_classification():
@@ -218,7 +217,7 @@ def test_local_file_disk_write_starts_while_it_is_written(tmp_path):
     """LocalFileSync.written() hands what was written to the disk at once (Linux), in groups of at
     least WRITEBACK_MIN_BYTES: the file's dirty pages are gone before finish()'s fsync, where the
     kernel alone would keep them ~30 s."""
-    from moetrain.checkpoint.sink import WRITEBACK_MIN_BYTES, LocalFileSync
+    from moetrain.storage.sink import WRITEBACK_MIN_BYTES, LocalFileSync
     if not sys.platform.startswith("linux") or os.uname().machine not in ("x86_64", "aarch64"):
         pytest.skip("sync_file_range is Linux-only (fsync alone is used elsewhere)")
     path = tmp_path / "object"
@@ -244,7 +243,7 @@ def test_local_file_disk_write_starts_while_it_is_written(tmp_path):
 def test_caller_may_reuse_its_buffer_once_write_returns(backend, checksum):
     # large slices are hashed on a helper thread beside the write: write() must not return
     # while that thread still reads the caller's buffer
-    store = open_store(backend.uri, dataclasses.replace(backend.cfg, checksum=checksum))
+    store = open_store(backend.uri, backend.store_cfg, checksum=checksum)
     original = os.urandom(20 << 20)
     buf = bytearray(original)
 
@@ -268,7 +267,7 @@ def test_gcs_endpoint_from_the_emulator_variable(gcs_server, monkeypatch):
 
 @pytest.mark.gcs
 def test_gcs_missing_bucket_and_bad_uris_are_named(gcs_server):
-    cfg = CheckpointConfig(gcs_endpoint=gcs_server.endpoint)
+    cfg = StoreConfig(gcs_endpoint=gcs_server.endpoint)
     with pytest.raises(BucketNotFoundError, match="'no-such-bucket'"):
         open_store("gs://no-such-bucket/ckpt", cfg)
     with pytest.raises(InvalidNameError, match="GOOGLE_APPLICATION_CREDENTIALS"):
@@ -279,8 +278,8 @@ def test_gcs_missing_bucket_and_bad_uris_are_named(gcs_server):
 
 @pytest.mark.gcs
 def test_gcs_unreachable_endpoint_fails_with_typed_error(gcs_server):
-    cfg = CheckpointConfig(gcs_endpoint=f"http://127.0.0.1:{_closed_port()}", max_retries=1)
+    cfg = StoreConfig(gcs_endpoint=f"http://127.0.0.1:{_closed_port()}")
     start = time.perf_counter()
     with pytest.raises(StoreUnreachableError, match=r"gs://bkt/ckpt.*after 2 attempts"):
-        open_store("gs://bkt/ckpt", cfg, backoff_s=0.01)
+        open_store("gs://bkt/ckpt", cfg, max_retries=1, backoff_s=0.01)
     assert time.perf_counter() - start < 15.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -29,8 +30,8 @@ from moetrain.checkpoint import (
     snapshot,
     verify,
 )
-from moetrain.checkpoint.storage import TMP_MARK
-from moetrain.config import CheckpointConfig
+from moetrain.config import StoreConfig
+from moetrain.storage.store import TMP_MARK
 
 from .helpers import assert_same, make_objects
 
@@ -66,7 +67,7 @@ def test_snapshot_is_detached_from_training(store):
 
 @pytest.mark.s3
 def test_async_save_returns_long_before_the_upload_ends(s3_server):
-    cfg = CheckpointConfig(s3_endpoint=s3_server.endpoint, s3_region=s3_server.region)
+    cfg = StoreConfig(s3_endpoint=s3_server.endpoint, s3_region=s3_server.region)
     store = open_store(s3_server.uri("async"), cfg)
     objs = {f"dense/rank-0/part-{i}": {"w": torch.randn(1 << 20)} for i in range(8)}  # 32 MB
     with AsyncCheckpointWriter(store, "run") as w:
@@ -119,7 +120,7 @@ def test_partial_object_left_by_a_failure_is_never_committed_or_loaded(store, mo
     partial object stays at its final key. It is not committed, it is rejected by its checksum even
     if someone forged a manifest for it, and retention removes it with its uncommitted step."""
     from moetrain.checkpoint import CorruptObjectError, apply_retention, list_checkpoints
-    from moetrain.checkpoint.storage import Store
+    from moetrain.storage.store import Store
     with AsyncCheckpointWriter(store, "run", on_error="mark") as w:
         good = w.save(1, make_objects()).result()
         commit(store, "run", 1, [good])
@@ -231,8 +232,8 @@ def test_unreachable_store_mid_training_is_marked_quickly(s3_server):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave the block
-    cfg = CheckpointConfig(s3_endpoint=f"http://127.0.0.1:{port}", max_retries=2)
-    store = open_store("s3://bkt/ckpt", cfg, probe=False, connect_timeout_s=0.5, backoff_s=0.01)
+    cfg = StoreConfig(s3_endpoint=f"http://127.0.0.1:{port}")
+    store = open_store("s3://bkt/ckpt", cfg, max_retries=2, probe=False, connect_timeout_s=0.5, backoff_s=0.01)
     start = time.perf_counter()
     with AsyncCheckpointWriter(store, "run", on_error="mark") as w:
         result = w.save(1, make_objects()).result()
@@ -282,9 +283,9 @@ def test_atomic_object_writes_remain_available(store):
 _KILLED_WRITER = r"""
 import json, sys, time, torch
 from moetrain.checkpoint import AsyncCheckpointWriter, commit, open_store
-from moetrain.config import CheckpointConfig
+from moetrain.config import StoreConfig
 args = json.loads(sys.argv[1])
-store = open_store(args["uri"], CheckpointConfig(**args["cfg"]))
+store = open_store(args["uri"], StoreConfig(**args["cfg"]))
 g = torch.Generator().manual_seed(0)
 with AsyncCheckpointWriter(store, "run") as w:
     commit(store, "run", 1, [w.save(1, {"dense/rank-0": {"w": torch.randn(1000, generator=g)}}).result()])
@@ -302,8 +303,7 @@ with AsyncCheckpointWriter(store, "run") as w:
 def test_writer_killed_midway_leaves_the_previous_checkpoint_and_latest(store, backend):
     """SIGKILL during an upload: step 1 stays committed, `latest` names it, it loads; the
     half-written step 2 is uncommitted garbage that retention removes after the next commit."""
-    cfg = {"s3_endpoint": backend.cfg.s3_endpoint, "s3_region": backend.cfg.s3_region,
-           "gcs_endpoint": backend.cfg.gcs_endpoint}
+    cfg = dataclasses.asdict(backend.store_cfg)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, json.dumps({"uri": backend.uri, "cfg": cfg})],
                             cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

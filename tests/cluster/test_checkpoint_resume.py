@@ -1,7 +1,8 @@
 """Checkpoint -> resume through the real controller and worker group.
 
 Bit-exact continuation on the same actors; continuation within the equivalence tolerance on 4 -> 2
-and 2 -> 4 actors and onto another placement; the same on a real S3-protocol server."""
+and 2 -> 4 actors and onto another placement; the same on real S3- and GCS-protocol servers, with
+the prepared data read from the same server."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from cluster.api import run
-from moetrain.config import from_dict
+from moetrain.config import StoreConfig, from_dict
+from moetrain.data.training import prepare_local
+from moetrain.storage import open_store
 from placement.placement import Placement
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -29,8 +32,6 @@ def cfg_for(tmp_path, uri: str, name: str, workers: int, *, steps: int = 8, ever
     }
     for section, values in (extra or {}).items():
         d.setdefault(section, {}).update(values)
-    if "s3_endpoint" in (extra or {}).get("checkpoint", {}):
-        pass
     return from_dict(d)
 
 
@@ -74,11 +75,19 @@ def test_resume_onto_another_placement(baseline, tmp_path):
 @pytest.mark.parametrize("kind", [pytest.param("s3", marks=pytest.mark.s3),
                                   pytest.param("gcs", marks=pytest.mark.gcs)])
 def test_checkpoint_and_bit_exact_resume_on_object_store(tmp_path, ray_local, request, kind):
+    """Prepared data and checkpoints on the same server, both reached through the one
+    storage.<kind>_endpoint field (the driver and every rank stream the data from there)."""
     server = request.getfixturevalue(f"{kind}_server")
     uri = server.uri("runs")
-    extra = {"checkpoint": {f"{kind}_endpoint": server.endpoint}}
+    store_cfg = StoreConfig(**{f"{kind}_endpoint": server.endpoint})
+    prepared = prepare_local(cfg_for(tmp_path, uri, "any", 2).data)  # the builtin corpus, prepared locally
+    data = open_store(server.uri(f"data-{kind}"), store_cfg)
+    for f in sorted(p for p in prepared.rglob("*") if p.is_file()):
+        data.write_bytes(str(f.relative_to(prepared)), f.read_bytes())
+    extra = {"storage": {f"{kind}_endpoint": server.endpoint},
+             "data": {"source": "prepared", "prepared_uri": data.uri}}
     base = run(cfg_for(tmp_path, uri, f"{kind}base", 2, extra=extra))
-    assert len(base.checkpoints) == 2
+    assert len(base.checkpoints) == 2 and all(c.startswith(uri) for c in base.checkpoints)
     resumed = run(cfg_for(tmp_path, uri, f"{kind}resumed", 2, resume=f"{uri}/{kind}base/step-4", extra=extra))
     assert np.array_equal(losses(resumed, 4), losses(base, 4))
 
@@ -95,5 +104,5 @@ def test_unreachable_store_is_refused_before_training(tmp_path, ray_local):
     t0 = time.monotonic()
     with pytest.raises(CheckpointError, match="s3://nowhere/runs"):
         run(cfg_for(tmp_path, "s3://nowhere/runs", "unreachable", 2, steps=6, every=2,
-                    extra={"checkpoint": {"s3_endpoint": f"http://127.0.0.1:{port}", "max_retries": 0}}))
+                    extra={"checkpoint": {"max_retries": 0}, "storage": {"s3_endpoint": f"http://127.0.0.1:{port}"}}))
     assert time.monotonic() - t0 < 30

@@ -102,6 +102,30 @@ def test_heatmap_axes_are_integer_layer_and_expert_indices(layers, experts, y_ti
         plt.close(fig)
 
 
+def test_rank_actor_repr_names_run_rank_experts_step_and_state():
+    """What the Actors tab's Repr column (and Ray's log prefix) shows for a rank: before setup run,
+    rank and ``created``; then experts held per layer (4 layers' worth of a 1-rank contiguous
+    placement holds all 8 experts), the step and what the rank is doing."""
+    from cluster.worker import MoERank
+
+    cfg = load_config(None, TINY + ["cluster.run_name=demo", "cluster.num_workers=1", "cluster.torch_threads=1"])
+    w = MoERank(cfg.to_dict(), 0, 1)
+    assert repr(w) == "MoERank(run=demo, rank 0 of 1, created)"
+    with pytest.raises(RuntimeError, match=r"MoERank\(run=demo, rank 0 of 1, created\): setup\(\) has not run"):
+        w.train_step()
+    try:
+        w.setup("127.0.0.1", free_port(), None)
+        assert repr(w) == "MoERank(run=demo, rank 0 of 1, experts per layer 8,8, step 0, idle)"
+        seen = []
+        w._doing("training", lambda t: seen.append(repr(w)))
+        assert seen == ["MoERank(run=demo, rank 0 of 1, experts per layer 8,8, step 0, training)"]
+        w.train_step()
+        assert repr(w) == "MoERank(run=demo, rank 0 of 1, experts per layer 8,8, step 1, idle)"
+    finally:
+        w.shutdown()
+    assert repr(w).endswith("step 1, shut down)")
+
+
 # ---- the dashboard on a real embedded Ray ------------------------------------------------------
 def _cli(args: list[str], env: dict, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, env=env, **kw)
@@ -167,12 +191,14 @@ def _wait_for(what: str, check, deadline: float, proc: subprocess.Popen, log: Pa
         time.sleep(0.5)
 
 
-def _alive_ranks(base: str, token: str, run: str) -> set[str]:
+def _alive_ranks(base: str, token: str, run: str) -> dict[str, tuple[str, str]]:
+    """The run's ALIVE actors as the dashboard's Actors tab lists them: name -> (class, repr)."""
     try:
-        rows = json.loads(_get(f"{base}/api/v0/actors?limit=1000", token))["data"]["result"]["result"]
+        rows = json.loads(_get(f"{base}/api/v0/actors?limit=1000&detail=1", token))["data"]["result"]["result"]
     except OSError:  # the state API may answer 5xx for a moment while the cluster starts
-        return set()
-    return {r["name"] for r in rows if r["name"].startswith(f"moetrain/{run}/") and r["state"] == "ALIVE"}
+        return {}
+    return {r["name"]: (r["class_name"], r["repr_name"]) for r in rows
+            if r["name"].startswith(f"moetrain/{run}/") and r["state"] == "ALIVE"}
 
 
 def _exports(metrics_url: str, run: str) -> bool:
@@ -211,9 +237,12 @@ def test_dashboard_lists_the_rank_actors_while_training(tmp_path):
         printed = subprocess.run([str(ray_cli), "get-auth-token"], env=env, capture_output=True, text=True,
                                  timeout=60).stdout.strip()
         assert printed == token
-        ranks = _wait_for("both rank actors ALIVE", lambda: _alive_ranks(base, printed, run) == {
+        ranks = _wait_for("both rank actors ALIVE", lambda: _alive_ranks(base, printed, run).keys() == {
             f"moetrain/{run}/rank-0", f"moetrain/{run}/rank-1"}, deadline, proc, log)
         assert ranks and proc.poll() is None  # listed while the run trains
+        # Class and Repr columns: Ray takes the repr once, when the actor is made (before setup)
+        assert _alive_ranks(base, printed, run) == {
+            f"moetrain/{run}/rank-{i}": ("MoERank", f"MoERank(run={run}, rank {i} of 2, created)") for i in (0, 1)}
         metrics_url = text.split("Prometheus text at ")[1].split(";")[0]
         _wait_for("the printed metrics on /metrics", lambda: _exports(metrics_url, run), deadline, proc, log)
         proc.send_signal(signal.SIGTERM)  # stop after the current step: outputs and summary

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def cfg_for(tmp_path, name: str, *, uri: str = "", steps: int = 6, every: int = 1, train: dict | None = None,
-            checkpoint: dict | None = None):
+            checkpoint: dict | None = None, storage: dict | None = None):
     return from_dict({
         "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "max_seq_len": 32,
                   "moe": {"num_experts": 4, "top_k": 2, "expert_ffn_dim": 32}},
@@ -28,6 +28,7 @@ def cfg_for(tmp_path, name: str, *, uri: str = "", steps: int = 6, every: int = 
         "train": {"steps": steps, "global_batch_size": 8, "warmup_steps": 0, "eval_every": 0, "eval_batches": 1,
                   "log_every": 100, **(train or {})},
         "checkpoint": {"uri": uri, "every": every, "keep": 10, **(checkpoint or {})},
+        "storage": dict(storage or {}),
         "cluster": {"num_workers": 2, "run_name": name},
         "logging": {"wandb": "disabled", "out_dir": str(tmp_path / "out")},
     })
@@ -63,7 +64,7 @@ def test_nonfinite_step_stops_the_run_and_nothing_nonfinite_is_committed(tmp_pat
 
 def test_store_that_cannot_be_written_is_refused_in_seconds(tmp_path, ray_local, s3_server, s3_iam_auth):
     cfg = cfg_for(tmp_path, "denied", uri=s3_server.uri("denied"),
-                  checkpoint={"s3_endpoint": s3_server.endpoint, "max_retries": 0})
+                  checkpoint={"max_retries": 0}, storage={"s3_endpoint": s3_server.endpoint})
     t0 = time.monotonic()
     with s3_iam_auth(), pytest.raises(CheckpointError, match="not writable"):
         run(cfg)
@@ -78,7 +79,8 @@ def _enforce_auth(endpoint: str, on: bool) -> None:
 
 def test_checkpoints_failing_mid_run_fail_the_run(tmp_path, ray_local, s3_server):
     cfg = cfg_for(tmp_path, "midfail", uri=s3_server.uri("midfail"), steps=12, every=2,
-                  checkpoint={"s3_endpoint": s3_server.endpoint, "max_retries": 0, "max_consecutive_failures": 2})
+                  checkpoint={"max_retries": 0, "max_consecutive_failures": 2},
+                  storage={"s3_endpoint": s3_server.endpoint})
 
     def revoke_at_step_3(m):
         if m.step == 3:  # once step 2's commit is done (it runs in the background), revoke the credentials
@@ -108,7 +110,8 @@ def test_checkpoints_failing_mid_run_fail_the_run(tmp_path, ray_local, s3_server
 
 def test_failed_final_checkpoint_fails_the_run(tmp_path, ray_local, s3_server):
     cfg = cfg_for(tmp_path, "finalfail", uri=s3_server.uri("finalfail"), steps=3, every=0,
-                  checkpoint={"s3_endpoint": s3_server.endpoint, "max_retries": 0, "max_consecutive_failures": 0})
+                  checkpoint={"max_retries": 0, "max_consecutive_failures": 0},
+                  storage={"s3_endpoint": s3_server.endpoint})
     try:
         result = run(cfg, on_step=lambda m: _enforce_auth(s3_server.endpoint, True), raise_on_failure=False)
     finally:

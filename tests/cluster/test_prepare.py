@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.prepare import PrepareOptions, prepare
-from moetrain.config import DataConfig
+from moetrain.config import DataConfig, StoreConfig
 from moetrain.data import DataError
 from moetrain.data.shards import MANIFEST, TOKENIZER
 from moetrain.data.tokenizer import load_tokenizer
@@ -120,17 +120,17 @@ def test_prepare_from_and_to_s3_then_stream(prepared, inputs, s3_server):
     for p in sorted(inputs.rglob("*")):
         if p.is_file():
             client.upload_file(str(p), s3_server.bucket, f"in/{p.relative_to(inputs)}")
-    s3_opts = {"s3_endpoint": s3_server.endpoint}
+    store = StoreConfig(s3_endpoint=s3_server.endpoint)
     remote = prepare(PrepareOptions(
         inputs=(f"code={s3_server.uri('in/code/*.py')}", f"english={s3_server.uri('in/english.jsonl')}",
                 s3_server.uri("in/mixed.parquet")),
         out=s3_server.uri("prepared"), domain_column="source", vocab_size=300, seq_len=SEQ, batch_docs=16,
-        store_opts=s3_opts, progress=False))
+        store=store, progress=False))
     assert remote.manifest.tokenizer_sha256 == local.manifest.tokenizer_sha256
     for field in ("rows", "tokens", "docs"):
         assert remote.manifest.domain_totals(field) == local.manifest.domain_totals(field)
-    views = [open_training_data(DataConfig(source="prepared", prepared_uri=uri, seq_len=SEQ, s3_endpoint=endpoint), 8)
-             for uri, endpoint in ((s3_server.uri("prepared"), s3_server.endpoint), (opts.out, ""))]
+    views = [open_training_data(DataConfig(source="prepared", prepared_uri=uri, seq_len=SEQ), 8, store_cfg)
+             for uri, store_cfg in ((s3_server.uri("prepared"), store), (opts.out, StoreConfig()))]
     for _ in range(3):
         a, b = (v.next_micro_batches(2, 2, 1) for v in views)
         assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -59,6 +59,9 @@ def test_live_replacement_moves_experts_without_changing_the_math(tmp_path, stat
     assert len(recorded) == len(migrations)
     for d in recorded:  # each decision carries its predicted gain and the measured sends around it
         assert {"predicted_gain", "solve_time_s", "bytes_moved", "measured_sends_before", "measured_sends_after"} <= set(d)
+    for d in summary["replacements"]:  # min_gain judged on the window's newest step (placement.val_fraction)
+        assert d["judged_on"] == "validation" and 0 < d["val_tokens"] < d["sample_tokens"]
+        assert len(d["val_after_L"]) == len(d["fit_after_L"]) == 2
 
 
 def test_nonblocking_solve_is_applied_at_a_later_step_boundary(tmp_path, ray_local):

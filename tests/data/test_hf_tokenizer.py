@@ -8,7 +8,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from moetrain.config import DataConfig
+from moetrain.config import DataConfig, StoreConfig
 from moetrain.data import DataError, build_dataset
 
 
@@ -62,11 +62,12 @@ def test_hf_tokenizer_from_object_storage(tmp_path, s3_server):
     client = s3_server.client()
     for f in tok_dir.iterdir():
         client.put_object(Bucket=s3_server.bucket, Key=f"tok/{f.name}", Body=f.read_bytes())
-    remote = DataConfig(tokenizer=f"hf:{s3_server.uri('tok')}", s3_endpoint=s3_server.endpoint)
-    tok, sha, eot = resolve_tokenizer(remote)
+    store = StoreConfig(s3_endpoint=s3_server.endpoint)
+    remote = DataConfig(tokenizer=f"hf:{s3_server.uri('tok')}")
+    tok, sha, eot = resolve_tokenizer(remote, store_cfg=store)
     _, local_sha, _ = resolve_tokenizer(DataConfig(tokenizer=f"hf:{tok_dir}"))
     assert eot == 4 and sha == local_sha  # eos "c" -> id 4, read from the remote tokenizer_config.json
     assert tok.encode("b a").ids == [3, 2]
-    missing = DataConfig(tokenizer=f"hf:{s3_server.uri('nothing')}", s3_endpoint=s3_server.endpoint)
+    missing = DataConfig(tokenizer=f"hf:{s3_server.uri('nothing')}")
     with pytest.raises(DataError, match="nothing/tokenizer.json not found"):
-        resolve_tokenizer(missing)
+        resolve_tokenizer(missing, store_cfg=store)

@@ -15,7 +15,8 @@ import pytest
 from moetrain.config import DataConfig
 from moetrain.data import DataError
 from moetrain.data.cursor import shard_global_batch
-from moetrain.data.shards import MANIFEST, ShardInfo, make_manifest, open_data_store, read_manifest, shard_bytes
+from moetrain.data.shards import MANIFEST, ShardInfo, make_manifest, read_manifest, shard_bytes
+from moetrain.data.store import open_data_store
 from moetrain.data.stream import train_to_global
 from moetrain.data.training import StreamingData
 
@@ -41,7 +42,7 @@ def write_synthetic(root, shards=SHARDS) -> str:
 
 def open_data(uri, batch=8, **kw) -> StreamingData:
     cfg = DataConfig(source="prepared", prepared_uri=uri, seq_len=SEQ, val_fraction=0.25, **kw)
-    store = open_data_store(uri, s3_endpoint=kw.get("s3_endpoint", ""))
+    store = open_data_store(uri)
     return StreamingData(store, read_manifest(store), cfg, batch)
 
 

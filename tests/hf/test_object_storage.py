@@ -12,18 +12,18 @@ import torch
 def test_import_export_through_s3_is_bit_exact(hf_models, s3_server, tmp_path):
     from safetensors.torch import load_file
 
-    from moetrain.config import CheckpointConfig
+    from moetrain.config import StoreConfig
     from moetrain.hf import export_hf, import_hf, load_hf_weights, model_from_checkpoint
     from moetrain.model import Transformer
 
-    cfg = CheckpointConfig(s3_endpoint=s3_server.endpoint)
-    first = import_hf(str(hf_models["qwen2_moe"]), s3_server.uri("hf-ckpt"), "qwen", cfg=cfg)
+    cfg = StoreConfig(s3_endpoint=s3_server.endpoint)
+    first = import_hf(str(hf_models["qwen2_moe"]), s3_server.uri("hf-ckpt"), "qwen", store_cfg=cfg)
     assert first.uri == s3_server.uri("hf-ckpt/qwen/step-0")
-    export_hf(first.uri, s3_server.uri("hf-out"), max_shard_bytes=30_000, cfg=cfg)
+    export_hf(first.uri, s3_server.uri("hf-out"), max_shard_bytes=30_000, store_cfg=cfg)
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="hf-out/")["Contents"]]
     assert "hf-out/model.safetensors.index.json" in keys and "hf-out/tokenizer.json" in keys
-    second = import_hf(s3_server.uri("hf-out"), s3_server.uri("hf-ckpt"), "again", cfg=cfg)
-    export_hf(second.uri, str(tmp_path / "local"), cfg=cfg)
+    second = import_hf(s3_server.uri("hf-out"), s3_server.uri("hf-ckpt"), "again", store_cfg=cfg)
+    export_hf(second.uri, str(tmp_path / "local"), store_cfg=cfg)
     original = load_file(str(hf_models["qwen2_moe"] / "model.safetensors"))
     back = {}
     for shard in (tmp_path / "local").glob("model-*.safetensors"):

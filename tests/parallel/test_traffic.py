@@ -54,3 +54,16 @@ def test_peer_sends_skip_self_and_split_by_node_and_drain_resets():
 def test_a_node_map_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="3 entries for 4 ranks"):
         TrafficCounter(0, 4, (0, 0, 1), num_layers=1)
+
+
+def test_a_rank_that_sends_no_rows_counts_zero_bytes():
+    """An all-to-all whose input has no rows (every token routed to other ranks' replies, or a
+    batch that sends nothing) counts nothing and does not fail (it used to index row 0)."""
+    import torch
+
+    c = TrafficCounter(0, 4, NODES_2x2, num_layers=1)
+    tally = c.layer(0)
+    tally.sent(torch.empty(0, 16), [0, 0, 0, 0])
+    tally.sent(torch.empty(3, 16), [1, 0, 2, 0])  # 1 row to itself (not counted), 2 rows to node 1
+    t = c.decode(c.drain())
+    np.testing.assert_array_equal(t.a2a_LPC[0, 0], [0, 2 * 16 * 4])

@@ -30,9 +30,11 @@ def test_hypergraph_by_hand():
     topo = Topology(2, 2)
     stats = from_topk_ids(ids[:, None, :], 4)
     p = Placement(np.array([[0, 1, 2, 3]]), (2, 2), 4)
-    # 5 tokens: sends = (1 - 1/2) x (2 x 2 + 2 + 1) / 5, load max 5 (rank 1: 3 + 1 ... rank 0: 3 + 2)
-    assert hg.objective(rank_V, topo.send_weight_R, 0.5) == pytest.approx(0.5 * 7 / 5 + 0.5 * 5 / 5)
-    assert evaluate(stats, p, topo, load_weight=0.5).objective == pytest.approx(0.5 * 7 / 5 + 0.5 * 5 / 5)
+    # 4 tokens hold an id (the all -1 row is not the layer's: cost.layer_tokens): sends =
+    # (1 - 1/2) x (2 x 2 + 2 + 1) / 4, load max 5 (rank 1: 3 + 1 ... rank 0: 3 + 2)
+    assert hg.num_tokens == 4
+    assert hg.objective(rank_V, topo.send_weight_R, 0.5) == pytest.approx(0.5 * 7 / 4 + 0.5 * 5 / 4)
+    assert evaluate(stats, p, topo, load_weight=0.5).objective == pytest.approx(0.5 * 7 / 4 + 0.5 * 5 / 4)
     # expert 0 with two replicas: tokens 0, 2, 4 use replica 0, tokens 1, 3 replica 1
     hg2 = build_hypergraph(ids, np.array([2, 1, 1, 1]))
     assert hg2.expert_V.tolist() == [0, 0, 1, 2, 3] and hg2.replica_V.tolist() == [0, 1, 0, 0, 0]

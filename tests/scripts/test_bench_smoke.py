@@ -2,7 +2,7 @@
 prints its table and a final JSON line whose figures are consistent with each other.
 
 They check that the scripts run and report what they claim to compare, not the targets (those
-are met or not in full runs; see the README's benchmark table)."""
+are met or not in full runs, recorded in results/ and rendered in docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,8 @@ def _run(script: str, *args: str, timeout: float = 300) -> tuple[str, dict]:
 @pytest.mark.s3
 def test_bench_checkpoint_quick():
     text, out = _run("bench_checkpoint.py", "--quick", "--tput-reps", "2")
+    from scripts.bench_checkpoint import SCHEMA
+    assert SCHEMA.problems(out) == []
     assert "baseline = raw pyarrow write" in text and "upload vs baseline" in text
     runs = {(r["backend"], r["snapshot_mode"].rstrip("*")): r for r in out["runs"]}
     assert set(runs) == {(b, m) for b in ("local", "s3") for m in ("sync", "overlap")}
@@ -72,6 +75,8 @@ def test_bench_checkpoint_quick():
 def test_bench_placement_small_budget():
     pytest.importorskip("mtkahypar")
     text, out = _run("bench_placement.py", "--per-layer-s", "0.3", "--skip-scale")
+    from scripts.bench_placement import SCHEMA
+    assert SCHEMA.problems(out) == []
     assert "local_search" in text and "mtkahypar" in text and out["scale"] is None
     rows = {(r["case"], r["tname"], r["method"]): r for r in out["rows"]}
     groups = {(case, tname) for case, tname, _ in rows}
@@ -110,8 +115,39 @@ def test_bench_replacement_two_actors():
     text, out = _run("bench_replacement.py", "--workers", "2", "--experts", "4", "--dim", "32",
                      "--ffn", "64", "--seq", "16", "--batch", "4", "--steps", "2", "--rounds", "1",
                      "--time-limit", "2")
+    from scripts.bench_replacement import SCHEMA
+    assert SCHEMA.problems(out) == []
     assert "speedup (contiguous step / re-placed step)" in text
     assert out["speedup"] == pytest.approx(out["contiguous_step_s"] / out["ilp_step_s"], rel=1e-3)
     # hot experts 0 and 1 sit together on rank 0 under contiguous; the ILP splits them
     assert out["contiguous_rank_load_max_over_mean"] > out["ilp_rank_load_max_over_mean"]
     assert out["target_met"] == (out["speedup"] >= 1.15)
+
+
+def test_bench_placement_curves_quick():
+    """The generalisation study (learning curves, issue 26) in its quick mode: every difference
+    carries its paired interval, and the JSON's counts and targets are what its rows say."""
+    pytest.importorskip("mtkahypar")
+    text, out = _run("bench_placement.py", "--study", "curves", "--quick", "--per-layer-s", "0.3")
+    assert "validated-mtkahypar" in text and "cross-trace: not run" in text
+    rows = out["rows"]
+    assert {(r["topology"], r["window"], r["load_weight"]) for r in rows} == {
+        (t, w, lw) for t in ("4 ranks", "8 ranks") for w in ("500", "all") for lw in (0.0, 1.0)}
+    for r in rows:
+        for pair in ("validated-mtkahypar", "validated-pipeline", "validated-contiguous", "pipeline-mtkahypar"):
+            d, lo, hi = r[pair]
+            a, b = pair.split("-")
+            assert d == pytest.approx(r[a]["sends"] - r[b]["sends"], abs=1e-9) and lo <= d <= hi
+        for m in ("pipeline", "validated", "mtkahypar"):
+            assert r[m]["reduction_vs_contiguous"] == pytest.approx(1 - r[m]["sends"] / r["contiguous"]["sends"])
+        # 60 experts on 8 ranks: uneven slots or replicas, by validation; 4 ranks divide evenly
+        assert r["slots"] == "even" if r["topology"] == "4 ranks" else r["slots"] in ("uneven", "replicas")
+        assert r["val_tokens"] > 0 and r["validated"]["s_per_layer"] > 0
+    lw0 = [r for r in rows if r["load_weight"] == 0.0]
+    assert out["validated_significantly_worse_than_mtkahypar_cases"] == {
+        w: sum(r["validated-mtkahypar"][1] > 0 for r in lw0 if r["window"] == w) for w in ("500", "all")}
+    assert len(out["validated_vs_contiguous_reduction"]) == len(rows)
+    assert out["targets"]["validated_reduction_ge_pipeline_every_case"] == all(
+        v["validated"] >= v["pipeline"] - 1e-12 for v in out["validated_vs_contiguous_reduction"].values())
+    assert out["selection_s_per_layer"]["max"] == pytest.approx(max(r["validated"]["s_per_layer"] for r in rows))
+    assert out["all_targets_met"] == all(out["targets"].values()) and out["machine"]["cpu"]

@@ -115,6 +115,24 @@ def test_sample_carries_home_ranks_through_merge_and_file(tmp_path):
     np.testing.assert_array_equal(back.topk_ids_TLK, merged.topk_ids_TLK)
 
 
+def test_sample_carries_steps_through_merge_and_file(tmp_path):
+    """Each sampled row knows its optimizer step (the validated selection splits the window by
+    steps): a window of 2 over 3 steps keeps steps 1 and 2; sample_tokens=3 drops step 1's first."""
+    from moetrain.train.stats import save_routing_npz
+    from placement import load_routing
+
+    a = RoutingStatsAccumulator(2, 4, 2, window=2, sample_tokens=3)
+    b = RoutingStatsAccumulator(2, 4, 2, window=2)
+    _feed(a)
+    _feed(b)
+    sa, sb = a.window_stats(ParallelContext(rank=0)), b.window_stats(ParallelContext(rank=1))
+    assert sa.step_T.tolist() == [1, 2, 2] and sb.step_T.tolist() == [1, 1, 2, 2]
+    merged = merge_rank_samples([sa, sb])
+    assert merged.step_T.tolist() == [1, 2, 2, 1, 1, 2, 2]
+    save_routing_npz(str(tmp_path / "w.npz"), merged)
+    assert load_routing(tmp_path / "w.npz").step_T.tolist() == [1, 2, 2, 1, 1, 2, 2]
+
+
 def test_bad_window_or_sample_size_is_refused():
     with pytest.raises(ValueError, match="window"):
         RoutingStatsAccumulator(2, 4, 2, window=0)

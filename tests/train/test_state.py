@@ -52,6 +52,6 @@ def test_objects_of_one_placement_load_into_another_by_logical_expert():
     assert want.keys() == got.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
-    for (n, a), (_, b) in zip(src.model.dense_parameters(), dst.model.dense_parameters()):
+    for (_, a), (_, b) in zip(src.model.dense_parameters(), dst.model.dense_parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         torch.testing.assert_close(dst.optimizer.state[b]["exp_avg_sq"], src.optimizer.state[a]["exp_avg_sq"])

@@ -136,5 +136,7 @@ class LocalDispatcher:
 
     def combine(self, y_ND: Tensor, meta: DispatchMeta) -> Tensor:
         if not isinstance(meta, LocalDispatchMeta):
-            raise TypeError(f"LocalDispatcher.combine needs the LocalDispatchMeta from its dispatch, got {type(meta).__name__}")
+            raise TypeError(
+                f"LocalDispatcher.combine needs the LocalDispatchMeta from its dispatch, got {type(meta).__name__}"
+            )
         return weighted_combine(y_ND, meta.token_index_N, meta.weights_N, meta.num_tokens)

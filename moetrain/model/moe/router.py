@@ -102,6 +102,8 @@ class TopKRouter(nn.Module):
         self.softmax_over_k = moe_cfg.router == "topk_softmax"
         self.use_bias = moe_cfg.expert_bias
         self.gate_ED = nn.Parameter(torch.zeros(moe_cfg.num_experts, dim))
+        self.expert_bias_E: torch.Tensor
+        self.expert_node_E: torch.Tensor
         self.register_buffer("expert_bias_E", torch.zeros(moe_cfg.num_experts, dtype=torch.float32))
         self.max_nodes = moe_cfg.max_nodes_per_token
         self.num_nodes = 1

@@ -1,8 +1,8 @@
-"""Object storage for checkpoints: one ``Store`` per checkpoint root, on top of ``pyarrow.fs``.
+"""Object storage: one ``Store`` per root URI, on top of ``pyarrow.fs``, for checkpoints, prepared
+data, tokenizers and Hugging Face import / export alike (opened by :mod:`moetrain.storage.open`
+from a root URI and a :class:`~moetrain.config.StoreConfig`).
 
-Owns: turning a root URI (local path, ``s3://bucket/prefix``, ``gs://bucket/prefix``, any other
-scheme ``pyarrow.fs.FileSystem.from_uri`` knows) into a filesystem, and the few operations the
-checkpoint code needs, each with retries and typed errors naming the URI:
+Owns: the few operations its users need, each with retries and typed errors naming the URI:
 
 - ``write_atomic(key, produce)``: stream to a temporary key next to the final one with
   ``open_output_stream`` (no local staging), checksum (``Store.checksum``: crc32c by default,
@@ -60,7 +60,6 @@ boto3 when it is installed.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import time
@@ -72,17 +71,16 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow.fs as pafs
 
-from moetrain.checkpoint.checksum import ALGORITHMS, DEFAULT, new_hasher
-from moetrain.checkpoint.errors import (
+from moetrain.storage.checksum import DEFAULT, new_hasher
+from moetrain.storage.errors import (
     BucketNotFoundError,
-    CheckpointError,
     InvalidNameError,
     ObjectNotFoundError,
     StoreAccessError,
+    StoreError,
     StoreUnreachableError,
 )
-from moetrain.checkpoint.sink import HashingSink, LocalFileSync, fsync_dir
-from moetrain.config import CheckpointConfig
+from moetrain.storage.sink import HashingSink, LocalFileSync, fsync_dir
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,7 +99,7 @@ _TRANSIENT = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT"
               "REQUEST_TIMEOUT", "TEMPORARILY")
 
 
-def classify_os_error(exc: BaseException) -> tuple[type[CheckpointError], bool]:
+def classify_os_error(exc: BaseException) -> tuple[type[StoreError], bool]:
     """(error class, transient?) for an exception raised by a pyarrow filesystem call."""
     if isinstance(exc, FileNotFoundError):
         return ObjectNotFoundError, False
@@ -116,7 +114,7 @@ def classify_os_error(exc: BaseException) -> tuple[type[CheckpointError], bool]:
         return ObjectNotFoundError, False
     if isinstance(exc, (ConnectionError, TimeoutError)) or any(s in text for s in _TRANSIENT):
         return StoreUnreachableError, True
-    return CheckpointError, False
+    return StoreError, False
 
 
 def redact_uri(uri: str) -> str:
@@ -155,7 +153,8 @@ class _ProducerFailed(Exception):
 
 @dataclass(frozen=True)
 class Store:
-    """A checkpoint root on some filesystem. Keys are '/'-separated paths below the root."""
+    """A root (checkpoints, prepared data, a model directory) on some filesystem. Keys are
+    '/'-separated paths below the root."""
 
     uri: str  # redacted root URI, e.g. "s3://bucket/prefix" or "/abs/dir"
     fs: pafs.FileSystem = field(repr=False, compare=False)
@@ -212,7 +211,7 @@ class Store:
             log.debug("could not delete the unfinished object %s: %s", path, exc)
 
     # ---- writes ----------------------------------------------------------------------
-    def _stream(self, key: str, produce: Callable[[HashingSink], None], *, atomic: bool) -> WriteResult:
+    def _stream(self, key: str, produce: Callable[[HashingSink], object], *, atomic: bool) -> WriteResult:
         """Stream ``produce(sink)`` to ``key`` (via a temporary key and ``move`` when ``atomic``),
         with retries; see :meth:`write_atomic` and :meth:`write_direct`."""
         def attempt() -> WriteResult:
@@ -252,7 +251,7 @@ class Store:
         except _ProducerFailed as failed:
             raise failed.original from None
 
-    def write_atomic(self, key: str, produce: Callable[[HashingSink], None]) -> WriteResult:
+    def write_atomic(self, key: str, produce: Callable[[HashingSink], object]) -> WriteResult:
         """Stream ``produce(sink)`` to ``key`` atomically; returns its size and checksum.
 
         Transient I/O errors restart the object from scratch (``produce`` must be re-callable).
@@ -261,7 +260,7 @@ class Store:
         """
         return self._stream(key, produce, atomic=True)
 
-    def write_direct(self, key: str, produce: Callable[[HashingSink], None]) -> WriteResult:
+    def write_direct(self, key: str, produce: Callable[[HashingSink], object]) -> WriteResult:
         """Stream ``produce(sink)`` straight to ``key``; returns its size and checksum.
 
         Same retries and error handling as :meth:`write_atomic`, minus the temporary key and the
@@ -366,147 +365,3 @@ def _close_quietly(out: pafs.NativeFile) -> None:
         out.close()
     except Exception as exc:  # the stream may already be broken; the object is deleted next
         log.debug("closing a failed output stream: %s", exc)
-
-
-# --------------------------------------------------------------------------------------------
-# Opening
-# --------------------------------------------------------------------------------------------
-
-
-def _env(*names: str) -> str:
-    for name in names:
-        if os.environ.get(name):
-            return os.environ[name]
-    return ""
-
-
-def _split_endpoint(endpoint: str) -> tuple[str, str]:
-    """("http", "127.0.0.1:9000") from "http://127.0.0.1:9000"; https when no scheme is given.
-    An endpoint with credentials in it (``http://KEY:SECRET@host``, e.g. from AWS_ENDPOINT_URL)
-    is refused without contacting it and without repeating it."""
-    if "@" in endpoint:
-        raise InvalidNameError(f"the store endpoint {endpoint.partition('://')[0] or 'https'}://***@"
-                               f"{endpoint.rpartition('@')[2]} holds credentials: give only scheme://host:port, "
-                               "and the keys in AWS_* / GOOGLE_APPLICATION_CREDENTIALS")
-    if "://" in endpoint:
-        scheme, _, rest = endpoint.partition("://")
-        return scheme, rest.rstrip("/")
-    return "https", endpoint.rstrip("/")
-
-
-def _open_s3(uri: str, cfg: CheckpointConfig, connect_timeout_s: float, request_timeout_s: float,
-             background_writes: bool) -> tuple[pafs.FileSystem, str, str, str]:
-    parts = urlsplit(uri)
-    if parts.query or "@" in parts.netloc:
-        raise InvalidNameError(
-            f"checkpoint URI {redact_uri(uri)!r}: put S3 options in checkpoint.s3_endpoint / "
-            "checkpoint.s3_region and credentials in AWS_* environment variables, not in the URI")
-    bucket = parts.netloc
-    if not bucket:
-        raise InvalidNameError(f"checkpoint URI {uri!r} has no bucket (expected s3://bucket/prefix)")
-    endpoint = cfg.s3_endpoint or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-    region = cfg.s3_region or _env("AWS_REGION", "AWS_DEFAULT_REGION")
-    kwargs: dict = {}
-    if endpoint:
-        scheme, host = _split_endpoint(endpoint)
-        kwargs.update(endpoint_override=host, scheme=scheme)
-        # A custom endpoint is not EC2: never let the SDK probe the instance-metadata address
-        # for credentials (with no network it retries for a long time).
-        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-        region = region or "us-east-1"
-    elif not region:
-        try:
-            region = pafs.resolve_s3_region(bucket)
-        except OSError as exc:
-            cls, _ = classify_os_error(exc)
-            raise (cls if cls is not CheckpointError else StoreUnreachableError)(
-                f"cannot resolve the region of bucket {bucket!r} for {redact_uri(uri)} "
-                f"(set checkpoint.s3_region or AWS_REGION): {exc}") from exc
-    fs = pafs.S3FileSystem(
-        region=region, connect_timeout=connect_timeout_s, request_timeout=request_timeout_s,
-        # Our own retry loop (max_retries, exponential backoff) wraps every call.
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
-        background_writes=background_writes, **kwargs)
-    root = f"{bucket}{parts.path}".rstrip("/")
-    return fs, root, endpoint, region
-
-
-def _open_gcs(uri: str, cfg: CheckpointConfig, backoff_s: float) -> tuple[pafs.FileSystem, str, str]:
-    """GCS through pyarrow: credentials from Application Default Credentials (the
-    ``GOOGLE_APPLICATION_CREDENTIALS`` file, gcloud, or the metadata server); endpoint from
-    ``checkpoint.gcs_endpoint`` or ``STORAGE_EMULATOR_HOST`` (emulators). A plain-http
-    endpoint is an emulator: no credentials are sent to it."""
-    parts = urlsplit(uri)
-    if parts.query or "@" in parts.netloc:
-        raise InvalidNameError(
-            f"checkpoint URI {redact_uri(uri)!r}: put the GCS endpoint in checkpoint.gcs_endpoint "
-            "and credentials in GOOGLE_APPLICATION_CREDENTIALS, not in the URI")
-    if not parts.netloc:
-        raise InvalidNameError(f"checkpoint URI {uri!r} has no bucket (expected gs://bucket/prefix)")
-    endpoint = cfg.gcs_endpoint or _env("STORAGE_EMULATOR_HOST")
-    kwargs: dict = {}
-    if endpoint:
-        scheme, host = _split_endpoint(endpoint)
-        kwargs.update(endpoint_override=host, scheme=scheme, anonymous=scheme == "http")
-    # GCS retries transient errors itself for up to this long; our retry loop adds backoff.
-    retry_s = max(1.0, backoff_s * 2 ** cfg.max_retries)
-    fs = pafs.GcsFileSystem(retry_time_limit=dt.timedelta(seconds=retry_s), **kwargs)
-    return fs, f"{parts.netloc}{parts.path}".rstrip("/"), endpoint
-
-
-def _probe(store: Store) -> None:
-    """Fail fast (before training starts) on an unreachable store, bad credentials, no bucket."""
-    if store.kind in ("s3", "gcs"):
-        bucket = store.root.split("/", 1)[0]
-        info = store._run("opening", "", lambda: store.fs.get_file_info(bucket))
-        if info.type == pafs.FileType.NotFound:
-            raise BucketNotFoundError(f"bucket {bucket!r} of {store.uri} does not exist")
-    else:
-        info = store._run("opening", "", lambda: store.fs.get_file_info(store.root))
-        if info.type == pafs.FileType.File:
-            raise CheckpointError(f"checkpoint root {store.uri} is a file, not a directory")
-
-
-def open_store(uri: str, cfg: CheckpointConfig | None = None, *, connect_timeout_s: float = 5.0,
-               request_timeout_s: float = 60.0, backoff_s: float = 0.5, probe: bool = True,
-               s3_background_writes: bool = False) -> Store:
-    """Open the checkpoint root ``uri``: a local path (relative paths are made absolute),
-    ``file://``, ``s3://bucket/prefix`` (endpoint / region from ``cfg`` or ``AWS_ENDPOINT_URL``,
-    ``AWS_REGION``; keys from the AWS SDK chain), ``gs://bucket/prefix``, or any other URI
-    pyarrow knows. ``probe`` checks reachability, credentials and the bucket now.
-
-    ``s3_background_writes=False`` (default) uploads each stream's parts from the writing
-    thread: memory stays bounded (one part per stream; parallelism comes from writing several
-    objects at once), whereas pyarrow's background writes buffer a whole object when the
-    network is slower than serialisation (measured: +230 MB for 6 x 48 MB objects)."""
-    cfg = cfg or CheckpointConfig()
-    if not uri:
-        raise InvalidNameError("checkpoint URI is empty (set checkpoint.uri)")
-    if cfg.max_retries < 0:
-        raise InvalidNameError(f"checkpoint.max_retries ({cfg.max_retries}) must be >= 0")
-    if cfg.checksum not in ALGORITHMS:
-        raise InvalidNameError(f"checkpoint.checksum ({cfg.checksum!r}) must be one of {ALGORITHMS}")
-    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
-    endpoint = region = ""
-    if scheme == "s3":
-        fs, root, endpoint, region = _open_s3(uri, cfg, connect_timeout_s, request_timeout_s,
-                                              s3_background_writes)
-        kind = "s3"
-    elif scheme in ("gs", "gcs"):
-        fs, root, endpoint = _open_gcs(uri, cfg, backoff_s)
-        kind = "gcs"
-    else:
-        target = uri if scheme else os.path.abspath(os.path.expanduser(uri))
-        try:
-            fs, root = pafs.FileSystem.from_uri(target)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot open checkpoint store {redact_uri(uri)}: {exc}") from exc
-        kind = "local" if isinstance(fs, pafs.LocalFileSystem) else scheme or "other"
-        root = root.rstrip("/") or "/"
-        uri = root if kind == "local" else uri
-    store = Store(uri=redact_uri(uri.rstrip("/")), fs=fs, root=root, kind=kind,
-                  max_retries=cfg.max_retries, backoff_s=backoff_s, endpoint=endpoint,
-                  s3_region=region, fsync=cfg.fsync, checksum=cfg.checksum)
-    if probe:
-        _probe(store)
-    return store

@@ -1,6 +1,6 @@
-"""Streaming one checkpoint object out: ``HashingSink`` checksums and counts the bytes on their
+"""Streaming one object out: ``HashingSink`` checksums and counts the bytes on their
 way to the store's output stream, and ``LocalFileSync`` makes a local file durable while it is
-written (see "Durability of local directories" in ``moetrain.checkpoint.storage``): each chunk's
+written (see "Durability of local directories" in ``moetrain.storage.store``): each chunk's
 write-back is started as soon as it is written (Linux ``sync_file_range``), and the file is
 fsync-ed before its size and checksum are reported."""
 
@@ -15,7 +15,7 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 
-from moetrain.checkpoint.checksum import DEFAULT, new_hasher
+from moetrain.storage.checksum import DEFAULT, new_hasher
 
 CHUNK_BYTES = 8 << 20  # hashing and writing interleave in chunks of this size
 

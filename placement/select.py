@@ -1,0 +1,433 @@
+"""Placement chosen by validation inside the statistics window, not by fit (``method="validated"``).
+
+Owns: the time split of a window (:func:`time_folds`), the candidate recipes (:class:`Recipe`,
+:func:`default_recipes`), choosing per layer by the validation score, the refit decision, the
+validation score of any placement on the same split (:func:`validation_scores`), and uneven slots
+against replicas (:func:`select_slots`).
+
+Why: on small windows the pipeline's exact search overfits: what it wins on the fitted tokens it
+loses on the next ones (issue 26). So:
+
+1. **Split by time.** The newest ``val_fraction`` of the window validates, the older part fits;
+   with ``step_T`` (stats.py) the cuts fall on step boundaries. With enough tokens the newest part
+   is cut into up to ``folds`` blocks (rolling origin: fold j fits on everything before block j).
+   A window too small for that (fewer than ``MIN_FIT_TOKENS`` / ``MIN_VAL_TOKENS`` rows, or one
+   step) is not validated: the first recipe fits the whole window and the report says so
+   (``val_score`` nan).
+2. **Candidates** (each a :class:`Recipe`, run on each fold's fit part within a share of the time
+   budget, in this order): the pipeline at the asked load weight, **Mt-KaHyPar** when ``mtkahypar``
+   imports (mtk.py), the pipeline at 0, half and twice the load weight and with another seed,
+   **bagging** (the pipeline on ``BAG_RESAMPLES`` bootstrap resamples of the fit tokens; per layer,
+   the resample answer best on average over all resamples) and greedy. A recipe may also fit on
+   the newest share of the fit part only (``Recipe.window``); none of the defaults does: on the
+   shared traces that chased the validation block's local regime and lost on later tokens.
+3. **Choose per layer** the candidate with the lowest validation objective (the cost model's
+   objective at the asked load weight, mean over folds). It replaces the first recipe (the asked
+   method) only when it wins by more than ``SELECT_Z`` standard errors of the paired per-token
+   sends difference on the last validation block: with a dozen candidates and a few hundred
+   validation tokens, the best-looking one is partly luck (winner's curse).
+4. **Refit by evidence**: the chosen recipe is run again on the last fold's fit part less its
+   newest block ("lagged"). The recipe is refitted on the whole window (whose newest tokens are the
+   freshest of all: under drift they help) unless the lagged fit scores better on the validation
+   block than the full fit part by more than ``SELECT_Z`` standard errors (fresher tokens hurt);
+   then the validated answer itself is returned. When the time left pays for one run only, the
+   refit runs without the check; when not even that, the validated answer stands.
+   ``LayerReport.refit`` says which.
+
+Every answer is scored by cost.py's :func:`evaluate`. Time: ``CANDIDATE_SHARE`` of the budget
+for the candidates (all folds; the first gets ``FIRST_SHARE`` of it; a recipe whose least cost,
+the pipeline's convergent heuristics as last measured, exceeds what is left is skipped),
+``REFIT_CHECK_SHARE`` for the lagged fits, the rest for the refits. Deterministic for a seed
+unless a pipeline phase hits its time cap (solve.py) or a recipe is skipped for time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from placement import mtk
+from placement.cost import evaluate, token_sends_T
+from placement.ilp import default_solver
+from placement.placement import Placement, PlacementError
+from placement.solve import DEFAULT_RESTARTS, METHODS, LayerReport, SolveResult, solve_placement
+from placement.stats import RoutingStats
+from placement.topology import Topology
+
+VAL_FRACTION = 0.25  # share of the window (its newest tokens) that validates
+MAX_FOLDS = 2  # validation blocks (rolling origin) where the window and the budget allow
+FOLDS_MIN_S = 4.0  # seconds per layer below which one fold is used (each fold runs every candidate)
+MIN_VAL_TOKENS = 64  # a validation block holds at least this many tokens
+MIN_FIT_TOKENS = 64  # a fit part holds at least this many tokens
+CANDIDATE_SHARE = 0.5  # of the time budget: all candidates on all folds
+REFIT_CHECK_SHARE = 0.1  # of the time budget: the lagged fits of the chosen recipes (the rest: refits)
+SELECT_Z = 2.0  # a candidate beats the asked method by more than this many standard errors
+FIRST_SHARE = 0.6  # of the candidate time: the first recipe (the asked method), the rest by weight
+SLOTS_SHARE = 0.3  # of the time budget: select_slots' comparison of the two slot layouts
+MIN_SOLVE_S = 0.05  # no candidate runs with less
+BAG_RESAMPLES = 4  # bootstrap resamples of the fit tokens (bagging)
+TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way of producing a placement from a fit part."""
+
+    name: str
+    method: str  # a solve_placement method (solve.METHODS), "bagged" or "mtkahypar"
+    load_weight_factor: float = 1.0  # x the asked load weight
+    seed_offset: int = 0
+    window: float = 1.0  # share of the fit part (its newest tokens) it fits on
+    weight: float = 1.0  # share of the candidate budget (0: fast, runs on what is left)
+
+
+def default_recipes(method: str, load_weight: float) -> tuple[Recipe, ...]:
+    """The candidates of ``method``: the whole set for "validated", else that method alone (its
+    answer is still judged and refitted by validation)."""
+    if method != "validated":
+        if method not in METHODS:
+            raise PlacementError(f"method ({method!r}) must be one of {', '.join(METHODS)}")
+        return (Recipe(method, method),)
+    out = [Recipe("ilp", "ilp")]
+    if mtk.available():
+        out.append(Recipe("mtkahypar", "mtkahypar", weight=0.25))
+    if load_weight > 0:
+        out += [Recipe("ilp_lw0", "ilp", 0.0), Recipe("ilp_lw_half", "ilp", 0.5), Recipe("ilp_lw_x2", "ilp", 2.0)]
+    out += [Recipe("ilp_seed1", "ilp", seed_offset=1), Recipe("bagged", "bagged", weight=2.0),
+            Recipe("greedy", "greedy", weight=0.0)]
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Fold:
+    fit_rows: np.ndarray  # row indices of the fit part, oldest first
+    val_rows: np.ndarray  # row indices of the validation block
+
+
+def _time_order(stats: RoutingStats) -> tuple[np.ndarray, np.ndarray]:
+    """Rows oldest first and their steps (row order when the statistics carry no steps)."""
+    T = stats.num_tokens
+    if stats.step_T is None:
+        return np.arange(T), np.arange(T)
+    order = np.argsort(stats.step_T, kind="stable")
+    return order, stats.step_T[order]
+
+
+def _snap(step: np.ndarray, pos: int) -> int:
+    """The first position of the step holding ``pos`` (cuts fall on step boundaries)."""
+    return int(np.searchsorted(step, step[min(pos, len(step) - 1)], side="left")) if pos < len(step) else pos
+
+
+def time_folds(stats: RoutingStats, val_fraction: float = VAL_FRACTION, folds: int = MAX_FOLDS) -> list[Fold]:
+    """The window split by time (module docstring, 1.); [] when it is too small to validate."""
+    if stats.topk_ids_TLK is None or not 0 < val_fraction < 1:
+        return []
+    order, step = _time_order(stats)
+    T = len(order)
+    n_val = int(round(val_fraction * T))
+    k = max(min(int(folds), n_val // MIN_VAL_TOKENS), 1)
+    cuts = sorted({_snap(step, T - n_val + round(j * n_val / k)) for j in range(k)}) + [T]
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if a >= MIN_FIT_TOKENS and b - a >= MIN_VAL_TOKENS:
+            out.append(Fold(order[:a], order[a:b]))
+    return out
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    topo: Topology
+    current: Placement | None
+    load_weight: float
+    migration_weight: float
+    expert_bytes: float
+    seed: int
+    restarts: int
+    balance_cap: float | None
+
+    def score_L(self, stats: RoutingStats, p: Placement) -> np.ndarray:
+        """The cost model's objective per layer [L] at the asked weights."""
+        return evaluate(stats, p, self.topo, current=self.current, load_weight=self.load_weight,
+                        migration_weight=self.migration_weight, expert_bytes=self.expert_bytes).objective_L
+
+    def for_layers(self, layers: list[int]) -> "_Ctx":
+        cur = self.current
+        if cur is not None:
+            cur = Placement(cur.phy2log_LS[layers], cur.slots_per_rank, cur.num_experts)
+        return replace(self, current=cur)
+
+
+def _newest(stats: RoutingStats, share: float) -> RoutingStats:
+    order, step = _time_order(stats)
+    cut = _snap(step, int(round((1 - share) * len(order))))
+    return stats.take_rows(order[cut:] if len(order) - cut >= MIN_FIT_TOKENS else order)
+
+
+def _bagged(fit: RoutingStats, c: _Ctx, budget_s: float, tag: int) -> tuple[Placement, None]:
+    """Per layer, of the pipeline's answers on ``BAG_RESAMPLES`` bootstrap resamples of ``fit``,
+    the one with the lowest mean objective over all the resamples."""
+    rng = np.random.default_rng([c.seed, 7, tag])
+    T = fit.num_tokens
+    samples = [fit.take_rows(rng.integers(0, T, T)) for _ in range(BAG_RESAMPLES)]
+    answers = [solve_placement(s, c.topo, "ilp", current=c.current, time_limit_s=max(budget_s / BAG_RESAMPLES,
+                               MIN_SOLVE_S), load_weight=c.load_weight, migration_weight=c.migration_weight,
+                               expert_bytes=c.expert_bytes, seed=c.seed, restarts=c.restarts,
+                               balance_cap=c.balance_cap).placement for s in samples]
+    mean_BL = np.array([np.mean([c.score_L(s, p) for s in samples], axis=0) for p in answers])
+    pick_L = mean_BL.argmin(axis=0)
+    rows = np.stack([answers[b].phy2log_LS[l] for l, b in enumerate(pick_L)])
+    return Placement(rows, c.topo.slots_per_rank, fit.num_experts), None
+
+
+def run_recipe(r: Recipe, fit: RoutingStats, c: _Ctx, budget_s: float,
+               tag: int = 0) -> tuple[Placement | None, tuple[LayerReport, ...] | None]:
+    """The recipe's placement on ``fit`` (None: Mt-KaHyPar absent) and the pipeline's reports."""
+    if r.window < 1.0:
+        fit = _newest(fit, r.window)
+    if r.method == "bagged":
+        return _bagged(fit, c, budget_s, tag)
+    if r.method == "mtkahypar":
+        end = time.monotonic() + max(budget_s, MIN_SOLVE_S)
+        rows = [mtk.mtk_row(fit.topk_ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset,
+                            deadline=end) for l in range(fit.num_layers)]
+        if any(row is None for row in rows):
+            return None, None
+        return Placement(np.stack(rows), c.topo.slots_per_rank, fit.num_experts), None
+    res = solve_placement(fit, c.topo, r.method, current=c.current, time_limit_s=max(budget_s, MIN_SOLVE_S),
+                          load_weight=c.load_weight * r.load_weight_factor, migration_weight=c.migration_weight,
+                          expert_bytes=c.expert_bytes, seed=c.seed + r.seed_offset, restarts=c.restarts,
+                          balance_cap=c.balance_cap)
+    return res.placement, res.layers
+
+
+@dataclass
+class _Scored:
+    recipe: Recipe
+    fit_FL: list  # per fold: fit-part objective [L]
+    val_FL: list  # per fold: validation objective [L]
+    last: Placement  # the answer on the last fold's fit part
+    reports: tuple[LayerReport, ...] | None
+    seconds: float = 0.0  # the least one fold's run costs: the pipeline's uncut heuristics, else its wall time
+
+
+def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx,
+                end: float) -> list[_Scored]:
+    """Each recipe on every fold's fit part, scored on the fit part and the validation block. The
+    first (the asked method) always runs, on ``FIRST_SHARE`` of the time; each other gets its
+    weight's share of the time left, and is skipped when its least cost (the last pipeline
+    recipe's convergent heuristics, which the clock does not cut; x resamples for bagging)
+    exceeds what is left."""
+    parts = [(stats.take_rows(f.fit_rows), stats.take_rows(f.val_rows)) for f in folds]
+    out: list[_Scored] = []
+    last_cost = 0.0
+    for i, r in enumerate(recipes):
+        left = end - time.monotonic()
+        least = {"bagged": BAG_RESAMPLES * last_cost, "mtkahypar": 0.0}.get(r.method, last_cost if r.weight else 0.0)
+        if i and (left < least or left <= 0):
+            continue
+        if i == 0:
+            budget = max(left, 0.0) * (FIRST_SHARE if len(recipes) > 1 else 1.0)
+        else:
+            budget = max(left, 0.0) * r.weight / max(sum(q.weight for q in recipes[i:]), TOL) if r.weight else 0.0
+        t = time.monotonic()
+        s = None
+        for j, (fit, val) in enumerate(parts):
+            p, reps = run_recipe(r, fit, c, budget / len(parts), tag=j)
+            if p is None:
+                break
+            s = s or _Scored(r, [], [], p, reps)
+            s.fit_FL.append(c.score_L(fit, p))
+            s.val_FL.append(c.score_L(val, p))
+            s.last, s.reports = p, reps
+        if s is not None:
+            wall = (time.monotonic() - t) / len(parts)
+            s.seconds = sum(rep.seconds("heuristics") for rep in s.reports) if s.reports else wall
+            out.append(s)
+        if r.weight and r.method in METHODS and s is not None:
+            last_cost = s.seconds * len(parts)
+    return out
+
+
+def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_end: float,
+           end: float) -> dict[int, np.ndarray]:
+    """Rows refitted on the whole window for the layers where fresher tokens did not hurt (4.)."""
+    last = folds[-1]
+    n_block = len(last.val_rows)
+    lag_rows = last.fit_rows[: len(last.fit_rows) - n_block]
+    if len(lag_rows) < MIN_FIT_TOKENS:
+        return {}
+    lagged, val = stats.take_rows(lag_rows), stats.take_rows(last.val_rows)
+    groups: dict[str, tuple[_Scored, list[int]]] = {}
+    for l, s in chosen.items():
+        groups.setdefault(s.recipe.name, (s, []))[1].append(l)
+    helped: list[tuple[_Scored, list[int]]] = []
+    for n, (s, layers) in enumerate(groups.values()):
+        cost = s.seconds * len(layers) / stats.num_layers
+        if end - time.monotonic() < cost:
+            continue  # no time to refit: the validated answer stands
+        if end - time.monotonic() < 2 * cost:
+            helped.append((s, layers))  # time for the refit only: refit (no evidence that it hurts)
+            continue
+        budget = max(check_end - time.monotonic(), 0.0) / (len(groups) - n)
+        sub = c.for_layers(layers)
+        p, _ = run_recipe(s.recipe, lagged.select_layers(layers), sub, budget, tag=99)
+        lag_val = sub.score_L(val.select_layers(layers), p)
+        better = [l for i, l in enumerate(layers)
+                  if not _significantly_lower(lag_val[i], s.val_FL[-1][l], val, p, i, s.last, l, c)]
+        if better:
+            helped.append((s, better))
+    out: dict[int, np.ndarray] = {}
+    for n, (s, layers) in enumerate(helped):
+        budget = max(end - time.monotonic(), 0.0) / (len(helped) - n)
+        sub = c.for_layers(layers)
+        if c.migration_weight == 0:  # warm start from the validated rows: keep the basin validation chose
+            sub = replace(sub, current=Placement(s.last.phy2log_LS[layers], s.last.slots_per_rank, s.last.num_experts))
+        p, _ = run_recipe(s.recipe, stats.select_layers(layers), sub, budget, tag=100)
+        out.update({l: p.phy2log_LS[i] for i, l in enumerate(layers)})
+    return out
+
+
+def _significantly_lower(obj_a: float, obj_b: float, val: RoutingStats, a: Placement, la: int,
+                         b: Placement, lb: int, c: _Ctx) -> bool:
+    """Objective ``obj_a`` of row ``a[la]`` below ``obj_b`` of ``b[lb]`` by more than ``SELECT_Z``
+    standard errors of their paired per-token sends difference on ``val``'s layer ``lb``."""
+    if obj_b - obj_a <= TOL:
+        return False
+    vs = val.select_layers([lb])
+    d_T = (token_sends_T(vs, Placement(b.phy2log_LS[[lb]], b.slots_per_rank, b.num_experts), c.topo)
+           - token_sends_T(vs, Placement(a.phy2log_LS[[la]], a.slots_per_rank, a.num_experts), c.topo))
+    se = float(d_T.std(ddof=1) / math.sqrt(d_T.size)) if d_T.size > 1 else math.inf
+    return obj_b - obj_a > SELECT_Z * se
+
+
+def _choose(l: int, scored: list[_Scored], last_val: RoutingStats, c: _Ctx) -> _Scored:
+    """Layer l's candidate (module docstring, 3.)."""
+    val_C = np.array([np.mean([v[l] for v in s.val_FL]) for s in scored])
+    b = int(np.argmin(val_C))
+    if b and _significantly_lower(val_C[b], val_C[0], last_val, scored[b].last, l, scored[0].last, l, c):
+        return scored[b]
+    return scored[0]
+
+
+def _report(l: int, s: _Scored, scored: list[_Scored], refit: bool, val_tokens: int,
+            objective: float) -> LayerReport:
+    fit, val = float(np.mean([f[l] for f in s.fit_FL])), float(np.mean([v[l] for v in s.val_FL]))
+    sel = tuple((o.recipe.name, float(np.mean([f[l] for f in o.fit_FL])), float(np.mean([v[l] for v in o.val_FL])))
+                for o in scored)
+    base = s.reports[l] if s.reports else LayerReport(l, "validated", s.recipe.method, objective)
+    return replace(base, layer=l, method="validated", source=f"{s.recipe.name}:{base.source}", objective=objective,
+                   fit_score=fit, val_score=val, val_tokens=val_tokens, selection=sel, refit=refit)
+
+
+def select_placement(stats: RoutingStats, topology: Topology, *, recipes: tuple[Recipe, ...] | None = None,
+                     method: str = "validated", current: Placement | None = None, time_limit_s: float = 10.0,
+                     load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
+                     seed: int = 0, restarts: int | None = None, balance_cap: float | None = None,
+                     val_fraction: float = VAL_FRACTION, folds: int = MAX_FOLDS) -> SolveResult:
+    """Place every layer by validation inside the window (module docstring) within ``time_limit_s``.
+    ``recipes``: the candidates (default: :func:`default_recipes` of ``method``). Returns a
+    :class:`SolveResult` whose layer reports carry the fit / validation scores of every candidate."""
+    t0 = time.monotonic()
+    recipes = recipes or default_recipes(method, load_weight)
+    c = _Ctx(topology, current, load_weight, migration_weight, expert_bytes, int(seed),
+             DEFAULT_RESTARTS if restarts is None else int(restarts), balance_cap)
+    if time_limit_s / max(stats.num_layers, 1) < FOLDS_MIN_S:
+        folds = 1
+    split = time_folds(stats, val_fraction, folds)
+    if not split:  # too small to validate: the first recipe on the whole window, in sample
+        p, reps = run_recipe(recipes[0], stats, c, time_limit_s)
+        obj_L = c.score_L(stats, p)
+        reports = tuple(replace(reps[l] if reps else LayerReport(l, "validated", recipes[0].method, obj_L[l]),
+                                method="validated", fit_score=float(obj_L[l])) for l in range(stats.num_layers))
+        return _result(stats, p, c, reports, "in-sample (window too small to validate)", time.monotonic() - t0)
+    scored = _candidates(stats, split, recipes, c, t0 + CANDIDATE_SHARE * time_limit_s)
+    last_val = stats.take_rows(split[-1].val_rows)
+    chosen = {l: _choose(l, scored, last_val, c) for l in range(stats.num_layers)}
+    refits = _refit(stats, split, chosen, c, t0 + (CANDIDATE_SHARE + REFIT_CHECK_SHARE) * time_limit_s,
+                    t0 + time_limit_s)
+    rows = np.stack([refits.get(l, chosen[l].last.phy2log_LS[l]) for l in range(stats.num_layers)])
+    p = Placement(rows, topology.slots_per_rank, stats.num_experts)
+    obj_L = c.score_L(stats, p)
+    val_tokens = int(np.mean([len(f.val_rows) for f in split]))
+    reports = tuple(_report(l, chosen[l], scored, l in refits, val_tokens, float(obj_L[l]))
+                    for l in range(stats.num_layers))
+    return _result(stats, p, c, reports, "validated", time.monotonic() - t0)
+
+
+def _result(stats: RoutingStats, p: Placement, c: _Ctx, reports: tuple[LayerReport, ...], status: str,
+            elapsed: float) -> SolveResult:
+    cost = evaluate(stats, p, c.topo, current=c.current, load_weight=c.load_weight,
+                    migration_weight=c.migration_weight, expert_bytes=c.expert_bytes)
+    return SolveResult(p, cost, "validated", default_solver(), status, math.nan, math.nan, math.nan, elapsed, reports)
+
+
+def validation_scores(stats: RoutingStats, placement: Placement, topology: Topology, *,
+                      load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
+                      current: Placement | None = None, val_fraction: float = VAL_FRACTION,
+                      folds: int = MAX_FOLDS) -> np.ndarray | None:
+    """A fixed placement's objective per layer [L] on the validation blocks of the same split
+    (mean over folds); None when the window is too small to validate."""
+    split = time_folds(stats, val_fraction, folds)
+    if not split:
+        return None
+    c = _Ctx(topology, current, load_weight, migration_weight, expert_bytes, 0, 0, None)
+    return np.mean([c.score_L(stats.take_rows(f.val_rows), placement) for f in split], axis=0)
+
+
+def uneven_slots(num_experts: int, num_ranks: int, ranks_per_node: int = 0) -> tuple[int, ...]:
+    """``E // R`` slots per rank, one more on ``E % R`` ranks spread over the nodes (the first
+    rank of each node, then the second, ...)."""
+    rpn = ranks_per_node or num_ranks
+    base, extra = divmod(num_experts, num_ranks)
+    order = sorted(range(num_ranks), key=lambda r: (r % rpn, r // rpn))
+    plus = set(order[:extra])
+    return tuple(base + (r in plus) for r in range(num_ranks))
+
+
+@dataclass(frozen=True)
+class SlotChoice:
+    """Uneven slots or replicas, chosen by validation."""
+
+    topology: Topology
+    result: SolveResult
+    chosen: str  # "even" | "uneven" | "replicas"
+    val_scores: tuple[tuple[str, float], ...]  # (option, validation objective summed over layers)
+
+
+def select_slots(stats: RoutingStats, num_ranks: int, *, ranks_per_node: int = 0, inter_node_cost: float = 4.0,
+                 method: str = "validated", time_limit_s: float = 10.0, load_weight: float = 1.0,
+                 seed: int = 0, **kwargs) -> SlotChoice:
+    """When the experts do not divide over the ranks: uneven slots (no replicas) or ``ceil(E / R)``
+    slots (replicas of hot experts in the extra slots). The asked method's first recipe is fitted
+    on the fit part on each layout (``SLOTS_SHARE`` of the budget in all) and scored on the newest
+    block; replicas only when their validation objective is lower (a window too small to validate
+    keeps uneven slots). The selection then runs on the chosen layout with the rest of the budget."""
+    t0 = time.monotonic()
+    E = stats.num_experts
+
+    def topo(spr) -> Topology:
+        return Topology(num_ranks, spr, ranks_per_node, inter_node_cost=inter_node_cost)
+
+    kw = dict(method=method, load_weight=load_weight, seed=seed, **kwargs)
+    if E % num_ranks == 0:
+        t = topo(E // num_ranks)
+        res = select_placement(stats, t, time_limit_s=time_limit_s, **kw)
+        return SlotChoice(t, res, "even", (("even", res.val_score),))
+    opts = {"uneven": topo(uneven_slots(E, num_ranks, ranks_per_node)), "replicas": topo(-(-E // num_ranks))}
+    split = time_folds(stats, kwargs.get("val_fraction", VAL_FRACTION), 1)
+    scores = {name: math.nan for name in opts}
+    if split:
+        fit, val = stats.take_rows(split[0].fit_rows), stats.take_rows(split[0].val_rows)
+        first = (kwargs.get("recipes") or default_recipes(method, load_weight))[0]
+        for name, t in opts.items():
+            c = _Ctx(t, None, load_weight, kwargs.get("migration_weight", 0.0), kwargs.get("expert_bytes", 1.0),
+                     int(seed), DEFAULT_RESTARTS, kwargs.get("balance_cap"))
+            p, _ = run_recipe(first, fit, c, SLOTS_SHARE * time_limit_s / len(opts))
+            scores[name] = float(c.score_L(val, p).sum())
+    pick = "replicas" if scores["replicas"] < scores["uneven"] - TOL else "uneven"  # nan compares False
+    left = max(time_limit_s - (time.monotonic() - t0), MIN_SOLVE_S)
+    res = select_placement(stats, opts[pick], time_limit_s=left, **kw)
+    return SlotChoice(opts[pick], res, pick, tuple(scores.items()))
