@@ -74,10 +74,10 @@ def install_dispatchers(moe_layers: list, placement: Placement, ctx: ParallelCon
     for idx, layer in enumerate(moe_layers):
         tally = traffic.layer(idx) if traffic is not None else None
         if moe.dispatch == "hierarchical" and len(nodes) > 1:
-            layer.dispatcher = HierarchicalDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+            layer.dispatcher = HierarchicalDispatcher(
                 placement, idx, ctx, capacity_factor=moe.capacity_factor, clock=clock, tally=tally)
         else:  # flat, or hierarchical on one node (the same sends)
-            layer.dispatcher = AllToAllDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
+            layer.dispatcher = AllToAllDispatcher(
                 placement, idx, ctx, capacity_factor=moe.capacity_factor, dedup=moe.dedup, chunks=moe.a2a_chunks,
                 clock=clock, tally=tally)
 
