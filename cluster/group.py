@@ -232,9 +232,6 @@ class WorkerGroup:
                 raise WorkerGroupError(f"{method} failed:\n{group_errors(errors)}", sorted(errors), lost)
         return [results[i] for i in range(len(self.actors))]
 
-    def call_rank(self, rank: int, method: str, *args) -> Any:
-        return self._get_one(getattr(self.actors[rank], method).remote(*args), 600.0)
-
     @staticmethod
     def _kill(actors: list) -> None:
         for a in actors:

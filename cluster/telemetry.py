@@ -26,10 +26,9 @@ import numpy as np
 from moetrain.config import RunConfig
 from moetrain.parallel.traffic import LINKS, StepTraffic
 from moetrain.train.metrics import StepMetrics
-from moetrain.train.stats import save_routing_npz
 from moetrain.train.summary import load_imbalance
 from placement.placement import Placement
-from placement.stats import RoutingStats
+from placement.stats import RoutingStats, save_routing
 
 if TYPE_CHECKING:
     from cluster.replacement import Decision
@@ -205,7 +204,7 @@ class Telemetry:
     # ---- end of run -----------------------------------------------------------------------------
     def write_outputs(self, stats: RoutingStats, placement: Placement, cfg: RunConfig) -> str:
         load = stats.load_LE
-        save_routing_npz(str(self.out_dir / "routing.npz"), stats)
+        save_routing(self.out_dir / "routing.npz", stats, {"model": "moetrain"})
         (self.out_dir / "placement.json").write_text(placement.to_json())
         png = self.out_dir / "expert_load.png"
         save_heatmap(load, png, title=f"{self.run_name}: expert load (share of tokens)")

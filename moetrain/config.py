@@ -498,7 +498,8 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a path segment and an actor-name part
 
 
-def field_value(cfg: RunConfig, path: str) -> Any:
+def field_value(cfg: Any, path: str) -> Any:
+    """The value at dotted ``path`` below ``cfg`` (a config node)."""
     node: Any = cfg
     for part in path.split("."):
         node = getattr(node, part)
@@ -515,12 +516,21 @@ def _check_range(path: str, value: float, interval: str) -> None:
     _require(ok_lo and ok_hi, f"{path} ({value}) must be in {interval}")
 
 
+def _check_ranges(node: Any, prefix: str, skip: str | None = None) -> None:
+    """The :data:`RANGES` of the fields below ``prefix`` (``node`` is the config at ``prefix``),
+    except those below ``skip``."""
+    for path, interval in RANGES.items():
+        if path.startswith(prefix) and not (skip and path.startswith(skip)):
+            _check_range(path, field_value(node, path[len(prefix):]), interval)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field's range and every cross-field rule once. Raises :class:`ConfigError`
     naming the field and the bad value."""
-    for path, interval in RANGES.items():
-        _check_range(path, field_value(cfg, path), interval)
-    _validate_model(cfg)
+    validate_model(cfg.model)
+    _check_ranges(cfg, "", skip="model.")
+    _validate_run_model(cfg)
+    _validate_data(cfg)
     _validate_run(cfg)
     _validate_placement(cfg)
     _validate_no_credentials(cfg)
@@ -574,19 +584,37 @@ def _validate_no_credentials(cfg: RunConfig) -> None:
     walk(cfg, "")
 
 
-def _validate_model(cfg: RunConfig) -> None:
-    m, moe, d = cfg.model, cfg.model.moe, cfg.data
+def validate_model(m: ModelConfig, *, building: bool = False) -> None:
+    """The one check of the model settings: every ``model.*`` range and every rule between model
+    fields, raising :class:`ConfigError` naming the field. :func:`validate` calls it for a run;
+    the model calls it with ``building=True`` before it builds (``model.vocab_size`` must then be
+    set); :func:`validate_moe` is its ``model.moe`` part, which the router calls."""
+    if building:
+        _require(m.vocab_size > 0, f"model.vocab_size ({m.vocab_size}) must be > 0: set it from the trained "
+                                   "tokenizer before building the model")
+    _check_ranges(m, "model.", skip="model.moe.")
     _require(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
     _require((m.dim // m.n_heads) % 2 == 0,
              f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions")
+    kv = m.n_kv_heads or m.n_heads
+    _require(m.n_heads % kv == 0, f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
+    _require(m.init_from == "" or (m.init_from.startswith("hf:") and len(m.init_from) > 3),
+             f"model.init_from ({m.init_from!r}) must be empty or hf:DIR")
+    validate_moe(m.moe)
+    first = m.moe.first_moe_layer
+    _require(first < m.n_layers, f"model.moe.first_moe_layer ({first}) must be < model.n_layers ({m.n_layers}): no MoE layer")
+
+
+def validate_moe(moe: MoEConfig) -> None:
+    """The ``model.moe`` part of :func:`validate_model`: every ``model.moe.*`` range and every
+    rule between the routing fields."""
+    _check_ranges(moe, "model.moe.")
     _require(moe.top_k <= moe.num_experts,
              f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})")
     _require(moe.num_experts % moe.num_groups == 0,
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
     _require(moe.top_k % moe.num_groups == 0,
              f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
-    kv = m.n_kv_heads or m.n_heads
-    _require(m.n_heads % kv == 0, f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
     _require(moe.router in ROUTERS, f"model.moe.router ({moe.router!r}) must be one of {', '.join(ROUTERS)}")
     _require(moe.dispatch in DISPATCH_MODES,
              f"model.moe.dispatch ({moe.dispatch!r}) must be one of {', '.join(DISPATCH_MODES)}")
@@ -598,15 +626,20 @@ def _validate_model(cfg: RunConfig) -> None:
     _require(moe.max_nodes_per_token == 0 or moe.num_groups == 1,
              f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) and model.moe.num_groups ({moe.num_groups}) "
              "cannot both limit the routing: set one of them")
-    _require(m.init_from == "" or (m.init_from.startswith("hf:") and len(m.init_from) > 3),
-             f"model.init_from ({m.init_from!r}) must be empty or hf:DIR")
-    _require(d.tokenizer == "bpe" or (d.tokenizer.startswith("hf:") and len(d.tokenizer) > 3),
-             f"data.tokenizer ({d.tokenizer!r}) must be 'bpe' or hf:DIR")
-    _require(moe.first_moe_layer < m.n_layers,
-             f"model.moe.first_moe_layer ({moe.first_moe_layer}) must be < model.n_layers ({m.n_layers}): no MoE layer")
+
+
+def _validate_run_model(cfg: RunConfig) -> None:
+    """Rules between the model and the rest of the run."""
+    m, d = cfg.model, cfg.data
     _require(m.vocab_size == 0 or m.vocab_size >= 260,
              f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260")
     _require(d.seq_len <= m.max_seq_len, f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    d = cfg.data
+    _require(d.tokenizer == "bpe" or (d.tokenizer.startswith("hf:") and len(d.tokenizer) > 3),
+             f"data.tokenizer ({d.tokenizer!r}) must be 'bpe' or hf:DIR")
     _require(d.source in DATA_SOURCES, f"data.source ({d.source!r}) must be one of {', '.join(DATA_SOURCES)}")
     if d.source == "paths":
         _require(len(d.paths) > 0, "data.paths is empty but data.source is 'paths': give domain=path entries")

@@ -10,24 +10,21 @@ Legend: E experts, R ranks, N nodes.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from placement.baselines import pack_lpt
 from placement.cost import holders_ER
 from placement.ilp import LayerModel, model_objective, solve_layer_model, top_pairs
+from placement.layer_context import LayerContext
 from placement.topology import Topology
-
-if TYPE_CHECKING:
-    from placement.solve import LayerContext
 
 
 def rows_from_sets(rank_sets: list, num_ranks: int) -> np.ndarray:
     return np.array([e for r in range(num_ranks) for e, rs in enumerate(rank_sets) if r in rs], dtype=np.int64)
 
 
-def _layer_model(c: "LayerContext", l: int, cnt_E: np.ndarray, experts: np.ndarray, ranks: np.ndarray,
+def _layer_model(c: LayerContext, l: int, cnt_E: np.ndarray, experts: np.ndarray, ranks: np.ndarray,
                  w_R: np.ndarray, slots_R: np.ndarray, fetch_ER: np.ndarray) -> LayerModel:
     s = c.stats
     T = max(int(s.tokens_L[l]), 1)  # the layer's tokens (cost.layer_tokens)
@@ -44,7 +41,7 @@ def _layer_model(c: "LayerContext", l: int, cnt_E: np.ndarray, experts: np.ndarr
                       c.load_weight, cap)
 
 
-def layer_fetch_ER(c: "LayerContext", l: int) -> np.ndarray:
+def layer_fetch_ER(c: LayerContext, l: int) -> np.ndarray:
     E, R = c.stats.num_experts, c.topo.num_ranks
     if c.cur_LS is None:
         return np.zeros((E, R))
@@ -52,7 +49,7 @@ def layer_fetch_ER(c: "LayerContext", l: int) -> np.ndarray:
     return (holders_ER(c.cur_LS[l], srank, E, R) == 0) * (c.expert_bytes * c.migration_weight)
 
 
-def ilp_flat(c: "LayerContext", l: int, cnt_E, warm_S, time_s):
+def ilp_flat(c: LayerContext, l: int, cnt_E, warm_S, time_s):
     E, R = c.stats.num_experts, c.topo.num_ranks
     m = _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), c.topo.send_weight_R,
                      np.array(c.topo.slots_per_rank), layer_fetch_ER(c, l))
@@ -63,7 +60,7 @@ def ilp_flat(c: "LayerContext", l: int, cnt_E, warm_S, time_s):
     return row, res.objective, res.bound, res.status
 
 
-def ilp_hierarchical(c: "LayerContext", l: int, cnt_E, warm_S, time_s):
+def ilp_hierarchical(c: LayerContext, l: int, cnt_E, warm_S, time_s):
     """Experts -> nodes (inter-node costs only), then each node's experts -> its ranks."""
     topo, E, R = c.topo, c.stats.num_experts, c.topo.num_ranks
     N, node_R = topo.num_nodes, topo.node_R
@@ -100,7 +97,7 @@ def ilp_hierarchical(c: "LayerContext", l: int, cnt_E, warm_S, time_s):
     return row, obj, math.nan, "feasible"
 
 
-def flat_model(c: "LayerContext", l: int, cnt_E: np.ndarray) -> LayerModel:
+def flat_model(c: LayerContext, l: int, cnt_E: np.ndarray) -> LayerModel:
     E, R = c.stats.num_experts, c.topo.num_ranks
     return _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), c.topo.send_weight_R,
                         np.array(c.topo.slots_per_rank), layer_fetch_ER(c, l))

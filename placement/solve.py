@@ -68,6 +68,7 @@ from placement.exact import MAX_EXPERTS, MAX_WORK, LayerTables, dp_work, exact_l
 from placement.hyper_ilp import solve_exact, trivial_bound
 from placement.hypergraph import build_hypergraph, rank_of_vertices, row_from_ranks
 from placement.ilp import LP_BOUND_TIME_S, default_solver, model_objective, solve_layer_model
+from placement.layer_context import LayerContext
 from placement.lns import lns_layer
 from placement.refine import iterated_fm
 from placement.placement import Placement, PlacementError
@@ -168,32 +169,6 @@ class SolveResult:
                 "bound": self.bound, "model_objective": self.model_objective, "gap": self.gap,
                 "solve_time_s": self.solve_time_s, "fit_score": self.fit_score, "val_score": self.val_score,
                 **self.cost.to_dict()}
-
-
-@dataclass(frozen=True)
-class LayerContext:
-    stats: RoutingStats
-    topo: Topology
-    cur_LS: np.ndarray | None
-    load_weight: float
-    migration_weight: float
-    expert_bytes: float
-    num_pairs: int
-    mip_gap: float
-    solver: str
-    hierarchical: bool | None
-    balance_cap: float | None
-    seed: int
-    restarts: int
-    max_hyperedges: int
-
-    @property
-    def exact(self) -> bool:
-        return self.stats.topk_ids_TLK is not None
-
-    def ls_kwargs(self, l: int) -> dict:
-        return dict(load_weight=self.load_weight, migration_weight=self.migration_weight,
-                    expert_bytes=self.expert_bytes, cur_S=None if self.cur_LS is None else self.cur_LS[l])
 
 
 def layer_objective(c: LayerContext, l: int, row_S: np.ndarray) -> float:

@@ -2,8 +2,9 @@
 
 Owns: :class:`RoutingStats` (per-layer expert load, same-token co-activation, layer-to-layer
 transitions, optionally the raw per-token top-k ids), building it from top-k ids, the one loader
-for both the shared trace files and moetrain's own statistics files (``load_routing``), saving,
-and the fit / held-out token split. Pure numpy.
+for both the shared trace files and moetrain's own statistics files (``load_routing``), the one
+writer of that format (``save_routing``, which moetrain's training uses too), and the fit /
+held-out token split. Pure numpy.
 
 Legend: T tokens, L MoE layers (those present in the statistics), K experts chosen per token,
 E logical experts per layer.
@@ -160,21 +161,29 @@ class RoutingStats:
         return from_topk_ids(self.topk_ids_TLK[idx], self.num_experts, self.layer_ids, self.meta,
                              pick(self.home_T), pick(self.step_T))
 
-    def save(self, path: str | Path) -> None:
-        """Write the ``.npz`` format described in the module docstring (readable by
-        :func:`load_routing`)."""
-        ids = self.topk_ids_TLK
-        if ids is None:
-            ids = np.zeros((0, self.num_layers, self.k), dtype=np.int16)
-        if ids.size and ids.max() > np.iinfo(np.int16).max:
-            raise StatsError(f"expert ids up to {ids.max()} do not fit the int16 topk_ids format")
-        meta = dict(self.meta, num_experts=self.num_experts, k=self.k)
-        extra: dict[str, Any] = {} if self.home_T is None else {"home_rank": self.home_T.astype(np.int16)}
-        if self.step_T is not None:
-            extra["step"] = self.step_T
-        np.savez(path, topk_ids=ids.astype(np.int16), meta=np.array(json.dumps(meta)),
-                 load_LE=self.load_LE, coact_LEE=self.coact_LEE, trans_LEE=self.trans_LEE,
-                 layer_ids=np.asarray(self.layer_ids, dtype=np.int64), **extra)
+    def save(self, path: str | Path, extra_meta: dict | None = None) -> None:
+        """Write the ``.npz`` format described in the module docstring (:func:`save_routing`)."""
+        save_routing(path, self, extra_meta)
+
+
+def save_routing(path: str | Path, stats: RoutingStats, extra_meta: dict | None = None) -> None:
+    """The one writer of the ``.npz`` format described in the module docstring (its reader is
+    :func:`load_routing`): the id sample (``topk_ids``, with ``home_rank`` and ``step`` when
+    known), ``layers_present`` and ``layer_ids``, and the aggregates, which the reader prefers
+    over the sample. ``meta`` is ``stats.meta`` plus ``extra_meta``, with ``num_experts`` and ``k``."""
+    ids = stats.topk_ids_TLK
+    if ids is None:
+        ids = np.zeros((0, stats.num_layers, stats.k), dtype=np.int16)
+    if ids.size and ids.max() > np.iinfo(np.int16).max:
+        raise StatsError(f"expert ids up to {ids.max()} do not fit the int16 topk_ids format")
+    meta = dict(stats.meta, **(extra_meta or {}), num_experts=stats.num_experts, k=stats.k)
+    extra: dict[str, Any] = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
+    if stats.step_T is not None:
+        extra["step"] = stats.step_T
+    np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=np.array(json.dumps(meta)),
+                        layers_present=np.arange(stats.num_layers),
+                        layer_ids=np.asarray(stats.layer_ids, dtype=np.int64), load_LE=stats.load_LE,
+                        coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE, **extra)
 
 
 def _as_counts(name: str, a: np.ndarray, ndim: int) -> np.ndarray:

@@ -136,9 +136,11 @@ def test_no_import_cycle_in_the_packages():
 
 def test_no_cycle_through_deferred_imports_either():
     """An import moved into a function hides a cycle from the import machinery, not from the
-    design (the data package's tokenizer -> shards -> packing -> tokenizer was one): none in
-    moetrain/ or cluster/ (placement/'s solve <-> pairwise is issue 24's LayerContext item)."""
-    found = [c for c in cycles(import_graph(deferred=True)) if not all(m.startswith("placement") for m in c)]
+    design (the data package's tokenizer -> shards -> packing -> tokenizer was one; placement's
+    solve <-> pairwise another, until LayerContext got its own module). One is known and left:
+    solve's ``method="validated"`` hands over to select.py, which calls solve back."""
+    known = [["placement.select", "placement.solve"]]
+    found = [c for c in cycles(import_graph(deferred=True)) if c not in known]
     assert found == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 

@@ -75,10 +75,6 @@ def list_checkpoints(store: Store, run: str | None = None) -> list[CheckpointInf
     return out
 
 
-def list_runs(store: Store) -> list[str]:
-    return sorted({info.run for info in list_checkpoints(store)})
-
-
 def plan_retention(infos: list[CheckpointInfo], keep: int | None,
                    latest: int | None) -> tuple[list[int], list[int], list[int]]:
     """(kept committed, committed to delete, uncommitted to delete) steps of one run.

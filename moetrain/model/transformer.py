@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.config import ConfigError, ModelConfig
+from moetrain.config import ConfigError, ModelConfig, validate_model
 from moetrain.model.attention import CausalSelfAttention, KVCache
 from moetrain.model.checkpointing import check_mode, checkpoint_module, checkpointed
 from moetrain.model.ffn import SwiGLU
 from moetrain.model.moe.experts import GroupedExperts
 from moetrain.model.moe.layer import MoELayer
-from moetrain.model.moe.router import RouterOutput, check_moe_config
+from moetrain.model.moe.router import RouterOutput
 from moetrain.model.norm import RMSNorm
 from placement.placement import Placement
 
@@ -45,26 +45,6 @@ def is_moe_block(cfg: ModelConfig, block_index: int) -> bool:
 
 def count_moe_blocks(cfg: ModelConfig) -> int:
     return sum(is_moe_block(cfg, i) for i in range(cfg.n_layers))
-
-
-def check_model_config(cfg: ModelConfig) -> None:
-    """Raise :class:`ConfigError` naming the field for settings the model cannot be built with."""
-    if cfg.vocab_size <= 0:
-        raise ConfigError(f"model.vocab_size ({cfg.vocab_size}) must be > 0: set it from the trained tokenizer "
-                          "before building the model")
-    for name in ("dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"model.{name} ({getattr(cfg, name)}) must be >= 1")
-    if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 2:
-        raise ConfigError(f"model.dim ({cfg.dim}) must be divisible by model.n_heads ({cfg.n_heads}) "
-                          "with an even head dim (rotary positions)")
-    if cfg.moe.every_n_layers < 1:
-        raise ConfigError(f"model.moe.every_n_layers ({cfg.moe.every_n_layers}) must be >= 1")
-    if cfg.moe.first_moe_layer < 0:
-        raise ConfigError(f"model.moe.first_moe_layer ({cfg.moe.first_moe_layer}) must be >= 0")
-    if cfg.n_kv_heads < 0 or cfg.n_heads % (cfg.n_kv_heads or cfg.n_heads):
-        raise ConfigError(f"model.n_kv_heads ({cfg.n_kv_heads}) must divide model.n_heads ({cfg.n_heads})")
-    check_moe_config(cfg.moe)
 
 
 def check_placement(placement: Placement, num_moe_layers: int, num_experts: int, rank: int) -> None:
@@ -134,7 +114,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, *, seed: int, placement: Placement | None = None, rank: int = 0) -> None:
         super().__init__()
-        check_model_config(cfg)
+        validate_model(cfg, building=True)
         self.cfg = cfg
         E = cfg.moe.num_experts
         n_moe = count_moe_blocks(cfg)

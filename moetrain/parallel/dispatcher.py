@@ -21,7 +21,7 @@ Host synchronisation: **one per layer forward.** Every count the phases need —
 (chunk, destination), rows per (chunk, destination slot), the pairs kept — is computed on the
 device, exchanged in one small int all-to-all, and read with a single ``.tolist()``; everything
 else is sized from those numbers (``nonzero_static``, sorts with sentinels; no ``unique``, no
-boolean-mask indexing). tests/parallel/test_host_syncs.py counts them.
+boolean-mask indexing). tests/parallel/test_chunked_dispatch.py counts them.
 
 Chunks (``chunks`` C > 1, :meth:`AllToAllDispatcher.run`): the tokens are cut into C contiguous
 blocks; the rows of block c+1 travel (asynchronous all-to-all) while the experts compute block c,
@@ -291,11 +291,6 @@ class AllToAllDispatcher:
                          send_splits=np.sum(plan.send_CR, axis=0).tolist(),
                          recv_splits=np.sum(plan.recv_CR, axis=0).tolist(), num_chunks=C)
         return out_TD, meta
-
-    def sent_rows(self, meta: EPDispatchMeta | EPRunMeta) -> dict[str, int]:
-        """Rows this rank sent to other ranks / kept local in the last dispatch (for metrics)."""
-        local = meta.send_splits[self.ctx.rank]
-        return {"sent_remote": sum(meta.send_splits) - local, "sent_local": local}
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
 """One rank's side of checkpointing: save what this rank owns, fence, and load on resume.
 
-Owns: :class:`RankCheckpointer`, held by a :class:`~moetrain.train.trainer.RankTrainer` (it reads
-the trainer's model, optimizer and placement; nobody else sets its fields), and
+Owns: :class:`RankCheckpointer`, held by a :class:`~moetrain.train.trainer.RankTrainer`, which
+hands it the parts it saves (:class:`~moetrain.train.state.RankParts`: model, optimizers, data
+cursor, rank), the current step and placement, and the traffic counter its uploads go to
+(nobody else sets its fields), and
 :class:`ResumePoint`, the typed description of a committed checkpoint that the driver and every
 rank resume from. What goes into which object is :mod:`moetrain.train.state`; how bytes reach the
 store is :mod:`moetrain.checkpoint`. The driver-side commit lives in ``cluster.checkpointing``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -25,7 +28,8 @@ from moetrain.checkpoint import (
     AsyncCheckpointWriter, CheckpointError, CheckpointFuture, SaveResult, load_objects, read_manifest, resolve,
 )
 from moetrain.config import CheckpointConfig, RunConfig, StoreConfig, field_value
-from moetrain.train.state import load_rank_objects, rank_objects
+from moetrain.parallel.traffic import TrafficCounter
+from moetrain.train.state import RankParts, load_rank_objects, rank_objects
 from placement.placement import Placement
 
 
@@ -111,10 +115,19 @@ def first_nonfinite(tree, path: str = "") -> str:
 
 
 class RankCheckpointer:
-    """Saves and loads one rank's share of a checkpoint (see the module doc)."""
+    """Saves and loads one rank's share of a checkpoint (see the module doc).
 
-    def __init__(self, trainer) -> None:
-        self._trainer = trainer
+    parts: what the checkpoint holds. step, placement: the trainer's current step and placement
+    (both change as the run goes on). traffic: where the bytes of finished uploads are counted.
+    cfg, storage, run_name: the checkpoint settings, the object store and the run folder
+    checkpoints go to."""
+
+    def __init__(self, parts: RankParts, *, step: Callable[[], int], placement: Callable[[], Placement],
+                 traffic: TrafficCounter, cfg: CheckpointConfig, storage: StoreConfig, run_name: str) -> None:
+        self._parts = parts
+        self._step, self._placement = step, placement
+        self._traffic = traffic
+        self._cfg, self._storage, self._run_name = cfg, storage, run_name
         self._writer: AsyncCheckpointWriter | None = None
         self._future: CheckpointFuture | None = None  # the checkpoint in flight
         self._error = ""  # why the last save() did not start
@@ -123,26 +136,30 @@ class RankCheckpointer:
     # ---- saving ---------------------------------------------------------------------------------
     def _open_writer(self) -> AsyncCheckpointWriter:
         if self._writer is None:
-            t = self._trainer
+            parts = self._parts
             # Overlapped snapshot: save() returns at once and the host copy runs beside the next
             # step's forward/backward; the fence makes the next optimizer.step() wait for it.
             self._writer = AsyncCheckpointWriter.from_config(
-                t.cfg.checkpoint, t.cfg.cluster.run_name, rank=t.ctx.rank, on_error="mark",
-                snapshot_mode="overlap", store_cfg=t.cfg.storage)
-            self._writer.install_fence(t.optimizer)
-            if t.dense_zero is not None:  # ZeRO updates the dense weights in its own step
-                self._writer.install_fence(t.dense_zero.base_optimizer)
+                self._cfg, self._run_name, rank=parts.rank, on_error="mark", snapshot_mode="overlap",
+                store_cfg=self._storage)
+            self._writer.install_fence(parts.optimizer)
+            if parts.dense_zero is not None:  # ZeRO updates the dense weights in its own step
+                self._writer.install_fence(parts.dense_zero.base_optimizer)
         return self._writer
+
+    def objects(self) -> dict[str, dict]:
+        """The objects this rank writes for a checkpoint now (live tensors; a collective under
+        ZeRO)."""
+        return rank_objects(self._parts, self._placement())
 
     def save(self, step: int) -> SaveStarted:
         """Snapshot this rank's objects at ``step`` (must be the trainer's current step) and start
         streaming them. A store that cannot be opened is reported in the result, not raised."""
-        t = self._trainer
-        if step != t.step:
-            raise ValueError(f"checkpoint of step {step} asked for, but the trainer is at step {t.step}")
+        if step != self._step():
+            raise ValueError(f"checkpoint of step {step} asked for, but the trainer is at step {self._step()}")
         t0 = time.perf_counter()
         self._future, self._error = None, ""
-        objects = rank_objects(t)
+        objects = self.objects()
         bad = first_nonfinite(objects)
         if bad:  # never stream, let alone commit, a checkpoint that holds NaN or inf
             self._error = f"NonFiniteCheckpoint: {bad} holds NaN or inf values at step {step}"
@@ -151,7 +168,7 @@ class RankCheckpointer:
                 self._future = self._open_writer().save(step, objects)
             except CheckpointError as exc:
                 self._error = f"{type(exc).__name__}: {exc}"
-        return SaveStarted(step=step, cursor=t.cursor.state_dict(), stall_s=time.perf_counter() - t0,
+        return SaveStarted(step=step, cursor=self._parts.cursor.state_dict(), stall_s=time.perf_counter() - t0,
                            error=self._error)
 
     def result(self) -> SaveResult | str:
@@ -162,7 +179,7 @@ class RankCheckpointer:
         res = self._future.result()
         if self._counted is not self._future and isinstance(res, SaveResult):
             self._counted = self._future
-            self._trainer.traffic.add_checkpoint(res.bytes_written)  # in the next step's metrics
+            self._traffic.add_checkpoint(res.bytes_written)  # in the next step's metrics
         return res
 
     def fence(self) -> None:
@@ -179,7 +196,7 @@ class RankCheckpointer:
     # ---- loading --------------------------------------------------------------------------------
     def load(self, point: ResumePoint) -> None:
         """Load dense state and exactly the experts this rank's placement hosts (weights and AdamW
-        state) from ``point`` into the trainer's freshly built model and optimizer."""
-        ref = resolve(point.uri, self._trainer.cfg.checkpoint, store_cfg=self._trainer.cfg.storage)
+        state) from ``point`` into the freshly built model and optimizers of its parts."""
+        ref = resolve(point.uri, self._cfg, store_cfg=self._storage)
         manifest = read_manifest(ref)
-        load_rank_objects(self._trainer, lambda names: load_objects(ref, names, manifest=manifest))
+        load_rank_objects(self._parts, self._placement(), lambda names: load_objects(ref, names, manifest=manifest))

@@ -1,6 +1,7 @@
 """What a rank saves in a checkpoint, and how a rank of any placement loads it back.
 
-Owns: the mapping between a live :class:`RankTrainer` and checkpoint objects —
+Owns: :class:`RankParts`, the parts of a rank a checkpoint holds (handed over explicitly, never
+read off the trainer), and the mapping between those parts and checkpoint objects —
 - ``dense.pt`` (written by rank 0 only; dense parameters are identical on every rank): dense
   parameters, persistent buffers (e.g. the aux-loss-free expert bias) and their AdamW state,
   by parameter name. Under ZeRO (``train.zero_stage`` 1/2) every rank holds a slice of that
@@ -14,12 +15,18 @@ A rank of another placement or group size reads ``dense.pt`` and exactly the exp
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from moetrain.checkpoint import CheckpointError
+from moetrain.model import Transformer
 from moetrain.parallel.grads import EXPERT_PARAM_NAMES, expert_params, primary_slot_mask
+from placement.placement import Placement
+
+if TYPE_CHECKING:
+    from moetrain.train.zero import DenseZero
 
 DENSE = "dense.pt"
 
@@ -33,13 +40,26 @@ def _opt_state(optimizer, p) -> dict:
     return {k: v for k, v in st.items()}
 
 
-def rank_objects(trainer) -> dict[str, dict]:
+@dataclass(frozen=True)
+class RankParts:
+    """What one rank's checkpoint is made of (torchtitan's CheckpointManager is given the same:
+    model parts, optimizers, the data position). The placement and the step change while a run
+    goes on: they are passed with each call instead."""
+
+    model: Transformer
+    optimizer: torch.optim.Optimizer  # AdamW of every parameter (stage 0) or of the experts (ZeRO)
+    dense_zero: "DenseZero | None"  # DeepSpeed ZeRO optimizer of the dense parameters, or None
+    cursor: Any  # the data position: state_dict() / load_state_dict() (BatchCursor, StreamCursor)
+    rank: int
+
+
+def rank_objects(parts: RankParts, placement: Placement) -> dict[str, dict]:
     """Objects this rank writes (tensors are live: the writer snapshots them)."""
-    model, opt, ctx, placement = trainer.model, trainer.optimizer, trainer.ctx, trainer.placement
+    model, opt, rank = parts.model, parts.optimizer, parts.rank
     objects: dict[str, dict] = {}
-    zero = trainer.dense_zero
+    zero = parts.dense_zero
     dense_optim = zero.gather_state() if zero is not None else None  # collective: every rank
-    if ctx.rank == 0:
+    if rank == 0:
         dense = dict(model.dense_parameters())
         if dense_optim is None:
             dense_optim = {n: _opt_state(opt, p) for n, p in dense.items() if p in opt.state}
@@ -48,9 +68,9 @@ def rank_objects(trainer) -> dict[str, dict]:
             "buffers": {n: b for n, b in model.named_buffers() if _persistent(model, n)},
             "optim": dense_optim,
         }
-    for idx, layer in enumerate(trainer.moe_layers):
-        primary = primary_slot_mask(placement, idx, ctx.rank)
-        local = placement.local_experts(idx, ctx.rank)
+    for idx, layer in enumerate(model.moe_layers()):
+        primary = primary_slot_mask(placement, idx, rank)
+        local = placement.local_experts(idx, rank)
         for slot, e in enumerate(local):
             if not primary[slot]:
                 continue
@@ -64,7 +84,7 @@ def rank_objects(trainer) -> dict[str, dict]:
                 if "step" in st:
                     obj["step"] = st["step"]
             objects[expert_object_name(idx, int(e))] = obj
-    objects[f"rng/rank-{ctx.rank}.pt"] = {"torch": torch.get_rng_state()}
+    objects[f"rng/rank-{rank}.pt"] = {"torch": torch.get_rng_state()}
     return objects
 
 
@@ -74,11 +94,11 @@ def _persistent(model, buffer_name: str) -> bool:
     return short not in getattr(module, "_non_persistent_buffers_set", set())
 
 
-def objects_to_read(trainer) -> list[str]:
-    """Names this rank needs: dense state and the experts its placement gives it."""
+def objects_to_read(placement: Placement, rank: int) -> list[str]:
+    """Names rank ``rank`` needs: dense state and the experts ``placement`` gives it."""
     names = [DENSE]
-    for idx in range(len(trainer.moe_layers)):
-        for e in sorted(set(int(x) for x in trainer.placement.local_experts(idx, trainer.ctx.rank))):
+    for idx in range(placement.num_layers):
+        for e in sorted(set(int(x) for x in placement.local_experts(idx, rank))):
             names.append(expert_object_name(idx, e))
     return names
 
@@ -90,10 +110,11 @@ def _check_shape(obj: str, name: str, saved: torch.Tensor, live: torch.Tensor) -
 
 
 @torch.no_grad()
-def load_rank_objects(trainer, read: Callable[[list[str]], dict[str, dict]]) -> None:
-    """Load dense + hosted experts (weights and AdamW state) into a freshly built trainer."""
-    model, opt, placement, ctx = trainer.model, trainer.optimizer, trainer.placement, trainer.ctx
-    objs = read(objects_to_read(trainer))
+def load_rank_objects(parts: RankParts, placement: Placement, read: Callable[[list[str]], dict[str, dict]]) -> None:
+    """Load dense + hosted experts (weights and AdamW state) into freshly built parts whose model
+    holds the experts ``placement`` gives this rank."""
+    model, opt, rank = parts.model, parts.optimizer, parts.rank
+    objs = read(objects_to_read(placement, rank))
     dense_obj = objs[DENSE]
     dense = dict(model.dense_parameters())
     missing = sorted(set(dense) - set(dense_obj["params"]))
@@ -101,20 +122,20 @@ def load_rank_objects(trainer, read: Callable[[list[str]], dict[str, dict]]) -> 
         raise KeyError(f"checkpoint {DENSE} lacks dense parameters {missing[:5]} (a different model config?)")
     for n, p in dense.items():
         _check_shape(DENSE, n, dense_obj["params"][n], p)
-        if trainer.dense_zero is not None:
+        if parts.dense_zero is not None:
             continue  # below: DeepSpeed's flat buffers and this rank's slices of the state
         p.copy_(dense_obj["params"][n])
         if n in dense_obj["optim"]:
             opt.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) else v)
                             for k, v in dense_obj["optim"][n].items()}
-    if trainer.dense_zero is not None:
-        trainer.dense_zero.load_state(dense_obj["params"], dense_obj["optim"])
+    if parts.dense_zero is not None:
+        parts.dense_zero.load_state(dense_obj["params"], dense_obj["optim"])
     buffers = dict(model.named_buffers())
     for n, b in dense_obj["buffers"].items():
         if n in buffers:
             buffers[n].copy_(b)
-    for idx, layer in enumerate(trainer.moe_layers):
-        local = placement.local_experts(idx, ctx.rank)
+    for idx, layer in enumerate(model.moe_layers()):
+        local = placement.local_experts(idx, rank)
         for name, p in zip(EXPERT_PARAM_NAMES, expert_params(layer)):
             rows = [objs[expert_object_name(idx, int(e))] for e in local]
             for e, r in zip(local, rows):

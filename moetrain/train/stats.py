@@ -11,16 +11,14 @@ Every sampled token carries its **home rank** (``home_T``: the rank that routed 
 rank), so the cost model scores its sends from where it really starts (placement/cost.py), and
 its **step** (``step_T``: optimizer steps closed on this accumulator before it; the same on every
 rank), so the validated selection splits the window by steps (placement/select.py).
-The ``.npz`` written by :func:`save_routing_npz` has the keys of the traces in ``shared/traces``
-plus ``home_rank``.
+Files of these statistics are written and read by ``placement.stats`` (``save_routing`` /
+``load_routing``), the one owner of the ``.npz`` format.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -149,16 +147,3 @@ def merge_rank_samples(per_rank: list[RoutingStats]) -> RoutingStats:
         steps = np.concatenate([s.step_T for s in per_rank])
     return RoutingStats(first.num_experts, first.k, first.load_LE.copy(), first.coact_LEE.copy(),
                         first.trans_LEE.copy(), ids, meta=dict(first.meta), home_T=homes, step_T=steps)
-
-
-def save_routing_npz(path: str, stats: RoutingStats, extra_meta: dict | None = None) -> None:
-    """Write statistics in the trace format (``topk_ids``, ``meta``, ``layers_present``) plus the
-    window's aggregates, which :func:`placement.load_routing` prefers over the id sample."""
-    ids = stats.topk_ids_TLK if stats.topk_ids_TLK is not None else np.zeros((0, stats.num_layers, stats.k))
-    meta = {"model": "moetrain", "num_experts": stats.num_experts, "k": stats.k, **stats.meta, **(extra_meta or {})}
-    extra: dict[str, Any] = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
-    if stats.step_T is not None:
-        extra["step"] = stats.step_T
-    np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=json.dumps(meta),
-                        layers_present=np.arange(stats.num_layers), load_LE=stats.load_LE,
-                        coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE, **extra)

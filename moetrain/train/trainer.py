@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from moetrain import losses
-from moetrain.config import RunConfig
+from moetrain.config import MoEConfig, RunConfig
 from moetrain.data.assign import DomainRankMap, assign_rows, domain_rank_map
 from moetrain.data.training import StreamingData, open_training_data
 from moetrain.model import Transformer, count_moe_blocks
 from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
+from moetrain.parallel.a2a import CommClock
 from moetrain.parallel.dispatcher import AllToAllDispatcher, count_unit_sends
 from moetrain.parallel.hierarchical import HierarchicalDispatcher, expert_nodes, node_ranks
 from moetrain.parallel.traffic import TrafficCounter
@@ -31,6 +32,7 @@ from moetrain.train.checkpointer import RankCheckpointer, ResumePoint
 from moetrain.train.metrics import StepMetrics
 from moetrain.precision import autocast, resolve_precision
 from moetrain.train.schedule import lr_at
+from moetrain.train.state import RankParts
 from moetrain.train.stats import RoutingStatsAccumulator
 from placement.placement import Placement
 from placement.stats import RoutingStats
@@ -55,6 +57,29 @@ def initial_placement(cfg: RunConfig) -> Placement:
         raise ConfigError(f"placement.initial {kind!r} is for {p.num_layers} layers x {p.num_experts} experts x "
                           f"{p.num_ranks} ranks, the run has {L} x {E} x {R}")
     return p
+
+
+def install_dispatchers(moe_layers: list, placement: Placement, ctx: ParallelContext, moe: MoEConfig, *,
+                        traffic: TrafficCounter | None = None, clock: CommClock | None = None) -> None:
+    """Wire MoE layer i of ``moe_layers`` (placement layer order) for ``placement``, as a trainer
+    does at the start and after every migration: every router learns its experts' nodes
+    (node-limited routing); on more than one rank every layer gets an all-to-all dispatcher —
+    hierarchical (node, then rank) when ``moe.dispatch`` asks for it and the group spans several
+    nodes. ``traffic`` counts the bytes sent, ``clock`` times the collectives (benchmarks)."""
+    for idx, layer in enumerate(moe_layers):
+        layer.router.set_expert_nodes(expert_nodes(placement, idx, ctx.node_R))
+    if not ctx.distributed:
+        return
+    nodes = node_ranks(ctx.node_R, ctx.world_size)
+    for idx, layer in enumerate(moe_layers):
+        tally = traffic.layer(idx) if traffic is not None else None
+        if moe.dispatch == "hierarchical" and len(nodes) > 1:
+            layer.dispatcher = HierarchicalDispatcher(
+                placement, idx, ctx, capacity_factor=moe.capacity_factor, clock=clock, tally=tally)
+        else:  # flat, or hierarchical on one node (the same sends)
+            layer.dispatcher = AllToAllDispatcher(
+                placement, idx, ctx, capacity_factor=moe.capacity_factor, dedup=moe.dedup, chunks=moe.a2a_chunks,
+                clock=clock, tally=tally)
 
 
 def nonfinite_quantities(**values: float) -> tuple[str, ...]:
@@ -124,8 +149,12 @@ class RankTrainer:
         self.stats = RoutingStatsAccumulator(
             len(self.moe_layers), cfg.model.moe.num_experts, cfg.model.moe.top_k, window=p.window,
             sample_tokens=-(-p.sample_tokens // self.ctx.world_size))  # this rank's share
-        self.checkpointer = RankCheckpointer(self)
         self.step = 0
+        parts = RankParts(model=self.model, optimizer=self.optimizer, dense_zero=self.dense_zero,
+                          cursor=self.cursor, rank=self.ctx.rank)
+        self.checkpointer = RankCheckpointer(parts, step=lambda: self.step, placement=lambda: self.placement,
+                                             traffic=self.traffic, cfg=cfg.checkpoint, storage=cfg.storage,
+                                             run_name=cfg.cluster.run_name)
 
     def resume_from(self, point: ResumePoint) -> None:
         """Continue from a committed checkpoint: weights, AdamW state, data cursor and step."""
@@ -135,24 +164,7 @@ class RankTrainer:
 
     # ---- expert parallelism ------------------------------------------------------------------
     def _install_dispatchers(self) -> None:
-        """Every MoE router learns its experts' nodes (node-limited routing); multi-rank: every MoE
-        layer gets an all-to-all dispatcher for the current placement — hierarchical (node, then
-        rank) when ``model.moe.dispatch`` asks for it and the group spans several nodes."""
-        moe = self.cfg.model.moe
-        for idx, layer in enumerate(self.moe_layers):
-            layer.router.set_expert_nodes(expert_nodes(self.placement, idx, self.ctx.node_R))
-        if not self.ctx.distributed:
-            return
-        nodes = node_ranks(self.ctx.node_R, self.ctx.world_size)
-        for idx, layer in enumerate(self.moe_layers):
-            tally = self.traffic.layer(idx)
-            if moe.dispatch == "hierarchical" and len(nodes) > 1:
-                layer.dispatcher = HierarchicalDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
-                    self.placement, idx, self.ctx, capacity_factor=moe.capacity_factor, tally=tally)
-            else:  # flat, or hierarchical on one node (the same sends)
-                layer.dispatcher = AllToAllDispatcher(  # type: ignore[assignment]  # combine() takes its own meta type
-                    self.placement, idx, self.ctx, capacity_factor=moe.capacity_factor, dedup=moe.dedup,
-                    chunks=moe.a2a_chunks, tally=tally)
+        install_dispatchers(self.moe_layers, self.placement, self.ctx, self.cfg.model.moe, traffic=self.traffic)
 
     # ---- training ----------------------------------------------------------------------------
     def _rank_map(self) -> DomainRankMap | None:

@@ -1,7 +1,7 @@
-"""Every use the benchmark makes of moetrain's training internals, in one place: installing the
-expert-parallel dispatchers and the gradient synchronisation between backward and the optimizer
-step. They mirror ``moetrain.train.trainer.Trainer._install_dispatchers`` and the sync part of
-``Trainer.train_step``; when those change, change this module to match."""
+"""Every use the benchmark makes of moetrain's training internals, in one place, through public
+APIs only: the trainer's :func:`~moetrain.train.trainer.install_dispatchers` wires the
+expert-parallel dispatchers, and :mod:`moetrain.parallel.grads` synchronises the gradients between
+backward and the optimizer step (the functions ``RankTrainer.train_step`` calls)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ import torch
 def attach_dispatchers(moe_layers, placement, ctx, capacity_factor: float = 0.0, dedup: bool = True,
                        chunks: int = 1, clock=None) -> None:
     """Give MoE layer i (of ``moe_layers``, in placement layer order) an all-to-all dispatcher for
-    ``placement`` layer i, as the trainer does when it runs on more than one rank; ``chunks`` > 1
+    ``placement`` layer i (on more than one rank), as the trainer does; ``chunks`` > 1
     pipelines the all-to-all with the expert compute, ``clock`` (a ``CommClock``) times it."""
-    from moetrain.parallel.dispatcher import AllToAllDispatcher
-    for idx, layer in enumerate(moe_layers):
-        layer.dispatcher = AllToAllDispatcher(placement, idx, ctx, capacity_factor=capacity_factor, dedup=dedup,
-                                              chunks=chunks, clock=clock)
+    from moetrain.config import MoEConfig
+    from moetrain.train.trainer import install_dispatchers
+    moe = MoEConfig(num_experts=placement.num_experts, capacity_factor=capacity_factor, dedup=dedup,
+                    a2a_chunks=chunks)
+    install_dispatchers(moe_layers, placement, ctx, moe, clock=clock)
 
 
 def moetrain_grad_sync(model, placement, ctx):
     """``sync()`` for a moetrain ``Transformer``: dense gradients averaged over ranks, expert
-    gradients summed over replicas and scaled, as ``Trainer.train_step`` does."""
+    gradients summed over replicas and scaled, as ``RankTrainer.train_step`` does."""
     from moetrain.parallel import grads
     dense = [p for _, p in model.dense_parameters()]
     moe_layers = model.moe_layers()

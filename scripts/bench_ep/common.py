@@ -5,7 +5,6 @@ CLI arguments, and ``RankEnv``, what one rank's studies need to know about their
 from __future__ import annotations
 
 import resource
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -46,12 +45,6 @@ def forward_region(args, device):
     ``RankTrainer._forward`` (``moetrain.precision.autocast``); losses are computed outside it."""
     from moetrain.precision import autocast
     return autocast(compute_dtype(args), device)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb() -> float:

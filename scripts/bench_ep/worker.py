@@ -13,7 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .common import RankEnv, free_port, peak_rss_mb, rss_mb
+from scripts.helpers import free_port
+
+from .common import RankEnv, peak_rss_mb, rss_mb
 from .ds_baseline import release_deepspeed_shm
 
 PG_TIMEOUT_S = 300  # process-group init and collectives

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from scripts.probes import Probe
+from scripts.helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -45,16 +46,6 @@ def _env(**extra) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", **extra}
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _end_processes_naming(text: str) -> None:
@@ -87,7 +78,7 @@ def _end_processes_naming(text: str) -> None:
 def _ray_head(env: dict, dashboard: bool = False):
     """A real ``ray start --head`` (1 CPU) in a short temp folder; yields (temp, gcs port, dashboard port)."""
     tmp = tempfile.mkdtemp(prefix="pr-", dir="/tmp")
-    gcs, dash, metrics, client, agent_http, agent_grpc, nm, om, renv = _free_ports(9)  # other Rays may hold defaults
+    gcs, dash, metrics, client, agent_http, agent_grpc, nm, om, renv = free_ports(9)  # other Rays may hold defaults
     args = [RAY, "start", "--head", f"--port={gcs}", f"--temp-dir={tmp}/ray", "--num-cpus=1", "--disable-usage-stats",
             f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--node-manager-port={nm}",
             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",

@@ -12,10 +12,11 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
 import traceback
 
 import torch.multiprocessing as mp
+
+from scripts.helpers import free_port
 
 RANK_TIMEOUT_S = 900
 
@@ -40,12 +41,6 @@ def peak_rss() -> int:
     return status_kib("VmHWM") * 1024
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, fn, args: tuple, queue) -> None:
     try:
         import torch
@@ -67,7 +62,7 @@ def run_ranks(fn, world: int, *args) -> list:
     """``fn(ctx, *args)`` on ``world`` spawned ranks; results in rank order (raises on any error)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()

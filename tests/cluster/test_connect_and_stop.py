@@ -187,11 +187,12 @@ sys.exit(0 if result.state.value == "finished" else 1)
 def test_embedded_ray_never_joins_a_ray_start_cluster_and_binds_loopback(tmp_path):
     """``ray start`` records its address in Ray's temp folder, where ``ray.init()`` looks first;
     TMPDIR points both at a folder of this test's own."""
-    from tests.cluster.test_submit import _free_ports, stop_cluster
+    from tests.cluster.test_submit import stop_cluster
+    from tests.ports import free_ports
 
     tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = _env(TMPDIR=tmp, MOETRAIN_CACHE_DIR=os.environ.get("MOETRAIN_CACHE_DIR", str(tmp_path / "cache")))
-    (gcs,) = _free_ports(1)
+    (gcs,) = free_ports(1)
     try:
         started = subprocess.run([RAY, "start", "--head", f"--port={gcs}", f"--temp-dir={tmp}/ray", "--num-cpus=1",
                                   "--include-dashboard=false", "--disable-usage-stats"], env=env, capture_output=True,

@@ -25,6 +25,7 @@ import pytest
 from cluster.api import parallelism_text
 from cluster.telemetry import KEY_METRICS, RayInfo, dashboard_text, heatmap_figure
 from moetrain.config import ConfigError, load_config
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 # The smallest model the shipped config can be turned into (as in test_telemetry.py).
@@ -32,12 +33,6 @@ TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_dim=64
         "model.moe.expert_ffn_dim=32", "data.seq_len=32", "data.vocab_size=300",
         "data.max_bytes_per_domain=150000", "train.global_batch_size=8", "train.eval_every=0",
         "train.eval_batches=1", "train.log_every=1", "logging.wandb=disabled", "logging.progress=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -119,7 +114,7 @@ def test_rank_actor_repr_names_run_rank_experts_step_and_state():
     with pytest.raises(RuntimeError, match=r"MoERank\(run=demo, rank 0 of 1, created\): setup\(\) has not run"):
         w.train_step()
     try:
-        w.setup("127.0.0.1", _free_port(), None)
+        w.setup("127.0.0.1", free_port(), None)
         assert repr(w) == "MoERank(run=demo, rank 0 of 1, experts per layer 8,8, step 0, idle)"
         seen = []
         w._doing("training", lambda t: seen.append(repr(w)))
@@ -158,7 +153,7 @@ def test_busy_dashboard_port_is_one_clear_line(tmp_path):
 
 @pytest.mark.ray
 def test_dashboard_false_starts_no_dashboard(tmp_path):
-    port = _free_port()
+    port = free_port()
     script = (
         "import json, socket\n"
         "from cluster.api import ensure_ray\n"
@@ -221,7 +216,7 @@ def test_dashboard_lists_the_rank_actors_while_training(tmp_path):
     """The default run (2 actors) serves the dashboard on 127.0.0.1 behind token auth; the token
     the printed `ray get-auth-token` gives opens its state API, which lists both rank actors ALIVE;
     the printed metrics are exported; SIGTERM then ends the run cleanly."""
-    port, run, token = _free_port(), "dash", secrets.token_hex(16)
+    port, run, token = free_port(), "dash", secrets.token_hex(16)
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
     env = _env(ray_tmp, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_metrics_report_interval_ms="1000")
     log = tmp_path / "driver.log"

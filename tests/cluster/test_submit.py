@@ -30,23 +30,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_ports
+
 pytestmark = [pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 METRICS = ["moetrain_loss", "moetrain_tokens_per_s", "moetrain_expert_load_max_over_mean", "moetrain_steps"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _cluster_env() -> dict:
@@ -100,7 +90,7 @@ def stop_cluster(temp_dir: str, timeout_s: float = 3.0) -> None:
 def ray_head():
     """A real head node (4 CPUs) on free ports; yields (dashboard_url, metrics_url, temp_dir, gcs_address)."""
     temp_dir = tempfile.mkdtemp(prefix="rmt-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    gcs, dash, metrics, client, agent_http, agent_grpc, nm, om, renv = _free_ports(9)
+    gcs, dash, metrics, client, agent_http, agent_grpc, nm, om, renv = free_ports(9)
     cmd = [RAY, "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}",
            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -223,7 +213,7 @@ def test_metrics_endpoint_exports_moetrain_metrics(submitted_job):
 def test_unreachable_address_is_one_clear_line(capsys):
     from cluster.submit import submit
 
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     rc = submit(["--config", "tiny"], address=f"http://127.0.0.1:{port}", wait=True)
     err = capsys.readouterr().err
     assert rc != 0
@@ -263,7 +253,7 @@ def test_submit_job_script_targets_ray_address():
     """scripts/submit_job.sh starts nothing: with nothing at $RAY_ADDRESS it fails in one line."""
     import subprocess
 
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "submit_job.sh"), "--config", "tiny"],
                           env=env, capture_output=True, text=True, timeout=120)
@@ -279,7 +269,7 @@ def test_local_cluster_recipe_runs_with_token_auth(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rtk-", dir="/tmp")
     home = tmp_path / "home"
     home.mkdir()
-    head, dash, metrics = _free_ports(3)
+    head, dash, metrics = free_ports(3)
     env = _cluster_env()
     env.pop("RAY_AUTH_MODE")  # the recipe's own default
     env.update({"HOME": str(home), "RAY_TMP": temp_dir, "HEAD_PORT": str(head), "DASHBOARD_PORT": str(dash),

@@ -16,7 +16,8 @@ import tempfile
 import pytest
 
 from cluster.submit import submit
-from tests.cluster.test_submit import REPO, _cluster_env, _free_ports, stop_cluster
+from tests.cluster.test_submit import REPO, _cluster_env, stop_cluster
+from tests.ports import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode, pytest.mark.slow]
 
@@ -25,7 +26,7 @@ def test_submit_with_token_to_recipe_multinode_cluster(tmp_path, capsys):
     temp_dir = tempfile.mkdtemp(prefix="rmn-", dir="/tmp")
     home = tmp_path / "home"
     home.mkdir()
-    head, dash, metrics = _free_ports(3)
+    head, dash, metrics = free_ports(3)
     env = _cluster_env()
     env.pop("RAY_AUTH_MODE")  # the recipe's default: token auth on
     env.update({"HOME": str(home), "RAY_TMP": temp_dir, "HEAD_PORT": str(head), "DASHBOARD_PORT": str(dash),

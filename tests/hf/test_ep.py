@@ -64,7 +64,6 @@ def _train_and_save(ctx, cfg_dicts: dict, root: str) -> dict:
     from moetrain.hf.load import resolve_init_from
     from moetrain.model import count_moe_blocks
     from placement.placement import Placement
-    from moetrain.train.state import rank_objects
     from moetrain.train.trainer import RankTrainer
 
     out = {}
@@ -76,7 +75,7 @@ def _train_and_save(ctx, cfg_dicts: dict, root: str) -> dict:
         losses = [trainer.train_step().lm_loss for _ in range(STEPS)]
         with AsyncCheckpointWriter(open_store(root), cfg.cluster.run_name, rank=ctx.rank,
                                    async_upload=False) as writer:
-            result = writer.save(STEPS, rank_objects(trainer)).result()
+            result = writer.save(STEPS, trainer.checkpointer.objects()).result()
         out[arch] = (result, trainer.cfg.to_dict(), placement.to_json(), losses)
     return out
 

@@ -127,7 +127,6 @@ def test_fine_tuned_bf16_model_exports_bf16_like_its_source(bf16_sharded, tmp_pa
     from moetrain.checkpoint import AsyncCheckpointWriter, commit, open_store
     from moetrain.config import from_dict
     from moetrain.hf import export_hf, model_from_checkpoint
-    from moetrain.train.state import rank_objects
     from moetrain.train.trainer import RankTrainer
 
     src, _ = bf16_sharded
@@ -142,7 +141,7 @@ def test_fine_tuned_bf16_model_exports_bf16_like_its_source(bf16_sharded, tmp_pa
     trainer.train_step()
     store = open_store(str(tmp_path / "ck"))
     with AsyncCheckpointWriter(store, "ft", async_upload=False) as writer:
-        result = writer.save(1, rank_objects(trainer)).result()
+        result = writer.save(1, trainer.checkpointer.objects()).result()
     commit(store, "ft", 1, [result], {"config": trainer.cfg.to_dict(), "placement": trainer.placement.to_json(),
                                       "cursor": {}, "step": 1})
     assert trainer.model.tok_embed_VD.dtype == torch.float32

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from moetrain.config import ConfigError, ModelConfig, MoEConfig
+from moetrain.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig
 from moetrain.losses import lm_loss
 from moetrain.model import GroupedExperts, Transformer
 from placement.placement import Placement
@@ -97,6 +97,32 @@ def test_vocab_size_must_be_set():
 def test_bad_model_settings_name_the_field(kw, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         Transformer(tiny_cfg(**kw), seed=0)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(dim=30, n_heads=4), "model.dim (30) must be divisible by model.n_heads (4)"),
+    (dict(dim=36, n_heads=4), "model.dim / model.n_heads (9) must be even for rotary positions"),
+    (dict(n_kv_heads=3), "model.n_kv_heads (3) must divide model.n_heads (4)"),
+    (dict(norm_eps=0.0), "model.norm_eps (0.0) must be in (0, 1)"),
+    (dict(moe={"top_k": 5}), "model.moe.top_k (5) must be <= model.moe.num_experts (4)"),
+    (dict(moe={"top_k": 0}), "model.moe.top_k (0) must be in [1, inf)"),
+    (dict(moe={"every_n_layers": 0}), "model.moe.every_n_layers (0) must be in [1, inf)"),
+    (dict(moe={"first_moe_layer": 2}), "model.moe.first_moe_layer (2) must be < model.n_layers (2): no MoE layer"),
+    (dict(moe={"num_groups": 3}), "model.moe.num_groups (3) must divide model.moe.num_experts (4)"),
+    (dict(moe={"capacity_factor": -1.0}), "model.moe.capacity_factor (-1.0) must be in [0, inf)"),
+    (dict(moe={"dispatch": "hierarchical", "a2a_chunks": 2}),
+     "model.moe.a2a_chunks (2) must be 1 with model.moe.dispatch=hierarchical"),
+])
+def test_the_model_and_the_run_config_refuse_with_one_message(kw, message):
+    """One validation: building the model and validating a run say the same line."""
+    with pytest.raises(ConfigError) as built:
+        Transformer(tiny_cfg(**kw), seed=0)
+    assert str(built.value) == message
+    cfg = tiny_cfg(**kw)
+    cfg.vocab_size = 300
+    with pytest.raises(ConfigError) as validated:
+        RunConfig(model=cfg, data=DataConfig(seq_len=16)).validate()
+    assert str(validated.value) == message
 
 
 def test_placement_must_fit_the_model():

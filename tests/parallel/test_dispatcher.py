@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import pytest
@@ -15,13 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.ports import free_port
+
 WORLD, T, D, F, E, K = 4, 24, 16, 8, 8, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(rank: int, skew: bool):
@@ -97,7 +92,7 @@ def _worker(rank, port, placement_json, dedup, skew, queue):
 def _run(placement, dedup, skew=False):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, placement.to_json(), dedup, skew, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -99,8 +99,7 @@ def test_merge_concatenates_rank_samples_and_keeps_reduced_counts():
 
 
 def test_sample_carries_home_ranks_through_merge_and_file(tmp_path):
-    from moetrain.train.stats import save_routing_npz
-    from placement import load_routing
+    from placement.stats import load_routing, save_routing
 
     a, b = (RoutingStatsAccumulator(2, 4, 2, window=3) for _ in range(2))
     _feed(a, STEPS[:1])
@@ -109,7 +108,7 @@ def test_sample_carries_home_ranks_through_merge_and_file(tmp_path):
     assert sa.home_T.tolist() == [0, 0] and sb.home_T.tolist() == [1, 1, 1, 1]
     merged = merge_rank_samples([sa, sb])
     assert merged.home_T.tolist() == [0, 0, 1, 1, 1, 1]
-    save_routing_npz(str(tmp_path / "w.npz"), merged)
+    save_routing(tmp_path / "w.npz", merged)
     back = load_routing(tmp_path / "w.npz")
     assert back.home_T.tolist() == [0, 0, 1, 1, 1, 1]
     np.testing.assert_array_equal(back.topk_ids_TLK, merged.topk_ids_TLK)
@@ -118,8 +117,7 @@ def test_sample_carries_home_ranks_through_merge_and_file(tmp_path):
 def test_sample_carries_steps_through_merge_and_file(tmp_path):
     """Each sampled row knows its optimizer step (the validated selection splits the window by
     steps): a window of 2 over 3 steps keeps steps 1 and 2; sample_tokens=3 drops step 1's first."""
-    from moetrain.train.stats import save_routing_npz
-    from placement import load_routing
+    from placement.stats import load_routing, save_routing
 
     a = RoutingStatsAccumulator(2, 4, 2, window=2, sample_tokens=3)
     b = RoutingStatsAccumulator(2, 4, 2, window=2)
@@ -129,7 +127,7 @@ def test_sample_carries_steps_through_merge_and_file(tmp_path):
     assert sa.step_T.tolist() == [1, 2, 2] and sb.step_T.tolist() == [1, 1, 2, 2]
     merged = merge_rank_samples([sa, sb])
     assert merged.step_T.tolist() == [1, 2, 2, 1, 1, 2, 2]
-    save_routing_npz(str(tmp_path / "w.npz"), merged)
+    save_routing(tmp_path / "w.npz", merged)
     assert load_routing(tmp_path / "w.npz").step_T.tolist() == [1, 2, 2, 1, 1, 2, 2]
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moetrain.config import ROUTERS, ConfigError, MoEConfig
+from moetrain.config import MoEConfig, validate_moe
 from moetrain.precision import fp32_compute
 
 
@@ -36,30 +36,6 @@ class RouterOutput:
     topk_ids_TK: Tensor
     topk_weights_TK: Tensor
     num_dropped: int = 0
-
-
-def check_moe_config(moe: MoEConfig) -> None:
-    """Raise :class:`ConfigError` naming the field if the routing settings are inconsistent."""
-    if moe.num_experts < 1:
-        raise ConfigError(f"model.moe.num_experts ({moe.num_experts}) must be >= 1")
-    if not 1 <= moe.top_k <= moe.num_experts:
-        raise ConfigError(f"model.moe.top_k ({moe.top_k}) must be in [1, model.moe.num_experts ({moe.num_experts})]")
-    if moe.num_groups < 1 or moe.num_experts % moe.num_groups:
-        raise ConfigError(
-            f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})"
-        )
-    if moe.top_k % moe.num_groups:
-        raise ConfigError(f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
-    if moe.expert_ffn_dim < 1:
-        raise ConfigError(f"model.moe.expert_ffn_dim ({moe.expert_ffn_dim}) must be >= 1")
-    if moe.num_shared_experts < 0:
-        raise ConfigError(f"model.moe.num_shared_experts ({moe.num_shared_experts}) must be >= 0")
-    if moe.router not in ROUTERS:
-        raise ConfigError(f"model.moe.router ({moe.router!r}) must be one of {', '.join(ROUTERS)}")
-    if moe.capacity_factor < 0:
-        raise ConfigError(f"model.moe.capacity_factor ({moe.capacity_factor}) must be >= 0 (0 = dropless)")
-    if moe.max_nodes_per_token < 0:
-        raise ConfigError(f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) must be >= 0 (0 = off)")
 
 
 def select_topk(select_TE: Tensor, top_k: int, num_groups: int) -> Tensor:
@@ -118,7 +94,7 @@ class TopKRouter(nn.Module):
 
     def __init__(self, dim: int, moe_cfg: MoEConfig) -> None:
         super().__init__()
-        check_moe_config(moe_cfg)
+        validate_moe(moe_cfg)
         self.num_experts = moe_cfg.num_experts
         self.top_k = moe_cfg.top_k
         self.num_groups = moe_cfg.num_groups
