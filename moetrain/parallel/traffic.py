@@ -41,6 +41,12 @@ def node_of(node_R: tuple[int, ...], rank: int) -> int:
     return node_R[rank] if node_R else 0
 
 
+def link_of_R(node_R: tuple[int, ...], rank: int, world_size: int) -> list[int]:
+    """Link class from ``rank`` to every rank: 0 = intra (same node, itself included), 1 = inter."""
+    me = node_of(node_R, rank)
+    return [int(node_of(node_R, r) != me) for r in range(world_size)]
+
+
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
     """Bytes one rank sends in a ring all-reduce of ``nbytes``: ``2 (R-1)/R x nbytes``."""
     return 0 if world_size <= 1 else (2 * (world_size - 1) * nbytes) // world_size
@@ -101,8 +107,7 @@ class TrafficCounter:
         if node_R and len(node_R) != world_size:
             raise ValueError(f"node map {node_R} has {len(node_R)} entries for {world_size} ranks")
         self.rank, self.world_size, self.num_layers = rank, world_size, num_layers
-        me = node_of(node_R, rank)
-        self.link_R = [int(node_of(node_R, r) != me) for r in range(world_size)]  # 0 intra, 1 inter
+        self.link_R = link_of_R(node_R, rank, world_size)  # 0 intra, 1 inter
         self._reset()
 
     def _reset(self) -> None:
