@@ -21,7 +21,9 @@ Host synchronisation: **one per layer forward.** Every count the phases need —
 (chunk, destination), rows per (chunk, destination slot), the pairs kept — is computed on the
 device, exchanged in one small int all-to-all, and read with a single ``.tolist()``; everything
 else is sized from those numbers (``nonzero_static``, sorts with sentinels; no ``unique``, no
-boolean-mask indexing). tests/parallel/test_host_syncs.py counts them.
+boolean-mask indexing, no ``bincount``, which reads ``min()`` and ``max()`` to the host on CUDA: ``count_ids``).
+tests/parallel/test_chunked_dispatch.py counts them for a layer, tests/parallel/test_host_syncs.py
+for a whole training step. The metadata's ``sent`` (:class:`SentRows`) is what was sent, by link.
 
 Chunks (``chunks`` C > 1, :meth:`AllToAllDispatcher.run`): the tokens are cut into C contiguous
 blocks; the rows of block c+1 travel (asynchronous all-to-all) while the experts compute block c,

@@ -4,7 +4,7 @@ On an accelerator the host waits for the device whenever it reads a value the de
 ``.item()`` / ``float()`` / ``int()`` / ``bool()`` of a tensor (``aten._local_scalar_dense``),
 ``.tolist()``, ``.cpu()`` (device -> host copy), and every op whose output size depends on the
 data (``nonzero``, ``unique``, ``masked_select``, boolean-mask indexing) or that reads the data to
-size its output (``bincount``: its CUDA kernel reads ``max()`` first). On this CPU none of them
+size its output (``bincount``: its CUDA kernel reads ``min()`` and ``max()`` first). On this CPU none of them
 costs anything, so :class:`SyncCounter` records them instead: a ``TorchDispatchMode`` sees every
 aten op (including those of autograd's backward, which runs on this thread), and ``tolist`` /
 ``cpu`` / ``numpy``, which bypass the dispatcher, are patched while it is installed.

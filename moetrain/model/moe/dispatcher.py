@@ -103,8 +103,8 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 def count_ids(ids: Tensor, n: int) -> Tensor:
     """int64 [n]: occurrences of each value 0..n-1 in ``ids`` (all of them must lie there).
-    ``torch.bincount`` without its host read: on CUDA bincount reads ``ids.max()`` to size its
-    output (a host sync); a scatter-add into a fixed size does not."""
+    ``torch.bincount`` without its host reads: on CUDA bincount reads ``ids.min()`` and
+    ``ids.max()`` to check and size its output; a scatter-add into a fixed size reads nothing."""
     flat = ids.reshape(-1)
     return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
 
