@@ -27,6 +27,7 @@ Kinds and how each is counted:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,7 @@ class LayerTally:
 
     def sent(self, inp: torch.Tensor, in_splits: list[int], *, backward: bool = False) -> None:
         """``in_splits[r]`` rows of ``inp`` go to rank r."""
-        row_bytes = inp.element_size() * (inp[0].numel() if inp.dim() > 1 else 1)
+        row_bytes = inp.element_size() * math.prod(inp.shape[1:])  # also with 0 rows (nothing to send)
         self.counter.add_rows(self.counter.a2a_LPC[self.layer, int(backward)], in_splits, row_bytes)
 
 

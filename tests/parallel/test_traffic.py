@@ -54,3 +54,14 @@ def test_peer_sends_skip_self_and_split_by_node_and_drain_resets():
 def test_a_node_map_of_the_wrong_length_is_refused():
     with pytest.raises(ValueError, match="3 entries for 4 ranks"):
         TrafficCounter(0, 4, (0, 0, 1), num_layers=1)
+
+
+def test_an_all_to_all_that_receives_no_rows_counts_zero_bytes():
+    """A rank whose slots got no rows returns an empty [0, D] tensor in combine: it sends nothing
+    (this raised IndexError in the 4-rank uneven-placement equivalence run)."""
+    import torch
+
+    c = TrafficCounter(0, 2, (0, 1), num_layers=1)
+    c.layer(0).sent(torch.zeros(0, 4), [0, 0])
+    c.layer(0).sent(torch.zeros(3, 4), [1, 2])  # 2 rows of 16 bytes to rank 1, another node
+    assert c.decode(c.drain()).a2a_LPC[0].tolist() == [[0, 32], [0, 0]]
