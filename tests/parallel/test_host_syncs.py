@@ -9,8 +9,9 @@ costs anything, so :class:`SyncCounter` records them instead: a ``TorchDispatchM
 aten op (including those of autograd's backward, which runs on this thread), and ``tolist`` /
 ``cpu`` / ``numpy``, which bypass the dispatcher, are patched while it is installed.
 
-The pinned figure for a step of A micro-batches over a model with L MoE layers (2 gloo ranks,
-flat all-to-all dispatch, global load-balancing scope, capacity dropping on):
+The pinned figure for a step of A micro-batches over a model with L MoE layers, on 2 gloo ranks
+with capacity dropping on, both for flat all-to-all dispatch with the global load-balancing scope
+and for hierarchical dispatch over two nodes with the micro scope:
 - A * L ``Tensor.tolist``: each MoE layer forward reads its split sizes once (the dispatcher);
 - 1 ``Tensor.tolist``: the step's single scalar read — losses, off-rank sends, traffic bytes and
   the step's expert counts all-reduced in one vector and read at once;
@@ -24,6 +25,7 @@ off-rank sends come from the dispatch metadata.
 from __future__ import annotations
 
 import collections
+import copy
 
 import pytest
 import torch
@@ -84,6 +86,7 @@ class SyncCounter(TorchDispatchMode):
 
 def test_counter_sees_each_kind_of_host_read():
     x = torch.arange(6.0)
+    real = {m: getattr(torch.Tensor, m) for m in PATCHED}
     with SyncCounter() as c:
         x.sum().item()
         x.tolist()
@@ -93,25 +96,37 @@ def test_counter_sees_each_kind_of_host_read():
         (x * 2).exp()  # no read
     assert c.syncs == ["aten._local_scalar_dense.default", "Tensor.tolist", "Tensor.cpu",
                        "aten.index.Tensor", "aten.bincount.default"]
-    assert torch.Tensor.tolist is not c._patch  # patches removed
+    assert all(getattr(torch.Tensor, m) is f for m, f in real.items())  # patches removed
     assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-def _step_syncs(ctx, cfg_dict: dict) -> tuple[list[str], int, int]:
+def _step_syncs(ctx, cfg_dicts: list[dict]) -> list[tuple[list[str], int, int, str]]:
+    import dataclasses
+
     from moetrain.train.trainer import RankTrainer
 
-    trainer = RankTrainer(from_dict(cfg_dict), ctx=ctx)
-    trainer.train_step()  # warm-up outside the counter (lazy inits, caches)
-    with SyncCounter() as counter:
-        trainer.train_step()
-    return counter.syncs, len(trainer.moe_layers), cfg_dict["train"]["grad_accum_steps"]
+    out = []
+    for cfg_dict in cfg_dicts:
+        hier = cfg_dict["model"]["moe"].get("dispatch") == "hierarchical"
+        trainer = RankTrainer(from_dict(cfg_dict), ctx=dataclasses.replace(ctx, node_R=(0, 1)) if hier else ctx)
+        trainer.train_step()  # warm-up outside the counter (lazy inits, caches)
+        with SyncCounter() as counter:
+            trainer.train_step()
+        out.append((counter.syncs, len(trainer.moe_layers), cfg_dict["train"]["grad_accum_steps"],
+                    type(trainer.moe_layers[0].dispatcher).__name__))
+    return out
 
 
 @pytest.mark.slow
 def test_train_step_host_syncs_are_pinned(tmp_path):
-    cfg = tiny_cfg(str(tmp_path), 2)
-    cfg["model"]["moe"]["capacity_factor"] = 1.0
-    for rank, (syncs, L, A) in enumerate(run_gloo(_step_syncs, 2, cfg)):
-        got = collections.Counter(syncs)
-        want = collections.Counter({"Tensor.tolist": A * L + 1, "aten._local_scalar_dense.default": 1})
-        assert got == want, f"rank {rank}: host syncs of one train_step {syncs}"
+    flat = tiny_cfg(str(tmp_path), 2)
+    flat["model"]["moe"]["capacity_factor"] = 1.0
+    hier = copy.deepcopy(flat)
+    hier["model"]["moe"]["dispatch"] = "hierarchical"
+    hier["train"]["loss"]["lbl_scope"] = "micro"
+    for rank, runs in enumerate(run_gloo(_step_syncs, 2, [flat, hier])):
+        assert [name for *_, name in runs] == ["AllToAllDispatcher", "HierarchicalDispatcher"]
+        for syncs, L, A, name in runs:
+            got = collections.Counter(syncs)
+            want = collections.Counter({"Tensor.tolist": A * L + 1, "aten._local_scalar_dense.default": 1})
+            assert got == want, f"rank {rank} {name}: host syncs of one train_step {syncs}"
