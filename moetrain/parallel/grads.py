@@ -90,7 +90,8 @@ def expert_grad_sq(moe_layers: list, placement: Placement, ctx: ParallelContext)
         flags = _primary_flags(placement, idx, ctx.rank)
         # the primary slots' rows, selected by indices known on the host (a boolean mask would
         # size its output from the device: a host sync)
-        rows = None if all(flags) else torch.tensor([i for i, f in enumerate(flags) if f], device=ctx.device)
+        rows = None if all(flags) else torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long,
+                                                    device=ctx.device)
         for p in expert_params(layer):
             if p.grad is not None:
                 g = p.grad if rows is None else p.grad.index_select(0, rows)
