@@ -22,8 +22,16 @@ def lm_loss(logits_BTV: Tensor, targets_BT: Tensor, *, ignore_index: int = -100)
 
 
 def expert_counts(topk_ids_TK: Tensor, num_experts: int) -> Tensor:
-    """counts_E[i] = number of (token, k) pairs routed to expert i; float32 [E] (bincount)."""
-    return torch.bincount(topk_ids_TK.reshape(-1), minlength=num_experts).to(torch.float32)
+    """counts_E[i] = number of (token, k) pairs routed to expert i; float32 [E]. A scatter-add
+    into E bins, not ``torch.bincount`` (which reads ``min()`` and ``max()`` to the host on CUDA)."""
+    flat = topk_ids_TK.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+
+
+def routing_counts(topk_ids: list[Tensor], num_experts: int) -> Tensor:
+    """counts_LE: float32 [L, E], :func:`expert_counts` of each MoE layer's ``topk_ids_TK`` —
+    computed once per micro-batch, shared by the load balancer and the routing statistics."""
+    return torch.stack([expert_counts(ids, num_experts) for ids in topk_ids])
 
 
 def load_balancing_loss(scores_TE: Tensor, counts_E: Tensor, num_tokens: int | float | Tensor, top_k: int) -> Tensor:

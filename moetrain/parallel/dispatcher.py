@@ -21,7 +21,9 @@ Host synchronisation: **one per layer forward.** Every count the phases need —
 (chunk, destination), rows per (chunk, destination slot), the pairs kept — is computed on the
 device, exchanged in one small int all-to-all, and read with a single ``.tolist()``; everything
 else is sized from those numbers (``nonzero_static``, sorts with sentinels; no ``unique``, no
-boolean-mask indexing). tests/parallel/test_chunked_dispatch.py counts them.
+boolean-mask indexing, no ``bincount``, which reads ``min()`` and ``max()`` to the host on CUDA: ``count_ids``).
+tests/parallel/test_chunked_dispatch.py counts them for a layer, tests/parallel/test_host_syncs.py
+for a whole training step. The metadata's ``sent`` (:class:`SentRows`) is what was sent, by link.
 
 Chunks (``chunks`` C > 1, :meth:`AllToAllDispatcher.run`): the tokens are cut into C contiguous
 blocks; the rows of block c+1 travel (asynchronous all-to-all) while the experts compute block c,
@@ -51,12 +53,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moetrain.model.moe.dispatcher import DispatchMeta, capacity_keep_mask, expert_capacity
+from moetrain.model.moe.dispatcher import DispatchMeta, SentRows, capacity_keep_mask, count_ids, expert_capacity
 from moetrain.parallel.a2a import (CommClock, Pending, all_to_all, all_to_all_ints, start_all_to_all,
                                    wait_all_to_all)
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.fanout import fan_out_rows, weighted_unit_sums
-from moetrain.parallel.traffic import LayerTally
+from moetrain.parallel.traffic import LayerTally, link_of_R
 from moetrain.precision import to_compute
 from placement.placement import Placement
 
@@ -97,6 +99,10 @@ class EPDispatchMeta(DispatchMeta):
     weight_N: Tensor  # routing weight of each expert row (autograd)
     num_recv_units: int
     num_tokens: int
+    sent: SentRows  # units sent, by link (from send_splits)
+
+    def sent_rows(self) -> SentRows:
+        return self.sent
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,10 @@ class EPRunMeta(DispatchMeta):
     send_splits: list[int]
     recv_splits: list[int]
     num_chunks: int
+    sent: SentRows  # units sent, by link (from send_splits)
+
+    def sent_rows(self) -> SentRows:
+        return self.sent
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,7 @@ class AllToAllDispatcher:
         self.clock = clock
         self.tally = tally  # counts the bytes this layer's all-to-alls send (moetrain.parallel.traffic)
         self.lean_backward = True  # moetrain.parallel.fanout; False: plain indexing (reference, A/B)
+        self.link_R = link_of_R(ctx.node_R, ctx.rank, self.num_ranks)  # 0 same node, 1 another
         dest_rank, dest_slot = route_table(placement, layer)
         self._dest_rank_E = torch.from_numpy(dest_rank[ctx.rank].copy()).to(ctx.device)
         self._dest_slot_E = torch.from_numpy(dest_slot[ctx.rank].copy()).to(ctx.device)
@@ -168,7 +179,7 @@ class AllToAllDispatcher:
         python lists (send_CR, recv_CR, rows_CS, kept) from the layer's single ``.tolist()``."""
         R, S, C = self.num_ranks, self.max_slots, chunks
         units_CR1 = hit_P.view(C, R, M).sum(2, dtype=torch.int64).unsqueeze(-1)
-        rows_CRS = torch.bincount(slot_key_TK.reshape(-1), minlength=C * R * S + 1)[:C * R * S].view(C, R, S)
+        rows_CRS = count_ids(slot_key_TK, C * R * S + 1)[:C * R * S].view(C, R, S)
         send_RCX = torch.cat([units_CR1, rows_CRS], dim=2).transpose(0, 1).contiguous()
         recv_RCX = (
             all_to_all_ints(send_RCX, [1] * R, [1] * R, self.ctx.group, tally=self.tally)
@@ -245,7 +256,8 @@ class AllToAllDispatcher:
         meta = EPDispatchMeta(tokens_per_slot=plan.rows_CS[0], num_dropped=plan.num_dropped,
                               send_splits=send, recv_splits=recv, unit_token_U=plan.unit_token_U,
                               pair_unit_N=pair_unit_N, weight_N=weight_N,
-                              num_recv_units=recv_VX.shape[0], num_tokens=x_TD.shape[0])
+                              num_recv_units=recv_VX.shape[0], num_tokens=x_TD.shape[0],
+                              sent=SentRows.from_splits(send, self.ctx.rank, self.link_R))
         return x_ND, meta
 
     def combine(self, y_ND: Tensor, meta: EPDispatchMeta) -> Tensor:
@@ -287,22 +299,8 @@ class AllToAllDispatcher:
             back.append((*start_all_to_all(y_VD, send, recv, group, self.clock, self.tally), send, recv))
         y_UD = torch.cat([wait_all_to_all(buf, pend, send, recv, group) for buf, pend, send, recv in back])
         out_TD = y_UD.new_zeros((x_TD.shape[0], D)).index_add(0, plan.unit_token_U, y_UD)
+        send_R = np.sum(plan.send_CR, axis=0).tolist()
         meta = EPRunMeta(tokens_per_slot=np.sum(plan.rows_CS, axis=0).tolist(), num_dropped=plan.num_dropped,
-                         send_splits=np.sum(plan.send_CR, axis=0).tolist(),
-                         recv_splits=np.sum(plan.recv_CR, axis=0).tolist(), num_chunks=C)
+                         send_splits=send_R, recv_splits=np.sum(plan.recv_CR, axis=0).tolist(), num_chunks=C,
+                         sent=SentRows.from_splits(send_R, self.ctx.rank, self.link_R))
         return out_TD, meta
-
-
-@torch.no_grad()
-def count_unit_sends(topk_ids_TK: torch.Tensor, dispatcher: AllToAllDispatcher) -> int:
-    """Rows this rank would send to *other* ranks for ``topk_ids_TK`` (dedup-aware, no capacity)."""
-    T, K = topk_ids_TK.shape
-    dest_TK = dispatcher._dest_rank_E[topk_ids_TK]
-    remote_TK = dest_TK != dispatcher.ctx.rank
-    if not dispatcher.dedup:
-        return int(remote_TK.sum())
-    R = dispatcher.num_ranks
-    hit_TR = torch.zeros(T, R, dtype=torch.bool, device=topk_ids_TK.device)
-    hit_TR.scatter_(1, dest_TK, True)
-    hit_TR[:, dispatcher.ctx.rank] = False
-    return int(hit_TR.sum())

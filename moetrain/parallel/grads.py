@@ -72,22 +72,30 @@ def sync_expert_grads(moe_layers: list, placement: Placement, ctx: ParallelConte
                 g.div_(ctx.world_size)
 
 
-def primary_slot_mask(placement: Placement, layer_idx: int, rank: int) -> torch.Tensor:
-    """True for local slots holding the first replica of their expert, [S_local]."""
+def _primary_flags(placement: Placement, layer_idx: int, rank: int) -> list[bool]:
     local = placement.local_experts(layer_idx, rank)
     slots = placement.rank_slots(rank)
-    return torch.tensor([placement.log2phy(layer_idx, int(e))[0] == s for e, s in zip(local, slots)],
-                        dtype=torch.bool)
+    return [bool(placement.log2phy(layer_idx, int(e))[0] == s) for e, s in zip(local, slots)]
+
+
+def primary_slot_mask(placement: Placement, layer_idx: int, rank: int) -> torch.Tensor:
+    """True for local slots holding the first replica of their expert, [S_local]."""
+    return torch.tensor(_primary_flags(placement, layer_idx, rank), dtype=torch.bool)
 
 
 def expert_grad_sq(moe_layers: list, placement: Placement, ctx: ParallelContext) -> torch.Tensor:
     """Sum of squares of the expert gradients, each logical expert once, over all ranks (collective)."""
     expert_sq = torch.zeros((), device=ctx.device)
     for idx, layer in enumerate(moe_layers):
-        mask = primary_slot_mask(placement, idx, ctx.rank).to(ctx.device)
+        flags = _primary_flags(placement, idx, ctx.rank)
+        # the primary slots' rows, selected by indices known on the host (a boolean mask would
+        # size its output from the device: a host sync)
+        rows = None if all(flags) else torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long,
+                                                    device=ctx.device)
         for p in expert_params(layer):
             if p.grad is not None:
-                expert_sq = expert_sq + p.grad[mask].float().pow(2).sum()
+                g = p.grad if rows is None else p.grad.index_select(0, rows)
+                expert_sq = expert_sq + g.float().pow(2).sum()
     return ctx.all_reduce_sum(expert_sq)
 
 

@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moetrain.model.moe.dispatcher import DispatchMeta, capacity_keep_mask, expert_capacity
+from moetrain.model.moe.dispatcher import DispatchMeta, SentRows, capacity_keep_mask, count_ids, expert_capacity
 from moetrain.parallel.a2a import CommClock, all_to_all, all_to_all_ints
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.dispatcher import route_table
 from moetrain.parallel.fanout import fan_out_rows, weighted_unit_sums
-from moetrain.parallel.traffic import LayerTally
+from moetrain.parallel.traffic import LayerTally, link_of_R
 from moetrain.precision import to_compute
 from placement.placement import Placement
 
@@ -88,6 +88,12 @@ class HierDispatchMeta(DispatchMeta):
     pair_unit_N: Tensor  # received stage-2 unit of each expert row (slot order)
     weight_N: Tensor  # routing weight of each expert row (autograd)
     num_tokens: int
+    # this rank's (token, destination rank) units by link — what flat dedup dispatch sends for the
+    # same routing (the routing's demand); the stage splits above are what really travelled
+    sent: SentRows
+
+    def sent_rows(self) -> SentRows:
+        return self.sent
 
     @property
     def send_splits(self) -> list[int]:
@@ -103,6 +109,7 @@ class _Splits:
     recv2: list[int]
     rows_S: list[int]
     num_kept: int
+    units_R: list[int]  # this rank's dedup units per destination rank (as flat dispatch)
 
 
 class HierarchicalDispatcher:
@@ -121,6 +128,7 @@ class HierarchicalDispatcher:
         self.node_of_R = np.array([n for n, rs in enumerate(self.nodes) for _ in rs], dtype=np.int64)
         self.my_node = int(self.node_of_R[ctx.rank])
         self.gateway_RG = gateway_table(self.nodes)
+        self.link_R = link_of_R(ctx.node_R, ctx.rank, R)
         dest_rank, dest_slot = route_table(placement, layer)  # the flat dispatcher's replica choice
         self._dest_rank_E = torch.from_numpy(dest_rank[ctx.rank].copy()).to(ctx.device)
         self._dest_slot_E = torch.from_numpy(dest_slot[ctx.rank].copy()).to(ctx.device)
@@ -147,7 +155,7 @@ class HierarchicalDispatcher:
                     send2[h] += int(rank_units_RR[s, h])
             recv2[g_s] += int(rank_units_RR[s, me])
         rows_S = rows_RRS[:, me, :self.num_local_slots].sum(0).tolist()
-        return _Splits(send1, recv1, send2, recv2, rows_S, int(vals[me, -1]))
+        return _Splits(send1, recv1, send2, recv2, rows_S, int(vals[me, -1]), rank_units_RR[me].tolist())
 
     # ---- stage 1: (token, node) units from the source -----------------------------------------
     def _stage1(self, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor):
@@ -167,7 +175,7 @@ class HierarchicalDispatcher:
         hit1_P = hits(key1_TK, G * T)
         slot_key = torch.where(keep_TK, rank_TK * S + slot_TK, R * S).reshape(-1)
         counts_X = torch.cat([hit1_P.view(G, T).sum(1), hits(rank_TK * T + tok_T1, R * T).view(R, T).sum(1),
-                              torch.bincount(slot_key, minlength=R * S + 1)[:R * S], keep_TK.sum().view(1)])
+                              count_ids(slot_key, R * S + 1)[:R * S], keep_TK.sum().view(1)])
         sp = self._splits(counts_X)
         U1 = sum(sp.send1)
         unit_token_U1 = hit1_P.nonzero_static(size=U1).view(-1) % T
@@ -219,7 +227,8 @@ class HierarchicalDispatcher:
         x_ND, pair_unit_N, weight_N = self._fan_out(recv2_VX, slot2_VK, sum(sp.rows_S), D)
         meta = HierDispatchMeta(tokens_per_slot=sp.rows_S, num_dropped=dropped, send1=sp.send1, recv1=sp.recv1,
                                 send2=sp.send2, recv2=sp.recv2, unit_token_U1=unit_token_U1, unit_v1_U2=v1_U2,
-                                pair_unit_N=pair_unit_N, weight_N=weight_N, num_tokens=x_TD.shape[0])
+                                pair_unit_N=pair_unit_N, weight_N=weight_N, num_tokens=x_TD.shape[0],
+                                sent=SentRows.from_splits(sp.units_R, self.ctx.rank, self.link_R))
         return x_ND, meta
 
     def combine(self, y_ND: Tensor, meta: HierDispatchMeta) -> Tensor:

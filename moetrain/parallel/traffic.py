@@ -28,7 +28,6 @@ Kinds and how each is counted:
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +40,12 @@ PEER_KINDS = ("dense_grads", "expert_grads", "migration")  # kinds with a link c
 def node_of(node_R: tuple[int, ...], rank: int) -> int:
     """Node index of ``rank`` (0 when the map is empty: one node)."""
     return node_R[rank] if node_R else 0
+
+
+def link_of_R(node_R: tuple[int, ...], rank: int, world_size: int) -> list[int]:
+    """Link class from ``rank`` to every rank: 0 = intra (same node, itself included), 1 = inter."""
+    me = node_of(node_R, rank)
+    return [int(node_of(node_R, r) != me) for r in range(world_size)]
 
 
 def ring_allreduce_bytes(nbytes: int, world_size: int) -> int:
@@ -92,7 +97,7 @@ class LayerTally:
 
     def sent(self, inp: torch.Tensor, in_splits: list[int], *, backward: bool = False) -> None:
         """``in_splits[r]`` rows of ``inp`` go to rank r."""
-        row_bytes = inp.element_size() * math.prod(inp.shape[1:])  # also when this rank sends no row
+        row_bytes = inp.element_size() * math.prod(inp.shape[1:])  # also with 0 rows (nothing to send)
         self.counter.add_rows(self.counter.a2a_LPC[self.layer, int(backward)], in_splits, row_bytes)
 
 
@@ -103,8 +108,7 @@ class TrafficCounter:
         if node_R and len(node_R) != world_size:
             raise ValueError(f"node map {node_R} has {len(node_R)} entries for {world_size} ranks")
         self.rank, self.world_size, self.num_layers = rank, world_size, num_layers
-        me = node_of(node_R, rank)
-        self.link_R = [int(node_of(node_R, r) != me) for r in range(world_size)]  # 0 intra, 1 inter
+        self.link_R = link_of_R(node_R, rank, world_size)  # 0 intra, 1 inter
         self._reset()
 
     def _reset(self) -> None:

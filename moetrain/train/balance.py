@@ -38,22 +38,30 @@ class LoadBalancer:
         self.num_layers = num_moe_layers
         self.step_counts_LE = torch.zeros(num_moe_layers, moe_cfg.num_experts, device=ctx.device)
         self.step_tokens = 0  # global tokens routed this step (global scope) or local (else)
+        self.local_counts_LE = torch.zeros_like(self.step_counts_LE)  # this rank's, any scope
 
     def start_step(self) -> None:
         self.step_counts_LE.zero_()
+        self.local_counts_LE.zero_()
         self.step_tokens = 0
 
-    def micro_losses(self, routing: list, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_losses(self, routing: list, batch_size: int,
+                     counts_LE: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(LBL, z-loss) of one micro-batch, each already multiplied by its coefficient and
-        summed over MoE layers. Accumulates this micro-batch's counts."""
+        summed over MoE layers. Accumulates this micro-batch's counts: ``counts_LE`` (float32
+        [L, E], ``losses.routing_counts`` of ``routing``, computed once by the caller for the
+        statistics too; not modified), or computed here when None."""
         E, K = self.moe.num_experts, self.moe.top_k
-        counts_LE = torch.stack([losses.expert_counts(r.topk_ids_TK, E) for r in routing]).to(self.ctx.device)
+        if counts_LE is None:
+            counts_LE = losses.routing_counts([r.topk_ids_TK for r in routing], E)
+        counts_LE = counts_LE.to(self.ctx.device)
+        self.local_counts_LE += counts_LE
         T = routing[0].topk_ids_TK.shape[0]
         zero = torch.zeros((), device=self.ctx.device)
         lbl, zl = zero, zero
         scope = self.cfg.lbl_scope
         if scope == "global":
-            self.ctx.all_reduce_sum(counts_LE)  # one small all-reduce per micro-batch
+            counts_LE = self.ctx.all_reduce_sum(counts_LE.clone())  # one small all-reduce per micro-batch
             self.step_counts_LE += counts_LE
             self.step_tokens += T * self.ctx.world_size
         else:
@@ -76,7 +84,8 @@ class LoadBalancer:
         return lbl, zl
 
     def global_step_counts(self) -> torch.Tensor:
-        """Tokens per expert per layer over the whole step and all ranks, [L, E]."""
+        """Tokens per expert per layer over the whole step and all ranks, [L, E] (the trainer gets
+        the same figure by all-reducing :attr:`local_counts_LE` with the step's other sums)."""
         if self.cfg.lbl_scope == "global":  # already all-reduced per micro-batch
             return self.step_counts_LE.clone()
         return self.ctx.all_reduce_sum(self.step_counts_LE.clone())

@@ -28,7 +28,8 @@ class StepMetrics:
     lr: float
     tokens: int  # tokens in the global batch
     # token rows sent to other ranks this step (all ranks, all MoE layers), as flat dedup dispatch
-    # sends them (also under hierarchical dispatch: a routing statistic; bytes are in ``traffic``)
+    # sends them (dropped pairs excluded; also under hierarchical dispatch: a routing statistic;
+    # bytes are in ``traffic``), from the dispatch metadata (``SentRows``)
     offrank_sends: float
     load_LE: np.ndarray  # tokens routed to each expert of each MoE layer this step, [L, E]
     step_time_s: float

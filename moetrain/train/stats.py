@@ -1,12 +1,16 @@
-"""Routing statistics gathered during training, without extra synchronisation per step.
+"""Routing statistics gathered during training, without a host synchronisation per step.
 
 Owns: per-step local counts — ``load_LE`` (tokens per expert per MoE layer), ``coact_LEE``
 (pairs of experts chosen by the same token in the same layer; symmetric, zero diagonal) and
 ``trans_LEE`` (token chose e in MoE layer l and e' in layer l+1; [L-1, E, E]) — and a sample of raw
 per-token top-k ids, all kept for a moving window of the last ``window`` optimizer steps. The
-sample keeps the most recent tokens of the window, at most ``sample_tokens`` per rank. All-reduce
-happens only when somebody asks (:meth:`RoutingStatsAccumulator.window_stats`), which returns the
-placement library's own :class:`~placement.stats.RoutingStats`: the solver sees exactly the window.
+sample keeps the most recent tokens of the window, at most ``sample_tokens`` per rank. Everything stays on the
+training device: the counts are summed there per micro-batch (``load_LE`` is the step's shared
+per-expert count, ``moetrain.losses.routing_counts``, the load balancer's too), and the id sample
+keeps device slices of the newest ``sample_tokens`` tokens only. Nothing is read to the host and
+nothing is all-reduced until somebody asks (:meth:`RoutingStatsAccumulator.window_stats`), which
+copies the window once and returns the placement library's own
+:class:`~placement.stats.RoutingStats`: the solver sees exactly the window.
 Every sampled token carries its **home rank** (``home_T``: the rank that routed it, i.e. this
 rank), so the cost model scores its sends from where it really starts (placement/cost.py), and
 its **step** (``step_T``: optimizer steps closed on this accumulator before it; the same on every
@@ -32,10 +36,12 @@ def _onehot_TE(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return a.scatter_(1, topk_ids_TK, 1.0)
 
 
-def step_stats(routing_ids: list[torch.Tensor], num_experts: int) -> tuple[torch.Tensor, ...]:
-    """(load_LE, coact_LEE, trans_LEE) of one batch, from each MoE layer's topk_ids_TK."""
+def step_stats(routing_ids: list[torch.Tensor], num_experts: int,
+               load_LE: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """(load_LE, coact_LEE, trans_LEE) of one batch, from each MoE layer's topk_ids_TK;
+    ``load_LE`` when the caller already counted it (``moetrain.losses.routing_counts``)."""
     onehots = [_onehot_TE(ids, num_experts) for ids in routing_ids]
-    load = torch.stack([a.sum(0) for a in onehots])
+    load = torch.stack([a.sum(0) for a in onehots]) if load_LE is None else load_LE
     coact = torch.stack([a.T @ a for a in onehots])
     coact.diagonal(dim1=1, dim2=2).zero_()
     L = len(onehots)
@@ -47,7 +53,7 @@ def step_stats(routing_ids: list[torch.Tensor], num_experts: int) -> tuple[torch
 @dataclass
 class _Step:
     counts: list[torch.Tensor]  # load_LE, coact_LEE, trans_LEE summed over the step's micro-batches
-    ids: list[np.ndarray]  # int16 [T_micro, L, K] per micro-batch
+    ids: list[torch.Tensor]  # int16 [T_micro, L, K] per micro-batch (device), newest last; see add()
     index: int = 0  # optimizer steps closed on the accumulator before this one
 
 
@@ -70,17 +76,34 @@ class RoutingStatsAccumulator:
         self._closed = 0  # optimizer steps closed so far (the index of the next one)
 
     @torch.no_grad()
-    def add(self, routing: list) -> None:
-        """Add one micro-batch's routing (list of RouterOutput, one per MoE layer)."""
+    def add(self, routing: list, counts_LE: torch.Tensor | None = None) -> None:
+        """Add one micro-batch's routing (list of RouterOutput, one per MoE layer) and, when the
+        caller has them, its per-expert counts ``counts_LE`` (float32 [L, E]; not modified).
+        No host read: the ids stay on their device."""
         ids = [r.topk_ids_TK.detach() for r in routing]
-        parts = step_stats(ids, self.E)
+        parts = step_stats(ids, self.E, None if counts_LE is None else counts_LE.to(ids[0].device))
         if self._current is None:
             self._current = _Step([p.clone() for p in parts], [], self._closed)
         else:
             for acc, p in zip(self._current.counts, parts):
                 acc += p
         if self.sample_tokens:
-            self._current.ids.append(torch.stack(ids, dim=1).to(torch.int16).cpu().numpy())
+            ids_TLK = torch.stack(ids, dim=1)[-self.sample_tokens:].to(torch.int16)
+            self._current.ids.append(ids_TLK)
+            self._drop_old_ids([self._current])
+
+    def _drop_old_ids(self, steps: list[_Step]) -> None:
+        """Forget the id blocks of ``steps`` (newest first) that lie entirely beyond their newest
+        ``sample_tokens`` tokens: the sample never reaches them (steps leave the window oldest
+        first), so the device holds at most about twice ``sample_tokens`` plus one micro-batch.
+        Sizes are shapes: no host read."""
+        kept = 0
+        for step in steps:
+            for i in range(len(step.ids) - 1, -1, -1):
+                if kept >= self.sample_tokens:
+                    del step.ids[:i + 1]
+                    break
+                kept += step.ids[i].shape[0]
 
     def end_step(self) -> None:
         """Close the optimizer step: it enters the window (the oldest step leaves a full one)."""
@@ -88,6 +111,7 @@ class RoutingStatsAccumulator:
             self._steps.append(self._current)
             self._current = None
             self._closed += 1
+            self._drop_old_ids(list(reversed(self._steps)))
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(load_LE, coact_LEE, trans_LEE) summed over the window on this rank (zeros if empty)."""
@@ -99,7 +123,7 @@ class RoutingStatsAccumulator:
 
     def sample_ids(self) -> np.ndarray:
         """This rank's most recent ``sample_tokens`` top-k ids within the window, int16 [T, L, K]
-        (oldest first)."""
+        (oldest first); the one copy of the sample to the host."""
         return self.sample()[0]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +139,7 @@ class RoutingStatsAccumulator:
                 kept += take
         if not parts:
             return np.zeros((0, self.L, self.K), dtype=np.int16), np.zeros(0, dtype=np.int64)
-        return np.concatenate(parts[::-1]), np.concatenate(steps[::-1])
+        return torch.cat(parts[::-1]).cpu().numpy(), np.concatenate(steps[::-1])
 
     def window_stats(self, ctx: ParallelContext) -> RoutingStats:
         """The window's counts all-reduced over ranks (one collective; the same on every rank)

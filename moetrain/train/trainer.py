@@ -5,6 +5,13 @@ micro-batches (forward, LM loss + load balancing + z-loss, backward), reduce gra
 the single-process model, clip, step AdamW with the warmup+cosine schedule, update the
 aux-loss-free bias, and accumulate routing statistics. The same code runs on one process
 (``ParallelContext()``: the reference) and on every rank of an expert-parallel group.
+
+One routing path per step: each micro-batch's per-expert counts are computed once on the device
+and shared by the load balancer and the routing statistics; the off-rank sends come from the
+dispatch metadata (python ints the dispatcher already read). The host reads the device once per
+MoE layer forward (the dispatcher's split sizes), once for the step's sums (losses, sends,
+traffic and expert counts, all-reduced together) and once for the gradient norm;
+tests/parallel/test_host_syncs.py pins that figure.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from moetrain.model import Transformer, count_moe_blocks
 from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.a2a import CommClock
-from moetrain.parallel.dispatcher import AllToAllDispatcher, count_unit_sends
+from moetrain.parallel.dispatcher import AllToAllDispatcher
 from moetrain.parallel.hierarchical import HierarchicalDispatcher, expert_nodes, node_ranks
 from moetrain.parallel.traffic import TrafficCounter
 from moetrain.train.balance import LoadBalancer
@@ -191,37 +198,46 @@ class RankTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.dense_zero is not None:
             self.dense_zero.zero_grad()
-        # lm, lbl, z, off-rank unit sends, then the traffic counts (float64: bytes stay exact)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)
+        # lm, lbl, z (summed on the device); off-rank sends (python ints from the dispatch metadata)
+        losses_3 = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+        sends = 0
+        E = self.cfg.model.moe.num_experts
         for mb in micro:
             x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
             y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
             logits, routing = self._forward(x)
+            counts_LE = losses.routing_counts([r.topk_ids_TK for r in routing], E)  # once, on the device
             lm = losses.lm_loss(logits, y)
-            lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0])
+            lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0], counts_LE=counts_LE)
             self._backward((lm + lbl + zl) / A)
-            self.stats.add(routing)
-            sums[:3] += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
-            sums[3] += self._offrank_sends(routing)
+            self.stats.add(routing, counts_LE)
+            losses_3 += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
+            sends += sum(r.sent.offrank for r in routing if r.sent is not None)
         self._count_grad_traffic()
         grads.sync_expert_grads(self.moe_layers, self.placement, self.ctx)
-        sums = torch.cat([sums, self.traffic.drain().to(self.ctx.device)])
-        self.ctx.all_reduce_sum(sums)  # before the update: every rank decides alike on non-finite values
-        vals = sums.tolist()
-        lm, lbl, zl, sends = [v / self.ctx.world_size for v in vals[:3]] + [vals[3]]
-        traffic = self.traffic.decode(vals[4:])
+        # one all-reduce and one host read for the step: losses, sends, the step's expert counts
+        # and the traffic (float64: counts and bytes stay exact); before the update, so every
+        # rank decides alike on non-finite values
+        L = len(self.moe_layers)
+        sums = torch.cat([losses_3, torch.tensor([float(sends)], dtype=torch.float64, device=self.ctx.device),
+                          self.balancer.local_counts_LE.reshape(-1).double(),
+                          self.traffic.drain().to(self.ctx.device)])
+        vals = self.ctx.all_reduce_sum(sums).tolist()
+        lm, lbl, zl = [v / self.ctx.world_size for v in vals[:3]]
+        sends = vals[3]
+        load_LE = np.asarray(vals[4:4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
+        traffic = self.traffic.decode(vals[4 + L * E:])
         lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
-        load_LE = self.balancer.global_step_counts()  # one all-reduce in micro scope, none in global
         norm, bad = self._update(lr, lm_loss=lm, lbl=lbl, z_loss=zl)
         if bad:  # skip the update: nothing non-finite reaches the weights or the optimizer state
             self.optimizer.zero_grad(set_to_none=True)
         else:
-            self.balancer.update_bias(self.moe_layers, load_LE)
+            self.balancer.update_bias(self.moe_layers, torch.from_numpy(load_LE).to(self.ctx.device))
         self.stats.end_step()
         self.step += 1
         return StepMetrics(step=self.step, loss=lm + lbl + zl, lm_loss=lm, lbl=lbl, z_loss=zl,
                            grad_norm=norm, lr=lr, tokens=t.global_batch_size * self.cfg.data.seq_len,
-                           offrank_sends=sends, load_LE=load_LE.cpu().numpy(), traffic=traffic,
+                           offrank_sends=sends, load_LE=load_LE, traffic=traffic,
                            step_time_s=time.perf_counter() - t0, nonfinite=bad)
 
     def _update(self, lr: float, **losses: float) -> tuple[float, tuple[str, ...]]:
@@ -231,10 +247,11 @@ class RankTrainer:
         if self.dense_zero is None:
             grads.sync_dense_grads(self.dense_params, self.ctx)
             norm_t = grads.global_grad_norm(self.dense_params, self.moe_layers, self.placement, self.ctx)
-            bad = nonfinite_quantities(**losses, grad_norm=float(norm_t))
+            norm = float(norm_t)  # the host read of the norm
+            bad = nonfinite_quantities(**losses, grad_norm=norm)
             if not bad:
                 self._local_update(self.all_params, norm_t, lr)
-            return float(norm_t), bad
+            return norm, bad
         # ZeRO: DeepSpeed reduces the dense gradients, clips its slices by the global norm (dense
         # + experts) and updates them, or skips on every rank when we ask or the norm is not finite
         expert_sq = grads.expert_grad_sq(self.moe_layers, self.placement, self.ctx)
@@ -279,14 +296,6 @@ class RankTrainer:
                 nbytes = sum(self.placement.num_experts * p[0].numel() * p.element_size()
                              for p in grads.expert_params(layer))
                 self.traffic.add_ring_allreduce("expert_grads", nbytes)
-
-    def _offrank_sends(self, routing: list) -> float:
-        if not self.ctx.distributed:
-            return 0.0
-        total = 0
-        for layer, r in zip(self.moe_layers, routing):
-            total += count_unit_sends(r.topk_ids_TK, layer.dispatcher)  # type: ignore[arg-type]  # an EP dispatcher
-        return float(total)
 
     # ---- validation --------------------------------------------------------------------------
     @torch.no_grad()

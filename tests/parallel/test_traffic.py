@@ -67,3 +67,14 @@ def test_a_rank_that_sends_no_rows_counts_zero_bytes():
     tally.sent(torch.empty(3, 16), [1, 0, 2, 0])  # 1 row to itself (not counted), 2 rows to node 1
     t = c.decode(c.drain())
     np.testing.assert_array_equal(t.a2a_LPC[0, 0], [0, 2 * 16 * 4])
+
+
+def test_an_all_to_all_that_receives_no_rows_counts_zero_bytes():
+    """A rank whose slots got no rows returns an empty [0, D] tensor in combine: it sends nothing
+    (this raised IndexError in the 4-rank uneven-placement equivalence run)."""
+    import torch
+
+    c = TrafficCounter(0, 2, (0, 1), num_layers=1)
+    c.layer(0).sent(torch.zeros(0, 4), [0, 0])
+    c.layer(0).sent(torch.zeros(3, 4), [1, 2])  # 2 rows of 16 bytes to rank 1, another node
+    assert c.decode(c.drain()).a2a_LPC[0].tolist() == [[0, 32], [0, 0]]

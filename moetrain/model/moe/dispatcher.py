@@ -23,12 +23,38 @@ from moetrain.precision import to_compute
 
 
 @dataclass(frozen=True)
+class SentRows:
+    """Rows one dispatch call sent from this rank, by where they went (python ints, from the
+    splits the dispatcher already read in its one host sync): ``local`` stayed on this rank,
+    ``intra`` went to other ranks of this node, ``inter`` to ranks of other nodes."""
+
+    local: int = 0
+    intra: int = 0
+    inter: int = 0
+
+    @property
+    def offrank(self) -> int:
+        return self.intra + self.inter
+
+    @classmethod
+    def from_splits(cls, rows_R: Sequence[int], rank: int, link_R: Sequence[int]) -> "SentRows":
+        """``rows_R[r]`` rows to rank r; ``link_R[r]`` 0 = same node, 1 = another node."""
+        intra = sum(int(n) for r, n in enumerate(rows_R) if r != rank and not link_R[r])
+        inter = sum(int(n) for r, n in enumerate(rows_R) if link_R[r])
+        return cls(int(rows_R[rank]), intra, inter)
+
+
+@dataclass(frozen=True)
 class DispatchMeta:
     """What every dispatcher reports: rows per local slot (slot order) and dropped pairs.
     Dispatchers subclass this with whatever their ``combine`` needs."""
 
     tokens_per_slot: list[int]
     num_dropped: int
+
+    def sent_rows(self) -> SentRows | None:
+        """What this dispatch sent off-rank (:class:`SentRows`); None for a single-rank dispatch."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -75,13 +101,21 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
+def count_ids(ids: Tensor, n: int) -> Tensor:
+    """int64 [n]: occurrences of each value 0..n-1 in ``ids`` (all of them must lie there).
+    ``torch.bincount`` without its host reads: on CUDA bincount reads ``ids.min()`` and
+    ``ids.max()`` to check and size its output; a scatter-add into a fixed size reads nothing."""
+    flat = ids.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 def capacity_keep_mask(topk_ids_TK: Tensor, num_experts: int, capacity: int) -> Tensor:
     """bool [T, K]: keep the first ``capacity`` (token, k) pairs of every expert, in row-major
     (token, then k) order; the rest are dropped. O(P log P), nothing of size [P, E]."""
     flat_P = topk_ids_TK.reshape(-1)
     P = flat_P.numel()
     sorted_P, order_P = torch.sort(flat_P, stable=True)
-    counts_E = torch.bincount(flat_P, minlength=num_experts)
+    counts_E = count_ids(flat_P, num_experts)
     group_start_E = torch.cumsum(counts_E, 0) - counts_E
     rank_in_expert_sorted_P = torch.arange(P, device=flat_P.device) - group_start_E[sorted_P]
     rank_in_expert_P = torch.empty_like(rank_in_expert_sorted_P).scatter_(0, order_P, rank_in_expert_sorted_P)

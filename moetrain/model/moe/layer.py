@@ -59,4 +59,4 @@ class MoELayer(nn.Module):
             if self.shared_gate_1D is not None:
                 shared_TD = torch.sigmoid(F.linear(x_TD, self.shared_gate_1D)) * shared_TD
             out_TD = out_TD + shared_TD
-        return out_TD.view(B, T, D), dataclasses.replace(route, num_dropped=meta.num_dropped)
+        return out_TD.view(B, T, D), dataclasses.replace(route, num_dropped=meta.num_dropped, sent=meta.sent_rows())

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moetrain.config import MoEConfig, validate_moe
+from moetrain.model.moe.dispatcher import SentRows
 from moetrain.precision import fp32_compute
 
 
@@ -29,6 +30,8 @@ class RouterOutput:
         ``moe.renormalize``.
     num_dropped: (token, expert) pairs dropped by the capacity rule; filled in by
         :class:`~moetrain.model.moe.layer.MoELayer` after dispatch (0 from the router itself).
+    sent: rows the dispatch sent, by link (:class:`SentRows`, from the dispatch metadata); filled
+        in by the layer as ``num_dropped``; None for a single-rank dispatch.
     """
 
     logits_TE: Tensor
@@ -36,6 +39,7 @@ class RouterOutput:
     topk_ids_TK: Tensor
     topk_weights_TK: Tensor
     num_dropped: int = 0
+    sent: SentRows | None = None
 
 
 def select_topk(select_TE: Tensor, top_k: int, num_groups: int) -> Tensor:
