@@ -55,8 +55,9 @@ def check_reachable(address: str, timeout_s: float) -> None:
     try:
         socket.create_connection(hp, timeout=timeout_s).close()
     except OSError as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s "
-                          f"(cluster.connect_timeout_s): {exc}") from None
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} within {timeout_s:g} s (cluster.connect_timeout_s): {exc}"
+        ) from None
     _check_gcs_answers(address, deadline, timeout_s)
 
 
@@ -71,14 +72,18 @@ def _check_gcs_answers(address: str, deadline: float, timeout_s: float) -> None:
         grpc.channel_ready_future(channel).result(timeout=max(deadline - time.monotonic(), 0.01))
         channel.unary_unary(GRPC_HEALTH_CHECK)(b"", timeout=max(deadline - time.monotonic(), 0.01))
     except grpc.FutureTimeoutError:
-        raise ConfigError(f"{address} accepts connections but does not answer as a Ray cluster within "
-                          f"{timeout_s:g} s (cluster.connect_timeout_s): is it the head's GCS port "
-                          "(ray start --port, default 6379)?") from None
+        raise ConfigError(
+            f"{address} accepts connections but does not answer as a Ray cluster within "
+            f"{timeout_s:g} s (cluster.connect_timeout_s): is it the head's GCS port "
+            "(ray start --port, default 6379)?"
+        ) from None
     except grpc.RpcError as exc:
         code = exc.code()
         if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
-            raise ConfigError(f"{address} does not answer as a Ray cluster within {timeout_s:g} s "
-                              f"(cluster.connect_timeout_s): gRPC {code.name}") from None
+            raise ConfigError(
+                f"{address} does not answer as a Ray cluster within {timeout_s:g} s "
+                f"(cluster.connect_timeout_s): gRPC {code.name}"
+            ) from None
         # anything else (e.g. UNAUTHENTICATED under token auth) is a Ray GCS speaking: Ray says the rest
     finally:
         channel.close()
@@ -95,8 +100,9 @@ def check_out_dir(cfg: RunConfig) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"logging.out_dir ({cfg.logging.out_dir!r}) is not writable: {exc.strerror or exc} "
-                          f"({out})") from None
+        raise ConfigError(
+            f"logging.out_dir ({cfg.logging.out_dir!r}) is not writable: {exc.strerror or exc} ({out})"
+        ) from None
 
 
 def ensure_ray(cfg: RunConfig) -> RayInfo:
@@ -108,8 +114,11 @@ def ensure_ray(cfg: RunConfig) -> RayInfo:
         return _ray_info(None, embedded=False)
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        log.info("connecting to the Ray cluster at %s (within cluster.connect_timeout_s=%g s)", address,
-                 cfg.cluster.connect_timeout_s)
+        log.info(
+            "connecting to the Ray cluster at %s (within cluster.connect_timeout_s=%g s)",
+            address,
+            cfg.cluster.connect_timeout_s,
+        )
         check_reachable(address, cfg.cluster.connect_timeout_s)
         with StopGuard.keep():  # ray.init sets its own SIGTERM handler
             ctx = ray.init(address=address, namespace="moetrain", log_to_driver=True)
@@ -117,17 +126,27 @@ def ensure_ray(cfg: RunConfig) -> RayInfo:
     c = cfg.cluster
     reaped = reap_orphans()  # agents a killed earlier driver left behind (they hold ports and memory)
     if reaped:
-        log.info("ended %d Ray agent process(es) orphaned by a killed earlier run: %s", len(reaped),
-                 ", ".join(f"{o.name} (pid {o.pid})" for o in reaped))
+        log.info(
+            "ended %d Ray agent process(es) orphaned by a killed earlier run: %s",
+            len(reaped),
+            ", ".join(f"{o.name} (pid {o.pid})" for o in reaped),
+        )
     if c.dashboard and c.dashboard_port:
         _check_port_free(c.dashboard_port)
     # Logical CPUs: never fewer than the group needs, so 2 workers also start on a 2-core machine.
     need = c.num_workers * c.cpus_per_worker + DRIVER_CPUS
     # address="local": a new instance of our own, never a `ray start` cluster found on this machine.
     with _loopback_node(), StopGuard.keep():
-        ctx = ray.init(address="local", num_cpus=max(int(need + 0.999), os.cpu_count() or 1), namespace="moetrain",
-                       include_dashboard=c.dashboard, dashboard_host=DASHBOARD_HOST,
-                       dashboard_port=c.dashboard_port or None, log_to_driver=True, configure_logging=False)
+        ctx = ray.init(
+            address="local",
+            num_cpus=max(int(need + 0.999), os.cpu_count() or 1),
+            namespace="moetrain",
+            include_dashboard=c.dashboard,
+            dashboard_host=DASHBOARD_HOST,
+            dashboard_port=c.dashboard_port or None,
+            log_to_driver=True,
+            configure_logging=False,
+        )
     return _ray_info(ctx, embedded=True)
 
 
@@ -156,7 +175,8 @@ def _check_port_free(port: int) -> None:
         except OSError as exc:
             raise ConfigError(
                 f"cluster.dashboard_port ({port}) is not free on {DASHBOARD_HOST} ({exc.strerror}): choose "
-                "another port, 0 for 8265 or the next free one, or cluster.dashboard=false") from None
+                "another port, 0 for 8265 or the next free one, or cluster.dashboard=false"
+            ) from None
 
 
 def _ray_info(ctx, *, embedded: bool) -> RayInfo:
@@ -190,14 +210,18 @@ def parallelism_text(cfg: RunConfig, history: list[StepMetrics]) -> str:
     """One line for the end of a run: how the experts were spread over the Ray actors."""
     c, moe = cfg.cluster, cfg.model.moe
     if c.num_workers == 1:
-        return (f"ran on 1 Ray actor (moetrain/{c.run_name}/rank-0) holding all {moe.num_experts} experts of "
-                "each MoE layer: no expert parallelism (set cluster.num_workers >= 2)")
+        return (
+            f"ran on 1 Ray actor (moetrain/{c.run_name}/rank-0) holding all {moe.num_experts} experts of "
+            "each MoE layer: no expert parallelism (set cluster.num_workers >= 2)"
+        )
     slots = cfg.placement.slots_per_rank or moe.num_experts // c.num_workers
     sends = [h.offrank_sends for h in history]
     traffic = f" ({sum(sends) / len(sends):,.0f} token rows between ranks per step)" if sends else ""
-    return (f"ran expert-parallel on {c.num_workers} Ray actors (moetrain/{c.run_name}/rank-0 .. "
-            f"rank-{c.num_workers - 1}): {moe.num_experts} experts per MoE layer, {slots} per rank, "
-            f"tokens exchanged by all-to-all{traffic}")
+    return (
+        f"ran expert-parallel on {c.num_workers} Ray actors (moetrain/{c.run_name}/rank-0 .. "
+        f"rank-{c.num_workers - 1}): {moe.num_experts} experts per MoE layer, {slots} per rank, "
+        f"tokens exchanged by all-to-all{traffic}"
+    )
 
 
 def run(cfg: RunConfig, *, on_step=None, raise_on_failure: bool = True) -> RunResult:
@@ -234,8 +258,9 @@ def _run(cfg: RunConfig, on_step, raise_on_failure: bool, phase: _Phase) -> RunR
     # Prepare (or find in the cache) the data and read its manifest on the driver first: bad data
     # fails fast with a clear error before any actor starts, and the workers then stream it.
     phase("preparing the data")
-    log.info("run %s: preparing the data (data.source=%s; cached after the first run)", cfg.cluster.run_name,
-             cfg.data.source)
+    log.info(
+        "run %s: preparing the data (data.source=%s; cached after the first run)", cfg.cluster.run_name, cfg.data.source
+    )
     dataset = open_training_data(cfg.data, cfg.train.global_batch_size, cfg.storage)
     phase("checking the run")
     check_vocab(cfg, dataset.vocab_size)
@@ -266,12 +291,23 @@ def _stopped_before_training(cfg: RunConfig, exc: StopRequested, phase: _Phase) 
     """A stop before the controller loop: summary.json says so (state stopped, no step trained)."""
     error = f"{exc} while {phase.name}, before training started"
     log.warning("run %s: %s", cfg.cluster.run_name, error)
-    summary: dict[str, object] = {"run_name": cfg.cluster.run_name, "run_id": None, "state": State.STOPPED.value,
-               "error": error,
-               "stopped_during": phase.name, "num_workers": cfg.cluster.num_workers, "steps": 0,
-               "stopped_at_step": 0, "wall_s": time.perf_counter() - phase.t0, "restarts": 0,
-               "skipped_steps": 0, "checkpoints_committed": 0, "checkpoints_failed": 0, "checkpoint_failures": [],
-               "memory_plan": None}
+    summary: dict[str, object] = {
+        "run_name": cfg.cluster.run_name,
+        "run_id": None,
+        "state": State.STOPPED.value,
+        "error": error,
+        "stopped_during": phase.name,
+        "num_workers": cfg.cluster.num_workers,
+        "steps": 0,
+        "stopped_at_step": 0,
+        "wall_s": time.perf_counter() - phase.t0,
+        "restarts": 0,
+        "skipped_steps": 0,
+        "checkpoints_committed": 0,
+        "checkpoints_failed": 0,
+        "checkpoint_failures": [],
+        "memory_plan": None,
+    }
     try:
         write_summary(Path(cfg.logging.out_dir).expanduser().resolve() / cfg.cluster.run_name, summary)
     except OSError as err:

@@ -22,8 +22,17 @@ import uuid
 import ray
 
 from moetrain.checkpoint import (
-    CheckpointError, CheckpointRef, CorruptObjectError, Lease, commit, list_checkpoints, open_root, read_latest,
-    read_manifest, resolve, verify,
+    CheckpointError,
+    CheckpointRef,
+    CorruptObjectError,
+    Lease,
+    commit,
+    list_checkpoints,
+    open_root,
+    read_latest,
+    read_manifest,
+    resolve,
+    verify,
 )
 from moetrain.checkpoint.layout import MANIFEST, latest_key, step_prefix
 from moetrain.checkpoint.retention import plan_retention
@@ -134,7 +143,8 @@ def check_fresh_run(cfg: RunConfig) -> None:
     raise CheckpointError(
         f"{store.uri_of(run)} already holds committed checkpoints of run {run!r}{where} (steps ..{shown}): "
         f"resume with --resume latest, choose another cluster.run_name, or set checkpoint.overwrite=true to "
-        f"delete them (`moetrain ckpt list {store.uri_of(run)}` shows them)")
+        f"delete them (`moetrain ckpt list {store.uri_of(run)}` shows them)"
+    )
 
 
 def check_resume(cfg: RunConfig) -> None:
@@ -150,8 +160,9 @@ def check_resume(cfg: RunConfig) -> None:
     if report.ok:
         return
     more = f" (+{len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
-    older = sorted((i.step for i in list_checkpoints(ref.store, ref.run) if i.committed and i.step < ref.step),
-                   reverse=True)
+    older = sorted(
+        (i.step for i in list_checkpoints(ref.store, ref.run) if i.committed and i.step < ref.step), reverse=True
+    )
     intact = next((s for s in older if verify(CheckpointRef(ref.store, ref.run, s), values=False).ok), None)
     if intact is None:
         hint = f"no older committed step of run {ref.run!r} is intact"
@@ -165,8 +176,7 @@ def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
     """The checkpoint ``checkpoint.resume`` names (validated manifest), or None."""
     if not cfg.checkpoint.resume:
         return None
-    point = ResumePoint.read(cfg.checkpoint, cfg.checkpoint.resume, run=cfg.cluster.run_name,
-                             store_cfg=cfg.storage)
+    point = ResumePoint.read(cfg.checkpoint, cfg.checkpoint.resume, run=cfg.cluster.run_name, store_cfg=cfg.storage)
     point.check_compatible(cfg)
     return point
 
@@ -186,19 +196,29 @@ class Coordinator:
     def start(self, group, step: int, placement) -> None:
         self.wait()  # at most one commit in flight
         started = group.call("checkpoint", step)  # list[SaveStarted], rank order
-        meta = {"step": step, "run_id": self.run_id, "cursor": started[0].cursor, "placement": placement.to_json(),
-                "config": self.cfg.to_dict(), "world_size": len(group.actors)}
+        meta = {
+            "step": step,
+            "run_id": self.run_id,
+            "cursor": started[0].cursor,
+            "placement": placement.to_json(),
+            "config": self.cfg.to_dict(),
+            "world_size": len(group.actors),
+        }
         stall = max(s.stall_s for s in started)
         refs = [a.checkpoint_wait.remote() for a in group.actors]
-        self._thread = threading.Thread(target=self._commit, args=(refs, step, meta, stall),
-                                        name=f"ckpt-commit-{step}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._commit, args=(refs, step, meta, stall), name=f"ckpt-commit-{step}", daemon=True
+        )
         self._thread.start()
 
     def _commit(self, refs, step: int, meta: dict, stall: float) -> None:
         try:
             results = ray.get(refs)
-            failed = [f"[Rank {i}]: {r if isinstance(r, str) else r.error}" for i, r in enumerate(results)
-                      if isinstance(r, str) or not r.ok]
+            failed = [
+                f"[Rank {i}]: {r if isinstance(r, str) else r.error}"
+                for i, r in enumerate(results)
+                if isinstance(r, str) or not r.ok
+            ]
             if failed:
                 raise CheckpointError("; ".join(failed))
             store = open_root(self.cfg.checkpoint.uri, self.cfg.checkpoint, self.cfg.storage)
@@ -234,7 +254,8 @@ class Coordinator:
         if not self.cfg.checkpoint.uri:
             return None
         try:
-            return ResumePoint.read(self.cfg.checkpoint, "latest", run=self.cfg.cluster.run_name,
-                                    store_cfg=self.cfg.storage)
+            return ResumePoint.read(
+                self.cfg.checkpoint, "latest", run=self.cfg.cluster.run_name, store_cfg=self.cfg.storage
+            )
         except CheckpointError:
             return None

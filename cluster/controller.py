@@ -103,7 +103,7 @@ class Controller:
         self.val_last: dict = {}
         self.telemetry = Telemetry(cfg)
         # One lineage id for the run: a resumed run continues the lineage it resumes.
-        self.run_id = (self.resume.run_id if self.resume and self.resume.run_id else uuid.uuid4().hex[:12])
+        self.run_id = self.resume.run_id if self.resume and self.resume.run_id else uuid.uuid4().hex[:12]
         self.ckpt = checkpointing.Coordinator(cfg, self.telemetry, run_id=self.run_id, lease=lease)
         self.replanner = replacement.Replanner(cfg) if cfg.placement.replan_every > 0 else None
         self.on_step = on_step
@@ -148,9 +148,12 @@ class Controller:
         c = self.cfg.cluster
         rebuild = self.restarts > 0  # after a loss: wait for capacity (nodes may be coming back)
         self.group = WorkerGroup.create(
-            self.cfg, self._placement_for, resume=r,
+            self.cfg,
+            self._placement_for,
+            resume=r,
             place_wait_s=max(c.node_wait_s, MIN_REPLACE_WAIT_S) if rebuild else None,
-            place_what="cluster.node_wait_s" if rebuild else "cluster.start_timeout_s")
+            place_what="cluster.node_wait_s" if rebuild else "cluster.start_timeout_s",
+        )
         self._log_layout()
         # The run's actor names are ours now (no other live run of this name): what an earlier
         # crash of this run left half-written can go. No checkpoint of ours is in flight here.
@@ -210,9 +213,16 @@ class Controller:
             p = self.cfg.placement
             topo = replacement.run_topology(self.cfg, self.placement, self.node_of_rank)
             prop = replacement.solve_now(stats, topo, self.placement, self.cfg)
-            log.info("the group landed on a new layout (ranks per node %s -> %s): placement re-solved for it "
-                     "(predicted cost %.3f -> %.3f, %s, %.1f s)", _per_node(previous), _per_node(self.node_of_rank),
-                     prop.cost_before, prop.cost_after, p.method, prop.solve_time_s)
+            log.info(
+                "the group landed on a new layout (ranks per node %s -> %s): placement re-solved for it "
+                "(predicted cost %.3f -> %.3f, %s, %.1f s)",
+                _per_node(previous),
+                _per_node(self.node_of_rank),
+                prop.cost_before,
+                prop.cost_after,
+                p.method,
+                prop.solve_time_s,
+            )
             self.placement = prop.placement
             self.resolved_for_topology += 1
         return self.placement
@@ -220,11 +230,18 @@ class Controller:
     def _log_layout(self) -> None:
         info = self.group.rank_info
         nodes = sorted({(self.node_of_rank[i["rank"]], i["node_ip"], i["node_id"][:8]) for i in info})
-        log.info("run %s: %d rank(s) on %d node(s): %s; threads per rank %s; collectives on %s",
-                 self.cfg.cluster.run_name, len(info), len(nodes),
-                 ", ".join(f"node {n} ({ip}, {nid}): ranks {[r for r, m in enumerate(self.node_of_rank) if m == n]}"
-                           for n, ip, nid in nodes),
-                 sorted({i["threads"] for i in info}), sorted({i["ifname"] or "gloo's choice" for i in info}))
+        log.info(
+            "run %s: %d rank(s) on %d node(s): %s; threads per rank %s; collectives on %s",
+            self.cfg.cluster.run_name,
+            len(info),
+            len(nodes),
+            ", ".join(
+                f"node {n} ({ip}, {nid}): ranks {[r for r, m in enumerate(self.node_of_rank) if m == n]}"
+                for n, ip, nid in nodes
+            ),
+            sorted({i["threads"] for i in info}),
+            sorted({i["ifname"] or "gloo's choice" for i in info}),
+        )
 
     def _live_group(self) -> WorkerGroup:
         """The group, in the states that have one (running, checkpointing, re-placing, finishing)."""
@@ -245,17 +262,22 @@ class Controller:
         what = ", ".join(f"{q}={getattr(m, q)}" for q in m.nonfinite)
         limit = self.cfg.train.max_nonfinite_skips
         if self.nonfinite_skips > limit:
-            raise RunAborted(f"step {m.step}: non-finite {what}; the update was not applied and the run stops "
-                             f"(train.max_nonfinite_skips={limit}; the last committed checkpoint is intact)")
-        log.warning("step %d: non-finite %s: update skipped (%d of at most %d)", m.step, what,
-                    self.nonfinite_skips, limit)
+            raise RunAborted(
+                f"step {m.step}: non-finite {what}; the update was not applied and the run stops "
+                f"(train.max_nonfinite_skips={limit}; the last committed checkpoint is intact)"
+            )
+        log.warning(
+            "step %d: non-finite %s: update skipped (%d of at most %d)", m.step, what, self.nonfinite_skips, limit
+        )
 
     def _check_checkpoints(self) -> None:
         limit = self.cfg.checkpoint.max_consecutive_failures
         if limit and self.ckpt.consecutive_failures >= limit:
             step, msg = self.ckpt.failed[-1]
-            raise RunAborted(f"{self.ckpt.consecutive_failures} checkpoints failed in a row (last: step {step}: "
-                             f"{msg}); checkpoint.max_consecutive_failures={limit}")
+            raise RunAborted(
+                f"{self.ckpt.consecutive_failures} checkpoints failed in a row (last: step {step}: "
+                f"{msg}); checkpoint.max_consecutive_failures={limit}"
+            )
 
     def _replacing(self) -> State:
         assert self.replanner is not None  # REPLACING follows a launch, which needs a replanner
@@ -273,8 +295,13 @@ class Controller:
         return State.RUNNING
 
     def _restarting(self, exc: BaseException) -> State:
-        log.warning("run %s lost a worker (attempt %d of %d):\n%s", self.cfg.cluster.run_name,
-                    self.policy.failures, self.policy.max_failures, exc)
+        log.warning(
+            "run %s lost a worker (attempt %d of %d):\n%s",
+            self.cfg.cluster.run_name,
+            self.policy.failures,
+            self.policy.max_failures,
+            exc,
+        )
         if self.group:
             self.group.shutdown(graceful=False)
         self.group = None
@@ -311,13 +338,25 @@ class Controller:
         if self.group:
             self.group.shutdown(graceful=not aborted)
         self.telemetry.close(summary)
-        return RunResult(self.state, summary, self.history, self.replacements, self.checkpoints, self.restarts,
-                         self.error, self.user_error)
+        return RunResult(
+            self.state,
+            summary,
+            self.history,
+            self.replacements,
+            self.checkpoints,
+            self.restarts,
+            self.error,
+            self.user_error,
+        )
 
     def _loop(self) -> dict:
         """The state machine to a terminal state, then the final evaluation and checkpoint."""
-        handlers = {State.STARTING: self._starting, State.RUNNING: self._running,
-                    State.REPLACING: self._replacing, State.CHECKPOINTING: self._checkpointing}
+        handlers = {
+            State.STARTING: self._starting,
+            State.RUNNING: self._running,
+            State.REPLACING: self._replacing,
+            State.CHECKPOINTING: self._checkpointing,
+        }
         while self.state not in TERMINAL:
             try:
                 self._set(handlers[self.state]())
@@ -367,29 +406,41 @@ class Controller:
         train_time = sum(h.step_time_s for h in run_hist)
         outputs = self.telemetry.write_outputs(stats, self.placement, self.cfg)
         return {
-            "tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
+            "tokens": tokens,
+            "tokens_per_s": tokens / max(train_time, 1e-9),
             "first_loss": run_hist[0].loss if run_hist else float("nan"),
             "last_loss": run_hist[-1].loss if run_hist else float("nan"),
-            "val_start": self.val_start, "val_loss": self.val_last, "load_LE": stats.load_LE.tolist(),
-            "outputs": outputs, "replacements": [d.to_dict() for d in self.replacements],
+            "val_start": self.val_start,
+            "val_loss": self.val_last,
+            "load_LE": stats.load_LE.tolist(),
+            "outputs": outputs,
+            "replacements": [d.to_dict() for d in self.replacements],
         }
 
     def _summary(self, results: dict) -> dict:
         """summary.json for every terminal state: how the run ended, and its results if any."""
         summary = {
-            "run_name": self.cfg.cluster.run_name, "run_id": self.run_id, "state": self.state.value,
+            "run_name": self.cfg.cluster.run_name,
+            "run_id": self.run_id,
+            "state": self.state.value,
             "error": self.error,
-            "num_workers": self.cfg.cluster.num_workers, "steps": self.step,
+            "num_workers": self.cfg.cluster.num_workers,
+            "steps": self.step,
             "stopped_at_step": self.step if self.state != State.FINISHED else None,
-            "wall_s": time.perf_counter() - self._t_start, "restarts": self.restarts,
+            "wall_s": time.perf_counter() - self._t_start,
+            "restarts": self.restarts,
             "skipped_steps": self.nonfinite_skips,
-            "checkpoints_committed": len(self.ckpt.committed), "checkpoints_failed": len(self.ckpt.failed),
+            "checkpoints_committed": len(self.ckpt.committed),
+            "checkpoints_failed": len(self.ckpt.failed),
             "checkpoint_failures": [{"step": s, "error": m} for s, m in self.ckpt.failed],
             "memory_plan": self.memory_plan,
-            "node_of_rank": list(self.node_of_rank), "layouts": [list(x) for x in self.layouts],
+            "node_of_rank": list(self.node_of_rank),
+            "layouts": [list(x) for x in self.layouts],
             "placements_resolved_for_topology": self.resolved_for_topology,
-            "ranks": [{k: i[k] for k in ("rank", "node_ip", "node_id", "ifname", "threads")}
-                      for i in (self.group.rank_info if self.group else [])],
+            "ranks": [
+                {k: i[k] for k in ("rank", "node_ip", "node_id", "ifname", "threads")}
+                for i in (self.group.rank_info if self.group else [])
+            ],
             **results,
         }
         if results:

@@ -78,8 +78,10 @@ class Gang:
         pg = placement_group(bundles, strategy=c.placement_strategy, name=f"moetrain/{c.run_name}")
         try:
             if not pg.wait(timeout_seconds=wait_s):
-                raise GangUnplaceable(f"cannot place the worker group within {wait_s:g} s ({what}): "
-                                      + diagnose(bundles, c.placement_strategy))
+                raise GangUnplaceable(
+                    f"cannot place the worker group within {wait_s:g} s ({what}): "
+                    + diagnose(bundles, c.placement_strategy)
+                )
             nodes = _bundle_nodes(pg, len(bundles))
         except BaseException:
             remove_placement_group(pg)
@@ -88,9 +90,13 @@ class Gang:
 
     def actor_options(self, rank: int) -> dict:
         """Ray options that start rank ``rank``'s actor inside its bundle."""
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=self.pg, placement_group_bundle_index=self.layout.bundle_of_rank[rank],
-            placement_group_capture_child_tasks=False)}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self.pg,
+                placement_group_bundle_index=self.layout.bundle_of_rank[rank],
+                placement_group_capture_child_tasks=False,
+            )
+        }
 
     def remove(self) -> None:
         try:
@@ -107,8 +113,10 @@ def _bundle_nodes(pg, n: int, wait_s: float = 5.0) -> list[str]:
         nodes = [table.get(b, "") for b in range(n)]
         if all(nodes) or time.monotonic() > deadline:
             if not all(nodes):
-                raise GangUnplaceable(f"placement group placed but bundles {[b for b in range(n) if not nodes[b]]} "
-                                      "have no node in Ray's placement group table")
+                raise GangUnplaceable(
+                    f"placement group placed but bundles {[b for b in range(n) if not nodes[b]]} "
+                    "have no node in Ray's placement group table"
+                )
             return nodes
         time.sleep(0.1)
 
@@ -138,7 +146,9 @@ def unfit_bundles(bundles: list[dict[str, float]], free_by_node: list[dict[str, 
     out, used = [], set()
     for b, need in enumerate(bundles):
         order = sorted(range(len(free)), key=lambda i: -free[i].get("CPU", 0.0))
-        node = next((i for i in order if _fits(need, free[i]) and not (strategy == "STRICT_SPREAD" and i in used)), None)
+        node = next(
+            (i for i in order if _fits(need, free[i]) and not (strategy == "STRICT_SPREAD" and i in used)), None
+        )
         if node is None:
             out.append(b)
             continue
@@ -161,11 +171,16 @@ def diagnose(bundles: list[dict[str, float]], strategy: str) -> str:
     avail = available_resources_per_node()
     free = [avail.get(n["NodeID"], {}) for n in nodes]
     short = unfit_bundles(bundles, free, strategy)
-    head = (f"bundle(s) {', '.join(map(str, short))} of {len(bundles)} ({_fmt(bundles[0])} each, {strategy}) do not fit"
-            if short else f"all {len(bundles)} bundles ({_fmt(bundles[0])} each, {strategy}) fit what is free now "
-                          "(resources were in use while waiting)")
+    head = (
+        f"bundle(s) {', '.join(map(str, short))} of {len(bundles)} ({_fmt(bundles[0])} each, {strategy}) do not fit"
+        if short
+        else f"all {len(bundles)} bundles ({_fmt(bundles[0])} each, {strategy}) fit what is free now "
+        "(resources were in use while waiting)"
+    )
     per_node = "; ".join(
         f"{n['NodeManagerAddress']} node {n['NodeID'][:8]}: "
-        + ", ".join(f"{f.get(k, 0.0):g}/{n['Resources'].get(k, 0.0):g} {k}" for k in ("CPU", "GPU")) + " free"
-        for n, f in zip(nodes, free))
+        + ", ".join(f"{f.get(k, 0.0):g}/{n['Resources'].get(k, 0.0):g} {k}" for k in ("CPU", "GPU"))
+        + " free"
+        for n, f in zip(nodes, free)
+    )
     return f"{head}; the Ray cluster has {len(nodes)} node(s): {per_node or 'none'}"

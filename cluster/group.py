@@ -74,8 +74,10 @@ def _create_named(remote_cls, options: dict, *args, wait_s: float = 30.0):
             return remote_cls.options(**options).remote(*args)
         except ValueError as exc:
             if "already" not in str(exc) or time.monotonic() > deadline:
-                raise ValueError(f"actor name {options['name']!r} is taken: is another run named "
-                                 f"{options['name'].split('/')[1]!r} still alive? ({exc})") from None
+                raise ValueError(
+                    f"actor name {options['name']!r} is taken: is another run named "
+                    f"{options['name'].split('/')[1]!r} still alive? ({exc})"
+                ) from None
             time.sleep(0.5)
 
 
@@ -84,13 +86,16 @@ def _check_resources(cfg: RunConfig) -> None:
     c = cfg.cluster
     total = ray.cluster_resources()
     need = {"CPU": c.num_workers * c.cpus_per_worker, "GPU": c.num_workers if c.use_gpu else 0}
-    short = [f"{need[k]:g} {k} (the Ray cluster has {total.get(k, 0):g})" for k in need
-             if need[k] > total.get(k, 0)]
+    short = [f"{need[k]:g} {k} (the Ray cluster has {total.get(k, 0):g})" for k in need if need[k] > total.get(k, 0)]
     if short:
         raise WorkerGroupStartError(
-            f"cannot start {c.num_workers} worker(s): they need " + " and ".join(short)
-            + " — lower cluster.num_workers / cluster.cpus_per_worker or set cluster.use_gpu=false", [], False,
-            unplaceable=True)
+            f"cannot start {c.num_workers} worker(s): they need "
+            + " and ".join(short)
+            + " — lower cluster.num_workers / cluster.cpus_per_worker or set cluster.use_gpu=false",
+            [],
+            False,
+            unplaceable=True,
+        )
 
 
 def check_ranks_per_node(cfg: RunConfig, node_of_rank: tuple[int, ...]) -> None:
@@ -101,8 +106,11 @@ def check_ranks_per_node(cfg: RunConfig, node_of_rank: tuple[int, ...]) -> None:
         raise WorkerGroupStartError(
             f"cluster.ranks_per_node ({want}) does not match the cluster: the {len(node_of_rank)} ranks landed "
             f"{'+'.join(map(str, counts))} on {len(counts)} node(s) (cluster.placement_strategy="
-            f"{cfg.cluster.placement_strategy}); set cluster.ranks_per_node=0 to use the real layout", [], False,
-            unplaceable=True)
+            f"{cfg.cluster.placement_strategy}); set cluster.ranks_per_node=0 to use the real layout",
+            [],
+            False,
+            unplaceable=True,
+        )
 
 
 PlacementFor = Callable[[tuple[int, ...]], Placement]  # the rank -> node map -> the placement to start on
@@ -121,8 +129,15 @@ class WorkerGroup:
         return self.gang.layout.node_of_rank if self.gang else (0,) * len(self.actors)
 
     @classmethod
-    def create(cls, cfg: RunConfig, placement: Placement | PlacementFor, *, resume: ResumePoint | None = None,
-               place_wait_s: float | None = None, place_what: str = "cluster.start_timeout_s") -> "WorkerGroup":
+    def create(
+        cls,
+        cfg: RunConfig,
+        placement: Placement | PlacementFor,
+        *,
+        resume: ResumePoint | None = None,
+        place_wait_s: float | None = None,
+        place_what: str = "cluster.start_timeout_s",
+    ) -> "WorkerGroup":
         """Place the run's gang, then build every worker in its bundle and join them into one
         process group, or build none (the gang is removed again). ``placement`` is a Placement or
         a function of the rank -> node map that returns one (called once the gang is placed).
@@ -146,7 +161,9 @@ class WorkerGroup:
         return cls._start_actors(cfg, gang, chosen, resume)
 
     @classmethod
-    def _start_actors(cls, cfg: RunConfig, gang: Gang, placement: Placement, resume: ResumePoint | None) -> "WorkerGroup":
+    def _start_actors(
+        cls, cfg: RunConfig, gang: Gang, placement: Placement, resume: ResumePoint | None
+    ) -> "WorkerGroup":
         c = cfg.cluster
         start_timeout_s = c.start_timeout_s
         remote_cls = ray.remote(MoERank)
@@ -154,26 +171,38 @@ class WorkerGroup:
         actors = []
         try:
             for rank in range(c.num_workers):
-                options = dict(name=actor_name(c.run_name, rank), namespace=NAMESPACE, num_cpus=c.cpus_per_worker,
-                               num_gpus=1 if c.use_gpu else 0, max_restarts=0, max_concurrency=2,
-                               **gang.actor_options(rank))
+                options = dict(
+                    name=actor_name(c.run_name, rank),
+                    namespace=NAMESPACE,
+                    num_cpus=c.cpus_per_worker,
+                    num_gpus=1 if c.use_gpu else 0,
+                    max_restarts=0,
+                    max_concurrency=2,
+                    **gang.actor_options(rank),
+                )
                 actors.append(_create_named(remote_cls, options, cfg_dict, rank, c.num_workers))
             group = cls(actors, cfg, gang)
             addr, port = group._get_one(actors[0].node_address.remote(), start_timeout_s)
-            group.rank_info = group.call("setup", addr, port, placement, resume, gang.layout.node_of_rank,
-                                         timeout_s=start_timeout_s)
+            group.rank_info = group.call(
+                "setup", addr, port, placement, resume, gang.layout.node_of_rank, timeout_s=start_timeout_s
+            )
             group._check_landed()
             return group
         except WorkerGroupError as exc:
             cls._kill(actors)
             gang.remove()
-            raise WorkerGroupStartError(f"could not start {c.num_workers} worker(s):\n{exc}", exc.ranks, exc.lost) from None
+            raise WorkerGroupStartError(
+                f"could not start {c.num_workers} worker(s):\n{exc}", exc.ranks, exc.lost
+            ) from None
         except (GetTimeoutError, ValueError) as exc:
             cls._kill(actors)
             gang.remove()
             raise WorkerGroupStartError(
                 f"could not start {c.num_workers} worker(s) with {c.cpus_per_worker} CPU"
-                f"{' + 1 GPU' if c.use_gpu else ''} each within {start_timeout_s:.0f} s: {exc}", [], False) from None
+                f"{' + 1 GPU' if c.use_gpu else ''} each within {start_timeout_s:.0f} s: {exc}",
+                [],
+                False,
+            ) from None
 
     def _check_landed(self) -> None:
         """Each actor runs on the node its bundle was placed on (what the topology says)."""
@@ -210,10 +239,14 @@ class WorkerGroup:
                 self.shutdown(graceful=False)
                 raise WorkerGroupError(
                     f"{method} failed:\n[Rank {', '.join(map(str, stuck))}]: still busy after {stuck_after_s:.0f} s "
-                    "(stuck or stopped process; the step watchdog, cluster.step_timeout_s)", stuck, True)
+                    "(stuck or stopped process; the step watchdog, cluster.step_timeout_s)",
+                    stuck,
+                    True,
+                )
             if not done:
-                raise GetTimeoutError(f"{method} did not finish on ranks {[rank_of[r] for r in pending]} "
-                                      f"within {timeout_s} s")
+                raise GetTimeoutError(
+                    f"{method} did not finish on ranks {[rank_of[r] for r in pending]} within {timeout_s} s"
+                )
             for ref in done:
                 try:
                     results[rank_of[ref]] = ray.get(ref)

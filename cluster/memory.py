@@ -23,8 +23,12 @@ def ray_memory_per_rank(cfg: RunConfig) -> tuple[int | None, str]:
 
     if cfg.cluster.use_gpu:
         return None, "GPU memory is not a Ray resource: pass --memory-gb to `moetrain plan`"
-    total = sum(n.get("Resources", {}).get(key, 0.0) for n in ray.nodes() if n.get("Alive")
-                for key in ("memory", "object_store_memory"))
+    total = sum(
+        n.get("Resources", {}).get(key, 0.0)
+        for n in ray.nodes()
+        if n.get("Alive")
+        for key in ("memory", "object_store_memory")
+    )
     if total <= 0:
         return None, "the Ray cluster reports no memory resource"
     n = cfg.cluster.num_workers

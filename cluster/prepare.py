@@ -37,8 +37,14 @@ from tokenizers import Tokenizer
 from moetrain.config import DataConfig, StoreConfig
 from moetrain.data.corpus import Corpus
 from moetrain.data.errors import DataError
-from moetrain.data.prepare_ops import (InputFile, check_parquet, docs_from_bytes, expand_input, need_domain,
-                                       write_batch_shards)
+from moetrain.data.prepare_ops import (
+    InputFile,
+    check_parquet,
+    docs_from_bytes,
+    expand_input,
+    need_domain,
+    write_batch_shards,
+)
 from moetrain.data.shards import MANIFEST, TOKENIZER, PreparedManifest, make_manifest
 from moetrain.data.store import open_data_store
 from moetrain.storage import Store
@@ -55,9 +61,17 @@ RSS_SAMPLE_S = 0.05  # measure_prepare: how often the process tree's memory is s
 # to run (10x corpus: 2,514-3,219 MB). Footer reads are I/O with 128 threads per actor: two do.
 FOOTER_READERS = 2
 FOOTER_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-_STATS_SCHEMA = pa.schema([("key", pa.string()), ("domain", pa.string()), ("rows", pa.int64()),
-                           ("tokens", pa.int64()), ("docs", pa.int64()), ("skipped", pa.bool_()),
-                           ("rss_mb", pa.float64())])
+_STATS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("domain", pa.string()),
+        ("rows", pa.int64()),
+        ("tokens", pa.int64()),
+        ("docs", pa.int64()),
+        ("skipped", pa.bool_()),
+        ("rss_mb", pa.float64()),
+    ]
+)
 
 
 @contextlib.contextmanager
@@ -100,13 +114,19 @@ class PrepareResult:
 
     def summary(self) -> dict:
         rows = sum(s.rows for s in self.manifest.shards)
-        return {"uri": self.uri, "shards": len(self.manifest.shards), "written": self.shards_written,
-                "skipped": self.shards_skipped, "rows": rows, "seconds": round(self.seconds, 3),
-                "rows_per_s": round(rows / max(self.seconds, 1e-9), 1),
-                "tokens_per_domain": self.manifest.domain_totals("tokens"),
-                "rows_per_domain": self.manifest.domain_totals("rows"),
-                "tokenizer_sha256": self.manifest.tokenizer_sha256,
-                "worker_peak_rss_mb": round(self.worker_peak_rss_mb, 1)}
+        return {
+            "uri": self.uri,
+            "shards": len(self.manifest.shards),
+            "written": self.shards_written,
+            "skipped": self.shards_skipped,
+            "rows": rows,
+            "seconds": round(self.seconds, 3),
+            "rows_per_s": round(rows / max(self.seconds, 1e-9), 1),
+            "tokens_per_domain": self.manifest.domain_totals("tokens"),
+            "rows_per_domain": self.manifest.domain_totals("rows"),
+            "tokenizer_sha256": self.manifest.tokenizer_sha256,
+            "worker_peak_rss_mb": round(self.worker_peak_rss_mb, 1),
+        }
 
 
 def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
@@ -117,8 +137,10 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
 
     t0 = time.perf_counter()
     if opts.seq_len < 1 or opts.vocab_size < 260 or opts.batch_docs < 1:
-        raise DataError(f"--seq-len ({opts.seq_len}) must be >= 1, --vocab-size ({opts.vocab_size}) >= 260, "
-                        f"--batch-docs ({opts.batch_docs}) >= 1")
+        raise DataError(
+            f"--seq-len ({opts.seq_len}) must be >= 1, --vocab-size ({opts.vocab_size}) >= 260, "
+            f"--batch-docs ({opts.batch_docs}) >= 1"
+        )
     out = open_data_store(opts.out, opts.store)
     groups = _list_inputs(opts)
     tok, tok_json, tok_sha, eot = _tokenizer(opts, groups)
@@ -130,8 +152,16 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
     ctx.enable_progress_bars = False  # ours counts shards and rows
     ctx.log_internal_stack_trace = False
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a failure is reported as one line below
-    common = dict(text_column=opts.text_column, domain_column=opts.domain_column, tok_json=tok_json,
-                  tok_sha=tok_sha, eot=eot, seq_len=opts.seq_len, out_uri=opts.out, store=opts.store)
+    common = dict(
+        text_column=opts.text_column,
+        domain_column=opts.domain_column,
+        tok_json=tok_json,
+        tok_sha=tok_sha,
+        eot=eot,
+        seq_len=opts.seq_len,
+        out_uri=opts.out,
+        store=opts.store,
+    )
     parts = []
     for store, files in groups:
         by_path = {f.path: (f.uri, f.domain) for f in files}
@@ -141,28 +171,48 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
         if pq_files:
             with footer_readers_env():  # Ray Data sizes the pool when it builds the read: here
                 ds = ray.data.read_parquet(pq_files, filesystem=store.fs, columns=cols, include_paths=True)
-            parts.append(ds.map_batches(_process, batch_size=opts.batch_docs,  # type: ignore[arg-type]  # fn_kwargs
-                                        batch_format="pyarrow",
-                                        fn_kwargs={**common, "by_path": by_path}))
+            parts.append(
+                ds.map_batches(
+                    _process,
+                    batch_size=opts.batch_docs,  # type: ignore[arg-type]  # fn_kwargs
+                    batch_format="pyarrow",
+                    fn_kwargs={**common, "by_path": by_path},
+                )
+            )
         if other:
             # blocks of <= FILES_PER_BATCH files: a worker's memory does not grow with the file count
-            ds = ray.data.read_binary_files(other, filesystem=store.fs, include_paths=True,
-                                            override_num_blocks=-(-len(other) // FILES_PER_BATCH))
-            parts.append(ds.map_batches(_process, batch_size=FILES_PER_BATCH,  # type: ignore[arg-type]  # fn_kwargs
-                                        batch_format="pyarrow",
-                                        fn_kwargs={**common, "by_path": by_path}))
+            ds = ray.data.read_binary_files(
+                other, filesystem=store.fs, include_paths=True, override_num_blocks=-(-len(other) // FILES_PER_BATCH)
+            )
+            parts.append(
+                ds.map_batches(
+                    _process,
+                    batch_size=FILES_PER_BATCH,  # type: ignore[arg-type]  # fn_kwargs
+                    batch_format="pyarrow",
+                    fn_kwargs={**common, "by_path": by_path},
+                )
+            )
     stats = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     infos, written, skipped, rss = _collect(stats, opts.progress)
     declared = {f.domain for _, files in groups for f in files if f.domain}
     empty = sorted(declared - {i.domain for i in infos if i.rows > 0})
     if empty:
-        raise DataError(f"domain {empty[0]!r} is empty: its inputs hold no text that packs into a row of "
-                        f"seq_len+1 = {opts.seq_len + 1} tokens")
-    manifest = make_manifest(infos, seq_len=opts.seq_len, tokenizer_sha256=tok_sha,
-                             vocab_size=tok.get_vocab_size(), eot_id=eot)
+        raise DataError(
+            f"domain {empty[0]!r} is empty: its inputs hold no text that packs into a row of "
+            f"seq_len+1 = {opts.seq_len + 1} tokens"
+        )
+    manifest = make_manifest(
+        infos, seq_len=opts.seq_len, tokenizer_sha256=tok_sha, vocab_size=tok.get_vocab_size(), eot_id=eot
+    )
     out.write_bytes(MANIFEST, manifest.to_json().encode("utf-8"))  # the commit
-    return PrepareResult(manifest=manifest, uri=out.uri, shards_written=written, shards_skipped=skipped,
-                         seconds=time.perf_counter() - t0, worker_peak_rss_mb=rss)
+    return PrepareResult(
+        manifest=manifest,
+        uri=out.uri,
+        shards_written=written,
+        shards_skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        worker_peak_rss_mb=rss,
+    )
 
 
 def _list_inputs(opts: PrepareOptions) -> list[tuple[Store, list[InputFile]]]:
@@ -173,8 +223,9 @@ def _list_inputs(opts: PrepareOptions) -> list[tuple[Store, list[InputFile]]]:
         store, files = expand_input(entry, domain_pattern=opts.domain_pattern, store_cfg=opts.store)
         for f in files:
             if not f.domain and (not opts.domain_column or f.kind == "text"):
-                raise DataError(f"{f.uri}: no domain (give domain=PATH, --domain-pattern, or --domain-column "
-                                "for Parquet / JSONL)")
+                raise DataError(
+                    f"{f.uri}: no domain (give domain=PATH, --domain-pattern, or --domain-column for Parquet / JSONL)"
+                )
             if f.kind == "parquet":
                 check_parquet(store.fs, f, opts.text_column, opts.domain_column)
         groups.append((store, files))
@@ -234,8 +285,15 @@ def _collect(stats, progress: bool):
     bar = tqdm(desc="prepare", unit=" shard", disable=not progress, file=sys.stderr)
     try:
         for row in stats.iter_rows():
-            infos.append(ShardInfo(key=row["key"], domain=row["domain"], rows=int(row["rows"]),
-                                   tokens=int(row["tokens"]), docs=int(row["docs"])))
+            infos.append(
+                ShardInfo(
+                    key=row["key"],
+                    domain=row["domain"],
+                    rows=int(row["rows"]),
+                    tokens=int(row["tokens"]),
+                    docs=int(row["docs"]),
+                )
+            )
             skipped += bool(row["skipped"])
             written += not row["skipped"]
             rss = max(rss, float(row["rss_mb"]))
@@ -269,8 +327,9 @@ def _worker_error(exc: BaseException) -> str:
 _CACHE: dict = {}
 
 
-def _process(batch: pa.Table, *, by_path, text_column, domain_column, tok_json, tok_sha, eot, seq_len,
-             out_uri, store) -> pa.Table:
+def _process(
+    batch: pa.Table, *, by_path, text_column, domain_column, tok_json, tok_sha, eot, seq_len, out_uri, store
+) -> pa.Table:
     """One batch -> shards in the store; returns one record per shard (see _STATS_SCHEMA)."""
     from tokenizers import Tokenizer
 
@@ -298,12 +357,21 @@ def _process(batch: pa.Table, *, by_path, text_column, domain_column, tok_json, 
         for text, path, dom in zip(texts, paths, doms):
             uri, domain = by_path[path]
             if text:
-                pairs.append((uri, need_domain(domain or dom, uri,
-                                               f" (document {text[:30]!r})", domain_column), text))
+                pairs.append((uri, need_domain(domain or dom, uri, f" (document {text[:30]!r})", domain_column), text))
     results = write_batch_shards(pairs, tok, tok_sha, eot, seq_len, store)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows = [{"key": i.key, "domain": i.domain, "rows": i.rows, "tokens": i.tokens, "docs": i.docs,
-             "skipped": s, "rss_mb": rss_mb} for i, s in results]
+    rows = [
+        {
+            "key": i.key,
+            "domain": i.domain,
+            "rows": i.rows,
+            "tokens": i.tokens,
+            "docs": i.docs,
+            "skipped": s,
+            "rss_mb": rss_mb,
+        }
+        for i, s in results
+    ]
     return pa.Table.from_pylist(rows, schema=_STATS_SCHEMA)
 
 
@@ -316,9 +384,13 @@ def measure_prepare(argv: list[str], *, env: dict | None = None, timeout_s: floa
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "prepare", *argv, "--json", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "prepare", *argv, "--json", "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     peak = 0.0
     root = psutil.Process(proc.pid)
     while proc.poll() is None and time.perf_counter() - t0 < timeout_s:

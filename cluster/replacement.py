@@ -15,7 +15,8 @@ moving experts' weights **and** AdamW state point to point (``moetrain.parallel.
 training continues on the new placement. The solver scores sends from each sampled token's home
 rank (``placement.home_ranks``) on the cluster's topology (:func:`run_topology`: the rank -> node
 map the worker group found, ``placement.inter_node_cost``); a group rebuilt on another layout
-after a node loss gets its placement re-solved at once from the last statistics (:func:`solve_now`). Each decision is a :class:`Decision`: predicted gain,
+after a node loss gets its placement re-solved at once from the last statistics (:func:`solve_now`).
+Each decision is a :class:`Decision`: predicted gain,
 what the solver saw, solve time, the bytes really sent, and (at the end of the run) the measured
 off-rank sends per step before and after.
 """
@@ -45,10 +46,15 @@ def run_topology(cfg: RunConfig, placement: Placement, node_of_rank: tuple[int, 
     each rank (where the group's ranks landed; () = ``cluster.ranks_per_node``, 0 = one node) and
     ``placement.inter_node_cost`` for the link costs."""
     if node_of_rank:
-        return Topology.from_nodes(node_of_rank, placement.slots_per_rank,
-                                   inter_node_cost=cfg.placement.inter_node_cost)
-    return Topology(num_ranks=placement.num_ranks, slots_per_rank=placement.slots_per_rank,
-                    ranks_per_node=cfg.cluster.ranks_per_node, inter_node_cost=cfg.placement.inter_node_cost)
+        return Topology.from_nodes(
+            node_of_rank, placement.slots_per_rank, inter_node_cost=cfg.placement.inter_node_cost
+        )
+    return Topology(
+        num_ranks=placement.num_ranks,
+        slots_per_rank=placement.slots_per_rank,
+        ranks_per_node=cfg.cluster.ranks_per_node,
+        inter_node_cost=cfg.placement.inter_node_cost,
+    )
 
 
 def due(cfg: RunConfig, step: int) -> bool:
@@ -124,17 +130,36 @@ class Decision:
         """JSON-able record (for summary.json); the placement itself is left out."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "proposal"}
         p = {f.name: getattr(self.proposal, f.name) for f in dataclasses.fields(Proposal) if f.name != "placement"}
-        return {**d, **p, "predicted_gain": self.predicted_gain, "fit_gain": self.proposal.fit_gain,
-                "judged_on": "validation" if self.proposal.validated else "fit"}
+        return {
+            **d,
+            **p,
+            "predicted_gain": self.predicted_gain,
+            "fit_gain": self.proposal.fit_gain,
+            "judged_on": "validation" if self.proposal.validated else "fit",
+        }
 
 
-def _solve(stats: RoutingStats, topology: Topology, current: Placement, method: str, time_limit_s: float,
-           load_weight: float, migration_weight: float, seed: int, val_fraction: float = 0.25) -> Proposal:
+def _solve(
+    stats: RoutingStats,
+    topology: Topology,
+    current: Placement,
+    method: str,
+    time_limit_s: float,
+    load_weight: float,
+    migration_weight: float,
+    seed: int,
+    val_fraction: float = 0.25,
+) -> Proposal:
     """Runs in a Ray task: the proposal (validated unless ``val_fraction`` is 0) and the cost of
     current vs proposed on the whole window and on the validation steps."""
     t0 = time.perf_counter()
-    kw = dict(current=current, time_limit_s=time_limit_s, load_weight=load_weight,
-              migration_weight=migration_weight, seed=seed)
+    kw = dict(
+        current=current,
+        time_limit_s=time_limit_s,
+        load_weight=load_weight,
+        migration_weight=migration_weight,
+        seed=seed,
+    )
     if val_fraction > 0:
         result = select_placement(stats, topology, method=method, val_fraction=val_fraction, **kw)
     else:
@@ -142,26 +167,64 @@ def _solve(stats: RoutingStats, topology: Topology, current: Placement, method: 
     before = evaluate(stats, current, topology, load_weight=load_weight)
     after = evaluate(stats, result.placement, topology, load_weight=load_weight)
     val = {}
-    cur_L = None if val_fraction <= 0 else validation_scores(
-        stats, current, topology, load_weight=load_weight, migration_weight=migration_weight, current=current,
-        val_fraction=val_fraction)
+    cur_L = (
+        None
+        if val_fraction <= 0
+        else validation_scores(
+            stats,
+            current,
+            topology,
+            load_weight=load_weight,
+            migration_weight=migration_weight,
+            current=current,
+            val_fraction=val_fraction,
+        )
+    )
     after_L = tuple(float(r.val_score) for r in result.layers)
     if cur_L is not None and all(math.isfinite(v) for v in after_L):
-        val = dict(val_before=float(cur_L.sum()), val_after=float(sum(after_L)), val_tokens=result.layers[0].val_tokens,
-                   val_before_L=tuple(float(v) for v in cur_L), val_after_L=after_L)
-    return Proposal(result.placement, result.solver, result.status, result.bound, time.perf_counter() - t0,
-                    before.objective, after.objective, before.sends, after.sends,
-                    float(before.imbalance_L.mean()), float(after.imbalance_L.mean()),
-                    int(stats.meta.get("window_steps", 0)), stats.num_tokens, topology.node_of_rank, **val,
-                    fit_after_L=tuple(float(r.fit_score) for r in result.layers),
-                    candidate_L=tuple(r.source for r in result.layers), refit_L=tuple(r.refit for r in result.layers))
+        val = dict(
+            val_before=float(cur_L.sum()),
+            val_after=float(sum(after_L)),
+            val_tokens=result.layers[0].val_tokens,
+            val_before_L=tuple(float(v) for v in cur_L),
+            val_after_L=after_L,
+        )
+    return Proposal(
+        result.placement,
+        result.solver,
+        result.status,
+        result.bound,
+        time.perf_counter() - t0,
+        before.objective,
+        after.objective,
+        before.sends,
+        after.sends,
+        float(before.imbalance_L.mean()),
+        float(after.imbalance_L.mean()),
+        int(stats.meta.get("window_steps", 0)),
+        stats.num_tokens,
+        topology.node_of_rank,
+        **val,
+        fit_after_L=tuple(float(r.fit_score) for r in result.layers),
+        candidate_L=tuple(r.source for r in result.layers),
+        refit_L=tuple(r.refit for r in result.layers),
+    )
 
 
 def solve_now(stats: RoutingStats, topology: Topology, current: Placement, cfg: RunConfig) -> Proposal:
     """A solve on the driver, waited for (a group about to start on a new topology)."""
     p = cfg.placement
-    return _solve(stats, topology, current, p.method, p.time_limit_s, p.load_weight, p.migration_weight,
-                  cfg.train.seed, p.val_fraction)
+    return _solve(
+        stats,
+        topology,
+        current,
+        p.method,
+        p.time_limit_s,
+        p.load_weight,
+        p.migration_weight,
+        cfg.train.seed,
+        p.val_fraction,
+    )
 
 
 class Replanner:
@@ -186,11 +249,24 @@ class Replanner:
             stats = without_homes(stats)
         self.last_stats = stats
         topo = run_topology(self.cfg, placement, group.node_of_rank)
-        ref = self._remote.remote(stats, topo, placement, p.method, p.time_limit_s, p.load_weight,
-                                  p.migration_weight, self.cfg.train.seed, p.val_fraction)
+        ref = self._remote.remote(
+            stats,
+            topo,
+            placement,
+            p.method,
+            p.time_limit_s,
+            p.load_weight,
+            p.migration_weight,
+            self.cfg.train.seed,
+            p.val_fraction,
+        )
         self._pending = (ref, step)
-        log.info("step %d: re-placement solve launched (%d steps of statistics, %d sampled tokens)",
-                 step, stats.meta.get("window_steps", 0), stats.num_tokens)
+        log.info(
+            "step %d: re-placement solve launched (%d steps of statistics, %d sampled tokens)",
+            step,
+            stats.meta.get("window_steps", 0),
+            stats.num_tokens,
+        )
 
     def ready(self, block: bool = False) -> bool:
         if self._pending is None:
@@ -208,14 +284,27 @@ class Replanner:
         if prop.predicted_gain >= self.cfg.placement.min_gain and prop.placement != placement:
             reports = group.call("migrate", prop.placement)
             decision = dataclasses.replace(
-                decision, migrated=True, bytes_moved=sum(r.bytes_sent for r in reports),
-                experts_moved=sum(r.experts_sent for r in reports), migrate_s=max(r.seconds for r in reports))
-        log.info("step %d: re-placement %s (predicted gain %.1f%% on %s, fit gain %.1f%%, sends/token %.3f -> %.3f, "
-                 "solve %.1f s%s)", step, "MIGRATED" if decision.migrated else "kept current", 100 * prop.predicted_gain,
-                 "validation" if prop.validated else "the fit", 100 * prop.fit_gain,
-                 prop.sends_before, prop.sends_after, prop.solve_time_s,
-                 f", {decision.experts_moved} experts, {decision.bytes_moved / 2**20:.1f} MB sent"
-                 if decision.migrated else "")
+                decision,
+                migrated=True,
+                bytes_moved=sum(r.bytes_sent for r in reports),
+                experts_moved=sum(r.experts_sent for r in reports),
+                migrate_s=max(r.seconds for r in reports),
+            )
+        log.info(
+            "step %d: re-placement %s (predicted gain %.1f%% on %s, fit gain %.1f%%, sends/token %.3f -> %.3f, "
+            "solve %.1f s%s)",
+            step,
+            "MIGRATED" if decision.migrated else "kept current",
+            100 * prop.predicted_gain,
+            "validation" if prop.validated else "the fit",
+            100 * prop.fit_gain,
+            prop.sends_before,
+            prop.sends_after,
+            prop.solve_time_s,
+            f", {decision.experts_moved} experts, {decision.bytes_moved / 2**20:.1f} MB sent"
+            if decision.migrated
+            else "",
+        )
         return decision
 
 
@@ -226,6 +315,11 @@ def measured_gains(decisions: list[Decision], history: list[StepMetrics], window
     for d in decisions:
         before = [sends[i] for i in range(d.step - window + 1, d.step + 1) if i in sends]
         after = [sends[i] for i in range(d.step + 1, d.step + window + 1) if i in sends]
-        out.append(dataclasses.replace(d, measured_sends_before=sum(before) / len(before) if before else math.nan,
-                                       measured_sends_after=sum(after) / len(after) if after else math.nan))
+        out.append(
+            dataclasses.replace(
+                d,
+                measured_sends_before=sum(before) / len(before) if before else math.nan,
+                measured_sends_after=sum(after) / len(after) if after else math.nan,
+            )
+        )
     return out

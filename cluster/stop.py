@@ -137,8 +137,7 @@ class StopGuard:
             raise StopRequested(signum)
         self.signals += 1
         if self._controller is not None and self.signals == 1:
-            log.warning("%s: stopping after the current step (again to stop at once, without a final "
-                        "checkpoint)", name)
+            log.warning("%s: stopping after the current step (again to stop at once, without a final checkpoint)", name)
             self._controller.request_stop()
             return
         log.warning("%s: stopping now", name)

@@ -96,7 +96,11 @@ def check_dashboard(url: str, timeout_s: float) -> None:
 def auth_headers(token_file: str | None = None) -> dict[str, str]:
     """The job API's auth header: the token in ``token_file``, else ``RAY_AUTH_TOKEN``; {} = none.
     Raises ``OSError`` when ``token_file`` cannot be read, ``ValueError`` when it is empty."""
-    token = Path(token_file).expanduser().read_text().strip() if token_file else os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    token = (
+        Path(token_file).expanduser().read_text().strip()
+        if token_file
+        else os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    )
     if token_file and not token:
         raise ValueError(f"token file {token_file} is empty")
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -106,12 +110,22 @@ def _err(msg: str) -> None:
     print(f"moetrain: error: {msg}", file=sys.stderr)
 
 
-def submit(train_args: list[str], address: str | None = None, wait: bool = True, *,
-           env_vars: dict[str, str] | None = None, working_dir: str | os.PathLike | None = None,
-           entrypoint_num_cpus: float = ENTRYPOINT_NUM_CPUS, submission_id: str | None = None,
-           timeout_s: float | None = None, out: TextIO | None = None, include: tuple[str, ...] | list[str] = (),
-           dry_run: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S,
-           token_file: str | None = None) -> int:
+def submit(
+    train_args: list[str],
+    address: str | None = None,
+    wait: bool = True,
+    *,
+    env_vars: dict[str, str] | None = None,
+    working_dir: str | os.PathLike | None = None,
+    entrypoint_num_cpus: float = ENTRYPOINT_NUM_CPUS,
+    submission_id: str | None = None,
+    timeout_s: float | None = None,
+    out: TextIO | None = None,
+    include: tuple[str, ...] | list[str] = (),
+    dry_run: bool = False,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    token_file: str | None = None,
+) -> int:
     """Submit ``moetrain train <train_args>`` as a Ray job; print its submission id.
 
     ``dry_run`` prints the files the job would upload (:func:`print_plan`) and returns 0 without
@@ -137,22 +151,34 @@ def submit(train_args: list[str], address: str | None = None, wait: bool = True,
     with tempfile.TemporaryDirectory(prefix="moetrain-job-") as tmp:
         try:
             package = write_package(plan, Path(tmp) / "working_dir.zip")
-            job_id = client.submit_job(entrypoint=ep, runtime_env=runtime_env(package, env_vars),
-                                       entrypoint_num_cpus=entrypoint_num_cpus, submission_id=submission_id,
-                                       metadata={"moetrain": "train"})
+            job_id = client.submit_job(
+                entrypoint=ep,
+                runtime_env=runtime_env(package, env_vars),
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                submission_id=submission_id,
+                metadata={"moetrain": "train"},
+            )
         except Exception as exc:
             _err(f"job submission to {url} failed: {_first_line(exc)}")
             return 2
     print(f"moetrain: submitted job {job_id} to {url}: {ep}", file=out, flush=True)
     if not wait:
-        print(f"moetrain: follow with `ray job logs --address {url} --follow {job_id}`; "
-              f"status with `ray job status --address {url} {job_id}`", file=out, flush=True)
+        print(
+            f"moetrain: follow with `ray job logs --address {url} --follow {job_id}`; "
+            f"status with `ray job status --address {url} {job_id}`",
+            file=out,
+            flush=True,
+        )
         return 0
     try:
         status = wait_for(client, job_id, out=out, timeout_s=timeout_s)
     except KeyboardInterrupt:
-        print(f"\nmoetrain: stopped following; job {job_id} keeps running "
-              f"(stop it with `ray job stop --address {url} {job_id}`)", file=out, flush=True)
+        print(
+            f"\nmoetrain: stopped following; job {job_id} keeps running "
+            f"(stop it with `ray job stop --address {url} {job_id}`)",
+            file=out,
+            flush=True,
+        )
         return 130
     print(f"moetrain: job {job_id} {status}", file=out, flush=True)
     return 0 if status == "SUCCEEDED" else 1

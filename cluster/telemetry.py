@@ -39,8 +39,14 @@ STATES = ["starting", "running", "replacing", "checkpointing", "restarting", "fi
 
 # The metrics a person watches first (Prometheus names, as Ray exports them); every one is set
 # by _RayMetrics below. The full list is in docs/operations.md.
-KEY_METRICS = ("ray_moetrain_tokens_per_s", "ray_moetrain_loss", "ray_moetrain_expert_load_max_over_mean",
-               "ray_moetrain_offrank_sends", "ray_moetrain_bytes_per_step", "ray_moetrain_state")
+KEY_METRICS = (
+    "ray_moetrain_tokens_per_s",
+    "ray_moetrain_loss",
+    "ray_moetrain_expert_load_max_over_mean",
+    "ray_moetrain_offrank_sends",
+    "ray_moetrain_bytes_per_step",
+    "ray_moetrain_state",
+)
 
 
 @dataclass(frozen=True)
@@ -71,16 +77,24 @@ class _RayMetrics:
         self.gain = g("placement_predicted_gain", "predicted relative cost reduction of the last re-placement")
         self.ckpt_mbps = g("checkpoint_mb_per_s", "checkpoint upload MB/s")
         self.ckpt_stall = g("checkpoint_stall_s", "training stall of the last checkpoint (s)")
-        self.ckpt_failures = Counter("moetrain_checkpoint_failures", description="checkpoints that failed",
-                                     tag_keys=tags)
-        self.skipped = Counter("moetrain_skipped_steps", description="steps skipped: non-finite loss or grad norm",
-                               tag_keys=tags)
+        self.ckpt_failures = Counter(
+            "moetrain_checkpoint_failures", description="checkpoints that failed", tag_keys=tags
+        )
+        self.skipped = Counter(
+            "moetrain_skipped_steps", description="steps skipped: non-finite loss or grad norm", tag_keys=tags
+        )
         self.replacements = Counter("moetrain_replacements", description="migrations performed", tag_keys=tags)
         self.steps = Counter("moetrain_steps", description="optimizer steps", tag_keys=tags)
-        self.step_bytes = g("bytes_per_step", "bytes sent in the last step (all ranks) by kind and link "
-                            "(intra / inter node; checkpoint: store)", ("run", "kind", "link"))
-        self.a2a_layer_bytes = g("a2a_bytes_per_step", "expert all-to-all bytes of the last step (all ranks, forward "
-                                 "+ backward) per MoE layer and link", ("run", "layer", "link"))
+        self.step_bytes = g(
+            "bytes_per_step",
+            "bytes sent in the last step (all ranks) by kind and link (intra / inter node; checkpoint: store)",
+            ("run", "kind", "link"),
+        )
+        self.a2a_layer_bytes = g(
+            "a2a_bytes_per_step",
+            "expert all-to-all bytes of the last step (all ranks, forward + backward) per MoE layer and link",
+            ("run", "layer", "link"),
+        )
         self.bytes_sent = Counter(
             "moetrain_bytes_sent",
             description="bytes sent since the run started, by kind and link",
@@ -116,8 +130,14 @@ class Telemetry:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            run = wandb.init(project=self.cfg.logging.wandb_project, name=self.run_name, mode=mode,
-                             dir=str(self.out_dir), config=self.cfg.to_dict(), reinit="finish_previous")
+            run = wandb.init(
+                project=self.cfg.logging.wandb_project,
+                name=self.run_name,
+                mode=mode,
+                dir=str(self.out_dir),
+                config=self.cfg.to_dict(),
+                reinit="finish_previous",
+            )
             # Every row carries the optimizer step as its x-axis: validation, checkpoint and
             # re-placement rows can share a step with the training row.
             run.define_metric("train_step")
@@ -186,13 +206,20 @@ class Telemetry:
             if d.migrated:
                 self.metrics.replacements.inc(1, t)
         if self.wandb:
-            self.wandb.log({"placement/predicted_gain": d.predicted_gain, "placement/fit_gain": d.proposal.fit_gain,
-                            "placement/val_score": d.proposal.val_after, "placement/val_score_current": d.proposal.val_before,
-                            **{f"placement/layer{l}/val_score": v for l, v in enumerate(d.proposal.val_after_L)},
-                            **{f"placement/layer{l}/fit_score": v for l, v in enumerate(d.proposal.fit_after_L)},
-                            "placement/solve_s": d.proposal.solve_time_s,
-                            "placement/migrated": int(d.migrated), "placement/bytes_moved": d.bytes_moved,
-                            "train_step": d.step})
+            self.wandb.log(
+                {
+                    "placement/predicted_gain": d.predicted_gain,
+                    "placement/fit_gain": d.proposal.fit_gain,
+                    "placement/val_score": d.proposal.val_after,
+                    "placement/val_score_current": d.proposal.val_before,
+                    **{f"placement/layer{layer}/val_score": v for layer, v in enumerate(d.proposal.val_after_L)},
+                    **{f"placement/layer{layer}/fit_score": v for layer, v in enumerate(d.proposal.fit_after_L)},
+                    "placement/solve_s": d.proposal.solve_time_s,
+                    "placement/migrated": int(d.migrated),
+                    "placement/bytes_moved": d.bytes_moved,
+                    "train_step": d.step,
+                }
+            )
 
     def checkpoint(self, step: int, mb_per_s: float, stall_s: float) -> None:
         if self.metrics:
@@ -211,10 +238,15 @@ class Telemetry:
         if self.wandb:
             import wandb
 
-            self.wandb.log({"expert_load_heatmap": wandb.Image(str(png)),
-                            "placement": wandb.Table(columns=["layer", "phy2log"],
-                                                     data=[[i, json.dumps(r.tolist())] for i, r in
-                                                           enumerate(placement.phy2log_LS)])})
+            self.wandb.log(
+                {
+                    "expert_load_heatmap": wandb.Image(str(png)),
+                    "placement": wandb.Table(
+                        columns=["layer", "phy2log"],
+                        data=[[i, json.dumps(r.tolist())] for i, r in enumerate(placement.phy2log_LS)],
+                    ),
+                }
+            )
         return str(self.out_dir)
 
     def close(self, summary: dict) -> None:
@@ -259,10 +291,16 @@ class TrafficTotals:
         inter = sum(v["inter"] for v in kinds.values())
         intra = sum(v["intra"] for v in kinds.values())
         n = max(self.steps, 1)
-        return {"steps": self.steps, "bytes_by_kind": kinds, "intra_node_bytes": intra, "inter_node_bytes": inter,
-                "inter_node_bytes_per_step": inter / n, "intra_node_bytes_per_step": intra / n,
-                "a2a_bytes_by_layer": [] if self.a2a_LC is None else self.a2a_LC.tolist(),
-                "checkpoint_upload_bytes": self.checkpoint_bytes}
+        return {
+            "steps": self.steps,
+            "bytes_by_kind": kinds,
+            "intra_node_bytes": intra,
+            "inter_node_bytes": inter,
+            "inter_node_bytes_per_step": inter / n,
+            "intra_node_bytes_per_step": intra / n,
+            "a2a_bytes_by_layer": [] if self.a2a_LC is None else self.a2a_LC.tolist(),
+            "checkpoint_upload_bytes": self.checkpoint_bytes,
+        }
 
 
 def write_summary(out_dir: Path, summary: dict) -> Path:
@@ -280,21 +318,29 @@ def dashboard_text(info: RayInfo, cfg: RunConfig) -> str:
     c = cfg.cluster
     last = f" .. rank-{c.num_workers - 1}" if c.num_workers > 1 else ""
     if info.dashboard_url:
-        lines = [f"Ray dashboard: {info.dashboard_url}"
-                 + ("  (served by this run's Ray: open it while the run lasts)" if info.embedded else "")]
+        lines = [
+            f"Ray dashboard: {info.dashboard_url}"
+            + ("  (served by this run's Ray: open it while the run lasts)" if info.embedded else "")
+        ]
         if info.token_auth:
-            lines.append(f"  sign-in token: run `{_ray_cli()} get-auth-token` on this machine and paste what it "
-                         "prints (Ray token auth is on; RAY_AUTH_MODE=disabled turns it off)")
+            lines.append(
+                f"  sign-in token: run `{_ray_cli()} get-auth-token` on this machine and paste what it "
+                "prints (Ray token auth is on; RAY_AUTH_MODE=disabled turns it off)"
+            )
         else:
-            lines.append("  no sign-in token: Ray token auth is disabled (RAY_AUTH_MODE=disabled); whoever can "
-                         "reach this address can use the dashboard")
+            lines.append(
+                "  no sign-in token: Ray token auth is disabled (RAY_AUTH_MODE=disabled); whoever can "
+                "reach this address can use the dashboard"
+            )
         lines.append(f"  Actors tab: moetrain/{c.run_name}/rank-0{last} (one actor per expert-parallel rank)")
     else:
         why = "cluster.dashboard=false" if info.embedded and not c.dashboard else "this Ray instance runs none"
         lines = [f"Ray dashboard: off ({why})"]
     where = info.metrics_url or "each node's metrics export port, /metrics"
-    lines.append(f"  metrics (tag run={c.run_name}; Prometheus text at {where}; the dashboard's Metrics tab "
-                 "needs Prometheus + Grafana; full list in docs/operations.md):")
+    lines.append(
+        f"  metrics (tag run={c.run_name}; Prometheus text at {where}; the dashboard's Metrics tab "
+        "needs Prometheus + Grafana; full list in docs/operations.md):"
+    )
     lines.append("    " + ", ".join(KEY_METRICS))
     return "\n".join(lines)
 

@@ -31,17 +31,97 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SECRETS = (".env", ".env.*", "*.env", ".envrc", ".aws", ".ssh", ".gnupg", ".netrc", ".pypirc", ".npmrc",
-           ".git-credentials", ".docker", ".dockercfg", ".kube", "kubeconfig", "kubeconfig.*", "*.kubeconfig",
-           ".ray", "auth_token", ".azure", "gcloud", ".s3cfg", ".boto", ".pgpass", ".my.cnf", ".vault-token",
-           ".htpasswd", "*.pem", "*.key", "*.p12", "*.pfx", "*.ppk", "*.jks", "*.keystore", "*.kdbx", "*.gpg",
-           "id_rsa*", "id_dsa*", "id_ecdsa*", "id_ed25519*", "credentials", "credentials.*", "*credentials*.json",
-           "service-account*.json", "token.json", "tokens.json", "*.token", "secrets", "secrets.*", "secret.*",
-           "*.secret", "*.secrets", "*.tfstate", "*.tfstate.*", "*.tfvars", ".terraform", "*_history", ".history")
-DATA = ("*.pt", "*.pth", "*.safetensors", "*.ckpt", "*.bin", "*.parquet", "*.arrow", "*.npz", "*.npy",
-        "*.tar", "*.tar.gz", "*.tgz", "*.zip", "*.h5", "*.jsonl.gz")
-BULK = (".venv", "venv", ".cache", ".git", "wandb", "*.egg-info", "__pycache__", ".pytest_cache", "runs",
-        "node_modules", ".mypy_cache", ".ruff_cache")
+SECRETS = (
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".aws",
+    ".ssh",
+    ".gnupg",
+    ".netrc",
+    ".pypirc",
+    ".npmrc",
+    ".git-credentials",
+    ".docker",
+    ".dockercfg",
+    ".kube",
+    "kubeconfig",
+    "kubeconfig.*",
+    "*.kubeconfig",
+    ".ray",
+    "auth_token",
+    ".azure",
+    "gcloud",
+    ".s3cfg",
+    ".boto",
+    ".pgpass",
+    ".my.cnf",
+    ".vault-token",
+    ".htpasswd",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.ppk",
+    "*.jks",
+    "*.keystore",
+    "*.kdbx",
+    "*.gpg",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "credentials",
+    "credentials.*",
+    "*credentials*.json",
+    "service-account*.json",
+    "token.json",
+    "tokens.json",
+    "*.token",
+    "secrets",
+    "secrets.*",
+    "secret.*",
+    "*.secret",
+    "*.secrets",
+    "*.tfstate",
+    "*.tfstate.*",
+    "*.tfvars",
+    ".terraform",
+    "*_history",
+    ".history",
+)
+DATA = (
+    "*.pt",
+    "*.pth",
+    "*.safetensors",
+    "*.ckpt",
+    "*.bin",
+    "*.parquet",
+    "*.arrow",
+    "*.npz",
+    "*.npy",
+    "*.tar",
+    "*.tar.gz",
+    "*.tgz",
+    "*.zip",
+    "*.h5",
+    "*.jsonl.gz",
+)
+BULK = (
+    ".venv",
+    "venv",
+    ".cache",
+    ".git",
+    "wandb",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    "runs",
+    "node_modules",
+    ".mypy_cache",
+    ".ruff_cache",
+)
 RULES = (("secret", SECRETS), ("data", DATA), ("bulk", BULK))
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same files give the same package (Ray caches by hash)
 
@@ -60,8 +140,10 @@ class UploadPlan:
             counts[reason] = counts.get(reason, 0) + 1
         kept = ", ".join(f"{n} {r}" for r, n in sorted(counts.items())) or "nothing"
         how = "files git considers" if self.git else "files"
-        return (f"uploading {len(self.uploaded)} file(s) ({how}) from {self.root}; left out: {kept} "
-                "(--include to add; --dry-run lists them)")
+        return (
+            f"uploading {len(self.uploaded)} file(s) ({how}) from {self.root}; left out: {kept} "
+            "(--include to add; --dry-run lists them)"
+        )
 
 
 def _reason(name: str) -> str:
@@ -74,8 +156,7 @@ def _reason(name: str) -> str:
 
 def _is_checkpoint_dir(path: Path) -> bool:
     try:
-        return any(c.is_dir() and c.name.startswith("step-") and (c / "manifest.json").exists()
-                   for c in path.iterdir())
+        return any(c.is_dir() and c.name.startswith("step-") and (c / "manifest.json").exists() for c in path.iterdir())
     except OSError:
         return False
 
@@ -88,12 +169,17 @@ def _git_files(root: Path) -> list[str] | None:
     """What git considers under ``root`` (relative posix paths), or None when ``root`` is not in a
     git work tree (or git is missing)."""
     try:
-        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"],
-                                capture_output=True, text=True, timeout=60)
+        inside = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True, timeout=60
+        )
         if inside.returncode != 0 or inside.stdout.strip() != "true":
             return None
-        out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "-co", "--exclude-standard"],
-                             capture_output=True, timeout=300, check=True).stdout
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", "-co", "--exclude-standard"],
+            capture_output=True,
+            timeout=300,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return sorted({p for p in os.fsdecode(out).split("\0") if p})

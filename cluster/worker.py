@@ -121,16 +121,28 @@ class MoERank:
         backend = "nccl" if self.cfg.cluster.use_gpu else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(0)
-        ctx = init_distributed(backend=backend, master_addr=master_addr, master_port=master_port,
-                               rank=self.rank, world_size=self.world_size,
-                               timeout_s=self.cfg.cluster.collective_timeout_s, node_R=tuple(node_R))
+        ctx = init_distributed(
+            backend=backend,
+            master_addr=master_addr,
+            master_port=master_port,
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout_s=self.cfg.cluster.collective_timeout_s,
+            node_R=tuple(node_R),
+        )
         self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement, load_init_weights=resume is None)
         if resume is not None:
             self.trainer.resume_from(resume)
         self._state = "idle"
-        return {"rank": self.rank, "setup_s": time.perf_counter() - t0, "node_ip": node_ip,
-                "node_id": ray.get_runtime_context().get_node_id(), "ifname": ifname,
-                "threads": torch.get_num_threads(), **self.memory()}
+        return {
+            "rank": self.rank,
+            "setup_s": time.perf_counter() - t0,
+            "node_ip": node_ip,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "ifname": ifname,
+            "threads": torch.get_num_threads(),
+            **self.memory(),
+        }
 
     # ---- lockstep calls (every rank at once) ----------------------------------------------
     def train_step(self):

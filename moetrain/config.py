@@ -172,7 +172,9 @@ class StoreConfig:
 
     s3_endpoint: str = ""  # s3:// only, e.g. http://127.0.0.1:9000 ("" = AWS_ENDPOINT_URL(_S3) or AWS)
     s3_region: str = ""  # s3:// only ("" = AWS_REGION, else asked of the bucket; us-east-1 with an endpoint)
-    gcs_endpoint: str = ""  # gs:// only, e.g. an emulator's http://127.0.0.1:4443 ("" = STORAGE_EMULATOR_HOST or Google)
+    gcs_endpoint: str = (
+        ""  # gs:// only, e.g. an emulator's http://127.0.0.1:4443 ("" = STORAGE_EMULATOR_HOST or Google)
+    )
 
 
 @dataclass(kw_only=True)
@@ -264,9 +266,14 @@ class RunConfig:
 
 
 # old key -> new key, for a clear error
-RENAMED = {"placement.solver": "placement.method",
-           **{f"{section}.{key}": f"storage.{key}" for section in ("data", "checkpoint")
-              for key in ("s3_endpoint", "s3_region", "gcs_endpoint")}}
+RENAMED = {
+    "placement.solver": "placement.method",
+    **{
+        f"{section}.{key}": f"storage.{key}"
+        for section in ("data", "checkpoint")
+        for key in ("s3_endpoint", "s3_region", "gcs_endpoint")
+    },
+}
 
 
 def _from_dict(cls: type, data: Any, path: str) -> Any:
@@ -361,8 +368,9 @@ def _check_unique_keys(node: Any, path: str = "") -> None:
             key = str(key_node.value)
             where = f"{path}.{key}" if path else key
             if key in seen:
-                raise ConfigError(f"key {where!r} is given twice (lines {seen[key]} and "
-                                  f"{key_node.start_mark.line + 1}): remove one")
+                raise ConfigError(
+                    f"key {where!r} is given twice (lines {seen[key]} and {key_node.start_mark.line + 1}): remove one"
+                )
             seen[key] = key_node.start_mark.line + 1
             _check_unique_keys(value_node, where)
     elif isinstance(node, yaml.SequenceNode):
@@ -439,8 +447,10 @@ def parse_mixture(entries: list[str]) -> dict[str, float]:
             weight = float(raw)
         except ValueError:
             weight = math.nan
-        _require(bool(sep) and bool(name) and math.isfinite(weight) and weight >= 0,
-                 f"data.mixture entry {entry!r} must look like 'domain=WEIGHT' with a finite WEIGHT >= 0")
+        _require(
+            bool(sep) and bool(name) and math.isfinite(weight) and weight >= 0,
+            f"data.mixture entry {entry!r} must look like 'domain=WEIGHT' with a finite WEIGHT >= 0",
+        )
         _require(name not in out, f"data.mixture names domain {name!r} more than once")
         out[name] = weight
     _require(not out or sum(out.values()) > 0, f"data.mixture ({','.join(entries)}) has no positive weight")
@@ -463,35 +473,76 @@ def _require(cond: bool, message: str) -> None:
 # Every numeric field's valid interval ("[" / "]" closed, "(" / ")" open; floats must be finite).
 # tests/test_config.py checks that each int / float field of the tree is listed here.
 RANGES = {
-    "model.vocab_size": "[0, inf)", "model.dim": "[1, inf)", "model.n_layers": "[1, inf)",
-    "model.n_heads": "[1, inf)", "model.n_kv_heads": "[0, inf)", "model.ffn_dim": "[1, inf)",
+    "model.vocab_size": "[0, inf)",
+    "model.dim": "[1, inf)",
+    "model.n_layers": "[1, inf)",
+    "model.n_heads": "[1, inf)",
+    "model.n_kv_heads": "[0, inf)",
+    "model.ffn_dim": "[1, inf)",
     "model.max_seq_len": "[1, inf)",
-    "model.rope_theta": "(0, inf)", "model.norm_eps": "(0, 1)", "model.init_std": "(0, inf)",
-    "model.moe.num_experts": "[1, inf)", "model.moe.top_k": "[1, inf)", "model.moe.expert_ffn_dim": "[1, inf)",
-    "model.moe.every_n_layers": "[1, inf)", "model.moe.first_moe_layer": "[0, inf)",
-    "model.moe.num_groups": "[1, inf)", "model.moe.num_shared_experts": "[0, inf)",
-    "model.moe.capacity_factor": "[0, inf)", "model.moe.a2a_chunks": "[1, inf)",
+    "model.rope_theta": "(0, inf)",
+    "model.norm_eps": "(0, 1)",
+    "model.init_std": "(0, inf)",
+    "model.moe.num_experts": "[1, inf)",
+    "model.moe.top_k": "[1, inf)",
+    "model.moe.expert_ffn_dim": "[1, inf)",
+    "model.moe.every_n_layers": "[1, inf)",
+    "model.moe.first_moe_layer": "[0, inf)",
+    "model.moe.num_groups": "[1, inf)",
+    "model.moe.num_shared_experts": "[0, inf)",
+    "model.moe.capacity_factor": "[0, inf)",
+    "model.moe.a2a_chunks": "[1, inf)",
     "model.moe.max_nodes_per_token": "[0, inf)",
-    "model.moe.shared_expert_ffn_dim": "[0, inf)", "model.moe.bias_update_rate": "[0, inf)",
-    "data.seq_len": "[1, inf)", "data.vocab_size": "[260, inf)", "data.max_bytes_per_domain": "[1, inf)",
-    "data.val_fraction": "(0, 0.5)", "data.seed": "[0, inf)",
-    "train.steps": "[1, inf)", "train.global_batch_size": "[1, inf)", "train.grad_accum_steps": "[1, inf)",
-    "train.lr": "(0, inf)", "train.min_lr": "[0, inf)", "train.warmup_steps": "[0, inf)",
-    "train.weight_decay": "[0, inf)", "train.beta1": "[0, 1)", "train.beta2": "[0, 1)",
-    "train.grad_clip": "(-inf, inf)", "train.seed": "[0, inf)", "train.eval_every": "[0, inf)",
-    "train.eval_batches": "[1, inf)", "train.log_every": "[1, inf)", "train.max_nonfinite_skips": "[0, inf)",
+    "model.moe.shared_expert_ffn_dim": "[0, inf)",
+    "model.moe.bias_update_rate": "[0, inf)",
+    "data.seq_len": "[1, inf)",
+    "data.vocab_size": "[260, inf)",
+    "data.max_bytes_per_domain": "[1, inf)",
+    "data.val_fraction": "(0, 0.5)",
+    "data.seed": "[0, inf)",
+    "train.steps": "[1, inf)",
+    "train.global_batch_size": "[1, inf)",
+    "train.grad_accum_steps": "[1, inf)",
+    "train.lr": "(0, inf)",
+    "train.min_lr": "[0, inf)",
+    "train.warmup_steps": "[0, inf)",
+    "train.weight_decay": "[0, inf)",
+    "train.beta1": "[0, 1)",
+    "train.beta2": "[0, 1)",
+    "train.grad_clip": "(-inf, inf)",
+    "train.seed": "[0, inf)",
+    "train.eval_every": "[0, inf)",
+    "train.eval_batches": "[1, inf)",
+    "train.log_every": "[1, inf)",
+    "train.max_nonfinite_skips": "[0, inf)",
     "train.zero_stage": "[0, 2]",
-    "train.loss.lbl_coeff": "[0, inf)", "train.loss.z_loss_coeff": "[0, inf)",
-    "checkpoint.every": "[0, inf)", "checkpoint.keep": "[1, inf)", "checkpoint.max_consecutive_failures": "[0, inf)",
-    "checkpoint.max_retries": "[0, inf)", "checkpoint.lease_ttl_s": "[1, 86400]",
-    "cluster.num_workers": "[1, inf)", "cluster.cpus_per_worker": "(0, inf)", "cluster.max_failures": "[0, inf)",
-    "cluster.torch_threads": "[0, inf)", "cluster.start_timeout_s": "(0, inf)", "cluster.connect_timeout_s": "(0, inf)",
-    "cluster.collective_timeout_s": "(0, inf)", "cluster.step_timeout_s": "(0, inf)", "cluster.node_wait_s": "[0, inf)",
-    "cluster.dashboard_port": "[0, 65535]", "cluster.ranks_per_node": "[0, inf)",
+    "train.loss.lbl_coeff": "[0, inf)",
+    "train.loss.z_loss_coeff": "[0, inf)",
+    "checkpoint.every": "[0, inf)",
+    "checkpoint.keep": "[1, inf)",
+    "checkpoint.max_consecutive_failures": "[0, inf)",
+    "checkpoint.max_retries": "[0, inf)",
+    "checkpoint.lease_ttl_s": "[1, 86400]",
+    "cluster.num_workers": "[1, inf)",
+    "cluster.cpus_per_worker": "(0, inf)",
+    "cluster.max_failures": "[0, inf)",
+    "cluster.torch_threads": "[0, inf)",
+    "cluster.start_timeout_s": "(0, inf)",
+    "cluster.connect_timeout_s": "(0, inf)",
+    "cluster.collective_timeout_s": "(0, inf)",
+    "cluster.step_timeout_s": "(0, inf)",
+    "cluster.node_wait_s": "[0, inf)",
+    "cluster.dashboard_port": "[0, 65535]",
+    "cluster.ranks_per_node": "[0, inf)",
     "placement.inter_node_cost": "[1, inf)",
-    "placement.slots_per_rank": "[0, inf)", "placement.replan_every": "[0, inf)", "placement.window": "[1, inf)",
-    "placement.sample_tokens": "[0, inf)", "placement.min_gain": "(-inf, inf)", "placement.time_limit_s": "(0, inf)",
-    "placement.load_weight": "[0, inf)", "placement.migration_weight": "[0, inf)",
+    "placement.slots_per_rank": "[0, inf)",
+    "placement.replan_every": "[0, inf)",
+    "placement.window": "[1, inf)",
+    "placement.sample_tokens": "[0, inf)",
+    "placement.min_gain": "(-inf, inf)",
+    "placement.time_limit_s": "(0, inf)",
+    "placement.load_weight": "[0, inf)",
+    "placement.migration_weight": "[0, inf)",
     "placement.val_fraction": "[0, 1)",
 }
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
@@ -521,7 +572,7 @@ def _check_ranges(node: Any, prefix: str, skip: str | None = None) -> None:
     except those below ``skip``."""
     for path, interval in RANGES.items():
         if path.startswith(prefix) and not (skip and path.startswith(skip)):
-            _check_range(path, field_value(node, path[len(prefix):]), interval)
+            _check_range(path, field_value(node, path[len(prefix) :]), interval)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -546,7 +597,7 @@ def redacted_url(value: str) -> str:
     j = i
     while j > 0 and (value[j - 1].isalnum() or value[j - 1] in "+.-"):
         j -= 1
-    rest = value[i + 3:]
+    rest = value[i + 3 :]
     authority, slash, path = rest.partition("/")
     if "@" in authority:
         host_path = authority.rpartition("@")[2] + slash + path
@@ -569,18 +620,21 @@ def _url_has_credentials(value: str, endpoint: bool) -> bool:
 def _validate_no_credentials(cfg: RunConfig) -> None:
     """No endpoint or URI field carries credentials (``http://KEY:SECRET@host``): they would reach
     logs, manifests and DNS. Refused naming the field; the message never repeats the secret."""
+
     def walk(node: Any, path: str) -> None:
         for f in dataclasses.fields(node):
             value, where = getattr(node, f.name), f"{path}.{f.name}" if path else f.name
             if dataclasses.is_dataclass(value):
                 walk(value, where)
                 continue
-            for item in (value if isinstance(value, list) else [value]):
+            for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str) and _url_has_credentials(item, f.name.endswith("endpoint")):
                     raise ConfigError(
                         f"{where} holds credentials in its URL ({redacted_url(item)}): give only scheme://host:port "
                         "there, and the keys in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or "
-                        "GOOGLE_APPLICATION_CREDENTIALS)")
+                        "GOOGLE_APPLICATION_CREDENTIALS)"
+                    )
+
     walk(cfg, "")
 
 
@@ -590,107 +644,162 @@ def validate_model(m: ModelConfig, *, building: bool = False) -> None:
     the model calls it with ``building=True`` before it builds (``model.vocab_size`` must then be
     set); :func:`validate_moe` is its ``model.moe`` part, which the router calls."""
     if building:
-        _require(m.vocab_size > 0, f"model.vocab_size ({m.vocab_size}) must be > 0: set it from the trained "
-                                   "tokenizer before building the model")
+        _require(
+            m.vocab_size > 0,
+            f"model.vocab_size ({m.vocab_size}) must be > 0: set it from the trained "
+            "tokenizer before building the model",
+        )
     _check_ranges(m, "model.", skip="model.moe.")
     _require(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
-    _require((m.dim // m.n_heads) % 2 == 0,
-             f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions")
+    _require(
+        (m.dim // m.n_heads) % 2 == 0,
+        f"model.dim / model.n_heads ({m.dim // m.n_heads}) must be even for rotary positions",
+    )
     kv = m.n_kv_heads or m.n_heads
     _require(m.n_heads % kv == 0, f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
-    _require(m.init_from == "" or (m.init_from.startswith("hf:") and len(m.init_from) > 3),
-             f"model.init_from ({m.init_from!r}) must be empty or hf:DIR")
+    _require(
+        m.init_from == "" or (m.init_from.startswith("hf:") and len(m.init_from) > 3),
+        f"model.init_from ({m.init_from!r}) must be empty or hf:DIR",
+    )
     validate_moe(m.moe)
     first = m.moe.first_moe_layer
-    _require(first < m.n_layers, f"model.moe.first_moe_layer ({first}) must be < model.n_layers ({m.n_layers}): no MoE layer")
+    _require(
+        first < m.n_layers, f"model.moe.first_moe_layer ({first}) must be < model.n_layers ({m.n_layers}): no MoE layer"
+    )
 
 
 def validate_moe(moe: MoEConfig) -> None:
     """The ``model.moe`` part of :func:`validate_model`: every ``model.moe.*`` range and every
     rule between the routing fields."""
     _check_ranges(moe, "model.moe.")
-    _require(moe.top_k <= moe.num_experts,
-             f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})")
-    _require(moe.num_experts % moe.num_groups == 0,
-             f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})")
-    _require(moe.top_k % moe.num_groups == 0,
-             f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})")
+    _require(
+        moe.top_k <= moe.num_experts,
+        f"model.moe.top_k ({moe.top_k}) must be <= model.moe.num_experts ({moe.num_experts})",
+    )
+    _require(
+        moe.num_experts % moe.num_groups == 0,
+        f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.num_experts ({moe.num_experts})",
+    )
+    _require(
+        moe.top_k % moe.num_groups == 0,
+        f"model.moe.num_groups ({moe.num_groups}) must divide model.moe.top_k ({moe.top_k})",
+    )
     _require(moe.router in ROUTERS, f"model.moe.router ({moe.router!r}) must be one of {', '.join(ROUTERS)}")
-    _require(moe.dispatch in DISPATCH_MODES,
-             f"model.moe.dispatch ({moe.dispatch!r}) must be one of {', '.join(DISPATCH_MODES)}")
+    _require(
+        moe.dispatch in DISPATCH_MODES,
+        f"model.moe.dispatch ({moe.dispatch!r}) must be one of {', '.join(DISPATCH_MODES)}",
+    )
     if moe.dispatch == "hierarchical":
-        _require(moe.dedup,
-                 "model.moe.dispatch=hierarchical sends once per node and per rank: it needs model.moe.dedup=true")
-        _require(moe.a2a_chunks == 1,
-                 f"model.moe.a2a_chunks ({moe.a2a_chunks}) must be 1 with model.moe.dispatch=hierarchical")
-    _require(moe.max_nodes_per_token == 0 or moe.num_groups == 1,
-             f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) and model.moe.num_groups ({moe.num_groups}) "
-             "cannot both limit the routing: set one of them")
+        _require(
+            moe.dedup, "model.moe.dispatch=hierarchical sends once per node and per rank: it needs model.moe.dedup=true"
+        )
+        _require(
+            moe.a2a_chunks == 1,
+            f"model.moe.a2a_chunks ({moe.a2a_chunks}) must be 1 with model.moe.dispatch=hierarchical",
+        )
+    _require(
+        moe.max_nodes_per_token == 0 or moe.num_groups == 1,
+        f"model.moe.max_nodes_per_token ({moe.max_nodes_per_token}) and model.moe.num_groups ({moe.num_groups}) "
+        "cannot both limit the routing: set one of them",
+    )
 
 
 def _validate_run_model(cfg: RunConfig) -> None:
     """Rules between the model and the rest of the run."""
     m, d = cfg.model, cfg.data
-    _require(m.vocab_size == 0 or m.vocab_size >= 260,
-             f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260")
+    _require(
+        m.vocab_size == 0 or m.vocab_size >= 260,
+        f"model.vocab_size ({m.vocab_size}) must be 0 (from the tokenizer) or >= 260",
+    )
     _require(d.seq_len <= m.max_seq_len, f"data.seq_len ({d.seq_len}) must be <= model.max_seq_len ({m.max_seq_len})")
 
 
 def _validate_data(cfg: RunConfig) -> None:
     d = cfg.data
-    _require(d.tokenizer == "bpe" or (d.tokenizer.startswith("hf:") and len(d.tokenizer) > 3),
-             f"data.tokenizer ({d.tokenizer!r}) must be 'bpe' or hf:DIR")
+    _require(
+        d.tokenizer == "bpe" or (d.tokenizer.startswith("hf:") and len(d.tokenizer) > 3),
+        f"data.tokenizer ({d.tokenizer!r}) must be 'bpe' or hf:DIR",
+    )
     _require(d.source in DATA_SOURCES, f"data.source ({d.source!r}) must be one of {', '.join(DATA_SOURCES)}")
     if d.source == "paths":
         _require(len(d.paths) > 0, "data.paths is empty but data.source is 'paths': give domain=path entries")
-    _require(d.source != "prepared" or bool(d.prepared_uri),
-             "data.prepared_uri is empty but data.source is 'prepared': give the output URI of `moetrain prepare`")
-    _require(d.rank_assignment in RANK_ASSIGNMENTS,
-             f"data.rank_assignment ({d.rank_assignment!r}) must be one of {', '.join(RANK_ASSIGNMENTS)}")
+    _require(
+        d.source != "prepared" or bool(d.prepared_uri),
+        "data.prepared_uri is empty but data.source is 'prepared': give the output URI of `moetrain prepare`",
+    )
+    _require(
+        d.rank_assignment in RANK_ASSIGNMENTS,
+        f"data.rank_assignment ({d.rank_assignment!r}) must be one of {', '.join(RANK_ASSIGNMENTS)}",
+    )
     parse_mixture(d.mixture)
 
 
 def _validate_run(cfg: RunConfig) -> None:
     t, c = cfg.train, cfg.cluster
     per_step = t.grad_accum_steps * c.num_workers
-    _require(t.global_batch_size % per_step == 0,
-             f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
-             f"train.grad_accum_steps x cluster.num_workers ({t.grad_accum_steps} x {c.num_workers} = {per_step})")
+    _require(
+        t.global_batch_size % per_step == 0,
+        f"train.global_batch_size ({t.global_batch_size}) must be divisible by "
+        f"train.grad_accum_steps x cluster.num_workers ({t.grad_accum_steps} x {c.num_workers} = {per_step})",
+    )
     _require(t.precision in PRECISIONS, f"train.precision ({t.precision!r}) must be one of {', '.join(PRECISIONS)}")
-    _require(t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
-             f"train.activation_checkpointing ({t.activation_checkpointing!r}) must be one of "
-             f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+    _require(
+        t.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+        f"train.activation_checkpointing ({t.activation_checkpointing!r}) must be one of "
+        f"{', '.join(ACTIVATION_CHECKPOINTING)}",
+    )
     _require(t.min_lr <= t.lr, f"train.min_lr ({t.min_lr}) must be in [0, train.lr]")
-    _require(t.loss.lbl_scope in ("micro", "global", "sequence"),
-             f"train.loss.lbl_scope ({t.loss.lbl_scope!r}) must be one of micro, global, sequence")
-    _require(cfg.checkpoint.checksum in ("crc32c", "sha256"),
-             f"checkpoint.checksum ({cfg.checkpoint.checksum!r}) must be 'crc32c' or 'sha256'")
+    _require(
+        t.loss.lbl_scope in ("micro", "global", "sequence"),
+        f"train.loss.lbl_scope ({t.loss.lbl_scope!r}) must be one of micro, global, sequence",
+    )
+    _require(
+        cfg.checkpoint.checksum in ("crc32c", "sha256"),
+        f"checkpoint.checksum ({cfg.checkpoint.checksum!r}) must be 'crc32c' or 'sha256'",
+    )
     if cfg.checkpoint.resume:
-        _require(bool(cfg.checkpoint.uri) or "://" in cfg.checkpoint.resume or cfg.checkpoint.resume != "latest",
-                 "checkpoint.resume is 'latest' but checkpoint.uri is empty")
+        _require(
+            bool(cfg.checkpoint.uri) or "://" in cfg.checkpoint.resume or cfg.checkpoint.resume != "latest",
+            "checkpoint.resume is 'latest' but checkpoint.uri is empty",
+        )
     if c.address and not c.address.startswith(("ray://", "auto")):
-        _require(_host_port(c.address) is not None,
-                 f"cluster.address ({c.address!r}) must be HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto")
-    _require(c.placement_strategy in PLACEMENT_STRATEGIES,
-             f"cluster.placement_strategy ({c.placement_strategy!r}) must be one of {', '.join(PLACEMENT_STRATEGIES)}")
-    _require(RUN_NAME.fullmatch(c.run_name) is not None,
-             f"cluster.run_name ({c.run_name!r}) must be 1-128 letters, digits, '.', '_' or '-', starting with a "
-             "letter or digit (it names checkpoint folders and Ray actors)")
-    _require(cfg.logging.wandb in ("offline", "online", "disabled"),
-             f"logging.wandb ({cfg.logging.wandb!r}) must be offline, online or disabled")
+        _require(
+            _host_port(c.address) is not None,
+            f"cluster.address ({c.address!r}) must be HOST:PORT (e.g. 10.0.0.1:6379), ray://HOST:PORT or auto",
+        )
+    _require(
+        c.placement_strategy in PLACEMENT_STRATEGIES,
+        f"cluster.placement_strategy ({c.placement_strategy!r}) must be one of {', '.join(PLACEMENT_STRATEGIES)}",
+    )
+    _require(
+        RUN_NAME.fullmatch(c.run_name) is not None,
+        f"cluster.run_name ({c.run_name!r}) must be 1-128 letters, digits, '.', '_' or '-', starting with a "
+        "letter or digit (it names checkpoint folders and Ray actors)",
+    )
+    _require(
+        cfg.logging.wandb in ("offline", "online", "disabled"),
+        f"logging.wandb ({cfg.logging.wandb!r}) must be offline, online or disabled",
+    )
 
 
 def _validate_placement(cfg: RunConfig) -> None:
     p, moe, c = cfg.placement, cfg.model.moe, cfg.cluster
-    _require(p.method in PLACEMENT_METHODS,
-             f"placement.method ({p.method!r}) must be one of {', '.join(PLACEMENT_METHODS)}")
+    _require(
+        p.method in PLACEMENT_METHODS, f"placement.method ({p.method!r}) must be one of {', '.join(PLACEMENT_METHODS)}"
+    )
     slots = p.slots_per_rank or (moe.num_experts // c.num_workers)
     if p.slots_per_rank == 0:
-        _require(moe.num_experts % c.num_workers == 0,
-                 f"model.moe.num_experts ({moe.num_experts}) must be divisible by cluster.num_workers "
-                 f"({c.num_workers}), or set placement.slots_per_rank")
-    _require(c.ranks_per_node == 0 or c.num_workers % c.ranks_per_node == 0,
-             f"cluster.ranks_per_node ({c.ranks_per_node}) must divide cluster.num_workers ({c.num_workers})")
-    _require(slots * c.num_workers >= moe.num_experts,
-             f"placement.slots_per_rank ({slots}) x cluster.num_workers ({c.num_workers}) must be >= "
-             f"model.moe.num_experts ({moe.num_experts})")
+        _require(
+            moe.num_experts % c.num_workers == 0,
+            f"model.moe.num_experts ({moe.num_experts}) must be divisible by cluster.num_workers "
+            f"({c.num_workers}), or set placement.slots_per_rank",
+        )
+    _require(
+        c.ranks_per_node == 0 or c.num_workers % c.ranks_per_node == 0,
+        f"cluster.ranks_per_node ({c.ranks_per_node}) must divide cluster.num_workers ({c.num_workers})",
+    )
+    _require(
+        slots * c.num_workers >= moe.num_experts,
+        f"placement.slots_per_rank ({slots}) x cluster.num_workers ({c.num_workers}) must be >= "
+        f"model.moe.num_experts ({moe.num_experts})",
+    )

@@ -25,7 +25,9 @@ def expert_counts(topk_ids_TK: Tensor, num_experts: int) -> Tensor:
     """counts_E[i] = number of (token, k) pairs routed to expert i; float32 [E]. A scatter-add
     into E bins, not ``torch.bincount`` (which reads ``min()`` and ``max()`` to the host on CUDA)."""
     flat = topk_ids_TK.reshape(-1)
-    return torch.zeros(num_experts, device=flat.device).scatter_add_(0, flat, torch.ones(flat.shape, device=flat.device))
+    return torch.zeros(num_experts, device=flat.device).scatter_add_(
+        0, flat, torch.ones(flat.shape, device=flat.device)
+    )
 
 
 def routing_counts(topk_ids: list[Tensor], num_experts: int) -> Tensor:

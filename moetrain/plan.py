@@ -24,7 +24,7 @@ from typing import Any
 
 from moetrain.config import RunConfig
 
-GIB = 1024 ** 3
+GIB = 1024**3
 FP32_BYTES = 4
 BF16_BYTES = 2
 INDEX_BYTES = 8  # int64 routing indices
@@ -37,7 +37,7 @@ ZERO_COPY_BYTES = 4  # DeepSpeed ZeRO-1/2 keeps an fp32 copy of its 1/N partitio
 # worker 31 MiB), opening the prepared data (7-9 MiB), reading its first row groups (55-65 MiB:
 # pyarrow's Parquet / zstd code and memory pool, first use) and one AdamW step (which imports
 # ~72 MB more): 435-439 MiB without the Ray worker, for any corpus size.
-RUNTIME_BASE_BYTES = 470 * 1024 ** 2
+RUNTIME_BASE_BYTES = 470 * 1024**2
 # The streamed data keeps decoded row groups in an LRU cache (moetrain.data.stream.CACHE_BYTES):
 # at most that, and at most the corpus itself as int32 tokens. For builtin / paths sources the
 # corpus is bounded by its text cap (a token is at least one byte of text); a prepared corpus
@@ -104,12 +104,17 @@ def count_params(cfg: RunConfig) -> ParamCounts:
     attn = 2 * D * D + 2 * D * kvd + (D + 2 * kvd) * m.qkv_bias + (D + kvd) * m.qk_norm
     sw = shared_width(cfg)
     return ParamCounts(
-        embedding=V * D * (1 if m.tie_embeddings else 2), attention=m.n_layers * attn,
-        norms=(2 * m.n_layers + 1) * D, dense_ffn=(m.n_layers - n_moe) * 3 * D * m.ffn_dim,
+        embedding=V * D * (1 if m.tie_embeddings else 2),
+        attention=m.n_layers * attn,
+        norms=(2 * m.n_layers + 1) * D,
+        dense_ffn=(m.n_layers - n_moe) * 3 * D * m.ffn_dim,
         routers=n_moe * moe.num_experts * D,
         shared=n_moe * (3 * D * sw + (D if moe.shared_expert_gate and sw else 0)),
-        experts=n_moe * moe.num_experts * 3 * D * moe.expert_ffn_dim, expert_each=3 * D * moe.expert_ffn_dim,
-        moe_layers=n_moe, top_k=moe.top_k)
+        experts=n_moe * moe.num_experts * 3 * D * moe.expert_ffn_dim,
+        expert_each=3 * D * moe.expert_ffn_dim,
+        moe_layers=n_moe,
+        top_k=moe.top_k,
+    )
 
 
 def slots_per_rank(cfg: RunConfig) -> int:
@@ -251,15 +256,27 @@ class MemoryPlan:
         return 0 if self.available_bytes is None else max(0, self.total_bytes - self.available_bytes)
 
     def to_dict(self) -> dict:
-        return {"params_total": self.params.total, "params_active": self.params.active,
-                "params_per_rank": self.params_per_rank, "param_bytes": self.param_bytes,
-                "grad_bytes": self.grad_bytes, "optimizer_bytes": self.optimizer_bytes,
-                "activation_bytes": self.activation_bytes, "activations_by_mode": dict(self.activations_by_mode),
-                "a2a_bytes": self.a2a_bytes, "workspace_bytes": self.workspace_bytes,
-                "peak_phase": self.peak_phase, "phase_bytes": self.phase_bytes, "model_bytes": self.model_bytes,
-                "runtime_bytes": self.runtime_bytes, "total_bytes": self.total_bytes,
-                "available_bytes": self.available_bytes, "available_source": self.available_source,
-                "fits": self.fits, "suggestions": list(self.suggestions)}
+        return {
+            "params_total": self.params.total,
+            "params_active": self.params.active,
+            "params_per_rank": self.params_per_rank,
+            "param_bytes": self.param_bytes,
+            "grad_bytes": self.grad_bytes,
+            "optimizer_bytes": self.optimizer_bytes,
+            "activation_bytes": self.activation_bytes,
+            "activations_by_mode": dict(self.activations_by_mode),
+            "a2a_bytes": self.a2a_bytes,
+            "workspace_bytes": self.workspace_bytes,
+            "peak_phase": self.peak_phase,
+            "phase_bytes": self.phase_bytes,
+            "model_bytes": self.model_bytes,
+            "runtime_bytes": self.runtime_bytes,
+            "total_bytes": self.total_bytes,
+            "available_bytes": self.available_bytes,
+            "available_source": self.available_source,
+            "fits": self.fits,
+            "suggestions": list(self.suggestions),
+        }
 
 
 @dataclass(frozen=True)
@@ -278,8 +295,13 @@ def _state(cfg: RunConfig, pc: ParamCounts) -> _State:
     local = pc.moe_layers * slots_per_rank(cfg) * pc.expert_each
     dense_grads = pc.dense // R if stage >= 2 else pc.dense
     dense_opt = -(-pc.dense // R) * (ADAM_BYTES + ZERO_COPY_BYTES) if stage >= 1 else pc.dense * ADAM_BYTES
-    return _State(pc.dense, local, MASTER_BYTES * (pc.dense + local), GRAD_BYTES * (dense_grads + local),
-                  dense_opt + ADAM_BYTES * local)
+    return _State(
+        pc.dense,
+        local,
+        MASTER_BYTES * (pc.dense + local),
+        GRAD_BYTES * (dense_grads + local),
+        dense_opt + ADAM_BYTES * local,
+    )
 
 
 def _block_param_bytes(cfg: RunConfig, pc: ParamCounts, st: _State) -> list[int]:
@@ -302,8 +324,11 @@ def _backward_peak(cfg: RunConfig, pc: ParamCounts, st: _State, mode: str) -> in
     its gradients before freeing its activations. With accumulation the gradients of earlier
     micro-batches are all live throughout."""
     blocks = [block_activations(cfg, is_moe_block(cfg, i)) for i in range(cfg.model.n_layers)]
-    kept = {"none": [b.full for b in blocks], "block": [b.block_input + b.a2a_saved for b in blocks],
-            "attention": [b.rest + b.block_input for b in blocks]}[mode]
+    kept = {
+        "none": [b.full for b in blocks],
+        "block": [b.block_input + b.a2a_saved for b in blocks],
+        "attention": [b.rest + b.block_input for b in blocks],
+    }[mode]
     recompute = {"none": 0, "block": max(b.full for b in blocks), "attention": max(b.attention for b in blocks)}[mode]
     t, V, D = tokens_per_micro_batch(cfg), vocab_size(cfg), cfg.model.dim
     if cfg.train.grad_accum_steps > 1:
@@ -330,8 +355,11 @@ def _workspace(cfg: RunConfig, pc: ParamCounts, st: _State) -> tuple[int, int]:
         )
         fwd = BF16_BYTES * (st.dense + experts)
     flat = GRAD_BYTES * st.dense if cfg.cluster.num_workers > 1 else 0
-    largest = max(vocab_size(cfg) * cfg.model.dim, slots_per_rank(cfg) * pc.expert_each // 3,
-                  3 * cfg.model.dim * cfg.model.ffn_dim // 3)
+    largest = max(
+        vocab_size(cfg) * cfg.model.dim,
+        slots_per_rank(cfg) * pc.expert_each // 3,
+        3 * cfg.model.dim * cfg.model.ffn_dim // 3,
+    )
     return fwd, flat + FP32_BYTES * largest
 
 
@@ -348,8 +376,9 @@ def data_cache_bytes(cfg: RunConfig) -> int:
     return min(DATA_CACHE_BYTES, TOKEN_BYTES * domains * cfg.data.max_bytes_per_domain)
 
 
-def plan_memory(cfg: RunConfig, *, available_bytes: int | None = None, source: str = "unknown",
-                suggest: bool = True) -> MemoryPlan:
+def plan_memory(
+    cfg: RunConfig, *, available_bytes: int | None = None, source: str = "unknown", suggest: bool = True
+) -> MemoryPlan:
     """Predicted peak memory of one rank of ``cfg``: parameters + optimizer state + the larger of
     the forward/backward phase (live activations and gradients, all-to-all buffers, bf16 weight
     copies) and the optimizer-step phase (gradients, the flat gradient buffer, one AdamW temporary).
@@ -362,13 +391,25 @@ def plan_memory(cfg: RunConfig, *, available_bytes: int | None = None, source: s
     fwd_bwd = _backward_peak(cfg, pc, st, mode) + a2a + fwd_ws
     step = st.grad_bytes + step_ws
     acts = {m: activation_bytes(cfg, m) for m in ("none", "block", "attention")}
-    peak_phase, phase, workspace = max(("backward", fwd_bwd, fwd_ws), ("optimizer step", step, step_ws),
-                                       key=lambda p: p[1])
-    plan = MemoryPlan(params=pc, params_per_rank=st.dense + st.experts_local, param_bytes=st.param_bytes,
-                      grad_bytes=st.grad_bytes, optimizer_bytes=st.optimizer_bytes, activation_bytes=acts[mode],
-                      activations_by_mode=acts, a2a_bytes=a2a, workspace_bytes=workspace,
-                      peak_phase=peak_phase, phase_bytes=phase,
-                      runtime_bytes=runtime_bytes(cfg), available_bytes=available_bytes, available_source=source)
+    peak_phase, phase, workspace = max(
+        ("backward", fwd_bwd, fwd_ws), ("optimizer step", step, step_ws), key=lambda p: p[1]
+    )
+    plan = MemoryPlan(
+        params=pc,
+        params_per_rank=st.dense + st.experts_local,
+        param_bytes=st.param_bytes,
+        grad_bytes=st.grad_bytes,
+        optimizer_bytes=st.optimizer_bytes,
+        activation_bytes=acts[mode],
+        activations_by_mode=acts,
+        a2a_bytes=a2a,
+        workspace_bytes=workspace,
+        peak_phase=peak_phase,
+        phase_bytes=phase,
+        runtime_bytes=runtime_bytes(cfg),
+        available_bytes=available_bytes,
+        available_source=source,
+    )
     if suggest and plan.fits is False:
         plan = dataclasses.replace(plan, suggestions=suggestions(cfg, available_bytes))
     return plan
@@ -393,8 +434,11 @@ def _knobs(cfg: RunConfig) -> list[list[dict[str, object]]]:
     """Per setting, the candidate changes from the mildest to the strongest."""
     t, c, E = cfg.train, cfg.cluster, cfg.model.moe.num_experts
     zero: list[dict[str, object]] = [{"train.zero_stage": s} for s in (1, 2) if s > t.zero_stage]
-    ckpt: list[dict[str, object]] = [{"train.activation_checkpointing": m} for m in ("attention", "block")
-            if t.activation_checkpointing == "none" or (m == "block" and t.activation_checkpointing == "attention")]
+    ckpt: list[dict[str, object]] = [
+        {"train.activation_checkpointing": m}
+        for m in ("attention", "block")
+        if t.activation_checkpointing == "none" or (m == "block" and t.activation_checkpointing == "attention")
+    ]
     micro: list[dict[str, object]] = []
     accum = t.grad_accum_steps
     while cfg.micro_batch_size > 1 and accum < t.global_batch_size:
@@ -461,8 +505,10 @@ def suggestions(cfg: RunConfig, available_bytes: int | None) -> tuple[str, ...]:
             best = (need, combo)
     if best is None:
         return ("no setting of zero_stage, activation_checkpointing, grad_accum_steps or num_workers is valid",)
-    return (f"nothing fits: the least found is {best[0] / GIB:.1f} GiB per rank with "
-            + " ".join(f"--set {k}={v}" for k, v in best[1].items()),)
+    return (
+        f"nothing fits: the least found is {best[0] / GIB:.1f} GiB per rank with "
+        + " ".join(f"--set {k}={v}" for k, v in best[1].items()),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,6 +571,8 @@ def refusal(plan: MemoryPlan) -> str:
     assert plan.available_bytes is not None  # a refusal needs a known budget
     hint = plan.suggestions[0] if plan.suggestions else "no suggestion"
     hint = hint if hint.startswith(("nothing", "no ")) else f"try {hint}"
-    return (f"memory plan: a rank needs {plan.total_bytes / GIB:.2f} GiB but {plan.available_bytes / GIB:.2f} GiB "
-            f"is available ({plan.available_source}), short by {plan.shortfall_bytes / GIB:.2f} GiB; "
-            f"{hint} (see `moetrain plan`)")
+    return (
+        f"memory plan: a rank needs {plan.total_bytes / GIB:.2f} GiB but {plan.available_bytes / GIB:.2f} GiB "
+        f"is available ({plan.available_source}), short by {plan.shortfall_bytes / GIB:.2f} GiB; "
+        f"{hint} (see `moetrain plan`)"
+    )

@@ -40,9 +40,21 @@ from moetrain.config import ConfigError
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MIN_CUDA_CAPABILITY_BF16 = (8, 0)  # Ampere
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA values) that still include native bf16 matmul.
-_ONEDNN_BF16_ISAS = frozenset({
-    "ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
-    "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2"})
+_ONEDNN_BF16_ISAS = frozenset(
+    {
+        "ALL",
+        "DEFAULT",
+        "AVX512_CORE_BF16",
+        "AVX512_CORE_FP16",
+        "AVX512_CORE_AMX",
+        "AVX512_CORE_AMX_FP16",
+        "AVX10_1_512",
+        "AVX10_1_512_AMX",
+        "AVX10_1_512_AMX_FP16",
+        "AVX10_2_512",
+        "AVX10_2_512_AMX_2",
+    }
+)
 _CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
@@ -92,8 +104,9 @@ def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype
     if precision == "auto":
         return torch.bfloat16 if native else torch.float32
     if not native:
-        raise ConfigError(f"train.precision (bf16) needs native bf16 matmul on {torch.device(device)}: {why}; "
-                          "use fp32 or auto")
+        raise ConfigError(
+            f"train.precision (bf16) needs native bf16 matmul on {torch.device(device)}: {why}; use fp32 or auto"
+        )
     return torch.bfloat16
 
 

@@ -11,12 +11,27 @@ from placement.cost import CostBreakdown, evaluate
 from placement.placement import Placement, PlacementError
 from placement.select import SlotChoice, select_placement, select_slots
 from placement.solve import METHODS, LayerReport, SolveResult, solve_placement
-from placement.stats import (RoutingStats, StatsError, from_aggregates, from_topk_ids, load_routing,
-                             split_tokens)
+from placement.stats import RoutingStats, StatsError, from_aggregates, from_topk_ids, load_routing, split_tokens
 from placement.topology import Topology, TopologyError
 
 __all__ = [
-    "CostBreakdown", "LayerReport", "METHODS", "Placement", "PlacementError", "RoutingStats", "SlotChoice",
-    "SolveResult", "StatsError", "Topology", "TopologyError", "evaluate", "from_aggregates", "from_topk_ids",
-    "load_routing", "select_placement", "select_slots", "solve_placement", "split_tokens",
+    "CostBreakdown",
+    "LayerReport",
+    "METHODS",
+    "Placement",
+    "PlacementError",
+    "RoutingStats",
+    "SlotChoice",
+    "SolveResult",
+    "StatsError",
+    "Topology",
+    "TopologyError",
+    "evaluate",
+    "from_aggregates",
+    "from_topk_ids",
+    "load_routing",
+    "select_placement",
+    "select_slots",
+    "solve_placement",
+    "split_tokens",
 ]

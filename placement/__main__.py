@@ -26,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", required=True, help="routing statistics .npz (trace or moetrain stats)")
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--ranks-per-node", type=int, default=0, help="0 = all ranks on one node")
-    p.add_argument("--slots-per-rank", default="auto",
-                   help="N, a comma list of one N per rank, or auto (module docstring)")
+    p.add_argument(
+        "--slots-per-rank", default="auto", help="N, a comma list of one N per rank, or auto (module docstring)"
+    )
     p.add_argument("--method", choices=METHODS, default="ilp")
     p.add_argument("--time-limit", type=float, default=10.0, help="seconds for all layers together")
     p.add_argument("--load-weight", type=float, default=1.0)
@@ -44,7 +45,9 @@ def _slots(text: str, num_ranks: int) -> int | tuple[int, ...] | None:
     try:
         vals = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise PlacementError(f"--slots-per-rank ({text!r}) must be auto, an integer or a comma list of integers")
+        raise PlacementError(
+            f"--slots-per-rank ({text!r}) must be auto, an integer or a comma list of integers"
+        ) from None
     if len(vals) == 1:
         return vals[0]
     if len(vals) != num_ranks:
@@ -63,11 +66,14 @@ def _topology(args, stats) -> tuple[Topology, str]:
         topo.check_experts(E)
         return topo, ""
     method = args.method if args.method in ("ilp", "greedy", "local_search", "validated") else "greedy"
-    choice = select_slots(stats, R, method=method, time_limit_s=args.time_limit, load_weight=args.load_weight,
-                          seed=args.seed, **kw)
+    choice = select_slots(
+        stats, R, method=method, time_limit_s=args.time_limit, load_weight=args.load_weight, seed=args.seed, **kw
+    )
     scores = ", ".join(f"{n} {v:.4f}" for n, v in choice.val_scores)
-    return choice.topology, (f"slots: {E} experts do not divide over {R} ranks; validation objective ({method}): "
-                             f"{scores} -> {choice.chosen} {choice.topology.slots_per_rank}")
+    return choice.topology, (
+        f"slots: {E} experts do not divide over {R} ranks; validation objective ({method}): "
+        f"{scores} -> {choice.chosen} {choice.topology.slots_per_rank}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,22 +90,26 @@ def main(argv: list[str] | None = None) -> int:
     except (StatsError, TopologyError, PlacementError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{stats.num_layers} layers x {stats.num_experts} experts (top-{stats.k}), "
-          f"{stats.num_tokens} tokens; {topo}")
+    print(f"{stats.num_layers} layers x {stats.num_experts} experts (top-{stats.k}), {stats.num_tokens} tokens; {topo}")
     if note:
         print(note)
-    print(f"{'method':<13}{'sends/token':>12}{'traffic':>9}{'max/mean':>9}{'objective':>10}"
-          f"{'time s':>8}{'bound':>9}{'gap':>7}  solver")
+    print(
+        f"{'method':<13}{'sends/token':>12}{'traffic':>9}{'max/mean':>9}{'objective':>10}"
+        f"{'time s':>8}{'bound':>9}{'gap':>7}  solver"
+    )
     for r in rows:
         c = r.cost
-        print(f"{r.method:<13}{c.sends:>12.3f}{c.traffic:>9.3f}{c.imbalance:>9.3f}{c.objective:>10.3f}"
-              f"{r.solve_time_s:>8.2f}{r.bound:>9.3f}{r.gap:>7.3f}  {r.solver}/{r.status}")
+        print(
+            f"{r.method:<13}{c.sends:>12.3f}{c.traffic:>9.3f}{c.imbalance:>9.3f}{c.objective:>10.3f}"
+            f"{r.solve_time_s:>8.2f}{r.bound:>9.3f}{r.gap:>7.3f}  {r.solver}/{r.status}"
+        )
     best = rows[-1]
     per_layer = " ".join(f"{lid}:{v:.3f}" for lid, v in zip(stats.layer_ids, best.cost.sends_L))
     print(f"{best.method} sends/token per layer (each divided by that layer's tokens): {per_layer}")
     if best.method == "validated":
-        print(f"validated: fit objective {best.fit_score:.4f}, validation objective {best.val_score:.4f} "
-              f"({best.status})")
+        print(
+            f"validated: fit objective {best.fit_score:.4f}, validation objective {best.val_score:.4f} ({best.status})"
+        )
     if args.out:
         try:
             Path(args.out).write_text(best.placement.to_json())

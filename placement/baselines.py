@@ -65,8 +65,16 @@ class _SwapState:
     without replicas; with replicas the token split is re-derived after a swap, so the caller
     checks the real change)."""
 
-    def __init__(self, stats: RoutingStats, l: int, topo: Topology, row_S: np.ndarray,
-                 fetch_ER: np.ndarray, load_weight: float, exact: bool):
+    def __init__(
+        self,
+        stats: RoutingStats,
+        l: int,
+        topo: Topology,
+        row_S: np.ndarray,
+        fetch_ER: np.ndarray,
+        load_weight: float,
+        exact: bool,
+    ):
         S, R = row_S.shape[0], topo.num_ranks
         self.S, self.R, self.row_S = S, R, row_S
         self.w_R = topo.send_weight_R
@@ -152,11 +160,14 @@ class _SwapState:
             l, c = self.load_S, self.coact_SS
             Psa, Pua = P[idx, a][:, None], P[:, a].T  # P[s, a(s)], P[u, a(s)]
             Pub, Psb = P[idx, a][None, :], P[:, a]  # P[u, a(u)], P[s, a(u)]
-            d_tr = (w[a][:, None] * (-l[:, None] + Psa + l[None, :] - Pua + c)
-                    + w[a][None, :] * (-l[None, :] + Pub + l[:, None] - Psb + c))
+            d_tr = w[a][:, None] * (-l[:, None] + Psa + l[None, :] - Pua + c) + w[a][None, :] * (
+                -l[None, :] + Pub + l[:, None] - Psb + c
+            )
         dl = self.load_S[None, :] - self.load_S[:, None]  # change on a(s): -l_s + l_u
-        new_max = np.maximum(np.maximum(self.load_R[a][:, None] + dl, self.load_R[a][None, :] - dl),
-                             self._rest_max()[a[:, None], a[None, :]])
+        new_max = np.maximum(
+            np.maximum(self.load_R[a][:, None] + dl, self.load_R[a][None, :] - dl),
+            self._rest_max()[a[:, None], a[None, :]],
+        )
         d_load = new_max - self.load_R.max()
         f = self.fetch_SR
         d_mig = f[idx[:, None], a[None, :]] - f[idx, a][:, None] + f[idx[None, :], a[:, None]] - f[idx, a][None, :]
@@ -184,11 +195,21 @@ def _bad_swaps(row_S: np.ndarray, rank_S: np.ndarray, num_experts: int, num_rank
     return (e[:, None] == e[None, :]) | hold[e[None, :], a[:, None]] | hold[e[:, None], a[None, :]]
 
 
-def local_search_layer(stats: RoutingStats, l: int, topo: Topology, start_S: np.ndarray, *,
-                       cur_S: np.ndarray | None = None, load_weight: float = 1.0,
-                       migration_weight: float = 0.0, expert_bytes: float = 1.0,
-                       exact: bool | None = None, deadline: float = float("inf"),
-                       max_iters: int = 20_000, tol: float = 1e-12) -> np.ndarray:
+def local_search_layer(
+    stats: RoutingStats,
+    l: int,
+    topo: Topology,
+    start_S: np.ndarray,
+    *,
+    cur_S: np.ndarray | None = None,
+    load_weight: float = 1.0,
+    migration_weight: float = 0.0,
+    expert_bytes: float = 1.0,
+    exact: bool | None = None,
+    deadline: float = float("inf"),
+    max_iters: int = 20_000,
+    tol: float = 1e-12,
+) -> np.ndarray:
     """Best-improvement exchange of slot contents between ranks, from ``start_S`` [S], until no
     exchange improves the objective or ``deadline`` (time.monotonic) passes. With replicas a
     predicted improvement is checked on the rebuilt state and the pair skipped if it fails."""
@@ -224,10 +245,22 @@ def local_search_layer(stats: RoutingStats, l: int, topo: Topology, start_S: np.
     return row
 
 
-def tabu_search_layer(stats: RoutingStats, l: int, topo: Topology, start_S: np.ndarray, *,
-                      iters: int, seed: int, tenure: int = 8, cur_S: np.ndarray | None = None,
-                      load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
-                      deadline: float = float("inf"), tol: float = 1e-12) -> tuple[np.ndarray, float]:
+def tabu_search_layer(
+    stats: RoutingStats,
+    l: int,
+    topo: Topology,
+    start_S: np.ndarray,
+    *,
+    iters: int,
+    seed: int,
+    tenure: int = 8,
+    cur_S: np.ndarray | None = None,
+    load_weight: float = 1.0,
+    migration_weight: float = 0.0,
+    expert_bytes: float = 1.0,
+    deadline: float = float("inf"),
+    tol: float = 1e-12,
+) -> tuple[np.ndarray, float]:
     """Tabu search over exchanges of slot contents between ranks: ``iters`` moves, each the best
     exchange (improving or not) whose slots were not moved in the last ``tenure`` (+0..2, seeded)
     moves, unless it beats the best seen (aspiration). Ties are broken by a seeded random

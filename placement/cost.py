@@ -107,10 +107,17 @@ class CostBreakdown:
         return float(self.migration_L.sum())
 
     def to_dict(self) -> dict:
-        return {"objective": self.objective, "traffic": self.traffic, "sends": self.sends,
-                "imbalance": self.imbalance, "max_imbalance": float(self.imbalance_L.max(initial=0)),
-                "migration": self.migration, "hops": float(self.hops_L.mean()), "exact": self.exact,
-                "num_tokens": self.num_tokens}
+        return {
+            "objective": self.objective,
+            "traffic": self.traffic,
+            "sends": self.sends,
+            "imbalance": self.imbalance,
+            "max_imbalance": float(self.imbalance_L.max(initial=0)),
+            "migration": self.migration,
+            "hops": float(self.hops_L.mean()),
+            "exact": self.exact,
+            "num_tokens": self.num_tokens,
+        }
 
 
 def holders_ER(phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:
@@ -133,8 +140,9 @@ def virtual_ids(ids_TK: np.ndarray, phy2log_S: np.ndarray) -> np.ndarray:
     return np.where(ids_TK >= 0, order[first_E[safe] + j], -1)
 
 
-def rank_hits_exact(ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray,
-                    num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+def rank_hits_exact(
+    ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_ranks: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``need_R`` (tokens that must reach r, incl. their origin) and ``load_R``
     (token-expert pairs computed on r) of one layer under the dispatch rule above."""
     T = ids_TK.shape[0]
@@ -161,8 +169,9 @@ def origin_classes(stats: RoutingStats, topo: Topology) -> tuple[np.ndarray | No
     return stats.home_T, topo.link_cost_RR, 1.0 - np.eye(R)
 
 
-def home_dispatch_slots(ids_TK: np.ndarray, home_T: np.ndarray, phy2log_S: np.ndarray,
-                        slot_rank_S: np.ndarray, num_ranks: int) -> np.ndarray:
+def home_dispatch_slots(
+    ids_TK: np.ndarray, home_T: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_ranks: int
+) -> np.ndarray:
     """Slot that serves each token-expert pair of a token routed on rank ``home_T[t]``, by the
     dispatcher's rule (moetrain/parallel/dispatcher.py ``route_table``): the home's own replica
     if it holds one, else the ``home mod c``-th replica in slot order, [T, K] (-1 stays -1)."""
@@ -176,8 +185,14 @@ def home_dispatch_slots(ids_TK: np.ndarray, home_T: np.ndarray, phy2log_S: np.nd
     return np.where(ids_TK >= 0, slot_RE[home_T[:, None], np.maximum(ids_TK, 0)], -1)
 
 
-def need_by_origin(ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_ranks: int,
-                   origin_T: np.ndarray | None, num_origins: int) -> tuple[np.ndarray, np.ndarray]:
+def need_by_origin(
+    ids_TK: np.ndarray,
+    phy2log_S: np.ndarray,
+    slot_rank_S: np.ndarray,
+    num_ranks: int,
+    origin_T: np.ndarray | None,
+    num_origins: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """``need_OR[o, r]``: tokens of origin class o that must reach rank r (dedup, the home
     included), and ``load_R``, for one layer under the dispatch rule. ``origin_T`` None: one class
     (replica ``t mod c``); with home ranks, the dispatcher's rule (:func:`home_dispatch_slots`)."""
@@ -196,8 +211,9 @@ def need_by_origin(ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.nd
     return need_OR, load_R
 
 
-def rank_hits_pairwise(load_E: np.ndarray, coact_EE: np.ndarray, phy2log_S: np.ndarray,
-                       slot_rank_S: np.ndarray, num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+def rank_hits_pairwise(
+    load_E: np.ndarray, coact_EE: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_ranks: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairwise-model ``need_R`` and ``load_R`` for one layer (see module docstring)."""
     E = load_E.shape[0]
     cnt_E = np.bincount(phy2log_S, minlength=E).astype(np.float64)
@@ -214,8 +230,9 @@ def rank_hits_pairwise(load_E: np.ndarray, coact_EE: np.ndarray, phy2log_S: np.n
 
 def token_sends_T(stats: RoutingStats, placement: Placement, topology: Topology) -> np.ndarray:
     """[T] each token's off-rank sends (dedup, the exact evaluator's rule), mean over layers,
-    each layer scaled by T / (that layer's tokens): its mean is ``evaluate(...).sends``. For paired comparisons of two placements on the same
-    tokens (scripts/bench_placement.py's bootstrap interval). Needs per-token ids."""
+    each layer scaled by T / (that layer's tokens): its mean is ``evaluate(...).sends``. For paired
+    comparisons of two placements on the same tokens (scripts/bench_placement.py's bootstrap
+    interval). Needs per-token ids."""
     if stats.topk_ids_TLK is None:
         raise PlacementError("token_sends_T needs per-token topk_ids; these statistics hold aggregates only")
     check_compatible(stats, placement, topology)
@@ -252,8 +269,9 @@ def check_compatible(stats: RoutingStats, placement: Placement, topo: Topology) 
     if placement.num_layers != stats.num_layers:
         raise PlacementError(f"placement has {placement.num_layers} layers, statistics {stats.num_layers}")
     if placement.slots_per_rank != topo.slots_per_rank:
-        raise PlacementError(f"placement slots_per_rank {placement.slots_per_rank} != topology "
-                             f"slots_per_rank {topo.slots_per_rank}")
+        raise PlacementError(
+            f"placement slots_per_rank {placement.slots_per_rank} != topology slots_per_rank {topo.slots_per_rank}"
+        )
 
 
 def layer_tokens(stats: RoutingStats, l: int) -> int:
@@ -263,16 +281,16 @@ def layer_tokens(stats: RoutingStats, l: int) -> int:
     return int(stats.tokens_L[l])
 
 
-def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topology,
-               exact: bool) -> tuple[float, float, float, float, int]:
+def layer_cost(
+    stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topology, exact: bool
+) -> tuple[float, float, float, float, int]:
     """(traffic, sends, max_load, imbalance, T) of one layer, per token."""
     R = topo.num_ranks
     slot_rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
     if exact:
         assert stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
         origin_T, w_OR, off_OR = origin_classes(stats, topo)
-        need_OR, load_R = need_by_origin(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R, origin_T,
-                                         w_OR.shape[0])
+        need_OR, load_R = need_by_origin(stats.topk_ids_TLK[:, l], phy2log_S, slot_rank_S, R, origin_T, w_OR.shape[0])
         T = layer_tokens(stats, l)
         traffic, sends = float((w_OR * need_OR).sum()), float((off_OR * need_OR).sum())
     else:
@@ -286,10 +304,17 @@ def layer_cost(stats: RoutingStats, l: int, phy2log_S: np.ndarray, topo: Topolog
     return traffic / T, sends / T, float(load_R.max()) / T, imb, T
 
 
-def evaluate(stats: RoutingStats, placement: Placement, topology: Topology, *,
-             current: Placement | None = None, load_weight: float = 1.0,
-             migration_weight: float = 0.0, expert_bytes: float = 1.0,
-             exact: bool | None = None) -> CostBreakdown:
+def evaluate(
+    stats: RoutingStats,
+    placement: Placement,
+    topology: Topology,
+    *,
+    current: Placement | None = None,
+    load_weight: float = 1.0,
+    migration_weight: float = 0.0,
+    expert_bytes: float = 1.0,
+    exact: bool | None = None,
+) -> CostBreakdown:
     """Cost of ``placement`` under ``stats`` (see the module docstring for the model).
 
     ``exact=None`` uses the exact evaluator when per-token ids are present, else the pairwise one.
@@ -314,5 +339,9 @@ def evaluate(stats: RoutingStats, placement: Placement, topology: Topology, *,
         if l + 1 < L:
             rows[5, l] = transition_hops(stats.trans_LEE[l], holds[l], holds[l + 1]) / T
     objective = rows[0] + load_weight * rows[2] + migration_weight * rows[4]
-    return CostBreakdown(*rows, objective_L=objective, exact=bool(exact),  # type: ignore[misc]  # rows: 6 fields
-                         num_tokens=stats.num_tokens)
+    return CostBreakdown(
+        *rows,
+        objective_L=objective,
+        exact=bool(exact),  # type: ignore[misc]  # rows: 6 fields
+        num_tokens=stats.num_tokens,
+    )

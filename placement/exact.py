@@ -67,14 +67,18 @@ def dp_work(num_experts: int, slots_per_rank: tuple[int, ...]) -> int:
 def check_exact(num_experts: int, topo: Topology, max_work: int = MAX_WORK) -> None:
     """Raise :class:`PlacementError` naming why the exact programme does not apply."""
     if topo.num_slots != num_experts:
-        raise PlacementError(f"the exact placement needs one slot per expert: {num_experts} experts, "
-                             f"{topo.num_slots} slots (replicas are not modelled)")
+        raise PlacementError(
+            f"the exact placement needs one slot per expert: {num_experts} experts, "
+            f"{topo.num_slots} slots (replicas are not modelled)"
+        )
     if num_experts > MAX_EXPERTS:
         raise PlacementError(f"the exact placement handles at most {MAX_EXPERTS} experts, got {num_experts}")
     work = dp_work(num_experts, topo.slots_per_rank)
     if work > max_work:
-        raise PlacementError(f"the exact placement of {num_experts} experts on slots {topo.slots_per_rank} "
-                             f"needs {work:,} set scores per layer, over the limit {max_work:,}")
+        raise PlacementError(
+            f"the exact placement of {num_experts} experts on slots {topo.slots_per_rank} "
+            f"needs {work:,} set scores per layer, over the limit {max_work:,}"
+        )
 
 
 def _token_groups(ids_TK: np.ndarray, origin_T: np.ndarray | None, num_origins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +96,7 @@ def _token_groups(ids_TK: np.ndarray, origin_T: np.ndarray | None, num_origins: 
 def _popcount_table(num_experts: int) -> np.ndarray:
     pc = np.zeros(1 << num_experts, dtype=np.int8)
     for b in range(num_experts):
-        pc[1 << b:1 << (b + 1)] = pc[:1 << b] + 1
+        pc[1 << b : 1 << (b + 1)] = pc[: 1 << b] + 1
     return pc
 
 
@@ -107,8 +111,16 @@ class LayerTables:
     the ranks-r set ``mask`` costs (inf where mask is not of size ``s_r``), ``load[mask]`` its
     load, per token."""
 
-    def __init__(self, ids_TK: np.ndarray, num_experts: int, topo: Topology, w_OR: np.ndarray,
-                 origin_T: np.ndarray | None = None, unary_ER: np.ndarray | None = None, chunk: int = 4096):
+    def __init__(
+        self,
+        ids_TK: np.ndarray,
+        num_experts: int,
+        topo: Topology,
+        w_OR: np.ndarray,
+        origin_T: np.ndarray | None = None,
+        unary_ER: np.ndarray | None = None,
+        chunk: int = 4096,
+    ):
         E, R = num_experts, topo.num_ranks
         T = max(int((ids_TK >= 0).any(axis=1).sum()), 1)  # the layer's tokens (cost.layer_tokens)
         w_OR = np.asarray(w_OR, dtype=np.float64)
@@ -120,13 +132,13 @@ class LayerTables:
         self.pc = _popcount_table(E)
         self.load = np.zeros(1 << E)
         for e in range(E):
-            self.load[1 << e:1 << (e + 1)] = self.load[:1 << e] + load_E[e]
+            self.load[1 << e : 1 << (e + 1)] = self.load[: 1 << e] + load_E[e]
         self.score = []
         for r, s in enumerate(topo.slots_per_rank):
             table = np.full(1 << E, np.inf)
             cand = np.flatnonzero(self.pc == s).astype(np.int64)
             for i in range(0, cand.size, chunk):
-                sub = cand[i:i + chunk]
+                sub = cand[i : i + chunk]
                 table[sub] = ((sub[:, None] & masks[None, :]) != 0).astype(np.float64) @ wsum_MR[:, r]
                 if unary_ER is not None:
                     table[sub] += unary_ER[_members(sub, E, s), r].sum(axis=1)
@@ -167,9 +179,16 @@ class LayerTables:
         return ExactLayer(rank_E, cost, max_load, self.mean, work)
 
 
-def exact_layer(ids_TK: np.ndarray, num_experts: int, topo: Topology, w_OR: np.ndarray,
-                origin_T: np.ndarray | None = None, cap: float | None = None,
-                unary_ER: np.ndarray | None = None, max_work: int = MAX_WORK) -> ExactLayer:
+def exact_layer(
+    ids_TK: np.ndarray,
+    num_experts: int,
+    topo: Topology,
+    w_OR: np.ndarray,
+    origin_T: np.ndarray | None = None,
+    cap: float | None = None,
+    unary_ER: np.ndarray | None = None,
+    max_work: int = MAX_WORK,
+) -> ExactLayer:
     """The placement of one layer minimising ``sum_t sum_{r reached} w_OR[o(t), r] / T`` (plus
     ``unary_ER[e, r]`` for expert e on rank r, e.g. migration) with every rank's load
     (token-expert pairs per token) at most ``cap`` (None: no cap).
@@ -223,8 +242,9 @@ class ParetoResult:
     complete: bool  # True: every front point that could win was visited, the answer is optimal
 
 
-def exact_layer_with_load(tables: LayerTables, load_weight: float, cap: float | None = None,
-                          deadline: float | None = None) -> ParetoResult | None:
+def exact_layer_with_load(
+    tables: LayerTables, load_weight: float, cap: float | None = None, deadline: float | None = None
+) -> ParetoResult | None:
     """Minimise ``cost + load_weight * max_load`` exactly by walking the front of (cost, max
     load): solve with no cap (or ``cap``), then again with the cap just below the last answer's
     max load, ... Each answer costs at least as much and loads its busiest rank less; the walk
@@ -245,8 +265,11 @@ def exact_layer_with_load(tables: LayerTables, load_weight: float, cap: float | 
         if load_weight == 0 or x.cost + load_weight * floor >= best.objective - 1e-12:
             break
         if deadline is not None and time.monotonic() > deadline:
-            return None if best is None else ParetoResult(best.rank_E, best.objective, best.cost, best.max_load,
-                                                          solves, False)
+            return (
+                None
+                if best is None
+                else ParetoResult(best.rank_E, best.objective, best.cost, best.max_load, solves, False)
+            )
         limit = x.max_load - 1e-9
     if best is None:
         return None

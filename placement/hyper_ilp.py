@@ -98,12 +98,24 @@ def _rows(parts: list) -> tuple:
         val.append(vals.ravel())
         lo.append(rlo)
         hi.append(rhi)
-    return (np.concatenate(ptr), np.concatenate(idx).astype(np.int32), np.concatenate(val).astype(np.float64),
-            np.concatenate(lo).astype(np.float64), np.concatenate(hi).astype(np.float64))
+    return (
+        np.concatenate(ptr),
+        np.concatenate(idx).astype(np.int32),
+        np.concatenate(val).astype(np.float64),
+        np.concatenate(lo).astype(np.float64),
+        np.concatenate(hi).astype(np.float64),
+    )
 
 
-def build_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_weight: float,
-                fetch_VR: np.ndarray, max_edges: int, cap: float | None = None) -> ExactModel:
+def build_exact(
+    hg: LayerHypergraph,
+    w_R: np.ndarray,
+    slots_R: np.ndarray,
+    load_weight: float,
+    fetch_VR: np.ndarray,
+    max_edges: int,
+    cap: float | None = None,
+) -> ExactModel:
     """The model in the module docstring, on the ``max_edges`` heaviest hyperedges."""
     V, R, T = hg.num_vertices, np.shape(w_R)[-1], max(hg.num_tokens, 1)
     H = min(hg.num_edges, max(int(max_edges), 0))
@@ -115,8 +127,10 @@ def build_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
     cost = np.concatenate([cost_x.ravel(), cost_z.ravel(), [float(load_weight)]])
     col_ub = np.concatenate([np.ones(nx + nz), [INF]])
     vr = np.arange(V)[:, None] * R + np.arange(R)[None, :]  # column of x[v, r]
-    parts = [(vr, np.ones((V, R)), np.ones(V), np.ones(V)),
-             (vr.T, np.ones((R, V)), slots_R.astype(float), slots_R.astype(float))]
+    parts = [
+        (vr, np.ones((V, R)), np.ones(V), np.ones(V)),
+        (vr.T, np.ones((R, V)), slots_R.astype(float), slots_R.astype(float)),
+    ]
     mcol = np.full((R, 1), nx + nz)
     load_vals = np.concatenate([np.tile(hg.load_V / T, (R, 1)), -np.ones((R, 1))], axis=1)
     parts.append((np.concatenate([vr.T, mcol], axis=1), load_vals, np.full(R, -INF), np.zeros(R)))
@@ -125,8 +139,10 @@ def build_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
     nxt = np.flatnonzero(hg.replica_V[1:] > 0) + 1  # v with a predecessor replica v - 1
     if nxt.size:
         cols = np.concatenate([vr[nxt], vr[nxt - 1]], axis=1)
-        vals = np.concatenate([np.tile(np.arange(R, dtype=float), (nxt.size, 1)),
-                               -np.tile(np.arange(R, dtype=float), (nxt.size, 1))], axis=1)
+        vals = np.concatenate(
+            [np.tile(np.arange(R, dtype=float), (nxt.size, 1)), -np.tile(np.arange(R, dtype=float), (nxt.size, 1))],
+            axis=1,
+        )
         parts.append((cols, vals, np.ones(nxt.size), np.full(nxt.size, INF)))
     if P:
         e_P = hg.edge_of_pin()[:P]
@@ -136,12 +152,17 @@ def build_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
         parts.append((cols, vals, np.zeros(P * R), np.full(P * R, INF)))
     ptr, idx, val, lo, hi = _rows(parts)
     w_OR = np.atleast_2d(w_R)
-    symmetric = (w_OR.shape[0] == 1 and bool(np.allclose(w_OR, w_OR[0, 0])) and bool((slots_R == slots_R[0]).all())
-                 and not fetch_VR.any() and not hg.replicated)
+    symmetric = (
+        w_OR.shape[0] == 1
+        and bool(np.allclose(w_OR, w_OR[0, 0]))
+        and bool((slots_R == slots_R[0]).all())
+        and not fetch_VR.any()
+        and not hg.replicated
+    )
     if symmetric:
         order = np.argsort(-hg.load_V, kind="stable")
-        for i, v in enumerate(order[:R - 1]):
-            col_ub[vr[v, i + 1:]] = 0.0
+        for i, v in enumerate(order[: R - 1]):
+            col_ub[vr[v, i + 1 :]] = 0.0
     left_out = float(edge_HR[H:].min(axis=1, initial=INF).sum()) / T if H < hg.num_edges else 0.0
     return ExactModel(cost, col_ub, nx, ptr, idx, val, lo, hi, V, R, H, left_out, symmetric)
 
@@ -173,20 +194,29 @@ def warm_values(m: ExactModel, hg: LayerHypergraph, rank_V: np.ndarray) -> np.nd
     return np.concatenate([x.ravel(), z.ravel(), [mk]])
 
 
-def _solve_highs(m: ExactModel, warm: np.ndarray | None, time_limit_s: float, mip_gap: float,
-                 seed: int, max_nodes: int) -> tuple[np.ndarray | None, float, str, int]:
+def _solve_highs(
+    m: ExactModel, warm: np.ndarray | None, time_limit_s: float, mip_gap: float, seed: int, max_nodes: int
+) -> tuple[np.ndarray | None, float, str, int]:
     h = highspy.Highs()
-    for key, value in (("output_flag", False), ("threads", 1), ("random_seed", int(seed)),
-                       ("time_limit", float(time_limit_s)), ("mip_rel_gap", float(mip_gap)),
-                       ("mip_max_nodes", int(max_nodes))):
+    for key, value in (
+        ("output_flag", False),
+        ("threads", 1),
+        ("random_seed", int(seed)),
+        ("time_limit", float(time_limit_s)),
+        ("mip_rel_gap", float(mip_gap)),
+        ("mip_max_nodes", int(max_nodes)),
+    ):
         h.setOptionValue(key, value)
     n = m.cost.shape[0]
-    h.addCols(n, m.cost, np.zeros(n), m.col_ub, 0, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32),
-              np.zeros(0))
-    h.changeColsIntegrality(m.num_int, np.arange(m.num_int, dtype=np.int32),
-                            np.full(m.num_int, highspy.HighsVarType.kInteger))
-    h.addRows(m.row_lo.shape[0], m.row_lo, m.row_hi, m.row_idx.shape[0], m.row_ptr[:-1].astype(np.int32),
-              m.row_idx, m.row_val)
+    h.addCols(
+        n, m.cost, np.zeros(n), m.col_ub, 0, np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32), np.zeros(0)
+    )
+    h.changeColsIntegrality(
+        m.num_int, np.arange(m.num_int, dtype=np.int32), np.full(m.num_int, highspy.HighsVarType.kInteger)
+    )
+    h.addRows(
+        m.row_lo.shape[0], m.row_lo, m.row_hi, m.row_idx.shape[0], m.row_ptr[:-1].astype(np.int32), m.row_idx, m.row_val
+    )
     end = time.monotonic() + float(time_limit_s)
 
     def _stop(event) -> None:  # HiGHS checks its time limit too rarely; this does not reach
@@ -210,12 +240,20 @@ def _solve_highs(m: ExactModel, warm: np.ndarray | None, time_limit_s: float, mi
     return vals, float(info.mip_dual_bound), status, int(info.mip_node_count)
 
 
-def _solve_cbc(m: ExactModel, warm: np.ndarray | None, time_limit_s: float,
-               mip_gap: float) -> tuple[np.ndarray | None, float, str, int]:
+def _solve_cbc(
+    m: ExactModel, warm: np.ndarray | None, time_limit_s: float, mip_gap: float
+) -> tuple[np.ndarray | None, float, str, int]:
     n = m.cost.shape[0]
     prob = pulp.LpProblem("exact_layer", pulp.LpMinimize)
-    cols = [prob.add_variable(f"c{j}", 0, None if math.isinf(m.col_ub[j]) else float(m.col_ub[j]),
-                              cat="Integer" if j < m.num_int else "Continuous") for j in range(n)]
+    cols = [
+        prob.add_variable(
+            f"c{j}",
+            0,
+            None if math.isinf(m.col_ub[j]) else float(m.col_ub[j]),
+            cat="Integer" if j < m.num_int else "Continuous",
+        )
+        for j in range(n)
+    ]
     prob += pulp.LpAffineExpression([(cols[j], float(m.cost[j])) for j in np.flatnonzero(m.cost)])
     for i in range(m.row_lo.shape[0]):
         a, b = m.row_ptr[i], m.row_ptr[i + 1]
@@ -235,8 +273,16 @@ def _solve_cbc(m: ExactModel, warm: np.ndarray | None, time_limit_s: float,
         log = Path(td) / "cbc.log"
         with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC as deprecated for 4.0
             warnings.simplefilter("ignore", DeprecationWarning)
-            prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.05), gapRel=mip_gap,
-                                         warmStart=warm is not None, logPath=str(log), threads=1))
+            prob.solve(
+                pulp.PULP_CBC_CMD(
+                    msg=False,
+                    timeLimit=max(time_limit_s, 0.05),
+                    gapRel=mip_gap,
+                    warmStart=warm is not None,
+                    logPath=str(log),
+                    threads=1,
+                )
+            )
         bound = _cbc_bound(log.read_text() if log.exists() else "")
     sol = prob.sol_status
     if sol not in (1, 2):
@@ -261,10 +307,22 @@ def trivial_bound(hg: LayerHypergraph, w_R: np.ndarray, load_weight: float) -> f
     return (tokens + load_weight * busiest) / T
 
 
-def solve_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_weight: float,
-                fetch_VR: np.ndarray, *, warm_V: np.ndarray | None, time_limit_s: float,
-                max_edges: int, mip_gap: float = 1e-4, solver: str = "highs", seed: int = 0,
-                max_nodes: int = 10_000, cap: float | None = None) -> ExactResult:
+def solve_exact(
+    hg: LayerHypergraph,
+    w_R: np.ndarray,
+    slots_R: np.ndarray,
+    load_weight: float,
+    fetch_VR: np.ndarray,
+    *,
+    warm_V: np.ndarray | None,
+    time_limit_s: float,
+    max_edges: int,
+    mip_gap: float = 1e-4,
+    solver: str = "highs",
+    seed: int = 0,
+    max_nodes: int = 10_000,
+    cap: float | None = None,
+) -> ExactResult:
     """Solve one layer's exact model (module docstring) from the warm start ``warm_V`` (a rank
     per vertex); ``w_R``: [R], or [O, R] for a hypergraph with origin classes. ``bound`` is a
     proven lower bound of the true layer objective: the larger of
@@ -287,7 +345,7 @@ def solve_exact(hg: LayerHypergraph, w_R: np.ndarray, slots_R: np.ndarray, load_
         bound = max(bound, dual + m.left_out_cost)
     if vals is None:
         return ExactResult(None, bound, "warm start only" if warm is not None else "no solution", nodes)
-    rank_V = np.argmax(vals[:m.num_int].reshape(m.num_vertices, m.num_ranks), axis=1).astype(np.int64)
+    rank_V = np.argmax(vals[: m.num_int].reshape(m.num_vertices, m.num_ranks), axis=1).astype(np.int64)
     # a proven bound never exceeds the incumbent's value (CBC logs its bound rounded)
     bound = min(bound, float(m.cost @ warm_values(m, hg, rank_V)) + m.left_out_cost)
     return ExactResult(rank_V, bound, status, nodes)

@@ -107,14 +107,16 @@ class LayerHypergraph:
         out[self.edge_of_pin(), rank_V[self.edge_pins]] = 1.0
         return out
 
-    def objective(self, rank_V: np.ndarray, w_R: np.ndarray, load_weight: float,
-                  fetch_VR: np.ndarray | None = None) -> float:
+    def objective(
+        self, rank_V: np.ndarray, w_R: np.ndarray, load_weight: float, fetch_VR: np.ndarray | None = None
+    ) -> float:
         """The layer objective of a rank per vertex (module docstring), per token; ``w_R`` is
         [R] or, with origin classes, [O, R]."""
         T = max(self.num_tokens, 1)
         R = np.shape(w_R)[-1]
-        traffic = (float((self.edge_cost_HR(w_R) * self.touched_HR(rank_V, R)).sum())
-                   + float(self.single_cost_VR(w_R)[np.arange(self.num_vertices), rank_V].sum()))
+        traffic = float((self.edge_cost_HR(w_R) * self.touched_HR(rank_V, R)).sum()) + float(
+            self.single_cost_VR(w_R)[np.arange(self.num_vertices), rank_V].sum()
+        )
         load_R = np.bincount(rank_V, weights=self.load_V, minlength=R)
         mig = 0.0 if fetch_VR is None else float(fetch_VR[np.arange(self.num_vertices), rank_V].sum())
         return traffic / T + load_weight * float(load_R.max()) / T + mig
@@ -128,8 +130,9 @@ def first_vertex_E(cnt_E: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(cnt_E)[:-1]]).astype(np.int64)
 
 
-def build_hypergraph(ids_TK: np.ndarray, cnt_E: np.ndarray, origin_T: np.ndarray | None = None,
-                     num_origins: int = 1) -> LayerHypergraph:
+def build_hypergraph(
+    ids_TK: np.ndarray, cnt_E: np.ndarray, origin_T: np.ndarray | None = None, num_origins: int = 1
+) -> LayerHypergraph:
     """The hypergraph of one layer's top-k ids [T, K] (-1 = missing) under replica counts
     ``cnt_E`` (module docstring); ``origin_T`` [T]: origin class (home rank) of each token, in
     ``[0, num_origins)`` (None: one class)."""
@@ -187,8 +190,18 @@ def _build_with_origins(ids: np.ndarray, cnt: np.ndarray, o_T: np.ndarray, O: in
     sets, origin_H = rows[:, :-1], rows[:, -1].astype(np.int64)
     valid = sets >= 0
     ptr = np.concatenate([[0], np.cumsum(valid.sum(axis=1))]).astype(np.int64)
-    return LayerHypergraph(base.expert_V, base.replica_V, base.load_V, single_VO.sum(axis=1), ptr,
-                           sets[valid].astype(np.int64), weight, base.num_tokens, origin_H, single_VO)
+    return LayerHypergraph(
+        base.expert_V,
+        base.replica_V,
+        base.load_V,
+        single_VO.sum(axis=1),
+        ptr,
+        sets[valid].astype(np.int64),
+        weight,
+        base.num_tokens,
+        origin_H,
+        single_VO,
+    )
 
 
 def rank_of_vertices(row_S: np.ndarray, slot_rank_S: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ import pulp
 
 try:  # HiGHS through highspy; optional
     import highspy  # noqa: F401
+
     HAVE_HIGHS = True
 except ImportError:  # pragma: no cover - depends on the environment
     HAVE_HIGHS = False
@@ -82,7 +83,7 @@ def top_pairs(coact_EE: np.ndarray, cnt_E: np.ndarray, num_pairs: int) -> tuple[
     iu, ju = np.triu_indices(E, 1)
     val = coact_EE[iu, ju] / (cnt_E[iu] * cnt_E[ju])
     keep = np.flatnonzero(val > 0)
-    keep = keep[np.argsort(-val[keep], kind="stable")[:max(num_pairs, 0)]]
+    keep = keep[np.argsort(-val[keep], kind="stable")[: max(num_pairs, 0)]]
     return np.stack([iu[keep], ju[keep]], axis=1), val[keep]
 
 
@@ -143,7 +144,7 @@ def _build(m: LayerModel, symmetry: bool):
             if len(inc[e]) > m.slots_R[r] - 1:
                 prob += (pulp.lpSum(y[p, r] for p in inc[e]) - float(m.slots_R[r] - 1) * x[e, r]) <= 0
     if symmetry:
-        for i, e in enumerate(np.argsort(-m.share_E, kind="stable")[:R - 1]):
+        for i, e in enumerate(np.argsort(-m.share_E, kind="stable")[: R - 1]):
             for r in range(i + 1, R):
                 x[int(e), r].upBound = 0
     return prob, x, y, mk
@@ -166,9 +167,16 @@ def _cbc_bound(log: str) -> float | None:
     return None
 
 
-def solve_layer_model(m: LayerModel, *, warm_ER: np.ndarray | None = None, time_limit_s: float = 10.0,
-                      mip_gap: float = 1e-4, solver: str | None = None, symmetry: bool = True,
-                      relax: bool = False) -> IlpLayerResult:
+def solve_layer_model(
+    m: LayerModel,
+    *,
+    warm_ER: np.ndarray | None = None,
+    time_limit_s: float = 10.0,
+    mip_gap: float = 1e-4,
+    solver: str | None = None,
+    symmetry: bool = True,
+    relax: bool = False,
+) -> IlpLayerResult:
     """Solve one layer's model (``relax=True``: the LP relaxation only, for a bound)."""
     solver = solver or default_solver()
     if solver == "highs" and not HAVE_HIGHS:
@@ -185,8 +193,9 @@ def solve_layer_model(m: LayerModel, *, warm_ER: np.ndarray | None = None, time_
     # PuLP's hand-over to the solver takes about as long as building: keep both inside the limit
     tl = max(float(time_limit_s) - 2.0 * (time.monotonic() - t0), 0.05)
     if solver == "highs":
-        s = _HiGHSWarm(warm_ER is not None and not relax, msg=False, timeLimit=tl, gapRel=mip_gap,
-                       mip=not relax, threads=1)
+        s = _HiGHSWarm(
+            warm_ER is not None and not relax, msg=False, timeLimit=tl, gapRel=mip_gap, mip=not relax, threads=1
+        )
         prob.solve(s)
         info = prob.solverModel.getInfo()
         bound = prob.solverModel.getInfo().objective_function_value if relax else info.mip_dual_bound
@@ -195,9 +204,15 @@ def solve_layer_model(m: LayerModel, *, warm_ER: np.ndarray | None = None, time_
             log = Path(td) / "cbc.log"
             with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC as deprecated for 4.0
                 warnings.simplefilter("ignore", DeprecationWarning)
-                s = pulp.PULP_CBC_CMD(msg=False, timeLimit=tl, gapRel=mip_gap, mip=not relax,
-                                      warmStart=warm_ER is not None and not relax, logPath=str(log),
-                                      threads=1)
+                s = pulp.PULP_CBC_CMD(
+                    msg=False,
+                    timeLimit=tl,
+                    gapRel=mip_gap,
+                    mip=not relax,
+                    warmStart=warm_ER is not None and not relax,
+                    logPath=str(log),
+                    threads=1,
+                )
             prob.solve(s)
             text = log.read_text() if log.exists() else ""
         bound = _cbc_bound(text)
@@ -216,8 +231,14 @@ def solve_layer_model(m: LayerModel, *, warm_ER: np.ndarray | None = None, time_
         # stopped before any incumbent of its own: the MIP start stands, with whatever bound exists
         obj = model_objective(m, warm_ER)
         b = bound + const if bound is not None and math.isfinite(bound) else math.nan
-        return IlpLayerResult([list(np.flatnonzero(warm_ER[e] > 0.5)) for e in range(E)], obj,
-                              min(b, obj), "warm start only", solver, elapsed)
+        return IlpLayerResult(
+            [list(np.flatnonzero(warm_ER[e] > 0.5)) for e in range(E)],
+            obj,
+            min(b, obj),
+            "warm start only",
+            solver,
+            elapsed,
+        )
     obj = float(pulp.value(prob.objective)) + const
     if bound is None or not math.isfinite(bound):
         bound = obj if sol == 1 else math.nan  # an optimal LP relaxation is its own bound
@@ -244,5 +265,9 @@ def canonicalise(m: LayerModel, hold_ER: np.ndarray) -> np.ndarray:
 
 
 def ranks_interchangeable(m: LayerModel) -> bool:
-    return (np.allclose(m.w_R, m.w_R[0]) and (m.slots_R == m.slots_R[0]).all()
-            and not m.fetch_ER.any() and (m.cnt_E == 1).all())
+    return (
+        np.allclose(m.w_R, m.w_R[0])
+        and (m.slots_R == m.slots_R[0]).all()
+        and not m.fetch_ER.any()
+        and (m.cnt_E == 1).all()
+    )

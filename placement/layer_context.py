@@ -39,5 +39,9 @@ class LayerContext:
         return self.stats.topk_ids_TLK is not None
 
     def ls_kwargs(self, l: int) -> dict:
-        return dict(load_weight=self.load_weight, migration_weight=self.migration_weight,
-                    expert_bytes=self.expert_bytes, cur_S=None if self.cur_LS is None else self.cur_LS[l])
+        return dict(
+            load_weight=self.load_weight,
+            migration_weight=self.migration_weight,
+            expert_bytes=self.expert_bytes,
+            cur_S=None if self.cur_LS is None else self.cur_LS[l],
+        )

@@ -60,9 +60,18 @@ class PairModel:
     symmetric: bool  # a and b interchangeable: the heaviest free expert may be fixed to a
 
 
-def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int, b: int,
-               w_R: np.ndarray, fetch_ER: np.ndarray, load_weight: float,
-               keep_S: np.ndarray | None = None, origin_T: np.ndarray | None = None) -> PairModel | None:
+def pair_model(
+    ids_TK: np.ndarray,
+    row_S: np.ndarray,
+    rank_S: np.ndarray,
+    a: int,
+    b: int,
+    w_R: np.ndarray,
+    fetch_ER: np.ndarray,
+    load_weight: float,
+    keep_S: np.ndarray | None = None,
+    origin_T: np.ndarray | None = None,
+) -> PairModel | None:
     """The exact sub-model of ranks a, b for the layer row ``row_S`` (None: nothing to move).
     ``keep_S`` (bool [S]): slots held fixed besides the replicated experts' (a smaller
     neighbourhood the MIP can prove optimal). ``w_R``: [R], or [O, R] with ``origin_T`` [T] the
@@ -121,11 +130,31 @@ def pair_model(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, a: int
     fixed_a = float(load_R[a] - load[:slots_a].sum())
     fixed_b = float(load_R[b] - load[slots_a:].sum())
     others = np.delete(load_R, [a, b])
-    symmetric = (w_OR.shape[0] == 1 and np.isclose(w_OR[0, a], w_OR[0, b]) and np.isclose(fixed_a, fixed_b)
-                 and not fa.any() and not fb.any()
-                 and 2 * slots_a == F and not fetch_ER[:, [a, b]].any())
-    return PairModel(slots, experts, slots_a, lin, sets_a, np.array(wt_a), sets_b, np.array(wt_b), load,
-                     fixed_a, fixed_b, float(others.max()) if len(others) else 0.0, load_weight, bool(symmetric))
+    symmetric = (
+        w_OR.shape[0] == 1
+        and np.isclose(w_OR[0, a], w_OR[0, b])
+        and np.isclose(fixed_a, fixed_b)
+        and not fa.any()
+        and not fb.any()
+        and 2 * slots_a == F
+        and not fetch_ER[:, [a, b]].any()
+    )
+    return PairModel(
+        slots,
+        experts,
+        slots_a,
+        lin,
+        sets_a,
+        np.array(wt_a),
+        sets_b,
+        np.array(wt_b),
+        load,
+        fixed_a,
+        fixed_b,
+        float(others.max()) if len(others) else 0.0,
+        load_weight,
+        bool(symmetric),
+    )
 
 
 def pair_objective(pm: PairModel, x: np.ndarray) -> float:
@@ -187,15 +216,28 @@ def solve_pair_model(pm: PairModel, x0: np.ndarray, time_limit_s: float, solver:
 def apply_split(row_S: np.ndarray, pm: PairModel, x: np.ndarray) -> np.ndarray:
     """The row with the free experts of a and b re-split by ``x`` (1 = rank a)."""
     new = row_S.copy()
-    new[pm.slots[:pm.slots_a]] = pm.experts[x > 0.5]
-    new[pm.slots[pm.slots_a:]] = pm.experts[x < 0.5]
+    new[pm.slots[: pm.slots_a]] = pm.experts[x > 0.5]
+    new[pm.slots[pm.slots_a :]] = pm.experts[x < 0.5]
     return new
 
 
-def lns_layer(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, w_R: np.ndarray,
-              fetch_ER: np.ndarray, load_weight: float, objective, deadline: float, solver: str,
-              max_free: int = 8, sub_time_s: float = 1.0, seed: int = 0, max_sweeps: int = 1_000_000,
-              tol: float = 1e-12, origin_T: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+def lns_layer(
+    ids_TK: np.ndarray,
+    row_S: np.ndarray,
+    rank_S: np.ndarray,
+    w_R: np.ndarray,
+    fetch_ER: np.ndarray,
+    load_weight: float,
+    objective,
+    deadline: float,
+    solver: str,
+    max_free: int = 8,
+    sub_time_s: float = 1.0,
+    seed: int = 0,
+    max_sweeps: int = 1_000_000,
+    tol: float = 1e-12,
+    origin_T: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
     """Sweep over rank pairs; for each, free at most ``max_free`` single-replica experts per rank
     (a seeded random choice when a rank holds more; all of them otherwise) and re-split them
     with the exact sub-MIP (``sub_time_s`` each, warm-started from the current split). Stops at
@@ -226,7 +268,7 @@ def lns_layer(ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, w_R: np
             stale += 1
             if pm is not None:
                 x0 = np.zeros(len(pm.slots))
-                x0[:pm.slots_a] = 1.0
+                x0[: pm.slots_a] = 1.0
                 xs, status = solve_pair_model(pm, x0, min(sub_time_s, left), solver)
                 info["subproblems"] += 1
                 info["proven"] += status == "optimal"

@@ -115,8 +115,14 @@ def with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np
     return np.array([e for h in held for e in h], dtype=np.int64)
 
 
-def mtk_row(ids_TK: np.ndarray, load_E: np.ndarray, topo: Topology, seeds: int = DEFAULT_SEEDS,
-            seed: int = 0, deadline: float | None = None) -> np.ndarray | None:
+def mtk_row(
+    ids_TK: np.ndarray,
+    load_E: np.ndarray,
+    topo: Topology,
+    seeds: int = DEFAULT_SEEDS,
+    seed: int = 0,
+    deadline: float | None = None,
+) -> np.ndarray | None:
     """One layer's row [S] from the best km1 of ``seeds`` runs (seeds ``seed``, ``seed`` + 1, ...;
     at least one run, fewer when ``deadline`` passes); None when ``mtkahypar`` is absent."""
     if _module()[0] is None:

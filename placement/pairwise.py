@@ -24,8 +24,16 @@ def rows_from_sets(rank_sets: list, num_ranks: int) -> np.ndarray:
     return np.array([e for r in range(num_ranks) for e, rs in enumerate(rank_sets) if r in rs], dtype=np.int64)
 
 
-def _layer_model(c: LayerContext, l: int, cnt_E: np.ndarray, experts: np.ndarray, ranks: np.ndarray,
-                 w_R: np.ndarray, slots_R: np.ndarray, fetch_ER: np.ndarray) -> LayerModel:
+def _layer_model(
+    c: LayerContext,
+    l: int,
+    cnt_E: np.ndarray,
+    experts: np.ndarray,
+    ranks: np.ndarray,
+    w_R: np.ndarray,
+    slots_R: np.ndarray,
+    fetch_ER: np.ndarray,
+) -> LayerModel:
     s = c.stats
     T = max(int(s.tokens_L[l]), 1)  # the layer's tokens (cost.layer_tokens)
     load = s.load_LE[l][experts]
@@ -37,8 +45,9 @@ def _layer_model(c: LayerContext, l: int, cnt_E: np.ndarray, experts: np.ndarray
         lpt = pack_lpt(load, cnt, Topology(len(ranks), tuple(int(x) for x in slots_R)))
         lpt_max = np.bincount(np.repeat(np.arange(len(ranks)), slots_R), weights=(load / cnt)[lpt]).max() / T
         cap = max(c.balance_cap * float(share @ cnt) / len(ranks), float(lpt_max) * (1 + 1e-9))
-    return LayerModel(share, cnt, pairs, q / T, w_R, np.asarray(slots_R), fetch_ER[np.ix_(experts, ranks)],
-                      c.load_weight, cap)
+    return LayerModel(
+        share, cnt, pairs, q / T, w_R, np.asarray(slots_R), fetch_ER[np.ix_(experts, ranks)], c.load_weight, cap
+    )
 
 
 def layer_fetch_ER(c: LayerContext, l: int) -> np.ndarray:
@@ -51,11 +60,20 @@ def layer_fetch_ER(c: LayerContext, l: int) -> np.ndarray:
 
 def ilp_flat(c: LayerContext, l: int, cnt_E, warm_S, time_s):
     E, R = c.stats.num_experts, c.topo.num_ranks
-    m = _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), c.topo.send_weight_R,
-                     np.array(c.topo.slots_per_rank), layer_fetch_ER(c, l))
+    m = _layer_model(
+        c,
+        l,
+        cnt_E,
+        np.arange(E),
+        np.arange(R),
+        c.topo.send_weight_R,
+        np.array(c.topo.slots_per_rank),
+        layer_fetch_ER(c, l),
+    )
     srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
-    res = solve_layer_model(m, warm_ER=holders_ER(warm_S, srank, E, R), time_limit_s=time_s,
-                            mip_gap=c.mip_gap, solver=c.solver)
+    res = solve_layer_model(
+        m, warm_ER=holders_ER(warm_S, srank, E, R), time_limit_s=time_s, mip_gap=c.mip_gap, solver=c.solver
+    )
     row = rows_from_sets(res.rank_sets, R) if res.rank_sets else None
     return row, res.objective, res.bound, res.status
 
@@ -70,8 +88,9 @@ def ilp_hierarchical(c: LayerContext, l: int, cnt_E, warm_S, time_s):
     fetch_ER = layer_fetch_ER(c, l)
     fetch_EN = np.stack([fetch_ER[:, node_R == n].min(axis=1) for n in range(N)], axis=1)
     m1 = _layer_model(c, l, cnt_E, np.arange(E), np.arange(N), w_N, slots_N, fetch_EN)
-    m1 = LayerModel(m1.share_E, m1.cnt_E, m1.pairs_P2, m1.q_P, m1.w_R, m1.slots_R, m1.fetch_ER,
-                    c.load_weight * N / R, None)  # a node holds R / N ranks on average
+    m1 = LayerModel(
+        m1.share_E, m1.cnt_E, m1.pairs_P2, m1.q_P, m1.w_R, m1.slots_R, m1.fetch_ER, c.load_weight * N / R, None
+    )  # a node holds R / N ranks on average
     srank = np.repeat(np.arange(R), topo.slots_per_rank)
     warm_node = holders_ER(warm_S, node_R[srank], E, N)
     r1 = solve_layer_model(m1, warm_ER=warm_node, time_limit_s=time_s / 2, mip_gap=c.mip_gap, solver=c.solver)
@@ -81,15 +100,17 @@ def ilp_hierarchical(c: LayerContext, l: int, cnt_E, warm_S, time_s):
     for n in range(N):
         experts = np.array([e for e in range(E) if n in r1.rank_sets[e]], dtype=np.int64)
         ranks = np.flatnonzero(node_R == n)
-        m2 = _layer_model(c, l, cnt_E, experts, ranks, topo.send_weight_R[ranks],
-                          np.array(topo.slots_per_rank)[ranks], fetch_ER)
+        m2 = _layer_model(
+            c, l, cnt_E, experts, ranks, topo.send_weight_R[ranks], np.array(topo.slots_per_rank)[ranks], fetch_ER
+        )
         r2 = solve_layer_model(m2, time_limit_s=time_s / (2 * N), mip_gap=c.mip_gap, solver=c.solver)
         if not r2.rank_sets:
             return None, math.nan, math.nan, r2.status
         for i, e in enumerate(experts):
             rank_sets[e] = [int(ranks[r]) for r in r2.rank_sets[i]]
-    flat = _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), topo.send_weight_R,
-                        np.array(topo.slots_per_rank), fetch_ER)
+    flat = _layer_model(
+        c, l, cnt_E, np.arange(E), np.arange(R), topo.send_weight_R, np.array(topo.slots_per_rank), fetch_ER
+    )
     row = rows_from_sets(rank_sets, R)
     obj = model_objective(flat, holders_ER(row, srank, E, R))
     # stages solved to optimality do not make the split optimal for the flat model: no bound here
@@ -99,5 +120,13 @@ def ilp_hierarchical(c: LayerContext, l: int, cnt_E, warm_S, time_s):
 
 def flat_model(c: LayerContext, l: int, cnt_E: np.ndarray) -> LayerModel:
     E, R = c.stats.num_experts, c.topo.num_ranks
-    return _layer_model(c, l, cnt_E, np.arange(E), np.arange(R), c.topo.send_weight_R,
-                        np.array(c.topo.slots_per_rank), layer_fetch_ER(c, l))
+    return _layer_model(
+        c,
+        l,
+        cnt_E,
+        np.arange(E),
+        np.arange(R),
+        c.topo.send_weight_R,
+        np.array(c.topo.slots_per_rank),
+        layer_fetch_ER(c, l),
+    )

@@ -98,7 +98,7 @@ class Placement:
     def local_experts(self, layer: int, rank: int) -> np.ndarray:
         """Logical experts in rank's slots, in slot order, [slots_per_rank[rank]]."""
         s = self.rank_slots(rank)
-        return self.phy2log_LS[layer, s.start:s.stop].copy()
+        return self.phy2log_LS[layer, s.start : s.stop].copy()
 
     def expert_rank_LE(self) -> np.ndarray:
         """Owning rank of each expert's first replica, [L, E] (exact when nothing is replicated)."""
@@ -120,8 +120,7 @@ class Placement:
             raise PlacementError(f"num_ranks must be >= 1, got {num_ranks}")
         if slots_per_rank is None:
             if num_experts % num_ranks:
-                raise PlacementError(
-                    f"{num_experts} experts do not divide over {num_ranks} ranks: give slots_per_rank")
+                raise PlacementError(f"{num_experts} experts do not divide over {num_ranks} ranks: give slots_per_rank")
             return (num_experts // num_ranks,) * num_ranks
         if isinstance(slots_per_rank, (int, np.integer)):
             return (int(slots_per_rank),) * num_ranks
@@ -131,8 +130,9 @@ class Placement:
         return spr
 
     @classmethod
-    def contiguous(cls, num_layers: int, num_experts: int, num_ranks: int,
-                   slots_per_rank: int | Sequence[int] | None = None) -> "Placement":
+    def contiguous(
+        cls, num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int | Sequence[int] | None = None
+    ) -> "Placement":
         """Experts 0..E-1 in slot order (Megatron / DeepSpeed default); extra slots replicate
         experts 0, 1, ... in order."""
         spr = cls._spr(num_experts, num_ranks, slots_per_rank)
@@ -140,8 +140,9 @@ class Placement:
         return cls(np.tile(row, (num_layers, 1)), spr, num_experts)
 
     @classmethod
-    def round_robin(cls, num_layers: int, num_experts: int, num_ranks: int,
-                    slots_per_rank: int | Sequence[int] | None = None) -> "Placement":
+    def round_robin(
+        cls, num_layers: int, num_experts: int, num_ranks: int, slots_per_rank: int | Sequence[int] | None = None
+    ) -> "Placement":
         """Expert e on the next rank in cyclic order with a free slot (e mod R when slots are
         even); extra slots replicate experts 0, 1, ... on ranks not yet holding them."""
         spr = cls._spr(num_experts, num_ranks, slots_per_rank)
@@ -179,8 +180,14 @@ class Placement:
         return cls(np.stack(rows), tuple(int(c) for c in counts[0]), E)
 
     @classmethod
-    def random(cls, num_layers: int, num_experts: int, num_ranks: int, seed: int = 0,
-               slots_per_rank: int | Sequence[int] | None = None) -> "Placement":
+    def random(
+        cls,
+        num_layers: int,
+        num_experts: int,
+        num_ranks: int,
+        seed: int = 0,
+        slots_per_rank: int | Sequence[int] | None = None,
+    ) -> "Placement":
         """A random permutation of experts per layer (replicas of random experts in extra slots)."""
         spr = cls._spr(num_experts, num_ranks, slots_per_rank)
         rng = np.random.default_rng(seed)
@@ -195,8 +202,11 @@ class Placement:
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"num_experts": self.num_experts, "slots_per_rank": list(self.slots_per_rank),
-                "phy2log": self.phy2log_LS.tolist()}
+        return {
+            "num_experts": self.num_experts,
+            "slots_per_rank": list(self.slots_per_rank),
+            "phy2log": self.phy2log_LS.tolist(),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -216,13 +226,18 @@ class Placement:
             raise PlacementError(f"placement JSON does not parse: {exc}") from None
 
     def __eq__(self, other: object) -> bool:
-        return (isinstance(other, Placement) and self.num_experts == other.num_experts
-                and self.slots_per_rank == other.slots_per_rank
-                and np.array_equal(self.phy2log_LS, other.phy2log_LS))
+        return (
+            isinstance(other, Placement)
+            and self.num_experts == other.num_experts
+            and self.slots_per_rank == other.slots_per_rank
+            and np.array_equal(self.phy2log_LS, other.phy2log_LS)
+        )
 
     def __hash__(self) -> int:
         return hash((self.num_experts, self.slots_per_rank, self.phy2log_LS.tobytes()))
 
     def __repr__(self) -> str:
-        return (f"Placement(layers={self.num_layers}, experts={self.num_experts}, ranks={self.num_ranks}, "
-                f"slots_per_rank={self.slots_per_rank})")
+        return (
+            f"Placement(layers={self.num_layers}, experts={self.num_experts}, ranks={self.num_ranks}, "
+            f"slots_per_rank={self.slots_per_rank})"
+        )

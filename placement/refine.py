@@ -69,8 +69,15 @@ class _Incidence:
 class _Moves:
     """Pin counts and loads of one assignment; the delta of every move; applying moves."""
 
-    def __init__(self, hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, load_weight: float,
-                 fetch_VR: np.ndarray, inc: _Incidence | None = None):
+    def __init__(
+        self,
+        hg: LayerHypergraph,
+        rank_V: np.ndarray,
+        w_R: np.ndarray,
+        load_weight: float,
+        fetch_VR: np.ndarray,
+        inc: _Incidence | None = None,
+    ):
         V, R = hg.num_vertices, w_R.shape[0]
         self.V, self.R, self.T = V, R, float(max(hg.num_tokens, 1))
         self.w_R, self.lw, self.fetch_VR = w_R, float(load_weight), fetch_VR
@@ -108,8 +115,9 @@ class _Moves:
         """[n, R] busiest rank load after moving vertex idx[i] to r."""
         a, R = self.rank_V[idx], self.R
         top = np.argsort(-self.load_R, kind="stable")[:3]
-        rest_RR = np.array([[next((self.load_R[k] for k in top if k != i and k != j), 0.0) for j in range(R)]
-                            for i in range(R)])
+        rest_RR = np.array(
+            [[next((self.load_R[k] for k in top if k != i and k != j), 0.0) for j in range(R)] for i in range(R)]
+        )
         to_VR = self.load_R[None, :] + self.load_V[idx, None]
         from_V = self.load_R[a] - self.load_V[idx]
         return np.maximum(np.maximum(to_VR, from_V[:, None]), rest_RR[a])
@@ -180,10 +188,19 @@ def _fm_pass(st: _Moves, slots_R: np.ndarray, patience: int) -> float:
     return best
 
 
-def fm_refine(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_R: np.ndarray,
-              load_weight: float, fetch_VR: np.ndarray | None = None, *, patience: int = FM_PATIENCE,
-              max_passes: int = FM_MAX_PASSES, deadline: float = float("inf"),
-              _inc: _Incidence | None = None) -> np.ndarray:
+def fm_refine(
+    hg: LayerHypergraph,
+    rank_V: np.ndarray,
+    w_R: np.ndarray,
+    slots_R: np.ndarray,
+    load_weight: float,
+    fetch_VR: np.ndarray | None = None,
+    *,
+    patience: int = FM_PATIENCE,
+    max_passes: int = FM_MAX_PASSES,
+    deadline: float = float("inf"),
+    _inc: _Incidence | None = None,
+) -> np.ndarray:
     """FM passes from the balanced assignment ``rank_V`` [V] (vertex counts per rank equal
     ``slots_R``; replicas of each expert on increasing ranks) until a pass finds nothing,
     ``max_passes`` or ``deadline``. Returns a balanced assignment whose objective
@@ -191,8 +208,10 @@ def fm_refine(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_R:
     w_R = np.asarray(w_R, dtype=np.float64)
     slots_R = np.asarray(slots_R, dtype=np.int64)
     if not np.array_equal(np.bincount(rank_V, minlength=len(slots_R)), slots_R):
-        raise ValueError(f"rank_V holds {np.bincount(rank_V, minlength=len(slots_R)).tolist()} vertices "
-                         f"per rank, slots_R {slots_R.tolist()}")
+        raise ValueError(
+            f"rank_V holds {np.bincount(rank_V, minlength=len(slots_R)).tolist()} vertices "
+            f"per rank, slots_R {slots_R.tolist()}"
+        )
     fetch = np.zeros((hg.num_vertices, len(w_R))) if fetch_VR is None else np.asarray(fetch_VR, dtype=np.float64)
     st = _Moves(hg, rank_V, w_R, load_weight, fetch, _inc)
     for _ in range(max_passes):
@@ -221,9 +240,19 @@ def perturb_ranks(rank_V: np.ndarray, replica_V: np.ndarray, rng: np.random.Gene
     return out
 
 
-def iterated_fm(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_R: np.ndarray,
-                load_weight: float, fetch_VR: np.ndarray | None, rng: np.random.Generator, *,
-                rounds: int, swaps: int, deadline: float = float("inf")) -> IteratedFM:
+def iterated_fm(
+    hg: LayerHypergraph,
+    rank_V: np.ndarray,
+    w_R: np.ndarray,
+    slots_R: np.ndarray,
+    load_weight: float,
+    fetch_VR: np.ndarray | None,
+    rng: np.random.Generator,
+    *,
+    rounds: int,
+    swaps: int,
+    deadline: float = float("inf"),
+) -> IteratedFM:
     """FM from ``rank_V``, then ``rounds`` times: perturb the best by ``swaps`` random exchanges
     and FM again, keeping the better (count-bounded and seeded; ``deadline`` only caps it)."""
     w_R = np.asarray(w_R, dtype=np.float64)
@@ -240,8 +269,16 @@ def iterated_fm(hg: LayerHypergraph, rank_V: np.ndarray, w_R: np.ndarray, slots_
     for _ in range(rounds):
         if time.monotonic() > deadline:
             break
-        cand = fm_refine(hg, perturb_ranks(best, hg.replica_V, rng, swaps), w_R, slots_R, load_weight, fetch_VR,
-                         deadline=deadline, _inc=inc)
+        cand = fm_refine(
+            hg,
+            perturb_ranks(best, hg.replica_V, rng, swaps),
+            w_R,
+            slots_R,
+            load_weight,
+            fetch_VR,
+            deadline=deadline,
+            _inc=inc,
+        )
         done += 1
         c = obj(cand)
         if c < best_obj - TOL:

@@ -96,8 +96,11 @@ def default_recipes(method: str, load_weight: float) -> tuple[Recipe, ...]:
         out.append(Recipe("mtkahypar", "mtkahypar", weight=0.25))
     if load_weight > 0:
         out += [Recipe("ilp_lw0", "ilp", 0.0), Recipe("ilp_lw_half", "ilp", 0.5), Recipe("ilp_lw_x2", "ilp", 2.0)]
-    out += [Recipe("ilp_seed1", "ilp", seed_offset=1), Recipe("bagged", "bagged", weight=2.0),
-            Recipe("greedy", "greedy", weight=0.0)]
+    out += [
+        Recipe("ilp_seed1", "ilp", seed_offset=1),
+        Recipe("bagged", "bagged", weight=2.0),
+        Recipe("greedy", "greedy", weight=0.0),
+    ]
     return tuple(out)
 
 
@@ -150,8 +153,15 @@ class _Ctx:
 
     def score_L(self, stats: RoutingStats, p: Placement) -> np.ndarray:
         """The cost model's objective per layer [L] at the asked weights."""
-        return evaluate(stats, p, self.topo, current=self.current, load_weight=self.load_weight,
-                        migration_weight=self.migration_weight, expert_bytes=self.expert_bytes).objective_L
+        return evaluate(
+            stats,
+            p,
+            self.topo,
+            current=self.current,
+            load_weight=self.load_weight,
+            migration_weight=self.migration_weight,
+            expert_bytes=self.expert_bytes,
+        ).objective_L
 
     def for_layers(self, layers: list[int]) -> "_Ctx":
         cur = self.current
@@ -172,18 +182,31 @@ def _bagged(fit: RoutingStats, c: _Ctx, budget_s: float, tag: int) -> tuple[Plac
     rng = np.random.default_rng([c.seed, 7, tag])
     T = fit.num_tokens
     samples = [fit.take_rows(rng.integers(0, T, T)) for _ in range(BAG_RESAMPLES)]
-    answers = [solve_placement(s, c.topo, "ilp", current=c.current, time_limit_s=max(budget_s / BAG_RESAMPLES,
-                               MIN_SOLVE_S), load_weight=c.load_weight, migration_weight=c.migration_weight,
-                               expert_bytes=c.expert_bytes, seed=c.seed, restarts=c.restarts,
-                               balance_cap=c.balance_cap).placement for s in samples]
+    answers = [
+        solve_placement(
+            s,
+            c.topo,
+            "ilp",
+            current=c.current,
+            time_limit_s=max(budget_s / BAG_RESAMPLES, MIN_SOLVE_S),
+            load_weight=c.load_weight,
+            migration_weight=c.migration_weight,
+            expert_bytes=c.expert_bytes,
+            seed=c.seed,
+            restarts=c.restarts,
+            balance_cap=c.balance_cap,
+        ).placement
+        for s in samples
+    ]
     mean_BL = np.array([np.mean([c.score_L(s, p) for s in samples], axis=0) for p in answers])
     pick_L = mean_BL.argmin(axis=0)
     rows = np.stack([answers[b].phy2log_LS[l] for l, b in enumerate(pick_L)])
     return Placement(rows, c.topo.slots_per_rank, fit.num_experts), None
 
 
-def run_recipe(r: Recipe, fit: RoutingStats, c: _Ctx, budget_s: float,
-               tag: int = 0) -> tuple[Placement | None, tuple[LayerReport, ...] | None]:
+def run_recipe(
+    r: Recipe, fit: RoutingStats, c: _Ctx, budget_s: float, tag: int = 0
+) -> tuple[Placement | None, tuple[LayerReport, ...] | None]:
     """The recipe's placement on ``fit`` (None: Mt-KaHyPar absent) and the pipeline's reports."""
     if r.window < 1.0:
         fit = _newest(fit, r.window)
@@ -191,15 +214,26 @@ def run_recipe(r: Recipe, fit: RoutingStats, c: _Ctx, budget_s: float,
         return _bagged(fit, c, budget_s, tag)
     if r.method == "mtkahypar":
         end = time.monotonic() + max(budget_s, MIN_SOLVE_S)
-        rows = [mtk.mtk_row(fit.topk_ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset,
-                            deadline=end) for l in range(fit.num_layers)]
+        rows = [
+            mtk.mtk_row(fit.topk_ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end)
+            for l in range(fit.num_layers)
+        ]
         if any(row is None for row in rows):
             return None, None
         return Placement(np.stack(rows), c.topo.slots_per_rank, fit.num_experts), None
-    res = solve_placement(fit, c.topo, r.method, current=c.current, time_limit_s=max(budget_s, MIN_SOLVE_S),
-                          load_weight=c.load_weight * r.load_weight_factor, migration_weight=c.migration_weight,
-                          expert_bytes=c.expert_bytes, seed=c.seed + r.seed_offset, restarts=c.restarts,
-                          balance_cap=c.balance_cap)
+    res = solve_placement(
+        fit,
+        c.topo,
+        r.method,
+        current=c.current,
+        time_limit_s=max(budget_s, MIN_SOLVE_S),
+        load_weight=c.load_weight * r.load_weight_factor,
+        migration_weight=c.migration_weight,
+        expert_bytes=c.expert_bytes,
+        seed=c.seed + r.seed_offset,
+        restarts=c.restarts,
+        balance_cap=c.balance_cap,
+    )
     return res.placement, res.layers
 
 
@@ -213,8 +247,9 @@ class _Scored:
     seconds: float = 0.0  # the least one fold's run costs: the pipeline's uncut heuristics, else its wall time
 
 
-def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx,
-                end: float) -> list[_Scored]:
+def _candidates(
+    stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx, end: float
+) -> list[_Scored]:
     """Each recipe on every fold's fit part, scored on the fit part and the validation block. The
     first (the asked method) always runs, on ``FIRST_SHARE`` of the time; each other gets its
     weight's share of the time left, and is skipped when its least cost (the last pipeline
@@ -251,8 +286,9 @@ def _candidates(stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, .
     return out
 
 
-def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_end: float,
-           end: float) -> dict[int, np.ndarray]:
+def _refit(
+    stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_end: float, end: float
+) -> dict[int, np.ndarray]:
     """Rows refitted on the whole window for the layers where fresher tokens did not hurt (4.)."""
     last = folds[-1]
     n_block = len(last.val_rows)
@@ -275,8 +311,11 @@ def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_
         sub = c.for_layers(layers)
         p, _ = run_recipe(s.recipe, lagged.select_layers(layers), sub, budget, tag=99)
         lag_val = sub.score_L(val.select_layers(layers), p)
-        better = [l for i, l in enumerate(layers)
-                  if not _significantly_lower(lag_val[i], s.val_FL[-1][l], val, p, i, s.last, l, c)]
+        better = [
+            l
+            for i, l in enumerate(layers)
+            if not _significantly_lower(lag_val[i], s.val_FL[-1][l], val, p, i, s.last, l, c)
+        ]
         if better:
             helped.append((s, better))
     out: dict[int, np.ndarray] = {}
@@ -290,15 +329,17 @@ def _refit(stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_
     return out
 
 
-def _significantly_lower(obj_a: float, obj_b: float, val: RoutingStats, a: Placement, la: int,
-                         b: Placement, lb: int, c: _Ctx) -> bool:
+def _significantly_lower(
+    obj_a: float, obj_b: float, val: RoutingStats, a: Placement, la: int, b: Placement, lb: int, c: _Ctx
+) -> bool:
     """Objective ``obj_a`` of row ``a[la]`` below ``obj_b`` of ``b[lb]`` by more than ``SELECT_Z``
     standard errors of their paired per-token sends difference on ``val``'s layer ``lb``."""
     if obj_b - obj_a <= TOL:
         return False
     vs = val.select_layers([lb])
-    d_T = (token_sends_T(vs, Placement(b.phy2log_LS[[lb]], b.slots_per_rank, b.num_experts), c.topo)
-           - token_sends_T(vs, Placement(a.phy2log_LS[[la]], a.slots_per_rank, a.num_experts), c.topo))
+    d_T = token_sends_T(vs, Placement(b.phy2log_LS[[lb]], b.slots_per_rank, b.num_experts), c.topo) - token_sends_T(
+        vs, Placement(a.phy2log_LS[[la]], a.slots_per_rank, a.num_experts), c.topo
+    )
     se = float(d_T.std(ddof=1) / math.sqrt(d_T.size)) if d_T.size > 1 else math.inf
     return obj_b - obj_a > SELECT_Z * se
 
@@ -312,62 +353,117 @@ def _choose(l: int, scored: list[_Scored], last_val: RoutingStats, c: _Ctx) -> _
     return scored[0]
 
 
-def _report(l: int, s: _Scored, scored: list[_Scored], refit: bool, val_tokens: int,
-            objective: float) -> LayerReport:
+def _report(l: int, s: _Scored, scored: list[_Scored], refit: bool, val_tokens: int, objective: float) -> LayerReport:
     fit, val = float(np.mean([f[l] for f in s.fit_FL])), float(np.mean([v[l] for v in s.val_FL]))
-    sel = tuple((o.recipe.name, float(np.mean([f[l] for f in o.fit_FL])), float(np.mean([v[l] for v in o.val_FL])))
-                for o in scored)
+    sel = tuple(
+        (o.recipe.name, float(np.mean([f[l] for f in o.fit_FL])), float(np.mean([v[l] for v in o.val_FL])))
+        for o in scored
+    )
     base = s.reports[l] if s.reports else LayerReport(l, "validated", s.recipe.method, objective)
-    return replace(base, layer=l, method="validated", source=f"{s.recipe.name}:{base.source}", objective=objective,
-                   fit_score=fit, val_score=val, val_tokens=val_tokens, selection=sel, refit=refit)
+    return replace(
+        base,
+        layer=l,
+        method="validated",
+        source=f"{s.recipe.name}:{base.source}",
+        objective=objective,
+        fit_score=fit,
+        val_score=val,
+        val_tokens=val_tokens,
+        selection=sel,
+        refit=refit,
+    )
 
 
-def select_placement(stats: RoutingStats, topology: Topology, *, recipes: tuple[Recipe, ...] | None = None,
-                     method: str = "validated", current: Placement | None = None, time_limit_s: float = 10.0,
-                     load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
-                     seed: int = 0, restarts: int | None = None, balance_cap: float | None = None,
-                     val_fraction: float = VAL_FRACTION, folds: int = MAX_FOLDS) -> SolveResult:
+def select_placement(
+    stats: RoutingStats,
+    topology: Topology,
+    *,
+    recipes: tuple[Recipe, ...] | None = None,
+    method: str = "validated",
+    current: Placement | None = None,
+    time_limit_s: float = 10.0,
+    load_weight: float = 1.0,
+    migration_weight: float = 0.0,
+    expert_bytes: float = 1.0,
+    seed: int = 0,
+    restarts: int | None = None,
+    balance_cap: float | None = None,
+    val_fraction: float = VAL_FRACTION,
+    folds: int = MAX_FOLDS,
+) -> SolveResult:
     """Place every layer by validation inside the window (module docstring) within ``time_limit_s``.
     ``recipes``: the candidates (default: :func:`default_recipes` of ``method``). Returns a
     :class:`SolveResult` whose layer reports carry the fit / validation scores of every candidate."""
     t0 = time.monotonic()
     recipes = recipes or default_recipes(method, load_weight)
-    c = _Ctx(topology, current, load_weight, migration_weight, expert_bytes, int(seed),
-             DEFAULT_RESTARTS if restarts is None else int(restarts), balance_cap)
+    c = _Ctx(
+        topology,
+        current,
+        load_weight,
+        migration_weight,
+        expert_bytes,
+        int(seed),
+        DEFAULT_RESTARTS if restarts is None else int(restarts),
+        balance_cap,
+    )
     if time_limit_s / max(stats.num_layers, 1) < FOLDS_MIN_S:
         folds = 1
     split = time_folds(stats, val_fraction, folds)
     if not split:  # too small to validate: the first recipe on the whole window, in sample
         p, reps = run_recipe(recipes[0], stats, c, time_limit_s)
         obj_L = c.score_L(stats, p)
-        reports = tuple(replace(reps[l] if reps else LayerReport(l, "validated", recipes[0].method, obj_L[l]),
-                                method="validated", fit_score=float(obj_L[l])) for l in range(stats.num_layers))
+        reports = tuple(
+            replace(
+                reps[l] if reps else LayerReport(l, "validated", recipes[0].method, obj_L[l]),
+                method="validated",
+                fit_score=float(obj_L[l]),
+            )
+            for l in range(stats.num_layers)
+        )
         return _result(stats, p, c, reports, "in-sample (window too small to validate)", time.monotonic() - t0)
     scored = _candidates(stats, split, recipes, c, t0 + CANDIDATE_SHARE * time_limit_s)
     last_val = stats.take_rows(split[-1].val_rows)
     chosen = {l: _choose(l, scored, last_val, c) for l in range(stats.num_layers)}
-    refits = _refit(stats, split, chosen, c, t0 + (CANDIDATE_SHARE + REFIT_CHECK_SHARE) * time_limit_s,
-                    t0 + time_limit_s)
+    refits = _refit(
+        stats, split, chosen, c, t0 + (CANDIDATE_SHARE + REFIT_CHECK_SHARE) * time_limit_s, t0 + time_limit_s
+    )
     rows = np.stack([refits.get(l, chosen[l].last.phy2log_LS[l]) for l in range(stats.num_layers)])
     p = Placement(rows, topology.slots_per_rank, stats.num_experts)
     obj_L = c.score_L(stats, p)
     val_tokens = int(np.mean([len(f.val_rows) for f in split]))
-    reports = tuple(_report(l, chosen[l], scored, l in refits, val_tokens, float(obj_L[l]))
-                    for l in range(stats.num_layers))
+    reports = tuple(
+        _report(l, chosen[l], scored, l in refits, val_tokens, float(obj_L[l])) for l in range(stats.num_layers)
+    )
     return _result(stats, p, c, reports, "validated", time.monotonic() - t0)
 
 
-def _result(stats: RoutingStats, p: Placement, c: _Ctx, reports: tuple[LayerReport, ...], status: str,
-            elapsed: float) -> SolveResult:
-    cost = evaluate(stats, p, c.topo, current=c.current, load_weight=c.load_weight,
-                    migration_weight=c.migration_weight, expert_bytes=c.expert_bytes)
+def _result(
+    stats: RoutingStats, p: Placement, c: _Ctx, reports: tuple[LayerReport, ...], status: str, elapsed: float
+) -> SolveResult:
+    cost = evaluate(
+        stats,
+        p,
+        c.topo,
+        current=c.current,
+        load_weight=c.load_weight,
+        migration_weight=c.migration_weight,
+        expert_bytes=c.expert_bytes,
+    )
     return SolveResult(p, cost, "validated", default_solver(), status, math.nan, math.nan, math.nan, elapsed, reports)
 
 
-def validation_scores(stats: RoutingStats, placement: Placement, topology: Topology, *,
-                      load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
-                      current: Placement | None = None, val_fraction: float = VAL_FRACTION,
-                      folds: int = MAX_FOLDS) -> np.ndarray | None:
+def validation_scores(
+    stats: RoutingStats,
+    placement: Placement,
+    topology: Topology,
+    *,
+    load_weight: float = 1.0,
+    migration_weight: float = 0.0,
+    expert_bytes: float = 1.0,
+    current: Placement | None = None,
+    val_fraction: float = VAL_FRACTION,
+    folds: int = MAX_FOLDS,
+) -> np.ndarray | None:
     """A fixed placement's objective per layer [L] on the validation blocks of the same split
     (mean over folds); None when the window is too small to validate."""
     split = time_folds(stats, val_fraction, folds)
@@ -397,9 +493,18 @@ class SlotChoice:
     val_scores: tuple[tuple[str, float], ...]  # (option, validation objective summed over layers)
 
 
-def select_slots(stats: RoutingStats, num_ranks: int, *, ranks_per_node: int = 0, inter_node_cost: float = 4.0,
-                 method: str = "validated", time_limit_s: float = 10.0, load_weight: float = 1.0,
-                 seed: int = 0, **kwargs) -> SlotChoice:
+def select_slots(
+    stats: RoutingStats,
+    num_ranks: int,
+    *,
+    ranks_per_node: int = 0,
+    inter_node_cost: float = 4.0,
+    method: str = "validated",
+    time_limit_s: float = 10.0,
+    load_weight: float = 1.0,
+    seed: int = 0,
+    **kwargs,
+) -> SlotChoice:
     """When the experts do not divide over the ranks: uneven slots (no replicas) or ``ceil(E / R)``
     slots (replicas of hot experts in the extra slots). The asked method's first recipe is fitted
     on the fit part on each layout (``SLOTS_SHARE`` of the budget in all) and scored on the newest
@@ -423,8 +528,16 @@ def select_slots(stats: RoutingStats, num_ranks: int, *, ranks_per_node: int = 0
         fit, val = stats.take_rows(split[0].fit_rows), stats.take_rows(split[0].val_rows)
         first = (kwargs.get("recipes") or default_recipes(method, load_weight))[0]
         for name, t in opts.items():
-            c = _Ctx(t, None, load_weight, kwargs.get("migration_weight", 0.0), kwargs.get("expert_bytes", 1.0),
-                     int(seed), DEFAULT_RESTARTS, kwargs.get("balance_cap"))
+            c = _Ctx(
+                t,
+                None,
+                load_weight,
+                kwargs.get("migration_weight", 0.0),
+                kwargs.get("expert_bytes", 1.0),
+                int(seed),
+                DEFAULT_RESTARTS,
+                kwargs.get("balance_cap"),
+            )
             p, _ = run_recipe(first, fit, c, SLOTS_SHARE * time_limit_s / len(opts))
             scores[name] = float(c.score_L(val, p).sum())
     pick = "replicas" if scores["replicas"] < scores["uneven"] - TOL else "uneven"  # nan compares False

@@ -165,10 +165,18 @@ class SolveResult:
         return float(sum(r.val_score for r in self.layers)) if self.layers else math.nan
 
     def summary(self) -> dict:
-        return {"method": self.method, "solver": self.solver, "status": self.status,
-                "bound": self.bound, "model_objective": self.model_objective, "gap": self.gap,
-                "solve_time_s": self.solve_time_s, "fit_score": self.fit_score, "val_score": self.val_score,
-                **self.cost.to_dict()}
+        return {
+            "method": self.method,
+            "solver": self.solver,
+            "status": self.status,
+            "bound": self.bound,
+            "model_objective": self.model_objective,
+            "gap": self.gap,
+            "solve_time_s": self.solve_time_s,
+            "fit_score": self.fit_score,
+            "val_score": self.val_score,
+            **self.cost.to_dict(),
+        }
 
 
 def layer_objective(c: LayerContext, l: int, row_S: np.ndarray) -> float:
@@ -242,8 +250,17 @@ def _phase_search(c: LayerContext, l: int, best: _Best, deadline: float) -> bool
         if time.monotonic() > deadline:
             return True
         start = best.row if i == 0 else _perturb(best.row, c.topo, rng, PERTURB_SWAPS)
-        row, obj = tabu_search_layer(c.stats, l, c.topo, start, iters=TABU_ITERS, seed=int(rng.integers(2**31)),
-                                     tenure=TABU_TENURE, deadline=deadline, **c.ls_kwargs(l))
+        row, obj = tabu_search_layer(
+            c.stats,
+            l,
+            c.topo,
+            start,
+            iters=TABU_ITERS,
+            seed=int(rng.integers(2**31)),
+            tenure=TABU_TENURE,
+            deadline=deadline,
+            **c.ls_kwargs(l),
+        )
         best.offer(row, "tabu", layer_objective(c, l, row))
     return time.monotonic() > deadline
 
@@ -255,9 +272,18 @@ def _phase_refine(c: LayerContext, l: int, best: _Best, deadline: float) -> bool
     slots_R = np.array(c.topo.slots_per_rank)
     assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
     hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], np.bincount(best.row, minlength=c.stats.num_experts))
-    out = iterated_fm(hg, rank_of_vertices(best.row, srank), c.topo.send_weight_R, slots_R, c.load_weight,
-                      pairwise.layer_fetch_ER(c, l)[hg.expert_V], np.random.default_rng([c.seed, l, 1]),
-                      rounds=REFINE_ROUNDS, swaps=REFINE_SWAPS, deadline=deadline)
+    out = iterated_fm(
+        hg,
+        rank_of_vertices(best.row, srank),
+        c.topo.send_weight_R,
+        slots_R,
+        c.load_weight,
+        pairwise.layer_fetch_ER(c, l)[hg.expert_V],
+        np.random.default_rng([c.seed, l, 1]),
+        rounds=REFINE_ROUNDS,
+        swaps=REFINE_SWAPS,
+        deadline=deadline,
+    )
     best.offer(row_from_ranks(out.rank_V, hg.expert_V, slots_R), "fm")
     return out.capped
 
@@ -288,8 +314,7 @@ def exact_dp_applies(c: LayerContext) -> bool:
     """The set-partition programme (exact.py) solves the layer: per-token ids, one slot per expert
     (no replicas) and at most ``MAX_WORK`` set scores."""
     E = c.stats.num_experts
-    return (c.exact and c.topo.num_slots == E and E <= MAX_EXPERTS
-            and dp_work(E, c.topo.slots_per_rank) <= MAX_WORK)
+    return c.exact and c.topo.num_slots == E and E <= MAX_EXPERTS and dp_work(E, c.topo.slots_per_rank) <= MAX_WORK
 
 
 def _phase_exact_dp(c: LayerContext, l: int, best: _Best, deadline: float) -> bool:
@@ -327,10 +352,21 @@ def _phase_exact_mip(c: LayerContext, l: int, best: _Best, time_s: float) -> _Mi
     out = _MipOutcome(model="hypergraph", hyperedges=(min(hg.num_edges, c.max_hyperedges), hg.num_edges))
     bound, out.bound_kind = trivial_bound(hg, w_R, c.load_weight), "closed form (no time for the MIP)"
     if time_s > MIN_PHASE_S:
-        res = solve_exact(hg, w_R, slots_R, c.load_weight, fetch_VR, warm_V=rank_of_vertices(best.row, srank),
-                          time_limit_s=MIP_SOLVER_LIMIT_FRACTION * time_s, max_edges=c.max_hyperedges,
-                          mip_gap=c.mip_gap, solver=c.solver, seed=c.seed, max_nodes=MIP_MAX_NODES,
-                          cap=_load_cap(c, l, cnt_E))
+        res = solve_exact(
+            hg,
+            w_R,
+            slots_R,
+            c.load_weight,
+            fetch_VR,
+            warm_V=rank_of_vertices(best.row, srank),
+            time_limit_s=MIP_SOLVER_LIMIT_FRACTION * time_s,
+            max_edges=c.max_hyperedges,
+            mip_gap=c.mip_gap,
+            solver=c.solver,
+            seed=c.seed,
+            max_nodes=MIP_MAX_NODES,
+            cap=_load_cap(c, l, cnt_E),
+        )
         bound, out.status = res.bound, res.status
         out.bound_kind = "exact ILP bound (true objective)"
         if res.rank_V is not None:
@@ -377,10 +413,22 @@ def _phase_lns(c: LayerContext, l: int, best: _Best, deadline: float) -> tuple[i
     srank = np.repeat(np.arange(c.topo.num_ranks), c.topo.slots_per_rank)
     origin_T, w_OR, _ = origin_classes(c.stats, c.topo)
     assert c.stats.topk_ids_TLK is not None  # the exact phases run on per-token ids
-    row, info = lns_layer(c.stats.topk_ids_TLK[:, l], best.row, srank, w_OR,
-                          pairwise.layer_fetch_ER(c, l), c.load_weight, lambda r: layer_objective(c, l, r),
-                          deadline, c.solver, max_free=LNS_MAX_FREE, sub_time_s=LNS_SUB_TIME_S,
-                          seed=c.seed * 1000 + l, max_sweeps=LNS_SWEEPS, origin_T=origin_T)
+    row, info = lns_layer(
+        c.stats.topk_ids_TLK[:, l],
+        best.row,
+        srank,
+        w_OR,
+        pairwise.layer_fetch_ER(c, l),
+        c.load_weight,
+        lambda r: layer_objective(c, l, r),
+        deadline,
+        c.solver,
+        max_free=LNS_MAX_FREE,
+        sub_time_s=LNS_SUB_TIME_S,
+        seed=c.seed * 1000 + l,
+        max_sweeps=LNS_SWEEPS,
+        origin_T=origin_T,
+    )
     best.offer(row, best.source + "+lns")
     return info["subproblems"], info["proven"], info["improvements"]
 
@@ -397,9 +445,20 @@ def _solve_ilp_layer(c: LayerContext, l: int, deadline: float) -> tuple[np.ndarr
         best.mark("exact_dp")
         times.append(("exact_dp", time.monotonic() - t))
         if done:  # proven optimal: the bound is the answer
-            return best.row, LayerReport(l, "ilp", best.source, best.obj, tuple(best.stages), best.obj, best.obj,
-                                         best.obj, "exact set partition (exact.py): the optimum", "set_partition",
-                                         "optimal", tuple(times))
+            return best.row, LayerReport(
+                l,
+                "ilp",
+                best.source,
+                best.obj,
+                tuple(best.stages),
+                best.obj,
+                best.obj,
+                best.obj,
+                "exact set partition (exact.py): the optimum",
+                "set_partition",
+                "optimal",
+                tuple(times),
+            )
         capped.append("exact_dp")
     t = time.monotonic()
     if _phase_search(c, l, best, t + SEARCH_SHARE * max(deadline - t, 0.0)):
@@ -431,9 +490,24 @@ def _solve_ilp_layer(c: LayerContext, l: int, deadline: float) -> tuple[np.ndarr
     if mip.model == "hypergraph":
         mip.model_objective = best.obj
         mip.bound = min(mip.bound, best.obj)
-    report = LayerReport(l, "ilp", best.source, best.obj, tuple(best.stages), warm_obj, mip.bound,
-                         mip.model_objective, mip.bound_kind, mip.model, mip.status, tuple(times),
-                         tuple(capped), mip.hyperedges, lns, mip.hierarchical)
+    report = LayerReport(
+        l,
+        "ilp",
+        best.source,
+        best.obj,
+        tuple(best.stages),
+        warm_obj,
+        mip.bound,
+        mip.model_objective,
+        mip.bound_kind,
+        mip.model,
+        mip.status,
+        tuple(times),
+        tuple(capped),
+        mip.hyperedges,
+        lns,
+        mip.hierarchical,
+    )
     return best.row, report
 
 
@@ -452,14 +526,25 @@ def _solve_layer(c: LayerContext, l: int, method: str, deadline: float) -> tuple
     return row, LayerReport(l, method, method, obj, ((method, obj),), times=((method, time.monotonic() - t),))
 
 
-def _check_args(method: str, time_limit_s: float, load_weight: float, migration_weight: float,
-                expert_bytes: float, balance_cap: float | None, restarts: int, max_hyperedges: int) -> None:
+def _check_args(
+    method: str,
+    time_limit_s: float,
+    load_weight: float,
+    migration_weight: float,
+    expert_bytes: float,
+    balance_cap: float | None,
+    restarts: int,
+    max_hyperedges: int,
+) -> None:
     if method not in METHODS:
         raise PlacementError(f"method ({method!r}) must be one of {', '.join(METHODS)}")
     if time_limit_s <= 0:
         raise PlacementError(f"time_limit_s ({time_limit_s}) must be > 0")
-    for name, v in (("load_weight", load_weight), ("migration_weight", migration_weight),
-                    ("expert_bytes", expert_bytes)):
+    for name, v in (
+        ("load_weight", load_weight),
+        ("migration_weight", migration_weight),
+        ("expert_bytes", expert_bytes),
+    ):
         if v < 0:
             raise PlacementError(f"{name} ({v}) must be >= 0")
     if balance_cap is not None and balance_cap < 1.0:
@@ -476,13 +561,25 @@ def _layer_deadline(end: float, l: int, num_layers: int) -> float:
     return now + max(end - now, 0.0) / (num_layers - l)
 
 
-def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp", *,
-                    current: Placement | None = None, time_limit_s: float = 10.0,
-                    load_weight: float = 1.0, migration_weight: float = 0.0, expert_bytes: float = 1.0,
-                    seed: int = 0, restarts: int = DEFAULT_RESTARTS,
-                    max_hyperedges: int = DEFAULT_MAX_HYPEREDGES, num_pairs: int = 400,
-                    mip_gap: float = 1e-4, solver: str | None = None, hierarchical: bool | None = None,
-                    balance_cap: float | None = None) -> SolveResult:
+def solve_placement(
+    stats: RoutingStats,
+    topology: Topology,
+    method: str = "ilp",
+    *,
+    current: Placement | None = None,
+    time_limit_s: float = 10.0,
+    load_weight: float = 1.0,
+    migration_weight: float = 0.0,
+    expert_bytes: float = 1.0,
+    seed: int = 0,
+    restarts: int = DEFAULT_RESTARTS,
+    max_hyperedges: int = DEFAULT_MAX_HYPEREDGES,
+    num_pairs: int = 400,
+    mip_gap: float = 1e-4,
+    solver: str | None = None,
+    hierarchical: bool | None = None,
+    balance_cap: float | None = None,
+) -> SolveResult:
     """Place every layer's experts with ``method`` (one of METHODS) within ``time_limit_s`` in
     total, minimising the cost model's objective (cost.py); for "ilp" the convergent local search
     and the pairwise LP bound may run past it (module docstring). ``current``: the placement in
@@ -493,17 +590,29 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
     rank, as a multiple of the mean rank load: the MIPs and the exact phase are constrained by it,
     and no row over it replaces one within it (if no phase finds one within it, the least
     imbalanced row wins). Returns a :class:`SolveResult`."""
-    _check_args(method, time_limit_s, load_weight, migration_weight, expert_bytes, balance_cap, restarts,
-                max_hyperedges)
+    _check_args(
+        method, time_limit_s, load_weight, migration_weight, expert_bytes, balance_cap, restarts, max_hyperedges
+    )
     if method == "validated":  # select.py runs this module's methods as its candidates
         from placement.select import select_placement
-        return select_placement(stats, topology, current=current, time_limit_s=time_limit_s,
-                                load_weight=load_weight, migration_weight=migration_weight,
-                                expert_bytes=expert_bytes, seed=seed, restarts=restarts, balance_cap=balance_cap)
+
+        return select_placement(
+            stats,
+            topology,
+            current=current,
+            time_limit_s=time_limit_s,
+            load_weight=load_weight,
+            migration_weight=migration_weight,
+            expert_bytes=expert_bytes,
+            seed=seed,
+            restarts=restarts,
+            balance_cap=balance_cap,
+        )
     topology.check_experts(stats.num_experts)
     L, E, R = stats.num_layers, stats.num_experts, topology.num_ranks
-    if current is not None and (current.slots_per_rank != topology.slots_per_rank or current.num_layers != L
-                                or current.num_experts != E):
+    if current is not None and (
+        current.slots_per_rank != topology.slots_per_rank or current.num_layers != L or current.num_experts != E
+    ):
         raise PlacementError(f"current {current!r} does not match the statistics / topology")
     t0 = time.monotonic()
     solver_name = "none"
@@ -512,9 +621,22 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
         p = ctor(L, E, R, topology.slots_per_rank)
         reports = [LayerReport(l, method, method, math.nan) for l in range(L)]
     else:
-        ctx = LayerContext(stats, topology, None if current is None else current.phy2log_LS, load_weight,
-                           migration_weight, expert_bytes, num_pairs, mip_gap, solver or default_solver(),
-                           hierarchical, balance_cap, int(seed), int(restarts), int(max_hyperedges))
+        ctx = LayerContext(
+            stats,
+            topology,
+            None if current is None else current.phy2log_LS,
+            load_weight,
+            migration_weight,
+            expert_bytes,
+            num_pairs,
+            mip_gap,
+            solver or default_solver(),
+            hierarchical,
+            balance_cap,
+            int(seed),
+            int(restarts),
+            int(max_hyperedges),
+        )
         rows, reports = [], []
         for l in range(L):
             row, rep = _solve_layer(ctx, l, method, _layer_deadline(t0 + time_limit_s, l, L))
@@ -523,8 +645,15 @@ def solve_placement(stats: RoutingStats, topology: Topology, method: str = "ilp"
         p = Placement(np.stack(rows), topology.slots_per_rank, E)
         solver_name = ctx.solver if method == "ilp" else "none"
     elapsed = time.monotonic() - t0
-    cost = evaluate(stats, p, topology, current=current, load_weight=load_weight,
-                    migration_weight=migration_weight, expert_bytes=expert_bytes)
+    cost = evaluate(
+        stats,
+        p,
+        topology,
+        current=current,
+        load_weight=load_weight,
+        migration_weight=migration_weight,
+        expert_bytes=expert_bytes,
+    )
     if method == "ilp":
         bound = float(sum(r.bound for r in reports))
         mobj = float(sum(r.model_objective for r in reports))

@@ -100,10 +100,17 @@ class RoutingStats:
         layer_ids = tuple(int(i) for i in self.layer_ids) or tuple(range(L))
         if len(layer_ids) != L:
             raise StatsError(f"layer_ids has {len(layer_ids)} entries for {L} layers")
-        for name, val in [("num_experts", E), ("k", k), ("load_LE", _freeze(load)),
-                          ("coact_LEE", _freeze(coact)), ("trans_LEE", _freeze(trans)),
-                          ("topk_ids_TLK", _freeze(ids)), ("layer_ids", layer_ids),
-                          ("home_T", _freeze(home)), ("step_T", _freeze(step))]:
+        for name, val in [
+            ("num_experts", E),
+            ("k", k),
+            ("load_LE", _freeze(load)),
+            ("coact_LEE", _freeze(coact)),
+            ("trans_LEE", _freeze(trans)),
+            ("topk_ids_TLK", _freeze(ids)),
+            ("layer_ids", layer_ids),
+            ("home_T", _freeze(home)),
+            ("step_T", _freeze(step)),
+        ]:
             object.__setattr__(self, name, val)
 
     @property
@@ -148,8 +155,18 @@ class RoutingStats:
             elif self.topk_ids_TLK is not None:
                 trans[j] = _pair_counts(self.topk_ids_TLK[:, a], self.topk_ids_TLK[:, b], E)
         ids = None if self.topk_ids_TLK is None else self.topk_ids_TLK[:, idx]
-        return RoutingStats(E, self.k, self.load_LE[idx], self.coact_LEE[idx], trans, ids,
-                            tuple(self.layer_ids[i] for i in idx), dict(self.meta), self.home_T, self.step_T)
+        return RoutingStats(
+            E,
+            self.k,
+            self.load_LE[idx],
+            self.coact_LEE[idx],
+            trans,
+            ids,
+            tuple(self.layer_ids[i] for i in idx),
+            dict(self.meta),
+            self.home_T,
+            self.step_T,
+        )
 
     def take_rows(self, rows: Sequence[int] | np.ndarray) -> "RoutingStats":
         """The statistics of the ``topk_ids`` rows ``rows`` alone (recounted from their ids, home
@@ -157,9 +174,10 @@ class RoutingStats:
         if self.topk_ids_TLK is None:
             raise StatsError("take_rows needs per-token topk_ids; these statistics hold aggregates only")
         idx = np.asarray(rows, dtype=np.int64)
-        pick = (lambda a: None if a is None else a[idx])  # noqa: E731
-        return from_topk_ids(self.topk_ids_TLK[idx], self.num_experts, self.layer_ids, self.meta,
-                             pick(self.home_T), pick(self.step_T))
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return from_topk_ids(
+            self.topk_ids_TLK[idx], self.num_experts, self.layer_ids, self.meta, pick(self.home_T), pick(self.step_T)
+        )
 
     def save(self, path: str | Path, extra_meta: dict | None = None) -> None:
         """Write the ``.npz`` format described in the module docstring (:func:`save_routing`)."""
@@ -180,10 +198,17 @@ def save_routing(path: str | Path, stats: RoutingStats, extra_meta: dict | None 
     extra: dict[str, Any] = {} if stats.home_T is None else {"home_rank": stats.home_T.astype(np.int16)}
     if stats.step_T is not None:
         extra["step"] = stats.step_T
-    np.savez_compressed(path, topk_ids=ids.astype(np.int16), meta=np.array(json.dumps(meta)),
-                        layers_present=np.arange(stats.num_layers),
-                        layer_ids=np.asarray(stats.layer_ids, dtype=np.int64), load_LE=stats.load_LE,
-                        coact_LEE=stats.coact_LEE, trans_LEE=stats.trans_LEE, **extra)
+    np.savez_compressed(
+        path,
+        topk_ids=ids.astype(np.int16),
+        meta=np.array(json.dumps(meta)),
+        layers_present=np.arange(stats.num_layers),
+        layer_ids=np.asarray(stats.layer_ids, dtype=np.int64),
+        load_LE=stats.load_LE,
+        coact_LEE=stats.coact_LEE,
+        trans_LEE=stats.trans_LEE,
+        **extra,
+    )
 
 
 def _as_counts(name: str, a: np.ndarray, ndim: int) -> np.ndarray:
@@ -205,8 +230,9 @@ def _check_ids(topk_ids_TLK: np.ndarray, num_experts: int) -> np.ndarray:
         raise StatsError(f"topk_ids must hold integers, got dtype {ids.dtype}")
     ids = ids.astype(np.int64)
     if ids.size and (ids.min() < -1 or ids.max() >= num_experts):
-        raise StatsError(f"topk_ids holds expert ids in [{ids.min()}, {ids.max()}], "
-                         f"expected [0, {num_experts}) or -1 for missing")
+        raise StatsError(
+            f"topk_ids holds expert ids in [{ids.min()}, {ids.max()}], expected [0, {num_experts}) or -1 for missing"
+        )
     srt = np.sort(ids, axis=2)
     dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
     if dup.any():
@@ -256,9 +282,14 @@ def _pair_counts(a_TK: np.ndarray, b_TK: np.ndarray, num_experts: int) -> np.nda
     return onehot_TE(a_TK, num_experts).T @ onehot_TE(b_TK, num_experts)
 
 
-def from_topk_ids(topk_ids_TLK: np.ndarray, num_experts: int, layer_ids: Sequence[int] = (),
-                  meta: dict | None = None, home_T: np.ndarray | None = None,
-                  step_T: np.ndarray | None = None) -> RoutingStats:
+def from_topk_ids(
+    topk_ids_TLK: np.ndarray,
+    num_experts: int,
+    layer_ids: Sequence[int] = (),
+    meta: dict | None = None,
+    home_T: np.ndarray | None = None,
+    step_T: np.ndarray | None = None,
+) -> RoutingStats:
     """Count load, co-activation and transitions from raw top-k ids [T, L, K] (-1 = missing);
     ``home_T`` / ``step_T`` [T]: optional home rank and step of each token."""
     ids = _check_ids(topk_ids_TLK, int(num_experts))
@@ -279,8 +310,9 @@ def from_topk_ids(topk_ids_TLK: np.ndarray, num_experts: int, layer_ids: Sequenc
     return RoutingStats(E, K, load, coact, trans, ids, tuple(layer_ids), dict(meta or {}), home_T, step_T)
 
 
-def from_aggregates(load_LE: np.ndarray, coact_LEE: np.ndarray, k: int,
-                    trans_LEE: np.ndarray | None = None) -> RoutingStats:
+def from_aggregates(
+    load_LE: np.ndarray, coact_LEE: np.ndarray, k: int, trans_LEE: np.ndarray | None = None
+) -> RoutingStats:
     """Statistics from aggregates only (no per-token ids: costs use the pairwise model)."""
     load = np.asarray(load_LE, dtype=np.float64)
     if load.ndim != 2:
@@ -346,8 +378,18 @@ def load_routing(path: str | Path) -> RoutingStats:
             trans = np.zeros((max(L - 1, 0), E, E))
         if "coact_LEE" not in data:
             raise StatsError(f"{str(p)!r} has load_LE but lacks coact_LEE")
-        return RoutingStats(E, k, data["load_LE"], data["coact_LEE"], trans, ids_or_none, layer_ids, meta, home,
-                            step if ids_or_none is not None else None)
+        return RoutingStats(
+            E,
+            k,
+            data["load_LE"],
+            data["coact_LEE"],
+            trans,
+            ids_or_none,
+            layer_ids,
+            meta,
+            home,
+            step if ids_or_none is not None else None,
+        )
     if layers is None:
         layers = [int(i) for i in data["layer_ids"]]
         return from_topk_ids(ids, E, layers, meta, home, step)

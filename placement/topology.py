@@ -51,8 +51,9 @@ class Topology:
             raise TopologyError(f"slots_per_rank {spr} must all be >= 1")
         nodes, rpn = _node_map(R, int(self.ranks_per_node), self.node_of_rank)
         if not 0 <= self.intra_node_cost <= self.inter_node_cost:
-            raise TopologyError(f"need 0 <= intra_node_cost ({self.intra_node_cost}) <= "
-                                f"inter_node_cost ({self.inter_node_cost})")
+            raise TopologyError(
+                f"need 0 <= intra_node_cost ({self.intra_node_cost}) <= inter_node_cost ({self.inter_node_cost})"
+            )
         origin = tuple(float(o) for o in self.origin_R) or (1.0 / R,) * R
         if len(origin) != R or min(origin) < 0 or not np.isclose(sum(origin), 1.0):
             raise TopologyError(f"origin_R must have {R} non-negative entries summing to 1, got {origin}")
@@ -63,22 +64,38 @@ class Topology:
         object.__setattr__(self, "node_of_rank", nodes)
 
     @classmethod
-    def uniform(cls, num_ranks: int, slots_per_rank: int | Sequence[int], ranks_per_node: int = 0,
-                intra_node_cost: float = 1.0, inter_node_cost: float = 4.0) -> "Topology":
-        return cls(num_ranks, slots_per_rank, ranks_per_node,  # type: ignore[arg-type]  # an int is broadcast
-                   intra_node_cost, inter_node_cost)
+    def uniform(
+        cls,
+        num_ranks: int,
+        slots_per_rank: int | Sequence[int],
+        ranks_per_node: int = 0,
+        intra_node_cost: float = 1.0,
+        inter_node_cost: float = 4.0,
+    ) -> "Topology":
+        return cls(
+            num_ranks,
+            slots_per_rank,
+            ranks_per_node,  # type: ignore[arg-type]  # an int is broadcast
+            intra_node_cost,
+            inter_node_cost,
+        )
 
     @classmethod
-    def from_nodes(cls, node_of_rank: Sequence[int], slots_per_rank: int | Sequence[int],
-                   intra_node_cost: float = 1.0, inter_node_cost: float = 4.0) -> "Topology":
+    def from_nodes(
+        cls,
+        node_of_rank: Sequence[int],
+        slots_per_rank: int | Sequence[int],
+        intra_node_cost: float = 1.0,
+        inter_node_cost: float = 4.0,
+    ) -> "Topology":
         """The topology of ranks that landed on ``node_of_rank`` (e.g. ``(0, 0, 1)``: two ranks on
         node 0, one on node 1)."""
-        return cls(len(node_of_rank), slots_per_rank, 0, intra_node_cost, inter_node_cost,
-                   node_of_rank=tuple(node_of_rank))
+        return cls(
+            len(node_of_rank), slots_per_rank, 0, intra_node_cost, inter_node_cost, node_of_rank=tuple(node_of_rank)
+        )
 
     @classmethod
-    def for_experts(cls, num_experts: int, num_ranks: int, slots_per_rank: int | None = None,
-                    **kwargs) -> "Topology":
+    def for_experts(cls, num_experts: int, num_ranks: int, slots_per_rank: int | None = None, **kwargs) -> "Topology":
         """Topology with ``slots_per_rank`` defaulting to ``ceil(E / R)``."""
         if num_ranks < 1:
             raise TopologyError(f"num_ranks ({num_ranks}) must be >= 1")
@@ -123,8 +140,10 @@ class Topology:
     def check_experts(self, num_experts: int) -> None:
         """Raise if the slots cannot hold every expert once."""
         if self.num_slots < num_experts:
-            raise TopologyError(f"{self.num_ranks} ranks x slots_per_rank {self.slots_per_rank} = "
-                                f"{self.num_slots} slots cannot hold {num_experts} experts")
+            raise TopologyError(
+                f"{self.num_ranks} ranks x slots_per_rank {self.slots_per_rank} = "
+                f"{self.num_slots} slots cannot hold {num_experts} experts"
+            )
 
     def sub(self, ranks: Sequence[int]) -> "Topology":
         """The topology restricted to ``ranks`` (one node's ranks, for the hierarchical split);
@@ -133,14 +152,26 @@ class Topology:
         origin = np.asarray(self.origin_R)[idx]
         origin = origin / origin.sum() if origin.sum() > 0 else np.full(len(idx), 1.0 / len(idx))
         _, renumbered = np.unique(self.node_R[idx], return_inverse=True)  # nodes kept, in node order
-        return Topology(len(idx), tuple(self.slots_per_rank[r] for r in idx), 0, self.intra_node_cost,
-                        self.inter_node_cost, tuple(origin), node_of_rank=tuple(int(n) for n in renumbered))
+        return Topology(
+            len(idx),
+            tuple(self.slots_per_rank[r] for r in idx),
+            0,
+            self.intra_node_cost,
+            self.inter_node_cost,
+            tuple(origin),
+            node_of_rank=tuple(int(n) for n in renumbered),
+        )
 
     def __repr__(self) -> str:
-        nodes = (f"ranks_per_node={self.ranks_per_node}" if self.ranks_per_node
-                 else f"ranks per node={self.ranks_N.tolist()}")
-        return (f"Topology(ranks={self.num_ranks}, {nodes}, slots_per_rank={self.slots_per_rank}, "
-                f"cost intra/inter={self.intra_node_cost}/{self.inter_node_cost})")
+        nodes = (
+            f"ranks_per_node={self.ranks_per_node}"
+            if self.ranks_per_node
+            else f"ranks per node={self.ranks_N.tolist()}"
+        )
+        return (
+            f"Topology(ranks={self.num_ranks}, {nodes}, slots_per_rank={self.slots_per_rank}, "
+            f"cost intra/inter={self.intra_node_cost}/{self.inter_node_cost})"
+        )
 
 
 def _node_map(R: int, ranks_per_node: int, node_of_rank: Sequence[int]) -> tuple[tuple[int, ...], int]:

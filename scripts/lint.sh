@@ -4,9 +4,8 @@
 # run it alone with `bash scripts/lint.sh` (after `bash scripts/setup.sh test`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# 1 once the tree has been formatted with `ruff format placement moetrain cluster` (set it in that
-# same commit): from then on an unformatted file fails the check.
-FORMAT_CHECK=0
+# The tree is formatted with `ruff format placement moetrain cluster`: an unformatted file fails.
+FORMAT_CHECK=1
 PKGS=(placement moetrain cluster)
 echo "lint: ruff check ${PKGS[*]}"
 .venv/bin/ruff check --no-cache "${PKGS[@]}"

@@ -77,7 +77,7 @@ def topk_share(P_DE: np.ndarray, k: int) -> np.ndarray:
     E = P.shape[-1]
     if not 1 <= k <= E:
         raise ValueError(f"k ({k}) must be in [1, E={E}]")
-    return np.sort(P, axis=-1)[..., E - k:].sum(axis=-1)
+    return np.sort(P, axis=-1)[..., E - k :].sum(axis=-1)
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
@@ -136,8 +136,9 @@ def load_imbalance(load_E: np.ndarray) -> float:
     return float(load.max() / load.mean())
 
 
-def layer_report(topk_ids_TK: np.ndarray, domain_T: np.ndarray, domains: list[str] | tuple[str, ...],
-                 num_experts: int, k: int) -> dict:
+def layer_report(
+    topk_ids_TK: np.ndarray, domain_T: np.ndarray, domains: list[str] | tuple[str, ...], num_experts: int, k: int
+) -> dict:
     """Every read-out of one layer, JSON-able.
 
     Returns ``{"P_DE": [D][E] list, "topk_share": {domain: float}, "jsd_bits": mean pairwise JSD

@@ -55,19 +55,22 @@ def ckpt_list(uri: str, store_cfg: StoreConfig | None = None) -> tuple[list[Chec
         infos = [i for i in list_checkpoints(open_root(root, None, store_cfg), run) if i.step == step]
     else:  # a root holding runs
         infos = list_checkpoints(store)
-    rows = [(i.run, i.step, "yes" if i.committed else "NO", format_bytes(i.size), i.objects,
-             i.tmp_objects, i.uri) for i in infos]
+    rows = [
+        (i.run, i.step, "yes" if i.committed else "NO", format_bytes(i.size), i.objects, i.tmp_objects, i.uri)
+        for i in infos
+    ]
     table = format_table(rows, ("run", "step", "committed", "size", "objects", "tmp", "uri"))
     return infos, table if infos else f"no checkpoints under {store.uri}"
 
 
-def ckpt_verify(uri: str, store_cfg: StoreConfig | None = None, *,
-                deep: bool = True) -> tuple[VerifyReport, str]:
+def ckpt_verify(uri: str, store_cfg: StoreConfig | None = None, *, deep: bool = True) -> tuple[VerifyReport, str]:
     """Presence, size and checksum (crc32c / sha256, as the manifest says) of every object."""
     report = verify(resolve(uri, store_cfg=store_cfg), deep=deep)
-    lines = [f"{report.uri}: {'OK' if report.ok else 'FAILED'} - {report.checked} objects, "
-             f"{format_bytes(report.bytes_checked)} checked"
-             + (f" ({', '.join(report.checksums) or 'no objects'})" if deep else " (sizes only)")]
+    lines = [
+        f"{report.uri}: {'OK' if report.ok else 'FAILED'} - {report.checked} objects, "
+        f"{format_bytes(report.bytes_checked)} checked"
+        + (f" ({', '.join(report.checksums) or 'no objects'})" if deep else " (sizes only)")
+    ]
     lines += [f"  {p}" for p in report.problems]
     return report, "\n".join(lines)
 
@@ -90,38 +93,53 @@ def inspect_manifest(ref: CheckpointRef, manifest: Manifest) -> dict[str, Any]:
         g = groups.setdefault(e.name.split("/", 1)[0], {"objects": 0, "bytes": 0})
         g["objects"] += 1
         g["bytes"] += e.size
-    return {"uri": ref.uri, "run": manifest.run, "step": manifest.step,
-            "created": manifest.created, "world_size": manifest.world_size,
-            "objects": len(manifest.entries), "total_bytes": manifest.total_bytes,
-            "object_format": manifest.object_format, "checksums": list(manifest.checksums),
-            "groups": groups,
-            "meta": {k: _summary(v) for k, v in manifest.meta.items()}}
+    return {
+        "uri": ref.uri,
+        "run": manifest.run,
+        "step": manifest.step,
+        "created": manifest.created,
+        "world_size": manifest.world_size,
+        "objects": len(manifest.entries),
+        "total_bytes": manifest.total_bytes,
+        "object_format": manifest.object_format,
+        "checksums": list(manifest.checksums),
+        "groups": groups,
+        "meta": {k: _summary(v) for k, v in manifest.meta.items()},
+    }
 
 
 def ckpt_inspect(uri: str, store_cfg: StoreConfig | None = None) -> tuple[dict[str, Any], str]:
     """The manifest of one checkpoint, summarised."""
     ref = resolve(uri, store_cfg=store_cfg)
     info = inspect_manifest(ref, read_manifest(ref))
-    rows = [("checkpoint", info["uri"]), ("created", info["created"]),
-            ("world size", info["world_size"]), ("format", info["object_format"]),
-            ("checksum", ", ".join(info["checksums"]) or "-"),
-            ("objects", f"{info['objects']} ({format_bytes(info['total_bytes'])})")]
-    rows += [(f"  {g}/", f"{v['objects']} objects, {format_bytes(v['bytes'])}")
-             for g, v in sorted(info["groups"].items())]
+    rows = [
+        ("checkpoint", info["uri"]),
+        ("created", info["created"]),
+        ("world size", info["world_size"]),
+        ("format", info["object_format"]),
+        ("checksum", ", ".join(info["checksums"]) or "-"),
+        ("objects", f"{info['objects']} ({format_bytes(info['total_bytes'])})"),
+    ]
+    rows += [
+        (f"  {g}/", f"{v['objects']} objects, {format_bytes(v['bytes'])}") for g, v in sorted(info["groups"].items())
+    ]
     rows += [("meta", "")] + [(f"  {k}", v) for k, v in info["meta"].items()]
     return info, format_table(rows, ("field", "value"))
 
 
-def ckpt_clean(uri: str, store_cfg: StoreConfig | None = None, *,
-               keep: int | None = None) -> tuple[CleanReport, str]:
+def ckpt_clean(uri: str, store_cfg: StoreConfig | None = None, *, keep: int | None = None) -> tuple[CleanReport, str]:
     """Remove uncommitted leftovers (and, with ``keep``, old commits) of a run directory."""
     root, run, step = split_uri(_absolute(uri))
     if step is not None:
         raise InvalidNameError(f"clean takes a run directory, not one checkpoint: {uri}")
     report = clean(open_root(root, None, store_cfg), run, keep)
-    rows = [("kept", list(report.kept)), ("deleted", list(report.deleted)),
-            ("uncommitted removed", list(report.garbage)), ("temporary objects removed",
-            len(report.tmp_deleted)), ("multipart uploads aborted", len(report.aborted_uploads))]
+    rows = [
+        ("kept", list(report.kept)),
+        ("deleted", list(report.deleted)),
+        ("uncommitted removed", list(report.garbage)),
+        ("temporary objects removed", len(report.tmp_deleted)),
+        ("multipart uploads aborted", len(report.aborted_uploads)),
+    ]
     rows += [("note", n) for n in report.notes]
     return report, format_table(rows, ("clean", run))
 
@@ -135,9 +153,16 @@ def ckpt_unlock(uri: str, store_cfg: StoreConfig | None = None) -> tuple[LeaseRe
     rec = unlock(store, run)
     if rec is None:
         return None, f"{store.uri_of(run)}: no lease (nothing to unlock)"
-    return rec, (f"{store.uri_of(run)}: removed the lease of host {rec.host} pid {rec.pid} "
-                 f"(last heartbeat {time.time() - rec.heartbeat:.0f} s ago)")
+    return rec, (
+        f"{store.uri_of(run)}: removed the lease of host {rec.host} pid {rec.pid} "
+        f"(last heartbeat {time.time() - rec.heartbeat:.0f} s ago)"
+    )
 
 
-COMMANDS = {"list": ckpt_list, "verify": ckpt_verify, "inspect": ckpt_inspect, "clean": ckpt_clean,
-            "unlock": ckpt_unlock}
+COMMANDS = {
+    "list": ckpt_list,
+    "verify": ckpt_verify,
+    "inspect": ckpt_inspect,
+    "clean": ckpt_clean,
+    "unlock": ckpt_unlock,
+}

@@ -47,8 +47,11 @@ def _align(n: int) -> int:
 def _tensor_meta(t: torch.Tensor, where: str) -> dict[str, Any]:
     if t.layout != torch.strided or t.is_quantized:
         raise SerializationError(f"{where}: only dense tensors can be stored, got layout {t.layout}")
-    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-            "nbytes": t.numel() * t.element_size()}
+    return {
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "shape": list(t.shape),
+        "nbytes": t.numel() * t.element_size(),
+    }
 
 
 def _encode(value: Any, where: str, tensors: list) -> Any:
@@ -68,8 +71,12 @@ def _encode(value: Any, where: str, tensors: list) -> Any:
     if isinstance(value, np.generic):
         return {"__npscalar__": [value.dtype.str, value.item()]}
     if isinstance(value, dict):
-        return {"__dict__": [[_encode(k, f"{where} key {k!r}", tensors),
-                              _encode(v, f"{where}[{k!r}]", tensors)] for k, v in value.items()]}
+        return {
+            "__dict__": [
+                [_encode(k, f"{where} key {k!r}", tensors), _encode(v, f"{where}[{k!r}]", tensors)]
+                for k, v in value.items()
+            ]
+        }
     if isinstance(value, list):
         return [_encode(v, f"{where}[{i}]", tensors) for i, v in enumerate(value)]
     if isinstance(value, tuple):
@@ -80,7 +87,8 @@ def _encode(value: Any, where: str, tensors: list) -> Any:
         return {"__dtype__": str(value).removeprefix("torch.")}
     raise SerializationError(
         f"{where}: values of type {type(value).__module__}.{type(value).__qualname__} cannot be "
-        "stored (use tensors, numpy arrays, numbers, strings, bytes, lists, tuples, dicts)")
+        "stored (use tensors, numpy arrays, numbers, strings, bytes, lists, tuples, dicts)"
+    )
 
 
 def encode_header(state: Any, where: str = "state") -> tuple[bytes, list[torch.Tensor]]:
@@ -95,8 +103,7 @@ def encode_header(state: Any, where: str = "state") -> tuple[bytes, list[torch.T
     for _, meta in found:
         metas.append({**meta, "offset": offset})
         offset = _align(offset + meta["nbytes"])
-    body = json.dumps({"tree": tree, "tensors": metas, "data_bytes": offset},
-                      separators=(",", ":")).encode("utf-8")
+    body = json.dumps({"tree": tree, "tensors": metas, "data_bytes": offset}, separators=(",", ":")).encode("utf-8")
     padded = _align(_PREFIX + len(body)) - _PREFIX
     header = MAGIC + struct.pack("<Q", padded) + body + b" " * (padded - len(body))
     return header, [t for t, _ in found]
@@ -133,7 +140,7 @@ def _decode(node: Any, views: list) -> Any:
         return [_decode(v, views) for v in node]
     if not isinstance(node, dict):
         return node
-    (tag, payload), = node.items()
+    ((tag, payload),) = node.items()
     if tag == "__tensor__":
         return views[payload]
     if tag == "__ndarray__":
@@ -157,12 +164,12 @@ def read_state(buf: np.ndarray, where: str = "object") -> Any:
     Tensors are views into ``buf`` (writable; no copy). Raises :class:`CorruptObjectError`
     naming ``where`` if the bytes are not a well-formed object."""
     try:
-        if buf.nbytes < _PREFIX or bytes(buf[:len(MAGIC)]) != MAGIC:
+        if buf.nbytes < _PREFIX or bytes(buf[: len(MAGIC)]) != MAGIC:
             raise ValueError("bad magic (not a moetrain checkpoint object, or another version)")
-        (hlen,) = struct.unpack("<Q", bytes(buf[len(MAGIC):_PREFIX]))
+        (hlen,) = struct.unpack("<Q", bytes(buf[len(MAGIC) : _PREFIX]))
         if _PREFIX + hlen > buf.nbytes:
             raise ValueError(f"header length {hlen} exceeds the object size {buf.nbytes}")
-        header = json.loads(bytes(buf[_PREFIX:_PREFIX + hlen]))
+        header = json.loads(bytes(buf[_PREFIX : _PREFIX + hlen]))
         start = _PREFIX + hlen
         if start + header["data_bytes"] != buf.nbytes:
             raise ValueError(f"size {buf.nbytes} != header {start} + data {header['data_bytes']}")
@@ -172,7 +179,7 @@ def read_state(buf: np.ndarray, where: str = "object") -> Any:
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {meta['dtype']!r}")
             lo = start + meta["offset"]
-            raw = torch.from_numpy(buf[lo:lo + meta["nbytes"]])
+            raw = torch.from_numpy(buf[lo : lo + meta["nbytes"]])
             views.append(raw.view(dtype).reshape(meta["shape"]))
         return _decode(header["tree"], views)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError, struct.error) as exc:

@@ -43,12 +43,17 @@ def check_step(step: int) -> int:
 def check_name(name: str) -> str:
     """Validate an object name (raises :class:`InvalidNameError` naming it)."""
     segments = name.split("/") if isinstance(name, str) else [None]
-    bad = (not name or any(s is None or not _SEGMENT.match(s) or s in (".", "..") for s in segments)
-           or name == MANIFEST or TMP_MARK in name)
+    bad = (
+        not name
+        or any(s is None or not _SEGMENT.match(s) or s in (".", "..") for s in segments)
+        or name == MANIFEST
+        or TMP_MARK in name
+    )
     if bad:
         raise InvalidNameError(
             f"object name {name!r} must be '/'-separated segments of [A-Za-z0-9._=-], not "
-            f"{MANIFEST!r} and without {TMP_MARK!r}")
+            f"{MANIFEST!r} and without {TMP_MARK!r}"
+        )
     return name
 
 
@@ -105,8 +110,7 @@ class ObjectEntry:
 
     def __post_init__(self) -> None:
         if self.checksum not in ALGORITHMS:
-            raise CheckpointError(f"object {self.name!r}: checksum {self.checksum!r} is not one of "
-                                  f"{ALGORITHMS}")
+            raise CheckpointError(f"object {self.name!r}: checksum {self.checksum!r} is not one of {ALGORITHMS}")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "size": self.size, self.checksum: self.digest}
@@ -119,7 +123,11 @@ class ObjectEntry:
             algos = [a for a in ALGORITHMS if a in data]
             if len(algos) != 1:
                 raise ValueError(f"needs exactly one checksum key of {ALGORITHMS}, has {algos}")
-            return cls(name=check_name(str(data["name"])), size=int(data["size"]),
-                       checksum=algos[0], digest=str(data[algos[0]]))
+            return cls(
+                name=check_name(str(data["name"])),
+                size=int(data["size"]),
+                checksum=algos[0],
+                digest=str(data[algos[0]]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"bad checkpoint entry {data!r}: {exc}") from exc

@@ -80,11 +80,18 @@ class LeaseRecord:
     def from_bytes(cls, data: bytes, where: str) -> "LeaseRecord":
         try:
             d = json.loads(data)
-            return cls(holder=str(d["holder"]), host=str(d["host"]), pid=int(d["pid"]),
-                       acquired=float(d["acquired"]), heartbeat=float(d["heartbeat"]), ttl_s=float(d["ttl_s"]))
+            return cls(
+                holder=str(d["holder"]),
+                host=str(d["host"]),
+                pid=int(d["pid"]),
+                acquired=float(d["acquired"]),
+                heartbeat=float(d["heartbeat"]),
+                ttl_s=float(d["ttl_s"]),
+            )
         except (ValueError, KeyError, TypeError) as exc:
-            raise CorruptObjectError(f"lease {where} is unreadable ({exc}): remove it with "
-                                     "`moetrain ckpt unlock`") from None
+            raise CorruptObjectError(
+                f"lease {where} is unreadable ({exc}): remove it with `moetrain ckpt unlock`"
+            ) from None
 
     def expires_in(self, now: float) -> float:
         """Seconds until it expires (<= 0: expired)."""
@@ -135,7 +142,8 @@ class Lease:
             f"last heartbeat {max(0.0, now - rec.heartbeat):.0f} s ago): two writers of one run name would mix "
             f"their checkpoints. Choose another cluster.run_name, or wait: its lease expires "
             f"{max(0.0, rec.expires_in(now)):.0f} s from now ({rec.ttl_s:g} s after its last heartbeat) if that run is "
-            f"dead; to take it at once, `moetrain ckpt unlock {self.store.uri_of(self.run)}`")
+            f"dead; to take it at once, `moetrain ckpt unlock {self.store.uri_of(self.run)}`"
+        )
 
     # ---- taking --------------------------------------------------------------------------
     def acquire(self) -> "Lease":
@@ -144,8 +152,13 @@ class Lease:
         if current is not None and current.holder != self.holder and current.expires_in(time.time()) > 0:
             raise self._refusal(current)
         if current is not None:
-            log.warning("taking over the expired lease of run %s (host %s, pid %d, last heartbeat %.0f s ago)",
-                        self.run, current.host, current.pid, time.time() - current.heartbeat)
+            log.warning(
+                "taking over the expired lease of run %s (host %s, pid %d, last heartbeat %.0f s ago)",
+                self.run,
+                current.host,
+                current.pid,
+                time.time() - current.heartbeat,
+            )
         if self.store.kind == "local":
             self._acquire_local(current)
         else:
@@ -194,9 +207,14 @@ class Lease:
         time.sleep(self.settle_s)
         now = self.read()
         if now is None or now.holder != self.holder:
-            raise self._refusal(now) if now is not None else LeaseHeldError(
-                f"the lease of run {self.run!r} under {self.store.uri} vanished while it was taken: another writer "
-                "is starting; try again")
+            raise (
+                self._refusal(now)
+                if now is not None
+                else LeaseHeldError(
+                    f"the lease of run {self.run!r} under {self.store.uri} vanished while it was taken: another writer "
+                    "is starting; try again"
+                )
+            )
 
     # ---- holding -------------------------------------------------------------------------
     def verify(self) -> None:
@@ -208,8 +226,10 @@ class Lease:
         rec = self.read()
         if rec is None or rec.holder != self.holder:
             who = "removed" if rec is None else f"taken by host {rec.host} pid {rec.pid}"
-            self.lost = (f"the lease of run {self.run!r} under {self.store.uri} was {who}: this run may no "
-                         "longer commit checkpoints there")
+            self.lost = (
+                f"the lease of run {self.run!r} under {self.store.uri} was {who}: this run may no "
+                "longer commit checkpoints there"
+            )
             raise LeaseLostError(self.lost)
 
     def heartbeat(self) -> None:
@@ -252,8 +272,12 @@ class Lease:
                 if rec is not None and rec.holder == self.holder:
                     self.store.delete(self.key)
         except CheckpointError as exc:
-            log.warning("could not release the lease of run %s (it expires by itself in %g s): %s", self.run,
-                        self.ttl_s, str(exc).splitlines()[0])
+            log.warning(
+                "could not release the lease of run %s (it expires by itself in %g s): %s",
+                self.run,
+                self.ttl_s,
+                str(exc).splitlines()[0],
+            )
 
 
 def unlock(store: Store, run: str) -> LeaseRecord | None:

@@ -85,25 +85,41 @@ class Manifest:
         raise ObjectNotFoundError(f"object {name!r} is not in the manifest of {self.run}/step-{self.step}")
 
     def to_json(self) -> str:
-        return json.dumps({
-            "format": FORMAT, "version": VERSION, "object_format": self.object_format,
-            "run": self.run, "step": self.step, "created": self.created,
-            "world_size": self.world_size, "total_bytes": self.total_bytes,
-            "entries": [e.to_dict() for e in self.entries], "meta": self.meta,
-        }, indent=1, allow_nan=False)
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "object_format": self.object_format,
+                "run": self.run,
+                "step": self.step,
+                "created": self.created,
+                "world_size": self.world_size,
+                "total_bytes": self.total_bytes,
+                "entries": [e.to_dict() for e in self.entries],
+                "meta": self.meta,
+            },
+            indent=1,
+            allow_nan=False,
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> "Manifest":
         try:
             data = json.loads(text)
             if data.get("format") != FORMAT or data.get("version") not in READ_VERSIONS:
-                raise ValueError(f"format {data.get('format')!r} v{data.get('version')!r} "
-                                 f"is not {FORMAT!r} v{'/v'.join(map(str, READ_VERSIONS))}")
-            return cls(run=str(data["run"]), step=int(data["step"]),
-                       world_size=int(data["world_size"]),
-                       entries=tuple(ObjectEntry.from_dict(e) for e in data["entries"]),
-                       meta=dict(data.get("meta") or {}), created=str(data.get("created", "")),
-                       object_format=str(data.get("object_format", OBJECT_FORMAT)))
+                raise ValueError(
+                    f"format {data.get('format')!r} v{data.get('version')!r} "
+                    f"is not {FORMAT!r} v{'/v'.join(map(str, READ_VERSIONS))}"
+                )
+            return cls(
+                run=str(data["run"]),
+                step=int(data["step"]),
+                world_size=int(data["world_size"]),
+                entries=tuple(ObjectEntry.from_dict(e) for e in data["entries"]),
+                meta=dict(data.get("meta") or {}),
+                created=str(data.get("created", "")),
+                object_format=str(data.get("object_format", OBJECT_FORMAT)),
+            )
         except (ValueError, KeyError, TypeError, AttributeError, CheckpointError) as exc:
             raise CorruptObjectError(f"manifest {where} is unreadable: {exc}") from exc
 
@@ -131,7 +147,8 @@ def _merge(step: int, per_rank: Sequence[Any]) -> tuple[ObjectEntry, ...]:
                 raise CheckpointError(
                     f"step {step}: object {entry.name!r} was written twice with different bytes "
                     f"(size {seen.size} {seen.checksum} {seen.digest[:12]} vs size {entry.size} "
-                    f"{entry.checksum} {entry.digest[:12]}): only one rank may own it")
+                    f"{entry.checksum} {entry.digest[:12]}): only one rank may own it"
+                )
     return tuple(sorted(merged.values(), key=lambda e: e.name))
 
 
@@ -146,8 +163,15 @@ def _check_present(store: Store, prefix: str, entries: Sequence[ObjectEntry]) ->
         raise CorruptObjectError(f"cannot commit {store.uri_of(prefix)}: size differs for {wrong}")
 
 
-def commit(store: Store, run: str, step: int, per_rank: Sequence[SaveResult | Sequence[Any]],
-           meta: dict[str, Any] | None = None, *, lease: "Lease | None" = None) -> Manifest:
+def commit(
+    store: Store,
+    run: str,
+    step: int,
+    per_rank: Sequence[SaveResult | Sequence[Any]],
+    meta: dict[str, Any] | None = None,
+    *,
+    lease: "Lease | None" = None,
+) -> Manifest:
     """Commit checkpoint ``step`` of ``run``: write ``manifest.json`` then ``latest``.
 
     ``per_rank``: one item per rank, a :class:`SaveResult` or a list of ``ObjectEntry`` /
@@ -165,9 +189,14 @@ def commit(store: Store, run: str, step: int, per_rank: Sequence[SaveResult | Se
     if lease is not None:
         lease.verify()
     store.sync_dirs(prefix)  # local stores: the objects' names are on disk before the commit
-    manifest = Manifest(run=run, step=step, world_size=len(per_rank), entries=entries,
-                        meta=dict(meta or {}),
-                        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    manifest = Manifest(
+        run=run,
+        step=step,
+        world_size=len(per_rank),
+        entries=entries,
+        meta=dict(meta or {}),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     try:
         text = manifest.to_json()
     except (TypeError, ValueError) as exc:
@@ -186,7 +215,8 @@ def _check_not_backwards(store: Store, run: str, step: int) -> None:
     if current is not None and current > step and store.exists(f"{step_prefix(run, current)}/{MANIFEST}"):
         raise CheckpointError(
             f"cannot commit {store.uri_of(step_prefix(run, step))}: {store.uri_of(latest_key(run))} already names "
-            f"the committed step {current} (latest never moves backwards; is another run writing {run!r}?)")
+            f"the committed step {current} (latest never moves backwards; is another run writing {run!r}?)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -69,8 +69,14 @@ def _newest(store: Store, run: str) -> int:
     return max(committed)
 
 
-def resolve(uri_or_latest: str, cfg: CheckpointConfig | None = None, *, run: str | None = None,
-            store: Store | None = None, store_cfg: StoreConfig | None = None) -> CheckpointRef:
+def resolve(
+    uri_or_latest: str,
+    cfg: CheckpointConfig | None = None,
+    *,
+    run: str | None = None,
+    store: Store | None = None,
+    store_cfg: StoreConfig | None = None,
+) -> CheckpointRef:
     """A :class:`CheckpointRef` for ``uri_or_latest``.
 
     ``"latest"``: the newest commit of ``run`` under ``cfg.uri`` (or ``store``). A run URI or
@@ -116,14 +122,14 @@ class VerifyReport:
         return not self.problems
 
 
-def _map(fn: Callable[[ObjectEntry], T], entries: Iterable[ObjectEntry],
-         workers: int) -> list[tuple[ObjectEntry, T | None, BaseException | None]]:
+def _map(
+    fn: Callable[[ObjectEntry], T], entries: Iterable[ObjectEntry], workers: int
+) -> list[tuple[ObjectEntry, T | None, BaseException | None]]:
     """Apply ``fn`` concurrently; (entry, result, error) in input order."""
     entries = list(entries)
     with cf.ThreadPoolExecutor(max(1, min(workers, len(entries) or 1))) as pool:
         futures = [pool.submit(fn, e) for e in entries]
-    return [(e, f.result() if f.exception() is None else None, f.exception())
-            for e, f in zip(entries, futures)]
+    return [(e, f.result() if f.exception() is None else None, f.exception()) for e, f in zip(entries, futures)]
 
 
 def _read_checked(ref: CheckpointRef, entry: ObjectEntry):
@@ -196,26 +202,39 @@ def verify(ref: CheckpointRef, *, deep: bool = True, values: bool = True, max_co
             if size != e.size:
                 raise CorruptObjectError(f"{uri}: size {size} != manifest {e.size}")
             return size
+
         results = _map(check_size, manifest.entries, 1)
     missing = [e.name for e, _, err in results if isinstance(err, ObjectNotFoundError)]
     corrupt = [e.name for e, _, err in results if isinstance(err, CorruptObjectError)]
     nonfinite = [(e.name, err) for e, _, err in results if isinstance(err, NonFiniteValues)]
-    others = [err for _, _, err in results if err is not None
-              and not isinstance(err, (ObjectNotFoundError, CorruptObjectError, NonFiniteValues))]
+    others = [
+        err
+        for _, _, err in results
+        if err is not None and not isinstance(err, (ObjectNotFoundError, CorruptObjectError, NonFiniteValues))
+    ]
     if others:  # unreachable store, access denied: not a verdict on the checkpoint
         raise others[0]
-    problems = [f"missing: {n}" for n in missing] + [
-        f"corrupt: {e.name}: {err}" for e, _, err in results if isinstance(err, CorruptObjectError)] + [
-        f"non-finite: {n}: {err}" for n, err in nonfinite]
+    problems = (
+        [f"missing: {n}" for n in missing]
+        + [f"corrupt: {e.name}: {err}" for e, _, err in results if isinstance(err, CorruptObjectError)]
+        + [f"non-finite: {n}: {err}" for n, err in nonfinite]
+    )
     ok = [(e, size or 0) for e, size, err in results if err is None]
-    return VerifyReport(uri=ref.uri, step=ref.step, checked=len(ok),
-                        bytes_checked=sum(s for _, s in ok), missing=tuple(missing),
-                        corrupt=tuple(corrupt), problems=tuple(problems),
-                        checksums=manifest.checksums)
+    return VerifyReport(
+        uri=ref.uri,
+        step=ref.step,
+        checked=len(ok),
+        bytes_checked=sum(s for _, s in ok),
+        missing=tuple(missing),
+        corrupt=tuple(corrupt),
+        problems=tuple(problems),
+        checksums=manifest.checksums,
+    )
 
 
-def load_objects(ref: CheckpointRef, names: Iterable[str], *, manifest: Manifest | None = None,
-                 max_concurrency: int = 4) -> dict[str, Any]:
+def load_objects(
+    ref: CheckpointRef, names: Iterable[str], *, manifest: Manifest | None = None, max_concurrency: int = 4
+) -> dict[str, Any]:
     """Read, checksum and decode the objects ``names`` of ``ref`` -> {name: state dict}.
 
     Tensors come back on CPU as views of one buffer per object. Every unknown, missing or
@@ -226,13 +245,17 @@ def load_objects(ref: CheckpointRef, names: Iterable[str], *, manifest: Manifest
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ObjectNotFoundError(f"{ref.uri}: objects not in the manifest: {unknown}")
-    results = _map(lambda e: read_state(_read_checked(ref, e), ref.store.uri_of(ref.key(e.name))),
-                   [by_name[n] for n in names], max_concurrency)
+    results = _map(
+        lambda e: read_state(_read_checked(ref, e), ref.store.uri_of(ref.key(e.name))),
+        [by_name[n] for n in names],
+        max_concurrency,
+    )
     failures = [(e.name, err) for e, _, err in results if err is not None]
     if failures:
         first = failures[0][1]
         text = f"{ref.uri}: {len(failures)} object(s) failed to load: " + "; ".join(
-            f"{n}: {err}" for n, err in failures)
+            f"{n}: {err}" for n, err in failures
+        )
         cls = type(first) if isinstance(first, CheckpointError) else CheckpointError
         raise cls(text) from first
     return {e.name: state for e, state, _ in results}

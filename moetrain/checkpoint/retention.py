@@ -69,14 +69,23 @@ def list_checkpoints(store: Store, run: str | None = None) -> list[CheckpointInf
     for (r, step), files in sorted(groups.items()):
         tmp = [n for n, _ in files if TMP_MARK in n]
         objs = [(n, s) for n, s in files if TMP_MARK not in n and n != MANIFEST]
-        out.append(CheckpointInfo(run=r, step=step, committed=any(n == MANIFEST for n, _ in files),
-                                  size=sum(s for _, s in objs), objects=len(objs),
-                                  tmp_objects=len(tmp), uri=store.uri_of(step_prefix(r, step))))
+        out.append(
+            CheckpointInfo(
+                run=r,
+                step=step,
+                committed=any(n == MANIFEST for n, _ in files),
+                size=sum(s for _, s in objs),
+                objects=len(objs),
+                tmp_objects=len(tmp),
+                uri=store.uri_of(step_prefix(r, step)),
+            )
+        )
     return out
 
 
-def plan_retention(infos: list[CheckpointInfo], keep: int | None,
-                   latest: int | None) -> tuple[list[int], list[int], list[int]]:
+def plan_retention(
+    infos: list[CheckpointInfo], keep: int | None, latest: int | None
+) -> tuple[list[int], list[int], list[int]]:
     """(kept committed, committed to delete, uncommitted to delete) steps of one run.
 
     ``keep=None`` keeps every committed checkpoint. Pure: no I/O."""
@@ -118,8 +127,7 @@ def apply_retention(store: Store, run: str, keep: int | None) -> CleanReport:
                 if TMP_MARK in f.key:
                     store.delete(f.key)
                     tmp_deleted.append(f.key)
-    return CleanReport(kept=tuple(kept), deleted=tuple(drop), garbage=tuple(garbage),
-                       tmp_deleted=tuple(tmp_deleted))
+    return CleanReport(kept=tuple(kept), deleted=tuple(drop), garbage=tuple(garbage), tmp_deleted=tuple(tmp_deleted))
 
 
 def abort_stale_uploads(store: Store, run: str, older_than_s: float = 3600.0) -> tuple[list[str], str]:
@@ -132,18 +140,19 @@ def abort_stale_uploads(store: Store, run: str, older_than_s: float = 3600.0) ->
     try:
         import boto3  # optional: pyarrow has no API for multipart uploads
     except ImportError:
-        return [], ("boto3 is not installed: pending multipart uploads were not checked "
-                    "(use a bucket lifecycle rule AbortIncompleteMultipartUpload)")
+        return [], (
+            "boto3 is not installed: pending multipart uploads were not checked "
+            "(use a bucket lifecycle rule AbortIncompleteMultipartUpload)"
+        )
     bucket, _, base = store.root.partition("/")
     prefix = f"{base}/{check_run(run)}/" if base else f"{run}/"
     cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
     aborted = []
     try:
-        client = boto3.client("s3", endpoint_url=store.endpoint or None,
-                              region_name=store.s3_region or None)
+        client = boto3.client("s3", endpoint_url=store.endpoint or None, region_name=store.s3_region or None)
         for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
             for up in page.get("Uploads", []):
-                rest = up["Key"][len(prefix):].split("/", 1)
+                rest = up["Key"][len(prefix) :].split("/", 1)
                 ours = len(rest) == 2 and parse_step_dir(rest[0]) is not None
                 if ours and up["Initiated"] <= cutoff:
                     client.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
@@ -153,12 +162,16 @@ def abort_stale_uploads(store: Store, run: str, older_than_s: float = 3600.0) ->
     return aborted, ""
 
 
-def clean(store: Store, run: str, keep: int | None = None, *,
-          uploads_older_than_s: float = 3600.0) -> CleanReport:
+def clean(store: Store, run: str, keep: int | None = None, *, uploads_older_than_s: float = 3600.0) -> CleanReport:
     """Garbage-collect ``run``: uncommitted leftovers, stray temporary objects, stale multipart
     uploads, and (with ``keep``) committed checkpoints beyond the newest ``keep``."""
     report = apply_retention(store, run, keep)
     aborted, note = abort_stale_uploads(store, run, uploads_older_than_s)
-    return CleanReport(kept=report.kept, deleted=report.deleted, garbage=report.garbage,
-                       tmp_deleted=report.tmp_deleted, aborted_uploads=tuple(aborted),
-                       notes=(note,) if note else ())
+    return CleanReport(
+        kept=report.kept,
+        deleted=report.deleted,
+        garbage=report.garbage,
+        tmp_deleted=report.tmp_deleted,
+        aborted_uploads=tuple(aborted),
+        notes=(note,) if note else (),
+    )

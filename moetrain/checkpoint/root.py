@@ -9,8 +9,9 @@ from moetrain.storage import Store, open_store
 from moetrain.storage.checksum import ALGORITHMS
 
 
-def open_root(uri: str, cfg: CheckpointConfig | None = None, store_cfg: StoreConfig | None = None, *,
-              probe: bool = True, **kwargs) -> Store:
+def open_root(
+    uri: str, cfg: CheckpointConfig | None = None, store_cfg: StoreConfig | None = None, *, probe: bool = True, **kwargs
+) -> Store:
     """The checkpoint store at ``uri`` (a root, not a run or step URI): endpoints from
     ``store_cfg`` (the ``storage`` section), retries / fsync / checksum from ``cfg`` (the
     ``checkpoint`` section); ``kwargs`` go to :func:`~moetrain.storage.open_store`."""
@@ -21,5 +22,13 @@ def open_root(uri: str, cfg: CheckpointConfig | None = None, store_cfg: StoreCon
         raise InvalidNameError(f"checkpoint.max_retries ({cfg.max_retries}) must be >= 0")
     if cfg.checksum not in ALGORITHMS:
         raise InvalidNameError(f"checkpoint.checksum ({cfg.checksum!r}) must be one of {ALGORITHMS}")
-    return open_store(uri, store_cfg, max_retries=cfg.max_retries, fsync=cfg.fsync, checksum=cfg.checksum,
-                      probe=probe, what="checkpoint", **kwargs)
+    return open_store(
+        uri,
+        store_cfg,
+        max_retries=cfg.max_retries,
+        fsync=cfg.fsync,
+        checksum=cfg.checksum,
+        probe=probe,
+        what="checkpoint",
+        **kwargs,
+    )

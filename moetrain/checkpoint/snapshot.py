@@ -75,7 +75,8 @@ def _copy(value: Any, where: str, counter: list[int], versions: dict[int, int] |
         if versions is not None and value._version != versions.get(id(value), value._version):
             raise TornSnapshotError(
                 f"{where} was modified in place while its checkpoint copy was taken: call "
-                "writer.fence() (e.g. writer.install_fence(optimizer)) before changing it")
+                "writer.fence() (e.g. writer.install_fence(optimizer)) before changing it"
+            )
         counter[0] += out.numel() * out.element_size()
         return out
     if isinstance(value, np.ndarray):
@@ -107,8 +108,7 @@ def snapshot(objects: Mapping[str, Any], *, versions: dict[int, int] | None = No
         except CheckpointError:
             raise
         except Exception as exc:  # e.g. a meta tensor: there is nothing to copy
-            raise SerializationError(
-                f"snapshot of object {name!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise SerializationError(f"snapshot of object {name!r} failed: {type(exc).__name__}: {exc}") from exc
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # the pinned-buffer copies of CUDA tensors are complete
     return Snapshot(objects=copied, nbytes=counter[0], seconds=time.perf_counter() - start)

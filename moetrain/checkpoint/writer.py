@@ -138,9 +138,18 @@ class _Job:
 class AsyncCheckpointWriter:
     """Streams one rank's checkpoint objects to ``<store>/<run>/step-<N>/`` (see module doc)."""
 
-    def __init__(self, store: Store, run: str, *, rank: int = 0, async_upload: bool = True,
-                 on_error: str = "raise", max_concurrency: int = 4,
-                 snapshot_mode: str = "sync", direct_writes: bool = True) -> None:
+    def __init__(
+        self,
+        store: Store,
+        run: str,
+        *,
+        rank: int = 0,
+        async_upload: bool = True,
+        on_error: str = "raise",
+        max_concurrency: int = 4,
+        snapshot_mode: str = "sync",
+        direct_writes: bool = True,
+    ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error ({on_error!r}) must be one of {ON_ERROR}")
         if snapshot_mode not in SNAPSHOT_MODES:
@@ -157,10 +166,24 @@ class AsyncCheckpointWriter:
         self.fence_wait_s = 0.0  # total time fence() held training (overlap mode's stall)
 
     @classmethod
-    def from_config(cls, cfg: CheckpointConfig, run: str, *, rank: int = 0, on_error: str = "raise",
-                    store_cfg: StoreConfig | None = None, **kwargs: Any) -> "AsyncCheckpointWriter":
-        return cls(open_root(cfg.uri, cfg, store_cfg), run, rank=rank, async_upload=cfg.async_upload,
-                   on_error=on_error, **kwargs)
+    def from_config(
+        cls,
+        cfg: CheckpointConfig,
+        run: str,
+        *,
+        rank: int = 0,
+        on_error: str = "raise",
+        store_cfg: StoreConfig | None = None,
+        **kwargs: Any,
+    ) -> "AsyncCheckpointWriter":
+        return cls(
+            open_root(cfg.uri, cfg, store_cfg),
+            run,
+            rank=rank,
+            async_upload=cfg.async_upload,
+            on_error=on_error,
+            **kwargs,
+        )
 
     def __repr__(self) -> str:
         return f"AsyncCheckpointWriter({self.store.uri!r}, run={self.run!r}, rank={self.rank})"
@@ -224,16 +247,19 @@ class AsyncCheckpointWriter:
         waited = time.perf_counter() - start
         self.fence_wait_s += waited
         if not done:
-            raise CheckpointError(f"checkpoint step {job.step} rank {self.rank}: snapshot copy "
-                                  f"not done after {timeout}s")
+            raise CheckpointError(
+                f"checkpoint step {job.step} rank {self.rank}: snapshot copy not done after {timeout}s"
+            )
         return waited
 
     def install_fence(self, optimizer: torch.optim.Optimizer):
         """Run :meth:`fence` before every ``optimizer.step()``; returns the hook handle.
 
         Install it before any other step pre-hook that changes saved tensors."""
+
         def hook(*_: Any) -> None:  # a step pre-hook must return None
             self.fence()
+
         return optimizer.register_step_pre_hook(hook)
 
     def wait(self, timeout: float | None = None) -> SaveResult | None:
@@ -271,7 +297,8 @@ class AsyncCheckpointWriter:
         if self.store.exists(manifest):
             raise CheckpointError(
                 f"{self.store.uri_of(step_prefix(self.run, step))} is already committed: delete it "
-                "(e.g. retention.apply_retention / `moetrain ckpt clean`) or save another step")
+                "(e.g. retention.apply_retention / `moetrain ckpt clean`) or save another step"
+            )
 
     def _write_one(self, job: _Job, name: str) -> ObjectEntry:
         state = job.take(name)
@@ -306,12 +333,16 @@ class AsyncCheckpointWriter:
                     entries.append(fut.result())
                 else:
                     failures.append((name, error))
-        base: dict[str, Any] = dict(step=job.step, rank=self.rank, snapshot_bytes=job.snapshot_bytes,
-                    snapshot_s=job.snapshot_s, upload_s=time.perf_counter() - start)
+        base: dict[str, Any] = dict(
+            step=job.step,
+            rank=self.rank,
+            snapshot_bytes=job.snapshot_bytes,
+            snapshot_s=job.snapshot_s,
+            upload_s=time.perf_counter() - start,
+        )
         if not failures:
             entries.sort(key=lambda e: e.name)
-            return SaveResult(entries=tuple(entries), bytes_written=sum(e.size for e in entries),
-                              **base), None
+            return SaveResult(entries=tuple(entries), bytes_written=sum(e.size for e in entries), **base), None
         err = _grouped_error(job.step, self.rank, failures)
         log.warning("checkpoint failed: %s", err)
         return SaveResult(error=str(err), error_type=type(err).__name__, **base), err

@@ -17,6 +17,13 @@ from moetrain.data.dataset import PackedDataset, Split, build_dataset, val_batch
 from moetrain.data.errors import DataError
 
 __all__ = [
-    "BatchCursor", "Corpus", "DataError", "PackedDataset", "Split", "build_dataset",
-    "load_corpus", "shard_global_batch", "val_batches",
+    "BatchCursor",
+    "Corpus",
+    "DataError",
+    "PackedDataset",
+    "Split",
+    "build_dataset",
+    "load_corpus",
+    "shard_global_batch",
+    "val_batches",
 ]

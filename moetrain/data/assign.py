@@ -68,8 +68,9 @@ def domain_rank_map(domains: tuple[str, ...] | list[str], shares_D, num_ranks: i
     bounds[-1] = 1.0
     lo_R = np.arange(num_ranks) / num_ranks
     hi_R = (np.arange(num_ranks) + 1) / num_ranks
-    overlap_DR = np.clip(np.minimum(bounds[1:, None], hi_R[None, :]) - np.maximum(bounds[:-1, None], lo_R[None, :]),
-                         0.0, None)
+    overlap_DR = np.clip(
+        np.minimum(bounds[1:, None], hi_R[None, :]) - np.maximum(bounds[:-1, None], lo_R[None, :]), 0.0, None
+    )
     share_DR = overlap_DR * num_ranks
     share_DR[share_DR < 1e-12] = 0.0
     return DomainRankMap(domains=tuple(domains), share_DR=share_DR, order_D=np.arange(len(shares)))
@@ -82,13 +83,14 @@ def assign_rows(domain_B: np.ndarray, num_micro: int, world_size: int, dmap: Dom
     (``perm_B[m*R*b:(m+1)*R*b]`` is a permutation of that range)."""
     B = len(domain_B)
     if B % (num_micro * world_size):
-        raise DataError(f"global batch size ({B}) must be divisible by num_micro x world_size "
-                        f"({num_micro} x {world_size})")
+        raise DataError(
+            f"global batch size ({B}) must be divisible by num_micro x world_size ({num_micro} x {world_size})"
+        )
     if dmap.num_ranks != world_size:
         raise DataError(f"the domain -> rank map is for {dmap.num_ranks} ranks, the group has {world_size}")
     key_B = dmap.order_D[np.asarray(domain_B, dtype=np.int64)]
     per_micro = B // num_micro
-    perm = [m * per_micro + np.argsort(key_B[m * per_micro:(m + 1) * per_micro], kind="stable")
-            for m in range(num_micro)]
+    perm = [
+        m * per_micro + np.argsort(key_B[m * per_micro : (m + 1) * per_micro], kind="stable") for m in range(num_micro)
+    ]
     return np.concatenate(perm).astype(np.int64)
-

@@ -43,10 +43,18 @@ log = logging.getLogger("moetrain")
 BUILTIN_DOMAINS = ("code", "english")
 # Stdlib directories left out of the `code` domain: tests (some deliberately malformed),
 # third-party packages, the IDE, demos, and pydoc_data (that text is the `english` domain).
-_STDLIB_SKIP_DIRS = frozenset({
-    "test", "tests", "site-packages", "dist-packages", "idlelib", "turtledemo", "__pycache__",
-    "pydoc_data",
-})
+_STDLIB_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "site-packages",
+        "dist-packages",
+        "idlelib",
+        "turtledemo",
+        "__pycache__",
+        "pydoc_data",
+    }
+)
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 PROGRESS_AFTER_S = 2.0  # a domain slower than this to read is reported in the log
 _UTF8_TAIL = 3  # bytes beyond a cut that may finish the UTF-8 character it splits
@@ -86,8 +94,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         sources = {"code": stdlib_code_docs(), "english": pydoc_topic_docs()}
     elif cfg.source == "paths":
         entries = parse_path_entries(cfg.paths)
-        sources = {name: read_path_docs(path, cfg.text_field, cfg.max_bytes_per_domain)
-                   for name, path in entries}
+        sources = {name: read_path_docs(path, cfg.text_field, cfg.max_bytes_per_domain) for name, path in entries}
     else:
         raise DataError(f"data.source ({cfg.source!r}) must be 'builtin' or 'paths'")
     domains, docs = [], []
@@ -98,8 +105,13 @@ def load_corpus(cfg: DataConfig) -> Corpus:
             raise DataError(f"domain {name!r} has no text (every document is empty)")
         seconds = time.perf_counter() - t0
         if seconds > PROGRESS_AFTER_S:
-            log.info("data: read domain %r: %.1f MB (cap %.1f MB) in %.1f s", name,
-                     sum(len(d.encode("utf-8")) for d in capped) / 1e6, cfg.max_bytes_per_domain / 1e6, seconds)
+            log.info(
+                "data: read domain %r: %.1f MB (cap %.1f MB) in %.1f s",
+                name,
+                sum(len(d.encode("utf-8")) for d in capped) / 1e6,
+                cfg.max_bytes_per_domain / 1e6,
+                seconds,
+            )
         domains.append(name)
         docs.append(tuple(capped))
     return Corpus(domains=tuple(domains), docs=tuple(docs))
@@ -135,8 +147,7 @@ def stdlib_code_docs(root: str | None = None) -> Iterator[str]:
     """The stdlib's ``*.py`` sources in a sorted, deterministic walk (undecodable files skipped)."""
     root = root or sysconfig.get_paths()["stdlib"]
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS
-                             and not d.startswith((".", "config-")))
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith((".", "config-")))
         for fname in sorted(filenames):
             if not fname.endswith(".py"):
                 continue
@@ -170,8 +181,9 @@ def parse_path_entries(entries: list[str]) -> list[tuple[str, Path]]:
         if not sep or not name or not path:
             raise DataError(f"data.paths entry {entry!r} must look like 'domain=PATH'")
         if not _DOMAIN_NAME_RE.match(name):
-            raise DataError(f"data.paths entry {entry!r}: domain name {name!r} may only use "
-                            "letters, digits, '_', '.', '-'")
+            raise DataError(
+                f"data.paths entry {entry!r}: domain name {name!r} may only use letters, digits, '_', '.', '-'"
+            )
         if any(name == seen for seen, _ in out):
             raise DataError(f"data.paths names domain {name!r} more than once")
         out.append((name, Path(path).expanduser()))
@@ -186,8 +198,11 @@ def read_path_docs(path: Path, text_field: str, max_bytes: int | None = None) ->
     if not path.exists():
         raise DataError(f"data path {str(path)!r} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise DataError(f"data path {str(path)!r} is an empty directory")
         return _text_files_docs(files, max_bytes)
@@ -225,9 +240,8 @@ def _read_text_file(path: Path, limit: int | None = None) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         if cut and exc.start >= len(raw) - _UTF8_TAIL and exc.reason == "unexpected end of data":
-            return raw[:exc.start].decode("utf-8")
-        raise DataError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte "
-                        f"{exc.start})") from None
+            return raw[: exc.start].decode("utf-8")
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
@@ -240,14 +254,14 @@ def _jsonl_docs(path: Path, text_field: str) -> Iterator[str]:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise DataError(f"{str(path)!r} line {lineno}: not valid JSON ({exc})") from None
             if not isinstance(record, dict) or text_field not in record:
-                raise DataError(f"{str(path)!r} line {lineno}: no field {text_field!r} "
-                                "(data.text_field)")
+                raise DataError(f"{str(path)!r} line {lineno}: no field {text_field!r} (data.text_field)")
             text = record[text_field]
             if text is None:
                 continue
             if not isinstance(text, str):
-                raise DataError(f"{str(path)!r} line {lineno}: field {text_field!r} is "
-                                f"{type(text).__name__}, expected a string")
+                raise DataError(
+                    f"{str(path)!r} line {lineno}: field {text_field!r} is {type(text).__name__}, expected a string"
+                )
             yield text
 
 
@@ -261,8 +275,7 @@ def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
         raise DataError(f"{str(path)!r} is not a readable Parquet file: {exc}") from None
     schema = pfile.schema_arrow
     if text_field not in schema.names:
-        raise DataError(f"{str(path)!r} has no column {text_field!r} (data.text_field); "
-                        f"columns: {schema.names}")
+        raise DataError(f"{str(path)!r} has no column {text_field!r} (data.text_field); columns: {schema.names}")
     ftype = schema.field(text_field).type
     if not (pa.types.is_string(ftype) or pa.types.is_large_string(ftype)):
         raise DataError(f"{str(path)!r} column {text_field!r} has type {ftype}, expected string")

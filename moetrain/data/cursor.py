@@ -31,8 +31,10 @@ class BatchCursor:
         if global_batch_size < 1:
             raise DataError(f"global_batch_size ({global_batch_size}) must be >= 1")
         if num_rows < global_batch_size:
-            raise DataError(f"num_rows ({num_rows}) must be >= global_batch_size ({global_batch_size}): "
-                            "the training split is too small for one batch")
+            raise DataError(
+                f"num_rows ({num_rows}) must be >= global_batch_size ({global_batch_size}): "
+                "the training split is too small for one batch"
+            )
         if seed < 0:
             raise DataError(f"cursor seed ({seed}) must be >= 0")
         self.num_rows = num_rows
@@ -50,15 +52,20 @@ class BatchCursor:
         """Row indices of the next global batch: int64 [global_batch_size]."""
         if self.position + self.global_batch_size > self.num_rows:
             self._start_epoch(self.epoch + 1)
-        idx_B = self._order_N[self.position:self.position + self.global_batch_size].copy()
+        idx_B = self._order_N[self.position : self.position + self.global_batch_size].copy()
         self.position += self.global_batch_size
         return idx_B
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-able dict; :meth:`load_state_dict` restores it exactly."""
-        return {"version": _STATE_VERSION, "epoch": self.epoch, "position": self.position,
-                "seed": self.seed, "num_rows": self.num_rows,
-                "global_batch_size": self.global_batch_size}
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "num_rows": self.num_rows,
+            "global_batch_size": self.global_batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the dataset size and batch size must match this cursor's."""
@@ -67,12 +74,15 @@ class BatchCursor:
             raise DataError(f"cursor state is missing {missing}")
         for key in ("num_rows", "global_batch_size"):
             if int(state[key]) != getattr(self, key):
-                raise DataError(f"cursor state has {key}={state[key]} but this cursor has "
-                                f"{key}={getattr(self, key)}: the data or batch size changed")
+                raise DataError(
+                    f"cursor state has {key}={state[key]} but this cursor has "
+                    f"{key}={getattr(self, key)}: the data or batch size changed"
+                )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position <= self.num_rows:
-            raise DataError(f"cursor state epoch={epoch} position={position} is out of range "
-                            f"(num_rows={self.num_rows})")
+            raise DataError(
+                f"cursor state epoch={epoch} position={position} is out of range (num_rows={self.num_rows})"
+            )
         self.seed = int(state["seed"])
         self._start_epoch(epoch)
         self.position = position
@@ -101,8 +111,10 @@ def shard_global_batch(tokens_BT1: np.ndarray, num_micro: int, world_size: int, 
         raise DataError(f"rank ({rank}) must be in [0, world_size={world_size})")
     B = tokens_BT1.shape[0]
     if B % (num_micro * world_size):
-        raise DataError(f"global batch size ({B}) must be divisible by num_micro x world_size "
-                        f"({num_micro} x {world_size} = {num_micro * world_size})")
+        raise DataError(
+            f"global batch size ({B}) must be divisible by num_micro x world_size "
+            f"({num_micro} x {world_size} = {num_micro * world_size})"
+        )
     b = B // (num_micro * world_size)
     x_MRbT1 = tokens_BT1.reshape(num_micro, world_size, b, *tokens_BT1.shape[1:])
     return [x_MRbT1[m, rank] for m in range(num_micro)]

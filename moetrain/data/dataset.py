@@ -58,14 +58,18 @@ class PackedDataset:
 
     def summary(self) -> str:
         """A few human-readable lines: sizes per domain, vocab, fingerprint, cache hits, time."""
-        lines = [f"dataset {self.fingerprint[:12]}  vocab={self.vocab_size}  seq_len={self.seq_len}"
-                 f"  train={len(self.train)} rows  val={len(self.val)} rows"]
+        lines = [
+            f"dataset {self.fingerprint[:12]}  vocab={self.vocab_size}  seq_len={self.seq_len}"
+            f"  train={len(self.train)} rows  val={len(self.val)} rows"
+        ]
         for d, name in enumerate(self.domains):
             s = self.stats[name]
             n_tr = int(np.count_nonzero(self.train.domain_N == d))
             n_va = int(np.count_nonzero(self.val.domain_N == d))
-            lines.append(f"  {name:<12} docs={s['docs']:<6} bytes={s['bytes']:<9} tokens={s['tokens']:<8}"
-                         f" bytes/token={s['bytes'] / max(1, s['tokens']):.2f}  train={n_tr}  val={n_va}")
+            lines.append(
+                f"  {name:<12} docs={s['docs']:<6} bytes={s['bytes']:<9} tokens={s['tokens']:<8}"
+                f" bytes/token={s['bytes'] / max(1, s['tokens']):.2f}  train={n_tr}  val={n_va}"
+            )
         hits = ", ".join(f"{k} {'hit' if v else 'built'}" for k, v in self.cache_hits.items())
         total = sum(self.timings_s.values())
         lines.append(f"  cache: {hits}; built in {total:.2f}s")
@@ -91,8 +95,9 @@ def build_dataset(cfg: DataConfig, store: StoreConfig | None = None) -> PackedDa
         tok, tok_hash, tok_hit = build_tokenizer(corpus, corpus_hash, cfg.vocab_size, root)
         eot = eot_id(tok)
     t2 = time.perf_counter()
-    packed_key = content_key({"corpus": corpus_hash, "seq_len": cfg.seq_len, "tokenizer": tok_hash, "eot": eot,
-                              "format": PACK_FORMAT})
+    packed_key = content_key(
+        {"corpus": corpus_hash, "seq_len": cfg.seq_len, "tokenizer": tok_hash, "eot": eot, "format": PACK_FORMAT}
+    )
 
     def build(tmp: Path) -> None:
         write_packed(tmp, pack_corpus(tok, corpus, eot, cfg.seq_len))
@@ -101,8 +106,13 @@ def build_dataset(cfg: DataConfig, store: StoreConfig | None = None) -> PackedDa
     train_idx, val_idx = split_rows(rows.domain_N, rows.domains, cfg.val_fraction, cfg.seed, cfg.seq_len)
     t3 = time.perf_counter()
     return PackedDataset(
-        train=_take(rows, train_idx), val=_take(rows, val_idx), domains=list(rows.domains),
-        tokenizer=tok, vocab_size=tok.get_vocab_size(), eot_id=eot, seq_len=cfg.seq_len,
+        train=_take(rows, train_idx),
+        val=_take(rows, val_idx),
+        domains=list(rows.domains),
+        tokenizer=tok,
+        vocab_size=tok.get_vocab_size(),
+        eot_id=eot,
+        seq_len=cfg.seq_len,
         fingerprint=content_key({"packed": packed_key, "val_fraction": cfg.val_fraction, "seed": cfg.seed}),
         stats=rows.stats,
         timings_s={"corpus": t1 - t0, "tokenizer": t2 - t1, "pack": t3 - t2},
@@ -128,7 +138,7 @@ def val_batches(split: Split, domain: str, batch_size: int, max_batches: int | N
     n = len(rows_NT1) // batch_size
     if max_batches is not None:
         n = min(n, max_batches)
-    return [rows_NT1[i * batch_size:(i + 1) * batch_size] for i in range(n)]
+    return [rows_NT1[i * batch_size : (i + 1) * batch_size] for i in range(n)]
 
 
 def _take(rows: PackedRows, idx: np.ndarray) -> Split:
@@ -140,8 +150,11 @@ def _take(rows: PackedRows, idx: np.ndarray) -> Split:
 
 def _check_config(cfg: DataConfig) -> None:
     """The data fields this module relies on (RunConfig.validate checks most of them too)."""
-    for name, value, lo in [("data.seq_len", cfg.seq_len, 1), ("data.vocab_size", cfg.vocab_size, 260),
-                            ("data.seed", cfg.seed, 0)]:
+    for name, value, lo in [
+        ("data.seq_len", cfg.seq_len, 1),
+        ("data.vocab_size", cfg.vocab_size, 260),
+        ("data.seed", cfg.seed, 0),
+    ]:
         if value < lo:
             raise DataError(f"{name} ({value}) must be >= {lo}")
     if not 0 < cfg.val_fraction < 0.5:

@@ -39,8 +39,11 @@ class PackedRows:
 def pack_stream(ids_per_doc: list[np.ndarray], eot: int, seq_len: int) -> np.ndarray:
     """Concatenate documents, each followed by ``eot``, and cut into rows: int32 [N, seq_len+1]."""
     eot_1 = np.array([eot], dtype=np.int32)
-    stream = np.concatenate([part for ids in ids_per_doc for part in (ids, eot_1)]) \
-        if ids_per_doc else np.zeros(0, dtype=np.int32)
+    stream = (
+        np.concatenate([part for ids in ids_per_doc for part in (ids, eot_1)])
+        if ids_per_doc
+        else np.zeros(0, dtype=np.int32)
+    )
     n_rows = len(stream) // (seq_len + 1)
     return stream[: n_rows * (seq_len + 1)].reshape(n_rows, seq_len + 1).astype(np.int32, copy=False)
 
@@ -66,9 +69,11 @@ def write_packed(path: Path, rows: PackedRows) -> None:
     """Write rows as Parquet: ``tokens`` fixed_size_list<int32>[T1], ``domain`` int16."""
     T1 = rows.tokens_NT1.shape[1]
     tokens = pa.FixedSizeListArray.from_arrays(pa.array(rows.tokens_NT1.reshape(-1)), T1)
-    meta = {"moetrain.pack_format": str(PACK_FORMAT),
-            "moetrain.domains": json.dumps(list(rows.domains)),
-            "moetrain.stats": json.dumps(rows.stats)}
+    meta = {
+        "moetrain.pack_format": str(PACK_FORMAT),
+        "moetrain.domains": json.dumps(list(rows.domains)),
+        "moetrain.stats": json.dumps(rows.stats),
+    }
     table = pa.table({"tokens": tokens, "domain": pa.array(rows.domain_N)}).replace_schema_metadata(meta)
     pq.write_table(table, str(path), compression="zstd")
 
@@ -81,12 +86,14 @@ def read_packed(path: Path) -> PackedRows:
     T1 = tokens.type.list_size
     tokens_NT1 = tokens.flatten().to_numpy().astype(np.int32, copy=False).reshape(-1, T1)
     domain_N = table.column("domain").to_numpy().astype(np.int16, copy=False)
-    return PackedRows(tokens_NT1, domain_N, tuple(json.loads(meta["moetrain.domains"])),
-                      json.loads(meta["moetrain.stats"]))
+    return PackedRows(
+        tokens_NT1, domain_N, tuple(json.loads(meta["moetrain.domains"])), json.loads(meta["moetrain.stats"])
+    )
 
 
-def split_rows(domain_N: np.ndarray, domains: tuple[str, ...], val_fraction: float,
-               seed: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    domain_N: np.ndarray, domains: tuple[str, ...], val_fraction: float, seed: int, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Row indices (sorted) of the train and validation splits.
 
     Per domain with ``n`` rows: ``max(1, round(n * val_fraction))`` rows, drawn by a generator
@@ -101,7 +108,8 @@ def split_rows(domain_N: np.ndarray, domains: tuple[str, ...], val_fraction: flo
             raise DataError(
                 f"domain {name!r} packs into only {len(idx)} row(s) of data.seq_len+1 = "
                 f"{seq_len + 1} tokens; need at least 2 (one train, one validation row): "
-                "give it more text or lower data.seq_len")
+                "give it more text or lower data.seq_len"
+            )
         rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
         is_val = np.zeros(len(idx), dtype=bool)
         is_val[rng.choice(len(idx), size=n_val, replace=False)] = True

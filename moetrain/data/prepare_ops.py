@@ -55,8 +55,9 @@ def split_domain(entry: str) -> tuple[str, str]:
     return "", entry
 
 
-def expand_input(entry: str, *, domain_pattern: str = "",
-                 store_cfg: StoreConfig | None = None) -> tuple[object, list[InputFile]]:
+def expand_input(
+    entry: str, *, domain_pattern: str = "", store_cfg: StoreConfig | None = None
+) -> tuple[object, list[InputFile]]:
     """(store, files) of one input: a file, a directory (recursive; hidden entries skipped) or a
     glob (``*``, ``?``, ``[...]`` in any path segment). The domain comes from the ``name=`` prefix,
     else ``domain_pattern`` (a regex whose first group, searched in the path, is the domain),
@@ -72,21 +73,31 @@ def expand_input(entry: str, *, domain_pattern: str = "",
     if info.type == pafs.FileType.File:
         infos = [info]
     elif info.type == pafs.FileType.Directory:
-        infos = [i for i in store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True))
-                 if i.type == pafs.FileType.File]
+        infos = [
+            i
+            for i in store.fs.get_file_info(pafs.FileSelector(store.root, recursive=True))
+            if i.type == pafs.FileType.File
+        ]
         if first_glob is not None:
             pattern = store.root.rstrip("/") + "/" + "/".join(parts[first_glob:])
             infos = [i for i in infos if fnmatch.fnmatchcase(i.path, pattern)]
-        infos = [i for i in infos if not any(seg.startswith(".") for seg in i.path[len(store.root):].split("/"))]
+        infos = [i for i in infos if not any(seg.startswith(".") for seg in i.path[len(store.root) :].split("/"))]
     else:
         raise DataError(f"input {target!r} does not exist")
     if not infos:
         raise DataError(f"input {target!r} matches no file")
     files = []
     for i in sorted(infos, key=lambda i: i.path):
-        uri = target if info.type == pafs.FileType.File else f"{store.uri}/{i.path[len(store.root):].lstrip('/')}"
-        files.append(InputFile(path=i.path, uri=uri, kind=file_kind(i.path),
-                               domain=domain or _domain_from_path(uri, domain_pattern), size=int(i.size or 0)))
+        uri = target if info.type == pafs.FileType.File else f"{store.uri}/{i.path[len(store.root) :].lstrip('/')}"
+        files.append(
+            InputFile(
+                path=i.path,
+                uri=uri,
+                kind=file_kind(i.path),
+                domain=domain or _domain_from_path(uri, domain_pattern),
+                size=int(i.size or 0),
+            )
+        )
     return store, files
 
 
@@ -120,13 +131,14 @@ def check_parquet(fs, f: InputFile, text_column: str, domain_column: str) -> Non
         raise DataError(f"{f.uri}: text column {text_column!r} has type {t}, expected string")
 
 
-def docs_from_bytes(data: bytes, uri: str, kind: str, text_field: str, domain: str,
-                    domain_field: str) -> list[tuple[str, str]]:
+def docs_from_bytes(
+    data: bytes, uri: str, kind: str, text_field: str, domain: str, domain_field: str
+) -> list[tuple[str, str]]:
     """(domain, text) pairs of one whole JSONL or text file."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
+        line = data[: exc.start].count(b"\n") + 1
         raise DataError(f"{uri} line {line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if kind == "text":
         return [(need_domain(domain, uri, ""), text)] if text else []
@@ -159,8 +171,9 @@ def need_domain(domain, uri: str, where: str, field: str = "") -> str:
     return domain
 
 
-def write_batch_shards(pairs: list[tuple[str, str, str]], tok, tok_sha: str, eot: int, seq_len: int,
-                       store) -> list[tuple[ShardInfo, bool]]:
+def write_batch_shards(
+    pairs: list[tuple[str, str, str]], tok, tok_sha: str, eot: int, seq_len: int, store
+) -> list[tuple[ShardInfo, bool]]:
     """``(source uri, domain, text)`` triples -> one shard per domain under ``store``; a shard whose
     content id already exists is not rebuilt (its footer is read). Returns (info, skipped)."""
     by_domain: dict[str, list[tuple[str, str]]] = {}

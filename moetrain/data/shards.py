@@ -71,28 +71,47 @@ class PreparedManifest:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({
-            "format": FORMAT, "seq_len": self.seq_len,
-            "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size, "eot_id": self.eot_id},
-            "domains": {d: {"rows": self.domain_totals("rows")[d], "tokens": self.domain_totals("tokens")[d],
-                            "docs": self.domain_totals("docs")[d]} for d in self.domains},
-            "shards": [vars(s) for s in self.shards],
-        }, indent=1)
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "seq_len": self.seq_len,
+                "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size, "eot_id": self.eot_id},
+                "domains": {
+                    d: {
+                        "rows": self.domain_totals("rows")[d],
+                        "tokens": self.domain_totals("tokens")[d],
+                        "docs": self.domain_totals("docs")[d],
+                    }
+                    for d in self.domains
+                },
+                "shards": [vars(s) for s in self.shards],
+            },
+            indent=1,
+        )
 
 
-def make_manifest(shards: list[ShardInfo], *, seq_len: int, tokenizer_sha256: str, vocab_size: int,
-                  eot_id: int) -> PreparedManifest:
+def make_manifest(
+    shards: list[ShardInfo], *, seq_len: int, tokenizer_sha256: str, vocab_size: int, eot_id: int
+) -> PreparedManifest:
     """Group the shards by domain (sorted names), keeping their order within a domain (the input
     order: a training stream is then the same wherever the same inputs were prepared), and refuse
     a domain that packed no row."""
     domains = tuple(sorted({s.domain for s in shards}))
     ordered = tuple(sorted(shards, key=lambda s: s.domain))  # stable
-    m = PreparedManifest(seq_len=seq_len, tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size,
-                         eot_id=eot_id, domains=domains, shards=ordered)
+    m = PreparedManifest(
+        seq_len=seq_len,
+        tokenizer_sha256=tokenizer_sha256,
+        vocab_size=vocab_size,
+        eot_id=eot_id,
+        domains=domains,
+        shards=ordered,
+    )
     for d, rows in m.domain_totals("rows").items():
         if rows == 0:
-            raise DataError(f"domain {d!r} packs into no row of data.seq_len+1 = {seq_len + 1} tokens: "
-                            "give it more text or lower seq_len")
+            raise DataError(
+                f"domain {d!r} packs into no row of data.seq_len+1 = {seq_len + 1} tokens: "
+                "give it more text or lower seq_len"
+            )
     return m
 
 
@@ -102,9 +121,14 @@ def parse_manifest(text: str, where: str) -> PreparedManifest:
         raw = json.loads(text)
         tok = raw["tokenizer"]
         shards = tuple(ShardInfo(**s) for s in raw["shards"])
-        m = PreparedManifest(seq_len=int(raw["seq_len"]), tokenizer_sha256=str(tok["sha256"]),
-                             vocab_size=int(tok["vocab_size"]), eot_id=int(tok["eot_id"]),
-                             domains=tuple(raw["domains"]), shards=shards)
+        m = PreparedManifest(
+            seq_len=int(raw["seq_len"]),
+            tokenizer_sha256=str(tok["sha256"]),
+            vocab_size=int(tok["vocab_size"]),
+            eot_id=int(tok["eot_id"]),
+            domains=tuple(raw["domains"]),
+            shards=shards,
+        )
     except (ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{where} is not a moetrain prepared manifest: {exc!r}") from None
     if raw.get("format") != FORMAT:
@@ -143,8 +167,12 @@ def shard_bytes(rows_NT1: np.ndarray, domain: str, tokens: int, docs: int) -> by
     """One shard as Parquet bytes (zstd; row groups of ROW_GROUP_ROWS)."""
     T1 = rows_NT1.shape[1]
     col = pa.FixedSizeListArray.from_arrays(pa.array(rows_NT1.reshape(-1).astype(np.int32, copy=False)), T1)
-    meta = {"moetrain.rows": str(len(rows_NT1)), "moetrain.tokens": str(tokens), "moetrain.docs": str(docs),
-            "moetrain.domain": domain}
+    meta = {
+        "moetrain.rows": str(len(rows_NT1)),
+        "moetrain.tokens": str(tokens),
+        "moetrain.docs": str(docs),
+        "moetrain.domain": domain,
+    }
     table = pa.table({"tokens": col}).replace_schema_metadata(meta)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
@@ -155,8 +183,13 @@ def shard_info_from_footer(key: str, metadata: dict[bytes, bytes] | None, where:
     """The ShardInfo recorded in a shard's key-value metadata (a re-run reads only the footer)."""
     meta = {k.decode(): v.decode() for k, v in (metadata or {}).items()}
     try:
-        return ShardInfo(key=key, domain=meta["moetrain.domain"], rows=int(meta["moetrain.rows"]),
-                         tokens=int(meta["moetrain.tokens"]), docs=int(meta["moetrain.docs"]))
+        return ShardInfo(
+            key=key,
+            domain=meta["moetrain.domain"],
+            rows=int(meta["moetrain.rows"]),
+            tokens=int(meta["moetrain.tokens"]),
+            docs=int(meta["moetrain.docs"]),
+        )
     except (KeyError, ValueError):
         raise DataError(f"shard {where} has no moetrain metadata: not written by moetrain prepare") from None
 
@@ -166,8 +199,7 @@ def read_manifest(store) -> PreparedManifest:
     where = store.uri_of(MANIFEST)
     try:
         if not store.exists(MANIFEST):
-            raise DataError(f"{where} does not exist: run `moetrain prepare` to this URI first "
-                            "(or it did not finish)")
+            raise DataError(f"{where} does not exist: run `moetrain prepare` to this URI first (or it did not finish)")
         return parse_manifest(store.read_bytes(MANIFEST).decode("utf-8"), where)
     except StoreError as exc:
         raise DataError(f"cannot read {where}: {exc}") from None

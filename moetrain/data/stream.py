@@ -94,7 +94,7 @@ class DomainOrder:
             j = int(self._perm_S[i])
             lo = pos - int(self._cum[i])
             n = min(count, int(self.sizes[j]) - lo)
-            out.append(self._shard_rows(j)[lo:lo + n])
+            out.append(self._shard_rows(j)[lo : lo + n])
             pos, count = pos + n, count - n
         return (np.concatenate(out) if out else np.zeros(0, np.int64)), epoch, pos
 
@@ -133,18 +133,30 @@ class StreamCursor:
         return dom_B[perm], t_B[perm]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "kind": "prepared", "step": self.step, "seed": self.seed,
-                "global_batch_size": self.B, "weights": self.w_D.tolist(), "cw": self.cw_D.tolist(),
-                "epoch": self.epoch_D.tolist(), "position": self.pos_D.tolist()}
+        return {
+            "version": _STATE_VERSION,
+            "kind": "prepared",
+            "step": self.step,
+            "seed": self.seed,
+            "global_batch_size": self.B,
+            "weights": self.w_D.tolist(),
+            "cw": self.cw_D.tolist(),
+            "epoch": self.epoch_D.tolist(),
+            "position": self.pos_D.tolist(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "prepared":
-            raise DataError("cursor state is not a prepared-data cursor (the checkpoint predates streaming "
-                            "data or used another data source)")
+            raise DataError(
+                "cursor state is not a prepared-data cursor (the checkpoint predates streaming "
+                "data or used another data source)"
+            )
         for key, mine in (("global_batch_size", self.B), ("weights", self.w_D.tolist())):
             if state.get(key) != mine:
-                raise DataError(f"cursor state has {key}={state.get(key)} but this run has {mine}: the data, "
-                                "mixture or batch size changed")
+                raise DataError(
+                    f"cursor state has {key}={state.get(key)} but this run has {mine}: the data, "
+                    "mixture or batch size changed"
+                )
         n = len(self.orders)
         if not all(len(state[k]) == n for k in ("cw", "epoch", "position")):
             raise DataError(f"cursor state is for {len(state['cw'])} domains, this run has {n}")
@@ -209,8 +221,9 @@ def mixture_weights(cfg: DataConfig, domains: tuple[str, ...], train_rows_D: np.
     given = parse_mixture(cfg.mixture)
     unknown = sorted(set(given) - set(domains))
     if unknown:
-        raise DataError(f"data.mixture names domain(s) {unknown} that the data does not have; "
-                        f"its domains are {list(domains)}")
+        raise DataError(
+            f"data.mixture names domain(s) {unknown} that the data does not have; its domains are {list(domains)}"
+        )
     w = np.array([given.get(d, 0.0) for d in domains] if given else train_rows_D, dtype=np.float64)
     for d, weight in zip(domains, w):
         if weight > 0 and train_rows_D[domains.index(d)] == 0:

@@ -60,8 +60,7 @@ def tokenizer_key(corpus_hash: str, vocab_size: int) -> str:
     return content_key({"corpus": corpus_hash, "vocab_size": vocab_size, "settings": SETTINGS})
 
 
-def build_tokenizer(corpus: Corpus, corpus_hash: str, vocab_size: int,
-                    root: Path) -> tuple[Tokenizer, str, bool]:
+def build_tokenizer(corpus: Corpus, corpus_hash: str, vocab_size: int, root: Path) -> tuple[Tokenizer, str, bool]:
     """Train (or load from ``root``) the tokenizer. Returns (tokenizer, content sha256, cache hit).
 
     The content sha256 is the hash of the saved JSON: downstream caches key on it.
@@ -81,12 +80,13 @@ def train_tokenizer(corpus: Corpus, vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     share = TRAIN_BYTES_TOTAL // max(1, len(corpus.domains))
-    texts = [piece for docs in corpus.docs for doc in cap_docs(iter(docs), share)
-             for piece in training_pieces(doc)]
+    texts = [piece for docs in corpus.docs for doc in cap_docs(iter(docs), share) for piece in training_pieces(doc)]
     nbytes = sum(len(t) for t in texts)
     t0 = time.perf_counter()
     log.info("training the byte-level BPE tokenizer (vocab %d) on %.1f MB of text", vocab_size, nbytes / 1e6)
@@ -103,9 +103,9 @@ def training_pieces(doc: str, max_word: int = MAX_TRAIN_WORD_CHARS) -> Iterator[
     pos = 0
     for m in pattern.finditer(doc):
         if m.start() > pos:
-            yield doc[pos:m.start()]
+            yield doc[pos : m.start()]
         for i in range(m.start(), m.end(), max_word):
-            yield doc[i:min(i + max_word, m.end())]
+            yield doc[i : min(i + max_word, m.end())]
         pos = m.end()
     if pos == 0:
         yield doc
@@ -130,7 +130,7 @@ def _eos_text(value) -> str:
 def _hf_file_reader(spec: str, store_cfg: StoreConfig | None):
     """(where, read(name) -> bytes | None) for the directory an ``hf:`` spec names: a local path,
     or an ``s3://`` / ``gs://`` prefix read through the data store (same endpoints as the data)."""
-    loc = spec[len(HF_PREFIX):]
+    loc = spec[len(HF_PREFIX) :]
     if "://" not in loc:
         root = Path(loc).expanduser()
         return str(root), lambda name: (root / name).read_bytes() if (root / name).is_file() else None
@@ -156,8 +156,9 @@ def load_hf_tokenizer(spec: str, store: StoreConfig | None = None) -> tuple[Toke
     try:
         tok = Tokenizer.from_str(raw.decode("utf-8"))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
-        raise DataError(f"data.tokenizer ({spec!r}): {where}/tokenizer.json is not a tokenizers JSON file: "
-                        f"{exc}") from None
+        raise DataError(
+            f"data.tokenizer ({spec!r}): {where}/tokenizer.json is not a tokenizers JSON file: {exc}"
+        ) from None
     tok.encode_special_tokens = True
     eot = None
     for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
@@ -173,11 +174,15 @@ def load_hf_tokenizer(spec: str, store: StoreConfig | None = None) -> tuple[Toke
         if eot is not None:
             break
     if eot is None:
-        raise DataError(f"data.tokenizer ({spec!r}): no end-of-text token: set eos_token in "
-                        f"{where}/tokenizer_config.json or eos_token_id in {where}/config.json")
+        raise DataError(
+            f"data.tokenizer ({spec!r}): no end-of-text token: set eos_token in "
+            f"{where}/tokenizer_config.json or eos_token_id in {where}/config.json"
+        )
     if isinstance(eot, bool) or not isinstance(eot, int) or not 0 <= eot < tok.get_vocab_size():
-        raise DataError(f"data.tokenizer ({spec!r}): end-of-text id {eot!r} is outside the vocabulary of "
-                        f"{where}/tokenizer.json (vocab size {tok.get_vocab_size()})")
+        raise DataError(
+            f"data.tokenizer ({spec!r}): end-of-text id {eot!r} is outside the vocabulary of "
+            f"{where}/tokenizer.json (vocab size {tok.get_vocab_size()})"
+        )
     return tok, hashlib.sha256(raw).hexdigest(), int(eot)
 
 
@@ -234,6 +239,6 @@ def _encode_pieces(doc: str) -> Iterator[str]:
             m = _LINE_START.search(piece, start + ENCODE_PIECE_CHARS)
             if m is None:
                 break
-            yield piece[start:m.start()]
+            yield piece[start : m.start()]
             start = m.start()
         yield piece[start:] if start else piece

@@ -25,11 +25,29 @@ from moetrain.data.cache import build_lock, cache_root, content_key
 from moetrain.data.corpus import load_corpus
 from moetrain.data.cursor import shard_global_batch
 from moetrain.data.errors import DataError
-from moetrain.data.shards import (FORMAT, MANIFEST, TOKENIZER, PreparedManifest, ShardInfo, make_manifest,
-                                  pack_texts, read_manifest, shard_bytes, shard_id, shard_key)
+from moetrain.data.shards import (
+    FORMAT,
+    MANIFEST,
+    TOKENIZER,
+    PreparedManifest,
+    ShardInfo,
+    make_manifest,
+    pack_texts,
+    read_manifest,
+    shard_bytes,
+    shard_id,
+    shard_key,
+)
 from moetrain.data.store import open_data_store
-from moetrain.data.stream import (DomainOrder, RowReader, StreamCursor, mixture_weights, num_val, train_to_global,
-                                  val_stride)
+from moetrain.data.stream import (
+    DomainOrder,
+    RowReader,
+    StreamCursor,
+    mixture_weights,
+    num_val,
+    train_to_global,
+    val_stride,
+)
 from moetrain.data.tokenizer import build_tokenizer, eot_id, load_hf_tokenizer
 
 SHARD_TEXT_BYTES = 16 << 20  # in-process preparation: text per shard (the builtin domains fit in one)
@@ -42,19 +60,24 @@ class StreamingData:
         self.manifest, self.domains = manifest, list(manifest.domains)
         self.vocab_size, self.eot_id, self.seq_len = manifest.vocab_size, manifest.eot_id, manifest.seq_len
         if manifest.seq_len != cfg.seq_len:
-            raise DataError(f"data.seq_len ({cfg.seq_len}) differs from the prepared data's seq_len "
-                            f"({manifest.seq_len}) at {store.uri}")
+            raise DataError(
+                f"data.seq_len ({cfg.seq_len}) differs from the prepared data's seq_len "
+                f"({manifest.seq_len}) at {store.uri}"
+            )
         self.k = val_stride(cfg.val_fraction)
         self.reader = RowReader(store, manifest)
         rows_D = np.array([self.reader.num_rows(d) for d in range(len(self.domains))])
         for name, n in zip(self.domains, rows_D):
             if n < 2:
-                raise DataError(f"domain {name!r} has {n} row(s) of seq_len+1 = {cfg.seq_len + 1} tokens; need at "
-                                "least 2 (one train, one validation row): give it more text or lower data.seq_len")
+                raise DataError(
+                    f"domain {name!r} has {n} row(s) of seq_len+1 = {cfg.seq_len + 1} tokens; need at "
+                    "least 2 (one train, one validation row): give it more text or lower data.seq_len"
+                )
         self.val_rows_D = np.array([num_val(int(n), self.k) for n in rows_D])
         self.train_rows_D = rows_D - self.val_rows_D
-        orders = [DomainOrder(d, [s.rows for s in manifest.shards if s.domain == d], self.k, cfg.seed)
-                  for d in self.domains]
+        orders = [
+            DomainOrder(d, [s.rows for s in manifest.shards if s.domain == d], self.k, cfg.seed) for d in self.domains
+        ]
         w = mixture_weights(cfg, tuple(self.domains), self.train_rows_D)
         self.cursor = StreamCursor(orders, w, global_batch_size, cfg.seed)
 
@@ -75,8 +98,9 @@ class StreamingData:
         rows = self.reader.read(dom_B[mine], train_to_global(t_B[mine], self.k))
         return np.split(rows, num_micro)
 
-    def val_batches(self, domain: str, batch_size: int, max_batches: int, world_size: int,
-                    rank: int) -> list[np.ndarray]:
+    def val_batches(
+        self, domain: str, batch_size: int, max_batches: int, world_size: int, rank: int
+    ) -> list[np.ndarray]:
         """This rank's share of each validation batch of ``domain``: the first validation rows in
         order, ``batch_size`` per batch (one smaller batch if the domain has fewer), each cut to a
         multiple of ``world_size`` and split like a global batch."""
@@ -108,8 +132,9 @@ def open_training_data(cfg: DataConfig, global_batch_size: int, store_cfg: Store
     return StreamingData(store, read_manifest(store), cfg, global_batch_size)
 
 
-def resolve_tokenizer(cfg: DataConfig, corpus=None, corpus_hash: str = "", root: Path | None = None,
-                      store_cfg: StoreConfig | None = None):
+def resolve_tokenizer(
+    cfg: DataConfig, corpus=None, corpus_hash: str = "", root: Path | None = None, store_cfg: StoreConfig | None = None
+):
     """(tokenizer, sha256 of its JSON, eot id) for ``data.tokenizer``: ``bpe`` trains (or loads the
     cached) byte-level BPE on ``corpus``; ``hf:DIR`` loads ``DIR/tokenizer.json``."""
     if cfg.tokenizer == "bpe":
@@ -127,8 +152,9 @@ def prepare_local(cfg: DataConfig, store_cfg: StoreConfig | None = None) -> Path
     corpus = load_corpus(cfg)
     corpus_hash = corpus.content_hash()
     tok, tok_sha, eot = resolve_tokenizer(cfg, corpus, corpus_hash, root, store_cfg)
-    key = content_key({"corpus": corpus_hash, "tokenizer": tok_sha, "eot": eot, "seq_len": cfg.seq_len,
-                       "format": FORMAT})
+    key = content_key(
+        {"corpus": corpus_hash, "tokenizer": tok_sha, "eot": eot, "seq_len": cfg.seq_len, "format": FORMAT}
+    )
     final = root / f"prepared-{key[:24]}"
     if (final / MANIFEST).is_file():
         return final
@@ -152,14 +178,20 @@ def _write_local(out: Path, corpus, tok, tok_sha: str, eot: int, seq_len: int) -
     for name, docs in zip(corpus.domains, corpus.docs):
         for chunk in _chunks(list(docs), SHARD_TEXT_BYTES):
             rows_NT1, tokens = pack_texts(tok, chunk, eot, seq_len)
-            info = ShardInfo(key=shard_key(name, shard_id(chunk, name, tok_sha, eot, seq_len)), domain=name,
-                             rows=len(rows_NT1), tokens=tokens, docs=len(chunk))
+            info = ShardInfo(
+                key=shard_key(name, shard_id(chunk, name, tok_sha, eot, seq_len)),
+                domain=name,
+                rows=len(rows_NT1),
+                tokens=tokens,
+                docs=len(chunk),
+            )
             path = out / info.key
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(shard_bytes(rows_NT1, name, tokens, len(chunk)))
             shards.append(info)
-    manifest = make_manifest(shards, seq_len=seq_len, tokenizer_sha256=tok_sha, vocab_size=tok.get_vocab_size(),
-                             eot_id=eot)
+    manifest = make_manifest(
+        shards, seq_len=seq_len, tokenizer_sha256=tok_sha, vocab_size=tok.get_vocab_size(), eot_id=eot
+    )
     (out / TOKENIZER).write_text(tok.to_str())
     (out / MANIFEST).write_text(manifest.to_json())
 

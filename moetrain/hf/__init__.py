@@ -11,5 +11,17 @@ from moetrain.hf.convert import ConvertReport, export_hf, import_hf
 from moetrain.hf.errors import HFError
 from moetrain.hf.load import load_hf_weights, model_from_checkpoint, resolve_init_from
 
-__all__ = ["ARCHS", "SUPPORTED", "ConvertReport", "HFError", "arch_of", "export_hf", "hf_config_from_model",
-           "import_hf", "load_hf_weights", "model_config_from_hf", "model_from_checkpoint", "resolve_init_from"]
+__all__ = [
+    "ARCHS",
+    "SUPPORTED",
+    "ConvertReport",
+    "HFError",
+    "arch_of",
+    "export_hf",
+    "hf_config_from_model",
+    "import_hf",
+    "load_hf_weights",
+    "model_config_from_hf",
+    "model_from_checkpoint",
+    "resolve_init_from",
+]

@@ -55,11 +55,18 @@ class ArchSpec:
 
 ARCHS: dict[str, ArchSpec] = {
     "mixtral": ArchSpec("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2")),
-    "qwen2_moe": ArchSpec("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                          shared_module="shared_expert"),
+    "qwen2_moe": ArchSpec(
+        "qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), shared_module="shared_expert"
+    ),
     "olmoe": ArchSpec("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj")),
-    "ernie4_5_moe": ArchSpec("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                             shared_module="shared_experts", interleaved_rope=True),
+    "ernie4_5_moe": ArchSpec(
+        "ernie4_5_moe",
+        "Ernie4_5_MoeForCausalLM",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        shared_module="shared_experts",
+        interleaved_rope=True,
+    ),
 }
 SUPPORTED = ", ".join(f"{s.model_type} ({s.architecture})" for s in ARCHS.values())
 
@@ -120,69 +127,111 @@ def _common(r: _Reader) -> dict[str, Any]:
         f"head dim must be hidden_size / num_attention_heads = {dim // heads}",
     )
     kv = int(r.get("num_key_value_heads", heads))
-    return dict(vocab_size=int(r.need("vocab_size")), dim=dim, n_layers=int(r.need("num_hidden_layers")),
-                n_heads=heads, n_kv_heads=0 if kv == heads else kv, rope_theta=_rope_theta(r),
-                norm_eps=float(r.get("rms_norm_eps", 1e-6)),
-                tie_embeddings=bool(r.get("tie_word_embeddings", False)), max_seq_len=r.context)
+    return dict(
+        vocab_size=int(r.need("vocab_size")),
+        dim=dim,
+        n_layers=int(r.need("num_hidden_layers")),
+        n_heads=heads,
+        n_kv_heads=0 if kv == heads else kv,
+        rope_theta=_rope_theta(r),
+        norm_eps=float(r.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(r.get("tie_word_embeddings", False)),
+        max_seq_len=r.context,
+    )
 
 
 def _sliding_window(r: _Reader) -> None:
     """A window not shorter than the context never hides a key: accepted; a shorter one is not."""
     window = r.get("sliding_window")
-    r.expect("sliding_window", window is None or int(window) >= r.context,
-             f"sliding-window attention is not implemented; a window >= the context ({r.context}) is accepted")
+    r.expect(
+        "sliding_window",
+        window is None or int(window) >= r.context,
+        f"sliding-window attention is not implemented; a window >= the context ({r.context}) is accepted",
+    )
 
 
 def _mixtral(r: _Reader) -> tuple[dict, dict]:
     _sliding_window(r)
     r.expect("router_jitter_noise", not r.get("router_jitter_noise", 0.0), "no router jitter")
     ffn = int(r.need("intermediate_size"))
-    return (dict(ffn_dim=ffn),
-            dict(num_experts=int(r.need("num_local_experts")), top_k=int(r.need("num_experts_per_tok")),
-                 expert_ffn_dim=ffn, router="topk_softmax", renormalize=True))
+    return (
+        dict(ffn_dim=ffn),
+        dict(
+            num_experts=int(r.need("num_local_experts")),
+            top_k=int(r.need("num_experts_per_tok")),
+            expert_ffn_dim=ffn,
+            router="topk_softmax",
+            renormalize=True,
+        ),
+    )
 
 
 def _qwen2_moe(r: _Reader) -> tuple[dict, dict]:
     if r.get("use_sliding_window", False):
         _sliding_window(r)
-    r.expect("decoder_sparse_step", int(r.get("decoder_sparse_step", 1)) == 1,
-             "MoE every layer after the dense first ones")
+    r.expect(
+        "decoder_sparse_step", int(r.get("decoder_sparse_step", 1)) == 1, "MoE every layer after the dense first ones"
+    )
     dense = sorted(int(i) for i in r.get("mlp_only_layers", []) or [])
     r.expect("mlp_only_layers", dense == list(range(len(dense))), "dense layers must be the first k layers")
     shared = int(r.get("shared_expert_intermediate_size", 0))
-    return (dict(ffn_dim=int(r.need("intermediate_size")), qkv_bias=bool(r.get("qkv_bias", True))),
-            dict(num_experts=int(r.need("num_experts")), top_k=int(r.need("num_experts_per_tok")),
-                 expert_ffn_dim=int(r.need("moe_intermediate_size")), renormalize=bool(r.get("norm_topk_prob", False)),
-                 first_moe_layer=len(dense), num_shared_experts=1 if shared else 0,
-                 shared_expert_ffn_dim=shared, shared_expert_gate=bool(shared)))
+    return (
+        dict(ffn_dim=int(r.need("intermediate_size")), qkv_bias=bool(r.get("qkv_bias", True))),
+        dict(
+            num_experts=int(r.need("num_experts")),
+            top_k=int(r.need("num_experts_per_tok")),
+            expert_ffn_dim=int(r.need("moe_intermediate_size")),
+            renormalize=bool(r.get("norm_topk_prob", False)),
+            first_moe_layer=len(dense),
+            num_shared_experts=1 if shared else 0,
+            shared_expert_ffn_dim=shared,
+            shared_expert_gate=bool(shared),
+        ),
+    )
 
 
 def _olmoe(r: _Reader) -> tuple[dict, dict]:
     r.expect("clip_qkv", r.get("clip_qkv") is None, "no QKV clipping")
     r.expect("attention_bias", not r.get("attention_bias", False), "OLMoE attention has no bias in moetrain")
     ffn = int(r.need("intermediate_size"))
-    return (dict(ffn_dim=ffn, qk_norm=True),
-            dict(num_experts=int(r.need("num_experts")), top_k=int(r.need("num_experts_per_tok")),
-                 expert_ffn_dim=ffn, renormalize=bool(r.get("norm_topk_prob", False))))
+    return (
+        dict(ffn_dim=ffn, qk_norm=True),
+        dict(
+            num_experts=int(r.need("num_experts")),
+            top_k=int(r.need("num_experts_per_tok")),
+            expert_ffn_dim=ffn,
+            renormalize=bool(r.get("norm_topk_prob", False)),
+        ),
+    )
 
 
 def _ernie(r: _Reader) -> tuple[dict, dict]:
     n_layers = int(r.need("num_hidden_layers"))
     r.expect("use_bias", not r.get("use_bias", False), "no bias on attention / FFN projections")
-    r.expect("moe_layer_interval", int(r.get("moe_layer_interval", 1)) == 1,
-             "MoE every layer after the dense first ones")
+    r.expect(
+        "moe_layer_interval", int(r.get("moe_layer_interval", 1)) == 1, "MoE every layer after the dense first ones"
+    )
     r.expect(
         "moe_layer_end_index", int(r.get("moe_layer_end_index", -1)) in (-1, n_layers - 1), "MoE up to the last layer"
     )
     E, K = int(r.need("moe_num_experts")), int(r.need("moe_k"))
     # weights / clamp(sum, norm_min): the top-k softmax scores sum to >= K / E, so a smaller
     # norm_min never clamps and plain renormalisation is exact
-    r.expect("moe_norm_min", float(r.get("moe_norm_min", 1e-12)) < K / E,
-             f"must be < moe_k / moe_num_experts = {K / E}")
-    return (dict(ffn_dim=int(r.need("intermediate_size"))),
-            dict(num_experts=E, top_k=K, expert_ffn_dim=int(r.need("moe_intermediate_size")), renormalize=True,
-                 first_moe_layer=int(r.get("moe_layer_start_index", 1)),
-                 num_shared_experts=int(r.get("moe_num_shared_experts", 0)), expert_bias=True))
+    r.expect(
+        "moe_norm_min", float(r.get("moe_norm_min", 1e-12)) < K / E, f"must be < moe_k / moe_num_experts = {K / E}"
+    )
+    return (
+        dict(ffn_dim=int(r.need("intermediate_size"))),
+        dict(
+            num_experts=E,
+            top_k=K,
+            expert_ffn_dim=int(r.need("moe_intermediate_size")),
+            renormalize=True,
+            first_moe_layer=int(r.get("moe_layer_start_index", 1)),
+            num_shared_experts=int(r.get("moe_num_shared_experts", 0)),
+            expert_bias=True,
+        ),
+    )
 
 
 _TO_MODEL = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "olmoe": _olmoe, "ernie4_5_moe": _ernie}
@@ -192,7 +241,7 @@ def check_special_ids(ids: dict[str, Any], vocab_size: int, where: str) -> None:
     """Every bos / eos / pad id (an int or a list of ints) in ``ids`` is in [0, vocab_size)."""
     for key in SPECIAL_IDS:
         value = ids.get(key)
-        for ident in (value if isinstance(value, list) else [value]):
+        for ident in value if isinstance(value, list) else [value]:
             if ident is None:
                 continue
             if isinstance(ident, bool) or not isinstance(ident, int) or not 0 <= ident < vocab_size:
@@ -205,13 +254,18 @@ def context_of(hf: dict[str, Any], base: ModelConfig | None, where: str = "confi
     limit = hf.get("max_position_embeddings")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise HFError(f"{where}: max_position_embeddings {limit!r} must be a positive integer")
-    cap = (f"{where} max_position_embeddings {limit}" if limit is not None
-           else f"{where} has no max_position_embeddings: {DEFAULT_CONTEXT} assumed")
+    cap = (
+        f"{where} max_position_embeddings {limit}"
+        if limit is not None
+        else f"{where} has no max_position_embeddings: {DEFAULT_CONTEXT} assumed"
+    )
     if base is None:
         return limit or DEFAULT_CONTEXT, cap
     if limit is not None and base.max_seq_len > limit:
-        raise HFError(f"model.max_seq_len ({base.max_seq_len}) exceeds max_position_embeddings ({limit}) of "
-                      f"{where}: the model has no positions past {limit}")
+        raise HFError(
+            f"model.max_seq_len ({base.max_seq_len}) exceeds max_position_embeddings ({limit}) of "
+            f"{where}: the model has no positions past {limit}"
+        )
     return base.max_seq_len, cap
 
 
@@ -220,8 +274,9 @@ def context_text(max_seq_len: int, cap: str) -> str:
     return f"context: model.max_seq_len {max_seq_len} tokens (cap: {cap})"
 
 
-def model_config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None, *,
-                         where: str = "config.json") -> ModelConfig:
+def model_config_from_hf(
+    hf: dict[str, Any], base: ModelConfig | None = None, *, where: str = "config.json"
+) -> ModelConfig:
     """The moetrain model of an HF config. Fields HF does not fix (init_std, max_seq_len when
     ``base`` is given, capacity, balancing) come from ``base`` (default: ModelConfig())."""
     if not isinstance(hf, dict):
@@ -234,14 +289,26 @@ def model_config_from_hf(hf: dict[str, Any], base: ModelConfig | None = None, *,
     base = base or ModelConfig()
     first = moe_kw.get("first_moe_layer", 0)
     if first >= model_kw["n_layers"]:
-        raise HFError(f"{where}: no MoE layer (the first MoE layer {first} >= num_hidden_layers "
-                      f"{model_kw['n_layers']})")
-    moe = dataclasses.replace(base.moe, **{"every_n_layers": 1, "num_groups": 1, "first_moe_layer": 0,
-                                            "num_shared_experts": 0, "shared_expert_ffn_dim": 0,
-                                            "shared_expert_gate": False, "expert_bias": False,
-                                            "router": "softmax_topk", **moe_kw})
-    return dataclasses.replace(base, **{"qk_norm": False, "qkv_bias": False, **model_kw}, moe=moe,
-                               init_from=base.init_from)
+        raise HFError(
+            f"{where}: no MoE layer (the first MoE layer {first} >= num_hidden_layers {model_kw['n_layers']})"
+        )
+    moe = dataclasses.replace(
+        base.moe,
+        **{
+            "every_n_layers": 1,
+            "num_groups": 1,
+            "first_moe_layer": 0,
+            "num_shared_experts": 0,
+            "shared_expert_ffn_dim": 0,
+            "shared_expert_gate": False,
+            "expert_bias": False,
+            "router": "softmax_topk",
+            **moe_kw,
+        },
+    )
+    return dataclasses.replace(
+        base, **{"qk_norm": False, "qkv_bias": False, **model_kw}, moe=moe, init_from=base.init_from
+    )
 
 
 # ---- ModelConfig -> HF config ----------------------------------------------------------------
@@ -272,19 +339,25 @@ def _check_exportable(spec: ArchSpec, cfg: ModelConfig) -> None:
     elif moe.router == "topk_softmax" and not moe.renormalize:
         raise _cannot(a, "moe.router", moe.router, "set model.moe.renormalize=true (the same weights)")
     if a == "olmoe" and (moe.num_shared_experts or moe.first_moe_layer):
-        raise _cannot(a, "moe.num_shared_experts", moe.num_shared_experts,
-                      "OLMoE has no shared experts or dense layers")
+        raise _cannot(
+            a, "moe.num_shared_experts", moe.num_shared_experts, "OLMoE has no shared experts or dense layers"
+        )
     if a == "qwen2_moe" and moe.num_shared_experts not in (0, 1):
         raise _cannot(a, "moe.num_shared_experts", moe.num_shared_experts, "Qwen2-MoE has one shared expert")
     if a == "qwen2_moe" and moe.num_shared_experts and not moe.shared_expert_gate:
         raise _cannot(a, "moe.shared_expert_gate", False, "Qwen2-MoE's shared expert is gated")
     if a == "ernie4_5_moe" and (moe.shared_expert_gate or moe.shared_expert_ffn_dim not in (0, moe.expert_ffn_dim)):
-        raise _cannot(a, "moe.shared_expert_ffn_dim", moe.shared_expert_ffn_dim,
-                      "Ernie's shared experts are ungated and of the expert width")
+        raise _cannot(
+            a,
+            "moe.shared_expert_ffn_dim",
+            moe.shared_expert_ffn_dim,
+            "Ernie's shared experts are ungated and of the expert width",
+        )
 
 
-def hf_config_from_model(spec: ArchSpec, cfg: ModelConfig, base: dict[str, Any] | None, *,
-                         dtype: str) -> dict[str, Any]:
+def hf_config_from_model(
+    spec: ArchSpec, cfg: ModelConfig, base: dict[str, Any] | None, *, dtype: str
+) -> dict[str, Any]:
     """config.json for ``cfg`` as ``spec``: ``base`` (the imported config.json, if any) with
     every field moetrain models overwritten."""
     _check_exportable(spec, cfg)
@@ -292,28 +365,56 @@ def hf_config_from_model(spec: ArchSpec, cfg: ModelConfig, base: dict[str, Any] 
     out = dict(base or {})
     rope = dict(out.get("rope_parameters") or {})
     rope.update(rope_theta=cfg.rope_theta, rope_type="default")
-    out.update(architectures=[spec.architecture], model_type=spec.model_type, vocab_size=cfg.vocab_size,
-               hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-               num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, rms_norm_eps=cfg.norm_eps,
-               rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", dtype=dtype)
+    out.update(
+        architectures=[spec.architecture],
+        model_type=spec.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads or cfg.n_heads,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=cfg.tie_embeddings,
+        hidden_act="silu",
+        dtype=dtype,
+    )
     out.setdefault("max_position_embeddings", cfg.max_seq_len)
     if "rope_theta" in out:
         out["rope_theta"] = cfg.rope_theta
     a, shared_dim = spec.model_type, moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
     if a == "mixtral":
-        out.update(intermediate_size=moe.expert_ffn_dim, num_local_experts=moe.num_experts,
-                   num_experts_per_tok=moe.top_k)
+        out.update(
+            intermediate_size=moe.expert_ffn_dim, num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k
+        )
     elif a == "qwen2_moe":
-        out.update(intermediate_size=cfg.ffn_dim, moe_intermediate_size=moe.expert_ffn_dim, num_experts=moe.num_experts,
-                   num_experts_per_tok=moe.top_k, norm_topk_prob=moe.renormalize, qkv_bias=cfg.qkv_bias,
-                   shared_expert_intermediate_size=shared_dim, decoder_sparse_step=1,
-                   mlp_only_layers=list(range(moe.first_moe_layer)))
+        out.update(
+            intermediate_size=cfg.ffn_dim,
+            moe_intermediate_size=moe.expert_ffn_dim,
+            num_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            norm_topk_prob=moe.renormalize,
+            qkv_bias=cfg.qkv_bias,
+            shared_expert_intermediate_size=shared_dim,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(moe.first_moe_layer)),
+        )
     elif a == "olmoe":
-        out.update(intermediate_size=moe.expert_ffn_dim, num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-                   norm_topk_prob=moe.renormalize)
+        out.update(
+            intermediate_size=moe.expert_ffn_dim,
+            num_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            norm_topk_prob=moe.renormalize,
+        )
     else:
-        out.update(intermediate_size=cfg.ffn_dim, moe_intermediate_size=moe.expert_ffn_dim,
-                   moe_num_experts=moe.num_experts, moe_k=moe.top_k, moe_num_shared_experts=moe.num_shared_experts,
-                   moe_layer_start_index=moe.first_moe_layer, moe_layer_end_index=cfg.n_layers - 1,
-                   moe_layer_interval=1)
+        out.update(
+            intermediate_size=cfg.ffn_dim,
+            moe_intermediate_size=moe.expert_ffn_dim,
+            moe_num_experts=moe.num_experts,
+            moe_k=moe.top_k,
+            moe_num_shared_experts=moe.num_shared_experts,
+            moe_layer_start_index=moe.first_moe_layer,
+            moe_layer_end_index=cfg.n_layers - 1,
+            moe_layer_interval=1,
+        )
     return out

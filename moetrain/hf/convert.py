@@ -34,15 +34,36 @@ from moetrain.checkpoint.layout import CheckpointRef, ObjectEntry
 from moetrain.checkpoint.root import open_root
 from moetrain.storage import open_store
 from moetrain.config import (
-    ClusterConfig, DataConfig, ModelConfig, RunConfig, StoreConfig, _from_dict,
+    ClusterConfig,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    StoreConfig,
+    _from_dict,
 )
 from moetrain.hf.arch import (
-    ARCHS, SUPPORTED, ArchSpec, arch_of, check_special_ids, context_of, context_text, hf_config_from_model,
+    ARCHS,
+    SUPPORTED,
+    ArchSpec,
+    arch_of,
+    check_special_ids,
+    context_of,
+    context_text,
+    hf_config_from_model,
     model_config_from_hf,
 )
 from moetrain.hf.errors import HFError
 from moetrain.hf.safetensors_io import (
-    CONFIG, GENERATION_CONFIG, INDEX, SINGLE, TOKENIZER_FILES, HFDir, open_dir, read_json, shard_header, write_shard,
+    CONFIG,
+    GENERATION_CONFIG,
+    INDEX,
+    SINGLE,
+    TOKENIZER_FILES,
+    HFDir,
+    open_dir,
+    read_json,
+    shard_header,
+    write_shard,
 )
 from moetrain.hf.tensors import TensorMap, tensor_plan, to_hf, to_moetrain
 from moetrain.model.transformer import count_moe_blocks
@@ -71,19 +92,28 @@ class ConvertReport:
 class SourceLayout:
     """How the HF model a checkpoint came from was stored, recorded at import (manifest meta
     ``hf.layout``) so that an export can store it the same way."""
+
     dtype: str  # the dtype of most tensor bytes, e.g. "bfloat16"
     dtypes: dict[str, str]  # tensors stored in another dtype (e.g. an fp32 router bias), by HF name
     shard_bytes: int  # tensor bytes of the largest shard
     shards: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "dtypes": dict(self.dtypes), "shard_bytes": self.shard_bytes,
-                "shards": self.shards}
+        return {
+            "dtype": self.dtype,
+            "dtypes": dict(self.dtypes),
+            "shard_bytes": self.shard_bytes,
+            "shards": self.shards,
+        }
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "SourceLayout":
-        return SourceLayout(str(d["dtype"]), {str(k): str(v) for k, v in (d.get("dtypes") or {}).items()},
-                            int(d["shard_bytes"]), int(d["shards"]))
+        return SourceLayout(
+            str(d["dtype"]),
+            {str(k): str(v) for k, v in (d.get("dtypes") or {}).items()},
+            int(d["shard_bytes"]),
+            int(d["shards"]),
+        )
 
 
 def source_layout(src: HFDir) -> SourceLayout:
@@ -95,8 +125,12 @@ def source_layout(src: HFDir) -> SourceLayout:
         by_shard[info.shard] = by_shard.get(info.shard, 0) + info.nbytes
     main = max(by_dtype, key=lambda d: (by_dtype[d], str(d))) if by_dtype else torch.float32
     name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
-    return SourceLayout(name(main), {n: name(i.dtype) for n, i in src.tensors.items() if i.dtype != main},
-                        max(by_shard.values(), default=0), max(1, len(by_shard)))
+    return SourceLayout(
+        name(main),
+        {n: name(i.dtype) for n, i in src.tensors.items() if i.dtype != main},
+        max(by_shard.values(), default=0),
+        max(1, len(by_shard)),
+    )
 
 
 def _expert_groups(plan: list[TensorMap]) -> dict[tuple[int, int], list[TensorMap]]:
@@ -112,27 +146,41 @@ def _read_target(src: HFDir, m: TensorMap, spec: ArchSpec) -> torch.Tensor:
     return to_moetrain(m, [src.read(s) for s in m.sources], interleaved_rope=spec.interleaved_rope)
 
 
-def run_meta(model: ModelConfig, hf_config: dict, source: str, tokenizer_files: list[str],
-             layout: SourceLayout | None = None) -> dict[str, Any]:
+def run_meta(
+    model: ModelConfig, hf_config: dict, source: str, tokenizer_files: list[str], layout: SourceLayout | None = None
+) -> dict[str, Any]:
     """Manifest meta of an imported checkpoint: resumable fields plus the HF config."""
-    run_cfg = RunConfig(model=model, cluster=ClusterConfig(num_workers=1),
-                        data=DataConfig(tokenizer=f"hf:{source}" if "tokenizer.json" in tokenizer_files else "bpe"))
+    run_cfg = RunConfig(
+        model=model,
+        cluster=ClusterConfig(num_workers=1),
+        data=DataConfig(tokenizer=f"hf:{source}" if "tokenizer.json" in tokenizer_files else "bpe"),
+    )
     placement = Placement.contiguous(count_moe_blocks(model), model.moe.num_experts, 1)
-    return {"step": 0, "run_id": "", "cursor": {}, "placement": placement.to_json(), "config": run_cfg.to_dict(),
-            "hf": {"config": hf_config, "source": source, "tokenizer_files": tokenizer_files,
-                   **({"layout": layout.to_dict()} if layout else {})}}
+    return {
+        "step": 0,
+        "run_id": "",
+        "cursor": {},
+        "placement": placement.to_json(),
+        "config": run_cfg.to_dict(),
+        "hf": {
+            "config": hf_config,
+            "source": source,
+            "tokenizer_files": tokenizer_files,
+            **({"layout": layout.to_dict()} if layout else {}),
+        },
+    }
 
 
-def import_hf(src_uri: str, out_uri: str, run: str = "hf", *,
-              store_cfg: StoreConfig | None = None) -> ConvertReport:
+def import_hf(src_uri: str, out_uri: str, run: str = "hf", *, store_cfg: StoreConfig | None = None) -> ConvertReport:
     """HF directory ``src_uri`` -> committed checkpoint ``<out_uri>/<run>/step-0`` (both stores
     opened with ``store_cfg``'s endpoints)."""
     src = HFDir(src_uri, store_cfg)
     spec = arch_of(src.config, src.store.uri_of(CONFIG))
     model = model_config_from_hf(src.config, where=src.store.uri_of(CONFIG))
     if src.store.exists(GENERATION_CONFIG):
-        check_special_ids(read_json(src.store, GENERATION_CONFIG), model.vocab_size,
-                          src.store.uri_of(GENERATION_CONFIG))
+        check_special_ids(
+            read_json(src.store, GENERATION_CONFIG), model.vocab_size, src.store.uri_of(GENERATION_CONFIG)
+        )
     plan = tensor_plan(spec, model)
     src.check((s, shape) for m in plan for s, shape in zip(m.sources, m.shapes))
     layout = source_layout(src)
@@ -140,6 +188,7 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *,
     entries: list[ObjectEntry] = []
     nbytes = 0
     with AsyncCheckpointWriter(store, run, async_upload=False, max_concurrency=WRITE_CONCURRENCY) as writer:
+
         def save(objects: dict[str, Any]) -> None:
             entries.extend(writer.save(0, objects).result().entries)
 
@@ -153,7 +202,7 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *,
         del dense
         groups = _expert_groups(plan)
         for layer in sorted({layer for layer, _ in groups}):  # one MoE layer's experts at a time,
-            objects = {}                                      # written concurrently
+            objects = {}  # written concurrently
             for (g_layer, e), maps in groups.items():
                 if g_layer == layer:
                     obj = {m.target.rsplit(":", 1)[1]: _read_target(src, m, spec) for m in maps}
@@ -162,15 +211,20 @@ def import_hf(src_uri: str, out_uri: str, run: str = "hf", *,
             save(objects)
             del objects
         tokenizer_files = [f for f in TOKENIZER_FILES if src.store.exists(f)]
-        save({TOKENIZER_PREFIX + f: {"file": f, "data": np.frombuffer(src.store.read_bytes(f), dtype=np.uint8).copy()}
-              for f in tokenizer_files})
+        save(
+            {
+                TOKENIZER_PREFIX + f: {"file": f, "data": np.frombuffer(src.store.read_bytes(f), dtype=np.uint8).copy()}
+                for f in tokenizer_files
+            }
+        )
     src.close()
     commit(store, run, 0, [entries], run_meta(model, src.config, src_uri, tokenizer_files, layout))
     ref = CheckpointRef(store, run, 0)
     note = context_text(model.max_seq_len, context_of(src.config, None, src.store.uri_of(CONFIG))[1])
     log.info("imported %s (%s) -> %s: %d objects; %s", src_uri, spec.model_type, ref.uri, len(entries), note)
-    return ConvertReport(uri=ref.uri, tensors=sum(len(m.sources) for m in plan), bytes=nbytes, files=len(entries),
-                         note=note)
+    return ConvertReport(
+        uri=ref.uri, tensors=sum(len(m.sources) for m in plan), bytes=nbytes, files=len(entries), note=note
+    )
 
 
 # ---- export --------------------------------------------------------------------------------------
@@ -185,6 +239,7 @@ def checkpoint_model(manifest, dense: dict) -> tuple[ModelConfig, RunConfig]:
     model = run_cfg.model
     if model.vocab_size == 0:
         import dataclasses
+
         model = dataclasses.replace(model, vocab_size=int(dense["params"]["tok_embed_VD"].shape[0]))
     return model, run_cfg
 
@@ -194,9 +249,9 @@ def _object_tensors(ref: CheckpointRef, name: str) -> dict[str, tuple[torch.dtyp
     store = ref.store
     with store.fs.open_input_file(store.path(ref.key(name))) as f:
         prefix = f.read(_PREFIX)
-        if prefix[:len(MAGIC)] != MAGIC:
+        if prefix[: len(MAGIC)] != MAGIC:
             raise HFError(f"{store.uri_of(ref.key(name))}: not a moetrain checkpoint object")
-        header = json.loads(f.read(struct.unpack("<Q", prefix[len(MAGIC):])[0]))
+        header = json.loads(f.read(struct.unpack("<Q", prefix[len(MAGIC) :])[0]))
     metas = header["tensors"]
     out = {}
     for key, node in header["tree"]["__dict__"]:
@@ -303,12 +358,22 @@ def _shards_like(entries: list[tuple], layout: SourceLayout) -> list[list[tuple]
 
 def parse_size(text: str) -> int:
     """``--max-shard-size``: bytes from ``5GB``, ``500MB``, ``2GiB``, ``40KB`` or a plain integer."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 1 << 10, "MIB": 1 << 20,
-             "GIB": 1 << 30, "TIB": 1 << 40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 1 << 10,
+        "MIB": 1 << 20,
+        "GIB": 1 << 30,
+        "TIB": 1 << 40,
+    }
     t = text.strip().upper()
     digits = t.rstrip("KMGTIB")
     try:
-        value = float(digits) * units[t[len(digits):]]
+        value = float(digits) * units[t[len(digits) :]]
     except (ValueError, KeyError):
         raise HFError(f"--max-shard-size ({text!r}) must be a size such as 5GB, 500MB or 2GiB") from None
     if not value >= 1:
@@ -336,8 +401,9 @@ def _dtype_plan(entries: list[tuple], dtype: str, layout: SourceLayout | None) -
     return out
 
 
-def _copy_tokenizer(ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str,
-                    store_cfg: StoreConfig | None) -> list[str]:
+def _copy_tokenizer(
+    ref, manifest, out, run_cfg: RunConfig, tokenizer_dir: str, store_cfg: StoreConfig | None
+) -> list[str]:
     names = [e.name for e in manifest.entries if e.name.startswith(TOKENIZER_PREFIX)]
     if names and not tokenizer_dir:
         objs = load_objects(ref, names, manifest=manifest)
@@ -370,8 +436,16 @@ def _hf_base(manifest, store_cfg: StoreConfig | None) -> tuple[dict | None, Sour
     return None, None
 
 
-def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto", max_shard_bytes: int = 0,
-              tokenizer_dir: str = "", store_cfg: StoreConfig | None = None) -> ConvertReport:
+def export_hf(
+    ckpt_uri: str,
+    out_uri: str,
+    *,
+    arch: str = "",
+    dtype: str = "auto",
+    max_shard_bytes: int = 0,
+    tokenizer_dir: str = "",
+    store_cfg: StoreConfig | None = None,
+) -> ConvertReport:
     """Committed checkpoint ``ckpt_uri`` (a step or run URI) -> HF directory ``out_uri``.
 
     ``dtype``: ``auto`` (the source model's, as recorded at import), ``fp32`` or ``bf16``.
@@ -397,8 +471,9 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto
     for e in entries:
         by_dtype[e[1]] = by_dtype.get(e[1], 0) + _nbytes(e)
     main_dtype = str(max(by_dtype, key=lambda d: (by_dtype[d], str(d)))).removeprefix("torch.")  # config.json's
-    hf_config = hf_config_from_model(spec, model, hf_base if hf_base and hf_base.get("model_type") == name else None,
-                                     dtype=main_dtype)
+    hf_config = hf_config_from_model(
+        spec, model, hf_base if hf_base and hf_base.get("model_type") == name else None, dtype=main_dtype
+    )
     if "torch_dtype" in hf_config:
         hf_config["torch_dtype"] = main_dtype
     out = open_store(out_uri, store_cfg)
@@ -416,12 +491,14 @@ def export_hf(ckpt_uri: str, out_uri: str, *, arch: str = "", dtype: str = "auto
         total += shard_header(shard)[1]
         weight_map.update({n: key for n, _, _ in shard})
     if len(shards) > 1:
-        out.write_bytes(INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                          indent=2).encode())
+        out.write_bytes(
+            INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
+        )
     out.write_bytes(CONFIG, json.dumps(hf_config, indent=2).encode())
     copied = _copy_tokenizer(ref, manifest, out, run_cfg, tokenizer_dir, store_cfg)
     largest = max(shard_header(s)[1] for s in shards)
     note = f"dtype {main_dtype}, {len(shards)} shard(s) of at most {largest / 1e6:.1f} MB"
-    log.info("exported %s -> %s (%s): %s, %d tensors, tokenizer files %s", ref.uri, out.uri, name, note,
-             len(entries), copied)
+    log.info(
+        "exported %s -> %s (%s): %s, %d tensors, tokenizer files %s", ref.uri, out.uri, name, note, len(entries), copied
+    )
     return ConvertReport(uri=out.uri, tensors=len(entries), bytes=total, files=len(shards), note=note)

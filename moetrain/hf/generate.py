@@ -39,8 +39,9 @@ def _ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
 
 
-def checkpoint_tokenizer(uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir: str = "",
-                         store_cfg: StoreConfig | None = None) -> tuple[Tokenizer, bool, tuple[int, ...]]:
+def checkpoint_tokenizer(
+    uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir: str = "", store_cfg: StoreConfig | None = None
+) -> tuple[Tokenizer, bool, tuple[int, ...]]:
     """(tokenizer, is an HF tokenizer (adds its special tokens), stop ids)."""
     stop = _ids((meta.get("hf") or {}).get("config", {}).get("eos_token_id"))
     ref = resolve(uri, store_cfg=store_cfg)
@@ -67,8 +68,14 @@ def checkpoint_tokenizer(uri: str, run_cfg: RunConfig, meta: dict, tokenizer_dir
 
 
 @torch.no_grad()
-def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = (),
-           *, kv_cache: bool = True) -> list[int]:
+def greedy(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...] = (),
+    *,
+    kv_cache: bool = True,
+) -> list[int]:
     """Greedy continuation of ``prompt_ids`` (stops after a stop id, which is included).
 
     With ``kv_cache`` the prompt is run once and each new token costs one position (keys and
@@ -78,8 +85,10 @@ def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_
         raise HFError("the prompt encodes to no tokens")
     limit = model.cfg.max_seq_len
     if len(prompt_ids) + max_new_tokens > limit:
-        raise HFError(f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds "
-                      f"the model's context (model.max_seq_len {limit}): shorten the prompt or ask for fewer tokens")
+        raise HFError(
+            f"the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens ({max_new_tokens}) exceeds "
+            f"the model's context (model.max_seq_len {limit}): shorten the prompt or ask for fewer tokens"
+        )
     model.eval()
     ids = list(prompt_ids)
     caches = model.new_kv_caches() if kv_cache else None
@@ -91,18 +100,21 @@ def greedy(model: Transformer, prompt_ids: list[int], max_new_tokens: int, stop_
         if nxt in stop_ids:
             break
         feed = [nxt]
-    return ids[len(prompt_ids):]
+    return ids[len(prompt_ids) :]
 
 
-def generate(uri: str, prompt: str, max_new_tokens: int = 32, *, tokenizer_dir: str = "",
-             store_cfg: StoreConfig | None = None) -> Generation:
+def generate(
+    uri: str, prompt: str, max_new_tokens: int = 32, *, tokenizer_dir: str = "", store_cfg: StoreConfig | None = None
+) -> Generation:
     if max_new_tokens < 0:
         raise HFError(f"--max-new-tokens ({max_new_tokens}) must be >= 0")
     model, run_cfg, meta = model_from_checkpoint(uri, store_cfg)
     tok, is_hf, stop = checkpoint_tokenizer(uri, run_cfg, meta, tokenizer_dir, store_cfg)
     if tok.get_vocab_size() > model.cfg.vocab_size:
-        raise HFError(f"tokenizer vocabulary ({tok.get_vocab_size()}) is larger than model.vocab_size "
-                      f"({model.cfg.vocab_size}): not this model's tokenizer")
+        raise HFError(
+            f"tokenizer vocabulary ({tok.get_vocab_size()}) is larger than model.vocab_size "
+            f"({model.cfg.vocab_size}): not this model's tokenizer"
+        )
     prompt_ids = tok.encode(prompt, add_special_tokens=is_hf).ids
     new = greedy(model, prompt_ids, max_new_tokens, stop)
     return Generation(tuple(prompt_ids), tuple(new), tok.decode(new))

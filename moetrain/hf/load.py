@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def hf_dir_of(spec: str) -> str:
-    return spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else ""
+    return spec[len(HF_PREFIX) :] if spec.startswith(HF_PREFIX) else ""
 
 
 def resolve_init_from(cfg: RunConfig) -> RunConfig:

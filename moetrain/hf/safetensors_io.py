@@ -35,9 +35,18 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 ALIGN = 8  # data offsets are padded so every tensor starts 8-byte aligned
 _SHARD = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -88,8 +97,9 @@ def _read_header(store: Store, shard: str) -> dict[str, TensorInfo]:
         raise HFError(f"{where}: safetensors header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise HFError(f"{where}: safetensors header is a JSON {type(header).__name__}, not an object")
-    out = {name: _tensor_info(where, shard, name, meta, 8 + n) for name, meta in header.items()
-           if name != "__metadata__"}
+    out = {
+        name: _tensor_info(where, shard, name, meta, 8 + n) for name, meta in header.items() if name != "__metadata__"
+    }
     spans = sorted((i.offset, i.offset + i.nbytes, name) for name, i in out.items() if i.nbytes)
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
@@ -110,13 +120,18 @@ def _tensor_info(where: str, shard: str, name: str, meta, data_start: int) -> Te
         raise HFError(f"{where}: tensor {name} has dtype {dtype}, which moetrain does not read")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise HFError(f"{bad} has shape {shape!r} (not a list of non-negative integers)")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise HFError(f"{bad} has data_offsets {offsets!r} (not [begin, end] with 0 <= begin <= end)")
     need = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=DTYPES[dtype]).element_size()
     if offsets[1] - offsets[0] != need:
-        raise HFError(f"{bad} has data_offsets {offsets} ({offsets[1] - offsets[0]} bytes) but {dtype} "
-                      f"{shape} needs {need} bytes")
+        raise HFError(
+            f"{bad} has data_offsets {offsets} ({offsets[1] - offsets[0]} bytes) but {dtype} {shape} needs {need} bytes"
+        )
     return TensorInfo(shard, DTYPES[dtype], tuple(shape), data_start + offsets[0], need)
 
 
@@ -144,8 +159,10 @@ class HFDir:
         missing = [s for s in shards if s not in present]
         if missing:
             names = sorted(n for n, s in (weight_map or {}).items() if s == missing[0])
-            raise HFError(f"{self.store.uri_of(missing[0])}: shard missing (it holds {names[0]} and "
-                          f"{len(names) - 1} more tensors)")
+            raise HFError(
+                f"{self.store.uri_of(missing[0])}: shard missing (it holds {names[0]} and "
+                f"{len(names) - 1} more tensors)"
+            )
         extra = sorted(present - set(shards))
         if extra:
             raise HFError(f"{self.store.uri_of(extra[0])}: extra shard not listed in {INDEX}")
@@ -158,8 +175,10 @@ class HFDir:
         if weight_map is not None:
             absent = sorted(set(weight_map) - set(infos))
             if absent:
-                raise HFError(f"{self.store.uri_of(weight_map[absent[0]])}: tensor {absent[0]} listed in {INDEX} "
-                              "is not in the shard")
+                raise HFError(
+                    f"{self.store.uri_of(weight_map[absent[0]])}: tensor {absent[0]} listed in {INDEX} "
+                    "is not in the shard"
+                )
         return infos
 
     def check(self, expected: Iterable[tuple[str, tuple[int, ...]]]) -> None:
@@ -170,12 +189,16 @@ class HFDir:
             if info is None:
                 raise HFError(f"{self.uri}: tensor {name} is missing")
             if info.shape != tuple(shape):
-                raise HFError(f"{self.store.uri_of(info.shard)}: tensor {name} has shape {list(info.shape)}, "
-                              f"the config implies {list(shape)}")
+                raise HFError(
+                    f"{self.store.uri_of(info.shard)}: tensor {name} has shape {list(info.shape)}, "
+                    f"the config implies {list(shape)}"
+                )
         extra = sorted(set(self.tensors) - set(want))
         if extra:
-            raise HFError(f"{self.store.uri_of(self.tensors[extra[0]].shard)}: unexpected tensor {extra[0]} "
-                          f"({len(extra)} in all): not part of this {self.config.get('model_type')} config")
+            raise HFError(
+                f"{self.store.uri_of(self.tensors[extra[0]].shard)}: unexpected tensor {extra[0]} "
+                f"({len(extra)} in all): not part of this {self.config.get('model_type')} config"
+            )
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype (one ranged read)."""
@@ -211,8 +234,12 @@ def shard_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> tup
     return struct.pack("<Q", len(body)) + body, offset
 
 
-def write_shard(store: Store, key: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                tensor_of: Callable[[str], torch.Tensor]) -> int:
+def write_shard(
+    store: Store,
+    key: str,
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    tensor_of: Callable[[str], torch.Tensor],
+) -> int:
     """Stream one shard: the header, then ``tensor_of(name)`` for each entry in order (so the
     caller decides what is in memory). Atomic (temporary key + move). Returns its size."""
     header, _ = shard_header(entries)
@@ -222,9 +249,11 @@ def write_shard(store: Store, key: str, entries: list[tuple[str, torch.dtype, tu
         for name, dtype, shape in entries:
             t = tensor_of(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise HFError(f"{store.uri_of(key)}: tensor {name} is {t.dtype} {list(t.shape)}, planned "
-                              f"{dtype} {list(shape)}")
+                raise HFError(
+                    f"{store.uri_of(key)}: tensor {name} is {t.dtype} {list(t.shape)}, planned {dtype} {list(shape)}"
+                )
             t = t.detach().contiguous()
             if t.numel():
                 sink.write(t.reshape(-1).view(torch.uint8).numpy())
+
     return store.write_atomic(key, produce).size

@@ -43,22 +43,36 @@ def _attention(spec: ArchSpec, cfg: ModelConfig, i: int) -> list[TensorMap]:
     G, d = cfg.n_kv_heads or H, cfg.dim // H
     hf, mt = f"model.layers.{i}.self_attn", f"blocks.{i}.attn"
     qkv = tuple(f"{hf}.{p}_proj" for p in "qkv")
-    out = [TensorMap(f"dense:{mt}.wqkv_QD", tuple(f"{n}.weight" for n in qkv), ((H * d, D), (G * d, D), (G * d, D)),
-                     "qkv", (H, G, G)),
-           TensorMap(f"dense:{mt}.wo_DD", (f"{hf}.o_proj.weight",), ((D, H * d),))]
+    out = [
+        TensorMap(
+            f"dense:{mt}.wqkv_QD",
+            tuple(f"{n}.weight" for n in qkv),
+            ((H * d, D), (G * d, D), (G * d, D)),
+            "qkv",
+            (H, G, G),
+        ),
+        TensorMap(f"dense:{mt}.wo_DD", (f"{hf}.o_proj.weight",), ((D, H * d),)),
+    ]
     if cfg.qkv_bias:
-        out.append(TensorMap(f"dense:{mt}.bqkv_Q", tuple(f"{n}.bias" for n in qkv), ((H * d,), (G * d,), (G * d,)),
-                             "qkv", (H, G, G)))
+        out.append(
+            TensorMap(
+                f"dense:{mt}.bqkv_Q", tuple(f"{n}.bias" for n in qkv), ((H * d,), (G * d,), (G * d,)), "qkv", (H, G, G)
+            )
+        )
     if cfg.qk_norm:
-        out += [TensorMap(f"dense:{mt}.q_norm.weight_D", (f"{hf}.q_norm.weight",), ((H * d,),)),
-                TensorMap(f"dense:{mt}.k_norm.weight_D", (f"{hf}.k_norm.weight",), ((G * d,),))]
+        out += [
+            TensorMap(f"dense:{mt}.q_norm.weight_D", (f"{hf}.q_norm.weight",), ((H * d,),)),
+            TensorMap(f"dense:{mt}.k_norm.weight_D", (f"{hf}.k_norm.weight",), ((G * d,),)),
+        ]
     return out
 
 
 def _swiglu(target: str, source: str, leaves: tuple[str, str, str], D: int, F: int) -> list[TensorMap]:
     shapes = ((F, D), (F, D), (D, F))
-    return [TensorMap(f"{target}.{mt}", (f"{source}.{leaf}.weight",), (shape,))
-            for mt, leaf, shape in zip(("w_gate_FD", "w_up_FD", "w_down_DF"), leaves, shapes)]
+    return [
+        TensorMap(f"{target}.{mt}", (f"{source}.{leaf}.weight",), (shape,))
+        for mt, leaf, shape in zip(("w_gate_FD", "w_up_FD", "w_down_DF"), leaves, shapes)
+    ]
 
 
 def _moe(spec: ArchSpec, cfg: ModelConfig, i: int, layer: int) -> list[TensorMap]:
@@ -67,13 +81,20 @@ def _moe(spec: ArchSpec, cfg: ModelConfig, i: int, layer: int) -> list[TensorMap
     out = [TensorMap(f"dense:{mt}.router.gate_ED", (f"{hf}.gate.weight",), ((moe.num_experts, D),))]
     shared_dim = moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
     if shared_dim:
-        out += _swiglu(f"dense:{mt}.shared", f"{hf}.{spec.shared_module}", ("gate_proj", "up_proj", "down_proj"),
-                       D, shared_dim)
+        out += _swiglu(
+            f"dense:{mt}.shared", f"{hf}.{spec.shared_module}", ("gate_proj", "up_proj", "down_proj"), D, shared_dim
+        )
     if shared_dim and moe.shared_expert_gate:
         out.append(TensorMap(f"dense:{mt}.shared_gate_1D", (f"{hf}.shared_expert_gate.weight",), ((1, D),)))
     if moe.expert_bias:
-        out.append(TensorMap(f"buffer:{mt}.router.expert_bias_E", (f"{hf}.moe_statics.e_score_correction_bias",),
-                             ((1, moe.num_experts),), "row"))
+        out.append(
+            TensorMap(
+                f"buffer:{mt}.router.expert_bias_E",
+                (f"{hf}.moe_statics.e_score_correction_bias",),
+                ((1, moe.num_experts),),
+                "row",
+            )
+        )
     F = moe.expert_ffn_dim
     for e in range(moe.num_experts):
         for key, leaf, shape in zip(EXPERT_KEYS, spec.expert_leaves, ((F, D), (F, D), (D, F))):
@@ -93,15 +114,19 @@ def tensor_plan(spec: ArchSpec, cfg: ModelConfig) -> list[TensorMap]:
             TensorMap(f"dense:blocks.{i}.attn_norm.weight_D", (f"model.layers.{i}.input_layernorm.weight",), ((D,),))
         )
         dense += _attention(spec, cfg, i)
-        dense.append(TensorMap(f"dense:blocks.{i}.ffn_norm.weight_D",
-                               (f"model.layers.{i}.post_attention_layernorm.weight",), ((D,),)))
+        dense.append(
+            TensorMap(
+                f"dense:blocks.{i}.ffn_norm.weight_D", (f"model.layers.{i}.post_attention_layernorm.weight",), ((D,),)
+            )
+        )
         if is_moe_block(cfg, i):
             for m in _moe(spec, cfg, i, layer):
                 (experts if m.kind_of_target == "expert" else dense).append(m)
             layer += 1
         else:
-            dense += _swiglu(f"dense:blocks.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"),
-                             D, cfg.ffn_dim)
+            dense += _swiglu(
+                f"dense:blocks.{i}.ffn", f"model.layers.{i}.mlp", ("gate_proj", "up_proj", "down_proj"), D, cfg.ffn_dim
+            )
     dense.append(TensorMap("dense:final_norm.weight_D", ("model.norm.weight",), ((D,),)))
     if not cfg.tie_embeddings:
         dense.append(TensorMap("dense:lm_head_VD", ("lm_head.weight",), ((V, D),)))

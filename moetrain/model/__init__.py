@@ -6,5 +6,14 @@ from moetrain.model.moe.layer import MoELayer
 from moetrain.model.moe.router import RouterOutput, TopKRouter
 from moetrain.model.transformer import Transformer, count_moe_blocks
 
-__all__ = ["Transformer", "count_moe_blocks", "RouterOutput", "TopKRouter", "MoELayer", "GroupedExperts",
-           "Dispatcher", "DispatchMeta", "LocalDispatcher"]
+__all__ = [
+    "Transformer",
+    "count_moe_blocks",
+    "RouterOutput",
+    "TopKRouter",
+    "MoELayer",
+    "GroupedExperts",
+    "Dispatcher",
+    "DispatchMeta",
+    "LocalDispatcher",
+]

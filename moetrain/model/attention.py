@@ -46,6 +46,7 @@ def apply_rotary(x_BHTd: Tensor, cos_Th: Tensor, sin_Th: Tensor) -> Tensor:
 class KVCache:
     """One attention layer's keys (rotated) and values of the positions seen so far: inference
     only (no autograd), batch and position order as fed. Grows by concatenation."""
+
     k_BGPd: Tensor | None = None
     v_BGPd: Tensor | None = None
 
@@ -73,8 +74,18 @@ class CausalSelfAttention(nn.Module):
     rope_cos: Tensor  # buffers, registered in __init__
     rope_sin: Tensor
 
-    def __init__(self, dim: int, n_heads: int, max_seq_len: int, rope_theta: float, *, n_kv_heads: int = 0,
-                 qk_norm: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        max_seq_len: int,
+        rope_theta: float,
+        *,
+        n_kv_heads: int = 0,
+        qk_norm: bool = False,
+        qkv_bias: bool = False,
+        norm_eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.n_kv_heads = n_kv_heads or n_heads
@@ -110,7 +121,7 @@ class CausalSelfAttention(nn.Module):
             q_BHTd = q_BTX.view(B, T, H, d).transpose(1, 2)
             k_BGTd = k_BTY.view(B, T, G, d).transpose(1, 2)
             v_BGTd = v_BTY.view(B, T, G, d).transpose(1, 2)
-        cos, sin = self.rope_cos[P:P + T], self.rope_sin[P:P + T]
+        cos, sin = self.rope_cos[P : P + T], self.rope_sin[P : P + T]
         q_BHTd, k_BGTd = apply_rotary(q_BHTd, cos, sin), apply_rotary(k_BGTd, cos, sin)
         if cache is not None:
             k_BGTd, v_BGTd = cache.extend(k_BGTd, v_BGTd)  # now every position: P + T keys
@@ -118,6 +129,5 @@ class CausalSelfAttention(nn.Module):
             k_BGTd = k_BGTd.repeat_interleave(H // G, dim=1)
             v_BGTd = v_BGTd.repeat_interleave(H // G, dim=1)
         mask = cached_causal_mask(T, P, x_BTD.device)
-        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask,
-                                                is_causal=P == 0 and T > 1)
+        y_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BGTd, v_BGTd, attn_mask=mask, is_causal=P == 0 and T > 1)
         return F.linear(y_BHTd.transpose(1, 2).reshape(B, T, H * d), self.wo_DD)

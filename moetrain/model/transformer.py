@@ -49,8 +49,10 @@ def count_moe_blocks(cfg: ModelConfig) -> int:
 
 def check_placement(placement: Placement, num_moe_layers: int, num_experts: int, rank: int) -> None:
     if placement.num_layers != num_moe_layers:
-        raise ConfigError(f"placement has {placement.num_layers} layers but the model has {num_moe_layers} "
-                          "MoE layers (model.n_layers / model.moe.every_n_layers / model.moe.first_moe_layer)")
+        raise ConfigError(
+            f"placement has {placement.num_layers} layers but the model has {num_moe_layers} "
+            "MoE layers (model.n_layers / model.moe.every_n_layers / model.moe.first_moe_layer)"
+        )
     if placement.num_experts != num_experts:
         raise ConfigError(f"placement has {placement.num_experts} experts but model.moe.num_experts is {num_experts}")
     if not 0 <= rank < placement.num_ranks:
@@ -58,8 +60,9 @@ def check_placement(placement: Placement, num_moe_layers: int, num_experts: int,
 
 
 @torch.no_grad()
-def init_dense_(named_params: Iterable[tuple[str, nn.Parameter]], *, seed: int, init_std: float,
-                out_std: float) -> None:
+def init_dense_(
+    named_params: Iterable[tuple[str, nn.Parameter]], *, seed: int, init_std: float, out_std: float
+) -> None:
     """Initialise dense parameters in the given order from one generator seeded with ``seed``:
     RMSNorm weights (``weight_D``) = 1, QKV biases = 0, output projections ~ N(0, out_std^2), others
     ~ N(0, init_std^2). In place; never touches the global RNG."""
@@ -84,9 +87,16 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg.dim, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta,
-                                        n_kv_heads=cfg.n_kv_heads, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias,
-                                        norm_eps=cfg.norm_eps)
+        self.attn = CausalSelfAttention(
+            cfg.dim,
+            cfg.n_heads,
+            cfg.max_seq_len,
+            cfg.rope_theta,
+            n_kv_heads=cfg.n_kv_heads,
+            qk_norm=cfg.qk_norm,
+            qkv_bias=cfg.qkv_bias,
+            norm_eps=cfg.norm_eps,
+        )
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = ffn
         self.checkpoint_attention = False
@@ -128,9 +138,15 @@ class Transformer(nn.Module):
         blocks, moe_index = [], 0
         for i in range(cfg.n_layers):
             if is_moe_block(cfg, i):
-                ffn: nn.Module = MoELayer(cfg.dim, cfg.moe, layer_index=moe_index, seed=seed,
-                                          local_experts=placement.local_experts(moe_index, rank).tolist(),
-                                          init_std=init_std, out_std=out_std)
+                ffn: nn.Module = MoELayer(
+                    cfg.dim,
+                    cfg.moe,
+                    layer_index=moe_index,
+                    seed=seed,
+                    local_experts=placement.local_experts(moe_index, rank).tolist(),
+                    init_std=init_std,
+                    out_std=out_std,
+                )
                 moe_index += 1
             else:
                 ffn = SwiGLU(cfg.dim, cfg.ffn_dim)

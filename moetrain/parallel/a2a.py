@@ -66,21 +66,24 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad_out):
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits),) + tuple(grad_out.shape[1:]))
-        _timed_a2a(grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group, ctx.clock,
-                   tally=ctx.tally, backward=True)
+        _timed_a2a(
+            grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group, ctx.clock, tally=ctx.tally, backward=True
+        )
         return grad_in, None, None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
-               clock: CommClock | None = None, tally=None) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None, clock: CommClock | None = None, tally=None
+) -> torch.Tensor:
     """Rows of ``x`` (``in_splits[r]`` to rank r) exchanged; returns ``sum(out_splits)`` rows.
     ``tally`` (a :class:`moetrain.parallel.traffic.LayerTally`) counts the bytes sent, forward
     and backward."""
     return _AllToAll.apply(x, out_splits, in_splits, group, clock, tally)
 
 
-def all_to_all_ints(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
-                    clock: CommClock | None = None, tally=None) -> torch.Tensor:
+def all_to_all_ints(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None, clock: CommClock | None = None, tally=None
+) -> torch.Tensor:
     """Blocking, non-differentiable all-to-all (metadata)."""
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     _timed_a2a(out, x.contiguous(), out_splits, in_splits, group, clock, tally=tally)
@@ -98,8 +101,9 @@ class Pending:
 
     def launch(self, out, inp, out_splits, in_splits, group, backward: bool = False) -> None:
         self.send = inp
-        self.work = _timed_a2a(out, inp, out_splits, in_splits, group, self.clock, async_op=True,
-                               tally=self.tally, backward=backward)
+        self.work = _timed_a2a(
+            out, inp, out_splits, in_splits, group, self.clock, async_op=True, tally=self.tally, backward=backward
+        )
 
     def wait(self) -> None:
         t0 = time.perf_counter()
@@ -141,14 +145,16 @@ class _WaitAllToAll(torch.autograd.Function):
         return grad_out, None, None, None, None
 
 
-def start_all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None,
-                     clock: CommClock | None = None, tally=None) -> tuple[torch.Tensor, Pending]:
+def start_all_to_all(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None, clock: CommClock | None = None, tally=None
+) -> tuple[torch.Tensor, Pending]:
     """Start the exchange of ``x``; the returned buffer is valid only after ``wait_all_to_all``."""
     pending = Pending(clock, tally)
     return _StartAllToAll.apply(x, out_splits, in_splits, group, pending), pending
 
 
-def wait_all_to_all(out: torch.Tensor, pending: Pending, out_splits: list[int], in_splits: list[int],
-                    group=None) -> torch.Tensor:
+def wait_all_to_all(
+    out: torch.Tensor, pending: Pending, out_splits: list[int], in_splits: list[int], group=None
+) -> torch.Tensor:
     """Complete a started exchange; returns the received rows (differentiable)."""
     return _WaitAllToAll.apply(out, out_splits, in_splits, group, pending)

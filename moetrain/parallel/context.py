@@ -37,16 +37,27 @@ class ParallelContext:
             dist.barrier(group=self.group)
 
 
-def init_distributed(*, backend: str, master_addr: str, master_port: int, rank: int,
-                     world_size: int, timeout_s: float = 300.0,
-                     node_R: tuple[int, ...] = ()) -> ParallelContext:
+def init_distributed(
+    *,
+    backend: str,
+    master_addr: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    timeout_s: float = 300.0,
+    node_R: tuple[int, ...] = (),
+) -> ParallelContext:
     """Join the default process group (TCP rendezvous at ``master_addr:master_port``).
 
     ``backend`` is ``gloo`` (CPU) or ``nccl`` (one GPU per rank).
     """
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(
-            backend=backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-            world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
+            backend=backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return ParallelContext(rank=rank, world_size=world_size, group=None, device=device, node_R=tuple(node_R))

@@ -54,8 +54,7 @@ import torch
 from torch import Tensor
 
 from moetrain.model.moe.dispatcher import DispatchMeta, SentRows, capacity_keep_mask, count_ids, expert_capacity
-from moetrain.parallel.a2a import (CommClock, Pending, all_to_all, all_to_all_ints, start_all_to_all,
-                                   wait_all_to_all)
+from moetrain.parallel.a2a import CommClock, Pending, all_to_all, all_to_all_ints, start_all_to_all, wait_all_to_all
 from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.fanout import fan_out_rows, weighted_unit_sums
 from moetrain.parallel.traffic import LayerTally, link_of_R
@@ -138,9 +137,18 @@ class _Plan:
 class AllToAllDispatcher:
     """Expert-parallel dispatcher of one MoE layer on one rank (see module docstring)."""
 
-    def __init__(self, placement: Placement, layer: int, ctx: ParallelContext, *,
-                 capacity_factor: float = 0.0, dedup: bool = True, chunks: int = DEFAULT_CHUNKS,
-                 clock: CommClock | None = None, tally: LayerTally | None = None):
+    def __init__(
+        self,
+        placement: Placement,
+        layer: int,
+        ctx: ParallelContext,
+        *,
+        capacity_factor: float = 0.0,
+        dedup: bool = True,
+        chunks: int = DEFAULT_CHUNKS,
+        clock: CommClock | None = None,
+        tally: LayerTally | None = None,
+    ):
         if chunks < 1:
             raise ValueError(f"chunks ({chunks}) must be >= 1")
         self.ctx = ctx
@@ -179,7 +187,7 @@ class AllToAllDispatcher:
         python lists (send_CR, recv_CR, rows_CS, kept) from the layer's single ``.tolist()``."""
         R, S, C = self.num_ranks, self.max_slots, chunks
         units_CR1 = hit_P.view(C, R, M).sum(2, dtype=torch.int64).unsqueeze(-1)
-        rows_CRS = count_ids(slot_key_TK, C * R * S + 1)[:C * R * S].view(C, R, S)
+        rows_CRS = count_ids(slot_key_TK, C * R * S + 1)[: C * R * S].view(C, R, S)
         send_RCX = torch.cat([units_CR1, rows_CRS], dim=2).transpose(0, 1).contiguous()
         recv_RCX = (
             all_to_all_ints(send_RCX, [1] * R, [1] * R, self.ctx.group, tally=self.tally)
@@ -189,8 +197,8 @@ class AllToAllDispatcher:
         vals = torch.cat([send_RCX.view(-1), recv_RCX.view(-1), kept.view(1)]).tolist()  # the host sync
         n = R * C * (1 + S)
         send = np.asarray(vals[:n]).reshape(R, C, 1 + S)
-        recv = np.asarray(vals[n:2 * n]).reshape(R, C, 1 + S)
-        rows_CS = recv[:, :, 1:1 + self.num_local_slots].sum(0)
+        recv = np.asarray(vals[n : 2 * n]).reshape(R, C, 1 + S)
+        rows_CS = recv[:, :, 1 : 1 + self.num_local_slots].sum(0)
         return send[:, :, 0].T.tolist(), recv[:, :, 0].T.tolist(), rows_CS.tolist(), int(vals[-1])
 
     def _plan(self, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, chunks: int) -> _Plan:
@@ -220,9 +228,14 @@ class AllToAllDispatcher:
         pair_unit_P = torch.where(keep_key_TK < space, unit_of_pos_P[keep_key_TK.clamp(max=space - 1)], U).view(-1)
         k_P = torch.arange(K, device=dev).repeat(T)
         w_UK = topk_weights_TK.new_zeros((U + 1, K)).index_put(
-            (pair_unit_P, k_P), topk_weights_TK.reshape(-1), accumulate=True)[:U]
-        slot_UK = torch.zeros((U + 1, K), dtype=torch.int64, device=dev).index_put_(
-            (pair_unit_P, k_P), dest_slot_TK.reshape(-1) + 1, accumulate=True)[:U] - 1
+            (pair_unit_P, k_P), topk_weights_TK.reshape(-1), accumulate=True
+        )[:U]
+        slot_UK = (
+            torch.zeros((U + 1, K), dtype=torch.int64, device=dev).index_put_(
+                (pair_unit_P, k_P), dest_slot_TK.reshape(-1) + 1, accumulate=True
+            )[:U]
+            - 1
+        )
         payload_UX = torch.cat([x_TD.index_select(0, unit_token_U), w_UK.to(x_TD.dtype)], dim=1)
         return _Plan(send_CR, recv_CR, rows_CS, T * K - n_kept, unit_token_U, payload_UX, slot_UK)
 
@@ -253,11 +266,18 @@ class AllToAllDispatcher:
         recv_VX = all_to_all(plan.payload_UX, recv, send, group, self.clock, self.tally)
         slot_VK = all_to_all_ints(plan.slot_UK, recv, send, group, self.clock, self.tally)
         x_ND, pair_unit_N, weight_N = self._fan_out(recv_VX, slot_VK, sum(plan.rows_CS[0]), D)
-        meta = EPDispatchMeta(tokens_per_slot=plan.rows_CS[0], num_dropped=plan.num_dropped,
-                              send_splits=send, recv_splits=recv, unit_token_U=plan.unit_token_U,
-                              pair_unit_N=pair_unit_N, weight_N=weight_N,
-                              num_recv_units=recv_VX.shape[0], num_tokens=x_TD.shape[0],
-                              sent=SentRows.from_splits(send, self.ctx.rank, self.link_R))
+        meta = EPDispatchMeta(
+            tokens_per_slot=plan.rows_CS[0],
+            num_dropped=plan.num_dropped,
+            send_splits=send,
+            recv_splits=recv,
+            unit_token_U=plan.unit_token_U,
+            pair_unit_N=pair_unit_N,
+            weight_N=weight_N,
+            num_recv_units=recv_VX.shape[0],
+            num_tokens=x_TD.shape[0],
+            sent=SentRows.from_splits(send, self.ctx.rank, self.link_R),
+        )
         return x_ND, meta
 
     def combine(self, y_ND: Tensor, meta: EPDispatchMeta) -> Tensor:
@@ -300,7 +320,12 @@ class AllToAllDispatcher:
         y_UD = torch.cat([wait_all_to_all(buf, pend, send, recv, group) for buf, pend, send, recv in back])
         out_TD = y_UD.new_zeros((x_TD.shape[0], D)).index_add(0, plan.unit_token_U, y_UD)
         send_R = np.sum(plan.send_CR, axis=0).tolist()
-        meta = EPRunMeta(tokens_per_slot=np.sum(plan.rows_CS, axis=0).tolist(), num_dropped=plan.num_dropped,
-                         send_splits=send_R, recv_splits=np.sum(plan.recv_CR, axis=0).tolist(), num_chunks=C,
-                         sent=SentRows.from_splits(send_R, self.ctx.rank, self.link_R))
+        meta = EPRunMeta(
+            tokens_per_slot=np.sum(plan.rows_CS, axis=0).tolist(),
+            num_dropped=plan.num_dropped,
+            send_splits=send_R,
+            recv_splits=np.sum(plan.recv_CR, axis=0).tolist(),
+            num_chunks=C,
+            sent=SentRows.from_splits(send_R, self.ctx.rank, self.link_R),
+        )
         return out_TD, meta

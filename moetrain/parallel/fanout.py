@@ -33,7 +33,7 @@ class _FanOut(torch.autograd.Function):
         like = gx_ND if gx_ND is not None else gw_N
         g_VX = like.new_zeros(ctx.shape)
         if gx_ND is not None:
-            g_VX[:, :ctx.D].index_add_(0, pair_unit_N, gx_ND)
+            g_VX[:, : ctx.D].index_add_(0, pair_unit_N, gx_ND)
         if gw_N is not None:
             g_VX.view(-1).index_add_(0, flat_N, gw_N.to(g_VX.dtype))
         return g_VX, None, None, None

@@ -45,7 +45,7 @@ def sync_dense_grads(params: list[torch.nn.Parameter], ctx: ParallelContext) -> 
     offset = 0
     for g in grads:
         n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 
@@ -90,8 +90,11 @@ def expert_grad_sq(moe_layers: list, placement: Placement, ctx: ParallelContext)
         flags = _primary_flags(placement, idx, ctx.rank)
         # the primary slots' rows, selected by indices known on the host (a boolean mask would
         # size its output from the device: a host sync)
-        rows = None if all(flags) else torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long,
-                                                    device=ctx.device)
+        rows = (
+            None
+            if all(flags)
+            else torch.tensor([i for i, f in enumerate(flags) if f], dtype=torch.long, device=ctx.device)
+        )
         for p in expert_params(layer):
             if p.grad is not None:
                 g = p.grad if rows is None else p.grad.index_select(0, rows)
@@ -99,11 +102,13 @@ def expert_grad_sq(moe_layers: list, placement: Placement, ctx: ParallelContext)
     return ctx.all_reduce_sum(expert_sq)
 
 
-def global_grad_norm(dense: list[torch.nn.Parameter], moe_layers: list, placement: Placement,
-                     ctx: ParallelContext) -> torch.Tensor:
+def global_grad_norm(
+    dense: list[torch.nn.Parameter], moe_layers: list, placement: Placement, ctx: ParallelContext
+) -> torch.Tensor:
     """L2 norm of the full model's gradient (dense once, each logical expert once)."""
-    dense_sq = sum((p.grad.float().pow(2).sum() for p in dense if p.grad is not None),
-                   torch.zeros((), device=ctx.device))
+    dense_sq = sum(
+        (p.grad.float().pow(2).sum() for p in dense if p.grad is not None), torch.zeros((), device=ctx.device)
+    )
     return (dense_sq + expert_grad_sq(moe_layers, placement, ctx)).sqrt()
 
 

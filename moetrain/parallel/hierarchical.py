@@ -115,8 +115,16 @@ class _Splits:
 class HierarchicalDispatcher:
     """Two-stage (node, then rank) expert-parallel dispatcher of one MoE layer (module docstring)."""
 
-    def __init__(self, placement: Placement, layer: int, ctx: ParallelContext, *,
-                 capacity_factor: float = 0.0, clock: CommClock | None = None, tally: LayerTally | None = None):
+    def __init__(
+        self,
+        placement: Placement,
+        layer: int,
+        ctx: ParallelContext,
+        *,
+        capacity_factor: float = 0.0,
+        clock: CommClock | None = None,
+        tally: LayerTally | None = None,
+    ):
         self.ctx, self.clock, self.tally = ctx, clock, tally
         self.num_experts = placement.num_experts
         self.num_ranks = R = placement.num_ranks
@@ -138,11 +146,16 @@ class HierarchicalDispatcher:
     def _splits(self, counts_X: Tensor) -> _Splits:
         """All ranks' counts -> both stages' splits for this rank (see the module docstring)."""
         R, G, S, me = self.num_ranks, len(self.nodes), self.max_slots, self.ctx.rank
-        all_RX = (all_to_all_ints(counts_X.expand(R, -1).contiguous(), [1] * R, [1] * R, self.ctx.group,
-                                  self.clock, self.tally) if self.ctx.distributed else counts_X.unsqueeze(0))
+        all_RX = (
+            all_to_all_ints(
+                counts_X.expand(R, -1).contiguous(), [1] * R, [1] * R, self.ctx.group, self.clock, self.tally
+            )
+            if self.ctx.distributed
+            else counts_X.unsqueeze(0)
+        )
         vals = np.asarray(all_RX.reshape(-1).tolist(), dtype=np.int64).reshape(R, -1)  # the host sync
-        node_units_RG, rank_units_RR = vals[:, :G], vals[:, G:G + R]
-        rows_RRS = vals[:, G + R:G + R + R * S].reshape(R, R, S)
+        node_units_RG, rank_units_RR = vals[:, :G], vals[:, G : G + R]
+        rows_RRS = vals[:, G + R : G + R + R * S].reshape(R, R, S)
         gw, mine = self.gateway_RG, self.nodes[self.my_node]
         send1, recv1, send2, recv2 = ([0] * R for _ in range(4))
         for g in range(G):
@@ -154,7 +167,7 @@ class HierarchicalDispatcher:
                 for h in mine:
                     send2[h] += int(rank_units_RR[s, h])
             recv2[g_s] += int(rank_units_RR[s, me])
-        rows_S = rows_RRS[:, me, :self.num_local_slots].sum(0).tolist()
+        rows_S = rows_RRS[:, me, : self.num_local_slots].sum(0).tolist()
         return _Splits(send1, recv1, send2, recv2, rows_S, int(vals[me, -1]), rank_units_RR[me].tolist())
 
     # ---- stage 1: (token, node) units from the source -----------------------------------------
@@ -163,8 +176,11 @@ class HierarchicalDispatcher:
         R, G, S, dev = self.num_ranks, len(self.nodes), self.max_slots, topk_ids_TK.device
         rank_TK, slot_TK, node_TK = (t[topk_ids_TK] for t in (self._dest_rank_E, self._dest_slot_E, self._dest_node_E))
         cap = expert_capacity(T, K, self.num_experts, self.capacity_factor)
-        keep_TK = (torch.ones_like(topk_ids_TK, dtype=torch.bool) if cap is None
-                   else capacity_keep_mask(topk_ids_TK, self.num_experts, cap))
+        keep_TK = (
+            torch.ones_like(topk_ids_TK, dtype=torch.bool)
+            if cap is None
+            else capacity_keep_mask(topk_ids_TK, self.num_experts, cap)
+        )
         tok_T1 = torch.arange(T, device=dev).unsqueeze(1)
 
         def hits(key_TK: Tensor, space: int) -> Tensor:
@@ -174,8 +190,14 @@ class HierarchicalDispatcher:
         key1_TK = node_TK * T + tok_T1
         hit1_P = hits(key1_TK, G * T)
         slot_key = torch.where(keep_TK, rank_TK * S + slot_TK, R * S).reshape(-1)
-        counts_X = torch.cat([hit1_P.view(G, T).sum(1), hits(rank_TK * T + tok_T1, R * T).view(R, T).sum(1),
-                              count_ids(slot_key, R * S + 1)[:R * S], keep_TK.sum().view(1)])
+        counts_X = torch.cat(
+            [
+                hit1_P.view(G, T).sum(1),
+                hits(rank_TK * T + tok_T1, R * T).view(R, T).sum(1),
+                count_ids(slot_key, R * S + 1)[: R * S],
+                keep_TK.sum().view(1),
+            ]
+        )
         sp = self._splits(counts_X)
         U1 = sum(sp.send1)
         unit_token_U1 = hit1_P.nonzero_static(size=U1).view(-1) % T
@@ -183,9 +205,14 @@ class HierarchicalDispatcher:
         pair_unit_P = torch.where(keep_TK, unit_of_P[key1_TK], U1).view(-1)
         k_P = torch.arange(K, device=dev).repeat(T)
         w_UK = topk_weights_TK.new_zeros((U1 + 1, K)).index_put(
-            (pair_unit_P, k_P), topk_weights_TK.reshape(-1), accumulate=True)[:U1]
-        code_UK = torch.zeros((U1 + 1, K), dtype=torch.int64, device=dev).index_put_(
-            (pair_unit_P, k_P), (rank_TK * S + slot_TK).reshape(-1) + 1, accumulate=True)[:U1] - 1
+            (pair_unit_P, k_P), topk_weights_TK.reshape(-1), accumulate=True
+        )[:U1]
+        code_UK = (
+            torch.zeros((U1 + 1, K), dtype=torch.int64, device=dev).index_put_(
+                (pair_unit_P, k_P), (rank_TK * S + slot_TK).reshape(-1) + 1, accumulate=True
+            )[:U1]
+            - 1
+        )
         payload_UX = torch.cat([x_TD.index_select(0, unit_token_U1), w_UK.to(x_TD.dtype)], dim=1)
         return sp, unit_token_U1, payload_UX, code_UK, T * K - sp.num_kept
 
@@ -197,7 +224,7 @@ class HierarchicalDispatcher:
         rank_VK = torch.where(code_VK >= 0, code_VK // S, -1)
         key_VK = torch.where(code_VK >= 0, (rank_VK - lo) * V1 + torch.arange(V1, device=dev).unsqueeze(1), size * V1)
         hit_P = torch.zeros(size * V1 + 1, dtype=torch.bool, device=dev).index_fill_(0, key_VK.reshape(-1), True)
-        pos_U2 = hit_P[:size * V1].nonzero_static(size=sum(sp.send2)).view(-1)
+        pos_U2 = hit_P[: size * V1].nonzero_static(size=sum(sp.send2)).view(-1)
         v1_U2, holder_U2 = pos_U2 % V1, pos_U2 // V1 + lo
         match_UK = rank_VK.index_select(0, v1_U2) == holder_U2.unsqueeze(1)
         rows_UX = recv_VX.index_select(0, v1_U2)
@@ -225,10 +252,20 @@ class HierarchicalDispatcher:
         recv2_VX = all_to_all(payload2_UX, sp.recv2, sp.send2, group, c, t)
         slot2_VK = all_to_all_ints(slot2_UK, sp.recv2, sp.send2, group, c, t)
         x_ND, pair_unit_N, weight_N = self._fan_out(recv2_VX, slot2_VK, sum(sp.rows_S), D)
-        meta = HierDispatchMeta(tokens_per_slot=sp.rows_S, num_dropped=dropped, send1=sp.send1, recv1=sp.recv1,
-                                send2=sp.send2, recv2=sp.recv2, unit_token_U1=unit_token_U1, unit_v1_U2=v1_U2,
-                                pair_unit_N=pair_unit_N, weight_N=weight_N, num_tokens=x_TD.shape[0],
-                                sent=SentRows.from_splits(sp.units_R, self.ctx.rank, self.link_R))
+        meta = HierDispatchMeta(
+            tokens_per_slot=sp.rows_S,
+            num_dropped=dropped,
+            send1=sp.send1,
+            recv1=sp.recv1,
+            send2=sp.send2,
+            recv2=sp.recv2,
+            unit_token_U1=unit_token_U1,
+            unit_v1_U2=v1_U2,
+            pair_unit_N=pair_unit_N,
+            weight_N=weight_N,
+            num_tokens=x_TD.shape[0],
+            sent=SentRows.from_splits(sp.units_R, self.ctx.rank, self.link_R),
+        )
         return x_ND, meta
 
     def combine(self, y_ND: Tensor, meta: HierDispatchMeta) -> Tensor:

@@ -61,8 +61,11 @@ class MigrationReport:
 
 
 def _check(old: Placement, new: Placement) -> None:
-    if old.slots_per_rank != new.slots_per_rank or old.num_experts != new.num_experts \
-            or old.num_layers != new.num_layers:
+    if (
+        old.slots_per_rank != new.slots_per_rank
+        or old.num_experts != new.num_experts
+        or old.num_layers != new.num_layers
+    ):
         raise MigrationError(f"cannot migrate {old} -> {new}: layers, experts and slots per rank must match")
 
 
@@ -143,7 +146,7 @@ def _apply(plan: list[Move], tensors_L, recvs: dict[int, torch.Tensor], rank: in
             buf, rows = recvs[m.src_rank], []
             for t in tensors_L[m.layer]:
                 n = t[0].numel()
-                rows.append(buf[offsets[m.src_rank]:offsets[m.src_rank] + n].view_as(t[0]))
+                rows.append(buf[offsets[m.src_rank] : offsets[m.src_rank] + n].view_as(t[0]))
                 offsets[m.src_rank] += n
             new_rows[(m.layer, m.dst_slot)] = rows
     for (layer, slot), rows in new_rows.items():
@@ -152,8 +155,9 @@ def _apply(plan: list[Move], tensors_L, recvs: dict[int, torch.Tensor], rank: in
 
 
 @torch.no_grad()
-def migrate_experts(moe_layers: list, optimizer: torch.optim.Optimizer, old: Placement, new: Placement,
-                    ctx: ParallelContext) -> MigrationReport:
+def migrate_experts(
+    moe_layers: list, optimizer: torch.optim.Optimizer, old: Placement, new: Placement, ctx: ParallelContext
+) -> MigrationReport:
     """Move experts from ``old`` to ``new`` in place (collective: every rank calls it)."""
     t0 = time.perf_counter()
     plan = plan_migration(old, new)
@@ -166,7 +170,10 @@ def migrate_experts(moe_layers: list, optimizer: torch.optim.Optimizer, old: Pla
     for idx, layer in enumerate(moe_layers):
         layer.experts.local_experts = tuple(int(e) for e in new.local_experts(idx, ctx.rank))
     return MigrationReport(
-        bytes_sent=sent, bytes_received=sum(b.numel() * b.element_size() for b in recvs.values()),
+        bytes_sent=sent,
+        bytes_received=sum(b.numel() * b.element_size() for b in recvs.values()),
         experts_sent=sum(1 for m in plan if m.remote and m.src_rank == ctx.rank),
         experts_received=sum(1 for m in plan if m.remote and m.dst_rank == ctx.rank),
-        seconds=time.perf_counter() - t0, bytes_sent_R=tuple(sent_R))
+        seconds=time.perf_counter() - t0,
+        bytes_sent_R=tuple(sent_R),
+    )

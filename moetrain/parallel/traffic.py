@@ -66,8 +66,10 @@ class StepTraffic:
     def by_kind(self) -> dict[str, tuple[float, float]]:
         """``{kind: (intra, inter)}`` for a2a, dense_grads, expert_grads, migration."""
         a2a = self.a2a_LPC.sum(axis=(0, 1))
-        return {"a2a": (float(a2a[0]), float(a2a[1])),
-                **{k: (float(getattr(self, f"{k}_C")[0]), float(getattr(self, f"{k}_C")[1])) for k in PEER_KINDS}}
+        return {
+            "a2a": (float(a2a[0]), float(a2a[1])),
+            **{k: (float(getattr(self, f"{k}_C")[0]), float(getattr(self, f"{k}_C")[1])) for k in PEER_KINDS},
+        }
 
     @property
     def inter_bytes(self) -> float:
@@ -78,8 +80,11 @@ class StepTraffic:
         return sum(v[0] for v in self.by_kind().values())
 
     def to_dict(self) -> dict:
-        return {"a2a_LPC": self.a2a_LPC.tolist(), **{f"{k}_C": getattr(self, f"{k}_C").tolist() for k in PEER_KINDS},
-                "checkpoint_bytes": self.checkpoint_bytes}
+        return {
+            "a2a_LPC": self.a2a_LPC.tolist(),
+            **{f"{k}_C": getattr(self, f"{k}_C").tolist() for k in PEER_KINDS},
+            "checkpoint_bytes": self.checkpoint_bytes,
+        }
 
     @classmethod
     def empty(cls, num_layers: int = 0) -> "StepTraffic":
@@ -152,6 +157,9 @@ class TrafficCounter:
         """A (summed) :meth:`vector` as a :class:`StepTraffic`."""
         v = np.asarray(v, dtype=np.float64)
         n = self.num_layers * 4
-        peers = v[n:n + 2 * len(PEER_KINDS)].reshape(len(PEER_KINDS), 2)
-        return StepTraffic(v[:n].reshape(self.num_layers, 2, 2), *[peers[i].copy() for i in range(len(PEER_KINDS))],
-                           checkpoint_bytes=float(v[-1]))  # type: ignore[misc]  # one positional per peer kind
+        peers = v[n : n + 2 * len(PEER_KINDS)].reshape(len(PEER_KINDS), 2)
+        return StepTraffic(
+            v[:n].reshape(self.num_layers, 2, 2),
+            *[peers[i].copy() for i in range(len(PEER_KINDS))],
+            checkpoint_bytes=float(v[-1]),
+        )  # type: ignore[misc]  # one positional per peer kind

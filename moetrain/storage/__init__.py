@@ -26,6 +26,16 @@ from moetrain.storage.open import open_store
 from moetrain.storage.store import FileEntry, Store, WriteResult, redact_uri
 
 __all__ = [
-    "BucketNotFoundError", "FileEntry", "InvalidNameError", "ObjectNotFoundError", "Store", "StoreAccessError",
-    "StoreConfig", "StoreError", "StoreUnreachableError", "WriteResult", "open_store", "redact_uri",
+    "BucketNotFoundError",
+    "FileEntry",
+    "InvalidNameError",
+    "ObjectNotFoundError",
+    "Store",
+    "StoreAccessError",
+    "StoreConfig",
+    "StoreError",
+    "StoreUnreachableError",
+    "WriteResult",
+    "open_store",
+    "redact_uri",
 ]

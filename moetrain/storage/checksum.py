@@ -42,8 +42,10 @@ DEFAULT = CRC32C
 COPY_BYTES = 8 << 20  # crc32c without direct libcrc32c calls: copies of at most this size
 
 if google_crc32c.implementation != "c":  # pragma: no cover - the wheels ship the C extension
-    log.warning("google-crc32c has no C extension here: crc32c checksums run in pure Python "
-                "(slow); set checkpoint.checksum=sha256 or install a google-crc32c wheel")
+    log.warning(
+        "google-crc32c has no C extension here: crc32c checksums run in pure Python "
+        "(slow); set checkpoint.checksum=sha256 or install a google-crc32c wheel"
+    )
 
 
 def _load_native_extend():
@@ -91,7 +93,7 @@ class Crc32c:
             self._crc = _NATIVE_EXTEND(self._crc, view.ctypes.data, view.nbytes)
             return
         for start in range(0, view.nbytes, COPY_BYTES):
-            self._crc = google_crc32c.extend(self._crc, view[start:start + COPY_BYTES].tobytes())
+            self._crc = google_crc32c.extend(self._crc, view[start : start + COPY_BYTES].tobytes())
 
     @property
     def value(self) -> int:

@@ -33,22 +33,26 @@ def _split_endpoint(endpoint: str) -> tuple[str, str]:
     An endpoint with credentials in it (``http://KEY:SECRET@host``, e.g. from AWS_ENDPOINT_URL)
     is refused without contacting it and without repeating it."""
     if "@" in endpoint:
-        raise InvalidNameError(f"the store endpoint {endpoint.partition('://')[0] or 'https'}://***@"
-                               f"{endpoint.rpartition('@')[2]} holds credentials: give only scheme://host:port, "
-                               "and the keys in AWS_* / GOOGLE_APPLICATION_CREDENTIALS")
+        raise InvalidNameError(
+            f"the store endpoint {endpoint.partition('://')[0] or 'https'}://***@"
+            f"{endpoint.rpartition('@')[2]} holds credentials: give only scheme://host:port, "
+            "and the keys in AWS_* / GOOGLE_APPLICATION_CREDENTIALS"
+        )
     if "://" in endpoint:
         scheme, _, rest = endpoint.partition("://")
         return scheme, rest.rstrip("/")
     return "https", endpoint.rstrip("/")
 
 
-def _open_s3(uri: str, cfg: StoreConfig, connect_timeout_s: float, request_timeout_s: float,
-             background_writes: bool) -> tuple[pafs.FileSystem, str, str, str]:
+def _open_s3(
+    uri: str, cfg: StoreConfig, connect_timeout_s: float, request_timeout_s: float, background_writes: bool
+) -> tuple[pafs.FileSystem, str, str, str]:
     parts = urlsplit(uri)
     if parts.query or "@" in parts.netloc:
         raise InvalidNameError(
             f"store URI {redact_uri(uri)!r}: put S3 options in storage.s3_endpoint / "
-            "storage.s3_region and credentials in AWS_* environment variables, not in the URI")
+            "storage.s3_region and credentials in AWS_* environment variables, not in the URI"
+        )
     bucket = parts.netloc
     if not bucket:
         raise InvalidNameError(f"store URI {uri!r} has no bucket (expected s3://bucket/prefix)")
@@ -69,12 +73,17 @@ def _open_s3(uri: str, cfg: StoreConfig, connect_timeout_s: float, request_timeo
             cls, _ = classify_os_error(exc)
             raise (cls if cls is not StoreError else StoreUnreachableError)(
                 f"cannot resolve the region of bucket {bucket!r} for {redact_uri(uri)} "
-                f"(set storage.s3_region or AWS_REGION): {exc}") from exc
+                f"(set storage.s3_region or AWS_REGION): {exc}"
+            ) from exc
     fs = pafs.S3FileSystem(
-        region=region, connect_timeout=connect_timeout_s, request_timeout=request_timeout_s,
+        region=region,
+        connect_timeout=connect_timeout_s,
+        request_timeout=request_timeout_s,
         # Our own retry loop (max_retries, exponential backoff) wraps every call.
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
-        background_writes=background_writes, **kwargs)
+        background_writes=background_writes,
+        **kwargs,
+    )
     root = f"{bucket}{parts.path}".rstrip("/")
     return fs, root, endpoint, region
 
@@ -88,7 +97,8 @@ def _open_gcs(uri: str, cfg: StoreConfig, max_retries: int, backoff_s: float) ->
     if parts.query or "@" in parts.netloc:
         raise InvalidNameError(
             f"store URI {redact_uri(uri)!r}: put the GCS endpoint in storage.gcs_endpoint "
-            "and credentials in GOOGLE_APPLICATION_CREDENTIALS, not in the URI")
+            "and credentials in GOOGLE_APPLICATION_CREDENTIALS, not in the URI"
+        )
     if not parts.netloc:
         raise InvalidNameError(f"store URI {uri!r} has no bucket (expected gs://bucket/prefix)")
     endpoint = cfg.gcs_endpoint or _env("STORAGE_EMULATOR_HOST")
@@ -97,7 +107,7 @@ def _open_gcs(uri: str, cfg: StoreConfig, max_retries: int, backoff_s: float) ->
         scheme, host = _split_endpoint(endpoint)
         kwargs.update(endpoint_override=host, scheme=scheme, anonymous=scheme == "http")
     # GCS retries transient errors itself for up to this long; our retry loop adds backoff.
-    retry_s = max(1.0, backoff_s * 2 ** max_retries)
+    retry_s = max(1.0, backoff_s * 2**max_retries)
     fs = pafs.GcsFileSystem(retry_time_limit=dt.timedelta(seconds=retry_s), **kwargs)
     return fs, f"{parts.netloc}{parts.path}".rstrip("/"), endpoint
 
@@ -115,10 +125,20 @@ def _probe(store: Store) -> None:
             raise StoreError(f"store root {store.uri} is a file, not a directory")
 
 
-def open_store(uri: str, cfg: StoreConfig | None = None, *, max_retries: int = 3, fsync: bool = True,
-               checksum: str = DEFAULT, connect_timeout_s: float = 5.0, request_timeout_s: float = 60.0,
-               backoff_s: float = 0.5, probe: bool = True, s3_background_writes: bool = False,
-               what: str = "store") -> Store:
+def open_store(
+    uri: str,
+    cfg: StoreConfig | None = None,
+    *,
+    max_retries: int = 3,
+    fsync: bool = True,
+    checksum: str = DEFAULT,
+    connect_timeout_s: float = 5.0,
+    request_timeout_s: float = 60.0,
+    backoff_s: float = 0.5,
+    probe: bool = True,
+    s3_background_writes: bool = False,
+    what: str = "store",
+) -> Store:
     """Open the root ``uri``: a local path (relative paths are made absolute), ``file://``,
     ``s3://bucket/prefix`` (endpoint / region from ``cfg`` or ``AWS_ENDPOINT_URL``,
     ``AWS_REGION``; keys from the AWS SDK chain), ``gs://bucket/prefix``, or any other URI
@@ -141,8 +161,7 @@ def open_store(uri: str, cfg: StoreConfig | None = None, *, max_retries: int = 3
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     endpoint = region = ""
     if scheme == "s3":
-        fs, root, endpoint, region = _open_s3(uri, cfg, connect_timeout_s, request_timeout_s,
-                                              s3_background_writes)
+        fs, root, endpoint, region = _open_s3(uri, cfg, connect_timeout_s, request_timeout_s, s3_background_writes)
         kind = "s3"
     elif scheme in ("gs", "gcs"):
         fs, root, endpoint = _open_gcs(uri, cfg, max_retries, backoff_s)
@@ -156,9 +175,18 @@ def open_store(uri: str, cfg: StoreConfig | None = None, *, max_retries: int = 3
         kind = "local" if isinstance(fs, pafs.LocalFileSystem) else scheme or "other"
         root = root.rstrip("/") or "/"
         uri = root if kind == "local" else uri
-    store = Store(uri=redact_uri(uri.rstrip("/")), fs=fs, root=root, kind=kind,
-                  max_retries=max_retries, backoff_s=backoff_s, endpoint=endpoint,
-                  s3_region=region, fsync=fsync, checksum=checksum)
+    store = Store(
+        uri=redact_uri(uri.rstrip("/")),
+        fs=fs,
+        root=root,
+        kind=kind,
+        max_retries=max_retries,
+        backoff_s=backoff_s,
+        endpoint=endpoint,
+        s3_region=region,
+        fsync=fsync,
+        checksum=checksum,
+    )
     if probe:
         _probe(store)
     return store

@@ -110,8 +110,9 @@ class HashingSink:
 
     PIPELINED = frozenset({"sha256"})  # checksums hashed on a helper thread beside the write
 
-    def __init__(self, out: pafs.NativeFile, on_written: Callable[[int], None] | None = None,
-                 checksum: str = DEFAULT) -> None:
+    def __init__(
+        self, out: pafs.NativeFile, on_written: Callable[[int], None] | None = None, checksum: str = DEFAULT
+    ) -> None:
         self._out = out
         self._on_written = on_written
         self._hash = new_hasher(checksum)
@@ -123,12 +124,15 @@ class HashingSink:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         for start in range(0, view.nbytes, CHUNK_BYTES):
-            piece = view[start:start + CHUNK_BYTES]
+            piece = view[start : start + CHUNK_BYTES]
             # sha256, large slices: hash on a helper thread while this one writes (both
             # release the GIL), so a single stream costs max(hash, write) instead of their
             # sum. Updates stay in order: each is finished before the next slice starts.
-            hashed = (_hasher().submit(self._hash.update, piece)
-                      if self._pipelined and piece.nbytes >= PIPELINE_BYTES else None)
+            hashed = (
+                _hasher().submit(self._hash.update, piece)
+                if self._pipelined and piece.nbytes >= PIPELINE_BYTES
+                else None
+            )
             try:
                 if hashed is None:
                     self._hash.update(piece)

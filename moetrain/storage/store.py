@@ -88,15 +88,40 @@ T = TypeVar("T")
 TMP_MARK = ".tmp-"  # temporary keys are "<final key>.tmp-<12 hex>"
 
 # Substrings of pyarrow / AWS SDK / GCS error messages, by meaning.
-_ACCESS = ("ACCESS_DENIED", "ACCESSDENIED", "INVALID_ACCESS_KEY_ID", "INVALIDACCESSKEYID",
-           "SIGNATURE_DOES_NOT_MATCH", "SIGNATUREDOESNOTMATCH", "EXPIRED_TOKEN", "FORBIDDEN",
-           "PERMISSION_DENIED", "UNAUTHENTICATED", "UNRECOGNIZED_CLIENT", "HTTP RESPONSE CODE: 403")
+_ACCESS = (
+    "ACCESS_DENIED",
+    "ACCESSDENIED",
+    "INVALID_ACCESS_KEY_ID",
+    "INVALIDACCESSKEYID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "SIGNATUREDOESNOTMATCH",
+    "EXPIRED_TOKEN",
+    "FORBIDDEN",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "UNRECOGNIZED_CLIENT",
+    "HTTP RESPONSE CODE: 403",
+)
 _NO_BUCKET = ("NO_SUCH_BUCKET", "NOSUCHBUCKET")
 _NO_KEY = ("NO_SUCH_KEY", "NOSUCHKEY", "RESOURCE_NOT_FOUND")
-_TRANSIENT = ("NETWORK_CONNECTION", "COULD NOT CONNECT", "CURLCODE", "TIMED OUT", "TIMEOUT",
-              "SLOW_DOWN", "SLOWDOWN", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "THROTTL",
-              "CONNECTION RESET", "BROKEN PIPE", "UNAVAILABLE", "HTTP RESPONSE CODE: 5",
-              "REQUEST_TIMEOUT", "TEMPORARILY")
+_TRANSIENT = (
+    "NETWORK_CONNECTION",
+    "COULD NOT CONNECT",
+    "CURLCODE",
+    "TIMED OUT",
+    "TIMEOUT",
+    "SLOW_DOWN",
+    "SLOWDOWN",
+    "SERVICE_UNAVAILABLE",
+    "INTERNAL_FAILURE",
+    "THROTTL",
+    "CONNECTION RESET",
+    "BROKEN PIPE",
+    "UNAVAILABLE",
+    "HTTP RESPONSE CODE: 5",
+    "REQUEST_TIMEOUT",
+    "TEMPORARILY",
+)
 
 
 def classify_os_error(exc: BaseException) -> tuple[type[StoreError], bool]:
@@ -180,7 +205,7 @@ class Store:
         return f"{self.uri}/{key}" if key else self.uri
 
     def _key_of(self, path: str) -> str:
-        return path[len(self.root):].lstrip("/")
+        return path[len(self.root) :].lstrip("/")
 
     # ---- error handling --------------------------------------------------------------
     def _run(self, what: str, key: str, fn: Callable[[], T]) -> T:
@@ -191,9 +216,16 @@ class Store:
             except OSError as exc:
                 cls, transient = classify_os_error(exc)
                 if transient and attempt < self.max_retries:
-                    delay = self.backoff_s * (2 ** attempt)
-                    log.warning("%s %s: transient error (%s); retry %d/%d in %.2fs", what,
-                                self.uri_of(key), exc, attempt + 1, self.max_retries, delay)
+                    delay = self.backoff_s * (2**attempt)
+                    log.warning(
+                        "%s %s: transient error (%s); retry %d/%d in %.2fs",
+                        what,
+                        self.uri_of(key),
+                        exc,
+                        attempt + 1,
+                        self.max_retries,
+                        delay,
+                    )
                     time.sleep(delay)
                     continue
                 tries = f" after {attempt + 1} attempts" if transient else ""
@@ -214,6 +246,7 @@ class Store:
     def _stream(self, key: str, produce: Callable[[HashingSink], object], *, atomic: bool) -> WriteResult:
         """Stream ``produce(sink)`` to ``key`` (via a temporary key and ``move`` when ``atomic``),
         with retries; see :meth:`write_atomic` and :meth:`write_direct`."""
+
         def attempt() -> WriteResult:
             final = self.path(key)
             target = self.path(f"{key}{TMP_MARK}{uuid.uuid4().hex[:12]}") if atomic else final
@@ -288,11 +321,13 @@ class Store:
             while len(parent) > len(self.root) and "/" in parent:
                 parent = parent.rsplit("/", 1)[0] or "/"
                 fsync_dir(parent)
+
         self._run("syncing", prefix, sync)
 
     # ---- reads -----------------------------------------------------------------------
     def read_array(self, key: str) -> np.ndarray:
         """The whole object as a writable uint8 array (one GET on S3)."""
+
         def read() -> np.ndarray:
             with self.fs.open_input_file(self.path(key)) as f:
                 size = f.size()
@@ -301,6 +336,7 @@ class Store:
             if got != size:
                 raise OSError(f"short read: {got} of {size} bytes (timeout)")
             return buf
+
         return self._run("reading", key, read)
 
     def read_bytes(self, key: str) -> bytes:
@@ -309,6 +345,7 @@ class Store:
     def digest(self, key: str, algorithm: str, chunk: int = 8 << 20) -> tuple[int, str]:
         """(size, hex checksum under ``algorithm``) of the object, streamed in ``chunk``-byte
         pieces: memory stays bounded whatever the object's size."""
+
         def read() -> tuple[int, str]:
             hasher, size = new_hasher(algorithm), 0
             with self.fs.open_input_stream(self.path(key)) as f:
@@ -316,6 +353,7 @@ class Store:
                     hasher.update(piece)
                     size += len(piece)
             return size, hasher.hexdigest()
+
         return self._run("reading", key, read)
 
     def exists(self, key: str) -> bool:
@@ -326,9 +364,11 @@ class Store:
         """Every object below ``prefix`` (recursive), sorted by key; [] when there is none."""
         sel = pafs.FileSelector(self.path(prefix), recursive=True, allow_not_found=True)
         infos = self._run("listing", prefix, lambda: self.fs.get_file_info(sel))
-        out = [FileEntry(self._key_of(i.path), int(i.size or 0),
-                         i.mtime.timestamp() if i.mtime is not None else 0.0)
-               for i in infos if i.type == pafs.FileType.File]
+        out = [
+            FileEntry(self._key_of(i.path), int(i.size or 0), i.mtime.timestamp() if i.mtime is not None else 0.0)
+            for i in infos
+            if i.type == pafs.FileType.File
+        ]
         return sorted(out, key=lambda e: e.key)
 
     def list_dir(self, prefix: str = "") -> list[str]:
@@ -339,7 +379,7 @@ class Store:
         objects); there the children are read off a recursive listing of the keys."""
         if self.kind != "local":
             base = f"{prefix}/" if prefix else ""
-            return sorted({f.key[len(base):].split("/", 1)[0] for f in self.list_files(prefix)})
+            return sorted({f.key[len(base) :].split("/", 1)[0] for f in self.list_files(prefix)})
         sel = pafs.FileSelector(self.path(prefix), recursive=False, allow_not_found=True)
         infos = self._run("listing", prefix, lambda: self.fs.get_file_info(sel))
         return sorted(i.base_name for i in infos)

@@ -45,8 +45,9 @@ class LoadBalancer:
         self.local_counts_LE.zero_()
         self.step_tokens = 0
 
-    def micro_losses(self, routing: list, batch_size: int,
-                     counts_LE: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def micro_losses(
+        self, routing: list, batch_size: int, counts_LE: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(LBL, z-loss) of one micro-batch, each already multiplied by its coefficient and
         summed over MoE layers. Accumulates this micro-batch's counts: ``counts_LE`` (float32
         [L, E], ``losses.routing_counts`` of ``routing``, computed once by the caller for the
@@ -76,8 +77,11 @@ class LoadBalancer:
                     parts.append(losses.load_balancing_loss(r.scores_TE, counts_LE[idx], T, K))
                 else:
                     S = T // batch_size
-                    parts.append(losses.sequence_load_balancing_loss(
-                        r.scores_TE.view(batch_size, S, E), r.topk_ids_TK.view(batch_size, S, K), E, K))
+                    parts.append(
+                        losses.sequence_load_balancing_loss(
+                            r.scores_TE.view(batch_size, S, E), r.topk_ids_TK.view(batch_size, S, K), E, K
+                        )
+                    )
             lbl = self.cfg.lbl_coeff * torch.stack(parts).sum()
         if self.cfg.z_loss_coeff > 0:
             zl = self.cfg.z_loss_coeff * torch.stack([losses.z_loss(r.logits_TE) for r in routing]).sum()

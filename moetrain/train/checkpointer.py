@@ -25,7 +25,13 @@ from typing import Callable
 import torch
 
 from moetrain.checkpoint import (
-    AsyncCheckpointWriter, CheckpointError, CheckpointFuture, SaveResult, load_objects, read_manifest, resolve,
+    AsyncCheckpointWriter,
+    CheckpointError,
+    CheckpointFuture,
+    SaveResult,
+    load_objects,
+    read_manifest,
+    resolve,
 )
 from moetrain.config import CheckpointConfig, RunConfig, StoreConfig, field_value
 from moetrain.parallel.traffic import TrafficCounter
@@ -47,32 +53,54 @@ class ResumePoint:
     run_id: str = ""  # the lineage that wrote it ("" for checkpoints from before run ids)
 
     @classmethod
-    def read(cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None,
-             store_cfg: StoreConfig | None = None) -> "ResumePoint":
+    def read(
+        cls, cfg: CheckpointConfig, uri_or_latest: str, *, run: str | None = None, store_cfg: StoreConfig | None = None
+    ) -> "ResumePoint":
         """``uri_or_latest``: a ``step-<N>`` URI, a run URI, or ``latest`` (of ``run`` under
         ``cfg.uri``). Raises :class:`CheckpointError` when nothing committed is there."""
         ref = resolve(uri_or_latest, cfg, run=run, store_cfg=store_cfg)
         manifest = read_manifest(ref)
         meta = manifest.meta
-        return cls(uri=ref.uri, step=manifest.step, cursor=dict(meta["cursor"]),
-                   placement=Placement.from_json(meta["placement"]), world_size=manifest.world_size,
-                   config=dict(meta.get("config") or {}), run_id=str(meta.get("run_id", "")))
+        return cls(
+            uri=ref.uri,
+            step=manifest.step,
+            cursor=dict(meta["cursor"]),
+            placement=Placement.from_json(meta["placement"]),
+            world_size=manifest.world_size,
+            config=dict(meta.get("config") or {}),
+            run_id=str(meta.get("run_id", "")),
+        )
 
     def check_compatible(self, cfg: RunConfig) -> None:
         """Raise :class:`CheckpointError` naming every shape-defining field in which ``cfg``
         differs from the config that wrote this checkpoint."""
         bad = shape_mismatches(self.config, cfg)
         if bad:
-            raise CheckpointError(f"cannot resume from {self.uri}: the model differs from the checkpoint's "
-                                  f"({'; '.join(bad)})")
+            raise CheckpointError(
+                f"cannot resume from {self.uri}: the model differs from the checkpoint's ({'; '.join(bad)})"
+            )
 
 
 # Fields that fix the shape of a saved tensor: a checkpoint loads only into a model that agrees.
-SHAPE_FIELDS = ("model.dim", "model.n_layers", "model.n_heads", "model.ffn_dim", "model.vocab_size",
-                "model.tie_embeddings", "model.moe.num_experts", "model.moe.expert_ffn_dim",
-                "model.moe.every_n_layers", "model.moe.first_moe_layer", "model.moe.num_shared_experts",
-                "model.n_kv_heads", "model.qk_norm", "model.qkv_bias", "model.moe.shared_expert_ffn_dim",
-                "model.moe.shared_expert_gate", "data.vocab_size")
+SHAPE_FIELDS = (
+    "model.dim",
+    "model.n_layers",
+    "model.n_heads",
+    "model.ffn_dim",
+    "model.vocab_size",
+    "model.tie_embeddings",
+    "model.moe.num_experts",
+    "model.moe.expert_ffn_dim",
+    "model.moe.every_n_layers",
+    "model.moe.first_moe_layer",
+    "model.moe.num_shared_experts",
+    "model.n_kv_heads",
+    "model.qk_norm",
+    "model.qkv_bias",
+    "model.moe.shared_expert_ffn_dim",
+    "model.moe.shared_expert_gate",
+    "data.vocab_size",
+)
 
 
 def shape_mismatches(saved: dict, cfg: RunConfig) -> list[str]:
@@ -122,8 +150,17 @@ class RankCheckpointer:
     cfg, storage, run_name: the checkpoint settings, the object store and the run folder
     checkpoints go to."""
 
-    def __init__(self, parts: RankParts, *, step: Callable[[], int], placement: Callable[[], Placement],
-                 traffic: TrafficCounter, cfg: CheckpointConfig, storage: StoreConfig, run_name: str) -> None:
+    def __init__(
+        self,
+        parts: RankParts,
+        *,
+        step: Callable[[], int],
+        placement: Callable[[], Placement],
+        traffic: TrafficCounter,
+        cfg: CheckpointConfig,
+        storage: StoreConfig,
+        run_name: str,
+    ) -> None:
         self._parts = parts
         self._step, self._placement = step, placement
         self._traffic = traffic
@@ -140,8 +177,13 @@ class RankCheckpointer:
             # Overlapped snapshot: save() returns at once and the host copy runs beside the next
             # step's forward/backward; the fence makes the next optimizer.step() wait for it.
             self._writer = AsyncCheckpointWriter.from_config(
-                self._cfg, self._run_name, rank=parts.rank, on_error="mark", snapshot_mode="overlap",
-                store_cfg=self._storage)
+                self._cfg,
+                self._run_name,
+                rank=parts.rank,
+                on_error="mark",
+                snapshot_mode="overlap",
+                store_cfg=self._storage,
+            )
             self._writer.install_fence(parts.optimizer)
             if parts.dense_zero is not None:  # ZeRO updates the dense weights in its own step
                 self._writer.install_fence(parts.dense_zero.base_optimizer)
@@ -168,8 +210,9 @@ class RankCheckpointer:
                 self._future = self._open_writer().save(step, objects)
             except CheckpointError as exc:
                 self._error = f"{type(exc).__name__}: {exc}"
-        return SaveStarted(step=step, cursor=self._parts.cursor.state_dict(), stall_s=time.perf_counter() - t0,
-                           error=self._error)
+        return SaveStarted(
+            step=step, cursor=self._parts.cursor.state_dict(), stall_s=time.perf_counter() - t0, error=self._error
+        )
 
     def result(self) -> SaveResult | str:
         """Block until the upload started by :meth:`save` is done: its :class:`SaveResult`, or an

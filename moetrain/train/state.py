@@ -105,8 +105,10 @@ def objects_to_read(placement: Placement, rank: int) -> list[str]:
 
 def _check_shape(obj: str, name: str, saved: torch.Tensor, live: torch.Tensor) -> None:
     if tuple(saved.shape) != tuple(live.shape):
-        raise CheckpointError(f"{obj}: tensor {name} has shape {tuple(saved.shape)} in the checkpoint but "
-                              f"{tuple(live.shape)} in this model (a different model config?)")
+        raise CheckpointError(
+            f"{obj}: tensor {name} has shape {tuple(saved.shape)} in the checkpoint but "
+            f"{tuple(live.shape)} in this model (a different model config?)"
+        )
 
 
 @torch.no_grad()
@@ -126,8 +128,9 @@ def load_rank_objects(parts: RankParts, placement: Placement, read: Callable[[li
             continue  # below: DeepSpeed's flat buffers and this rank's slices of the state
         p.copy_(dense_obj["params"][n])
         if n in dense_obj["optim"]:
-            opt.state[p] = {k: (v.clone().to(p.device) if torch.is_tensor(v) else v)
-                            for k, v in dense_obj["optim"][n].items()}
+            opt.state[p] = {
+                k: (v.clone().to(p.device) if torch.is_tensor(v) else v) for k, v in dense_obj["optim"][n].items()
+            }
     if parts.dense_zero is not None:
         parts.dense_zero.load_state(dense_obj["params"], dense_obj["optim"])
     buffers = dict(model.named_buffers())

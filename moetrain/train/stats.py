@@ -36,8 +36,9 @@ def _onehot_TE(topk_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return a.scatter_(1, topk_ids_TK, 1.0)
 
 
-def step_stats(routing_ids: list[torch.Tensor], num_experts: int,
-               load_LE: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def step_stats(
+    routing_ids: list[torch.Tensor], num_experts: int, load_LE: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
     """(load_LE, coact_LEE, trans_LEE) of one batch, from each MoE layer's topk_ids_TK;
     ``load_LE`` when the caller already counted it (``moetrain.losses.routing_counts``)."""
     onehots = [_onehot_TE(ids, num_experts) for ids in routing_ids]
@@ -45,8 +46,11 @@ def step_stats(routing_ids: list[torch.Tensor], num_experts: int,
     coact = torch.stack([a.T @ a for a in onehots])
     coact.diagonal(dim1=1, dim2=2).zero_()
     L = len(onehots)
-    trans = (torch.stack([onehots[i].T @ onehots[i + 1] for i in range(L - 1)]) if L > 1
-             else torch.zeros(0, num_experts, num_experts, device=load.device))
+    trans = (
+        torch.stack([onehots[i].T @ onehots[i + 1] for i in range(L - 1)])
+        if L > 1
+        else torch.zeros(0, num_experts, num_experts, device=load.device)
+    )
     return load, coact, trans
 
 
@@ -63,8 +67,7 @@ class RoutingStatsAccumulator:
     ``window``: optimizer steps kept. ``sample_tokens``: at most this many of the window's most
     recent tokens keep their raw top-k ids on this rank (the exact cost model's input)."""
 
-    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, window: int = 50,
-                 sample_tokens: int = 8192):
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, *, window: int = 50, sample_tokens: int = 8192):
         if window < 1:
             raise ValueError(f"window ({window}) must be >= 1")
         if sample_tokens < 0:
@@ -88,7 +91,7 @@ class RoutingStatsAccumulator:
             for acc, p in zip(self._current.counts, parts):
                 acc += p
         if self.sample_tokens:
-            ids_TLK = torch.stack(ids, dim=1)[-self.sample_tokens:].to(torch.int16)
+            ids_TLK = torch.stack(ids, dim=1)[-self.sample_tokens :].to(torch.int16)
             self._current.ids.append(ids_TLK)
             self._drop_old_ids([self._current])
 
@@ -101,7 +104,7 @@ class RoutingStatsAccumulator:
         for step in steps:
             for i in range(len(step.ids) - 1, -1, -1):
                 if kept >= self.sample_tokens:
-                    del step.ids[:i + 1]
+                    del step.ids[: i + 1]
                     break
                 kept += step.ids[i].shape[0]
 
@@ -134,7 +137,7 @@ class RoutingStatsAccumulator:
                 if kept >= self.sample_tokens:
                     break
                 take = min(ids.shape[0], self.sample_tokens - kept)
-                parts.append(ids[ids.shape[0] - take:])
+                parts.append(ids[ids.shape[0] - take :])
                 steps.append(np.full(take, step.index, dtype=np.int64))
                 kept += take
         if not parts:
@@ -151,10 +154,17 @@ class RoutingStatsAccumulator:
         flat_np = flat.cpu().double().numpy()
         n1, n2 = load.numel(), coact.numel()
         ids, steps = self.sample()
-        return RoutingStats(self.E, self.K, flat_np[:n1].reshape(load.shape),
-                            flat_np[n1:n1 + n2].reshape(coact.shape), flat_np[n1 + n2:].reshape(trans.shape),
-                            ids.astype(np.int64), meta={"window_steps": len(self._steps)},
-                            home_T=np.full(ids.shape[0], ctx.rank, dtype=np.int64), step_T=steps)
+        return RoutingStats(
+            self.E,
+            self.K,
+            flat_np[:n1].reshape(load.shape),
+            flat_np[n1 : n1 + n2].reshape(coact.shape),
+            flat_np[n1 + n2 :].reshape(trans.shape),
+            ids.astype(np.int64),
+            meta={"window_steps": len(self._steps)},
+            home_T=np.full(ids.shape[0], ctx.rank, dtype=np.int64),
+            step_T=steps,
+        )
 
 
 def merge_rank_samples(per_rank: list[RoutingStats]) -> RoutingStats:
@@ -169,5 +179,14 @@ def merge_rank_samples(per_rank: list[RoutingStats]) -> RoutingStats:
     steps = None
     if all(s.step_T is not None for s in per_rank):
         steps = np.concatenate([s.step_T for s in per_rank])
-    return RoutingStats(first.num_experts, first.k, first.load_LE.copy(), first.coact_LEE.copy(),
-                        first.trans_LEE.copy(), ids, meta=dict(first.meta), home_T=homes, step_T=steps)
+    return RoutingStats(
+        first.num_experts,
+        first.k,
+        first.load_LE.copy(),
+        first.coact_LEE.copy(),
+        first.trans_LEE.copy(),
+        ids,
+        meta=dict(first.meta),
+        home_T=homes,
+        step_T=steps,
+    )

@@ -56,18 +56,28 @@ def initial_placement(cfg: RunConfig) -> Placement:
         return Placement.round_robin(L, E, R, spr)
     from pathlib import Path
     from moetrain.config import ConfigError
+
     path = Path(kind)
     if not path.is_file():
         raise ConfigError(f"placement.initial ({kind!r}) is neither contiguous, round_robin nor a placement JSON file")
     p = Placement.from_json(path.read_text())
     if (p.num_layers, p.num_experts, p.num_ranks) != (L, E, R):
-        raise ConfigError(f"placement.initial {kind!r} is for {p.num_layers} layers x {p.num_experts} experts x "
-                          f"{p.num_ranks} ranks, the run has {L} x {E} x {R}")
+        raise ConfigError(
+            f"placement.initial {kind!r} is for {p.num_layers} layers x {p.num_experts} experts x "
+            f"{p.num_ranks} ranks, the run has {L} x {E} x {R}"
+        )
     return p
 
 
-def install_dispatchers(moe_layers: list, placement: Placement, ctx: ParallelContext, moe: MoEConfig, *,
-                        traffic: TrafficCounter | None = None, clock: CommClock | None = None) -> None:
+def install_dispatchers(
+    moe_layers: list,
+    placement: Placement,
+    ctx: ParallelContext,
+    moe: MoEConfig,
+    *,
+    traffic: TrafficCounter | None = None,
+    clock: CommClock | None = None,
+) -> None:
     """Wire MoE layer i of ``moe_layers`` (placement layer order) for ``placement``, as a trainer
     does at the start and after every migration: every router learns its experts' nodes
     (node-limited routing); on more than one rank every layer gets an all-to-all dispatcher —
@@ -82,11 +92,19 @@ def install_dispatchers(moe_layers: list, placement: Placement, ctx: ParallelCon
         tally = traffic.layer(idx) if traffic is not None else None
         if moe.dispatch == "hierarchical" and len(nodes) > 1:
             layer.dispatcher = HierarchicalDispatcher(
-                placement, idx, ctx, capacity_factor=moe.capacity_factor, clock=clock, tally=tally)
+                placement, idx, ctx, capacity_factor=moe.capacity_factor, clock=clock, tally=tally
+            )
         else:  # flat, or hierarchical on one node (the same sends)
             layer.dispatcher = AllToAllDispatcher(
-                placement, idx, ctx, capacity_factor=moe.capacity_factor, dedup=moe.dedup, chunks=moe.a2a_chunks,
-                clock=clock, tally=tally)
+                placement,
+                idx,
+                ctx,
+                capacity_factor=moe.capacity_factor,
+                dedup=moe.dedup,
+                chunks=moe.a2a_chunks,
+                clock=clock,
+                tally=tally,
+            )
 
 
 def nonfinite_quantities(**values: float) -> tuple[str, ...]:
@@ -98,13 +116,23 @@ def check_vocab(cfg: RunConfig, tokenizer_vocab: int) -> None:
     """A tokenizer whose ids reach past the embedding cannot feed this model."""
     if cfg.model.vocab_size and tokenizer_vocab > cfg.model.vocab_size:
         from moetrain.config import ConfigError
-        raise ConfigError(f"tokenizer vocabulary ({tokenizer_vocab}, data.tokenizer={cfg.data.tokenizer!r}) does not "
-                          f"match the model: larger than model.vocab_size ({cfg.model.vocab_size})")
+
+        raise ConfigError(
+            f"tokenizer vocabulary ({tokenizer_vocab}, data.tokenizer={cfg.data.tokenizer!r}) does not "
+            f"match the model: larger than model.vocab_size ({cfg.model.vocab_size})"
+        )
 
 
 class RankTrainer:
-    def __init__(self, cfg: RunConfig, *, ctx: ParallelContext | None = None,
-                 placement: Placement | None = None, dataset=None, load_init_weights: bool = True):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        ctx: ParallelContext | None = None,
+        placement: Placement | None = None,
+        dataset=None,
+        load_init_weights: bool = True,
+    ):
         """``load_init_weights=False`` skips reading ``model.init_from``'s weights (its shape still
         applies): a resumed rank overwrites every weight from its checkpoint anyway."""
         from moetrain.hf.load import hf_dir_of, load_hf_weights, resolve_init_from
@@ -112,8 +140,9 @@ class RankTrainer:
         cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR: the model's shape is DIR's
         self.cfg = cfg
         self.ctx = ctx or ParallelContext()
-        self.data: StreamingData = (dataset if dataset is not None
-                                    else open_training_data(cfg.data, cfg.train.global_batch_size, cfg.storage))
+        self.data: StreamingData = (
+            dataset if dataset is not None else open_training_data(cfg.data, cfg.train.global_batch_size, cfg.storage)
+        )
         check_vocab(cfg, self.data.vocab_size)
         if cfg.model.vocab_size == 0:
             self.cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=self.data.vocab_size))
@@ -122,8 +151,7 @@ class RankTrainer:
             raise ValueError(f"placement has {self.placement.num_ranks} ranks, the group has {self.ctx.world_size}")
         # bf16 where it is not native fails here, on every rank, before any step (ConfigError).
         self.compute_dtype = resolve_precision(cfg.train.precision, self.ctx.device)
-        self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement,
-                                 rank=self.ctx.rank)
+        self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement, rank=self.ctx.rank)
         if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
             load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.storage)
         self.model = self.model.to(self.ctx.device)
@@ -138,30 +166,56 @@ class RankTrainer:
         self.dense_zero = None  # DeepSpeed ZeRO optimizer of the dense parameters (zero_stage 1/2)
         if t.zero_stage > 0:
             from moetrain.train.zero import DenseZero
-            self.dense_zero = DenseZero(list(self.model.dense_parameters()), stage=t.zero_stage, lr=t.lr,
-                                        beta1=t.beta1, beta2=t.beta2, weight_decay=t.weight_decay,
-                                        grad_clip=t.grad_clip, world_size=self.ctx.world_size,
-                                        device=self.ctx.device)
+
+            self.dense_zero = DenseZero(
+                list(self.model.dense_parameters()),
+                stage=t.zero_stage,
+                lr=t.lr,
+                beta1=t.beta1,
+                beta2=t.beta2,
+                weight_decay=t.weight_decay,
+                grad_clip=t.grad_clip,
+                world_size=self.ctx.world_size,
+                device=self.ctx.device,
+            )
         # self.optimizer: AdamW of every parameter (stage 0) or of the expert parameters (ZeRO)
         local = self.all_params if self.dense_zero is None else [p for _, p in self.model.expert_parameters()]
         decay = [p for p in local if p.ndim >= 2]
         no_decay = [p for p in local if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            fused=True,
+        )
         self.cursor = self.data.cursor  # exact save / restore of the data position (checkpoints)
         self.rank_map = self._rank_map()
         self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
         p = cfg.placement
         self.stats = RoutingStatsAccumulator(
-            len(self.moe_layers), cfg.model.moe.num_experts, cfg.model.moe.top_k, window=p.window,
-            sample_tokens=-(-p.sample_tokens // self.ctx.world_size))  # this rank's share
+            len(self.moe_layers),
+            cfg.model.moe.num_experts,
+            cfg.model.moe.top_k,
+            window=p.window,
+            sample_tokens=-(-p.sample_tokens // self.ctx.world_size),
+        )  # this rank's share
         self.step = 0
-        parts = RankParts(model=self.model, optimizer=self.optimizer, dense_zero=self.dense_zero,
-                          cursor=self.cursor, rank=self.ctx.rank)
-        self.checkpointer = RankCheckpointer(parts, step=lambda: self.step, placement=lambda: self.placement,
-                                             traffic=self.traffic, cfg=cfg.checkpoint, storage=cfg.storage,
-                                             run_name=cfg.cluster.run_name)
+        parts = RankParts(
+            model=self.model,
+            optimizer=self.optimizer,
+            dense_zero=self.dense_zero,
+            cursor=self.cursor,
+            rank=self.ctx.rank,
+        )
+        self.checkpointer = RankCheckpointer(
+            parts,
+            step=lambda: self.step,
+            placement=lambda: self.placement,
+            traffic=self.traffic,
+            cfg=cfg.checkpoint,
+            storage=cfg.storage,
+            run_name=cfg.cluster.run_name,
+        )
 
     def resume_from(self, point: ResumePoint) -> None:
         """Continue from a committed checkpoint: weights, AdamW state, data cursor and step."""
@@ -219,14 +273,19 @@ class RankTrainer:
         # and the traffic (float64: counts and bytes stay exact); before the update, so every
         # rank decides alike on non-finite values
         L = len(self.moe_layers)
-        sums = torch.cat([losses_3, torch.tensor([float(sends)], dtype=torch.float64, device=self.ctx.device),
-                          self.balancer.local_counts_LE.reshape(-1).double(),
-                          self.traffic.drain().to(self.ctx.device)])
+        sums = torch.cat(
+            [
+                losses_3,
+                torch.tensor([float(sends)], dtype=torch.float64, device=self.ctx.device),
+                self.balancer.local_counts_LE.reshape(-1).double(),
+                self.traffic.drain().to(self.ctx.device),
+            ]
+        )
         vals = self.ctx.all_reduce_sum(sums).tolist()
         lm, lbl, zl = [v / self.ctx.world_size for v in vals[:3]]
         sends = vals[3]
-        load_LE = np.asarray(vals[4:4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
-        traffic = self.traffic.decode(vals[4 + L * E:])
+        load_LE = np.asarray(vals[4 : 4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
+        traffic = self.traffic.decode(vals[4 + L * E :])
         lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         norm, bad = self._update(lr, lm_loss=lm, lbl=lbl, z_loss=zl)
         if bad:  # skip the update: nothing non-finite reaches the weights or the optimizer state
@@ -235,10 +294,21 @@ class RankTrainer:
             self.balancer.update_bias(self.moe_layers, torch.from_numpy(load_LE).to(self.ctx.device))
         self.stats.end_step()
         self.step += 1
-        return StepMetrics(step=self.step, loss=lm + lbl + zl, lm_loss=lm, lbl=lbl, z_loss=zl,
-                           grad_norm=norm, lr=lr, tokens=t.global_batch_size * self.cfg.data.seq_len,
-                           offrank_sends=sends, load_LE=load_LE, traffic=traffic,
-                           step_time_s=time.perf_counter() - t0, nonfinite=bad)
+        return StepMetrics(
+            step=self.step,
+            loss=lm + lbl + zl,
+            lm_loss=lm,
+            lbl=lbl,
+            z_loss=zl,
+            grad_norm=norm,
+            lr=lr,
+            tokens=t.global_batch_size * self.cfg.data.seq_len,
+            offrank_sends=sends,
+            load_LE=load_LE,
+            traffic=traffic,
+            step_time_s=time.perf_counter() - t0,
+            nonfinite=bad,
+        )
 
     def _update(self, lr: float, **losses: float) -> tuple[float, tuple[str, ...]]:
         """Reduce the gradients, take the global norm, clip and step unless a loss or the norm is
@@ -255,8 +325,7 @@ class RankTrainer:
         # ZeRO: DeepSpeed reduces the dense gradients, clips its slices by the global norm (dense
         # + experts) and updates them, or skips on every rank when we ask or the norm is not finite
         expert_sq = grads.expert_grad_sq(self.moe_layers, self.placement, self.ctx)
-        norm, applied = self.dense_zero.step(lr=lr, expert_sq=expert_sq,
-                                             skip=bool(nonfinite_quantities(**losses)))
+        norm, applied = self.dense_zero.step(lr=lr, expert_sq=expert_sq, skip=bool(nonfinite_quantities(**losses)))
         bad = nonfinite_quantities(**losses, grad_norm=norm)
         if applied:
             norm_t = torch.tensor(norm, dtype=torch.float32, device=self.ctx.device)
@@ -293,8 +362,9 @@ class RankTrainer:
         logcnt = self.placement.logcnt_LE
         for idx, layer in enumerate(self.moe_layers):
             if (logcnt[idx] > 1).any():
-                nbytes = sum(self.placement.num_experts * p[0].numel() * p.element_size()
-                             for p in grads.expert_params(layer))
+                nbytes = sum(
+                    self.placement.num_experts * p[0].numel() * p.element_size() for p in grads.expert_params(layer)
+                )
                 self.traffic.add_ring_allreduce("expert_grads", nbytes)
 
     # ---- validation --------------------------------------------------------------------------

@@ -73,12 +73,19 @@ def ds_config(stage: int, *, lr: float, beta1: float, beta2: float, grad_clip: f
         "gradient_clipping": max(grad_clip, 0.0),
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [beta1, beta2], "eps": ADAM_EPS,
-                                                  "weight_decay": 0.0, "torch_adam": True}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": [beta1, beta2], "eps": ADAM_EPS, "weight_decay": 0.0, "torch_adam": True},
+        },
         "zero_optimization": {
-            "stage": stage, "overlap_comm": False, "contiguous_gradients": stage == 2,
-            "reduce_scatter": True, "reduce_bucket_size": REDUCE_BUCKET_ELEMS,
-            "allgather_bucket_size": ALLGATHER_BUCKET_ELEMS, "round_robin_gradients": False},
+            "stage": stage,
+            "overlap_comm": False,
+            "contiguous_gradients": stage == 2,
+            "reduce_scatter": True,
+            "reduce_bucket_size": REDUCE_BUCKET_ELEMS,
+            "allgather_bucket_size": ALLGATHER_BUCKET_ELEMS,
+            "round_robin_gradients": False,
+        },
     }
 
 
@@ -87,8 +94,10 @@ def check_zero_supported(stage: int) -> None:
     import importlib.util
 
     if stage in ZERO_STAGES and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"train.zero_stage ({stage}) needs DeepSpeed, which is not installed here "
-                          "(pip install deepspeed), or set train.zero_stage=0")
+        raise ConfigError(
+            f"train.zero_stage ({stage}) needs DeepSpeed, which is not installed here "
+            "(pip install deepspeed), or set train.zero_stage=0"
+        )
     if stage not in (0, *ZERO_STAGES):
         raise ConfigError(f"train.zero_stage ({stage}) must be 0 (off), 1 or 2")
 
@@ -107,9 +116,19 @@ def _ensure_process_group(world_size: int, device: torch.device) -> None:
 class DenseZero:
     """DeepSpeed ZeRO-``stage`` optimizer of the dense parameters (see the module doc)."""
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], *, stage: int, lr: float, beta1: float,
-                 beta2: float, weight_decay: float, grad_clip: float, world_size: int,
-                 device: torch.device = torch.device("cpu")):
+    def __init__(
+        self,
+        named_params: list[tuple[str, nn.Parameter]],
+        *,
+        stage: int,
+        lr: float,
+        beta1: float,
+        beta2: float,
+        weight_decay: float,
+        grad_clip: float,
+        world_size: int,
+        device: torch.device = torch.device("cpu"),
+    ):
         if stage not in ZERO_STAGES:
             raise ConfigError(f"train.zero_stage ({stage}) must be 0 (off), 1 or 2 here")
         _ensure_process_group(world_size, device)
@@ -121,13 +140,16 @@ class DenseZero:
         self.stage = stage
         self._names = {id(p): n for n, p in named_params}  # the Parameter objects DeepSpeed keeps
         params = [p for _, p in named_params]
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
         groups = [g for g in groups if g["params"]]
         cfg = ds_config(stage, lr=lr, beta1=beta1, beta2=beta2, grad_clip=grad_clip)
         try:
             self.engine, self.zero, _, _ = deepspeed.initialize(
-                model=_DenseShell(params), model_parameters=groups, config=cfg, dist_init_required=False)
+                model=_DenseShell(params), model_parameters=groups, config=cfg, dist_init_required=False
+            )
         except (AssertionError, ValueError, RuntimeError) as exc:  # a setting DeepSpeed refuses
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(f"train.zero_stage ({stage}): DeepSpeed refuses this run: {first}") from exc
@@ -201,7 +223,7 @@ class DenseZero:
                 dist.all_gather(parts, st[key].detach().contiguous())
                 flat = torch.cat(parts)
                 for p, off in zip(group, offsets):
-                    out.setdefault(names[id(p)], {})[key] = flat[off:off + p.numel()].view_as(p).cpu().clone()
+                    out.setdefault(names[id(p)], {})[key] = flat[off : off + p.numel()].view_as(p).cpu().clone()
             for p in group:
                 out[names[id(p)]]["step"] = st["step"].clone()
         return out
@@ -225,7 +247,7 @@ class DenseZero:
             for key in ADAM_STATE_KEYS:
                 flat = torch.zeros(psize * dist.get_world_size(), dtype=master.dtype, device=master.device)
                 for p, off in zip(group, offsets):
-                    flat[off:off + p.numel()] = optim[names[id(p)]][key].reshape(-1).to(master.device)
+                    flat[off : off + p.numel()] = optim[names[id(p)]][key].reshape(-1).to(master.device)
                 state[key] = flat[lo:hi].clone()
             self.base_optimizer.state[master] = state
 

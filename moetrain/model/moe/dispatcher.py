@@ -79,8 +79,9 @@ class Dispatcher(Protocol):
         ...
 
 
-def dispatch_compute_combine(dispatcher: Dispatcher, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor,
-                             experts) -> tuple[Tensor, DispatchMeta]:
+def dispatch_compute_combine(
+    dispatcher: Dispatcher, x_TD: Tensor, topk_ids_TK: Tensor, topk_weights_TK: Tensor, experts
+) -> tuple[Tensor, DispatchMeta]:
     """out_TD = combine(experts(dispatch(x_TD))) with ``experts(x_ND, tokens_per_slot)``. A
     dispatcher with a ``run`` method (the expert-parallel one, which can pipeline chunks of
     tokens so transfers overlap expert compute) does the three phases itself."""
@@ -138,8 +139,10 @@ class LocalDispatcher:
         experts = [int(e) for e in local_experts]
         missing = sorted(set(range(num_experts)) - set(experts))
         if missing:
-            raise ValueError(f"LocalDispatcher needs every expert on this rank; experts {missing} have no "
-                             f"local slot (local_experts={experts}); use an expert-parallel dispatcher")
+            raise ValueError(
+                f"LocalDispatcher needs every expert on this rank; experts {missing} have no "
+                f"local slot (local_experts={experts}); use an expert-parallel dispatcher"
+            )
         slot_of_E = torch.full((num_experts,), -1, dtype=torch.int64)
         for slot in reversed(range(len(experts))):
             slot_of_E[experts[slot]] = slot
@@ -163,9 +166,13 @@ class LocalDispatcher:
         pair_N = pair_P[order_N]
         token_index_N = pair_N // K
         tokens_per_slot = torch.bincount(slot_N, minlength=self.num_slots).tolist()
-        meta = LocalDispatchMeta(tokens_per_slot=tokens_per_slot, num_dropped=num_dropped,
-                                 token_index_N=token_index_N, weights_N=topk_weights_TK.reshape(-1)[pair_N],
-                                 num_tokens=T)
+        meta = LocalDispatchMeta(
+            tokens_per_slot=tokens_per_slot,
+            num_dropped=num_dropped,
+            token_index_N=token_index_N,
+            weights_N=topk_weights_TK.reshape(-1)[pair_N],
+            num_tokens=T,
+        )
         return x_TD.index_select(0, token_index_N), meta
 
     def combine(self, y_ND: Tensor, meta: DispatchMeta) -> Tensor:

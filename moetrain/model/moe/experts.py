@@ -36,8 +36,9 @@ def expert_seed(seed: int, layer_index: int, expert_id: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def init_expert_weights(dim: int, ffn_dim: int, *, seed: int, layer_index: int, expert_id: int,
-                        init_std: float, out_std: float) -> tuple[Tensor, Tensor, Tensor]:
+def init_expert_weights(
+    dim: int, ffn_dim: int, *, seed: int, layer_index: int, expert_id: int, init_std: float, out_std: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """(w_gate_FD, w_up_FD, w_down_DF) of one expert, from its own generator (no global RNG)."""
     gen = torch.Generator().manual_seed(expert_seed(seed, layer_index, expert_id))
     w_gate_FD = torch.randn(ffn_dim, dim, generator=gen).mul_(init_std)
@@ -68,15 +69,28 @@ class GroupedExperts(nn.Module):
     slot's rows are padded to a multiple of ``BF16_CPU_ROW_BUCKET`` (see there).
     """
 
-    def __init__(self, local_experts: Sequence[int], dim: int, ffn_dim: int, *, seed: int,
-                 layer_index: int, init_std: float, out_std: float | None = None) -> None:
+    def __init__(
+        self,
+        local_experts: Sequence[int],
+        dim: int,
+        ffn_dim: int,
+        *,
+        seed: int,
+        layer_index: int,
+        init_std: float,
+        out_std: float | None = None,
+    ) -> None:
         super().__init__()
         self.local_experts = tuple(int(e) for e in local_experts)
         self.layer_index = layer_index
         self.dim, self.ffn_dim = dim, ffn_dim
         out_std = init_std if out_std is None else out_std
-        per_slot = [init_expert_weights(dim, ffn_dim, seed=seed, layer_index=layer_index, expert_id=e,
-                                        init_std=init_std, out_std=out_std) for e in self.local_experts]
+        per_slot = [
+            init_expert_weights(
+                dim, ffn_dim, seed=seed, layer_index=layer_index, expert_id=e, init_std=init_std, out_std=out_std
+            )
+            for e in self.local_experts
+        ]
         self.w_gate_SFD = nn.Parameter(_stack([w[0] for w in per_slot], (ffn_dim, dim)))
         self.w_up_SFD = nn.Parameter(_stack([w[1] for w in per_slot], (ffn_dim, dim)))
         self.w_down_SDF = nn.Parameter(_stack([w[2] for w in per_slot], (dim, ffn_dim)))
@@ -105,8 +119,7 @@ class GroupedExperts(nn.Module):
         if self.allow_grouped_mm and use_grouped_mm(x_ND, self.ffn_dim):
             return grouped_swiglu(x_ND, tokens_per_slot, w_gate_SFD, w_up_SFD, w_down_SDF)
         if x_ND.dtype == torch.bfloat16 and x_ND.device.type == "cpu":
-            return bucketed(looped_swiglu, BF16_CPU_ROW_BUCKET, x_ND, tokens_per_slot,
-                            w_gate_SFD, w_up_SFD, w_down_SDF)
+            return bucketed(looped_swiglu, BF16_CPU_ROW_BUCKET, x_ND, tokens_per_slot, w_gate_SFD, w_up_SFD, w_down_SDF)
         return looped_swiglu(x_ND, tokens_per_slot, w_gate_SFD, w_up_SFD, w_down_SDF)
 
 
@@ -130,8 +143,9 @@ def bucketed(swiglu, bucket: int, x_ND: Tensor, tokens_per_slot: list[int], *wei
     return swiglu(x_PD, padded, *weights).index_select(0, pos_N)
 
 
-def looped_swiglu(x_ND: Tensor, tokens_per_slot: list[int], w_gate_SFD: Tensor, w_up_SFD: Tensor,
-                  w_down_SDF: Tensor) -> Tensor:
+def looped_swiglu(
+    x_ND: Tensor, tokens_per_slot: list[int], w_gate_SFD: Tensor, w_up_SFD: Tensor, w_down_SDF: Tensor
+) -> Tensor:
     """One SwiGLU per non-empty slot on its contiguous row block; y_ND in row order."""
     # unbind (not w[slot]) so backward stacks the slot grads once instead of S zero-filled adds
     w_gate_FD, w_up_FD, w_down_DF = w_gate_SFD.unbind(0), w_up_SFD.unbind(0), w_down_SDF.unbind(0)
@@ -156,8 +170,9 @@ def group_end_offsets(tokens_per_slot: list[int], device: torch.device | str = "
     return torch.tensor(ends, dtype=torch.int32, device=device)
 
 
-def grouped_swiglu(x_ND: Tensor, tokens_per_slot: list[int], w_gate_SFD: Tensor, w_up_SFD: Tensor,
-                   w_down_SDF: Tensor) -> Tensor:
+def grouped_swiglu(
+    x_ND: Tensor, tokens_per_slot: list[int], w_gate_SFD: Tensor, w_up_SFD: Tensor, w_down_SDF: Tensor
+) -> Tensor:
     """The same SwiGLU as :func:`looped_swiglu` as three grouped GEMMs over all slots
     (``torch._grouped_mm``, 2D x 3D with row offsets). The offsets come from the host-side
     split sizes: no device synchronisation. Differentiable on CUDA; forward-only on CPU."""

@@ -27,13 +27,29 @@ from moetrain.model.moe.router import RouterOutput, TopKRouter
 
 
 class MoELayer(nn.Module):
-    def __init__(self, dim: int, moe_cfg: MoEConfig, *, layer_index: int, seed: int,
-                 local_experts: Sequence[int], init_std: float, out_std: float | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        moe_cfg: MoEConfig,
+        *,
+        layer_index: int,
+        seed: int,
+        local_experts: Sequence[int],
+        init_std: float,
+        out_std: float | None = None,
+    ) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.router = TopKRouter(dim, moe_cfg)
-        self.experts = GroupedExperts(local_experts, dim, moe_cfg.expert_ffn_dim, seed=seed,
-                                      layer_index=layer_index, init_std=init_std, out_std=out_std)
+        self.experts = GroupedExperts(
+            local_experts,
+            dim,
+            moe_cfg.expert_ffn_dim,
+            seed=seed,
+            layer_index=layer_index,
+            init_std=init_std,
+            out_std=out_std,
+        )
         shared_dim = moe_cfg.num_shared_experts * (moe_cfg.shared_expert_ffn_dim or moe_cfg.expert_ffn_dim)
         self.shared = SwiGLU(dim, shared_dim) if shared_dim > 0 else None
         # Qwen2-MoE: shared output scaled by sigmoid(x . w), one scalar per token
@@ -42,17 +58,22 @@ class MoELayer(nn.Module):
         holds_all = set(range(moe_cfg.num_experts)) <= set(self.experts.local_experts)
         self.dispatcher: Dispatcher | None = (
             LocalDispatcher(self.experts.local_experts, moe_cfg.num_experts, moe_cfg.capacity_factor)
-            if holds_all else None)
+            if holds_all
+            else None
+        )
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, RouterOutput]:
         if self.dispatcher is None:
-            raise RuntimeError(f"MoE layer {self.layer_index} holds experts {list(self.experts.local_experts)} only: "
-                               "assign an expert-parallel dispatcher (layer.dispatcher = ...) before forward")
+            raise RuntimeError(
+                f"MoE layer {self.layer_index} holds experts {list(self.experts.local_experts)} only: "
+                "assign an expert-parallel dispatcher (layer.dispatcher = ...) before forward"
+            )
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         route = self.router(x_TD)
-        out_TD, meta = dispatch_compute_combine(self.dispatcher, x_TD, route.topk_ids_TK, route.topk_weights_TK,
-                                                self.experts)
+        out_TD, meta = dispatch_compute_combine(
+            self.dispatcher, x_TD, route.topk_ids_TK, route.topk_weights_TK, self.experts
+        )
         out_TD = out_TD.to(x_TD.dtype)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)

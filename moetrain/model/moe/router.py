@@ -119,9 +119,11 @@ class TopKRouter(nn.Module):
         if node_E.shape != self.expert_node_E.shape or int(node_E.min()) < 0:
             raise ValueError(f"expert nodes must be {self.num_experts} node indices >= 0, got {node_E.tolist()}")
         counts = sorted(c for c in torch.bincount(node_E).tolist() if c > 0)
-        if self.max_nodes and len(counts) > self.max_nodes and sum(counts[:self.max_nodes]) < self.top_k:
-            raise ValueError(f"model.moe.max_nodes_per_token ({self.max_nodes}): the {self.max_nodes} node(s) with "
-                             f"fewest experts hold {sum(counts[:self.max_nodes])} < top_k ({self.top_k}) experts")
+        if self.max_nodes and len(counts) > self.max_nodes and sum(counts[: self.max_nodes]) < self.top_k:
+            raise ValueError(
+                f"model.moe.max_nodes_per_token ({self.max_nodes}): the {self.max_nodes} node(s) with "
+                f"fewest experts hold {sum(counts[: self.max_nodes])} < top_k ({self.top_k}) experts"
+            )
         self.expert_node_E.copy_(node_E.to(self.expert_node_E.device))
         self.num_nodes = int(node_E.max()) + 1
 
