@@ -228,7 +228,7 @@ class Controller:
         return self.placement
 
     def _log_layout(self) -> None:
-        info = self.group.rank_info
+        info = self._live_group().rank_info
         nodes = sorted({(self.node_of_rank[i["rank"]], i["node_ip"], i["node_id"][:8]) for i in info})
         log.info(
             "run %s: %d rank(s) on %d node(s): %s; threads per rank %s; collectives on %s",

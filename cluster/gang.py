@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moetrain.config import RunConfig
@@ -66,7 +66,7 @@ def bundle(cfg: RunConfig) -> dict[str, float]:
 
 @dataclass
 class Gang:
-    pg: object  # ray.util.placement_group.PlacementGroup
+    pg: PlacementGroup
     layout: Layout
 
     @classmethod

@@ -206,6 +206,7 @@ class WorkerGroup:
 
     def _check_landed(self) -> None:
         """Each actor runs on the node its bundle was placed on (what the topology says)."""
+        assert self.gang is not None  # a started group has its gang
         ids = self.gang.layout.node_ids
         wrong = [i["rank"] for i in self.rank_info if i["node_id"] != ids[self.node_of_rank[i["rank"]]]]
         if wrong:

@@ -173,8 +173,8 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
                 ds = ray.data.read_parquet(pq_files, filesystem=store.fs, columns=cols, include_paths=True)
             parts.append(
                 ds.map_batches(
-                    _process,
-                    batch_size=opts.batch_docs,  # type: ignore[arg-type]  # fn_kwargs
+                    _process,  # type: ignore[arg-type]  # fn_kwargs
+                    batch_size=opts.batch_docs,
                     batch_format="pyarrow",
                     fn_kwargs={**common, "by_path": by_path},
                 )
@@ -186,8 +186,8 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
             )
             parts.append(
                 ds.map_batches(
-                    _process,
-                    batch_size=FILES_PER_BATCH,  # type: ignore[arg-type]  # fn_kwargs
+                    _process,  # type: ignore[arg-type]  # fn_kwargs
+                    batch_size=FILES_PER_BATCH,
                     batch_format="pyarrow",
                     fn_kwargs={**common, "by_path": by_path},
                 )

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import math
 import time
+from typing import Any
 from dataclasses import dataclass
 
 import ray
@@ -153,7 +154,7 @@ def _solve(
     """Runs in a Ray task: the proposal (validated unless ``val_fraction`` is 0) and the cost of
     current vs proposed on the whole window and on the validation steps."""
     t0 = time.perf_counter()
-    kw = dict(
+    kw: dict[str, Any] = dict(
         current=current,
         time_limit_s=time_limit_s,
         load_weight=load_weight,
@@ -166,7 +167,7 @@ def _solve(
         result = solve_placement(stats, topology, method=method, **kw)
     before = evaluate(stats, current, topology, load_weight=load_weight)
     after = evaluate(stats, result.placement, topology, load_weight=load_weight)
-    val = {}
+    val: dict[str, Any] = {}
     cur_L = (
         None
         if val_fraction <= 0
@@ -249,7 +250,7 @@ class Replanner:
             stats = without_homes(stats)
         self.last_stats = stats
         topo = run_topology(self.cfg, placement, group.node_of_rank)
-        ref = self._remote.remote(
+        ref = self._remote.remote(  # type: ignore[call-arg]  # Ray's stubs stop at 7 arguments
             stats,
             topo,
             placement,

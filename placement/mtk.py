@@ -90,7 +90,7 @@ def with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np
     lacks them."""
     R = topo.num_ranks
     cnt = replica_counts(load_E, topo)
-    held = [list(np.flatnonzero(block_E == r)) for r in range(R)]
+    held: list[list[int]] = [[int(e) for e in np.flatnonzero(block_E == r)] for r in range(R)]
     free = np.array(topo.slots_per_rank) - np.array([len(h) for h in held])
     per = load_E / cnt
     rank_load = np.array([per[h].sum() for h in held])
@@ -136,4 +136,5 @@ def mtk_row(
             best = (block, km1)
         if deadline is not None and time.monotonic() >= deadline:
             break
+    assert best is not None  # at least one seed ran
     return with_replicas(best[0], load_E, topo)

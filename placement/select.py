@@ -214,13 +214,16 @@ def run_recipe(
         return _bagged(fit, c, budget_s, tag)
     if r.method == "mtkahypar":
         end = time.monotonic() + max(budget_s, MIN_SOLVE_S)
+        ids_TLK = fit.topk_ids_TLK
+        assert ids_TLK is not None  # validation needs per-token ids (checked by select_placement)
         rows = [
-            mtk.mtk_row(fit.topk_ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end)
+            mtk.mtk_row(ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end)
             for l in range(fit.num_layers)
         ]
-        if any(row is None for row in rows):
+        found = [row for row in rows if row is not None]
+        if len(found) < len(rows):
             return None, None
-        return Placement(np.stack(rows), c.topo.slots_per_rank, fit.num_experts), None
+        return Placement(np.stack(found), c.topo.slots_per_rank, fit.num_experts), None
     res = solve_placement(
         fit,
         c.topo,
@@ -310,6 +313,7 @@ def _refit(
         budget = max(check_end - time.monotonic(), 0.0) / (len(groups) - n)
         sub = c.for_layers(layers)
         p, _ = run_recipe(s.recipe, lagged.select_layers(layers), sub, budget, tag=99)
+        assert p is not None  # a recipe that ran before (or the pipeline) answers
         lag_val = sub.score_L(val.select_layers(layers), p)
         better = [
             l
@@ -325,6 +329,7 @@ def _refit(
         if c.migration_weight == 0:  # warm start from the validated rows: keep the basin validation chose
             sub = replace(sub, current=Placement(s.last.phy2log_LS[layers], s.last.slots_per_rank, s.last.num_experts))
         p, _ = run_recipe(s.recipe, stats.select_layers(layers), sub, budget, tag=100)
+        assert p is not None  # a recipe that ran before (or the pipeline) answers
         out.update({l: p.phy2log_LS[i] for i, l in enumerate(layers)})
     return out
 
@@ -411,6 +416,7 @@ def select_placement(
     split = time_folds(stats, val_fraction, folds)
     if not split:  # too small to validate: the first recipe on the whole window, in sample
         p, reps = run_recipe(recipes[0], stats, c, time_limit_s)
+        assert p is not None  # a recipe that ran before (or the pipeline) answers
         obj_L = c.score_L(stats, p)
         reports = tuple(
             replace(
@@ -539,6 +545,7 @@ def select_slots(
                 kwargs.get("balance_cap"),
             )
             p, _ = run_recipe(first, fit, c, SLOTS_SHARE * time_limit_s / len(opts))
+            assert p is not None  # a recipe that ran before (or the pipeline) answers
             scores[name] = float(c.score_L(val, p).sum())
     pick = "replicas" if scores["replicas"] < scores["uneven"] - TOL else "uneven"  # nan compares False
     left = max(time_limit_s - (time.monotonic() - t0), MIN_SOLVE_S)

@@ -74,8 +74,8 @@ class Topology:
     ) -> "Topology":
         return cls(
             num_ranks,
-            slots_per_rank,
-            ranks_per_node,  # type: ignore[arg-type]  # an int is broadcast
+            slots_per_rank,  # type: ignore[arg-type]  # an int is broadcast
+            ranks_per_node,
             intra_node_cost,
             inter_node_cost,
         )
@@ -91,7 +91,12 @@ class Topology:
         """The topology of ranks that landed on ``node_of_rank`` (e.g. ``(0, 0, 1)``: two ranks on
         node 0, one on node 1)."""
         return cls(
-            len(node_of_rank), slots_per_rank, 0, intra_node_cost, inter_node_cost, node_of_rank=tuple(node_of_rank)
+            len(node_of_rank),
+            slots_per_rank,  # type: ignore[arg-type]  # an int is broadcast
+            0,
+            intra_node_cost,
+            inter_node_cost,
+            node_of_rank=tuple(node_of_rank),
         )
 
     @classmethod

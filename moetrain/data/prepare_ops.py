@@ -22,6 +22,7 @@ from moetrain.config import StoreConfig
 from moetrain.data.errors import DataError
 from moetrain.data.shards import ShardInfo, pack_texts, shard_bytes, shard_id, shard_info_from_footer, shard_key
 from moetrain.data.store import open_data_store
+from moetrain.storage import Store
 
 _DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _GLOB_CHARS = set("*?[")
@@ -57,7 +58,7 @@ def split_domain(entry: str) -> tuple[str, str]:
 
 def expand_input(
     entry: str, *, domain_pattern: str = "", store_cfg: StoreConfig | None = None
-) -> tuple[object, list[InputFile]]:
+) -> tuple[Store, list[InputFile]]:
     """(store, files) of one input: a file, a directory (recursive; hidden entries skipped) or a
     glob (``*``, ``?``, ``[...]`` in any path segment). The domain comes from the ``name=`` prefix,
     else ``domain_pattern`` (a regex whose first group, searched in the path, is the domain),
