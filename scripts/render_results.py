@@ -59,6 +59,10 @@ HEADLINES = (
              "experts specialise by domain (JS divergence 0.09 vs 0.003 bits) at balanced load"),
     Headline("Hugging Face round trip", "docs/hf.md", (),
              "logits equal transformers' within 1e-5; import/export bit-exact"),
+    Headline("2 nodes x 2 ranks, 100 Mbit/s links, 64 experts top-8: inter-node bytes (hierarchical vs flat; "
+             "topology-aware ILP vs contiguous) and step speedup", "docs/multinode.md",
+             (("multinode", "internode_bytes_hier_vs_flat"), ("multinode", "internode_bytes_topo_vs_contiguous"),
+              ("multinode", "step_speedup_best_vs_flat_contiguous_100mbit")), ""),
     Headline("ZeRO-1/2 dense optimizer bytes per rank, 4 ranks", "docs/zero.md",
              (("zero", "zero_dense_optimizer_bytes_ratio"),), "exactly 1/N"),
 )
