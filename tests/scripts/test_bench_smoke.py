@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# the public routing traces (not redistributed): MOETRAIN_TRACES, else shared/traces beside the checkout
+TRACES = Path(os.environ.get("MOETRAIN_TRACES") or ROOT.parent / "shared" / "traces")
+needs_traces = pytest.mark.skipif(not (TRACES / "qwen15moe_gsm8k25_5layers.npz").exists(),
+                                  reason=f"the routing traces are not in {TRACES}")
 sys.path.insert(0, str(ROOT))
 
 pytestmark = pytest.mark.slow
@@ -72,6 +76,7 @@ def test_bench_checkpoint_quick():
     assert out["local_target_runs"] == 2 and out["target_concurrency"] == 4
 
 
+@needs_traces
 def test_bench_placement_small_budget():
     pytest.importorskip("mtkahypar")
     text, out = _run("bench_placement.py", "--per-layer-s", "0.3", "--skip-scale")
@@ -124,6 +129,7 @@ def test_bench_replacement_two_actors():
     assert out["target_met"] == (out["speedup"] >= 1.15)
 
 
+@needs_traces
 def test_bench_placement_curves_quick():
     """The generalisation study (learning curves, issue 26) in its quick mode: every difference
     carries its paired interval, and the JSON's counts and targets are what its rows say."""
