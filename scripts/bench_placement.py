@@ -53,9 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from placement import (Placement, Topology, evaluate, from_topk_ids, load_routing, solve_placement,  # noqa: E402
                        split_tokens)
-from placement.baselines import replica_counts  # noqa: E402
+from placement import mtk  # noqa: E402
 from placement.cost import token_sends_T  # noqa: E402
-from placement.hypergraph import build_hypergraph  # noqa: E402
 from placement.solve import DEFAULT_RESTARTS  # noqa: E402
 from scripts import results  # noqa: E402
 
@@ -83,7 +82,6 @@ TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().pare
 SOLVED = ("greedy", "local_search", "ilp", "ilp_lw0")
 MTK_MAX_SEEDS = 64
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap of the held-out sends difference, ilp_lw0 - mtkahypar
-_MTK = None
 
 
 def topologies(num_experts: int) -> dict[str, Topology]:
@@ -94,47 +92,8 @@ def topologies(num_experts: int) -> dict[str, Topology]:
     }
 
 
-def _mtk_partition(ids_TK: np.ndarray, num_experts: int, block_sizes: list[int],
-                   seed: int) -> tuple[np.ndarray, float]:
-    """One Mt-KaHyPar km1 run: a block per expert with exactly ``block_sizes`` experts each."""
-    global _MTK
-    import mtkahypar
-    if _MTK is None:
-        _MTK = mtkahypar.initialize(1)
-    hg = build_hypergraph(ids_TK, np.ones(num_experts, dtype=np.int64))
-    edges = [hg.edge_pins[a:b].tolist() for a, b in zip(hg.edge_ptr[:-1], hg.edge_ptr[1:])]
-    mtkahypar.set_seed(int(seed))
-    ctx = _MTK.context_from_preset(mtkahypar.PresetType.QUALITY)
-    ctx.logging = False
-    ctx.set_partitioning_parameters(len(block_sizes), 0.0, mtkahypar.Objective.KM1)
-    ctx.set_individual_target_block_weights([int(b) for b in block_sizes])
-    graph = _MTK.create_hypergraph(ctx, num_experts, len(edges), edges, [1] * num_experts,
-                                   [int(w) for w in hg.weight_H])
-    part = graph.partition(ctx)
-    block = np.array([part.block_id(v) for v in range(num_experts)], dtype=np.int64)
-    got = np.bincount(block, minlength=len(block_sizes))
-    if not np.array_equal(got, block_sizes):
-        raise RuntimeError(f"Mt-KaHyPar returned blocks of {got.tolist()}, asked {list(block_sizes)}")
-    return block, float(part.km1())
 
 
-def _with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np.ndarray:
-    """The layer row: each block's experts on its rank, then the extra slots filled with replicas
-    of the hottest experts (greedy's counts) on the least-loaded rank with room that lacks them."""
-    R = topo.num_ranks
-    cnt = replica_counts(load_E, topo)
-    held = [list(np.flatnonzero(block_E == r)) for r in range(R)]
-    free = np.array(topo.slots_per_rank) - np.array([len(h) for h in held])
-    per = load_E / cnt
-    rank_load = np.array([per[h].sum() for h in held])
-    for e in np.argsort(-per, kind="stable"):
-        for _ in range(int(cnt[e]) - 1):
-            ok = np.flatnonzero((free > 0) & np.array([e not in h for h in held]))
-            r = int(ok[np.argmin(rank_load[ok])])
-            held[r].append(int(e))
-            free[r] -= 1
-            rank_load[r] += per[e]
-    return np.array([e for h in held for e in h], dtype=np.int64)
 
 
 def mtkahypar_placement(fit, topo: Topology, budget_s: float) -> tuple[Placement, float, int]:
@@ -151,13 +110,13 @@ def mtkahypar_placement(fit, topo: Topology, budget_s: float) -> tuple[Placement
         end = t0 + budget_s * (l + 1) / L
         best = None
         for seed in range(MTK_MAX_SEEDS):
-            block, km1 = _mtk_partition(fit.topk_ids_TLK[:, l], E, sizes, seed)
+            block, km1 = mtk.partition(fit.topk_ids_TLK[:, l], E, sizes, seed)
             runs += 1
             if best is None or km1 < best[1]:
                 best = (block, km1)
             if time.monotonic() >= end:
                 break
-        rows.append(_with_replicas(best[0], fit.load_LE[l], topo))
+        rows.append(mtk.with_replicas(best[0], fit.load_LE[l], topo))
     return Placement(np.stack(rows), topo.slots_per_rank, E), time.monotonic() - t0, runs
 
 
