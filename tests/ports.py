@@ -1,22 +1,8 @@
-"""Free TCP ports on 127.0.0.1 for the processes and clusters tests start (the one copy of this
-helper under tests/)."""
+"""Free TCP ports on 127.0.0.1 for the processes and clusters tests start: the scripts' helper
+(``scripts/helpers.py``, the one definition), re-exported for the tests."""
 
 from __future__ import annotations
 
-import socket
+from scripts.helpers import free_port, free_ports
 
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free right now (all sockets are held until every port is picked)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
+__all__ = ["free_port", "free_ports"]
