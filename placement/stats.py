@@ -241,33 +241,29 @@ def _check_ids(topk_ids_TLK: np.ndarray, num_experts: int) -> np.ndarray:
     return ids
 
 
-def _check_home(home_T: np.ndarray | None, ids_TLK: np.ndarray | None) -> np.ndarray | None:
-    if home_T is None:
+def _check_rows(values: np.ndarray | None, ids_TLK: np.ndarray | None, name: str, what: str) -> np.ndarray | None:
+    """``name`` ([T] int64, one ``what`` per topk_ids row), checked; None stays None."""
+    if values is None:
         return None
-    home = np.array(home_T)
+    arr = np.array(values)
     if ids_TLK is None:
-        raise StatsError("home_T needs per-token topk_ids (a home rank per topk_ids row)")
-    if home.ndim != 1 or home.shape[0] != ids_TLK.shape[0]:
-        raise StatsError(f"home_T has shape {home.shape}, expected [{ids_TLK.shape[0]}] (one per topk_ids row)")
-    if home.size and not np.issubdtype(home.dtype, np.integer):
-        raise StatsError(f"home_T must hold integer ranks, got dtype {home.dtype}")
-    home = home.astype(np.int64)
-    if home.size and home.min() < 0:
+        raise StatsError(f"{name} needs per-token topk_ids (a {what} per topk_ids row)")
+    if arr.ndim != 1 or arr.shape[0] != ids_TLK.shape[0]:
+        raise StatsError(f"{name} has shape {arr.shape}, expected [{ids_TLK.shape[0]}] (one per topk_ids row)")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise StatsError(f"{name} must hold integer {what}s, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _check_home(home_T: np.ndarray | None, ids_TLK: np.ndarray | None) -> np.ndarray | None:
+    home = _check_rows(home_T, ids_TLK, "home_T", "rank")
+    if home is not None and home.size and home.min() < 0:
         raise StatsError(f"home_T holds a negative rank ({home.min()})")
     return home
 
 
 def _check_step(step_T: np.ndarray | None, ids_TLK: np.ndarray | None) -> np.ndarray | None:
-    if step_T is None:
-        return None
-    step = np.array(step_T)
-    if ids_TLK is None:
-        raise StatsError("step_T needs per-token topk_ids (a step per topk_ids row)")
-    if step.ndim != 1 or step.shape[0] != ids_TLK.shape[0]:
-        raise StatsError(f"step_T has shape {step.shape}, expected [{ids_TLK.shape[0]}] (one per topk_ids row)")
-    if step.size and not np.issubdtype(step.dtype, np.integer):
-        raise StatsError(f"step_T must hold integer steps, got dtype {step.dtype}")
-    return step.astype(np.int64)
+    return _check_rows(step_T, ids_TLK, "step_T", "step")
 
 
 def onehot_TE(ids_TK: np.ndarray, num_experts: int) -> np.ndarray:
