@@ -20,7 +20,9 @@ import threading
 import uuid
 
 import ray
+from ray.exceptions import RayActorError
 
+from cluster.group import WorkerGroupError
 from moetrain.checkpoint import (
     CheckpointError,
     CheckpointRef,
@@ -181,6 +183,22 @@ def resolve_resume(cfg: RunConfig) -> ResumePoint | None:
     return point
 
 
+def _gather(refs) -> list:
+    """Every rank's upload result, in rank order; ranks that died while uploading raise one
+    :class:`WorkerGroupError` (``lost``) naming them, after the others have answered."""
+    results, lost = [], []
+    for rank, ref in enumerate(refs):
+        try:
+            results.append(ray.get(ref))
+        except RayActorError:
+            lost.append(rank)
+    if lost:
+        raise WorkerGroupError(
+            f"[Rank {', '.join(map(str, lost))}]: actor died (process killed or node lost) while uploading", lost, True
+        )
+    return results
+
+
 class Coordinator:
     """Driver half of checkpointing: start on all ranks, commit in a background thread."""
 
@@ -192,6 +210,8 @@ class Coordinator:
         self.committed: list[str] = []
         self.failed: list[tuple[int, str]] = []  # (step, first line of the error)
         self.consecutive_failures = 0  # failed checkpoints since the last committed one
+        self._outcome: dict[int, str] = {}  # step -> "" (committed) or the error of its latest attempt
+        self._lost: dict[int, WorkerGroupError] = {}  # step -> a rank died while it uploaded
 
     def start(self, group, step: int, placement) -> None:
         self.wait()  # at most one commit in flight
@@ -212,8 +232,9 @@ class Coordinator:
         self._thread.start()
 
     def _commit(self, refs, step: int, meta: dict, stall: float) -> None:
+        self._lost.pop(step, None)
         try:
-            results = ray.get(refs)
+            results = _gather(refs)
             failed = [
                 f"[Rank {i}]: {r if isinstance(r, str) else r.error}"
                 for i, r in enumerate(results)
@@ -229,20 +250,30 @@ class Coordinator:
             uri = store.uri_of(f"{self.cfg.cluster.run_name}/step-{step}")
             self.committed.append(uri)
             self.consecutive_failures = 0
+            self._outcome[step] = ""
             log.info("checkpoint step %d committed: %.1f MB, stall %.3f s, %s", step, mb, stall, uri)
             if self.telemetry:
                 self.telemetry.checkpoint(step, mb / secs, stall)
         except Exception as exc:  # a failed checkpoint never stops training
             msg = str(exc).splitlines()[0][:300]
             self.failed.append((step, msg))
+            self._outcome[step] = msg
+            if isinstance(exc, WorkerGroupError):
+                self._lost[step] = exc
             self.consecutive_failures += 1
             log.warning("checkpoint step %d FAILED (latest unchanged): %s", step, msg)
             if self.telemetry:
                 self.telemetry.checkpoint_failed(step)
 
     def step_failed(self, step: int) -> str:
-        """The error of checkpoint ``step`` if it failed, else ""."""
-        return next((msg for s, msg in self.failed if s == step), "")
+        """The error of the latest attempt at checkpoint ``step`` if it failed, else "" (a
+        checkpoint retried after a restart and committed is not failed)."""
+        return self._outcome.get(step, "")
+
+    def lost_worker(self, step: int) -> WorkerGroupError | None:
+        """The latest attempt at checkpoint ``step`` failed because a rank died while it uploaded
+        (a lost node): the controller treats that as any lost worker (restart and retry)."""
+        return self._lost.get(step)
 
     def wait(self) -> None:
         if self._thread is not None:

@@ -357,30 +357,47 @@ class Controller:
             State.REPLACING: self._replacing,
             State.CHECKPOINTING: self._checkpointing,
         }
-        while self.state not in TERMINAL:
-            try:
-                self._set(handlers[self.state]())
-            except WorkerGroupError as exc:
-                if self.policy.should_retry(exc):
-                    self.restarts += 1
-                    self._set(State.RESTARTING)
-                    self._set(self._restarting(exc))
-                else:
-                    # a group the cluster cannot hold, before any training: bad input (exit 2)
-                    refused = getattr(exc, "unplaceable", False) and self.restarts == 0
-                    self._fail(str(exc), user_error=refused)
-            except RunAborted as exc:
-                self._fail(str(exc))
-        if self._bar is not None:
-            self._bar.close()
-        summary = {}
-        if self.state != State.FAILED:
+        summary: dict = {}
+        while True:
+            while self.state not in TERMINAL:
+                try:
+                    self._set(handlers[self.state]())
+                except WorkerGroupError as exc:
+                    self._lost_worker(exc)
+                except RunAborted as exc:
+                    self._fail(str(exc))
+            if self.state == State.FAILED:
+                break
             try:
                 summary = self._finish()
+                self.ckpt.wait()  # a first signal here only sets the stop flag: the final commit completes
+                lost = self.ckpt.lost_worker(self.step)
+                if lost is not None:
+                    raise lost
+                break
             except WorkerGroupError as exc:
-                self._fail(f"final evaluation / checkpoint: {exc}")
-        self.ckpt.wait()  # a first signal here only sets the stop flag: the final commit completes
+                # A node lost in the final evaluation or while the final checkpoint uploads is a
+                # lost worker like any other (a FINISHED run restarts from the last commit and
+                # redoes the tail); a STOPPED run was asked to end, so it ends, failed.
+                if self.state == State.FINISHED:
+                    self._lost_worker(exc)
+                else:
+                    self._fail(f"final evaluation / checkpoint: {exc}")
+        if self._bar is not None:
+            self._bar.close()
+        self.ckpt.wait()
         return summary
+
+    def _lost_worker(self, exc: WorkerGroupError) -> None:
+        """RESTARTING while the failure budget lasts, else FAILED."""
+        if self.policy.should_retry(exc):
+            self.restarts += 1
+            self._set(State.RESTARTING)
+            self._set(self._restarting(exc))
+        else:
+            # a group the cluster cannot hold, before any training: bad input (exit 2)
+            refused = getattr(exc, "unplaceable", False) and self.restarts == 0
+            self._fail(str(exc), user_error=refused)
 
     def _remove_partial_checkpoints(self) -> None:
         try:
@@ -397,8 +414,8 @@ class Controller:
         """Final validation, final checkpoint, outputs (FINISHED and STOPPED runs)."""
         self.val_last = self._live_group().call("evaluate")[0]
         self.telemetry.validation(self.step, self.val_last)
-        if self.cfg.checkpoint.uri:
-            self.ckpt.start(self.group, self.step, self.placement)
+        if self.cfg.checkpoint.uri and not (self.resume and self.resume.step == self.step):
+            self.ckpt.start(self.group, self.step, self.placement)  # (a resume at the end: committed already)
         stats = merge_rank_samples(self._live_group().call("routing_stats"))
         self.replacements = replacement.measured_gains(self.replacements, self.history)
         run_hist = self.history

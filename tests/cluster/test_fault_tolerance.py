@@ -51,3 +51,40 @@ def test_group_that_cannot_fit_fails_at_once_with_the_numbers(tmp_path, ray_loca
     result = run(cfg(tmp_path, "gpu", 0, use_gpu=True), raise_on_failure=False)
     assert result.state == State.FAILED
     assert "need 2 GPU (the Ray cluster has 0)" in result.error
+
+
+def test_actor_lost_at_the_last_step_restarts_and_redoes_the_final_checkpoint(tmp_path, ray_local):
+    """A rank lost after the last step (in the final evaluation and checkpoint, as a node lost
+    late would be) is a lost worker like any other: the run resumes from the step-6 commit,
+    redoes steps 7-9, commits step 9 and FINISHES; without a failure budget it FAILS."""
+    result = run(cfg(tmp_path, "late", 1), on_step=killer("late", at_step=9))
+    assert result.state == State.FINISHED and result.restarts == 1, result.error
+    assert [h.step for h in result.history][-4:] == [9, 7, 8, 9]
+    assert [c.rsplit("step-", 1)[1] for c in result.checkpoints] == ["3", "6", "9"]
+    doomed = run(cfg(tmp_path, "late0", 0), on_step=killer("late0", at_step=9), raise_on_failure=False)
+    assert doomed.state == State.FAILED and "actor died" in doomed.error, doomed.error
+
+
+def test_rank_dying_while_it_uploads_is_reported_as_a_lost_worker(tmp_path, ray_local):
+    """The commit thread tells a dead rank (a lost node: retried) from a failed upload (the
+    store: training goes on); a later successful attempt at the same step clears the failure."""
+    import ray
+
+    from cluster.checkpointing import Coordinator
+    from cluster.group import WorkerGroupError
+
+    @ray.remote
+    class Sleeper:
+        def wait(self):
+            return "upload failed: store said no"
+
+    live, dead = Sleeper.remote(), Sleeper.remote()
+    ray.get(live.wait.remote())
+    ray.kill(dead, no_restart=True)
+    c = Coordinator(cfg(tmp_path, "unit", 0))
+    c._commit([live.wait.remote(), dead.wait.remote()], 4, {}, 0.0)
+    lost = c.lost_worker(4)
+    assert isinstance(lost, WorkerGroupError) and lost.lost and lost.ranks == [1], lost
+    assert "Rank 1" in c.step_failed(4) and c.consecutive_failures == 1
+    c._commit([live.wait.remote(), live.wait.remote()], 4, {}, 0.0)  # both alive, both failed: the store
+    assert c.lost_worker(4) is None and "store said no" in c.step_failed(4)

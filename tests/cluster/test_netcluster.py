@@ -169,7 +169,7 @@ def test_job_from_client_with_token_survives_a_node_loss(nc, s3):
     the group, resumes from a checkpoint committed before the loss, finishes (SUCCEEDED), and
     every committed checkpoint verifies."""
     out_dir = Path(nc.info.state_dir) / "runs"
-    url, steps = nc.info.dashboard_url, 10
+    url, steps = nc.info.dashboard_url, 20  # ~1 s a step: the kill lands mid-run despite log lag
     train = ["--config", "tiny", "--set", f"train.steps={steps}", "--set", "train.eval_every=0",
              "--set", "train.log_every=1", "--set", "cluster.run_name=nc", "--set", "cluster.cpus_per_worker=1.5",
              "--set", "cluster.max_failures=1", "--set", f"logging.out_dir={out_dir}",
@@ -210,7 +210,10 @@ def test_job_from_client_with_token_survives_a_node_loss(nc, s3):
     summary = json.loads((out_dir / "nc" / "summary.json").read_text())
     assert summary["state"] == "finished" and summary["restarts"] == 1
     resumed = re.findall(r"resumed from s3://ckpt/runs/nc/step-(\d+)", text)
-    assert resumed and 3 <= int(resumed[-1]) <= killed_after, text[-3000:]  # committed before the loss
+    # Committed before the loss: the job's log reaches the client late, so the step seen at the
+    # kill is only a lower bound of where the job was; a loss during the final checkpoint resumes
+    # from the last commit before it.
+    assert resumed and 3 <= int(resumed[-1]) < steps, text[-3000:]
     listing = nc.run("c0", ["moetrain", "ckpt", "list", "s3://ckpt/runs/nc", "--s3-endpoint", s3], timeout=120)
     committed = re.findall(r"^\S+\s+(\d+)\s+yes\s", listing.stdout, flags=re.M)
     assert str(steps) in committed, listing.stdout
