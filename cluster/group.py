@@ -180,7 +180,9 @@ class WorkerGroup:
                     max_concurrency=2,
                     **gang.actor_options(rank),
                 )
-                actors.append(_create_named(remote_cls, options, cfg_dict, rank, c.num_workers))
+                held = tuple(len(placement.local_experts(layer, rank)) for layer in range(placement.num_layers))
+                start = resume.step if resume else 0
+                actors.append(_create_named(remote_cls, options, cfg_dict, rank, c.num_workers, held, start))
             group = cls(actors, cfg, gang)
             addr, port = group._get_one(actors[0].node_address.remote(), start_timeout_s)
             group.rank_info = group.call(

@@ -57,18 +57,27 @@ class MoERank:
     """One rank of a moetrain run (wrapped with ``ray.remote`` by the worker group).
 
     The class name and :meth:`__repr__` are what the Ray dashboard's Actors tab shows (Class and
-    Repr columns; ``repr_name`` in the state API): Ray takes the repr once, right after
-    ``__init__``, so it names the run and the rank; the live fields (experts held, step, state) are
-    for logs, debuggers and ``run_fn`` callers that print the actor."""
+    Repr columns; ``repr_name`` in the state API). Ray takes the repr once, right after
+    ``__init__``, so the worker group gives the actor what it knows then: the experts the rank will
+    hold per layer (``held``) and the step it starts from (``start_step``); the dashboard shows
+    ``MoERank(run=demo, rank 0 of 2, experts per layer 4,4, step 0, starting)``. Afterwards the
+    repr follows the rank (step, what it is doing, experts after a migration) for logs, debuggers
+    and ``run_fn`` callers; the run's live step and state are the ``moetrain_step`` and
+    ``moetrain_state`` metrics."""
 
     trainer: RankTrainer | None
     _state = "created"  # created -> idle <-> training / evaluating / migrating / checkpointing -> shut down
 
-    def __init__(self, cfg_dict: dict, rank: int, world_size: int):
+    def __init__(
+        self, cfg_dict: dict, rank: int, world_size: int, held: tuple[int, ...] = (), start_step: int = 0
+    ):
         from moetrain.config import from_dict
 
         self.cfg = from_dict(cfg_dict)
         self.rank, self.world_size = rank, world_size
+        self._held, self._start_step = held, start_step
+        if held:
+            self._state = "starting"
         self.trainer = None
         threads = threads_for(self.cfg.cluster.cpus_per_worker, self.cfg.cluster.torch_threads)
         import torch
@@ -77,15 +86,19 @@ class MoERank:
 
     def __repr__(self) -> str:
         """``MoERank(run=demo, rank 0 of 2, experts per layer 4,4, step 12, training)``; before
-        :meth:`setup` only run, rank and ``created`` are known."""
+        :meth:`setup`, the experts and step the group announced at creation (if it did)."""
         who = f"run={self.cfg.cluster.run_name}, rank {self.rank} of {self.world_size}"
         t = self.trainer
-        if t is None:
+        if t is not None:
+            held: tuple[int, ...] = tuple(
+                len(t.placement.local_experts(layer, self.rank)) for layer in range(t.placement.num_layers)
+            )
+            step = t.step
+        elif self._held:
+            held, step = self._held, self._start_step
+        else:
             return f"MoERank({who}, {self._state})"
-        held = ",".join(
-            str(len(t.placement.local_experts(layer, self.rank))) for layer in range(t.placement.num_layers)
-        )
-        return f"MoERank({who}, experts per layer {held}, step {t.step}, {self._state})"
+        return f"MoERank({who}, experts per layer {','.join(map(str, held))}, step {step}, {self._state})"
 
     @property
     def _trainer(self) -> RankTrainer:

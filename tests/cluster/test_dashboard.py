@@ -124,6 +124,9 @@ def test_rank_actor_repr_names_run_rank_experts_step_and_state():
     finally:
         w.shutdown()
     assert repr(w).endswith("step 1, shut down)")
+    # What the worker group announces at creation (Ray's Repr column is taken then, before setup).
+    announced = MoERank(cfg.to_dict(), 1, 2, (3, 5), 12)
+    assert repr(announced) == "MoERank(run=demo, rank 1 of 2, experts per layer 3,5, step 12, starting)"
 
 
 # ---- the dashboard on a real embedded Ray ------------------------------------------------------
@@ -240,9 +243,12 @@ def test_dashboard_lists_the_rank_actors_while_training(tmp_path):
         ranks = _wait_for("both rank actors ALIVE", lambda: _alive_ranks(base, printed, run).keys() == {
             f"moetrain/{run}/rank-0", f"moetrain/{run}/rank-1"}, deadline, proc, log)
         assert ranks and proc.poll() is None  # listed while the run trains
-        # Class and Repr columns: Ray takes the repr once, when the actor is made (before setup)
+        # Class and Repr columns: Ray takes the repr once, when the actor is made (before setup):
+        # the worker group announces the experts each rank will hold (tiny: 8 experts, 2 layers,
+        # contiguous over 2 ranks -> 4 per layer) and the step it starts from.
         assert _alive_ranks(base, printed, run) == {
-            f"moetrain/{run}/rank-{i}": ("MoERank", f"MoERank(run={run}, rank {i} of 2, created)") for i in (0, 1)}
+            f"moetrain/{run}/rank-{i}": ("MoERank", f"MoERank(run={run}, rank {i} of 2, experts per layer 4,4, step 0, "
+                                                    "starting)") for i in (0, 1)}
         metrics_url = text.split("Prometheus text at ")[1].split(";")[0]
         _wait_for("the printed metrics on /metrics", lambda: _exports(metrics_url, run), deadline, proc, log)
         proc.send_signal(signal.SIGTERM)  # stop after the current step: outputs and summary
