@@ -68,9 +68,7 @@ class MoERank:
     trainer: RankTrainer | None
     _state = "created"  # created -> idle <-> training / evaluating / migrating / checkpointing -> shut down
 
-    def __init__(
-        self, cfg_dict: dict, rank: int, world_size: int, held: tuple[int, ...] = (), start_step: int = 0
-    ):
+    def __init__(self, cfg_dict: dict, rank: int, world_size: int, held: tuple[int, ...] = (), start_step: int = 0):
         from moetrain.config import from_dict
 
         self.cfg = from_dict(cfg_dict)
