@@ -4,8 +4,11 @@ Owns: the driver loop — start the group, step it, validate, checkpoint, re-pla
 and on a lost actor (or a lost node) rebuild the group on the nodes there are and resume from the
 last committed checkpoint, within the failure policy; the run's topology (the rank -> node map
 the group found) and re-solving the placement when a rebuilt group lands on another layout.
-States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING) -> FINISHED, and RESTARTING ->
-STARTING after a failure, FAILED when the policy gives up.
+States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING | RESIZING) -> FINISHED, and
+RESTARTING -> STARTING after a failure, FAILED when the policy gives up. An elastic run
+(``cluster.min_workers`` < ``cluster.num_workers``) starts on the largest size that fits, grows at
+step boundaries from memory (RESIZING, :mod:`cluster.elastic`) and rebuilds on fewer ranks after a
+node loss.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import uuid
 from dataclasses import dataclass, field
 
 
-from cluster import checkpointing, replacement
+from cluster import checkpointing, elastic, replacement
 from cluster.group import WorkerGroup, WorkerGroupError, WorkerGroupStartError
 from cluster.stop import StopGuard, StopRequested
 from cluster.telemetry import Telemetry
-from moetrain.config import RunConfig
+from moetrain.config import ConfigError, RunConfig, elastic_sizes, sized
 from moetrain.train.checkpointer import ResumePoint
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import merge_rank_samples
@@ -38,6 +41,7 @@ class State(enum.Enum):
     RUNNING = "running"
     REPLACING = "replacing"
     CHECKPOINTING = "checkpointing"
+    RESIZING = "resizing"  # an elastic run changes its group size at a step boundary
     RESTARTING = "restarting"
     FINISHED = "finished"
     STOPPED = "stopped"  # a stop was requested (SIGINT/SIGTERM, `ray job stop`) before the last step
@@ -117,6 +121,11 @@ class Controller:
         self.layouts: list[tuple[int, ...]] = []  # every group's layout, in order
         self.resolved_for_topology = 0  # placements re-solved because a rebuilt group landed elsewhere
         self._t_start = 0.0
+        self.world = cfg.cluster.num_workers  # the group's current size (elastic runs change it)
+        self.elastic = bool(cfg.cluster.min_workers) and cfg.cluster.min_workers < cfg.cluster.num_workers
+        self.resizes: list[elastic.ResizeEvent] = []
+        self._resize_to = 0
+        self._next_resize_check = 0.0
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
             from tqdm import tqdm
@@ -138,17 +147,45 @@ class Controller:
         self.state = state
         self.telemetry.state(state.value)
 
+    def _cfg_now(self) -> RunConfig:
+        """The run's config for the group's current size."""
+        return self.cfg if self.world == self.cfg.cluster.num_workers else sized(self.cfg, self.world)
+
+    def _elastic_size(self, wait_s: float) -> int:
+        """An elastic run's size for a new group: the largest allowed size that fits in the free
+        resources, waiting up to ``wait_s`` for ``cluster.min_workers`` to fit (then the smallest
+        size: placing the group reports what is missing)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            n = elastic.choose_size(self.cfg, elastic.free_ranks(self.cfg))
+            if n is not None or time.monotonic() >= deadline:
+                return n if n is not None else elastic_sizes(self.cfg)[0]
+            time.sleep(0.5)
+
     def _starting(self) -> State:
         r = self.resume
-        if r and r.placement.num_ranks == self.cfg.cluster.num_workers and self.cfg.placement.initial == "contiguous":
+        rebuild = self.restarts > 0  # after a loss: wait for capacity (nodes may be coming back)
+        c = self.cfg.cluster
+        before, t0 = self.world, time.perf_counter()
+        if self.elastic:
+            self.world = self._elastic_size(max(c.node_wait_s, MIN_REPLACE_WAIT_S) if rebuild else c.start_timeout_s)
+            if self.world < c.num_workers:
+                log.info(
+                    "run %s: %d of %d rank(s) fit now: starting on %d (cluster.min_workers=%d; growing when "
+                    "room appears)",
+                    c.run_name,
+                    self.world,
+                    c.num_workers,
+                    self.world,
+                    c.min_workers,
+                )
+        if r and r.placement.num_ranks == self.world and self.cfg.placement.initial == "contiguous":
             # Same group size and no placement asked for: continue on the saved placement
             # (bit-exact continuation). Otherwise the configured placement; every rank loads
             # exactly the experts it hosts from the per-expert objects.
             self.placement = r.placement
-        c = self.cfg.cluster
-        rebuild = self.restarts > 0  # after a loss: wait for capacity (nodes may be coming back)
         self.group = WorkerGroup.create(
-            self.cfg,
+            self._cfg_now(),
             self._placement_for,
             resume=r,
             place_wait_s=max(c.node_wait_s, MIN_REPLACE_WAIT_S) if rebuild else None,
@@ -159,8 +196,11 @@ class Controller:
         # crash of this run left half-written can go. No checkpoint of ours is in flight here.
         self._remove_partial_checkpoints()
         if r:
+            lost = self.step - r.step if rebuild else 0
             self.step = r.step
             log.info("resumed from %s at step %d", r.uri, self.step)
+            if rebuild and self.elastic:
+                self._record_resize("node lost", before, r.uri, r.placement, t0, lost, 0)
         if not self.val_start:
             self.val_start = self.group.call("evaluate")[0]
         return State.RUNNING
@@ -171,6 +211,8 @@ class Controller:
             return State.FINISHED
         if self._stop_requested:
             return State.STOPPED
+        if self._grow_due():
+            return State.RESIZING
         self._check_checkpoints()
         t0 = time.monotonic()
         m: StepMetrics = self._live_group().call("train_step", stuck_after_s=self._step_deadline())[0]
@@ -209,6 +251,8 @@ class Controller:
         previous, self.node_of_rank = self.node_of_rank, tuple(node_of_rank)
         self.layouts.append(self.node_of_rank)
         stats = self.replanner.last_stats if self.replanner else None
+        if self.placement.num_ranks != len(node_of_rank):  # an elastic run changed its size
+            self.placement = _placement_of_size(self._cfg_now())
         if previous and previous != self.node_of_rank and stats is not None:
             p = self.cfg.placement
             topo = replacement.run_topology(self.cfg, self.placement, self.node_of_rank)
@@ -278,6 +322,84 @@ class Controller:
                 f"{self.ckpt.consecutive_failures} checkpoints failed in a row (last: step {step}: "
                 f"{msg}); checkpoint.max_consecutive_failures={limit}"
             )
+
+    def _grow_due(self) -> bool:
+        """An elastic run below its size looks, every ``cluster.resize_check_s``, whether the free
+        resources now hold a larger allowed size (sets the size to grow to)."""
+        if not self.elastic or self.world >= self.cfg.cluster.num_workers:
+            return False
+        now = time.monotonic()
+        if now < self._next_resize_check:
+            return False
+        self._next_resize_check = now + self.cfg.cluster.resize_check_s
+        n = elastic.choose_size(self.cfg, self.world + elastic.free_ranks(self.cfg))
+        if n is None or n <= self.world:
+            return False
+        self._resize_to = n
+        return True
+
+    def _resizing(self) -> State:
+        """Grow to ``self._resize_to`` ranks at this step boundary, from memory: the state of this
+        step goes to the object store, the old group ends, the new one (placed for the new size)
+        loads it. If the larger group cannot be placed after all, the old size is rebuilt from
+        the same state; either way no step is redone."""
+        c, before, t0 = self.cfg.cluster, self.world, time.perf_counter()
+        self.ckpt.wait()  # a commit in flight reads the old group's uploads
+        state = elastic.snapshot(self._live_group(), self.step, self.placement, self.run_id)
+        old_placement = self.placement
+        self._live_group().shutdown(graceful=True)
+        self.group = None
+        for size in (self._resize_to, before):
+            self.world = size
+            try:
+                self.group = WorkerGroup.create(
+                    self._cfg_now(),
+                    self._placement_for,
+                    resume=state,
+                    place_wait_s=MIN_REPLACE_WAIT_S,
+                    place_what="growing the group",
+                )
+                break
+            except WorkerGroupStartError as exc:
+                if size == before or not exc.unplaceable:
+                    raise
+                log.warning("run %s: could not grow to %d rank(s) (%s); staying at %d", c.run_name, size, exc, before)
+        self._log_layout()
+        if self.world != before:
+            self._record_resize("grow", before, state.uri, old_placement, t0, 0, state.nbytes)
+        del state  # the new group holds what it loaded: the objects can go
+        return State.RUNNING
+
+    def _record_resize(
+        self, why: str, before: int, source: str, old: Placement, t0: float, steps_lost: int, nbytes: int
+    ) -> None:
+        event = elastic.ResizeEvent(
+            step=self.step,
+            why=why,
+            from_ranks=before,
+            to_ranks=self.world,
+            source=source,
+            experts_moved=elastic.experts_moved(old, self.placement),
+            bytes=nbytes,
+            seconds=time.perf_counter() - t0,
+            steps_lost=steps_lost,
+        )
+        self.resizes.append(event)
+        self.telemetry.resize(event)
+        log.info(
+            "run %s: %s at step %d: %d -> %d rank(s) from %s, %d expert replica(s) moved, %.1f MB, %.1f s, "
+            "%d step(s) redone",
+            self.cfg.cluster.run_name,
+            why,
+            event.step,
+            before,
+            self.world,
+            source,
+            event.experts_moved,
+            nbytes / 2**20,
+            event.seconds,
+            steps_lost,
+        )
 
     def _replacing(self) -> State:
         assert self.replanner is not None  # REPLACING follows a launch, which needs a replanner
@@ -356,6 +478,7 @@ class Controller:
             State.RUNNING: self._running,
             State.REPLACING: self._replacing,
             State.CHECKPOINTING: self._checkpointing,
+            State.RESIZING: self._resizing,
         }
         summary: dict = {}
         while True:
@@ -441,7 +564,9 @@ class Controller:
             "run_id": self.run_id,
             "state": self.state.value,
             "error": self.error,
-            "num_workers": self.cfg.cluster.num_workers,
+            "num_workers": self.world,
+            "num_workers_asked": self.cfg.cluster.num_workers,
+            "resizes": [e.to_dict() for e in self.resizes],
             "steps": self.step,
             "stopped_at_step": self.step if self.state != State.FINISHED else None,
             "wall_s": time.perf_counter() - self._t_start,
@@ -463,6 +588,19 @@ class Controller:
         if results:
             log.info(format_summary(summary))
         return summary
+
+
+def _placement_of_size(cfg: RunConfig) -> Placement:
+    """The configured initial placement for ``cfg``'s group size; contiguous when
+    ``placement.initial`` is a JSON file (made for one size only)."""
+    try:
+        return initial_placement(cfg)
+    except ConfigError:
+        import dataclasses
+
+        return initial_placement(
+            dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, initial="contiguous"))
+        )
 
 
 def _per_node(node_of_rank: tuple[int, ...]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
@@ -24,6 +24,9 @@ from cluster.worker import MoERank
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
 from placement.placement import Placement
+
+if TYPE_CHECKING:
+    from cluster.elastic import MemoryState
 
 NAMESPACE = "moetrain"
 
@@ -134,7 +137,7 @@ class WorkerGroup:
         cfg: RunConfig,
         placement: Placement | PlacementFor,
         *,
-        resume: ResumePoint | None = None,
+        resume: "ResumePoint | MemoryState | None" = None,
         place_wait_s: float | None = None,
         place_what: str = "cluster.start_timeout_s",
     ) -> "WorkerGroup":
@@ -162,7 +165,7 @@ class WorkerGroup:
 
     @classmethod
     def _start_actors(
-        cls, cfg: RunConfig, gang: Gang, placement: Placement, resume: ResumePoint | None
+        cls, cfg: RunConfig, gang: Gang, placement: Placement, resume: "ResumePoint | MemoryState | None"
     ) -> "WorkerGroup":
         c = cfg.cluster
         start_timeout_s = c.start_timeout_s

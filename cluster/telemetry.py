@@ -35,7 +35,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moetrain")
 
-STATES = ["starting", "running", "replacing", "checkpointing", "restarting", "finished", "stopped", "failed"]
+STATES = [
+    "starting",
+    "running",
+    "replacing",
+    "checkpointing",
+    "resizing",
+    "restarting",
+    "finished",
+    "stopped",
+    "failed",
+]
 
 # The metrics a person watches first (Prometheus names, as Ray exports them); every one is set
 # by _RayMetrics below. The full list is in docs/operations.md.
@@ -84,6 +94,8 @@ class _RayMetrics:
             "moetrain_skipped_steps", description="steps skipped: non-finite loss or grad norm", tag_keys=tags
         )
         self.replacements = Counter("moetrain_replacements", description="migrations performed", tag_keys=tags)
+        self.resizes = Counter("moetrain_resizes", description="group size changes (elastic runs)", tag_keys=tags)
+        self.world_size = g("world_size", "ranks in the worker group now")
         self.steps = Counter("moetrain_steps", description="optimizer steps", tag_keys=tags)
         self.step_bytes = g(
             "bytes_per_step",
@@ -197,6 +209,15 @@ class Telemetry:
     def validation(self, step: int, val: dict) -> None:
         if self.wandb:
             self.wandb.log({**{f"val_loss/{d}": v for d, v in val.items()}, "train_step": step})
+
+    def resize(self, e) -> None:
+        """An elastic resize (a :class:`cluster.elastic.ResizeEvent`)."""
+        if self.metrics:
+            self.metrics.resizes.inc(1, self.metrics.tags)
+            self.metrics.world_size.set(e.to_ranks, self.metrics.tags)
+        if self.wandb:
+            row = {f"resize/{k}": v for k, v in e.to_dict().items() if isinstance(v, (int, float))}
+            self.wandb.log({**row, "train_step": e.step})
 
     def replacement(self, d: Decision) -> None:
         if self.metrics:

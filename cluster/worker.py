@@ -77,6 +77,7 @@ class MoERank:
         if held:
             self._state = "starting"
         self.trainer = None
+        self._snapshot: dict = {}  # objects kept by snapshot_prepare for snapshot_take
         threads = threads_for(self.cfg.cluster.cpus_per_worker, self.cfg.cluster.torch_threads)
         import torch
 
@@ -143,6 +144,8 @@ class MoERank:
         )
         self.trainer = RankTrainer(self.cfg, ctx=ctx, placement=placement, load_init_weights=resume is None)
         if resume is not None:
+            if hasattr(resume, "resume_point"):  # an elastic resize: the state is in the object store
+                resume = resume.resume_point()
             self.trainer.resume_from(resume)
         self._state = "idle"
         return {
@@ -172,6 +175,23 @@ class MoERank:
     def checkpoint(self, step: int):
         """Start checkpoint ``step`` on this rank (returns a ``SaveStarted`` at once)."""
         return self._doing("checkpointing", lambda t: t.checkpointer.save(step))
+
+    def snapshot_prepare(self, step: int) -> dict:
+        """Copy what a checkpoint of ``step`` would hold on this rank (a collective under ZeRO) and
+        keep it for :meth:`snapshot_take`: the object names, their bytes and the data cursor."""
+        t = self._trainer
+        if step != t.step:
+            raise ValueError(f"snapshot of step {step} asked for, but the rank is at step {t.step}")
+        objects = t.checkpointer.objects()
+        self._snapshot = {name: _cpu_copy(obj) for name, obj in sorted(objects.items()) if not name.startswith("rng/")}
+        nbytes = sum(v.numel() * v.element_size() for obj in self._snapshot.values() for v in _tensors(obj))
+        return {"names": list(self._snapshot), "bytes": nbytes, "cursor": t.cursor.state_dict()}
+
+    def snapshot_take(self):
+        """The objects :meth:`snapshot_prepare` kept, one return value each (called with
+        ``num_returns`` = their number, so each becomes its own object owned by the caller)."""
+        objs, self._snapshot = list(self._snapshot.values()), {}
+        return objs[0] if len(objs) == 1 else tuple(objs)
 
     def checkpoint_wait(self):
         """Runs in the actor's second thread, beside training: this rank's upload result."""
@@ -204,3 +224,24 @@ class MoERank:
         self._state = "shut down"
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _cpu_copy(obj):
+    """A detached CPU copy of the tensors in a checkpoint object (nested dicts)."""
+    import torch
+
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    return obj
+
+
+def _tensors(obj):
+    import torch
+
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif torch.is_tensor(obj):
+        yield obj

@@ -203,6 +203,12 @@ class ClusterConfig:
     # 127.0.0.1 while the run lasts, at dashboard_port (0 = 8265, or the next free port above it).
     dashboard: bool = True
     dashboard_port: int = 0
+    # Elastic size: the run asks for num_workers, starts once min_workers fit (0 = num_workers: a
+    # fixed size) and, at step boundaries, grows toward num_workers when the cluster has room
+    # (looked at every resize_check_s), moving state from memory; a lost node shrinks it to what
+    # fits (not below min_workers). Only sizes the rest of the config allows are used.
+    min_workers: int = 0
+    resize_check_s: float = 30.0
 
 
 @dataclass(kw_only=True)
@@ -534,6 +540,8 @@ RANGES = {
     "cluster.node_wait_s": "[0, inf)",
     "cluster.dashboard_port": "[0, 65535]",
     "cluster.ranks_per_node": "[0, inf)",
+    "cluster.min_workers": "[0, inf)",
+    "cluster.resize_check_s": "(0, inf)",
     "placement.inter_node_cost": "[1, inf)",
     "placement.slots_per_rank": "[0, inf)",
     "placement.replan_every": "[0, inf)",
@@ -584,8 +592,47 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_data(cfg)
     _validate_run(cfg)
     _validate_placement(cfg)
+    _validate_elastic(cfg)
     _validate_no_credentials(cfg)
     return cfg
+
+
+def sized(cfg: RunConfig, num_workers: int) -> RunConfig:
+    """``cfg`` for a group of ``num_workers`` ranks (an elastic run's current size): the other
+    fields as they are; raises :class:`ConfigError` if the config does not allow that size."""
+    c = dataclasses.replace(cfg.cluster, num_workers=num_workers, min_workers=min(cfg.cluster.min_workers, num_workers))
+    out = dataclasses.replace(cfg, cluster=c)
+    _validate_run(out)
+    _validate_placement(out)
+    return out
+
+
+def elastic_sizes(cfg: RunConfig) -> list[int]:
+    """The group sizes an elastic run may take, ascending: from ``cluster.min_workers`` to
+    ``cluster.num_workers``, those the global batch, the experts and the node layout allow."""
+    c = cfg.cluster
+    out = []
+    for n in range(c.min_workers or c.num_workers, c.num_workers + 1):
+        try:
+            sized(cfg, n)
+        except ConfigError:
+            continue
+        out.append(n)
+    return out
+
+
+def _validate_elastic(cfg: RunConfig) -> None:
+    c = cfg.cluster
+    if not c.min_workers or c.min_workers == c.num_workers:
+        return
+    _require(
+        c.min_workers <= c.num_workers,
+        f"cluster.min_workers ({c.min_workers}) must be <= cluster.num_workers ({c.num_workers})",
+    )
+    try:
+        sized(cfg, c.min_workers)
+    except ConfigError as exc:
+        raise ConfigError(f"cluster.min_workers ({c.min_workers}) is not a size this run allows: {exc}") from None
 
 
 def redacted_url(value: str) -> str:

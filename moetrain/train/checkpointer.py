@@ -51,6 +51,9 @@ class ResumePoint:
     world_size: int
     config: dict = field(default_factory=dict, compare=False, repr=False)  # the writer's RunConfig
     run_id: str = ""  # the lineage that wrote it ("" for checkpoints from before run ids)
+    # Where the objects come from instead of the store (an elastic resize hands over a step's
+    # objects in memory): object names -> {name: object}. None = read them from ``uri``.
+    fetch: Callable[[list[str]], dict[str, dict]] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def read(
@@ -240,6 +243,9 @@ class RankCheckpointer:
     def load(self, point: ResumePoint) -> None:
         """Load dense state and exactly the experts this rank's placement hosts (weights and AdamW
         state) from ``point`` into the freshly built model and optimizers of its parts."""
+        if point.fetch is not None:
+            load_rank_objects(self._parts, self._placement(), point.fetch)
+            return
         ref = resolve(point.uri, self._cfg, store_cfg=self._storage)
         manifest = read_manifest(ref)
         load_rank_objects(self._parts, self._placement(), lambda names: load_objects(ref, names, manifest=manifest))

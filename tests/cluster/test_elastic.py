@@ -1,0 +1,177 @@
+"""Elastic group size (``cluster.min_workers``): start on what fits, grow from memory at a step
+boundary when a node joins, rebuild on fewer ranks when one is lost — and end with the parameters
+of the uninterrupted run (the model's result does not depend on the group size), on a real
+multi-node Ray (``ray.cluster_utils.Cluster``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.api import run
+from cluster.controller import State
+from cluster.elastic import choose_size, experts_moved
+from moetrain.checkpoint import load_objects, read_manifest, resolve
+from moetrain.config import ConfigError, elastic_sizes, from_dict, validate
+from placement.placement import Placement
+from tests.cluster.multinode import MultiNode, killer
+
+pytestmark = [pytest.mark.ray, pytest.mark.multinode]
+
+
+def cfg(tmp_path, name: str, **over):
+    d = {
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "max_seq_len": 32,
+                  "moe": {"num_experts": 8, "top_k": 2, "expert_ffn_dim": 32}},
+        "data": {"seq_len": 32, "vocab_size": 300, "max_bytes_per_domain": 150_000},
+        "train": {"steps": 8, "global_batch_size": 8, "warmup_steps": 2, "eval_every": 0, "log_every": 100},
+        "checkpoint": {"uri": str(tmp_path / "ckpt"), "every": 2, "keep": 10},
+        "cluster": {"num_workers": 4, "run_name": name, "start_timeout_s": 60, "dashboard": False,
+                    "resize_check_s": 0.01, "node_wait_s": 20},
+        "logging": {"wandb": "disabled", "out_dir": str(tmp_path / "out")},
+    }
+    for key, value in over.items():
+        sect, field = key.split("__")
+        d.setdefault(sect, {})[field] = value
+    return validate(from_dict(d))
+
+
+# ---- without Ray -------------------------------------------------------------------------------
+def test_min_workers_sizes_and_errors(tmp_path):
+    """The sizes an elastic run may take are those the batch and the experts allow; a
+    min_workers the run cannot take, or above num_workers, is refused naming the field."""
+    assert elastic_sizes(cfg(tmp_path, "a", cluster__min_workers=1)) == [1, 2, 4]  # 8 experts, batch 8: not 3
+    assert elastic_sizes(cfg(tmp_path, "a")) == [4]  # 0: a fixed size
+    with pytest.raises(ConfigError, match=r"cluster.min_workers \(3\) is not a size this run allows: "
+                                          r"train.global_batch_size \(8\)"):
+        cfg(tmp_path, "a", cluster__min_workers=3)
+    with pytest.raises(ConfigError, match=r"cluster.min_workers \(5\) must be <= cluster.num_workers \(4\)"):
+        cfg(tmp_path, "a", cluster__min_workers=5)
+    with pytest.raises(ConfigError, match="cluster.resize_check_s"):
+        cfg(tmp_path, "a", cluster__resize_check_s=0)
+    c = cfg(tmp_path, "a", cluster__min_workers=2)
+    assert [choose_size(c, k) for k in (0, 1, 2, 3, 4, 9)] == [None, None, 2, 2, 4, 4]
+
+
+def test_experts_moved_counts_replicas_new_on_a_rank():
+    two, four = Placement.contiguous(2, 8, 2), Placement.contiguous(2, 8, 4)
+    # 2 -> 4 contiguous: rank 0 keeps 0,1 of 0-3; rank 1 had 4-7, now 2,3 (new); ranks 2,3 are new.
+    assert experts_moved(two, four) == 2 * (2 + 2 + 2)
+    assert experts_moved(four, four) == 0
+    assert experts_moved(four, two) == 2 * (2 + 4)  # rank 0 gains 2,3; rank 1 (had 2,3) gains 4-7
+
+
+# ---- on a multi-node Ray -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mn():
+    m = MultiNode([2])  # one node with room for 2 ranks; the tests add and remove nodes
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def final_state(c) -> dict[str, dict]:
+    """Every object of the run's last checkpoint (dense state, each expert with its AdamW moments)."""
+    ref = resolve("latest", c.checkpoint, run=c.cluster.run_name)
+    manifest = read_manifest(ref)
+    return load_objects(ref, [n for n in manifest.names if not n.startswith("rng/")], manifest=manifest)
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+
+    def flat(obj, path=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from flat(v, f"{path}/{k}")
+        elif torch.is_tensor(obj):
+            yield path, obj
+
+    for name in a:
+        fa, fb = dict(flat(a[name])), dict(flat(b[name]))
+        assert fa.keys() == fb.keys(), name
+        for k in fa:
+            np.testing.assert_allclose(fa[k].float().numpy(), fb[k].float().numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{name}{k}")
+
+
+@pytest.fixture(scope="module")
+def fixed(mn, tmp_path_factory):
+    """The uninterrupted run: 2 ranks all along (every group size trains the same model)."""
+    tmp = tmp_path_factory.mktemp("fixed")
+    c = cfg(tmp, "fixed", cluster__num_workers=2)
+    result = run(c)
+    return result, final_state(c)
+
+
+def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, tmp_path):
+    """num_workers=4, min_workers=2 on a cluster with room for 2: the run starts on 2 ranks; a node
+    with room for 2 more joins after step 3; at the next step boundary the run grows to 4 from
+    memory (RESIZING: no checkpoint read, no step redone) and ends with the fixed run's losses and
+    parameters, AdamW moments included."""
+    base, base_state = fixed
+    joined = []
+
+    def join(m):
+        if m.step == 3 and not joined:
+            joined.append(mn.add(2))
+
+    c = cfg(tmp_path, "grow", cluster__min_workers=2)
+    try:
+        result = run(c, on_step=join)
+    finally:
+        for node in joined:
+            mn.cluster.remove_node(node)
+    assert result.state == State.FINISHED and result.restarts == 0, result.error
+    assert [h.step for h in result.history] == list(range(1, 9))  # no step redone
+    s = result.summary
+    assert s["num_workers"] == 4 and s["num_workers_asked"] == 4
+    (event,) = s["resizes"]
+    assert (event["why"], event["from_ranks"], event["to_ranks"], event["source"]) == ("grow", 2, 4, f"memory://step-{event['step']}")
+    assert 3 <= event["step"] <= 5 and event["steps_lost"] == 0 and event["bytes"] > 0
+    assert event["experts_moved"] == 2 * 6  # contiguous 2 -> 4 ranks
+    assert [len(x) for x in s["layouts"]] == [2, 4]
+    np.testing.assert_allclose([h.loss for h in result.history], [h.loss for h in base.history], rtol=1e-5)
+    assert_same_state(final_state(c), base_state)
+
+
+def test_node_lost_rebuilds_on_fewer_ranks_then_grows_back(mn, fixed, tmp_path):
+    """4 ranks on two nodes (2+2); the second node is lost at step 3: the run does not wait for it
+    but rebuilds on the 2 ranks that fit from the step-2 checkpoint (one step redone, recorded); the
+    node comes back at step 5 and the run grows to 4 from memory; the end equals the fixed run."""
+    extra = mn.add(2)
+    killed: list = []
+    back = []
+    kill = killer(mn, "shrink", at_step=3, rank=3, killed=killed)
+
+    def on_step(m):
+        kill(m)
+        if m.step == 5 and killed and not back:
+            back.append(mn.add(2))
+
+    c = cfg(tmp_path, "shrink", cluster__min_workers=2, cluster__max_failures=1, cluster__step_timeout_s=20)
+    try:
+        result = run(c, on_step=on_step)
+    finally:
+        for node in back + [n for n in mn.cluster.worker_nodes if n is extra]:
+            try:
+                mn.cluster.remove_node(node)
+            except Exception:
+                pass
+    assert result.state == State.FINISHED and result.restarts == 1 and killed, result.error
+    s = result.summary
+    lost, grow = s["resizes"]
+    assert (lost["why"], lost["from_ranks"], lost["to_ranks"]) == ("node lost", 4, 2)
+    assert lost["source"].endswith("/shrink/step-2") and lost["steps_lost"] == 1
+    assert (grow["why"], grow["from_ranks"], grow["to_ranks"], grow["steps_lost"]) == ("grow", 2, 4, 0)
+    steps = [h.step for h in result.history]
+    assert steps[:3] == [1, 2, 3] and steps[3:] == list(range(3, 9)), steps
+    np.testing.assert_allclose([h.loss for h in result.history[3:]], [h.loss for h in base_history(fixed)[2:]],
+                               rtol=1e-5)
+    assert_same_state(final_state(c), fixed[1])
+
+
+def base_history(fixed):
+    return fixed[0].history
