@@ -22,7 +22,8 @@ from pathlib import Path
 
 from cluster.checkpointing import acquire_lease, check_fresh_run, check_resume, check_store_writable
 from cluster.orphans import reap_orphans
-from cluster.controller import Controller, RunFailed, RunResult, State
+from cluster.controller import Controller
+from cluster.runstate import RunFailed, RunResult, State
 from cluster.memory import check_fits, with_vocab
 from cluster.stop import StopGuard, StopRequested
 from cluster.telemetry import RayInfo, dashboard_text, write_summary

@@ -13,19 +13,20 @@ node loss.
 
 from __future__ import annotations
 
-import enum
 import logging
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 
 
-from cluster import checkpointing, elastic, replacement
+from ray.exceptions import RayError
+
+from cluster import checkpointing, elastic, recovery, replacement
 from cluster.group import WorkerGroup, WorkerGroupError, WorkerGroupStartError
+from cluster.runstate import TERMINAL, FailurePolicy, RunAborted, RunResult, State
 from cluster.stop import StopGuard, StopRequested
 from cluster.telemetry import Telemetry
-from moetrain.config import ConfigError, RunConfig, elastic_sizes, sized
+from moetrain.config import RunConfig, elastic_sizes
 from moetrain.train.checkpointer import ResumePoint
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import merge_rank_samples
@@ -34,55 +35,6 @@ from moetrain.train.trainer import initial_placement
 from placement.placement import Placement
 
 log = logging.getLogger("moetrain")
-
-
-class State(enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
-    REPLACING = "replacing"
-    CHECKPOINTING = "checkpointing"
-    RESIZING = "resizing"  # an elastic run changes its group size at a step boundary
-    RESTARTING = "restarting"
-    FINISHED = "finished"
-    STOPPED = "stopped"  # a stop was requested (SIGINT/SIGTERM, `ray job stop`) before the last step
-    FAILED = "failed"
-
-
-TERMINAL = (State.FINISHED, State.STOPPED, State.FAILED)
-
-
-class RunFailed(RuntimeError):
-    """The run ended in FAILED; the message says why (grouped per rank)."""
-
-
-class RunAborted(RuntimeError):
-    """The driver gives up on the run (non-finite steps, checkpoints failing): not retried."""
-
-
-@dataclass
-class FailurePolicy:
-    max_failures: int
-    failures: int = 0
-
-    def should_retry(self, exc: BaseException) -> bool:
-        """Retry lost actors (and failed collectives caused by them) while budget remains, also
-        an actor lost while the group starts (its node went away); not a group that cannot start."""
-        if isinstance(exc, WorkerGroupStartError) and not exc.lost:
-            return False
-        self.failures += 1
-        return isinstance(exc, WorkerGroupError) and self.failures <= self.max_failures
-
-
-@dataclass
-class RunResult:
-    state: State
-    summary: dict
-    history: list[StepMetrics] = field(default_factory=list)
-    replacements: list[replacement.Decision] = field(default_factory=list)
-    checkpoints: list[str] = field(default_factory=list)
-    restarts: int = 0
-    error: str = ""
-    user_error: bool = False  # refused before training (the cluster cannot hold the group): exit 2
 
 
 # Placing a group that fits takes well under a second: a rebuild after a node loss waits at least
@@ -121,11 +73,7 @@ class Controller:
         self.layouts: list[tuple[int, ...]] = []  # every group's layout, in order
         self.resolved_for_topology = 0  # placements re-solved because a rebuilt group landed elsewhere
         self._t_start = 0.0
-        self.world = cfg.cluster.num_workers  # the group's current size (elastic runs change it)
-        self.elastic = bool(cfg.cluster.min_workers) and cfg.cluster.min_workers < cfg.cluster.num_workers
-        self.resizes: list[elastic.ResizeEvent] = []
-        self._resize_to = 0
-        self._next_resize_check = 0.0
+        self.size = elastic.Elastic(cfg, self.telemetry)  # the group's size (elastic runs change it)
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
             from tqdm import tqdm
@@ -147,45 +95,19 @@ class Controller:
         self.state = state
         self.telemetry.state(state.value)
 
-    def _cfg_now(self) -> RunConfig:
-        """The run's config for the group's current size."""
-        return self.cfg if self.world == self.cfg.cluster.num_workers else sized(self.cfg, self.world)
-
-    def _elastic_size(self, wait_s: float) -> int:
-        """An elastic run's size for a new group: the largest allowed size that fits in the free
-        resources, waiting up to ``wait_s`` for ``cluster.min_workers`` to fit (then the smallest
-        size: placing the group reports what is missing)."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            n = elastic.choose_size(self.cfg, elastic.free_ranks(self.cfg))
-            if n is not None or time.monotonic() >= deadline:
-                return n if n is not None else elastic_sizes(self.cfg)[0]
-            time.sleep(0.5)
-
     def _starting(self) -> State:
         r = self.resume
         rebuild = self.restarts > 0  # after a loss: wait for capacity (nodes may be coming back)
         c = self.cfg.cluster
-        before, t0 = self.world, time.perf_counter()
-        if self.elastic:
-            self.world = self._elastic_size(max(c.node_wait_s, MIN_REPLACE_WAIT_S) if rebuild else c.start_timeout_s)
-            if self.world < c.num_workers:
-                log.info(
-                    "run %s: %d of %d rank(s) fit now: starting on %d (cluster.min_workers=%d; growing when "
-                    "room appears)",
-                    c.run_name,
-                    self.world,
-                    c.num_workers,
-                    self.world,
-                    c.min_workers,
-                )
-        if r and r.placement.num_ranks == self.world and self.cfg.placement.initial == "contiguous":
+        before, old, t0 = self.size.world, self.placement, time.perf_counter()
+        self.size.choose_start(max(c.node_wait_s, MIN_REPLACE_WAIT_S) if rebuild else c.start_timeout_s)
+        if r and r.placement.num_ranks == self.size.world and self.cfg.placement.initial == "contiguous":
             # Same group size and no placement asked for: continue on the saved placement
             # (bit-exact continuation). Otherwise the configured placement; every rank loads
             # exactly the experts it hosts from the per-expert objects.
             self.placement = r.placement
         self.group = WorkerGroup.create(
-            self._cfg_now(),
+            self.size.cfg_now(),
             self._placement_for,
             resume=r,
             place_wait_s=max(c.node_wait_s, MIN_REPLACE_WAIT_S) if rebuild else None,
@@ -199,8 +121,8 @@ class Controller:
             lost = self.step - r.step if rebuild else 0
             self.step = r.step
             log.info("resumed from %s at step %d", r.uri, self.step)
-            if rebuild and self.elastic:
-                self._record_resize("node lost", before, r.uri, r.placement, t0, lost, 0)
+            if rebuild and self.size.enabled:
+                self.size.record("node lost", self.step, before, r.uri, (old, self.placement), t0, lost)
         if not self.val_start:
             self.val_start = self.group.call("evaluate")[0]
         return State.RUNNING
@@ -211,11 +133,15 @@ class Controller:
             return State.FINISHED
         if self._stop_requested:
             return State.STOPPED
-        if self._grow_due():
+        if self.size.grow_due():
             return State.RESIZING
         self._check_checkpoints()
         t0 = time.monotonic()
-        m: StepMetrics = self._live_group().call("train_step", stuck_after_s=self._step_deadline())[0]
+        m: StepMetrics = self._live_group().call(
+            "train_step",
+            stuck_after_s=self._step_deadline(),
+            keep_survivors=self.size.enabled and self.cfg.train.zero_stage == 0,  # a recovery from memory
+        )[0]
         self._slowest_step_s = max(self._slowest_step_s, time.monotonic() - t0)
         self.step = m.step
         self.history.append(m)
@@ -252,7 +178,7 @@ class Controller:
         self.layouts.append(self.node_of_rank)
         stats = self.replanner.last_stats if self.replanner else None
         if self.placement.num_ranks != len(node_of_rank):  # an elastic run changed its size
-            self.placement = _placement_of_size(self._cfg_now())
+            self.placement = elastic.placement_of_size(self.size.cfg_now())
         if previous and previous != self.node_of_rank and stats is not None:
             p = self.cfg.placement
             topo = replacement.run_topology(self.cfg, self.placement, self.node_of_rank)
@@ -272,20 +198,7 @@ class Controller:
         return self.placement
 
     def _log_layout(self) -> None:
-        info = self._live_group().rank_info
-        nodes = sorted({(self.node_of_rank[i["rank"]], i["node_ip"], i["node_id"][:8]) for i in info})
-        log.info(
-            "run %s: %d rank(s) on %d node(s): %s; threads per rank %s; collectives on %s",
-            self.cfg.cluster.run_name,
-            len(info),
-            len(nodes),
-            ", ".join(
-                f"node {n} ({ip}, {nid}): ranks {[r for r, m in enumerate(self.node_of_rank) if m == n]}"
-                for n, ip, nid in nodes
-            ),
-            sorted({i["threads"] for i in info}),
-            sorted({i["ifname"] or "gloo's choice" for i in info}),
-        )
+        log.info("run %s: %s", self.cfg.cluster.run_name, self._live_group().describe_layout(self.node_of_rank))
 
     def _live_group(self) -> WorkerGroup:
         """The group, in the states that have one (running, checkpointing, re-placing, finishing)."""
@@ -323,83 +236,39 @@ class Controller:
                 f"{msg}); checkpoint.max_consecutive_failures={limit}"
             )
 
-    def _grow_due(self) -> bool:
-        """An elastic run below its size looks, every ``cluster.resize_check_s``, whether the free
-        resources now hold a larger allowed size (sets the size to grow to)."""
-        if not self.elastic or self.world >= self.cfg.cluster.num_workers:
-            return False
-        now = time.monotonic()
-        if now < self._next_resize_check:
-            return False
-        self._next_resize_check = now + self.cfg.cluster.resize_check_s
-        n = elastic.choose_size(self.cfg, self.world + elastic.free_ranks(self.cfg))
-        if n is None or n <= self.world:
-            return False
-        self._resize_to = n
-        return True
-
     def _resizing(self) -> State:
-        """Grow to ``self._resize_to`` ranks at this step boundary, from memory: the state of this
-        step goes to the object store, the old group ends, the new one (placed for the new size)
-        loads it. If the larger group cannot be placed after all, the old size is rebuilt from
-        the same state; either way no step is redone."""
-        c, before, t0 = self.cfg.cluster, self.world, time.perf_counter()
+        """Grow to ``size.grow_to`` ranks at this step boundary, from memory: this step's state goes
+        to the object store, the old group ends, the new one loads it; no step is redone."""
+        before, old, t0 = self.size.world, self.placement, time.perf_counter()
         self.ckpt.wait()  # a commit in flight reads the old group's uploads
         state = elastic.snapshot(self._live_group(), self.step, self.placement, self.run_id)
-        old_placement = self.placement
         self._live_group().shutdown(graceful=True)
         self.group = None
-        for size in (self._resize_to, before):
-            self.world = size
+        self._regroup(state, self.size.grow_to)
+        if self.size.world != before:
+            self.size.record("grow", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes)
+        return State.RUNNING
+
+    def _regroup(self, state: elastic.MemoryState, size: int) -> None:
+        """Start a group of ``size`` ranks that loads ``state``; if that many cannot be placed
+        after all, the largest smaller allowed size that can (the old one, at worst)."""
+        sizes = [n for n in reversed(elastic_sizes(self.cfg)) if n <= size]
+        for n in sizes:
+            self.size.world = n
             try:
                 self.group = WorkerGroup.create(
-                    self._cfg_now(),
+                    self.size.cfg_now(),
                     self._placement_for,
                     resume=state,
                     place_wait_s=MIN_REPLACE_WAIT_S,
-                    place_what="growing the group",
+                    place_what=f"a group of {n} rank(s)",
                 )
                 break
             except WorkerGroupStartError as exc:
-                if size == before or not exc.unplaceable:
+                if n == sizes[-1] or not exc.unplaceable:
                     raise
-                log.warning("run %s: could not grow to %d rank(s) (%s); staying at %d", c.run_name, size, exc, before)
+                log.warning("run %s: no room for %d rank(s) after all (%s)", self.cfg.cluster.run_name, n, exc)
         self._log_layout()
-        if self.world != before:
-            self._record_resize("grow", before, state.uri, old_placement, t0, 0, state.nbytes)
-        del state  # the new group holds what it loaded: the objects can go
-        return State.RUNNING
-
-    def _record_resize(
-        self, why: str, before: int, source: str, old: Placement, t0: float, steps_lost: int, nbytes: int
-    ) -> None:
-        event = elastic.ResizeEvent(
-            step=self.step,
-            why=why,
-            from_ranks=before,
-            to_ranks=self.world,
-            source=source,
-            experts_moved=elastic.experts_moved(old, self.placement),
-            bytes=nbytes,
-            seconds=time.perf_counter() - t0,
-            steps_lost=steps_lost,
-        )
-        self.resizes.append(event)
-        self.telemetry.resize(event)
-        log.info(
-            "run %s: %s at step %d: %d -> %d rank(s) from %s, %d expert replica(s) moved, %.1f MB, %.1f s, "
-            "%d step(s) redone",
-            self.cfg.cluster.run_name,
-            why,
-            event.step,
-            before,
-            self.world,
-            source,
-            event.experts_moved,
-            nbytes / 2**20,
-            event.seconds,
-            steps_lost,
-        )
 
     def _replacing(self) -> State:
         assert self.replanner is not None  # REPLACING follows a launch, which needs a replanner
@@ -424,17 +293,50 @@ class Controller:
             self.policy.max_failures,
             exc,
         )
-        if self.group:
-            self.group.shutdown(graceful=False)
-        self.group = None
         if self.replanner:  # drop a solve for the lost group; keep the statistics it saw
             self.replanner = replacement.Replanner(self.cfg, last_stats=self.replanner.last_stats)
         self.ckpt.wait()
+        survivors = getattr(exc, "survivors", None)
+        if survivors and self._recover_from_memory(survivors):
+            return State.RUNNING
+        if self.group:
+            self.group.shutdown(graceful=False)
+        self.group = None
         self.resume = self.ckpt.latest()
         if self.resume is None:
             log.warning("no committed checkpoint yet: restarting from step 0")
             self.step = 0
         return State.STARTING
+
+    def _recover_from_memory(self, survivors: list[int]) -> bool:
+        """An elastic run that lost ranks: make the survivors agree on the cut step, move their
+        state to a new group of the size that fits now, from memory (:mod:`cluster.recovery`).
+        False (and the old group left to the checkpoint path) when memory cannot give it."""
+        group, before, old, t0 = self._live_group(), self.size.world, self.placement, time.perf_counter()
+        try:
+            if self.cfg.train.zero_stage:
+                raise recovery.NotRecoverable(
+                    f"train.zero_stage={self.cfg.train.zero_stage} shards the dense optimizer state over the "
+                    "ranks: the lost ranks' shards are gone"
+                )
+            state, decision = recovery.collect(group.actors, self.placement, survivors, self.run_id)
+        except (recovery.NotRecoverable, RayError) as exc:
+            why = str(exc).splitlines()[0][:300]
+            log.warning(
+                "run %s: no recovery from memory (%s): back to the last checkpoint", self.cfg.cluster.run_name, why
+            )
+            return False
+        how = recovery.describe(decision)
+        log.info(
+            f"run {self.cfg.cluster.run_name}: ranks {survivors} survived; every survivor is at the end of "
+            f"step {decision.step} ({how})"
+        )
+        group.shutdown(graceful=False)
+        self.group = None
+        self.step = decision.step
+        self._regroup(state, elastic.choose_size(self.cfg, elastic.free_ranks(self.cfg)) or before)
+        self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes)
+        return True
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -564,9 +466,9 @@ class Controller:
             "run_id": self.run_id,
             "state": self.state.value,
             "error": self.error,
-            "num_workers": self.world,
+            "num_workers": self.size.world,
             "num_workers_asked": self.cfg.cluster.num_workers,
-            "resizes": [e.to_dict() for e in self.resizes],
+            "resizes": [e.to_dict() for e in self.size.events],
             "steps": self.step,
             "stopped_at_step": self.step if self.state != State.FINISHED else None,
             "wall_s": time.perf_counter() - self._t_start,
@@ -588,19 +490,6 @@ class Controller:
         if results:
             log.info(format_summary(summary))
         return summary
-
-
-def _placement_of_size(cfg: RunConfig) -> Placement:
-    """The configured initial placement for ``cfg``'s group size; contiguous when
-    ``placement.initial`` is a JSON file (made for one size only)."""
-    try:
-        return initial_placement(cfg)
-    except ConfigError:
-        import dataclasses
-
-        return initial_placement(
-            dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, initial="contiguous"))
-        )
 
 
 def _per_node(node_of_rank: tuple[int, ...]) -> str:

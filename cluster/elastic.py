@@ -19,16 +19,33 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
 
-from moetrain.config import RunConfig, elastic_sizes
+from moetrain.config import RunConfig, elastic_sizes, sized
 from moetrain.train.checkpointer import ResumePoint
 from placement.placement import Placement
 
 log = logging.getLogger("moetrain")
+
+
+def placement_of_size(cfg: RunConfig) -> Placement:
+    """The configured initial placement for ``cfg``'s group size; contiguous when
+    ``placement.initial`` is a JSON file made for another size."""
+    import dataclasses
+
+    from moetrain.config import ConfigError
+    from moetrain.train.trainer import initial_placement
+
+    try:
+        return initial_placement(cfg)
+    except ConfigError:
+        return initial_placement(
+            dataclasses.replace(cfg, placement=dataclasses.replace(cfg.placement, initial="contiguous"))
+        )
 
 
 def free_ranks(cfg: RunConfig) -> int:
@@ -138,3 +155,103 @@ class ResizeEvent:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class Elastic:
+    """An elastic run's group size (``cluster.min_workers`` < ``cluster.num_workers``; a fixed
+    size otherwise): the size now, when to grow, and the record of each change."""
+
+    def __init__(self, cfg: RunConfig, telemetry=None):
+        c = cfg.cluster
+        self.cfg, self.telemetry = cfg, telemetry
+        self.world = c.num_workers  # the group's current size
+        self.enabled = bool(c.min_workers) and c.min_workers < c.num_workers
+        self.events: list[ResizeEvent] = []
+        self.grow_to = 0  # the size the next RESIZING grows to
+        self._next_check = 0.0
+
+    def cfg_now(self) -> RunConfig:
+        """The run's config for the current size."""
+        return self.cfg if self.world == self.cfg.cluster.num_workers else sized(self.cfg, self.world)
+
+    def choose_start(self, wait_s: float) -> None:
+        """Size a new group: the largest allowed size that fits in the free resources, waiting up
+        to ``wait_s`` for ``cluster.min_workers`` to fit (then the smallest size: placing the group
+        reports what is missing). A fixed-size run keeps its size."""
+        if not self.enabled:
+            return
+        c = self.cfg.cluster
+        deadline = time.monotonic() + wait_s
+        while True:
+            n = choose_size(self.cfg, free_ranks(self.cfg))
+            if n is not None or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        self.world = n if n is not None else elastic_sizes(self.cfg)[0]
+        if self.world < c.num_workers:
+            log.info(
+                "run %s: %d of %d rank(s) fit now: starting on %d (cluster.min_workers=%d; growing when room appears)",
+                c.run_name,
+                self.world,
+                c.num_workers,
+                self.world,
+                c.min_workers,
+            )
+
+    def grow_due(self) -> bool:
+        """Below its size, every ``cluster.resize_check_s`` (at a step boundary): whether the free
+        resources now hold a larger allowed size (then ``grow_to`` is set)."""
+        if not self.enabled or self.world >= self.cfg.cluster.num_workers:
+            return False
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + self.cfg.cluster.resize_check_s
+        n = choose_size(self.cfg, self.world + free_ranks(self.cfg))
+        if n is None or n <= self.world:
+            return False
+        self.grow_to = n
+        return True
+
+    def record(
+        self,
+        why: str,
+        step: int,
+        before: int,
+        source: str,
+        moved: tuple[Placement, Placement],
+        t0: float,
+        steps_lost: int = 0,
+        nbytes: int = 0,
+    ) -> ResizeEvent:
+        """Log a change from ``before`` ranks to the current size (``moved``: the placements
+        before and after), publish it and keep it for the summary."""
+        event = ResizeEvent(
+            step=step,
+            why=why,
+            from_ranks=before,
+            to_ranks=self.world,
+            source=source,
+            experts_moved=experts_moved(*moved),
+            bytes=nbytes,
+            seconds=time.perf_counter() - t0,
+            steps_lost=steps_lost,
+        )
+        self.events.append(event)
+        if self.telemetry is not None:
+            self.telemetry.resize(event)
+        log.info(
+            "run %s: %s at step %d: %d -> %d rank(s) from %s, %d expert replica(s) moved, %.1f MB, %.1f s, "
+            "%d step(s) redone",
+            self.cfg.cluster.run_name,
+            why,
+            step,
+            before,
+            self.world,
+            source,
+            event.experts_moved,
+            nbytes / 2**20,
+            event.seconds,
+            steps_lost,
+        )
+        return event

@@ -34,9 +34,12 @@ NAMESPACE = "moetrain"
 class WorkerGroupError(RuntimeError):
     """One or more ranks failed. ``ranks`` lists them; ``lost`` is True if an actor died."""
 
-    def __init__(self, message: str, ranks: list[int], lost: bool):
+    def __init__(self, message: str, ranks: list[int], lost: bool, survivors: list[int] | None = None):
         super().__init__(message)
         self.ranks, self.lost = ranks, lost
+        # Ranks whose actors were left alive (``WorkerGroup.call(keep_survivors=True)``): their
+        # state can be recovered from memory; None when the whole group was killed.
+        self.survivors = survivors
 
 
 class WorkerGroupStartError(WorkerGroupError):
@@ -125,6 +128,19 @@ class WorkerGroup:
     cfg: RunConfig
     gang: Gang | None = None
     rank_info: list[dict] = dataclasses.field(default_factory=list)  # what each rank's setup reported
+
+    def describe_layout(self, node_of_rank: tuple[int, ...]) -> str:
+        """``2 rank(s) on 1 node(s): node 0 (ip, id): ranks [0, 1]; threads per rank [1]; ...``"""
+        info = self.rank_info
+        nodes = sorted({(node_of_rank[i["rank"]], i["node_ip"], i["node_id"][:8]) for i in info})
+        where = ", ".join(
+            f"node {n} ({ip}, {nid}): ranks {[r for r, m in enumerate(node_of_rank) if m == n]}" for n, ip, nid in nodes
+        )
+        return (
+            f"{len(info)} rank(s) on {len(nodes)} node(s): {where}; threads per rank "
+            f"{sorted({i['threads'] for i in info})}; collectives on "
+            f"{sorted({i['ifname'] or 'gloo' + chr(39) + 's choice' for i in info})}"
+        )
 
     @property
     def node_of_rank(self) -> tuple[int, ...]:
@@ -224,9 +240,19 @@ class WorkerGroup:
         except (RayTaskError, RayActorError) as exc:
             raise WorkerGroupError(group_errors({0: exc}), [0], isinstance(exc, RayActorError)) from None
 
-    def call(self, method: str, *args, timeout_s: float | None = None, stuck_after_s: float | None = None) -> list[Any]:
+    def call(
+        self,
+        method: str,
+        *args,
+        timeout_s: float | None = None,
+        stuck_after_s: float | None = None,
+        keep_survivors: bool = False,
+    ) -> list[Any]:
         """Call ``method`` on every rank; results in rank order. On the first failure the whole
-        group is killed (peers would block in a collective) and a grouped error is raised.
+        group is killed (peers would block in a collective) and a grouped error is raised —
+        unless ``keep_survivors`` and an actor was lost: then the live actors are left running
+        (those blocked in a collective stay blocked; their second thread still answers) and the
+        error names them in ``survivors``, for a recovery from memory.
 
         ``timeout_s``: raise ``GetTimeoutError`` after this long. ``stuck_after_s`` (the step
         watchdog): ranks still busy after this long are declared failed — the group is killed and
@@ -259,17 +285,29 @@ class WorkerGroup:
                 except (RayTaskError, RayActorError) as exc:
                     errors[rank_of[ref]] = exc
             if errors:
-                # Give peers that fail for the same reason a moment to report, then stop everyone.
-                more, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
-                for ref in more:
-                    try:
-                        ray.get(ref)
-                    except (RayTaskError, RayActorError) as exc:
-                        errors[rank_of[ref]] = exc
-                self.shutdown(graceful=False)
-                lost = any(isinstance(e, RayActorError) for e in errors.values())
-                raise WorkerGroupError(f"{method} failed:\n{group_errors(errors)}", sorted(errors), lost)
+                raise self._failed(method, errors, pending, rank_of, keep_survivors)
         return [results[i] for i in range(len(self.actors))]
+
+    def _failed(
+        self, method: str, errors: dict, pending: list, rank_of: dict, keep_survivors: bool
+    ) -> WorkerGroupError:
+        """The error of a call that failed on some ranks: peers failing for the same reason get a
+        moment to report, then everyone is stopped (or, with ``keep_survivors`` and a lost actor,
+        the live ones are left for a recovery from memory)."""
+        more, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
+        for ref in more:
+            try:
+                ray.get(ref)
+            except (RayTaskError, RayActorError) as exc:
+                errors[rank_of[ref]] = exc
+        lost = any(isinstance(e, RayActorError) for e in errors.values())
+        message = f"{method} failed:\n{group_errors(errors)}"
+        if lost and keep_survivors:
+            dead = sorted(r for r, e in errors.items() if isinstance(e, RayActorError))
+            alive = [r for r in range(len(self.actors)) if r not in dead]
+            return WorkerGroupError(message, sorted(errors), lost, survivors=alive)
+        self.shutdown(graceful=False)
+        return WorkerGroupError(message, sorted(errors), lost)
 
     @staticmethod
     def _kill(actors: list) -> None:

@@ -176,16 +176,35 @@ class MoERank:
         """Start checkpoint ``step`` on this rank (returns a ``SaveStarted`` at once)."""
         return self._doing("checkpointing", lambda t: t.checkpointer.save(step))
 
-    def snapshot_prepare(self, step: int) -> dict:
-        """Copy what a checkpoint of ``step`` would hold on this rank (a collective under ZeRO) and
-        keep it for :meth:`snapshot_take`: the object names, their bytes and the data cursor."""
+    def snapshot_prepare(self, step: int, names: list[str] | None = None, with_dense: bool | None = None) -> dict:
+        """Copy what a checkpoint of ``step`` would hold on this rank (a collective under ZeRO), or
+        the objects ``names`` (any replica it holds; dense state if ``with_dense``: a recovery
+        from memory after a loss), and keep them for :meth:`snapshot_take`: returns the object
+        names, their bytes and the data cursor at that step boundary. Runs beside a step blocked
+        in a collective with a lost rank (the actor's second thread): that step's update has not
+        been applied, so the tensors are those of the step boundary."""
         t = self._trainer
         if step != t.step:
             raise ValueError(f"snapshot of step {step} asked for, but the rank is at step {t.step}")
-        objects = t.checkpointer.objects()
-        self._snapshot = {name: _cpu_copy(obj) for name, obj in sorted(objects.items()) if not name.startswith("rng/")}
+        objects = t.checkpointer.objects(with_dense=with_dense, replicas=names is not None)
+        keep = sorted(n for n in objects if not n.startswith("rng/")) if names is None else names
+        missing = [n for n in keep if n not in objects]
+        if missing:
+            raise KeyError(f"rank {self.rank} holds none of {missing[:5]}")
+        self._snapshot = {name: _cpu_copy(objects[name]) for name in keep}
         nbytes = sum(v.numel() * v.element_size() for obj in self._snapshot.values() for v in _tensors(obj))
-        return {"names": list(self._snapshot), "bytes": nbytes, "cursor": t.cursor.state_dict()}
+        return {"names": list(self._snapshot), "bytes": nbytes, "cursor": t.boundary_cursor()}
+
+    def step_status(self) -> dict:
+        """Where this rank's current step is (the actor's second thread answers while the first
+        is blocked in a collective): ``{"step", "phase", "norm"}`` (see ``RankTrainer.step_status``)."""
+        return self._trainer.step_status()
+
+    def roll_forward(self, norm: float) -> int:
+        """Finish the step in progress with the global gradient norm another rank saw (every
+        gradient collective of the step completed everywhere); returns the step now reached."""
+        self._trainer.roll_forward(norm)
+        return self._trainer.step
 
     def snapshot_take(self):
         """The objects :meth:`snapshot_prepare` kept, one return value each (called with

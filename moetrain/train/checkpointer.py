@@ -192,10 +192,10 @@ class RankCheckpointer:
                 self._writer.install_fence(parts.dense_zero.base_optimizer)
         return self._writer
 
-    def objects(self) -> dict[str, dict]:
+    def objects(self, *, with_dense: bool | None = None, replicas: bool = False) -> dict[str, dict]:
         """The objects this rank writes for a checkpoint now (live tensors; a collective under
-        ZeRO)."""
-        return rank_objects(self._parts, self._placement())
+        ZeRO); ``with_dense`` / ``replicas`` as :func:`~moetrain.train.state.rank_objects`."""
+        return rank_objects(self._parts, self._placement(), with_dense=with_dense, replicas=replicas)
 
     def save(self, step: int) -> SaveStarted:
         """Snapshot this rank's objects at ``step`` (must be the trainer's current step) and start

@@ -53,13 +53,17 @@ class RankParts:
     rank: int
 
 
-def rank_objects(parts: RankParts, placement: Placement) -> dict[str, dict]:
-    """Objects this rank writes (tensors are live: the writer snapshots them)."""
+def rank_objects(
+    parts: RankParts, placement: Placement, *, with_dense: bool | None = None, replicas: bool = False
+) -> dict[str, dict]:
+    """Objects this rank writes (tensors are live: the writer snapshots them): ``dense.pt`` on
+    rank 0 (or as ``with_dense`` says), the experts whose primary replica it holds (every expert it
+    holds with ``replicas``: a recovery from memory takes each expert from any live replica)."""
     model, opt, rank = parts.model, parts.optimizer, parts.rank
     objects: dict[str, dict] = {}
     zero = parts.dense_zero
     dense_optim = zero.gather_state() if zero is not None else None  # collective: every rank
-    if rank == 0:
+    if (rank == 0) if with_dense is None else with_dense:
         dense = dict(model.dense_parameters())
         if dense_optim is None:
             dense_optim = {n: _opt_state(opt, p) for n, p in dense.items() if p in opt.state}
@@ -72,7 +76,7 @@ def rank_objects(parts: RankParts, placement: Placement) -> dict[str, dict]:
         primary = primary_slot_mask(placement, idx, rank)
         local = placement.local_experts(idx, rank)
         for slot, e in enumerate(local):
-            if not primary[slot]:
+            if not (primary[slot] or (replicas and expert_object_name(idx, int(e)) not in objects)):
                 continue
             obj: dict = {}
             for name, p in zip(EXPERT_PARAM_NAMES, expert_params(layer)):

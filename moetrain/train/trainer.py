@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -200,6 +202,16 @@ class RankTrainer:
             sample_tokens=-(-p.sample_tokens // self.ctx.world_size),
         )  # this rank's share
         self.step = 0
+        # Where the step in progress is (RankTrainer.step_status): idle -> computing -> synced
+        # (every gradient collective done here) -> reduced (the global norm known: the rest is
+        # local) -> applied -> idle at step + 1. ``fault_hook(phase, completed steps)`` runs at each
+        # (fault injection: tests kill a rank at a chosen phase).
+        self.phase = "idle"
+        self.fault_hook: Callable[[str, int], None] | None = None
+        self.last_norm = float("nan")  # the global gradient norm of the last reduced step
+        self._boundary_cursor: dict | None = None  # the data position where the step began
+        self._pending: tuple | None = None  # (lr, losses, load_LE) of the step in progress
+        self._step_lock = threading.Lock()  # the update happens once: here, or by roll_forward
         parts = RankParts(
             model=self.model,
             optimizer=self.optimizer,
@@ -246,6 +258,8 @@ class RankTrainer:
         """One optimizer step. Returns metrics averaged over ranks (identical on every rank)."""
         t0 = time.perf_counter()
         t = self.cfg.train
+        self._boundary_cursor = self.cursor.state_dict()
+        self._enter("computing")
         micro = self._micro_batches()
         A = len(micro)
         self.balancer.start_step()
@@ -287,13 +301,9 @@ class RankTrainer:
         load_LE = np.asarray(vals[4 : 4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
         traffic = self.traffic.decode(vals[4 + L * E :])
         lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
+        self._pending = (lr, {"lm_loss": lm, "lbl": lbl, "z_loss": zl}, load_LE)
         norm, bad = self._update(lr, lm_loss=lm, lbl=lbl, z_loss=zl)
-        if bad:  # skip the update: nothing non-finite reaches the weights or the optimizer state
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.balancer.update_bias(self.moe_layers, torch.from_numpy(load_LE).to(self.ctx.device))
-        self.stats.end_step()
-        self.step += 1
+        self._end_step(bad, load_LE)
         return StepMetrics(
             step=self.step,
             loss=lm + lbl + zl,
@@ -310,14 +320,64 @@ class RankTrainer:
             nonfinite=bad,
         )
 
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        if self.fault_hook is not None:
+            self.fault_hook(phase, self.step)
+
+    def _end_step(self, bad: tuple[str, ...], load_LE: np.ndarray) -> None:
+        """After the update (or its skip): the expert bias, the statistics, the step count."""
+        if bad:  # skip the update: nothing non-finite reaches the weights or the optimizer state
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.balancer.update_bias(self.moe_layers, torch.from_numpy(load_LE).to(self.ctx.device))
+        self.stats.end_step()
+        self._enter("applied")
+        self.step += 1
+        self.phase = "idle"
+
+    # ---- recovery from memory (cluster.elastic) -----------------------------------------------
+    def step_status(self) -> dict:
+        """``{"step": completed steps, "phase": where the next one is, "norm": the last global
+        gradient norm}``. A rank past ``synced`` holds every gradient of the step; one past
+        ``reduced`` applies the update without further communication."""
+        return {"step": self.step, "phase": self.phase, "norm": self.last_norm}
+
+    def roll_forward(self, norm: float) -> None:
+        """Finish a step whose gradient collectives all completed (phase ``synced``) but whose
+        norm all-reduce was cut by a lost rank, with the ``norm`` a rank that completed it saw:
+        the same update that rank applied (stage 0 only)."""
+        with self._step_lock:
+            if self.phase != "synced" or self._pending is None or self.dense_zero is not None:
+                raise RuntimeError(f"cannot roll step {self.step + 1} forward from phase {self.phase}")
+            self.phase = "reduced"
+        lr, losses_3, load_LE = self._pending
+        bad = nonfinite_quantities(**losses_3, grad_norm=norm)
+        if not bad:
+            self._local_update(self.all_params, torch.tensor(norm, dtype=torch.float32, device=self.ctx.device), lr)
+        self.last_norm = norm
+        self._end_step(bad, load_LE)
+
+    def boundary_cursor(self) -> dict:
+        """The data position at the last step boundary (where a step cut short began)."""
+        if self.phase in ("computing", "synced") and self._boundary_cursor is not None:
+            return self._boundary_cursor
+        return self.cursor.state_dict()
+
     def _update(self, lr: float, **losses: float) -> tuple[float, tuple[str, ...]]:
         """Reduce the gradients, take the global norm, clip and step unless a loss or the norm is
         non-finite. Returns the norm and the names of the non-finite quantities (identical on
         every rank: the losses and the norm are all-reduced)."""
         if self.dense_zero is None:
             grads.sync_dense_grads(self.dense_params, self.ctx)
+            self._enter("synced")
             norm_t = grads.global_grad_norm(self.dense_params, self.moe_layers, self.placement, self.ctx)
             norm = float(norm_t)  # the host read of the norm
+            with self._step_lock:
+                if self.phase != "synced":  # rolled forward meanwhile (a recovery from memory)
+                    raise RuntimeError(f"step {self.step + 1} was completed by roll_forward")
+                self.last_norm = norm
+                self._enter("reduced")
             bad = nonfinite_quantities(**losses, grad_norm=norm)
             if not bad:
                 self._local_update(self.all_params, norm_t, lr)

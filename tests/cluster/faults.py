@@ -17,3 +17,23 @@ def killer(run_name: str, at_step: int, rank: int = 1):
             state["killed"] = True
             ray.kill(ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE), no_restart=True)
     return on_step
+
+
+class DieAt:
+    """A ``RankTrainer.fault_hook``: this rank's process is SIGKILLed when step ``step`` (1-based)
+    reaches ``phase`` (computing, synced, reduced, applied) — a lost rank at a chosen point of a
+    step. Install it with :func:`install_hook` through ``MoERank.run_fn``."""
+
+    def __init__(self, phase: str, step: int):
+        self.phase, self.step = phase, step
+
+    def __call__(self, phase: str, completed: int) -> None:
+        if phase == self.phase and completed + 1 == self.step:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_hook(trainer, hook) -> None:
+    trainer.fault_hook = hook

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from cluster.api import run
@@ -15,6 +16,8 @@ from cluster.elastic import choose_size, experts_moved
 from moetrain.checkpoint import load_objects, read_manifest, resolve
 from moetrain.config import ConfigError, elastic_sizes, from_dict, validate
 from placement.placement import Placement
+from cluster.group import NAMESPACE, actor_name
+from tests.cluster.faults import DieAt, install_hook
 from tests.cluster.multinode import MultiNode, killer
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
@@ -72,6 +75,16 @@ def mn():
         m.close()
 
 
+def _reset(mn) -> None:
+    """Back to the module's cluster: one worker node with room for 2 ranks."""
+    for node in list(mn.cluster.worker_nodes):
+        try:
+            mn.cluster.remove_node(node)
+        except Exception:  # already gone (killed by the test)
+            pass
+    mn.add(2)
+
+
 def final_state(c) -> dict[str, dict]:
     """Every object of the run's last checkpoint (dense state, each expert with its AdamW moments)."""
     ref = resolve("latest", c.checkpoint, run=c.cluster.run_name)
@@ -122,8 +135,7 @@ def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, 
     try:
         result = run(c, on_step=join)
     finally:
-        for node in joined:
-            mn.cluster.remove_node(node)
+        _reset(mn)
     assert result.state == State.FINISHED and result.restarts == 0, result.error
     assert [h.step for h in result.history] == list(range(1, 9))  # no step redone
     s = result.summary
@@ -141,7 +153,7 @@ def test_node_lost_rebuilds_on_fewer_ranks_then_grows_back(mn, fixed, tmp_path):
     """4 ranks on two nodes (2+2); the second node is lost at step 3: the run does not wait for it
     but rebuilds on the 2 ranks that fit from the step-2 checkpoint (one step redone, recorded); the
     node comes back at step 5 and the run grows to 4 from memory; the end equals the fixed run."""
-    extra = mn.add(2)
+    mn.add(2)
     killed: list = []
     back = []
     kill = killer(mn, "shrink", at_step=3, rank=3, killed=killed)
@@ -155,11 +167,7 @@ def test_node_lost_rebuilds_on_fewer_ranks_then_grows_back(mn, fixed, tmp_path):
     try:
         result = run(c, on_step=on_step)
     finally:
-        for node in back + [n for n in mn.cluster.worker_nodes if n is extra]:
-            try:
-                mn.cluster.remove_node(node)
-            except Exception:
-                pass
+        _reset(mn)
     assert result.state == State.FINISHED and result.restarts == 1 and killed, result.error
     s = result.summary
     lost, grow = s["resizes"]
@@ -175,3 +183,62 @@ def test_node_lost_rebuilds_on_fewer_ranks_then_grows_back(mn, fixed, tmp_path):
 
 def base_history(fixed):
     return fixed[0].history
+
+
+def _losses(result) -> dict[int, float]:
+    return {h.step: h.loss for h in result.history}
+
+
+@pytest.mark.parametrize("phase,forward", [("computing", False), ("synced", False), ("reduced", True),
+                                           ("applied", True)])
+def test_rank_lost_at_each_phase_of_a_step_recovers_from_memory(mn, fixed, tmp_path, caplog, phase, forward):
+    """Every expert on both ranks (8 slots each); rank 1 is killed at ``phase`` of step 4. Before
+    the gradients are all reduced everywhere the step rolls back (the survivor's weights are the
+    step-3 boundary's, the data goes back to where step 4 began); once any rank saw the global norm
+    it rolls forward (a survivor without it applies the same update with the norm the other saw).
+    A new group of 2 loads the survivor's state from memory: no checkpoint read (there is none
+    before step 6), no completed step redone, and the run ends with the fixed run's parameters."""
+    c = cfg(tmp_path, f"die-{phase}", cluster__num_workers=2, cluster__min_workers=1, cluster__max_failures=1,
+            cluster__step_timeout_s=30, placement__slots_per_rank=8, checkpoint__every=6)
+
+    def arm(m):
+        if m.step == 1:
+            victim = ray.get_actor(actor_name(c.cluster.run_name, 1), namespace=NAMESPACE)
+            ray.get(victim.run_fn.remote(install_hook, DieAt(phase, 4)), timeout=60)
+
+    with caplog.at_level("INFO", logger="moetrain"):
+        result = run(c, on_step=arm)
+    assert result.state == State.FINISHED and result.restarts == 1, result.error
+    (event,) = result.summary["resizes"]
+    at = 4 if forward else 3
+    assert (event["why"], event["source"], event["steps_lost"], event["from_ranks"], event["to_ranks"]) == (
+        "node lost", f"memory://step-{at}", 0, 2, 2)
+    assert f"every survivor is at the end of step {at} (" in caplog.text
+    if not forward:
+        assert "(the cut step 4 rolled back)" in caplog.text
+    steps = [h.step for h in result.history]
+    # the step cut short: redone after a roll-back; after a roll-forward it happened (its metrics died with the call)
+    assert steps == [1, 2, 3] + ([5, 6, 7, 8] if forward else [4, 5, 6, 7, 8]), steps
+    base = _losses(fixed[0])
+    np.testing.assert_allclose([h.loss for h in result.history], [base[s] for s in steps], rtol=1e-5)
+    assert_same_state(final_state(c), fixed[1])
+
+
+def test_no_live_replica_falls_back_to_the_checkpoint_and_says_so(mn, fixed, tmp_path, caplog):
+    """Contiguous experts (no replicas): the lost rank's experts exist nowhere else, so the run
+    says so and resumes from its step-2 checkpoint (one step redone), still ending equal."""
+    c = cfg(tmp_path, "orphans", cluster__num_workers=2, cluster__min_workers=1, cluster__max_failures=1,
+            cluster__step_timeout_s=30)
+
+    def arm(m):
+        if m.step == 1:
+            victim = ray.get_actor(actor_name(c.cluster.run_name, 1), namespace=NAMESPACE)
+            ray.get(victim.run_fn.remote(install_hook, DieAt("synced", 4)), timeout=60)
+
+    with caplog.at_level("INFO", logger="moetrain"):
+        result = run(c, on_step=arm)
+    assert result.state == State.FINISHED and result.restarts == 1, result.error
+    assert "no recovery from memory (no live replica of 8 expert(s) (layer 0 expert 4" in caplog.text
+    (event,) = result.summary["resizes"]
+    assert event["source"].endswith("/orphans/step-2") and event["steps_lost"] == 1
+    assert_same_state(final_state(c), fixed[1])

@@ -1,0 +1,60 @@
+"""The run's states and outcome: what the controller's state machine moves through
+(:class:`State`), its failure policy and what a run returns (:class:`RunResult`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from cluster import replacement
+from cluster.group import WorkerGroupError, WorkerGroupStartError
+from moetrain.train.metrics import StepMetrics
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    REPLACING = "replacing"
+    CHECKPOINTING = "checkpointing"
+    RESIZING = "resizing"  # an elastic run changes its group size at a step boundary
+    RESTARTING = "restarting"
+    FINISHED = "finished"
+    STOPPED = "stopped"  # a stop was requested (SIGINT/SIGTERM, `ray job stop`) before the last step
+    FAILED = "failed"
+
+
+TERMINAL = (State.FINISHED, State.STOPPED, State.FAILED)
+
+
+class RunFailed(RuntimeError):
+    """The run ended in FAILED; the message says why (grouped per rank)."""
+
+
+class RunAborted(RuntimeError):
+    """The driver gives up on the run (non-finite steps, checkpoints failing): not retried."""
+
+
+@dataclass
+class FailurePolicy:
+    max_failures: int
+    failures: int = 0
+
+    def should_retry(self, exc: BaseException) -> bool:
+        """Retry lost actors (and failed collectives caused by them) while budget remains, also
+        an actor lost while the group starts (its node went away); not a group that cannot start."""
+        if isinstance(exc, WorkerGroupStartError) and not exc.lost:
+            return False
+        self.failures += 1
+        return isinstance(exc, WorkerGroupError) and self.failures <= self.max_failures
+
+
+@dataclass
+class RunResult:
+    state: State
+    summary: dict
+    history: list[StepMetrics] = field(default_factory=list)
+    replacements: list[replacement.Decision] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    restarts: int = 0
+    error: str = ""
+    user_error: bool = False  # refused before training (the cluster cannot hold the group): exit 2
