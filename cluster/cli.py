@@ -159,7 +159,7 @@ def _hf_parsers(sub) -> None:
 
 def _hf(args) -> int:
     from moetrain.hf import export_hf, import_hf
-    from moetrain.hf.convert import parse_size
+    from moetrain.hf.export import parse_size
 
     store = _store_cfg(args)
     if args.action == "import":
