@@ -16,8 +16,6 @@ REASON = "Size:"
 # each gets a reason or is split, and its entry goes (the second test fails on a stale entry).
 PENDING = {
     # over the limits once `ruff format` put one argument per line (split or give a reason next):
-    "moetrain/train/trainer.py:__init__",
-    "moetrain/train/trainer.py:train_step",
     "placement/lns.py:lns_layer",
     "placement/select.py",
     "placement/select.py:select_placement",

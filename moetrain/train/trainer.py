@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from moetrain.parallel.context import ParallelContext
 from moetrain.parallel.a2a import CommClock
 from moetrain.parallel.dispatcher import AllToAllDispatcher
 from moetrain.parallel.hierarchical import HierarchicalDispatcher, expert_nodes, node_ranks
-from moetrain.parallel.traffic import TrafficCounter
+from moetrain.parallel.traffic import StepTraffic, TrafficCounter
 from moetrain.train.balance import LoadBalancer
 from moetrain.train.checkpointer import RankCheckpointer, ResumePoint
 from moetrain.train.metrics import StepMetrics
@@ -43,6 +44,9 @@ from moetrain.train.state import RankParts
 from moetrain.train.stats import RoutingStatsAccumulator
 from placement.placement import Placement
 from placement.stats import RoutingStats
+
+if TYPE_CHECKING:
+    from moetrain.train.zero import DenseZero
 
 
 def initial_placement(cfg: RunConfig) -> Placement:
@@ -135,7 +139,7 @@ class RankTrainer:
     ):
         """``load_init_weights=False`` skips reading ``model.init_from``'s weights (its shape still
         applies): a resumed rank overwrites every weight from its checkpoint anyway."""
-        from moetrain.hf.load import hf_dir_of, load_hf_weights, resolve_init_from
+        from moetrain.hf.load import resolve_init_from
 
         cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR: the model's shape is DIR's
         self.cfg = cfg
@@ -151,46 +155,18 @@ class RankTrainer:
             raise ValueError(f"placement has {self.placement.num_ranks} ranks, the group has {self.ctx.world_size}")
         # bf16 where it is not native fails here, on every rank, before any step (ConfigError).
         self.compute_dtype = resolve_precision(cfg.train.precision, self.ctx.device)
-        self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement, rank=self.ctx.rank)
-        if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
-            load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.storage)
-        self.model = self.model.to(self.ctx.device)
-        self.model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
+        self.model = self._build_model(load_init_weights)
         self.moe_layers = self.model.moe_layers()
         # bytes this rank sends, by kind and link (moetrain.parallel.traffic); drained every step
         self.traffic = TrafficCounter(self.ctx.rank, self.ctx.world_size, self.ctx.node_R, len(self.moe_layers))
         self._install_dispatchers()
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.all_params = [p for p in self.model.parameters()]
-        t = cfg.train
-        self.dense_zero = None  # DeepSpeed ZeRO optimizer of the dense parameters (zero_stage 1/2)
-        if t.zero_stage > 0:
-            from moetrain.train.zero import DenseZero
-
-            self.dense_zero = DenseZero(
-                list(self.model.dense_parameters()),
-                stage=t.zero_stage,
-                lr=t.lr,
-                beta1=t.beta1,
-                beta2=t.beta2,
-                weight_decay=t.weight_decay,
-                grad_clip=t.grad_clip,
-                world_size=self.ctx.world_size,
-                device=self.ctx.device,
-            )
-        # self.optimizer: AdamW of every parameter (stage 0) or of the expert parameters (ZeRO)
-        local = self.all_params if self.dense_zero is None else [p for _, p in self.model.expert_parameters()]
-        decay = [p for p in local if p.ndim >= 2]
-        no_decay = [p for p in local if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr,
-            betas=(t.beta1, t.beta2),
-            fused=True,
-        )
+        self.dense_zero = self._build_dense_zero()  # DeepSpeed ZeRO of the dense parameters, or None
+        self.optimizer = self._build_optimizer()
         self.cursor = self.data.cursor  # exact save / restore of the data position (checkpoints)
         self.rank_map = self._rank_map()
-        self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
+        self.balancer = LoadBalancer(cfg.train.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
         p = cfg.placement
         self.stats = RoutingStatsAccumulator(
             len(self.moe_layers),
@@ -200,6 +176,57 @@ class RankTrainer:
             sample_tokens=-(-p.sample_tokens // self.ctx.world_size),
         )  # this rank's share
         self.step = 0
+        self.checkpointer = self._build_checkpointer()
+
+    def _build_model(self, load_init_weights: bool) -> Transformer:
+        """This rank's model for the placement (the dense part and its own experts) with
+        ``model.init_from``'s weights (unless ``load_init_weights`` is False), on the device, with
+        the configured activation checkpointing."""
+        from moetrain.hf.load import hf_dir_of, load_hf_weights
+
+        cfg = self.cfg
+        model = Transformer(cfg.model, seed=cfg.train.seed, placement=self.placement, rank=self.ctx.rank)
+        if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
+            load_hf_weights(model, hf_dir_of(cfg.model.init_from), cfg.storage)
+        model = model.to(self.ctx.device)
+        model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
+        return model
+
+    def _build_dense_zero(self) -> DenseZero | None:
+        """DeepSpeed's ZeRO optimizer of the dense parameters (``train.zero_stage`` 1 or 2), else None."""
+        t = self.cfg.train
+        if t.zero_stage <= 0:
+            return None
+        from moetrain.train.zero import DenseZero
+
+        return DenseZero(
+            list(self.model.dense_parameters()),
+            stage=t.zero_stage,
+            lr=t.lr,
+            beta1=t.beta1,
+            beta2=t.beta2,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            world_size=self.ctx.world_size,
+            device=self.ctx.device,
+        )
+
+    def _build_optimizer(self) -> torch.optim.AdamW:
+        """The local AdamW: of every parameter (ZeRO stage 0) or of the expert parameters (ZeRO);
+        weight decay on the matrices only."""
+        t = self.cfg.train
+        local = self.all_params if self.dense_zero is None else [p for _, p in self.model.expert_parameters()]
+        decay = [p for p in local if p.ndim >= 2]
+        no_decay = [p for p in local if p.ndim < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            fused=True,
+        )
+
+    def _build_checkpointer(self) -> RankCheckpointer:
+        """Saves and loads this rank's part of a checkpoint (model, AdamW, ZeRO state, data cursor)."""
         parts = RankParts(
             model=self.model,
             optimizer=self.optimizer,
@@ -207,7 +234,8 @@ class RankTrainer:
             cursor=self.cursor,
             rank=self.ctx.rank,
         )
-        self.checkpointer = RankCheckpointer(
+        cfg = self.cfg
+        return RankCheckpointer(
             parts,
             step=lambda: self.step,
             placement=lambda: self.placement,
@@ -247,45 +275,14 @@ class RankTrainer:
         t0 = time.perf_counter()
         t = self.cfg.train
         micro = self._micro_batches()
-        A = len(micro)
         self.balancer.start_step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dense_zero is not None:
             self.dense_zero.zero_grad()
-        # lm, lbl, z (summed on the device); off-rank sends (python ints from the dispatch metadata)
-        losses_3 = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
-        sends = 0
-        E = self.cfg.model.moe.num_experts
-        for mb in micro:
-            x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
-            y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
-            logits, routing = self._forward(x)
-            counts_LE = losses.routing_counts([r.topk_ids_TK for r in routing], E)  # once, on the device
-            lm = losses.lm_loss(logits, y)
-            lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0], counts_LE=counts_LE)
-            self._backward((lm + lbl + zl) / A)
-            self.stats.add(routing, counts_LE)
-            losses_3 += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
-            sends += sum(r.sent.offrank for r in routing if r.sent is not None)
+        losses_3, local_sends = self._forward_backward(micro)
         self._count_grad_traffic()
         grads.sync_expert_grads(self.moe_layers, self.placement, self.ctx)
-        # one all-reduce and one host read for the step: losses, sends, the step's expert counts
-        # and the traffic (float64: counts and bytes stay exact); before the update, so every
-        # rank decides alike on non-finite values
-        L = len(self.moe_layers)
-        sums = torch.cat(
-            [
-                losses_3,
-                torch.tensor([float(sends)], dtype=torch.float64, device=self.ctx.device),
-                self.balancer.local_counts_LE.reshape(-1).double(),
-                self.traffic.drain().to(self.ctx.device),
-            ]
-        )
-        vals = self.ctx.all_reduce_sum(sums).tolist()
-        lm, lbl, zl = [v / self.ctx.world_size for v in vals[:3]]
-        sends = vals[3]
-        load_LE = np.asarray(vals[4 : 4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
-        traffic = self.traffic.decode(vals[4 + L * E :])
+        lm, lbl, zl, sends, load_LE, traffic = self._step_sums(losses_3, local_sends)
         lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         norm, bad = self._update(lr, lm_loss=lm, lbl=lbl, z_loss=zl)
         if bad:  # skip the update: nothing non-finite reaches the weights or the optimizer state
@@ -309,6 +306,49 @@ class RankTrainer:
             step_time_s=time.perf_counter() - t0,
             nonfinite=bad,
         )
+
+    def _forward_backward(self, micro: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+        """Forward and backward of every micro-batch, accumulating the gradients and the routing
+        statistics. Returns the lm, lbl and z losses, each the mean over the micro-batches, kept
+        on the device (float64 [3]), and this rank's off-rank sends (a python int from the
+        dispatch metadata): nothing here reads the device beyond the dispatchers' split sizes."""
+        A = len(micro)
+        losses_3 = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+        sends = 0
+        E = self.cfg.model.moe.num_experts
+        for mb in micro:
+            x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
+            y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
+            logits, routing = self._forward(x)
+            counts_LE = losses.routing_counts([r.topk_ids_TK for r in routing], E)  # once, on the device
+            lm = losses.lm_loss(logits, y)
+            lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0], counts_LE=counts_LE)
+            self._backward((lm + lbl + zl) / A)
+            self.stats.add(routing, counts_LE)
+            losses_3 += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
+            sends += sum(r.sent.offrank for r in routing if r.sent is not None)
+        return losses_3, sends
+
+    def _step_sums(
+        self, losses_3: torch.Tensor, sends: int
+    ) -> tuple[float, float, float, float, np.ndarray, StepTraffic]:
+        """One all-reduce and one host read for the step: losses, sends, the step's expert counts
+        and the traffic (float64: counts and bytes stay exact); before the update, so every rank
+        decides alike on non-finite values. Returns (lm, lbl, z) averaged over the ranks, the
+        off-rank sends, the expert load [L, E] and the traffic, summed over the ranks."""
+        L, E = len(self.moe_layers), self.cfg.model.moe.num_experts
+        sums = torch.cat(
+            [
+                losses_3,
+                torch.tensor([float(sends)], dtype=torch.float64, device=self.ctx.device),
+                self.balancer.local_counts_LE.reshape(-1).double(),
+                self.traffic.drain().to(self.ctx.device),
+            ]
+        )
+        vals = self.ctx.all_reduce_sum(sums).tolist()
+        lm, lbl, zl = [v / self.ctx.world_size for v in vals[:3]]
+        load_LE = np.asarray(vals[4 : 4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
+        return lm, lbl, zl, vals[3], load_LE, self.traffic.decode(vals[4 + L * E :])
 
     def _update(self, lr: float, **losses: float) -> tuple[float, tuple[str, ...]]:
         """Reduce the gradients, take the global norm, clip and step unless a loss or the norm is
