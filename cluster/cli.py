@@ -26,6 +26,16 @@ EXIT_FAILED, EXIT_USER_ERROR, EXIT_STOPPED = 1, 2, 3
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moetrain", description="Distributed MoE training on Ray.")
     sub = p.add_subparsers(dest="command")
+    _train_parser(sub)
+    _plan_parser(sub)
+    _ckpt_parser(sub)
+    _prepare_parser(sub)
+    _submit_parser(sub)
+    _hf_parsers(sub)
+    return p
+
+
+def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model (embedded local Ray, or RAY_ADDRESS)")
     t.add_argument("--config", default=None, help="YAML file, or a shipped config name (tiny, small)")
     t.add_argument(
@@ -37,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config field, e.g. --set cluster.num_workers=4 (repeatable)",
     )
     t.add_argument("--resume", default=None, help="checkpoint URI or 'latest' (sets checkpoint.resume)")
+
+
+def _plan_parser(sub) -> None:
     pl = sub.add_parser("plan", help="per-rank memory of a config, whether it fits, and what would make it fit")
     pl.add_argument("--config", default=None, help="YAML file, or a shipped config name (e.g. olmoe-1b-7b)")
     pl.add_argument(
@@ -55,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         help="memory per rank in GiB (default: the connected Ray cluster's memory resource when "
         "cluster.address / RAY_ADDRESS is set, else this machine's memory, over the actors)",
     )
+
+
+def _ckpt_parser(sub) -> None:
     c = sub.add_parser("ckpt", help="list, verify, inspect or clean checkpoints; unlock a dead run's name")
     c.add_argument("action", choices=["list", "verify", "inspect", "clean", "unlock"])
     c.add_argument("uri", help="checkpoint root (list) or a step-<N> / run URI")
@@ -62,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", type=int, default=None, help="clean: also delete committed checkpoints beyond the newest N"
     )
     _store_flags(c)
-    _prepare_parser(sub)
+
+
+def _submit_parser(sub) -> None:
     s = sub.add_parser("submit", help="submit `moetrain train ...` as a Ray job")
     s.add_argument("--address", default=None, help="Ray dashboard address (else RAY_ADDRESS)")
     s.add_argument("--no-wait", action="store_true", help="return after submitting")
@@ -88,8 +106,6 @@ def _parser() -> argparse.ArgumentParser:
         help="Ray auth token of a cluster with token auth (else RAY_AUTH_TOKEN)",
     )
     s.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments after -- go to moetrain train")
-    _hf_parsers(sub)
-    return p
 
 
 def _store_flags(parser) -> None:
@@ -143,7 +159,7 @@ def _hf_parsers(sub) -> None:
 
 def _hf(args) -> int:
     from moetrain.hf import export_hf, import_hf
-    from moetrain.hf.convert import parse_size
+    from moetrain.hf.export import parse_size
 
     store = _store_cfg(args)
     if args.action == "import":

@@ -132,26 +132,57 @@ class PrepareResult:
 def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
     """Run the pipeline. ``connect()`` is called once the inputs and the tokenizer are checked,
     before Ray Data starts (the CLI joins or starts Ray there); without it Ray must be up."""
-    import ray
-    import ray.data
-
     t0 = time.perf_counter()
-    if opts.seq_len < 1 or opts.vocab_size < 260 or opts.batch_docs < 1:
-        raise DataError(
-            f"--seq-len ({opts.seq_len}) must be >= 1, --vocab-size ({opts.vocab_size}) >= 260, "
-            f"--batch-docs ({opts.batch_docs}) >= 1"
-        )
+    _check_options(opts)
     out = open_data_store(opts.out, opts.store)
     groups = _list_inputs(opts)
     tok, tok_json, tok_sha, eot = _tokenizer(opts, groups)
     out.write_bytes(TOKENIZER, tok_json.encode("utf-8"))
     if connect is not None:
         connect()
+    _configure_ray_data()
+    stats = _pipeline(opts, groups, tok_json=tok_json, tok_sha=tok_sha, eot=eot)
+    infos, written, skipped, rss = _collect(stats, opts.progress)
+    _check_domains_not_empty(groups, infos, opts.seq_len)
+    manifest = make_manifest(
+        infos, seq_len=opts.seq_len, tokenizer_sha256=tok_sha, vocab_size=tok.get_vocab_size(), eot_id=eot
+    )
+    out.write_bytes(MANIFEST, manifest.to_json().encode("utf-8"))  # the commit
+    return PrepareResult(
+        manifest=manifest,
+        uri=out.uri,
+        shards_written=written,
+        shards_skipped=skipped,
+        seconds=time.perf_counter() - t0,
+        worker_peak_rss_mb=rss,
+    )
+
+
+def _check_options(opts: PrepareOptions) -> None:
+    if opts.seq_len < 1 or opts.vocab_size < 260 or opts.batch_docs < 1:
+        raise DataError(
+            f"--seq-len ({opts.seq_len}) must be >= 1, --vocab-size ({opts.vocab_size}) >= 260, "
+            f"--batch-docs ({opts.batch_docs}) >= 1"
+        )
+
+
+def _configure_ray_data() -> None:
+    """Ray Data settings of this process's pipeline: input order kept, quiet."""
+    import ray.data
+
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same batches on a re-run: same shard ids
     ctx.enable_progress_bars = False  # ours counts shards and rows
     ctx.log_internal_stack_trace = False
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # a failure is reported as one line below
+
+
+def _pipeline(opts: PrepareOptions, groups, *, tok_json: str, tok_sha: str, eot: int):
+    """The lazy Ray Data pipeline: every input file read (Parquet batches of ``batch_docs`` rows,
+    whole JSONL / text files ``FILES_PER_BATCH`` at a time) and mapped by :func:`_process`; one
+    stats record (``_STATS_SCHEMA``) per shard written."""
+    import ray.data
+
     common = dict(
         text_column=opts.text_column,
         domain_column=opts.domain_column,
@@ -192,27 +223,18 @@ def prepare(opts: PrepareOptions, connect=None) -> PrepareResult:
                     fn_kwargs={**common, "by_path": by_path},
                 )
             )
-    stats = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    infos, written, skipped, rss = _collect(stats, opts.progress)
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _check_domains_not_empty(groups, infos, seq_len: int) -> None:
+    """Every domain an input declared got at least one row."""
     declared = {f.domain for _, files in groups for f in files if f.domain}
     empty = sorted(declared - {i.domain for i in infos if i.rows > 0})
     if empty:
         raise DataError(
             f"domain {empty[0]!r} is empty: its inputs hold no text that packs into a row of "
-            f"seq_len+1 = {opts.seq_len + 1} tokens"
+            f"seq_len+1 = {seq_len + 1} tokens"
         )
-    manifest = make_manifest(
-        infos, seq_len=opts.seq_len, tokenizer_sha256=tok_sha, vocab_size=tok.get_vocab_size(), eot_id=eot
-    )
-    out.write_bytes(MANIFEST, manifest.to_json().encode("utf-8"))  # the commit
-    return PrepareResult(
-        manifest=manifest,
-        uri=out.uri,
-        shards_written=written,
-        shards_skipped=skipped,
-        seconds=time.perf_counter() - t0,
-        worker_peak_rss_mb=rss,
-    )
 
 
 def _list_inputs(opts: PrepareOptions) -> list[tuple[Store, list[InputFile]]]:

@@ -35,7 +35,7 @@ import ray
 from moetrain.config import RunConfig
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import merge_rank_samples
-from placement import Placement, RoutingStats, Topology, evaluate, solve_placement
+from placement import Placement, RoutingStats, SolveResult, Topology, evaluate, solve_placement
 from placement.select import select_placement, validation_scores
 from placement.stats import without_homes
 
@@ -167,29 +167,7 @@ def _solve(
         result = solve_placement(stats, topology, method=method, **kw)
     before = evaluate(stats, current, topology, load_weight=load_weight)
     after = evaluate(stats, result.placement, topology, load_weight=load_weight)
-    val: dict[str, Any] = {}
-    cur_L = (
-        None
-        if val_fraction <= 0
-        else validation_scores(
-            stats,
-            current,
-            topology,
-            load_weight=load_weight,
-            migration_weight=migration_weight,
-            current=current,
-            val_fraction=val_fraction,
-        )
-    )
-    after_L = tuple(float(r.val_score) for r in result.layers)
-    if cur_L is not None and all(math.isfinite(v) for v in after_L):
-        val = dict(
-            val_before=float(cur_L.sum()),
-            val_after=float(sum(after_L)),
-            val_tokens=result.layers[0].val_tokens,
-            val_before_L=tuple(float(v) for v in cur_L),
-            val_after_L=after_L,
-        )
+    val = _validation_fields(stats, topology, current, result, load_weight, migration_weight, val_fraction)
     return Proposal(
         result.placement,
         result.solver,
@@ -209,6 +187,41 @@ def _solve(
         fit_after_L=tuple(float(r.fit_score) for r in result.layers),
         candidate_L=tuple(r.source for r in result.layers),
         refit_L=tuple(r.refit for r in result.layers),
+    )
+
+
+def _validation_fields(
+    stats: RoutingStats,
+    topology: Topology,
+    current: Placement,
+    result: SolveResult,
+    load_weight: float,
+    migration_weight: float,
+    val_fraction: float,
+) -> dict[str, Any]:
+    """The :class:`Proposal`'s ``val_*`` fields: current vs the proposal ``result`` on the
+    validation steps; {} (not validated) when ``val_fraction`` is 0, the window is too small to
+    validate, or a layer's proposal has no finite validation score."""
+    if val_fraction <= 0:
+        return {}
+    cur_L = validation_scores(
+        stats,
+        current,
+        topology,
+        load_weight=load_weight,
+        migration_weight=migration_weight,
+        current=current,
+        val_fraction=val_fraction,
+    )
+    after_L = tuple(float(r.val_score) for r in result.layers)
+    if cur_L is None or not all(math.isfinite(v) for v in after_L):
+        return {}
+    return dict(
+        val_before=float(cur_L.sum()),
+        val_after=float(sum(after_L)),
+        val_tokens=result.layers[0].val_tokens,
+        val_before_L=tuple(float(v) for v in cur_L),
+        val_after_L=after_L,
     )
 
 

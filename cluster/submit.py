@@ -148,19 +148,9 @@ def submit(
     ep = entrypoint(train_args)
     plan = upload_plan(working_dir or REPO_ROOT, include)
     print(f"moetrain: {plan.describe()}", file=out, flush=True)
-    with tempfile.TemporaryDirectory(prefix="moetrain-job-") as tmp:
-        try:
-            package = write_package(plan, Path(tmp) / "working_dir.zip")
-            job_id = client.submit_job(
-                entrypoint=ep,
-                runtime_env=runtime_env(package, env_vars),
-                entrypoint_num_cpus=entrypoint_num_cpus,
-                submission_id=submission_id,
-                metadata={"moetrain": "train"},
-            )
-        except Exception as exc:
-            _err(f"job submission to {url} failed: {_first_line(exc)}")
-            return 2
+    job_id = _submit_job(client, url, ep, plan, env_vars, entrypoint_num_cpus, submission_id)
+    if job_id is None:
+        return 2
     print(f"moetrain: submitted job {job_id} to {url}: {ep}", file=out, flush=True)
     if not wait:
         print(
@@ -170,6 +160,38 @@ def submit(
             flush=True,
         )
         return 0
+    return _follow(client, url, job_id, out, timeout_s)
+
+
+def _submit_job(
+    client,
+    url: str,
+    ep: str,
+    plan: UploadPlan,
+    env_vars: dict[str, str] | None,
+    entrypoint_num_cpus: float,
+    submission_id: str | None,
+) -> str | None:
+    """Pack ``plan`` into the job's working_dir zip and submit ``ep``; the job id, or None after
+    one line on stderr when the package or the submission fails."""
+    with tempfile.TemporaryDirectory(prefix="moetrain-job-") as tmp:
+        try:
+            package = write_package(plan, Path(tmp) / "working_dir.zip")
+            return client.submit_job(
+                entrypoint=ep,
+                runtime_env=runtime_env(package, env_vars),
+                entrypoint_num_cpus=entrypoint_num_cpus,
+                submission_id=submission_id,
+                metadata={"moetrain": "train"},
+            )
+        except Exception as exc:
+            _err(f"job submission to {url} failed: {_first_line(exc)}")
+            return None
+
+
+def _follow(client, url: str, job_id: str, out: TextIO, timeout_s: float | None) -> int:
+    """Stream the job's logs until it ends: 0 if it SUCCEEDED, 1 otherwise (or on timeout), 130
+    when interrupted (Ctrl-C stops following, not the job)."""
     try:
         status = wait_for(client, job_id, out=out, timeout_s=timeout_s)
     except KeyboardInterrupt:

@@ -57,7 +57,7 @@ def write_model(out: Path, layers: int, dim: int) -> int:
     import torch
 
     from moetrain.hf import ARCHS, model_config_from_hf
-    from moetrain.hf.convert import _shards
+    from moetrain.hf.export import _shards
     from moetrain.hf.safetensors_io import INDEX, open_dir, write_shard
     from moetrain.hf.tensors import tensor_plan
 

@@ -126,7 +126,7 @@ def test_graph_sees_module_level_imports_only(tmp_path):
     graph = import_graph()
     assert "moetrain.storage.store" in graph["moetrain.storage"]  # a package's own submodule
     assert "moetrain.data.store" in graph["moetrain.data.tokenizer"]  # the data store, imported at the top
-    assert "moetrain.hf.convert" not in graph["moetrain.hf.load"]  # imported inside a function only
+    assert "moetrain.hf.export" not in graph["moetrain.hf.load"]  # imported inside a function only
 
 
 def test_no_import_cycle_in_the_packages():

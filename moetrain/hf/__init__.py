@@ -3,12 +3,13 @@ weights, greedy generation. Torch + safetensors format only (no Ray, no transfor
 
 Modules: ``arch`` (supported architectures, config mapping), ``tensors`` (tensor names and exact
 conversions), ``safetensors_io`` (streaming shard reads / writes over ``pyarrow.fs``),
-``convert`` (import / export), ``load`` (init_from, loading checkpoints), ``generate``.
+``convert`` (import), ``export``, ``load`` (init_from, loading checkpoints), ``generate``.
 """
 
 from moetrain.hf.arch import ARCHS, SUPPORTED, arch_of, hf_config_from_model, model_config_from_hf
-from moetrain.hf.convert import ConvertReport, export_hf, import_hf
+from moetrain.hf.convert import ConvertReport, import_hf
 from moetrain.hf.errors import HFError
+from moetrain.hf.export import export_hf
 from moetrain.hf.load import load_hf_weights, model_from_checkpoint, resolve_init_from
 
 __all__ = [

@@ -361,7 +361,6 @@ def hf_config_from_model(
     """config.json for ``cfg`` as ``spec``: ``base`` (the imported config.json, if any) with
     every field moetrain models overwritten."""
     _check_exportable(spec, cfg)
-    moe = cfg.moe
     out = dict(base or {})
     rope = dict(out.get("rope_parameters") or {})
     rope.update(rope_theta=cfg.rope_theta, rope_type="default")
@@ -382,39 +381,43 @@ def hf_config_from_model(
     out.setdefault("max_position_embeddings", cfg.max_seq_len)
     if "rope_theta" in out:
         out["rope_theta"] = cfg.rope_theta
-    a, shared_dim = spec.model_type, moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim)
+    out.update(_arch_fields(spec, cfg))
+    return out
+
+
+def _arch_fields(spec: ArchSpec, cfg: ModelConfig) -> dict[str, Any]:
+    """The config.json fields of ``spec``'s own names: FFN widths, experts, routing, dense layers."""
+    moe, a = cfg.moe, spec.model_type
     if a == "mixtral":
-        out.update(
+        return dict(
             intermediate_size=moe.expert_ffn_dim, num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k
         )
-    elif a == "qwen2_moe":
-        out.update(
+    if a == "qwen2_moe":
+        return dict(
             intermediate_size=cfg.ffn_dim,
             moe_intermediate_size=moe.expert_ffn_dim,
             num_experts=moe.num_experts,
             num_experts_per_tok=moe.top_k,
             norm_topk_prob=moe.renormalize,
             qkv_bias=cfg.qkv_bias,
-            shared_expert_intermediate_size=shared_dim,
+            shared_expert_intermediate_size=moe.num_shared_experts * (moe.shared_expert_ffn_dim or moe.expert_ffn_dim),
             decoder_sparse_step=1,
             mlp_only_layers=list(range(moe.first_moe_layer)),
         )
-    elif a == "olmoe":
-        out.update(
+    if a == "olmoe":
+        return dict(
             intermediate_size=moe.expert_ffn_dim,
             num_experts=moe.num_experts,
             num_experts_per_tok=moe.top_k,
             norm_topk_prob=moe.renormalize,
         )
-    else:
-        out.update(
-            intermediate_size=cfg.ffn_dim,
-            moe_intermediate_size=moe.expert_ffn_dim,
-            moe_num_experts=moe.num_experts,
-            moe_k=moe.top_k,
-            moe_num_shared_experts=moe.num_shared_experts,
-            moe_layer_start_index=moe.first_moe_layer,
-            moe_layer_end_index=cfg.n_layers - 1,
-            moe_layer_interval=1,
-        )
-    return out
+    return dict(  # ernie4_5_moe
+        intermediate_size=cfg.ffn_dim,
+        moe_intermediate_size=moe.expert_ffn_dim,
+        moe_num_experts=moe.num_experts,
+        moe_k=moe.top_k,
+        moe_num_shared_experts=moe.num_shared_experts,
+        moe_layer_start_index=moe.first_moe_layer,
+        moe_layer_end_index=cfg.n_layers - 1,
+        moe_layer_interval=1,
+    )

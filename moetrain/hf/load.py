@@ -99,7 +99,7 @@ def _fill_experts(model: Transformer, get) -> None:
 def model_from_checkpoint(uri: str, store_cfg: StoreConfig | None = None) -> tuple[Transformer, RunConfig, dict]:
     """(one-process model with every expert, the run config, the manifest meta) of a committed
     checkpoint (step or run URI)."""
-    from moetrain.hf.convert import checkpoint_model
+    from moetrain.hf.export import checkpoint_model
 
     ref = resolve(uri, store_cfg=store_cfg)
     manifest = read_manifest(ref)

@@ -112,6 +112,19 @@ def _open_gcs(uri: str, cfg: StoreConfig, max_retries: int, backoff_s: float) ->
     return fs, f"{parts.netloc}{parts.path}".rstrip("/"), endpoint
 
 
+def _open_other(uri: str, scheme: str, what: str) -> tuple[pafs.FileSystem, str, str, str]:
+    """A local path (made absolute), ``file://`` or any other URI pyarrow knows: (filesystem,
+    root, kind, the store's URI: its root path when local)."""
+    target = uri if scheme else os.path.abspath(os.path.expanduser(uri))
+    try:
+        fs, root = pafs.FileSystem.from_uri(target)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"cannot open {what} store {redact_uri(uri)}: {exc}") from exc
+    kind = "local" if isinstance(fs, pafs.LocalFileSystem) else scheme or "other"
+    root = root.rstrip("/") or "/"
+    return fs, root, kind, root if kind == "local" else uri
+
+
 def _probe(store: Store) -> None:
     """Fail fast (before training starts) on an unreachable store, bad credentials, no bucket."""
     if store.kind in ("s3", "gcs"):
@@ -167,14 +180,7 @@ def open_store(
         fs, root, endpoint = _open_gcs(uri, cfg, max_retries, backoff_s)
         kind = "gcs"
     else:
-        target = uri if scheme else os.path.abspath(os.path.expanduser(uri))
-        try:
-            fs, root = pafs.FileSystem.from_uri(target)
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot open {what} store {redact_uri(uri)}: {exc}") from exc
-        kind = "local" if isinstance(fs, pafs.LocalFileSystem) else scheme or "other"
-        root = root.rstrip("/") or "/"
-        uri = root if kind == "local" else uri
+        fs, root, kind, uri = _open_other(uri, scheme, what)
     store = Store(
         uri=redact_uri(uri.rstrip("/")),
         fs=fs,

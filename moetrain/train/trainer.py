@@ -20,23 +20,21 @@ import dataclasses
 import math
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from moetrain import losses
-from moetrain.config import MoEConfig, RunConfig
+from moetrain.config import RunConfig
 from moetrain.data.assign import DomainRankMap, assign_rows, domain_rank_map
 from moetrain.data.training import StreamingData, open_training_data
-from moetrain.model import Transformer, count_moe_blocks
+from moetrain.model import Transformer
 from moetrain.parallel import grads
 from moetrain.parallel.context import ParallelContext
-from moetrain.parallel.a2a import CommClock
-from moetrain.parallel.dispatcher import AllToAllDispatcher
-from moetrain.parallel.hierarchical import HierarchicalDispatcher, expert_nodes, node_ranks
-from moetrain.parallel.traffic import TrafficCounter
+from moetrain.parallel.traffic import StepTraffic, TrafficCounter
 from moetrain.train.balance import LoadBalancer
+from moetrain.train.build import initial_placement, install_dispatchers
 from moetrain.train.checkpointer import RankCheckpointer, ResumePoint
 from moetrain.train.metrics import StepMetrics
 from moetrain.precision import autocast, resolve_precision
@@ -46,67 +44,8 @@ from moetrain.train.stats import RoutingStatsAccumulator
 from placement.placement import Placement
 from placement.stats import RoutingStats
 
-
-def initial_placement(cfg: RunConfig) -> Placement:
-    """The placement a run starts from: contiguous, round-robin, or a JSON file."""
-    L, E, R = count_moe_blocks(cfg.model), cfg.model.moe.num_experts, cfg.cluster.num_workers
-    spr = cfg.placement.slots_per_rank or None
-    kind = cfg.placement.initial
-    if kind == "contiguous":
-        return Placement.contiguous(L, E, R, spr)
-    if kind == "round_robin":
-        return Placement.round_robin(L, E, R, spr)
-    from pathlib import Path
-    from moetrain.config import ConfigError
-
-    path = Path(kind)
-    if not path.is_file():
-        raise ConfigError(f"placement.initial ({kind!r}) is neither contiguous, round_robin nor a placement JSON file")
-    p = Placement.from_json(path.read_text())
-    if (p.num_layers, p.num_experts, p.num_ranks) != (L, E, R):
-        raise ConfigError(
-            f"placement.initial {kind!r} is for {p.num_layers} layers x {p.num_experts} experts x "
-            f"{p.num_ranks} ranks, the run has {L} x {E} x {R}"
-        )
-    return p
-
-
-def install_dispatchers(
-    moe_layers: list,
-    placement: Placement,
-    ctx: ParallelContext,
-    moe: MoEConfig,
-    *,
-    traffic: TrafficCounter | None = None,
-    clock: CommClock | None = None,
-) -> None:
-    """Wire MoE layer i of ``moe_layers`` (placement layer order) for ``placement``, as a trainer
-    does at the start and after every migration: every router learns its experts' nodes
-    (node-limited routing); on more than one rank every layer gets an all-to-all dispatcher —
-    hierarchical (node, then rank) when ``moe.dispatch`` asks for it and the group spans several
-    nodes. ``traffic`` counts the bytes sent, ``clock`` times the collectives (benchmarks)."""
-    for idx, layer in enumerate(moe_layers):
-        layer.router.set_expert_nodes(expert_nodes(placement, idx, ctx.node_R))
-    if not ctx.distributed:
-        return
-    nodes = node_ranks(ctx.node_R, ctx.world_size)
-    for idx, layer in enumerate(moe_layers):
-        tally = traffic.layer(idx) if traffic is not None else None
-        if moe.dispatch == "hierarchical" and len(nodes) > 1:
-            layer.dispatcher = HierarchicalDispatcher(
-                placement, idx, ctx, capacity_factor=moe.capacity_factor, clock=clock, tally=tally
-            )
-        else:  # flat, or hierarchical on one node (the same sends)
-            layer.dispatcher = AllToAllDispatcher(
-                placement,
-                idx,
-                ctx,
-                capacity_factor=moe.capacity_factor,
-                dedup=moe.dedup,
-                chunks=moe.a2a_chunks,
-                clock=clock,
-                tally=tally,
-            )
+if TYPE_CHECKING:
+    from moetrain.train.zero import DenseZero
 
 
 def nonfinite_quantities(**values: float) -> tuple[str, ...]:
@@ -137,7 +76,7 @@ class RankTrainer:
     ):
         """``load_init_weights=False`` skips reading ``model.init_from``'s weights (its shape still
         applies): a resumed rank overwrites every weight from its checkpoint anyway."""
-        from moetrain.hf.load import hf_dir_of, load_hf_weights, resolve_init_from
+        from moetrain.hf.load import resolve_init_from
 
         cfg = resolve_init_from(cfg)  # model.init_from=hf:DIR: the model's shape is DIR's
         self.cfg = cfg
@@ -153,46 +92,18 @@ class RankTrainer:
             raise ValueError(f"placement has {self.placement.num_ranks} ranks, the group has {self.ctx.world_size}")
         # bf16 where it is not native fails here, on every rank, before any step (ConfigError).
         self.compute_dtype = resolve_precision(cfg.train.precision, self.ctx.device)
-        self.model = Transformer(self.cfg.model, seed=cfg.train.seed, placement=self.placement, rank=self.ctx.rank)
-        if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
-            load_hf_weights(self.model, hf_dir_of(cfg.model.init_from), cfg.storage)
-        self.model = self.model.to(self.ctx.device)
-        self.model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
+        self.model = self._build_model(load_init_weights)
         self.moe_layers = self.model.moe_layers()
         # bytes this rank sends, by kind and link (moetrain.parallel.traffic); drained every step
         self.traffic = TrafficCounter(self.ctx.rank, self.ctx.world_size, self.ctx.node_R, len(self.moe_layers))
         self._install_dispatchers()
         self.dense_params = [p for _, p in self.model.dense_parameters()]
         self.all_params = [p for p in self.model.parameters()]
-        t = cfg.train
-        self.dense_zero = None  # DeepSpeed ZeRO optimizer of the dense parameters (zero_stage 1/2)
-        if t.zero_stage > 0:
-            from moetrain.train.zero import DenseZero
-
-            self.dense_zero = DenseZero(
-                list(self.model.dense_parameters()),
-                stage=t.zero_stage,
-                lr=t.lr,
-                beta1=t.beta1,
-                beta2=t.beta2,
-                weight_decay=t.weight_decay,
-                grad_clip=t.grad_clip,
-                world_size=self.ctx.world_size,
-                device=self.ctx.device,
-            )
-        # self.optimizer: AdamW of every parameter (stage 0) or of the expert parameters (ZeRO)
-        local = self.all_params if self.dense_zero is None else [p for _, p in self.model.expert_parameters()]
-        decay = [p for p in local if p.ndim >= 2]
-        no_decay = [p for p in local if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr,
-            betas=(t.beta1, t.beta2),
-            fused=True,
-        )
+        self.dense_zero = self._build_dense_zero()  # DeepSpeed ZeRO of the dense parameters, or None
+        self.optimizer = self._build_optimizer()
         self.cursor = self.data.cursor  # exact save / restore of the data position (checkpoints)
         self.rank_map = self._rank_map()
-        self.balancer = LoadBalancer(t.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
+        self.balancer = LoadBalancer(cfg.train.loss, cfg.model.moe, len(self.moe_layers), self.ctx)
         p = cfg.placement
         self.stats = RoutingStatsAccumulator(
             len(self.moe_layers),
@@ -212,6 +123,57 @@ class RankTrainer:
         self._boundary_cursor: dict | None = None  # the data position where the step began
         self._pending: tuple | None = None  # (lr, losses, load_LE) of the step in progress
         self._step_lock = threading.Lock()  # the update happens once: here, or by roll_forward
+        self.checkpointer = self._build_checkpointer()
+
+    def _build_model(self, load_init_weights: bool) -> Transformer:
+        """This rank's model for the placement (the dense part and its own experts) with
+        ``model.init_from``'s weights (unless ``load_init_weights`` is False), on the device, with
+        the configured activation checkpointing."""
+        from moetrain.hf.load import hf_dir_of, load_hf_weights
+
+        cfg = self.cfg
+        model = Transformer(cfg.model, seed=cfg.train.seed, placement=self.placement, rank=self.ctx.rank)
+        if load_init_weights and hf_dir_of(cfg.model.init_from):  # dense weights + only this rank's experts
+            load_hf_weights(model, hf_dir_of(cfg.model.init_from), cfg.storage)
+        model = model.to(self.ctx.device)
+        model.apply_activation_checkpointing(cfg.train.activation_checkpointing)
+        return model
+
+    def _build_dense_zero(self) -> DenseZero | None:
+        """DeepSpeed's ZeRO optimizer of the dense parameters (``train.zero_stage`` 1 or 2), else None."""
+        t = self.cfg.train
+        if t.zero_stage <= 0:
+            return None
+        from moetrain.train.zero import DenseZero
+
+        return DenseZero(
+            list(self.model.dense_parameters()),
+            stage=t.zero_stage,
+            lr=t.lr,
+            beta1=t.beta1,
+            beta2=t.beta2,
+            weight_decay=t.weight_decay,
+            grad_clip=t.grad_clip,
+            world_size=self.ctx.world_size,
+            device=self.ctx.device,
+        )
+
+    def _build_optimizer(self) -> torch.optim.AdamW:
+        """The local AdamW: of every parameter (ZeRO stage 0) or of the expert parameters (ZeRO);
+        weight decay on the matrices only."""
+        t = self.cfg.train
+        local = self.all_params if self.dense_zero is None else [p for _, p in self.model.expert_parameters()]
+        decay = [p for p in local if p.ndim >= 2]
+        no_decay = [p for p in local if p.ndim < 2]
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=(t.beta1, t.beta2),
+            fused=True,
+        )
+
+    def _build_checkpointer(self) -> RankCheckpointer:
+        """Saves and loads this rank's part of a checkpoint (model, AdamW, ZeRO state, data cursor)."""
         parts = RankParts(
             model=self.model,
             optimizer=self.optimizer,
@@ -219,7 +181,8 @@ class RankTrainer:
             cursor=self.cursor,
             rank=self.ctx.rank,
         )
-        self.checkpointer = RankCheckpointer(
+        cfg = self.cfg
+        return RankCheckpointer(
             parts,
             step=lambda: self.step,
             placement=lambda: self.placement,
@@ -261,45 +224,14 @@ class RankTrainer:
         self._boundary_cursor = self.cursor.state_dict()
         self._enter("computing")
         micro = self._micro_batches()
-        A = len(micro)
         self.balancer.start_step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.dense_zero is not None:
             self.dense_zero.zero_grad()
-        # lm, lbl, z (summed on the device); off-rank sends (python ints from the dispatch metadata)
-        losses_3 = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
-        sends = 0
-        E = self.cfg.model.moe.num_experts
-        for mb in micro:
-            x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
-            y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
-            logits, routing = self._forward(x)
-            counts_LE = losses.routing_counts([r.topk_ids_TK for r in routing], E)  # once, on the device
-            lm = losses.lm_loss(logits, y)
-            lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0], counts_LE=counts_LE)
-            self._backward((lm + lbl + zl) / A)
-            self.stats.add(routing, counts_LE)
-            losses_3 += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
-            sends += sum(r.sent.offrank for r in routing if r.sent is not None)
+        losses_3, local_sends = self._forward_backward(micro)
         self._count_grad_traffic()
         grads.sync_expert_grads(self.moe_layers, self.placement, self.ctx)
-        # one all-reduce and one host read for the step: losses, sends, the step's expert counts
-        # and the traffic (float64: counts and bytes stay exact); before the update, so every
-        # rank decides alike on non-finite values
-        L = len(self.moe_layers)
-        sums = torch.cat(
-            [
-                losses_3,
-                torch.tensor([float(sends)], dtype=torch.float64, device=self.ctx.device),
-                self.balancer.local_counts_LE.reshape(-1).double(),
-                self.traffic.drain().to(self.ctx.device),
-            ]
-        )
-        vals = self.ctx.all_reduce_sum(sums).tolist()
-        lm, lbl, zl = [v / self.ctx.world_size for v in vals[:3]]
-        sends = vals[3]
-        load_LE = np.asarray(vals[4 : 4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
-        traffic = self.traffic.decode(vals[4 + L * E :])
+        lm, lbl, zl, sends, load_LE, traffic = self._step_sums(losses_3, local_sends)
         lr = lr_at(self.step, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
         self._pending = (lr, {"lm_loss": lm, "lbl": lbl, "z_loss": zl}, load_LE)
         norm, bad = self._update(lr, lm_loss=lm, lbl=lbl, z_loss=zl)
@@ -363,6 +295,49 @@ class RankTrainer:
         if self.phase in ("computing", "synced") and self._boundary_cursor is not None:
             return self._boundary_cursor
         return self.cursor.state_dict()
+
+    def _forward_backward(self, micro: list[np.ndarray]) -> tuple[torch.Tensor, int]:
+        """Forward and backward of every micro-batch, accumulating the gradients and the routing
+        statistics. Returns the lm, lbl and z losses, each the mean over the micro-batches, kept
+        on the device (float64 [3]), and this rank's off-rank sends (a python int from the
+        dispatch metadata): nothing here reads the device beyond the dispatchers' split sizes."""
+        A = len(micro)
+        losses_3 = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+        sends = 0
+        E = self.cfg.model.moe.num_experts
+        for mb in micro:
+            x = torch.from_numpy(mb[:, :-1]).long().to(self.ctx.device)
+            y = torch.from_numpy(mb[:, 1:]).long().to(self.ctx.device)
+            logits, routing = self._forward(x)
+            counts_LE = losses.routing_counts([r.topk_ids_TK for r in routing], E)  # once, on the device
+            lm = losses.lm_loss(logits, y)
+            lbl, zl = self.balancer.micro_losses(routing, batch_size=x.shape[0], counts_LE=counts_LE)
+            self._backward((lm + lbl + zl) / A)
+            self.stats.add(routing, counts_LE)
+            losses_3 += torch.stack([lm.detach(), lbl.detach(), zl.detach()]) / A
+            sends += sum(r.sent.offrank for r in routing if r.sent is not None)
+        return losses_3, sends
+
+    def _step_sums(
+        self, losses_3: torch.Tensor, sends: int
+    ) -> tuple[float, float, float, float, np.ndarray, StepTraffic]:
+        """One all-reduce and one host read for the step: losses, sends, the step's expert counts
+        and the traffic (float64: counts and bytes stay exact); before the update, so every rank
+        decides alike on non-finite values. Returns (lm, lbl, z) averaged over the ranks, the
+        off-rank sends, the expert load [L, E] and the traffic, summed over the ranks."""
+        L, E = len(self.moe_layers), self.cfg.model.moe.num_experts
+        sums = torch.cat(
+            [
+                losses_3,
+                torch.tensor([float(sends)], dtype=torch.float64, device=self.ctx.device),
+                self.balancer.local_counts_LE.reshape(-1).double(),
+                self.traffic.drain().to(self.ctx.device),
+            ]
+        )
+        vals = self.ctx.all_reduce_sum(sums).tolist()
+        lm, lbl, zl = [v / self.ctx.world_size for v in vals[:3]]
+        load_LE = np.asarray(vals[4 : 4 + L * E], dtype=np.float32).reshape(L, E)  # all ranks, all micro-batches
+        return lm, lbl, zl, vals[3], load_LE, self.traffic.decode(vals[4 + L * E :])
 
     def _update(self, lr: float, **losses: float) -> tuple[float, tuple[str, ...]]:
         """Reduce the gradients, take the global norm, clip and step unless a loss or the norm is

@@ -88,7 +88,8 @@ def test_fp32_model_exported_bf16_loads_within_bf16_tolerance(hf_models, importe
 
 def test_auto_restores_the_source_dtype_per_tensor():
     """A fine-tuned checkpoint holds fp32: ``auto`` gives back the dtypes recorded at import."""
-    from moetrain.hf.convert import SourceLayout, _dtype_plan
+    from moetrain.hf.convert import SourceLayout
+    from moetrain.hf.export import _dtype_plan
 
     layout = SourceLayout("bfloat16", {"bias": "float32"}, shard_bytes=100, shards=2)
     entries = [("w", torch.float32, (2, 2)), ("bias", torch.float32, (4,)), ("ids", torch.int64, (3,))]
@@ -99,7 +100,8 @@ def test_auto_restores_the_source_dtype_per_tensor():
 
 
 def test_shards_like_the_source_by_hand():
-    from moetrain.hf.convert import SourceLayout, _shards_like
+    from moetrain.hf.convert import SourceLayout
+    from moetrain.hf.export import _shards_like
 
     entries = [(f"t{i}", torch.float32, (10,)) for i in range(6)]  # 40 bytes each, 240 in all
     by_name = lambda shards: [[e[0] for e in s] for s in shards]  # noqa: E731
@@ -112,7 +114,7 @@ def test_shards_like_the_source_by_hand():
 
 def test_max_shard_size_parsing():
     from moetrain.hf import HFError
-    from moetrain.hf.convert import parse_size
+    from moetrain.hf.export import parse_size
 
     assert [parse_size(x) for x in ("5GB", "500MB", "2GiB", "40KB", "1234", "1.5kb")] == \
         [5 * 10**9, 500 * 10**6, 2 << 30, 40_000, 1234, 1500]
