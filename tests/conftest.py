@@ -29,7 +29,7 @@ from typing import Iterator
 
 import pytest
 
-# Benchmarks run by the tests never append to results/ (scripts/results.py): their figures are
+# Benchmarks run by the tests never append to results/ (scripts/bench/results.py): their figures are
 # smoke-sized, and the rendered docs must not change when the suite runs.
 os.environ["MOETRAIN_NO_RECORD"] = "1"
 

@@ -1,4 +1,4 @@
-"""scripts/netcluster.py: Ray nodes in network namespaces with real addresses and tbf-limited links.
+"""scripts/tools/netcluster.py: Ray nodes in network namespaces with real addresses and tbf-limited links.
 
 One token-auth cluster (2 Ray nodes of 2 CPUs, a client namespace with an S3 server, links of
 1 Gbit/s) is shared by the module's checks, to keep CI time low (a job submitted from the client
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import netcluster
-from scripts.netcluster import S3_ENV, NetCluster
+from scripts.tools import netcluster
+from scripts.tools.netcluster import S3_ENV, NetCluster
 
 REASON = netcluster.unavailable_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.ray,
@@ -224,12 +224,12 @@ def test_job_from_client_with_token_survives_a_node_loss(nc, s3):
 
 
 def test_bench_multinode_quick_on_this_cluster(nc, tmp_path):
-    """scripts/bench_multinode.py's smoke run, attached to this module's cluster (2 nodes x 2 CPUs +
+    """scripts/bench/bench_multinode.py's smoke run, attached to this module's cluster (2 nodes x 2 CPUs +
     the client; building another would double the time): a short warm run, then flat and
     hierarchical dispatch on the same contiguous placement at 100 Mbit/s. The JSON line has the
     issue's keys; ranks were contiguous per node; hierarchical dispatch put fewer bytes on the links
     than flat; the run's own inter-node byte counts agree with the interfaces' counters."""
-    script = netcluster.REPO / "scripts" / "bench_multinode.py"
+    script = netcluster.REPO / "scripts/bench/bench_multinode.py"
     p = subprocess.run([sys.executable, str(script), "--quick", "--attach", nc.info.id, "--layouts", "2x2",
                         "--arms", "flat:contiguous,hierarchical:contiguous", "--no-deepspeed", "--no-node-loss",
                         "--warm-steps", "3", "--ilp-time-s", "2", "--work-dir", str(tmp_path)],

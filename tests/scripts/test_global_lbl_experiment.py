@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "experiments" / "global_lbl.py"
+SCRIPT = ROOT / "scripts/experiments/global_lbl.py"
 
 
 @pytest.mark.ray

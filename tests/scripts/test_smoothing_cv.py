@@ -16,7 +16,7 @@ import pytest
 from placement.hypergraph import build_hypergraph
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "experiments" / "smoothing_cv.py"
+SCRIPT = ROOT / "scripts/experiments/smoothing_cv.py"
 
 
 @pytest.fixture(scope="module")
