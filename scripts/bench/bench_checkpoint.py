@@ -45,7 +45,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from moetrain.checkpoint.snapshot import state_nbytes  # noqa: E402
 from moetrain.storage.sink import CHUNK_BYTES, LocalFileSync  # noqa: E402
 from moetrain.config import StoreConfig  # noqa: E402
 from scripts.bench import results  # noqa: E402
+from scripts.helpers import free_port  # noqa: E402
 
 MB = 1e6
 DEFAULT_MODE = "overlap"  # the snapshot mode cluster/checkpointing.py uses (with install_fence)
@@ -190,9 +190,7 @@ def serialise_speeds(objs: dict) -> dict:
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import string
@@ -37,7 +36,7 @@ SECONDS_TARGET = 120.0  # wall time of the moetrain path (cap read + tokenizer +
 CHUNK = 1 << 20
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import results  # noqa: E402
-from scripts.helpers import REPO  # noqa: E402
+from scripts.helpers import REPO, cpu_facts, last_json_line  # noqa: E402
 
 SCHEMA = results.Schema(
     "corpus_read", "a corpus larger than memory: moetrain's capped read vs reading the whole file",
@@ -65,16 +64,6 @@ else:
 print(json.dumps({"seconds": time.perf_counter() - t0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "chars": n}))
 """
-
-
-def cpu_info() -> dict:
-    """CPU model and the bf16-relevant flags (recorded with every benchmark result)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-                 platform.processor())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags}
 
 
 def write_ordinary(path: Path, size: int) -> None:
@@ -106,7 +95,7 @@ def measure(mode: str, path: Path, cache: Path, cap: int, timeout: float) -> dic
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         raise SystemExit(f"{mode} on {path.name} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(proc.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     print("baseline = read the whole file as text; moetrain = prepare_local (cap read + BPE + packing), "
           "default data.max_bytes_per_domain")
     met = all(r["moetrain_peak_rss_mb"] < RSS_TARGET_MB and r["moetrain_s"] < SECONDS_TARGET for r in rows)
-    line = {"bench": "corpus_read", **cpu_info(), "quick": args.quick, "rows": rows,
+    line = {"bench": "corpus_read", **cpu_facts(), "quick": args.quick, "rows": rows,
             "targets": {"peak_rss_mb_below": RSS_TARGET_MB, "seconds_below": SECONDS_TARGET}, "target_met": met}
     print(json.dumps(line))
     results.record(SCHEMA, line, args)

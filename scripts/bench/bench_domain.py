@@ -57,6 +57,7 @@ from moetrain.config import RunConfig, load_config, validate  # noqa: E402
 from placement import Placement, Topology, evaluate, solve_placement  # noqa: E402
 from placement.stats import RoutingStats, without_homes  # noqa: E402
 from scripts.bench import results  # noqa: E402
+from scripts.helpers import log  # noqa: E402
 
 TARGETS = {  # the targets
     "sends_reduction_domain_vs_shuffled_ilp": (">=", 0.15),
@@ -488,13 +489,6 @@ def format_table(line: dict) -> str:
         ub = f"  bound {t['upper_bound']:.4f}" if "upper_bound" in t else ""
         out.append(f"{key:<40} {'null' if v is None else f'{v:.4f}':>10}  target {t['target']:<8} met {t['met']}{ub}")
     return "\n".join(out)
-
-
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import results  # noqa: E402
-from scripts.helpers import REPO  # noqa: E402
+from scripts.helpers import REPO, last_json_line, proc_status_kib  # noqa: E402
 
 SCHEMA = results.Schema(
     "hf", "moetrain hf import / export of a ~1B-parameter OLMoE-shaped model vs raw safetensors read / write",
@@ -132,10 +132,8 @@ def child(op: str, src: str, dst: str) -> None:
 def peak_rss_mb() -> float:
     """This process's resident-set high-water mark (VmHWM; getrusage's ru_maxrss would carry the
     parent's peak over the fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kib = proc_status_kib("VmHWM")
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if kib is None else kib) / 1024
 
 
 def measure(op: str, src: str, dst: str) -> dict:
@@ -145,7 +143,7 @@ def measure(op: str, src: str, dst: str) -> dict:
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     if proc.returncode:
         raise SystemExit(f"{op} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(proc.stdout)
 
 
 def main() -> None:

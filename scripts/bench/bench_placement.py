@@ -57,6 +57,7 @@ from placement import mtk  # noqa: E402
 from placement.cost import token_sends_T  # noqa: E402
 from placement.solve import DEFAULT_RESTARTS  # noqa: E402
 from scripts.bench import results  # noqa: E402
+from scripts.helpers import TRACES  # noqa: E402
 
 _QWEN4_ILP = "rows[case=qwen,tname=4 ranks,method=ilp]"
 SCHEMA = results.Schema(
@@ -78,7 +79,6 @@ SCHEMA = results.Schema(
     ),
     keys=("rows", "scale", "targets", "all_targets_met"))
 
-TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().parents[3] / "shared" / "traces")
 SOLVED = ("greedy", "local_search", "ilp", "ilp_lw0")
 MTK_MAX_SEEDS = 64
 BOOTSTRAP_RESAMPLES = 2000  # paired bootstrap of the held-out sends difference, ilp_lw0 - mtkahypar

@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -47,7 +46,8 @@ from placement import Placement, Topology, evaluate, load_routing, solve_placeme
 from placement import mtk  # noqa: E402
 from placement.cost import token_sends_T  # noqa: E402
 from placement.select import select_slots  # noqa: E402
-from scripts.bench.bench_placement import TRACES, paired_interval  # noqa: E402
+from scripts.bench.bench_placement import paired_interval  # noqa: E402
+from scripts.helpers import TRACES, cpu_model_and_flags, last_json_line  # noqa: E402
 
 SLICE_FRACTION = 0.2  # newest share of each trace: the fixed score slice
 WINDOWS = (500, 1000, 2000, 4000)  # plus "all" (every token before the slice)
@@ -221,13 +221,7 @@ def render_markdown(out: dict) -> str:
 
 
 def cpu_info() -> dict:
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    except OSError:
-        model = platform.processor()
+    model, flags = cpu_model_and_flags()
     return {"cpu": model, "avx512_bf16": "avx512_bf16" in flags, "amx": "amx_tile" in flags,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
@@ -241,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--render", default="", help="print the markdown table of a saved JSON line and exit")
     args = ap.parse_args(argv)
     if args.render:
-        print(render_markdown(json.loads(Path(args.render).read_text().strip().splitlines()[-1])))
+        print(render_markdown(last_json_line(Path(args.render).read_text())))
         return 0
     if not mtk.available():
         print("error: this benchmark compares with Mt-KaHyPar: pip install mtkahypar (the bench extra)",

@@ -25,13 +25,11 @@ prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from scripts.bench import results  # noqa: E402
+from scripts.helpers import run_gloo  # noqa: E402
 
 # The "tiny-ish" model of the measurements: the shipped tiny layout at width 256.
 DEFAULT_OVERRIDES = ["model.dim=256", "model.n_heads=4", "model.ffn_dim=512", "model.moe.expert_ffn_dim=256"]
@@ -117,65 +116,32 @@ def _timed_steps(trainer, steps: int, barrier) -> tuple[float, float]:
     return (time.perf_counter() - wall) / steps, (time.thread_time() - cpu) / steps
 
 
-def _rank(rank: int, ws: int, port: int, overrides: list[str], steps: int, reps: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import torch.distributed as dist
+def _rank(ctx, overrides: list[str], steps: int, reps: int) -> dict:
+    """One rank (``scripts.helpers.run_gloo``): the fp32 and bf16 trainers, interleaved rounds."""
+    from moetrain.config import load_config
+    from moetrain.train.trainer import RankTrainer
 
-    dist.init_process_group("gloo", rank=rank, world_size=ws, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
-        from moetrain.config import load_config
-        from moetrain.parallel.context import ParallelContext
-        from moetrain.train.trainer import RankTrainer
-
-        ctx = ParallelContext(rank=rank, world_size=ws)
-        base = [f"cluster.num_workers={ws}", "logging.wandb=disabled", *overrides]
-        trainers = {p: RankTrainer(load_config(None, base + [f"train.precision={p}"]), ctx=ctx)
-                    for p in ("fp32", "bf16")}
-        times = {p: [] for p in trainers}
-        for p, t in trainers.items():  # warm-up
-            _timed_steps(t, 1, ctx.barrier)
-        for _ in range(reps):
-            for p, t in trainers.items():
-                times[p].append(_timed_steps(t, steps, ctx.barrier))
-        cfg = trainers["bf16"].cfg
-        out = {"times": times, "flops_per_token": train_flops_per_token(cfg),
-               "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
-               "gemm_bf16": gemm_gflops(torch.bfloat16), "gemm_fp32": gemm_gflops(torch.float32)}
-        queue.put((rank, out, None))
-    except Exception:
-        queue.put((rank, None, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(ws: int, *args) -> list[dict]:
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, ws, port, *args, queue)) for r in range(ws)]
-    for p in procs:
-        p.start()
-    got = sorted((queue.get(timeout=PG_TIMEOUT_S * 2) for _ in procs), key=lambda g: g[0])
-    for p in procs:
-        p.join(timeout=30)
-    errors = [err for _, _, err in got if err]
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    return [res for _, res, _ in got]
+    base = [f"cluster.num_workers={ctx.world_size}", "logging.wandb=disabled", *overrides]
+    trainers = {p: RankTrainer(load_config(None, base + [f"train.precision={p}"]), ctx=ctx)
+                for p in ("fp32", "bf16")}
+    times = {p: [] for p in trainers}
+    for p, t in trainers.items():  # warm-up
+        _timed_steps(t, 1, ctx.barrier)
+    for _ in range(reps):
+        for p, t in trainers.items():
+            times[p].append(_timed_steps(t, steps, ctx.barrier))
+    cfg = trainers["bf16"].cfg
+    return {"times": times, "flops_per_token": train_flops_per_token(cfg),
+            "tokens_per_step": cfg.train.global_batch_size * cfg.data.seq_len,
+            "gemm_bf16": gemm_gflops(torch.bfloat16), "gemm_fp32": gemm_gflops(torch.float32)}
 
 
 def measure_precision(overrides: list[str] | None = None, *, num_ranks: int = 2, steps: int = 6,
                       reps: int = 3) -> PrecisionResult:
     """Interleaved fp32 / bf16 training on ``num_ranks`` gloo processes (see the module docstring)."""
     overrides = DEFAULT_OVERRIDES if overrides is None else overrides
-    ranks = _spawn(num_ranks, overrides, steps, reps)
+    ranks = run_gloo(_rank, num_ranks, overrides, steps, reps, timeout_s=PG_TIMEOUT_S * 2,
+                     pg_timeout_s=PG_TIMEOUT_S)
     r0 = ranks[0]
     med = {p: (statistics.median(w for w, _ in r0["times"][p]), statistics.median(c for _, c in r0["times"][p]))
            for p in ("fp32", "bf16")}

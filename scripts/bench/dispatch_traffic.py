@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.bench.scale.procs import run_ranks  # noqa: E402
+from scripts.helpers import cpu_facts  # noqa: E402
 
 MODES = ("flat", "hierarchical")
 
@@ -65,19 +65,6 @@ def _rank_job(ctx, args: dict) -> dict:
     return out
 
 
-def machine() -> dict:
-    flags, model = set(), platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
-
-
 def measure(experts: int = 64, top_k: int = 8, dim: int = 256, tokens: int = 256, ranks: int = 4,
             ffn: int = 64) -> dict:
     args = dict(experts=experts, top_k=top_k, dim=dim, tokens=tokens, ffn=ffn)
@@ -92,7 +79,7 @@ def measure(experts: int = 64, top_k: int = 8, dim: int = 256, tokens: int = 256
                      "hier_intra": hier[0], "hier_inter": hier[1], "inter_hier_vs_flat": hier[1] / flat[1],
                      "total_hier_vs_flat": sum(hier) / sum(flat)})
     return {"experts": experts, "top_k": top_k, "dim": dim, "tokens_per_rank": tokens, "ranks": ranks,
-            "rows": rows, **machine()}
+            "rows": rows, **cpu_facts()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,6 @@ import datetime
 import json
 import operator
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from scripts.helpers import REPO
+from scripts.helpers import REPO, cpu_facts
 
 RESULTS_DIR = REPO / "results"
 NO_RECORD_ENV = "MOETRAIN_NO_RECORD"
@@ -177,20 +176,14 @@ def commit() -> dict:
 
 
 def machine() -> dict:
-    """CPU model, cores, bf16 instruction sets, the GPU (if torch sees one) and the load average
-    (other jobs on the same cores make timings noisy)."""
-    info = Path("/proc/cpuinfo")
-    text = info.read_text() if info.is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-                 platform.processor() or platform.machine())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    """CPU model, cores, bf16 instruction sets (``scripts.helpers.cpu_facts``), the GPU (if torch
+    sees one) and the load average (other jobs on the same cores make timings noisy)."""
     gpu = None
     if "torch" in sys.modules or _torch_importable():
         import torch
         if torch.cuda.is_available():
             gpu = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count()}
-    return {"cpu": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-            "amx_bf16": "amx_bf16" in flags, "gpu": gpu, "load_average_1m": round(os.getloadavg()[0], 2)}
+    return {**cpu_facts(), "gpu": gpu, "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def _torch_importable() -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.helpers import last_json_line
 from scripts.tools import netcluster
 from scripts.tools.netcluster import S3_ENV, NetCluster
 
@@ -235,7 +236,7 @@ def test_bench_multinode_quick_on_this_cluster(nc, tmp_path):
                         "--warm-steps", "3", "--ilp-time-s", "2", "--work-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(netcluster.REPO)})
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = last_json_line(p.stdout)
     for key in ("internode_bytes_hier_vs_flat", "internode_bytes_topo_vs_contiguous", "counted_vs_interface_bytes",
                 "step_speedup_best_vs_flat_contiguous_100mbit", "step_speedup_best_vs_deepspeed_100mbit",
                 "cpu_model", "avx512_bf16", "amx_bf16", "placements", "targets", "missing"):

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts.helpers import last_json_line
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts/bench/bench_domain.py"
 
@@ -36,7 +38,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    line = last_json_line(proc.stdout)
 
     sys.path.insert(0, str(ROOT))
     from scripts.bench.bench_domain import SCHEMA

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from scripts.helpers import TRACES  # the public routing traces (not redistributed)
+
 ROOT = Path(__file__).resolve().parents[2]
-# the public routing traces (not redistributed): MOETRAIN_TRACES, else shared/traces beside the checkout
-TRACES = Path(os.environ.get("MOETRAIN_TRACES") or ROOT.parent / "shared" / "traces")
 needs_traces = pytest.mark.skipif(not (TRACES / "qwen15moe_gsm8k25_5layers.npz").exists(),
                                   reason=f"the routing traces are not in {TRACES}")
 sys.path.insert(0, str(ROOT))

@@ -1,5 +1,5 @@
 """Pieces every study of the EP benchmark shares: timing (variants interleaved round by round,
-medians, paired ratios), process figures (free port, RSS), the moetrain configs built from the
+medians, paired ratios), process figures (RSS), the moetrain configs built from the
 CLI arguments, and ``RankEnv``, what one rank's studies need to know about their process."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from scripts.helpers import proc_status_kib
 
 ADAMW_LR = 1e-4  # every variant's optimizer; the benchmark times steps, it does not train
 # torch.optim.AdamW implementations (--adamw); every variant, moetrain and DeepSpeed, uses the same
@@ -48,11 +50,8 @@ def forward_region(args, device):
 
 
 def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    kib = proc_status_kib("VmRSS")
+    return float("nan") if kib is None else kib / 1024
 
 
 def peak_rss_mb() -> float:

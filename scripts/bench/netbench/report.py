@@ -9,18 +9,17 @@ node) are the step metrics' ``traffic``, summed over ranks, when the checkout co
 
 from __future__ import annotations
 
-import platform
+import os
 import statistics
 from pathlib import Path
 
+from scripts.helpers import cpu_model_and_flags, last_json_line
+
 
 def cpu_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-                 platform.processor())
-    flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    return {"cpu_model": model, "cores": len([ln for ln in text.splitlines() if ln.startswith("processor")]),
-            "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+    model, flags = cpu_model_and_flags()
+    return {"cpu_model": model, "cores": os.cpu_count(), "avx512f": "avx512f" in flags,
+            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
 def _node_of(address: str, info) -> str:
@@ -211,7 +210,6 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    import json
     import sys
 
-    print(markdown(json.loads(Path(sys.argv[1]).read_text().strip().splitlines()[-1])))
+    print(markdown(last_json_line(Path(sys.argv[1]).read_text())))

@@ -16,18 +16,16 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from scripts.helpers import REPO, free_ports
+from scripts.helpers import REPO, free_ports, read_until, silent_server
 from scripts.tools.probes import Probe
 
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -93,35 +91,6 @@ def _ray_head(env: dict, dashboard: bool = False):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextmanager
-def _silent_server():
-    """A TCP server on 127.0.0.1 that accepts and never answers; yields (port, accepted event)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    srv.settimeout(0.2)
-    accepted, stop, conns = threading.Event(), threading.Event(), []
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])
-                accepted.set()
-            except OSError:
-                pass
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    try:
-        yield srv.getsockname()[1], accepted
-    finally:
-        stop.set()
-        t.join(timeout=5)
-        for c in conns:
-            c.close()
-        srv.close()
-
-
 def _train(tmp: Path, *args, env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cluster.cli", "train", *SMALL, "--set", f"logging.out_dir={tmp / 'out'}", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -137,15 +106,6 @@ def _finish(proc: subprocess.Popen, timeout_s: float) -> tuple[int | None, str]:
         proc.kill()
         _, err = proc.communicate()
         return None, err
-
-
-def _read_until(proc: subprocess.Popen, needle: str, timeout_s: float = 300) -> str:
-    seen, deadline = [], time.monotonic() + timeout_s
-    for line in proc.stderr:
-        seen.append(line)
-        if needle in line or time.monotonic() > deadline:
-            break
-    return "".join(seen)
 
 
 def _summary_state(tmp: Path, run: str) -> str:
@@ -239,7 +199,7 @@ def probe_submit_dry_run(tmp: Path) -> tuple[bool, str]:
 
 
 def probe_submit_silent_dashboard(tmp: Path) -> tuple[bool, str]:
-    with _silent_server() as (port, _):
+    with silent_server() as (port, _):
         t0 = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "submit", "--address", f"http://127.0.0.1:{port}",
                                  "--", "--config", "tiny"], cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
@@ -264,7 +224,7 @@ def probe_train_beside_ray_start(tmp: Path) -> tuple[bool, str]:
 
 # ---- 23.3: waits on an address, stops ---------------------------------------------------------
 def probe_silent_address(tmp: Path) -> tuple[bool, str]:
-    with _silent_server() as (port, _):
+    with silent_server() as (port, _):
         t0 = time.monotonic()
         proc = _train(tmp, "--set", f"cluster.address=127.0.0.1:{port}", "--set", "cluster.connect_timeout_s=5")
         rc, err = _finish(proc, 90)
@@ -276,7 +236,7 @@ def probe_silent_address(tmp: Path) -> tuple[bool, str]:
 
 
 def probe_sigterm_while_connecting(tmp: Path) -> tuple[bool, str]:
-    with _silent_server() as (port, accepted):
+    with silent_server() as (port, accepted):
         proc = _train(tmp, "--set", f"cluster.address=127.0.0.1:{port}", "--set", "cluster.connect_timeout_s=600",
                       "--set", "cluster.run_name=conn")
         if not accepted.wait(240):
@@ -308,9 +268,9 @@ def probe_sigterm_during_tokenizer_training(tmp: Path) -> tuple[bool, str]:
 def probe_second_sigint(tmp: Path) -> tuple[bool, str]:
     proc = _train(tmp, "--set", "cluster.run_name=twice", "--set", "train.steps=100000", "--set", "train.log_every=1",
                   "--set", f"checkpoint.uri={tmp / 'ckpt'}", "--set", "checkpoint.every=0")
-    seen = _read_until(proc, "step     3 |")
+    seen = read_until(proc, "step     3 |", 300)
     proc.send_signal(signal.SIGINT)
-    seen += _read_until(proc, "stopping after the current step", 120)
+    seen += read_until(proc, "stopping after the current step", 120)
     proc.send_signal(signal.SIGINT)
     rc, err = _finish(proc, 120)
     err = seen + err
@@ -325,7 +285,7 @@ def probe_metrics_endpoint_address(tmp: Path) -> tuple[bool, str]:
 
     proc = _train(tmp, "--set", "cluster.run_name=metrics", "--set", "train.steps=100000", "--set",
                   "train.log_every=1")
-    seen = _read_until(proc, "step     2 |")
+    seen = read_until(proc, "step     2 |", 300)
     port = re.search(r"Prometheus text at http://[\d.]+:(\d+)/metrics", seen)
     bound = sorted({c.laddr.ip for c in psutil.net_connections("tcp")
                     if port and c.status == "LISTEN" and c.laddr.port == int(port.group(1))})

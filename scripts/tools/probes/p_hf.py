@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.helpers import REPO
+from scripts.helpers import REPO, update_json
 from scripts.tools.probes import Probe
-
 
 
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -42,12 +41,6 @@ def model(tmp: Path, arch: str = "mixtral", name: str = "m", **kw) -> Path:
     return save_random(arch, tmp / name, **kw)
 
 
-def edit(d: Path, **changes) -> None:
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(changes)
-    (d / "config.json").write_text(json.dumps(cfg))
-
-
 def train_args(tmp: Path, d: Path, run: str, *extra: str) -> list[str]:
     corpus = tmp / "corpus.jsonl"
     if not corpus.exists():
@@ -67,13 +60,13 @@ def train_args(tmp: Path, d: Path, run: str, *extra: str) -> list[str]:
 def fine_tune_eos_outside_vocab(tmp: Path) -> tuple[bool, str]:
     d = model(tmp, "olmoe")
     (d / "tokenizer_config.json").unlink()  # the data's end-of-text id then comes from config.json
-    edit(d, eos_token_id=5000)
+    update_json(d / "config.json", eos_token_id=5000)
     return refused(cli(*train_args(tmp, d, "eos")), "eos_token_id 5000", "vocab_size 300")
 
 
 def import_pad_outside_vocab(tmp: Path) -> tuple[bool, str]:
     d = model(tmp)
-    edit(d, pad_token_id=-1)
+    update_json(d / "config.json", pad_token_id=-1)
     return refused(cli("hf", "import", str(d), str(tmp / "ck")), "pad_token_id -1", "vocab_size 300")
 
 
@@ -88,7 +81,7 @@ def same_tokenizer_other_eos(tmp: Path) -> tuple[bool, str]:
     shutil.copytree(a, b)
     tilde = Tokenizer.from_file(str(a / "tokenizer.json")).token_to_id("~")
     (b / "tokenizer_config.json").unlink()
-    edit(b, eos_token_id=tilde)
+    update_json(b / "config.json", eos_token_id=tilde)
     seen = []
     for d, run in ((a, "sep-a"), (b, "sep-b")):
         proc = cli(*train_args(tmp, d, run))
@@ -167,7 +160,7 @@ def export_dtype_fp32(tmp: Path) -> tuple[bool, str]:
 
 def mixtral_context(tmp: Path) -> tuple[bool, str]:
     d = model(tmp)
-    edit(d, max_position_embeddings=32768, sliding_window=32768)  # Mixtral 8x7B's own values
+    update_json(d / "config.json", max_position_embeddings=32768, sliding_window=32768)  # Mixtral 8x7B's own values
     proc = cli("hf", "import", str(d), str(tmp / "ck"))
     line = [x for x in proc.stdout.splitlines() if "context:" in x]
     ok = proc.returncode == 0 and bool(line) and "model.max_seq_len 32768" in line[0]
@@ -192,7 +185,7 @@ def generate_past_context(tmp: Path) -> tuple[bool, str]:
 
 def sliding_window_shorter(tmp: Path) -> tuple[bool, str]:
     d = model(tmp)
-    edit(d, sliding_window=16)
+    update_json(d / "config.json", sliding_window=16)
     return refused(cli("hf", "import", str(d), str(tmp / "ck")), "sliding_window=16")
 
 

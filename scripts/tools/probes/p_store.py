@@ -3,7 +3,6 @@ user meets it: the real CLI or the driver's data preparation in a subprocess."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import string
@@ -12,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.helpers import REPO
+from scripts.helpers import REPO, last_json_line
 from scripts.tools.probes import Probe
 
 _PREPARE = r"""
@@ -34,7 +33,7 @@ def _prepare(tmp: Path, path: Path, timeout: float) -> dict | str:
         return f"still preparing after {timeout:.0f} s"
     if proc.returncode != 0:
         return f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(proc.stdout)
 
 
 def _cli(tmp: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
