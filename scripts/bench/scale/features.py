@@ -90,7 +90,7 @@ def measure_bf16(reps: int = 5, steps: int = 3, config: str = THROUGHPUT_CONFIG,
 
 def measure_zero(config: str = THROUGHPUT_CONFIG, world: int = 4) -> dict:
     """Dense optimizer-state bytes per rank (the largest rank), ZeRO-1 over stage 0, ``world``
-    ranks (``scripts/bench/bench_zero.measure_bytes``, read from the live optimizers)."""
+    ranks (``scripts.bench.bench_zero.measure_bytes``, read from the live optimizers)."""
     from scripts.bench.bench_zero import measure_bytes
 
     got = measure_bytes(config, [f"train.global_batch_size={4 * world}", "train.steps=10"], world)
