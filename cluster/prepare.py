@@ -402,7 +402,7 @@ def measure_prepare(argv: list[str], *, env: dict | None = None, timeout_s: floa
     """Run ``moetrain prepare ARGV --json`` in a fresh process (its own local Ray) and sample the
     resident memory of its whole process tree (driver, Ray's own processes, the workers) every
     RSS_SAMPLE_S s. Returns the prepare summary plus ``peak_rss_mb`` (the largest sum over the
-    tree) and ``wall_s``. For scripts/bench_domain.py and docs/data.md."""
+    tree) and ``wall_s``. For scripts/bench/bench_domain.py and docs/data.md."""
     import psutil
 
     t0 = time.perf_counter()

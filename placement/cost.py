@@ -231,7 +231,7 @@ def rank_hits_pairwise(
 def token_sends_T(stats: RoutingStats, placement: Placement, topology: Topology) -> np.ndarray:
     """[T] each token's off-rank sends (dedup, the exact evaluator's rule), mean over layers,
     each layer scaled by T / (that layer's tokens): its mean is ``evaluate(...).sends``. For paired
-    comparisons of two placements on the same tokens (scripts/bench_placement.py's bootstrap
+    comparisons of two placements on the same tokens (scripts/bench/bench_placement.py's bootstrap
     interval). Needs per-token ids."""
     if stats.topk_ids_TLK is None:
         raise PlacementError("token_sends_T needs per-token topk_ids; these statistics hold aggregates only")

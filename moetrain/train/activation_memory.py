@@ -3,7 +3,7 @@
 Owns: :func:`saved_activation_bytes` (bytes of the distinct tensor storages autograd saves
 while a function runs, parameters excluded) and :func:`model_activation_bytes` (that, for one
 forward of a model in a given precision and checkpointing mode). The memory planner and
-``scripts/bench_scale.py`` reuse them to calibrate and check activation estimates.
+``scripts/bench/bench_scale.py`` reuse them to calibrate and check activation estimates.
 
 What is counted: every tensor packed by autograd's saved-tensor hooks, deduplicated by storage
 (a view and its base count once), whole storage bytes. Under non-reentrant activation

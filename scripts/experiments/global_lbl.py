@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from moetrain.analysis.specialisation import layer_report  # noqa: E402
 from moetrain.config import RunConfig, load_config, validate  # noqa: E402
+from scripts.helpers import log  # noqa: E402
 
 # The reduced CI configuration: a narrower model, shorter rows, a small corpus, 2 workers.
 QUICK = {"steps": 30, "workers": 2, "accum": 2, "global_batch": 4, "eval_rows": 32,
@@ -380,13 +381,6 @@ def summary_line(args: argparse.Namespace, cfg: RunConfig, batches: dict, result
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-
-
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", flush=True)
 
 
 def figure_title(args: argparse.Namespace, cfg: RunConfig) -> str:

@@ -54,6 +54,7 @@ from placement import (Placement, Topology, evaluate, from_topk_ids, load_routin
 from placement.baselines import pack_lpt  # noqa: E402
 from placement.hypergraph import LayerHypergraph, build_hypergraph, rank_of_vertices, row_from_ranks  # noqa: E402
 from placement.refine import iterated_fm  # noqa: E402
+from scripts.helpers import TRACES  # noqa: E402
 
 ALPHA_DEN = 8  # alpha is a multiple of 1/ALPHA_DEN
 DEFAULT_ALPHAS = (0, 1, 2, 4)  # numerators: alpha in {0, 1/8, 1/4, 1/2}
@@ -165,7 +166,6 @@ def smooth_refine(hg: LayerHypergraph, rank_V: np.ndarray, alpha_num: int, w_R: 
 
 
 REFIT_ROUNDS = 24  # iterated-FM rounds of the refit on every fitted token
-TRACES = Path(os.environ.get("MOETRAIN_TRACES") or Path(__file__).resolve().parents[3] / "shared" / "traces")
 
 
 def smooth_layer_rows(fit, topo: Topology, rows_LS: np.ndarray, seed: int = 0) -> tuple[np.ndarray, list]:

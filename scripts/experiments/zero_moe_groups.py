@@ -16,9 +16,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from gloo import run_gloo  # noqa: E402
+from scripts.helpers import run_gloo  # noqa: E402
 
 
 def _groups(ctx) -> dict:

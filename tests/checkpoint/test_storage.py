@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
 import time
 
@@ -21,6 +20,7 @@ from moetrain.checkpoint import (
 )
 from moetrain.config import StoreConfig
 from moetrain.storage.store import TMP_MARK, classify_os_error, redact_uri
+from tests.ports import free_port
 
 
 def _crc32c_hex(data: bytes) -> str:
@@ -125,15 +125,9 @@ def test_local_root_that_is_a_file_is_refused(tmp_path):
         open_store(str(tmp_path / "f"))
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.s3
 def test_unreachable_store_fails_fast_with_typed_error(s3_server):
-    cfg = StoreConfig(s3_endpoint=f"http://127.0.0.1:{_closed_port()}")
+    cfg = StoreConfig(s3_endpoint=f"http://127.0.0.1:{free_port()}")
     start = time.perf_counter()
     with pytest.raises(StoreUnreachableError, match=r"s3://bkt/ckpt.*after 3 attempts"):
         open_store("s3://bkt/ckpt", cfg, max_retries=2, connect_timeout_s=0.5, backoff_s=0.01)
@@ -278,7 +272,7 @@ def test_gcs_missing_bucket_and_bad_uris_are_named(gcs_server):
 
 @pytest.mark.gcs
 def test_gcs_unreachable_endpoint_fails_with_typed_error(gcs_server):
-    cfg = StoreConfig(gcs_endpoint=f"http://127.0.0.1:{_closed_port()}")
+    cfg = StoreConfig(gcs_endpoint=f"http://127.0.0.1:{free_port()}")
     start = time.perf_counter()
     with pytest.raises(StoreUnreachableError, match=r"gs://bkt/ckpt.*after 2 attempts"):
         open_store("gs://bkt/ckpt", cfg, max_retries=1, backoff_s=0.01)

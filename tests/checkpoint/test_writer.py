@@ -32,6 +32,7 @@ from moetrain.checkpoint import (
 )
 from moetrain.config import StoreConfig
 from moetrain.storage.store import TMP_MARK
+from tests.ports import free_port
 
 from .helpers import assert_same, make_objects
 
@@ -228,10 +229,7 @@ def test_overlapped_snapshot_without_fence_fails_instead_of_tearing(store):
 
 @pytest.mark.s3
 def test_unreachable_store_mid_training_is_marked_quickly(s3_server):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once we leave the block
+    port = free_port()  # nobody listens on it
     cfg = StoreConfig(s3_endpoint=f"http://127.0.0.1:{port}")
     store = open_store("s3://bkt/ckpt", cfg, max_retries=2, probe=False, connect_timeout_s=0.5, backoff_s=0.01)
     start = time.perf_counter()

@@ -93,14 +93,12 @@ def test_checkpoint_and_bit_exact_resume_on_object_store(tmp_path, ray_local, re
 
 
 def test_unreachable_store_is_refused_before_training(tmp_path, ray_local):
-    import socket
     import time
 
     from moetrain.checkpoint import CheckpointError
+    from tests.ports import free_port
 
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     t0 = time.monotonic()
     with pytest.raises(CheckpointError, match="s3://nowhere/runs"):
         run(cfg_for(tmp_path, "s3://nowhere/runs", "unreachable", 2, steps=6, every=2,

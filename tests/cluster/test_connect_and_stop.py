@@ -16,11 +16,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import pytest
 
 from cluster.api import check_reachable
 from moetrain.config import ConfigError
+from scripts.helpers import last_json_line, read_until, silent_server
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -39,27 +38,8 @@ SMALL = ["--set", "data.max_bytes_per_domain=150000", "--set", "data.vocab_size=
 @pytest.fixture
 def silent_port():
     """A TCP server on 127.0.0.1 that accepts connections and never says anything."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(16)
-    conns, stop = [], threading.Event()
-
-    def serve():
-        srv.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conns.append(srv.accept()[0])
-            except OSError:
-                pass
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    t.join(timeout=5)
-    for c in conns:
-        c.close()
-    srv.close()
+    with silent_server() as (port, _):
+        yield port
 
 
 def _env(**extra) -> dict:
@@ -72,16 +52,6 @@ def _train(tmp_path, *args, env=None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cluster.cli", "train", *SMALL, "--set", f"logging.out_dir={tmp_path / 'out'}", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def _wait_for(proc: subprocess.Popen, needle: str, timeout_s: float = 240) -> str:
-    """Read the process's stderr until a line holds ``needle``; returns what was read."""
-    seen, deadline = [], time.monotonic() + timeout_s
-    for line in proc.stderr:
-        seen.append(line)
-        if needle in line or time.monotonic() > deadline:
-            break
-    return "".join(seen)
 
 
 def _summary(tmp_path, name: str) -> dict:
@@ -110,7 +80,7 @@ def test_an_address_that_is_not_ray_fails_in_one_line_within_the_timeout(tmp_pat
 def test_sigterm_while_connecting_stops_with_a_summary(tmp_path, silent_port):
     proc = _train(tmp_path, "--set", f"cluster.address=127.0.0.1:{silent_port}",
                   "--set", "cluster.connect_timeout_s=300", "--set", "cluster.run_name=conn")
-    head = _wait_for(proc, "connecting to the Ray cluster")
+    head = read_until(proc, "connecting to the Ray cluster")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -127,7 +97,7 @@ def test_sigterm_while_preparing_the_data_stops_with_a_summary(tmp_path):
     """A cold cache: the data is read and the tokenizer trained when the signal comes (was: 143)."""
     proc = _train(tmp_path, "--set", "cluster.run_name=prep", "--set", "data.vocab_size=4096",
                   "--set", "data.max_bytes_per_domain=4000000", env=_env(MOETRAIN_CACHE_DIR=str(tmp_path / "cache")))
-    head = _wait_for(proc, "preparing the data")
+    head = read_until(proc, "preparing the data")
     time.sleep(0.7)  # into the tokenizer's training (a signal there is seen when it returns)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
@@ -144,9 +114,9 @@ def test_a_second_sigint_during_the_stop_stops_at_once_with_a_summary(tmp_path):
     proc = _train(tmp_path, "--set", "cluster.run_name=twice", "--set", "train.steps=100000",
                   "--set", "train.log_every=1", "--set", f"checkpoint.uri={tmp_path / 'ckpt'}",
                   "--set", "checkpoint.every=0")
-    head = _wait_for(proc, "step     3 |")
+    head = read_until(proc, "step     3 |")
     proc.send_signal(signal.SIGINT)
-    head += _wait_for(proc, "stopping after the current step")
+    head += read_until(proc, "stopping after the current step")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     err = head + err
@@ -206,7 +176,7 @@ def test_embedded_ray_never_joins_a_ray_start_cluster_and_binds_loopback(tmp_pat
         assert proc.returncode == 0, proc.stderr[-3000:]  # it trained to the end
         assert "Connecting to existing Ray cluster" not in proc.stderr and "Traceback" not in proc.stderr
         assert _summary(tmp_path, "beside")["state"] == "finished"
-        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+        seen = last_json_line(proc.stdout)
         assert not seen["gcs"].endswith(f":{gcs}")  # an instance of its own
         assert seen["gcs"].startswith("127.0.0.1:")
         assert seen["metrics_port"] in {port for _, port in seen["listen"]}

@@ -25,6 +25,7 @@ import pytest
 from cluster.api import parallelism_text
 from cluster.telemetry import KEY_METRICS, RayInfo, dashboard_text, heatmap_figure
 from moetrain.config import ConfigError, load_config
+from scripts.helpers import last_json_line
 from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +174,7 @@ def test_dashboard_false_starts_no_dashboard(tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = last_json_line(proc.stdout)
     assert out["url"] == "" and out["refused"], out
     assert out["text"].startswith("Ray dashboard: off (cluster.dashboard=false)")
 

@@ -1,4 +1,4 @@
-"""scripts/driver_example.py runs end to end on an embedded local Ray and prints its results."""
+"""scripts/examples/driver_example.py runs end to end on an embedded local Ray and prints its results."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_driver_example_runs_and_prints_results(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MOETRAIN_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)  # an embedded local Ray, whatever the caller's shell says
-    cmd = [sys.executable, str(REPO / "scripts" / "driver_example.py"), "--steps", "4",
+    cmd = [sys.executable, str(REPO / "scripts/examples/driver_example.py"), "--steps", "4",
            "--out-dir", str(tmp_path / "runs"), "--run-name", "drv",
            "--set", "data.vocab_size=300", "--set", "data.max_bytes_per_domain=150000",
            "--set", "model.dim=32", "--set", "model.ffn_dim=64", "--set", "model.moe.expert_ffn_dim=32"]

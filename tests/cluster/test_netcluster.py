@@ -1,4 +1,4 @@
-"""scripts/netcluster.py: Ray nodes in network namespaces with real addresses and tbf-limited links.
+"""scripts/tools/netcluster.py: Ray nodes in network namespaces with real addresses and tbf-limited links.
 
 One token-auth cluster (2 Ray nodes of 2 CPUs, a client namespace with an S3 server, links of
 1 Gbit/s) is shared by the module's checks, to keep CI time low (a job submitted from the client
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from scripts import netcluster
-from scripts.netcluster import S3_ENV, NetCluster
+from scripts.helpers import last_json_line
+from scripts.tools import netcluster
+from scripts.tools.netcluster import S3_ENV, NetCluster
 
 REASON = netcluster.unavailable_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.multinode, pytest.mark.ray,
@@ -224,18 +225,18 @@ def test_job_from_client_with_token_survives_a_node_loss(nc, s3):
 
 
 def test_bench_multinode_quick_on_this_cluster(nc, tmp_path):
-    """scripts/bench_multinode.py's smoke run, attached to this module's cluster (2 nodes x 2 CPUs +
+    """scripts/bench/bench_multinode.py's smoke run, attached to this module's cluster (2 nodes x 2 CPUs +
     the client; building another would double the time): a short warm run, then flat and
     hierarchical dispatch on the same contiguous placement at 100 Mbit/s. The JSON line has the
     issue's keys; ranks were contiguous per node; hierarchical dispatch put fewer bytes on the links
     than flat; the run's own inter-node byte counts agree with the interfaces' counters."""
-    script = netcluster.REPO / "scripts" / "bench_multinode.py"
+    script = netcluster.REPO / "scripts/bench/bench_multinode.py"
     p = subprocess.run([sys.executable, str(script), "--quick", "--attach", nc.info.id, "--layouts", "2x2",
                         "--arms", "flat:contiguous,hierarchical:contiguous", "--no-deepspeed", "--no-node-loss",
                         "--warm-steps", "3", "--ilp-time-s", "2", "--work-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(netcluster.REPO)})
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out = last_json_line(p.stdout)
     for key in ("internode_bytes_hier_vs_flat", "internode_bytes_topo_vs_contiguous", "counted_vs_interface_bytes",
                 "step_speedup_best_vs_flat_contiguous_100mbit", "step_speedup_best_vs_deepspeed_100mbit",
                 "cpu_model", "avx512_bf16", "amx_bf16", "placements", "targets", "missing"):

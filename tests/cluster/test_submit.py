@@ -255,7 +255,7 @@ def test_submit_job_script_targets_ray_address():
 
     (port,) = free_ports(1)
     env = {**os.environ, "RAY_ADDRESS": f"http://127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "submit_job.sh"), "--config", "tiny"],
+    proc = subprocess.run(["bash", str(REPO / "scripts/submit_job.sh"), "--config", "tiny"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert f"cannot reach the Ray dashboard at http://127.0.0.1:{port}" in proc.stderr

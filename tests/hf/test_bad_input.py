@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from scripts.helpers import update_json
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -17,12 +18,6 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     rc = main(argv)
     err = capsys.readouterr().err.strip()
     return rc, err
-
-
-def edit_config(d: Path, **changes) -> None:
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(changes)
-    (d / "config.json").write_text(json.dumps(cfg))
 
 
 @pytest.fixture()
@@ -41,7 +36,7 @@ def assert_one_line(rc: int, err: str, *needles: str) -> None:
 
 
 def test_unsupported_architecture_names_it_and_the_supported_ones(olmoe_dir, tmp_path, capsys):
-    edit_config(olmoe_dir, model_type="llama", architectures=["LlamaForCausalLM"])
+    update_json(olmoe_dir / "config.json", model_type="llama", architectures=["LlamaForCausalLM"])
     rc, err = run_cli(["hf", "import", str(olmoe_dir), str(tmp_path / "ck")], capsys)
     assert_one_line(rc, err, "'llama'", "LlamaForCausalLM", "mixtral", "qwen2_moe", "olmoe", "ernie4_5_moe")
 
@@ -49,13 +44,13 @@ def test_unsupported_architecture_names_it_and_the_supported_ones(olmoe_dir, tmp
 def test_a_field_moetrain_cannot_express_is_named(hf_models, tmp_path, capsys):
     d = tmp_path / "mixtral"
     shutil.copytree(hf_models["mixtral"], d)
-    edit_config(d, sliding_window=8)
+    update_json(d / "config.json", sliding_window=8)
     rc, err = run_cli(["hf", "import", str(d), str(tmp_path / "ck")], capsys)
     assert_one_line(rc, err, "sliding_window=8")
 
 
 def test_shape_mismatch_names_the_tensor(olmoe_dir, tmp_path, capsys):
-    edit_config(olmoe_dir, intermediate_size=12)
+    update_json(olmoe_dir / "config.json", intermediate_size=12)
     rc, err = run_cli(["hf", "import", str(olmoe_dir), str(tmp_path / "ck")], capsys)
     assert_one_line(rc, err, "model.layers.0.mlp.experts.0.gate_proj.weight", "[16, 32]", "[12, 32]")
 

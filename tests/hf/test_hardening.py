@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.hf.test_bad_input import assert_one_line, edit_config, run_cli
+from scripts.helpers import update_json
+from tests.hf.test_bad_input import assert_one_line, run_cli
 
 
 @pytest.fixture()
@@ -28,7 +29,7 @@ def olmoe_dir(hf_models, tmp_path) -> Path:
 @pytest.mark.parametrize("key,value", [("eos_token_id", 5000), ("bos_token_id", 300), ("pad_token_id", -1),
                                        ("eos_token_id", [299, 301])])
 def test_import_refuses_a_special_id_outside_the_vocabulary(olmoe_dir, tmp_path, capsys, key, value):
-    edit_config(olmoe_dir, **{key: value})
+    update_json(olmoe_dir / "config.json", **{key: value})
     rc, err = run_cli(["hf", "import", str(olmoe_dir), str(tmp_path / "ck")], capsys)
     bad = value[1] if isinstance(value, list) else value
     assert_one_line(rc, err, "config.json", f"{key} {bad}", "vocab_size 300")
@@ -44,7 +45,7 @@ def test_import_refuses_a_generation_config_eos_outside_the_vocabulary(olmoe_dir
 def test_fine_tune_start_refuses_an_eos_outside_the_vocabulary(olmoe_dir, tmp_path, capsys):
     """``moetrain train`` with model.init_from: refused before Ray starts (was an IndexError in
     evaluation, exit 1)."""
-    edit_config(olmoe_dir, eos_token_id=5000)
+    update_json(olmoe_dir / "config.json", eos_token_id=5000)
     corpus = tmp_path / "c.txt"
     corpus.write_text("the quick brown fox\n\n" * 50)
     rc, err = run_cli(["train", "--set", f"model.init_from=hf:{olmoe_dir}", "--set", f"data.tokenizer=hf:{olmoe_dir}",
@@ -58,7 +59,7 @@ def test_data_end_of_text_id_outside_the_tokenizer_is_refused(olmoe_dir):
     from moetrain.data.tokenizer import load_hf_tokenizer
 
     (olmoe_dir / "tokenizer_config.json").unlink()  # the eos then comes from config.json
-    edit_config(olmoe_dir, eos_token_id=300)
+    update_json(olmoe_dir / "config.json", eos_token_id=300)
     with pytest.raises(DataError, match=r"end-of-text id 300 is outside the vocabulary .*vocab size 300"):
         load_hf_tokenizer(f"hf:{olmoe_dir}")
 
@@ -72,7 +73,7 @@ def _separator_model(hf_models, root: Path, eos: int | None) -> Path:
     shutil.copytree(hf_models["olmoe"], d)
     if eos is not None:
         (d / "tokenizer_config.json").unlink()
-        edit_config(d, eos_token_id=eos)
+        update_json(d / "config.json", eos_token_id=eos)
     return d
 
 
@@ -227,7 +228,7 @@ def test_import_prints_the_context_and_its_cap(hf_models, tmp_path, capsys):
 
     d = tmp_path / "long"
     shutil.copytree(hf_models["mixtral"], d)
-    edit_config(d, max_position_embeddings=32768, sliding_window=32768)  # Mixtral's own values
+    update_json(d / "config.json", max_position_embeddings=32768, sliding_window=32768)  # Mixtral's own values
     assert main(["hf", "import", str(d), str(tmp_path / "ck")]) == 0
     out = capsys.readouterr().out
     assert f"context: model.max_seq_len 32768 tokens (cap: {d / 'config.json'} max_position_embeddings 32768)" in out

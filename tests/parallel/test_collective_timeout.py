@@ -3,10 +3,11 @@ fails within that bound instead of Gloo's default 30 minutes (or the former hard
 
 from __future__ import annotations
 
-import socket
 import time
 
 import torch.multiprocessing as mp
+
+from tests.ports import free_port
 
 
 def _rank(rank: int, port: int, timeout_s: float, queue) -> None:
@@ -28,9 +29,7 @@ def _rank(rank: int, port: int, timeout_s: float, queue) -> None:
 
 
 def test_a_collective_without_its_peer_fails_within_the_configured_timeout():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, port, 3.0, queue)) for r in range(2)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import traceback
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 
 from moetrain.parallel.migrate import MigrationError, Move, plan_migration
 from placement.placement import Placement
+from tests.ports import free_port
 
 D, F = 3, 2  # tiny expert shapes: w_gate/w_up [F, D], w_down [D, F]
 KINDS = ("w_gate_SFD", "w_up_SFD", "w_down_SDF")
@@ -127,9 +127,7 @@ def _worker(rank, world, port, old_json, new_json, queue):
 def _run(old: Placement, new: Placement, world: int) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, old.to_json(), new.to_json(), queue))
              for r in range(world)]
     for p in procs:

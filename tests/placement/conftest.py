@@ -1,13 +1,11 @@
 """Shared fixtures: the real routing traces beside the repository (../shared/traces, or the
 folder named by ``MOETRAIN_TRACES``)."""
 
-import os
 from pathlib import Path
 
 import pytest
 
-TRACES = Path(os.environ.get("MOETRAIN_TRACES")
-              or Path(__file__).resolve().parents[2].parent / "shared" / "traces")
+from scripts.helpers import TRACES
 
 
 def _trace(name: str) -> Path:

@@ -1,4 +1,4 @@
-"""Smoke test of scripts/bench_corpus_read.py: small files and a small cap; the table and the
+"""Smoke test of scripts/bench/bench_corpus_read.py: small files and a small cap; the table and the
 JSON line report both cases, the baseline read the whole file and moetrain only the cap."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.slow
 def test_bench_corpus_read_small(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_corpus_read.py"), "--quick",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench/bench_corpus_read.py"), "--quick",
                            "--size-mb", "8", "--cap-bytes", "200000", "--dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -25,7 +25,7 @@ def test_bench_corpus_read_small(tmp_path):
     assert lines[0].split()[:2] == ["case", "file"]
     out = json.loads(lines[-1])
     sys.path.insert(0, str(ROOT))
-    from scripts.bench_corpus_read import SCHEMA
+    from scripts.bench.bench_corpus_read import SCHEMA
     assert out["bench"] == "corpus_read" and SCHEMA.problems(out) == []
     assert {t["met"] for t in SCHEMA.evaluate(out)} == {out["target_met"]}  # the benchmark's verdict
     rows = {r["case"]: r for r in out["rows"]}

@@ -1,4 +1,4 @@
-"""End to end: scripts/bench_domain.py --quick on local Ray (2 workers, 3 domains, a few steps).
+"""End to end: scripts/bench/bench_domain.py --quick on local Ray (2 workers, 3 domains, a few steps).
 
 Runs the script as a subprocess (its own Ray under a short temp dir) and checks the JSON line:
 the issue's keys, the dispatcher's measured sends against the home-aware cost model on the same
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from scripts.helpers import last_json_line
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "bench_domain.py"
+SCRIPT = ROOT / "scripts/bench/bench_domain.py"
 
 
 @pytest.mark.ray
@@ -36,10 +38,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    line = last_json_line(proc.stdout)
 
     sys.path.insert(0, str(ROOT))
-    from scripts.bench_domain import SCHEMA
+    from scripts.bench.bench_domain import SCHEMA
     assert SCHEMA.problems(line) == []
     assert set(line["val_loss_delta_per_domain"]) == {"code", "english", "build", "capi"}
     # the same rows per micro-batch: the two assignments train the same model (float order aside)
@@ -71,11 +73,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
 
 
 def test_mixture_entries_and_specialisation_hand_computed():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import numpy as np
-    from bench_domain import mixture_entries, specialisation
 
     from placement import from_topk_ids
+    from scripts.bench.bench_domain import mixture_entries, specialisation
 
     domains = ["code=/x/code.jsonl", "english=/x/en.jsonl"]
     assert mixture_entries("even", domains) == ["code=1", "english=1"]
@@ -91,11 +92,10 @@ def test_mixture_entries_and_specialisation_hand_computed():
 def test_sends_bound_hand_computed():
     """The bound of the 4-expert case of tests/placement/test_exact_dp.py: 1/6 sends with no cap
     ({0,1} | {2,3}), 1 with the ranks' loads within 1.1 x mean ({0,2} | {1,3})."""
-    sys.path.insert(0, str(ROOT / "scripts"))
     import numpy as np
-    from bench_domain import sends_lower_bound
 
     from placement import Topology, from_topk_ids
+    from scripts.bench.bench_domain import sends_lower_bound
 
     ids = np.array([[0, 1]] * 3 + [[2, 3]] * 2 + [[0, 2]])[:, None, :]
     st = from_topk_ids(ids, 4, home_T=np.array([0, 0, 0, 1, 1, 1]))

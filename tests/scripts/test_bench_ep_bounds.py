@@ -3,9 +3,9 @@ speedup from two profiles, and the overlap microbenchmark's shares."""
 
 import pytest
 
-from scripts.bench_ep.overlap_micro import summarize_overlap_micro
-from scripts.bench_ep.profiling import amdahl_bound
-from scripts.bench_ep.report import _with_bound
+from scripts.bench.bench_ep.overlap_micro import summarize_overlap_micro
+from scripts.bench.bench_ep.profiling import amdahl_bound
+from scripts.bench.bench_ep.report import _with_bound
 
 
 def _prof(gemm, comm, other, ops):

@@ -1,4 +1,4 @@
-"""Smoke tests of the scripts/bench_ep package: a tiny run (world 2, a couple of iterations)
+"""Smoke tests of the scripts/bench/bench_ep package: a tiny run (world 2, a couple of iterations)
 prints the table and one final JSON line with every section; without deepspeed installed the
 benchmark stops at once with one line naming the ``bench`` extra.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = ROOT / "scripts" / "bench_ep"
+PACKAGE = ROOT / "scripts/bench/bench_ep"
 
 
 def _ds_cached(ext_dir: Path) -> bool:
@@ -40,7 +40,7 @@ def _without_deepspeed(env: dict, tmp_path: Path) -> dict:
 
 def test_bench_ep_without_deepspeed_says_which_extra(tmp_path):
     env = _without_deepspeed(dict(os.environ, OMP_NUM_THREADS="1"), tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "scripts.bench_ep", "--quick"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "scripts.bench.bench_ep", "--quick"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout == ""  # stopped before any study ran
@@ -50,7 +50,7 @@ def test_bench_ep_without_deepspeed_says_which_extra(tmp_path):
 
 def test_bench_ep_precision_flag(capsys):
     from moetrain.precision import bf16_native
-    from scripts.bench_ep.cli import parse_args
+    from scripts.bench.bench_ep.cli import parse_args
     assert parse_args([]).precision_list == ["fp32"]
     for bad in ("fp16", "fp32,fp32", ""):
         with pytest.raises(SystemExit) as exc:
@@ -88,7 +88,7 @@ def test_bench_ep_quick_json(tmp_path):
     assert "MoE layer alone" in proc.stdout and "no GPU/NCCL" in proc.stdout
     out = json.loads(lines[-1])
 
-    from scripts.bench_ep.cli import SCHEMA
+    from scripts.bench.bench_ep.cli import SCHEMA
     assert SCHEMA.problems(out) == []
     layer = out["layer"]["2"]
     expected = {"mt_cap", "mt_dropless"} | ({"ds_cap", "ds_nodrop"} if with_ds else set())

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_placement", ROOT / "scripts" / "bench_placement.py")
+    spec = importlib.util.spec_from_file_location("bench_placement", ROOT / "scripts/bench/bench_placement.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_placement"] = mod
     spec.loader.exec_module(mod)

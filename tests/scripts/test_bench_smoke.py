@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from scripts.helpers import TRACES  # the public routing traces (not redistributed)
+
 ROOT = Path(__file__).resolve().parents[2]
-# the public routing traces (not redistributed): MOETRAIN_TRACES, else shared/traces beside the checkout
-TRACES = Path(os.environ.get("MOETRAIN_TRACES") or ROOT.parent / "shared" / "traces")
 needs_traces = pytest.mark.skipif(not (TRACES / "qwen15moe_gsm8k25_5layers.npz").exists(),
                                   reason=f"the routing traces are not in {TRACES}")
 sys.path.insert(0, str(ROOT))
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def _run(script: str, *args: str, timeout: float = 300) -> tuple[str, dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/bench" / script), *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
@@ -37,7 +37,7 @@ def _run(script: str, *args: str, timeout: float = 300) -> tuple[str, dict]:
 @pytest.mark.s3
 def test_bench_checkpoint_quick():
     text, out = _run("bench_checkpoint.py", "--quick", "--tput-reps", "2")
-    from scripts.bench_checkpoint import SCHEMA
+    from scripts.bench.bench_checkpoint import SCHEMA
     assert SCHEMA.problems(out) == []
     assert "baseline = raw pyarrow write" in text and "upload vs baseline" in text
     runs = {(r["backend"], r["snapshot_mode"].rstrip("*")): r for r in out["runs"]}
@@ -80,7 +80,7 @@ def test_bench_checkpoint_quick():
 def test_bench_placement_small_budget():
     pytest.importorskip("mtkahypar")
     text, out = _run("bench_placement.py", "--per-layer-s", "0.3", "--skip-scale")
-    from scripts.bench_placement import SCHEMA
+    from scripts.bench.bench_placement import SCHEMA
     assert SCHEMA.problems(out) == []
     assert "local_search" in text and "mtkahypar" in text and out["scale"] is None
     rows = {(r["case"], r["tname"], r["method"]): r for r in out["rows"]}
@@ -120,7 +120,7 @@ def test_bench_replacement_two_actors():
     text, out = _run("bench_replacement.py", "--workers", "2", "--experts", "4", "--dim", "32",
                      "--ffn", "64", "--seq", "16", "--batch", "4", "--steps", "2", "--rounds", "1",
                      "--time-limit", "2")
-    from scripts.bench_replacement import SCHEMA
+    from scripts.bench.bench_replacement import SCHEMA
     assert SCHEMA.problems(out) == []
     assert "speedup (contiguous step / re-placed step)" in text
     assert out["speedup"] == pytest.approx(out["contiguous_step_s"] / out["ilp_step_s"], rel=1e-3)

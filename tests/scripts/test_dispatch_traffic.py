@@ -1,8 +1,8 @@
-"""scripts/dispatch_traffic.py on a tiny layer: one row per (placement, node map), the counted
+"""scripts/bench/dispatch_traffic.py on a tiny layer: one row per (placement, node map), the counted
 bytes of both modes, and fewer bytes between nodes for hierarchical dispatch (3 of 8 experts per
 token over 2 remote ranks: flat sends some tokens to both)."""
 
-from scripts.dispatch_traffic import main
+from scripts.bench.dispatch_traffic import main
 
 
 def test_dispatch_traffic_table_and_json(capsys):

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from scripts.helpers import last_json_line
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "experiments" / "global_lbl.py"
+SCRIPT = ROOT / "scripts/experiments/global_lbl.py"
 
 
 @pytest.mark.ray
@@ -35,7 +37,7 @@ def test_quick_experiment_end_to_end(tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    line = last_json_line(proc.stdout)
 
     assert line["experiment"] == "global_lbl"
     assert line["workers"] == 2 and line["accum"] == 2 and line["micro_batch_rows"] == 1

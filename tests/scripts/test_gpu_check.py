@@ -28,7 +28,7 @@ def test_gpu_check_without_cuda_prints_one_json_line():
 def test_the_1b_sibling_has_about_1e9_parameters():
     from moetrain.config import load_config
     from moetrain.model.transformer import count_moe_blocks
-    from scripts.gpu_check import one_billion_config
+    from scripts.tools.gpu_check import one_billion_config
 
     _, path, overrides = one_billion_config([])
     m = load_config(path, overrides).model

@@ -1,4 +1,4 @@
-"""Results recording and rendering (scripts/results.py, scripts/render_results.py): the pages
+"""Results recording and rendering (scripts/bench/results.py, scripts/tools/render_results.py): the pages
 in the repository are exactly what the renderer writes from results/; a schema catches a JSON
 line that drifts from its declaration; targets are evaluated as declared; recording is off in
 quick runs, with --no-record and in the test suite; the slowest-tests block comes from JUnit XML."""
@@ -16,8 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from scripts import render_results, results  # noqa: E402
-from scripts.results import Schema, Target  # noqa: E402
+from scripts.bench import results  # noqa: E402
+from scripts.bench.results import Schema, Target  # noqa: E402
+from scripts.tools import render_results  # noqa: E402
 
 SCHEMA = Schema("demo", "a demo benchmark", keys=("rows", "extra.n"), targets=(
     Target("speedup", ">=", 1.15, "x", "step time ratio"),
@@ -32,7 +33,7 @@ PAYLOAD = {"speedup": 1.2, "rows": [{"case": "a", "rss_mb": 900.0}, {"case": "b"
 def test_pages_are_what_the_renderer_writes():
     pages = render_results.render(ROOT)
     stale = [str(p.relative_to(ROOT)) for p, text in pages.items() if p.read_text() != text]
-    assert not stale, f"run python scripts/render_results.py: {stale} differ from the results files"
+    assert not stale, f"run python scripts/tools/render_results.py: {stale} differ from the results files"
 
 
 def test_every_recorded_line_matches_the_targets_it_reports():
@@ -154,9 +155,9 @@ def test_slowest_tests_from_junit(tmp_path):
 
 
 def test_check_mode_and_bad_junit_path():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_results.py"), "--check"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/tools/render_results.py"), "--check"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "up to date", proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "render_results.py"), "--pytest-junit",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/tools/render_results.py"), "--pytest-junit",
                            "/nonexistent/junit.xml"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("no such file")

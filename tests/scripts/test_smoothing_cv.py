@@ -4,7 +4,6 @@ determinism and refusals, and the --quick run end to end."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -14,9 +13,10 @@ import numpy as np
 import pytest
 
 from placement.hypergraph import build_hypergraph
+from scripts.helpers import last_json_line
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "experiments" / "smoothing_cv.py"
+SCRIPT = ROOT / "scripts/experiments/smoothing_cv.py"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_quick_run():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = last_json_line(proc.stdout)
     (case,) = out["cases"]
     assert case["case"] == "synthetic" and len(case["alphas"]) == 1
     assert out["held_better"] + out["held_worse"] + out["held_unchanged"] == 1

@@ -20,6 +20,7 @@ import torch
 
 from gloo import run_gloo
 from moetrain.config import from_dict
+from scripts.helpers import last_json_line
 
 pytestmark = pytest.mark.slow
 
@@ -131,9 +132,7 @@ def test_zero_on_one_process_without_a_process_group(cache_dir):
     code = SINGLE.format(tests=tests, cache=cache_dir, steps=STEPS)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = last_json_line(proc.stdout)
     for stage in ("1", "2"):
         np.testing.assert_allclose(out[stage], out["0"], rtol=RTOL)
         assert abs(out[f"p{stage}"] - out["p0"]) <= RTOL * out["p0"]
