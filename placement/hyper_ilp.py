@@ -31,7 +31,7 @@ heaviest hyperedges; each one left out costs its weight x min(w) (connectivity >
 model, which makes the model a *relaxation* of the true objective: its proven bound stays a
 lower bound of the true layer objective, while the answer is always re-scored exactly.
 
-Replica counts are fixed by the caller (solve.py: :func:`placement.baselines.replica_counts`),
+Replica counts are fixed by the caller (phases.py: :func:`placement.baselines.replica_counts`),
 so with replicas the bound holds for placements with those counts. Symmetry breaking when ranks
 are interchangeable (one origin class, equal w and slots, no migration term, no replicas; home
 ranks pin tokens to ranks, so they are never interchangeable then): the i-th heaviest

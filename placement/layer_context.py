@@ -1,8 +1,8 @@
 """What every per-layer step of a solve reads: the statistics, the topology, the current
 placement and the solve's settings, in one frozen :class:`LayerContext`.
 
-Owns: :class:`LayerContext`. Its own module so that solve.py (which builds it) and the phase
-modules it calls (pairwise.py) both import it without importing each other.
+Owns: :class:`LayerContext`. Its own module so that methods.py (which builds it) and the phase
+modules it calls (phases.py, pairwise.py) import it without importing each other.
 
 Legend: L layers, S slots.
 """

@@ -1,7 +1,7 @@
 """The pairwise ILP pipeline for statistics without per-token ids (aggregates only).
 
 Owns: building ilp.py's pairwise model for one layer of a solve, the flat solve and the
-hierarchical nodes-then-ranks split. solve.py calls these when the exact hypergraph model
+hierarchical nodes-then-ranks split. The ILP pipeline (phases.py) calls these when the exact hypergraph model
 (hyper_ilp.py) cannot be built, i.e. when the statistics hold no per-token top-k ids.
 
 Legend: E experts, R ranks, N nodes.

@@ -1,8 +1,8 @@
 """FM refinement of one layer on the exact hypergraph objective, and iterated FM.
 
 Owns: :func:`fm_refine` (Fiduccia-Mattheyses passes of single-vertex moves with a balance slack)
-and :func:`iterated_fm` (seeded perturbation + FM, count-bounded) that ``solve.py`` runs after the
-tabu search.
+and :func:`iterated_fm` (seeded perturbation + FM, count-bounded) that the ILP pipeline
+(``phases.py``) runs after the tabu search.
 
 Legend: V vertices (expert replicas), H hyperedges, R ranks.
 

@@ -26,17 +26,8 @@ PENDING = {
     "moetrain/storage/open.py:open_store",
     "moetrain/train/trainer.py:__init__",
     "moetrain/train/trainer.py:train_step",
-    "placement/lns.py:lns_layer",
-    "placement/select.py",
-    "placement/select.py:select_placement",
-    "placement/solve.py:_solve_ilp_layer",
-    "placement/solve.py:solve_placement",
-    "placement/stats.py:load_routing",
     # over the limits before the formatter:
     "moetrain/config.py",
-    "placement/solve.py",
-    "placement/ilp.py:solve_layer_model",
-    "placement/lns.py:pair_model",
 }
 
 
