@@ -18,6 +18,8 @@ with ``q[p] = coact[e, f] / (cnt[e] cnt[f]) / T`` on the P heaviest pairs. The c
 ``min(w) * sum_e load[e] / T`` is kept out of the objective (HiGHS drops objective constants
 and then misreports the gap) and added back to ``objective`` and ``bound`` afterwards.
 Optional hard cap: ``sum_e share[e] x[e, r] <= cap`` (relative to the mean rank load).
+Optional fault domains (domains.py): for each expert e to keep on two domains and each domain d,
+``sum_{r in d} x[e, r] <= cnt[e] - 1`` (not every replica on one domain).
 Star inequalities ``sum_{p containing e} y[p, r] <= (slots[r] - 1) x[e, r]`` (valid: e has at
 most slots - 1 partners on r) tighten the LP relaxation where e has more pairs than that.
 Symmetry breaking when ranks are interchangeable (equal slots and weights, no migration term,
@@ -75,6 +77,7 @@ class LayerModel:
     fetch_ER: np.ndarray  # migration cost of placing e on r (bytes x migration weight)
     load_weight: float
     cap: float | None  # absolute cap on a rank's share sum, or None
+    span: tuple[np.ndarray, np.ndarray] | None = None  # (domain_R [R], cover_E bool [E]) or None
 
 
 def top_pairs(coact_EE: np.ndarray, cnt_E: np.ndarray, num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +146,11 @@ def _build(m: LayerModel, symmetry: bool):
         for r in range(R):
             if len(inc[e]) > m.slots_R[r] - 1:
                 prob += (pulp.lpSum(y[p, r] for p in inc[e]) - float(m.slots_R[r] - 1) * x[e, r]) <= 0
+    if m.span is not None:  # a covered expert's replicas are not all on one fault domain
+        dom_R, cover_E = m.span
+        for c in np.flatnonzero(cover_E).tolist():
+            for d in np.unique(dom_R):
+                prob += pulp.lpSum(x[c, int(r)] for r in np.flatnonzero(dom_R == d)) <= int(m.cnt_E[c]) - 1
     if symmetry:
         for i, e in enumerate(np.argsort(-m.share_E, kind="stable")[: R - 1]):
             for r in range(i + 1, R):
@@ -287,4 +295,5 @@ def ranks_interchangeable(m: LayerModel) -> bool:
         and (m.slots_R == m.slots_R[0]).all()
         and not m.fetch_ER.any()
         and (m.cnt_E == 1).all()
+        and m.span is None
     )

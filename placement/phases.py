@@ -4,7 +4,9 @@ answers to the layer's :class:`Best`, and the layer objective they are all score
 Owns: :func:`layer_objective` (the cost model's layer objective with migration), :class:`Best`
 (the best row so far under the optional balance cap), the phase functions and their tuning
 constants (counts and solver limits; the time shares are pipeline.py's). The phases, in the
-pipeline's order, are described in pipeline.py's docstring.
+pipeline's order, are described in pipeline.py's docstring. With fault domains
+(``LayerContext.domains``) every phase keeps domains.py's rule and :class:`Best` takes no row
+that breaks it.
 
 Legend: L layers, E experts, V vertices (expert replicas), R ranks, S slots.
 """
@@ -20,6 +22,7 @@ import numpy as np
 from placement import pairwise
 from placement.baselines import greedy_layer, local_search_layer, pack_lpt, tabu_search_layer
 from placement.cost import holders_ER, layer_cost, migration_bytes, origin_classes
+from placement.domains import FaultDomains
 from placement.exact import MAX_EXPERTS, MAX_WORK, LayerTables, dp_work, exact_layer_with_load
 from placement.hyper_ilp import solve_exact, trivial_bound
 from placement.hypergraph import build_hypergraph, rank_of_vertices, row_from_ranks
@@ -58,7 +61,8 @@ def layer_objective(c: LayerContext, l: int, row_S: np.ndarray) -> float:
 class Best:
     """The best row of one layer so far, the stage that found it, and the stage history. With
     ``balance_cap`` a row over the cap (imbalance above it) never replaces one within it: rows
-    are ranked by how far over the cap they are, then by objective."""
+    are ranked by how far over the cap they are, then by objective. With fault domains a row
+    that breaks their rule (domains.py) is never taken."""
 
     def __init__(self, c: LayerContext, l: int, row: np.ndarray, source: str):
         self.c, self.l = c, l
@@ -73,6 +77,8 @@ class Best:
         return max(0.0, imb - self.c.balance_cap)
 
     def offer(self, row: np.ndarray, source: str, obj: float | None = None) -> bool:
+        if not self.c.row_ok(row):
+            return False
         obj = layer_objective(self.c, self.l, row) if obj is None else obj
         over = self._over(row)
         won = over < self.over - TOL or (over <= self.over + TOL and obj < self.obj - TOL)
@@ -85,18 +91,21 @@ class Best:
 
 
 def phase_heuristics(c: LayerContext, l: int) -> Best:
-    greedy = greedy_layer(c.stats.load_LE[l], c.topo)
+    greedy = greedy_layer(c.stats.load_LE[l], c.topo, c.domains)
     best = Best(c, l, greedy, "greedy")
     start = greedy
-    if c.cur_LS is not None and layer_objective(c, l, c.cur_LS[l]) < best.obj:
+    if c.cur_LS is not None and layer_objective(c, l, c.cur_LS[l]) < best.obj and c.row_ok(c.cur_LS[l]):
         start = c.cur_LS[l].copy()
     best.offer(local_search_layer(c.stats, l, c.topo, start, **c.ls_kwargs(l)), "local_search")
     best.mark("local_search")
     return best
 
 
-def perturb(row: np.ndarray, topo: Topology, rng: np.random.Generator, swaps: int) -> np.ndarray:
-    """``swaps`` random exchanges of slot contents between ranks that keep replicas apart."""
+def perturb(
+    row: np.ndarray, topo: Topology, rng: np.random.Generator, swaps: int, domains: FaultDomains | None = None
+) -> np.ndarray:
+    """``swaps`` random exchanges of slot contents between ranks that keep replicas apart (and,
+    with ``domains``, every multi-homed expert multi-homed)."""
     rank_S = np.repeat(np.arange(topo.num_ranks), topo.slots_per_rank)
     row = row.copy()
     for _ in range(swaps):
@@ -104,6 +113,8 @@ def perturb(row: np.ndarray, topo: Topology, rng: np.random.Generator, swaps: in
             s, u = rng.integers(0, len(row), 2)
             a, b = rank_S[s], rank_S[u]
             if a != b and row[s] != row[u] and row[s] not in row[rank_S == b] and row[u] not in row[rank_S == a]:
+                if domains is not None and domains.unhoming_swaps(row)[s, u]:
+                    continue
                 row[s], row[u] = row[u], row[s]
                 break
     return row
@@ -115,7 +126,7 @@ def phase_search(c: LayerContext, l: int, best: Best, deadline: float) -> bool:
     for i in range(c.restarts):
         if time.monotonic() > deadline:
             return True
-        start = best.row if i == 0 else perturb(best.row, c.topo, rng, PERTURB_SWAPS)
+        start = best.row if i == 0 else perturb(best.row, c.topo, rng, PERTURB_SWAPS, c.domains)
         row, obj = tabu_search_layer(
             c.stats,
             l,
@@ -149,17 +160,19 @@ def phase_refine(c: LayerContext, l: int, best: Best, deadline: float) -> bool:
         rounds=REFINE_ROUNDS,
         swaps=REFINE_SWAPS,
         deadline=deadline,
+        domains=c.domains,
     )
     best.offer(row_from_ranks(out.rank_V, hg.expert_V, slots_R), "fm")
     return out.capped
 
 
-def load_cap(c: LayerContext, l: int, cnt_E: np.ndarray) -> float | None:
-    """The balance cap per token: ``balance_cap`` x mean rank load, never below what LPT packs."""
+def load_cap(c: LayerContext, l: int, cnt_E: np.ndarray, cover_E: np.ndarray | None = None) -> float | None:
+    """The balance cap per token: ``balance_cap`` x mean rank load, never below what LPT packs
+    (with fault domains, the packing that keeps the ``cover_E`` experts on two domains)."""
     if c.balance_cap is None:
         return None
     load, T, R = c.stats.load_LE[l], max(int(c.stats.tokens_L[l]), 1), c.topo.num_ranks
-    lpt = pack_lpt(load, cnt_E, c.topo)
+    lpt = pack_lpt(load, cnt_E, c.topo, c.domains, cover_E)
     srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
     lpt_max = np.bincount(srank, weights=(load / cnt_E)[lpt], minlength=R).max() / T
     return max(c.balance_cap * float(load.sum()) / T / R, float(lpt_max) * (1 + 1e-9))
@@ -206,7 +219,8 @@ def phase_exact_dp(c: LayerContext, l: int, best: Best, deadline: float) -> bool
 
 
 def phase_exact_mip(c: LayerContext, l: int, best: Best, time_s: float) -> MipOutcome:
-    """The exact hypergraph ILP from the best row (its replica counts), then swap polish."""
+    """The exact hypergraph ILP from the best row (its replica counts and, with fault domains,
+    its multi-homed experts kept multi-homed), then swap polish."""
     topo, R = c.topo, c.topo.num_ranks
     srank = np.repeat(np.arange(R), topo.slots_per_rank)
     cnt_E = np.bincount(best.row, minlength=c.stats.num_experts)
@@ -215,6 +229,7 @@ def phase_exact_mip(c: LayerContext, l: int, best: Best, time_s: float) -> MipOu
     hg = build_hypergraph(c.stats.topk_ids_TLK[:, l], cnt_E, origin_T, w_R.shape[0])
     fetch_VR = pairwise.layer_fetch_ER(c, l)[hg.expert_V]
     slots_R = np.array(topo.slots_per_rank)
+    cover_E = None if c.domains is None else c.domains.multi_homed_E(best.row)
     out = MipOutcome(model="hypergraph", hyperedges=(min(hg.num_edges, c.max_hyperedges), hg.num_edges))
     bound, out.bound_kind = trivial_bound(hg, w_R, c.load_weight), "closed form (no time for the MIP)"
     if time_s > MIN_PHASE_S:
@@ -231,7 +246,8 @@ def phase_exact_mip(c: LayerContext, l: int, best: Best, time_s: float) -> MipOu
             solver=c.solver,
             seed=c.seed,
             max_nodes=MIP_MAX_NODES,
-            cap=load_cap(c, l, cnt_E),
+            cap=load_cap(c, l, cnt_E, cover_E),
+            span=None if c.domains is None or cover_E is None else (c.domains.domain_R, cover_E),
         )
         bound, out.status = res.bound, res.status
         out.bound_kind = "exact ILP bound (true objective)"
@@ -245,9 +261,11 @@ def phase_exact_mip(c: LayerContext, l: int, best: Best, time_s: float) -> MipOu
 
 
 def phase_pairwise_mip(c: LayerContext, l: int, best: Best, time_s: float) -> MipOutcome:
-    """Aggregates only: the pairwise ILP (flat or hierarchical), polish, and its LP bound."""
+    """Aggregates only: the pairwise ILP (flat or hierarchical), polish, and its LP bound (with
+    fault domains, of the model that keeps the best row's multi-homed experts multi-homed)."""
     E, R = c.stats.num_experts, c.topo.num_ranks
     cnt_E = np.bincount(best.row, minlength=E)
+    cover_E = None if c.domains is None else c.domains.multi_homed_E(best.row)
     hier = c.hierarchical
     if hier is None:
         hier = c.topo.num_nodes > 1 and (cnt_E == 1).all() and E * R >= 512
@@ -260,7 +278,7 @@ def phase_pairwise_mip(c: LayerContext, l: int, best: Best, time_s: float) -> Mi
             polished = local_search_layer(c.stats, l, c.topo, row, **c.ls_kwargs(l))
             best.offer(polished, "pairwise_ilp" if np.array_equal(polished, row) else "pairwise_ilp+polish")
     # the flat LP relaxation (not time-limited) backs every pairwise bound
-    flat = pairwise.flat_model(c, l, cnt_E)
+    flat = pairwise.flat_model(c, l, cnt_E, cover_E)
     lp = solve_layer_model(flat, relax=True, time_limit_s=LP_BOUND_TIME_S, solver=c.solver).bound
     if hier:
         bound = lp

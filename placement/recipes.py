@@ -16,6 +16,7 @@ import numpy as np
 
 from placement import mtk
 from placement.cost import evaluate
+from placement.domains import FaultDomains
 from placement.folds import newest
 from placement.methods import METHODS, run_method
 from placement.placement import Placement, PlacementError
@@ -71,6 +72,7 @@ class SelectContext:
     seed: int
     restarts: int
     balance_cap: float | None
+    fault_domain: str = "none"  # domains.py: every candidate keeps its rule
 
     def score_L(self, stats: RoutingStats, p: Placement) -> np.ndarray:
         """The cost model's objective per layer [L] at the asked weights."""
@@ -110,6 +112,7 @@ def _bagged(fit: RoutingStats, c: SelectContext, budget_s: float, tag: int) -> t
             seed=c.seed,
             restarts=c.restarts,
             balance_cap=c.balance_cap,
+            fault_domain=c.fault_domain,
         ).placement
         for s in samples
     ]
@@ -129,10 +132,13 @@ def run_recipe(
         return _bagged(fit, c, budget_s, tag)
     if r.method == "mtkahypar":
         end = time.monotonic() + max(budget_s, MIN_SOLVE_S)
+        domains = FaultDomains.of(c.topo, c.fault_domain, fit.num_experts)
         ids_TLK = fit.topk_ids_TLK
         assert ids_TLK is not None  # validation needs per-token ids (checked by select_placement)
         rows = [
-            mtk.mtk_row(ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end)
+            mtk.mtk_row(
+                ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end, domains=domains
+            )
             for l in range(fit.num_layers)
         ]
         found = [row for row in rows if row is not None]
@@ -151,5 +157,6 @@ def run_recipe(
         seed=c.seed + r.seed_offset,
         restarts=c.restarts,
         balance_cap=c.balance_cap,
+        fault_domain=c.fault_domain,
     )
     return res.placement, res.layers

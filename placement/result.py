@@ -71,6 +71,9 @@ class SolveResult:
     gap: float  # (model_objective - bound) / |model_objective| (nan: no ILP)
     solve_time_s: float
     layers: tuple[LayerReport, ...] = field(default=())
+    # with fault domains (domains.py), per layer the experts whose replicas all sit on one domain
+    # (() when the solve had no fault domain)
+    single_homed: tuple[tuple[int, ...], ...] = ()
 
     @property
     def fit_score(self) -> float:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from placement.cost import evaluate, token_sends_T
+from placement.domains import FaultDomains, domain_vector
 from placement.folds import MAX_FOLDS, MIN_FIT_TOKENS, VAL_FRACTION, Fold, time_folds
 from placement.ilp import default_solver
 from placement.methods import DEFAULT_RESTARTS, METHODS
@@ -221,11 +222,14 @@ def select_placement(
     balance_cap: float | None = None,
     val_fraction: float = VAL_FRACTION,
     folds: int = MAX_FOLDS,
+    fault_domain: str = "none",
 ) -> SolveResult:
     """Place every layer by validation inside the window (module docstring) within ``time_limit_s``.
-    ``recipes``: the candidates (default: :func:`default_recipes` of ``method``). Returns a
-    :class:`SolveResult` whose layer reports carry the fit / validation scores of every candidate."""
+    ``recipes``: the candidates (default: :func:`default_recipes` of ``method``); every candidate
+    keeps ``fault_domain``'s rule (domains.py). Returns a :class:`SolveResult` whose layer reports
+    carry the fit / validation scores of every candidate."""
     t0 = time.monotonic()
+    domain_vector(topology, fault_domain)  # an unknown fault domain fails before any candidate runs
     recipes = recipes or default_recipes(method, load_weight)
     c = SelectContext(
         topology,
@@ -236,6 +240,7 @@ def select_placement(
         int(seed),
         DEFAULT_RESTARTS if restarts is None else int(restarts),
         balance_cap,
+        fault_domain,
     )
     if time_limit_s / max(stats.num_layers, 1) < FOLDS_MIN_S:
         folds = 1
@@ -298,7 +303,10 @@ def _result(
         migration_weight=c.migration_weight,
         expert_bytes=c.expert_bytes,
     )
-    return SolveResult(p, cost, "validated", default_solver(), status, math.nan, math.nan, math.nan, elapsed, reports)
+    fd = FaultDomains.of(c.topo, c.fault_domain, stats.num_experts)
+    homed = () if fd is None else fd.single_homed(p)
+    nan = math.nan
+    return SolveResult(p, cost, "validated", default_solver(), status, nan, nan, nan, elapsed, reports, homed)
 
 
 def validation_scores(
@@ -386,6 +394,7 @@ def select_slots(
                 int(seed),
                 DEFAULT_RESTARTS,
                 kwargs.get("balance_cap"),
+                kwargs.get("fault_domain", "none"),
             )
             p, _ = run_recipe(first, fit, c, SLOTS_SHARE * time_limit_s / len(opts))
             assert p is not None  # a recipe that ran before (or the pipeline) answers

@@ -46,17 +46,18 @@ def solve_placement(
     solver: str | None = None,
     hierarchical: bool | None = None,
     balance_cap: float | None = None,
+    fault_domain: str = "none",
 ) -> SolveResult:
     """Place every layer's experts with ``method`` (one of METHODS) within ``time_limit_s`` in
     total, minimising the cost model's objective (cost.py); for "ilp" the convergent local search
-    and the pairwise LP bound may run past it (pipeline.py). ``current``: the placement in
-    use (migration term, extra warm start). ``seed`` / ``restarts``: the ILP pipeline's random
-    choices and its number of tabu restarts (same seed, same answer: pipeline.py).
-    ``max_hyperedges``: hyperedges in the exact ILP (hyper_ilp.py); ``num_pairs``: pairs in the
-    pairwise ILP (aggregates-only statistics); ``balance_cap``: optional hard cap on the busiest
-    rank, as a multiple of the mean rank load: the MIPs and the exact phase are constrained by it,
-    and no row over it replaces one within it (if no phase finds one within it, the least
-    imbalanced row wins). Returns a :class:`SolveResult`."""
+    and the pairwise LP bound may run past it (pipeline.py). ``current``: the placement in use
+    (migration term, extra warm start). ``seed`` / ``restarts``: the ILP pipeline's random choices
+    and its tabu restarts (same seed, same answer). ``max_hyperedges`` / ``num_pairs``: hyperedges
+    of the exact ILP (hyper_ilp.py) / pairs of the pairwise ILP (aggregates only). ``balance_cap``:
+    optional hard cap on the busiest rank, a multiple of the mean rank load (the MIPs and the
+    exact phase obey it; no row over it replaces one within it). ``fault_domain`` ("none" |
+    "node" | "rank", domains.py): as many experts per layer on two fault domains as the slots
+    allow, the hottest first (``SolveResult.single_homed`` lists the others)."""
     check_args(method, time_limit_s, load_weight, migration_weight, expert_bytes, balance_cap, restarts, max_hyperedges)
     common: dict[str, Any] = dict(
         current=current,
@@ -67,6 +68,7 @@ def solve_placement(
         seed=seed,
         restarts=restarts,
         balance_cap=balance_cap,
+        fault_domain=fault_domain,
     )
     if method == "validated":  # select.py runs methods.py's methods as its candidates
         return select_placement(stats, topology, **common)
