@@ -5,11 +5,9 @@ and on a lost actor (or a lost node) rebuild the group on the nodes there are an
 last committed checkpoint, within the failure policy; the run's topology (the rank -> node map
 the group found) and re-solving the placement when a rebuilt group lands on another layout.
 States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING | RESIZING) -> FINISHED, and
-RESTARTING -> STARTING after a failure, FAILED when the policy gives up. An elastic run
-(``cluster.min_workers`` < ``cluster.num_workers``) starts on the largest size that fits, grows at
-step boundaries from memory (RESIZING, :mod:`cluster.elastic`) and rebuilds on fewer ranks after a
-node loss.
-"""
+RESTARTING -> STARTING after a failure, FAILED when the policy gives up. An elastic run starts on
+what fits, grows from memory (RESIZING, :mod:`cluster.elastic`), recovers a loss from memory
+(:mod:`cluster.recovery`) or its checkpoint, on the ranks that fit."""
 
 from __future__ import annotations
 
@@ -195,6 +193,7 @@ class Controller:
             )
             self.placement = prop.placement
             self.resolved_for_topology += 1
+        replacement.log_single_homed(self.cfg, self.placement, self.node_of_rank, "the group's placement")
         return self.placement
 
     def _log_layout(self) -> None:

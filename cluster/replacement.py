@@ -36,6 +36,7 @@ from moetrain.config import RunConfig
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import merge_rank_samples
 from placement import Placement, RoutingStats, SolveResult, Topology, evaluate, solve_placement
+from placement.domains import domain_vector, single_homed
 from placement.select import select_placement, validation_scores
 from placement.stats import without_homes
 
@@ -150,6 +151,7 @@ def _solve(
     migration_weight: float,
     seed: int,
     val_fraction: float = 0.25,
+    fault_domain: str = "none",
 ) -> Proposal:
     """Runs in a Ray task: the proposal (validated unless ``val_fraction`` is 0) and the cost of
     current vs proposed on the whole window and on the validation steps."""
@@ -160,6 +162,7 @@ def _solve(
         load_weight=load_weight,
         migration_weight=migration_weight,
         seed=seed,
+        fault_domain=fault_domain,
     )
     if val_fraction > 0:
         result = select_placement(stats, topology, method=method, val_fraction=val_fraction, **kw)
@@ -238,7 +241,21 @@ def solve_now(stats: RoutingStats, topology: Topology, current: Placement, cfg: 
         p.migration_weight,
         cfg.train.seed,
         p.val_fraction,
+        p.fault_domain,
     )
+
+
+def log_single_homed(cfg: RunConfig, placement: Placement, node_of_rank: tuple[int, ...], what: str) -> None:
+    """Log the experts of ``placement`` whose replicas all sit on one fault domain of the ranks'
+    nodes (:func:`run_topology`; ``placement.fault_domain``, nothing is logged for "none")."""
+    fd = cfg.placement.fault_domain
+    dom = None if fd == "none" else domain_vector(run_topology(cfg, placement, node_of_rank), fd)
+    if dom is None:
+        return
+    homed = single_homed(placement, dom)
+    n = sum(len(h) for h in homed)
+    where = "; ".join(f"layer {i}: {list(h)}" for i, h in enumerate(homed) if h) or "none"
+    log.info("%s: %d expert(s) single-homed (fault domain %s): %s", what, n, fd, where)
 
 
 class Replanner:
@@ -273,6 +290,7 @@ class Replanner:
             p.migration_weight,
             self.cfg.train.seed,
             p.val_fraction,
+            p.fault_domain,
         )
         self._pending = (ref, step)
         log.info(
@@ -319,6 +337,8 @@ class Replanner:
             if decision.migrated
             else "",
         )
+        if decision.migrated:
+            log_single_homed(self.cfg, prop.placement, prop.node_of_rank, f"step {step}: the new placement")
         return decision
 
 

@@ -231,6 +231,10 @@ class PlacementConfig:
     # with data.rank_assignment=domain. false = the domain-agnostic model (uniform origin).
     home_ranks: bool = True
     blocking: bool = False  # wait for each solve at its launch step (deterministic; tests/debugging)
+    # none | node | rank: keep as many experts per layer as the slots allow on two fault domains
+    # (the ranks of one node / each rank), the hottest first (placement/domains.py); the run logs
+    # the experts left single-homed whenever a placement is chosen
+    fault_domain: str = "none"
 
 
 @dataclass(kw_only=True)
@@ -434,6 +438,7 @@ def from_dict(data: dict[str, Any]) -> RunConfig:
 
 
 PLACEMENT_METHODS = ("ilp", "local_search", "greedy", "validated")
+PLACEMENT_FAULT_DOMAINS = ("none", "node", "rank")  # placement.domains.FAULT_DOMAINS
 PRECISIONS = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "block", "attention")
 ROUTERS = ("softmax_topk", "topk_softmax")
@@ -833,6 +838,10 @@ def _validate_placement(cfg: RunConfig) -> None:
     p, moe, c = cfg.placement, cfg.model.moe, cfg.cluster
     _require(
         p.method in PLACEMENT_METHODS, f"placement.method ({p.method!r}) must be one of {', '.join(PLACEMENT_METHODS)}"
+    )
+    _require(
+        p.fault_domain in PLACEMENT_FAULT_DOMAINS,
+        f"placement.fault_domain ({p.fault_domain!r}) must be one of {', '.join(PLACEMENT_FAULT_DOMAINS)}",
     )
     slots = p.slots_per_rank or (moe.num_experts // c.num_workers)
     if p.slots_per_rank == 0:

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from placement.domains import FAULT_DOMAINS
 from placement.placement import PlacementError
 from placement.select import select_slots
 from placement.solve import METHODS, solve_placement
@@ -34,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--load-weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="the ILP pipeline's seed (same seed, same answer)")
     p.add_argument("--inter-node-cost", type=float, default=4.0)
+    p.add_argument(
+        "--fault-domain", choices=FAULT_DOMAINS, default="none", help="keep experts on two nodes / ranks (domains.py)"
+    )
     p.add_argument("--out", default="", help="write the placement JSON here")
     return p
 
@@ -67,7 +71,14 @@ def _topology(args, stats) -> tuple[Topology, str]:
         return topo, ""
     method = args.method if args.method in ("ilp", "greedy", "local_search", "validated") else "greedy"
     choice = select_slots(
-        stats, R, method=method, time_limit_s=args.time_limit, load_weight=args.load_weight, seed=args.seed, **kw
+        stats,
+        R,
+        method=method,
+        time_limit_s=args.time_limit,
+        load_weight=args.load_weight,
+        seed=args.seed,
+        fault_domain=args.fault_domain,
+        **kw,
     )
     scores = ", ".join(f"{n} {v:.4f}" for n, v in choice.val_scores)
     return choice.topology, (
@@ -85,7 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for method in others + [args.method]:
             tl = args.time_limit if method == args.method else max(args.time_limit / 4, 0.5)
-            res = solve_placement(stats, topo, method, time_limit_s=tl, load_weight=args.load_weight, seed=args.seed)
+            res = solve_placement(
+                stats,
+                topo,
+                method,
+                time_limit_s=tl,
+                load_weight=args.load_weight,
+                seed=args.seed,
+                fault_domain=args.fault_domain,
+            )
             rows.append(res)
     except (StatsError, TopologyError, PlacementError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -106,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     best = rows[-1]
     per_layer = " ".join(f"{lid}:{v:.3f}" for lid, v in zip(stats.layer_ids, best.cost.sends_L))
     print(f"{best.method} sends/token per layer (each divided by that layer's tokens): {per_layer}")
+    if args.fault_domain != "none":
+        homed = ", ".join(f"{lid}:{list(h)}" for lid, h in zip(stats.layer_ids, best.single_homed))
+        print(f"{best.method} single-homed experts per layer (fault domain {args.fault_domain}): {homed}")
     if best.method == "validated":
         print(
             f"validated: fit objective {best.fit_score:.4f}, validation objective {best.val_score:.4f} ({best.status})"

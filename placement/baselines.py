@@ -2,7 +2,10 @@
 
 Owns: replica counts for hot experts (:func:`replica_counts`), greedy balanced packing with
 hot-expert replication (EPLB-style, :func:`greedy_layer`), and pairwise-swap local search
-(:func:`local_search_layer`). Contiguous and round-robin are ``Placement`` constructors.
+(:func:`local_search_layer`). Contiguous and round-robin are ``Placement`` constructors. With
+fault domains (domains.py) the counts first give the experts to cover a second replica, the
+packing puts it on another domain, and the searches skip exchanges that leave a multi-homed
+expert single-homed; without them every function is what it was.
 
 Legend: T tokens, K top-k, E experts, R ranks, S slots.
 """
@@ -14,6 +17,7 @@ import time
 import numpy as np
 
 from placement.cost import holders_ER, origin_classes, virtual_ids
+from placement.domains import FaultDomains
 from placement.stats import RoutingStats, onehot_TE
 from placement.topology import Topology
 
@@ -21,21 +25,32 @@ from placement.topology import Topology
 PAIR_DENSITY_MAX = 0.5  # exact swap deltas use the (token, slot, slot) pair list up to this x T x S
 
 
-def replica_counts(load_E: np.ndarray, topo: Topology) -> np.ndarray:
-    """Replicas per expert [E] filling every slot: one each, then the extra slots go one at a
-    time to the expert with the highest load per replica (at most one replica per rank)."""
+def replica_counts(load_E: np.ndarray, topo: Topology, cover_E: np.ndarray | None = None) -> np.ndarray:
+    """Replicas per expert [E] filling every slot: one each (two for the experts of ``cover_E``,
+    bool [E]: those to keep on two fault domains), then the extra slots go one at a time to the
+    expert with the highest load per replica (at most one replica per rank)."""
     E = load_E.shape[0]
     topo.check_experts(E)
-    cnt = np.ones(E, dtype=np.int64)
-    for _ in range(topo.num_slots - E):
+    cnt = np.ones(E, dtype=np.int64) + (0 if cover_E is None else np.asarray(cover_E, dtype=np.int64))
+    for _ in range(topo.num_slots - int(cnt.sum())):
         per = np.where(cnt < topo.num_ranks, load_E / cnt, -np.inf)
         cnt[int(np.argmax(per))] += 1
     return cnt
 
 
-def pack_lpt(load_E: np.ndarray, cnt_E: np.ndarray, topo: Topology) -> np.ndarray:
+def pack_lpt(
+    load_E: np.ndarray,
+    cnt_E: np.ndarray,
+    topo: Topology,
+    domains: FaultDomains | None = None,
+    cover_E: np.ndarray | None = None,
+) -> np.ndarray:
     """Longest-processing-time packing of replicas (weight load/cnt) onto ranks with free slots,
-    never two replicas of one expert on one rank. Returns ``phy2log_S`` [S] laid out by rank."""
+    never two replicas of one expert on one rank. Returns ``phy2log_S`` [S] laid out by rank.
+    With ``domains`` and ``cover_E`` (bool [E]), the first two replicas of each covered expert go
+    to two different domains (:func:`_pack_lpt_domains`)."""
+    if domains is not None and cover_E is not None and np.any(cover_E):
+        return _pack_lpt_domains(load_E, cnt_E, topo, domains, np.asarray(cover_E, dtype=bool))
     R = topo.num_ranks
     free = np.array(topo.slots_per_rank)
     rank_load = np.zeros(R)
@@ -52,9 +67,108 @@ def pack_lpt(load_E: np.ndarray, cnt_E: np.ndarray, topo: Topology) -> np.ndarra
     return np.array([e for h in held for e in h], dtype=np.int64)
 
 
-def greedy_layer(load_E: np.ndarray, topo: Topology) -> np.ndarray:
-    """EPLB-style: replicate the hottest experts into the extra slots, then LPT-pack. [S]"""
-    return pack_lpt(load_E, replica_counts(load_E, topo), topo)
+def _pair_domains(cnt_E: np.ndarray, order: np.ndarray, cover_E: np.ndarray, slots_D: np.ndarray) -> dict:
+    """expert -> the two domains of its first two replicas, for the covered experts in packing
+    order: each time the two domains with the most slots not yet promised (ties: the lower id).
+    Two-largest-first finds k pairs whenever ``sum_d min(slots_d, k) >= 2 k`` (domains.py)."""
+    left = slots_D.astype(np.int64).copy()
+    out: dict[int, tuple[int, int]] = {}
+    for e in order:
+        if cover_E[e] and cnt_E[e] >= 2 and int(e) not in out:
+            a, b = np.argsort(-left, kind="stable")[:2]
+            out[int(e)] = (int(a), int(b))
+            left[[a, b]] -= 1
+    return out
+
+
+class _Packing:
+    """Ranks being filled: what each holds, its free slots and its load (per-replica weights)."""
+
+    def __init__(self, topo: Topology, per_E: np.ndarray, domains: FaultDomains):
+        self.held: list[list[int]] = [[] for _ in range(topo.num_ranks)]
+        self.free = np.array(topo.slots_per_rank)
+        self.load = np.zeros(topo.num_ranks)
+        self.per_E, self.domains = per_E, domains
+
+    def lacking(self, e: int) -> np.ndarray:
+        """bool [R]: ranks with a free slot that do not hold e."""
+        return (self.free > 0) & np.array([e not in h for h in self.held])
+
+    def put(self, e: int, ok: np.ndarray) -> None:
+        """e on the least loaded rank of ``ok``."""
+        r = int(np.flatnonzero(ok)[np.argmin(self.load[ok])])
+        self.held[r].append(int(e))
+        self.free[r] -= 1
+        self.load[r] += self.per_E[e]
+
+    def move(self, f: int, q: int, r: int) -> None:
+        self.held[q].remove(f)
+        self.held[r].append(f)
+        self.free[[r, q]] += [-1, 1]
+        self.load[[r, q]] += [self.per_E[f], -self.per_E[f]]
+
+    def make_room(self, e: int) -> np.ndarray:
+        """Every free slot is on a rank holding e: an expert f moves from a rank q lacking e to
+        such a rank (f not there, f as multi-homed as before), so that q has room for e. Returns
+        ``lacking(e)`` after the move (empty when no such f exists)."""
+        dom = self.domains.domain_R
+        for r in np.flatnonzero(self.free > 0):
+            for q in range(len(self.held)):
+                for f in list(self.held[q]):
+                    if e in self.held[q] or f in self.held[int(r)]:
+                        continue
+                    homes = {int(dom[p]) for p in range(len(self.held)) if f in self.held[p] and p != q}
+                    was_multi = len(homes | {int(dom[q])}) >= 2
+                    if not was_multi or len(homes | {int(dom[r])}) >= 2:
+                        self.move(f, q, int(r))
+                        return self.lacking(e)
+        return self.lacking(e)
+
+
+def _pack_lpt_domains(
+    load_E: np.ndarray, cnt_E: np.ndarray, topo: Topology, domains: FaultDomains, cover_E: np.ndarray
+) -> np.ndarray:
+    """:func:`pack_lpt` in two passes, each in LPT order: first the two replicas of each covered
+    expert, on the two domains :func:`_pair_domains` gives it (always possible: each domain has
+    as many slots as it was given pairs), then every other replica on the least loaded rank with
+    room that lacks it (making room by moving another expert when every free slot is on a rank
+    holding it; when even that fails, the slot takes the expert with the most load per replica
+    that the rank lacks)."""
+    per = load_E / cnt_E
+    items = np.repeat(np.arange(load_E.shape[0]), cnt_E)
+    items = items[np.argsort(-per[items], kind="stable")]
+    slots_D = np.bincount(domains.domain_R, weights=np.array(topo.slots_per_rank, dtype=np.float64))
+    pairs = _pair_domains(cnt_E, items, cover_E, slots_D)
+    pk = _Packing(topo, per, domains)
+    seen = np.zeros(load_E.shape[0], dtype=np.int64)
+    rest: list[int] = []
+    for e in items.tolist():
+        j, seen[e] = int(seen[e]), seen[e] + 1
+        if e in pairs and j < 2:
+            pk.put(e, pk.lacking(e) & (domains.domain_R == pairs[e][j]))
+        else:
+            rest.append(e)
+    for e in rest:
+        ok = pk.lacking(e)
+        if not ok.any():
+            ok = pk.make_room(e)
+        if not ok.any():  # no rank can take another replica of e: the slot goes to another expert
+            r = int(np.flatnonzero(pk.free > 0)[0])
+            e = max((g for g in range(len(per)) if g not in pk.held[r]), key=lambda g: (per[g], -g))
+            ok = np.arange(len(pk.free)) == r
+        pk.put(e, ok)
+    return np.array([e for h in pk.held for e in h], dtype=np.int64)
+
+
+def greedy_layer(load_E: np.ndarray, topo: Topology, domains: FaultDomains | None = None) -> np.ndarray:
+    """EPLB-style: replicate the hottest experts into the extra slots, then LPT-pack. [S] With
+    fault ``domains``, the hottest experts the slots allow are first given a replica on a
+    second domain (domains.py)."""
+    if domains is None or not domains.active:
+        return pack_lpt(load_E, replica_counts(load_E, topo), topo)
+    cover = domains.cover_E(load_E)
+    row = pack_lpt(load_E, replica_counts(load_E, topo, cover), topo, domains, cover)
+    return row if domains.valid(row) else domains.repair(row, load_E)
 
 
 class _SwapState:
@@ -187,12 +301,17 @@ def _slot_pairs(slot_TK: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return t[ok], s[ok].astype(np.int64), u[ok].astype(np.int64)
 
 
-def _bad_swaps(row_S: np.ndarray, rank_S: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:
-    """[S, S] True where exchanging slots s, u is pointless (same expert) or would put two
-    replicas of one expert on one rank."""
+def _bad_swaps(
+    row_S: np.ndarray, rank_S: np.ndarray, num_experts: int, num_ranks: int, domains: FaultDomains | None = None
+) -> np.ndarray:
+    """[S, S] True where exchanging slots s, u is pointless (same expert), would put two
+    replicas of one expert on one rank, or (``domains``) leave a multi-homed expert single-homed."""
     hold = holders_ER(row_S, rank_S, num_experts, num_ranks) > 0
     e, a = row_S, rank_S
-    return (e[:, None] == e[None, :]) | hold[e[None, :], a[:, None]] | hold[e[:, None], a[None, :]]
+    bad = (e[:, None] == e[None, :]) | hold[e[None, :], a[:, None]] | hold[e[:, None], a[None, :]]
+    if domains is not None and domains.active:
+        bad |= domains.unhoming_swaps(row_S)
+    return bad
 
 
 def local_search_layer(
@@ -209,10 +328,12 @@ def local_search_layer(
     deadline: float = float("inf"),
     max_iters: int = 20_000,
     tol: float = 1e-12,
+    domains: FaultDomains | None = None,
 ) -> np.ndarray:
     """Best-improvement exchange of slot contents between ranks, from ``start_S`` [S], until no
     exchange improves the objective or ``deadline`` (time.monotonic) passes. With replicas a
-    predicted improvement is checked on the rebuilt state and the pair skipped if it fails."""
+    predicted improvement is checked on the rebuilt state and the pair skipped if it fails.
+    ``domains``: no exchange leaves a multi-homed expert single-homed (domains.py)."""
     E, R = stats.num_experts, topo.num_ranks
     exact = stats.topk_ids_TLK is not None if exact is None else exact
     rank_S = np.repeat(np.arange(R), topo.slots_per_rank)
@@ -229,7 +350,7 @@ def local_search_layer(
             break
         d = st.delta_SS()
         if replicated:
-            d[_bad_swaps(row, rank_S, E, R) | tabu] = np.inf
+            d[_bad_swaps(row, rank_S, E, R, domains) | tabu] = np.inf
         s, u = np.unravel_index(int(np.argmin(d)), d.shape)
         if not d[s, u] < -tol:
             break
@@ -260,11 +381,13 @@ def tabu_search_layer(
     expert_bytes: float = 1.0,
     deadline: float = float("inf"),
     tol: float = 1e-12,
+    domains: FaultDomains | None = None,
 ) -> tuple[np.ndarray, float]:
     """Tabu search over exchanges of slot contents between ranks: ``iters`` moves, each the best
     exchange (improving or not) whose slots were not moved in the last ``tenure`` (+0..2, seeded)
     moves, unless it beats the best seen (aspiration). Ties are broken by a seeded random
     perturbation, so a given seed gives one answer unless ``deadline`` cuts the run.
+    ``domains``: as in :func:`local_search_layer`.
     Returns the best row [S] seen and its objective (the exact one of cost.py)."""
     E, R = stats.num_experts, topo.num_ranks
     exact = stats.topk_ids_TLK is not None
@@ -284,7 +407,7 @@ def tabu_search_layer(
             break
         d = st.delta_SS()
         if replicated:
-            d[_bad_swaps(row, rank_S, E, R)] = np.inf
+            d[_bad_swaps(row, rank_S, E, R, domains)] = np.inf
         locked = (until[:, None] > it) | (until[None, :] > it)
         d = np.where(locked & ~(cur + d < best_obj - tol), np.inf, d)
         d = d + rng.random(d.shape) * tol  # seeded tie-break

@@ -13,6 +13,8 @@ Model (per token; every coefficient is the one ``evaluate()`` uses, see hypergra
     m >= 0               busiest rank:  m >= sum_v load[v] x[v, r] / T   (optional cap on it)
     replicas of one expert on strictly increasing ranks:
                          sum_r r x[v_{j+1}, r] - sum_r r x[v_j, r] >= 1
+    optional fault domains (domains.py), for each expert e to keep on two domains and domain d:
+                         sum_{v of e} sum_{r in d} x[v, r] <= cnt[e] - 1
     minimise  sum_{h,r} weight[h] w[o(h), r] z[h, r] / T + sum_{v,r} (single[v, o] w[o, r] / T + fetch[v, r]) x[v, r]
               + load_weight * m
 
@@ -31,7 +33,7 @@ heaviest hyperedges; each one left out costs its weight x min(w) (connectivity >
 model, which makes the model a *relaxation* of the true objective: its proven bound stays a
 lower bound of the true layer objective, while the answer is always re-scored exactly.
 
-Replica counts are fixed by the caller (solve.py: :func:`placement.baselines.replica_counts`),
+Replica counts are fixed by the caller (phases.py: :func:`placement.baselines.replica_counts`),
 so with replicas the bound holds for placements with those counts. Symmetry breaking when ranks
 are interchangeable (one origin class, equal w and slots, no migration term, no replicas; home
 ranks pin tokens to ranks, so they are never interchangeable then): the i-th heaviest
@@ -115,8 +117,10 @@ def build_exact(
     fetch_VR: np.ndarray,
     max_edges: int,
     cap: float | None = None,
+    span: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ExactModel:
-    """The model in the module docstring, on the ``max_edges`` heaviest hyperedges."""
+    """The model in the module docstring, on the ``max_edges`` heaviest hyperedges; ``span``:
+    ``(domain_R [R], cover_E bool [E])``, the experts to keep on two fault domains."""
     V, R, T = hg.num_vertices, np.shape(w_R)[-1], max(hg.num_tokens, 1)
     H = min(hg.num_edges, max(int(max_edges), 0))
     P = int(hg.edge_ptr[H])
@@ -136,20 +140,10 @@ def build_exact(
     parts.append((np.concatenate([vr.T, mcol], axis=1), load_vals, np.full(R, -INF), np.zeros(R)))
     if cap is not None:
         parts.append((vr.T, np.tile(hg.load_V / T, (R, 1)), np.full(R, -INF), np.full(R, float(cap))))
-    nxt = np.flatnonzero(hg.replica_V[1:] > 0) + 1  # v with a predecessor replica v - 1
-    if nxt.size:
-        cols = np.concatenate([vr[nxt], vr[nxt - 1]], axis=1)
-        vals = np.concatenate(
-            [np.tile(np.arange(R, dtype=float), (nxt.size, 1)), -np.tile(np.arange(R, dtype=float), (nxt.size, 1))],
-            axis=1,
-        )
-        parts.append((cols, vals, np.ones(nxt.size), np.full(nxt.size, INF)))
-    if P:
-        e_P = hg.edge_of_pin()[:P]
-        zc = nx + e_P[:, None] * R + np.arange(R)[None, :]  # [P, R]
-        cols = np.stack([zc.ravel(), vr[hg.edge_pins[:P]].ravel()], axis=1)
-        vals = np.tile([1.0, -1.0], (P * R, 1))
-        parts.append((cols, vals, np.zeros(P * R), np.full(P * R, INF)))
+    parts += _replica_order_rows(hg, vr)
+    if span is not None:
+        parts += _span_rows(hg, vr, *span)
+    parts += _pin_rows(hg, vr, nx, P)
     ptr, idx, val, lo, hi = _rows(parts)
     w_OR = np.atleast_2d(w_R)
     symmetric = (
@@ -165,6 +159,43 @@ def build_exact(
             col_ub[vr[v, i + 1 :]] = 0.0
     left_out = float(edge_HR[H:].min(axis=1, initial=INF).sum()) / T if H < hg.num_edges else 0.0
     return ExactModel(cost, col_ub, nx, ptr, idx, val, lo, hi, V, R, H, left_out, symmetric)
+
+
+def _replica_order_rows(hg: LayerHypergraph, vr: np.ndarray) -> list:
+    """Replicas of one expert on strictly increasing ranks: rank(v) - rank(v - 1) >= 1."""
+    R = vr.shape[1]
+    nxt = np.flatnonzero(hg.replica_V[1:] > 0) + 1  # v with a predecessor replica v - 1
+    if not nxt.size:
+        return []
+    cols = np.concatenate([vr[nxt], vr[nxt - 1]], axis=1)
+    vals = np.concatenate(
+        [np.tile(np.arange(R, dtype=float), (nxt.size, 1)), -np.tile(np.arange(R, dtype=float), (nxt.size, 1))],
+        axis=1,
+    )
+    return [(cols, vals, np.ones(nxt.size), np.full(nxt.size, INF))]
+
+
+def _pin_rows(hg: LayerHypergraph, vr: np.ndarray, nx: int, P: int) -> list:
+    """z[h, r] >= x[v, r] for each of the first P pins (v of hyperedge h) and rank r."""
+    if not P:
+        return []
+    R = vr.shape[1]
+    e_P = hg.edge_of_pin()[:P]
+    zc = nx + e_P[:, None] * R + np.arange(R)[None, :]  # [P, R]
+    cols = np.stack([zc.ravel(), vr[hg.edge_pins[:P]].ravel()], axis=1)
+    vals = np.tile([1.0, -1.0], (P * R, 1))
+    return [(cols, vals, np.zeros(P * R), np.full(P * R, INF))]
+
+
+def _span_rows(hg: LayerHypergraph, vr: np.ndarray, domain_R: np.ndarray, cover_E: np.ndarray) -> list:
+    """One row per covered expert e and domain d: at most cnt[e] - 1 of e's vertices on d."""
+    out = []
+    for e in np.flatnonzero(cover_E):
+        v_e = np.flatnonzero(hg.expert_V == e)
+        for d in np.unique(domain_R):
+            cols = vr[np.ix_(v_e, np.flatnonzero(domain_R == d))].reshape(1, -1)
+            out.append((cols, np.ones(cols.shape), np.full(1, -INF), np.full(1, float(len(v_e) - 1))))
+    return out
 
 
 def canonical_ranks(m: ExactModel, load_V: np.ndarray, rank_V: np.ndarray) -> np.ndarray:
@@ -322,17 +353,19 @@ def solve_exact(
     seed: int = 0,
     max_nodes: int = 10_000,
     cap: float | None = None,
+    span: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ExactResult:
     """Solve one layer's exact model (module docstring) from the warm start ``warm_V`` (a rank
     per vertex); ``w_R``: [R], or [O, R] for a hypergraph with origin classes. ``bound`` is a
     proven lower bound of the true layer objective: the larger of
-    the solver's dual bound (plus the left-out hyperedges' floor) and :func:`trivial_bound`."""
+    the solver's dual bound (plus the left-out hyperedges' floor) and :func:`trivial_bound`
+    (with ``span``, of the placements that keep those experts on two fault domains)."""
     if solver not in ("highs", "cbc"):
         raise ValueError(f"solver ({solver!r}) must be 'highs' or 'cbc'")
     if solver == "highs" and not HAVE_HIGHS:
         raise ValueError("solver 'highs' requested but highspy is not importable")
     w_R = np.asarray(w_R, dtype=float)
-    m = build_exact(hg, w_R, np.asarray(slots_R), load_weight, fetch_VR, max_edges, cap)
+    m = build_exact(hg, w_R, np.asarray(slots_R), load_weight, fetch_VR, max_edges, cap, span)
     warm = None
     if warm_V is not None:
         warm = warm_values(m, hg, canonical_ranks(m, hg.load_V, np.asarray(warm_V)))

@@ -1,7 +1,7 @@
 """The pairwise ILP for one layer (PuLP; HiGHS when importable, else the bundled CBC).
 
 Owns: building and solving the per-layer pairwise model, warm start, reading the solver's proven
-bound. solve.py uses it for statistics without per-token ids (aggregates only); with ids it
+bound. The ILP pipeline (phases.py) uses it for statistics without per-token ids (aggregates only); with ids it
 uses the exact hypergraph model of hyper_ilp.py instead.
 
 Legend: E experts, R ranks (or nodes, in the first stage of the hierarchical split), P pairs.
@@ -18,6 +18,8 @@ with ``q[p] = coact[e, f] / (cnt[e] cnt[f]) / T`` on the P heaviest pairs. The c
 ``min(w) * sum_e load[e] / T`` is kept out of the objective (HiGHS drops objective constants
 and then misreports the gap) and added back to ``objective`` and ``bound`` afterwards.
 Optional hard cap: ``sum_e share[e] x[e, r] <= cap`` (relative to the mean rank load).
+Optional fault domains (domains.py): for each expert e to keep on two domains and each domain d,
+``sum_{r in d} x[e, r] <= cnt[e] - 1`` (not every replica on one domain).
 Star inequalities ``sum_{p containing e} y[p, r] <= (slots[r] - 1) x[e, r]`` (valid: e has at
 most slots - 1 partners on r) tighten the LP relaxation where e has more pairs than that.
 Symmetry breaking when ranks are interchangeable (equal slots and weights, no migration term,
@@ -75,6 +77,7 @@ class LayerModel:
     fetch_ER: np.ndarray  # migration cost of placing e on r (bytes x migration weight)
     load_weight: float
     cap: float | None  # absolute cap on a rank's share sum, or None
+    span: tuple[np.ndarray, np.ndarray] | None = None  # (domain_R [R], cover_E bool [E]) or None
 
 
 def top_pairs(coact_EE: np.ndarray, cnt_E: np.ndarray, num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +146,11 @@ def _build(m: LayerModel, symmetry: bool):
         for r in range(R):
             if len(inc[e]) > m.slots_R[r] - 1:
                 prob += (pulp.lpSum(y[p, r] for p in inc[e]) - float(m.slots_R[r] - 1) * x[e, r]) <= 0
+    if m.span is not None:  # a covered expert's replicas are not all on one fault domain
+        dom_R, cover_E = m.span
+        for c in np.flatnonzero(cover_E).tolist():
+            for d in np.unique(dom_R):
+                prob += pulp.lpSum(x[c, int(r)] for r in np.flatnonzero(dom_R == d)) <= int(m.cnt_E[c]) - 1
     if symmetry:
         for i, e in enumerate(np.argsort(-m.share_E, kind="stable")[: R - 1]):
             for r in range(i + 1, R):
@@ -192,41 +200,58 @@ def solve_layer_model(
         _set_warm(m, x, y, mk, warm_ER)
     # PuLP's hand-over to the solver takes about as long as building: keep both inside the limit
     tl = max(float(time_limit_s) - 2.0 * (time.monotonic() - t0), 0.05)
-    if solver == "highs":
-        s = _HiGHSWarm(
-            warm_ER is not None and not relax, msg=False, timeLimit=tl, gapRel=mip_gap, mip=not relax, threads=1
-        )
-        prob.solve(s)
-        info = prob.solverModel.getInfo()
-        bound = prob.solverModel.getInfo().objective_function_value if relax else info.mip_dual_bound
-    else:
-        with tempfile.TemporaryDirectory() as td:
-            log = Path(td) / "cbc.log"
-            with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC as deprecated for 4.0
-                warnings.simplefilter("ignore", DeprecationWarning)
-                s = pulp.PULP_CBC_CMD(
-                    msg=False,
-                    timeLimit=tl,
-                    gapRel=mip_gap,
-                    mip=not relax,
-                    warmStart=warm_ER is not None and not relax,
-                    logPath=str(log),
-                    threads=1,
-                )
-            prob.solve(s)
-            text = log.read_text() if log.exists() else ""
-        bound = _cbc_bound(text)
+    bound = _run(prob, solver, warm_ER is not None and not relax, relax, tl, mip_gap)
     if not relax and (bound is None or not math.isfinite(bound)):
         # stopped before the root relaxation finished: the LP relaxation still gives a proven bound
         lp = solve_layer_model(m, time_limit_s=LP_BOUND_TIME_S, solver=solver, symmetry=symmetry, relax=True)
         bound = lp.bound - float(m.w_R.min() * m.share_E @ m.cnt_E) if math.isfinite(lp.bound) else None
-    elapsed = time.monotonic() - t0
+    return _read(m, prob, x, bound, None if relax else warm_ER, relax, solver, time.monotonic() - t0, mip_gap)
+
+
+def _run(prob, solver: str, warm: bool, relax: bool, time_limit_s: float, mip_gap: float) -> float | None:
+    """Solve ``prob``; the solver's proven bound (model units, constant left out; None: none)."""
+    if solver == "highs":
+        s = _HiGHSWarm(warm, msg=False, timeLimit=time_limit_s, gapRel=mip_gap, mip=not relax, threads=1)
+        prob.solve(s)
+        info = prob.solverModel.getInfo()
+        return info.objective_function_value if relax else info.mip_dual_bound
+    with tempfile.TemporaryDirectory() as td:
+        log = Path(td) / "cbc.log"
+        with warnings.catch_warnings():  # PuLP 3.3 flags its bundled CBC as deprecated for 4.0
+            warnings.simplefilter("ignore", DeprecationWarning)
+            s = pulp.PULP_CBC_CMD(
+                msg=False,
+                timeLimit=time_limit_s,
+                gapRel=mip_gap,
+                mip=not relax,
+                warmStart=warm,
+                logPath=str(log),
+                threads=1,
+            )
+        prob.solve(s)
+        text = log.read_text() if log.exists() else ""
+    return _cbc_bound(text)
+
+
+def _read(
+    m: LayerModel,
+    prob,
+    x: dict,
+    bound: float | None,
+    warm_ER: np.ndarray | None,
+    relax: bool,
+    solver: str,
+    elapsed: float,
+    mip_gap: float,
+) -> IlpLayerResult:
+    """The result of a solved ``prob``: its incumbent (or the MIP start ``warm_ER`` when it has
+    none of its own), the objective and the bound with the constant added back."""
     const = float(m.w_R.min() * m.share_E @ m.cnt_E)
     sol = prob.sol_status  # PITFALLS: prob.status says Optimal even after a time limit
     status = {1: "optimal", 2: "feasible", -1: "infeasible", -2: "unbounded"}.get(sol, "no solution")
     E, R = len(m.share_E), len(m.w_R)
     if sol not in (1, 2):
-        if warm_ER is None or relax:
+        if warm_ER is None:
             return IlpLayerResult([], math.nan, math.nan, status, solver, elapsed)
         # stopped before any incumbent of its own: the MIP start stands, with whatever bound exists
         obj = model_objective(m, warm_ER)
@@ -270,4 +295,5 @@ def ranks_interchangeable(m: LayerModel) -> bool:
         and (m.slots_R == m.slots_R[0]).all()
         and not m.fetch_ER.any()
         and (m.cnt_E == 1).all()
+        and m.span is None
     )

@@ -1,7 +1,7 @@
 """MIP large-neighbourhood search: re-split the experts of two ranks optimally, exact cost.
 
 Owns: the exact two-rank sub-MIP (:func:`pair_model`, :func:`solve_pair_model`) and the
-improvement loop over rank pairs (:func:`lns_layer`) that ``solve.py`` runs after the flat ILP.
+improvement loop over rank pairs (:func:`lns_layer`) that the ILP pipeline (``phases.py``) runs after the MIP.
 
 Legend: T tokens, K top-k, S slots, F free experts (the single-replica experts of ranks a and b).
 
@@ -60,6 +60,70 @@ class PairModel:
     symmetric: bool  # a and b interchangeable: the heaviest free expert may be fixed to a
 
 
+def _free_slots(row_S: np.ndarray, rank_S: np.ndarray, a: int, b: int, keep_S: np.ndarray | None) -> np.ndarray:
+    """The slots of ranks a and b whose single-replica expert may move (a's first), [F]."""
+    cnt_E = np.bincount(row_S, minlength=int(row_S.max()) + 1)
+    free_S = ((rank_S == a) | (rank_S == b)) & (cnt_E[row_S] == 1)
+    if keep_S is not None:
+        free_S &= ~keep_S
+    return np.concatenate([np.flatnonzero(free_S & (rank_S == a)), np.flatnonzero(free_S & (rank_S == b))])
+
+
+def _token_groups(
+    ids_TK: np.ndarray, row_S: np.ndarray, rank_S: np.ndarray, slots: np.ndarray, a: int, b: int, o_T: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """The tokens grouped by (free experts needed, fixed need of a, of b, origin): the distinct
+    keys [G, F + 3] and their token counts [G]; the slot serving each pair [T, K] (-1: none), its
+    local free index [T, K] (-1: a fixed slot or none), and whether any token needs a or b
+    through a fixed slot."""
+    F = len(slots)
+    local_S = np.full(len(row_S), -1)
+    local_S[slots] = np.arange(F)
+    vid = virtual_ids(ids_TK, row_S)
+    ok = vid >= 0
+    v = np.where(ok, vid, 0)
+    loc = np.where(ok, local_S[v], -1)  # [T, K] local free index or -1
+    fixed = ok & (loc < 0)
+    fa = (fixed & (rank_S[v] == a)).any(axis=1)
+    fb = (fixed & (rank_S[v] == b)).any(axis=1)
+    A = np.zeros((ids_TK.shape[0], F), dtype=bool)
+    t_idx, k_idx = np.nonzero(loc >= 0)
+    A[t_idx, loc[t_idx, k_idx]] = True
+    keys = np.concatenate([A, fa[:, None], fb[:, None], o_T[:, None]], axis=1).astype(np.int64)
+    keys = keys[A.any(axis=1)]
+    uniq, counts = np.unique(keys, axis=0, return_counts=True)
+    return uniq, counts, vid, loc, bool(fa.any() or fb.any())
+
+
+def _need_terms(
+    uniq: np.ndarray, counts: np.ndarray, lin: np.ndarray, w_OR: np.ndarray, a: int, b: int, T: int
+) -> tuple[list, list, list, list]:
+    """The groups' costs of needing a and b: a group of one free expert adds to ``lin`` (in
+    place), a larger one is a set whose need is a variable. Returns sets_a, wt_a, sets_b, wt_b."""
+    F = len(lin)
+    sets_a: list = []
+    wt_a: list = []
+    sets_b: list = []
+    wt_b: list = []
+    for key, c in zip(uniq, counts):
+        g = np.flatnonzero(key[:F])
+        ga, gb = bool(key[F]), bool(key[F + 1])
+        wa, wb = float(w_OR[key[F + 2], a]), float(w_OR[key[F + 2], b])
+        if not ga:
+            if len(g) == 1:
+                lin[g[0]] += wa * c / T
+            else:
+                sets_a.append(g)
+                wt_a.append(wa * c / T)
+        if not gb:
+            if len(g) == 1:
+                lin[g[0]] -= wb * c / T  # need_b = 1 - x (its constant dropped)
+            else:
+                sets_b.append(g)
+                wt_b.append(wb * c / T)
+    return sets_a, wt_a, sets_b, wt_b
+
+
 def pair_model(
     ids_TK: np.ndarray,
     row_S: np.ndarray,
@@ -79,53 +143,16 @@ def pair_model(
     T = max(int((ids_TK >= 0).any(axis=1).sum()), 1)  # the layer's tokens (cost.layer_tokens)
     w_OR = np.atleast_2d(np.asarray(w_R, dtype=np.float64))
     o_T = np.zeros(ids_TK.shape[0], dtype=np.int64) if origin_T is None else np.asarray(origin_T)
-    E = int(row_S.max()) + 1
-    cnt_E = np.bincount(row_S, minlength=E)
-    on_ab = (rank_S == a) | (rank_S == b)
-    free_S = on_ab & (cnt_E[row_S] == 1)
-    if keep_S is not None:
-        free_S &= ~keep_S
-    slots = np.concatenate([np.flatnonzero(free_S & (rank_S == a)), np.flatnonzero(free_S & (rank_S == b))])
+    slots = _free_slots(row_S, rank_S, a, b, keep_S)
     F = len(slots)
     slots_a = int((rank_S[slots] == a).sum())
     if slots_a == 0 or slots_a == F:
         return None
-    local_S = np.full(len(row_S), -1)
-    local_S[slots] = np.arange(F)
-    vid = virtual_ids(ids_TK, row_S)
-    ok = vid >= 0
-    v = np.where(ok, vid, 0)
-    loc = np.where(ok, local_S[v], -1)  # [T, K] local free index or -1
-    fixed = ok & (loc < 0)
-    fa = (fixed & (rank_S[v] == a)).any(axis=1)
-    fb = (fixed & (rank_S[v] == b)).any(axis=1)
-    A = np.zeros((ids_TK.shape[0], F), dtype=bool)
-    t_idx, k_idx = np.nonzero(loc >= 0)
-    A[t_idx, loc[t_idx, k_idx]] = True
-    keys = np.concatenate([A, fa[:, None], fb[:, None], o_T[:, None]], axis=1).astype(np.int64)
-    keys = keys[A.any(axis=1)]
-    uniq, counts = np.unique(keys, axis=0, return_counts=True)
+    uniq, counts, vid, loc, fixed_need = _token_groups(ids_TK, row_S, rank_S, slots, a, b, o_T)
     experts = row_S[slots]
     lin = (fetch_ER[experts, a] - fetch_ER[experts, b]).astype(np.float64) * 1.0
-    sets_a, wt_a, sets_b, wt_b = [], [], [], []
-    for key, c in zip(uniq, counts):
-        g = np.flatnonzero(key[:F])
-        ga, gb = bool(key[F]), bool(key[F + 1])
-        wa, wb = float(w_OR[key[F + 2], a]), float(w_OR[key[F + 2], b])
-        if not ga:
-            if len(g) == 1:
-                lin[g[0]] += wa * c / T
-            else:
-                sets_a.append(g)
-                wt_a.append(wa * c / T)
-        if not gb:
-            if len(g) == 1:
-                lin[g[0]] -= wb * c / T  # need_b = 1 - x (its constant dropped)
-            else:
-                sets_b.append(g)
-                wt_b.append(wb * c / T)
-    dest = np.where(ok, rank_S[v], -1)
-    load_R = np.bincount(dest[ok], minlength=w_OR.shape[1]).astype(np.float64) / T
+    sets_a, wt_a, sets_b, wt_b = _need_terms(uniq, counts, lin, w_OR, a, b, T)
+    load_R = np.bincount(rank_S[vid[vid >= 0]], minlength=w_OR.shape[1]).astype(np.float64) / T
     load = np.bincount(loc[loc >= 0], minlength=F).astype(np.float64) / T
     fixed_a = float(load_R[a] - load[:slots_a].sum())
     fixed_b = float(load_R[b] - load[slots_a:].sum())
@@ -134,8 +161,7 @@ def pair_model(
         w_OR.shape[0] == 1
         and np.isclose(w_OR[0, a], w_OR[0, b])
         and np.isclose(fixed_a, fixed_b)
-        and not fa.any()
-        and not fb.any()
+        and not fixed_need
         and 2 * slots_a == F
         and not fetch_ER[:, [a, b]].any()
     )
@@ -257,30 +283,48 @@ def lns_layer(
             left = deadline - time.monotonic()
             if left < 0.05:
                 return best, info
-            keep = np.ones(len(best), dtype=bool)
-            for r in (a, b):
-                on_r = np.flatnonzero(rank_S == r)
-                if len(on_r) > max_free:
-                    complete = False
-                    on_r = rng.choice(on_r, max_free, replace=False)
-                keep[on_r] = False
+            keep, sampled = _neighbourhood(len(best), rank_S, a, b, max_free, rng)
+            complete = complete and not sampled
             pm = pair_model(ids_TK, best, rank_S, a, b, w_R, fetch_ER, load_weight, keep, origin_T)
             stale += 1
-            if pm is not None:
-                x0 = np.zeros(len(pm.slots))
-                x0[: pm.slots_a] = 1.0
-                xs, status = solve_pair_model(pm, x0, min(sub_time_s, left), solver)
-                info["subproblems"] += 1
-                info["proven"] += status == "optimal"
-                if pair_objective(pm, xs) < pair_objective(pm, x0) - tol:
-                    cand = apply_split(best, pm, xs)
-                    obj = objective(cand)
-                    if obj < best_obj - tol:
-                        best, best_obj = cand, obj
-                        info["improvements"] += 1
-                        stale = 0
+            cand = None if pm is None else _resplit(pm, best, min(sub_time_s, left), solver, info, tol)
+            if cand is not None:
+                obj = objective(cand)
+                if obj < best_obj - tol:
+                    best, best_obj = cand, obj
+                    info["improvements"] += 1
+                    stale = 0
             if stale >= len(pairs) and complete:
                 return best, info
             if stale >= len(pairs):
                 stale, complete = 0, True
     return best, info
+
+
+def _neighbourhood(
+    num_slots: int, rank_S: np.ndarray, a: int, b: int, max_free: int, rng: np.random.Generator
+) -> tuple[np.ndarray, bool]:
+    """Slots held fixed (bool [S]): all but at most ``max_free`` of a's and of b's (a seeded
+    choice where a rank holds more), and whether either was subsampled."""
+    keep = np.ones(num_slots, dtype=bool)
+    sampled = False
+    for r in (a, b):
+        on_r = np.flatnonzero(rank_S == r)
+        if len(on_r) > max_free:
+            sampled = True
+            on_r = rng.choice(on_r, max_free, replace=False)
+        keep[on_r] = False
+    return keep, sampled
+
+
+def _resplit(pm: PairModel, row_S: np.ndarray, time_s: float, solver: str, info: dict, tol: float) -> np.ndarray | None:
+    """The row with a and b re-split by the sub-MIP when it lowers the sub-model's objective
+    (None otherwise); counts the subproblem in ``info``."""
+    x0 = np.zeros(len(pm.slots))
+    x0[: pm.slots_a] = 1.0
+    xs, status = solve_pair_model(pm, x0, time_s, solver)
+    info["subproblems"] += 1
+    info["proven"] += status == "optimal"
+    if pair_objective(pm, xs) < pair_objective(pm, x0) - tol:
+        return apply_split(row_S, pm, xs)
+    return None

@@ -7,7 +7,9 @@ experts, the extra slots get replicas of the hottest experts (greedy's counts, E
 least loaded rank with room that lacks them. A token touching lambda ranks sends
 lambda x (1 - 1/R) rows off-rank on average (uniform origin), so minimising km1 = sum (lambda - 1)
 minimises the dedup off-rank sends (load balance and home ranks are not in its objective: every
-row it returns is scored by the cost model like any other candidate).
+row it returns is scored by the cost model like any other candidate). With fault domains
+(domains.py) the counts cover the hottest experts first, a covered expert's second replica goes
+to a domain it is not on yet, and a row still short of the rule is repaired.
 
 When ``mtkahypar`` cannot be imported, :func:`available` is False and :func:`mtk_row` returns
 None: the validated selection (select.py) then runs without this candidate.
@@ -22,6 +24,7 @@ import time
 import numpy as np
 
 from placement.baselines import replica_counts
+from placement.domains import FaultDomains
 from placement.hypergraph import build_hypergraph
 from placement.topology import Topology
 
@@ -84,12 +87,17 @@ def partition(ids_TK: np.ndarray, num_experts: int, sizes: list[int], seed: int)
     return block, float(part.km1())
 
 
-def with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np.ndarray:
+def with_replicas(
+    block_E: np.ndarray, load_E: np.ndarray, topo: Topology, domains: FaultDomains | None = None
+) -> np.ndarray:
     """The layer row [S]: each block's experts on its rank, then the extra slots filled with
     replicas of the hottest experts (greedy's counts) on the least loaded rank with room that
-    lacks them."""
+    lacks them (with fault ``domains``: module docstring)."""
+    if domains is not None and not domains.active:
+        domains = None
     R = topo.num_ranks
-    cnt = replica_counts(load_E, topo)
+    cover = None if domains is None else domains.cover_E(load_E)
+    cnt = replica_counts(load_E, topo, cover)
     held: list[list[int]] = [[int(e) for e in np.flatnonzero(block_E == r)] for r in range(R)]
     free = np.array(topo.slots_per_rank) - np.array([len(h) for h in held])
     per = load_E / cnt
@@ -97,6 +105,10 @@ def with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np
     for e in np.argsort(-per, kind="stable"):
         for _ in range(int(cnt[e]) - 1):
             ok = np.flatnonzero((free > 0) & np.array([e not in h for h in held]))
+            homes = set() if domains is None else {int(domains.domain_R[q]) for q in range(R) if e in held[q]}
+            if domains is not None and len(homes) == 1:  # single-homed so far: a replica elsewhere
+                away = ok[~np.isin(domains.domain_R[ok], list(homes))]
+                ok = away if away.size else ok
             if ok.size:
                 r = int(ok[np.argmin(rank_load[ok])])
             else:  # every free slot is on a rank holding e: move an expert f from a rank q
@@ -112,7 +124,8 @@ def with_replicas(block_E: np.ndarray, load_E: np.ndarray, topo: Topology) -> np
             held[r].append(int(e))
             free[r] -= 1
             rank_load[r] += per[e]
-    return np.array([e for h in held for e in h], dtype=np.int64)
+    row = np.array([e for h in held for e in h], dtype=np.int64)
+    return row if domains is None or domains.valid(row) else domains.repair(row, load_E)
 
 
 def mtk_row(
@@ -122,6 +135,7 @@ def mtk_row(
     seeds: int = DEFAULT_SEEDS,
     seed: int = 0,
     deadline: float | None = None,
+    domains: FaultDomains | None = None,
 ) -> np.ndarray | None:
     """One layer's row [S] from the best km1 of ``seeds`` runs (seeds ``seed``, ``seed`` + 1, ...;
     at least one run, fewer when ``deadline`` passes); None when ``mtkahypar`` is absent."""
@@ -137,4 +151,4 @@ def mtk_row(
         if deadline is not None and time.monotonic() >= deadline:
             break
     assert best is not None  # at least one seed ran
-    return with_replicas(best[0], load_E, topo)
+    return with_replicas(best[0], load_E, topo, domains)

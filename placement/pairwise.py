@@ -1,7 +1,7 @@
 """The pairwise ILP pipeline for statistics without per-token ids (aggregates only).
 
 Owns: building ilp.py's pairwise model for one layer of a solve, the flat solve and the
-hierarchical nodes-then-ranks split. solve.py calls these when the exact hypergraph model
+hierarchical nodes-then-ranks split. The ILP pipeline (phases.py) calls these when the exact hypergraph model
 (hyper_ilp.py) cannot be built, i.e. when the statistics hold no per-token top-k ids.
 
 Legend: E experts, R ranks, N nodes.
@@ -33,7 +33,10 @@ def _layer_model(
     w_R: np.ndarray,
     slots_R: np.ndarray,
     fetch_ER: np.ndarray,
+    cover_E: np.ndarray | None = None,
 ) -> LayerModel:
+    """ilp.py's model of layer l on ``experts`` x ``ranks``; ``cover_E`` (bool, over all E, flat
+    models only): experts kept on two fault domains of ``c.domains``."""
     s = c.stats
     T = max(int(s.tokens_L[l]), 1)  # the layer's tokens (cost.layer_tokens)
     load = s.load_LE[l][experts]
@@ -45,8 +48,11 @@ def _layer_model(
         lpt = pack_lpt(load, cnt, Topology(len(ranks), tuple(int(x) for x in slots_R)))
         lpt_max = np.bincount(np.repeat(np.arange(len(ranks)), slots_R), weights=(load / cnt)[lpt]).max() / T
         cap = max(c.balance_cap * float(share @ cnt) / len(ranks), float(lpt_max) * (1 + 1e-9))
+    span = None
+    if c.domains is not None and cover_E is not None and cover_E.any():
+        span = (c.domains.domain_R[ranks], np.asarray(cover_E)[experts])
     return LayerModel(
-        share, cnt, pairs, q / T, w_R, np.asarray(slots_R), fetch_ER[np.ix_(experts, ranks)], c.load_weight, cap
+        share, cnt, pairs, q / T, w_R, np.asarray(slots_R), fetch_ER[np.ix_(experts, ranks)], c.load_weight, cap, span
     )
 
 
@@ -59,17 +65,9 @@ def layer_fetch_ER(c: LayerContext, l: int) -> np.ndarray:
 
 
 def ilp_flat(c: LayerContext, l: int, cnt_E, warm_S, time_s):
+    """The flat pairwise ILP from ``warm_S`` (with fault domains, its multi-homed experts kept so)."""
     E, R = c.stats.num_experts, c.topo.num_ranks
-    m = _layer_model(
-        c,
-        l,
-        cnt_E,
-        np.arange(E),
-        np.arange(R),
-        c.topo.send_weight_R,
-        np.array(c.topo.slots_per_rank),
-        layer_fetch_ER(c, l),
-    )
+    m = flat_model(c, l, cnt_E, None if c.domains is None else c.domains.multi_homed_E(warm_S))
     srank = np.repeat(np.arange(R), c.topo.slots_per_rank)
     res = solve_layer_model(
         m, warm_ER=holders_ER(warm_S, srank, E, R), time_limit_s=time_s, mip_gap=c.mip_gap, solver=c.solver
@@ -79,7 +77,9 @@ def ilp_flat(c: LayerContext, l: int, cnt_E, warm_S, time_s):
 
 
 def ilp_hierarchical(c: LayerContext, l: int, cnt_E, warm_S, time_s):
-    """Experts -> nodes (inter-node costs only), then each node's experts -> its ranks."""
+    """Experts -> nodes (inter-node costs only), then each node's experts -> its ranks. No
+    fault-domain constraint: the first stage puts an expert's replicas on distinct nodes, which
+    are distinct domains for "node" and "rank" alike (and the caller checks every row)."""
     topo, E, R = c.topo, c.stats.num_experts, c.topo.num_ranks
     N, node_R = topo.num_nodes, topo.node_R
     origin_N = np.bincount(node_R, weights=np.asarray(topo.origin_R), minlength=N)
@@ -118,7 +118,8 @@ def ilp_hierarchical(c: LayerContext, l: int, cnt_E, warm_S, time_s):
     return row, obj, math.nan, "feasible"
 
 
-def flat_model(c: LayerContext, l: int, cnt_E: np.ndarray) -> LayerModel:
+def flat_model(c: LayerContext, l: int, cnt_E: np.ndarray, cover_E: np.ndarray | None = None) -> LayerModel:
+    """The flat model of layer l (all experts on all ranks); ``cover_E``: as in :func:`_layer_model`."""
     E, R = c.stats.num_experts, c.topo.num_ranks
     return _layer_model(
         c,
@@ -129,4 +130,5 @@ def flat_model(c: LayerContext, l: int, cnt_E: np.ndarray) -> LayerModel:
         c.topo.send_weight_R,
         np.array(c.topo.slots_per_rank),
         layer_fetch_ER(c, l),
+        cover_E,
     )

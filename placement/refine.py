@@ -1,8 +1,8 @@
 """FM refinement of one layer on the exact hypergraph objective, and iterated FM.
 
 Owns: :func:`fm_refine` (Fiduccia-Mattheyses passes of single-vertex moves with a balance slack)
-and :func:`iterated_fm` (seeded perturbation + FM, count-bounded) that ``solve.py`` runs after the
-tabu search.
+and :func:`iterated_fm` (seeded perturbation + FM, count-bounded) that the ILP pipeline
+(``phases.py``) runs after the tabu search.
 
 Legend: V vertices (expert replicas), H hyperedges, R ranks.
 
@@ -29,6 +29,9 @@ Move gain (per token), vertex v from rank a to rank r, with pin counts phi[h, r]
              + single[v] (w[r] - w[a])) / T
             + load_weight (max load after - max load before) / T + fetch[v, r] - fetch[v, a]
 
+Fault domains (domains.py): with ``domains`` no move leaves an expert that is multi-homed
+single-homed (every state keeps the start's multi-homed experts).
+
 Deterministic: FM takes the first best move (no randomness); iterated FM draws its
 perturbations from the caller's seeded generator, and the clock only caps it.
 """
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from placement.domains import FaultDomains
 from placement.hypergraph import LayerHypergraph
 
 FM_PATIENCE = 24  # moves without a new best balanced state before a pass stops
@@ -77,8 +81,10 @@ class _Moves:
         load_weight: float,
         fetch_VR: np.ndarray,
         inc: _Incidence | None = None,
+        domains: FaultDomains | None = None,
     ):
         V, R = hg.num_vertices, w_R.shape[0]
+        self.expert_V, self.domains = hg.expert_V, domains
         self.V, self.R, self.T = V, R, float(max(hg.num_tokens, 1))
         self.w_R, self.lw, self.fetch_VR = w_R, float(load_weight), fetch_VR
         self.single_V, self.load_V, self.weight_H = hg.single_V, hg.load_V, hg.weight_H
@@ -124,7 +130,8 @@ class _Moves:
 
     def legal_VR(self, slots_R: np.ndarray, locked_V: np.ndarray) -> np.ndarray:
         """[V, R] legal moves: unlocked, replicas of one expert kept on increasing ranks, and
-        while some rank holds one vertex above its slots, only moves out of that rank."""
+        while some rank holds one vertex above its slots, only moves out of that rank (with fault
+        domains: none that leaves a multi-homed expert single-homed)."""
         ranks = np.arange(self.R)[None, :]
         lo = np.where(self.prev_V >= 0, self.rank_V[np.maximum(self.prev_V, 0)], -1)
         hi = np.where(self.next_V >= 0, self.rank_V[np.maximum(self.next_V, 0)], self.R)
@@ -132,6 +139,8 @@ class _Moves:
         over = self.count_R - slots_R
         if over.max() > 0:
             ok &= (self.rank_V == int(np.argmax(over)))[:, None]
+        if self.domains is not None:
+            ok &= ~self.domains.unhoming_moves(self.expert_V, self.rank_V)
         return ok
 
     def move(self, v: int, r: int) -> None:
@@ -200,11 +209,13 @@ def fm_refine(
     max_passes: int = FM_MAX_PASSES,
     deadline: float = float("inf"),
     _inc: _Incidence | None = None,
+    domains: FaultDomains | None = None,
 ) -> np.ndarray:
     """FM passes from the balanced assignment ``rank_V`` [V] (vertex counts per rank equal
     ``slots_R``; replicas of each expert on increasing ranks) until a pass finds nothing,
     ``max_passes`` or ``deadline``. Returns a balanced assignment whose objective
-    (:meth:`LayerHypergraph.objective`) is never higher than the start's."""
+    (:meth:`LayerHypergraph.objective`) is never higher than the start's; ``domains``: see the
+    module docstring."""
     w_R = np.asarray(w_R, dtype=np.float64)
     slots_R = np.asarray(slots_R, dtype=np.int64)
     if not np.array_equal(np.bincount(rank_V, minlength=len(slots_R)), slots_R):
@@ -213,7 +224,7 @@ def fm_refine(
             f"per rank, slots_R {slots_R.tolist()}"
         )
     fetch = np.zeros((hg.num_vertices, len(w_R))) if fetch_VR is None else np.asarray(fetch_VR, dtype=np.float64)
-    st = _Moves(hg, rank_V, w_R, load_weight, fetch, _inc)
+    st = _Moves(hg, rank_V, w_R, load_weight, fetch, _inc, domains)
     for _ in range(max_passes):
         if time.monotonic() > deadline or not _fm_pass(st, slots_R, patience) < -TOL:
             break
@@ -252,6 +263,7 @@ def iterated_fm(
     rounds: int,
     swaps: int,
     deadline: float = float("inf"),
+    domains: FaultDomains | None = None,
 ) -> IteratedFM:
     """FM from ``rank_V``, then ``rounds`` times: perturb the best by ``swaps`` random exchanges
     and FM again, keeping the better (count-bounded and seeded; ``deadline`` only caps it)."""
@@ -261,7 +273,7 @@ def iterated_fm(
         return hg.objective(r, w_R, load_weight, fetch_VR)
 
     inc = _Incidence(hg)
-    best = fm_refine(hg, rank_V, w_R, slots_R, load_weight, fetch_VR, deadline=deadline, _inc=inc)
+    best = fm_refine(hg, rank_V, w_R, slots_R, load_weight, fetch_VR, deadline=deadline, _inc=inc, domains=domains)
     best_obj = min(obj(best), obj(rank_V))
     if obj(rank_V) <= obj(best):
         best = np.asarray(rank_V).copy()
@@ -278,6 +290,7 @@ def iterated_fm(
             fetch_VR,
             deadline=deadline,
             _inc=inc,
+            domains=domains,
         )
         done += 1
         c = obj(cand)

@@ -1,9 +1,9 @@
 """Placement chosen by validation inside the statistics window, not by fit (``method="validated"``).
 
-Owns: the time split of a window (:func:`time_folds`), the candidate recipes (:class:`Recipe`,
-:func:`default_recipes`), choosing per layer by the validation score, the refit decision, the
-validation score of any placement on the same split (:func:`validation_scores`), and uneven slots
-against replicas (:func:`select_slots`).
+Owns: choosing per layer by the validation score, the refit decision, the validation score of
+any placement on the same split (:func:`validation_scores`), and uneven slots against replicas
+(:func:`select_slots`). The time split is folds.py's (:func:`time_folds`), the candidates
+recipes.py's (:class:`Recipe`, :func:`default_recipes`, :func:`run_recipe`).
 
 Why: on small windows the pipeline's exact search overfits: what it wins on the fitted tokens it
 loses on the next ones (issue 26). So:
@@ -38,10 +38,8 @@ Every answer is scored by cost.py's :func:`evaluate`. Time: ``CANDIDATE_SHARE`` 
 for the candidates (all folds; the first gets ``FIRST_SHARE`` of it; a recipe whose least cost,
 the pipeline's convergent heuristics as last measured, exceeds what is left is skipped),
 ``REFIT_CHECK_SHARE`` for the lagged fits, the rest for the refits. Deterministic for a seed
-unless a pipeline phase hits its time cap (solve.py) or a recipe is skipped for time.
+unless a pipeline phase hits its time cap (pipeline.py) or a recipe is skipped for time.
 """
-
-from __future__ import annotations
 
 import math
 import time
@@ -49,195 +47,24 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from placement import mtk
 from placement.cost import evaluate, token_sends_T
+from placement.domains import FaultDomains, domain_vector
+from placement.folds import MAX_FOLDS, MIN_FIT_TOKENS, VAL_FRACTION, Fold, time_folds
 from placement.ilp import default_solver
-from placement.placement import Placement, PlacementError
-from placement.solve import DEFAULT_RESTARTS, METHODS, LayerReport, SolveResult, solve_placement
+from placement.methods import DEFAULT_RESTARTS, METHODS
+from placement.placement import Placement
+from placement.recipes import BAG_RESAMPLES, MIN_SOLVE_S, Recipe, SelectContext, default_recipes, run_recipe
+from placement.result import LayerReport, SolveResult
 from placement.stats import RoutingStats
 from placement.topology import Topology
 
-VAL_FRACTION = 0.25  # share of the window (its newest tokens) that validates
-MAX_FOLDS = 2  # validation blocks (rolling origin) where the window and the budget allow
 FOLDS_MIN_S = 4.0  # seconds per layer below which one fold is used (each fold runs every candidate)
-MIN_VAL_TOKENS = 64  # a validation block holds at least this many tokens
-MIN_FIT_TOKENS = 64  # a fit part holds at least this many tokens
 CANDIDATE_SHARE = 0.5  # of the time budget: all candidates on all folds
 REFIT_CHECK_SHARE = 0.1  # of the time budget: the lagged fits of the chosen recipes (the rest: refits)
 SELECT_Z = 2.0  # a candidate beats the asked method by more than this many standard errors
 FIRST_SHARE = 0.6  # of the candidate time: the first recipe (the asked method), the rest by weight
 SLOTS_SHARE = 0.3  # of the time budget: select_slots' comparison of the two slot layouts
-MIN_SOLVE_S = 0.05  # no candidate runs with less
-BAG_RESAMPLES = 4  # bootstrap resamples of the fit tokens (bagging)
 TOL = 1e-12
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One way of producing a placement from a fit part."""
-
-    name: str
-    method: str  # a solve_placement method (solve.METHODS), "bagged" or "mtkahypar"
-    load_weight_factor: float = 1.0  # x the asked load weight
-    seed_offset: int = 0
-    window: float = 1.0  # share of the fit part (its newest tokens) it fits on
-    weight: float = 1.0  # share of the candidate budget (0: fast, runs on what is left)
-
-
-def default_recipes(method: str, load_weight: float) -> tuple[Recipe, ...]:
-    """The candidates of ``method``: the whole set for "validated", else that method alone (its
-    answer is still judged and refitted by validation)."""
-    if method != "validated":
-        if method not in METHODS:
-            raise PlacementError(f"method ({method!r}) must be one of {', '.join(METHODS)}")
-        return (Recipe(method, method),)
-    out = [Recipe("ilp", "ilp")]
-    if mtk.available():
-        out.append(Recipe("mtkahypar", "mtkahypar", weight=0.25))
-    if load_weight > 0:
-        out += [Recipe("ilp_lw0", "ilp", 0.0), Recipe("ilp_lw_half", "ilp", 0.5), Recipe("ilp_lw_x2", "ilp", 2.0)]
-    out += [
-        Recipe("ilp_seed1", "ilp", seed_offset=1),
-        Recipe("bagged", "bagged", weight=2.0),
-        Recipe("greedy", "greedy", weight=0.0),
-    ]
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class Fold:
-    fit_rows: np.ndarray  # row indices of the fit part, oldest first
-    val_rows: np.ndarray  # row indices of the validation block
-
-
-def _time_order(stats: RoutingStats) -> tuple[np.ndarray, np.ndarray]:
-    """Rows oldest first and their steps (row order when the statistics carry no steps)."""
-    T = stats.num_tokens
-    if stats.step_T is None:
-        return np.arange(T), np.arange(T)
-    order = np.argsort(stats.step_T, kind="stable")
-    return order, stats.step_T[order]
-
-
-def _snap(step: np.ndarray, pos: int) -> int:
-    """The first position of the step holding ``pos`` (cuts fall on step boundaries)."""
-    return int(np.searchsorted(step, step[min(pos, len(step) - 1)], side="left")) if pos < len(step) else pos
-
-
-def time_folds(stats: RoutingStats, val_fraction: float = VAL_FRACTION, folds: int = MAX_FOLDS) -> list[Fold]:
-    """The window split by time (module docstring, 1.); [] when it is too small to validate."""
-    if stats.topk_ids_TLK is None or not 0 < val_fraction < 1:
-        return []
-    order, step = _time_order(stats)
-    T = len(order)
-    n_val = int(round(val_fraction * T))
-    k = max(min(int(folds), n_val // MIN_VAL_TOKENS), 1)
-    cuts = sorted({_snap(step, T - n_val + round(j * n_val / k)) for j in range(k)}) + [T]
-    out = []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        if a >= MIN_FIT_TOKENS and b - a >= MIN_VAL_TOKENS:
-            out.append(Fold(order[:a], order[a:b]))
-    return out
-
-
-@dataclass(frozen=True)
-class _Ctx:
-    topo: Topology
-    current: Placement | None
-    load_weight: float
-    migration_weight: float
-    expert_bytes: float
-    seed: int
-    restarts: int
-    balance_cap: float | None
-
-    def score_L(self, stats: RoutingStats, p: Placement) -> np.ndarray:
-        """The cost model's objective per layer [L] at the asked weights."""
-        return evaluate(
-            stats,
-            p,
-            self.topo,
-            current=self.current,
-            load_weight=self.load_weight,
-            migration_weight=self.migration_weight,
-            expert_bytes=self.expert_bytes,
-        ).objective_L
-
-    def for_layers(self, layers: list[int]) -> "_Ctx":
-        cur = self.current
-        if cur is not None:
-            cur = Placement(cur.phy2log_LS[layers], cur.slots_per_rank, cur.num_experts)
-        return replace(self, current=cur)
-
-
-def _newest(stats: RoutingStats, share: float) -> RoutingStats:
-    order, step = _time_order(stats)
-    cut = _snap(step, int(round((1 - share) * len(order))))
-    return stats.take_rows(order[cut:] if len(order) - cut >= MIN_FIT_TOKENS else order)
-
-
-def _bagged(fit: RoutingStats, c: _Ctx, budget_s: float, tag: int) -> tuple[Placement, None]:
-    """Per layer, of the pipeline's answers on ``BAG_RESAMPLES`` bootstrap resamples of ``fit``,
-    the one with the lowest mean objective over all the resamples."""
-    rng = np.random.default_rng([c.seed, 7, tag])
-    T = fit.num_tokens
-    samples = [fit.take_rows(rng.integers(0, T, T)) for _ in range(BAG_RESAMPLES)]
-    answers = [
-        solve_placement(
-            s,
-            c.topo,
-            "ilp",
-            current=c.current,
-            time_limit_s=max(budget_s / BAG_RESAMPLES, MIN_SOLVE_S),
-            load_weight=c.load_weight,
-            migration_weight=c.migration_weight,
-            expert_bytes=c.expert_bytes,
-            seed=c.seed,
-            restarts=c.restarts,
-            balance_cap=c.balance_cap,
-        ).placement
-        for s in samples
-    ]
-    mean_BL = np.array([np.mean([c.score_L(s, p) for s in samples], axis=0) for p in answers])
-    pick_L = mean_BL.argmin(axis=0)
-    rows = np.stack([answers[b].phy2log_LS[l] for l, b in enumerate(pick_L)])
-    return Placement(rows, c.topo.slots_per_rank, fit.num_experts), None
-
-
-def run_recipe(
-    r: Recipe, fit: RoutingStats, c: _Ctx, budget_s: float, tag: int = 0
-) -> tuple[Placement | None, tuple[LayerReport, ...] | None]:
-    """The recipe's placement on ``fit`` (None: Mt-KaHyPar absent) and the pipeline's reports."""
-    if r.window < 1.0:
-        fit = _newest(fit, r.window)
-    if r.method == "bagged":
-        return _bagged(fit, c, budget_s, tag)
-    if r.method == "mtkahypar":
-        end = time.monotonic() + max(budget_s, MIN_SOLVE_S)
-        ids_TLK = fit.topk_ids_TLK
-        assert ids_TLK is not None  # validation needs per-token ids (checked by select_placement)
-        rows = [
-            mtk.mtk_row(ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end)
-            for l in range(fit.num_layers)
-        ]
-        found = [row for row in rows if row is not None]
-        if len(found) < len(rows):
-            return None, None
-        return Placement(np.stack(found), c.topo.slots_per_rank, fit.num_experts), None
-    res = solve_placement(
-        fit,
-        c.topo,
-        r.method,
-        current=c.current,
-        time_limit_s=max(budget_s, MIN_SOLVE_S),
-        load_weight=c.load_weight * r.load_weight_factor,
-        migration_weight=c.migration_weight,
-        expert_bytes=c.expert_bytes,
-        seed=c.seed + r.seed_offset,
-        restarts=c.restarts,
-        balance_cap=c.balance_cap,
-    )
-    return res.placement, res.layers
 
 
 @dataclass
@@ -251,7 +78,7 @@ class _Scored:
 
 
 def _candidates(
-    stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: _Ctx, end: float
+    stats: RoutingStats, folds: list[Fold], recipes: tuple[Recipe, ...], c: SelectContext, end: float
 ) -> list[_Scored]:
     """Each recipe on every fold's fit part, scored on the fit part and the validation block. The
     first (the asked method) always runs, on ``FIRST_SHARE`` of the time; each other gets its
@@ -290,7 +117,7 @@ def _candidates(
 
 
 def _refit(
-    stats: RoutingStats, folds: list[Fold], chosen: dict, c: _Ctx, check_end: float, end: float
+    stats: RoutingStats, folds: list[Fold], chosen: dict, c: SelectContext, check_end: float, end: float
 ) -> dict[int, np.ndarray]:
     """Rows refitted on the whole window for the layers where fresher tokens did not hurt (4.)."""
     last = folds[-1]
@@ -335,7 +162,7 @@ def _refit(
 
 
 def _significantly_lower(
-    obj_a: float, obj_b: float, val: RoutingStats, a: Placement, la: int, b: Placement, lb: int, c: _Ctx
+    obj_a: float, obj_b: float, val: RoutingStats, a: Placement, la: int, b: Placement, lb: int, c: SelectContext
 ) -> bool:
     """Objective ``obj_a`` of row ``a[la]`` below ``obj_b`` of ``b[lb]`` by more than ``SELECT_Z``
     standard errors of their paired per-token sends difference on ``val``'s layer ``lb``."""
@@ -349,7 +176,7 @@ def _significantly_lower(
     return obj_b - obj_a > SELECT_Z * se
 
 
-def _choose(l: int, scored: list[_Scored], last_val: RoutingStats, c: _Ctx) -> _Scored:
+def _choose(l: int, scored: list[_Scored], last_val: RoutingStats, c: SelectContext) -> _Scored:
     """Layer l's candidate (module docstring, 3.)."""
     val_C = np.array([np.mean([v[l] for v in s.val_FL]) for s in scored])
     b = int(np.argmin(val_C))
@@ -395,13 +222,16 @@ def select_placement(
     balance_cap: float | None = None,
     val_fraction: float = VAL_FRACTION,
     folds: int = MAX_FOLDS,
+    fault_domain: str = "none",
 ) -> SolveResult:
     """Place every layer by validation inside the window (module docstring) within ``time_limit_s``.
-    ``recipes``: the candidates (default: :func:`default_recipes` of ``method``). Returns a
-    :class:`SolveResult` whose layer reports carry the fit / validation scores of every candidate."""
+    ``recipes``: the candidates (default: :func:`default_recipes` of ``method``); every candidate
+    keeps ``fault_domain``'s rule (domains.py). Returns a :class:`SolveResult` whose layer reports
+    carry the fit / validation scores of every candidate."""
     t0 = time.monotonic()
+    domain_vector(topology, fault_domain)  # an unknown fault domain fails before any candidate runs
     recipes = recipes or default_recipes(method, load_weight)
-    c = _Ctx(
+    c = SelectContext(
         topology,
         current,
         load_weight,
@@ -410,23 +240,41 @@ def select_placement(
         int(seed),
         DEFAULT_RESTARTS if restarts is None else int(restarts),
         balance_cap,
+        fault_domain,
     )
     if time_limit_s / max(stats.num_layers, 1) < FOLDS_MIN_S:
         folds = 1
     split = time_folds(stats, val_fraction, folds)
     if not split:  # too small to validate: the first recipe on the whole window, in sample
-        p, reps = run_recipe(recipes[0], stats, c, time_limit_s)
-        assert p is not None  # a recipe that ran before (or the pipeline) answers
-        obj_L = c.score_L(stats, p)
-        reports = tuple(
-            replace(
-                reps[l] if reps else LayerReport(l, "validated", recipes[0].method, obj_L[l]),
-                method="validated",
-                fit_score=float(obj_L[l]),
-            )
-            for l in range(stats.num_layers)
+        return _in_sample(stats, recipes[0], c, time_limit_s, t0)
+    return _validated(stats, split, recipes, c, time_limit_s, t0)
+
+
+def _in_sample(stats: RoutingStats, recipe: Recipe, c: SelectContext, time_limit_s: float, t0: float) -> SolveResult:
+    """A window too small to validate: ``recipe`` fitted on all of it, scored in sample."""
+    p, reps = run_recipe(recipe, stats, c, time_limit_s)
+    assert p is not None  # a recipe that ran before (or the pipeline) answers
+    obj_L = c.score_L(stats, p)
+    reports = tuple(
+        replace(
+            reps[l] if reps else LayerReport(l, "validated", recipe.method, obj_L[l]),
+            method="validated",
+            fit_score=float(obj_L[l]),
         )
-        return _result(stats, p, c, reports, "in-sample (window too small to validate)", time.monotonic() - t0)
+        for l in range(stats.num_layers)
+    )
+    return _result(stats, p, c, reports, "in-sample (window too small to validate)", time.monotonic() - t0)
+
+
+def _validated(
+    stats: RoutingStats,
+    split: list[Fold],
+    recipes: tuple[Recipe, ...],
+    c: SelectContext,
+    time_limit_s: float,
+    t0: float,
+) -> SolveResult:
+    """Candidates on the folds, the choice per layer, the refits (module docstring, 2.-4.)."""
     scored = _candidates(stats, split, recipes, c, t0 + CANDIDATE_SHARE * time_limit_s)
     last_val = stats.take_rows(split[-1].val_rows)
     chosen = {l: _choose(l, scored, last_val, c) for l in range(stats.num_layers)}
@@ -434,7 +282,7 @@ def select_placement(
         stats, split, chosen, c, t0 + (CANDIDATE_SHARE + REFIT_CHECK_SHARE) * time_limit_s, t0 + time_limit_s
     )
     rows = np.stack([refits.get(l, chosen[l].last.phy2log_LS[l]) for l in range(stats.num_layers)])
-    p = Placement(rows, topology.slots_per_rank, stats.num_experts)
+    p = Placement(rows, c.topo.slots_per_rank, stats.num_experts)
     obj_L = c.score_L(stats, p)
     val_tokens = int(np.mean([len(f.val_rows) for f in split]))
     reports = tuple(
@@ -444,7 +292,7 @@ def select_placement(
 
 
 def _result(
-    stats: RoutingStats, p: Placement, c: _Ctx, reports: tuple[LayerReport, ...], status: str, elapsed: float
+    stats: RoutingStats, p: Placement, c: SelectContext, reports: tuple[LayerReport, ...], status: str, elapsed: float
 ) -> SolveResult:
     cost = evaluate(
         stats,
@@ -455,7 +303,10 @@ def _result(
         migration_weight=c.migration_weight,
         expert_bytes=c.expert_bytes,
     )
-    return SolveResult(p, cost, "validated", default_solver(), status, math.nan, math.nan, math.nan, elapsed, reports)
+    fd = FaultDomains.of(c.topo, c.fault_domain, stats.num_experts)
+    homed = () if fd is None else fd.single_homed(p)
+    nan = math.nan
+    return SolveResult(p, cost, "validated", default_solver(), status, nan, nan, nan, elapsed, reports, homed)
 
 
 def validation_scores(
@@ -475,7 +326,7 @@ def validation_scores(
     split = time_folds(stats, val_fraction, folds)
     if not split:
         return None
-    c = _Ctx(topology, current, load_weight, migration_weight, expert_bytes, 0, 0, None)
+    c = SelectContext(topology, current, load_weight, migration_weight, expert_bytes, 0, 0, None)
     return np.mean([c.score_L(stats.take_rows(f.val_rows), placement) for f in split], axis=0)
 
 
@@ -534,7 +385,7 @@ def select_slots(
         fit, val = stats.take_rows(split[0].fit_rows), stats.take_rows(split[0].val_rows)
         first = (kwargs.get("recipes") or default_recipes(method, load_weight))[0]
         for name, t in opts.items():
-            c = _Ctx(
+            c = SelectContext(
                 t,
                 None,
                 load_weight,
@@ -543,6 +394,7 @@ def select_slots(
                 int(seed),
                 DEFAULT_RESTARTS,
                 kwargs.get("balance_cap"),
+                kwargs.get("fault_domain", "none"),
             )
             p, _ = run_recipe(first, fit, c, SLOTS_SHARE * time_limit_s / len(opts))
             assert p is not None  # a recipe that ran before (or the pipeline) answers

@@ -331,6 +331,23 @@ def logged_layers(ids_TLK: np.ndarray, path: Path) -> list[int]:
 def load_routing(path: str | Path) -> RoutingStats:
     """Read a trace file or a moetrain statistics file (format in the module docstring)."""
     p = Path(path)
+    data = _read_npz(p)
+    E, k, meta = _meta(data, p)
+    ids = data["topk_ids"]
+    if ids.ndim != 3 or ids.shape[2] != k:
+        raise StatsError(f"{str(p)!r}: topk_ids has shape {ids.shape}, expected [tokens, layers, k={k}]")
+    home, step = _row_arrays(data, ids, p)
+    layers = _layers_kept(data, ids, p)
+    if "load_LE" in data:
+        return _with_aggregates(data, p, E, k, ids, meta, home, step)
+    if layers is None:
+        layers = [int(i) for i in data["layer_ids"]]
+        return from_topk_ids(ids, E, layers, meta, home, step)
+    return from_topk_ids(ids[:, layers], E, layers, meta, home, step)
+
+
+def _read_npz(p: Path) -> dict[str, np.ndarray]:
+    """The arrays of the file, checked for ``topk_ids`` and ``meta``."""
     if not p.is_file():
         raise StatsError(f"routing statistics file {str(p)!r} does not exist")
     try:
@@ -341,14 +358,21 @@ def load_routing(path: str | Path) -> RoutingStats:
     for key in ("topk_ids", "meta"):
         if key not in data:
             raise StatsError(f"{str(p)!r} lacks the array {key!r}")
+    return data
+
+
+def _meta(data: dict[str, np.ndarray], p: Path) -> tuple[int, int, dict]:
+    """``(num_experts, k, meta)`` from the file's JSON ``meta``."""
     try:
         meta = json.loads(str(data["meta"]))
-        E, k = int(meta["num_experts"]), int(meta["k"])
+        return int(meta["num_experts"]), int(meta["k"]), meta
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise StatsError(f"{str(p)!r}: meta must be a JSON object with num_experts and k ({exc})") from None
-    ids = data["topk_ids"]
-    if ids.ndim != 3 or ids.shape[2] != k:
-        raise StatsError(f"{str(p)!r}: topk_ids has shape {ids.shape}, expected [tokens, layers, k={k}]")
+
+
+def _row_arrays(data: dict[str, np.ndarray], ids: np.ndarray, p: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The home rank and step of each ``topk_ids`` row (None where absent or empty; a step array
+    of the wrong shape is dropped, a home array of the wrong shape is an error)."""
     home = data.get("home_rank")
     if home is not None and home.shape != (ids.shape[0],):
         raise StatsError(f"{str(p)!r}: home_rank has shape {home.shape}, expected [{ids.shape[0]}] (one per token)")
@@ -357,39 +381,52 @@ def load_routing(path: str | Path) -> RoutingStats:
     step = data.get("step", data.get("forward_idx"))
     if step is not None and (step.shape != (ids.shape[0],) or not ids.shape[0]):
         step = None
+    return home, step
+
+
+def _layers_kept(data: dict[str, np.ndarray], ids: np.ndarray, p: Path) -> list[int] | None:
+    """``layers_present``, else None when the file names its ``layer_ids``, else the logged layers."""
     if "layers_present" in data:
         layers = [int(i) for i in np.asarray(data["layers_present"]).ravel()]
         if any(not 0 <= i < ids.shape[1] for i in layers):
             raise StatsError(f"{str(p)!r}: layers_present {layers} outside [0, {ids.shape[1]})")
-    elif "layer_ids" in data:
-        layers = None
-    else:
-        layers = logged_layers(ids, p)
-    if "load_LE" in data:
-        ids_or_none = ids.astype(np.int64) if ids.shape[0] else None
-        layer_ids = tuple(int(i) for i in data.get("layer_ids", np.arange(data["load_LE"].shape[0])))
-        trans = data.get("trans_LEE")
-        if trans is None:
-            L = data["load_LE"].shape[0]
-            trans = np.zeros((max(L - 1, 0), E, E))
-        if "coact_LEE" not in data:
-            raise StatsError(f"{str(p)!r} has load_LE but lacks coact_LEE")
-        return RoutingStats(
-            E,
-            k,
-            data["load_LE"],
-            data["coact_LEE"],
-            trans,
-            ids_or_none,
-            layer_ids,
-            meta,
-            home,
-            step if ids_or_none is not None else None,
-        )
-    if layers is None:
-        layers = [int(i) for i in data["layer_ids"]]
-        return from_topk_ids(ids, E, layers, meta, home, step)
-    return from_topk_ids(ids[:, layers], E, layers, meta, home, step)
+        return layers
+    if "layer_ids" in data:
+        return None
+    return logged_layers(ids, p)
+
+
+def _with_aggregates(
+    data: dict[str, np.ndarray],
+    p: Path,
+    E: int,
+    k: int,
+    ids: np.ndarray,
+    meta: dict,
+    home: np.ndarray | None,
+    step: np.ndarray | None,
+) -> RoutingStats:
+    """A moetrain statistics file: its aggregates, with the id sample (if any) beside them."""
+    ids_or_none = ids.astype(np.int64) if ids.shape[0] else None
+    layer_ids = tuple(int(i) for i in data.get("layer_ids", np.arange(data["load_LE"].shape[0])))
+    trans = data.get("trans_LEE")
+    if trans is None:
+        L = data["load_LE"].shape[0]
+        trans = np.zeros((max(L - 1, 0), E, E))
+    if "coact_LEE" not in data:
+        raise StatsError(f"{str(p)!r} has load_LE but lacks coact_LEE")
+    return RoutingStats(
+        E,
+        k,
+        data["load_LE"],
+        data["coact_LEE"],
+        trans,
+        ids_or_none,
+        layer_ids,
+        meta,
+        home,
+        step if ids_or_none is not None else None,
+    )
 
 
 def split_tokens(stats_or_ids: RoutingStats | np.ndarray, seed: int = 0, fraction: float = 0.5):

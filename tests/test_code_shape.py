@@ -16,17 +16,8 @@ REASON = "Size:"
 # each gets a reason or is split, and its entry goes (the second test fails on a stale entry).
 PENDING = {
     # over the limits once `ruff format` put one argument per line (split or give a reason next):
-    "placement/lns.py:lns_layer",
-    "placement/select.py",
-    "placement/select.py:select_placement",
-    "placement/solve.py:_solve_ilp_layer",
-    "placement/solve.py:solve_placement",
-    "placement/stats.py:load_routing",
     # over the limits before the formatter:
     "moetrain/config.py",
-    "placement/solve.py",
-    "placement/ilp.py:solve_layer_model",
-    "placement/lns.py:pair_model",
 }
 
 

@@ -51,6 +51,7 @@ def test_overrides_are_typed():
     (["cluster.run_name=my run"], "cluster.run_name ('my run') must be 1-128 letters"),
     (["placement.solver=greedy"], "config key 'placement.solver' was renamed 'placement.method'"),
     (["placement.method=annealing"], "placement.method ('annealing') must be one of ilp, local_search, greedy, validated"),
+    (["placement.fault_domain=rack"], "placement.fault_domain ('rack') must be one of none, node, rank"),
     (["placement.val_fraction=1"], "placement.val_fraction (1.0) must be in [0, 1)"),
     (["placement.val_fraction=-0.1"], "placement.val_fraction (-0.1) must be in [0, 1)"),
 ])

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.replacement import _solve, run_topology
+from cluster.replacement import _solve, log_single_homed, run_topology, solve_now
 from moetrain.config import ConfigError, from_dict, validate
 from placement import Placement, from_topk_ids
+from placement.domains import single_homed
 
 
 def _cfg(**cluster):
@@ -42,3 +43,30 @@ def test_proposal_scores_sends_from_home_ranks_on_the_cluster_topology():
     prop = _solve(stats, run_topology(cfg, cur), cur, "ilp", 2.0, 1.0, 0.0, 0)
     assert prop.sends_before == pytest.approx(1.0) and prop.sends_after == pytest.approx(0.0)
     assert sorted(prop.placement.local_experts(0, 0).tolist()) == [0, 2]  # home 0's experts on rank 0
+
+
+def test_fault_domain_defaults_to_none_and_changes_the_chosen_placement(caplog):
+    """placement.fault_domain reaches the solver: top-1 loads 40/30/20/10 on 4 ranks in 2 nodes
+    with 2 slots each; "none" (EPLB's counts 3/2/2/1) leaves experts on one node, "node" puts
+    every expert on both, and the run's log names the single-homed experts."""
+    assert _cfg().placement.fault_domain == "none"
+    stats = from_topk_ids(np.repeat(np.arange(4), [40, 30, 20, 10])[:, None, None], 4)
+    cur = Placement.contiguous(1, 4, 4, 2)
+    chosen, cfgs = {}, {}
+    for fd in ("none", "node"):
+        cfgs[fd] = validate(from_dict({"model": {"moe": {"num_experts": 4, "top_k": 2}},
+                                       "cluster": {"num_workers": 4, "ranks_per_node": 2},
+                                       "placement": {"slots_per_rank": 2, "method": "greedy", "val_fraction": 0.0,
+                                                     "fault_domain": fd}}))
+        chosen[fd] = solve_now(stats, run_topology(cfgs[fd], cur), cur, cfgs[fd]).placement
+    nodes = np.array([0, 0, 1, 1])
+    assert chosen["none"] != chosen["node"]
+    assert single_homed(chosen["none"], nodes) == ((1, 2, 3),)
+    assert single_homed(chosen["node"], nodes) == ((),)
+    with caplog.at_level("INFO", logger="moetrain"):
+        log_single_homed(cfgs["node"], chosen["none"], (0, 0, 1, 1), "test")
+        log_single_homed(cfgs["none"], chosen["none"], (0, 0, 1, 1), "silent")
+    assert "test: 3 expert(s) single-homed (fault domain node): layer 0: [1, 2, 3]" in caplog.text
+    assert "silent" not in caplog.text
+    prop = _solve(stats, run_topology(cfgs["node"], cur), cur, "greedy", 2.0, 1.0, 0.0, 0, 0.0, "node")
+    assert prop.placement == chosen["node"]

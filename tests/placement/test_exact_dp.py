@@ -181,13 +181,13 @@ def test_pipeline_exact_phase_with_migration_and_cap():
 def test_pipeline_exact_phase_beats_the_search_at_16_experts(monkeypatch):
     """The benchmark's size: the exact phase's answer is never worse than the search pipeline's,
     and it is proven; with it switched off the pipeline reports no optimum."""
-    from placement import solve
+    from placement import phases, solve
 
     st = random_stats(16, 4, 3000, seed=2, homes=True)
     topo = Topology.uniform(4, 4)
     exact = solve.solve_placement(st, topo, "ilp", time_limit_s=60, load_weight=4.0, seed=1)  # a cap: the DP takes < 1 s
     assert all(r.model == "set_partition" for r in exact.layers) and exact.gap == 0.0
-    monkeypatch.setattr(solve, "MAX_WORK", 0)
+    monkeypatch.setattr(phases, "MAX_WORK", 0)
     search = solve.solve_placement(st, topo, "ilp", time_limit_s=3, load_weight=4.0, seed=1)
     assert all(r.model == "hypergraph" for r in search.layers)
     assert exact.cost.objective <= search.cost.objective + 1e-12
@@ -212,9 +212,9 @@ def test_pareto_walk_stops_at_the_deadline():
 def test_search_path_honours_the_balance_cap(monkeypatch):
     """Without the exact phase the heuristics' rows ignore the cap; the MIP's row within it must
     still win over a lower-objective row above it."""
-    from placement import solve
+    from placement import phases, solve
 
-    monkeypatch.setattr(solve, "MAX_WORK", 0)
+    monkeypatch.setattr(phases, "MAX_WORK", 0)
     st = random_stats(6, 3, 300, seed=5, homes=True)
     topo = Topology.uniform(3, 2)
     imb = [evaluate(st, Placement.from_expert_rank(np.array(p)[None], 3), topo).imbalance_L[0]

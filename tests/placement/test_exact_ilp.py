@@ -12,7 +12,8 @@ from placement.hyper_ilp import build_exact, canonical_ranks, solve_exact, warm_
 from placement.hypergraph import build_hypergraph, rank_of_vertices, row_from_ranks
 from placement.ilp import HAVE_HIGHS
 from placement.placement import Placement
-from placement.solve import _perturb, solve_placement
+from placement.phases import perturb
+from placement.solve import solve_placement
 from placement.stats import from_topk_ids
 from placement.topology import Topology
 
@@ -49,11 +50,11 @@ def test_exact_objective_equals_evaluate(qwen, ranks, rpn):
     row0 = greedy_layer(stats.load_LE[0], topo)
     cnt = np.bincount(row0, minlength=60)
     hg = build_hypergraph(stats.topk_ids_TLK[:, 0], cnt)
-    cur = Placement(_perturb(row0, topo, np.random.default_rng(9), 30)[None], topo.slots_per_rank, 60)
+    cur = Placement(perturb(row0, topo, np.random.default_rng(9), 30)[None], topo.slots_per_rank, 60)
     fetch_VR = ((holders_ER(cur.phy2log_LS[0], srank, 60, ranks) == 0) * 0.3 * 2.0)[hg.expert_V]
     rng = np.random.default_rng(0)
     for _ in range(4):
-        row = _perturb(row0, topo, rng, 20)
+        row = perturb(row0, topo, rng, 20)
         rank_V = rank_of_vertices(row, srank)
         want = evaluate(stats, Placement(row[None], topo.slots_per_rank, 60), topo, current=cur, load_weight=0.8,
                         migration_weight=0.3, expert_bytes=2.0).objective

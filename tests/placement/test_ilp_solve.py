@@ -219,7 +219,7 @@ def test_swap_deltas_pair_list_equal_dense(qwen, monkeypatch):
 
 
 def test_layer_deadline_shares_the_time_left_equally():
-    from placement.solve import _layer_deadline
+    from placement.methods import layer_deadline as _layer_deadline
     now = time.monotonic()
     # 10 s left, 5 layers to go: 2 s each; the last layer gets all that is left
     assert _layer_deadline(now + 10.0, 0, 5) - now == pytest.approx(2.0, abs=0.05)

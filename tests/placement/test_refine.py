@@ -101,9 +101,9 @@ def test_refine_refuses_an_unbalanced_start():
 
 
 def test_pipeline_reports_the_refine_phase(monkeypatch):
-    from placement import solve
+    from placement import phases
 
-    monkeypatch.setattr(solve, "MAX_WORK", 0)  # no exact set partition: the search phases run
+    monkeypatch.setattr(phases, "MAX_WORK", 0)  # no exact set partition: the search phases run
     stats = from_topk_ids(np.stack([TINY] * 2, axis=1), 4)
     res = solve_placement(stats, Topology(2, 2), "ilp", time_limit_s=10, load_weight=0.0)
     for rep in res.layers:
