@@ -186,6 +186,8 @@ class MoERank:
         t = self._trainer
         if step != t.step:
             raise ValueError(f"snapshot of step {step} asked for, but the rank is at step {t.step}")
+        if t.fault_hook is not None:  # fault injection: a rank lost while the state is collected
+            t.fault_hook("snapshot", t.step)
         objects = t.checkpointer.objects(with_dense=with_dense, replicas=names is not None)
         keep = sorted(n for n in objects if not n.startswith("rng/")) if names is None else names
         missing = [n for n in keep if n not in objects]

@@ -242,3 +242,65 @@ def test_no_live_replica_falls_back_to_the_checkpoint_and_says_so(mn, fixed, tmp
     (event,) = result.summary["resizes"]
     assert event["source"].endswith("/orphans/step-2") and event["steps_lost"] == 1
     assert_same_state(final_state(c), fixed[1])
+
+
+def _arm(run_name: str, rank: int, hook) -> None:
+    victim = ray.get_actor(actor_name(run_name, rank), namespace=NAMESPACE)
+    ray.get(victim.run_fn.remote(install_hook, hook), timeout=60)
+
+
+def test_a_second_loss_while_recovering_falls_back_to_the_checkpoint(mn, fixed, tmp_path, caplog):
+    """4 ranks, every expert on every rank; rank 3 dies in step 4 and rank 2 while the survivors'
+    state is being collected: memory gives up (said in the log) and the run resumes from its step-2
+    checkpoint on the ranks that fit, ending equal to the fixed run."""
+    mn.add(2)
+    c = cfg(tmp_path, "twice", cluster__min_workers=1, cluster__max_failures=2, cluster__step_timeout_s=30,
+            placement__slots_per_rank=8)
+
+    def arm(m):
+        if m.step == 1:
+            _arm(c.cluster.run_name, 3, DieAt("synced", 4))
+            _arm(c.cluster.run_name, 2, DieAt("snapshot", 4))
+
+    try:
+        with caplog.at_level("INFO", logger="moetrain"):
+            result = run(c, on_step=arm)
+    finally:
+        _reset(mn)
+    assert result.state == State.FINISHED, result.error
+    assert "no recovery from memory (" in caplog.text
+    lost = [e for e in result.summary["resizes"] if e["why"] == "node lost"]
+    assert lost and lost[0]["source"].endswith("/twice/step-2") and lost[0]["steps_lost"] == 1, lost
+    assert_same_state(final_state(c), fixed[1])
+
+
+def test_zero_falls_back_to_the_checkpoint_and_says_why(mn, tmp_path, caplog):
+    """ZeRO-1 shards the dense AdamW state over the ranks: a lost rank's shard exists nowhere
+    else, so even with every expert replicated the run resumes from its checkpoint, and says so."""
+    c = cfg(tmp_path, "zero", cluster__num_workers=2, cluster__min_workers=1, cluster__max_failures=1,
+            cluster__step_timeout_s=60, placement__slots_per_rank=8, train__zero_stage=1)
+
+    def arm(m):
+        if m.step == 1:
+            _arm(c.cluster.run_name, 1, DieAt("synced", 4))
+
+    with caplog.at_level("INFO", logger="moetrain"):
+        result = run(c, on_step=arm)
+    assert result.state == State.FINISHED and result.restarts == 1, result.error
+    assert "no recovery from memory (train.zero_stage=1 shards the dense optimizer state" in caplog.text
+    (event,) = result.summary["resizes"]
+    assert event["source"].endswith("/zero/step-2") and event["steps_lost"] == 1
+
+
+def test_min_workers_not_met_after_a_loss_fails_naming_what_is_missing(mn, tmp_path):
+    """The only node is lost: nothing can hold min_workers=2 within cluster.node_wait_s, so the
+    run ends FAILED (exit 1, not a bad-input 2) naming the bound and the bundles that do not fit."""
+    killed: list = []
+    c = cfg(tmp_path, "gone", cluster__num_workers=2, cluster__min_workers=1, cluster__max_failures=1,
+            cluster__node_wait_s=5, cluster__step_timeout_s=20)
+    try:
+        result = run(c, on_step=killer(mn, "gone", at_step=3, rank=1, killed=killed), raise_on_failure=False)
+    finally:
+        _reset(mn)
+    assert killed and result.state == State.FAILED and not result.user_error
+    assert "cluster.node_wait_s" in result.error and "CPU" in result.error, result.error

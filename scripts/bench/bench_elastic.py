@@ -1,0 +1,290 @@
+"""Elastic training under node failures: recovery from memory vs checkpoint-restart (issue #25).
+
+On a multi-node Ray on this machine (``ray.cluster_utils.Cluster``: a head with no CPUs and two
+worker nodes), the same model and failure schedule for every arm: 4 ranks, 2 per node; the node
+holding rank 3 is killed (every process at once) at steps ``--kill-at`` and a fresh node joins
+``--back-after`` steps later. All arms are elastic (``cluster.min_workers=2``): after a loss they
+go on with the 2 ranks that fit and grow back when the node returns; they differ in where the lost
+state comes from:
+
+- ``memory``: every expert on both nodes (``slots_per_rank`` = E/2, one copy per node): the
+  survivors' state, no checkpoint read, no completed step redone;
+- ``checkpoint``: contiguous experts (no replicas) and checkpoint-restart at its best: the
+  checkpoint interval set by the Young-Daly optimum sqrt(2 x C x MTBF), with C the checkpoint
+  stall and MTBF the time between kills, both measured in a first run without failures.
+
+Measured per arm: recovery time (the kill -> training past the furthest step reached before it),
+steps redone, goodput (useful steps per minute over the whole schedule) and the final parameters
+against an uninterrupted run. Prints a table and one JSON line (recorded to results/elastic.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from scripts.bench import results  # noqa: E402
+from scripts.helpers import cpu_facts, log  # noqa: E402
+
+SCHEMA = results.Schema(
+    "elastic",
+    "elastic training under node failures: recovery from memory vs checkpoint-restart (Young-Daly interval)",
+    targets=(
+        results.Target("recovery_speedup", ">=", 5.0, "x", "recovery time, checkpoint-restart / from memory"),
+        results.Target("steps_lost_memory", "==", 0, "", "completed steps redone after a loss, from memory"),
+        results.Target("goodput_ratio_elastic_vs_restart", ">=", 2.0, "x", "useful steps per minute, memory / checkpoint"),
+        results.Target("final_params_equal_uninterrupted", "==", "true", "", "final parameters equal the run without "
+                       "failures (1e-5)", met_key="final_params_equal_uninterrupted"),
+    ),
+    keys=("recovery_s_memory", "recovery_s_checkpoint", "steps_lost_checkpoint", "checkpoint_every",
+          "checkpoint_cost_s", "mtbf_s", "step_s", "arms", "cpu_model", "avx512_bf16", "amx_bf16"),
+)
+
+MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, "max_seq_len": 32,
+         "moe": {"num_experts": 8, "top_k": 2, "expert_ffn_dim": 64}}
+
+
+def config(work: Path, name: str, steps: int, *, replicas: bool, every: int, workers: int = 4, min_workers: int = 2):
+    from moetrain.config import from_dict, validate
+    from placement.placement import Placement
+
+    cluster = {"num_workers": workers, "min_workers": min_workers, "run_name": name, "max_failures": 8,
+               "resize_check_s": 0.5, "node_wait_s": 60, "step_timeout_s": 60, "start_timeout_s": 120,
+               "dashboard": False}
+    placement: dict = {}
+    if replicas:  # each node holds every expert once: ranks 0, 1 (node A) and 2, 3 (node B) hold E/2 each
+        E, L = MODEL["moe"]["num_experts"], MODEL["n_layers"]
+        half = E // 2
+        p = Placement(__import__("numpy").array([list(range(E)) * 2] * L), (half,) * 4, E)
+        path = work / "replicated.json"
+        path.write_text(p.to_json())
+        placement = {"initial": str(path), "slots_per_rank": half}
+    return validate(from_dict({
+        "model": MODEL,
+        "data": {"seq_len": 32, "vocab_size": 300, "max_bytes_per_domain": 300_000},
+        "train": {"steps": steps, "global_batch_size": 16, "warmup_steps": 2, "eval_every": 0, "log_every": 1000},
+        "checkpoint": {"uri": str(work / "ckpt"), "every": every, "keep": 3},
+        "cluster": cluster, "placement": placement,
+        "logging": {"wandb": "disabled", "out_dir": str(work / "out"), "progress": False},
+    }))
+
+
+class Nodes:
+    """Two worker nodes with room for 2 ranks each, killed and brought back by the schedule."""
+
+    def __init__(self):
+        import ray
+        from ray.cluster_utils import Cluster
+
+        self.tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = self.tmp
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False,
+            "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                               "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}})
+        for _ in range(2):
+            self.add()
+        ray.init(address=self.cluster.address, namespace="moetrain", log_to_driver=False, configure_logging=False)
+
+    def add(self):
+        node = self.cluster.add_node(num_cpus=2, object_store_memory=120 * 2**20)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def kill_node_of(self, run: str, rank: int) -> None:
+        import ray
+
+        from cluster.group import NAMESPACE, actor_name
+
+        actor = ray.get_actor(actor_name(run, rank), namespace=NAMESPACE)
+        node_id, pid = ray.get(actor.run_fn.remote(_node_and_pid), timeout=60)
+        node = next(n for n in self.cluster.worker_nodes if n.node_id == node_id)
+        os.kill(pid, signal.SIGKILL)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def reset(self) -> None:
+        for node in list(self.cluster.worker_nodes):
+            try:
+                self.cluster.remove_node(node)
+            except Exception:
+                pass
+        for _ in range(2):
+            self.add()
+
+    def close(self) -> None:
+        import ray
+
+        ray.shutdown()
+        self.cluster.shutdown()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _node_and_pid(_trainer):
+    import ray
+
+    return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
+    """One run under the failure schedule: step times, recoveries, the summary."""
+    from cluster.api import run
+
+    times: dict[int, float] = {}
+    kills: list[tuple[int, float]] = []  # (furthest step before the kill, time of the kill)
+    back_due: list[int] = []
+
+    def on_step(m):
+        now = time.perf_counter()
+        times.setdefault(m.step, now)  # a redone step counts when first reached
+        furthest = max(times)
+        if m.step in kill_at and not any(k == m.step for k, _ in kills):
+            nodes.kill_node_of(c.cluster.run_name, 3)
+            kills.append((furthest, time.perf_counter()))
+            back_due.append(m.step + back_after)
+        if back_due and m.step >= back_due[0]:
+            back_due.pop(0)
+            nodes.add()
+
+    t0 = time.perf_counter()
+    result = run(c, on_step=on_step, raise_on_failure=False)
+    wall = time.perf_counter() - t0
+    recoveries = []
+    for furthest, t_kill in kills:
+        nxt = [t for s, t in times.items() if s > furthest and t > t_kill]
+        recoveries.append(min(nxt) - t_kill if nxt else float("nan"))
+    s = result.summary
+    return {"state": result.state.value, "wall_s": wall, "steps": s.get("steps"), "recoveries_s": recoveries,
+            "steps_redone": sum(e["steps_lost"] for e in s.get("resizes", [])),
+            "resizes": s.get("resizes", []), "history_steps": [h.step for h in result.history],
+            "step_times": [h.step_time_s for h in result.history]}
+
+
+def final_state(c) -> dict:
+    from moetrain.checkpoint import load_objects, read_manifest, resolve
+
+    ref = resolve("latest", c.checkpoint, run=c.cluster.run_name)
+    manifest = read_manifest(ref)
+    return load_objects(ref, [n for n in manifest.names if not n.startswith("rng/")], manifest=manifest)
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    import torch
+
+    def flat(obj, path=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from flat(v, f"{path}/{k}")
+        elif torch.is_tensor(obj):
+            yield path, obj.float()
+
+    if a.keys() != b.keys():
+        return float("inf")
+    worst = 0.0
+    for name in a:
+        fa, fb = dict(flat(a[name])), dict(flat(b[name]))
+        for k in fa:
+            d = (fa[k] - fb[k]).abs().max().item()
+            worst = max(worst, d / max(fb[k].abs().max().item(), 1e-6))
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--kill-at", default="8,20", help="steps after which the node of rank 3 is killed")
+    ap.add_argument("--back-after", type=int, default=4, help="steps after a kill until a new node joins")
+    ap.add_argument("--quick", action="store_true", help="12 steps, one kill at step 5 (smoke run; not recorded)")
+    ap.add_argument("--work-dir", default="")
+    results.add_flag(ap)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.kill_at, args.back_after = 12, "5", 3
+    kill_at = [int(k) for k in args.kill_at.split(",") if k]
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-elastic-"))
+    work.mkdir(parents=True, exist_ok=True)
+    nodes = Nodes()
+    try:
+        log("uninterrupted run (2 ranks, contiguous): the reference parameters, the step time, the checkpoint cost")
+        ref_cfg = config(work / "ref", "ref", args.steps, replicas=False, every=1, workers=2, min_workers=0)
+        with StallLog() as stalls:
+            ref = run_arm(nodes, ref_cfg, [], 0)
+        ref_state = final_state(ref_cfg)
+        step_s = sorted(ref["step_times"])[len(ref["step_times"]) // 2]
+        cost_s = max(sum(stalls.values) / max(len(stalls.values), 1), 1e-4)
+        gap = kill_at[1] - kill_at[0] if len(kill_at) > 1 else args.steps
+        mtbf_s = gap * step_s
+        every = max(1, round(math.sqrt(2 * cost_s * mtbf_s) / step_s))
+        log(f"median step {step_s:.3f} s, checkpoint cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s -> checkpoint every {every}")
+        arms = {}
+        for name, replicas in (("memory", True), ("checkpoint", False)):
+            nodes.reset()
+            c = config(work / name, name, args.steps, replicas=replicas, every=every if not replicas else args.steps)
+            log(f"arm {name}")
+            arms[name] = run_arm(nodes, c, kill_at, args.back_after)
+            arms[name]["max_rel_diff_vs_uninterrupted"] = max_rel_diff(final_state(c), ref_state)
+    finally:
+        nodes.close()
+    mem, ck = arms["memory"], arms["checkpoint"]
+    rec_m = sum(mem["recoveries_s"]) / max(len(mem["recoveries_s"]), 1)
+    rec_c = sum(ck["recoveries_s"]) / max(len(ck["recoveries_s"]), 1)
+    goodput = {k: 60 * args.steps / a["wall_s"] for k, a in arms.items()}
+    payload = {
+        "recovery_s_memory": rec_m, "recovery_s_checkpoint": rec_c, "recovery_speedup": rec_c / rec_m,
+        "steps_lost_memory": mem["steps_redone"], "steps_lost_checkpoint": ck["steps_redone"],
+        "goodput_steps_per_min": goodput, "goodput_ratio_elastic_vs_restart": goodput["memory"] / goodput["checkpoint"],
+        "final_params_equal_uninterrupted": all(a["max_rel_diff_vs_uninterrupted"] <= 1e-5 and a["state"] == "finished"
+                                                for a in arms.values()),
+        "checkpoint_every": every, "checkpoint_cost_s": cost_s, "mtbf_s": mtbf_s, "step_s": step_s,
+        "kill_at": kill_at, "back_after": args.back_after, "steps": args.steps,
+        "arms": {k: {kk: v for kk, v in a.items() if kk not in ("step_times", "history_steps")} for k, a in arms.items()},
+        **cpu_facts(),
+    }
+    print(f"{'arm':<12} {'state':<9} {'wall s':>7} {'recovery s':>14} {'redone':>7} {'steps/min':>10} {'max rel diff':>13}")
+    for k, a in arms.items():
+        rec = ", ".join(f"{r:.1f}" for r in a["recoveries_s"])
+        print(f"{k:<12} {a['state']:<9} {a['wall_s']:>7.1f} {rec:>14} {a['steps_redone']:>7} {goodput[k]:>10.1f} "
+              f"{a['max_rel_diff_vs_uninterrupted']:>13.2e}")
+    print(f"recovery speedup {payload['recovery_speedup']:.2f}x, goodput ratio "
+          f"{payload['goodput_ratio_elastic_vs_restart']:.2f}x; checkpoint every {every} step(s) "
+          f"(cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s); {payload['cpu_model']}")
+    print(json.dumps(payload))
+    results.record(SCHEMA, payload, args)
+    return 0
+
+
+class StallLog(logging.Handler):
+    """The training stall of each committed checkpoint, read off the run's log lines
+    (``checkpoint step N committed: ... stall X s``): the checkpoint cost C of Young-Daly."""
+
+    def __init__(self):
+        super().__init__()
+        self.values: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = re.search(r"committed: .*stall ([0-9.]+) s", record.getMessage())
+        if m:
+            self.values.append(float(m.group(1)))
+
+    def __enter__(self) -> "StallLog":
+        logging.getLogger("moetrain").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("moetrain").removeHandler(self)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
