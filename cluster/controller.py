@@ -193,7 +193,7 @@ class Controller:
             )
             self.placement = prop.placement
             self.resolved_for_topology += 1
-        replacement.log_single_homed(self.cfg, self.placement, self.node_of_rank, "the group's placement")
+        self.placement = replacement.honour_fault_domains(self.cfg, self.placement, self.node_of_rank, "placement")
         return self.placement
 
     def _log_layout(self) -> None:

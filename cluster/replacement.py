@@ -30,13 +30,14 @@ import time
 from typing import Any
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 
 from moetrain.config import RunConfig
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import merge_rank_samples
 from placement import Placement, RoutingStats, SolveResult, Topology, evaluate, solve_placement
-from placement.domains import domain_vector, single_homed
+from placement.domains import FaultDomains, domain_vector, single_homed
 from placement.select import select_placement, validation_scores
 from placement.stats import without_homes
 
@@ -243,6 +244,23 @@ def solve_now(stats: RoutingStats, topology: Topology, current: Placement, cfg: 
         p.val_fraction,
         p.fault_domain,
     )
+
+
+def honour_fault_domains(cfg: RunConfig, placement: Placement, node_of_rank: tuple[int, ...], what: str) -> Placement:
+    """``placement`` with every layer meeting ``placement.fault_domain``'s rule (as many experts
+    on two domains as the slots allow; ``FaultDomains.repair``, no statistics: ties by expert id)
+    where it did not (e.g. a round-robin or JSON start), then its single-homed experts logged."""
+    fd = cfg.placement.fault_domain
+    rule = (
+        None if fd == "none" else FaultDomains.of(run_topology(cfg, placement, node_of_rank), fd, placement.num_experts)
+    )
+    if rule is not None and rule.active and not all(rule.valid(row) for row in placement.phy2log_LS):
+        even = np.ones(placement.num_experts)
+        rows = np.stack([rule.repair(row, even) for row in placement.phy2log_LS])
+        placement = Placement(rows, placement.slots_per_rank, placement.num_experts)
+        log.info("%s: repaired for placement.fault_domain=%s", what, fd)
+    log_single_homed(cfg, placement, node_of_rank, what)
+    return placement
 
 
 def log_single_homed(cfg: RunConfig, placement: Placement, node_of_rank: tuple[int, ...], what: str) -> None:

@@ -7,8 +7,8 @@ holding rank 3 is killed (every process at once) at steps ``--kill-at`` and a fr
 go on with the 2 ranks that fit and grow back when the node returns; they differ in where the lost
 state comes from:
 
-- ``memory``: every expert on both nodes (``slots_per_rank`` = E/2, one copy per node): the
-  survivors' state, no checkpoint read, no completed step redone;
+- ``memory``: every expert on both nodes (``slots_per_rank`` = E/2, ``placement.fault_domain=node``):
+  the survivors' state, no checkpoint read, no completed step redone;
 - ``checkpoint``: contiguous experts (no replicas) and checkpoint-restart at its best: the
   checkpoint interval set by the Young-Daly optimum sqrt(2 x C x MTBF), with C the checkpoint
   stall and MTBF the time between kills, both measured in a first run without failures.
@@ -59,19 +59,12 @@ MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, "max_seq_len": 
 
 def config(work: Path, name: str, steps: int, *, replicas: bool, every: int, workers: int = 4, min_workers: int = 2):
     from moetrain.config import from_dict, validate
-    from placement.placement import Placement
 
     cluster = {"num_workers": workers, "min_workers": min_workers, "run_name": name, "max_failures": 8,
                "resize_check_s": 0.5, "node_wait_s": 60, "step_timeout_s": 60, "start_timeout_s": 120,
                "dashboard": False}
-    placement: dict = {}
-    if replicas:  # each node holds every expert once: ranks 0, 1 (node A) and 2, 3 (node B) hold E/2 each
-        E, L = MODEL["moe"]["num_experts"], MODEL["n_layers"]
-        half = E // 2
-        p = Placement(__import__("numpy").array([list(range(E)) * 2] * L), (half,) * 4, E)
-        path = work / "replicated.json"
-        path.write_text(p.to_json())
-        placement = {"initial": str(path), "slots_per_rank": half}
+    # memory arm: two copies of every expert, on two nodes (placement.fault_domain=node)
+    placement = {"slots_per_rank": MODEL["moe"]["num_experts"] // 2, "fault_domain": "node"} if replicas else {}
     return validate(from_dict({
         "model": MODEL,
         "data": {"seq_len": 32, "vocab_size": 300, "max_bytes_per_domain": 300_000},

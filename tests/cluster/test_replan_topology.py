@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.replacement import _solve, log_single_homed, run_topology, solve_now
+from cluster.replacement import _solve, honour_fault_domains, log_single_homed, run_topology, solve_now
 from moetrain.config import ConfigError, from_dict, validate
 from placement import Placement, from_topk_ids
 from placement.domains import single_homed
@@ -70,3 +70,24 @@ def test_fault_domain_defaults_to_none_and_changes_the_chosen_placement(caplog):
     assert "silent" not in caplog.text
     prop = _solve(stats, run_topology(cfgs["node"], cur), cur, "greedy", 2.0, 1.0, 0.0, 0, 0.0, "node")
     assert prop.placement == chosen["node"]
+
+
+def test_a_start_placement_is_repaired_for_its_fault_domains(caplog):
+    """A round-robin start with two copies of each of 8 experts on 4 ranks (2 per node) leaves
+    experts 0 and 4 (rank 0 + 1: node 0) and 2, 6 (ranks 2 + 3: node 1) on one node; with
+    placement.fault_domain=node the group starts on a repaired placement (every expert on both
+    nodes, every rank still 4 slots, every expert twice), with "none" on the round-robin one."""
+    rr = Placement.round_robin(1, 8, 4, 4)
+    nodes = (0, 0, 1, 1)
+    assert single_homed(rr, np.array(nodes)) == ((0, 2, 4, 6),)
+    cfgs = {fd: validate(from_dict({"model": {"moe": {"num_experts": 8, "top_k": 2}},
+                                    "cluster": {"num_workers": 4},
+                                    "placement": {"slots_per_rank": 4, "fault_domain": fd}})) for fd in ("none", "node")}
+    assert honour_fault_domains(cfgs["none"], rr, nodes, "start") is rr
+    with caplog.at_level("INFO", logger="moetrain"):
+        fixed = honour_fault_domains(cfgs["node"], rr, nodes, "start")
+    assert single_homed(fixed, np.array(nodes)) == ((),)
+    assert fixed.slots_per_rank == (4, 4, 4, 4) and np.bincount(fixed.phy2log_LS[0], minlength=8).tolist() == [2] * 8
+    assert "start: repaired for placement.fault_domain=node" in caplog.text
+    assert "start: 0 expert(s) single-homed (fault domain node): none" in caplog.text
+    assert honour_fault_domains(cfgs["node"], fixed, nodes, "again") is fixed  # valid: left alone
