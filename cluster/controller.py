@@ -312,13 +312,9 @@ class Controller:
         state to a new group of the size that fits now, from memory (:mod:`cluster.recovery`).
         False (and the old group left to the checkpoint path) when memory cannot give it."""
         group, before, old, t0 = self._live_group(), self.size.world, self.placement, time.perf_counter()
+        self._set(State.RESIZING)
         try:
-            if self.cfg.train.zero_stage:
-                raise recovery.NotRecoverable(
-                    f"train.zero_stage={self.cfg.train.zero_stage} shards the dense optimizer state over the "
-                    "ranks: the lost ranks' shards are gone"
-                )
-            state, decision = recovery.collect(group.actors, self.placement, survivors, self.run_id)
+            state, decision = recovery.collect(group.actors, self.placement, survivors, self.run_id, self.cfg)
         except (recovery.NotRecoverable, RayError) as exc:
             why = str(exc).splitlines()[0][:300]
             log.warning(
@@ -334,7 +330,8 @@ class Controller:
         self.group = None
         self.step = decision.step
         self._regroup(state, elastic.choose_size(self.cfg, elastic.free_ranks(self.cfg)) or before)
-        self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes)
+        lost = [r for r in range(before) if r not in survivors]
+        self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes, lost)
         return True
 
     # ---- the loop ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
@@ -152,6 +152,7 @@ class ResizeEvent:
     bytes: int  # state moved: the in-memory snapshot, or the checkpoint read
     seconds: float  # decision -> the new group ready to train
     steps_lost: int  # completed steps redone (0 from memory)
+    lost_ranks: list[int] = field(default_factory=list)  # ranks of the old group that were lost
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,6 +224,7 @@ class Elastic:
         t0: float,
         steps_lost: int = 0,
         nbytes: int = 0,
+        lost_ranks: list[int] | None = None,
     ) -> ResizeEvent:
         """Log a change from ``before`` ranks to the current size (``moved``: the placements
         before and after), publish it and keep it for the summary."""
@@ -236,6 +238,7 @@ class Elastic:
             bytes=nbytes,
             seconds=time.perf_counter() - t0,
             steps_lost=steps_lost,
+            lost_ranks=list(lost_ranks or []),
         )
         self.events.append(event)
         if self.telemetry is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import ray
 
 from cluster.elastic import MemoryState
+from moetrain.config import RunConfig
 from moetrain.train.state import DENSE, expert_object_name
 from placement.placement import Placement
 
@@ -104,10 +105,17 @@ def settle(actors: list, survivors: list[int], timeout_s: float = SETTLE_S) -> d
         time.sleep(0.05)
 
 
-def collect(actors: list, placement: Placement, survivors: list[int], run_id: str) -> tuple[MemoryState, Decision]:
+def collect(
+    actors: list, placement: Placement, survivors: list[int], run_id: str, cfg: RunConfig
+) -> tuple[MemoryState, Decision]:
     """Make the survivors consistent (:func:`decide`; roll forward where needed) and collect
     their state as driver-owned objects. Raises :class:`NotRecoverable` or a Ray error (a second
     loss meanwhile): the caller falls back to the checkpoint."""
+    if cfg.train.zero_stage:
+        raise NotRecoverable(
+            f"train.zero_stage={cfg.train.zero_stage} shards the dense optimizer state over the ranks: the lost "
+            "ranks' shards are gone"
+        )
     names = sources(placement, survivors)
     decision = decide(settle(actors, survivors))
     if decision.to_roll:

@@ -45,34 +45,78 @@ SCHEMA = results.Schema(
     targets=(
         results.Target("recovery_speedup", ">=", 5.0, "x", "recovery time, checkpoint-restart / from memory"),
         results.Target("steps_lost_memory", "==", 0, "", "completed steps redone after a loss, from memory"),
-        results.Target("goodput_ratio_elastic_vs_restart", ">=", 2.0, "x", "useful steps per minute, memory / checkpoint"),
-        results.Target("final_params_equal_uninterrupted", "==", "true", "", "final parameters equal the run without "
-                       "failures (1e-5)", met_key="final_params_equal_uninterrupted"),
+        results.Target(
+            "goodput_ratio_elastic_vs_restart", ">=", 2.0, "x", "useful steps per minute, memory / checkpoint"
+        ),
+        results.Target(
+            "final_params_equal_uninterrupted",
+            "==",
+            "true",
+            "",
+            "final parameters equal the run without failures (1e-5)",
+            met_key="final_params_equal_uninterrupted",
+        ),
     ),
-    keys=("recovery_s_memory", "recovery_s_checkpoint", "steps_lost_checkpoint", "checkpoint_every",
-          "checkpoint_cost_s", "mtbf_s", "step_s", "arms", "cpu_model", "avx512_bf16", "amx_bf16"),
+    keys=(
+        "recovery_s_memory",
+        "recovery_s_checkpoint",
+        "steps_lost_checkpoint",
+        "checkpoint_every",
+        "checkpoint_cost_s",
+        "mtbf_s",
+        "step_s",
+        "arms",
+        "cpu_model",
+        "avx512_bf16",
+        "amx_bf16",
+    ),
 )
 
-MODEL = {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, "max_seq_len": 32,
-         "moe": {"num_experts": 8, "top_k": 2, "expert_ffn_dim": 64}}
+MODEL = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "ffn_dim": 128,
+    "max_seq_len": 32,
+    "moe": {"num_experts": 8, "top_k": 2, "expert_ffn_dim": 64},
+}
 
 
 def config(work: Path, name: str, steps: int, *, replicas: bool, every: int, workers: int = 4, min_workers: int = 2):
     from moetrain.config import from_dict, validate
 
-    cluster = {"num_workers": workers, "min_workers": min_workers, "run_name": name, "max_failures": 8,
-               "resize_check_s": 0.5, "node_wait_s": 60, "step_timeout_s": 60, "start_timeout_s": 120,
-               "dashboard": False}
+    cluster = {
+        "num_workers": workers,
+        "min_workers": min_workers,
+        "run_name": name,
+        "max_failures": 8,
+        "resize_check_s": 0.5,
+        "node_wait_s": 60,
+        "step_timeout_s": 60,
+        "start_timeout_s": 120,
+        "dashboard": False,
+    }
     # memory arm: two copies of every expert, on two nodes (placement.fault_domain=node)
     placement = {"slots_per_rank": MODEL["moe"]["num_experts"] // 2, "fault_domain": "node"} if replicas else {}
-    return validate(from_dict({
-        "model": MODEL,
-        "data": {"seq_len": 32, "vocab_size": 300, "max_bytes_per_domain": 300_000},
-        "train": {"steps": steps, "global_batch_size": 16, "warmup_steps": 2, "eval_every": 0, "log_every": 1000},
-        "checkpoint": {"uri": str(work / "ckpt"), "every": every, "keep": 3},
-        "cluster": cluster, "placement": placement,
-        "logging": {"wandb": "disabled", "out_dir": str(work / "out"), "progress": False},
-    }))
+    return validate(
+        from_dict(
+            {
+                "model": MODEL,
+                "data": {"seq_len": 32, "vocab_size": 300, "max_bytes_per_domain": 300_000},
+                "train": {
+                    "steps": steps,
+                    "global_batch_size": 16,
+                    "warmup_steps": 2,
+                    "eval_every": 0,
+                    "log_every": 1000,
+                },
+                "checkpoint": {"uri": str(work / "ckpt"), "every": every, "keep": 3},
+                "cluster": cluster,
+                "placement": placement,
+                "logging": {"wandb": "disabled", "out_dir": str(work / "out"), "progress": False},
+            }
+        )
+    )
 
 
 class Nodes:
@@ -84,10 +128,19 @@ class Nodes:
 
         self.tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")
         os.environ["RAY_TMPDIR"] = self.tmp
-        self.cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 0, "include_dashboard": False,
-            "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                               "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}})
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "include_dashboard": False,
+                "_system_config": {
+                    "health_check_initial_delay_ms": 0,
+                    "health_check_period_ms": 500,
+                    "health_check_timeout_ms": 500,
+                    "health_check_failure_threshold": 3,
+                },
+            },
+        )
         for _ in range(2):
             self.add()
         ray.init(address=self.cluster.address, namespace="moetrain", log_to_driver=False, configure_logging=False)
@@ -159,10 +212,16 @@ def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
         nxt = [t for s, t in times.items() if s > furthest and t > t_kill]
         recoveries.append(min(nxt) - t_kill if nxt else float("nan"))
     s = result.summary
-    return {"state": result.state.value, "wall_s": wall, "steps": s.get("steps"), "recoveries_s": recoveries,
-            "steps_redone": sum(e["steps_lost"] for e in s.get("resizes", [])),
-            "resizes": s.get("resizes", []), "history_steps": [h.step for h in result.history],
-            "step_times": [h.step_time_s for h in result.history]}
+    return {
+        "state": result.state.value,
+        "wall_s": wall,
+        "steps": s.get("steps"),
+        "recoveries_s": recoveries,
+        "steps_redone": sum(e["steps_lost"] for e in s.get("resizes", [])),
+        "resizes": s.get("resizes", []),
+        "history_steps": [h.step for h in result.history],
+        "step_times": [h.step_time_s for h in result.history],
+    }
 
 
 def final_state(c) -> dict:
@@ -220,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         gap = kill_at[1] - kill_at[0] if len(kill_at) > 1 else args.steps
         mtbf_s = gap * step_s
         every = max(1, round(math.sqrt(2 * cost_s * mtbf_s) / step_s))
-        log(f"median step {step_s:.3f} s, checkpoint cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s -> checkpoint every {every}")
+        log(
+            f"median step {step_s:.3f} s, checkpoint cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s -> checkpoint every {every}"
+        )
         arms = {}
         for name, replicas in (("memory", True), ("checkpoint", False)):
             nodes.reset()
@@ -235,24 +296,42 @@ def main(argv: list[str] | None = None) -> int:
     rec_c = sum(ck["recoveries_s"]) / max(len(ck["recoveries_s"]), 1)
     goodput = {k: 60 * args.steps / a["wall_s"] for k, a in arms.items()}
     payload = {
-        "recovery_s_memory": rec_m, "recovery_s_checkpoint": rec_c, "recovery_speedup": rec_c / rec_m,
-        "steps_lost_memory": mem["steps_redone"], "steps_lost_checkpoint": ck["steps_redone"],
-        "goodput_steps_per_min": goodput, "goodput_ratio_elastic_vs_restart": goodput["memory"] / goodput["checkpoint"],
-        "final_params_equal_uninterrupted": all(a["max_rel_diff_vs_uninterrupted"] <= 1e-5 and a["state"] == "finished"
-                                                for a in arms.values()),
-        "checkpoint_every": every, "checkpoint_cost_s": cost_s, "mtbf_s": mtbf_s, "step_s": step_s,
-        "kill_at": kill_at, "back_after": args.back_after, "steps": args.steps,
-        "arms": {k: {kk: v for kk, v in a.items() if kk not in ("step_times", "history_steps")} for k, a in arms.items()},
+        "recovery_s_memory": rec_m,
+        "recovery_s_checkpoint": rec_c,
+        "recovery_speedup": rec_c / rec_m,
+        "steps_lost_memory": mem["steps_redone"],
+        "steps_lost_checkpoint": ck["steps_redone"],
+        "goodput_steps_per_min": goodput,
+        "goodput_ratio_elastic_vs_restart": goodput["memory"] / goodput["checkpoint"],
+        "final_params_equal_uninterrupted": all(
+            a["max_rel_diff_vs_uninterrupted"] <= 1e-5 and a["state"] == "finished" for a in arms.values()
+        ),
+        "checkpoint_every": every,
+        "checkpoint_cost_s": cost_s,
+        "mtbf_s": mtbf_s,
+        "step_s": step_s,
+        "kill_at": kill_at,
+        "back_after": args.back_after,
+        "steps": args.steps,
+        "arms": {
+            k: {kk: v for kk, v in a.items() if kk not in ("step_times", "history_steps")} for k, a in arms.items()
+        },
         **cpu_facts(),
     }
-    print(f"{'arm':<12} {'state':<9} {'wall s':>7} {'recovery s':>14} {'redone':>7} {'steps/min':>10} {'max rel diff':>13}")
+    print(
+        f"{'arm':<12} {'state':<9} {'wall s':>7} {'recovery s':>14} {'redone':>7} {'steps/min':>10} {'max rel diff':>13}"
+    )
     for k, a in arms.items():
         rec = ", ".join(f"{r:.1f}" for r in a["recoveries_s"])
-        print(f"{k:<12} {a['state']:<9} {a['wall_s']:>7.1f} {rec:>14} {a['steps_redone']:>7} {goodput[k]:>10.1f} "
-              f"{a['max_rel_diff_vs_uninterrupted']:>13.2e}")
-    print(f"recovery speedup {payload['recovery_speedup']:.2f}x, goodput ratio "
-          f"{payload['goodput_ratio_elastic_vs_restart']:.2f}x; checkpoint every {every} step(s) "
-          f"(cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s); {payload['cpu_model']}")
+        print(
+            f"{k:<12} {a['state']:<9} {a['wall_s']:>7.1f} {rec:>14} {a['steps_redone']:>7} {goodput[k]:>10.1f} "
+            f"{a['max_rel_diff_vs_uninterrupted']:>13.2e}"
+        )
+    print(
+        f"recovery speedup {payload['recovery_speedup']:.2f}x, goodput ratio "
+        f"{payload['goodput_ratio_elastic_vs_restart']:.2f}x; checkpoint every {every} step(s) "
+        f"(cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s); {payload['cpu_model']}"
+    )
     print(json.dumps(payload))
     results.record(SCHEMA, payload, args)
     return 0

@@ -119,11 +119,13 @@ def fixed(mn, tmp_path_factory):
     return result, final_state(c)
 
 
-def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, tmp_path):
+@pytest.mark.parametrize("zero", [0, 1])
+def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, tmp_path, zero):
     """num_workers=4, min_workers=2 on a cluster with room for 2: the run starts on 2 ranks; a node
     with room for 2 more joins after step 3; at the next step boundary the run grows to 4 from
     memory (RESIZING: no checkpoint read, no step redone) and ends with the fixed run's losses and
-    parameters, AdamW moments included."""
+    parameters, AdamW moments included — also under ZeRO-1, whose dense optimizer shards are
+    gathered for the hand-over and re-sliced over 4."""
     base, base_state = fixed
     joined = []
 
@@ -131,7 +133,7 @@ def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, 
         if m.step == 3 and not joined:
             joined.append(mn.add(2))
 
-    c = cfg(tmp_path, "grow", cluster__min_workers=2)
+    c = cfg(tmp_path, f"grow{zero}", cluster__min_workers=2, train__zero_stage=zero)
     try:
         result = run(c, on_step=join)
     finally:
