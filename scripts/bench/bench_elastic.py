@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         mtbf_s = gap * step_s
         every = max(1, round(math.sqrt(2 * cost_s * mtbf_s) / step_s))
         log(
-            f"median step {step_s:.3f} s, checkpoint cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s -> checkpoint every {every}"
+            f"median step {step_s:.3f} s, checkpoint cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s -> "
+            f"checkpoint every {every}"
         )
         arms = {}
         for name, replicas in (("memory", True), ("checkpoint", False)):
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         **cpu_facts(),
     }
     print(
-        f"{'arm':<12} {'state':<9} {'wall s':>7} {'recovery s':>14} {'redone':>7} {'steps/min':>10} {'max rel diff':>13}"
+        f"{'arm':<12} {'state':<9} {'wall s':>7} {'recovery s':>14} {'redone':>7} {'steps/min':>10} "
+        f"{'max rel diff':>13}"
     )
     for k, a in arms.items():
         rec = ", ".join(f"{r:.1f}" for r in a["recoveries_s"])
