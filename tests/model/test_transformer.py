@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from moetrain.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig
+from moetrain.config import ConfigError, DataConfig, ModelConfig, MoEConfig, RunConfig, validate
 from moetrain.losses import lm_loss
 from moetrain.model import GroupedExperts, Transformer
 from placement.placement import Placement
@@ -121,7 +121,7 @@ def test_the_model_and_the_run_config_refuse_with_one_message(kw, message):
     cfg = tiny_cfg(**kw)
     cfg.vocab_size = 300
     with pytest.raises(ConfigError) as validated:
-        RunConfig(model=cfg, data=DataConfig(seq_len=16)).validate()
+        validate(RunConfig(model=cfg, data=DataConfig(seq_len=16)))
     assert str(validated.value) == message
 
 
