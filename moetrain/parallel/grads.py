@@ -41,7 +41,7 @@ def sync_dense_grads(params: list[torch.nn.Parameter], ctx: ParallelContext) -> 
     if not ctx.distributed or not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    ctx.all_reduce_sum(flat).div_(ctx.world_size)
+    ctx.all_reduce_dense(flat).div_(ctx.world_size)
     offset = 0
     for g in grads:
         n = g.numel()

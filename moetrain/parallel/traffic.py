@@ -139,6 +139,24 @@ class TrafficCounter:
         dst[(self.rank + 1) % self.world_size] = ring_allreduce_bytes(nbytes, self.world_size)
         self.add_peer(kind, dst)
 
+    def add_node_allreduce(self, kind: str, nbytes: int, node_R: tuple[int, ...]) -> None:
+        """Estimate of :meth:`ParallelContext.all_reduce_dense` over nodes: a non-leader sends
+        ``nbytes`` to its leader (reduce); a leader sends its ring share to the next node's leader
+        and ``nbytes`` to each rank of its node (broadcast)."""
+        nodes = sorted(set(node_R))
+        first = {n: min(r for r in range(self.world_size) if node_R[r] == n) for n in nodes}
+        me = node_R[self.rank]
+        dst = [0] * self.world_size
+        if self.rank != first[me]:
+            dst[first[me]] = nbytes
+        else:
+            nxt = nodes[(nodes.index(me) + 1) % len(nodes)]
+            dst[first[nxt]] += ring_allreduce_bytes(nbytes, len(nodes))
+            for r in range(self.world_size):
+                if node_R[r] == me and r != self.rank:
+                    dst[r] += nbytes
+        self.add_peer(kind, dst)
+
     def add_checkpoint(self, nbytes: int) -> None:
         self.checkpoint_bytes += int(nbytes)
 

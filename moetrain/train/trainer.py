@@ -388,12 +388,16 @@ class RankTrainer:
             return self.model(x_BT)
 
     def _count_grad_traffic(self) -> None:
-        """Ring all-reduce estimates (moetrain.parallel.traffic) of this step's gradient
-        collectives: the dense gradients (or ZeRO's reduce-scatter + all-gather, the same bytes in
-        a ring) and the replica reduction of every layer with a replicated expert."""
+        """Estimates (moetrain.parallel.traffic) of this step's gradient collectives: the dense
+        gradients (over the nodes' leaders on several nodes; ZeRO's reduce-scatter + all-gather:
+        the bytes of a ring) and the replica reduction of every layer with a replicated expert."""
         if not self.ctx.distributed:
             return
-        self.traffic.add_ring_allreduce("dense_grads", sum(p.numel() * p.element_size() for p in self.dense_params))
+        dense = sum(p.numel() * p.element_size() for p in self.dense_params)
+        if self.ctx.nodes is not None and self.dense_zero is None:  # ParallelContext.all_reduce_dense
+            self.traffic.add_node_allreduce("dense_grads", dense, self.ctx.node_R)
+        else:
+            self.traffic.add_ring_allreduce("dense_grads", dense)
         logcnt = self.placement.logcnt_LE
         for idx, layer in enumerate(self.moe_layers):
             if (logcnt[idx] > 1).any():
