@@ -61,16 +61,13 @@ def _train(trainer):
 
 
 def _ep_runs(ctx, cache_dir: str):
-    from moetrain.parallel.context import node_groups
     from moetrain.train.trainer import RankTrainer
 
     out = {}
     for name, kind, node_R, moe, scope in CASES:
         placement = _placement(kind)
         cfg = _cfg(cache_dir, moe, scope)
-        # node groups as a multi-node run makes them: the dense all-reduce goes over the nodes' leaders
-        c = dataclasses.replace(ctx, node_R=node_R, nodes=node_groups(node_R, ctx.world_size))
-        t = RankTrainer(cfg, ctx=c, placement=placement)
+        t = RankTrainer(cfg, ctx=dataclasses.replace(ctx, node_R=node_R), placement=placement)
         losses, g, p, metrics = _train(t)
         out[name] = (losses, g, p, [m.traffic for m in metrics], type(t.moe_layers[0].dispatcher).__name__)
         if name == "shared-hier":  # a re-placement: its bytes are in the next step's traffic
