@@ -58,6 +58,9 @@ SCHEMA = results.Schema(
         ),
     ),
     keys=(
+        "single_homed_experts",
+        "fault_domain_step_cost",
+        "median_step_s",
         "recovery_s_memory",
         "recovery_s_checkpoint",
         "steps_lost_checkpoint",
@@ -224,6 +227,18 @@ def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
     }
 
 
+def single_homed_counts() -> dict:
+    """Experts per layer left on one node with placement.fault_domain=node, for this benchmark's
+    layout (8 experts, 2 nodes x 2 ranks) at 1 and 2 spare slots per rank: what the slots allow."""
+    import numpy as np
+
+    from placement.domains import max_multi_homed
+
+    E, R = MODEL["moe"]["num_experts"], 4
+    nodes = np.array([0, 0, 1, 1])
+    return {f"spare_{k}": E - max_multi_homed((E // R + k,) * R, nodes, E) for k in (1, 2)}
+
+
 def final_state(c) -> dict:
     from moetrain.checkpoint import load_objects, read_manifest, resolve
 
@@ -293,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         nodes.close()
     mem, ck = arms["memory"], arms["checkpoint"]
+    median = {k: sorted(a["step_times"])[len(a["step_times"]) // 2] for k, a in arms.items()}
     rec_m = sum(mem["recoveries_s"]) / max(len(mem["recoveries_s"]), 1)
     rec_c = sum(ck["recoveries_s"]) / max(len(ck["recoveries_s"]), 1)
     goodput = {k: 60 * args.steps / a["wall_s"] for k, a in arms.items()}
@@ -307,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         "final_params_equal_uninterrupted": all(
             a["max_rel_diff_vs_uninterrupted"] <= 1e-5 and a["state"] == "finished" for a in arms.values()
         ),
+        "single_homed_experts": single_homed_counts(),
+        "median_step_s": median,
+        "fault_domain_step_cost": median["memory"] / median["checkpoint"] - 1,
         "checkpoint_every": every,
         "checkpoint_cost_s": cost_s,
         "mtbf_s": mtbf_s,
