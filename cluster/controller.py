@@ -121,6 +121,7 @@ class Controller:
             log.info("resumed from %s at step %d", r.uri, self.step)
             if rebuild and self.size.enabled:
                 self.size.record("node lost", self.step, before, r.uri, (old, self.placement), t0, lost)
+                self.size.refused = ""
         if not self.val_start:
             self.val_start = self.group.call("evaluate")[0]
         return State.RUNNING
@@ -138,7 +139,7 @@ class Controller:
         m: StepMetrics = self._live_group().call(
             "train_step",
             stuck_after_s=self._step_deadline(),
-            keep_survivors=self.size.enabled and self.cfg.train.zero_stage == 0,  # a recovery from memory
+            keep_survivors=self.size.enabled,  # a recovery from memory (or the reason there is none)
         )[0]
         self._slowest_step_s = max(self._slowest_step_s, time.monotonic() - t0)
         self.step = m.step
@@ -316,7 +317,7 @@ class Controller:
         try:
             state, decision = recovery.collect(group.actors, self.placement, survivors, self.run_id, self.cfg)
         except (recovery.NotRecoverable, RayError) as exc:
-            why = str(exc).splitlines()[0][:300]
+            why = self.size.refused = str(exc).splitlines()[0][:300]
             log.warning(
                 "run %s: no recovery from memory (%s): back to the last checkpoint", self.cfg.cluster.run_name, why
             )

@@ -153,6 +153,7 @@ class ResizeEvent:
     seconds: float  # decision -> the new group ready to train
     steps_lost: int  # completed steps redone (0 from memory)
     lost_ranks: list[int] = field(default_factory=list)  # ranks of the old group that were lost
+    memory_refused: str = ""  # why a loss was not recovered from memory (then: the checkpoint)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,6 +170,7 @@ class Elastic:
         self.enabled = bool(c.min_workers) and c.min_workers < c.num_workers
         self.events: list[ResizeEvent] = []
         self.grow_to = 0  # the size the next RESIZING grows to
+        self.refused = ""  # why the last loss could not be recovered from memory
         self._next_check = 0.0
 
     def cfg_now(self) -> RunConfig:
@@ -239,6 +241,7 @@ class Elastic:
             seconds=time.perf_counter() - t0,
             steps_lost=steps_lost,
             lost_ranks=list(lost_ranks or []),
+            memory_refused=self.refused if source != f"memory://step-{step}" else "",
         )
         self.events.append(event)
         if self.telemetry is not None:

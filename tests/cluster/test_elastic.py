@@ -243,6 +243,7 @@ def test_no_live_replica_falls_back_to_the_checkpoint_and_says_so(mn, fixed, tmp
     assert "no recovery from memory (no live replica of 8 expert(s) (layer 0 expert 4" in caplog.text
     (event,) = result.summary["resizes"]
     assert event["source"].endswith("/orphans/step-2") and event["steps_lost"] == 1
+    assert event["memory_refused"].startswith("no live replica of 8 expert(s)")
     assert_same_state(final_state(c), fixed[1])
 
 
@@ -283,8 +284,8 @@ def test_zero_falls_back_to_the_checkpoint_and_says_why(mn, tmp_path, caplog):
             cluster__step_timeout_s=60, placement__slots_per_rank=8, train__zero_stage=1)
 
     def arm(m):
-        if m.step == 1:
-            _arm(c.cluster.run_name, 1, DieAt("synced", 4))
+        if m.step == 1:  # (ZeRO's step has no "synced" phase: DeepSpeed reduces inside its own step)
+            _arm(c.cluster.run_name, 1, DieAt("computing", 4))
 
     with caplog.at_level("INFO", logger="moetrain"):
         result = run(c, on_step=arm)
@@ -292,6 +293,7 @@ def test_zero_falls_back_to_the_checkpoint_and_says_why(mn, tmp_path, caplog):
     assert "no recovery from memory (train.zero_stage=1 shards the dense optimizer state" in caplog.text
     (event,) = result.summary["resizes"]
     assert event["source"].endswith("/zero/step-2") and event["steps_lost"] == 1
+    assert event["memory_refused"].startswith("train.zero_stage=1 shards the dense optimizer state")
 
 
 def test_min_workers_not_met_after_a_loss_fails_naming_what_is_missing(mn, tmp_path):
