@@ -71,7 +71,8 @@ class Controller:
         self.layouts: list[tuple[int, ...]] = []  # every group's layout, in order
         self.resolved_for_topology = 0  # placements re-solved because a rebuilt group landed elsewhere
         self._t_start = 0.0
-        self.size = elastic.Elastic(cfg, self.telemetry)  # the group's size (elastic runs change it)
+        self.size = elastic.Elastic(cfg, self.telemetry)
+        self._redo = 0  # the group's size (elastic runs change it)
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
             from tqdm import tqdm
@@ -116,12 +117,12 @@ class Controller:
         # crash of this run left half-written can go. No checkpoint of ours is in flight here.
         self._remove_partial_checkpoints()
         if r:
-            lost = self.step - r.step if rebuild else 0
             self.step = r.step
             log.info("resumed from %s at step %d", r.uri, self.step)
-            if rebuild and self.size.enabled:
-                self.size.record("node lost", self.step, before, r.uri, (old, self.placement), t0, lost)
-                self.size.refused = ""
+        if rebuild and self.size.enabled:  # (no checkpoint: from step 0, every step redone)
+            src = r.uri if r else "step 0 (no committed checkpoint)"
+            self.size.record("node lost", self.step, before, src, (old, self.placement), t0, self._redo)
+            self.size.refused = ""
         if not self.val_start:
             self.val_start = self.group.call("evaluate")[0]
         return State.RUNNING
@@ -303,6 +304,7 @@ class Controller:
             self.group.shutdown(graceful=False)
         self.group = None
         self.resume = self.ckpt.latest()
+        self._redo = self.step - (self.resume.step if self.resume else 0)  # completed steps to redo
         if self.resume is None:
             log.warning("no committed checkpoint yet: restarting from step 0")
             self.step = 0
@@ -330,8 +332,9 @@ class Controller:
         group.shutdown(graceful=False)
         self.group = None
         self.step = decision.step
-        self._regroup(state, elastic.choose_size(self.cfg, elastic.free_ranks(self.cfg)) or before)
-        lost = [r for r in range(before) if r not in survivors]
+        lost = [r for r in range(before) if r not in decision.survivors]
+        gone = frozenset(i["node_id"] for i in group.rank_info if i["rank"] in lost)  # maybe not yet declared dead
+        self._regroup(state, self.size.after_loss(len(decision.survivors), gone))
         self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes, lost)
         return True
 

@@ -48,14 +48,17 @@ def placement_of_size(cfg: RunConfig) -> Placement:
         )
 
 
-def free_ranks(cfg: RunConfig) -> int:
+def free_ranks(cfg: RunConfig, exclude: frozenset[str] = frozenset()) -> int:
     """Ranks of ``cfg.cluster``'s size (CPUs, a GPU) that fit in what the live nodes have free
-    now (resources held by placement groups, ours included, are not free)."""
+    now (resources held by placement groups, ours included, are not free), leaving out the nodes
+    ``exclude`` (those of ranks just lost: Ray may not have declared them dead yet)."""
     from ray._private.state import available_resources_per_node  # Ray's per-node view (no public one)
 
     c = cfg.cluster
     n = 0
-    for avail in available_resources_per_node().values():
+    for node_id, avail in available_resources_per_node().items():
+        if node_id in exclude:
+            continue
         k = math.floor(avail.get("CPU", 0.0) / c.cpus_per_worker + 1e-9)
         if c.use_gpu:
             k = min(k, math.floor(avail.get("GPU", 0.0) + 1e-9))
@@ -200,6 +203,12 @@ class Elastic:
                 self.world,
                 c.min_workers,
             )
+
+    def after_loss(self, survivors: int, gone: frozenset[str]) -> int:
+        """The size to recover to: what fits on the nodes left (``gone``: those of the lost ranks),
+        and at least what the survivors held (their bundles may not show as free yet)."""
+        fits = [choose_size(self.cfg, n) for n in (free_ranks(self.cfg, gone), survivors)]
+        return max((n for n in fits if n is not None), default=elastic_sizes(self.cfg)[0])
 
     def grow_due(self) -> bool:
         """Below its size, every ``cluster.resize_check_s`` (at a step boundary): whether the free

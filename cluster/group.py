@@ -294,7 +294,9 @@ class WorkerGroup:
         """The error of a call that failed on some ranks: peers failing for the same reason get a
         moment to report, then everyone is stopped (or, with ``keep_survivors`` and a lost actor,
         the live ones are left for a recovery from memory)."""
-        more, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0) if pending else ([], [])
+        # (kept survivors are asked where they stand next: no need to wait for them here)
+        wait_s = 0.0 if keep_survivors and any(isinstance(e, RayActorError) for e in errors.values()) else 2.0
+        more, pending = ray.wait(pending, num_returns=len(pending), timeout=wait_s) if pending else ([], [])
         for ref in more:
             try:
                 ray.get(ref)

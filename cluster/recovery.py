@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from cluster.elastic import MemoryState
 from moetrain.config import RunConfig
@@ -30,6 +31,7 @@ from moetrain.train.state import DENSE, expert_object_name
 from placement.placement import Placement
 
 SETTLE_S = 30.0  # how long survivors past the norm may take to finish their (local) update
+STATUS_S = 10.0  # a rank that does not say where it stands within this long counts as lost
 
 
 class NotRecoverable(RuntimeError):
@@ -42,6 +44,7 @@ class Decision:
     forward: bool  # the cut step happened (rolled forward) or not (rolled back)
     norm: float  # the global gradient norm to roll forward with (nan when rolling back)
     to_roll: tuple[int, ...]  # survivors that must apply the update (roll forward)
+    survivors: tuple[int, ...] = ()  # the ranks that answered (the others were lost too)
 
 
 def decide(status: dict[int, dict]) -> Decision:
@@ -57,13 +60,13 @@ def decide(status: dict[int, dict]) -> Decision:
         unsynced = [r for r in behind if status[r]["phase"] != "synced"]
         if unsynced:
             raise NotRecoverable(f"ranks {done} applied step {base + 1} but ranks {unsynced} lack its gradients")
-        return Decision(base + 1, True, float(status[done[0]]["norm"]), tuple(behind))
+        return Decision(base + 1, True, float(status[done[0]]["norm"]), tuple(behind), tuple(sorted(status)))
     late = [r for r, s in status.items() if s["phase"] == "reduced"]
     if late:
         raise NotRecoverable(f"ranks {late} still apply step {base + 1}")
     if all(s["phase"] == "idle" for s in status.values()):  # the cut step finished (or never began) here
-        return Decision(base, True, float("nan"), ())
-    return Decision(base, False, float("nan"), ())
+        return Decision(base, True, float("nan"), (), tuple(sorted(status)))
+    return Decision(base, False, float("nan"), (), tuple(sorted(status)))
 
 
 def describe(d: Decision) -> str:
@@ -96,10 +99,21 @@ def sources(placement: Placement, survivors: list[int]) -> dict[int, list[str]]:
 
 
 def settle(actors: list, survivors: list[int], timeout_s: float = SETTLE_S) -> dict[int, dict]:
-    """Each survivor's step status once none is between the norm and the end of its update."""
+    """Each survivor's step status once none is between the norm and the end of its update. A
+    rank that no longer answers was lost too (its node went with the first): it is left out."""
     deadline = time.monotonic() + timeout_s
+    alive = list(survivors)
     while True:
-        status = dict(zip(survivors, ray.get([actors[r].step_status.remote() for r in survivors], timeout=timeout_s)))
+        refs = {r: actors[r].step_status.remote() for r in alive}
+        status = {}
+        for r, ref in refs.items():
+            try:  # a live rank's second thread answers at once; a rank on a dead node may never
+                status[r] = ray.get(ref, timeout=STATUS_S)
+            except (RayActorError, GetTimeoutError):
+                continue
+        if not status:
+            raise NotRecoverable("no rank survived")
+        alive = sorted(status)
         if all(s["phase"] != "reduced" for s in status.values()) or time.monotonic() > deadline:
             return status
         time.sleep(0.05)
@@ -116,8 +130,10 @@ def collect(
             f"train.zero_stage={cfg.train.zero_stage} shards the dense optimizer state over the ranks: the lost "
             "ranks' shards are gone"
         )
+    status = settle(actors, survivors)
+    survivors = sorted(status)
     names = sources(placement, survivors)
-    decision = decide(settle(actors, survivors))
+    decision = decide(status)
     if decision.to_roll:
         ray.get([actors[r].roll_forward.remote(decision.norm) for r in decision.to_roll], timeout=SETTLE_S)
     prepared = ray.get(

@@ -308,3 +308,36 @@ def test_min_workers_not_met_after_a_loss_fails_naming_what_is_missing(mn, tmp_p
         _reset(mn)
     assert killed and result.state == State.FAILED and not result.user_error
     assert "cluster.node_wait_s" in result.error and "CPU" in result.error, result.error
+
+
+def test_node_lost_with_a_copy_of_every_expert_elsewhere_recovers_from_memory(mn, fixed, tmp_path, caplog):
+    """4 ranks on two nodes, 4 slots each with placement.fault_domain=node: a copy of every expert
+    on each node. The second node (ranks 2 and 3) is lost at step 3: both its ranks are found lost
+    (one only when asked where it stands), ranks 0 and 1 hand over their state, the run goes on
+    with 2 ranks without reading a checkpoint or redoing a step, grows back to 4 when a node
+    returns, and ends equal to the fixed run."""
+    mn.add(2)
+    killed: list = []
+    back: list = []
+    kill = killer(mn, "spread", at_step=3, rank=3, killed=killed)
+
+    def on_step(m):
+        kill(m)
+        if m.step == 5 and killed and not back:
+            back.append(mn.add(2))
+
+    c = cfg(tmp_path, "spread", cluster__min_workers=2, cluster__max_failures=1, cluster__step_timeout_s=20,
+            placement__slots_per_rank=4, placement__fault_domain="node", checkpoint__every=8)
+    try:
+        with caplog.at_level("INFO", logger="moetrain"):
+            result = run(c, on_step=on_step)
+    finally:
+        _reset(mn)
+    assert result.state == State.FINISHED and killed, result.error
+    assert "0 expert(s) single-homed (fault domain node)" in caplog.text
+    lost, grow = result.summary["resizes"]
+    assert (lost["why"], lost["from_ranks"], lost["to_ranks"], lost["lost_ranks"]) == ("node lost", 4, 2, [2, 3])
+    assert lost["source"] == f"memory://step-{lost['step']}" and lost["steps_lost"] == 0, lost
+    assert (grow["why"], grow["to_ranks"]) == ("grow", 4)
+    assert [h.step for h in result.history] == sorted(set(h.step for h in result.history))  # nothing redone
+    assert_same_state(final_state(c), fixed[1])

@@ -67,10 +67,10 @@ def _st(step: int, phase: str, norm: float = float("nan")) -> dict:
 def test_decide_rolls_forward_once_anyone_applied_else_back():
     # rank 2 applied step 5 (norm 0.7): ranks 0, 1 hold its gradients and apply it with that norm
     d = decide({0: _st(4, "synced"), 1: _st(4, "synced"), 2: _st(5, "idle", 0.7)})
-    assert d == Decision(5, True, 0.7, (0, 1)) and describe(d) == "step 5 rolled forward on ranks [0, 1]"
+    assert d == Decision(5, True, 0.7, (0, 1), (0, 1, 2)) and describe(d) == "step 5 rolled forward on ranks [0, 1]"
     # nobody past the norm: the step did not happen anywhere
     d = decide({0: _st(4, "computing"), 1: _st(4, "synced")})
-    assert d == Decision(4, False, d.norm, ()) and describe(d) == "the cut step 5 rolled back"
+    assert d == Decision(4, False, d.norm, (), (0, 1)) and describe(d) == "the cut step 5 rolled back"
     # every survivor finished the step the lost rank died in
     assert describe(decide({0: _st(5, "idle", 0.3), 1: _st(5, "idle", 0.3)})) == "step 5 completed on every survivor"
     with pytest.raises(NotRecoverable, match=r"ranks \[2\] applied step 5 but ranks \[0\] lack its gradients"):
