@@ -250,9 +250,9 @@ def final_state(c) -> dict:
     return load_objects(ref, [n for n in manifest.names if not n.startswith("rng/")], manifest=manifest)
 
 
-def allclose_excess(a: dict, b: dict) -> float:
-    """max |a - b| / (1e-6 + 1e-5 |b|) over every tensor: <= 1 is the tests' equality (rtol 1e-5,
-    atol 1e-6)."""
+def _pairs(a: dict, b: dict):
+    """(name, tensor of a, tensor of b) for every tensor of two checkpoints' objects (float64);
+    None when they do not hold the same objects."""
     import torch
 
     def flat(obj, path=""):
@@ -263,34 +263,29 @@ def allclose_excess(a: dict, b: dict) -> float:
             yield path, obj.double()
 
     if a.keys() != b.keys():
-        return float("inf")
-    worst = 0.0
+        return None
+    out = []
     for name in a:
         fa, fb = dict(flat(a[name])), dict(flat(b[name]))
-        for k in fa:
-            worst = max(worst, ((fa[k] - fb[k]).abs() / (1e-6 + 1e-5 * fb[k].abs())).max().item())
-    return worst
+        out += [(name + k, fa[k], fb[k]) for k in fa]
+    return out
+
+
+def allclose_excess(a: dict, b: dict) -> float:
+    """max |a - b| / (1e-6 + 1e-5 |b|) over every tensor: <= 1 is the tests' equality (rtol 1e-5,
+    atol 1e-6)."""
+    pairs = _pairs(a, b)
+    if pairs is None:
+        return float("inf")
+    return max(((x - y).abs() / (1e-6 + 1e-5 * y.abs())).max().item() for _, x, y in pairs)
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
-    import torch
-
-    def flat(obj, path=""):
-        if isinstance(obj, dict):
-            for k, v in obj.items():
-                yield from flat(v, f"{path}/{k}")
-        elif torch.is_tensor(obj):
-            yield path, obj.float()
-
-    if a.keys() != b.keys():
+    """max over tensors of max |a - b| / max |b|."""
+    pairs = _pairs(a, b)
+    if pairs is None:
         return float("inf")
-    worst = 0.0
-    for name in a:
-        fa, fb = dict(flat(a[name])), dict(flat(b[name]))
-        for k in fa:
-            d = (fa[k] - fb[k]).abs().max().item()
-            worst = max(worst, d / max(fb[k].abs().max().item(), 1e-6))
-    return worst
+    return max((x - y).abs().max().item() / max(y.abs().max().item(), 1e-6) for _, x, y in pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
