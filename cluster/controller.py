@@ -324,17 +324,17 @@ class Controller:
                 "run %s: no recovery from memory (%s): back to the last checkpoint", self.cfg.cluster.run_name, why
             )
             return False
-        how = recovery.describe(decision)
+        how, alive = recovery.describe(decision), list(decision.survivors)
         log.info(
-            f"run {self.cfg.cluster.run_name}: ranks {survivors} survived; every survivor is at the end of "
+            f"run {self.cfg.cluster.run_name}: ranks {alive} survived; every survivor is at the end of "
             f"step {decision.step} ({how})"
         )
         group.shutdown(graceful=False)
-        self.group = None
-        self.step = decision.step
+        self.group, self.step = None, decision.step
         lost = [r for r in range(before) if r not in decision.survivors]
-        gone = frozenset(i["node_id"] for i in group.rank_info if i["rank"] in lost)  # maybe not yet declared dead
-        self._regroup(state, self.size.after_loss(len(decision.survivors), gone))
+        node = {i["rank"]: i["node_id"] for i in group.rank_info}  # nodes with no survivor: maybe not yet declared dead
+        gone = frozenset(node[r] for r in lost) - {node[r] for r in decision.survivors}
+        self._regroup(state, self.size.after_loss(sum(node[r] not in gone for r in range(before)), gone))
         self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes, lost)
         return True
 

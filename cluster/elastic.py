@@ -204,10 +204,11 @@ class Elastic:
                 c.min_workers,
             )
 
-    def after_loss(self, survivors: int, gone: frozenset[str]) -> int:
-        """The size to recover to: what fits on the nodes left (``gone``: those of the lost ranks),
-        and at least what the survivors held (their bundles may not show as free yet)."""
-        fits = [choose_size(self.cfg, n) for n in (free_ranks(self.cfg, gone), survivors)]
+    def after_loss(self, held: int, gone: frozenset[str]) -> int:
+        """The size to recover to: what fits on the nodes left (``gone``: the lost ranks' nodes
+        where no rank survived), and at least the ``held`` bundles the old group had on the other
+        nodes (just released: they may not show as free yet)."""
+        fits = [choose_size(self.cfg, n) for n in (free_ranks(self.cfg, gone), held)]
         return max((n for n in fits if n is not None), default=elastic_sizes(self.cfg)[0])
 
     def grow_due(self) -> bool:

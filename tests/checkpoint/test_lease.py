@@ -106,9 +106,11 @@ def test_a_writer_whose_lease_was_taken_cannot_commit(store):
 
 
 def test_heartbeat_keeps_a_short_lease_alive(store):
-    a = _lease(store, ttl_s=0.6).acquire()
+    # ttl 2 s, renewed every 0.5 s: a heartbeat may take a second on a loaded 2-core machine (S3 /
+    # GCS emulators) without the lease lapsing; 0.6 s made the S3 case fail there once
+    a = _lease(store, ttl_s=2.0).acquire()
     try:
-        time.sleep(1.4)  # > 2 ttl: alive only through the heartbeat
+        time.sleep(4.5)  # > 2 ttl: alive only through the heartbeat
         with pytest.raises(LeaseHeldError):
             _lease(store).acquire()
         a.verify()
