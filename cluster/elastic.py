@@ -113,23 +113,21 @@ def snapshot(group, step: int, placement: Placement, run_id: str = "") -> Memory
     """Every rank's checkpoint objects of ``step`` as driver-owned refs (a collective under ZeRO:
     every rank is asked at once). Raises ``WorkerGroupError`` if a rank is lost meanwhile."""
     held = group.call("snapshot_prepare", step)  # per rank: {"names": [...], "bytes": int, "cursor": {...}}
+    return take(group.actors, list(range(len(group.actors))), held, step, placement, run_id)
+
+
+def take(actors: list, ranks: list[int], prepared: list[dict], step: int, placement: Placement, run_id: str):
+    """The objects ``snapshot_prepare`` kept on ``ranks`` (its answers, ``prepared``), each as its
+    own object owned by the driver, as a :class:`MemoryState` (a resize and a recovery share it)."""
     refs: dict[str, Any] = {}
-    for actor, h in zip(group.actors, held):
+    for r, h in zip(ranks, prepared):
         names = h["names"]
-        if not names:
-            continue
-        out = actor.snapshot_take.options(num_returns=len(names)).remote()
-        refs.update(zip(names, [out] if len(names) == 1 else out))
+        if names:
+            out = actors[r].snapshot_take.options(num_returns=len(names)).remote()
+            refs.update(zip(names, [out] if len(names) == 1 else out))
     ray.wait(list(refs.values()), num_returns=len(refs), fetch_local=False)
-    return MemoryState(
-        step=step,
-        cursor=held[0]["cursor"],
-        placement=placement,
-        world_size=len(group.actors),
-        refs=refs,
-        nbytes=sum(h["bytes"] for h in held),
-        run_id=run_id,
-    )
+    nbytes = sum(h["bytes"] for h in prepared)
+    return MemoryState(step, prepared[0]["cursor"], placement, len(actors), refs, nbytes, run_id)
 
 
 def experts_moved(before: Placement, after: Placement) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from cluster.elastic import MemoryState
+from cluster.elastic import MemoryState, take
 from moetrain.config import RunConfig
 from moetrain.train.state import DENSE, expert_object_name
 from placement.placement import Placement
@@ -140,18 +140,5 @@ def collect(
         [actors[r].snapshot_prepare.remote(decision.step, names[r], r == survivors[0]) for r in survivors],
         timeout=SETTLE_S,
     )
-    refs: dict[str, ray.ObjectRef] = {}
-    for r, held in zip(survivors, prepared):
-        out = actors[r].snapshot_take.options(num_returns=len(held["names"])).remote()
-        refs.update(zip(held["names"], [out] if len(held["names"]) == 1 else out))
-    ray.wait(list(refs.values()), num_returns=len(refs), fetch_local=False)
-    state = MemoryState(
-        step=decision.step,
-        cursor=prepared[0]["cursor"],
-        placement=placement,
-        world_size=len(actors),
-        refs=refs,
-        nbytes=sum(h["bytes"] for h in prepared),
-        run_id=run_id,
-    )
+    state = take(actors, survivors, prepared, decision.step, placement, run_id)
     return state, decision

@@ -341,3 +341,16 @@ def test_node_lost_with_a_copy_of_every_expert_elsewhere_recovers_from_memory(mn
     assert (grow["why"], grow["to_ranks"]) == ("grow", 4)
     assert [h.step for h in result.history] == sorted(set(h.step for h in result.history))  # nothing redone
     assert_same_state(final_state(c), fixed[1])
+
+
+@pytest.mark.parametrize("check_s,again", [(1000.0, False), (1e-9, True)])
+def test_resize_check_s_spaces_the_looks_for_room(mn, tmp_path, check_s, again):
+    """A run of 1 rank (of 4) on a cluster with room for 2 more: the first look at a step boundary
+    finds room for 2 in all (3 do not divide the batch); the next look comes only after
+    cluster.resize_check_s, so right away it finds nothing with 1000 s and again room with 1e-9 s."""
+    from cluster.elastic import Elastic
+
+    e = Elastic(cfg(tmp_path, "look", cluster__min_workers=1, cluster__resize_check_s=check_s))
+    e.world = 1
+    assert e.grow_due() and e.grow_to == 2
+    assert e.grow_due() is again
