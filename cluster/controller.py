@@ -19,12 +19,12 @@ import uuid
 
 from ray.exceptions import RayError
 
-from cluster import checkpointing, elastic, recovery, replacement
+from cluster import checkpointing, elastic, inplace, recovery, replacement
 from cluster.group import WorkerGroup, WorkerGroupError, WorkerGroupStartError
-from cluster.runstate import TERMINAL, FailurePolicy, RunAborted, RunResult, State
+from cluster.runstate import TERMINAL, FailurePolicy, RunAborted, RunResult, State, run_summary
 from cluster.stop import StopGuard, StopRequested
 from cluster.telemetry import Telemetry
-from moetrain.config import RunConfig, elastic_sizes
+from moetrain.config import RunConfig, sized
 from moetrain.train.checkpointer import ResumePoint
 from moetrain.train.metrics import StepMetrics
 from moetrain.train.stats import merge_rank_samples
@@ -72,7 +72,8 @@ class Controller:
         self.resolved_for_topology = 0  # placements re-solved because a rebuilt group landed elsewhere
         self._t_start = 0.0
         self.size = elastic.Elastic(cfg, self.telemetry)
-        self._redo = 0  # the group's size (elastic runs change it)
+        self._redo = 0  # completed steps a restart from the checkpoint redoes
+        self._growth: inplace.Growth | None = None  # actors starting for a larger group
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
             from tqdm import tqdm
@@ -133,7 +134,7 @@ class Controller:
             return State.FINISHED
         if self._stop_requested:
             return State.STOPPED
-        if self.size.grow_due():
+        if self._grow_ready():
             return State.RESIZING
         self._check_checkpoints()
         t0 = time.monotonic()
@@ -237,39 +238,49 @@ class Controller:
                 f"{msg}); checkpoint.max_consecutive_failures={limit}"
             )
 
-    def _resizing(self) -> State:
-        """Grow to ``size.grow_to`` ranks at this step boundary, from memory: this step's state goes
-        to the object store, the old group ends, the new one loads it; no step is redone."""
-        before, old, t0 = self.size.world, self.placement, time.perf_counter()
-        self.ckpt.wait()  # a commit in flight reads the old group's uploads
-        state = elastic.snapshot(self._live_group(), self.step, self.placement, self.run_id)
-        self._live_group().shutdown(graceful=True)
-        self.group = None
-        self._regroup(state, self.size.grow_to)
-        if self.size.world != before:
-            self.size.record("grow", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes)
-        return State.RUNNING
+    def _grow_ready(self) -> bool:
+        """When room for a larger size appears, start the joining actors (in the background);
+        True at the first step boundary where they are all up (then RESIZING)."""
+        g, group = self._growth, self._live_group()
+        if g is None:
+            if self.size.grow_due(lambda: len(inplace.spare_bundles(group))):
+                n = self.size.grow_to
+                self._growth = inplace.Growth.start(group, sized(self.cfg, n), n, self.step)
+            return False
+        try:
+            return g.ready()
+        except RayError as exc:
+            log.warning("run %s: an actor was lost before it joined (%s)", self.cfg.cluster.run_name, exc)
+            self._drop_growth()
+            return False
 
-    def _regroup(self, state: elastic.MemoryState, size: int) -> None:
-        """Start a group of ``size`` ranks that loads ``state``; if that many cannot be placed
-        after all, the largest smaller allowed size that can (the old one, at worst)."""
-        sizes = [n for n in reversed(elastic_sizes(self.cfg)) if n <= size]
-        for n in sizes:
-            self.size.world = n
-            try:
-                self.group = WorkerGroup.create(
-                    self.size.cfg_now(),
-                    self._placement_for,
-                    resume=state,
-                    place_wait_s=MIN_REPLACE_WAIT_S,
-                    place_what=f"a group of {n} rank(s)",
-                )
-                break
-            except WorkerGroupStartError as exc:
-                if n == sizes[-1] or not exc.unplaceable:
-                    raise
-                log.warning("run %s: no room for %d rank(s) after all (%s)", self.cfg.cluster.run_name, n, exc)
+    def _drop_growth(self) -> None:
+        if self._growth is not None:
+            self._growth.cancel()
+        self._growth = None
+
+    def _resizing(self) -> State:
+        """Grow at this step boundary, in place: this step's state goes to the object store, the
+        group and the actors that joined form a new process group and load it; no step is redone."""
+        g, self._growth = self._growth, None
+        assert g is not None  # RESIZING follows _grow_ready
+        group, before, old, t0 = self._live_group(), self.size.world, self.placement, time.perf_counter()
+        self.ckpt.wait()  # a commit in flight reads the old group's uploads
+        state = elastic.snapshot(group, self.step, self.placement, self.run_id)
+        self.size.world = g.size
+        members = inplace.members_of(group, list(range(before))) + g.members
+        try:
+            self.group = inplace.regroup(group, members, self.size.cfg_now(), self._placement_for, state, g.gangs)
+        except WorkerGroupStartError as exc:  # the layout contradicts cluster.ranks_per_node: not joined
+            log.warning("run %s: not growing: %s", self.cfg.cluster.run_name, exc)
+            self.size.world, self.placement = before, old
+            g.cancel()
+            return State.RUNNING
+        if self.replanner:  # a solve for the old size does not apply
+            self.replanner = replacement.Replanner(self.cfg, last_stats=self.replanner.last_stats)
         self._log_layout()
+        self.size.record("grow", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes)
+        return State.RUNNING
 
     def _replacing(self) -> State:
         assert self.replanner is not None  # REPLACING follows a launch, which needs a replanner
@@ -297,6 +308,7 @@ class Controller:
         if self.replanner:  # drop a solve for the lost group; keep the statistics it saw
             self.replanner = replacement.Replanner(self.cfg, last_stats=self.replanner.last_stats)
         self.ckpt.wait()
+        self._drop_growth()  # joiners of the lost group: a recovered group looks for room anew
         survivors = getattr(exc, "survivors", None)
         if survivors and self._recover_from_memory(survivors):
             return State.RUNNING
@@ -311,30 +323,32 @@ class Controller:
         return State.STARTING
 
     def _recover_from_memory(self, survivors: list[int]) -> bool:
-        """An elastic run that lost ranks: make the survivors agree on the cut step, move their
-        state to a new group of the size that fits now, from memory (:mod:`cluster.recovery`).
-        False (and the old group left to the checkpoint path) when memory cannot give it."""
+        """An elastic run that lost ranks: make the survivors agree on the cut step and re-form the
+        group in place from them (:mod:`cluster.recovery`, :mod:`cluster.inplace`), on the largest
+        allowed size they make. False (the old group left to the checkpoint path) when memory
+        cannot give the state or the survivors cannot form a group."""
         group, before, old, t0 = self._live_group(), self.size.world, self.placement, time.perf_counter()
         self._set(State.RESIZING)
         try:
             state, decision = recovery.collect(group.actors, self.placement, survivors, self.run_id, self.cfg)
-        except (recovery.NotRecoverable, RayError) as exc:
+            keep = recovery.keep(self.cfg, list(decision.survivors), group.node_of_rank)
+            WorkerGroup._kill([group.actors[r] for r in decision.survivors if r not in keep])
+            self.size.world, members = len(keep), inplace.members_of(group, keep)
+            self.group = inplace.regroup(group, members, self.size.cfg_now(), self._placement_for, state)
+        except (recovery.NotRecoverable, RayError, WorkerGroupError) as exc:
             why = self.size.refused = str(exc).splitlines()[0][:300]
             log.warning(
                 "run %s: no recovery from memory (%s): back to the last checkpoint", self.cfg.cluster.run_name, why
             )
+            self.size.world, self.placement, self.group = before, old, group
             return False
-        how, alive = recovery.describe(decision), list(decision.survivors)
         log.info(
-            f"run {self.cfg.cluster.run_name}: ranks {alive} survived; every survivor is at the end of "
-            f"step {decision.step} ({how})"
+            f"run {self.cfg.cluster.run_name}: ranks {list(decision.survivors)} survived; every survivor is at "
+            f"the end of step {decision.step} ({recovery.describe(decision)}); ranks {keep} go on"
         )
-        group.shutdown(graceful=False)
-        self.group, self.step = None, decision.step
+        self._log_layout()
+        self.step = decision.step
         lost = [r for r in range(before) if r not in decision.survivors]
-        node = {i["rank"]: i["node_id"] for i in group.rank_info}  # nodes with no survivor: maybe not yet declared dead
-        gone = frozenset(node[r] for r in lost) - {node[r] for r in decision.survivors}
-        self._regroup(state, self.size.after_loss(sum(node[r] not in gone for r in range(before)), gone))
         self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes, lost)
         return True
 
@@ -352,6 +366,11 @@ class Controller:
                 log.warning("run %s: %s", self.cfg.cluster.run_name, self.error)
                 if self.state != State.FAILED:
                     self._set(State.STOPPED)
+            except BaseException:  # a bug, or an on_step callback that raised: leave no actor behind
+                self._drop_growth()
+                if self.group:
+                    self.group.shutdown(graceful=False)
+                raise
         final_error = self.ckpt.step_failed(self.step) if self.state != State.FAILED and not aborted else ""
         if final_error:
             self._fail(f"the final checkpoint (step {self.step}) failed: {final_error}")
@@ -359,6 +378,7 @@ class Controller:
             self._remove_partial_checkpoints()
         summary = self._summary(summary)
         self.checkpoints = list(self.ckpt.committed)
+        self._drop_growth()
         if self.group:
             self.group.shutdown(graceful=not aborted)
         self.telemetry.close(summary)
@@ -461,32 +481,7 @@ class Controller:
 
     def _summary(self, results: dict) -> dict:
         """summary.json for every terminal state: how the run ended, and its results if any."""
-        summary = {
-            "run_name": self.cfg.cluster.run_name,
-            "run_id": self.run_id,
-            "state": self.state.value,
-            "error": self.error,
-            "num_workers": self.size.world,
-            "num_workers_asked": self.cfg.cluster.num_workers,
-            "resizes": [e.to_dict() for e in self.size.events],
-            "steps": self.step,
-            "stopped_at_step": self.step if self.state != State.FINISHED else None,
-            "wall_s": time.perf_counter() - self._t_start,
-            "restarts": self.restarts,
-            "skipped_steps": self.nonfinite_skips,
-            "checkpoints_committed": len(self.ckpt.committed),
-            "checkpoints_failed": len(self.ckpt.failed),
-            "checkpoint_failures": [{"step": s, "error": m} for s, m in self.ckpt.failed],
-            "memory_plan": self.memory_plan,
-            "node_of_rank": list(self.node_of_rank),
-            "layouts": [list(x) for x in self.layouts],
-            "placements_resolved_for_topology": self.resolved_for_topology,
-            "ranks": [
-                {k: i[k] for k in ("rank", "node_ip", "node_id", "ifname", "threads")}
-                for i in (self.group.rank_info if self.group else [])
-            ],
-            **results,
-        }
+        summary = run_summary(self, time.perf_counter() - self._t_start, results)
         if results:
             log.info(format_summary(summary))
         return summary

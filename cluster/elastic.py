@@ -48,17 +48,14 @@ def placement_of_size(cfg: RunConfig) -> Placement:
         )
 
 
-def free_ranks(cfg: RunConfig, exclude: frozenset[str] = frozenset()) -> int:
+def free_ranks(cfg: RunConfig) -> int:
     """Ranks of ``cfg.cluster``'s size (CPUs, a GPU) that fit in what the live nodes have free
-    now (resources held by placement groups, ours included, are not free), leaving out the nodes
-    ``exclude`` (those of ranks just lost: Ray may not have declared them dead yet)."""
+    now (resources held by placement groups, ours included, are not free)."""
     from ray._private.state import available_resources_per_node  # Ray's per-node view (no public one)
 
     c = cfg.cluster
     n = 0
-    for node_id, avail in available_resources_per_node().items():
-        if node_id in exclude:
-            continue
+    for avail in available_resources_per_node().values():
         k = math.floor(avail.get("CPU", 0.0) / c.cpus_per_worker + 1e-9)
         if c.use_gpu:
             k = min(k, math.floor(avail.get("GPU", 0.0) + 1e-9))
@@ -202,23 +199,17 @@ class Elastic:
                 c.min_workers,
             )
 
-    def after_loss(self, held: int, gone: frozenset[str]) -> int:
-        """The size to recover to: what fits on the nodes left (``gone``: the lost ranks' nodes
-        where no rank survived), and at least the ``held`` bundles the old group had on the other
-        nodes (just released: they may not show as free yet)."""
-        fits = [choose_size(self.cfg, n) for n in (free_ranks(self.cfg, gone), held)]
-        return max((n for n in fits if n is not None), default=elastic_sizes(self.cfg)[0])
-
-    def grow_due(self) -> bool:
+    def grow_due(self, spare=lambda: 0) -> bool:
         """Below its size, every ``cluster.resize_check_s`` (at a step boundary): whether the free
-        resources now hold a larger allowed size (then ``grow_to`` is set)."""
+        resources and the group's ``spare()`` bundles (placed, holding no rank) now hold a larger
+        allowed size (then ``grow_to`` is set)."""
         if not self.enabled or self.world >= self.cfg.cluster.num_workers:
             return False
         now = time.monotonic()
         if now < self._next_check:
             return False
         self._next_check = now + self.cfg.cluster.resize_check_s
-        n = choose_size(self.cfg, self.world + free_ranks(self.cfg))
+        n = choose_size(self.cfg, self.world + spare() + free_ranks(self.cfg))
         if n is None or n <= self.world:
             return False
         self.grow_to = n

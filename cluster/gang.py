@@ -70,12 +70,14 @@ class Gang:
     layout: Layout
 
     @classmethod
-    def reserve(cls, cfg: RunConfig, wait_s: float, what: str) -> "Gang":
-        """Create the run's placement group and wait up to ``wait_s`` for it; ``what`` names the
-        bound in the error (e.g. ``cluster.start_timeout_s``). Raises :class:`GangUnplaceable`."""
+    def reserve(cls, cfg: RunConfig, wait_s: float, what: str, count: int = 0, tag: str = "") -> "Gang":
+        """Create the run's placement group (``count`` bundles, default ``cluster.num_workers``;
+        ``tag`` suffixes its name: a growth's extra bundles) and wait up to ``wait_s`` for it;
+        ``what`` names the bound in the error (e.g. ``cluster.start_timeout_s``). Raises
+        :class:`GangUnplaceable`."""
         c = cfg.cluster
-        bundles = [bundle(cfg)] * c.num_workers
-        pg = placement_group(bundles, strategy=c.placement_strategy, name=f"moetrain/{c.run_name}")
+        bundles = [bundle(cfg)] * (count or c.num_workers)
+        pg = placement_group(bundles, strategy=c.placement_strategy, name=f"moetrain/{c.run_name}{tag}")
         try:
             if not pg.wait(timeout_seconds=wait_s):
                 raise GangUnplaceable(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
-from cluster.gang import Gang, GangUnplaceable
+from cluster.gang import Gang, GangUnplaceable, Layout
 from cluster.worker import MoERank
 from moetrain.config import RunConfig
 from moetrain.train.checkpointer import ResumePoint
@@ -128,6 +128,13 @@ class WorkerGroup:
     cfg: RunConfig
     gang: Gang | None = None
     rank_info: list[dict] = dataclasses.field(default_factory=list)  # what each rank's setup reported
+    # Where each rank sits: its bundle (gang, bundle index) and name; the layout (rank -> node).
+    # A group re-formed in place (cluster.inplace) keeps its actors' bundles and names, and may
+    # hold more than one gang (one per growth that needed new bundles).
+    slots: list[tuple[Gang, int]] = dataclasses.field(default_factory=list)
+    names: list[str] = dataclasses.field(default_factory=list)
+    layout: Layout | None = None
+    more_gangs: list[Gang] = dataclasses.field(default_factory=list)
 
     def describe_layout(self, node_of_rank: tuple[int, ...]) -> str:
         """``2 rank(s) on 1 node(s): node 0 (ip, id): ranks [0, 1]; threads per rank [1]; ...``"""
@@ -145,6 +152,8 @@ class WorkerGroup:
     @property
     def node_of_rank(self) -> tuple[int, ...]:
         """Node of each rank (0..N-1, contiguous), as the ranks landed."""
+        if self.layout is not None:
+            return self.layout.node_of_rank
         return self.gang.layout.node_of_rank if self.gang else (0,) * len(self.actors)
 
     @classmethod
@@ -187,7 +196,7 @@ class WorkerGroup:
         start_timeout_s = c.start_timeout_s
         remote_cls = ray.remote(MoERank)
         cfg_dict = cfg.to_dict()
-        actors = []
+        actors: list = []
         try:
             for rank in range(c.num_workers):
                 options = dict(
@@ -196,13 +205,15 @@ class WorkerGroup:
                     num_cpus=c.cpus_per_worker,
                     num_gpus=1 if c.use_gpu else 0,
                     max_restarts=0,
-                    max_concurrency=2,
+                    max_concurrency=3,  # lockstep calls + status / checkpoint waits (+ one left blocked)
                     **gang.actor_options(rank),
                 )
                 held = tuple(len(placement.local_experts(layer, rank)) for layer in range(placement.num_layers))
                 start = resume.step if resume else 0
                 actors.append(_create_named(remote_cls, options, cfg_dict, rank, c.num_workers, held, start))
-            group = cls(actors, cfg, gang)
+            slots = [(gang, gang.layout.bundle_of_rank[r]) for r in range(c.num_workers)]
+            names = [actor_name(c.run_name, r) for r in range(c.num_workers)]
+            group = cls(actors, cfg, gang, slots=slots, names=names, layout=gang.layout)
             addr, port = group._get_one(actors[0].node_address.remote(), start_timeout_s)
             group.rank_info = group.call(
                 "setup", addr, port, placement, resume, gang.layout.node_of_rank, timeout_s=start_timeout_s
@@ -247,6 +258,7 @@ class WorkerGroup:
         timeout_s: float | None = None,
         stuck_after_s: float | None = None,
         keep_survivors: bool = False,
+        with_rank: bool = False,
     ) -> list[Any]:
         """Call ``method`` on every rank; results in rank order. On the first failure the whole
         group is killed (peers would block in a collective) and a grouped error is raised —
@@ -256,8 +268,9 @@ class WorkerGroup:
 
         ``timeout_s``: raise ``GetTimeoutError`` after this long. ``stuck_after_s`` (the step
         watchdog): ranks still busy after this long are declared failed — the group is killed and
-        a :class:`WorkerGroupError` naming them goes to the failure policy like a lost actor."""
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        a :class:`WorkerGroupError` naming them goes to the failure policy like a lost actor.
+        ``with_rank``: each rank gets its rank as the first argument."""
+        refs = [getattr(a, method).remote(*((i,) if with_rank else ()), *args) for i, a in enumerate(self.actors)]
         rank_of = {ref: i for i, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         errors: dict[int, BaseException] = {}
@@ -327,5 +340,6 @@ class WorkerGroup:
                 pass
         self._kill(self.actors)
         self.actors = []
-        if self.gang is not None:
-            self.gang.remove()
+        for gang in [self.gang, *self.more_gangs]:
+            if gang is not None:
+                gang.remove()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from cluster.elastic import MemoryState, take
+from cluster.elastic import MemoryState, choose_size, take
 from moetrain.config import RunConfig
 from moetrain.train.state import DENSE, expert_object_name
 from placement.placement import Placement
@@ -96,6 +96,21 @@ def sources(placement: Placement, survivors: list[int]) -> dict[int, list[str]]:
             f"{', ...' if len(orphans) > 4 else ''}): replicas on other nodes (placement.fault_domain) avoid this"
         )
     return names
+
+
+def keep(cfg: RunConfig, survivors: list[int], node_of_rank: tuple[int, ...]) -> list[int]:
+    """The survivors to go on with: as many as the largest size the config allows (:func:`~cluster.
+    elastic.choose_size`), whole nodes first (the nodes with the most survivors, then by rank), so a
+    dropped rank leaves the fewest nodes with an odd count. :class:`NotRecoverable` when too few."""
+    n = choose_size(cfg, len(survivors))
+    if n is None:
+        raise NotRecoverable(f"{len(survivors)} rank(s) survived: fewer than any size the run allows")
+    by_node: dict[int, list[int]] = {}
+    for r in survivors:
+        by_node.setdefault(node_of_rank[r], []).append(r)
+    order = sorted(by_node, key=lambda k: (-len(by_node[k]), k))
+    ranked = [r for k in order for r in by_node[k]]
+    return sorted(ranked[:n])
 
 
 def settle(actors: list, survivors: list[int], timeout_s: float = SETTLE_S) -> dict[int, dict]:

@@ -113,6 +113,38 @@ def _ensure_process_group(world_size: int, device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
+def forget_process_groups() -> None:
+    """Drop what DeepSpeed cached of the process group (its comm backend, its world and parallel
+    groups) when this process leaves it for a new one (an in-place resize): the next
+    :class:`DenseZero` binds to the group then current. A no-op when DeepSpeed was never imported."""
+    import sys
+
+    if "deepspeed" not in sys.modules:
+        return
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name in (
+        "_EXPERT_PARALLEL_GROUP",
+        "_EXPERT_PARALLEL_GROUP_RANKS",
+        "_EXPERT_DATA_PARALLEL_GROUP",
+        "_EXPERT_DATA_PARALLEL_GROUP_RANKS",
+        "_ALL_TO_ALL_GROUP",
+    ):
+        setattr(groups, name, {})
+    for name in (
+        "_WORLD_GROUP",
+        "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+        "_TENSOR_MODEL_PARALLEL_GROUP",
+        "_MODEL_PARALLEL_GROUP",
+        "_DATA_PARALLEL_GROUP",
+        "_MPU_TENSOR_MODEL_PARALLEL_WORLD_SIZE",
+        "_MPU_TENSOR_MODEL_PARALLEL_RANK",
+    ):
+        setattr(groups, name, None)
+
+
 class DenseZero:
     """DeepSpeed ZeRO-``stage`` optimizer of the dense parameters (see the module doc)."""
 

@@ -80,10 +80,34 @@ def _node_and_pid(_trainer) -> tuple[str, int]:
     return ray.get_runtime_context().get_node_id(), os.getpid()
 
 
+def pid_of(_trainer) -> int:
+    return os.getpid()
+
+
 def num_threads(_trainer) -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def wait_up(run_name: str, count: int, wait_s: float = 120.0) -> None:
+    """Block until ``count`` live actors of run ``run_name`` answer (a growth's joiners are up:
+    the run joins them at its next step boundary)."""
+    deadline = time.monotonic() + wait_s
+    prefix = f"moetrain/{run_name}/"
+    while True:
+        up = 0
+        names = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)]
+        for name in [n for n in names if n.startswith(prefix)]:
+            try:
+                ray.get(ray.get_actor(name, namespace=NAMESPACE).where.remote(), timeout=1)
+                up += 1
+            except Exception:  # not up yet, or a lost actor whose name is not released yet
+                pass
+        if up >= count:
+            return
+        assert time.monotonic() < deadline, f"{up} of {count} actors of run {run_name} up after {wait_s} s"
+        time.sleep(0.1)
 
 
 def killer(mn: MultiNode, run_name: str, at_step: int, rank: int, killed: list):

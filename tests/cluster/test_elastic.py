@@ -18,7 +18,7 @@ from moetrain.config import ConfigError, elastic_sizes, from_dict, validate
 from placement.placement import Placement
 from cluster.group import NAMESPACE, actor_name
 from tests.cluster.faults import DieAt, install_hook
-from tests.cluster.multinode import MultiNode, killer
+from tests.cluster.multinode import MultiNode, killer, pid_of, wait_up
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
@@ -122,8 +122,9 @@ def fixed(mn, tmp_path_factory):
 @pytest.mark.parametrize("zero", [0, 1])
 def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, tmp_path, zero):
     """num_workers=4, min_workers=2 on a cluster with room for 2: the run starts on 2 ranks; a node
-    with room for 2 more joins after step 3; at the next step boundary the run grows to 4 from
-    memory (RESIZING: no checkpoint read, no step redone) and ends with the fixed run's losses and
+    with room for 2 more joins after step 3; the run starts 2 actors there while it trains and, at
+    the first step boundary where they are up, grows to 4 in place from memory (RESIZING: the 2
+    ranks keep their processes, no checkpoint read, no step redone) and ends with the fixed run's losses and
     parameters, AdamW moments included — also under ZeRO-1, whose dense optimizer shards are
     gathered for the hand-over and re-sliced over 4."""
     base, base_state = fixed
@@ -131,7 +132,9 @@ def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, 
 
     def join(m):
         if m.step == 3 and not joined:
-            joined.append(mn.add(2))
+            joined.append(mn.add(2))  # seen at the next step boundary: 2 actors start in the background
+        if m.step == 4:
+            wait_up(c.cluster.run_name, 4)  # ... and join at the boundary after step 4
 
     c = cfg(tmp_path, f"grow{zero}", cluster__min_workers=2, train__zero_stage=zero)
     try:
@@ -144,7 +147,7 @@ def test_starts_on_what_fits_and_grows_from_memory_when_a_node_joins(mn, fixed, 
     assert s["num_workers"] == 4 and s["num_workers_asked"] == 4
     (event,) = s["resizes"]
     assert (event["why"], event["from_ranks"], event["to_ranks"], event["source"]) == ("grow", 2, 4, f"memory://step-{event['step']}")
-    assert 3 <= event["step"] <= 5 and event["steps_lost"] == 0 and event["bytes"] > 0
+    assert event["step"] == 4 and event["steps_lost"] == 0 and event["bytes"] > 0
     assert event["experts_moved"] == 2 * 6  # contiguous 2 -> 4 ranks
     assert [len(x) for x in s["layouts"]] == [2, 4]
     np.testing.assert_allclose([h.loss for h in result.history], [h.loss for h in base.history], rtol=1e-5)
@@ -164,6 +167,8 @@ def test_node_lost_rebuilds_on_fewer_ranks_then_grows_back(mn, fixed, tmp_path):
         kill(m)
         if m.step == 5 and killed and not back:
             back.append(mn.add(2))
+        elif back and m.step == 6:
+            wait_up("shrink", 4)
 
     c = cfg(tmp_path, "shrink", cluster__min_workers=2, cluster__max_failures=1, cluster__step_timeout_s=20)
     try:
@@ -198,23 +203,34 @@ def test_rank_lost_at_each_phase_of_a_step_recovers_from_memory(mn, fixed, tmp_p
     the gradients are all reduced everywhere the step rolls back (the survivor's weights are the
     step-3 boundary's, the data goes back to where step 4 began); once any rank saw the global norm
     it rolls forward (a survivor without it applies the same update with the norm the other saw).
-    A new group of 2 loads the survivor's state from memory: no checkpoint read (there is none
-    before step 6), no completed step redone, and the run ends with the fixed run's parameters."""
+    The survivor goes on alone in place (same process, a new process group of 1, its state
+    reloaded from memory): no checkpoint read (there is none before step 6), no completed step
+    redone; a new actor starts in the lost rank's bundle meanwhile and joins at step 6; the run
+    ends with the fixed run's parameters."""
     c = cfg(tmp_path, f"die-{phase}", cluster__num_workers=2, cluster__min_workers=1, cluster__max_failures=1,
             cluster__step_timeout_s=30, placement__slots_per_rank=8, checkpoint__every=6)
+
+    pids = {}
 
     def arm(m):
         if m.step == 1:
             victim = ray.get_actor(actor_name(c.cluster.run_name, 1), namespace=NAMESPACE)
             ray.get(victim.run_fn.remote(install_hook, DieAt(phase, 4)), timeout=60)
+        if m.step in (2, 5):  # the survivor keeps its process
+            pids[m.step] = ray.get(ray.get_actor(actor_name(c.cluster.run_name, 0)).run_fn.remote(pid_of), timeout=60)
+        if m.step == 6:  # a new actor starts in the lost rank's bundle (its node lives) while 1 rank trains
+            wait_up(c.cluster.run_name, 2)
 
     with caplog.at_level("INFO", logger="moetrain"):
         result = run(c, on_step=arm)
     assert result.state == State.FINISHED and result.restarts == 1, result.error
-    (event,) = result.summary["resizes"]
+    event, grow = result.summary["resizes"]
     at = 4 if forward else 3
     assert (event["why"], event["source"], event["steps_lost"], event["from_ranks"], event["to_ranks"]) == (
-        "node lost", f"memory://step-{at}", 0, 2, 2)
+        "node lost", f"memory://step-{at}", 0, 2, 1)
+    assert pids[2] == pids[5]
+    assert (grow["why"], grow["source"], grow["from_ranks"], grow["to_ranks"], grow["step"]) == (
+        "grow", "memory://step-6", 1, 2, 6)
     assert f"every survivor is at the end of step {at} (" in caplog.text
     if not forward:
         assert "(the cut step 4 rolled back)" in caplog.text
@@ -321,10 +337,16 @@ def test_node_lost_with_a_copy_of_every_expert_elsewhere_recovers_from_memory(mn
     back: list = []
     kill = killer(mn, "spread", at_step=3, rank=3, killed=killed)
 
+    pids: dict = {}
+
     def on_step(m):
+        if m.step in (2, 4):  # ranks 0 and 1 keep their processes through the recovery
+            pids[m.step] = [ray.get(ray.get_actor(actor_name("spread", r)).run_fn.remote(pid_of)) for r in (0, 1)]
         kill(m)
         if m.step == 5 and killed and not back:
             back.append(mn.add(2))
+        elif back and m.step == 6:
+            wait_up("spread", 4)
 
     c = cfg(tmp_path, "spread", cluster__min_workers=2, cluster__max_failures=1, cluster__step_timeout_s=20,
             placement__slots_per_rank=4, placement__fault_domain="node", checkpoint__every=8)
@@ -339,6 +361,7 @@ def test_node_lost_with_a_copy_of_every_expert_elsewhere_recovers_from_memory(mn
     assert (lost["why"], lost["from_ranks"], lost["to_ranks"], lost["lost_ranks"]) == ("node lost", 4, 2, [2, 3])
     assert lost["source"] == f"memory://step-{lost['step']}" and lost["steps_lost"] == 0, lost
     assert (grow["why"], grow["to_ranks"]) == ("grow", 4)
+    assert pids[2] == pids[4]
     assert [h.step for h in result.history] == sorted(set(h.step for h in result.history))  # nothing redone
     assert_same_state(final_state(c), fixed[1])
 
