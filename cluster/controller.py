@@ -248,7 +248,10 @@ class Controller:
                 self._growth = inplace.Growth.start(group, sized(self.cfg, n), n, self.step)
             return False
         try:
-            return g.ready()
+            if not g.ready():
+                return False
+            log.info("run %s: %d actor(s) up: joining at step %d", self.cfg.cluster.run_name, len(g.members), self.step)
+            return True
         except RayError as exc:
             log.warning("run %s: an actor was lost before it joined (%s)", self.cfg.cluster.run_name, exc)
             self._drop_growth()

@@ -133,6 +133,13 @@ class Growth:
                 return None
             gangs.append(gang)
             slots += [(gang, b) for b in range(want - len(slots))]
+        log.info(
+            "run %s: room for %d rank(s): starting %d actor(s) (%d in spare bundles) to join at a step boundary",
+            cfg.cluster.run_name,
+            size,
+            want,
+            sum(1 for gang, _ in slots if gang not in gangs),
+        )
         g, names = cls(gangs=gangs, size=size), _free_names(cfg.cluster.run_name, set(group.names))
         for slot in slots:
             actor, name = _start(cfg, slot, names, len(group.actors) + len(g.members), size, step)

@@ -1,0 +1,105 @@
+"""In-place resizes (cluster/inplace.py, recovery.keep): which survivors go on, the names joiners
+take, DeepSpeed re-bound to a new process group, and no actor left behind by a failing callback.
+The resizes themselves (a loss recovered in the survivors' processes, a growth joined at a step
+boundary, both ending with the uninterrupted run's parameters) are tests/cluster/test_elastic.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import ray
+
+from cluster.api import run
+from cluster.group import NAMESPACE
+from cluster.inplace import _free_names
+from cluster.recovery import NotRecoverable, keep
+from moetrain.config import from_dict, validate
+
+
+def cfg(tmp_path, name: str, workers: int = 4, min_workers: int = 2):
+    return validate(from_dict({
+        "model": {"dim": 32, "n_layers": 2, "n_heads": 2, "ffn_dim": 64, "max_seq_len": 32,
+                  "moe": {"num_experts": 8, "top_k": 2, "expert_ffn_dim": 32}},
+        "data": {"seq_len": 32, "vocab_size": 300, "max_bytes_per_domain": 150_000},
+        "train": {"steps": 4, "global_batch_size": 8, "warmup_steps": 1, "eval_every": 0},
+        "cluster": {"num_workers": workers, "min_workers": min_workers, "run_name": name, "dashboard": False},
+        "logging": {"wandb": "disabled", "out_dir": str(tmp_path / "out")},
+    }))
+
+
+def test_keep_goes_on_with_whole_nodes_and_refuses_too_few(tmp_path):
+    """Sizes 2 and 4 allowed (8 experts, batch 8; 3 is not): of 3 survivors on nodes (0,0,1,1),
+    the node with both its ranks stays; 1 survivor is fewer than any allowed size."""
+    c = cfg(tmp_path, "k")
+    nodes = (0, 0, 1, 1)
+    assert keep(c, [0, 1, 3], nodes) == [0, 1]
+    assert keep(c, [0, 2, 3], nodes) == [2, 3]  # node 1 is whole, node 0 lost rank 1
+    assert keep(c, [0, 1, 2, 3], nodes) == [0, 1, 2, 3]
+    assert keep(c, [1, 2], nodes) == [1, 2]  # one from each node: both go on
+    with pytest.raises(NotRecoverable, match="1 rank"):
+        keep(c, [2], nodes)
+
+
+def test_joiners_take_the_first_names_no_member_holds():
+    names = _free_names("r", {"moetrain/r/rank-0", "moetrain/r/rank-2"})
+    assert [next(names) for _ in range(3)] == ["moetrain/r/rank-1", "moetrain/r/rank-3", "moetrain/r/rank-4"]
+
+
+ZERO_TWICE = """
+import sys, torch, torch.distributed as dist
+from moetrain.train.zero import DenseZero, forget_process_groups
+def build():
+    lin = torch.nn.Linear(4, 4)
+    DenseZero(list(lin.named_parameters()), stage=1, lr=1e-3, beta1=0.9, beta2=0.95, weight_decay=0.0,
+              grad_clip=1.0, world_size=1)
+build()
+dist.destroy_process_group()  # what a rank does when it leaves a broken group
+if sys.argv[1] == "forget":
+    forget_process_groups()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+try:
+    build()
+    print("bound")
+except Exception as exc:
+    print("refused:", str(exc)[:200])
+"""
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_zero_binds_to_a_new_process_group_once_deepspeed_forgets_the_old(forget):
+    """DeepSpeed caches the process group it first saw: a rank that re-forms its group (an in-place
+    resize) and builds ZeRO again is refused unless ``forget_process_groups`` ran (the test shows
+    both, so it fails if DeepSpeed stops caching or the reset stops working)."""
+    pytest.importorskip("deepspeed")
+    p = subprocess.run([sys.executable, "-c", ZERO_TWICE, "forget" if forget else "keep"],
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else p.stderr[-2000:]
+    if forget:
+        assert out == "bound", out
+    else:
+        assert out.startswith("refused:") and "not registered" in out, out
+
+
+def test_a_callback_that_raises_leaves_no_actor_or_placement_group(tmp_path, ray_local):
+    """An ``on_step`` that raises ends the run with its exception, and the run's actors and its
+    placement group are gone (a leak would hold the cluster's CPUs for every later run)."""
+    c = cfg(tmp_path, "boom", workers=2, min_workers=0)
+
+    def boom(m):
+        raise KeyError("callback bug")
+
+    with pytest.raises(KeyError, match="callback bug"):
+        run(c, on_step=boom)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        names = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True) if n["namespace"] == NAMESPACE]
+        pgs = [p for p in ray.util.placement_group_table().values()
+               if p.get("name") == "moetrain/boom" and p.get("state") != "REMOVED"]
+        if not [n for n in names if n.startswith("moetrain/boom/")] and not pgs:
+            break
+        time.sleep(0.2)
+    assert not [n for n in names if n.startswith("moetrain/boom/")], names
+    assert not pgs, pgs
