@@ -24,7 +24,8 @@ loses on the next ones (issue 26). So:
 3. **Choose per layer** the candidate with the lowest validation objective (the cost model's
    objective at the asked load weight, mean over folds). It replaces the first recipe (the asked
    method) only when it wins by more than ``SELECT_Z`` standard errors of the paired per-token
-   sends difference on the last validation block: with a dozen candidates and a few hundred
+   objective difference (cost.token_objective_T: sends, and the busiest rank's load split over
+   its tokens) on the last validation block: with a dozen candidates and a few hundred
    validation tokens, the best-looking one is partly luck (winner's curse).
 4. **Refit.** Where validation keeps the asked method, it is refitted on the whole window (whose
    newest tokens are the freshest of all) with every second the substitutes leave: the answer
@@ -51,7 +52,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from placement.cost import evaluate, token_sends_T
+from placement.cost import evaluate, token_objective_T
 from placement.domains import FaultDomains, domain_vector
 from placement.folds import MAX_FOLDS, MIN_FIT_TOKENS, VAL_FRACTION, Fold, time_folds
 from placement.ilp import default_solver
@@ -187,13 +188,17 @@ def _significantly_lower(
     obj_a: float, obj_b: float, val: RoutingStats, a: Placement, la: int, b: Placement, lb: int, c: SelectContext
 ) -> bool:
     """Objective ``obj_a`` of row ``a[la]`` below ``obj_b`` of ``b[lb]`` by more than ``SELECT_Z``
-    standard errors of their paired per-token sends difference on ``val``'s layer ``lb``."""
+    standard errors of their paired per-token objective difference on ``val``'s layer ``lb``
+    (cost.token_objective_T: link-weighted sends plus the load weight x the token's pairs on the
+    busiest rank; a win bought by balance is as noisy as its load term, not as the sends)."""
     if obj_b - obj_a <= TOL:
         return False
     vs = val.select_layers([lb])
-    d_T = token_sends_T(vs, Placement(b.phy2log_LS[[lb]], b.slots_per_rank, b.num_experts), c.topo) - token_sends_T(
-        vs, Placement(a.phy2log_LS[[la]], a.slots_per_rank, a.num_experts), c.topo
-    )
+
+    def per_token(p: Placement, l: int) -> np.ndarray:
+        return token_objective_T(vs, Placement(p.phy2log_LS[[l]], p.slots_per_rank, p.num_experts), c.topo, c.load_weight)
+
+    d_T = per_token(b, lb) - per_token(a, la)
     se = float(d_T.std(ddof=1) / math.sqrt(d_T.size)) if d_T.size > 1 else math.inf
     return obj_b - obj_a > SELECT_Z * se
 

@@ -95,3 +95,39 @@ def test_polished_candidates_offered_and_keep_fault_domains():
     c = SelectContext(topo, None, 1.0, 0.0, 1.0, 0, 0, None, "node")
     p, _ = run_recipe(Recipe("mtkahypar_ls", "mtkahypar", polish=0.3), stats, c, 1.0)
     assert fd.valid(p.phy2log_LS[0]) and isinstance(p, Placement)
+
+
+def test_token_objective_splits_the_busiest_rank_over_its_tokens():
+    """The hot pair on 2 ranks x 2 slots at load weight 1, 10 tokens (4 x expert 0, 4 x 1, 1 x 2,
+    1 x 3). A = {0,1}|{2,3}: every token sends 1/2; rank 0 is the busiest (8 pairs), so its 8
+    tokens carry 1 each: objective 0.5 + 0.8 = 1.3. B = {0,2}|{1,3}: loads 5 / 5, rank 0 (the
+    first of the tie) busiest: tokens of 0 and 2 carry 1: 0.5 + 0.5 = 1.0."""
+    from placement.cost import token_objective_T
+
+    ids = np.array([[0]] * 4 + [[1]] * 4 + [[2]] + [[3]])[:, None, :]
+    stats, topo = from_topk_ids(ids, 4), Topology(2, 2)
+    a, b = Placement(np.array([[0, 1, 2, 3]]), (2, 2), 4), Placement(np.array([[0, 2, 1, 3]]), (2, 2), 4)
+    ta, tb = token_objective_T(stats, a, topo, 1.0), token_objective_T(stats, b, topo, 1.0)
+    assert ta.tolist() == [1.5] * 8 + [0.5] * 2
+    assert tb.tolist() == [1.5] * 4 + [0.5] * 4 + [1.5, 0.5]
+    assert ta.mean() == pytest.approx(evaluate(stats, a, topo).objective)  # 1.3
+    assert tb.mean() == pytest.approx(evaluate(stats, b, topo).objective)  # 1.0
+    assert token_objective_T(stats, a, topo, 0.0).tolist() == [0.5] * 10  # load weight 0: the sends
+
+
+def test_a_win_bought_by_balance_is_judged_by_the_noise_of_its_load_term():
+    """Same 10 tokens: B beats A by 0.3 on the objective, every token's sends equal (a sends-only
+    standard error is 0: any gap looked significant). Paired objective differences A - B: 4 x 0,
+    4 x 1, 1 x -1, 1 x 0: mean 0.3, sd sqrt((5 - 10 x 0.09) / 9) = 0.675, standard error 0.213:
+    0.3 < 2 x 0.213, not significant on 10 tokens; on 10 times the tokens (se 0.064) it is."""
+    from placement.recipes import SelectContext
+    from placement.select import _significantly_lower
+
+    def stats_of(n):
+        return from_topk_ids(np.array(([[0]] * 4 + [[1]] * 4 + [[2]] + [[3]]) * n)[:, None, :], 4)
+
+    topo = Topology(2, 2)
+    c = SelectContext(topo, None, 1.0, 0.0, 1.0, 0, 0, None)
+    a, b = Placement(np.array([[0, 1, 2, 3]]), (2, 2), 4), Placement(np.array([[0, 2, 1, 3]]), (2, 2), 4)
+    assert not _significantly_lower(1.0, 1.3, stats_of(1), b, 0, a, 0, c)
+    assert _significantly_lower(1.0, 1.3, stats_of(10), b, 0, a, 0, c)
