@@ -3,7 +3,8 @@
 Owns: :class:`CostBreakdown`, :func:`evaluate`, and the per-layer pieces the solvers reuse
 (:func:`virtual_ids`, the replica rule; :func:`origin_classes`, who pays what to reach a rank;
 :func:`rank_hits_exact`, :func:`need_by_origin`, :func:`rank_hits_pairwise`, :func:`holders_ER`;
-:func:`token_sends_T`, each token's sends, for paired comparisons).
+:func:`token_sends_T`, each token's sends, and :func:`token_objective_T`, its share of the
+objective, for paired comparisons).
 
 Legend: T tokens, L layers, K top-k, E experts, R ranks, S slots, O origin rank.
 
@@ -185,6 +186,18 @@ def home_dispatch_slots(
     return np.where(ids_TK >= 0, slot_RE[home_T[:, None], np.maximum(ids_TK, 0)], -1)
 
 
+def dest_ranks(
+    ids_TK: np.ndarray, phy2log_S: np.ndarray, slot_rank_S: np.ndarray, num_ranks: int, origin_T: np.ndarray | None
+) -> np.ndarray:
+    """Rank that serves each token-expert pair [T, K] under the dispatch rule (``num_ranks`` for a
+    missing id): replica ``t mod c`` without home ranks, the dispatcher's rule with them."""
+    if origin_T is None:
+        slot_TK = virtual_ids(ids_TK, phy2log_S)
+    else:
+        slot_TK = home_dispatch_slots(ids_TK, origin_T, phy2log_S, slot_rank_S, num_ranks)
+    return np.where(ids_TK >= 0, slot_rank_S[np.maximum(slot_TK, 0)], num_ranks)
+
+
 def need_by_origin(
     ids_TK: np.ndarray,
     phy2log_S: np.ndarray,
@@ -197,11 +210,7 @@ def need_by_origin(
     included), and ``load_R``, for one layer under the dispatch rule. ``origin_T`` None: one class
     (replica ``t mod c``); with home ranks, the dispatcher's rule (:func:`home_dispatch_slots`)."""
     T = ids_TK.shape[0]
-    if origin_T is None:
-        slot_TK = virtual_ids(ids_TK, phy2log_S)
-    else:
-        slot_TK = home_dispatch_slots(ids_TK, origin_T, phy2log_S, slot_rank_S, num_ranks)
-    dest_TK = np.where(ids_TK >= 0, slot_rank_S[np.maximum(slot_TK, 0)], num_ranks)
+    dest_TK = dest_ranks(ids_TK, phy2log_S, slot_rank_S, num_ranks, origin_T)
     hit_TR = np.zeros((T, num_ranks + 1), dtype=bool)
     hit_TR[np.arange(T)[:, None], dest_TK] = True
     o_T = np.zeros(T, dtype=np.int64) if origin_T is None else origin_T
@@ -250,6 +259,30 @@ def token_sends_T(stats: RoutingStats, placement: Placement, topology: Topology)
         # per layer divided by that layer's tokens (layer_tokens), as evaluate() does
         out_T += (hit_TR[:, :R] * off_TR).sum(axis=1) * T / max(layer_tokens(stats, l), 1)
     return out_T / max(L, 1)
+
+
+def token_objective_T(stats: RoutingStats, placement: Placement, topology: Topology, load_weight: float) -> np.ndarray:
+    """[T] each token's share of the objective (less migration), summed over layers: its
+    link-weighted traffic plus ``load_weight`` x its token-expert pairs on the layer's busiest rank,
+    each layer scaled by T / (that layer's tokens), so its mean is ``evaluate(...)``'s traffic +
+    load_weight x max_load. The busiest rank's load split over the tokens that put it there: the
+    paired differences of two placements give the standard error of their objective difference
+    (select.py), not only of their sends. Needs per-token ids."""
+    if stats.topk_ids_TLK is None:
+        raise PlacementError("token_objective_T needs per-token topk_ids; these statistics hold aggregates only")
+    check_compatible(stats, placement, topology)
+    R, T = topology.num_ranks, stats.topk_ids_TLK.shape[0]
+    origin_T, w_OR, _ = origin_classes(stats, topology)
+    w_TR = w_OR[np.zeros(T, dtype=np.int64) if origin_T is None else origin_T]
+    out_T = np.zeros(T)
+    for l in range(stats.num_layers):
+        dest_TK = dest_ranks(stats.topk_ids_TLK[:, l], placement.phy2log_LS[l], placement.slot_rank_S, R, origin_T)
+        hit_TR = np.zeros((T, R + 1), dtype=bool)
+        hit_TR[np.arange(T)[:, None], dest_TK] = True
+        busiest = int(np.argmax(np.bincount(dest_TK.ravel(), minlength=R + 1)[:R]))
+        own_T = (hit_TR[:, :R] * w_TR).sum(axis=1) + load_weight * (dest_TK == busiest).sum(axis=1)
+        out_T += own_T * T / max(layer_tokens(stats, l), 1)
+    return out_T
 
 
 def transition_hops(trans_EE: np.ndarray, hold_a_ER: np.ndarray, hold_b_ER: np.ndarray) -> float:

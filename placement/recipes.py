@@ -10,11 +10,12 @@ Legend: L layers, T tokens.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from placement import mtk
+from placement.baselines import local_search_layer
 from placement.cost import evaluate
 from placement.domains import FaultDomains
 from placement.folds import newest
@@ -26,6 +27,7 @@ from placement.topology import Topology
 
 MIN_SOLVE_S = 0.05  # no candidate runs with less
 BAG_RESAMPLES = 4  # bootstrap resamples of the fit tokens (bagging)
+POLISH_SMALL = 0.3  # x the load weight: Mt-KaHyPar's rows descended with sends first (mtkahypar_ls)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Recipe:
     seed_offset: int = 0
     window: float = 1.0  # share of the fit part (its newest tokens) it fits on
     weight: float = 1.0  # share of the candidate budget (0: fast, runs on what is left)
+    polish: float | None = None  # Mt-KaHyPar only: swap descent from its rows at this x the load weight
 
 
 def default_recipes(method: str, load_weight: float) -> tuple[Recipe, ...]:
@@ -50,6 +53,9 @@ def default_recipes(method: str, load_weight: float) -> tuple[Recipe, ...]:
     out = [Recipe("ilp", "ilp")]
     if mtk.available():
         out.append(Recipe("mtkahypar", "mtkahypar", weight=0.25))
+        out.append(Recipe("mtkahypar_ls", "mtkahypar", weight=0.0, polish=POLISH_SMALL))
+        if load_weight > 0:
+            out.append(Recipe("mtkahypar_ls_lw", "mtkahypar", weight=0.0, polish=1.0))
     if load_weight > 0:
         out += [Recipe("ilp_lw0", "ilp", 0.0), Recipe("ilp_lw_half", "ilp", 0.5), Recipe("ilp_lw_x2", "ilp", 2.0)]
     out += [
@@ -73,6 +79,10 @@ class SelectContext:
     restarts: int
     balance_cap: float | None
     fault_domain: str = "none"  # domains.py: every candidate keeps its rule
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # Mt-KaHyPar rows by fit part
+
+    def cur_row(self, l: int) -> np.ndarray | None:
+        return None if self.current is None else self.current.phy2log_LS[l]
 
     def score_L(self, stats: RoutingStats, p: Placement) -> np.ndarray:
         """The cost model's objective per layer [L] at the asked weights."""
@@ -131,20 +141,7 @@ def run_recipe(
     if r.method == "bagged":
         return _bagged(fit, c, budget_s, tag)
     if r.method == "mtkahypar":
-        end = time.monotonic() + max(budget_s, MIN_SOLVE_S)
-        domains = FaultDomains.of(c.topo, c.fault_domain, fit.num_experts)
-        ids_TLK = fit.topk_ids_TLK
-        assert ids_TLK is not None  # validation needs per-token ids (checked by select_placement)
-        rows = [
-            mtk.mtk_row(
-                ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end, domains=domains
-            )
-            for l in range(fit.num_layers)
-        ]
-        found = [row for row in rows if row is not None]
-        if len(found) < len(rows):
-            return None, None
-        return Placement(np.stack(found), c.topo.slots_per_rank, fit.num_experts), None
+        return _mtkahypar(r, fit, c, budget_s)
     res = run_method(
         fit,
         c.topo,
@@ -160,3 +157,39 @@ def run_recipe(
         fault_domain=c.fault_domain,
     )
     return res.placement, res.layers
+
+
+def _mtkahypar(r: Recipe, fit: RoutingStats, c: SelectContext, budget_s: float) -> tuple[Placement | None, None]:
+    """Mt-KaHyPar's rows on ``fit`` (mtk.py; None when it is absent), then, with ``r.polish``, the
+    swap descent of each row (baselines.local_search_layer, fault domains kept) on the objective at
+    ``r.polish`` x the load weight: below 1 it spends sends only where they buy much balance, so
+    the row keeps Mt-KaHyPar's sends nearly and sheds its busiest rank's load. The rows of one fit
+    part are computed once (``c.memo``): the polished recipes reuse the plain one's."""
+    end = time.monotonic() + max(budget_s, MIN_SOLVE_S)
+    domains = FaultDomains.of(c.topo, c.fault_domain, fit.num_experts)
+    ids_TLK = fit.topk_ids_TLK
+    assert ids_TLK is not None  # validation needs per-token ids (checked by select_placement)
+    rows = []
+    for l in range(fit.num_layers):
+        key = (fit.num_tokens, c.seed + r.seed_offset, hash(ids_TLK[:, l].tobytes()), hash(fit.load_LE[l].tobytes()))
+        if key not in c.memo:
+            c.memo[key] = mtk.mtk_row(
+                ids_TLK[:, l], fit.load_LE[l], c.topo, seed=c.seed + r.seed_offset, deadline=end, domains=domains
+            )
+        row = c.memo[key]
+        if row is None:
+            return None, None
+        if r.polish is not None:
+            row = local_search_layer(
+                fit,
+                l,
+                c.topo,
+                row,
+                cur_S=c.cur_row(l),
+                load_weight=c.load_weight * r.polish,
+                migration_weight=c.migration_weight,
+                expert_bytes=c.expert_bytes,
+                domains=domains,
+            )
+        rows.append(row)
+    return Placement(np.stack(rows), c.topo.slots_per_rank, fit.num_experts), None

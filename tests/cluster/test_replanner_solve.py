@@ -66,5 +66,6 @@ def test_validated_method_in_the_replanner_reports_its_candidates():
     prop = _solve(stats, topo, current, "validated", 5.0, 1.0, 0.0, 0, val_fraction=0.2)
     assert prop.validated and prop.status == "validated"
     assert prop.candidate_L[0].split(":")[0] in ("ilp", "ilp_lw0", "ilp_lw_half", "ilp_lw_x2", "ilp_seed1",
-                                                  "ilp_recent", "bagged", "greedy", "mtkahypar")
+                                                  "ilp_recent", "bagged", "greedy", "mtkahypar",
+                                                  "mtkahypar_ls", "mtkahypar_ls_lw")
     assert prop.solve_time_s <= 5.0 * 1.5 + 1.0
