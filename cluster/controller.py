@@ -274,10 +274,12 @@ class Controller:
         members = inplace.members_of(group, list(range(before))) + g.members
         try:
             self.group = inplace.regroup(group, members, self.size.cfg_now(), self._placement_for, state, g.gangs)
-        except WorkerGroupStartError as exc:  # the layout contradicts cluster.ranks_per_node: not joined
-            log.warning("run %s: not growing: %s", self.cfg.cluster.run_name, exc)
+        except WorkerGroupError as exc:
             self.size.world, self.placement = before, old
             g.cancel()
+            if not isinstance(exc, WorkerGroupStartError):  # a rank lost while joining: the checkpoint path
+                raise
+            log.warning("run %s: not growing: %s", self.cfg.cluster.run_name, exc)  # the layout breaks ranks_per_node
             return State.RUNNING
         if self.replanner:  # a solve for the old size does not apply
             self.replanner = replacement.Replanner(self.cfg, last_stats=self.replanner.last_stats)

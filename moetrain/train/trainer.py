@@ -250,6 +250,7 @@ class RankTrainer:
             traffic=traffic,
             step_time_s=time.perf_counter() - t0,
             nonfinite=bad,
+            world_size=self.ctx.world_size,
         )
 
     def _enter(self, phase: str) -> None:

@@ -2,10 +2,11 @@
 
 On a multi-node Ray on this machine (``ray.cluster_utils.Cluster``: a head with no CPUs and two
 worker nodes), the same model and failure schedule for every arm: 4 ranks, 2 per node; the node
-holding rank 3 is killed (every process at once) at steps ``--kill-at`` and a fresh node joins
-``--back-after`` steps later. All arms are elastic (``cluster.min_workers=2``): after a loss they
-go on with the 2 ranks that fit and grow back when the node returns; they differ in where the lost
-state comes from:
+holding rank 3 is killed (every process at once) at steps ``--kill-at`` (a kill falls due at
+its step and happens at the first step after it where the group has its 4 ranks again, so every
+arm lives the same failures: ``same_failures``) and a fresh node joins ``--back-after`` steps
+later. All arms are elastic (``cluster.min_workers=2``): after a loss they go on with the 2 ranks
+that fit and grow back when the node returns; they differ in where the lost state comes from:
 
 - ``memory``: every expert on both nodes (``slots_per_rank`` = E/2, ``placement.fault_domain=node``):
   the survivors' state, no checkpoint read, no completed step redone;
@@ -15,9 +16,13 @@ state comes from:
   memory arm lived the schedule.
 
 Measured per arm: recovery time (the kill -> training past the furthest step reached before it),
-steps redone, goodput (useful steps per minute over the whole schedule) and the final parameters
-against the same run without failures (and against a fixed 2-rank run). Prints a table and one
-JSON line (recorded to results/elastic.jsonl).
+steps redone, goodput (useful steps per minute over the failure schedule, from the first step
+done to the last; also over the whole run, the group's first start included) and the final
+parameters against the same run without failures (and against a fixed 2-rank run). Steady state
+(runs without failures, 4 ranks): the median step with replicas under ``fault_domain=node``, the
+same replicas with ``fault_domain=none`` (``fault_domain_step_cost``: the rule's cost) and no
+replicas (``replication_step_cost``). Prints a table and one JSON line (recorded to
+results/elastic.jsonl).
 """
 
 from __future__ import annotations
@@ -62,6 +67,10 @@ SCHEMA = results.Schema(
     keys=(
         "single_homed_experts",
         "fault_domain_step_cost",
+        "replication_step_cost",
+        "steady_median_step_s",
+        "goodput_ratio_whole_run",
+        "same_failures",
         "median_step_s",
         "recovery_s_memory",
         "recovery_s_checkpoint",
@@ -87,7 +96,17 @@ MODEL = {
 }
 
 
-def config(work: Path, name: str, steps: int, *, replicas: bool, every: int, workers: int = 4, min_workers: int = 2):
+def config(
+    work: Path,
+    name: str,
+    steps: int,
+    *,
+    replicas: bool,
+    every: int,
+    workers: int = 4,
+    min_workers: int = 2,
+    fault_domain: str = "node",
+):
     from moetrain.config import from_dict, validate
 
     cluster = {
@@ -102,7 +121,7 @@ def config(work: Path, name: str, steps: int, *, replicas: bool, every: int, wor
         "dashboard": False,
     }
     # memory arm: two copies of every expert, on two nodes (placement.fault_domain=node)
-    placement = {"slots_per_rank": MODEL["moe"]["num_experts"] // 2, "fault_domain": "node"} if replicas else {}
+    placement = {"slots_per_rank": MODEL["moe"]["num_experts"] // 2, "fault_domain": fault_domain} if replicas else {}
     return validate(
         from_dict(
             {
@@ -155,16 +174,29 @@ class Nodes:
         self.cluster.wait_for_nodes()
         return node
 
-    def kill_node_of(self, run: str, rank: int) -> None:
+    def kill_node_of(self, run: str, rank: int, world: int) -> bool:
+        """Kill the node running rank ``rank`` of the run's group while the group has ``world``
+        ranks (every process of the node at once: the rank's first). False (nothing killed) while
+        the group is smaller: it has not grown back yet. Actors keep their names through in-place
+        resizes, so the rank is found by asking each live actor of the run what it is now."""
         import ray
 
-        from cluster.group import NAMESPACE, actor_name
+        from cluster.group import NAMESPACE
 
-        actor = ray.get_actor(actor_name(run, rank), namespace=NAMESPACE)
-        node_id, pid = ray.get(actor.run_fn.remote(_node_and_pid), timeout=60)
-        node = next(n for n in self.cluster.worker_nodes if n.node_id == node_id)
-        os.kill(pid, signal.SIGKILL)
-        self.cluster.remove_node(node, allow_graceful=False)
+        prefix = f"moetrain/{run}/"
+        for name in [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)]:
+            if not name.startswith(prefix):
+                continue
+            try:
+                who = ray.get(ray.get_actor(name, namespace=NAMESPACE).run_fn.remote(_who), timeout=5)
+            except Exception:  # starting, or lost
+                continue
+            if who is not None and who[2:] == (rank, world):
+                node = next(n for n in self.cluster.worker_nodes if n.node_id == who[0])
+                os.kill(who[1], signal.SIGKILL)
+                self.cluster.remove_node(node, allow_graceful=False)
+                return True
+        return False
 
     def reset(self) -> None:
         for node in list(self.cluster.worker_nodes):
@@ -183,10 +215,13 @@ class Nodes:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _node_and_pid(_trainer):
+def _who(trainer):
+    """(node id, pid, rank, group size) of a rank; None for an actor that has not joined a group."""
     import ray
 
-    return ray.get_runtime_context().get_node_id(), os.getpid()
+    if trainer is None:
+        return None
+    return ray.get_runtime_context().get_node_id(), os.getpid(), trainer.ctx.rank, trainer.ctx.world_size
 
 
 def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
@@ -197,14 +232,22 @@ def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
     kills: list[tuple[int, float]] = []  # (furthest step before the kill, time of the kill)
     back_due: list[int] = []
 
+    due = list(kill_at)  # a kill is due at its step, or later: once the group has 4 ranks again
+
     def on_step(m):
         now = time.perf_counter()
         times.setdefault(m.step, now)  # a redone step counts when first reached
         furthest = max(times)
-        if m.step in kill_at and not any(k == m.step for k, _ in kills):
-            nodes.kill_node_of(c.cluster.run_name, 3)
+        if (
+            due
+            and m.step >= due[0]
+            and m.step == furthest
+            and m.world_size == 4
+            and nodes.kill_node_of(c.cluster.run_name, 3, 4)
+        ):
             kills.append((furthest, time.perf_counter()))
             back_due.append(m.step + back_after)
+            due.pop(0)
         if back_due and m.step >= back_due[0]:
             back_due.pop(0)
             nodes.add()
@@ -212,6 +255,7 @@ def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
     t0 = time.perf_counter()
     result = run(c, on_step=on_step, raise_on_failure=False)
     wall = time.perf_counter() - t0
+    first, last = min(times.values()), max(times.values())  # the schedule: first step done -> last
     recoveries = []
     for furthest, t_kill in kills:
         nxt = [t for s, t in times.items() if s > furthest and t > t_kill]
@@ -220,6 +264,8 @@ def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
     return {
         "state": result.state.value,
         "wall_s": wall,
+        "schedule_s": last - first,
+        "kills": [s for s, _ in kills],
         "steps": s.get("steps"),
         "recoveries_s": recoveries,
         "kill_times": [t - t0 for _, t in kills],
@@ -290,8 +336,8 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--kill-at", default="8,20", help="steps after which the node of rank 3 is killed")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--kill-at", default="10,60", help="steps after which the node of rank 3 is killed")
     ap.add_argument("--back-after", type=int, default=4, help="steps after a kill until a new node joins")
     ap.add_argument("--quick", action="store_true", help="12 steps, one kill at step 5 (smoke run; not recorded)")
     ap.add_argument("--work-dir", default="")
@@ -312,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         step_s = sorted(ref["step_times"])[len(ref["step_times"]) // 2]
         cost_s = max(sum(stalls.values) / max(len(stalls.values), 1), 1e-4)
         arms: dict = {}
+        steady: dict = {}
         mtbf_s, every = float("nan"), 1
         for name, replicas in (("memory", True), ("checkpoint", False)):
             if name == "checkpoint":  # MTBF: the wall time between kills of the schedule, as the memory arm lived it
@@ -326,17 +373,29 @@ def main(argv: list[str] | None = None) -> int:
             final = final_state(c)
             nodes.reset()  # the same run without failures: "the uninterrupted run" of this arm
             u = config(work / f"{name}-u", f"{name}-u", args.steps, replicas=replicas, every=args.steps)
-            run_arm(nodes, u, [], 0)
+            u_run = run_arm(nodes, u, [], 0)
             arms[name]["max_rel_diff_vs_uninterrupted"] = max_rel_diff(final, final_state(u))
             arms[name]["allclose_excess_vs_uninterrupted"] = allclose_excess(final, final_state(u))
             arms[name]["max_rel_diff_vs_2_ranks"] = max_rel_diff(final, ref_state)
+            arms[name]["uninterrupted_step_times"] = sorted(u_run["step_times"])
+        nodes.reset()  # the same replicas without the fault-domain rule: its steady-state cost
+        u = config(work / "none-u", "none-u", args.steps, replicas=True, every=args.steps, fault_domain="none")
+        steady["fault_domain_none"] = sorted(run_arm(nodes, u, [], 0)["step_times"])
     finally:
         nodes.close()
     mem, ck = arms["memory"], arms["checkpoint"]
     median = {k: sorted(a["step_times"])[len(a["step_times"]) // 2] for k, a in arms.items()}
+    # steady state (runs without failures, 4 ranks): replicas with / without the fault-domain rule,
+    # and no replicas at all
+    steady["fault_domain_node"] = mem["uninterrupted_step_times"]
+    steady["no_replicas"] = ck["uninterrupted_step_times"]
+    steady_median = {k: v[len(v) // 2] for k, v in steady.items()}
     rec_m = sum(mem["recoveries_s"]) / max(len(mem["recoveries_s"]), 1)
     rec_c = sum(ck["recoveries_s"]) / max(len(ck["recoveries_s"]), 1)
-    goodput = {k: 60 * args.steps / a["wall_s"] for k, a in arms.items()}
+    # goodput over the failure schedule (first step done -> last step done), and over the whole
+    # run (with the group's first start, the same in both arms)
+    goodput = {k: 60 * (args.steps - 1) / a["schedule_s"] for k, a in arms.items()}
+    goodput_run = {k: 60 * args.steps / a["wall_s"] for k, a in arms.items()}
     payload = {
         "recovery_s_memory": rec_m,
         "recovery_s_checkpoint": rec_c,
@@ -345,12 +404,17 @@ def main(argv: list[str] | None = None) -> int:
         "steps_lost_checkpoint": ck["steps_redone"],
         "goodput_steps_per_min": goodput,
         "goodput_ratio_elastic_vs_restart": goodput["memory"] / goodput["checkpoint"],
+        "goodput_steps_per_min_whole_run": goodput_run,
+        "goodput_ratio_whole_run": goodput_run["memory"] / goodput_run["checkpoint"],
+        "same_failures": all(len(a["kills"]) == len(kill_at) for a in arms.values()),
         "final_params_equal_uninterrupted": all(
             a["allclose_excess_vs_uninterrupted"] <= 1.0 and a["state"] == "finished" for a in arms.values()
         ),
         "single_homed_experts": single_homed_counts(),
         "median_step_s": median,
-        "fault_domain_step_cost": median["memory"] / median["checkpoint"] - 1,
+        "steady_median_step_s": steady_median,
+        "fault_domain_step_cost": steady_median["fault_domain_node"] / steady_median["fault_domain_none"] - 1,
+        "replication_step_cost": steady_median["fault_domain_node"] / steady_median["no_replicas"] - 1,
         "checkpoint_every": every,
         "checkpoint_cost_s": cost_s,
         "mtbf_s": mtbf_s,
@@ -359,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         "back_after": args.back_after,
         "steps": args.steps,
         "arms": {
-            k: {kk: v for kk, v in a.items() if kk not in ("step_times", "history_steps")} for k, a in arms.items()
+            k: {kk: v for kk, v in a.items() if kk not in ("step_times", "history_steps", "uninterrupted_step_times")}
+            for k, a in arms.items()
         },
         **cpu_facts(),
     }
@@ -375,12 +440,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     for k, a in arms.items():
         for e in a["resizes"]:
-            print(f"  {k}: {e['why']} at step {e['step']}: {e['from_ranks']} -> {e['to_ranks']} ranks from "
-                  f"{e['source'].rsplit('/', 2)[-1]}, {e['seconds']:.1f} s to a ready group, {e['steps_lost']} redone")
+            print(
+                f"  {k}: {e['why']} at step {e['step']}: {e['from_ranks']} -> {e['to_ranks']} ranks from "
+                f"{e['source'].rsplit('/', 2)[-1]}, {e['seconds']:.1f} s to a ready group, {e['steps_lost']} redone"
+            )
     print(
         f"recovery speedup {payload['recovery_speedup']:.2f}x, goodput ratio "
-        f"{payload['goodput_ratio_elastic_vs_restart']:.2f}x; checkpoint every {every} step(s) "
+        f"{payload['goodput_ratio_elastic_vs_restart']:.2f}x over the schedule "
+        f"({payload['goodput_ratio_whole_run']:.2f}x over the whole run, first start included; same failures in "
+        f"both arms: {payload['same_failures']}); checkpoint every {every} step(s) "
         f"(cost {cost_s:.4f} s, MTBF {mtbf_s:.1f} s); {payload['cpu']}"
+    )
+    print(
+        "steady-state median step, 4 ranks: "
+        + ", ".join(f"{k} {v:.4f} s" for k, v in steady_median.items())
+        + f" -> fault-domain rule {payload['fault_domain_step_cost']:+.1%}, "
+        f"replication {payload['replication_step_cost']:+.1%}"
     )
     print(json.dumps(payload))
     results.record(SCHEMA, payload, args)
