@@ -251,9 +251,8 @@ def token_sends_T(stats: RoutingStats, placement: Placement, topology: Topology)
     off_TR = off_OR[np.zeros(T, dtype=np.int64) if origin_T is None else origin_T]
     out_T = np.zeros(T)
     for l in range(L):
-        ids_TK = stats.topk_ids_TLK[:, l]
-        slot_TK = np.maximum(virtual_ids(ids_TK, placement.phy2log_LS[l]), 0)
-        dest_TK = np.where(ids_TK >= 0, placement.slot_rank_S[slot_TK], R)
+        # the dispatch rule evaluate() uses: replica t mod c, or the home's rule with home ranks
+        dest_TK = dest_ranks(stats.topk_ids_TLK[:, l], placement.phy2log_LS[l], placement.slot_rank_S, R, origin_T)
         hit_TR = np.zeros((T, R + 1), dtype=bool)
         hit_TR[np.arange(T)[:, None], dest_TK] = True
         # per layer divided by that layer's tokens (layer_tokens), as evaluate() does

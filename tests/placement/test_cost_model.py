@@ -121,3 +121,11 @@ def test_token_sends_by_hand_and_their_mean_is_evaluate():
     p2 = Placement(np.array([[0, 2, 1, 3, 0, 4, 1, 5], [5, 4, 3, 2, 1, 0, 0, 1]]), topo2.slots_per_rank, 6)
     got = token_sends_T(stats2, p2, topo2)
     assert got.shape == (50,) and got.mean() == pytest.approx(evaluate(stats2, p2, topo2).sends, abs=1e-12)
+    # with home ranks and replicas the dispatcher's rule (the home's own replica first), as in evaluate()
+    homed2 = from_topk_ids(ids2, 6, home_T=rng.integers(0, 4, size=50))
+    got = token_sends_T(homed2, p2, topo2)
+    assert got.mean() == pytest.approx(evaluate(homed2, p2, topo2).sends, abs=1e-12)
+    # by hand: expert 0 on ranks 0 and 2; a token of home 2 needing only expert 0 uses its own replica
+    rep = Placement(np.array([[0, 1, 2, 3, 0, 4]]), (2, 2, 2), 5)
+    one = from_topk_ids(np.array([[[0]], [[0]]]), 5, home_T=np.array([2, 1]))
+    assert token_sends_T(one, rep, Topology(3, 2)).tolist() == [0.0, 1.0]
