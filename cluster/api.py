@@ -215,13 +215,14 @@ def parallelism_text(cfg: RunConfig, history: list[StepMetrics]) -> str:
             f"ran on 1 Ray actor (moetrain/{c.run_name}/rank-0) holding all {moe.num_experts} experts of "
             "each MoE layer: no expert parallelism (set cluster.num_workers >= 2)"
         )
-    slots = cfg.placement.slots_per_rank or moe.num_experts // c.num_workers
+    n = (history[-1].world_size if history else 0) or c.num_workers  # an elastic run's size at the end
+    slots = cfg.placement.slots_per_rank or moe.num_experts // n
     sends = [h.offrank_sends for h in history]
     traffic = f" ({sum(sends) / len(sends):,.0f} token rows between ranks per step)" if sends else ""
+    who = f"moetrain/{c.run_name}/rank-0 .. rank-{n - 1}" if n == c.num_workers else f"of {c.num_workers} asked"
     return (
-        f"ran expert-parallel on {c.num_workers} Ray actors (moetrain/{c.run_name}/rank-0 .. "
-        f"rank-{c.num_workers - 1}): {moe.num_experts} experts per MoE layer, {slots} per rank, "
-        f"tokens exchanged by all-to-all{traffic}"
+        f"ran expert-parallel on {n} Ray actors ({who}): {moe.num_experts} experts per MoE layer, {slots} per "
+        f"rank, tokens exchanged by all-to-all{traffic}"
     )
 
 

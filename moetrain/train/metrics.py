@@ -36,7 +36,7 @@ class StepMetrics:
     nonfinite: tuple[str, ...] = ()  # quantities that were NaN/inf: the update was skipped
     # bytes sent this step (all ranks), by kind and link class (moetrain.parallel.traffic)
     traffic: StepTraffic = dataclasses.field(default_factory=StepTraffic.empty)
-    world_size: int = 1  # ranks that took the step (an elastic run's group size changes)
+    world_size: int = 0  # ranks that took the step (an elastic run's group size changes); 0: not recorded
 
     @property
     def skipped(self) -> bool:

@@ -31,10 +31,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
-import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -44,6 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.bench import results  # noqa: E402
+from scripts.bench.elastic_nodes import SYSTEM_CONFIG, LocalNodes, NetNodes  # noqa: E402
 from scripts.helpers import cpu_facts, log  # noqa: E402
 
 SCHEMA = results.Schema(
@@ -143,88 +141,7 @@ def config(
     )
 
 
-class Nodes:
-    """Two worker nodes with room for 2 ranks each, killed and brought back by the schedule."""
-
-    def __init__(self):
-        import ray
-        from ray.cluster_utils import Cluster
-
-        self.tmp = tempfile.mkdtemp(prefix="rel-", dir="/tmp")
-        os.environ["RAY_TMPDIR"] = self.tmp
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "include_dashboard": False,
-                "_system_config": {
-                    "health_check_initial_delay_ms": 0,
-                    "health_check_period_ms": 500,
-                    "health_check_timeout_ms": 500,
-                    "health_check_failure_threshold": 3,
-                },
-            },
-        )
-        for _ in range(2):
-            self.add()
-        ray.init(address=self.cluster.address, namespace="moetrain", log_to_driver=False, configure_logging=False)
-
-    def add(self):
-        node = self.cluster.add_node(num_cpus=2, object_store_memory=120 * 2**20)
-        self.cluster.wait_for_nodes()
-        return node
-
-    def kill_node_of(self, run: str, rank: int, world: int) -> bool:
-        """Kill the node running rank ``rank`` of the run's group while the group has ``world``
-        ranks (every process of the node at once: the rank's first). False (nothing killed) while
-        the group is smaller: it has not grown back yet. Actors keep their names through in-place
-        resizes, so the rank is found by asking each live actor of the run what it is now."""
-        import ray
-
-        from cluster.group import NAMESPACE
-
-        prefix = f"moetrain/{run}/"
-        for name in [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)]:
-            if not name.startswith(prefix):
-                continue
-            try:
-                who = ray.get(ray.get_actor(name, namespace=NAMESPACE).run_fn.remote(_who), timeout=5)
-            except Exception:  # starting, or lost
-                continue
-            if who is not None and who[2:] == (rank, world):
-                node = next(n for n in self.cluster.worker_nodes if n.node_id == who[0])
-                os.kill(who[1], signal.SIGKILL)
-                self.cluster.remove_node(node, allow_graceful=False)
-                return True
-        return False
-
-    def reset(self) -> None:
-        for node in list(self.cluster.worker_nodes):
-            try:
-                self.cluster.remove_node(node)
-            except Exception:
-                pass
-        for _ in range(2):
-            self.add()
-
-    def close(self) -> None:
-        import ray
-
-        ray.shutdown()
-        self.cluster.shutdown()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def _who(trainer):
-    """(node id, pid, rank, group size) of a rank; None for an actor that has not joined a group."""
-    import ray
-
-    if trainer is None:
-        return None
-    return ray.get_runtime_context().get_node_id(), os.getpid(), trainer.ctx.rank, trainer.ctx.world_size
-
-
-def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
+def run_arm(nodes: "LocalNodes | NetNodes", c, kill_at: list[int], back_after: int) -> dict:
     """One run under the failure schedule: step times, recoveries, the summary."""
     from cluster.api import run
 
@@ -250,7 +167,7 @@ def run_arm(nodes: Nodes, c, kill_at: list[int], back_after: int) -> dict:
             due.pop(0)
         if back_due and m.step >= back_due[0]:
             back_due.pop(0)
-            nodes.add()
+            nodes.bring_back()  # in the background: the node returns while training goes on
 
     t0 = time.perf_counter()
     result = run(c, on_step=on_step, raise_on_failure=False)
@@ -341,14 +258,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--back-after", type=int, default=4, help="steps after a kill until a new node joins")
     ap.add_argument("--quick", action="store_true", help="12 steps, one kill at step 5 (smoke run; not recorded)")
     ap.add_argument("--work-dir", default="")
+    ap.add_argument(
+        "--cluster",
+        choices=("auto", "netns", "local"),
+        default="auto",
+        help="netns: Ray nodes in network namespaces (scripts/tools/netcluster.py); local: "
+        "ray.cluster_utils.Cluster; auto: netns where this machine allows it",
+    )
+    ap.add_argument("--attach", default="", help=argparse.SUPPRESS)  # (inside the netcluster: its id)
     results.add_flag(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.kill_at, args.back_after = 12, "5", 3
+    if not args.attach and want_netns(args.cluster):
+        return in_netcluster(list(sys.argv[1:] if argv is None else argv), args.work_dir)
     kill_at = [int(k) for k in args.kill_at.split(",") if k]
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-elastic-"))
     work.mkdir(parents=True, exist_ok=True)
-    nodes = Nodes()
+    nodes = NetNodes(args.attach) if args.attach else LocalNodes()
     try:
         log("uninterrupted run (2 ranks, contiguous): the reference parameters, the step time, the checkpoint cost")
         ref_cfg = config(work / "ref", "ref", args.steps, replicas=False, every=1, workers=2, min_workers=0)
@@ -426,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             k: {kk: v for kk, v in a.items() if kk not in ("step_times", "history_steps", "uninterrupted_step_times")}
             for k, a in arms.items()
         },
+        "cluster": nodes.kind,
         **cpu_facts(),
     }
     print(
@@ -460,6 +388,34 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(payload))
     results.record(SCHEMA, payload, args)
     return 0
+
+
+def want_netns(choice: str) -> bool:
+    from scripts.tools import netcluster
+
+    reason = netcluster.unavailable_reason()
+    if choice == "netns" and reason:
+        raise SystemExit(f"bench_elastic: --cluster netns: {reason}")
+    return choice == "netns" or (choice == "auto" and reason is None)
+
+
+def in_netcluster(argv: list[str], work_dir: str) -> int:
+    """Build the netcluster (2 Ray nodes x 2 CPUs, fast node-death detection as the local
+    cluster has), run this benchmark as the driver in the head's namespace, take it down."""
+    from scripts.tools import netcluster
+
+    nc = netcluster.NetCluster(nodes=2, cpus_per_node=2, system_config=SYSTEM_CONFIG)
+    info = nc.up()
+    log(f"netcluster {info.id}: {', '.join(f'{n.name} {n.address}' for n in info.ray_nodes())}")
+    try:
+        work = work_dir or tempfile.mkdtemp(prefix="bench-elastic-")
+        inner = [a for a in argv if not a.startswith("--cluster")] + ["--attach", info.id, "--work-dir", work]
+        p = nc.run(info.head.name, [sys.executable, "-m", "scripts.bench.bench_elastic", *inner], timeout=3600)
+        sys.stdout.write(p.stdout)
+        sys.stderr.write(p.stderr[-20000:])
+        return p.returncode
+    finally:
+        nc.down()
 
 
 class StallLog(logging.Handler):

@@ -187,7 +187,7 @@ class NetCluster:
 
     def __init__(self, nodes: int = 2, cpus_per_node: int = 1, rate_mbit: float = 0.0, clients: int = 0,
                  auth: str = "disabled", dashboard: bool = False, gloo_ifname: bool = False,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, system_config: dict | None = None):
         if cpus_per_node < 1:
             raise NetClusterError(f"cpus_per_node ({cpus_per_node}) must be an integer >= 1 (ray start --num-cpus)")
         if nodes < 1 or clients < 0 or nodes + clients > 99:
@@ -199,6 +199,7 @@ class NetCluster:
         self.spec = dict(nodes=nodes, cpus_per_node=cpus_per_node, rate_mbit=rate_mbit, clients=clients,
                          auth=auth, dashboard=dashboard, gloo_ifname=gloo_ifname)
         self.extra_env = dict(env or {})
+        self.system_config = dict(system_config or {})  # the head's Ray --system-config (e.g. health checks)
         self.info: ClusterInfo | None = None
 
     # ---- building -----------------------------------------------------------------------
@@ -342,6 +343,8 @@ class NetCluster:
                 "--disable-usage-stats"]
         if n is info.head:
             argv += ["--head", "--port", str(RAY_PORT), "--include-dashboard", str(info.dashboard).lower()]
+            if self.system_config:
+                argv += ["--system-config", json.dumps(self.system_config)]
             if info.dashboard:
                 argv += ["--dashboard-host", n.address, "--dashboard-port", str(DASHBOARD_PORT)]
         else:

@@ -65,13 +65,13 @@ def test_dashboard_text_says_how_to_sign_in_or_that_no_token_is_needed():
     assert none.startswith("Ray dashboard: off (cluster.dashboard=false)") and "Actors tab" not in none
 
 
-def _metrics(sends: float):
+def _metrics(sends: float, world_size: int = 0):
     import numpy as np
 
     from moetrain.train.metrics import StepMetrics
 
     return StepMetrics(step=1, loss=1.0, lm_loss=1.0, lbl=0.0, z_loss=0.0, grad_norm=1.0, lr=1e-3, tokens=10,
-                       offrank_sends=sends, load_LE=np.zeros((1, 8)), step_time_s=0.1)
+                       offrank_sends=sends, load_LE=np.zeros((1, 8)), step_time_s=0.1, world_size=world_size)
 
 
 def test_parallelism_text_names_actors_experts_per_rank_and_traffic():
@@ -80,6 +80,10 @@ def test_parallelism_text_names_actors_experts_per_rank_and_traffic():
     assert "8 experts per MoE layer, 4 per rank" in two and "(1,100 token rows between ranks per step)" in two
     one = parallelism_text(load_config(None, ["cluster.num_workers=1"]), [])
     assert "1 Ray actor" in one and "no expert parallelism" in one
+    # an elastic run that ended on 2 of 4 ranks says so (the actors' names no longer follow the ranks)
+    cfg4 = load_config(None, ["cluster.run_name=demo", "cluster.num_workers=4", "cluster.min_workers=2"])
+    ended = parallelism_text(cfg4, [_metrics(10.0, world_size=4), _metrics(10.0, world_size=2)])
+    assert ended.startswith("ran expert-parallel on 2 Ray actors (of 4 asked): 8 experts per MoE layer, 4 per rank")
 
 
 @pytest.mark.parametrize("layers,experts,y_ticks,x_ticks", [

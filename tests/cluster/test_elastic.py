@@ -229,6 +229,8 @@ def test_rank_lost_at_each_phase_of_a_step_recovers_from_memory(mn, fixed, tmp_p
     assert (event["why"], event["source"], event["steps_lost"], event["from_ranks"], event["to_ranks"]) == (
         "node lost", f"memory://step-{at}", 0, 2, 1)
     assert pids[2] == pids[5]
+    sizes = [(h.step, h.world_size) for h in result.history]  # each step says how many ranks took it
+    assert sizes[:3] == [(1, 2), (2, 2), (3, 2)] and (6, 1) in sizes and sizes[-1] == (8, 2), sizes
     assert (grow["why"], grow["source"], grow["from_ranks"], grow["to_ranks"], grow["step"]) == (
         "grow", "memory://step-6", 1, 2, 6)
     assert f"every survivor is at the end of step {at} (" in caplog.text
