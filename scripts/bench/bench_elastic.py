@@ -409,13 +409,27 @@ def in_netcluster(argv: list[str], work_dir: str) -> int:
     log(f"netcluster {info.id}: {', '.join(f'{n.name} {n.address}' for n in info.ray_nodes())}")
     try:
         work = work_dir or tempfile.mkdtemp(prefix="bench-elastic-")
-        inner = [a for a in argv if not a.startswith("--cluster")] + ["--attach", info.id, "--work-dir", work]
+        inner = _without(argv, ("--cluster", "--work-dir")) + ["--cluster", "local", "--attach", info.id]
+        inner += ["--work-dir", work]
         p = nc.run(info.head.name, [sys.executable, "-m", "scripts.bench.bench_elastic", *inner], timeout=3600)
         sys.stdout.write(p.stdout)
         sys.stderr.write(p.stderr[-20000:])
         return p.returncode
     finally:
         nc.down()
+
+
+def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less ``options`` (``--opt VALUE`` and ``--opt=VALUE``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not a.startswith(tuple(o + "=" for o in options)):
+            out.append(a)
+    return out
 
 
 class StallLog(logging.Handler):
