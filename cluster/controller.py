@@ -337,7 +337,7 @@ class Controller:
         try:
             state, decision = recovery.collect(group.actors, self.placement, survivors, self.run_id, self.cfg)
             keep = recovery.keep(self.cfg, list(decision.survivors), group.node_of_rank)
-            WorkerGroup._kill([group.actors[r] for r in decision.survivors if r not in keep])
+            WorkerGroup._kill([a for r, a in enumerate(group.actors) if r not in keep])  # (the lost too)
             self.size.world, members = len(keep), inplace.members_of(group, keep)
             self.group = inplace.regroup(group, members, self.size.cfg_now(), self._placement_for, state)
         except (recovery.NotRecoverable, RayError, WorkerGroupError) as exc:

@@ -51,6 +51,17 @@ class WorkerGroupStartError(WorkerGroupError):
         self.unplaceable = unplaceable
 
 
+PING_S = 0.3  # a live actor's spare thread answers a ping in milliseconds
+
+
+class Unreachable(RuntimeError):
+    """A rank that did not answer a ping while its peers' collective failed: taken as lost."""
+
+
+def _is_lost(exc: BaseException) -> bool:
+    return isinstance(exc, (RayActorError, Unreachable))
+
+
 def actor_name(run_name: str, rank: int) -> str:
     return f"moetrain/{run_name}/rank-{rank}"
 
@@ -61,6 +72,8 @@ def _root_message(exc: BaseException) -> str:
         return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
     if isinstance(exc, (ActorDiedError, RayActorError)):
         return "actor died (process killed or node lost)"
+    if isinstance(exc, Unreachable):
+        return f"{exc}"
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
@@ -306,23 +319,43 @@ class WorkerGroup:
     ) -> WorkerGroupError:
         """The error of a call that failed on some ranks: peers failing for the same reason get a
         moment to report, then everyone is stopped (or, with ``keep_survivors`` and a lost actor,
-        the live ones are left for a recovery from memory)."""
+        the live ones are left for a recovery from memory). With ``keep_survivors``, ranks still
+        busy after their peers failed are asked at once whether they live (their spare thread
+        answers): one that does not within ``PING_S`` is lost (its node is gone before Ray's
+        health check says so)."""
+        if keep_survivors and pending and not any(isinstance(e, RayActorError) for e in errors.values()):
+            quiet = self._quiet(sorted(rank_of[r] for r in pending))
+            errors.update({r: Unreachable(f"no answer within {PING_S:g} s (process or node lost)") for r in quiet})
+            pending = [ref for ref in pending if rank_of[ref] not in quiet]
         # (kept survivors are asked where they stand next: no need to wait for them here)
-        wait_s = 0.0 if keep_survivors and any(isinstance(e, RayActorError) for e in errors.values()) else 2.0
+        wait_s = 0.0 if keep_survivors and any(_is_lost(e) for e in errors.values()) else 2.0
         more, pending = ray.wait(pending, num_returns=len(pending), timeout=wait_s) if pending else ([], [])
         for ref in more:
             try:
                 ray.get(ref)
             except (RayTaskError, RayActorError) as exc:
                 errors[rank_of[ref]] = exc
-        lost = any(isinstance(e, RayActorError) for e in errors.values())
+        lost = any(_is_lost(e) for e in errors.values())
         message = f"{method} failed:\n{group_errors(errors)}"
         if lost and keep_survivors:
-            dead = sorted(r for r, e in errors.items() if isinstance(e, RayActorError))
+            dead = sorted(r for r, e in errors.items() if _is_lost(e))
             alive = [r for r in range(len(self.actors)) if r not in dead]
             return WorkerGroupError(message, sorted(errors), lost, survivors=alive)
         self.shutdown(graceful=False)
         return WorkerGroupError(message, sorted(errors), lost)
+
+    def _quiet(self, ranks: list[int]) -> list[int]:
+        """Of ``ranks``, those whose actor does not answer a ping within ``PING_S``."""
+        refs = {self.actors[r].where.remote(): r for r in ranks}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PING_S)
+        ok = set()
+        for ref in done:
+            try:
+                ray.get(ref)
+                ok.add(refs[ref])
+            except (RayTaskError, RayActorError):
+                pass
+        return [r for r in ranks if r not in ok]
 
     @staticmethod
     def _kill(actors: list) -> None:

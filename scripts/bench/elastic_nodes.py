@@ -10,8 +10,9 @@ failure schedule.
   with no CPUs and two worker nodes of 2 CPUs; a kill removes the rank's node, a new node joins.
 
 Both find the node to kill by asking each live actor of the run which rank of which group size
-it is now (actors keep their names through in-place resizes), and bring a node back in the
-background: it returns while training goes on, as a replaced machine would.
+it is now (actors keep their names through in-place resizes). The netcluster brings a node back
+in the background (it returns while training goes on, as a replaced machine would); the local
+cluster adds it at the step boundary (its ``add_node`` is not safe beside a run's shutdown).
 """
 
 from __future__ import annotations
@@ -75,6 +76,18 @@ class _Background:
     def add(self) -> None:
         raise NotImplementedError
 
+    @staticmethod
+    def wait_free(cpus: float = 4.0, wait_s: float = 60.0) -> None:
+        """Until ``cpus`` CPUs are free (the last run's placement groups are removed
+        asynchronously): every arm starts on its full size."""
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + wait_s
+        while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
+            time.sleep(0.2)
+
 
 class LocalNodes(_Background):
     """Two worker nodes of ``ray.cluster_utils.Cluster`` with room for 2 ranks each."""
@@ -120,6 +133,10 @@ class LocalNodes(_Background):
                 pass
         for _ in range(2):
             self.add()
+        self.wait_free()
+
+    def bring_back(self) -> None:  # (Cluster.add_node from a thread raced the run's shutdown here)
+        self.add()
 
     def close(self) -> None:
         import ray
@@ -144,11 +161,13 @@ class NetNodes(_Background):
         super().__init__()
         self.nc = netcluster.attach(cluster_id)
         self.victim = next(n for n in self.nc.info.ray_nodes() if n is not self.nc.info.head)
+        self.killed = False
         ray.init(address=self.nc.info.ray_address, namespace="moetrain", log_to_driver=False, configure_logging=False)
 
     def add(self) -> None:
         self.nc.restart_node(self.victim.name)
         self.nc.wait_for_nodes(len(self.nc.info.ray_nodes()))
+        self.killed = False
 
     def _alive(self) -> bool:
         import ray
@@ -167,12 +186,14 @@ class NetNodes(_Background):
         if address != self.victim.address:
             return False
         self.nc.kill_node(self.victim.name)
+        self.killed = True
         return True
 
     def reset(self) -> None:
         self.settle()
-        if not self._alive():
+        if self.killed or not self._alive():  # (a killed node may not be declared dead yet)
             self.add()
+        self.wait_free()
 
     def close(self) -> None:
         import ray
