@@ -115,7 +115,7 @@ class Growth:
     """Actors started for a larger group, in the background; :meth:`ready` at a step boundary."""
 
     members: list[Member] = field(default_factory=list)
-    refs: list = field(default_factory=list)  # each actor's ``where()``: ready once it is up
+    refs: list = field(default_factory=list)  # each actor's ``warm()``: ready once it is up and warm
     gangs: list[Gang] = field(default_factory=list)  # placement groups made for them
     size: int = 0  # the group's size once they join
 
@@ -144,7 +144,7 @@ class Growth:
         for slot in slots:
             actor, name = _start(cfg, slot, names, len(group.actors) + len(g.members), size, step)
             g.members.append(Member(actor, slot, name, ""))
-            g.refs.append(actor.where.remote())
+            g.refs.append(actor.warm.remote())
         return g
 
     def ready(self) -> bool:

@@ -121,6 +121,17 @@ class MoERank:
         """The Ray node id this actor runs on (answered once ``__init__`` is done: a joiner is ready)."""
         return ray.get_runtime_context().get_node_id()
 
+    def warm(self) -> str:
+        """Before joining a group (a growth's actor, in the background): import the trainer and
+        open the run's data (prepared and cached on this node), so that joining at the step
+        boundary costs only the rendezvous and the state. Returns the node id (ready)."""
+        from moetrain.data.training import open_training_data
+        from moetrain.train import trainer  # noqa: F401  (the model, dispatch, optimizer modules)
+
+        c = self.cfg
+        open_training_data(c.data, c.train.global_batch_size, c.storage)
+        return self.where()
+
     def rejoin(self, rank: int, cfg_dict: dict, master_addr: str, master_port: int, placement, state, node_R) -> dict:
         """An in-place resize: leave the process group (a lost rank broke it, or the group grows),
         join a new one as ``rank`` of ``placement.num_ranks`` with the run's config for that size

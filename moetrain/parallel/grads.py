@@ -9,14 +9,16 @@ model on the global batch.
 - Expert parameters: tokens from every rank reach an expert through the all-to-all, so its
   gradient is already the SUM over ranks of their local losses' gradients: divide by the world
   size. A replicated expert's replicas each saw part of the tokens: their gradients are summed
-  over the replicas first (one all-reduce of a [E, P] buffer per layer, only for layers that
-  have replicas).
+  over the replicas first (one all-reduce for the whole model, holding only the replicated
+  experts' rows).
 - The global norm counts dense parameters once and each logical expert once (primary replica).
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 import torch
 
@@ -49,23 +51,55 @@ def sync_dense_grads(params: list[torch.nn.Parameter], ctx: ParallelContext) -> 
         offset += n
 
 
+def _replica_rows(placement: Placement, layer_idx: int, rank: int) -> tuple[list[int], list[int], int]:
+    """This rank's local slots that hold a replicated expert (more than one replica), the row of
+    that expert among the layer's replicated experts, and how many the layer has."""
+    replicated = np.flatnonzero(placement.logcnt_LE[layer_idx] > 1)
+    row_of = {int(e): i for i, e in enumerate(replicated)}
+    local = placement.local_experts(layer_idx, rank)
+    slots = [s for s, e in enumerate(local) if int(e) in row_of]
+    return slots, [row_of[int(local[s])] for s in slots], len(replicated)
+
+
+def reduce_replicas(layers: list[tuple[int, object]], placement: Placement, ctx: ParallelContext) -> None:
+    """Sum each replicated expert's gradient over all its replica slots (on any rank): one
+    all-reduce for every layer and matrix together, holding only the replicated experts' rows
+    (an expert with one replica has nothing to sum)."""
+    parts = []  # (grad, local slots, their rows, the layer's replicated experts, buffer offset, row width)
+    total = 0
+    for idx, layer in layers:
+        slots, rows, n = _replica_rows(placement, idx, ctx.rank)
+        for p in expert_params(layer):
+            g = _grad_or_zeros(p)
+            width = math.prod(g.shape[1:])
+            parts.append((g, slots, rows, n, total, width))
+            total += n * width
+    if total == 0:
+        return
+    buf = parts[0][0].new_zeros(total)
+    for g, slots, rows, n, off, width in parts:
+        if slots:
+            src = g.reshape(g.shape[0], width)[torch.tensor(slots, dtype=torch.long, device=g.device)]
+            block = buf[off : off + n * width].view(n, width)
+            block.index_add_(0, torch.tensor(rows, dtype=torch.long, device=buf.device), src.to(buf.dtype))
+    ctx.all_reduce_sum(buf)
+    for g, slots, rows, n, off, width in parts:
+        if slots:
+            block = buf[off : off + n * width].view(n, width)
+            summed = block.index_select(0, torch.tensor(rows, dtype=torch.long, device=buf.device))
+            at = torch.tensor(slots, dtype=torch.long, device=g.device)
+            g.view(g.shape[0], width).index_copy_(0, at, summed.to(g.dtype))
+
+
 def _reduce_replicas(layer, layer_idx: int, placement: Placement, ctx: ParallelContext) -> None:
-    """Sum each logical expert's gradient over all its replica slots (on any rank)."""
-    local = torch.as_tensor(placement.local_experts(layer_idx, ctx.rank), dtype=torch.long)
-    for p in expert_params(layer):
-        g = _grad_or_zeros(p)  # [S_local, ...]
-        flat_SP = g.reshape(g.shape[0], math.prod(g.shape[1:]))
-        buf_EP = flat_SP.new_zeros((placement.num_experts, flat_SP.shape[1]))
-        buf_EP.index_add_(0, local.to(buf_EP.device), flat_SP)
-        ctx.all_reduce_sum(buf_EP)
-        g.copy_(buf_EP[local.to(buf_EP.device)].view_as(g))
+    """One layer's :func:`reduce_replicas`."""
+    reduce_replicas([(layer_idx, layer)], placement, ctx)
 
 
 def sync_expert_grads(moe_layers: list, placement: Placement, ctx: ParallelContext) -> None:
     logcnt = placement.logcnt_LE
-    for idx, layer in enumerate(moe_layers):
-        if (logcnt[idx] > 1).any():
-            _reduce_replicas(layer, idx, placement, ctx)
+    reduce_replicas([(i, layer) for i, layer in enumerate(moe_layers) if (logcnt[i] > 1).any()], placement, ctx)
+    for layer in moe_layers:
         for p in expert_params(layer):
             g = _grad_or_zeros(p)
             if ctx.distributed:

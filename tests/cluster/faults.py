@@ -37,3 +37,19 @@ class DieAt:
 
 def install_hook(trainer, hook) -> None:
     trainer.fault_hook = hook
+
+
+def pid_of(_trainer) -> int:
+    import os
+
+    return os.getpid()
+
+
+def fail_in(_trainer, pid: int, sleep_s: float = 0.0) -> None:
+    """Raise in the process ``pid``; elsewhere sleep ``sleep_s`` (a slow peer), then return."""
+    import os
+    import time
+
+    if os.getpid() == pid:
+        raise ValueError("boom")
+    time.sleep(sleep_s)

@@ -103,3 +103,38 @@ def test_a_callback_that_raises_leaves_no_actor_or_placement_group(tmp_path, ray
         time.sleep(0.2)
     assert not [n for n in names if n.startswith("moetrain/boom/")], names
     assert not pgs, pgs
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_a_silent_rank_is_taken_as_lost_a_slow_one_is_not(tmp_path, ray_local, stopped):
+    """Rank 0's call fails while rank 1's is still running. With ``keep_survivors`` rank 1 is
+    pinged: stopped (SIGSTOP: a node gone before Ray's health check says so) it does not answer
+    within PING_S and is lost, rank 0 survives; merely slow (its spare thread answers) it lives,
+    so this is no loss and the whole group ends as before."""
+    import os
+    import signal
+
+    from cluster.group import PING_S, WorkerGroup, WorkerGroupError
+    from cluster.worker import MoERank
+    from tests.cluster.faults import fail_in, pid_of
+
+    c = cfg(tmp_path, "ping", workers=2, min_workers=0)
+    actors = [ray.remote(MoERank).options(max_concurrency=3).remote(c.to_dict(), r, 2) for r in range(2)]
+    pids = ray.get([a.run_fn.remote(pid_of) for a in actors])
+    group = WorkerGroup(actors, c)
+    if stopped:
+        os.kill(pids[1], signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerGroupError) as err:
+            group.call("run_fn", fail_in, pids[0], 10.0, keep_survivors=True)
+        assert time.monotonic() - t0 < 5  # neither waits for the slow call nor for a health check
+    finally:
+        if stopped:
+            os.kill(pids[1], signal.SIGCONT)
+        WorkerGroup._kill(actors)
+    e = err.value
+    if stopped:
+        assert e.lost and e.survivors == [0] and f"no answer within {PING_S:g} s" in str(e), str(e)
+    else:
+        assert not e.lost and e.survivors is None and "ValueError: boom" in str(e), str(e)

@@ -119,3 +119,14 @@ def test_clip_in_one_process_by_hand():
     assert b.grad is None
     grads.clip_grads_([a], torch.tensor(0.5), max_norm=1.0)  # under the limit: unchanged
     assert a.grad.tolist() == pytest.approx([0.6, 0.8], rel=1e-5)
+
+
+def test_only_replicated_experts_enter_the_replica_all_reduce():
+    """Rank 0 holds [1, 2, 0], rank 1 [0, 3]: only expert 0 has two replicas, so each rank puts
+    one row in the buffer (its slot of expert 0); two replicated experts on two layers: 2 rows."""
+    placement = Placement(np.array(PHY2LOG), SLOTS, 4)
+    assert grads._replica_rows(placement, 0, 0) == ([2], [0], 1)
+    assert grads._replica_rows(placement, 0, 1) == ([0], [0], 1)
+    two = Placement(np.array([[0, 1, 2, 0, 1, 3], [3, 2, 1, 0, 3, 1]]), (3, 3), 4)  # layer 0: 0, 1 twice; 1: 1, 3
+    assert grads._replica_rows(two, 0, 0) == ([0, 1], [0, 1], 2) and grads._replica_rows(two, 0, 1) == ([0, 1], [0, 1], 2)
+    assert grads._replica_rows(two, 1, 0) == ([0, 2], [1, 0], 2) and grads._replica_rows(two, 1, 1) == ([1, 2], [1, 0], 2)
