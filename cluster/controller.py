@@ -72,8 +72,7 @@ class Controller:
         self.resolved_for_topology = 0  # placements re-solved because a rebuilt group landed elsewhere
         self._t_start = 0.0
         self.size = elastic.Elastic(cfg, self.telemetry)
-        self._redo = 0  # completed steps a restart from the checkpoint redoes
-        self._growth: inplace.Growth | None = None  # actors starting for a larger group
+        self._redo, self._growth = 0, inplace.NO_GROWTH  # steps a restart redoes; actors starting to grow
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
             from tqdm import tqdm
@@ -243,9 +242,9 @@ class Controller:
         True at the first step boundary where they are all up (then RESIZING)."""
         g, group = self._growth, self._live_group()
         if g is None:
-            if self.size.grow_due(lambda: len(inplace.spare_bundles(group))):
+            if self.size.grow_due(lambda bad: len(inplace.spare_bundles(group, bad))):
                 n = self.size.grow_to
-                self._growth = inplace.Growth.start(group, sized(self.cfg, n), n, self.step)
+                self._growth = inplace.Growth.start(group, sized(self.cfg, n), n, self.step, self.size.suspects)
             return False
         try:
             if not g.ready():
@@ -258,9 +257,9 @@ class Controller:
             return False
 
     def _drop_growth(self) -> None:
-        if self._growth is not None:
-            self._growth.cancel()
-        self._growth = None
+        g, self._growth = self._growth, None
+        if g is not None:
+            g.cancel()
 
     def _resizing(self) -> State:
         """Grow at this step boundary, in place: this step's state goes to the object store, the
@@ -353,6 +352,7 @@ class Controller:
         )
         self._log_layout()
         self.step = decision.step
+        self.size.suspect(recovery.gone_nodes(group.rank_info, decision.survivors))
         lost = [r for r in range(before) if r not in decision.survivors]
         self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes, lost)
         return True

@@ -31,6 +31,8 @@ from placement.placement import Placement
 
 log = logging.getLogger("moetrain")
 
+SUSPECT_S = 30.0  # how long a node whose ranks were all lost is kept out of growths
+
 
 def placement_of_size(cfg: RunConfig) -> Placement:
     """The configured initial placement for ``cfg``'s group size; contiguous when
@@ -48,14 +50,17 @@ def placement_of_size(cfg: RunConfig) -> Placement:
         )
 
 
-def free_ranks(cfg: RunConfig) -> int:
+def free_ranks(cfg: RunConfig, exclude: frozenset[str] = frozenset()) -> int:
     """Ranks of ``cfg.cluster``'s size (CPUs, a GPU) that fit in what the live nodes have free
-    now (resources held by placement groups, ours included, are not free)."""
+    now (resources held by placement groups, ours included, are not free), leaving out the nodes
+    ``exclude`` (where ranks were just lost: Ray may not have declared them dead yet)."""
     from ray._private.state import available_resources_per_node  # Ray's per-node view (no public one)
 
     c = cfg.cluster
     n = 0
-    for avail in available_resources_per_node().values():
+    for node_id, avail in available_resources_per_node().items():
+        if node_id in exclude:
+            continue
         k = math.floor(avail.get("CPU", 0.0) / c.cpus_per_worker + 1e-9)
         if c.use_gpu:
             k = min(k, math.floor(avail.get("GPU", 0.0) + 1e-9))
@@ -169,6 +174,7 @@ class Elastic:
         self.events: list[ResizeEvent] = []
         self.grow_to = 0  # the size the next RESIZING grows to
         self.refused = ""  # why the last loss could not be recovered from memory
+        self._suspects: dict[str, float] = {}  # node id -> until when no growth uses it
         self._next_check = 0.0
 
     def cfg_now(self) -> RunConfig:
@@ -199,17 +205,29 @@ class Elastic:
                 c.min_workers,
             )
 
-    def grow_due(self, spare=lambda: 0) -> bool:
+    def suspect(self, nodes: set[str], for_s: float = SUSPECT_S) -> None:
+        """Nodes where ranks were lost with no survivor: no growth uses them for ``for_s`` (Ray
+        declares a dead node dead only after its health check; a live one is trusted again)."""
+        until = time.monotonic() + for_s
+        self._suspects.update({n: until for n in nodes})
+
+    @property
+    def suspects(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(n for n, until in self._suspects.items() if until > now)
+
+    def grow_due(self, spare=lambda exclude: 0) -> bool:
         """Below its size, every ``cluster.resize_check_s`` (at a step boundary): whether the free
-        resources and the group's ``spare()`` bundles (placed, holding no rank) now hold a larger
-        allowed size (then ``grow_to`` is set)."""
+        resources and the group's ``spare(exclude)`` bundles (placed, holding no rank), on nodes
+        not under suspicion, now hold a larger allowed size (then ``grow_to`` is set)."""
         if not self.enabled or self.world >= self.cfg.cluster.num_workers:
             return False
         now = time.monotonic()
         if now < self._next_check:
             return False
         self._next_check = now + self.cfg.cluster.resize_check_s
-        n = choose_size(self.cfg, self.world + spare() + free_ranks(self.cfg))
+        bad = self.suspects
+        n = choose_size(self.cfg, self.world + spare(bad) + free_ranks(self.cfg, bad))
         if n is None or n <= self.world:
             return False
         self.grow_to = n

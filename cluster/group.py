@@ -227,7 +227,7 @@ class WorkerGroup:
             slots = [(gang, gang.layout.bundle_of_rank[r]) for r in range(c.num_workers)]
             names = [actor_name(c.run_name, r) for r in range(c.num_workers)]
             group = cls(actors, cfg, gang, slots=slots, names=names, layout=gang.layout)
-            addr, port = group._get_one(actors[0].node_address.remote(), start_timeout_s)
+            addr, port = group._get_one(actors[0].host_rendezvous.remote(c.num_workers), start_timeout_s)
             group.rank_info = group.call(
                 "setup", addr, port, placement, resume, gang.layout.node_of_rank, timeout_s=start_timeout_s
             )

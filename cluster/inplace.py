@@ -75,7 +75,7 @@ def regroup(
         more_gangs=[*group.more_gangs, *gangs],
     )
     placement = placement_for(layout.node_of_rank)
-    addr, port = new._get_one(new.actors[0].node_address.remote(), cfg.cluster.start_timeout_s)
+    addr, port = new._get_one(new.actors[0].host_rendezvous.remote(len(ranked)), cfg.cluster.start_timeout_s)
     new.rank_info = new.call(
         "rejoin",
         cfg.to_dict(),
@@ -97,9 +97,10 @@ def members_of(group: WorkerGroup, ranks: list[int]) -> list[Member]:
     return [Member(group.actors[r], group.slots[r], group.names[r], node[r]) for r in ranks]
 
 
-def spare_bundles(group: WorkerGroup) -> list[tuple[Gang, int]]:
-    """Bundles of ``group``'s placement groups that sit on a live node and hold no member."""
-    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+def spare_bundles(group: WorkerGroup, exclude: frozenset[str] = frozenset()) -> list[tuple[Gang, int]]:
+    """Bundles of ``group``'s placement groups that sit on a live node (not in ``exclude``) and
+    hold no member."""
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} - exclude
     used = {(g.pg.id, b) for g, b in group.slots}
     out = []
     for g in [group.gang, *group.more_gangs]:
@@ -120,11 +121,14 @@ class Growth:
     size: int = 0  # the group's size once they join
 
     @classmethod
-    def start(cls, group: WorkerGroup, cfg: RunConfig, size: int, step: int) -> "Growth | None":
-        """Start ``size - len(group.actors)`` actors: in spare bundles first, the rest in a new
-        placement group (None, and nothing left behind, when it cannot be placed now)."""
+    def start(
+        cls, group: WorkerGroup, cfg: RunConfig, size: int, step: int, exclude: frozenset[str] = frozenset()
+    ) -> "Growth | None":
+        """Start ``size - len(group.actors)`` actors: in spare bundles first (not on the nodes
+        ``exclude``), the rest in a new placement group (None, and nothing left behind, when it
+        cannot be placed now)."""
         want = size - len(group.actors)
-        slots = spare_bundles(group)[:want]
+        slots = spare_bundles(group, exclude)[:want]
         gangs = []
         if len(slots) < want:
             try:
@@ -157,6 +161,7 @@ class Growth:
         return True
 
     def cancel(self) -> None:
+        """Kill the joiners, remove the placement groups made for them."""
         for m in self.members:
             try:
                 ray.kill(m.actor, no_restart=True)
@@ -200,3 +205,6 @@ def _start(cfg: RunConfig, slot: tuple[Gang, int], names, rank: int, size: int, 
             if "already" not in str(exc):
                 raise
     raise AssertionError("unreachable: names is endless")
+
+
+NO_GROWTH: Growth | None = None  # (typed: a controller holds a Growth or none)

@@ -157,3 +157,9 @@ def collect(
     )
     state = take(actors, survivors, prepared, decision.step, placement, run_id)
     return state, decision
+
+
+def gone_nodes(rank_info: list[dict], survivors: tuple[int, ...] | list[int]) -> set[str]:
+    """Nodes of the lost ranks where no rank survived (``rank_info``: each rank's setup report)."""
+    node = {i["rank"]: i["node_id"] for i in rank_info}
+    return {node[r] for r in node if r not in survivors} - {node[r] for r in survivors}

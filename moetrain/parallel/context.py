@@ -84,19 +84,18 @@ def init_distributed(
     world_size: int,
     timeout_s: float = 300.0,
     node_R: tuple[int, ...] = (),
+    store: Any = None,
 ) -> ParallelContext:
-    """Join the default process group (TCP rendezvous at ``master_addr:master_port``).
+    """Join the default process group: a TCP store at ``master_addr:master_port`` (rank 0 may
+    pass the master ``store`` it already hosts; the others connect to it as clients).
 
     ``backend`` is ``gloo`` (CPU) or ``nccl`` (one GPU per rank).
     """
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if store is None:
+            store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     nodes = node_groups(tuple(node_R), world_size) if world_size > 1 and node_R else None
     return ParallelContext(

@@ -91,8 +91,8 @@ def num_threads(_trainer) -> int:
 
 
 def wait_up(run_name: str, count: int, wait_s: float = 120.0) -> None:
-    """Block until ``count`` live actors of run ``run_name`` answer (a growth's joiners are up:
-    the run joins them at its next step boundary)."""
+    """Block until ``count`` live actors of run ``run_name`` are up and warm (``MoERank.warm``: a
+    growth's joiners; the run joins them at its next step boundary)."""
     deadline = time.monotonic() + wait_s
     prefix = f"moetrain/{run_name}/"
     while True:
@@ -100,11 +100,12 @@ def wait_up(run_name: str, count: int, wait_s: float = 120.0) -> None:
         names = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True)]
         for name in [n for n in names if n.startswith(prefix)]:
             try:
-                ray.get(ray.get_actor(name, namespace=NAMESPACE).where.remote(), timeout=1)
+                ray.get(ray.get_actor(name, namespace=NAMESPACE).warm.remote(), timeout=30)  # (after the first)
                 up += 1
             except Exception:  # not up yet, or a lost actor whose name is not released yet
                 pass
         if up >= count:
+            time.sleep(0.2)  # the run's own warm() answers reach the driver
             return
         assert time.monotonic() < deadline, f"{up} of {count} actors of run {run_name} up after {wait_s} s"
         time.sleep(0.1)

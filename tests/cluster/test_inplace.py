@@ -138,3 +138,20 @@ def test_a_silent_rank_is_taken_as_lost_a_slow_one_is_not(tmp_path, ray_local, s
         assert e.lost and e.survivors == [0] and f"no answer within {PING_S:g} s" in str(e), str(e)
     else:
         assert not e.lost and e.survivors is None and "ValueError: boom" in str(e), str(e)
+
+
+def test_nodes_where_every_rank_was_lost_are_kept_out_of_growths_for_a_while(tmp_path):
+    """A node whose ranks were all lost may be dead before Ray says so: growths leave it alone for
+    a while (a node that kept a survivor lost a process, not itself)."""
+    from cluster.elastic import Elastic
+    from cluster.recovery import gone_nodes
+
+    info = [{"rank": 0, "node_id": "a"}, {"rank": 1, "node_id": "a"}, {"rank": 2, "node_id": "b"},
+            {"rank": 3, "node_id": "b"}]
+    assert gone_nodes(info, (0, 1)) == {"b"}
+    assert gone_nodes(info, (0, 1, 2)) == set()
+    assert gone_nodes(info, (2, 3)) == {"a"}
+    e = Elastic(cfg(tmp_path, "sus"))
+    e.suspect({"b"}, for_s=1000)
+    e.suspect({"c"}, for_s=-1)  # expired at once
+    assert e.suspects == {"b"}
