@@ -461,7 +461,7 @@ def in_netcluster(argv: list[str], work_dir: str) -> int:
     log(f"netcluster {info.id}: {', '.join(f'{n.name} {n.address}' for n in info.ray_nodes())}")
     try:
         work = work_dir or tempfile.mkdtemp(prefix="bench-elastic-")
-        inner = _without(argv, ("--cluster", "--work-dir")) + ["--cluster", "local", "--attach", info.id]
+        inner = _without(argv, ("--cluster", "--work-dir")) + ["--cluster", "netns", "--attach", info.id]
         inner += ["--work-dir", work]
         p = nc.run(info.head.name, [sys.executable, "-m", "scripts.bench.bench_elastic", *inner], timeout=3600)
         sys.stdout.write(p.stdout)
