@@ -196,7 +196,8 @@ def _significantly_lower(
     vs = val.select_layers([lb])
 
     def per_token(p: Placement, l: int) -> np.ndarray:
-        return token_objective_T(vs, Placement(p.phy2log_LS[[l]], p.slots_per_rank, p.num_experts), c.topo, c.load_weight)
+        one = Placement(p.phy2log_LS[[l]], p.slots_per_rank, p.num_experts)
+        return token_objective_T(vs, one, c.topo, c.load_weight)
 
     d_T = per_token(b, lb) - per_token(a, la)
     se = float(d_T.std(ddof=1) / math.sqrt(d_T.size)) if d_T.size > 1 else math.inf
