@@ -352,7 +352,7 @@ class Controller:
         )
         self._log_layout()
         self.step = decision.step
-        self.size.suspect(recovery.gone_nodes(group.rank_info, decision.survivors))
+        self.size.suspect(recovery.gone_nodes(group.rank_info, decision.survivors, keep))
         lost = [r for r in range(before) if r not in decision.survivors]
         self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes, lost)
         return True

@@ -159,7 +159,9 @@ def collect(
     return state, decision
 
 
-def gone_nodes(rank_info: list[dict], survivors: tuple[int, ...] | list[int]) -> set[str]:
-    """Nodes of the lost ranks where no rank survived (``rank_info``: each rank's setup report)."""
+def gone_nodes(rank_info: list[dict], survivors: tuple[int, ...] | list[int], kept: list[int]) -> set[str]:
+    """Nodes of the lost ranks (not among ``survivors``) where no ``kept`` rank lives: nothing of
+    the run is left there (a rank that answered on a dying node and was then dropped does not
+    vouch for it). ``rank_info``: each rank's setup report."""
     node = {i["rank"]: i["node_id"] for i in rank_info}
-    return {node[r] for r in node if r not in survivors} - {node[r] for r in survivors}
+    return {node[r] for r in node if r not in survivors} - {node[r] for r in kept}

@@ -142,15 +142,16 @@ def test_a_silent_rank_is_taken_as_lost_a_slow_one_is_not(tmp_path, ray_local, s
 
 def test_nodes_where_every_rank_was_lost_are_kept_out_of_growths_for_a_while(tmp_path):
     """A node whose ranks were all lost may be dead before Ray says so: growths leave it alone for
-    a while (a node that kept a survivor lost a process, not itself)."""
+    a while (a node where a rank goes on lost a process, not itself)."""
     from cluster.elastic import Elastic
     from cluster.recovery import gone_nodes
 
     info = [{"rank": 0, "node_id": "a"}, {"rank": 1, "node_id": "a"}, {"rank": 2, "node_id": "b"},
             {"rank": 3, "node_id": "b"}]
-    assert gone_nodes(info, (0, 1)) == {"b"}
-    assert gone_nodes(info, (0, 1, 2)) == set()
-    assert gone_nodes(info, (2, 3)) == {"a"}
+    assert gone_nodes(info, (0, 1), [0, 1]) == {"b"}
+    assert gone_nodes(info, (0, 1, 2), [0, 1, 2]) == set()  # rank 2 goes on: b lost a process, not itself
+    assert gone_nodes(info, (0, 1, 2), [0, 1]) == {"b"}  # rank 2 answered from a dying node, then dropped
+    assert gone_nodes(info, (2, 3), [2, 3]) == {"a"}
     e = Elastic(cfg(tmp_path, "sus"))
     e.suspect({"b"}, for_s=1000)
     e.suspect({"c"}, for_s=-1)  # expired at once
