@@ -6,8 +6,7 @@ last committed checkpoint, within the failure policy; the run's topology (the ra
 the group found) and re-solving the placement when a rebuilt group lands on another layout.
 States: STARTING -> RUNNING <-> (CHECKPOINTING | REPLACING | RESIZING) -> FINISHED, and
 RESTARTING -> STARTING after a failure, FAILED when the policy gives up. An elastic run starts on
-what fits, grows from memory (RESIZING, :mod:`cluster.elastic`), recovers a loss from memory
-(:mod:`cluster.recovery`) or its checkpoint, on the ranks that fit."""
+what fits, grows and recovers a loss in place from memory (RESIZING: :mod:`cluster.inplace`)."""
 
 from __future__ import annotations
 
@@ -41,6 +40,8 @@ MIN_REPLACE_WAIT_S = 5.0
 
 
 class Controller:
+    _growth: inplace.Growth | None
+
     def __init__(self, cfg: RunConfig, *, on_step=None, memory_plan: dict | None = None, lease=None):
         self.cfg = cfg
         self.memory_plan = memory_plan  # moetrain.plan's per-rank figures, kept in summary.json
@@ -72,7 +73,7 @@ class Controller:
         self.resolved_for_topology = 0  # placements re-solved because a rebuilt group landed elsewhere
         self._t_start = 0.0
         self.size = elastic.Elastic(cfg, self.telemetry)
-        self._redo, self._growth = 0, inplace.NO_GROWTH  # steps a restart redoes; actors starting to grow
+        self._redo, self._growth = 0, None  # steps a restart redoes; actors starting to grow
         self._bar = None
         if cfg.logging.progress and sys.stderr.isatty():  # a bar for people; log lines for logs
             from tqdm import tqdm
@@ -238,8 +239,7 @@ class Controller:
             )
 
     def _grow_ready(self) -> bool:
-        """When room for a larger size appears, start the joining actors (in the background);
-        True at the first step boundary where they are all up (then RESIZING)."""
+        """Start joiners (in the background) when room appears; True once all are up (RESIZING)."""
         g, group = self._growth, self._live_group()
         if g is None:
             if self.size.grow_due(lambda bad: len(inplace.spare_bundles(group, bad))):
@@ -352,8 +352,8 @@ class Controller:
         )
         self._log_layout()
         self.step = decision.step
-        self.size.suspect(recovery.gone_nodes(group.rank_info, decision.survivors, keep))
-        lost = [r for r in range(before) if r not in decision.survivors]
+        self.size.suspect(gone := recovery.gone_nodes(group.rank_info, decision.survivors, keep))
+        lost = [i["rank"] for i in group.rank_info if i["rank"] not in decision.survivors or i["node_id"] in gone]
         self.size.record("node lost", self.step, before, state.uri, (old, self.placement), t0, 0, state.nbytes, lost)
         return True
 

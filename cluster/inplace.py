@@ -205,6 +205,3 @@ def _start(cfg: RunConfig, slot: tuple[Gang, int], names, rank: int, size: int, 
             if "already" not in str(exc):
                 raise
     raise AssertionError("unreachable: names is endless")
-
-
-NO_GROWTH: Growth | None = None  # (typed: a controller holds a Growth or none)
